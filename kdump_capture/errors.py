@@ -1,0 +1,127 @@
+"""One error tree for the whole tool; every class carries its process exit code.
+
+The exit codes are part of the interface (README, "Exit codes") and never change meaning:
+
+    0  success
+    1  unexpected internal error (a bug: please report it with KDUMP_VERBOSE=8 output)
+    2  bad configuration: config file, directive value, command-line option or target URL
+    3  no crash dump present (the kernel did not boot from a crash)
+    4  the vmcore (or dump file) is unreadable or malformed
+    5  not enough free space on the target (KDUMP_FREE_DISK_SIZE)
+    6  the target failed: I/O error, connection lost, remote error
+    7  the target refused us: authentication failure or SSH host-key mismatch
+    8  verification failed: a saved file does not match its recorded checksum
+    9  requested feature is not supported (yet) by this build
+   10  the dump device (KDUMP_DUMPDEV) is unusable
+   11  the kernel cannot do kdump, or loading the capture kernel failed
+  130  interrupted (SIGINT/SIGTERM)
+"""
+
+from __future__ import annotations
+
+
+class KdumpError(Exception):
+    """Root of all errors this tool reports to the user.
+
+    ``str(err)`` is a one-line message for the console; ``exit_code`` is the
+    documented process exit code.
+    """
+
+    exit_code = 1
+
+
+class ConfigError(KdumpError):
+    """A configuration value, option or URL is invalid."""
+
+    exit_code = 2
+
+
+class UrlError(ConfigError):
+    """A target URL cannot be parsed."""
+
+
+class NoDumpError(KdumpError):
+    """There is no crash dump to save."""
+
+    exit_code = 3
+
+
+class VmcoreError(KdumpError):
+    """The vmcore or a dump file is malformed; the message names the file and offset."""
+
+    exit_code = 4
+
+
+class FreeSpaceError(KdumpError):
+    """Writing would leave less free space on the target than KDUMP_FREE_DISK_SIZE."""
+
+    exit_code = 5
+
+
+class TransportError(KdumpError):
+    """The target failed during an operation (I/O error, connection lost, remote error)."""
+
+    exit_code = 6
+
+
+class ConnectionLost(TransportError):
+    """The connection to the target broke; the operation may be retried or resumed."""
+
+
+class TargetFull(TransportError):
+    """The target ran out of space (ENOSPC or the protocol's equivalent)."""
+
+    exit_code = 5
+
+
+class AuthError(TransportError):
+    """The target refused our credentials or its host key is not the expected one. Never retried."""
+
+    exit_code = 7
+
+
+class VerifyError(KdumpError):
+    """A saved dump does not match the checksums recorded when it was written."""
+
+    exit_code = 8
+
+
+class NotSupported(KdumpError):
+    """A configured feature is not available in this build."""
+
+    exit_code = 9
+
+
+class DumpDeviceError(KdumpError):
+    """The dump device cannot be used."""
+
+    exit_code = 10
+
+
+class LoadError(KdumpError):
+    """The running kernel cannot do kdump, or loading the capture kernel failed."""
+
+    exit_code = 11
+
+
+class Interrupted(KdumpError):
+    """The dump was interrupted by a signal."""
+
+    exit_code = 130
+
+
+EXIT_CODES: dict[int, str] = {
+    0: "success",
+    1: "unexpected internal error",
+    ConfigError.exit_code: "bad configuration, option or URL",
+    NoDumpError.exit_code: "no crash dump present",
+    VmcoreError.exit_code: "vmcore or dump file unreadable or malformed",
+    FreeSpaceError.exit_code: "not enough free space on the target",
+    TransportError.exit_code: "target failed (I/O, connection, remote error)",
+    AuthError.exit_code: "target refused authentication or host key",
+    VerifyError.exit_code: "verification failed",
+    NotSupported.exit_code: "feature not supported by this build",
+    DumpDeviceError.exit_code: "dump device unusable",
+    LoadError.exit_code: "kernel cannot do kdump or loading failed",
+    Interrupted.exit_code: "interrupted",
+}

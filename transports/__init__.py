@@ -1,0 +1,39 @@
+"""Registry of dump transports by URL scheme, imported lazily with install hints."""
+
+from __future__ import annotations
+
+import importlib
+from types import MappingProxyType
+
+from kdump_capture.errors import NotSupported
+from kdump_capture.urls import Target
+
+from .base import Transport, TransportSettings
+
+# Canonical scheme -> (module:class, hint when its import fails). Imported on first use,
+# so the capture kernel only loads the transport its target needs.
+_REGISTRY: dict[str, tuple[str, str]] = {
+    "file": ("transports.file:FileTransport", ""),
+}
+registry = MappingProxyType(_REGISTRY)
+
+
+def transport_class(scheme: str) -> type[Transport]:
+    """The transport class for a canonical scheme; raises NotSupported with a hint."""
+    try:
+        spec, hint = _REGISTRY[scheme]
+    except KeyError:
+        raise NotSupported(
+            f"the {scheme!r} target scheme is not supported yet by this build"
+        ) from None
+    modname, _, clsname = spec.partition(":")
+    try:
+        module = importlib.import_module(modname)
+    except ImportError as e:
+        raise NotSupported(f"the {scheme} transport cannot load ({e}); {hint}") from e
+    return getattr(module, clsname)
+
+
+def open_transport(target: Target, settings: TransportSettings) -> Transport:
+    """An unconnected transport for ``target``."""
+    return transport_class(target.scheme)(target, settings)

@@ -1,0 +1,207 @@
+"""The transport contract: what the engine needs from a dump target, and nothing about vmcores.
+
+A transport is bound to one parsed target URL (``kdump_capture.urls.Target``). All paths
+given to its methods are relative to the target's root directory (``Target.path``), use
+``/`` as separator and never contain ``..``.
+
+Atomic publish: ``create`` returns a ``Sink`` that writes under a temporary name in the
+same directory (``TMP_PREFIX`` + name + random suffix); only ``Sink.commit`` makes the final
+name appear. ``listdir`` hides temporary names. A reader never sees a half-written file
+under its final name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from kdump_capture.errors import TransportError
+from kdump_capture.urls import Target
+
+TMP_PREFIX = ".kdump-tmp."
+
+# Files hold all of memory: owner-only, on every target where the protocol can set modes.
+FILE_MODE = 0o600
+DIR_MODE = 0o700
+
+
+def temp_name(name: str) -> str:
+    """A temporary name for ``name`` in the same directory; hidden from listings."""
+    return f"{TMP_PREFIX}{name}.{secrets.token_hex(4)}"
+
+
+def is_temp_name(name: str) -> bool:
+    return name.startswith(TMP_PREFIX)
+
+
+@dataclass(frozen=True)
+class TransportSettings:
+    """What transports may need from the configuration, as plain data (no globals).
+
+    ``timeout`` bounds every single network wait (connect, read, write) in seconds.
+    ``retries`` and ``retry_delay`` bound reconnect-and-resume attempts.
+    """
+
+    timeout: float = 30.0
+    retries: int = 3
+    retry_delay: float = 2.0
+    ssh_identity: tuple[str, ...] = ()
+    host_key: str = ""
+    known_hosts: tuple[str, ...] = ()
+    debug: bool = False
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One directory entry as a transport lists it."""
+
+    name: str
+    is_dir: bool
+    size: int = 0
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    """What ``Sink.commit`` verified about a published file."""
+
+    name: str
+    size: int
+    sha256: str
+
+
+class Sink(ABC):
+    """A new file being written on the target under a temporary name.
+
+    Contract:
+    - ``write`` takes bytes or a memoryview and must not keep a reference to it after
+      returning (the engine reuses its buffers).
+    - ``seek`` is only available when ``seekable`` is true; the engine never seeks otherwise.
+    - ``commit`` flushes, checks that the target holds exactly the bytes written (fsync,
+      final server reply, or remote size), renames to the final name, and returns the
+      size and SHA-256 of the published file.
+    - ``abort`` removes the temporary file, never raises, and may be called after a failed
+      ``commit``. Using a sink as a context manager aborts it unless it was committed.
+    """
+
+    seekable: bool = False
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._hash = hashlib.sha256()
+        self._pos = 0
+        self._end = 0
+        self._hash_valid = True
+        self.committed = False
+
+    # -- helpers for implementations -------------------------------------------------
+    def _account(self, data: bytes | memoryview) -> None:
+        """Track position and hash; call from ``write`` after the bytes went out."""
+        n = len(data)
+        if self._hash_valid and self._pos == self._end:
+            self._hash.update(data)
+        else:
+            self._hash_valid = False
+        self._pos += n
+        self._end = max(self._end, self._pos)
+
+    def _sha256(self) -> str:
+        """The file's SHA-256: streamed when writes were append-only, else read back."""
+        if self._hash_valid:
+            return self._hash.hexdigest()
+        h = hashlib.sha256()
+        for chunk in self._read_back():
+            h.update(chunk)
+        return h.hexdigest()
+
+    def _read_back(self) -> Iterator[bytes]:
+        """Yield the temporary file's content (needed only by seekable sinks)."""
+        raise TransportError(f"{self.name}: cannot read back a file on this target")
+
+    # -- the contract ----------------------------------------------------------------
+    def tell(self) -> int:
+        return self._pos
+
+    @property
+    def size(self) -> int:
+        return self._end
+
+    @abstractmethod
+    def write(self, data: bytes | memoryview) -> None: ...
+
+    def seek(self, offset: int) -> None:
+        raise TransportError(f"{self.name}: this target cannot seek")
+
+    @abstractmethod
+    def commit(self) -> FileInfo: ...
+
+    @abstractmethod
+    def abort(self) -> None: ...
+
+    def __enter__(self) -> Sink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self.committed:
+            self.abort()
+
+
+class Transport(ABC):
+    """One connection to one dump target. About ten methods; see the module docstring."""
+
+    #: short name for logs, e.g. "file", "sftp"
+    scheme: str = ""
+
+    def __init__(self, target: Target, settings: TransportSettings) -> None:
+        self.target = target
+        self.settings = settings
+
+    def describe(self) -> str:
+        """The target URL with any password redacted; safe for logs."""
+        return self.target.redacted()
+
+    @abstractmethod
+    def connect(self) -> None:
+        """Open the connection (or mount) and make sure the root directory exists (0700)."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release the connection; never raises."""
+
+    @abstractmethod
+    def makedir(self, relpath: str) -> None:
+        """Create one directory (mode 0700). Raises FileExistsError if it exists."""
+
+    @abstractmethod
+    def create(self, relpath: str) -> Sink:
+        """Start a new file (mode 0600) that appears under ``relpath`` on commit."""
+
+    @abstractmethod
+    def listdir(self, relpath: str = "") -> list[Entry]:
+        """Entries of a directory, temporary names excluded; [] if it does not exist."""
+
+    @abstractmethod
+    def read(self, relpath: str) -> Iterator[bytes]:
+        """Stream a committed file back (for ``verify`` and manifests)."""
+
+    @abstractmethod
+    def remove_tree(self, relpath: str) -> None:
+        """Delete a directory and everything in it (including temporary files)."""
+
+    @abstractmethod
+    def free_space(self, relpath: str = "") -> int | None:
+        """Bytes available to us below ``relpath``, or None if the protocol cannot tell."""
+
+    def remove_file(self, relpath: str) -> None:
+        """Delete one file; default: not needed by the engine except for re-publishing."""
+        raise TransportError(f"{self.describe()}: cannot remove {relpath}")
+
+    def __enter__(self) -> Transport:
+        self.connect()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
