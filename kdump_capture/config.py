@@ -22,6 +22,7 @@ _SIZE_UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _BOOLS = {"yes": True, "true": True, "1": True, "no": False, "false": False, "0": False}
 _NETCONFIG_RE = re.compile(r"(?:auto|[^:\s/]+:(?:static|dhcp|dhcp4|dhcp6|auto6|auto))(?::force)?")
 _HOST_KEY_RE = re.compile(r"\*|[A-Za-z0-9@.-]+\s+[A-Za-z0-9+/]+={0,2}(?:\s+.*)?", re.S)
+_DUMPFORMATS = ("none", "elf", "compressed", "lzo", "snappy", "zstd", "raw")
 _KDUMPTOOL_FLAGS = ("NOSPARSE", "SPLIT", "SINGLE", "NOSPLIT", "XENALLDOMAINS")
 
 
@@ -167,7 +168,7 @@ DIRECTIVES: tuple[Directive, ...] = (
     _d("KDUMP_FREE_DISK_SIZE", "64", SIZE, "Free space to leave on the target (MB by default)"),
     _d("KDUMP_DUMPLEVEL", "0", _int_kind(0, 31), "Page-exclusion bitmask (makedumpfile -d)"),
     _d("KDUMP_DUMPFORMAT", "ELF",
-       _enum_kind("none", "ELF", "compressed", "lzo", "snappy", "zstd", "raw"),
+       _enum_kind("none", "ELF", *_DUMPFORMATS[2:]),
        "Dump file format"),
     _d("KDUMP_IMMEDIATE_REBOOT", "yes", BOOL, "Reboot as soon as the dump is saved"),
     _d("KDUMP_VERBOSE", "3", _int_kind(0, 31), "Bitmask: 1 cmdline to syslog, 2 progress, "
@@ -349,7 +350,7 @@ class _Lexer:
         out: list[str] = []
         while True:
             ch = self.peek()
-            if ch == "" or ch in _WORD_END:
+            if ch == "" or ch in _WORD_END or ch == ";":
                 return "".join(out)
             if ch in _OPERATORS:
                 self.fail(f"unquoted {ch!r} is not supported; quote the value")
@@ -549,9 +550,6 @@ def _convert(d: Directive, value: str, location: str, warnings: list[str]) -> ob
         raise ConfigError(
             f"{_where(location, d.name)}: {problem}; allowed: {d.kind.allowed}"
         ) from None
-
-
-_DUMPFORMATS = ("none", "elf", "compressed", "lzo", "snappy", "zstd", "raw")
 
 
 class Config(Mapping[str, str]):
