@@ -344,13 +344,11 @@ def test_unknown_directive_warns(tmp_path: Path) -> None:
     assert "KDUMP_FOO" not in cfg
 
 
-@pytest.mark.xfail(strict=True, reason="urls.py: str.isdigit() accepts '²'; int() then fails")
 def test_savedir_unicode_digit_port_is_a_config_error() -> None:
     with pytest.raises(ConfigError):
         load_config(None, ["KDUMP_SAVEDIR=ftp://h:²/x"])
 
 
-@pytest.mark.xfail(strict=True, reason="urls.py: _scrub misses a password containing '/'")
 def test_savedir_error_hides_password_with_slash() -> None:
     with pytest.raises(ConfigError) as info:
         load_config(None, ["KDUMP_SAVEDIR=ftp://u:pa/ss@h/y"])
