@@ -182,7 +182,7 @@ def test_disk_full_keeps_older_dumps_and_leaves_nothing_partial(tmp_path, tmpfs)
     small = tmp_path / "s"
     write_sample(str(small), SampleSpec(ram_mib=16))
     big = tmp_path / "b"
-    write_sample(str(big), SampleSpec(ram_mib=40))
+    write_sample(str(big), SampleSpec(ram_mib=40, crash_time=1764100000))
     savedir = tmpfs / "dumps"
     assert cli(*save_args(str(small), str(savedir), "KDUMP_FREE_DISK_SIZE=8")).rc == 0
     before = dumps_in(savedir)
