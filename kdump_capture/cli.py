@@ -12,7 +12,7 @@ import sys
 import tempfile
 
 from . import __version__
-from .errors import EXIT_CODES, Interrupted, KdumpError, NotSupported, VerifyError
+from .errors import EXIT_CODES, ConfigError, Interrupted, KdumpError, NotSupported, VerifyError
 
 log = logging.getLogger("kdump_capture")
 
@@ -64,11 +64,6 @@ def make_plan(cfg):
 
     from .pipeline import SavePlan
 
-    if cfg["KDUMP_DUMPDEV"]:
-        raise NotSupported(
-            f"{cfg.location('KDUMP_DUMPDEV')}: KDUMP_DUMPDEV (raw dump device) is not "
-            "supported yet; leave it empty"
-        )
     if cfg["KDUMP_TRANSFER"]:
         raise NotSupported(
             f"{cfg.location('KDUMP_TRANSFER')}: KDUMP_TRANSFER (custom transfer command) is "
@@ -109,7 +104,8 @@ def cmd_save(args: argparse.Namespace) -> int:
 
     cfg = load(args)
     _setup_logging(bool(cfg.verbose & 8))
-    plan = make_plan(cfg)
+    dumpdev = cfg["KDUMP_DUMPDEV"]
+    plan = None if dumpdev else make_plan(cfg)
     signal.signal(signal.SIGTERM, _on_term)
     tmp = None
     try:
@@ -129,14 +125,69 @@ def cmd_save(args: argparse.Namespace) -> int:
                 vm.release or "?",
                 vm.nr_cpus,
             )
-            result = save(vm, plan, make_progress(cfg.verbose))
+            if dumpdev:
+                from .dumpdev import write_dump
+
+                header = write_dump(
+                    vm, dumpdev, cfg.dumpformat, cfg.dumplevel, make_progress(cfg.verbose)
+                )
+            else:
+                result = save(vm, plan, make_progress(cfg.verbose))
     finally:
         if tmp:
             os.unlink(tmp)
+    if dumpdev:
+        print(
+            f"Dump written to {dumpdev} ({header.data_size} bytes). Not rebooting "
+            "(KDUMP_DUMPDEV is set): check the system from this console, then copy the dump "
+            "to KDUMP_SAVEDIR with: kdump-capture recover"
+        )
+        return 0
     print(f"Dump saved: {result.target}/{result.directory}")
     if finish.should_reboot(cfg.immediate_reboot, args.no_reboot, cfg["KDUMP_DUMPDEV"]):
         print("Rebooting (KDUMP_IMMEDIATE_REBOOT=yes)", flush=True)
         finish.reboot()
+    return 0
+
+
+def cmd_recover(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from . import dumpdev
+    from .errors import DumpDeviceError
+    from .pipeline import save
+    from .progress import make_progress
+
+    cfg = load(args)
+    _setup_logging(bool(cfg.verbose & 8))
+    device = args.device or cfg["KDUMP_DUMPDEV"]
+    if not device:
+        raise ConfigError("no dump device: set KDUMP_DUMPDEV or pass --device DEV")
+    header = dumpdev.read_header(device)
+    if header is None:
+        if args.if_present:
+            print(f"{device}: no dump on the device")
+            return 0
+        raise DumpDeviceError(f"{device}: holds no kdump-capture dump (no header at offset 0)")
+    if header.state == dumpdev.WRITING:
+        raise DumpDeviceError(
+            f"{device}: the dump on the device is incomplete: writing it was interrupted"
+        )
+    if header.state == dumpdev.RECOVERED and not args.force:
+        print(f"{device}: the dump was already recovered (use --force to copy it again)")
+        return 0
+    dumpdev.check_data(device, header)
+    plan = replace(
+        make_plan(cfg),
+        dump_format="raw",
+        dump_level=0,
+        source_label=dumpdev.describe(header),
+        source_level=header.level,
+    )
+    with dumpdev.open_device_dump(device, header) as vm:
+        result = save(vm, plan, make_progress(cfg.verbose))
+    dumpdev.mark_recovered(device, header)
+    print(f"Dump recovered from {device}: {result.target}/{result.directory}")
     return 0
 
 
@@ -218,6 +269,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-reboot", action="store_true", help="never reboot afterwards, whatever the config says"
     )
     p.set_defaults(func=cmd_save)
+
+    p = sub.add_parser("recover", help="copy a dump from KDUMP_DUMPDEV to KDUMP_SAVEDIR")
+    _config_args(p)
+    p.add_argument("--device", metavar="DEV", help="dump device (default: KDUMP_DUMPDEV)")
+    p.add_argument("--force", action="store_true", help="copy a dump recovered before again")
+    p.add_argument(
+        "--if-present",
+        action="store_true",
+        help="exit 0 quietly when the device holds no dump (for boot-time units)",
+    )
+    p.set_defaults(func=cmd_recover)
 
     p = sub.add_parser("show-config", help="print the effective configuration (no passwords)")
     _config_args(p)

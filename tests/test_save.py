@@ -233,7 +233,8 @@ def test_budget_monitor_stops_when_margin_would_be_crossed():
         (["--vmcore", "/nonexistent/vmcore"], 3, "no such file"),
         (["--set", "KDUMP_DUMPLEVEL=77"], 2, "KDUMP_DUMPLEVEL"),
         (["--set", "KDUMP_SAVEDIR=gopher://x/y"], 2, "unknown scheme"),
-        (["--set", "KDUMP_DUMPDEV=/dev/sdz9"], 9, "KDUMP_DUMPDEV"),
+        (["--set", "KDUMP_DUMPDEV=/dev/sdz9"], 10, "KDUMP_DUMPDEV"),
+        (["--set", "KDUMP_TRANSFER=/bin/true"], 9, "KDUMP_TRANSFER"),
         (["--set", "KDUMP_NO_SUCH=1"], 2, "KDUMP_NO_SUCH"),
     ],
 )
