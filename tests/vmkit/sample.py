@@ -223,10 +223,10 @@ def _generate(
     crashkernel_mib: int,
     busybox: Path,
     out_dir: Path,
+    stem: str,
     inputs: dict[str, Any],
     timeout: float,
 ) -> Sample:
-    stem = f"vmcore-{mem_mib}"
     console_log = out_dir / f"{stem}.console.log"
     marker = f"{MARKER_PREFIX} {secrets.token_hex(16)}"
     plan = inputs["content"]
@@ -364,6 +364,8 @@ def get_sample(
 ) -> Sample:
     """Return the real vmcore of a *mem_mib* guest, generating it if missing or stale.
 
+    Cached as ``<cache>/samples/vmcore-<mem_mib>.elf`` (``-ck<N>`` appended for a
+    non-default crashkernel) with a ``.json`` sidecar and the guest's ``.console.log``.
     Regenerates when the kernel, guest recipe (init, C helpers, busybox), memory size or
     crashkernel changed. Takes a lock, so parallel callers generate it once.
     """
@@ -372,6 +374,8 @@ def get_sample(
     out_dir = cache_dir(cache) / "samples"
     out_dir.mkdir(exist_ok=True)
     stem = f"vmcore-{mem_mib}"
+    if crashkernel_mib != DEFAULT_CRASHKERNEL_MIB:
+        stem += f"-ck{crashkernel_mib}"
     path, sidecar = out_dir / f"{stem}.elf", out_dir / f"{stem}.json"
     inputs = _inputs(kernel, mem_mib, crashkernel_mib, busybox)
     key = _inputs_key(inputs)
@@ -389,6 +393,7 @@ def get_sample(
             crashkernel_mib,
             busybox,
             out_dir,
+            stem,
             inputs,
             timeout if timeout is not None else _timeout_for(mem_mib),
         )
