@@ -82,6 +82,57 @@ def test_module_chain_is_in_load_order(cloud_kernel: vmkit.Kernel) -> None:
     assert all(p.exists() for p in cloud_kernel.module_chain("virtio_blk"))
 
 
+_HELLO_INIT = """#!/bin/busybox sh
+/bin/busybox mount -t devtmpfs devtmpfs /dev
+exec </dev/console >/dev/console 2>&1
+echo "VMKIT-HELLO $(/bin/busybox uname -r)"
+[ -n "$stay" ] && exec /bin/busybox sleep 600
+/bin/busybox poweroff -f
+"""
+
+
+def _hello_initrd(tmp_path: Path) -> Path:
+    tree = tmp_path / "root"
+    vmkit.busybox_tree(tree, _HELLO_INIT)
+    return vmkit.pack_cpio(tree, tmp_path / "hello.cpio")
+
+
+def test_guest_wait_for_then_timeout_kills(cloud_kernel: vmkit.Kernel, tmp_path: Path) -> None:
+    guest = vmkit.Guest(
+        cloud_kernel.vmlinuz,
+        _hello_initrd(tmp_path),
+        "console=ttyS0 panic=-1 stay=1",
+        tmp_path / "console.log",
+        mem_mib=256,
+    )
+    with guest:
+        m = guest.wait_for(r"^VMKIT-HELLO (\S+)", timeout=120)
+        assert m.group(1) == cloud_kernel.version
+        with pytest.raises(vmkit.GuestTimeout, match="NEVER") as exc:
+            guest.wait_for("NEVER", timeout=0.5)
+        assert guest.proc.poll() is not None  # killed on timeout
+        assert "VMKIT-HELLO" in exc.value.console
+
+
+def test_run_guest_powers_off(cloud_kernel: vmkit.Kernel, tmp_path: Path) -> None:
+    result = vmkit.run_guest(
+        cloud_kernel.vmlinuz,
+        _hello_initrd(tmp_path),
+        "console=ttyS0 panic=-1",
+        tmp_path / "console.log",
+        timeout=120,
+        mem_mib=256,
+    )
+    assert (result.returncode, result.timed_out) == (0, False), result.console[-2000:]
+    assert "VMKIT-HELLO" in result.console
+
+
+def test_drive_escapes_commas() -> None:
+    arg = vmkit.Drive(Path("/a,b.raw"), readonly=True).arg()
+    assert arg.startswith("file=/a,,b.raw,format=raw,if=virtio")
+    assert arg.endswith(",readonly=on")
+
+
 def test_sample_is_an_elf_core(real_sample: vmkit.Sample) -> None:
     _check_core(real_sample)
 

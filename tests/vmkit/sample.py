@@ -17,7 +17,6 @@ import re
 import secrets
 import shutil
 import struct
-import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .cache import cache_dir, file_lock
+from .initrd import busybox_tree, compile_static, find_busybox, pack_cpio
 from .kernel import Kernel, get_kernel
 from .qemu import Drive, Guest, VmError
 
@@ -132,68 +132,22 @@ def _inputs_key(inputs: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
 
 
-def _run(cmd: list[str], what: str) -> None:
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SampleError(f"{what}: {' '.join(cmd)} exited {proc.returncode}: {proc.stderr}")
-
-
-def _cpio(tree: Path, out: Path) -> None:
-    """Pack *tree* as a newc cpio archive (what the kernel unpacks as initramfs)."""
-    names = sorted(str(p.relative_to(tree)) for p in tree.rglob("*"))
-    with open(out, "wb") as fh:
-        proc = subprocess.run(
-            ["cpio", "-o", "-H", "newc", "--quiet", "-R", "0:0"],
-            cwd=tree,
-            input="\n".join(names).encode() + b"\n",
-            stdout=fh,
-            stderr=subprocess.PIPE,
-        )
-    if proc.returncode != 0:
-        raise SampleError(f"cpio of {tree} failed: {proc.stderr.decode(errors='replace')}")
-
-
-def _find_busybox() -> Path:
-    for cand in ("/bin/busybox", "/usr/bin/busybox"):
-        if Path(cand).exists():
-            return Path(cand)
-    raise SampleError("busybox not found (apt-get install busybox-static)")
-
-
-def _build_initramfs(
-    work: Path, kernel: Kernel, busybox: Path, conf: dict[str, str]
-) -> tuple[Path, Path]:
+def _build_initramfs(work: Path, kernel: Kernel, conf: dict[str, str]) -> tuple[Path, Path]:
     """Build capture.cpio (busybox, init, virtio modules) and first.cpio (the same plus
     the static helpers, the kernel and capture.cpio itself, which kexec_file_load needs
     as files). Returns (first, capture)."""
     tree = work / "capture-root"
-    for d in ("bin", "sbin", "etc", "lib/modules", "proc", "sys", "dev", "tmp", "boot"):
-        (tree / d).mkdir(parents=True, exist_ok=True)
-    shutil.copy2(busybox, tree / "bin" / "busybox")
-    shutil.copy2(GUEST_DIR / "init.sh", tree / "init")
-    (tree / "init").chmod(0o755)
-    kos = []
-    for ko in kernel.module_chain(*MODULES):
-        shutil.copy2(ko, tree / "lib" / "modules" / ko.name)
-        kos.append(ko.name)
+    kos = busybox_tree(tree, GUEST_DIR / "init.sh", kernel=kernel, modules=MODULES)
     conf = {**conf, "MODULES": " ".join(kos)}
     (tree / "etc" / "vmkit.conf").write_text(
         "".join(f"{k}='{v}'\n" for k, v in sorted(conf.items()))
     )
-    capture = work / "capture.cpio"
-    _cpio(tree, capture)
-
+    capture = pack_cpio(tree, work / "capture.cpio")
     for name in ("kexec_load", "memfill"):
-        out = tree / "sbin" / name.replace("_", "-")
-        _run(
-            ["gcc", "-static", "-O2", "-Wall", "-o", str(out), str(GUEST_DIR / f"{name}.c")],
-            f"compiling {name}.c",
-        )
+        compile_static(GUEST_DIR / f"{name}.c", tree / "sbin" / name.replace("_", "-"))
     shutil.copy2(kernel.vmlinuz, tree / "boot" / "vmlinuz")
     shutil.copy2(capture, tree / "boot" / "capture.cpio")
-    first = work / "first.cpio"
-    _cpio(tree, first)
-    return first, capture
+    return pack_cpio(tree, work / "first.cpio"), capture
 
 
 def _make_data_disk(path: Path, mib: int) -> None:
@@ -217,11 +171,39 @@ def _timeout_for(mem_mib: int) -> float:
     return 180 + 0.2 * mem_mib
 
 
+def _diagnose(console: str, timed_out: bool, timeout: float) -> str | None:
+    """Say which step of the crash cycle failed, from the guest's VMKIT- lines and
+    kernel messages; None if the capture finished."""
+    fail = re.search(r"^VMKIT-FAIL: (.*)$", console, re.MULTILINE)
+    if fail:
+        return f"guest init failed: {fail.group(1)}"
+    if "VMKIT-CAPTURE-DONE" in console:
+        return None
+    first, crashed, capture = console.partition("VMKIT-CRASHING")
+    if not crashed:
+        panic = re.search(r"Kernel panic - not syncing: (.*)", first)
+        if panic:
+            return f"first kernel panicked before the planned crash: {panic.group(1)}"
+        if timed_out:
+            return f"first kernel did not reach the crash within {timeout:.0f} s"
+        return "first kernel stopped before the crash (see console)"
+    if "Linux version" not in capture:
+        return "no capture kernel booted after sysrq-c (kexec into the crash kernel failed)"
+    # The capture kernel prints its own panic, if any, after the sysrq one.
+    panics = re.findall(r"Kernel panic - not syncing: (.*)", capture)[1:]
+    if panics:
+        return f"capture kernel panicked: {panics[-1]} (crashkernel too small?)"
+    if "VMKIT-STAGE capture" not in capture:
+        return "capture kernel booted but its init never ran (crashkernel too small?)"
+    if timed_out:
+        return f"capture kernel did not finish copying /proc/vmcore within {timeout:.0f} s"
+    return "capture kernel stopped before it finished copying /proc/vmcore"
+
+
 def _generate(
     kernel: Kernel,
     mem_mib: int,
     crashkernel_mib: int,
-    busybox: Path,
     out_dir: Path,
     stem: str,
     inputs: dict[str, Any],
@@ -238,7 +220,6 @@ def _generate(
         first, _capture = _build_initramfs(
             work,
             kernel,
-            busybox,
             {
                 "MARKER": marker,
                 "ANON_MIB": str(plan["anon_pattern_mib"]),
@@ -265,25 +246,9 @@ def _generate(
         with guest:
             result = guest.wait(timeout)
         console = result.console
-        fail = re.search(r"^VMKIT-FAIL: (.*)$", console, re.MULTILINE)
-        if fail:
-            raise SampleError(f"guest init failed: {fail.group(1)}", console, console_log)
-        if result.timed_out:
-            raise SampleError(f"guest did not finish within {timeout:.0f} s", console, console_log)
-        if "VMKIT-CRASHING" not in console:
-            raise SampleError(
-                "first kernel never reached the crash (see console)", console, console_log
-            )
-        if "VMKIT-STAGE capture" not in console:
-            raise SampleError(
-                "capture kernel did not start after sysrq-c (kexec into crash kernel failed?)",
-                console,
-                console_log,
-            )
-        if "VMKIT-CAPTURE-DONE" not in console:
-            raise SampleError(
-                "capture kernel did not finish copying /proc/vmcore", console, console_log
-            )
+        problem = _diagnose(console, result.timed_out, timeout)
+        if problem:
+            raise SampleError(problem, console, console_log)
         m = re.search(r"^VMKIT-VMCORE-SIZE (\d+)", console, re.MULTILINE)
         expected = int(m.group(1)) if m else None
         length = elf_core_length(dump_disk)
@@ -370,7 +335,7 @@ def get_sample(
     crashkernel changed. Takes a lock, so parallel callers generate it once.
     """
     kernel = get_kernel(cache)
-    busybox = _find_busybox()
+    busybox = find_busybox()
     out_dir = cache_dir(cache) / "samples"
     out_dir.mkdir(exist_ok=True)
     stem = f"vmcore-{mem_mib}"
@@ -386,12 +351,14 @@ def get_sample(
                 return cached
         sidecar.unlink(missing_ok=True)
         path.unlink(missing_ok=True)
+        # We hold this stem's lock, so any work directory of it is left from a killed run.
+        for stale in out_dir.glob(f"tmp-{stem}-*"):
+            shutil.rmtree(stale, ignore_errors=True)
         log.info("generating %s (guest %d MiB, crashkernel=%dM)", path, mem_mib, crashkernel_mib)
         return _generate(
             kernel,
             mem_mib,
             crashkernel_mib,
-            busybox,
             out_dir,
             stem,
             inputs,
