@@ -17,6 +17,7 @@ import re
 import secrets
 import shutil
 import struct
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -42,6 +43,10 @@ DISK_BLOCK_FILL = 0x5C
 # 192 MiB: the capture kernel with this busybox initramfs needs far less, but it is the
 # value measured to leave room for a Python payload (see ENVIRONMENT.md).
 DEFAULT_CRASHKERNEL_MIB = 192
+# panic=-1 plus qemu's -no-reboot: any unplanned panic ends the guest at once.
+FIRST_CMDLINE = "console=ttyS0 crashkernel={crashkernel_mib}M panic=-1 vmkit_stage=first"
+# The usual kdump capture options; init.sh tells the stages apart by vmkit_stage=.
+CAPTURE_CMDLINE = "console=ttyS0 irqpoll nr_cpus=1 reset_devices panic=-1 vmkit_stage=capture"
 
 _ELF_IDENT = struct.Struct("<4sBBBBB7x")
 _ELF64_EHDR_TAIL = struct.Struct("<HHIQQQIHHHHHH")  # e_type .. e_shstrndx, after e_ident
@@ -123,6 +128,8 @@ def _inputs(kernel: Kernel, mem_mib: int, crashkernel_mib: int, busybox: Path) -
         "mem_mib": mem_mib,
         "crashkernel_mib": crashkernel_mib,
         "content": _content_plan(mem_mib),
+        "first_cmdline": FIRST_CMDLINE.format(crashkernel_mib=crashkernel_mib),
+        "capture_cmdline": CAPTURE_CMDLINE,
         "guest_files": guest_files,
         "busybox_sha256": _sha256_file(busybox),
     }
@@ -212,8 +219,8 @@ def _generate(
     console_log = out_dir / f"{stem}.console.log"
     marker = f"{MARKER_PREFIX} {secrets.token_hex(16)}"
     plan = inputs["content"]
-    append_first = f"console=ttyS0 crashkernel={crashkernel_mib}M panic=-1 vmkit_stage=first"
-    append_capture = "console=ttyS0 irqpoll nr_cpus=1 reset_devices panic=-1 vmkit_stage=capture"
+    append_first = inputs["first_cmdline"]
+    append_capture = inputs["capture_cmdline"]
     started = time.monotonic()
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=f"tmp-{stem}-") as tmp:
         work = Path(tmp)
@@ -250,9 +257,11 @@ def _generate(
         if problem:
             raise SampleError(problem, console, console_log)
         m = re.search(r"^VMKIT-VMCORE-SIZE (\d+)", console, re.MULTILINE)
-        expected = int(m.group(1)) if m else None
+        if not m:
+            raise SampleError("capture kernel did not report the /proc/vmcore size", console)
+        expected = int(m.group(1))
         length = elf_core_length(dump_disk)
-        if expected is not None and length != expected:
+        if length != expected:
             raise SampleError(
                 f"ELF length {length} differs from /proc/vmcore size {expected}",
                 console,
@@ -273,8 +282,8 @@ def _generate(
             "sha256": sha,
             "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "generation_seconds": round(elapsed, 1),
+            "created_by": [sys.executable, *sys.argv],
             "qemu_command": guest.args,
-            "capture_cmdline": append_capture,
             "contents": {
                 **plan,
                 "anon_page_layout": "b'KDCPANON' + u64le page index + 4080 * 0xA5",
