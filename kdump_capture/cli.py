@@ -57,6 +57,32 @@ def load(args: argparse.Namespace):
     return cfg
 
 
+# Directives this engine does not implement, with the value that means "off". A value other
+# than that fails before anything is written, never silently ignored.
+UNSUPPORTED = {
+    "KDUMP_COPY_KERNEL": ("no", "copying the kernel image next to the dump"),
+    "MAKEDUMPFILE_OPTIONS": (
+        "",
+        "makedumpfile options (this engine is not makedumpfile; "
+        "use KDUMP_DUMPLEVEL and KDUMP_DUMPFORMAT)",
+    ),
+    "KDUMP_SMTP_SERVER": ("", "e-mail notification"),
+    "KDUMP_NOTIFICATION_TO": ("", "e-mail notification"),
+    "KDUMP_FADUMP": ("no", "firmware-assisted dump (ppc64 only)"),
+    "KDUMP_AUTO_RESIZE": ("no", "automatic resizing of the reservation (ppc64 only)"),
+}
+UNSUPPORTED_FLAGS = {"SPLIT", "XENALLDOMAINS"}
+
+
+def check_unsupported(cfg) -> None:
+    for name, what in UNSUPPORTED.items():
+        if cfg.value(name):  # "" or a false boolean means the feature is off
+            raise cfg.not_supported(name, what)
+    flags = set(cfg["KDUMPTOOL_FLAGS"].upper().replace(",", " ").split())
+    if flags & UNSUPPORTED_FLAGS:
+        raise cfg.not_supported("KDUMPTOOL_FLAGS", " and ".join(sorted(flags & UNSUPPORTED_FLAGS)))
+
+
 def make_plan(cfg):
     """Resolve the configuration into a SavePlan; unsupported settings fail here, early."""
     from transports import transport_class
@@ -64,11 +90,7 @@ def make_plan(cfg):
 
     from .pipeline import SavePlan
 
-    if cfg["KDUMP_TRANSFER"]:
-        raise NotSupported(
-            f"{cfg.location('KDUMP_TRANSFER')}: KDUMP_TRANSFER (custom transfer command) is "
-            "not supported yet; leave it empty"
-        )
+    check_unsupported(cfg)
     targets = cfg.savedir
     for t in targets:
         try:
@@ -100,12 +122,25 @@ def cmd_save(args: argparse.Namespace) -> int:
     from .pipeline import save
     from .progress import make_progress
     from .sample import SampleSpec, write_sample
+    from .scripts import check_script, run_script
     from .vmcore import find_source, open_vmcore
 
     cfg = load(args)
     _setup_logging(bool(cfg.verbose & 8))
     dumpdev = cfg["KDUMP_DUMPDEV"]
+    if cfg["KDUMP_TRANSFER"]:
+        # The administrator's command replaces the whole built-in flow (SUSE semantics).
+        source = args.vmcore or find_source(None)
+        status = run_script("KDUMP_TRANSFER", cfg["KDUMP_TRANSFER"], {"KDUMP_VMCORE": source})
+        print(f"KDUMP_TRANSFER exited with status {status}")
+        if status == 0 and finish.should_reboot(cfg.immediate_reboot, args.no_reboot, dumpdev):
+            finish.reboot()
+        return status
+    check_unsupported(cfg)
     plan = None if dumpdev else make_plan(cfg)
+    if cfg["KDUMP_PRESCRIPT"]:
+        status = run_script("KDUMP_PRESCRIPT", cfg["KDUMP_PRESCRIPT"], {})
+        check_script("KDUMP_PRESCRIPT", status, cfg.continue_on_error)
     signal.signal(signal.SIGTERM, _on_term)
     tmp = None
     try:
@@ -144,6 +179,10 @@ def cmd_save(args: argparse.Namespace) -> int:
         )
         return 0
     print(f"Dump saved: {result.target}/{result.directory}")
+    if cfg["KDUMP_POSTSCRIPT"]:
+        env = {"KDUMP_DUMP_URL": result.target, "KDUMP_DUMP_DIR": result.directory}
+        status = run_script("KDUMP_POSTSCRIPT", cfg["KDUMP_POSTSCRIPT"], env)
+        check_script("KDUMP_POSTSCRIPT", status, cfg.continue_on_error)
     if finish.should_reboot(cfg.immediate_reboot, args.no_reboot, cfg["KDUMP_DUMPDEV"]):
         print("Rebooting (KDUMP_IMMEDIATE_REBOOT=yes)", flush=True)
         finish.reboot()
