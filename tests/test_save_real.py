@@ -53,3 +53,28 @@ def test_real_vmcore_readable_by_makedumpfile(real_sample, tmp_path, level):
             assert out.notes_blob == src.notes_blob
             assert out.vmcoreinfo == src.vmcoreinfo
     assert cli("verify", str(savedir / name)).rc == 0
+
+
+@pytest.mark.slow
+def test_crash_opens_level1_elf(real_sample, debug_vmlinux, tmp_path):
+    savedir = tmp_path / "dumps"
+    r = cli(
+        *save_args(
+            str(real_sample.path), str(savedir), "KDUMP_DUMPLEVEL=1", "KDUMP_FREE_DISK_SIZE=0"
+        )
+    )
+    assert r.rc == 0, r.err
+    [name] = os.listdir(savedir)
+    cmds = tmp_path / "cmds"
+    cmds.write_text("sys\nlog\nbt\nquit\n")
+    p = subprocess.run(
+        ["crash", "-s", str(debug_vmlinux), str(savedir / name / "vmcore"), "-i", str(cmds)],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=300,
+    )
+    out = p.stdout + p.stderr
+    assert real_sample.marker in out, out[-3000:]
+    assert "sysrq" in out.lower(), out[-3000:]
+    assert "PANIC" in out, out[-3000:]
