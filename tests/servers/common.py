@@ -101,7 +101,7 @@ TEST_USER = "kdumptest"
 def unix_user(password: str) -> Iterator[str]:
     """A throw-away local user with a password (for password logins); removed afterwards."""
     subprocess.run(["userdel", "-f", TEST_USER], capture_output=True)
-    run(["useradd", "-M", "-d", "/nonexistent", "-s", "/bin/sh", TEST_USER])
+    run(["useradd", "-M", "-d", "/", "-s", "/bin/sh", TEST_USER])
     try:
         run(["chpasswd"], input=f"{TEST_USER}:{password}\n")
         yield TEST_USER
