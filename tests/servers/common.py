@@ -78,9 +78,14 @@ def process(
     argv: list[str], log: str, what: str, ready: Callable[[], bool]
 ) -> Iterator[subprocess.Popen]:
     """Start a server process, wait until ``ready``, stop it afterwards."""
+    # Own session: smbd signals its whole process group when it stops, and must not hit us.
     with open(log, "ab") as out:
         proc = subprocess.Popen(
-            argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            argv,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
         )
     try:
         wait_for(ready, what, proc, log)
