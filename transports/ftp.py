@@ -41,7 +41,7 @@ _FULL_TEXT = re.compile(r"no space|disk full|quota|exceed", re.I)
 
 def convert(e: BaseException, what: str) -> Exception:
     """Map an ftplib/socket exception to our error tree (the module boundary)."""
-    if isinstance(e, TransportError):
+    if isinstance(e, (TransportError, FileExistsError)):
         return e
     text = str(e)
     code = text[:3]
@@ -58,8 +58,21 @@ def convert(e: BaseException, what: str) -> Exception:
     return TransportError(f"{what}: {text or type(e).__name__}")
 
 
+def size_of(ftp: ftplib.FTP, path: str) -> int:
+    """SIZE of a file, -1 if it does not exist (or is a directory)."""
+    try:
+        size = ftp.size(path)
+    except ftplib.error_perm:
+        return -1
+    return -1 if size is None else size
+
+
 class FtpSink(Sink):
-    """One STOR/APPE data connection we write to; not seekable."""
+    """One STOR/APPE data connection we write to; not seekable.
+
+    The sink logs in a control connection of its own: FTP cannot run other commands on
+    a session while it transfers, and the transport stays usable for listings.
+    """
 
     def __init__(self, transport: FtpTransport, directory: str, name: str) -> None:
         super().__init__(name)
@@ -68,17 +81,35 @@ class FtpSink(Sink):
         self._tmp = posixpath.join(directory, temp_name(name))
         self._replay = ReplayBuffer()
         self._data: socket.socket | None = None
-        self._t.call(self._start, f"creating {self._tmp}")
+        self._ftp: ftplib.FTP | None = None
+        self._call(self._start, f"creating {self._tmp}", first_error=None)
+
+    def _reconnect(self) -> None:
+        self._close_data()
+        if self._ftp is not None:
+            self._ftp.close()
+            self._ftp = None
+        self._ftp = self._t.login()
+
+    def _call(self, op: Callable[[], T], what: str, first_error: Exception | None) -> T:
+        def guarded() -> T:
+            try:
+                return op()
+            except Exception as e:
+                raise convert(e, what) from e
+
+        if self._ftp is None:
+            self._reconnect()
+        return retry_call(guarded, self._reconnect, self._t.settings, what, first_error=first_error)
 
     def _start(self) -> None:
-        ftp = self._t.ftp
-        ftp.storbinary(f"STOR {self._tmp}", io.BytesIO(b""))
-        self._t.chmod(self._tmp, "600")
+        self._ftp.storbinary(f"STOR {self._tmp}", io.BytesIO(b""))
+        self._t.chmod(self._ftp, self._tmp, "600")
         self._open_data()
 
     def _open_data(self) -> None:
-        self._t.ftp.voidcmd("TYPE I")  # listings (retrlines) switch the session to ASCII
-        self._data = self._t.ftp.transfercmd(f"APPE {self._tmp}")
+        self._ftp.voidcmd("TYPE I")  # listings (retrlines) switch a session to ASCII
+        self._data = self._ftp.transfercmd(f"APPE {self._tmp}")
         self._data.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SNDBUF)
 
     def _close_data(self) -> None:
@@ -95,7 +126,7 @@ class FtpSink(Sink):
         if not is_connection_lost(err):
             return err
         try:
-            self._t.ftp.getresp()  # 226 (it saw EOF) or an error reply
+            self._ftp.getresp()  # 226 (it saw EOF) or an error reply
         except Exception as reply_error:
             reply = convert(reply_error, what)
             if not is_connection_lost(reply):
@@ -103,7 +134,7 @@ class FtpSink(Sink):
         return err
 
     def _resume(self) -> None:
-        size = self._t.ftp.size(self._tmp)
+        size = self._ftp.size(self._tmp)
         if size is None:
             raise TransportError(f"{self._tmp}: the server cannot report SIZE; cannot resume")
         log.info("%s: resuming at byte %d of %d", self._tmp, size, self._end)
@@ -118,7 +149,7 @@ class FtpSink(Sink):
             err = self._failed(e, what)
             if not is_connection_lost(err):
                 raise err from e
-            self._t.call(self._resume, f"resuming {self._tmp}", first_error=err)
+            self._call(self._resume, f"resuming {self._tmp}", first_error=err)
 
     def write(self, data: bytes | memoryview) -> None:
         view = memoryview(data).cast("B")
@@ -131,38 +162,48 @@ class FtpSink(Sink):
         data, self._data = self._data, None
         data.shutdown(socket.SHUT_WR)
         data.close()
-        reply = self._t.ftp.voidresp()
+        reply = self._ftp.voidresp()
         if not reply.startswith(("226", "250")):
             raise TransportError(f"{self._tmp}: unexpected end-of-transfer reply {reply!r}")
 
     def commit(self) -> FileInfo:
         self._guarded(self._finish, f"finishing {self._tmp}")
-        size = self._t.call(lambda: self._t.ftp.size(self._tmp), f"SIZE {self._tmp}")
+        size = self._call(lambda: self._ftp.size(self._tmp), f"SIZE {self._tmp}", None)
         if size != self.size:
             raise TransportError(f"{self._tmp}: wrote {self.size} bytes but the server has {size}")
-        self._t.call(self._publish, f"renaming {self._tmp} to {self._final}")
+        self._call(self._publish, f"renaming {self._tmp} to {self._final}", None)
         self.committed = True
+        self._quit()
         return FileInfo(self.name, size, self._sha256())
 
     def _publish(self) -> None:
         try:
-            self._t.ftp.rename(self._tmp, self._final)
+            self._ftp.rename(self._tmp, self._final)
         except ftplib.error_perm:
             # A retry after a lost reply: the rename may already have happened.
-            if self._t.size_of(self._final) != self.size or self._t.size_of(self._tmp) >= 0:
+            if size_of(self._ftp, self._final) != self.size or size_of(self._ftp, self._tmp) >= 0:
                 raise
+
+    def _quit(self) -> None:
+        if self._ftp is not None:
+            try:
+                self._ftp.quit()
+            except Exception:
+                self._ftp.close()
+            self._ftp = None
 
     def abort(self) -> None:
         if self._data is not None:
             try:
                 self._close_data()
-                self._t.ftp.getresp()
+                self._ftp.getresp()
             except Exception as e:
                 log.debug("closing transfer of %s: %s", self._tmp, e)
         try:
-            self._t.call(lambda: self._t.ftp.delete(self._tmp), f"removing {self._tmp}")
+            self._call(lambda: self._ftp.delete(self._tmp), f"removing {self._tmp}", None)
         except Exception as e:
             log.debug("removing %s: %s", self._tmp, e)
+        self._quit()
 
 
 class FtpTransport(Transport):
@@ -193,18 +234,21 @@ class FtpTransport(Transport):
 
     def _open(self) -> None:
         self.close()
-        where = f"{self.target.host}:{self.port}"
+        self._ftp = self.login()
+
+    def login(self) -> ftplib.FTP:
+        """A new logged-in control connection (passive, binary)."""
         ftp = ftplib.FTP(timeout=self.settings.timeout)
         try:
             ftp.connect(self.target.host, self.port)
-            self._ftp = ftp
             # ftplib sends "anonymous@" as the password of an anonymous login.
             ftp.login(self.target.user or "anonymous", self.target.password or "")
             ftp.set_pasv(True)
             ftp.voidcmd("TYPE I")
         except Exception as e:
-            self.close()
-            raise convert(e, f"connecting to {self.describe()} ({where})") from e
+            ftp.close()
+            raise convert(e, f"connecting to {self.describe()}") from e
+        return ftp
 
     def close(self) -> None:
         if self._ftp is not None:
@@ -225,12 +269,12 @@ class FtpTransport(Transport):
 
         return retry_call(guarded, self._open, self.settings, what, first_error=first_error)
 
-    def chmod(self, path: str, mode: str) -> None:
+    def chmod(self, ftp: ftplib.FTP, path: str, mode: str) -> None:
         """SITE CHMOD if the server has it; warn once if it does not."""
         if not self._chmod_ok:
             return
         try:
-            self.ftp.voidcmd(f"SITE CHMOD {mode} {path}")
+            ftp.voidcmd(f"SITE CHMOD {mode} {path}")
         except ftplib.error_perm as e:
             self._chmod_ok = False
             log.warning(
@@ -240,11 +284,7 @@ class FtpTransport(Transport):
             )
 
     def size_of(self, path: str) -> int:
-        try:
-            size = self.ftp.size(path)
-        except ftplib.error_perm:
-            return -1
-        return -1 if size is None else size
+        return size_of(self.ftp, path)
 
     def _is_dir(self, path: str) -> bool:
         try:
@@ -256,7 +296,7 @@ class FtpTransport(Transport):
 
     def _mkd(self, path: str) -> None:
         self.ftp.mkd(path)
-        self.chmod(path, "700")
+        self.chmod(self.ftp, path, "700")
 
     def _makedirs(self, path: str) -> None:
         cur = ""

@@ -139,11 +139,23 @@ class SftpSink(Sink):
         self._replay = ReplayBuffer()
         self._positional = False  # true once the engine seeked: replay by offset
         self._handle = b""
+        self._sftp: paramiko.SFTPClient | None = None
         self._t.call(lambda: self._open(create=True), f"creating {self._tmp}")
+
+    def _close_channel(self) -> None:
+        if self._sftp is not None:
+            try:
+                self._sftp.close()
+            except Exception as e:
+                log.debug("closing sftp channel: %s", e)
+            self._sftp = None
 
     # -- low level, on the current connection ----------------------------------------
     def _open(self, create: bool) -> None:
-        sftp = self._t.sftp
+        """Open the temp file on an SFTP channel of our own: its WRITE replies are ours
+        alone, while the transport's channel serves listings in between."""
+        self._close_channel()
+        self._sftp = sftp = self._t.channel()
         f = sftp.open(self._tmp, "wbx" if create else "r+b")
         if create:
             f.chmod(FILE_MODE)
@@ -153,7 +165,7 @@ class SftpSink(Sink):
         self._inflight_bytes = 0
 
     def _send(self, offset: int, view: memoryview) -> None:
-        sftp, step = self._t.sftp, self._t.write_size
+        sftp, step = self._sftp, self._t.write_size
         for i in range(0, len(view), step):
             piece = view[i : i + step]
             num = sftp._async_request(
@@ -169,7 +181,7 @@ class SftpSink(Sink):
     def _ack_one(self) -> None:
         num, n = self._inflight.popleft()
         self._inflight_bytes -= n
-        t, _ = self._t.sftp._read_response(num)  # raises IOError on an error status
+        t, _ = self._sftp._read_response(num)  # raises IOError on an error status
         if t != CMD_STATUS:
             raise TransportError(f"{self._tmp}: unexpected SFTP reply {t} to WRITE")
 
@@ -236,12 +248,13 @@ class SftpSink(Sink):
         self._sync()
         try:
             self._file.close()
-            size = self._t.sftp.stat(self._tmp).st_size
+            size = self._sftp.stat(self._tmp).st_size
         except Exception as e:
             raise self._t.convert(e, f"closing {self._tmp}") from e
         if size != self.size:
             raise TransportError(f"{self._tmp}: wrote {self.size} bytes but the server has {size}")
         digest = self._sha256()
+        self._close_channel()
         self._t.call(self._publish, f"renaming {self._tmp} to {self._final}")
         self.committed = True
         return FileInfo(self.name, size, digest)
@@ -255,10 +268,7 @@ class SftpSink(Sink):
                 raise
 
     def abort(self) -> None:
-        try:
-            self._file.close()
-        except Exception as e:
-            log.debug("closing %s: %s", self._tmp, e)
+        self._close_channel()
         try:
             self._t.sftp.remove(self._tmp)
         except Exception as e:
@@ -322,10 +332,7 @@ class SftpTransport(Transport):
             ssh.start_client(timeout=timeout)
             self._check_host_key(ssh.get_remote_server_key(), expected, where)
             self._authenticate(ssh, where)
-            self._sftp = paramiko.SFTPClient.from_transport(
-                ssh, window_size=WINDOW_SIZE, max_packet_size=MAX_PACKET
-            )
-            self._sftp.get_channel().settimeout(timeout)
+            self._sftp = self.channel()
             self.write_size = self._max_write()
         except Exception as e:
             self.close()
@@ -369,6 +376,16 @@ class SftpTransport(Transport):
             f"{where}: authentication failed (tried: {', '.join(tried) or 'no keys, no password'})"
         )
 
+    def channel(self) -> paramiko.SFTPClient:
+        """A new SFTP session on the current SSH connection (for one upload)."""
+        if self._ssh is None or not self._ssh.is_active():
+            raise ConnectionLost(f"{self.describe()}: not connected")
+        sftp = paramiko.SFTPClient.from_transport(
+            self._ssh, window_size=WINDOW_SIZE, max_packet_size=MAX_PACKET
+        )
+        sftp.get_channel().settimeout(self.settings.timeout)
+        return sftp
+
     def _max_write(self) -> int:
         """The largest WRITE the server takes (limits@openssh.com), else 32 KiB."""
         try:
@@ -393,7 +410,7 @@ class SftpTransport(Transport):
 
     def convert(self, e: BaseException, what: str) -> Exception:
         """Map a paramiko/socket exception to our error tree (the module boundary)."""
-        if isinstance(e, TransportError):
+        if isinstance(e, (TransportError, FileExistsError, FileNotFoundError)):
             return e
         if isinstance(e, (paramiko.BadHostKeyException, paramiko.AuthenticationException)):
             return AuthError(f"{what}: {e}")
