@@ -8,8 +8,8 @@ import stat
 
 import pytest
 
-from tests.servers.targets import KINDS, make_target
 from kdump_capture.errors import TransportError
+from tests.servers.targets import KINDS, make_target
 from transports.base import DIR_MODE, FILE_MODE, TMP_PREFIX, is_temp_name
 
 MiB = 1 << 20

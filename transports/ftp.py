@@ -58,6 +58,23 @@ def convert(e: BaseException, what: str) -> Exception:
     return TransportError(f"{what}: {text or type(e).__name__}")
 
 
+_LS_LINE = re.compile(
+    r"^([-dlbcps])[-rwxsStTl+.@]{9}\S*\s+\d+\s+\S+\s+\S+\s+(\d+)\s+"
+    r"\w{3}\s+\d{1,2}\s+(?:\d{1,2}:\d{2}|\d{4})\s(.+)$"
+)
+
+
+def parse_list_line(line: str) -> Entry | None:
+    """One line of a Unix-style LIST reply (what vsftpd and most servers send)."""
+    m = _LS_LINE.match(line)
+    if not m:
+        return None
+    kind, size, name = m.groups()
+    if kind == "l":
+        name = name.split(" -> ", 1)[0]
+    return Entry(name, kind == "d", 0 if kind == "d" else int(size))
+
+
 def size_of(ftp: ftplib.FTP, path: str) -> int:
     """SIZE of a file, -1 if it does not exist (or is a directory)."""
     try:
@@ -341,12 +358,17 @@ class FtpTransport(Transport):
         return out
 
     def _list_nlst(self, path: str) -> list[Entry]:
+        """Without MLSD: ``LIST -a`` in Unix ls format, else bare NLST names plus SIZE."""
+        lines: list[str] = []
         try:
-            names = self.ftp.nlst(path)
+            self.ftp.retrlines(f"LIST -a {path}", lines.append)
         except ftplib.error_perm:
             return []
+        parsed = [parse_list_line(line) for line in lines if not line.startswith("total")]
+        if parsed and all(p is not None for p in parsed):
+            return [p for p in parsed if p.name not in (".", "..")]
         out = []
-        for n in names:
+        for n in self.ftp.nlst(path):
             name = posixpath.basename(n.rstrip("/"))
             if name in (".", ".."):
                 continue
