@@ -130,8 +130,8 @@ class CifsSink(Sink):
                 self._send(off, memoryview(data))
         else:
             confirmed = smbclient.stat(self._tmp, **self._t.kw).st_size
-            log.info("%s: resuming at byte %d of %d", self._tmp, confirmed, self._end)
-            for off, view in self._replay.since(confirmed, self._end):
+            log.info("%s: resuming at byte %d of %d", self._tmp, confirmed, self._replay.end)
+            for off, view in self._replay.since(confirmed):
                 self._send(off, view)
         self._drain()
 
@@ -242,7 +242,12 @@ class CifsTransport(Transport):
             )
         except Exception as e:
             self.close()
-            raise convert(e, f"connecting to {self.describe()}") from e
+            err = convert(e, f"connecting to {self.describe()}")
+            if isinstance(e, (OSError, ValueError)) and not isinstance(err, AuthError):
+                # Any socket failure while connecting (smbprotocol can leave EBADF behind
+                # when its reader thread closed the socket first) is a lost connection.
+                err = ConnectionLost(str(err))
+            raise err from e
 
     def close(self) -> None:
         for conn in list(self._cache.values()):

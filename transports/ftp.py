@@ -22,7 +22,7 @@ from kdump_capture.errors import AuthError, ConnectionLost, TargetFull, Transpor
 from kdump_capture.urls import Target
 
 from .base import Entry, FileInfo, Sink, Transport, TransportSettings, is_temp_name, temp_name
-from .retry import ReplayBuffer, is_connection_lost, retry_call
+from .retry import CannotResume, ReplayBuffer, is_connection_lost, retry_call
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,7 @@ class FtpSink(Sink):
         self._replay = ReplayBuffer()
         self._data: socket.socket | None = None
         self._ftp: ftplib.FTP | None = None
+        self._resumed_at = -1
         self._call(self._start, f"creating {self._tmp}", first_error=None)
 
     def _reconnect(self) -> None:
@@ -154,9 +155,14 @@ class FtpSink(Sink):
         size = self._ftp.size(self._tmp)
         if size is None:
             raise TransportError(f"{self._tmp}: the server cannot report SIZE; cannot resume")
-        log.info("%s: resuming at byte %d of %d", self._tmp, size, self._end)
+        if size == self._resumed_at:
+            # The server aborted twice at the same byte: a server-side failure it does not
+            # name (pyftpdlib says "426 None" when its disk is full), not the network.
+            raise CannotResume(f"{self._tmp}: the server keeps aborting the upload at byte {size}")
+        self._resumed_at = size
+        log.info("%s: resuming at byte %d of %d", self._tmp, size, self._replay.end)
         self._open_data()
-        for _, view in self._replay.since(size, self._end):
+        for _, view in self._replay.since(size):
             self._data.sendall(view)
 
     def _guarded(self, op: Callable[[], None], what: str) -> None:

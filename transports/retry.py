@@ -60,9 +60,13 @@ CONNECTION_LOST_ERRNOS = frozenset(
 FTP_CONNECTION_REPLIES = ("421", "425", "426")
 
 
+class CannotResume(ConnectionLost):
+    """The connection broke and the server lacks bytes we no longer hold; retrying is futile."""
+
+
 def is_connection_lost(exc: BaseException) -> bool:
     """True if ``exc`` means the connection broke and a reconnect may help."""
-    if isinstance(exc, AuthError):
+    if isinstance(exc, (AuthError, CannotResume)):
         return False
     if isinstance(exc, ConnectionLost):
         return True
@@ -164,15 +168,24 @@ class ReplayBuffer:
         """Every held range in write order; valid only if nothing was ``dropped``."""
         return list(self._records)
 
-    def since(self, confirmed: int, end: int) -> list[tuple[int, memoryview]]:
+    @property
+    def end(self) -> int:
+        """Stream offset just past the last held byte (append-only streams)."""
+        if not self._records:
+            return 0
+        off, data = self._records[-1]
+        return off + len(data)
+
+    def since(self, confirmed: int) -> list[tuple[int, memoryview]]:
         """Ranges covering ``[confirmed, end)`` of an append-only stream.
 
-        Raises ``ConnectionLost`` if the buffer no longer holds byte ``confirmed``.
+        Raises ``CannotResume`` if the buffer no longer holds byte ``confirmed``.
         """
+        end = self.end
         if confirmed == end:
             return []
         if confirmed > end or not self._records or confirmed < self._records[0][0]:
-            raise ConnectionLost(
+            raise CannotResume(
                 f"cannot resume: the server holds {confirmed} bytes but only bytes "
                 f"{max(self.start, 0)}..{end} are still buffered for replay"
             )

@@ -197,8 +197,8 @@ class SftpSink(Sink):
                 self._send(off, memoryview(data))
         else:
             confirmed = self._file.stat().st_size
-            log.info("%s: resuming at byte %d of %d", self._tmp, confirmed, self._end)
-            for off, view in self._replay.since(confirmed, self._end):
+            log.info("%s: resuming at byte %d of %d", self._tmp, confirmed, self._replay.end)
+            for off, view in self._replay.since(confirmed):
                 self._send(off, view)
         self._drain()
 

@@ -15,13 +15,30 @@ VSFTPD = "/usr/sbin/vsftpd"
 _PYFTPD = r"""
 import sys
 from pyftpdlib.authorizers import DummyAuthorizer
-from pyftpdlib.handlers import FTPHandler
+from pyftpdlib.handlers import DTPHandler, FTPHandler
+from pyftpdlib.exceptions import _FileReadWriteError
+
+
+class Dtp(DTPHandler):
+    # pyftpdlib 2.2 wraps the OSError of a failed file write without its errno and
+    # replies "426 None"; report ENOSPC the way RFC 959 says (452) instead.
+    def handle_error(self):
+        err = sys.exc_info()[1]
+        cause = err.__cause__ if isinstance(err, _FileReadWriteError) else None
+        if isinstance(cause, OSError) and cause.errno == 28:
+            self._resp = ("452 No space left on device; transfer aborted.", print)
+            self.close()
+            return
+        super().handle_error()
+
 from pyftpdlib.servers import FTPServer
 port, root, user, password = sys.argv[1:5]
 auth = DummyAuthorizer()
 auth.add_user(user, password, root, perm="elradfmwMT")
 auth.add_anonymous(root, perm="elradfmwMT")
 FTPHandler.authorizer = auth
+FTPHandler.dtp_handler = Dtp
+FTPHandler.auth_failed_timeout = 0.1  # the default 3 s delay only slows the tests
 FTPHandler.permit_foreign_addresses = False
 server = FTPServer(("127.0.0.1", int(port)), FTPHandler)
 server.serve_forever()

@@ -21,8 +21,12 @@ _CHUNK = 256 << 10
 
 
 def _rst(sock: socket.socket) -> None:
+    """Abort a connection like a broken network would: RST, no FIN."""
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        # Wake the pump thread blocked in recv() on this socket; a bare close() would not,
+        # and the kernel would keep the connection open until that recv() returned.
+        sock.shutdown(socket.SHUT_RD)
     except OSError:
         pass
     sock.close()
@@ -43,6 +47,7 @@ class DropProxy:
         self.dead_after_drop = dead_after_drop
         self.ftp = ftp
         self.dropped = 0
+        self.connections = 0  # accepted client connections (control ones only, for FTP)
         self._lock = threading.Lock()
         self._listeners: list[socket.socket] = []
         self._socks: list[socket.socket] = []
@@ -66,6 +71,7 @@ class DropProxy:
                 return
             with self._lock:
                 dead = self.dead_after_drop and self.dropped > 0
+                self.connections += 0 if once else 1
             if dead:
                 _rst(client)
                 continue
