@@ -62,6 +62,10 @@ def convert(e: BaseException, what: str) -> Exception:
         return TargetFull(f"{what}: target is full")
     if isinstance(e, _LOST_ERRORS) or is_connection_lost(e):
         return ConnectionLost(f"{what}: connection lost ({e})")
+    if isinstance(e, OSError) and not isinstance(e, smbexc.SMBOSError) and e.errno == errno.EBADF:
+        # smbprotocol's reader thread closes the socket when the peer resets it; our next
+        # send then fails on the closed descriptor.
+        return ConnectionLost(f"{what}: connection lost (socket closed)")
     if isinstance(e, smbexc.SMBException) and "timeout" in str(e).lower():
         return ConnectionLost(f"{what}: {e}")
     if isinstance(e, OSError) and e.errno == errno.ENOENT:
