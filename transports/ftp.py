@@ -33,7 +33,7 @@ READ_CHUNK = 1 << 20
 # Cap the data socket's send buffer (the kernel doubles it) so the bytes the server has
 # not yet written stay far inside the 16 MiB replay buffer, with room for the server's
 # receive buffer (Linux autotunes it up to 6 MiB).
-SNDBUF = 1 << 20
+SNDBUF = 2 << 20
 # Replies that mean the target is full: RFC 959 452/552, and servers that say it in 426/451.
 _FULL_CODES = ("452", "552")
 _FULL_TEXT = re.compile(r"no space|disk full|quota|exceed", re.I)
