@@ -31,12 +31,13 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 DEFAULT_PORT = 445
-# One WRITE request: 1 MiB keeps credit use modest (16 credits) while per-request
-# overhead stays negligible; Samba negotiates up to 8 MiB.
-WRITE_PIECE = 1 << 20
-# Outstanding WRITE requests: enough to keep the server busy across one round trip,
-# and far below the replay buffer so every unconfirmed byte can be replayed.
-MAX_OUTSTANDING = 8
+# One WRITE request: smbprotocol's per-message cost (packing, signing) is high, so 4 MiB
+# (64 credits) measured ~20% faster than 1 MiB on loopback; Samba negotiates up to 8 MiB.
+WRITE_PIECE = 4 << 20
+# Outstanding WRITE requests: enough to keep the server busy across one round trip, and
+# 12 MiB in flight stays below the 16 MiB replay buffer, so every unconfirmed byte can
+# be replayed.
+MAX_OUTSTANDING = 3
 READ_CHUNK = 1 << 20
 
 _AUTH_ERRORS = (
@@ -229,7 +230,17 @@ class CifsTransport(Transport):
 
     def connect(self) -> None:
         self._open()
-        self.call(lambda: smbclient.makedirs(self.root, exist_ok=True, **self.kw), "mkdir")
+        self.call(self._ensure_root, f"creating {self.root}")
+
+    def _ensure_root(self) -> None:
+        # Stat first: a share's root may refuse a create-or-open even though it exists.
+        try:
+            if smbclient.stat(self.root, **self.kw):
+                return
+        except smbexc.SMBOSError as e:
+            if e.errno != errno.ENOENT:
+                raise
+        smbclient.makedirs(self.root, exist_ok=True, **self.kw)
 
     def _open(self) -> None:
         self.close()
