@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 import time
 from dataclasses import replace
 
@@ -105,12 +106,15 @@ def test_wrong_password_is_auth_error_fast_and_not_retried(kind, request, caplog
 def test_sftp_password_login(request):
     name, password = request.getfixturevalue("test_user")
     s = request.getfixturevalue("ssh_server")
-    d = os.path.join(_world_dir("kdump-sftp-"), "dumps")
-    url = f"sftp://{name}:{password}@{s.host}:{s.port}{d}"
+    top = _world_dir("kdump-sftp-")
+    url = f"sftp://{name}:{password}@{s.host}:{s.port}{top}/dumps"
     target = replace(make_target("file", request), url=url)
-    with target.transport(host_key=s.host_key, ssh_identity=("/nonexistent",)) as tr:
-        _upload(tr, "f", b"data")
-        assert [e.name for e in tr.listdir()] == ["f"]
+    try:
+        with target.transport(host_key=s.host_key, ssh_identity=("/nonexistent",)) as tr:
+            _upload(tr, "f", b"data")
+            assert [e.name for e in tr.listdir()] == ["f"]
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
     assert TEST_PASSWORD == password
 
 
