@@ -207,3 +207,18 @@ def write_elf_segments(
 
 def _page_up(n: int) -> int:
     return (n + PAGE - 1) // PAGE * PAGE
+
+
+class NoneWriter(FormatWriter):
+    """KDUMP_DUMPFORMAT=none: no vmcore file at all (the engine still saves dmesg.txt)."""
+
+    produces_file = False
+
+    def input_size(self) -> int | None:
+        return 0
+
+    def estimate(self) -> int | None:
+        return 0
+
+    def write(self, sink, monitor: Monitor) -> WriteResult:
+        return WriteResult(format="none (dmesg only)", dump_level=self.level)
