@@ -461,10 +461,10 @@ class KdumpWriter(FormatWriter):
                 while pending:
                     emit()
             except VmcoreError as e:
+                # The source failed: keep what was read before it, then stop.
                 error = str(e)
-                for fut, _, _ in pending:
-                    fut.cancel()
-                pending.clear()
+                while pending:
+                    emit()
         monitor.advance(0, desc.flush())
         return stats, error
 
