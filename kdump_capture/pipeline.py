@@ -12,6 +12,7 @@ from transports import open_transport
 from transports.base import Transport, TransportSettings
 
 from . import policy
+from .dmesg import extract as extract_dmesg
 from .errors import (
     AuthError,
     FreeSpaceError,
@@ -173,15 +174,6 @@ def _put(transport: Transport, relpath: str, data: bytes) -> dict:
     return {"size": info.size, "sha256": info.sha256}
 
 
-def _extract_dmesg(vm: Vmcore) -> str:
-    """The kernel log from the vmcore; raises NotSupported where this build cannot."""
-    try:
-        from .dmesg import extract
-    except ImportError:
-        raise NotSupported("dmesg extraction is not available in this build") from None
-    return extract(vm)
-
-
 def save_to_target(
     vm: Vmcore,
     plan: SavePlan,
@@ -252,7 +244,7 @@ def save_to_target(
 
 def _save_files(vm, plan, transport, name, writer, record, progress, free) -> None:
     try:
-        text = _extract_dmesg(vm)
+        text = extract_dmesg(vm)
         record.files[DMESG] = _put(transport, f"{name}/{DMESG}", text.encode())
     except (VmcoreError, NotSupported) as e:
         log.warning("no dmesg.txt: %s", e)
