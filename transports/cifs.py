@@ -25,7 +25,7 @@ from kdump_capture.errors import AuthError, ConnectionLost, TargetFull, Transpor
 from kdump_capture.urls import Target
 
 from .base import Entry, FileInfo, Sink, Transport, TransportSettings, is_temp_name, temp_name
-from .retry import ReplayBuffer, is_connection_lost, retry_call
+from .retry import REPLAY_STEP, ReplayBuffer, is_connection_lost, retry_call
 from .smb2write import post_write
 
 log = logging.getLogger(__name__)
@@ -40,8 +40,6 @@ WRITE_PIECE = 4 << 20
 # Together with one piece being filled and one write being buffered this stays within
 # the 16 MiB replay buffer, which drops nothing the server has not confirmed anyway.
 MAX_INFLIGHT = 8 << 20
-# Writes enter the replay buffer in steps of this size, so any write size fits it.
-BUFFER_STEP = 1 << 20
 READ_CHUNK = 1 << 20
 
 _AUTH_ERRORS = (
@@ -188,8 +186,8 @@ class CifsSink(Sink):
     def write(self, data: bytes | memoryview) -> None:
         view = memoryview(data).cast("B")
         with self._accounting(view):
-            for start in range(0, len(view), BUFFER_STEP):
-                self._store(self._pos + start, view[start : start + BUFFER_STEP])
+            for start in range(0, len(view), REPLAY_STEP):
+                self._store(self._pos + start, view[start : start + REPLAY_STEP])
 
     def _store(self, offset: int, piece: memoryview) -> None:
         what = f"writing {self._tmp}"

@@ -36,6 +36,9 @@ T = TypeVar("T")
 # of in-flight data on a fast link (SFTP pipelining keeps at most 8 MiB unacknowledged,
 # FTP caps the socket send buffer far below this) at a cost the capture kernel can afford.
 REPLAY_LIMIT = 16 << 20
+# Sinks hand writes to the replay buffer in pieces of at most this size, so a write of
+# any size leaves room for everything still unconfirmed (8 MiB at most).
+REPLAY_STEP = 1 << 20
 
 # Errnos that mean the path to the server broke, not that the server refused something.
 CONNECTION_LOST_ERRNOS = frozenset(

@@ -36,7 +36,7 @@ from .base import (
     is_temp_name,
     temp_name,
 )
-from .retry import ReplayBuffer, is_connection_lost, retry_call
+from .retry import REPLAY_STEP, ReplayBuffer, is_connection_lost, retry_call
 
 log = logging.getLogger(__name__)
 
@@ -225,12 +225,17 @@ class SftpSink(Sink):
     # -- the contract ----------------------------------------------------------------
     def write(self, data: bytes | memoryview) -> None:
         view = memoryview(data).cast("B")
-        offset = self._pos
-        self._replay.add(offset, view)
-        self._guarded(lambda: self._send(offset, view), f"writing {self._tmp}")
-        self._account(view)
-        if self._positional and self._replay.dropped:
+        with self._accounting(view):
+            for start in range(0, len(view), REPLAY_STEP):
+                self._store(self._pos + start, view[start : start + REPLAY_STEP])
+
+    def _store(self, offset: int, piece: memoryview) -> None:
+        if self._positional and self._replay.held + len(piece) > self._replay.limit:
+            # After a seek we replay every range since the last sync point: settle them
+            # all before the buffer would have to drop one.
             self._sync()
+        self._replay.add(offset, piece)
+        self._guarded(lambda: self._send(offset, piece), f"writing {self._tmp}")
 
     def _sync(self) -> None:
         self._guarded(self._drain, f"writing {self._tmp}")
@@ -268,6 +273,7 @@ class SftpSink(Sink):
                 raise
 
     def abort(self) -> None:
+        self._stop_hashing()
         self._close_channel()
         try:
             self._t.sftp.remove(self._tmp)
