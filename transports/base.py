@@ -16,8 +16,9 @@ import contextlib
 import hashlib
 import secrets
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from kdump_capture.errors import TransportError
@@ -102,6 +103,7 @@ class Sink(ABC):
         self._end = 0
         self._hash_valid = True
         self._hasher: ThreadPoolExecutor | None = None
+        self._queued: deque[tuple[int, Future]] = deque()  # (offset, hash of a kept copy)
         self.committed = False
 
     # -- helpers for implementations -------------------------------------------------
@@ -144,11 +146,35 @@ class Sink(ABC):
         self._pos += n
         self._end = max(self._end, self._pos)
 
+    def _account_copy(self, parts: list[memoryview]) -> None:
+        """``_account`` for a sink's own copy of the bytes: hashed later, on the helper thread.
+
+        The write returns without waiting, so hashing overlaps whatever comes next. The
+        sink must leave the copy unchanged until ``_hashed_below`` passes its offset.
+        """
+        if not (self._hash_valid and self._pos == self._end):
+            self._hash_valid = False
+            for p in parts:
+                self._account(p)
+            return
+        if self._hasher is None:
+            self._hasher = ThreadPoolExecutor(1, thread_name_prefix="sha256")
+        for p in parts:
+            self._queued.append((self._pos, self._hasher.submit(self._hash.update, p)))
+            self._pos += len(p)
+        self._end = self._pos
+
+    def _hashed_below(self, offset: float = float("inf")) -> None:
+        """Wait until every copy queued by ``_account_copy`` before ``offset`` is hashed."""
+        while self._queued and self._queued[0][0] < offset:
+            self._queued.popleft()[1].result()
+
     def _stop_hashing(self) -> None:
         """End the hashing thread (commit and abort call this; a new write restarts it)."""
         if self._hasher is not None:
             self._hasher.shutdown(wait=True)
             self._hasher = None
+        self._queued.clear()
 
     def _sha256(self) -> str:
         """The file's SHA-256: streamed when writes were append-only, else read back."""

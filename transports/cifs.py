@@ -140,6 +140,7 @@ class CifsSink(Sink):
         if self._positional:
             if self._replay.held + n > self._replay.limit:
                 self._drain()
+                self._hashed_below()
                 self._replay.clear()  # a sync point: the server confirmed everything
             return
         keep = self._replay.kept_from(offset, n)
@@ -147,6 +148,7 @@ class CifsSink(Sink):
             self._push(flush=True)
         while self._pending and self._pending[0][1] < keep:
             self._ack_one()
+        self._hashed_below(keep)
 
     def _ack_one(self) -> None:
         req, _, size = self._pending.popleft()
@@ -185,14 +187,15 @@ class CifsSink(Sink):
 
     def write(self, data: bytes | memoryview) -> None:
         view = memoryview(data).cast("B")
-        with self._accounting(view):
-            for start in range(0, len(view), REPLAY_STEP):
-                self._store(self._pos + start, view[start : start + REPLAY_STEP])
+        for start in range(0, len(view), REPLAY_STEP):
+            self._store(self._pos, view[start : start + REPLAY_STEP])
 
     def _store(self, offset: int, piece: memoryview) -> None:
         what = f"writing {self._tmp}"
         self._guarded(lambda: self._make_room(offset, len(piece)), what)
-        self._replay.add(offset, piece)
+        # Buffered bytes count as written: commit and seek flush them. They are hashed
+        # from the buffer, on the helper thread, while this thread goes on.
+        self._account_copy(self._replay.add(offset, piece))
         if self._positional:
             self._guarded(lambda: self._send(offset, piece), what)
         else:
@@ -205,6 +208,7 @@ class CifsSink(Sink):
             self._drain()
 
         self._guarded(flush, f"writing {self._tmp}")
+        self._hashed_below()
         self._replay.clear()
 
     def seek(self, offset: int) -> None:

@@ -154,7 +154,8 @@ class ReplayBuffer:
         self._bytes = 0
         self.dropped = False
 
-    def add(self, offset: int, data: bytes | memoryview) -> None:
+    def add(self, offset: int, data: bytes | memoryview) -> list[memoryview]:
+        """Copy ``data``, written at ``offset``; returns the copy (two views if it wrapped)."""
         data = memoryview(data).cast("B")
         n = len(data)
         if n > self.limit:  # only the tail fits
@@ -168,11 +169,14 @@ class ReplayBuffer:
         first = min(n, self.limit - self._head)
         self._ring[self._head : self._head + first] = data[:first]
         self._records.append((offset, self._head, first))
+        copy = [self._view[self._head : self._head + first]]
         if first < n:  # wrap around
             self._ring[: n - first] = data[first:]
             self._records.append((offset + first, 0, n - first))
+            copy.append(self._view[: n - first])
         self._head = (self._head + n) % self.limit
         self._bytes += n
+        return copy
 
     def clear(self) -> None:
         """A sync point: everything written so far is confirmed by the server."""
