@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import secrets
 from abc import ABC, abstractmethod
 from collections import deque
@@ -103,6 +104,8 @@ class Sink(ABC):
         self._end = 0
         self._hash_valid = True
         self._hasher: ThreadPoolExecutor | None = None
+        # A hashing thread only pays off with a second CPU (capture kernels often get one).
+        self._overlap = len(os.sched_getaffinity(0)) > 1
         self._queued: deque[tuple[int, Future]] = deque()  # (offset, hash of a kept copy)
         self.committed = False
 
@@ -127,7 +130,7 @@ class Sink(ABC):
         body raises, hash and position stay as they were.
         """
         n = len(data)
-        if not (self._hash_valid and self._pos == self._end) or n < OVERLAP_MIN:
+        if not (self._overlap and self._hash_valid and self._pos == self._end) or n < OVERLAP_MIN:
             yield
             self._account(data)
             return
@@ -152,8 +155,7 @@ class Sink(ABC):
         The write returns without waiting, so hashing overlaps whatever comes next. The
         sink must leave the copy unchanged until ``_hashed_below`` passes its offset.
         """
-        if not (self._hash_valid and self._pos == self._end):
-            self._hash_valid = False
+        if not (self._overlap and self._hash_valid and self._pos == self._end):
             for p in parts:
                 self._account(p)
             return
