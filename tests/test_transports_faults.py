@@ -171,3 +171,21 @@ def test_closed_port_fails_within_timeout(kind, request):
     with pytest.raises(TransportError):
         target.transport(timeout=3.0, host_key="*").connect()
     assert time.monotonic() - start < 3.0
+
+
+@pytest.mark.parametrize("kind", NET)
+def test_a_stalled_server_fails_within_the_timeout(kind, request):
+    """A server that stops reading mid-upload must not hang the dump."""
+    target = make_target(kind, request)
+    target = replace(
+        target, settings=replace(target.settings, timeout=3.0, retries=1, retry_delay=0.01)
+    )
+    with DropProxy(_port(target), stall_after=4 * MiB, ftp=kind == "ftp") as proxy:
+        t0 = time.monotonic()
+        with pytest.raises(TransportError):
+            with target.via_port(proxy.port).transport() as tr:
+                _upload(tr, "vmcore", os.urandom(64 * MiB))
+        elapsed = time.monotonic() - t0
+        assert proxy.stalled.is_set()
+    assert elapsed < 60, f"took {elapsed:.0f} s with a 3 s timeout"
+    assert "vmcore" not in _names(target.server_dir)

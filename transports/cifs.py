@@ -117,7 +117,9 @@ class CifsSink(Sink):
             if (size < want or self._inflight + size > MAX_INFLIGHT) and self._pending:
                 self._ack_one()
                 continue
-            req = post_write(fd, offset + done, view[done : done + size], credits)
+            req = post_write(
+                fd, offset + done, view[done : done + size], credits, self._t.settings.timeout
+            )
             self._pending.append((req, offset + done, size))
             self._inflight += size
             done += size

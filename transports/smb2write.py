@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import select
 import socket
 import struct
 
@@ -66,8 +67,12 @@ def signature(conn: Connection, key: bytes, message_id: int, parts: list) -> byt
     return h.digest()[:16]
 
 
-def post_write(fd: Open, offset: int, data: memoryview, credit_request: int) -> Request:
+def post_write(
+    fd: Open, offset: int, data: memoryview, credit_request: int, timeout: float
+) -> Request:
     """Send one WRITE of ``data`` at ``offset``; the reply comes through ``receive``.
+
+    A send that makes no progress for ``timeout`` seconds raises ``socket.timeout``.
 
     ``data`` is only read while this runs (the kernel has it when ``sendmsg`` returns).
     """
@@ -126,14 +131,27 @@ def post_write(fd: Open, offset: int, data: memoryview, credit_request: int) -> 
     conn.outstanding_requests[message_id] = request
     conn._check_worker_running()
     with conn.transport._sock_lock:
-        _sendall(conn.transport._sock, frame, data)
+        _sendall(conn.transport._sock, frame, data, timeout)
     return request
 
 
-def _sendall(sock: socket.socket, head: bytearray, data: memoryview) -> None:
-    sent = sock.sendmsg([head, data])
-    if sent < len(head):
-        sock.sendall(memoryview(head)[sent:])
-        sent = len(head)
-    if sent - len(head) < len(data):
-        sock.sendall(data[sent - len(head) :])
+def _sendall(sock: socket.socket, head: bytearray, data: memoryview, timeout: float) -> None:
+    """sendmsg both parts without blocking forever: smbprotocol's socket has no timeout, so
+    wait for writability with ``select`` and give up after ``timeout`` without progress."""
+    bufs = [memoryview(head), data]
+    while bufs:
+        try:
+            n = sock.sendmsg(bufs, [], socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            n = 0
+        while n and bufs:
+            if n >= len(bufs[0]):
+                n -= len(bufs[0])
+                bufs.pop(0)
+            else:
+                bufs[0] = bufs[0][n:]
+                n = 0
+        if bufs:
+            _, writable, _ = select.select([], [sock], [], timeout)
+            if not writable:
+                raise TimeoutError(f"SMB send made no progress for {timeout:.0f} s")
