@@ -1,0 +1,153 @@
+"""Resolve kernel modules and their dependencies from ``modules.dep`` of a modules root.
+
+``modules.dep`` (written by depmod) maps each module file to the files it needs, relative
+to ``/lib/modules/VER``. A module listed in ``modules.builtin`` is compiled into the kernel
+and needs no file. Names are normalised the way modprobe does: ``-`` and ``_`` are the same.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+from kdump_capture.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+# Modules the capture kernel may need, by purpose. Only those present in modules.dep are
+# taken; names missing there are built in or not built at all for that kernel.
+STORAGE = (
+    "virtio_pci",
+    "virtio_blk",
+    "virtio_scsi",
+    "sd_mod",
+    "nvme",
+    "ahci",
+    "ata_piix",
+    "xen_blkfront",
+    "hv_storvsc",
+)
+FILESYSTEMS = ("ext4", "xfs", "vfat", "nls_cp437", "nls_ascii", "nls_iso8859_1")
+NETWORK = (
+    "virtio_pci",
+    "virtio_net",
+    "e1000",
+    "e1000e",
+    "ena",
+    "vmxnet3",
+    "xen_netfront",
+    "hv_netvsc",
+    "gve",
+)
+NFS = ("nfs", "nfsv4")
+CIFS = ("cifs",)
+
+
+def modname(path_or_name: str) -> str:
+    """``kernel/fs/nfs/nfs.ko.xz`` -> ``nfs``; ``virtio-net`` -> ``virtio_net``."""
+    base = os.path.basename(path_or_name)
+    for ext in (".xz", ".zst", ".gz"):
+        base = base.removesuffix(ext)
+    return base.removesuffix(".ko").replace("-", "_")
+
+
+@dataclass
+class ModuleIndex:
+    """The parsed ``modules.dep`` and ``modules.builtin`` of one kernel version."""
+
+    root: str  # /lib/modules/VER
+    paths: dict[str, str] = field(default_factory=dict)  # name -> relative .ko path
+    deps: dict[str, list[str]] = field(default_factory=dict)  # name -> dependency names
+    builtin: set[str] = field(default_factory=set)
+
+    @classmethod
+    def parse(cls, root: str, dep_text: str, builtin_text: str = "") -> ModuleIndex:
+        idx = cls(root)
+        for line in dep_text.splitlines():
+            if ":" not in line:
+                continue
+            mod, _, rest = line.partition(":")
+            name = modname(mod.strip())
+            idx.paths[name] = mod.strip()
+            idx.deps[name] = [modname(d) for d in rest.split()]
+        idx.builtin = {modname(x) for x in builtin_text.split()}
+        return idx
+
+    @classmethod
+    def load(cls, root: str) -> ModuleIndex:
+        dep = os.path.join(root, "modules.dep")
+        try:
+            with open(dep, encoding="utf-8") as f:
+                dep_text = f.read()
+        except OSError as e:
+            raise ConfigError(
+                f"cannot read {dep} ({e.strerror}); run 'depmod -b <root> <version>' first"
+            ) from None
+        try:
+            with open(os.path.join(root, "modules.builtin"), encoding="utf-8") as f:
+                builtin_text = f.read()
+        except OSError:
+            builtin_text = ""
+        return cls.parse(root, dep_text, builtin_text)
+
+    def has(self, name: str) -> bool:
+        return modname(name) in self.paths
+
+    def resolve(self, wanted: list[str] | tuple[str, ...], *, strict: bool = False) -> list[str]:
+        """Module names in load order (every dependency before its users), without duplicates.
+
+        Unknown names are skipped (built in, or absent from this kernel); with ``strict`` an
+        unknown name that is not built in raises ConfigError.
+        """
+        order: list[str] = []
+        state: dict[str, int] = {}  # 1 = visiting, 2 = done
+
+        def visit(name: str) -> None:
+            if state.get(name) == 2:
+                return
+            if state.get(name) == 1:
+                return  # depmod never writes cycles; tolerate a broken file anyway
+            state[name] = 1
+            for dep in self.deps.get(name, []):
+                visit(dep)
+            state[name] = 2
+            order.append(name)
+
+        for w in wanted:
+            name = modname(w)
+            if name in self.paths:
+                visit(name)
+            elif strict and name not in self.builtin:
+                raise ConfigError(f"kernel module {w!r} not found in {self.root}/modules.dep")
+        return order
+
+    def file(self, name: str) -> str:
+        """Absolute path of a module's file."""
+        return os.path.join(self.root, self.paths[modname(name)])
+
+
+def wanted_modules(
+    scheme: str, network: bool, fstype: str = "", extra: tuple[str, ...] = ()
+) -> list[str]:
+    """Which modules to pack for a target scheme (pure: no I/O).
+
+    ``fstype`` narrows the filesystems to the one the local target uses (xfs alone is 4 MB).
+    """
+    wanted: list[str] = []
+    if scheme == "file":
+        wanted += STORAGE
+        if fstype == "vfat":
+            wanted += ("vfat", "nls_cp437", "nls_ascii", "nls_iso8859_1")
+        elif fstype:
+            wanted.append(fstype)
+        else:
+            wanted += FILESYSTEMS
+    if network:
+        wanted += NETWORK
+    if scheme == "nfs":
+        wanted += NFS
+    if scheme == "cifs":
+        wanted += CIFS
+    wanted += extra
+    return list(dict.fromkeys(wanted))

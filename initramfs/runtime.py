@@ -1,0 +1,293 @@
+"""Collect the Python runtime a capture needs: interpreter, shared libraries, imported modules.
+
+What to pack is computed, not listed by hand: a child interpreter imports the capture's entry
+modules (our engine, the one transport the target uses, and every module our own code
+imports anywhere, found by reading its source), then reports ``sys.modules``. Only those
+modules are packed, as compiled ``.pyc`` files (no sources, so the capture kernel never
+compiles at start-up), plus the extension modules they loaded and the shared libraries these
+and the interpreter need (from ``ldd``). ELF files are stripped when ``strip`` exists.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+import logging
+import marshal
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import sysconfig
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kdump_capture.errors import ConfigError, NotSupported
+
+log = logging.getLogger(__name__)
+
+PYVER = f"python{sys.version_info.major}.{sys.version_info.minor}"
+# Where things go inside the archive (no leading slash). The interpreter finds its prefix
+# from its own location: /usr/bin/python3 -> /usr/lib/pythonX.Y/os.pyc is the landmark.
+DEST_BIN = "usr/bin"
+DEST_STDLIB = f"usr/lib/{PYVER}"
+DEST_DYNLOAD = f"usr/lib/{PYVER}/lib-dynload"
+DEST_SITE = f"usr/lib/{PYVER}/site-packages"
+DEST_LIBDIR = "usr/lib/x86_64-linux-gnu"
+
+# Modules the interpreter or the C library load by name at run time, which importing the
+# entry modules does not reveal: the codecs looked up when a console or a socket decodes
+# text, and the stdlib landmark os (frozen in the binary, yet getpath needs its file).
+LATE_IMPORTS = (
+    "os",
+    "encodings.ascii",
+    "encodings.latin_1",
+    "encodings.utf_8",
+    "encodings.idna",
+    "encodings.aliases",
+)
+
+# Our own top-level packages shipped into site-packages.
+OWN_PACKAGES = ("kdump_capture", "transports")
+
+# .pyc header (PEP 552): magic, flags (0 = timestamp-based), source mtime, source size.
+PYC_HEADER = struct.Struct("<4sIII")
+assert PYC_HEADER.size == 16
+
+
+@dataclass
+class Payload:
+    """Files for the archive: destination path (no leading slash) -> bytes or host path."""
+
+    files: dict[str, bytes | str] = field(default_factory=dict)
+    modes: dict[str, int] = field(default_factory=dict)
+    symlinks: dict[str, str] = field(default_factory=dict)
+    modules: list[str] = field(default_factory=list)
+
+    def add(self, dest: str, src: bytes | str, mode: int = 0o644) -> None:
+        self.files[dest] = src
+        self.modes[dest] = mode
+
+
+def project_root() -> Path:
+    """The directory holding our packages (kdump_capture, transports)."""
+    import kdump_capture
+
+    return Path(kdump_capture.__file__).resolve().parent.parent
+
+
+def imports_in_source(path: Path) -> set[str]:
+    """Absolute module names imported anywhere in one source file (also inside functions)."""
+    tree = ast.parse(path.read_bytes(), str(path))
+    name = module_name_for(path) if path.suffix == ".py" else "__main__"
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1])
+                mod = f"{base}.{node.module}" if node.module else base
+            else:
+                mod = node.module or ""
+            if mod:
+                names.add(mod)
+                # "from pkg import sub" may name a submodule
+                names.update(f"{mod}.{a.name}" for a in node.names if a.name != "*")
+    return names
+
+
+def module_name_for(path: Path) -> str:
+    rel = path.resolve().relative_to(project_root()).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def transport_module(scheme: str) -> str:
+    """The module implementing ``scheme``, from the transport registry (not imported)."""
+    from transports import registry
+
+    try:
+        spec, _hint = registry[scheme]
+    except KeyError:
+        raise NotSupported(
+            f"the {scheme!r} target scheme is not supported yet by this build"
+        ) from None
+    return spec.partition(":")[0]
+
+
+def entry_modules(scheme: str, exclude: Iterable[str] = ("kdump_capture.loadside",)) -> list[str]:
+    """What the capture side imports: our engine modules, the target's transport, and every
+    module those sources import anywhere (lazy imports inside functions included)."""
+    root = project_root()
+    excluded = set(exclude)
+    sources = [p for p in sorted((root / "kdump_capture").rglob("*.py"))]
+    sources += [root / "transports" / "__init__.py", root / "transports" / "base.py"]
+    tmod = transport_module(scheme)
+    sources.append((root / Path(*tmod.split("."))).with_suffix(".py"))
+    # /init runs with the same interpreter: its imports must be packed too.
+    mods: set[str] = imports_in_source(Path(__file__).with_name("init"))
+    for src in sources:
+        name = module_name_for(src)
+        if name in excluded:
+            continue
+        mods.add(name)
+        mods.update(imports_in_source(src))
+    # Other transports are imported only if their scheme is the target's.
+    mods = {
+        m
+        for m in mods
+        if not (m.startswith("transports.") and m.split(".")[1] not in ("base", tmod.split(".")[1]))
+        and m not in excluded
+    }
+    return sorted(mods)
+
+
+PROBE = r"""
+import importlib, json, sys
+sys.path.insert(0, ROOT)
+failed = {}
+for name in NAMES:
+    try:
+        importlib.import_module(name)
+    except Exception as e:  # an optional import (another OS, another feature) may fail
+        failed[name] = f"{type(e).__name__}: {e}"
+mods = {n: getattr(m, "__file__", None) for n, m in list(sys.modules.items())}
+json.dump({"modules": mods, "failed": failed, "path": sys.path,
+           "stdlib": STDLIB, "dynload": DYNLOAD}, sys.stdout)
+"""
+
+
+def probe(names: list[str], python: str = sys.executable) -> dict:
+    """Import ``names`` in a fresh isolated interpreter; report what got loaded."""
+    code = (
+        PROBE.replace("ROOT", repr(str(project_root())))
+        .replace("NAMES", repr(names))
+        .replace("STDLIB", "__import__('sysconfig').get_paths()['stdlib']")
+        .replace("DYNLOAD", "__import__('sysconfig').get_config_var('DESTSHARED')")
+    )
+    proc = subprocess.run(
+        [python, "-I", "-c", code], capture_output=True, text=True, check=False, timeout=300
+    )
+    if proc.returncode != 0:
+        raise ConfigError(f"import probe failed: {proc.stderr.strip()[-2000:]}")
+    return json.loads(proc.stdout)
+
+
+def pyc_bytes(source_path: str, dest: str) -> bytes:
+    """Compile a source file to .pyc bytes, recording ``/dest`` as its file name."""
+    with open(source_path, "rb") as f:
+        source = f.read()
+    code = compile(source, "/" + dest.removesuffix("c"), "exec", dont_inherit=True)
+    st = os.stat(source_path)
+    mtime, size = int(st.st_mtime) & 0xFFFFFFFF, len(source) & 0xFFFFFFFF
+    head = PYC_HEADER.pack(importlib.util.MAGIC_NUMBER, 0, mtime, size)
+    return head + marshal.dumps(code)
+
+
+def _dest_for(file: str, own_root: str, stdlib: str, dynload: str) -> str | None:
+    """Archive path for a module file, or None when it is not ours to pack (frozen, built-in)."""
+    f = os.path.realpath(file)
+    if f.startswith(own_root + os.sep):
+        return f"{DEST_SITE}/{os.path.relpath(f, own_root)}"
+    if f.startswith(dynload + os.sep):
+        return f"{DEST_DYNLOAD}/{os.path.relpath(f, dynload)}"
+    site_dirs = [
+        os.path.realpath(p)
+        for p in {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
+    ]
+    for sd in site_dirs:
+        if f.startswith(sd + os.sep):
+            return f"{DEST_SITE}/{os.path.relpath(f, sd)}"
+    if f.startswith(stdlib + os.sep):
+        return f"{DEST_STDLIB}/{os.path.relpath(f, stdlib)}"
+    return None
+
+
+def shared_libs(elf_paths: Iterable[str]) -> dict[str, str]:
+    """Shared libraries needed by ELF files: name as ldd prints it -> resolved host path.
+
+    The dynamic linker itself is returned under its absolute path (PT_INTERP).
+    """
+    found: dict[str, str] = {}
+    ldd = shutil.which("ldd")
+    if ldd is None:
+        raise NotSupported("ldd is needed to collect shared libraries (package libc-bin)")
+    for path in elf_paths:
+        out = subprocess.run([ldd, path], capture_output=True, text=True, check=False).stdout
+        for line in out.splitlines():
+            line = line.strip()
+            if "=>" in line:
+                name, _, rest = line.partition("=>")
+                lib = rest.strip().split(" (")[0].strip()
+                if lib.startswith("/"):
+                    found[name.strip()] = lib
+            elif line.startswith("/"):
+                lib = line.split(" (")[0]
+                found[lib] = lib
+    return found
+
+
+def strip_into(src: str, tmpdir: str) -> str:
+    """A stripped copy of an ELF file (or the original when strip is unavailable/fails)."""
+    strip = shutil.which("strip")
+    if strip is None:
+        return src
+    out = os.path.join(tmpdir, f"{len(os.listdir(tmpdir))}-{os.path.basename(src)}")
+    r = subprocess.run([strip, "--strip-unneeded", "-o", out, src], capture_output=True)
+    return out if r.returncode == 0 else src
+
+
+def collect(scheme: str, tmpdir: str, python: str = sys.executable) -> Payload:
+    """The Python runtime for a capture whose target uses ``scheme``."""
+    names = sorted(set(entry_modules(scheme)) | set(LATE_IMPORTS))
+    report = probe(names, python)
+    for name, err in sorted(report["failed"].items()):
+        log.debug("probe: import %s failed (%s); left out", name, err)
+    own_root = os.path.realpath(str(project_root()))
+    stdlib = os.path.realpath(report["stdlib"])
+    dynload = os.path.realpath(report["dynload"])
+    payload = Payload()
+    elves: list[str] = []
+    for name, file in sorted(report["modules"].items()):
+        if not file:
+            continue
+        dest = _dest_for(file, own_root, stdlib, dynload)
+        if dest is None:
+            continue
+        payload.modules.append(name)
+        if dest.endswith(".py"):
+            payload.add(dest + "c", pyc_bytes(file, dest + "c"))
+        elif dest.endswith(".so"):
+            payload.add(dest, strip_into(file, tmpdir), 0o755)
+            elves.append(file)
+        else:
+            payload.add(dest, file)
+    # The stdlib landmark must exist as a file even though os is frozen into the binary.
+    if f"{DEST_STDLIB}/os.pyc" not in payload.files:
+        raise ConfigError("the import probe did not report os.py; cannot place the stdlib")
+    exe = os.path.realpath(python)
+    payload.add(f"{DEST_BIN}/{PYVER}", strip_into(exe, tmpdir), 0o755)
+    payload.symlinks[f"{DEST_BIN}/python3"] = PYVER
+    elves.append(exe)
+    for name, lib in shared_libs(elves).items():
+        if name.startswith("/"):
+            # the dynamic linker: keep its absolute path (PT_INTERP), under /usr
+            dest = "usr" + name if not name.startswith("/usr/") else name[1:]
+        else:
+            dest = f"{DEST_LIBDIR}/{name}"
+        payload.add(dest, strip_into(os.path.realpath(lib), tmpdir), 0o755)
+    return payload
+
+
+def collect_to_temp(scheme: str) -> tuple[Payload, tempfile.TemporaryDirectory]:
+    tmp = tempfile.TemporaryDirectory(prefix="kdump-runtime-")
+    return collect(scheme, tmp.name), tmp
