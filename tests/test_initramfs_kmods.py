@@ -1,4 +1,5 @@
 """Kernel-module resolution from modules.dep: load order, built-ins, selection per target."""
+# ruff: noqa: E501  (modules.dep lines are long by nature)
 
 from __future__ import annotations
 
