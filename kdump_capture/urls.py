@@ -170,8 +170,8 @@ def _split_host_port(authority: str, text: str) -> tuple[str, int | None]:
         host, _, port_text = authority.partition(":")
     if port_text == "":
         return host, None
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise UrlError(f"target {_scrub(text)!r}: port {port_text!r} is not a number 1-65535")
+    if not re.fullmatch(r"[0-9]+", port_text) or not 0 < int(port_text) < 65536:
+        raise UrlError(f"target {_scrub(text)!r}: the port is not a number 1-65535")
     return host, int(port_text)
 
 
@@ -186,4 +186,13 @@ def _clean_path(path: str) -> str:
 
 def _scrub(text: str) -> str:
     """The URL text with any password removed, for error messages."""
-    return re.sub(r"(://[^/@:]*:)[^/@]*@", r"\1***@", text)
+    m = _SCHEME_RE.match(text)
+    if not m:
+        return text
+    rest = m.group(2)
+    at = rest.rfind("@")
+    if at < 0:
+        return text
+    userinfo, tail = rest[:at], rest[at:]
+    user = userinfo.split(":", 1)[0]
+    return f"{m.group(1)}://{user}:***{tail}" if ":" in userinfo else text

@@ -154,6 +154,8 @@ class Transport(ABC):
 
     #: short name for logs, e.g. "file", "sftp"
     scheme: str = ""
+    #: whether this transport's sinks support ``seek`` (random-access formats need it)
+    can_seek: bool = False
 
     def __init__(self, target: Target, settings: TransportSettings) -> None:
         self.target = target

@@ -114,6 +114,7 @@ class FileTransport(Transport):
     """Dumps into a local directory (created 0700 if missing)."""
 
     scheme = "file"
+    can_seek = True
 
     def __init__(self, target, settings: TransportSettings, root: str | None = None) -> None:
         super().__init__(target, settings)

@@ -1,0 +1,270 @@
+"""Command-line interface: ``kdump-capture save`` and friends."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import signal
+import sys
+import tempfile
+
+from . import __version__
+from .errors import EXIT_CODES, Interrupted, KdumpError, NotSupported, VerifyError
+
+log = logging.getLogger("kdump_capture")
+
+DEFAULT_CONFIG = "/etc/sysconfig/kdump"
+
+
+def _setup_logging(debug: bool) -> None:
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("kdump: %(levelname)s: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    for noisy in ("paramiko", "smbprotocol", "spnego"):
+        logging.getLogger(noisy).setLevel(logging.DEBUG if debug else logging.WARNING)
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--config",
+        default=DEFAULT_CONFIG,
+        metavar="FILE",
+        help=f"sysconfig file (default {DEFAULT_CONFIG}; missing: built-in defaults)",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        dest="overrides",
+        help="override a directive (repeatable)",
+    )
+
+
+def load(args: argparse.Namespace):
+    from .config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    for w in cfg.warnings:
+        log.warning("%s", w)
+    return cfg
+
+
+def make_plan(cfg):
+    """Resolve the configuration into a SavePlan; unsupported settings fail here, early."""
+    from transports import transport_class
+    from transports.base import TransportSettings
+
+    from .pipeline import SavePlan
+
+    if cfg["KDUMP_DUMPDEV"]:
+        raise NotSupported(
+            f"{cfg.location('KDUMP_DUMPDEV')}: KDUMP_DUMPDEV (raw dump device) is not "
+            "supported yet; leave it empty"
+        )
+    if cfg["KDUMP_TRANSFER"]:
+        raise NotSupported(
+            f"{cfg.location('KDUMP_TRANSFER')}: KDUMP_TRANSFER (custom transfer command) is "
+            "not supported yet; leave it empty"
+        )
+    targets = cfg.savedir
+    for t in targets:
+        try:
+            transport_class(t.scheme)  # a configured scheme that cannot load fails now
+        except NotSupported as e:
+            raise NotSupported(f"{cfg.location('KDUMP_SAVEDIR')}: {t.redacted()}: {e}") from None
+    settings = TransportSettings(
+        timeout=float(max(cfg.net_timeout, 5)),
+        ssh_identity=cfg.ssh_identity,
+        host_key=cfg.host_key,
+        debug=bool(cfg.verbose & 8),
+    )
+    return SavePlan(
+        targets=targets,
+        dump_format=cfg.dumpformat,
+        dump_level=cfg.dumplevel,
+        keep_old_dumps=cfg.keep_old_dumps,
+        free_disk_size=cfg.free_disk_size,
+        settings=settings,
+    )
+
+
+def _on_term(signum, frame):
+    raise Interrupted(f"interrupted by signal {signum}")
+
+
+def cmd_save(args: argparse.Namespace) -> int:
+    from . import finish
+    from .pipeline import save
+    from .progress import make_progress
+    from .sample import SampleSpec, write_sample
+    from .vmcore import find_source, open_vmcore
+
+    cfg = load(args)
+    _setup_logging(bool(cfg.verbose & 8))
+    plan = make_plan(cfg)
+    signal.signal(signal.SIGTERM, _on_term)
+    tmp = None
+    try:
+        if args.sample:
+            fd, tmp = tempfile.mkstemp(prefix="kdump-sample-", suffix=".vmcore")
+            os.close(fd)
+            write_sample(tmp, SampleSpec(ram_mib=args.sample_mib))
+            log.info("using a built-in synthetic %d MiB sample vmcore", args.sample_mib)
+            source = tmp
+        else:
+            source = find_source(args.vmcore)
+        with open_vmcore(source) as vm:
+            log.info(
+                "vmcore %s: %s bytes, kernel %s, %d CPUs",
+                source,
+                vm.size,
+                vm.release or "?",
+                vm.nr_cpus,
+            )
+            result = save(vm, plan, make_progress(cfg.verbose))
+    finally:
+        if tmp:
+            os.unlink(tmp)
+    print(f"Dump saved: {result.target}/{result.directory}")
+    if finish.should_reboot(cfg.immediate_reboot, args.no_reboot, cfg["KDUMP_DUMPDEV"]):
+        print("Rebooting (KDUMP_IMMEDIATE_REBOOT=yes)", flush=True)
+        finish.reboot()
+    return 0
+
+
+def cmd_show_config(args: argparse.Namespace) -> int:
+    cfg = load(args)
+    for line in cfg.redacted_lines():
+        print(line)
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .report import MANIFEST
+
+    path = os.path.join(args.dumpdir, MANIFEST)
+    try:
+        with open(path, "rb") as f:
+            doc = json.load(f)
+    except FileNotFoundError:
+        raise VerifyError(f"{path}: no manifest: the dump is incomplete") from None
+    except (OSError, ValueError) as e:
+        raise VerifyError(f"{path}: unreadable manifest: {e}") from None
+    bad = []
+    for name, info in sorted(doc.get("files", {}).items()):
+        fpath = os.path.join(args.dumpdir, name)
+        h = hashlib.sha256()
+        size = 0
+        try:
+            with open(fpath, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    h.update(chunk)
+                    size += len(chunk)
+        except OSError as e:
+            bad.append(f"{name}: {e.strerror}")
+            continue
+        if size != info["size"] or h.hexdigest() != info["sha256"]:
+            bad.append(
+                f"{name}: size {size} sha256 {h.hexdigest()} != recorded "
+                f"{info['size']} {info['sha256']}"
+            )
+        else:
+            print(f"OK  {name}  {size} bytes")
+    if doc.get("status") != "complete":
+        bad.append(f"dump status is {doc.get('status')!r}: {doc.get('error')}")
+    if bad:
+        raise VerifyError(f"{args.dumpdir}: " + "; ".join(bad))
+    print(f"{args.dumpdir}: all files match {MANIFEST}")
+    return 0
+
+
+def cmd_make_sample(args: argparse.Namespace) -> int:
+    from .sample import SampleSpec, write_sample
+
+    size = write_sample(args.output, SampleSpec(ram_mib=args.mib, sparse=args.sparse))
+    print(f"{args.output}: synthetic vmcore, {size} bytes")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kdump-capture",
+        description="Save a crashed kernel's memory (/proc/vmcore) to local or network storage.",
+        epilog="Exit codes: " + "; ".join(f"{k} {v}" for k, v in sorted(EXIT_CODES.items())),
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("save", help="save the crash dump (run by the capture kernel's init)")
+    _config_args(p)
+    p.add_argument(
+        "--vmcore", metavar="FILE", help="source (default /proc/vmcore, else /dev/oldmem)"
+    )
+    p.add_argument(
+        "--sample",
+        action="store_true",
+        help="save a built-in synthetic sample vmcore instead (a demo)",
+    )
+    p.add_argument("--sample-mib", type=int, default=64, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--no-reboot", action="store_true", help="never reboot afterwards, whatever the config says"
+    )
+    p.set_defaults(func=cmd_save)
+
+    p = sub.add_parser("show-config", help="print the effective configuration (no passwords)")
+    _config_args(p)
+    p.set_defaults(func=cmd_show_config)
+
+    p = sub.add_parser("verify", help="check a saved dump against its manifest checksums")
+    p.add_argument("dumpdir", metavar="DUMPDIR")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("make-sample", help="write a synthetic ELF vmcore (for tests and demos)")
+    p.add_argument("output", metavar="FILE")
+    p.add_argument("--mib", type=int, default=64, help="RAM size in MiB (default 64)")
+    p.add_argument("--sparse", action="store_true", help="all-zero RAM as file holes (fast, big)")
+    p.set_defaults(func=cmd_make_sample)
+
+    _optional_commands(sub)
+    return parser
+
+
+def _optional_commands(sub) -> None:
+    """Commands whose modules land separately (load side, formats)."""
+    try:
+        from .loadside import add_subcommands
+    except ImportError:
+        return
+    add_subcommands(sub)
+
+
+def main(argv: list[str] | None = None) -> int:
+    _setup_logging(False)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except KdumpError as e:
+        log.debug("traceback", exc_info=True)
+        print(f"kdump-capture: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("kdump-capture: interrupted", file=sys.stderr)
+        return Interrupted.exit_code
+    except Exception as e:  # a bug: one line, traceback only when debugging
+        if logging.getLogger().isEnabledFor(logging.DEBUG):
+            log.exception("internal error")
+        print(f"kdump-capture: internal error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

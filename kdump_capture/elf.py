@@ -1,0 +1,159 @@
+"""ELF64 core-file structures (as /proc/vmcore presents them), declared once."""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+ELFMAG = b"\x7fELF"
+ELFCLASS64 = 2
+ELFDATA2LSB = 1
+EV_CURRENT = 1
+ET_CORE = 4
+EM_X86_64 = 62
+
+PT_LOAD = 1
+PT_NOTE = 4
+
+NT_PRSTATUS = 1
+VMCOREINFO_NOTE_NAME = b"VMCOREINFO"
+
+# Elf64_Ehdr: e_ident[16], e_type, e_machine, e_version, e_entry, e_phoff, e_shoff,
+# e_flags, e_ehsize, e_phentsize, e_phnum, e_shentsize, e_shnum, e_shstrndx
+EHDR = struct.Struct("<16sHHIQQQIHHHHHH")
+# Elf64_Phdr: p_type, p_flags, p_offset, p_vaddr, p_paddr, p_filesz, p_memsz, p_align
+PHDR = struct.Struct("<IIQQQQQQ")
+# Elf64_Nhdr: n_namesz, n_descsz, n_type
+NHDR = struct.Struct("<III")
+assert EHDR.size == 64 and PHDR.size == 56 and NHDR.size == 12  # sizeof() in <elf.h>
+
+
+@dataclass(frozen=True)
+class Ehdr:
+    ident: bytes
+    type: int
+    machine: int
+    version: int
+    entry: int
+    phoff: int
+    shoff: int
+    flags: int
+    ehsize: int
+    phentsize: int
+    phnum: int
+    shentsize: int
+    shnum: int
+    shstrndx: int
+
+    @classmethod
+    def unpack_from(cls, buf: bytes | memoryview, offset: int = 0) -> Ehdr:
+        return cls(*EHDR.unpack_from(buf, offset))
+
+    def pack(self) -> bytes:
+        return EHDR.pack(
+            self.ident,
+            self.type,
+            self.machine,
+            self.version,
+            self.entry,
+            self.phoff,
+            self.shoff,
+            self.flags,
+            self.ehsize,
+            self.phentsize,
+            self.phnum,
+            self.shentsize,
+            self.shnum,
+            self.shstrndx,
+        )
+
+    @classmethod
+    def core(cls, phnum: int, machine: int = EM_X86_64) -> Ehdr:
+        ident = ELFMAG + bytes([ELFCLASS64, ELFDATA2LSB, EV_CURRENT]) + bytes(9)
+        return cls(
+            ident,
+            ET_CORE,
+            machine,
+            EV_CURRENT,
+            0,
+            EHDR.size,
+            0,
+            0,
+            EHDR.size,
+            PHDR.size,
+            phnum,
+            0,
+            0,
+            0,
+        )
+
+
+@dataclass(frozen=True)
+class Phdr:
+    type: int
+    flags: int
+    offset: int
+    vaddr: int
+    paddr: int
+    filesz: int
+    memsz: int
+    align: int
+
+    @classmethod
+    def unpack_from(cls, buf: bytes | memoryview, offset: int = 0) -> Phdr:
+        return cls(*PHDR.unpack_from(buf, offset))
+
+    def pack(self) -> bytes:
+        return PHDR.pack(
+            self.type,
+            self.flags,
+            self.offset,
+            self.vaddr,
+            self.paddr,
+            self.filesz,
+            self.memsz,
+            self.align,
+        )
+
+
+@dataclass(frozen=True)
+class Note:
+    """One ELF note; ``offset`` is where its descriptor starts inside the note blob."""
+
+    name: bytes
+    type: int
+    desc: bytes
+    offset: int
+
+
+def _pad4(n: int) -> int:
+    return (n + 3) & ~3
+
+
+def iter_notes(blob: bytes) -> list[Note]:
+    """Parse a PT_NOTE blob; stops at a zero header or the blob's end (as the kernel does)."""
+    notes: list[Note] = []
+    off = 0
+    while off + NHDR.size <= len(blob):
+        namesz, descsz, ntype = NHDR.unpack_from(blob, off)
+        if namesz == 0 and descsz == 0 and ntype == 0:
+            break
+        name_off = off + NHDR.size
+        desc_off = name_off + _pad4(namesz)
+        end = desc_off + _pad4(descsz)
+        if desc_off + descsz > len(blob):
+            raise ValueError(f"note at blob offset {off} runs past the end of the note segment")
+        name = blob[name_off : name_off + namesz].rstrip(b"\0")
+        notes.append(Note(name, ntype, blob[desc_off : desc_off + descsz], desc_off))
+        off = end
+    return notes
+
+
+def pack_note(name: bytes, ntype: int, desc: bytes) -> bytes:
+    """One note record with the name NUL-terminated and both parts padded to 4 bytes."""
+    n = name + b"\0"
+    return (
+        NHDR.pack(len(n), len(desc), ntype)
+        + n.ljust(_pad4(len(n)), b"\0")
+        + desc.ljust(_pad4(len(desc)), b"\0")
+    )

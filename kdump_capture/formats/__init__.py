@@ -1,0 +1,96 @@
+"""Format writers: the only code that knows a dump file's layout.
+
+A writer reads the source vmcore in fixed-size chunks into preallocated buffers and writes
+the output to a transport ``Sink``. It reports each chunk to a ``Monitor`` (progress and the
+free-space budget), which may raise to stop the dump.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from ..errors import NotSupported
+from ..vmcore import Vmcore
+
+# 1 MiB: large enough to amortise syscalls and Python overhead per chunk, small enough
+# for a capture kernel with ~60 MB available (see ENVIRONMENT.md measurements).
+CHUNK = 1 << 20
+
+
+class Monitor(Protocol):
+    """Observes the stream. ``advance`` may raise (FreeSpaceError, Interrupted)."""
+
+    def advance(self, read: int, written: int) -> None: ...
+
+
+class NullMonitor:
+    def advance(self, read: int, written: int) -> None:
+        pass
+
+
+@dataclass
+class WriteResult:
+    """What a writer produced, for README.txt and the manifest."""
+
+    format: str  # human description, e.g. "ELF" or "kdump-compressed (zlib)"
+    dump_level: int  # the level actually applied
+    pages_total: int = 0
+    pages_written: int = 0
+    flattened: bool = False
+    notes: list[str] = field(default_factory=list)  # fallbacks and caveats, one line each
+
+
+class FormatWriter(ABC):
+    """Writes one dump file. ``needs_seek`` writers get only seekable sinks."""
+
+    needs_seek = False
+
+    def __init__(self, vm: Vmcore, level: int) -> None:
+        self.vm = vm
+        self.level = level
+
+    @abstractmethod
+    def input_size(self) -> int | None:
+        """Bytes the writer will read from the source in total (for progress), if known."""
+
+    @abstractmethod
+    def estimate(self) -> int | None:
+        """An upper bound of the output size in bytes, if one is known before writing."""
+
+    @abstractmethod
+    def write(self, sink, monitor: Monitor) -> WriteResult: ...
+
+
+FORMAT_NAMES = {
+    "elf": "ELF",
+    "raw": "raw copy of the source",
+    "compressed": "kdump-compressed (zlib)",
+    "zstd": "kdump-compressed (zstd)",
+    "lzo": "kdump-compressed (lzo)",
+    "snappy": "kdump-compressed (snappy)",
+    "none": "none (dmesg only)",
+}
+
+
+def make_writer(vm: Vmcore, fmt: str, level: int, seekable: bool) -> FormatWriter:
+    """The writer for KDUMP_DUMPFORMAT ``fmt`` at KDUMP_DUMPLEVEL ``level``.
+
+    Raises NotSupported for combinations this build cannot write.
+    """
+    from .elf import ElfWriter, RawWriter
+
+    if fmt == "raw" or vm.kind == "raw":
+        if level != 0:
+            raise NotSupported(
+                f"dump level {level} needs an ELF vmcore; {vm.path} is raw memory (use level 0)"
+            )
+        return RawWriter(vm, 0)
+    if fmt == "elf":
+        if level & ~1:
+            raise NotSupported(
+                f"KDUMP_DUMPLEVEL={level}: only levels 0 and 1 (zero pages) are supported yet"
+            )
+        return ElfWriter(vm, level)
+    raise NotSupported(f"KDUMP_DUMPFORMAT={fmt}: this format is not supported yet (use ELF)")

@@ -1,0 +1,105 @@
+"""Pure policy: dump directory names, rotation (KDUMP_KEEP_OLD_DUMPS) and the free-space budget."""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+
+# A dump directory name: [<host>-]YYYY-MM-DD-HH-MM-SS[.N]. Sorting by the time stamp sorts
+# by crash time; ".N" makes names unique when two dumps fall into the same second. No ":"
+# (CIFS cannot store it).
+_NAME_RE = re.compile(
+    r"^(?:(?P<host>.+)-)?(?P<stamp>\d{4}-\d{2}-\d{2}-\d{2}-\d{2}-\d{2})(?:\.(?P<seq>\d+))?$"
+)
+
+COMPLETE = "complete"
+FAILED = "failed"
+INCOMPLETE = "incomplete"
+
+
+def stamp_for(epoch: float) -> str:
+    """The time stamp part of a dump directory name (UTC: the capture kernel has no zone)."""
+    return time.strftime("%Y-%m-%d-%H-%M-%S", time.gmtime(epoch))
+
+
+def dump_name(stamp: str, host: str | None = None, seq: int = 0) -> str:
+    name = f"{host}-{stamp}" if host else stamp
+    return f"{name}.{seq}" if seq else name
+
+
+@dataclass(frozen=True, order=True)
+class DumpDir:
+    """One dump directory found on a target. ``state``: complete, failed or incomplete."""
+
+    stamp: str
+    seq: int
+    name: str
+    host: str | None
+    state: str
+
+
+def parse_dump_name(name: str) -> tuple[str | None, str, int] | None:
+    """(host, stamp, seq) for a name this tool creates, else None."""
+    m = _NAME_RE.match(name)
+    if not m:
+        return None
+    return m.group("host"), m.group("stamp"), int(m.group("seq") or 0)
+
+
+def ours(dumps: list[DumpDir], host: str | None) -> list[DumpDir]:
+    """The dumps of this host (``host`` None: the unprefixed names of a local target)."""
+    return sorted(d for d in dumps if d.host == host)
+
+
+def select_stale(dumps: list[DumpDir]) -> list[DumpDir]:
+    """Incomplete dumps (no manifest: a run was killed mid-write): removed before a new dump."""
+    return [d for d in dumps if d.state == INCOMPLETE]
+
+
+def select_before_write(dumps: list[DumpDir], keep: int) -> list[DumpDir]:
+    """Dumps to delete before writing: all of them for KEEP_OLD_DUMPS -1 and -2."""
+    if keep in (-1, -2):
+        return [d for d in dumps if d.state != INCOMPLETE]
+    return []
+
+
+def select_expired(dumps: list[DumpDir], keep: int, new: str | None = None) -> list[DumpDir]:
+    """Dumps to delete after ``new`` was committed so that at most ``keep`` older complete
+    dumps remain besides it. Failed dumps older than the newest kept one go too: a later
+    success makes their leftovers (dmesg, README) obsolete. ``keep`` 0 keeps everything.
+    """
+    if keep == 0:
+        return []
+    older = sorted(d for d in dumps if d.name != new and d.state != INCOMPLETE)
+    if keep < 0:
+        return older
+    complete = [d for d in older if d.state == COMPLETE]
+    kept = complete[-keep:] if keep else []
+    kept_names = {d.name for d in kept}
+    return [d for d in older if d.name not in kept_names]
+
+
+def prunable_for_space(dumps: list[DumpDir], keep: int) -> list[DumpDir]:
+    """Oldest-first dumps that rotation would delete anyway once a new dump succeeds.
+
+    Only these may be deleted *before* writing, and only as far as free space requires:
+    a failed new dump must not cost an older one that rotation would have kept.
+    """
+    if keep == 0:
+        return []
+    older = sorted(d for d in dumps if d.state != INCOMPLETE)
+    if keep < 0:
+        return older
+    # After success the new dump plus `keep` older complete ones remain; anything else goes.
+    return select_expired(older, keep)
+
+
+def budget_shortfall(free: int | None, needed: int, margin: int) -> int:
+    """Bytes missing so that writing ``needed`` still leaves ``margin`` free (0: fits).
+
+    ``free`` None means the protocol cannot tell: no limit can be enforced.
+    """
+    if free is None:
+        return 0
+    return max(0, needed + margin - free)

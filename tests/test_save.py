@@ -1,0 +1,314 @@
+"""`kdump-capture save` to local directories, run as a user would (a subprocess)."""
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+
+import pytest
+
+from kdump_capture.elf import PT_LOAD
+from kdump_capture.errors import FreeSpaceError
+from kdump_capture.pipeline import BudgetMonitor
+from kdump_capture.progress import NoProgress
+from kdump_capture.sample import PAGE, SampleSpec, write_sample
+from kdump_capture.vmcore import open_vmcore
+
+from .helpers import ROOT, cli, save_args
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory):
+    p = tmp_path_factory.mktemp("src") / "vmcore"
+    write_sample(str(p), SampleSpec(ram_mib=16))
+    return str(p)
+
+
+def dumps_in(savedir):
+    return sorted(n for n in os.listdir(savedir) if not n.startswith("."))
+
+
+def manifest(dumpdir):
+    with open(os.path.join(dumpdir, "manifest.json")) as f:
+        return json.load(f)
+
+
+def test_level0_byte_identical_with_readme_manifest_and_modes(sample, tmp_path):
+    savedir = tmp_path / "dumps"
+    r = cli(*save_args(sample, str(savedir)))
+    assert r.rc == 0, r.err
+    [name] = dumps_in(savedir)
+    d = savedir / name
+    assert open(d / "vmcore", "rb").read() == open(sample, "rb").read()
+    m = manifest(d)
+    assert m["status"] == "complete" and m["dump_level"] == 0 and m["dump_format"] == "ELF"
+    assert m["files"]["vmcore"]["size"] == os.path.getsize(sample)
+    readme = (d / "README.txt").read_text()
+    assert "6.1.0-sample-amd64" in readme and "2025-11-24 16:00:00 UTC" in readme
+    assert "Status         : complete" in readme
+    for p in [savedir, d]:
+        assert stat.S_IMODE(os.stat(p).st_mode) == 0o700
+    for f in os.listdir(d):
+        assert stat.S_IMODE(os.stat(d / f).st_mode) == 0o600, f
+    assert not [f for f in os.listdir(d) if f.startswith(".")]
+    v = cli("verify", str(d))
+    assert v.rc == 0, v.err
+    # progress goes to stdout as plain lines when it is not a terminal (KDUMP_VERBOSE=3)
+    assert "100%" in r.out
+
+
+def test_verify_detects_tampering(sample, tmp_path):
+    savedir = tmp_path / "dumps"
+    assert cli(*save_args(sample, str(savedir))).rc == 0
+    d = savedir / dumps_in(savedir)[0]
+    with open(d / "vmcore", "r+b") as f:
+        f.seek(1 << 20)
+        f.write(b"X")
+    v = cli("verify", str(d))
+    assert v.rc == 8 and "vmcore" in v.err
+
+
+def _phys_read(vm, paddr, size):
+    for p in vm.loads:
+        if p.paddr <= paddr < p.paddr + p.memsz:
+            rel = paddr - p.paddr
+            if rel >= p.filesz:
+                return bytes(size)
+            return vm.pread(size, p.offset + rel)
+    raise AssertionError(f"paddr {paddr:#x} not in any PT_LOAD")
+
+
+def test_level1_leaves_out_zero_runs_and_keeps_data(tmp_path):
+    src = tmp_path / "vmcore"
+    write_sample(str(src), SampleSpec(ram_mib=32, segments=2, sparse=True))
+    # put data pages at known places: the first page, one in the middle, the last one
+    with open_vmcore(str(src)) as vm:
+        loads = vm.loads
+    marks = []
+    with open(src, "r+b") as f:
+        for p in loads:
+            for rel in (0, (p.filesz // 2) // PAGE * PAGE, p.filesz - PAGE):
+                f.seek(p.offset + rel)
+                data = (b"page@%x " % (p.paddr + rel)) * 400
+                f.write(data[:PAGE])
+                marks.append((p.paddr + rel, data[:PAGE]))
+    savedir = tmp_path / "dumps"
+    r = cli(*save_args(str(src), str(savedir), "KDUMP_DUMPLEVEL=1"))
+    assert r.rc == 0, r.err
+    out = savedir / dumps_in(savedir)[0] / "vmcore"
+    assert os.path.getsize(out) < os.path.getsize(src) // 10
+    with open_vmcore(str(out)) as vm, open_vmcore(str(src)) as orig:
+        assert vm.notes_blob == orig.notes_blob
+        assert sum(p.memsz for p in vm.loads) == sum(p.memsz for p in orig.loads)
+        for paddr, data in marks:
+            assert _phys_read(vm, paddr, PAGE) == data
+        # an excluded page still reads as zeros
+        assert _phys_read(vm, loads[0].paddr + 8 * PAGE, PAGE) == bytes(PAGE)
+        assert all(p.type == PT_LOAD for p in vm.loads)
+    assert manifest(out.parent)["dump_level"] == 1
+
+
+def test_rotation_on_disk(sample, tmp_path):
+    savedir = tmp_path / "dumps"
+    for _ in range(4):
+        assert cli(*save_args(sample, str(savedir), "KDUMP_KEEP_OLD_DUMPS=2")).rc == 0
+    names = dumps_in(savedir)
+    assert len(names) == 3  # the new one plus two older
+    assert names[-1].endswith(".3")
+    os.mkdir(savedir / "unrelated")  # not ours: never touched
+    assert cli(*save_args(sample, str(savedir), "KDUMP_KEEP_OLD_DUMPS=-1")).rc == 0
+    assert dumps_in(savedir) == [dumps_in(savedir)[0], "unrelated"]
+    for _ in range(3):
+        assert cli(*save_args(sample, str(savedir), "KDUMP_KEEP_OLD_DUMPS=0")).rc == 0
+    assert len(dumps_in(savedir)) == 5
+
+
+def test_kill_mid_dump_leaves_nothing_complete_and_next_run_cleans(tmp_path):
+    src = tmp_path / "big"
+    write_sample(str(src), SampleSpec(ram_mib=3072, sparse=True))
+    savedir = tmp_path / "dumps"
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "kdump_capture", *save_args(str(src), str(savedir))],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 60
+    tmpfile = None
+    while time.monotonic() < deadline and tmpfile is None:
+        for root, _, files in os.walk(savedir) if savedir.exists() else []:
+            for f in files:
+                if f.startswith(".kdump-tmp.vmcore") and os.path.getsize(os.path.join(root, f)):
+                    tmpfile = os.path.join(root, f)
+        time.sleep(0.05)
+    assert tmpfile, "the dump never started writing"
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    [name] = dumps_in(savedir)
+    d = savedir / name
+    assert not (d / "manifest.json").exists() and not (d / "vmcore").exists()
+    assert "INCOMPLETE" in (d / "README.txt").read_text()
+    assert cli("verify", str(d)).rc == 8
+    small = tmp_path / "small"
+    write_sample(str(small), SampleSpec(ram_mib=4))
+    r = cli(*save_args(str(small), str(savedir)))
+    assert r.rc == 0, r.err
+    # the stale dump was removed (its name is free again: same crash time) and replaced
+    [again] = dumps_in(savedir)
+    assert manifest(savedir / again)["status"] == "complete"
+    assert not [f for f in os.listdir(savedir / again) if f.startswith(".kdump-tmp")]
+    assert os.path.getsize(savedir / again / "vmcore") == os.path.getsize(small)
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(mnt)],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, f"cannot mount a tmpfs for the disk-full test: {r.stderr}"
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_disk_full_keeps_older_dumps_and_leaves_nothing_partial(tmp_path, tmpfs):
+    small = tmp_path / "s"
+    write_sample(str(small), SampleSpec(ram_mib=16))
+    big = tmp_path / "b"
+    write_sample(str(big), SampleSpec(ram_mib=40, crash_time=1764100000))
+    savedir = tmpfs / "dumps"
+    assert cli(*save_args(str(small), str(savedir), "KDUMP_FREE_DISK_SIZE=8")).rc == 0
+    before = dumps_in(savedir)
+    good = open(savedir / before[0] / "vmcore", "rb").read()
+    # KEEP_OLD_DUMPS=5 would keep the old dump, so it must not be pruned to make room
+    r = cli(*save_args(str(big), str(savedir), "KDUMP_FREE_DISK_SIZE=8"))
+    assert r.rc == 5, r.err
+    assert "KDUMP_FREE_DISK_SIZE" in r.err
+    assert dumps_in(savedir) == before
+    assert open(savedir / before[0] / "vmcore", "rb").read() == good
+    assert sorted(os.listdir(savedir / before[0])) == ["README.txt", "manifest.json", "vmcore"]
+    # margin 0: the pre-check still refuses a dump larger than the disk
+    r = cli(*save_args(str(big), str(savedir), "KDUMP_FREE_DISK_SIZE=0"))
+    assert r.rc == 5
+    assert dumps_in(savedir) == before
+    # KEEP_OLD_DUMPS=-1 allows deleting the old dump first: now it fits
+    r = cli(*save_args(str(big), str(savedir), "KDUMP_FREE_DISK_SIZE=1", "KDUMP_KEEP_OLD_DUMPS=-1"))
+    assert r.rc == 0, r.err
+    assert len(dumps_in(savedir)) == 1 and dumps_in(savedir) != before
+
+
+class ShrinkingDisk:
+    """Test-only stand-in for a target whose free space drops while we write."""
+
+    def __init__(self, free):
+        self.free = free
+
+    def free_space(self, relpath=""):
+        return self.free
+
+    def describe(self):
+        return "test://shrinking"
+
+
+def test_budget_monitor_stops_when_margin_would_be_crossed():
+    disk = ShrinkingDisk(200 << 20)
+    mon = BudgetMonitor(disk, "d", 64 << 20, None, NoProgress(), disk.free)
+    mon.advance(1 << 20, 1 << 20)  # first check: plenty
+    mon.advance(8 << 20, 8 << 20)  # no check before 32 MiB more were written
+    disk.free = 90 << 20  # somebody else filled the disk
+    with pytest.raises(FreeSpaceError, match="KDUMP_FREE_DISK_SIZE"):
+        mon.advance(40 << 20, 40 << 20)  # the check after 32 MiB: 90 < 64 + 32
+
+
+@pytest.mark.parametrize(
+    "args, rc, fragment",
+    [
+        (["--vmcore", "/nonexistent/vmcore"], 3, "no such file"),
+        (["--set", "KDUMP_DUMPLEVEL=77"], 2, "KDUMP_DUMPLEVEL"),
+        (["--set", "KDUMP_SAVEDIR=gopher://x/y"], 2, "unknown scheme"),
+        (["--set", "KDUMP_DUMPDEV=/dev/sdz9"], 9, "KDUMP_DUMPDEV"),
+        (["--set", "KDUMP_NO_SUCH=1"], 2, "KDUMP_NO_SUCH"),
+    ],
+)
+def test_exit_codes(sample, tmp_path, args, rc, fragment):
+    base = [
+        "save",
+        "--config",
+        "/nonexistent",
+        "--no-reboot",
+        "--set",
+        f"KDUMP_SAVEDIR=file://{tmp_path}/d",
+    ]
+    if "--vmcore" not in args:
+        base += ["--vmcore", sample]
+    r = cli(*base, *args)
+    assert r.rc == rc, (r.rc, r.err)
+    assert fragment in r.err
+    assert "Traceback" not in r.err
+
+
+def test_bad_vmcore_exit_code(tmp_path):
+    bad = tmp_path / "bad"
+    bad.write_bytes(b"hello world" * 100)
+    r = cli(*save_args(str(bad), str(tmp_path / "d")))
+    assert r.rc == 4 and "offset 0x0" in r.err and "Traceback" not in r.err
+
+
+def test_config_file_error_names_file_and_line(sample, tmp_path):
+    conf = tmp_path / "kdump"
+    conf.write_text('# comment\nKDUMP_SAVEDIR="file:///tmp/x"\nKDUMP_KEEP_OLD_DUMPS=many\n')
+    r = cli("save", "--config", str(conf), "--vmcore", sample, "--no-reboot")
+    assert r.rc == 2
+    assert f"{conf}:3: KDUMP_KEEP_OLD_DUMPS" in r.err
+
+
+def test_show_config_redacts_passwords(tmp_path):
+    conf = tmp_path / "kdump"
+    conf.write_text(
+        'KDUMP_SAVEDIR="ftp://bob:hunter2@127.0.0.1/dumps"\nKDUMP_OPTIONS="--args-linux"\n'
+    )
+    r = cli("show-config", "--config", str(conf))
+    assert r.rc == 0, r.err
+    assert "hunter2" not in r.out + r.err
+    assert 'KDUMP_SAVEDIR="ftp://bob:***@127.0.0.1/dumps"' in r.out
+    assert 'KEXEC_OPTIONS="--args-linux"' in r.out
+    assert 'KDUMP_KEEP_OLD_DUMPS="5"' in r.out
+
+
+def test_missing_config_warns_and_uses_defaults(sample, tmp_path):
+    r = cli(*save_args(sample, str(tmp_path / "d")))
+    assert r.rc == 0
+    assert "/nonexistent/kdump" in r.err
+
+
+def _peak_rss_kib(args):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    code = (
+        "import resource, subprocess, sys;"
+        "subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL);"
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, sys.executable, "-m", "kdump_capture", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return int(out.stdout)
+
+
+def test_peak_memory_is_flat_as_the_vmcore_grows(tmp_path):
+    small, big = tmp_path / "s", tmp_path / "b"
+    write_sample(str(small), SampleSpec(ram_mib=64, sparse=True))
+    write_sample(str(big), SampleSpec(ram_mib=1024, sparse=True))
+    a = _peak_rss_kib(save_args(str(small), str(tmp_path / "d1"), "KDUMP_FREE_DISK_SIZE=0"))
+    b = _peak_rss_kib(save_args(str(big), str(tmp_path / "d2"), "KDUMP_FREE_DISK_SIZE=0"))
+    assert b - a < 4096, f"peak RSS grew from {a} KiB to {b} KiB"

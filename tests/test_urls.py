@@ -1,0 +1,123 @@
+"""KDUMP_SAVEDIR URL parsing: every documented form, errors, redaction."""
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from kdump_capture.errors import UrlError
+from kdump_capture.urls import parse_savedir, parse_target
+
+
+@pytest.mark.parametrize(
+    "url, scheme, host, port, user, password, path",
+    [
+        ("file:///var/log/dump", "file", "", None, None, None, "/var/log/dump"),
+        ("file://localhost/var/crash", "file", "", None, None, None, "/var/crash"),
+        ("nfs://server/export/dumps", "nfs", "server", None, None, None, "/export/dumps"),
+        ("nfs://server:2049/d", "nfs", "server", 2049, None, None, "/d"),
+        ("nfs:///nfsserver02:/dumps", "nfs", "nfsserver02", None, None, None, "/dumps"),
+        (
+            "nfs://neptunium.suse.de:/var/log/dump",
+            "nfs",
+            "neptunium.suse.de",
+            None,
+            None,
+            None,
+            "/var/log/dump",
+        ),
+        ("cifs://u:p@h/share/dir", "cifs", "h", None, "u", "p", "/share/dir"),
+        ("smb://h:4455/share", "cifs", "h", 4455, None, None, "/share"),
+        ("ftp://192.168.0.70/dumps", "ftp", "192.168.0.70", None, None, None, "/dumps"),
+        (
+            "ftp://pt%65sarik:don%27t%20say@fu%6eny+host/var/log/dum%70",
+            "ftp",
+            "funny+host",
+            None,
+            "ptesarik",
+            "don't say",
+            "/var/log/dump",
+        ),
+        ("ssh://root@h:2222/d", "sftp", "h", 2222, "root", None, "/d"),
+        ("sftp://h/d", "sftp", "h", None, None, None, "/d"),
+        ("scp://a:b%40c@[::1]:22/x/y", "sftp", "::1", 22, "a", "b@c", "/x/y"),
+        ("FTP://H/d//e/./f", "ftp", "H", None, None, None, "/d/e/f"),
+    ],
+)
+def test_forms(url, scheme, host, port, user, password, path):
+    t, warnings = parse_target(url)
+    assert (t.scheme, t.host, t.port, t.user, t.password, t.path) == (
+        scheme,
+        host,
+        port,
+        user,
+        password,
+        path,
+    )
+    assert warnings == []
+
+
+def test_bare_path_warns():
+    t, warnings = parse_target("/var/crash")
+    assert t.scheme == "file" and t.path == "/var/crash"
+    assert "no scheme" in warnings[0]
+
+
+def test_cifs_share():
+    t, _ = parse_target("smb://h/share/a/b")
+    assert (t.share, t.share_path) == ("share", "a/b")
+
+
+def test_fallback_list():
+    targets, _ = parse_savedir("sftp://h/d  file:///var/crash")
+    assert [t.scheme for t in targets] == ["sftp", "file"]
+
+
+@pytest.mark.parametrize(
+    "url, fragment",
+    [
+        ("gopher://h/x", "unknown scheme"),
+        ("file://remote/x", "remote host"),
+        ("ftp:///x", "needs a host"),
+        ("nfs:///nocolon", "NFS needs a server"),
+        ("cifs://h/", "needs a share"),
+        ("ftp://h:99999/x", "port"),
+        ("ftp://h:abc/x", "port"),
+        ("relative/path", "not a URL"),
+        ("ftp://h/../etc", "'..'"),
+        ("ftp://h/x?y=1", "query"),
+    ],
+)
+def test_errors(url, fragment):
+    with pytest.raises(UrlError, match=fragment):
+        parse_target(url)
+
+
+def test_password_never_in_errors_or_repr():
+    with pytest.raises(UrlError) as e:
+        parse_target("ftp://user:s3cret@h:bad/x")
+    assert "s3cret" not in str(e.value)
+    t, _ = parse_target("cifs://user:s3cret@h/share")
+    assert "s3cret" not in repr(t) and "s3cret" not in t.redacted()
+    assert t.redacted() == "cifs://user:***@h/share"
+
+
+@given(
+    user=st.text(min_size=1, max_size=12),
+    password=st.text(max_size=12),
+    path=st.lists(
+        st.text(min_size=1, max_size=8).filter(lambda s: s not in (".", "..")),
+        min_size=1,
+        max_size=4,
+    ),
+)
+def test_percent_encoding_round_trip(user, password, path):
+    from urllib.parse import quote
+
+    url = f"ftp://{quote(user, safe='')}:{quote(password, safe='')}@host/" + "/".join(
+        quote(p, safe="") for p in path
+    )
+    if any("/" in p or "\0" in p for p in path):
+        return
+    t, _ = parse_target(url)
+    assert t.user == user and t.password == password
+    assert t.path == "/" + "/".join(path)

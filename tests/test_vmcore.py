@@ -1,0 +1,135 @@
+"""Reading ELF vmcores: synthetic samples, truncated and malformed files."""
+
+import os
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kdump_capture.elf import EHDR, PHDR, PT_LOAD, Phdr, iter_notes, pack_note
+from kdump_capture.errors import NoDumpError, VmcoreError
+from kdump_capture.sample import SampleSpec, write_sample
+from kdump_capture.vmcore import find_source, open_vmcore, parse_vmcoreinfo
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory):
+    p = tmp_path_factory.mktemp("vm") / "vmcore"
+    write_sample(str(p), SampleSpec(ram_mib=8, cpus=3))
+    return str(p)
+
+
+def test_reads_sample(sample):
+    with open_vmcore(sample) as vm:
+        assert vm.kind == "elf"
+        assert vm.nr_cpus == 3
+        assert vm.release == "6.1.0-sample-amd64"
+        assert vm.crash_time == 1764000000
+        assert vm.page_size == 4096
+        assert len(vm.loads) == 3
+        assert vm.size == os.path.getsize(sample)
+        assert vm.header_size % 4096 == 0
+
+
+def test_truncated_names_offset(sample, tmp_path):
+    cut = tmp_path / "cut"
+    data = open(sample, "rb").read()
+    cut.write_bytes(data[: len(data) - 5000])
+    with pytest.raises(VmcoreError, match=r"offset 0x[0-9a-f]+: program header #3 .*truncated"):
+        open_vmcore(str(cut))
+
+
+def test_truncated_header(sample, tmp_path):
+    cut = tmp_path / "cut"
+    cut.write_bytes(open(sample, "rb").read()[:100])
+    with pytest.raises(VmcoreError, match="file ends inside the program headers"):
+        open_vmcore(str(cut))
+
+
+@pytest.mark.parametrize(
+    "patch, message",
+    [
+        ((0, b"\x7fELG"), "bad magic"),
+        ((4, b"\x01"), "not ELF64"),
+        ((5, b"\x02"), "not little-endian"),
+        ((16, b"\x02\x00"), "not ET_CORE"),
+    ],
+)
+def test_bad_headers(sample, tmp_path, patch, message):
+    data = bytearray(open(sample, "rb").read(8192))
+    off, b = patch
+    data[off : off + len(b)] = b
+    p = tmp_path / "bad"
+    p.write_bytes(bytes(data))
+    with pytest.raises(VmcoreError, match=message):
+        open_vmcore(str(p))
+
+
+def test_load_past_end(sample, tmp_path):
+    data = bytearray(open(sample, "rb").read())
+    ph = Phdr.unpack_from(data, EHDR.size + PHDR.size)  # first PT_LOAD
+    assert ph.type == PT_LOAD
+    bad = Phdr(ph.type, ph.flags, len(data) + 4096, ph.vaddr, ph.paddr, ph.filesz, ph.memsz, 0)
+    data[EHDR.size + PHDR.size : EHDR.size + 2 * PHDR.size] = bad.pack()
+    p = tmp_path / "bad"
+    p.write_bytes(bytes(data))
+    with pytest.raises(VmcoreError, match=r"offset 0x78: program header #1 \(PT_LOAD\)"):
+        open_vmcore(str(p))
+
+
+def test_empty_and_missing(tmp_path):
+    p = tmp_path / "empty"
+    p.write_bytes(b"")
+    with pytest.raises(VmcoreError, match="empty"):
+        open_vmcore(str(p))
+    with pytest.raises(NoDumpError):
+        find_source(str(tmp_path / "nope"))
+
+
+def test_raw_oldmem_style_char_device():
+    # /dev/zero stands in for /dev/oldmem: a character device without an ELF header.
+    vm = open_vmcore("/dev/zero")
+    try:
+        assert vm.kind == "raw" and vm.size is None
+        assert vm.pread(16, 0) == bytes(16)
+    finally:
+        vm.close()
+
+
+def test_notes_round_trip():
+    blob = pack_note(b"CORE", 1, b"x" * 336) + pack_note(b"VMCOREINFO", 0, b"A=1\nB=2\n")
+    notes = iter_notes(blob)
+    assert [(n.name, n.type, len(n.desc)) for n in notes] == [
+        (b"CORE", 1, 336),
+        (b"VMCOREINFO", 0, 8),
+    ]
+    assert blob[notes[1].offset : notes[1].offset + 8] == b"A=1\nB=2\n"
+
+
+def test_note_past_end():
+    blob = struct.pack("<III", 5, 1000, 1) + b"CORE\0\0\0\0"
+    with pytest.raises(ValueError, match="past the end"):
+        iter_notes(blob)
+
+
+@settings(max_examples=200)
+@given(st.binary(max_size=600))
+def test_parser_never_crashes_on_garbage(tmp_path_factory, data):
+    p = tmp_path_factory.mktemp("g") / "x"
+    p.write_bytes(b"\x7fELF\x02\x01\x01" + data)
+    try:
+        open_vmcore(str(p)).close()
+    except VmcoreError:
+        pass
+
+
+@given(
+    st.dictionaries(
+        st.from_regex(r"[A-Z_()a-z.]{1,20}", fullmatch=True),
+        st.from_regex(r"[0-9a-fx]{0,16}", fullmatch=True),
+    )
+)
+def test_vmcoreinfo_parse(d):
+    text = "".join(f"{k}={v}\n" for k, v in d.items())
+    assert parse_vmcoreinfo(text) == d
