@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kdump_capture.errors import ConfigError, NotSupported
-from kdump_capture.urls import Target, parse_target
+from kdump_capture.urls import Target, parse_savedir
 
 from . import cpio, kmods, runtime
 
@@ -161,11 +161,11 @@ def find_mount(path: str, mountinfo: str) -> tuple[str, str, str]:
     return best
 
 
-def file_mount(target: Target, device: str, fstype: str) -> FileMount:
+def file_mount(target: Target, device: str, fstype: str, n: int = 0) -> FileMount:
     """Where /init mounts the local target's filesystem and the dump path below it."""
     path = target.path
     if device:
-        return FileMount(device, fstype, f"{MOUNT_BASE}0", path.strip("/"))
+        return FileMount(device, fstype, f"{MOUNT_BASE}{n}", path.strip("/"))
     with open("/proc/self/mountinfo", encoding="utf-8") as f:
         mnt, source, fs = find_mount(path, f.read())
     if not source.startswith("/dev/"):
@@ -177,42 +177,40 @@ def file_mount(target: Target, device: str, fstype: str) -> FileMount:
         ["blkid", "-o", "value", "-s", "UUID", source], capture_output=True, text=True
     ).stdout.strip()
     rel = os.path.relpath(path, mnt).removeprefix(".")
-    return FileMount(f"UUID={uuid}" if uuid else source, fstype or fs, f"{MOUNT_BASE}0", rel)
+    return FileMount(f"UUID={uuid}" if uuid else source, fstype or fs, f"{MOUNT_BASE}{n}", rel)
 
 
 def init_plan(
     cfg: Mapping[str, str],
-    target: Target,
+    targets: list[Target],
     module_files: list[str],
     net: NetConfig,
-    mount: FileMount | None,
+    mounts: list[FileMount],
     shell: str,
 ) -> dict:
     """What /init does, as plain data (pure)."""
     success, failure = finish_actions(cfg)
-    mounts = []
-    if mount is not None:
-        mounts.append({"source": mount.source, "fstype": mount.fstype, "target": mount.target})
     return {
         "version": 1,
-        "target": target.redacted(),
-        "scheme": target.scheme,
+        "target": " ".join(t.redacted() for t in targets),
         "modules": module_files,
         "network": net.as_dict(),
-        "mounts": mounts,
+        "mounts": [{"source": m.source, "fstype": m.fstype, "target": m.target} for m in mounts],
+        # /init finishes (unmount, then reboot/poweroff/shell) itself, so save must not.
         "save": [
             "/usr/bin/python3",
             "-I",
             "-m",
             "kdump_capture",
             "save",
+            "--no-reboot",
             "--config",
             "/" + CONFIG_PATH,
         ],
         "on_success": success,
         "on_failure": failure,
         "shell": shell,
-        "env": {"HOME": "/root", "PATH": "/usr/bin:/usr/sbin", "TMPDIR": "/tmp"},
+        "env": {"HOME": "/root", "PATH": "/usr/bin", "TMPDIR": "/tmp"},
     }
 
 
@@ -220,12 +218,12 @@ def sh_quote(value: str) -> str:
     return "'" + value.replace("'", "'\\''") + "'"
 
 
-def capture_config(original: str, overrides: Mapping[str, str]) -> str:
-    """The config file as the capture kernel reads it: the original text, then the
-    overrides and rewritten values as later assignments (the last assignment wins)."""
-    lines = [original.rstrip("\n"), "", "# written by kdump-capture initramfs build"]
-    lines += [f"{k}={sh_quote(v)}" for k, v in overrides.items()]
-    return "\n".join(lines).lstrip("\n") + "\n"
+def capture_config(cfg: Mapping[str, str], rewrite: Mapping[str, str]) -> str:
+    """The effective configuration as the capture kernel reads it: every directive with its
+    value (overrides from --set included), local paths rewritten to where /init mounts."""
+    lines = ["# Effective kdump configuration, written by 'kdump-capture initramfs build'."]
+    lines += [f"{k}={sh_quote(rewrite.get(k, cfg[k]))}" for k in cfg]
+    return "\n".join(lines) + "\n"
 
 
 @dataclass
@@ -291,13 +289,14 @@ def add_payload(arc: cpio.Archive, payload: runtime.Payload) -> None:
         arc.add_symlink(link, tgt)
 
 
-def add_own_packages(arc: cpio.Archive, scheme: str) -> int:
-    """Our packages as .pyc: all of the engine, the transport base and the target's one."""
+def add_own_packages(arc: cpio.Archive, schemes: list[str]) -> int:
+    """Our packages as .pyc: all of the engine, the transport base and the targets' ones."""
     root = runtime.project_root()
-    tmod = runtime.transport_module(scheme).split(".")[1]
+    tmods = [runtime.transport_module(s).split(".")[1] for s in schemes]
     n = 0
     sources = list((root / "kdump_capture").rglob("*.py"))
-    sources += [root / "transports" / f for f in ("__init__.py", "base.py", f"{tmod}.py")]
+    sources += [root / "transports" / f for f in ("__init__.py", "base.py")]
+    sources += [root / "transports" / f"{t}.py" for t in dict.fromkeys(tmods)]
     for src in sources:
         dest = f"{runtime.DEST_SITE}/{src.relative_to(root)}c"
         arc.add_file(dest, runtime.pyc_bytes(str(src), dest))
@@ -305,7 +304,7 @@ def add_own_packages(arc: cpio.Archive, scheme: str) -> int:
     return n
 
 
-def ssh_files(cfg: Mapping[str, str], target: Target, home: str) -> tuple[dict[str, str], dict]:
+def ssh_files(cfg: Mapping[str, str], home: str) -> tuple[dict[str, str], dict]:
     """SSH identity and known-host files to pack, and the config values to rewrite.
 
     Identities are relative to ``home``/.ssh or absolute; each is packed under /root/.ssh
@@ -341,7 +340,6 @@ def build(
     cfg: Mapping[str, str],
     output: str,
     *,
-    config_text: str = "",
     kernel_version: str | None = None,
     modules_root: str | None = None,
     compress: str = "zstd",
@@ -352,42 +350,55 @@ def build(
 ) -> BuildReport:
     """Build the capture initramfs for ``cfg`` into ``output`` (written atomically)."""
     started = time.monotonic()
-    target, _warnings = parse_target(cfg["KDUMP_SAVEDIR"])
+    targets, _warnings = parse_savedir(cfg["KDUMP_SAVEDIR"])
+    schemes = list(dict.fromkeys(t.scheme for t in targets))
     kver = kernel_version or os.uname().release
     mroot = modules_root or f"/lib/modules/{kver}"
     if compress not in ("zstd", "gzip"):
         raise ConfigError(f"unknown compression {compress!r} (zstd or gzip)")
+    index = kmods.ModuleIndex.load(mroot)
 
     arc = cpio.Archive(mtime=int(os.environ.get("SOURCE_DATE_EPOCH", "0")))
     base_layout(arc)
     extras: list[str] = []
 
     with tempfile.TemporaryDirectory(prefix="kdump-initramfs-") as tmp:
-        payload = runtime.collect(target.scheme, tmp)
+        payload = runtime.collect(schemes, tmp)
         add_payload(arc, payload)
-    n_own = add_own_packages(arc, target.scheme)
+    n_own = add_own_packages(arc, schemes)
     pyc = sum(1 for f in payload.files if f.endswith(".pyc")) + n_own
     ext = sum(1 for f in payload.files if f.endswith(".so") and "/python3" in f)
     libs = sum(1 for f in payload.files if f.startswith(("usr/lib/x86_64", "usr/lib64")))
 
+    # Local targets: which filesystem /init mounts, and the path below it.
+    rewrite: dict[str, str] = {}
+    mounts: list[FileMount] = []
+    savedirs: list[str] = []
+    for text, t in zip(cfg["KDUMP_SAVEDIR"].split(), targets, strict=True):
+        if t.scheme != "file":
+            savedirs.append(text)  # as written: the redacted form would lose a password
+            continue
+        m = file_mount(t, target_device, target_fstype, len(mounts))
+        mounts.append(m)
+        savedirs.append(f"file://{m.target}/{m.subdir}".rstrip("/"))
+    if mounts:
+        rewrite["KDUMP_SAVEDIR"] = " ".join(savedirs)
+
     # Kernel modules, in load order.
-    runlevel = cfg["KDUMP_RUNLEVEL"]
-    needed = network_needed(target.scheme, runlevel)
-    index = kmods.ModuleIndex.load(mroot)
-    mount = None
-    if target.scheme == "file":
-        mount = file_mount(target, target_device, target_fstype)
-    wanted = kmods.wanted_modules(
-        target.scheme, needed, mount.fstype if mount else "", extra_modules
-    )
-    names = index.resolve(wanted)
+    needed = any(network_needed(s, cfg["KDUMP_RUNLEVEL"]) for s in schemes)
+    wanted: list[str] = []
+    for s in schemes:
+        fstypes = [m.fstype for m in mounts] if s == "file" else [""]
+        for fs in fstypes:
+            wanted += kmods.wanted_modules(s, needed, fs, extra_modules)
+    names = index.resolve(list(dict.fromkeys(wanted)))
     module_files = []
     for name in names:
-        rel = f"lib/modules/{kver}/{index.paths[name]}"
-        arc.add_file("usr/" + rel, Path(index.file(name)).read_bytes())
+        rel = f"usr/lib/modules/{kver}/{index.paths[name]}"
+        arc.add_file(rel, Path(index.file(name)).read_bytes())
         module_files.append("/" + rel)
 
-    # Network and mounts.
+    # Network.
     try:
         timeout = int(cfg["KDUMP_NET_TIMEOUT"])
     except ValueError:
@@ -397,12 +408,9 @@ def build(
     net = parse_netconfig(cfg["KDUMP_NETCONFIG"], needed, timeout)
     if net.mode == "static" and not net.address:
         net = NetConfig(**{**host_static_address(net.ifname).as_dict(), "timeout": timeout})
-    rewrite: dict[str, str] = {}
-    if mount is not None:
-        dest_path = f"{mount.target}/{mount.subdir}".rstrip("/")
-        rewrite["KDUMP_SAVEDIR"] = f"file://{dest_path}"
-    if target.scheme == "sftp":
-        files, ssh_rewrite = ssh_files(cfg, target, home)
+
+    if "sftp" in schemes:
+        files, ssh_rewrite = ssh_files(cfg, home)
         for dest, src in files.items():
             arc.add_file(dest, Path(src).read_bytes(), 0o600)
         rewrite.update(ssh_rewrite)
@@ -418,15 +426,16 @@ def build(
         shell = "/usr/bin/sh"
         extras.append("busybox (rescue shell)")
 
-    plan = init_plan(cfg, target, module_files, net, mount, shell)
+    plan = init_plan(cfg, targets, module_files, net, mounts, shell)
     arc.add_file(PLAN_PATH, json.dumps(plan, indent=1).encode())
-    arc.add_file(CONFIG_PATH, capture_config(config_text, rewrite).encode(), 0o600)
+    arc.add_file(CONFIG_PATH, capture_config(cfg, rewrite).encode(), 0o600)
     arc.add_file("init", INIT_SOURCE.read_bytes(), 0o755)
-    extras.append(f"config ({CONFIG_PATH})")
+    extras.append(f"config (/{CONFIG_PATH})")
 
     raw = io.BytesIO()
     unpacked = arc.write(raw)
     packed = compress_bytes(raw.getvalue(), compress)
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     tmp_out = f"{output}.tmp.{os.getpid()}"
     with open(tmp_out, "wb") as f:
         f.write(packed)

@@ -21,7 +21,6 @@ import struct
 import subprocess
 import sys
 import sysconfig
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,31 +123,38 @@ def transport_module(scheme: str) -> str:
     return spec.partition(":")[0]
 
 
-def entry_modules(scheme: str, exclude: Iterable[str] = ("kdump_capture.loadside",)) -> list[str]:
-    """What the capture side imports: our engine modules, the target's transport, and every
-    module those sources import anywhere (lazy imports inside functions included)."""
+def entry_modules(
+    schemes: Iterable[str], load_side: Iterable[str] = ("kdump_capture.loadside",)
+) -> list[str]:
+    """What the capture side imports: our engine modules, the targets' transports, /init,
+    and every module those sources import anywhere (lazy imports inside functions too).
+
+    ``load_side`` modules are imported (the CLI registers their commands) but their lazy
+    imports are not followed: they build initramfs images, never in a capture kernel.
+    """
     root = project_root()
-    excluded = set(exclude)
-    sources = [p for p in sorted((root / "kdump_capture").rglob("*.py"))]
+    no_scan = set(load_side)
+    tmods = {transport_module(s) for s in schemes}
+    sources = sorted((root / "kdump_capture").rglob("*.py"))
     sources += [root / "transports" / "__init__.py", root / "transports" / "base.py"]
-    tmod = transport_module(scheme)
-    sources.append((root / Path(*tmod.split("."))).with_suffix(".py"))
+    sources += [(root / Path(*t.split("."))).with_suffix(".py") for t in sorted(tmods)]
     # /init runs with the same interpreter: its imports must be packed too.
     mods: set[str] = imports_in_source(Path(__file__).with_name("init"))
     for src in sources:
         name = module_name_for(src)
-        if name in excluded:
-            continue
-        mods.add(name)
-        mods.update(imports_in_source(src))
-    # Other transports are imported only if their scheme is the target's.
-    mods = {
+        if not name.endswith(".__main__"):  # importing __main__ would run the CLI
+            mods.add(name)
+        if name not in no_scan:
+            mods.update(imports_in_source(src))
+    # Other transports are imported only if a target uses their scheme.
+    allowed = {"transports", "transports.base", *tmods}
+    return sorted(
         m
         for m in mods
-        if not (m.startswith("transports.") and m.split(".")[1] not in ("base", tmod.split(".")[1]))
-        and m not in excluded
-    }
-    return sorted(mods)
+        if not m.endswith(".__main__")
+        and not any(m.startswith(n + ".") for n in no_scan)
+        and (not m.startswith("transports.") or m in allowed or m.rpartition(".")[0] in allowed)
+    )
 
 
 PROBE = r"""
@@ -246,9 +252,9 @@ def strip_into(src: str, tmpdir: str) -> str:
     return out if r.returncode == 0 else src
 
 
-def collect(scheme: str, tmpdir: str, python: str = sys.executable) -> Payload:
-    """The Python runtime for a capture whose target uses ``scheme``."""
-    names = sorted(set(entry_modules(scheme)) | set(LATE_IMPORTS))
+def collect(schemes: Iterable[str], tmpdir: str, python: str = sys.executable) -> Payload:
+    """The Python runtime for a capture whose targets use ``schemes``."""
+    names = sorted(set(entry_modules(schemes)) | set(LATE_IMPORTS))
     report = probe(names, python)
     for name, err in sorted(report["failed"].items()):
         log.debug("probe: import %s failed (%s); left out", name, err)
@@ -286,8 +292,3 @@ def collect(scheme: str, tmpdir: str, python: str = sys.executable) -> Payload:
             dest = f"{DEST_LIBDIR}/{name}"
         payload.add(dest, strip_into(os.path.realpath(lib), tmpdir), 0o755)
     return payload
-
-
-def collect_to_temp(scheme: str) -> tuple[Payload, tempfile.TemporaryDirectory]:
-    tmp = tempfile.TemporaryDirectory(prefix="kdump-runtime-")
-    return collect(scheme, tmp.name), tmp

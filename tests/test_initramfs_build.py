@@ -52,7 +52,6 @@ def built(tmp_path_factory):
     report = builder.build(
         CFG,
         str(out),
-        config_text='KDUMP_SAVEDIR="file:///var/crash"\n',
         kernel_version=KVER,
         modules_root=str(fake_modules_root(base)),
         target_device="LABEL=crash",
@@ -109,7 +108,8 @@ def test_plan_and_config(built):
     for m in plan["modules"]:
         assert (tree / m.lstrip("/")).exists() or (tree / "usr" / m.lstrip("/")).exists()
     conf = (tree / "etc/sysconfig/kdump").read_text()
-    assert conf.rstrip().endswith("KDUMP_SAVEDIR='file:///kdump/mnt0/var/crash'")
+    assert "KDUMP_SAVEDIR='file:///kdump/mnt0/var/crash'\n" in conf
+    assert "KDUMP_IMMEDIATE_REBOOT='yes'\n" in conf
 
 
 def test_packed_python_runs_from_pyc_only(built):
