@@ -12,7 +12,7 @@ import sys
 import tempfile
 
 from . import __version__
-from .errors import EXIT_CODES, Interrupted, KdumpError, NotSupported, VerifyError
+from .errors import EXIT_CODES, ConfigError, Interrupted, KdumpError, NotSupported, VerifyError
 
 log = logging.getLogger("kdump_capture")
 
@@ -57,6 +57,32 @@ def load(args: argparse.Namespace):
     return cfg
 
 
+# Directives this engine does not implement, with the value that means "off". A value other
+# than that fails before anything is written, never silently ignored.
+UNSUPPORTED = {
+    "KDUMP_COPY_KERNEL": ("no", "copying the kernel image next to the dump"),
+    "MAKEDUMPFILE_OPTIONS": (
+        "",
+        "makedumpfile options (this engine is not makedumpfile; "
+        "use KDUMP_DUMPLEVEL and KDUMP_DUMPFORMAT)",
+    ),
+    "KDUMP_SMTP_SERVER": ("", "e-mail notification"),
+    "KDUMP_NOTIFICATION_TO": ("", "e-mail notification"),
+    "KDUMP_FADUMP": ("no", "firmware-assisted dump (ppc64 only)"),
+    "KDUMP_AUTO_RESIZE": ("no", "automatic resizing of the reservation (ppc64 only)"),
+}
+UNSUPPORTED_FLAGS = {"SPLIT", "XENALLDOMAINS"}
+
+
+def check_unsupported(cfg) -> None:
+    for name, what in UNSUPPORTED.items():
+        if cfg.value(name):  # "" or a false boolean means the feature is off
+            raise cfg.not_supported(name, what)
+    flags = set(cfg["KDUMPTOOL_FLAGS"].upper().replace(",", " ").split())
+    if flags & UNSUPPORTED_FLAGS:
+        raise cfg.not_supported("KDUMPTOOL_FLAGS", " and ".join(sorted(flags & UNSUPPORTED_FLAGS)))
+
+
 def make_plan(cfg):
     """Resolve the configuration into a SavePlan; unsupported settings fail here, early."""
     from transports import transport_class
@@ -64,16 +90,7 @@ def make_plan(cfg):
 
     from .pipeline import SavePlan
 
-    if cfg["KDUMP_DUMPDEV"]:
-        raise NotSupported(
-            f"{cfg.location('KDUMP_DUMPDEV')}: KDUMP_DUMPDEV (raw dump device) is not "
-            "supported yet; leave it empty"
-        )
-    if cfg["KDUMP_TRANSFER"]:
-        raise NotSupported(
-            f"{cfg.location('KDUMP_TRANSFER')}: KDUMP_TRANSFER (custom transfer command) is "
-            "not supported yet; leave it empty"
-        )
+    check_unsupported(cfg)
     targets = cfg.savedir
     for t in targets:
         try:
@@ -105,11 +122,25 @@ def cmd_save(args: argparse.Namespace) -> int:
     from .pipeline import save
     from .progress import make_progress
     from .sample import SampleSpec, write_sample
+    from .scripts import check_script, run_script
     from .vmcore import find_source, open_vmcore
 
     cfg = load(args)
     _setup_logging(bool(cfg.verbose & 8))
-    plan = make_plan(cfg)
+    dumpdev = cfg["KDUMP_DUMPDEV"]
+    if cfg["KDUMP_TRANSFER"]:
+        # The administrator's command replaces the whole built-in flow (SUSE semantics).
+        source = args.vmcore or find_source(None)
+        status = run_script("KDUMP_TRANSFER", cfg["KDUMP_TRANSFER"], {"KDUMP_VMCORE": source})
+        print(f"KDUMP_TRANSFER exited with status {status}")
+        if status == 0 and finish.should_reboot(cfg.immediate_reboot, args.no_reboot, dumpdev):
+            finish.reboot()
+        return status
+    check_unsupported(cfg)
+    plan = None if dumpdev else make_plan(cfg)
+    if cfg["KDUMP_PRESCRIPT"]:
+        status = run_script("KDUMP_PRESCRIPT", cfg["KDUMP_PRESCRIPT"], {})
+        check_script("KDUMP_PRESCRIPT", status, cfg.continue_on_error)
     signal.signal(signal.SIGTERM, _on_term)
     tmp = None
     try:
@@ -129,14 +160,73 @@ def cmd_save(args: argparse.Namespace) -> int:
                 vm.release or "?",
                 vm.nr_cpus,
             )
-            result = save(vm, plan, make_progress(cfg.verbose))
+            if dumpdev:
+                from .dumpdev import write_dump
+
+                header = write_dump(
+                    vm, dumpdev, cfg.dumpformat, cfg.dumplevel, make_progress(cfg.verbose)
+                )
+            else:
+                result = save(vm, plan, make_progress(cfg.verbose))
     finally:
         if tmp:
             os.unlink(tmp)
+    if dumpdev:
+        print(
+            f"Dump written to {dumpdev} ({header.data_size} bytes). Not rebooting "
+            "(KDUMP_DUMPDEV is set): check the system from this console, then copy the dump "
+            "to KDUMP_SAVEDIR with: kdump-capture recover"
+        )
+        return 0
     print(f"Dump saved: {result.target}/{result.directory}")
+    if cfg["KDUMP_POSTSCRIPT"]:
+        env = {"KDUMP_DUMP_URL": result.target, "KDUMP_DUMP_DIR": result.directory}
+        status = run_script("KDUMP_POSTSCRIPT", cfg["KDUMP_POSTSCRIPT"], env)
+        check_script("KDUMP_POSTSCRIPT", status, cfg.continue_on_error)
     if finish.should_reboot(cfg.immediate_reboot, args.no_reboot, cfg["KDUMP_DUMPDEV"]):
         print("Rebooting (KDUMP_IMMEDIATE_REBOOT=yes)", flush=True)
         finish.reboot()
+    return 0
+
+
+def cmd_recover(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from . import dumpdev
+    from .errors import DumpDeviceError
+    from .pipeline import save
+    from .progress import make_progress
+
+    cfg = load(args)
+    _setup_logging(bool(cfg.verbose & 8))
+    device = args.device or cfg["KDUMP_DUMPDEV"]
+    if not device:
+        raise ConfigError("no dump device: set KDUMP_DUMPDEV or pass --device DEV")
+    header = dumpdev.read_header(device)
+    if header is None:
+        if args.if_present:
+            print(f"{device}: no dump on the device")
+            return 0
+        raise DumpDeviceError(f"{device}: holds no kdump-capture dump (no header at offset 0)")
+    if header.state == dumpdev.WRITING:
+        raise DumpDeviceError(
+            f"{device}: the dump on the device is incomplete: writing it was interrupted"
+        )
+    if header.state == dumpdev.RECOVERED and not args.force:
+        print(f"{device}: the dump was already recovered (use --force to copy it again)")
+        return 0
+    dumpdev.check_data(device, header)
+    plan = replace(
+        make_plan(cfg),
+        dump_format="raw",
+        dump_level=0,
+        source_label=dumpdev.describe(header),
+        source_level=header.level,
+    )
+    with dumpdev.open_device_dump(device, header) as vm:
+        result = save(vm, plan, make_progress(cfg.verbose))
+    dumpdev.mark_recovered(device, header)
+    print(f"Dump recovered from {device}: {result.target}/{result.directory}")
     return 0
 
 
@@ -218,6 +308,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-reboot", action="store_true", help="never reboot afterwards, whatever the config says"
     )
     p.set_defaults(func=cmd_save)
+
+    p = sub.add_parser("recover", help="copy a dump from KDUMP_DUMPDEV to KDUMP_SAVEDIR")
+    _config_args(p)
+    p.add_argument("--device", metavar="DEV", help="dump device (default: KDUMP_DUMPDEV)")
+    p.add_argument("--force", action="store_true", help="copy a dump recovered before again")
+    p.add_argument(
+        "--if-present",
+        action="store_true",
+        help="exit 0 quietly when the device holds no dump (for boot-time units)",
+    )
+    p.set_defaults(func=cmd_recover)
 
     p = sub.add_parser("show-config", help="print the effective configuration (no passwords)")
     _config_args(p)

@@ -46,6 +46,9 @@ class SavePlan:
     keep_old_dumps: int
     free_disk_size: int
     settings: TransportSettings
+    #: describes the source's own format when it is copied verbatim (dump-device recovery)
+    source_label: str | None = None
+    source_level: int | None = None
 
 
 @dataclass
@@ -271,8 +274,8 @@ def _save_files(vm, plan, transport, name, writer, record, progress, free) -> No
     finally:
         progress.finish()
     record.files[VMCORE] = {"size": info.size, "sha256": info.sha256}
-    record.dump_format = result.format
-    record.dump_level = result.dump_level
+    record.dump_format = plan.source_label or result.format
+    record.dump_level = result.dump_level if plan.source_level is None else plan.source_level
     record.flattened = result.flattened
     record.pages_total = result.pages_total
     record.pages_written = result.pages_written

@@ -58,6 +58,7 @@ class Vmcore:
     notes: list[Note] = field(default_factory=list)
     vmcoreinfo: dict[str, str] = field(default_factory=dict)
     vmcoreinfo_note: Note | None = None
+    base: int = 0  # where the vmcore starts inside ``path`` (a dump device's data area)
 
     # -- derived facts -----------------------------------------------------------------
     @property
@@ -99,7 +100,7 @@ class Vmcore:
         done = 0
         while done < len(view):
             try:
-                n = os.preadv(self.fd, [view[done:]], offset + done)
+                n = os.preadv(self.fd, [view[done:]], self.base + offset + done)
             except OSError as e:
                 if self.kind == "raw" and done == 0 and e.errno in (14, 22, 5):
                     return 0  # /dev/oldmem ends with EFAULT/EINVAL past the last page
@@ -143,22 +144,25 @@ def find_source(explicit: str | None) -> str:
     )
 
 
-def open_vmcore(path: str) -> Vmcore:
-    """Open and validate a crash dump source; errors name the file and offset."""
+def open_vmcore(path: str, base: int = 0, limit: int | None = None) -> Vmcore:
+    """Open and validate a crash dump source; errors name the file and offset.
+
+    ``base`` and ``limit`` select a region of ``path`` (the data area of a dump device).
+    """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as e:
         raise NoDumpError(f"{path}: cannot open: {e.strerror}") from e
     try:
-        return _parse(path, fd)
+        return _parse(path, fd, base, limit)
     except BaseException:
         os.close(fd)
         raise
 
 
-def _parse(path: str, fd: int) -> Vmcore:
+def _parse(path: str, fd: int, base: int = 0, limit: int | None = None) -> Vmcore:
     st = os.fstat(fd)
-    head = os.pread(fd, EHDR.size, 0)
+    head = os.pread(fd, EHDR.size, base)
     if head[:4] != ELFMAG:
         if stat.S_ISCHR(st.st_mode) or path.endswith("oldmem"):
             log.info("%s is not ELF: treating it as raw physical memory (/dev/oldmem)", path)
@@ -183,7 +187,11 @@ def _parse(path: str, fd: int) -> Vmcore:
     file_size = st.st_size if stat.S_ISREG(st.st_mode) else None
     if stat.S_ISBLK(st.st_mode):
         file_size = _blockdev_size(fd)
-    ph_bytes = os.pread(fd, PHDR.size * ehdr.phnum, ehdr.phoff)
+    if file_size is not None:
+        file_size -= base
+    if limit is not None:
+        file_size = limit if file_size is None else min(file_size, limit)
+    ph_bytes = os.pread(fd, PHDR.size * ehdr.phnum, base + ehdr.phoff)
     if len(ph_bytes) < PHDR.size * ehdr.phnum:
         raise VmcoreError(
             f"{path}: offset {ehdr.phoff + len(ph_bytes):#x}: file ends inside the program "
@@ -211,7 +219,13 @@ def _parse(path: str, fd: int) -> Vmcore:
         end = max(end, seg_end)
 
     vm = Vmcore(
-        path=path, kind="elf", fd=fd, size=file_size if file_size else end, ehdr=ehdr, phdrs=phdrs
+        path=path,
+        kind="elf",
+        fd=fd,
+        size=file_size if file_size else end,
+        ehdr=ehdr,
+        phdrs=phdrs,
+        base=base,
     )
     if file_size is not None and file_size > end:
         vm.size = file_size  # keep trailing bytes: level 0 must stay byte-identical
@@ -221,7 +235,7 @@ def _parse(path: str, fd: int) -> Vmcore:
         first = notes[0]
         if first.filesz > MAX_NOTES:
             raise VmcoreError(f"{path}: PT_NOTE size {first.filesz:#x} is implausibly large")
-        blob = b"".join(os.pread(fd, p.filesz, p.offset) for p in notes)
+        blob = b"".join(os.pread(fd, p.filesz, base + p.offset) for p in notes)
         vm.notes_offset = first.offset
         vm.notes_blob = blob
         try:

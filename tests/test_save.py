@@ -233,7 +233,7 @@ def test_budget_monitor_stops_when_margin_would_be_crossed():
         (["--vmcore", "/nonexistent/vmcore"], 3, "no such file"),
         (["--set", "KDUMP_DUMPLEVEL=77"], 2, "KDUMP_DUMPLEVEL"),
         (["--set", "KDUMP_SAVEDIR=gopher://x/y"], 2, "unknown scheme"),
-        (["--set", "KDUMP_DUMPDEV=/dev/sdz9"], 9, "KDUMP_DUMPDEV"),
+        (["--set", "KDUMP_DUMPDEV=/dev/sdz9"], 10, "KDUMP_DUMPDEV"),
         (["--set", "KDUMP_NO_SUCH=1"], 2, "KDUMP_NO_SUCH"),
     ],
 )
@@ -312,3 +312,56 @@ def test_peak_memory_is_flat_as_the_vmcore_grows(tmp_path):
     a = _peak_rss_kib(save_args(str(small), str(tmp_path / "d1"), "KDUMP_FREE_DISK_SIZE=0"))
     b = _peak_rss_kib(save_args(str(big), str(tmp_path / "d2"), "KDUMP_FREE_DISK_SIZE=0"))
     assert b - a < 4096, f"peak RSS grew from {a} KiB to {b} KiB"
+
+
+def test_pre_and_post_scripts(sample, tmp_path):
+    log = tmp_path / "log"
+    pre = f'echo "pre $KDUMP_VMCORE" >> {log}'
+    post = f'echo "post $KDUMP_DUMP_DIR $KDUMP_DUMP_URL" >> {log}'
+    r = cli(
+        *save_args(
+            sample, str(tmp_path / "d"), f"KDUMP_PRESCRIPT={pre}", f"KDUMP_POSTSCRIPT={post}"
+        )
+    )
+    assert r.rc == 0, r.err
+    lines = log.read_text().splitlines()
+    name = dumps_in(tmp_path / "d")[0]
+    assert lines[0].startswith("pre")
+    assert lines[1] == f"post {name} file://{tmp_path}/d"
+
+
+def test_failing_prescript(sample, tmp_path):
+    r = cli(
+        *save_args(
+            sample, str(tmp_path / "d"), "KDUMP_PRESCRIPT=exit 3", "KDUMP_CONTINUE_ON_ERROR=false"
+        )
+    )
+    assert r.rc == 1 and "KDUMP_PRESCRIPT failed (exit status 3)" in r.err
+    assert not (tmp_path / "d").exists()
+    r = cli(*save_args(sample, str(tmp_path / "d"), "KDUMP_PRESCRIPT=exit 3"))
+    assert r.rc == 0 and "continuing" in r.err
+
+
+def test_transfer_replaces_the_flow(sample, tmp_path):
+    dest = tmp_path / "copied"
+    r = cli(*save_args(sample, str(tmp_path / "d"), f'KDUMP_TRANSFER=cp "$KDUMP_VMCORE" {dest}'))
+    assert r.rc == 0, r.err
+    assert dest.read_bytes() == open(sample, "rb").read()
+    assert not (tmp_path / "d").exists()
+    r = cli(*save_args(sample, str(tmp_path / "d"), "KDUMP_TRANSFER=exit 7"))
+    assert r.rc == 7
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        "MAKEDUMPFILE_OPTIONS=-d 31",
+        "KDUMP_COPY_KERNEL=yes",
+        "KDUMPTOOL_FLAGS=SPLIT",
+        "KDUMP_SMTP_SERVER=mail.example",
+    ],
+)
+def test_unimplemented_directives_fail_clearly(sample, tmp_path, setting):
+    r = cli(*save_args(sample, str(tmp_path / "d"), setting))
+    assert r.rc == 9 and "not supported" in r.err and setting.split("=")[0] in r.err
+    assert not (tmp_path / "d").exists()

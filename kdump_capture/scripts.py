@@ -1,0 +1,46 @@
+"""KDUMP_PRESCRIPT, KDUMP_POSTSCRIPT and KDUMP_TRANSFER: the administrator's own commands.
+
+They are shell command lines from the configuration, run with ``/bin/sh -c`` as the SUSE
+tool does (the config itself is never executed). The environment tells them what is
+going on: KDUMP_VMCORE (the source), and after a dump KDUMP_DUMP_URL (target, password
+redacted) and KDUMP_DUMP_DIR (the dump directory's name).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+
+from .errors import KdumpError
+
+log = logging.getLogger(__name__)
+
+
+class ScriptError(KdumpError):
+    """A configured script exited non-zero."""
+
+    exit_code = 1
+
+
+def run_script(directive: str, command: str, env: dict[str, str]) -> int:
+    """Run one configured command line; returns its exit status (output goes to ours)."""
+    log.info("running %s", directive)
+    full = dict(os.environ)
+    full.update(env)
+    try:
+        p = subprocess.run(["/bin/sh", "-c", command], env=full, stdin=subprocess.DEVNULL)
+    except OSError as e:
+        raise ScriptError(f"{directive}: cannot run /bin/sh: {e.strerror}") from e
+    return p.returncode
+
+
+def check_script(directive: str, status: int, continue_on_error: bool) -> None:
+    """A failed pre/post script is fatal only with KDUMP_CONTINUE_ON_ERROR=false."""
+    if status == 0:
+        return
+    msg = f"{directive} failed (exit status {status})"
+    if continue_on_error:
+        log.error("%s; continuing (KDUMP_CONTINUE_ON_ERROR)", msg)
+        return
+    raise ScriptError(msg)
