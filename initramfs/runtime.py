@@ -50,6 +50,11 @@ LATE_IMPORTS = (
     "encodings.aliases",
 )
 
+# Libraries glibc loads with dlopen, which ldd cannot see: libgcc_s unwinds a thread that
+# exits (zstandard, paramiko and our pipeline run threads; without it glibc aborts with
+# "libgcc_s.so.1 must be installed for pthread_exit to work").
+DLOPENED_LIBS = ("libgcc_s.so.1",)
+
 # Our own top-level packages shipped into site-packages.
 OWN_PACKAGES = ("kdump_capture", "transports")
 
@@ -242,6 +247,16 @@ def shared_libs(elf_paths: Iterable[str]) -> dict[str, str]:
     return found
 
 
+def find_system_lib(name: str) -> str | None:
+    """Host path of a shared library by soname, from the dynamic linker's cache."""
+    out = subprocess.run(["ldconfig", "-p"], capture_output=True, text=True).stdout
+    for line in out.splitlines():
+        left, _, path = line.partition("=>")
+        if left.strip().startswith(name + " ") and "x86-64" in left:
+            return path.strip()
+    return None
+
+
 def strip_into(src: str, tmpdir: str) -> str:
     """A stripped copy of an ELF file (or the original when strip is unavailable/fails)."""
     strip = shutil.which("strip")
@@ -284,7 +299,13 @@ def collect(schemes: Iterable[str], tmpdir: str, python: str = sys.executable) -
     payload.add(f"{DEST_BIN}/{PYVER}", strip_into(exe, tmpdir), 0o755)
     payload.symlinks[f"{DEST_BIN}/python3"] = PYVER
     elves.append(exe)
-    for name, lib in shared_libs(elves).items():
+    libs = shared_libs(elves)
+    for name in DLOPENED_LIBS:
+        path = find_system_lib(name)
+        if path is None:
+            raise NotSupported(f"{name} not found on this host (ldconfig -p)")
+        libs.setdefault(name, path)
+    for name, lib in libs.items():
         if name.startswith("/"):
             # the dynamic linker: keep its absolute path (PT_INTERP), under /usr
             dest = "usr" + name if not name.startswith("/usr/") else name[1:]
