@@ -55,6 +55,9 @@ LATE_IMPORTS = (
 # "libgcc_s.so.1 must be installed for pthread_exit to work").
 DLOPENED_LIBS = ("libgcc_s.so.1",)
 
+# What importlib.metadata reads of a distribution (version, entry points, names).
+DIST_FILES = ("METADATA", "entry_points.txt", "top_level.txt")
+
 # Our own top-level packages shipped into site-packages.
 OWN_PACKAGES = ("kdump_capture", "transports")
 
@@ -172,7 +175,20 @@ for name in NAMES:
     except Exception as e:  # an optional import (another OS, another feature) may fail
         failed[name] = f"{type(e).__name__}: {e}"
 mods = {n: getattr(m, "__file__", None) for n, m in list(sys.modules.items())}
-json.dump({"modules": mods, "failed": failed, "path": sys.path,
+# Distribution metadata of the imported third-party packages: some read their own version
+# (importlib.metadata) at import time.
+dists = {}
+try:
+    from importlib import metadata
+    tops = {n.partition(".")[0] for n in mods}
+    for top, names in metadata.packages_distributions().items():
+        if top in tops:
+            for dname in names:
+                d = metadata.distribution(dname)
+                dists[dname] = str(getattr(d, "_path", ""))
+except Exception as e:
+    failed["importlib.metadata"] = repr(e)
+json.dump({"modules": mods, "dists": dists, "failed": failed, "path": sys.path,
            "stdlib": STDLIB, "dynload": DYNLOAD}, sys.stdout)
 """
 
@@ -292,6 +308,14 @@ def collect(schemes: Iterable[str], tmpdir: str, python: str = sys.executable) -
             elves.append(file)
         else:
             payload.add(dest, file)
+    for dist_path in sorted(set(report.get("dists", {}).values())):
+        dest = _dest_for(os.path.join(dist_path, "METADATA"), own_root, stdlib, dynload)
+        if not dist_path.endswith(".dist-info") or dest is None:
+            continue
+        for fname in DIST_FILES:
+            src = os.path.join(dist_path, fname)
+            if os.path.exists(src):
+                payload.add(f"{os.path.dirname(dest)}/{fname}", src)
     # The stdlib landmark must exist as a file even though os is frozen into the binary.
     if f"{DEST_STDLIB}/os.pyc" not in payload.files:
         raise ConfigError("the import probe did not report os.py; cannot place the stdlib")

@@ -68,3 +68,33 @@ def test_local_file_target_on_virtio_disk(cloud_kernel: vmkit.Kernel, tmp_path: 
     dumps = [d for d in crash.iterdir() if d.is_dir()]
     assert len(dumps) == 1, list(crash.iterdir())
     check_dump(dumps[0], res.marker)
+
+
+def sftp_config(server, dumps: Path) -> str:
+    """Dump over SFTP to the test sshd; the guest reaches the host's loopback at 10.0.2.2."""
+    return (
+        f'KDUMP_SAVEDIR="sftp://root@10.0.2.2:{server.port}{dumps}"\n'
+        f'KDUMP_HOST_KEY="{server.host_key}"\n'
+        f'KDUMP_SSH_IDENTITY="{server.client_key}"\n'
+        'KDUMP_IMMEDIATE_REBOOT="yes"\n'
+        'KDUMP_KEEP_OLD_DUMPS="0"\n'
+        'KDUMP_NET_TIMEOUT="30"\n'
+    )
+
+
+def test_sftp_to_openssh_on_host_loopback(cloud_kernel: vmkit.Kernel, tmp_path: Path):
+    servers = pytest.importorskip(
+        "tests.servers.sshd", reason="the sshd fixture (tests/servers, branch net) is not merged"
+    )
+    dumps = tmp_path / "dumps"
+    dumps.mkdir()
+    with servers.sshd(str(tmp_path / "sshd")) as server:
+        res = capture_cycle.run_cycle(
+            cloud_kernel, sftp_config(server, dumps), tmp_path / "cycle", net=True
+        )
+    assert res.save_rc == 0, _explain(res)
+    assert "network: " in res.console and "(dhcp," in res.console, _explain(res)
+    assert res.finish == "rebooting" and res.returncode == 0, _explain(res)
+    found = [d for d in dumps.iterdir() if d.is_dir()]
+    assert len(found) == 1, list(dumps.iterdir())
+    check_dump(found[0], res.marker)
