@@ -416,10 +416,11 @@ def build(
         rewrite.update(ssh_rewrite)
         extras.append(f"ssh files ({len(files)})")
 
-    # A rescue shell when busybox is installed (static, so it needs no libraries).
+    # A rescue shell (busybox, static: no libraries) when the config may open one; with
+    # KDUMP_IMMEDIATE_REBOOT and KDUMP_CONTINUE_ON_ERROR both true it never does (2 MB).
     shell = ""
     busybox = shutil.which("busybox")
-    if busybox:
+    if busybox and "shell" in finish_actions(cfg):
         arc.add_file("usr/bin/busybox", Path(busybox).read_bytes(), 0o755)
         for applet in ("sh", "ls", "cat", "mount", "umount", "ip", "dmesg", "reboot", "poweroff"):
             arc.add_symlink(f"usr/bin/{applet}", "busybox")

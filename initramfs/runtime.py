@@ -46,9 +46,20 @@ LATE_IMPORTS = (
     "encodings.ascii",
     "encodings.latin_1",
     "encodings.utf_8",
-    "encodings.idna",
     "encodings.aliases",
 )
+
+# Optional imports that the packages try and do without: blocked in the probe (the import
+# raises ImportError there exactly as it will in the capture kernel), so nothing they
+# would pull in is packed. name -> why it is not needed.
+BLOCKED = {
+    # paramiko.config tries invoke for "Match exec" in ssh_config files; we pass none. It
+    # would add asyncio, ssl + libssl, unittest.mock and PyYAML (about 3 MB).
+    "invoke": "paramiko ssh_config 'Match exec' (unused)",
+    # ftplib's optional FTPS classes (FTP_TLS); no transport speaks TLS. Saves _ssl and
+    # libssl (1 MB). A transport that needs ssl fails the build (its import fails here).
+    "ssl": "ftplib FTP_TLS (unused)",
+}
 
 # Libraries glibc loads with dlopen, which ldd cannot see: libgcc_s unwinds a thread that
 # exits (zstandard, paramiko and our pipeline run threads; without it glibc aborts with
@@ -168,6 +179,8 @@ def entry_modules(
 PROBE = r"""
 import importlib, json, sys
 sys.path.insert(0, ROOT)
+for blocked in BLOCKED:
+    sys.modules[blocked] = None  # "import blocked" raises ImportError
 failed = {}
 for name in NAMES:
     try:
@@ -198,6 +211,7 @@ def probe(names: list[str], python: str = sys.executable) -> dict:
     code = (
         PROBE.replace("ROOT", repr(str(project_root())))
         .replace("NAMES", repr(names))
+        .replace("BLOCKED", repr(sorted(BLOCKED)))
         .replace("STDLIB", "__import__('sysconfig').get_paths()['stdlib']")
         .replace("DYNLOAD", "__import__('sysconfig').get_config_var('DESTSHARED')")
     )
@@ -287,7 +301,14 @@ def collect(schemes: Iterable[str], tmpdir: str, python: str = sys.executable) -
     """The Python runtime for a capture whose targets use ``schemes``."""
     names = sorted(set(entry_modules(schemes)) | set(LATE_IMPORTS))
     report = probe(names, python)
+    root = project_root()
     for name, err in sorted(report["failed"].items()):
+        # Our own module exists but does not import: the capture would fail. (A missing
+        # one is an optional feature not in this build, or an attribute, not a module.)
+        base = root / Path(*name.split("."))
+        exists = base.with_suffix(".py").exists() or (base / "__init__.py").exists()
+        if name.partition(".")[0] in OWN_PACKAGES and exists:
+            raise ConfigError(f"the capture code cannot be imported: {name}: {err}")
         log.debug("probe: import %s failed (%s); left out", name, err)
     own_root = os.path.realpath(str(project_root()))
     stdlib = os.path.realpath(report["stdlib"])
