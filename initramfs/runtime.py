@@ -38,15 +38,17 @@ DEST_DYNLOAD = f"usr/lib/{PYVER}/lib-dynload"
 DEST_SITE = f"usr/lib/{PYVER}/site-packages"
 DEST_LIBDIR = "usr/lib/x86_64-linux-gnu"
 
-# Modules the interpreter or the C library load by name at run time, which importing the
-# entry modules does not reveal: the codecs looked up when a console or a socket decodes
-# text, and the stdlib landmark os (frozen in the binary, yet getpath needs its file).
+# Modules the interpreter looks up by name at run time, which importing the entry modules
+# does not reveal: codecs (socket.getaddrinfo encodes every host name with "idna", the
+# console and files use ascii/latin-1/utf-8), and the stdlib landmark os (frozen in the
+# binary, yet getpath needs its file to find the prefix).
 LATE_IMPORTS = (
     "os",
+    "encodings.aliases",
     "encodings.ascii",
+    "encodings.idna",
     "encodings.latin_1",
     "encodings.utf_8",
-    "encodings.aliases",
 )
 
 # Optional imports that the packages try and do without: blocked in the probe (the import

@@ -85,6 +85,8 @@ def build_capture(
 def first_stage_image(kernel: vmkit.Kernel, capture: Path, marker: str, work: Path) -> Path:
     arc = cpio.Archive()
     arc.add_file("init-first", FIRST_INIT.replace("{marker}", marker).encode(), 0o755)
+    # the capture image has busybox only when its config may open a shell
+    arc.add_file("usr/bin/busybox", vmkit.find_busybox().read_bytes(), 0o755)
     arc.add_file("boot/vmlinuz", kernel.vmlinuz.read_bytes())
     arc.add_file("boot/capture.img", capture.read_bytes())
     buf = io.BytesIO()
