@@ -3,6 +3,7 @@ check the dump on the host (manifest SHA-256, makedumpfile dmesg marker, dmesg.t
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import subprocess
 import sys
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests import capture_cycle, vmkit
+from tests import capture_cycle, nfs_ganesha, vmkit
 
 pytestmark = pytest.mark.vm
 
@@ -94,6 +95,61 @@ def test_sftp_to_openssh_on_host_loopback(cloud_kernel: vmkit.Kernel, tmp_path: 
         )
     assert res.save_rc == 0, _explain(res)
     assert "network: " in res.console and "(dhcp," in res.console, _explain(res)
+    assert res.finish == "rebooting" and res.returncode == 0, _explain(res)
+    found = [d for d in dumps.iterdir() if d.is_dir()]
+    assert len(found) == 1, list(dumps.iterdir())
+    check_dump(found[0], res.marker)
+
+
+def _ftp(tmp_path: Path):
+    ftp = pytest.importorskip("tests.servers.ftp", reason="tests/servers (branch net) not merged")
+    root = tmp_path / "ftproot"
+
+    @contextlib.contextmanager
+    def serve():
+        with ftp.pyftpd(str(tmp_path / "ftpd"), str(root)) as s:
+            yield f'KDUMP_SAVEDIR="ftp://{s.user}:{s.password}@10.0.2.2:{s.port}/dumps"\n'
+
+    return serve(), root / "dumps"
+
+
+def _cifs(tmp_path: Path):
+    samba = pytest.importorskip("tests.servers.samba", reason="tests/servers not merged")
+    share = tmp_path / "share"
+
+    @contextlib.contextmanager
+    def serve():
+        with samba.smbd(str(tmp_path / "smbd"), str(share)) as s:
+            yield (
+                f'KDUMP_SAVEDIR="cifs://{s.user}:{s.password}@10.0.2.2:{s.port}/{s.share}/dumps"\n'
+            )
+
+    return serve(), share / "dumps"
+
+
+def _nfs(tmp_path: Path):
+    export = tmp_path / "export"
+
+    @contextlib.contextmanager
+    def serve():
+        with nfs_ganesha.ganesha(str(tmp_path), str(export)):
+            yield 'KDUMP_SAVEDIR="nfs://10.0.2.2/dumps"\n'
+
+    return serve(), export
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["ftp", "cifs", "nfs"])
+def test_network_matrix(case: str, cloud_kernel: vmkit.Kernel, tmp_path: Path):
+    serve, dumps = {"ftp": _ftp, "cifs": _cifs, "nfs": _nfs}[case](tmp_path)
+    with serve as savedir:
+        res = capture_cycle.run_cycle(
+            cloud_kernel,
+            savedir + 'KDUMP_IMMEDIATE_REBOOT="yes"\nKDUMP_KEEP_OLD_DUMPS="0"\n',
+            tmp_path / "cycle",
+            net=True,
+        )
+    assert res.save_rc == 0, _explain(res)
     assert res.finish == "rebooting" and res.returncode == 0, _explain(res)
     found = [d for d in dumps.iterdir() if d.is_dir()]
     assert len(found) == 1, list(dumps.iterdir())
