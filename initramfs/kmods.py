@@ -128,15 +128,21 @@ class ModuleIndex:
 
 
 def wanted_modules(
-    scheme: str, network: bool, fstype: str = "", extra: tuple[str, ...] = ()
+    scheme: str,
+    network: bool,
+    fstype: str = "",
+    extra: tuple[str, ...] = (),
+    storage: tuple[str, ...] = STORAGE,
+    nics: tuple[str, ...] = NETWORK,
 ) -> list[str]:
     """Which modules to pack for a target scheme (pure: no I/O).
 
-    ``fstype`` narrows the filesystems to the one the local target uses (xfs alone is 4 MB).
+    ``fstype`` narrows the filesystems to the one the local target uses (xfs alone is 4 MB);
+    ``storage`` and ``nics`` default to drivers for common hardware (see host_drivers).
     """
     wanted: list[str] = []
     if scheme == "file":
-        wanted += STORAGE
+        wanted += storage
         if fstype == "vfat":
             wanted += ("vfat", "nls_cp437", "nls_ascii", "nls_iso8859_1")
         elif fstype:
@@ -144,10 +150,42 @@ def wanted_modules(
         else:
             wanted += FILESYSTEMS
     if network:
-        wanted += NETWORK
+        wanted += nics
     if scheme == "nfs":
         wanted += NFS
     if scheme == "cifs":
         wanted += CIFS
     wanted += extra
     return list(dict.fromkeys(wanted))
+
+
+def _driver_modules(device: str, sysfs: str) -> list[str]:
+    """Modules of the drivers bound to a sysfs device and to its parents (bus adapters)."""
+    mods: list[str] = []
+    path = os.path.realpath(device)
+    top = os.path.realpath(sysfs) + "/devices/"
+    while path.startswith(top):
+        link = os.path.join(path, "driver", "module")
+        if os.path.islink(link):
+            mods.append(modname(os.path.basename(os.readlink(link))))
+        path = os.path.dirname(path)
+    return mods
+
+
+def host_drivers(sysfs: str = "/sys") -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(storage, network) driver modules of this machine's disks and network interfaces,
+    for an image built for the running kernel ("host only", as dracut does); drivers
+    built into the kernel have no module and are not listed."""
+    storage: list[str] = []
+    for name in sorted(os.listdir(f"{sysfs}/block")) if os.path.isdir(f"{sysfs}/block") else []:
+        dev = f"{sysfs}/block/{name}/device"
+        if os.path.exists(dev):
+            storage += _driver_modules(dev, sysfs)
+    nics: list[str] = []
+    for name in (
+        sorted(os.listdir(f"{sysfs}/class/net")) if os.path.isdir(f"{sysfs}/class/net") else []
+    ):
+        dev = f"{sysfs}/class/net/{name}/device"
+        if os.path.exists(dev):
+            nics += _driver_modules(dev, sysfs)
+    return tuple(dict.fromkeys(storage)), tuple(dict.fromkeys(nics))

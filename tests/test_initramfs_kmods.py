@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from initramfs import kmods
@@ -83,3 +85,36 @@ def test_wanted_modules_per_target(scheme, network, fstype, has, lacks):
     wanted = set(kmods.wanted_modules(scheme, network, fstype))
     assert has <= wanted
     assert not (lacks & wanted)
+
+
+def test_host_drivers_follow_devices_and_their_parents(tmp_path):
+    """A fake sysfs: vda on virtio2 under PCI 0000:00:04.0; eth0 on virtio1 under 00:03.0."""
+    sysfs = tmp_path / "sys"
+
+    def device(path: str, module: str | None) -> Path:
+        d = sysfs / "devices" / path
+        d.mkdir(parents=True, exist_ok=True)
+        if module:
+            drv = sysfs / "bus/drivers" / module
+            (drv / "module").parent.mkdir(parents=True, exist_ok=True)
+            (sysfs / "module" / module).mkdir(parents=True, exist_ok=True)
+            if not (drv / "module").exists():
+                (drv / "module").symlink_to(sysfs / "module" / module)
+            (d / "driver").symlink_to(drv)
+        return d
+
+    device("pci0000:00/0000:00:04.0", "virtio_pci")
+    blk = device("pci0000:00/0000:00:04.0/virtio2", "virtio_blk")
+    device("pci0000:00/0000:00:03.0", "virtio_pci")
+    net = device("pci0000:00/0000:00:03.0/virtio1", "virtio_net")
+    device("platform/serial8250", None)  # built in: no module
+    (sysfs / "block/vda").mkdir(parents=True)
+    (sysfs / "block/vda/device").symlink_to(blk)
+    (sysfs / "block/loop0").mkdir(parents=True)  # virtual: no device
+    (sysfs / "class/net/eth0").mkdir(parents=True)
+    (sysfs / "class/net/eth0/device").symlink_to(net)
+    (sysfs / "class/net/lo").mkdir(parents=True)
+    assert kmods.host_drivers(str(sysfs)) == (
+        ("virtio_blk", "virtio_pci"),
+        ("virtio_net", "virtio_pci"),
+    )
