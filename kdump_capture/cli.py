@@ -276,6 +276,23 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dmesg(args: argparse.Namespace) -> int:
+    from .dumpfile import open_dump
+
+    with open_dump(args.dump) as dump:
+        text = dump.dmesg()
+    sys.stdout.write(text)
+    return 0
+
+
+def cmd_rearrange(args: argparse.Namespace) -> int:
+    from .formats.flat import rearrange
+
+    size = rearrange(args.flat, args.output)
+    print(f"{args.output}: {size} bytes")
+    return 0
+
+
 def cmd_make_sample(args: argparse.Namespace) -> int:
     from .sample import SampleSpec, write_sample
 
@@ -327,6 +344,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="check a saved dump against its manifest checksums")
     p.add_argument("dumpdir", metavar="DUMPDIR")
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("dmesg", help="print the kernel log of a dump (ELF, compressed, flattened)")
+    p.add_argument("dump", metavar="DUMP")
+    p.set_defaults(func=cmd_dmesg)
+
+    p = sub.add_parser("rearrange", help="rebuild a flattened dump (like makedumpfile -R)")
+    p.add_argument("flat", metavar="FLAT")
+    p.add_argument("output", metavar="OUT")
+    p.set_defaults(func=cmd_rearrange)
 
     p = sub.add_parser("make-sample", help="write a synthetic ELF vmcore (for tests and demos)")
     p.add_argument("output", metavar="FILE")

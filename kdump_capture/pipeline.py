@@ -12,6 +12,7 @@ from transports import open_transport
 from transports.base import Transport, TransportSettings
 
 from . import policy
+from .dmesg import extract as extract_dmesg
 from .errors import (
     AuthError,
     FreeSpaceError,
@@ -173,15 +174,6 @@ def _put(transport: Transport, relpath: str, data: bytes) -> dict:
     return {"size": info.size, "sha256": info.sha256}
 
 
-def _extract_dmesg(vm: Vmcore) -> str:
-    """The kernel log from the vmcore; raises NotSupported where this build cannot."""
-    try:
-        from .dmesg import extract
-    except ImportError:
-        raise NotSupported("dmesg extraction is not available in this build") from None
-    return extract(vm)
-
-
 def save_to_target(
     vm: Vmcore,
     plan: SavePlan,
@@ -193,6 +185,11 @@ def save_to_target(
     progress = progress or NoProgress()
     started = time.time() if now is None else now
     transport = open_transport(target, plan.settings)
+    # Choose the writer before touching the target: a format this build cannot write must
+    # fail before rotation deletes anything.
+    writer: FormatWriter | None = None
+    if plan.dump_format != "none":
+        writer = make_writer(vm, plan.dump_format, plan.dump_level, transport.can_seek)
     with transport:
         host = None if target.scheme == "file" else host_identity(target)
         existing = policy.ours(scan_dumps(transport), host)
@@ -202,9 +199,6 @@ def save_to_target(
         _remove(transport, before, f"KDUMP_KEEP_OLD_DUMPS={plan.keep_old_dumps}")
         existing = [d for d in existing if d not in before]
 
-        writer: FormatWriter | None = None
-        if plan.dump_format != "none":
-            writer = make_writer(vm, plan.dump_format, plan.dump_level, _seekable(transport))
         estimate = (writer.estimate() if writer else 0) or 0
         free = _ensure_room(transport, existing, plan, estimate + SIDE_FILES)
 
@@ -252,7 +246,7 @@ def save_to_target(
 
 def _save_files(vm, plan, transport, name, writer, record, progress, free) -> None:
     try:
-        text = _extract_dmesg(vm)
+        text = extract_dmesg(vm)
         record.files[DMESG] = _put(transport, f"{name}/{DMESG}", text.encode())
     except (VmcoreError, NotSupported) as e:
         log.warning("no dmesg.txt: %s", e)
@@ -308,10 +302,6 @@ def _ensure_room(transport, existing, plan: SavePlan, needed: int) -> int | None
         f"{needed >> 20} MiB and KDUMP_FREE_DISK_SIZE keeps {plan.free_disk_size >> 20} MiB free; "
         "nothing was written"
     )
-
-
-def _seekable(transport: Transport) -> bool:
-    return transport.can_seek
 
 
 def _try(fn) -> None:

@@ -14,6 +14,13 @@ if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
 from tests import vmkit  # noqa: E402
+from tests.servers.fixtures import (  # noqa: E402, F401 - pytest finds fixtures by name
+    ftp_server,
+    smb_server,
+    ssh_server,
+    test_user,
+    vsftpd_server,
+)
 
 
 @pytest.fixture(scope="session")

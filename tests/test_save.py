@@ -365,3 +365,12 @@ def test_unimplemented_directives_fail_clearly(sample, tmp_path, setting):
     r = cli(*save_args(sample, str(tmp_path / "d"), setting))
     assert r.rc == 9 and "not supported" in r.err and setting.split("=")[0] in r.err
     assert not (tmp_path / "d").exists()
+
+
+def test_unwritable_format_fails_before_rotation_deletes(sample, tmp_path):
+    savedir = tmp_path / "d"
+    assert cli(*save_args(sample, str(savedir))).rc == 0
+    before = dumps_in(savedir)
+    r = cli(*save_args(sample, str(savedir), "KDUMP_KEEP_OLD_DUMPS=-1", "KDUMP_DUMPFORMAT=snappy"))
+    assert r.rc == 9 and "snappy" in r.err
+    assert dumps_in(savedir) == before

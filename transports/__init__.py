@@ -14,6 +14,10 @@ from .base import Transport, TransportSettings
 # so the capture kernel only loads the transport its target needs.
 _REGISTRY: dict[str, tuple[str, str]] = {
     "file": ("transports.file:FileTransport", ""),
+    "nfs": ("transports.nfs:NfsTransport", ""),
+    "cifs": ("transports.cifs:CifsTransport", "install smbprotocol: pip install smbprotocol"),
+    "ftp": ("transports.ftp:FtpTransport", ""),
+    "sftp": ("transports.sftp:SftpTransport", "install paramiko: pip install paramiko"),
 }
 registry = MappingProxyType(_REGISTRY)
 

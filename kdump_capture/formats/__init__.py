@@ -46,6 +46,7 @@ class FormatWriter(ABC):
     """Writes one dump file. ``needs_seek`` writers get only seekable sinks."""
 
     needs_seek = False
+    produces_file = True  # False only for format "none": no vmcore file is created
 
     def __init__(self, vm: Vmcore, level: int) -> None:
         self.vm = vm
@@ -74,13 +75,23 @@ FORMAT_NAMES = {
 }
 
 
+KDUMP_CODECS = ("compressed", "zstd", "lzo", "snappy")
+
+
 def make_writer(vm: Vmcore, fmt: str, level: int, seekable: bool) -> FormatWriter:
     """The writer for KDUMP_DUMPFORMAT ``fmt`` at KDUMP_DUMPLEVEL ``level``.
 
-    Raises NotSupported for combinations this build cannot write.
+    ``fmt`` is canonical lowercase: elf, compressed, zstd, lzo, snappy, none, raw. A
+    kdump-compressed writer for a non-seekable sink writes the flattened format (its
+    WriteResult says ``flattened=True``). Raises NotSupported for combinations this build
+    cannot write.
     """
-    from .elf import ElfWriter, RawWriter
+    from .elf import ElfWriter, NoneWriter, RawWriter
 
+    if not 0 <= level <= 31:
+        raise NotSupported(f"KDUMP_DUMPLEVEL={level}: dump levels are 0-31")
+    if fmt == "none":
+        return NoneWriter(vm, level)
     if fmt == "raw" or vm.kind == "raw":
         if level != 0:
             raise NotSupported(
@@ -88,9 +99,9 @@ def make_writer(vm: Vmcore, fmt: str, level: int, seekable: bool) -> FormatWrite
             )
         return RawWriter(vm, 0)
     if fmt == "elf":
-        if level & ~1:
-            raise NotSupported(
-                f"KDUMP_DUMPLEVEL={level}: only levels 0 and 1 (zero pages) are supported yet"
-            )
         return ElfWriter(vm, level)
-    raise NotSupported(f"KDUMP_DUMPFORMAT={fmt}: this format is not supported yet (use ELF)")
+    if fmt in KDUMP_CODECS:
+        from .kdump import KdumpWriter, get_codec
+
+        return KdumpWriter(vm, level, get_codec(fmt), flattened=not seekable)
+    raise NotSupported(f"KDUMP_DUMPFORMAT={fmt}: unknown format")

@@ -8,6 +8,7 @@ from ..elf import PT_LOAD, PT_NOTE, Ehdr, Phdr
 from ..errors import VmcoreError
 from ..vmcore import Vmcore
 from . import CHUNK, FormatWriter, Monitor, WriteResult
+from .filter import build_bitmaps, clear_range, iter_runs
 
 PAGE = 4096
 # Runs of zero pages shorter than this are written as data: each excluded run costs a
@@ -50,19 +51,29 @@ class RawWriter(FormatWriter):
 
 
 class ElfWriter(RawWriter):
-    """ELF vmcore; with level bit 1, long runs of zero pages leave the PT_LOADs."""
+    """ELF vmcore; at levels > 0, runs of >= MIN_EXCLUDED_RUN excluded pages leave the PT_LOADs.
+
+    Pages are excluded as makedumpfile -E does: bits 2-16 from struct page (``filter.py``),
+    bit 1 by content (a scan pass before the copy pass, since the program headers come first).
+    """
 
     def input_size(self) -> int | None:
-        if not self.level & 1:
+        if not self.level:
             return self.vm.size
         data = sum(p.filesz for p in self.vm.loads)
-        return 2 * data  # scan pass + copy pass (upper bound: the copy skips excluded runs)
+        return 2 * data if self.level & 1 else data  # scan pass + copy pass (upper bound)
 
     def write(self, sink, monitor: Monitor) -> WriteResult:
-        if not self.level & 1:
+        if not self.level:
             return super().write(sink, monitor)
-        plan = plan_zero_exclusion(self.vm, monitor)
-        return write_elf_segments(self.vm, plan, sink, monitor, self.level)
+        bm = build_bitmaps(self.vm, self.level)
+        keep = bytearray(bm.second)
+        if self.level & 1:
+            clear_zero_pages(self.vm, keep, bm.max_mapnr, monitor)
+        plan = plan_exclusion(self.vm, keep)
+        result = write_elf_segments(self.vm, plan, sink, monitor, bm.level)
+        result.notes.extend(bm.notes)
+        return result
 
 
 @dataclass(frozen=True)
@@ -77,28 +88,69 @@ class OutSeg:
     flags: int
 
 
-def plan_zero_exclusion(vm: Vmcore, monitor: Monitor) -> list[OutSeg]:
-    """Scan every PT_LOAD and split it around runs of >= MIN_EXCLUDED_RUN zero pages.
-
-    Each output segment holds a stretch of data followed by the zero run it precedes
-    (memsz > filesz), so readers still find those addresses and read them as zeros.
-    """
+def clear_zero_pages(vm: Vmcore, keep: bytearray, max_mapnr: int, monitor: Monitor) -> None:
+    """Clear the bits of all-zero pages among the kept ones (reads each kept page once)."""
     buf = bytearray(CHUNK)
     view = memoryview(buf)
+    per = CHUNK // PAGE
+    for p in vm.loads:
+        if p.filesz == 0 or p.paddr % PAGE or p.offset % PAGE:
+            continue
+        first = p.paddr // PAGE
+        last = first + p.filesz // PAGE
+        for start, end in iter_runs(keep, min(last, max_mapnr)):
+            start = max(start, first)
+            pfn = start
+            while pfn < end:
+                n = min(per, end - pfn)
+                nbytes = n * PAGE
+                off = p.offset + (pfn - first) * PAGE
+                got = vm.readinto(view[:nbytes], off)
+                if got != nbytes:
+                    raise VmcoreError(f"{vm.path}: offset {off + got:#x}: short read")
+                if n == per and buf == ZERO_CHUNK:
+                    clear_range(keep, pfn, pfn + n)
+                else:
+                    for i in range(n):
+                        if view[i * PAGE : (i + 1) * PAGE] == ZERO_PAGE:
+                            clear_range(keep, pfn + i, pfn + i + 1)
+                pfn += n
+                monitor.advance(nbytes, 0)
+
+
+def plan_exclusion(vm: Vmcore, keep: bytes | bytearray) -> list[OutSeg]:
+    """Split every PT_LOAD around runs of >= MIN_EXCLUDED_RUN pages whose ``keep`` bit is 0.
+
+    Each output segment holds a stretch of data followed by the excluded run it precedes
+    (memsz > filesz), so readers still find those addresses and read them as zeros.
+    Shorter excluded runs are copied, as makedumpfile does (PFN_EXCLUDED).
+    """
     out: list[OutSeg] = []
+    nbits = len(keep) * 8
     for p in vm.loads:
         if p.filesz == 0 or p.paddr % PAGE or p.offset % PAGE:
             out.append(OutSeg(p.vaddr, p.paddr, p.offset, p.filesz, p.memsz, p.flags))
             continue
+        first = p.paddr // PAGE
         npages = p.filesz // PAGE
-        zero = _zero_runs(vm, p, npages, view, buf, monitor)
+        gaps = []
+        prev = first
+        for start, end in iter_runs(keep, min(first + npages, nbits)):
+            if end <= first:
+                continue
+            start = max(start, first)
+            if start - prev >= MIN_EXCLUDED_RUN:
+                gaps.append((prev - first, start - prev))
+            prev = end
+        if first + npages - prev >= MIN_EXCLUDED_RUN:
+            gaps.append((prev - first, first + npages - prev))
         pos = 0  # page index where the current output segment starts
-        for zstart, zlen in zero:
+        for zstart, zlen in gaps:
             out.append(_seg(p, pos, zstart - pos, zstart + zlen - pos))
             pos = zstart + zlen
         tail_file = p.filesz - pos * PAGE
         tail_mem = p.memsz - pos * PAGE
-        if tail_mem > 0 or not out:
+        if tail_mem > 0 or not gaps:
             out.append(
                 OutSeg(
                     p.vaddr + pos * PAGE,
@@ -121,36 +173,6 @@ def _seg(p: Phdr, start: int, data_pages: int, mem_pages: int) -> OutSeg:
         mem_pages * PAGE,
         p.flags,
     )
-
-
-def _zero_runs(vm, p, npages, view, buf, monitor) -> list[tuple[int, int]]:
-    runs: list[tuple[int, int]] = []
-    run_start = -1
-    page = 0
-    while page < npages:
-        n_pages = min(CHUNK // PAGE, npages - page)
-        nbytes = n_pages * PAGE
-        got = vm.readinto(view[:nbytes], p.offset + page * PAGE)
-        if got != nbytes:
-            raise VmcoreError(f"{vm.path}: offset {p.offset + page * PAGE + got:#x}: short read")
-        if nbytes == CHUNK and buf == ZERO_CHUNK:
-            if run_start < 0:
-                run_start = page
-        else:
-            for i in range(n_pages):
-                lo = i * PAGE
-                if buf[lo : lo + PAGE] == ZERO_PAGE:
-                    if run_start < 0:
-                        run_start = page + i
-                elif run_start >= 0:
-                    if page + i - run_start >= MIN_EXCLUDED_RUN:
-                        runs.append((run_start, page + i - run_start))
-                    run_start = -1
-        page += n_pages
-        monitor.advance(nbytes, 0)
-    if run_start >= 0 and npages - run_start >= MIN_EXCLUDED_RUN:
-        runs.append((run_start, npages - run_start))
-    return runs
 
 
 def write_elf_segments(
@@ -207,3 +229,18 @@ def write_elf_segments(
 
 def _page_up(n: int) -> int:
     return (n + PAGE - 1) // PAGE * PAGE
+
+
+class NoneWriter(FormatWriter):
+    """KDUMP_DUMPFORMAT=none: no vmcore file at all (the engine still saves dmesg.txt)."""
+
+    produces_file = False
+
+    def input_size(self) -> int | None:
+        return 0
+
+    def estimate(self) -> int | None:
+        return 0
+
+    def write(self, sink, monitor: Monitor) -> WriteResult:
+        return WriteResult(format="none (dmesg only)", dump_level=self.level)

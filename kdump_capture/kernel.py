@@ -1,0 +1,292 @@
+"""The crashed kernel's memory: typed VMCOREINFO, physical reads, x86_64 vtop, mem_map."""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import struct
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Protocol
+
+from .elf import PT_LOAD, Phdr
+from .errors import VmcoreError
+
+log = logging.getLogger(__name__)
+
+PAGE = 4096
+PAGE_SHIFT = 12
+START_KERNEL_MAP = 0xFFFFFFFF80000000  # __START_KERNEL_map: kernel text mapping base
+U64 = struct.Struct("<Q")
+U32 = struct.Struct("<I")
+# Page-table entries: present bit, PSE (huge page) bit and the physical address bits.
+PTE_PRESENT = 1
+PTE_PSE = 1 << 7
+PTE_ADDR_MASK = 0x000FFFFFFFFFF000
+# A struct mem_section's section_mem_map: low 5 bits are flags (SECTION_MAP_LAST_BIT = 1<<5
+# since Linux 4.13), bit 0 = SECTION_MARKED_PRESENT.
+SECTION_MAP_MASK = ~((1 << 5) - 1) & 0xFFFFFFFFFFFFFFFF
+SECTION_MARKED_PRESENT = 1
+
+
+class KernelInfoError(VmcoreError):
+    """VMCOREINFO lacks an entry (or has a malformed one) that an operation needs."""
+
+
+class AddressError(VmcoreError):
+    """A kernel address cannot be translated or its memory is not in the dump."""
+
+
+class VmcoreInfo:
+    """Typed access to VMCOREINFO entries, parsed the way makedumpfile's read_vmcoreinfo does.
+
+    ``SYMBOL(x)`` and ``KERNELOFFSET`` are hexadecimal; ``SIZE``, ``OFFSET``, ``LENGTH`` and
+    ``NUMBER`` are decimal (``NUMBER`` is signed, with a ``0x`` hex form for a few keys).
+    Getters return None when the key is missing; ``need_*`` raise KernelInfoError instead.
+    """
+
+    def __init__(self, entries: dict[str, str]) -> None:
+        self.entries = entries
+
+    def _int(self, key: str, base: int) -> int | None:
+        raw = self.entries.get(key)
+        if raw is None:
+            return None
+        try:
+            if base == 10 and raw.lower().startswith(("0x", "-0x")):
+                return int(raw, 16)
+            return int(raw, base)
+        except ValueError:
+            raise KernelInfoError(f"VMCOREINFO: {key}={raw!r} is not a number") from None
+
+    def symbol(self, name: str) -> int | None:
+        return self._int(f"SYMBOL({name})", 16)
+
+    def size(self, name: str) -> int | None:
+        return self._int(f"SIZE({name})", 10)
+
+    def offset(self, name: str) -> int | None:
+        return self._int(f"OFFSET({name})", 10)
+
+    def length(self, name: str) -> int | None:
+        return self._int(f"LENGTH({name})", 10)
+
+    def number(self, name: str) -> int | None:
+        return self._int(f"NUMBER({name})", 10)
+
+    def kerneloffset(self) -> int | None:
+        return self._int("KERNELOFFSET", 16)
+
+    def _need(self, kind: str, name: str, value: int | None) -> int:
+        if value is None:
+            raise KernelInfoError(f"VMCOREINFO has no {kind}({name})")
+        return value
+
+    def need_symbol(self, name: str) -> int:
+        return self._need("SYMBOL", name, self.symbol(name))
+
+    def need_size(self, name: str) -> int:
+        return self._need("SIZE", name, self.size(name))
+
+    def need_offset(self, name: str) -> int:
+        return self._need("OFFSET", name, self.offset(name))
+
+    def need_length(self, name: str) -> int:
+        return self._need("LENGTH", name, self.length(name))
+
+    def need_number(self, name: str) -> int:
+        return self._need("NUMBER", name, self.number(name))
+
+
+class PhysMemory(Protocol):
+    """Physical memory of the crashed machine, as some dump file holds it."""
+
+    def read_phys(self, paddr: int, size: int) -> bytes:
+        """``size`` bytes at ``paddr``; raises AddressError if any of it is not in the dump."""
+        ...
+
+
+@dataclass(frozen=True)
+class _Seg:
+    paddr: int
+    end: int
+    offset: int  # file offset of paddr
+    file_end: int  # paddr where file-backed bytes stop (p_filesz); beyond reads as zero
+
+
+class ElfPhysMemory:
+    """Physical reads through an ELF core's PT_LOADs (``pread(size, offset)`` of the file)."""
+
+    def __init__(self, loads: Iterable[Phdr], pread: Callable[[int, int], bytes], name: str):
+        segs = sorted(
+            (
+                _Seg(p.paddr, p.paddr + p.memsz, p.offset, p.paddr + p.filesz)
+                for p in loads
+                if p.type == PT_LOAD and p.memsz
+            ),
+            key=lambda s: s.paddr,
+        )
+        self._segs = segs
+        self._starts = [s.paddr for s in segs]
+        self._reach = []  # highest end among segments[0..i]
+        top = 0
+        for s in segs:
+            top = max(top, s.end)
+            self._reach.append(top)
+        self._pread = pread
+        self.name = name
+
+    def find(self, paddr: int) -> _Seg | None:
+        i = bisect.bisect_right(self._starts, paddr) - 1
+        # Segments may overlap (the kernel text PT_LOAD lies inside a RAM PT_LOAD): look
+        # back while an earlier segment could still reach paddr.
+        while i >= 0 and self._reach[i] > paddr:
+            s = self._segs[i]
+            if paddr < s.end:
+                return s
+            i -= 1
+        return None
+
+    def read_phys(self, paddr: int, size: int) -> bytes:
+        out = bytearray()
+        while size > 0:
+            s = self.find(paddr)
+            if s is None:
+                raise AddressError(
+                    f"{self.name}: physical address {paddr:#x} is not in any PT_LOAD of the dump"
+                )
+            n = min(size, s.end - paddr)
+            file_n = max(0, min(n, s.file_end - paddr))
+            if file_n:
+                data = self._pread(file_n, s.offset + (paddr - s.paddr))
+                if len(data) != file_n:
+                    raise AddressError(
+                        f"{self.name}: offset {s.offset + (paddr - s.paddr):#x}: "
+                        "file ends early (truncated vmcore)"
+                    )
+                out += data
+            out += bytes(n - file_n)
+            paddr += n
+            size -= n
+        return bytes(out)
+
+
+class Kernel:
+    """Reads the crashed x86_64 kernel's virtual memory by walking its page tables."""
+
+    def __init__(self, info: VmcoreInfo, mem: PhysMemory, phys_base: int | None = None) -> None:
+        self.info = info
+        self.mem = mem
+        if phys_base is None:
+            phys_base = info.need_number("phys_base")
+        self.phys_base = phys_base & 0xFFFFFFFFFFFFFFFF
+        top = info.symbol("init_top_pgt")
+        if top is None:
+            top = info.need_symbol("swapper_pg_dir")
+        self.pgd_pa = (top - START_KERNEL_MAP + self.phys_base) & 0xFFFFFFFFFFFFFFFF
+        self.levels = 5 if info.number("pgtable_l5_enabled") == 1 else 4
+        sme = info.number("sme_mask") or 0
+        self.addr_mask = PTE_ADDR_MASK & ~(sme & 0xFFFFFFFFFFFFFFFF)
+        self._tables: dict[int, bytes] = {}
+
+    # -- translation ---------------------------------------------------------------------
+    def _table(self, pa: int) -> bytes:
+        t = self._tables.get(pa)
+        if t is None:
+            if len(self._tables) > 4096:  # 16 MiB worst case; vmemmap walks need few tables
+                self._tables.clear()
+            t = self.mem.read_phys(pa, PAGE)
+            self._tables[pa] = t
+        return t
+
+    def translate(self, va: int) -> tuple[int, int]:
+        """Physical address of ``va`` and the bytes left in its mapping (page or huge page)."""
+        shifts = (48, 39, 30, 21, 12) if self.levels == 5 else (39, 30, 21, 12)
+        table = self.pgd_pa
+        for shift in shifts:
+            entry = U64.unpack_from(self._table(table), ((va >> shift) & 511) * 8)[0]
+            if not entry & PTE_PRESENT:
+                raise AddressError(f"kernel address {va:#x} is not mapped (level {shift})")
+            if shift in (30, 21) and entry & PTE_PSE:
+                size = 1 << shift
+                base = entry & self.addr_mask & ~(size - 1)
+                off = va & (size - 1)
+                return base + off, size - off
+            table = entry & self.addr_mask
+        off = va & (PAGE - 1)
+        return table + off, PAGE - off
+
+    def vtop(self, va: int) -> int:
+        return self.translate(va)[0]
+
+    def read(self, va: int, size: int) -> bytes:
+        """``size`` bytes of kernel virtual memory at ``va``."""
+        parts = []
+        while size > 0:
+            pa, left = self.translate(va)
+            n = min(size, left)
+            parts.append(self.mem.read_phys(pa, n))
+            va += n
+            size -= n
+        return b"".join(parts)
+
+    def u64(self, va: int) -> int:
+        return U64.unpack(self.read(va, 8))[0]
+
+    def u32(self, va: int) -> int:
+        return U32.unpack(self.read(va, 4))[0]
+
+    # -- kernel facts ----------------------------------------------------------------------
+    def utsname(self) -> bytes:
+        """The 390-byte ``struct new_utsname`` of init_uts_ns."""
+        base = self.info.need_symbol("init_uts_ns")
+        return self.read(base + (self.info.offset("uts_namespace.name") or 0), 390)
+
+    def mem_maps(self, max_mapnr: int) -> list[tuple[int, int, int]]:
+        """``(pfn_start, pfn_end, mem_map_va)`` of every present section below ``max_mapnr``.
+
+        SPARSEMEM_EXTREME decoding as makedumpfile's get_mm_sparsemem(): SYMBOL(mem_section)
+        is the root array; each root holds PAGE/SIZE(mem_section) sections.
+        """
+        info = self.info
+        root = info.need_symbol("mem_section")
+        ms_size = info.need_size("mem_section")
+        map_off = info.need_offset("mem_section.section_mem_map")
+        sec_bits = info.need_number("SECTION_SIZE_BITS")
+        page_size = info.need_size("page")
+        if not 0 < ms_size <= PAGE or not PAGE_SHIFT < sec_bits < 48:
+            raise KernelInfoError(
+                f"VMCOREINFO: implausible SIZE(mem_section)={ms_size} or "
+                f"SECTION_SIZE_BITS={sec_bits}"
+            )
+        pfn_shift = sec_bits - PAGE_SHIFT
+        per_section = 1 << pfn_shift
+        per_root = PAGE // ms_size
+        num_sections = -(-max_mapnr // per_section)
+        n_roots = -(-num_sections // per_root)
+        roots = self.read(root, 8 * n_roots)
+        out = []
+        for nr in range(num_sections):
+            r = U64.unpack_from(roots, 8 * (nr // per_root))[0]
+            if r == 0:
+                continue
+            ms = r + (nr % per_root) * ms_size
+            coded = U64.unpack(self.read(ms + map_off, 8))[0]
+            if not coded & SECTION_MARKED_PRESENT:
+                continue
+            mem_map = ((coded & SECTION_MAP_MASK) + (nr << pfn_shift) * page_size) & (
+                0xFFFFFFFFFFFFFFFF
+            )
+            if mem_map >> 63 == 0:
+                raise KernelInfoError(
+                    f"mem_section {nr}: mem_map {mem_map:#x} is not a kernel address"
+                )
+            start = nr << pfn_shift
+            out.append((start, min(start + per_section, max_mapnr), mem_map))
+        return out
+
+
+def max_mapnr_of(loads: Iterable[Phdr]) -> int:
+    """Page frames covered by the PT_LOADs: ``ceil(max(p_paddr + p_memsz) / PAGE)``."""
+    top = max((p.paddr + p.memsz for p in loads if p.type == PT_LOAD), default=0)
+    return (top + PAGE - 1) >> PAGE_SHIFT

@@ -1,0 +1,144 @@
+"""A loopback TCP proxy that drops connections on command (fault injection for tests).
+
+``drop_after``: close a connection abruptly (RST) once this many client-to-server bytes
+passed through it, ``drops`` times in all. ``dead_after_drop``: once a connection was
+dropped, close every new one at once, so reconnects fail. With ``ftp=True`` the proxy
+rewrites PASV replies so data connections pass through it too; only data connections
+are then dropped.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import struct
+import threading
+
+from .common import LOOPBACK
+
+_PASV = re.compile(rb"^227 .*?\((\d+),(\d+),(\d+),(\d+),(\d+),(\d+)\)")
+_CHUNK = 256 << 10
+
+
+def _rst(sock: socket.socket) -> None:
+    """Abort a connection like a broken network would: RST, no FIN."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        # Wake the pump thread blocked in recv() on this socket; a bare close() would not,
+        # and the kernel would keep the connection open until that recv() returned.
+        sock.shutdown(socket.SHUT_RD)
+    except OSError:
+        pass
+    sock.close()
+
+
+class DropProxy:
+    def __init__(
+        self,
+        target_port: int,
+        drop_after: int | None = None,
+        drops: int = 1,
+        dead_after_drop: bool = False,
+        ftp: bool = False,
+    ) -> None:
+        self.target_port = target_port
+        self.drop_after = drop_after
+        self.drops_left = drops
+        self.dead_after_drop = dead_after_drop
+        self.ftp = ftp
+        self.dropped = 0
+        self.connections = 0  # accepted client connections (control ones only, for FTP)
+        self._lock = threading.Lock()
+        self._listeners: list[socket.socket] = []
+        self._socks: list[socket.socket] = []
+        self.port = self._listen(target_port, data=not ftp)
+
+    def _listen(self, target_port: int, data: bool, once: bool = False) -> int:
+        lst = socket.socket()
+        lst.bind((LOOPBACK, 0))
+        lst.listen(8)
+        self._listeners.append(lst)
+        threading.Thread(
+            target=self._accept, args=(lst, target_port, data, once), daemon=True
+        ).start()
+        return lst.getsockname()[1]
+
+    def _accept(self, lst: socket.socket, target_port: int, data: bool, once: bool) -> None:
+        while True:
+            try:
+                client, _ = lst.accept()
+            except OSError:
+                return
+            with self._lock:
+                dead = self.dead_after_drop and self.dropped > 0
+                self.connections += 0 if once else 1
+            if dead:
+                _rst(client)
+                continue
+            try:
+                server = socket.create_connection((LOOPBACK, target_port))
+            except OSError:
+                _rst(client)
+                continue
+            self._socks += [client, server]
+            state = {"bytes": 0}
+            threading.Thread(
+                target=self._pump, args=(client, server, data, state, True), daemon=True
+            ).start()
+            threading.Thread(
+                target=self._pump, args=(server, client, data, state, False), daemon=True
+            ).start()
+            if once:
+                lst.close()
+                return
+
+    def _pump(self, src, dst, data: bool, state: dict, upstream: bool) -> None:
+        buf = b""
+        try:
+            while chunk := src.recv(_CHUNK):
+                if upstream and data and self.drop_after is not None:
+                    state["bytes"] += len(chunk)
+                    with self._lock:
+                        drop = state["bytes"] >= self.drop_after and self.drops_left > 0
+                        if drop:
+                            self.drops_left -= 1
+                            self.dropped += 1
+                    if drop:
+                        _rst(src)
+                        _rst(dst)
+                        return
+                if not upstream and self.ftp and not data:
+                    buf += chunk
+                    *lines, buf = buf.split(b"\r\n")
+                    chunk = b"".join(self._rewrite(line) + b"\r\n" for line in lines)
+                dst.sendall(chunk)
+            if buf:
+                dst.sendall(buf)
+            dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            for s in (src, dst):
+                try:
+                    s.close()
+                except OSError:
+                    pass
+
+    def _rewrite(self, line: bytes) -> bytes:
+        m = _PASV.match(line)
+        if not m:
+            return line
+        port = int(m.group(5)) * 256 + int(m.group(6))
+        mine = self._listen(port, data=True, once=True)
+        return b"227 Entering Passive Mode (127,0,0,1,%d,%d)." % (mine >> 8, mine & 255)
+
+    def close(self) -> None:
+        for s in self._listeners + self._socks:
+            try:
+                s.close()
+            except OSError:
+                pass
+
+    def __enter__(self) -> DropProxy:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

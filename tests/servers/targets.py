@@ -1,0 +1,58 @@
+"""Build a transport for one of the test servers, rooted in a fresh directory."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass, replace
+
+from kdump_capture.urls import parse_target
+from transports import open_transport
+from transports.base import Transport, TransportSettings
+
+KINDS = ("file", "sftp", "ftp", "vsftpd", "cifs")
+SETTINGS = TransportSettings(timeout=10.0, retries=3, retry_delay=0.05)
+
+
+@dataclass
+class TestTarget:
+    """A transport URL and where its root lives on the server side (same machine)."""
+
+    kind: str
+    url: str
+    server_dir: str  # filesystem path of the transport's root directory
+    settings: TransportSettings
+
+    def transport(self, **overrides) -> Transport:
+        target, _ = parse_target(self.url)
+        return open_transport(target, replace(self.settings, **overrides))
+
+    def via_port(self, port: int) -> TestTarget:
+        """The same target reached through another port on 127.0.0.1 (a proxy)."""
+        host, _, rest = self.url.partition("127.0.0.1:")
+        _, _, path = rest.partition("/")
+        return replace(self, url=f"{host}127.0.0.1:{port}/{path}")
+
+
+def make_target(kind: str, request, sub: str = "") -> TestTarget:
+    """``sub``: a directory (relative to the server's root) to place the target in."""
+    name = sub or f"t-{secrets.token_hex(4)}"
+    if kind == "file":
+        d = request.getfixturevalue("tmp_path") / name
+        return TestTarget(kind, f"file://{d}", str(d), SETTINGS)
+    if kind == "sftp":
+        s = request.getfixturevalue("ssh_server")
+        d = os.path.join(s.workdir, "data", name)
+        st = replace(SETTINGS, ssh_identity=(s.client_key,), host_key=s.host_key)
+        return TestTarget(kind, f"sftp://root@{s.host}:{s.port}{d}", d, st)
+    if kind in ("ftp", "vsftpd"):
+        s = request.getfixturevalue("ftp_server" if kind == "ftp" else "vsftpd_server")
+        url_path = os.path.join(s.url_root, name)
+        d = os.path.join(s.root, name)
+        url = f"ftp://{s.user}:{s.password}@{s.host}:{s.port}{url_path}"
+        return TestTarget(kind, url, d, SETTINGS)
+    if kind == "cifs":
+        s = request.getfixturevalue("smb_server")
+        url = f"cifs://{s.user}:{s.password}@{s.host}:{s.port}/{s.share}/{name}"
+        return TestTarget(kind, url, os.path.join(s.root, name), SETTINGS)
+    raise ValueError(kind)

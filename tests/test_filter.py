@@ -1,0 +1,138 @@
+"""Dump-level filtering: bitmap helpers and makedumpfile's struct page rules, synthetic."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from kdump_capture.formats import filter as F
+from kdump_capture.kernel import ElfPhysMemory, Kernel, VmcoreInfo
+from kdump_capture.sample import (
+    PAGE_BUDDY_MAPCOUNT,
+    PAGE_OFFLINE_MAPCOUNT,
+    PG_HEAD,
+    PG_LRU,
+    PG_PRIVATE,
+    PG_SLAB,
+    PG_SWAPBACKED,
+    PG_SWAPCACHE,
+    RAM_START,
+    KernelImage,
+    PageState,
+)
+from kdump_capture.vmcore import open_vmcore
+
+FIRST = RAM_START // 4096  # first RAM pfn of KernelImage
+
+
+@given(st.integers(1, 300), st.lists(st.tuples(st.integers(0, 300), st.integers(0, 64))))
+def test_ranges_and_runs_match_brute_force(nbits, ops):
+    bm = bytearray(F.bitmap_half_len(nbits, 64))
+    ref = [False] * (len(bm) * 8)
+    for i, (start, n) in enumerate(ops):
+        end = min(start + n, len(ref))
+        if i % 3:
+            F.set_range(bm, start, end)
+            val = True
+        else:
+            F.clear_range(bm, start, end)
+            val = False
+        for p in range(start, end):
+            ref[p] = val
+    assert [F.test_bit(bm, p) for p in range(len(ref))] == ref
+    assert F.count_bits(bm) == sum(ref)
+    runs = list(F.iter_runs(bm, nbits))
+    expect = [p for p in range(nbits) if ref[p]]
+    assert [p for s, e in runs for p in range(s, e)] == expect
+    assert all(prev[1] < nxt[0] for prev, nxt in zip(runs, runs[1:], strict=False))  # maximal
+
+
+def test_bitmap_len_is_block_aligned():
+    assert F.bitmap_half_len(1) == 4096
+    assert F.bitmap_half_len(8 * 4096) == 4096
+    assert F.bitmap_half_len(8 * 4096 + 1) == 8192
+
+
+def test_test_bit_mask_keeps_makedumpfile_quirk():
+    # makedumpfile's test_bit() uses an int mask: only bit numbers mod 32, and bit 31
+    # sign-extends over the upper half.
+    assert F._test_bit_mask(4) == 16
+    assert F._test_bit_mask(36) == 16
+    assert F._test_bit_mask(31) == 0xFFFFFFFF80000000
+    assert F._test_bit_mask(None) == 0
+
+
+def _image(tmp_path, pages: dict[int, PageState], extra=None):
+    k = KernelImage(1024)
+    k.pages = {FIRST + i: st for i, st in pages.items()}
+    k.build([(0, b"x")])
+    path = str(tmp_path / "v.elf")
+    k.write(path, extra)
+    return open_vmcore(path)
+
+
+PAGES = {
+    600: PageState(flags=1 << PG_LRU, mapping=0xFFFF888000001000),  # cache
+    601: PageState(flags=1 << PG_LRU | 1 << PG_PRIVATE, mapping=0xFFFF888000001000),
+    602: PageState(flags=1 << PG_LRU, mapping=0xFFFF888000002001),  # anon (user)
+    603: PageState(flags=1 << PG_SWAPCACHE | 1 << PG_SWAPBACKED),  # swap cache
+    604: PageState(flags=1 << PG_SWAPCACHE),  # swapcache without swapbacked: not cache
+    608: PageState(mapcount=PAGE_BUDDY_MAPCOUNT, private=3),  # free, order 3: 608-615
+    616: PageState(flags=1 << PG_SLAB, mapcount=PAGE_BUDDY_MAPCOUNT, private=0),  # slab
+    620: PageState(mapcount=PAGE_OFFLINE_MAPCOUNT),  # offline: excluded at every level
+    624: PageState(flags=1 << PG_HEAD, order=2, dtor=2),  # hugetlb head: 624-627 user
+    625: PageState(compound_head=0xFFFFEA0000000001),
+    632: PageState(mapcount=PAGE_BUDDY_MAPCOUNT, private=20),  # invalid order: kept
+}
+
+
+@pytest.mark.parametrize(
+    "level,excluded",
+    [
+        (0, {620}),
+        (2, {600, 603, 620}),
+        (4, {600, 601, 603, 620}),
+        (8, {602, 620, 624, 625, 626, 627}),
+        (16, {620, *range(608, 616)}),
+        (31, {600, 601, 602, 603, 620, 624, 625, 626, 627, *range(608, 616)}),
+    ],
+)
+def test_struct_page_rules(tmp_path, level, excluded):
+    # At level 0 makedumpfile walks struct pages only when PG_hwpoison is exported.
+    vm = _image(tmp_path, PAGES, {"NUMBER(PG_hwpoison)": "23"} if level < 2 else None)
+    bm = F.build_bitmaps(vm, level)
+    got = {p - FIRST for p in range(FIRST, FIRST + 1024) if not F.test_bit(bm.second, p)}
+    assert got == excluded
+    assert all(F.test_bit(bm.first, p) for p in range(FIRST, FIRST + 1024))
+    assert not F.test_bit(bm.first, FIRST - 1)
+    if level & 16:
+        assert any("invalid buddy order" in n for n in bm.notes)
+
+
+def test_missing_vmcoreinfo_falls_back_with_note(tmp_path):
+    vm = _image(tmp_path, PAGES, {"SYMBOL(mem_section)": None})
+    bm = F.build_bitmaps(vm, 31)
+    assert bm.second == bm.first
+    assert bm.level == 1
+    assert any("effective dump level 1" in n for n in bm.notes)
+
+
+def test_garbage_vmcoreinfo_falls_back(tmp_path):
+    vm = _image(tmp_path, PAGES, {"NUMBER(SECTION_SIZE_BITS)": "banana"})
+    bm = F.build_bitmaps(vm, 31)
+    assert bm.second == bm.first and bm.notes
+
+
+def test_vtop_walks_huge_pages(tmp_path):
+    k = KernelImage(1024)
+    k.build([(0, b"x")])
+    k.map(0xFFFFC90000000000, 0x200000, huge=True)
+    k.put(0x200000 + 0x1234, b"HUGE")
+    path = str(tmp_path / "v.elf")
+    k.write(path)
+    vm = open_vmcore(path)
+    kern = Kernel(VmcoreInfo(vm.vmcoreinfo), ElfPhysMemory(vm.loads, vm.pread, vm.path))
+    assert kern.translate(0xFFFFC90000001234) == (0x201234, 0x200000 - 0x1234)
+    assert kern.read(0xFFFFC90000001234, 4) == b"HUGE"
+    assert kern.utsname()[130:145].rstrip(b"\0") == b"6.1.0-synthetic"

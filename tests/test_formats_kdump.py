@@ -1,0 +1,313 @@
+"""kdump-compressed and flattened writers on synthetic vmcores: layout, round trips, faults."""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import struct
+import subprocess
+
+import pytest
+
+from kdump_capture.dumpfile import KdumpReader, open_dump
+from kdump_capture.errors import NotSupported, VmcoreError
+from kdump_capture.formats import NullMonitor, flat, make_writer
+from kdump_capture.formats import filter as F
+from kdump_capture.formats.structs import (
+    DISK_DUMP_HEADER,
+    DUMP_DH_COMPRESSED_INCOMPLETE,
+    KDUMP_SUB_HEADER,
+    PAGE_DESC,
+    DiskDumpHeader,
+    KdumpSubHeader,
+    PageDesc,
+)
+from kdump_capture.kernel import AddressError
+from kdump_capture.sample import (
+    PAGE_BUDDY_MAPCOUNT,
+    RAM_START,
+    KernelImage,
+    PageState,
+    SampleSpec,
+    write_sample,
+)
+from kdump_capture.vmcore import Vmcore, open_vmcore
+
+PAGE = 4096
+FIRST = RAM_START // PAGE
+
+
+class SeekSink:
+    seekable = True
+
+    def __init__(self) -> None:
+        self.f = io.BytesIO()
+
+    def write(self, data) -> None:
+        self.f.write(bytes(data))
+
+    def seek(self, offset: int) -> None:
+        self.f.seek(offset)
+
+    def tell(self) -> int:
+        return self.f.tell()
+
+    def save(self, path) -> str:
+        with open(path, "wb") as out:
+            out.write(self.f.getvalue())
+        return str(path)
+
+
+class StreamSink(SeekSink):
+    seekable = False
+
+    def seek(self, offset: int) -> None:
+        raise AssertionError("a non-seekable sink was seeked")
+
+
+def test_struct_sizes_match_c():
+    assert DISK_DUMP_HEADER.size == 464  # sizeof(struct disk_dump_header)
+    assert KDUMP_SUB_HEADER.size == 104  # sizeof(struct kdump_sub_header)
+    assert PAGE_DESC.size == 24  # sizeof(page_desc_t)
+    assert flat.FLAT_HEADER.size == 32 and flat.RECORD.size == 16
+    kh = KdumpSubHeader(phys_base=1, dump_level=31, max_mapnr_64=7, offset_note=4200)
+    assert KdumpSubHeader.unpack_from(kh.pack()) == kh
+    raw = kh.pack()
+    assert (
+        struct.unpack_from("<q", raw, 48)[0] == 4200 and struct.unpack_from("<Q", raw, 96)[0] == 7
+    )
+
+
+def _image(tmp_path, ram_pages=1024) -> str:
+    """A synthetic kernel with zero, text, random, free (buddy) and user pages."""
+    k = KernelImage(ram_pages)
+    rng = random.Random(5)
+    base = 300
+    for i in range(base, ram_pages):
+        kind = i % 4
+        pa = RAM_START + i * PAGE
+        if kind == 1:
+            k.put(pa, (b"text page %6d " % i) * (PAGE // 16))
+        elif kind == 2:
+            k.put(pa, rng.randbytes(PAGE))
+    # free pages (order 8: 256 pages) and an anonymous page
+    k.pages[FIRST + 512] = PageState(mapcount=PAGE_BUDDY_MAPCOUNT, private=8)
+    k.pages[FIRST + 301] = PageState(mapping=0xFFFF888000003001)
+    k.build([(0, b"synthetic log"), (5, b"second line")])
+    path = str(tmp_path / "v.elf")
+    k.write(path)
+    return path
+
+
+def _write(vm, fmt, level, sink):
+    w = make_writer(vm, fmt, level, sink.seekable)
+    return w.write(sink, NullMonitor())
+
+
+@pytest.mark.parametrize("fmt", ["compressed", "zstd"])
+@pytest.mark.parametrize("level", [0, 1, 31])
+def test_round_trip(tmp_path, fmt, level):
+    src = _image(tmp_path)
+    vm = open_vmcore(src)
+    sink = SeekSink()
+    res = _write(vm, fmt, level, sink)
+    assert not res.flattened and res.dump_level == level and not res.notes
+    path = sink.save(tmp_path / "dump")
+    with open(path, "rb") as f:
+        dh = DiskDumpHeader.unpack_from(f.read(464))
+    assert dh.signature == b"KDUMP   " and dh.header_version == 6 and dh.nr_cpus == 1
+    assert dh.uts_field(4) == "x86_64" and dh.uts_field(2) == "6.1.0-synthetic"
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        reader = KdumpReader(path, lambda n, o: os.pread(fd, n, o), lambda: None)
+        bm = F.build_bitmaps(vm, level)
+        assert reader.bitmap == bytes(bm.second)
+        zero_offsets = set()
+        raw_pages = 0
+        for pfn in range(FIRST, FIRST + 1024):
+            expect = vm.pread(PAGE, vm.loads[0].offset + (pfn - FIRST) * PAGE)
+            if not F.test_bit(bm.second, pfn):
+                with pytest.raises(AddressError):
+                    reader.page(pfn)
+                continue
+            assert reader.page(pfn) == expect
+            pd = reader.desc(pfn)
+            if expect == bytes(PAGE) and level & 1:
+                zero_offsets.add(pd.offset)
+            raw_pages += pd.flags == 0
+            assert pd.offset > 0 and pd.size <= PAGE
+        assert len(zero_offsets) == (1 if level & 1 else 0)
+        assert raw_pages >= 100  # random pages do not compress: stored raw
+        if level & 16:
+            assert not any(F.test_bit(reader.bitmap, FIRST + 512 + i) for i in range(256))
+    finally:
+        os.close(fd)
+    with open_dump(path) as d:
+        assert d.dmesg() == "[    0.000000] synthetic log\n[    0.000000] second line\n"
+
+
+def test_makedumpfile_reads_our_synthetic_dump(tmp_path):
+    vm = open_vmcore(_image(tmp_path))
+    sink = SeekSink()
+    _write(vm, "compressed", 31, sink)
+    path = sink.save(tmp_path / "dump")
+    out = tmp_path / "dmesg.txt"
+    subprocess.run(["makedumpfile", "--dump-dmesg", path, str(out)], check=True,
+                   capture_output=True)  # fmt: skip
+    assert "synthetic log" in out.read_text()
+
+
+def test_flattened_rearranges_to_the_seekable_file(tmp_path):
+    vm = open_vmcore(_image(tmp_path))
+    seek, stream = SeekSink(), StreamSink()
+    _write(vm, "compressed", 31, seek)
+    res = _write(vm, "compressed", 31, stream)
+    assert res.flattened and "flattened" in res.format
+    flat_path = stream.save(tmp_path / "flat")
+    normal = seek.f.getvalue()
+    flat.rearrange(flat_path, str(tmp_path / "re"))
+    assert (tmp_path / "re").read_bytes() == normal
+    with open(flat_path, "rb") as f:
+        p = subprocess.run(["makedumpfile", "-R", str(tmp_path / "mre")], stdin=f,
+                           capture_output=True)  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / "mre").read_bytes() == normal
+    with open_dump(flat_path) as d:
+        assert d.kind == "kdump (flattened)" and "synthetic log" in d.dmesg()
+
+
+def _stream(records, end=True) -> bytes:
+    out = flat.flat_header()
+    for off, data in records:
+        out += flat.RECORD.pack(off, len(data)) + data
+    return out + (flat.END_MARKER if end else b"")
+
+
+def test_rearrange_out_of_order_and_overlapping(tmp_path):
+    src = tmp_path / "s"
+    src.write_bytes(_stream([(100, b"B" * 50), (0, b"A" * 10), (120, b"C" * 10)]))
+    n = flat.rearrange(str(src), str(tmp_path / "d"))
+    expect = b"A" * 10 + bytes(90) + b"B" * 20 + b"C" * 10 + b"B" * 20
+    assert n == 150 and (tmp_path / "d").read_bytes() == expect
+    ff = flat.FlatFile(str(src))
+    assert ff.pread(150, 0) == expect and ff.pread(10, 115) == expect[115:125]
+    ff.close()
+    with open(src, "rb") as f:
+        subprocess.run(["makedumpfile", "-R", str(tmp_path / "m")], stdin=f, check=True,
+                       capture_output=True)  # fmt: skip
+    assert (tmp_path / "m").read_bytes() == expect
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        _stream([(0, b"x" * 10)], end=False),
+        _stream([(0, b"x" * 10)])[:-30],
+        b"notflat" + bytes(5000),
+        _stream([(-5, b"x")]),
+    ],
+)
+def test_rearrange_rejects_bad_streams(tmp_path, data):
+    src = tmp_path / "s"
+    src.write_bytes(data)
+    with pytest.raises(VmcoreError):
+        flat.rearrange(str(src), str(tmp_path / "d"))
+    assert not (tmp_path / "d").exists()
+
+
+class FailingVmcore(Vmcore):
+    """Test-only source: reads past ``fail_at`` bytes of page data fail like a dying disk."""
+
+    fail_at = 0
+
+    def readinto(self, buf, offset):
+        if offset >= self.fail_at:
+            raise VmcoreError(f"{self.path}: read error at offset {offset:#x}: I/O error")
+        return super().readinto(buf, offset)
+
+
+def test_read_error_gives_marked_partial_dump(tmp_path):
+    vm = open_vmcore(_image(tmp_path))
+    bad = FailingVmcore(**{f: getattr(vm, f) for f in vm.__dataclass_fields__})
+    bad.fail_at = vm.loads[0].offset + 600 * PAGE
+    for sink in (SeekSink(), StreamSink()):
+        res = _write(bad, "zstd", 1, sink)
+        assert any(n.startswith("INCOMPLETE") for n in res.notes)
+        path = sink.save(tmp_path / "partial")
+        if not sink.seekable:
+            flat.rearrange(path, str(tmp_path / "re"))
+            path = str(tmp_path / "re")
+        with open_dump(path) as d:
+            assert d.header.status & DUMP_DH_COMPRESSED_INCOMPLETE
+            assert d.read_phys(RAM_START + 310 * PAGE, 16)
+            with pytest.raises(AddressError, match="missing"):
+                d.read_phys(RAM_START + 1000 * PAGE, 16)
+
+
+def test_truncated_and_garbage_dumps_are_clear_errors(tmp_path):
+    vm = open_vmcore(_image(tmp_path))
+    sink = SeekSink()
+    _write(vm, "compressed", 1, sink)
+    data = sink.f.getvalue()
+    (tmp_path / "t1").write_bytes(data[:300])
+    (tmp_path / "t2").write_bytes(data[: 3 * PAGE + 100])
+    (tmp_path / "t3").write_bytes(b"garbage" * 100)
+    for name in ("t1", "t2", "t3"):
+        with pytest.raises(VmcoreError):
+            open_dump(str(tmp_path / name))
+    (tmp_path / "t4").write_bytes(data[: len(data) // 2])
+    with open_dump(str(tmp_path / "t4")) as d:
+        with pytest.raises(VmcoreError):
+            for pfn in range(FIRST, FIRST + 1024):
+                d.read_phys(pfn * PAGE, 8)
+
+
+def test_truncated_vmcore_and_pt_load_past_end(tmp_path):
+    path = tmp_path / "v"
+    write_sample(str(path), SampleSpec(ram_mib=4))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 5000])
+    with pytest.raises(VmcoreError, match="truncated"):
+        open_vmcore(str(path))
+
+
+def test_synthetic_sample_without_struct_pages_falls_back(tmp_path):
+    path = tmp_path / "v"
+    write_sample(str(path), SampleSpec(ram_mib=4))
+    vm = open_vmcore(str(path))
+    res = _write(vm, "compressed", 31, SeekSink())
+    assert res.dump_level == 1 and any("effective dump level 1" in n for n in res.notes)
+
+
+def test_make_writer_formats(tmp_path):
+    vm = open_vmcore(_image(tmp_path))
+    assert make_writer(vm, "none", 31, True).produces_file is False
+    assert make_writer(vm, "elf", 31, True).produces_file
+    with pytest.raises(NotSupported):
+        make_writer(vm, "snappy", 31, True)
+    with pytest.raises(NotSupported):
+        make_writer(vm, "compressed", 32, True)
+    with pytest.raises(NotSupported):
+        make_writer(vm, "bogus", 1, True)
+
+
+def test_elf_level_31_leaves_excluded_runs_out(tmp_path):
+    vm = open_vmcore(_image(tmp_path))
+    sink = SeekSink()
+    res = _write(vm, "elf", 31, sink)
+    path = sink.save(tmp_path / "e")
+    out = open_vmcore(path)
+    assert len(out.loads) >= 2  # excluded runs (the 256 free pages) split the RAM segment
+    assert sum(p.filesz for p in out.loads) < sum(p.filesz for p in vm.loads) - 255 * PAGE
+    assert sum(p.memsz for p in out.loads) == vm.loads[0].memsz
+    assert res.dump_level == 31 and res.pages_written < res.pages_total
+    dm = tmp_path / "dm"
+    subprocess.run(["makedumpfile", "--dump-dmesg", path, str(dm)], check=True,
+                   capture_output=True)  # fmt: skip
+    assert "second line" in dm.read_text()
+
+
+def test_page_desc_round_trip():
+    pd = PageDesc(offset=123456, size=77, flags=0x20)
+    assert PageDesc.unpack_from(pd.pack()) == pd

@@ -1,0 +1,105 @@
+"""`kdump-capture save` over every network transport, against the real test servers."""
+
+import json
+import os
+import socket
+import stat
+
+import pytest
+
+from kdump_capture.sample import SampleSpec, write_sample
+from kdump_capture.urls import parse_target
+from tests.servers.targets import make_target
+
+from .helpers import cli
+
+KINDS = ("sftp", "ftp", "vsftpd", "cifs")
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory):
+    p = tmp_path_factory.mktemp("src") / "vmcore"
+    write_sample(str(p), SampleSpec(ram_mib=12))
+    return str(p)
+
+
+def write_config(path, target, **extra):
+    """A sysconfig file: passwords travel in the file, never in argv."""
+    lines = [f'KDUMP_SAVEDIR="{target.url}"', "KDUMP_NET_TIMEOUT=10"]
+    if target.settings.host_key:
+        lines.append(f'KDUMP_HOST_KEY="{target.settings.host_key}"')
+    if target.settings.ssh_identity:
+        lines.append(f'KDUMP_SSH_IDENTITY="{" ".join(target.settings.ssh_identity)}"')
+    lines += [f'{k}="{v}"' for k, v in extra.items()]
+    path.write_text("\n".join(lines) + "\n")
+    os.chmod(path, 0o600)
+    return str(path)
+
+
+def run_save(conf, sample, *sets):
+    args = ["save", "--config", conf, "--vmcore", sample, "--no-reboot"]
+    for s in sets:
+        args += ["--set", s]
+    return cli(*args)
+
+
+def server_dumps(target):
+    if not os.path.isdir(target.server_dir):
+        return []
+    return sorted(n for n in os.listdir(target.server_dir) if not n.startswith("."))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_save_rotate_and_keep_secrets(kind, request, sample, tmp_path):
+    target = make_target(kind, request)
+    conf = write_config(tmp_path / "kdump", target, KDUMP_KEEP_OLD_DUMPS="1")
+    password = parse_target(target.url)[0].password
+    outputs = []
+    for _ in range(3):
+        r = run_save(conf, sample)
+        assert r.rc == 0, r.err
+        outputs.append(r.out + r.err)
+    names = server_dumps(target)
+    host = socket.gethostname()
+    assert len(names) == 2, names  # the new dump plus one older
+    assert all(n.startswith(f"{host}-") for n in names)
+    d = os.path.join(target.server_dir, names[-1])
+    with open(os.path.join(d, "vmcore"), "rb") as f, open(sample, "rb") as g:
+        assert f.read() == g.read()
+    with open(os.path.join(d, "manifest.json")) as f:
+        m = json.load(f)
+    assert m["status"] == "complete"
+    assert cli("verify", d).rc == 0
+    readme = open(os.path.join(d, "README.txt")).read()
+    if password:
+        for text in outputs + [readme, json.dumps(m)]:
+            assert password not in text
+    if kind == "sftp":
+        assert stat.S_IMODE(os.stat(d).st_mode) == 0o700
+        for f in os.listdir(d):
+            assert stat.S_IMODE(os.stat(os.path.join(d, f)).st_mode) == 0o600
+
+
+def test_fallback_to_the_next_target(request, sample, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]  # nothing listens once the socket closes
+    local = tmp_path / "local"
+    conf = tmp_path / "kdump"
+    conf.write_text(
+        f'KDUMP_SAVEDIR="ftp://127.0.0.1:{closed}/dumps file://{local}"\nKDUMP_NET_TIMEOUT=5\n'
+    )
+    r = run_save(str(conf), sample)
+    assert r.rc == 0, r.err
+    assert "trying the next target" in r.err
+    assert len(os.listdir(local)) == 1
+
+
+def test_wrong_host_key_is_refused(request, sample, tmp_path):
+    target = make_target("sftp", request)
+    conf = write_config(tmp_path / "kdump", target)
+    other = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIEdFYt3/9fHPJjCoOhIrhRuBfvCtXCgw6JPfKhc1cMdn"
+    r = run_save(conf, sample, f"KDUMP_HOST_KEY={other}")
+    assert r.rc == 7, r.err
+    assert "host key" in r.err.lower()
+    assert server_dumps(target) == []

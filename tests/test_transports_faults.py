@@ -1,0 +1,152 @@
+"""Faults against real servers: dropped connections, full disks, bad credentials and keys."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import time
+from dataclasses import replace
+
+import pytest
+
+from kdump_capture.errors import AuthError, ConnectionLost, TargetFull, TransportError
+from tests.servers.common import free_port, tmpfs
+from tests.servers.fixtures import TEST_PASSWORD, _world_dir
+from tests.servers.proxy import DropProxy
+from tests.servers.targets import make_target
+from transports.base import TransportSettings, is_temp_name
+
+MiB = 1 << 20
+NET = ("sftp", "ftp", "cifs")
+
+
+def _port(target) -> int:
+    return int(target.url.split("127.0.0.1:")[1].split("/")[0])
+
+
+def _upload(tr, name: str, data: bytes) -> None:
+    with tr.create(name) as sink:
+        view = memoryview(data)
+        for i in range(0, len(data), MiB):
+            sink.write(view[i : i + MiB])
+        sink.commit()
+
+
+def _names(d: str) -> list[str]:
+    return sorted(os.listdir(d)) if os.path.isdir(d) else []
+
+
+@pytest.mark.parametrize("kind", NET)
+def test_resume_after_drops_is_byte_identical(kind, request):
+    target = make_target(kind, request)
+    data = os.urandom(24 * MiB)
+    with DropProxy(_port(target), drop_after=5 * MiB, drops=2, ftp=kind == "ftp") as proxy:
+        with target.via_port(proxy.port).transport() as tr:
+            _upload(tr, "vmcore", data)
+        assert proxy.dropped == 2
+    with open(os.path.join(target.server_dir, "vmcore"), "rb") as f:
+        assert hashlib.sha256(f.read()).digest() == hashlib.sha256(data).digest()
+    assert _names(target.server_dir) == ["vmcore"]
+
+
+@pytest.mark.parametrize("kind", NET)
+def test_drops_beyond_retries_raise_connection_lost(kind, request):
+    target = make_target(kind, request)
+    target = replace(target, settings=replace(target.settings, retries=2, retry_delay=0.01))
+    with DropProxy(
+        _port(target), drop_after=3 * MiB, dead_after_drop=True, ftp=kind == "ftp"
+    ) as proxy:
+        with target.via_port(proxy.port).transport() as tr:
+            with pytest.raises(ConnectionLost):
+                _upload(tr, "vmcore", os.urandom(16 * MiB))
+    # Nothing under the final name; at most the temporary file the server kept.
+    assert all(is_temp_name(n) for n in _names(target.server_dir))
+
+
+@pytest.mark.parametrize("kind", ("file", *NET))
+def test_disk_full_raises_target_full_and_removes_temp(kind, request):
+    target = make_target(kind, request, sub=f"full-{kind}")
+    with tmpfs(target.server_dir, "8m"):
+        os.chmod(target.server_dir, 0o700)
+        with target.transport() as tr:
+            with pytest.raises(TargetFull):
+                _upload(tr, "vmcore", os.urandom(16 * MiB))
+            assert tr.listdir() == []
+        assert _names(target.server_dir) == []
+
+
+@pytest.mark.parametrize("kind", NET)
+def test_wrong_password_is_auth_error_fast_and_not_retried(kind, request, caplog):
+    if kind == "sftp":
+        name, _ = request.getfixturevalue("test_user")
+        s = request.getfixturevalue("ssh_server")
+        url = f"sftp://{name}:wrong-pw-123@{s.host}:{s.port}/tmp/x"
+        settings = TransportSettings(host_key=s.host_key, ssh_identity=("/nonexistent",))
+    else:
+        target = make_target(kind, request)
+        good = target.url.split("://", 1)[1].split("@")[0].split(":", 1)[1]
+        url = target.url.replace(f":{good}@", ":wrong-pw-123@")
+        settings = target.settings
+    settings = replace(settings, timeout=5.0, retries=3, retry_delay=2.0)
+    target = make_target("file", request)  # only for its helpers
+    target = replace(target, url=url, settings=settings)
+    caplog.set_level(logging.DEBUG)
+    with DropProxy(_port(target)) as proxy:
+        start = time.monotonic()
+        with pytest.raises(AuthError) as exc:
+            target.via_port(proxy.port).transport().connect()
+        assert time.monotonic() - start < settings.retry_delay  # no retry happened
+        assert proxy.connections == 1
+    assert "wrong-pw-123" not in str(exc.value)
+    assert "wrong-pw-123" not in caplog.text
+
+
+def test_sftp_password_login(request):
+    name, password = request.getfixturevalue("test_user")
+    s = request.getfixturevalue("ssh_server")
+    top = _world_dir("kdump-sftp-")
+    url = f"sftp://{name}:{password}@{s.host}:{s.port}{top}/dumps"
+    target = replace(make_target("file", request), url=url)
+    try:
+        with target.transport(host_key=s.host_key, ssh_identity=("/nonexistent",)) as tr:
+            _upload(tr, "f", b"data")
+            assert [e.name for e in tr.listdir()] == ["f"]
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+    assert TEST_PASSWORD == password
+
+
+def test_sftp_host_key_checks(request, tmp_path, caplog):
+    target = make_target("sftp", request)
+    s = request.getfixturevalue("ssh_server")
+    other = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl"
+    with pytest.raises(AuthError, match=r"127\.0\.0\.1.*ssh-ed25519 SHA256:"):
+        target.transport(host_key=other).connect()
+    empty = tmp_path / "known_hosts"
+    empty.write_text("")
+    with pytest.raises(AuthError, match="no host key"):
+        target.transport(host_key="", known_hosts=(str(empty),)).connect()
+    with target.transport(host_key="", known_hosts=(s.known_hosts,)) as tr:
+        assert tr.listdir() == []
+    caplog.set_level(logging.WARNING)
+    with target.transport(host_key="*") as tr:
+        assert tr.listdir() == []
+    assert "accepting any host key" in caplog.text
+
+
+@pytest.mark.parametrize("kind", ("sftp", "ftp", "cifs", "nfs"))
+def test_closed_port_fails_within_timeout(kind, request):
+    port = free_port()  # nobody listens there
+    urls = {
+        "sftp": f"sftp://root@127.0.0.1:{port}/tmp/x",
+        "ftp": f"ftp://127.0.0.1:{port}/x",
+        "cifs": f"cifs://u:p@127.0.0.1:{port}/share/x",
+        "nfs": f"nfs://127.0.0.1:{port}/x",
+    }
+    target = replace(make_target("file", request), url=urls[kind])
+    start = time.monotonic()
+    with pytest.raises(TransportError):
+        target.transport(timeout=3.0, host_key="*").connect()
+    assert time.monotonic() - start < 3.0

@@ -1,0 +1,198 @@
+"""Reconnect-and-resume support shared by the network transports.
+
+Three pieces, all free of library imports so any transport can use them:
+
+- ``is_connection_lost(exc)``: the pure predicate deciding whether an exception means
+  "the connection broke" (worth a reconnect) as opposed to "the server said no".
+  Transports convert their library's exceptions into our error tree first, so the
+  predicate only knows the standard library and ``kdump_capture.errors``.
+- ``retry_call``: run an operation, and on a lost connection reconnect and run it again,
+  a bounded number of times with bounded delays taken from ``TransportSettings``.
+  ``AuthError`` is never retried.
+- ``ReplayBuffer``: the bytes a sink wrote recently, so after a reconnect it can replay
+  everything the server had not confirmed yet.
+"""
+
+from __future__ import annotations
+
+import errno
+import ftplib
+import logging
+import socket
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import TypeVar
+
+from kdump_capture.errors import AuthError, ConnectionLost, TransportError
+
+from .base import TransportSettings
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# A sink keeps this much recently written data for replay. 16 MiB covers several seconds
+# of in-flight data on a fast link (SFTP pipelining keeps at most 8 MiB unacknowledged,
+# FTP caps the socket send buffer far below this) at a cost the capture kernel can afford.
+REPLAY_LIMIT = 16 << 20
+
+# Errnos that mean the path to the server broke, not that the server refused something.
+CONNECTION_LOST_ERRNOS = frozenset(
+    {
+        errno.ECONNRESET,
+        errno.ECONNABORTED,
+        errno.ECONNREFUSED,
+        errno.EPIPE,
+        errno.ETIMEDOUT,
+        errno.ENETDOWN,
+        errno.ENETUNREACH,
+        errno.ENETRESET,
+        errno.EHOSTUNREACH,
+        errno.EHOSTDOWN,
+        errno.ENOTCONN,
+        errno.ESHUTDOWN,
+    }
+)
+
+# FTP replies meaning the control or data connection went away (RFC 959): 421 service
+# closing, 425 cannot open data connection, 426 connection closed; transfer aborted.
+FTP_CONNECTION_REPLIES = ("421", "425", "426")
+
+
+class CannotResume(ConnectionLost):
+    """The connection broke and the server lacks bytes we no longer hold; retrying is futile."""
+
+
+def is_connection_lost(exc: BaseException) -> bool:
+    """True if ``exc`` means the connection broke and a reconnect may help."""
+    if isinstance(exc, (AuthError, CannotResume)):
+        return False
+    if isinstance(exc, ConnectionLost):
+        return True
+    if isinstance(exc, TransportError):
+        return False
+    if isinstance(exc, (EOFError, socket.timeout, ConnectionError)):
+        return True
+    if isinstance(exc, ftplib.error_temp):
+        return str(exc)[:3] in FTP_CONNECTION_REPLIES
+    if isinstance(exc, OSError):
+        return exc.errno in CONNECTION_LOST_ERRNOS
+    return False
+
+
+def retry_delays(settings: TransportSettings) -> list[float]:
+    """The waits before each retry: ``retry_delay`` doubling, capped at 4x."""
+    base = max(0.0, settings.retry_delay)
+    return [min(base * (2**i), base * 4) for i in range(max(0, settings.retries))]
+
+
+def retry_call(
+    op: Callable[[], T],
+    reconnect: Callable[[], None],
+    settings: TransportSettings,
+    what: str,
+    first_error: BaseException | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> T:
+    """Run ``op``; on a lost connection call ``reconnect`` and run ``op`` again.
+
+    At most ``settings.retries`` retries. Errors that are not a lost connection
+    propagate at once; a failing ``reconnect`` counts as a failed attempt (unless it is
+    an ``AuthError``, which propagates). When attempts run out, raises ``ConnectionLost``.
+    ``first_error``: the caller already saw the connection break; start by reconnecting.
+    """
+    delays = retry_delays(settings)
+    last = first_error
+    for attempt in range(1 if first_error is not None else 0, len(delays) + 1):
+        if attempt:
+            log.warning(
+                "%s: connection lost (%s); retry %d of %d in %.1fs",
+                what,
+                last,
+                attempt,
+                len(delays),
+                delays[attempt - 1],
+            )
+            sleep(delays[attempt - 1])
+            try:
+                reconnect()
+            except Exception as e:
+                if not is_connection_lost(e):
+                    raise
+                last = e
+                continue
+        try:
+            return op()
+        except Exception as e:
+            if not is_connection_lost(e):
+                raise
+            last = e
+    raise ConnectionLost(f"{what}: connection lost and {len(delays)} retries failed: {last}")
+
+
+class ReplayBuffer:
+    """Copies of the most recently written byte ranges, at most ``limit`` bytes.
+
+    Append-only streams replay from the offset the server confirmed (``since``);
+    after a seek, sinks replay every range written since the last sync point (``all``).
+    Must not keep the caller's memoryview: ``add`` copies.
+    """
+
+    def __init__(self, limit: int = REPLAY_LIMIT) -> None:
+        self.limit = limit
+        self._records: deque[tuple[int, bytes]] = deque()
+        self._bytes = 0
+        self.dropped = False
+
+    def add(self, offset: int, data: bytes | memoryview) -> None:
+        self._records.append((offset, bytes(data)))
+        self._bytes += len(data)
+        while self._bytes > self.limit and len(self._records) > 1:
+            _, old = self._records.popleft()
+            self._bytes -= len(old)
+            self.dropped = True
+
+    def clear(self) -> None:
+        """A sync point: everything written so far is confirmed by the server."""
+        self._records.clear()
+        self._bytes = 0
+        self.dropped = False
+
+    @property
+    def start(self) -> int:
+        """Lowest stream offset still held (append-only streams)."""
+        return self._records[0][0] if self._records else -1
+
+    def all(self) -> list[tuple[int, bytes]]:
+        """Every held range in write order; valid only if nothing was ``dropped``."""
+        return list(self._records)
+
+    @property
+    def end(self) -> int:
+        """Stream offset just past the last held byte (append-only streams)."""
+        if not self._records:
+            return 0
+        off, data = self._records[-1]
+        return off + len(data)
+
+    def since(self, confirmed: int) -> list[tuple[int, memoryview]]:
+        """Ranges covering ``[confirmed, end)`` of an append-only stream.
+
+        Raises ``CannotResume`` if the buffer no longer holds byte ``confirmed``.
+        """
+        end = self.end
+        if confirmed == end:
+            return []
+        if confirmed > end or not self._records or confirmed < self._records[0][0]:
+            raise CannotResume(
+                f"cannot resume: the server holds {confirmed} bytes but only bytes "
+                f"{max(self.start, 0)}..{end} are still buffered for replay"
+            )
+        out = []
+        for off, data in self._records:
+            if off + len(data) <= confirmed:
+                continue
+            skip = max(0, confirmed - off)
+            out.append((off + skip, memoryview(data)[skip:]))
+        return out

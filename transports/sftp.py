@@ -1,0 +1,566 @@
+"""SFTP transport (ssh://, sftp://, scp:// targets) over paramiko, with resumable uploads.
+
+Host keys come only from configuration (``host_key``) or known_hosts files: no
+trust-on-first-use, no prompts, no agent. Uploads pipeline large WRITE requests and keep
+a replay buffer, so a dropped connection resumes from the size the server holds.
+"""
+
+from __future__ import annotations
+
+import base64
+import errno
+import hashlib
+import logging
+import os
+import posixpath
+import socket
+import stat
+import struct
+from collections import deque
+from collections.abc import Iterator
+
+import paramiko
+from paramiko.sftp import CMD_EXTENDED, CMD_EXTENDED_REPLY, CMD_STATUS, CMD_WRITE
+
+from kdump_capture.errors import AuthError, ConnectionLost, TargetFull, TransportError
+from kdump_capture.urls import Target
+
+from .base import (
+    DIR_MODE,
+    FILE_MODE,
+    Entry,
+    FileInfo,
+    Sink,
+    Transport,
+    TransportSettings,
+    is_temp_name,
+    temp_name,
+)
+from .retry import ReplayBuffer, is_connection_lost, retry_call
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORT = 22
+DEFAULT_USER = "root"
+DEFAULT_IDENTITIES = ("id_ed25519", "id_ecdsa", "id_rsa")
+
+# Fastest ciphers first: AES-GCM and AES-CTR use AES-NI through OpenSSL; chacha20 is
+# not offered by paramiko. Anything else the server insists on stays allowed after them.
+FAST_CIPHERS = ("aes128-gcm@openssh.com", "aes128-ctr", "aes256-gcm@openssh.com", "aes256-ctr")
+# Our receive window (only matters for reads): large enough that one round trip never
+# stalls a loopback or LAN stream.
+WINDOW_SIZE = 64 << 20
+MAX_PACKET = 256 << 10
+# The SFTP draft requires servers to accept 32 KiB writes; OpenSSH announces 255 KiB via
+# limits@openssh.com, which cuts per-request overhead by eight.
+MIN_WRITE = 32 << 10
+# Unacknowledged WRITE data in flight: enough to cover the bandwidth-delay product of a
+# LAN, and well below the replay buffer so every unconfirmed byte can be replayed.
+MAX_INFLIGHT = 8 << 20
+READ_CHUNK = 1 << 20
+
+# OpenSSH key type names, and the host key algorithms that negotiate each of them.
+_KEY_ALGOS = {"ssh-rsa": ("rsa-sha2-512", "rsa-sha2-256", "ssh-rsa")}
+
+
+def fingerprint(key: paramiko.PKey) -> str:
+    """OpenSSH-style SHA256 fingerprint of a public key."""
+    digest = hashlib.sha256(key.asbytes()).digest()
+    return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
+
+
+def known_hosts_name(host: str, port: int) -> str:
+    """How OpenSSH names a host in known_hosts: bare on port 22, else [host]:port."""
+    return host if port == DEFAULT_PORT else f"[{host}]:{port}"
+
+
+def expected_keys(target: Target, settings: TransportSettings) -> dict[str, str] | None:
+    """Acceptable host keys as {type: base64}; None means "any" (host_key '*').
+
+    Raises AuthError when nothing is configured for this host.
+    """
+    host, port = target.host, target.port or DEFAULT_PORT
+    if settings.host_key.strip() == "*":
+        return None
+    if settings.host_key.strip():
+        parts = settings.host_key.split()
+        if len(parts) < 2:
+            raise AuthError(f"host key {settings.host_key!r} is not '<type> <base64>'")
+        return {parts[0]: parts[1]}
+    files = settings.known_hosts or (os.path.expanduser("~/.ssh/known_hosts"),)
+    keys = paramiko.HostKeys()
+    for path in files:
+        try:
+            keys.load(path)
+        except FileNotFoundError:
+            continue
+        except (OSError, paramiko.SSHException) as e:
+            raise AuthError(f"cannot read known_hosts file {path}: {e}") from e
+    entry = keys.lookup(known_hosts_name(host, port))
+    if not entry:
+        raise AuthError(
+            f"no host key for {known_hosts_name(host, port)} in {', '.join(files)}; "
+            "set KDUMP_HOST_KEY or add the key to known_hosts (keys are never trusted on first use)"
+        )
+    return {ktype: entry[ktype].get_base64() for ktype in entry.keys()}
+
+
+def load_identities(settings: TransportSettings) -> list[paramiko.PKey]:
+    """Private keys from ``ssh_identity``, or the usual ~/.ssh defaults that exist."""
+    paths = settings.ssh_identity or tuple(
+        p
+        for p in (os.path.expanduser(f"~/.ssh/{n}") for n in DEFAULT_IDENTITIES)
+        if os.path.exists(p)
+    )
+    keys = []
+    for path in paths:
+        path = path if os.path.isabs(path) else os.path.expanduser(f"~/.ssh/{path}")
+        try:
+            keys.append(paramiko.PKey.from_path(path))
+        except paramiko.PasswordRequiredException:
+            log.warning("ssh key %s is passphrase-protected; skipping it", path)
+        except (OSError, paramiko.SSHException, ValueError) as e:
+            log.warning("cannot load ssh key %s: %s", path, e)
+    return keys
+
+
+class SftpSink(Sink):
+    """A remote file written with pipelined WRITE requests at explicit offsets."""
+
+    seekable = True
+
+    def __init__(self, transport: SftpTransport, directory: str, name: str) -> None:
+        super().__init__(name)
+        self._t = transport
+        self._final = posixpath.join(directory, name)
+        self._tmp = posixpath.join(directory, temp_name(name))
+        self._inflight: deque[tuple[int, int]] = deque()  # (request id, bytes)
+        self._inflight_bytes = 0
+        self._replay = ReplayBuffer()
+        self._positional = False  # true once the engine seeked: replay by offset
+        self._handle = b""
+        self._sftp: paramiko.SFTPClient | None = None
+        self._t.call(lambda: self._open(create=True), f"creating {self._tmp}")
+
+    def _close_channel(self) -> None:
+        if self._sftp is not None:
+            try:
+                self._sftp.close()
+            except Exception as e:
+                log.debug("closing sftp channel: %s", e)
+            self._sftp = None
+
+    # -- low level, on the current connection ----------------------------------------
+    def _open(self, create: bool) -> None:
+        """Open the temp file on an SFTP channel of our own: its WRITE replies are ours
+        alone, while the transport's channel serves listings in between."""
+        self._close_channel()
+        self._sftp = sftp = self._t.channel()
+        f = sftp.open(self._tmp, "wbx" if create else "r+b")
+        if create:
+            f.chmod(FILE_MODE)
+        self._file = f
+        self._handle = f.handle
+        self._inflight.clear()
+        self._inflight_bytes = 0
+
+    def _send(self, offset: int, view: memoryview) -> None:
+        sftp, step = self._sftp, self._t.write_size
+        for i in range(0, len(view), step):
+            piece = view[i : i + step]
+            num = sftp._async_request(
+                type(None), CMD_WRITE, self._handle, paramiko.sftp.int64(offset + i), piece
+            )
+            self._inflight.append((num, len(piece)))
+            self._inflight_bytes += len(piece)
+            while self._inflight_bytes > MAX_INFLIGHT or (
+                self._inflight and sftp.sock.recv_ready()
+            ):
+                self._ack_one()
+
+    def _ack_one(self) -> None:
+        num, n = self._inflight.popleft()
+        self._inflight_bytes -= n
+        t, _ = self._sftp._read_response(num)  # raises IOError on an error status
+        if t != CMD_STATUS:
+            raise TransportError(f"{self._tmp}: unexpected SFTP reply {t} to WRITE")
+
+    def _drain(self) -> None:
+        while self._inflight:
+            self._ack_one()
+
+    def _resume(self) -> None:
+        """After a reconnect: reopen the temp file and replay what the server lacks."""
+        self._open(create=False)
+        if self._positional:
+            for off, data in self._replay.all():
+                self._send(off, memoryview(data))
+        else:
+            confirmed = self._file.stat().st_size
+            log.info("%s: resuming at byte %d of %d", self._tmp, confirmed, self._replay.end)
+            for off, view in self._replay.since(confirmed):
+                self._send(off, view)
+        self._drain()
+
+    def _guarded(self, op, what: str) -> None:
+        try:
+            op()
+        except Exception as e:
+            err = self._t.convert(e, what)
+            if not is_connection_lost(err):
+                raise self._space_check(err) from e
+            self._t.call(self._resume, f"resuming {self._tmp}", first_error=err)
+
+    def _space_check(self, err: Exception) -> Exception:
+        """SFTP v3 reports ENOSPC as a generic failure: ask statvfs whether we are full."""
+        if isinstance(err, TransportError) and not isinstance(err, TargetFull):
+            try:
+                free = self._t.free_space()
+            except TransportError:
+                free = None
+            if free is not None and free < MAX_INFLIGHT + self._t.write_size:
+                return TargetFull(f"{self._tmp}: target is full ({free} bytes left): {err}")
+        return err
+
+    # -- the contract ----------------------------------------------------------------
+    def write(self, data: bytes | memoryview) -> None:
+        view = memoryview(data).cast("B")
+        offset = self._pos
+        self._replay.add(offset, view)
+        self._guarded(lambda: self._send(offset, view), f"writing {self._tmp}")
+        self._account(view)
+        if self._positional and self._replay.dropped:
+            self._sync()
+
+    def _sync(self) -> None:
+        self._guarded(self._drain, f"writing {self._tmp}")
+        self._replay.clear()
+
+    def seek(self, offset: int) -> None:
+        self._sync()
+        self._positional = True
+        self._pos = offset
+
+    def _read_back(self) -> Iterator[bytes]:
+        return self._t.read_path(self._tmp)
+
+    def commit(self) -> FileInfo:
+        self._sync()
+        try:
+            self._file.close()
+            size = self._sftp.stat(self._tmp).st_size
+        except Exception as e:
+            raise self._t.convert(e, f"closing {self._tmp}") from e
+        if size != self.size:
+            raise TransportError(f"{self._tmp}: wrote {self.size} bytes but the server has {size}")
+        digest = self._sha256()
+        self._close_channel()
+        self._t.call(self._publish, f"renaming {self._tmp} to {self._final}")
+        self.committed = True
+        return FileInfo(self.name, size, digest)
+
+    def _publish(self) -> None:
+        try:
+            self._t.sftp.posix_rename(self._tmp, self._final)
+        except OSError:
+            # A retry after a lost reply: the rename may already have happened.
+            if self._t.size_of(self._final) != self.size or self._t.size_of(self._tmp) >= 0:
+                raise
+
+    def abort(self) -> None:
+        self._close_channel()
+        try:
+            self._t.sftp.remove(self._tmp)
+        except Exception as e:
+            log.debug("removing %s: %s", self._tmp, e)
+
+
+class SftpTransport(Transport):
+    """Dumps to a directory on an SSH server through its SFTP subsystem."""
+
+    scheme = "sftp"
+    can_seek = True
+
+    def __init__(self, target: Target, settings: TransportSettings) -> None:
+        super().__init__(target, settings)
+        self.port = target.port or DEFAULT_PORT
+        self.user = target.user or DEFAULT_USER
+        self.root = target.path
+        self._ssh: paramiko.Transport | None = None
+        self._sftp: paramiko.SFTPClient | None = None
+        self.write_size = MIN_WRITE
+        self._statvfs = True
+
+    @property
+    def sftp(self) -> paramiko.SFTPClient:
+        if self._sftp is None:
+            raise ConnectionLost(f"{self.describe()}: not connected")
+        return self._sftp
+
+    def _p(self, relpath: str) -> str:
+        return posixpath.join(self.root, relpath.strip("/")) if relpath.strip("/") else self.root
+
+    # -- connection --------------------------------------------------------------------
+    def connect(self) -> None:
+        self._open()
+        self.call(lambda: self._makedirs(self.root), f"creating {self.root}")
+
+    def _open(self) -> None:
+        self.close()
+        expected = expected_keys(self.target, self.settings)
+        where = f"{self.user}@{known_hosts_name(self.target.host, self.port)}"
+        timeout = self.settings.timeout
+        try:
+            sock = socket.create_connection((self.target.host, self.port), timeout=timeout)
+        except OSError as e:
+            raise ConnectionLost(f"cannot connect to {where}: {e.strerror or e}") from e
+        ssh = paramiko.Transport(
+            sock, default_window_size=WINDOW_SIZE, default_max_packet_size=MAX_PACKET
+        )
+        self._ssh = ssh
+        opts = ssh.get_security_options()
+        opts.ciphers = [c for c in FAST_CIPHERS if c in opts.ciphers] + [
+            c for c in opts.ciphers if c not in FAST_CIPHERS
+        ]
+        if expected is not None:
+            algos = [a for t in expected for a in _KEY_ALGOS.get(t, (t,))]
+            usable = [a for a in algos if a in opts.key_types]
+            if not usable:
+                raise AuthError(f"{where}: unsupported host key type(s) {', '.join(expected)}")
+            opts.key_types = usable
+        ssh.banner_timeout = ssh.handshake_timeout = ssh.auth_timeout = timeout
+        try:
+            ssh.start_client(timeout=timeout)
+            self._check_host_key(ssh.get_remote_server_key(), expected, where)
+            self._authenticate(ssh, where)
+            self._sftp = self.channel()
+            self.write_size = self._max_write()
+        except Exception as e:
+            self.close()
+            raise self.convert(e, f"connecting to {where}") from e
+        log.debug("%s: connected, cipher %s", where, ssh.remote_cipher)
+
+    def _check_host_key(self, key: paramiko.PKey, expected: dict | None, where: str) -> None:
+        if expected is None:
+            log.warning(
+                "%s: accepting any host key (host key '*'); got %s %s",
+                where,
+                key.get_name(),
+                fingerprint(key),
+            )
+            return
+        if expected.get(key.get_name()) != key.get_base64():
+            raise AuthError(
+                f"{where}: host key mismatch or unknown: server offered {key.get_name()} "
+                f"{fingerprint(key)}, which is not the configured key"
+            )
+
+    def _authenticate(self, ssh: paramiko.Transport, where: str) -> None:
+        tried = []
+        for key in load_identities(self.settings):
+            tried.append(f"{key.get_name()} key {fingerprint(key)}")
+            try:
+                ssh.auth_publickey(self.user, key)
+            except paramiko.AuthenticationException:
+                continue
+            if ssh.is_authenticated():
+                return
+        if self.target.password is not None:
+            tried.append("password")
+            try:
+                ssh.auth_password(self.user, self.target.password)
+            except paramiko.AuthenticationException:
+                pass
+            if ssh.is_authenticated():
+                return
+        raise AuthError(
+            f"{where}: authentication failed (tried: {', '.join(tried) or 'no keys, no password'})"
+        )
+
+    def channel(self) -> paramiko.SFTPClient:
+        """A new SFTP session on the current SSH connection (for one upload)."""
+        if self._ssh is None or not self._ssh.is_active():
+            raise ConnectionLost(f"{self.describe()}: not connected")
+        sftp = paramiko.SFTPClient.from_transport(
+            self._ssh, window_size=WINDOW_SIZE, max_packet_size=MAX_PACKET
+        )
+        sftp.get_channel().settimeout(self.settings.timeout)
+        return sftp
+
+    def _max_write(self) -> int:
+        """The largest WRITE the server takes (limits@openssh.com), else 32 KiB."""
+        try:
+            t, msg = self.sftp._request(CMD_EXTENDED, "limits@openssh.com")
+        except OSError:
+            return MIN_WRITE
+        if t != CMD_EXTENDED_REPLY:
+            return MIN_WRITE
+        msg.get_int64()  # max packet length
+        msg.get_int64()  # max read length
+        max_write = msg.get_int64()
+        return max(MIN_WRITE, min(max_write, 1 << 20)) if max_write else MIN_WRITE
+
+    def close(self) -> None:
+        for thing in (self._sftp, self._ssh):
+            if thing is not None:
+                try:
+                    thing.close()
+                except Exception as e:
+                    log.debug("closing ssh connection: %s", e)
+        self._sftp = self._ssh = None
+
+    def convert(self, e: BaseException, what: str) -> Exception:
+        """Map a paramiko/socket exception to our error tree (the module boundary)."""
+        if isinstance(e, (TransportError, FileExistsError, FileNotFoundError)):
+            return e
+        if isinstance(e, (paramiko.BadHostKeyException, paramiko.AuthenticationException)):
+            return AuthError(f"{what}: {e}")
+        lost = self._ssh is None or not self._ssh.is_active()
+        if (
+            lost
+            or isinstance(e, (EOFError, socket.timeout, paramiko.SSHException))
+            or is_connection_lost(e)
+        ):
+            return ConnectionLost(f"{what}: connection lost ({e or type(e).__name__})")
+        if isinstance(e, OSError):
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                return TargetFull(f"{what}: target is full")
+            if e.errno == errno.ENOENT:
+                return FileNotFoundError(e.errno, f"{what}: no such file")
+            return TransportError(f"{what}: {e.strerror or e}")
+        return TransportError(f"{what}: {type(e).__name__}: {e}")
+
+    def call(self, op, what: str, first_error: Exception | None = None):
+        """Run ``op`` against the server; reconnect and retry if the connection broke."""
+
+        def guarded():
+            try:
+                return op()
+            except Exception as e:
+                raise self.convert(e, what) from e
+
+        return retry_call(guarded, self._open, self.settings, what, first_error=first_error)
+
+    # -- directory operations --------------------------------------------------------
+    def size_of(self, path: str) -> int:
+        try:
+            return self.sftp.stat(path).st_size or 0
+        except FileNotFoundError:
+            return -1
+        except OSError as e:
+            if e.errno == errno.ENOENT:
+                return -1
+            raise
+
+    def _makedirs(self, path: str) -> None:
+        parts = [p for p in path.split("/") if p]
+        cur = "/" if path.startswith("/") else ""
+        for p in parts:
+            cur = posixpath.join(cur, p)
+            try:
+                if stat.S_ISDIR(self.sftp.stat(cur).st_mode or 0):
+                    continue
+                raise TransportError(f"{cur} exists and is not a directory")
+            except FileNotFoundError:
+                self.sftp.mkdir(cur, DIR_MODE)
+                self.sftp.chmod(cur, DIR_MODE)
+
+    def makedir(self, relpath: str) -> None:
+        path = self._p(relpath)
+
+        def mk() -> None:
+            if self.size_of(path) >= 0:
+                raise FileExistsError(errno.EEXIST, f"{path} exists")
+            self.sftp.mkdir(path, DIR_MODE)
+            self.sftp.chmod(path, DIR_MODE)
+
+        self.call(mk, f"creating {path}")
+
+    def create(self, relpath: str) -> Sink:
+        path = self._p(relpath)
+        return SftpSink(self, posixpath.dirname(path), posixpath.basename(path))
+
+    def listdir(self, relpath: str = "") -> list[Entry]:
+        path = self._p(relpath)
+
+        def ls() -> list[Entry]:
+            try:
+                attrs = self.sftp.listdir_attr(path)
+            except FileNotFoundError:
+                return []
+            return sorted(
+                (
+                    Entry(a.filename, stat.S_ISDIR(a.st_mode or 0), a.st_size or 0)
+                    for a in attrs
+                    if not is_temp_name(a.filename)
+                ),
+                key=lambda e: e.name,
+            )
+
+        return self.call(ls, f"listing {path}")
+
+    def read_path(self, path: str) -> Iterator[bytes]:
+        try:
+            with self.sftp.open(path, "rb") as f:
+                f.prefetch()
+                while chunk := f.read(READ_CHUNK):
+                    yield chunk
+        except Exception as e:
+            raise self.convert(e, f"reading {path}") from e
+
+    def read(self, relpath: str) -> Iterator[bytes]:
+        return self.read_path(self._p(relpath))
+
+    def remove_tree(self, relpath: str) -> None:
+        if not relpath.strip("/"):
+            raise TransportError("refusing to remove the target root")
+        path = self._p(relpath)
+        self.call(lambda: self._rmtree(path), f"removing {path}")
+
+    def _rmtree(self, path: str) -> None:
+        try:
+            attrs = self.sftp.listdir_attr(path)
+        except FileNotFoundError:
+            return
+        for a in attrs:
+            child = posixpath.join(path, a.filename)
+            if stat.S_ISDIR(a.st_mode or 0):
+                self._rmtree(child)
+            else:
+                self.sftp.remove(child)
+        self.sftp.rmdir(path)
+
+    def remove_file(self, relpath: str) -> None:
+        path = self._p(relpath)
+
+        def rm() -> None:
+            try:
+                self.sftp.remove(path)
+            except FileNotFoundError:
+                pass
+
+        self.call(rm, f"removing {path}")
+
+    def free_space(self, relpath: str = "") -> int | None:
+        """Free bytes via statvfs@openssh.com; None if the server lacks the extension."""
+        if not self._statvfs:
+            return None
+        path = self._p(relpath)
+        try:
+            t, msg = self.sftp._request(CMD_EXTENDED, "statvfs@openssh.com", path)
+        except OSError as e:
+            if e.errno is None and not self._ssh_lost():
+                self._statvfs = False
+                log.info("%s: server cannot report free space (%s)", self.describe(), e)
+                return None
+            raise self.convert(e, f"statvfs {path}") from e
+        except Exception as e:
+            raise self.convert(e, f"statvfs {path}") from e
+        if t != CMD_EXTENDED_REPLY:
+            return None
+        fields = struct.unpack(">11Q", msg.get_remainder()[: 11 * 8])
+        frsize, bavail = fields[1], fields[4]
+        return frsize * bavail
+
+    def _ssh_lost(self) -> bool:
+        return self._ssh is None or not self._ssh.is_active()
