@@ -208,12 +208,12 @@ json.dump({"modules": mods, "dists": dists, "failed": failed, "path": sys.path,
 """
 
 
-def probe(names: list[str], python: str = sys.executable) -> dict:
+def probe(names: list[str], python: str = sys.executable, blocked: Iterable[str] = ()) -> dict:
     """Import ``names`` in a fresh isolated interpreter; report what got loaded."""
     code = (
         PROBE.replace("ROOT", repr(str(project_root())))
         .replace("NAMES", repr(names))
-        .replace("BLOCKED", repr(sorted(BLOCKED)))
+        .replace("BLOCKED", repr(sorted(blocked)))
         .replace("STDLIB", "__import__('sysconfig').get_paths()['stdlib']")
         .replace("DYNLOAD", "__import__('sysconfig').get_config_var('DESTSHARED')")
     )
@@ -302,16 +302,30 @@ def strip_into(src: str, tmpdir: str) -> str:
 def collect(schemes: Iterable[str], tmpdir: str, python: str = sys.executable) -> Payload:
     """The Python runtime for a capture whose targets use ``schemes``."""
     names = sorted(set(entry_modules(schemes)) | set(LATE_IMPORTS))
-    report = probe(names, python)
     root = project_root()
-    for name, err in sorted(report["failed"].items()):
-        # Our own module exists but does not import: the capture would fail. (A missing
-        # one is an optional feature not in this build, or an attribute, not a module.)
-        base = root / Path(*name.split("."))
-        exists = base.with_suffix(".py").exists() or (base / "__init__.py").exists()
-        if name.partition(".")[0] in OWN_PACKAGES and exists:
-            raise ConfigError(f"the capture code cannot be imported: {name}: {err}")
-        log.debug("probe: import %s failed (%s); left out", name, err)
+    blocked = set(BLOCKED)
+    while True:
+        report = probe(names, python, blocked)
+        broken = {}
+        for name, err in sorted(report["failed"].items()):
+            # Our own module exists but does not import: the capture would fail. (A missing
+            # one is an optional feature not in this build, or an attribute, not a module.)
+            base = root / Path(*name.split("."))
+            exists = base.with_suffix(".py").exists() or (base / "__init__.py").exists()
+            if name.partition(".")[0] in OWN_PACKAGES and exists:
+                broken[name] = err
+            else:
+                log.debug("probe: import %s failed (%s); left out", name, err)
+        # A blocked import that is not optional for these targets (spnego needs ssl for
+        # CIFS): unblock it and probe again.
+        needed = {b for b in blocked for err in broken.values() if f"import of {b} halted" in err}
+        if not needed:
+            break
+        log.debug("probe: %s is needed by this target; packing it", ", ".join(sorted(needed)))
+        blocked -= needed
+    if broken:
+        name, err = next(iter(broken.items()))
+        raise ConfigError(f"the capture code cannot be imported: {name}: {err}")
     own_root = os.path.realpath(str(project_root()))
     stdlib = os.path.realpath(report["stdlib"])
     dynload = os.path.realpath(report["dynload"])
