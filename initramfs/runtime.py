@@ -11,6 +11,8 @@ and the interpreter need (from ``ldd``). ELF files are stripped when ``strip`` e
 from __future__ import annotations
 
 import ast
+import encodings
+import encodings.aliases
 import importlib.util
 import json
 import logging
@@ -225,6 +227,53 @@ def probe(names: list[str], python: str = sys.executable, blocked: Iterable[str]
     return json.loads(proc.stdout)
 
 
+CODEC_CALLS = ("encode", "decode", "lookup", "getencoder", "getdecoder")
+
+
+def codec_modules(sources: Iterable[str]) -> set[str]:
+    """``encodings.*`` modules for the codec names these sources use as literals.
+
+    Codecs are looked up by name at run time (``s.encode("utf-16-le")`` in smbprotocol),
+    so no import shows them; the literal arguments of encode/decode calls and
+    ``encoding=`` keywords do.
+    """
+    names: set[str] = set()
+    for path in sources:
+        try:
+            with open(path, "rb") as f:
+                tree = ast.parse(f.read(), path)
+        except (OSError, SyntaxError, ValueError):
+            continue
+        for node in ast.walk(tree):
+            args: list[ast.expr] = []
+            if isinstance(node, ast.Call):
+                if isinstance(node.func, ast.Attribute) and node.func.attr in CODEC_CALLS:
+                    args += node.args[:1]
+                args += [k.value for k in node.keywords if k.arg == "encoding"]
+            elif isinstance(node, ast.arguments):  # def f(..., encoding="utf-16-le")
+                params = node.posonlyargs + node.args
+                defaults = dict(
+                    zip(params[len(params) - len(node.defaults) :], node.defaults, strict=True)
+                )
+                defaults.update(
+                    (a, d)
+                    for a, d in zip(node.kwonlyargs, node.kw_defaults, strict=True)
+                    if d is not None
+                )
+                args += [d for a, d in defaults.items() if a.arg == "encoding"]
+            names.update(
+                a.value for a in args if isinstance(a, ast.Constant) and isinstance(a.value, str)
+            )
+    mods = set()
+    for name in names:
+        # the lookup encodings.search_function does: normalise, then the alias table
+        norm = encodings.normalize_encoding(name).lower()
+        module = encodings.aliases.aliases.get(norm) or norm.replace(".", "_")
+        if importlib.util.find_spec(f"encodings.{module}") is not None:
+            mods.add(f"encodings.{module}")
+    return mods
+
+
 def pyc_bytes(source_path: str, dest: str) -> bytes:
     """Compile a source file to .pyc bytes, recording ``/dest`` as its file name."""
     with open(source_path, "rb") as f:
@@ -326,6 +375,11 @@ def collect(schemes: Iterable[str], tmpdir: str, python: str = sys.executable) -
     if broken:
         name, err = next(iter(broken.items()))
         raise ConfigError(f"the capture code cannot be imported: {name}: {err}")
+    # Codecs named in the packed sources: import them too (encodings.* only need codecs).
+    sources = [f for f in report["modules"].values() if f and f.endswith(".py")]
+    codec_mods = codec_modules(sources) - set(report["modules"])
+    if codec_mods:
+        report = probe(sorted(set(names) | codec_mods), python, blocked)
     own_root = os.path.realpath(str(project_root()))
     stdlib = os.path.realpath(report["stdlib"])
     dynload = os.path.realpath(report["dynload"])

@@ -107,6 +107,7 @@ def _ftp(tmp_path: Path):
 
     @contextlib.contextmanager
     def serve():
+        (tmp_path / "ftpd").mkdir()
         with ftp.pyftpd(str(tmp_path / "ftpd"), str(root)) as s:
             yield f'KDUMP_SAVEDIR="ftp://{s.user}:{s.password}@10.0.2.2:{s.port}/dumps"\n'
 
