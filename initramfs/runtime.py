@@ -125,6 +125,24 @@ def imports_in_source(path: Path) -> set[str]:
     return names
 
 
+def imports_in_file(path: str) -> set[str]:
+    """Absolute imports anywhere in a third-party source file (relative ones resolved by
+    the importing package are seen when that package is imported; they are skipped)."""
+    try:
+        with open(path, "rb") as f:
+            tree = ast.parse(f.read(), path)
+    except (OSError, SyntaxError, ValueError):
+        return set()
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            names.add(node.module)
+            names.update(f"{node.module}.{a.name}" for a in node.names if a.name != "*")
+    return names
+
+
 def module_name_for(path: Path) -> str:
     rel = path.resolve().relative_to(project_root()).with_suffix("")
     parts = list(rel.parts)
@@ -375,11 +393,27 @@ def collect(schemes: Iterable[str], tmpdir: str, python: str = sys.executable) -
     if broken:
         name, err = next(iter(broken.items()))
         raise ConfigError(f"the capture code cannot be imported: {name}: {err}")
-    # Codecs named in the packed sources: import them too (encodings.* only need codecs).
-    sources = [f for f in report["modules"].values() if f and f.endswith(".py")]
-    codec_mods = codec_modules(sources) - set(report["modules"])
-    if codec_mods:
-        report = probe(sorted(set(names) | codec_mods), python, blocked)
+    # Two things no import at start-up shows, found in the sources of what was imported:
+    # codecs named as literals (encodings.* only need codecs), and the lazy imports inside
+    # functions of the third-party packages (spnego imports a cryptography backend when it
+    # first signs). Both are imported too, until nothing new turns up.
+    stdlib_dir = os.path.realpath(report["stdlib"]) + os.sep
+    for _ in range(4):
+        modules = report["modules"]
+        sources = [f for f in modules.values() if f and f.endswith(".py")]
+        tops = {n.partition(".")[0] for n, f in modules.items() if f}
+        lazy = {
+            m
+            for f in sources
+            if not os.path.realpath(f).startswith(stdlib_dir) or "site-packages" in f
+            for m in imports_in_file(f)
+            if m.partition(".")[0] in tops and m.partition(".")[0] not in blocked
+        }
+        extra = (codec_modules(sources) | lazy) - set(modules) - set(names)
+        if not extra:
+            break
+        names = sorted(set(names) | extra)
+        report = probe(names, python, blocked)
     own_root = os.path.realpath(str(project_root()))
     stdlib = os.path.realpath(report["stdlib"])
     dynload = os.path.realpath(report["dynload"])

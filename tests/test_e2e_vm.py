@@ -143,11 +143,15 @@ def _nfs(tmp_path: Path):
 @pytest.mark.parametrize("case", ["ftp", "cifs", "nfs"])
 def test_network_matrix(case: str, cloud_kernel: vmkit.Kernel, tmp_path: Path):
     serve, dumps = {"ftp": _ftp, "cifs": _cifs, "nfs": _nfs}[case](tmp_path)
+    # CIFS (smbprotocol + cryptography, a 40 MiB image) is OOM-killed at 160M: see
+    # bench/results/capture_fitness.md; the others complete at 160M.
+    crashkernel = 192 if case == "cifs" else 160
     with serve as savedir:
         res = capture_cycle.run_cycle(
             cloud_kernel,
             savedir + 'KDUMP_IMMEDIATE_REBOOT="yes"\nKDUMP_KEEP_OLD_DUMPS="0"\n',
             tmp_path / "cycle",
+            crashkernel_mib=crashkernel,
             net=True,
         )
     assert res.save_rc == 0, _explain(res)
