@@ -214,6 +214,36 @@ def init_plan(
     }
 
 
+BUSYBOX_APPLETS = (
+    "sh", "ls", "cat", "cp", "mv", "rm", "mkdir", "mount", "umount", "ip", "dmesg", "ps",
+    "reboot", "poweroff",
+)  # fmt: skip
+
+
+def needs_shell(cfg: Mapping[str, str]) -> bool:
+    """Whether the capture kernel needs /bin/sh: scripts to run, or a shell to open (pure)."""
+    scripts = any(cfg[k].strip() for k in ("KDUMP_PRESCRIPT", "KDUMP_POSTSCRIPT", "KDUMP_TRANSFER"))
+    return scripts or "shell" in finish_actions(cfg)
+
+
+def add_programs(arc: cpio.Archive, programs: list[str]) -> int:
+    """Copy programs (found in PATH or absolute) to /usr/bin with their shared libraries."""
+    paths = []
+    for prog in programs:
+        path = prog if os.path.isabs(prog) else shutil.which(prog)
+        if not path or not os.path.exists(path):
+            raise ConfigError(f"KDUMP_REQUIRED_PROGRAMS: {prog} not found")
+        paths.append(os.path.realpath(path))
+        arc.add_file(f"usr/bin/{os.path.basename(prog)}", Path(path).read_bytes(), 0o755)
+    n = len(paths)
+    for name, lib in runtime.shared_libs(paths).items():
+        dest = "usr" + name if name.startswith("/") else f"{runtime.DEST_LIBDIR}/{name}"
+        if dest not in arc:
+            arc.add_file(dest, Path(lib).read_bytes(), 0o755)
+            n += 1
+    return n
+
+
 def sh_quote(value: str) -> str:
     return "'" + value.replace("'", "'\\''") + "'"
 
@@ -426,16 +456,28 @@ def build(
         rewrite.update(ssh_rewrite)
         extras.append(f"ssh files ({len(files)})")
 
-    # A rescue shell (busybox, static: no libraries) when the config may open one; with
-    # KDUMP_IMMEDIATE_REBOOT and KDUMP_CONTINUE_ON_ERROR both true it never does (2 MB).
+    # busybox (static: no libraries) for /bin/sh: a rescue shell when the config may open
+    # one, and the shell that runs KDUMP_PRESCRIPT/POSTSCRIPT/TRANSFER. Neither needed: left
+    # out (2 MB).
     shell = ""
     busybox = shutil.which("busybox")
-    if busybox and "shell" in finish_actions(cfg):
+    if needs_shell(cfg):
+        if busybox is None:
+            raise ConfigError(
+                "the configuration needs a shell in the capture kernel (scripts or a rescue "
+                "shell); install busybox (package busybox-static)"
+            )
         arc.add_file("usr/bin/busybox", Path(busybox).read_bytes(), 0o755)
-        for applet in ("sh", "ls", "cat", "mount", "umount", "ip", "dmesg", "reboot", "poweroff"):
+        for applet in BUSYBOX_APPLETS:
             arc.add_symlink(f"usr/bin/{applet}", "busybox")
         shell = "/usr/bin/sh"
-        extras.append("busybox (rescue shell)")
+        extras.append("busybox (/bin/sh)")
+
+    # KDUMP_REQUIRED_PROGRAMS: extra programs with the libraries they need.
+    programs = cfg["KDUMP_REQUIRED_PROGRAMS"].split()
+    if programs:
+        n = add_programs(arc, programs)
+        extras.append(f"programs: {' '.join(programs)} ({n} files)")
 
     plan = init_plan(cfg, targets, module_files, net, mounts, shell)
     arc.add_file(PLAN_PATH, json.dumps(plan, indent=1).encode())

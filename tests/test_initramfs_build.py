@@ -13,16 +13,17 @@ import pytest
 import zstandard
 
 from initramfs import builder
+from kdump_capture.cli import main as cli_main
+from kdump_capture.config import load_config
 
-CFG = {
-    "KDUMP_SAVEDIR": "file:///var/crash",
-    "KDUMP_RUNLEVEL": "1",
-    "KDUMP_NET_TIMEOUT": "30",
-    "KDUMP_NETCONFIG": "auto",
-    "KDUMP_IMMEDIATE_REBOOT": "yes",
-    "KDUMP_CONTINUE_ON_ERROR": "no",
-    "KDUMP_SSH_IDENTITY": "",
-}
+# Scripts and KDUMP_CONTINUE_ON_ERROR=no need /bin/sh: busybox gets packed.
+SETTINGS = [
+    "KDUMP_SAVEDIR=file:///var/crash",
+    "KDUMP_CONTINUE_ON_ERROR=no",
+    "KDUMP_POSTSCRIPT=echo done",
+    "KDUMP_REQUIRED_PROGRAMS=true",
+]
+CFG = load_config(None, SETTINGS)
 KVER = "9.9.9-test"
 CHROOT = shutil.which("chroot") or "/usr/sbin/chroot"
 
@@ -145,3 +146,59 @@ def test_init_imports_resolve_in_the_packed_runtime(built):
         text=True,
     )
     assert r.stdout.strip() == "ok", r.stderr
+
+
+def test_shell_and_required_programs_are_packed(built):
+    _report, _out, tree, names, _raw = built
+    assert "usr/bin/busybox" in names and os.readlink(tree / "usr/bin/sh") == "busybox"
+    assert "usr/bin/true" in names
+    r = subprocess.run(
+        [CHROOT, str(tree), "/usr/bin/sh", "-c", "/usr/bin/true && echo ok"],
+        capture_output=True,
+        text=True,
+    )
+    assert r.stdout.strip() == "ok", r.stderr
+
+
+def test_cli_builds_with_config_and_set(tmp_path, capsys):
+    conf = tmp_path / "kdump"
+    conf.write_text('KDUMP_SAVEDIR="ftp://user:pw@10.0.2.2/dumps"\n')
+    out = tmp_path / "ftp.img"
+    rc = cli_main(
+        [
+            "initramfs",
+            "build",
+            "--config",
+            str(conf),
+            "--output",
+            str(out),
+            "--kernel-version",
+            KVER,
+            "--modules-root",
+            str(fake_modules_root(tmp_path)),
+            "--compress",
+            "gzip",
+            "--set",
+            "KDUMP_NET_TIMEOUT=7",
+        ]
+    )
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "MiB gzip" in text and "virtio_net" in text and "busybox" not in text
+    raw = subprocess.run(["gzip", "-dc", str(out)], capture_output=True, check=True).stdout
+    tree = tmp_path / "t"
+    tree.mkdir()
+    subprocess.run(["cpio", "-idm", "--quiet"], input=raw, cwd=tree, check=True)
+    plan = json.loads((tree / "etc/kdump-capture/init.json").read_text())
+    assert plan["network"] == {
+        "mode": "dhcp",
+        "ifname": "",
+        "mac": "",
+        "address": "",
+        "prefix": 0,
+        "gateway": "",
+        "timeout": 7,
+    }
+    assert not any(tree.rglob("xfs.ko"))
+    assert (tree / "usr/lib/python3.11/site-packages/transports/ftp.pyc").exists()
+    assert not (tree / "usr/lib/python3.11/site-packages/transports/sftp.pyc").exists()

@@ -128,3 +128,17 @@ def test_init_plan_runs_save_without_reboot(tmp_path):
     assert "--no-reboot" in plan["save"]  # /init unmounts, then reboots itself
     assert "pw" not in plan["target"]  # the plan is printed on the console
     assert (plan["on_success"], plan["on_failure"]) == ("reboot", "shell")
+
+
+@pytest.mark.parametrize(
+    ("settings", "needed"),
+    [
+        ([], False),  # defaults: reboot after success and after failure, no scripts
+        (["KDUMP_IMMEDIATE_REBOOT=no"], True),
+        (["KDUMP_CONTINUE_ON_ERROR=no"], True),
+        (["KDUMP_PRESCRIPT=logger hi"], True),
+        (["KDUMP_TRANSFER=cp /proc/vmcore /x"], True),
+    ],
+)
+def test_needs_shell(settings, needed):
+    assert builder.needs_shell(load_config(None, settings)) is needed
