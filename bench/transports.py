@@ -81,6 +81,7 @@ def main() -> None:
             f.write(os.urandom(n))
             left -= n
     rows = []
+    load_before = os.getloadavg()[0]
     settings = TransportSettings(timeout=60.0)
     try:
         with contextlib.ExitStack() as stack:
@@ -169,8 +170,11 @@ def main() -> None:
                 ),
             ]
             for label, ref_label, mine, ref, cleanup in cases:
-                t_mine = [timed(mine, f"ours-{i}", cleanup) for i in range(args.runs)]
-                t_ref = [timed(ref, f"ref-{i}", cleanup) for i in range(args.runs)]
+                # Alternate ours and the reference, so both see the same background load.
+                t_mine, t_ref = [], []
+                for i in range(args.runs):
+                    t_mine.append(timed(mine, f"ours-{i}", cleanup))
+                    t_ref.append(timed(ref, f"ref-{i}", cleanup))
                 m_mine, m_ref = statistics.median(t_mine), statistics.median(t_ref)
                 rows.append((label, ref_label, m_mine, m_ref, size))
                 print(
@@ -180,7 +184,7 @@ def main() -> None:
                 )
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    _write(rows, args)
+    _write(rows, args, (load_before, os.getloadavg()[0]))
 
 
 def _sftp_argv(ssh, work: str, src: str, out: str, name: str) -> list[str]:
@@ -198,13 +202,14 @@ def _t(url: str) -> Target:
     return parse_target(url)[0]
 
 
-def _write(rows, args) -> None:
+def _write(rows, args, load: tuple[float, float]) -> None:
     lines = [
         "# Transport throughput on loopback",
         "",
         f"`python3 bench/transports.py --size-mb {args.size_mb} --runs {args.runs}` "
         f"({time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores, median of {args.runs} runs; "
-        "ratio = reference time / our time, higher is better).",
+        "ratio = reference time / our time, higher is better; 1-minute load average "
+        f"{load[0]:.1f} before, {load[1]:.1f} after).",
         "",
         "| transport | ours MB/s | reference | reference MB/s | ratio |",
         "|---|---:|---|---:|---:|",

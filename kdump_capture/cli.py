@@ -121,7 +121,7 @@ def cmd_save(args: argparse.Namespace) -> int:
     from . import finish
     from .pipeline import save
     from .progress import make_progress
-    from .sample import SampleSpec, write_sample
+    from .sample import write_demo
     from .scripts import check_script, run_script
     from .vmcore import find_source, open_vmcore
 
@@ -147,7 +147,7 @@ def cmd_save(args: argparse.Namespace) -> int:
         if args.sample:
             fd, tmp = tempfile.mkstemp(prefix="kdump-sample-", suffix=".vmcore")
             os.close(fd)
-            write_sample(tmp, SampleSpec(ram_mib=args.sample_mib))
+            write_demo(tmp, args.sample_mib)
             log.info("using a built-in synthetic %d MiB sample vmcore", args.sample_mib)
             source = tmp
         else:

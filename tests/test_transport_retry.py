@@ -124,11 +124,12 @@ def test_replay_buffer_since():
     buf = ReplayBuffer(limit=10)
     buf.add(0, b"abcd")
     buf.add(4, memoryview(b"efgh"))
-    assert [(o, bytes(v)) for o, v in buf.since(2)] == [(2, b"cd"), (4, b"efgh")]
+    assert [(o, bytes(v)) for o, v in buf.since(2)] == [(2, b"cdefgh")]
     assert buf.since(8) == []
-    buf.add(8, b"ijkl")  # 12 bytes > 10: the oldest record goes
+    buf.add(8, b"ijkl")  # 12 bytes > 10: the oldest record goes; "kl" wraps around
     assert buf.dropped and buf.start == 4 and buf.end == 12
-    assert [(o, bytes(v)) for o, v in buf.since(5)] == [(5, b"fgh"), (8, b"ijkl")]
+    # Ranges adjacent in the stream and in the ring come back merged.
+    assert [(o, bytes(v)) for o, v in buf.since(5)] == [(5, b"fghij"), (10, b"kl")]
     with pytest.raises(CannotResume):
         buf.since(3)  # older than anything held
     with pytest.raises(CannotResume):
@@ -143,3 +144,15 @@ def test_replay_buffer_copies():
     buf.add(0, memoryview(data))
     data[:] = b"xxxx"  # the engine reuses its buffers
     assert buf.all() == [(0, b"1234")]
+
+
+def test_replay_buffer_ring_stays_bounded():
+    buf = ReplayBuffer(limit=8)
+    for i in range(10):
+        buf.add(i * 3, bytes([i]) * 3)
+        assert buf.held <= 8
+    assert buf.end == 30 and buf.start == 24
+    assert b"".join(bytes(v) for _, v in buf.since(25)) == b"\x08\x08\x09\x09\x09"
+    buf.add(30, b"x" * 20)  # larger than the ring: only the tail is kept
+    assert buf.held == 8 and buf.start == 42 and buf.end == 50
+    assert [bytes(v) for _, v in buf.since(42)] == [b"x" * 8]

@@ -51,6 +51,27 @@ def test_resume_after_drops_is_byte_identical(kind, request):
     assert _names(target.server_dir) == ["vmcore"]
 
 
+@pytest.mark.parametrize("kind", ("sftp", "cifs"))
+def test_resume_after_seek_is_byte_identical(kind, request):
+    """After a seek, writes replay by offset; more than the replay buffer (16 MiB) follows."""
+    target = make_target(kind, request)
+    head, body = os.urandom(3 * MiB), os.urandom(22 * MiB)
+    with DropProxy(_port(target), drop_after=7 * MiB, drops=2) as proxy:
+        with target.via_port(proxy.port).transport() as tr:
+            with tr.create("vmcore") as sink:
+                sink.write(head)
+                sink.seek(MiB)
+                view = memoryview(body)
+                for i in range(0, len(body), MiB):
+                    sink.write(view[i : i + MiB])
+                info = sink.commit()
+        assert proxy.dropped == 2
+    expect = head[:MiB] + body
+    assert info.sha256 == hashlib.sha256(expect).hexdigest()
+    with open(os.path.join(target.server_dir, "vmcore"), "rb") as f:
+        assert hashlib.sha256(f.read()).digest() == hashlib.sha256(expect).digest()
+
+
 @pytest.mark.parametrize("kind", NET)
 def test_drops_beyond_retries_raise_connection_lost(kind, request):
     target = make_target(kind, request)
@@ -150,3 +171,21 @@ def test_closed_port_fails_within_timeout(kind, request):
     with pytest.raises(TransportError):
         target.transport(timeout=3.0, host_key="*").connect()
     assert time.monotonic() - start < 3.0
+
+
+@pytest.mark.parametrize("kind", NET)
+def test_a_stalled_server_fails_within_the_timeout(kind, request):
+    """A server that stops reading mid-upload must not hang the dump."""
+    target = make_target(kind, request)
+    target = replace(
+        target, settings=replace(target.settings, timeout=3.0, retries=1, retry_delay=0.01)
+    )
+    with DropProxy(_port(target), stall_after=4 * MiB, ftp=kind == "ftp") as proxy:
+        t0 = time.monotonic()
+        with pytest.raises(TransportError):
+            with target.via_port(proxy.port).transport() as tr:
+                _upload(tr, "vmcore", os.urandom(64 * MiB))
+        elapsed = time.monotonic() - t0
+        assert proxy.stalled.is_set()
+    assert elapsed < 60, f"took {elapsed:.0f} s with a 3 s timeout"
+    assert "vmcore" not in _names(target.server_dir)

@@ -22,7 +22,7 @@ from kdump_capture.errors import AuthError, ConnectionLost, TargetFull, Transpor
 from kdump_capture.urls import Target
 
 from .base import Entry, FileInfo, Sink, Transport, TransportSettings, is_temp_name, temp_name
-from .retry import CannotResume, ReplayBuffer, is_connection_lost, retry_call
+from .retry import REPLAY_STEP, CannotResume, ReplayBuffer, is_connection_lost, retry_call
 
 log = logging.getLogger(__name__)
 
@@ -176,9 +176,13 @@ class FtpSink(Sink):
 
     def write(self, data: bytes | memoryview) -> None:
         view = memoryview(data).cast("B")
-        self._replay.add(self._pos, view)
-        self._guarded(lambda: self._data.sendall(view), f"writing {self._tmp}")
-        self._account(view)
+        with self._accounting(view):
+            for start in range(0, len(view), REPLAY_STEP):
+                self._store(self._pos + start, view[start : start + REPLAY_STEP])
+
+    def _store(self, offset: int, piece: memoryview) -> None:
+        self._replay.add(offset, piece)
+        self._guarded(lambda: self._data.sendall(piece), f"writing {self._tmp}")
 
     def _finish(self) -> None:
         """Close the data connection and require the server's transfer-complete reply."""
@@ -216,6 +220,7 @@ class FtpSink(Sink):
             self._ftp = None
 
     def abort(self) -> None:
+        self._stop_hashing()
         if self._data is not None:
             try:
                 self._close_data()

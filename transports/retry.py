@@ -36,6 +36,9 @@ T = TypeVar("T")
 # of in-flight data on a fast link (SFTP pipelining keeps at most 8 MiB unacknowledged,
 # FTP caps the socket send buffer far below this) at a cost the capture kernel can afford.
 REPLAY_LIMIT = 16 << 20
+# Sinks hand writes to the replay buffer in pieces of at most this size, so a write of
+# any size leaves room for everything still unconfirmed (8 MiB at most).
+REPLAY_STEP = 1 << 20
 
 # Errnos that mean the path to the server broke, not that the server refused something.
 CONNECTION_LOST_ERRNOS = frozenset(
@@ -136,22 +139,44 @@ class ReplayBuffer:
 
     Append-only streams replay from the offset the server confirmed (``since``);
     after a seek, sinks replay every range written since the last sync point (``all``).
-    Must not keep the caller's memoryview: ``add`` copies.
+    Must not keep the caller's memoryview: ``add`` copies, into one ring of ``limit``
+    bytes allocated up front, so a long upload allocates nothing per write. The views
+    that ``since`` and ``all`` return point into the ring: valid until the next ``add``.
+    Sinks may also send straight from them (``since`` merges adjacent ranges).
     """
 
     def __init__(self, limit: int = REPLAY_LIMIT) -> None:
         self.limit = limit
-        self._records: deque[tuple[int, bytes]] = deque()
+        self._ring = bytearray(limit)  # pages are only touched as data arrives
+        self._view = memoryview(self._ring)
+        self._head = 0  # ring index of the next byte to store
+        self._records: deque[tuple[int, int, int]] = deque()  # (offset, ring index, length)
         self._bytes = 0
         self.dropped = False
 
-    def add(self, offset: int, data: bytes | memoryview) -> None:
-        self._records.append((offset, bytes(data)))
-        self._bytes += len(data)
-        while self._bytes > self.limit and len(self._records) > 1:
-            _, old = self._records.popleft()
-            self._bytes -= len(old)
+    def add(self, offset: int, data: bytes | memoryview) -> list[memoryview]:
+        """Copy ``data``, written at ``offset``; returns the copy (two views if it wrapped)."""
+        data = memoryview(data).cast("B")
+        n = len(data)
+        if n > self.limit:  # only the tail fits
+            data, offset, n = data[n - self.limit :], offset + n - self.limit, self.limit
             self.dropped = True
+        while self._records and self._bytes + n > self.limit:
+            self._bytes -= self._records.popleft()[2]
+            self.dropped = True
+        if not self._records:
+            self._head = 0  # empty: start over so the next ranges stay contiguous
+        first = min(n, self.limit - self._head)
+        self._ring[self._head : self._head + first] = data[:first]
+        self._records.append((offset, self._head, first))
+        copy = [self._view[self._head : self._head + first]]
+        if first < n:  # wrap around
+            self._ring[: n - first] = data[first:]
+            self._records.append((offset + first, 0, n - first))
+            copy.append(self._view[: n - first])
+        self._head = (self._head + n) % self.limit
+        self._bytes += n
+        return copy
 
     def clear(self) -> None:
         """A sync point: everything written so far is confirmed by the server."""
@@ -160,24 +185,38 @@ class ReplayBuffer:
         self.dropped = False
 
     @property
+    def held(self) -> int:
+        """Bytes currently held."""
+        return self._bytes
+
+    def kept_from(self, offset: int, n: int) -> int:
+        """Lowest offset still held after ``add(offset, <n bytes>)`` (append-only streams)."""
+        held = self._bytes
+        for off, _, length in self._records:
+            if held + n <= self.limit:
+                return off
+            held -= length
+        return offset + max(0, n - self.limit)
+
+    @property
     def start(self) -> int:
         """Lowest stream offset still held (append-only streams)."""
         return self._records[0][0] if self._records else -1
 
-    def all(self) -> list[tuple[int, bytes]]:
+    def all(self) -> list[tuple[int, memoryview]]:
         """Every held range in write order; valid only if nothing was ``dropped``."""
-        return list(self._records)
+        return [(off, self._view[pos : pos + n]) for off, pos, n in self._records]
 
     @property
     def end(self) -> int:
         """Stream offset just past the last held byte (append-only streams)."""
         if not self._records:
             return 0
-        off, data = self._records[-1]
-        return off + len(data)
+        off, _, n = self._records[-1]
+        return off + n
 
     def since(self, confirmed: int) -> list[tuple[int, memoryview]]:
-        """Ranges covering ``[confirmed, end)`` of an append-only stream.
+        """Ranges covering ``[confirmed, end)`` of an append-only stream, adjacent ones merged.
 
         Raises ``CannotResume`` if the buffer no longer holds byte ``confirmed``.
         """
@@ -189,10 +228,15 @@ class ReplayBuffer:
                 f"cannot resume: the server holds {confirmed} bytes but only bytes "
                 f"{max(self.start, 0)}..{end} are still buffered for replay"
             )
-        out = []
-        for off, data in self._records:
-            if off + len(data) <= confirmed:
+        spans: list[list[int]] = []  # [offset, ring index, length]
+        for off, pos, n in self._records:
+            if off + n <= confirmed:
                 continue
             skip = max(0, confirmed - off)
-            out.append((off + skip, memoryview(data)[skip:]))
-        return out
+            off, pos, n = off + skip, pos + skip, n - skip
+            last = spans[-1] if spans else None
+            if last and last[0] + last[2] == off and last[1] + last[2] == pos:
+                last[2] += n
+            else:
+                spans.append([off, pos, n])
+        return [(off, self._view[pos : pos + n]) for off, pos, n in spans]

@@ -40,12 +40,16 @@ class DropProxy:
         drops: int = 1,
         dead_after_drop: bool = False,
         ftp: bool = False,
+        stall_after: int | None = None,
     ) -> None:
         self.target_port = target_port
         self.drop_after = drop_after
         self.drops_left = drops
         self.dead_after_drop = dead_after_drop
         self.ftp = ftp
+        self.stall_after = stall_after  # stop reading upstream after this many bytes
+        self.stalled = threading.Event()
+        self._closed = threading.Event()
         self.dropped = 0
         self.connections = 0  # accepted client connections (control ones only, for FTP)
         self._lock = threading.Lock()
@@ -96,6 +100,14 @@ class DropProxy:
         buf = b""
         try:
             while chunk := src.recv(_CHUNK):
+                if upstream and data and self.stall_after is not None:
+                    state["bytes"] += len(chunk)
+                    if self.stalled.is_set() or state["bytes"] >= self.stall_after:
+                        # a hung server: connections stay open, nothing more is read, and
+                        # every later connection hangs at once
+                        self.stalled.set()
+                        self._closed.wait()
+                        return
                 if upstream and data and self.drop_after is not None:
                     state["bytes"] += len(chunk)
                     with self._lock:
@@ -131,6 +143,7 @@ class DropProxy:
         return b"227 Entering Passive Mode (127,0,0,1,%d,%d)." % (mine >> 8, mine & 255)
 
     def close(self) -> None:
+        self._closed.set()
         for s in self._listeners + self._socks:
             try:
                 s.close()
