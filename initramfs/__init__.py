@@ -1,0 +1,1 @@
+"""The capture initramfs: newc cpio writer, runtime collector, module resolver, /init."""

@@ -1,0 +1,50 @@
+#!/bin/bash
+# dracut module "kdump-capture": the same capture pieces in a distro-built initramfs.
+# Install as /usr/lib/dracut/modules.d/99kdump-capture/ and build the capture image with
+#   dracut --add kdump-capture --no-hostonly-cmdline /boot/initrd-$(uname -r)-kdump
+# It packs what `kdump-capture initramfs build` packs (Python runtime, our packages, kernel
+# modules, config, SSH files) and runs our /init program as a service in the initrd (or as a
+# pre-pivot hook without systemd), which saves the dump and reboots, powers off or opens a
+# shell as configured.
+
+check() {
+    require_binaries kdump-capture cpio gzip || return 1
+    return 255 # only when asked for with --add
+}
+
+depends() {
+    echo base
+    return 0
+}
+
+install() {
+    local tmp tree
+    tmp=$(mktemp -d) || return 1
+    tree="$tmp/tree"
+    mkdir -p "$tree"
+    if ! kdump-capture initramfs build --output "$tmp/payload.img" --compress gzip \
+        --kernel-version "$kernel" --config "${KDUMP_CONFIG:-/etc/sysconfig/kdump}"; then
+        derror "kdump-capture: building the capture payload failed"
+        rm -rf "$tmp"
+        return 1
+    fi
+    (cd "$tree" && gzip -dc "$tmp/payload.img" | cpio -idm --quiet) || return 1
+    # dracut owns /init, /dev and the merged-/usr symlinks; ours go to their own place.
+    mkdir -p "$initdir/usr/lib/kdump-capture"
+    cp "$tree/init" "$initdir/usr/lib/kdump-capture/init"
+    chmod 0755 "$initdir/usr/lib/kdump-capture/init"
+    rm -rf "$tree/init" "$tree/dev" "$tree/bin" "$tree/sbin" "$tree/lib" "$tree/lib64" \
+        "$tree/usr/sbin"
+    cp -a "$tree/." "$initdir/"
+    rm -rf "$tmp"
+
+    if dracut_module_included "systemd"; then
+        inst_simple "$moddir/kdump-capture-save.service" \
+            "$systemdsystemunitdir/kdump-capture-save.service"
+        mkdir -p "$initdir/$systemdsystemunitdir/initrd.target.wants"
+        ln_r "$systemdsystemunitdir/kdump-capture-save.service" \
+            "$systemdsystemunitdir/initrd.target.wants/kdump-capture-save.service"
+    else
+        inst_hook pre-pivot 90 "$moddir/kdump-capture-hook.sh"
+    fi
+}

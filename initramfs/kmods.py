@@ -1,0 +1,191 @@
+"""Resolve kernel modules and their dependencies from ``modules.dep`` of a modules root.
+
+``modules.dep`` (written by depmod) maps each module file to the files it needs, relative
+to ``/lib/modules/VER``. A module listed in ``modules.builtin`` is compiled into the kernel
+and needs no file. Names are normalised the way modprobe does: ``-`` and ``_`` are the same.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+from kdump_capture.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+# Modules the capture kernel may need, by purpose. Only those present in modules.dep are
+# taken; names missing there are built in or not built at all for that kernel.
+STORAGE = (
+    "virtio_pci",
+    "virtio_blk",
+    "virtio_scsi",
+    "sd_mod",
+    "nvme",
+    "ahci",
+    "ata_piix",
+    "xen_blkfront",
+    "hv_storvsc",
+)
+FILESYSTEMS = ("ext4", "xfs", "vfat", "nls_cp437", "nls_ascii", "nls_iso8859_1")
+NETWORK = (
+    "virtio_pci",
+    "virtio_net",
+    "e1000",
+    "e1000e",
+    "ena",
+    "vmxnet3",
+    "xen_netfront",
+    "hv_netvsc",
+    "gve",
+)
+NFS = ("nfs", "nfsv4")
+CIFS = ("cifs",)
+
+
+def modname(path_or_name: str) -> str:
+    """``kernel/fs/nfs/nfs.ko.xz`` -> ``nfs``; ``virtio-net`` -> ``virtio_net``."""
+    base = os.path.basename(path_or_name)
+    for ext in (".xz", ".zst", ".gz"):
+        base = base.removesuffix(ext)
+    return base.removesuffix(".ko").replace("-", "_")
+
+
+@dataclass
+class ModuleIndex:
+    """The parsed ``modules.dep`` and ``modules.builtin`` of one kernel version."""
+
+    root: str  # /lib/modules/VER
+    paths: dict[str, str] = field(default_factory=dict)  # name -> relative .ko path
+    deps: dict[str, list[str]] = field(default_factory=dict)  # name -> dependency names
+    builtin: set[str] = field(default_factory=set)
+
+    @classmethod
+    def parse(cls, root: str, dep_text: str, builtin_text: str = "") -> ModuleIndex:
+        idx = cls(root)
+        for line in dep_text.splitlines():
+            if ":" not in line:
+                continue
+            mod, _, rest = line.partition(":")
+            name = modname(mod.strip())
+            idx.paths[name] = mod.strip()
+            idx.deps[name] = [modname(d) for d in rest.split()]
+        idx.builtin = {modname(x) for x in builtin_text.split()}
+        return idx
+
+    @classmethod
+    def load(cls, root: str) -> ModuleIndex:
+        dep = os.path.join(root, "modules.dep")
+        try:
+            with open(dep, encoding="utf-8") as f:
+                dep_text = f.read()
+        except OSError as e:
+            raise ConfigError(
+                f"cannot read {dep} ({e.strerror}); run 'depmod -b <root> <version>' first"
+            ) from None
+        try:
+            with open(os.path.join(root, "modules.builtin"), encoding="utf-8") as f:
+                builtin_text = f.read()
+        except OSError:
+            builtin_text = ""
+        return cls.parse(root, dep_text, builtin_text)
+
+    def has(self, name: str) -> bool:
+        return modname(name) in self.paths
+
+    def resolve(self, wanted: list[str] | tuple[str, ...], *, strict: bool = False) -> list[str]:
+        """Module names in load order (every dependency before its users), without duplicates.
+
+        Unknown names are skipped (built in, or absent from this kernel); with ``strict`` an
+        unknown name that is not built in raises ConfigError.
+        """
+        order: list[str] = []
+        state: dict[str, int] = {}  # 1 = visiting, 2 = done
+
+        def visit(name: str) -> None:
+            if state.get(name) == 2:
+                return
+            if state.get(name) == 1:
+                return  # depmod never writes cycles; tolerate a broken file anyway
+            state[name] = 1
+            for dep in self.deps.get(name, []):
+                visit(dep)
+            state[name] = 2
+            order.append(name)
+
+        for w in wanted:
+            name = modname(w)
+            if name in self.paths:
+                visit(name)
+            elif strict and name not in self.builtin:
+                raise ConfigError(f"kernel module {w!r} not found in {self.root}/modules.dep")
+        return order
+
+    def file(self, name: str) -> str:
+        """Absolute path of a module's file."""
+        return os.path.join(self.root, self.paths[modname(name)])
+
+
+def wanted_modules(
+    scheme: str,
+    network: bool,
+    fstype: str = "",
+    extra: tuple[str, ...] = (),
+    storage: tuple[str, ...] = STORAGE,
+    nics: tuple[str, ...] = NETWORK,
+) -> list[str]:
+    """Which modules to pack for a target scheme (pure: no I/O).
+
+    ``fstype`` narrows the filesystems to the one the local target uses (xfs alone is 4 MB);
+    ``storage`` and ``nics`` default to drivers for common hardware (see host_drivers).
+    """
+    wanted: list[str] = []
+    if scheme == "file":
+        wanted += storage
+        if fstype == "vfat":
+            wanted += ("vfat", "nls_cp437", "nls_ascii", "nls_iso8859_1")
+        elif fstype:
+            wanted.append(fstype)
+        else:
+            wanted += FILESYSTEMS
+    if network:
+        wanted += nics
+    if scheme == "nfs":
+        wanted += NFS
+    if scheme == "cifs":
+        wanted += CIFS
+    wanted += extra
+    return list(dict.fromkeys(wanted))
+
+
+def _driver_modules(device: str, sysfs: str) -> list[str]:
+    """Modules of the drivers bound to a sysfs device and to its parents (bus adapters)."""
+    mods: list[str] = []
+    path = os.path.realpath(device)
+    top = os.path.realpath(sysfs) + "/devices/"
+    while path.startswith(top):
+        link = os.path.join(path, "driver", "module")
+        if os.path.islink(link):
+            mods.append(modname(os.path.basename(os.readlink(link))))
+        path = os.path.dirname(path)
+    return mods
+
+
+def host_drivers(sysfs: str = "/sys") -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(storage, network) driver modules of this machine's disks and network interfaces,
+    for an image built for the running kernel ("host only", as dracut does); drivers
+    built into the kernel have no module and are not listed."""
+    storage: list[str] = []
+    for name in sorted(os.listdir(f"{sysfs}/block")) if os.path.isdir(f"{sysfs}/block") else []:
+        dev = f"{sysfs}/block/{name}/device"
+        if os.path.exists(dev):
+            storage += _driver_modules(dev, sysfs)
+    nics: list[str] = []
+    for name in (
+        sorted(os.listdir(f"{sysfs}/class/net")) if os.path.isdir(f"{sysfs}/class/net") else []
+    ):
+        dev = f"{sysfs}/class/net/{name}/device"
+        if os.path.exists(dev):
+            nics += _driver_modules(dev, sysfs)
+    return tuple(dict.fromkeys(storage)), tuple(dict.fromkeys(nics))

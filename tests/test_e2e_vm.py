@@ -1,0 +1,161 @@
+"""End to end in a real kernel: load with our loader, crash, capture with our initramfs,
+check the dump on the host (manifest SHA-256, makedumpfile dmesg marker, dmesg.txt)."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests import capture_cycle, nfs_ganesha, vmkit
+
+pytestmark = pytest.mark.vm
+
+LABEL = "kdumpdisk"
+LOCAL_CONFIG = """\
+KDUMP_SAVEDIR="file:///var/crash"
+KDUMP_IMMEDIATE_REBOOT="yes"
+KDUMP_KEEP_OLD_DUMPS="0"
+KDUMP_FREE_DISK_SIZE="0"
+"""
+
+
+def check_dump(dumpdir: Path, marker: str, vmcore_name: str = "vmcore") -> None:
+    """The dump is complete: manifest checksums match, makedumpfile finds the marker."""
+    r = subprocess.run(
+        [sys.executable, "-m", "kdump_capture", "verify", str(dumpdir)],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, f"verify failed: {r.stdout}{r.stderr}"
+    if importlib.util.find_spec("kdump_capture.dmesg") is not None:
+        assert marker in (dumpdir / "dmesg.txt").read_text(errors="replace")
+    else:  # the engine's dmesg extraction has not landed: the dump must say so
+        assert "dmesg.txt not saved" in (dumpdir / "README.txt").read_text()
+    out = dumpdir.parent / "makedumpfile-dmesg.txt"
+    out.unlink(missing_ok=True)
+    r = subprocess.run(
+        ["makedumpfile", "--dump-dmesg", str(dumpdir / vmcore_name), str(out)],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert marker in out.read_text(errors="replace")
+
+
+def _explain(res: capture_cycle.CycleResult) -> str:
+    tail = "\n".join(res.console.splitlines()[-40:])
+    return f"console log {res.log_path}:\n{tail}"
+
+
+def test_local_file_target_on_virtio_disk(cloud_kernel: vmkit.Kernel, tmp_path: Path):
+    disk = capture_cycle.make_ext4_disk(tmp_path / "disk.img", 2048, LABEL)
+    res = capture_cycle.run_cycle(
+        cloud_kernel,
+        LOCAL_CONFIG,
+        tmp_path / "cycle",
+        drives=(disk,),
+        target_device=f"LABEL={LABEL}",
+        target_fstype="ext4",
+    )
+    assert res.save_rc == 0, _explain(res)
+    assert res.finish == "rebooting", _explain(res)
+    assert res.returncode == 0, _explain(res)  # -no-reboot: the reboot ended qemu
+    crash = capture_cycle.extract_from_ext4(disk.path, "/var/crash", tmp_path / "out")
+    dumps = [d for d in crash.iterdir() if d.is_dir()]
+    assert len(dumps) == 1, list(crash.iterdir())
+    check_dump(dumps[0], res.marker)
+
+
+def sftp_config(server, dumps: Path) -> str:
+    """Dump over SFTP to the test sshd; the guest reaches the host's loopback at 10.0.2.2."""
+    return (
+        f'KDUMP_SAVEDIR="sftp://root@10.0.2.2:{server.port}{dumps}"\n'
+        f'KDUMP_HOST_KEY="{server.host_key}"\n'
+        f'KDUMP_SSH_IDENTITY="{server.client_key}"\n'
+        'KDUMP_IMMEDIATE_REBOOT="yes"\n'
+        'KDUMP_KEEP_OLD_DUMPS="0"\n'
+        'KDUMP_NET_TIMEOUT="30"\n'
+    )
+
+
+def test_sftp_to_openssh_on_host_loopback(cloud_kernel: vmkit.Kernel, tmp_path: Path):
+    servers = pytest.importorskip(
+        "tests.servers.sshd", reason="the sshd fixture (tests/servers, branch net) is not merged"
+    )
+    dumps = tmp_path / "dumps"
+    dumps.mkdir()
+    with servers.sshd(str(tmp_path / "sshd")) as server:
+        res = capture_cycle.run_cycle(
+            cloud_kernel, sftp_config(server, dumps), tmp_path / "cycle", net=True
+        )
+    assert res.save_rc == 0, _explain(res)
+    assert "network: " in res.console and "(dhcp," in res.console, _explain(res)
+    assert res.finish == "rebooting" and res.returncode == 0, _explain(res)
+    found = [d for d in dumps.iterdir() if d.is_dir()]
+    assert len(found) == 1, list(dumps.iterdir())
+    check_dump(found[0], res.marker)
+
+
+def _ftp(tmp_path: Path):
+    ftp = pytest.importorskip("tests.servers.ftp", reason="tests/servers (branch net) not merged")
+    root = tmp_path / "ftproot"
+
+    @contextlib.contextmanager
+    def serve():
+        (tmp_path / "ftpd").mkdir()
+        with ftp.pyftpd(str(tmp_path / "ftpd"), str(root)) as s:
+            yield f'KDUMP_SAVEDIR="ftp://{s.user}:{s.password}@10.0.2.2:{s.port}/dumps"\n'
+
+    return serve(), root / "dumps"
+
+
+def _cifs(tmp_path: Path):
+    samba = pytest.importorskip("tests.servers.samba", reason="tests/servers not merged")
+    share = tmp_path / "share"
+
+    @contextlib.contextmanager
+    def serve():
+        with samba.smbd(str(tmp_path / "smbd"), str(share)) as s:
+            yield (
+                f'KDUMP_SAVEDIR="cifs://{s.user}:{s.password}@10.0.2.2:{s.port}/{s.share}/dumps"\n'
+            )
+
+    return serve(), share / "dumps"
+
+
+def _nfs(tmp_path: Path):
+    export = tmp_path / "export"
+
+    @contextlib.contextmanager
+    def serve():
+        with nfs_ganesha.ganesha(str(tmp_path), str(export)):
+            yield 'KDUMP_SAVEDIR="nfs://10.0.2.2/dumps"\n'
+
+    return serve(), export
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["ftp", "cifs", "nfs"])
+def test_network_matrix(case: str, cloud_kernel: vmkit.Kernel, tmp_path: Path):
+    serve, dumps = {"ftp": _ftp, "cifs": _cifs, "nfs": _nfs}[case](tmp_path)
+    # CIFS (smbprotocol + cryptography, a 40 MiB image) is OOM-killed at 160M: see
+    # bench/results/capture_fitness.md; the others complete at 160M.
+    crashkernel = 192 if case == "cifs" else 160
+    with serve as savedir:
+        res = capture_cycle.run_cycle(
+            cloud_kernel,
+            savedir + 'KDUMP_IMMEDIATE_REBOOT="yes"\nKDUMP_KEEP_OLD_DUMPS="0"\n',
+            tmp_path / "cycle",
+            crashkernel_mib=crashkernel,
+            net=True,
+        )
+    assert res.save_rc == 0, _explain(res)
+    assert res.finish == "rebooting" and res.returncode == 0, _explain(res)
+    found = [d for d in dumps.iterdir() if d.is_dir()]
+    assert len(found) == 1, list(dumps.iterdir())
+    check_dump(found[0], res.marker)

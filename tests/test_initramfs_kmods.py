@@ -1,0 +1,120 @@
+"""Kernel-module resolution from modules.dep: load order, built-ins, selection per target."""
+# ruff: noqa: E501  (modules.dep lines are long by nature)
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from initramfs import kmods
+from kdump_capture.errors import ConfigError
+
+DEP = """\
+kernel/fs/nfs/nfs.ko: kernel/fs/lockd/lockd.ko kernel/fs/nfs_common/grace.ko kernel/net/sunrpc/sunrpc.ko kernel/fs/fscache/fscache.ko kernel/fs/netfs/netfs.ko
+kernel/fs/nfs/nfsv4.ko: kernel/net/dns_resolver/dns_resolver.ko kernel/fs/nfs/nfs.ko kernel/fs/lockd/lockd.ko kernel/fs/nfs_common/grace.ko kernel/net/sunrpc/sunrpc.ko kernel/fs/fscache/fscache.ko kernel/fs/netfs/netfs.ko
+kernel/fs/lockd/lockd.ko: kernel/fs/nfs_common/grace.ko kernel/net/sunrpc/sunrpc.ko
+kernel/fs/nfs_common/grace.ko:
+kernel/net/sunrpc/sunrpc.ko:
+kernel/fs/fscache/fscache.ko: kernel/fs/netfs/netfs.ko
+kernel/fs/netfs/netfs.ko:
+kernel/net/dns_resolver/dns_resolver.ko:
+kernel/drivers/virtio/virtio_ring.ko:
+kernel/drivers/virtio/virtio.ko: kernel/drivers/virtio/virtio_ring.ko
+kernel/drivers/net/virtio_net.ko.xz: kernel/net/core/failover.ko kernel/drivers/virtio/virtio.ko kernel/drivers/virtio/virtio_ring.ko
+kernel/net/core/failover.ko:
+"""
+
+
+@pytest.fixture
+def index() -> kmods.ModuleIndex:
+    return kmods.ModuleIndex.parse("/lib/modules/x", DEP, "kernel/fs/ext4/ext4.ko\n")
+
+
+def test_names_are_normalised():
+    assert kmods.modname("kernel/drivers/net/virtio_net.ko.xz") == "virtio_net"
+    assert kmods.modname("virtio-net") == "virtio_net"
+
+
+def test_dependencies_load_first(index):
+    order = index.resolve(["nfsv4"])
+    assert set(order) == {
+        "nfsv4",
+        "nfs",
+        "lockd",
+        "grace",
+        "sunrpc",
+        "fscache",
+        "netfs",
+        "dns_resolver",
+    }
+    for mod, deps in index.deps.items():
+        if mod in order:
+            assert all(order.index(d) < order.index(mod) for d in deps), mod
+    assert order[-1] == "nfsv4"
+
+
+def test_no_duplicates_and_unknown_skipped(index):
+    order = index.resolve(["virtio_net", "virtio-net", "nvme", "ext4"])
+    assert order == ["failover", "virtio_ring", "virtio", "virtio_net"]
+
+
+def test_strict_rejects_missing_but_accepts_builtin(index):
+    assert index.resolve(["ext4"], strict=True) == []
+    with pytest.raises(ConfigError):
+        index.resolve(["nosuchmod"], strict=True)
+
+
+def test_missing_modules_dep_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="depmod"):
+        kmods.ModuleIndex.load(str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("scheme", "network", "fstype", "has", "lacks"),
+    [
+        ("file", False, "ext4", {"virtio_blk", "ext4"}, {"virtio_net", "xfs", "nfs"}),
+        ("file", False, "", {"virtio_blk", "xfs", "vfat"}, {"virtio_net"}),
+        ("file", True, "ext4", {"virtio_blk", "virtio_net"}, {"nfs"}),
+        ("sftp", True, "", {"virtio_net"}, {"virtio_blk", "nfs", "cifs"}),
+        ("nfs", True, "", {"virtio_net", "nfs", "nfsv4"}, {"cifs"}),
+        ("cifs", True, "", {"virtio_net", "cifs"}, {"nfs"}),
+    ],
+)
+def test_wanted_modules_per_target(scheme, network, fstype, has, lacks):
+    wanted = set(kmods.wanted_modules(scheme, network, fstype))
+    assert has <= wanted
+    assert not (lacks & wanted)
+
+
+def test_host_drivers_follow_devices_and_their_parents(tmp_path):
+    """A fake sysfs: vda on virtio2 under PCI 0000:00:04.0; eth0 on virtio1 under 00:03.0."""
+    sysfs = tmp_path / "sys"
+
+    def device(path: str, module: str | None) -> Path:
+        d = sysfs / "devices" / path
+        d.mkdir(parents=True, exist_ok=True)
+        if module:
+            drv = sysfs / "bus/drivers" / module
+            (drv / "module").parent.mkdir(parents=True, exist_ok=True)
+            (sysfs / "module" / module).mkdir(parents=True, exist_ok=True)
+            if not (drv / "module").exists():
+                (drv / "module").symlink_to(sysfs / "module" / module)
+            (d / "driver").symlink_to(drv)
+        return d
+
+    device("pci0000:00/0000:00:04.0", "virtio_pci")
+    blk = device("pci0000:00/0000:00:04.0/virtio2", "virtio_blk")
+    device("pci0000:00/0000:00:03.0", "virtio_pci")
+    net = device("pci0000:00/0000:00:03.0/virtio1", "virtio_net")
+    device("platform/serial8250", None)  # built in: no module
+    (sysfs / "block/vda").mkdir(parents=True)
+    (sysfs / "block/vda/device").symlink_to(blk)
+    (sysfs / "block/loop0").mkdir(parents=True)  # virtual: no device
+    (sysfs / "class/net/eth0").mkdir(parents=True)
+    (sysfs / "class/net/eth0/device").symlink_to(net)
+    (sysfs / "class/net/lo").mkdir(parents=True)
+    assert kmods.host_drivers(str(sysfs)) == (
+        ("virtio_blk", "virtio_pci"),
+        ("virtio_net", "virtio_pci"),
+    )

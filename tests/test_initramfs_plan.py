@@ -1,0 +1,144 @@
+"""Pure decisions of the builder: network set-up, mounts, finish actions, capture config."""
+
+from __future__ import annotations
+
+import pytest
+
+from initramfs import builder
+from kdump_capture.config import load_config
+from kdump_capture.errors import ConfigError, NotSupported
+
+N = builder.NetConfig
+
+
+@pytest.mark.parametrize(
+    ("value", "needed", "expected"),
+    [
+        ("auto", True, N("dhcp", timeout=30)),
+        ("", True, N("dhcp", timeout=30)),
+        ("auto", False, N(timeout=30)),  # local target: no network
+        ("eth1:dhcp", True, N("dhcp", ifname="eth1", timeout=30)),
+        ("eth1:dhcp4", True, N("dhcp", ifname="eth1", timeout=30)),
+        ("eth1:auto", True, N("dhcp", ifname="eth1", timeout=30)),
+        ("eth1:dhcp", False, N(timeout=30)),
+        ("eth1:dhcp:force", False, N("dhcp", ifname="eth1", timeout=30)),  # forced
+        ("eth0:static", True, N("static", ifname="eth0", timeout=30)),  # address from host
+        (
+            "eth0:static:10.1.2.3/16:10.1.0.1",
+            True,
+            N(
+                "static",
+                ifname="eth0",
+                address="10.1.2.3",
+                prefix=16,
+                gateway="10.1.0.1",
+                timeout=30,
+            ),
+        ),
+    ],
+)
+def test_parse_netconfig(value, needed, expected):
+    assert builder.parse_netconfig(value, needed, 30) == expected
+
+
+def test_parse_netconfig_rejects():
+    with pytest.raises(NotSupported):
+        builder.parse_netconfig("eth0:dhcp6", True, 30)
+    with pytest.raises(ConfigError):
+        builder.parse_netconfig("eth0:bogus", True, 30)
+
+
+@pytest.mark.parametrize(
+    ("scheme", "runlevel", "needed"),
+    [
+        ("file", "1", False),
+        ("file", "3", True),
+        ("file", "5", True),
+        ("sftp", "1", True),
+        ("nfs", "s", True),
+    ],
+)
+def test_network_needed(scheme, runlevel, needed):
+    assert builder.network_needed(scheme, runlevel) is needed
+
+
+@pytest.mark.parametrize(
+    ("reboot", "cont", "expected"),
+    [
+        ("yes", "true", ("reboot", "reboot")),
+        ("no", "true", ("shell", "reboot")),
+        ("yes", "false", ("reboot", "shell")),
+        ("0", "0", ("shell", "shell")),
+    ],
+)
+def test_finish_actions(reboot, cont, expected):
+    cfg = {"KDUMP_IMMEDIATE_REBOOT": reboot, "KDUMP_CONTINUE_ON_ERROR": cont}
+    assert builder.finish_actions(cfg) == expected
+
+
+MOUNTINFO = """\
+22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw
+30 22 8:17 / /var rw,relatime shared:2 - xfs /dev/sdb1 rw
+31 30 8:33 / /var/crash rw - ext4 /dev/sdc1 rw
+40 22 0:5 / /dev rw - devtmpfs udev rw
+41 22 0:44 / /srv/my\\040dumps rw - vfat /dev/sdd1 rw
+"""
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        ("/var/crash", ("/var/crash", "/dev/sdc1", "ext4")),
+        ("/var/crash/sub", ("/var/crash", "/dev/sdc1", "ext4")),
+        ("/var/crashes", ("/var", "/dev/sdb1", "xfs")),  # not a path prefix of /var/crash
+        ("/var/log/dump", ("/var", "/dev/sdb1", "xfs")),
+        ("/srv/my dumps/x", ("/srv/my dumps", "/dev/sdd1", "vfat")),
+        ("/opt/dumps", ("/", "/dev/sda1", "ext4")),
+    ],
+)
+def test_find_mount(path, expected):
+    assert builder.find_mount(path, MOUNTINFO) == expected
+
+
+def test_capture_config_round_trips_through_the_config_parser(tmp_path):
+    conf = tmp_path / "kdump"
+    conf.write_text(
+        'KDUMP_SAVEDIR="ftp://user:it\'s%20me@host/dumps"\n'
+        'KDUMP_PRESCRIPT="echo \\"quoted\\" \\$HOME; true"\n'
+        "KDUMP_DUMPLEVEL=31\n"
+    )
+    cfg = load_config(str(conf), ["KDUMP_VERBOSE=7"])
+    text = builder.capture_config(cfg, {"KDUMP_NET_TIMEOUT": "5"})
+    out = tmp_path / "capture"
+    out.write_text(text)
+    again = load_config(str(out))
+    for name in cfg:
+        want = "5" if name == "KDUMP_NET_TIMEOUT" else cfg[name]
+        assert again[name] == want, name
+    assert again.warnings == []
+
+
+def test_init_plan_runs_save_without_reboot(tmp_path):
+    from kdump_capture.urls import parse_savedir
+
+    cfg = {"KDUMP_IMMEDIATE_REBOOT": "yes", "KDUMP_CONTINUE_ON_ERROR": "no"}
+    targets, _ = parse_savedir("sftp://root:pw@10.0.2.2/dumps")
+    plan = builder.init_plan(cfg, targets, ["/m.ko"], N("dhcp"), [], "")
+    assert plan["save"][:5] == ["/usr/bin/python3", "-I", "-m", "kdump_capture", "save"]
+    assert "--no-reboot" in plan["save"]  # /init unmounts, then reboots itself
+    assert "pw" not in plan["target"]  # the plan is printed on the console
+    assert (plan["on_success"], plan["on_failure"]) == ("reboot", "shell")
+
+
+@pytest.mark.parametrize(
+    ("settings", "needed"),
+    [
+        ([], False),  # defaults: reboot after success and after failure, no scripts
+        (["KDUMP_IMMEDIATE_REBOOT=no"], True),
+        (["KDUMP_CONTINUE_ON_ERROR=no"], True),
+        (["KDUMP_PRESCRIPT=logger hi"], True),
+        (["KDUMP_TRANSFER=cp /proc/vmcore /x"], True),
+    ],
+)
+def test_needs_shell(settings, needed):
+    assert builder.needs_shell(load_config(None, settings)) is needed
