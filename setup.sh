@@ -7,7 +7,7 @@ export DEBIAN_FRONTEND=noninteractive
 if command -v apt-get >/dev/null; then
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends \
-        gcc libc6-dev make file cpio zstd kmod busybox-static \
+        gcc libc6-dev binutils make file cpio zstd kmod busybox-static e2fsprogs util-linux \
         qemu-system-x86 qemu-utils \
         makedumpfile crash kexec-tools \
         openssh-server openssh-client \

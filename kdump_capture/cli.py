@@ -201,6 +201,8 @@ def cmd_recover(args: argparse.Namespace) -> int:
     _setup_logging(bool(cfg.verbose & 8))
     device = args.device or cfg["KDUMP_DUMPDEV"]
     if not device:
+        if args.if_present:
+            return 0  # nothing configured: the boot-time unit has nothing to do
         raise ConfigError("no dump device: set KDUMP_DUMPDEV or pass --device DEV")
     header = dumpdev.read_header(device)
     if header is None:
@@ -360,17 +362,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparse", action="store_true", help="all-zero RAM as file holes (fast, big)")
     p.set_defaults(func=cmd_make_sample)
 
-    _optional_commands(sub)
+    from .loadside import add_subcommands
+
+    add_subcommands(sub)  # check, load, unload, status, test-crash, initramfs
     return parser
-
-
-def _optional_commands(sub) -> None:
-    """Commands whose modules land separately (load side, formats)."""
-    try:
-        from .loadside import add_subcommands
-    except ImportError:
-        return
-    add_subcommands(sub)
 
 
 def main(argv: list[str] | None = None) -> int:

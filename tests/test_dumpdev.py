@@ -151,3 +151,10 @@ def test_blank_device(loopdev, tmp_path):
 )
 def test_reboot_decision(immediate, no_reboot, dumpdev_set, expected):
     assert should_reboot(immediate, no_reboot, dumpdev_set) is expected
+
+
+def test_if_present_without_a_device_is_quiet(tmp_path):
+    r = cli("recover", "--config", "/nonexistent", "--if-present")
+    assert r.rc == 0
+    r = cli("recover", "--config", "/nonexistent")
+    assert r.rc == 2 and "KDUMP_DUMPDEV" in r.err
