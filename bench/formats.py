@@ -61,6 +61,9 @@ class Sample:
 def measure(cmd: list[str], dst: str) -> Sample:
     if os.path.exists(dst):
         os.unlink(dst)
+    # Start every case with no dirty pages: otherwise a case pays for the writeback of
+    # the previous case's output and the figures depend on the order of the cases.
+    subprocess.run(["sync"], check=True)
     with tempfile.TemporaryFile() as errf:  # a file, not a pipe: progress output is long
         t = time.monotonic()
         p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=errf)
