@@ -31,7 +31,8 @@ def _setup_logging(debug: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.DEBUG if debug else logging.WARNING)
 
 
-def _config_args(p: argparse.ArgumentParser) -> None:
+def config_args(p: argparse.ArgumentParser) -> None:
+    """--config and --set, shared by every command that reads the configuration."""
     p.add_argument(
         "--config",
         default=DEFAULT_CONFIG,
@@ -313,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("save", help="save the crash dump (run by the capture kernel's init)")
-    _config_args(p)
+    config_args(p)
     p.add_argument(
         "--vmcore", metavar="FILE", help="source (default /proc/vmcore, else /dev/oldmem)"
     )
@@ -329,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_save)
 
     p = sub.add_parser("recover", help="copy a dump from KDUMP_DUMPDEV to KDUMP_SAVEDIR")
-    _config_args(p)
+    config_args(p)
     p.add_argument("--device", metavar="DEV", help="dump device (default: KDUMP_DUMPDEV)")
     p.add_argument("--force", action="store_true", help="copy a dump recovered before again")
     p.add_argument(
@@ -340,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_recover)
 
     p = sub.add_parser("show-config", help="print the effective configuration (no passwords)")
-    _config_args(p)
+    config_args(p)
     p.set_defaults(func=cmd_show_config)
 
     p = sub.add_parser("verify", help="check a saved dump against its manifest checksums")

@@ -27,7 +27,6 @@ from .errors import ConfigError, LoadError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CONFIG = "/etc/sysconfig/kdump"
 INITRD_DIR = "/var/lib/kdump-capture"
 
 # The seed tutorial's message, word for word (kdump's init script printed it).
@@ -537,25 +536,10 @@ def cmd_initramfs_build(args: argparse.Namespace) -> int:
     return 0
 
 
-def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--config",
-        default=DEFAULT_CONFIG,
-        metavar="FILE",
-        help=f"sysconfig file (default {DEFAULT_CONFIG})",
-    )
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        dest="overrides",
-        help="override a directive (repeatable)",
-    )
-
-
 def add_subcommands(sub) -> None:
     """Register check, load, unload, status, test-crash and initramfs on the CLI."""
+    from .cli import config_args as _config_args
+
     p = sub.add_parser("check", help="report whether this kernel can do kdump (changes nothing)")
     _config_args(p)
     p.set_defaults(func=cmd_check)

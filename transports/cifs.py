@@ -24,8 +24,8 @@ from smbprotocol.open import SMB2WriteResponse
 from kdump_capture.errors import AuthError, ConnectionLost, TargetFull, TransportError
 from kdump_capture.urls import Target
 
-from .base import Entry, FileInfo, Sink, Transport, TransportSettings, is_temp_name, temp_name
-from .retry import REPLAY_STEP, ReplayBuffer, is_connection_lost, retry_call
+from .base import Entry, FileInfo, Sink, TransportSettings, is_temp_name, temp_name
+from .retry import REPLAY_STEP, ReplayBuffer, RetryingTransport, is_connection_lost
 from .smb2write import post_write
 
 log = logging.getLogger(__name__)
@@ -252,7 +252,7 @@ class CifsSink(Sink):
             log.debug("removing %s: %s", self._tmp, e)
 
 
-class CifsTransport(Transport):
+class CifsTransport(RetryingTransport):
     """Dumps to a directory on an SMB share: cifs://[user[:password]@]host[:port]/share/path."""
 
     scheme = "cifs"
@@ -280,10 +280,6 @@ class CifsTransport(Transport):
             if ":" in p:
                 raise TransportError(f"{p!r}: CIFS names cannot contain ':'")
         return "\\".join([self.root, *parts])
-
-    def connect(self) -> None:
-        self._open()
-        self.call(self._ensure_root, f"creating {self.root}")
 
     def _ensure_root(self) -> None:
         # Stat first: a share's root may refuse a create-or-open even though it exists.
@@ -325,16 +321,8 @@ class CifsTransport(Transport):
                 log.debug("closing SMB connection: %s", e)
         self._cache.clear()
 
-    def call(self, op: Callable[[], T], what: str, first_error: Exception | None = None) -> T:
-        """Run ``op`` against the share; reconnect and retry if the connection broke."""
-
-        def guarded() -> T:
-            try:
-                return op()
-            except Exception as e:
-                raise convert(e, what) from e
-
-        return retry_call(guarded, self._open, self.settings, what, first_error=first_error)
+    def convert(self, e: BaseException, what: str) -> Exception:
+        return convert(e, what)
 
     def makedir(self, relpath: str) -> None:
         path = self._p(relpath)

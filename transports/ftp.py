@@ -21,8 +21,15 @@ from typing import TypeVar
 from kdump_capture.errors import AuthError, ConnectionLost, TargetFull, TransportError
 from kdump_capture.urls import Target
 
-from .base import Entry, FileInfo, Sink, Transport, TransportSettings, is_temp_name, temp_name
-from .retry import REPLAY_STEP, CannotResume, ReplayBuffer, is_connection_lost, retry_call
+from .base import Entry, FileInfo, Sink, TransportSettings, is_temp_name, temp_name
+from .retry import (
+    REPLAY_STEP,
+    CannotResume,
+    ReplayBuffer,
+    RetryingTransport,
+    is_connection_lost,
+    retry_call,
+)
 
 log = logging.getLogger(__name__)
 
@@ -234,7 +241,7 @@ class FtpSink(Sink):
         self._quit()
 
 
-class FtpTransport(Transport):
+class FtpTransport(RetryingTransport):
     """Dumps to a directory on an FTP server (anonymous when the URL has no user)."""
 
     scheme = "ftp"
@@ -242,7 +249,6 @@ class FtpTransport(Transport):
     def __init__(self, target: Target, settings: TransportSettings) -> None:
         super().__init__(target, settings)
         self.port = target.port or DEFAULT_PORT
-        self.root = target.path
         self._ftp: ftplib.FTP | None = None
         self._chmod_ok = True
         self._told_free = False
@@ -253,12 +259,8 @@ class FtpTransport(Transport):
             raise ConnectionLost(f"{self.describe()}: not connected")
         return self._ftp
 
-    def _p(self, relpath: str) -> str:
-        return posixpath.join(self.root, relpath.strip("/")) if relpath.strip("/") else self.root
-
-    def connect(self) -> None:
-        self._open()
-        self.call(lambda: self._makedirs(self.root), f"creating {self.root}")
+    def _ensure_root(self) -> None:
+        self._makedirs(self.root)
 
     def _open(self) -> None:
         self.close()
@@ -286,16 +288,8 @@ class FtpTransport(Transport):
                 self._ftp.close()
             self._ftp = None
 
-    def call(self, op: Callable[[], T], what: str, first_error: Exception | None = None) -> T:
-        """Run ``op`` on the control connection; reconnect and retry if it broke."""
-
-        def guarded() -> T:
-            try:
-                return op()
-            except Exception as e:
-                raise convert(e, what) from e
-
-        return retry_call(guarded, self._open, self.settings, what, first_error=first_error)
+    def convert(self, e: BaseException, what: str) -> Exception:
+        return convert(e, what)
 
     def chmod(self, ftp: ftplib.FTP, path: str, mode: str) -> None:
         """SITE CHMOD if the server has it; warn once if it does not."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import ftplib
 import logging
+import posixpath
 import socket
 import time
 from collections import deque
@@ -25,8 +26,9 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from kdump_capture.errors import AuthError, ConnectionLost, TransportError
+from kdump_capture.urls import Target
 
-from .base import TransportSettings
+from .base import Transport, TransportSettings
 
 log = logging.getLogger(__name__)
 
@@ -240,3 +242,43 @@ class ReplayBuffer:
             else:
                 spans.append([off, pos, n])
         return [(off, self._view[pos : pos + n]) for off, pos, n in spans]
+
+
+class RetryingTransport(Transport):
+    """What the network transports share: a root path on the server, and operations that
+    reconnect and retry when the connection breaks.
+
+    Subclasses provide ``_open`` (connect, replacing any old connection), ``convert`` (a
+    library exception to our error tree, once, here at the boundary) and ``_ensure_root``.
+    """
+
+    def __init__(self, target: Target, settings: TransportSettings) -> None:
+        super().__init__(target, settings)
+        self.root = target.path
+
+    def _p(self, relpath: str) -> str:
+        return posixpath.join(self.root, relpath.strip("/")) if relpath.strip("/") else self.root
+
+    def _open(self) -> None:
+        raise NotImplementedError
+
+    def _ensure_root(self) -> None:
+        raise NotImplementedError
+
+    def convert(self, e: BaseException, what: str) -> Exception:
+        raise NotImplementedError
+
+    def connect(self) -> None:
+        self._open()
+        self.call(self._ensure_root, f"creating {self.root}")
+
+    def call(self, op: Callable[[], T], what: str, first_error: Exception | None = None) -> T:
+        """Run ``op`` against the server; reconnect and retry if the connection broke."""
+
+        def guarded() -> T:
+            try:
+                return op()
+            except Exception as e:
+                raise self.convert(e, what) from e
+
+        return retry_call(guarded, self._open, self.settings, what, first_error=first_error)

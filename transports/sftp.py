@@ -31,12 +31,11 @@ from .base import (
     Entry,
     FileInfo,
     Sink,
-    Transport,
     TransportSettings,
     is_temp_name,
     temp_name,
 )
-from .retry import REPLAY_STEP, ReplayBuffer, is_connection_lost, retry_call
+from .retry import REPLAY_STEP, ReplayBuffer, RetryingTransport, is_connection_lost
 
 log = logging.getLogger(__name__)
 
@@ -308,7 +307,7 @@ class SftpSink(Sink):
             log.debug("removing %s: %s", self._tmp, e)
 
 
-class SftpTransport(Transport):
+class SftpTransport(RetryingTransport):
     """Dumps to a directory on an SSH server through its SFTP subsystem."""
 
     scheme = "sftp"
@@ -318,7 +317,6 @@ class SftpTransport(Transport):
         super().__init__(target, settings)
         self.port = target.port or DEFAULT_PORT
         self.user = target.user or DEFAULT_USER
-        self.root = target.path
         self._ssh: paramiko.Transport | None = None
         self._sftp: paramiko.SFTPClient | None = None
         self.write_size = MIN_WRITE
@@ -330,13 +328,9 @@ class SftpTransport(Transport):
             raise ConnectionLost(f"{self.describe()}: not connected")
         return self._sftp
 
-    def _p(self, relpath: str) -> str:
-        return posixpath.join(self.root, relpath.strip("/")) if relpath.strip("/") else self.root
-
     # -- connection --------------------------------------------------------------------
-    def connect(self) -> None:
-        self._open()
-        self.call(lambda: self._makedirs(self.root), f"creating {self.root}")
+    def _ensure_root(self) -> None:
+        self._makedirs(self.root)
 
     def _open(self) -> None:
         self.close()
@@ -462,17 +456,6 @@ class SftpTransport(Transport):
                 return FileNotFoundError(e.errno, f"{what}: no such file")
             return TransportError(f"{what}: {e.strerror or e}")
         return TransportError(f"{what}: {type(e).__name__}: {e}")
-
-    def call(self, op, what: str, first_error: Exception | None = None):
-        """Run ``op`` against the server; reconnect and retry if the connection broke."""
-
-        def guarded():
-            try:
-                return op()
-            except Exception as e:
-                raise self.convert(e, what) from e
-
-        return retry_call(guarded, self._open, self.settings, what, first_error=first_error)
 
     # -- directory operations --------------------------------------------------------
     def size_of(self, path: str) -> int:
