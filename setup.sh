@@ -15,5 +15,17 @@ if command -v apt-get >/dev/null; then
         nfs-ganesha nfs-ganesha-vfs \
         >/dev/null
 fi
-python3 -m pip install -q -e '.[test]'
+if ! python3 -m pip --version >/dev/null 2>&1 && command -v apt-get >/dev/null; then
+    apt-get install -y -qq --no-install-recommends python3-pip >/dev/null
+fi
+# Debian's own python3 refuses system-wide pip installs (PEP 668); this tool runs as root in
+# the capture kernel and on the host, so install it system-wide there as well.
+if ! python3 -m pip install -q -e '.[test]' 2>/tmp/kdump-capture-pip.err; then
+    if grep -q externally-managed /tmp/kdump-capture-pip.err; then
+        python3 -m pip install -q --break-system-packages -e '.[test]'
+    else
+        cat /tmp/kdump-capture-pip.err >&2
+        exit 1
+    fi
+fi
 echo "setup done"
