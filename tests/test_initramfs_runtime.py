@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 from initramfs import runtime
 
 
@@ -33,3 +36,16 @@ def test_entry_modules_only_the_targets_transport():
     sftp = set(runtime.entry_modules(["sftp"]))
     assert "transports.sftp" in sftp and "paramiko" in sftp
     assert "transports.ftp" not in sftp
+
+
+def test_sftp_runtime_leaves_out_hashlib_and_system_libcrypto(tmp_path):
+    """cryptography brings its own OpenSSL; the system libcrypto would add 4.7 MB."""
+    sftp = runtime.collect(["sftp"], str(tmp_path))
+    names = [os.path.basename(p) for p in sftp.files]
+    assert not [n for n in names if n.startswith("_hashlib")]
+    assert not [n for n in names if n.startswith("libcrypto.so")]
+    # hashlib's builtin SHA-256 is packed instead (or compiled into the interpreter)
+    assert [n for n in names if n.startswith("_sha256")] or "_sha256" in sys.builtin_module_names
+    # a local target keeps OpenSSL's fast SHA-256 for the manifest
+    local = runtime.collect(["file"], str(tmp_path))
+    assert [p for p in local.files if os.path.basename(p).startswith("_hashlib")]
