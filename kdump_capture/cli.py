@@ -84,6 +84,30 @@ def check_unsupported(cfg) -> None:
         raise cfg.not_supported("KDUMPTOOL_FLAGS", " and ".join(sorted(flags & UNSUPPORTED_FLAGS)))
 
 
+def mem_available() -> int | None:
+    """MemAvailable from /proc/meminfo in bytes, or None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def replay_budget(available: int | None) -> int:
+    """Bytes a network sink may keep for resuming: 16 MiB, less in a small capture kernel.
+
+    An eighth of what is available, between 4 and 16 MiB: at crashkernel=128M only about
+    31 MiB are available when the save starts, and a 16 MiB buffer got the save OOM-killed.
+    """
+    full = 16 << 20
+    if available is None:
+        return full
+    return max(4 << 20, min(full, available // 8 >> 20 << 20))
+
+
 def make_plan(cfg):
     """Resolve the configuration into a SavePlan; unsupported settings fail here, early."""
     from transports import transport_class
@@ -103,6 +127,7 @@ def make_plan(cfg):
         ssh_identity=cfg.ssh_identity,
         host_key=cfg.host_key,
         debug=bool(cfg.verbose & 8),
+        replay_bytes=replay_budget(mem_available()),
     )
     return SavePlan(
         targets=targets,

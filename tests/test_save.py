@@ -374,3 +374,13 @@ def test_unwritable_format_fails_before_rotation_deletes(sample, tmp_path):
     r = cli(*save_args(sample, str(savedir), "KDUMP_KEEP_OLD_DUMPS=-1", "KDUMP_DUMPFORMAT=snappy"))
     assert r.rc == 9 and "snappy" in r.err
     assert dumps_in(savedir) == before
+
+
+@pytest.mark.parametrize(
+    "available, budget",
+    [(None, 16), (1 << 40, 16), (128 << 20, 16), (100 << 20, 12), (31 << 20, 4), (1 << 20, 4)],
+)
+def test_replay_budget_follows_available_memory(available, budget):
+    from kdump_capture.cli import replay_budget
+
+    assert replay_budget(available) == budget << 20

@@ -60,6 +60,9 @@ class TransportSettings:
     host_key: str = ""
     known_hosts: tuple[str, ...] = ()
     debug: bool = False
+    #: bytes a sink keeps for resuming after a dropped connection (see retry.ReplayBuffer);
+    #: the engine lowers it in a capture kernel with little memory
+    replay_bytes: int = 16 << 20
     extra: dict[str, str] = field(default_factory=dict)
 
 

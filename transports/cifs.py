@@ -94,7 +94,10 @@ class CifsSink(Sink):
         self._t = transport
         self._final = f"{unc_dir}\\{name}"
         self._tmp = f"{unc_dir}\\{temp_name(name)}"
-        self._replay = ReplayBuffer()
+        self._replay = ReplayBuffer(transport.settings.replay_bytes)
+        # Unconfirmed writes must stay replayable: half the ring at most.
+        self._max_inflight = min(MAX_INFLIGHT, transport.settings.replay_bytes // 2)
+        self._piece = min(WRITE_PIECE, transport.settings.replay_bytes // 4)
         self._positional = False
         self._pending: deque[tuple[Request, int, int]] = deque()  # (request, offset, size)
         self._inflight = 0
@@ -114,7 +117,7 @@ class CifsSink(Sink):
         while done < len(view):
             want = min(len(view) - done, conn.max_write_size)
             size, credits = _chunk_size(conn, want, "write")
-            if (size < want or self._inflight + size > MAX_INFLIGHT) and self._pending:
+            if (size < want or self._inflight + size > self._max_inflight) and self._pending:
                 self._ack_one()
                 continue
             req = post_write(
@@ -125,14 +128,14 @@ class CifsSink(Sink):
             done += size
 
     def _push(self, flush: bool = False) -> None:
-        """Send buffered bytes in WRITE_PIECE requests; all of them if ``flush``."""
-        if self._replay.end - self._unsent < (1 if flush else WRITE_PIECE):
+        """Send buffered bytes in requests of ``self._piece`` bytes; all of them if ``flush``."""
+        if self._replay.end - self._unsent < (1 if flush else self._piece):
             return
         spans = self._replay.since(self._unsent)
         for i, (off, view) in enumerate(spans):
-            for start in range(0, len(view), WRITE_PIECE):
-                piece = view[start : start + WRITE_PIECE]
-                if len(piece) < WRITE_PIECE and i == len(spans) - 1 and not flush:
+            for start in range(0, len(view), self._piece):
+                piece = view[start : start + self._piece]
+                if len(piece) < self._piece and i == len(spans) - 1 and not flush:
                     return  # wait for a full piece
                 self._send(off + start, piece)
                 self._unsent = off + start + len(piece)

@@ -41,6 +41,9 @@ READ_CHUNK = 1 << 20
 # not yet written stay far inside the 16 MiB replay buffer, with room for the server's
 # receive buffer (Linux autotunes it up to 6 MiB).
 SNDBUF = 2 << 20
+# So FTP keeps at least this much for replay whatever the budget: unlike SFTP and SMB, it
+# has no acknowledgements to bound what is in flight, only the socket buffers above.
+MIN_REPLAY = 12 << 20
 # Replies that mean the target is full: RFC 959 452/552, and servers that say it in 426/451.
 _FULL_CODES = ("452", "552")
 _FULL_TEXT = re.compile(r"no space|disk full|quota|exceed", re.I)
@@ -103,7 +106,7 @@ class FtpSink(Sink):
         self._t = transport
         self._final = posixpath.join(directory, name)
         self._tmp = posixpath.join(directory, temp_name(name))
-        self._replay = ReplayBuffer()
+        self._replay = ReplayBuffer(max(MIN_REPLAY, transport.settings.replay_bytes))
         self._data: socket.socket | None = None
         self._ftp: ftplib.FTP | None = None
         self._resumed_at = -1

@@ -139,7 +139,9 @@ class SftpSink(Sink):
         self._tmp = posixpath.join(directory, temp_name(name))
         self._inflight: deque[tuple[int, int]] = deque()  # (request id, bytes)
         self._inflight_bytes = 0
-        self._replay = ReplayBuffer()
+        self._replay = ReplayBuffer(transport.settings.replay_bytes)
+        # Unacknowledged data must stay replayable: half the ring at most.
+        self._max_inflight = min(MAX_INFLIGHT, transport.settings.replay_bytes // 2)
         self._positional = False  # true once the engine seeked: replay by offset
         self._handle = b""
         self._sftp: paramiko.SFTPClient | None = None
@@ -199,7 +201,7 @@ class SftpSink(Sink):
             num = self._post_write(offset + i, piece)
             self._inflight.append((num, len(piece)))
             self._inflight_bytes += len(piece)
-            while self._inflight_bytes > MAX_INFLIGHT or (
+            while self._inflight_bytes > self._max_inflight or (
                 self._inflight and sftp.sock.recv_ready()
             ):
                 self._ack_one()
