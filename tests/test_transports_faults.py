@@ -42,7 +42,7 @@ def _names(d: str) -> list[str]:
 def test_resume_after_drops_is_byte_identical(kind, request):
     target = make_target(kind, request)
     data = os.urandom(24 * MiB)
-    with DropProxy(_port(target), drop_after=5 * MiB, drops=2) as proxy:
+    with DropProxy(_port(target), drop_after=5 * MiB, drops=2, ftp=kind == "ftp") as proxy:
         with target.via_port(proxy.port).transport() as tr:
             _upload(tr, "vmcore", data)
         assert proxy.dropped == 2
