@@ -200,7 +200,8 @@ def save_to_target(
         existing = [d for d in existing if d not in before]
 
         estimate = (writer.estimate() if writer else 0) or 0
-        free = _ensure_room(transport, existing, plan, estimate + SIDE_FILES)
+        free, pruned = _ensure_room(transport, existing, plan, estimate + SIDE_FILES)
+        existing = [d for d in existing if d not in pruned]
 
         stamp = policy.stamp_for(vm.crash_time if vm.crash_time else started)
         name = _make_dump_dir(transport, stamp, host)
@@ -236,8 +237,10 @@ def save_to_target(
         log.info("dump complete: %s/%s", transport.describe(), name)
 
         try:
-            after = policy.ours(scan_dumps(transport), host)
-            expired = policy.select_expired(after, plan.keep_old_dumps, new=name)
+            # The target's dumps are known since the scan above: no second listing.
+            _, _, seq = policy.parse_dump_name(name)
+            new = policy.DumpDir(stamp, seq, name, host, policy.COMPLETE)
+            expired = policy.select_expired([*existing, new], plan.keep_old_dumps, new=name)
             _remove(transport, expired, f"KDUMP_KEEP_OLD_DUMPS={plan.keep_old_dumps}")
         except TransportError as e:
             log.warning("rotation after the dump failed: %s", e)
@@ -284,19 +287,26 @@ def _publish_record(transport: Transport, name: str, record: DumpRecord) -> None
     _put(transport, f"{name}/{MANIFEST}", record.manifest_json())
 
 
-def _ensure_room(transport, existing, plan: SavePlan, needed: int) -> int | None:
-    """Check the budget before writing; prune what rotation would drop anyway if needed."""
+def _ensure_room(
+    transport, existing, plan: SavePlan, needed: int
+) -> tuple[int | None, list[policy.DumpDir]]:
+    """Check the budget before writing; prune what rotation would drop anyway if needed.
+
+    Returns the free space and the dumps deleted to make it.
+    """
+    pruned: list[policy.DumpDir] = []
     free = transport.free_space("")
     short = policy.budget_shortfall(free, needed, plan.free_disk_size)
     if not short:
-        return free
+        return free, pruned
     for d in policy.prunable_for_space(existing, plan.keep_old_dumps):
         log.info("deleting old dump %s to make room (%d MiB short)", d.name, short >> 20)
         transport.remove_tree(d.name)
+        pruned.append(d)
         free = transport.free_space("")
         short = policy.budget_shortfall(free, needed, plan.free_disk_size)
         if not short:
-            return free
+            return free, pruned
     raise FreeSpaceError(
         f"{transport.describe()}: {free >> 20} MiB free, but the dump needs about "
         f"{needed >> 20} MiB and KDUMP_FREE_DISK_SIZE keeps {plan.free_disk_size >> 20} MiB free; "
