@@ -311,11 +311,15 @@ class _Lexer:
             shown = f"{name!r} is not an assignment; " if name else ""
             self.fail(f"{shown}expected NAME=value (the file is parsed, not run as a script)")
         self.pos += 1
+        yield self.assignment(name, line)
+
+    def assignment(self, name: str, line: int) -> Assignment:
+        """The value after ``NAME=`` up to the end of the statement."""
         self.current = name
         value = self.read_word()
         self.assigned[name] = value
-        yield Assignment(name, value, line)
         self.end_of_statement()
+        return Assignment(name, value, line)
 
     def export(self) -> Iterator[Assignment]:
         """``export NAME=value`` assigns; ``export NAME`` alone changes nothing for us."""
@@ -325,11 +329,7 @@ class _Lexer:
             self.fail("expected a name after 'export'")
         if self.peek() == "=":
             self.pos += 1
-            self.current = name
-            value = self.read_word()
-            self.assigned[name] = value
-            yield Assignment(name, value, line)
-            self.end_of_statement()
+            yield self.assignment(name, line)
             return
         self.skip_blanks()
         if self.peek() not in ("", "\n", "#"):
