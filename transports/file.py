@@ -62,12 +62,13 @@ class FileSink(Sink):
     def write(self, data: bytes | memoryview) -> None:
         view = memoryview(data).cast("B")
         done = 0
-        try:
-            while done < len(view):
-                done += os.write(self._fd, view[done:])
-        except OSError as e:
-            raise _io_error(f"writing {self._tmp}", e) from e
-        self._account(view)
+        # os.write releases the GIL: the SHA-256 runs on the other core meanwhile.
+        with self._accounting(view):
+            try:
+                while done < len(view):
+                    done += os.write(self._fd, view[done:])
+            except OSError as e:
+                raise _io_error(f"writing {self._tmp}", e) from e
 
     def seek(self, offset: int) -> None:
         os.lseek(self._fd, offset, os.SEEK_SET)
@@ -98,6 +99,7 @@ class FileSink(Sink):
         return FileInfo(self.name, size, digest)
 
     def abort(self) -> None:
+        self._stop_hashing()
         if self._fd >= 0:
             try:
                 os.close(self._fd)
