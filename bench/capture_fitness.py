@@ -123,7 +123,6 @@ def main() -> int:
         ["git", "-C", str(ROOT), "describe", "--always", "--dirty"], capture_output=True, text=True
     ).stdout.strip()
     from tests.servers.sshd import sshd
-
     from tests.test_e2e_vm import sftp_config
 
     with tempfile.TemporaryDirectory(prefix="kdump-fitness-") as tmp:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -32,13 +31,31 @@ def run(vmcore: str, savedir: str, level: int) -> tuple[float, int]:
         "subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL);"
         "print(time.monotonic() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
     )
-    args = [sys.executable, "-m", "kdump_capture", "save", "--config", "/dev/null",
-            "--vmcore", vmcore, "--no-reboot", "--set", f"KDUMP_SAVEDIR=file://{savedir}",
-            "--set", f"KDUMP_DUMPLEVEL={level}", "--set", "KDUMP_FREE_DISK_SIZE=0",
-            "--set", "KDUMP_VERBOSE=0", "--set", "KDUMP_KEEP_OLD_DUMPS=0"]
+    args = [
+        sys.executable,
+        "-m",
+        "kdump_capture",
+        "save",
+        "--config",
+        "/dev/null",
+        "--vmcore",
+        vmcore,
+        "--no-reboot",
+        "--set",
+        f"KDUMP_SAVEDIR=file://{savedir}",
+        "--set",
+        f"KDUMP_DUMPLEVEL={level}",
+        "--set",
+        "KDUMP_FREE_DISK_SIZE=0",
+        "--set",
+        "KDUMP_VERBOSE=0",
+        "--set",
+        "KDUMP_KEEP_OLD_DUMPS=0",
+    ]
     env = dict(os.environ, PYTHONPATH=ROOT)
-    out = subprocess.run([sys.executable, "-c", code, *args], env=env, check=True,
-                         capture_output=True, text=True).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", code, *args], env=env, check=True, capture_output=True, text=True
+    ).stdout.split()
     return float(out[0]), int(out[1])
 
 
@@ -61,8 +78,10 @@ def main() -> int:
                 dest = os.path.join(scratch, f"d-{mib}-{level}")
                 wall, rss = run(src, dest, level)
                 rows.append((mib, level, os.path.getsize(src), wall, rss))
-                print(f"{mib:>6} MiB level {level}: {wall:6.2f} s, peak RSS {rss / 1024:.1f} MiB",
-                      flush=True)
+                print(
+                    f"{mib:>6} MiB level {level}: {wall:6.2f} s, peak RSS {rss / 1024:.1f} MiB",
+                    flush=True,
+                )
                 shutil.rmtree(dest)
             os.unlink(src)
     finally:
@@ -85,8 +104,10 @@ def main() -> int:
         by_level.setdefault(level, []).append(rss)
     lines.append("")
     for level, rs in sorted(by_level.items()):
-        lines.append(f"Level {level}: peak RSS spread {(max(rs) - min(rs)) / 1024:.1f} MiB "
-                     f"across sizes {a.sizes} MiB.")
+        lines.append(
+            f"Level {level}: peak RSS spread {(max(rs) - min(rs)) / 1024:.1f} MiB "
+            f"across sizes {a.sizes} MiB."
+        )
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out, "w") as f:
         f.write("\n".join(lines) + "\n")
