@@ -14,6 +14,7 @@ The exit codes are part of the interface (README, "Exit codes") and never change
     9  requested feature is not supported (yet) by this build
    10  the dump device (KDUMP_DUMPDEV) is unusable
    11  the kernel cannot do kdump, or loading the capture kernel failed
+  12  a configured script (KDUMP_PRESCRIPT, KDUMP_POSTSCRIPT) failed
   130  interrupted (SIGINT/SIGTERM)
 """
 
@@ -104,6 +105,12 @@ class LoadError(KdumpError):
     exit_code = 11
 
 
+class ScriptError(KdumpError):
+    """A configured script failed and KDUMP_CONTINUE_ON_ERROR is false."""
+
+    exit_code = 12
+
+
 class Interrupted(KdumpError):
     """The dump was interrupted by a signal."""
 
@@ -123,5 +130,6 @@ EXIT_CODES: dict[int, str] = {
     NotSupported.exit_code: "feature not supported by this build",
     DumpDeviceError.exit_code: "dump device unusable",
     LoadError.exit_code: "kernel cannot do kdump or loading failed",
+    ScriptError.exit_code: "a configured pre/post script failed",
     Interrupted.exit_code: "interrupted",
 }

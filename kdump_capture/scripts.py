@@ -12,15 +12,9 @@ import logging
 import os
 import subprocess
 
-from .errors import KdumpError
+from .errors import ScriptError
 
 log = logging.getLogger(__name__)
-
-
-class ScriptError(KdumpError):
-    """A configured script exited non-zero."""
-
-    exit_code = 1
 
 
 def run_script(directive: str, command: str, env: dict[str, str]) -> int:

@@ -336,7 +336,7 @@ def test_failing_prescript(sample, tmp_path):
             sample, str(tmp_path / "d"), "KDUMP_PRESCRIPT=exit 3", "KDUMP_CONTINUE_ON_ERROR=false"
         )
     )
-    assert r.rc == 1 and "KDUMP_PRESCRIPT failed (exit status 3)" in r.err
+    assert r.rc == 12 and "KDUMP_PRESCRIPT failed (exit status 3)" in r.err
     assert not (tmp_path / "d").exists()
     r = cli(*save_args(sample, str(tmp_path / "d"), "KDUMP_PRESCRIPT=exit 3"))
     assert r.rc == 0 and "continuing" in r.err
