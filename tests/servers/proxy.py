@@ -5,6 +5,10 @@ passed through it, ``drops`` times in all. ``dead_after_drop``: once a connectio
 dropped, close every new one at once, so reconnects fail. With ``ftp=True`` the proxy
 rewrites PASV replies so data connections pass through it too; only data connections
 are then dropped.
+
+The fault matrix drives it from outside instead: ``drop_now`` resets every open
+connection; ``stop`` does that and stops listening (a server that went away: connects
+are refused), ``start`` listens on the same port again (the server is back).
 """
 
 from __future__ import annotations
@@ -57,11 +61,13 @@ class DropProxy:
         self._socks: list[socket.socket] = []
         self.port = self._listen(target_port, data=not ftp)
 
-    def _listen(self, target_port: int, data: bool, once: bool = False) -> int:
+    def _listen(self, target_port: int, data: bool, once: bool = False, port: int = 0) -> int:
         lst = socket.socket()
-        lst.bind((LOOPBACK, 0))
+        lst.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        lst.bind((LOOPBACK, port))
         lst.listen(8)
-        self._listeners.append(lst)
+        with self._lock:
+            self._listeners.append(lst)
         threading.Thread(
             target=self._accept, args=(lst, target_port, data, once), daemon=True
         ).start()
@@ -84,7 +90,8 @@ class DropProxy:
             except OSError:
                 _rst(client)
                 continue
-            self._socks += [client, server]
+            with self._lock:
+                self._socks += [client, server]
             state = {"bytes": 0}
             threading.Thread(
                 target=self._pump, args=(client, server, data, state, True), daemon=True
@@ -141,6 +148,32 @@ class DropProxy:
         port = int(m.group(5)) * 256 + int(m.group(6))
         mine = self._listen(port, data=True, once=True)
         return b"227 Entering Passive Mode (127,0,0,1,%d,%d)." % (mine >> 8, mine & 255)
+
+    def drop_now(self) -> None:
+        """Reset every open connection (control and data) like a broken network would."""
+        with self._lock:
+            socks, self._socks = self._socks, []
+            self.dropped += 1
+        for s in socks:
+            _rst(s)
+
+    def stop(self) -> None:
+        """The server goes away: open connections are reset and new ones refused."""
+        with self._lock:
+            listeners, self._listeners = self._listeners, []
+        for lst in listeners:
+            try:
+                # wakes the thread blocked in accept(); close() alone would leave the
+                # socket listening until that accept() returned
+                lst.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            lst.close()
+        self.drop_now()
+
+    def start(self) -> None:
+        """The server is back, on the same port."""
+        self._listen(self.target_port, data=not self.ftp, port=self.port)
 
     def close(self) -> None:
         self._closed.set()
