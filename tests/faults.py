@@ -1,5 +1,5 @@
-"""Test-only fault injection around a real engine process: gated source reads, full and
-read-only filesystems. Nothing here touches production code.
+"""Test-only fault injection around a real engine process: gated vmcore reads and filesystems
+that fill up. Nothing here touches production code.
 
 ``ReadGate`` puts a fanotify pre-content watch (Linux >= 6.14; ext4, xfs or btrfs) on a
 vmcore file. Every read of it by another process then waits until the gate answers, and the
@@ -17,15 +17,13 @@ engine: it reads nothing before its imports are done).
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import errno
 import os
 import select
 import struct
-import subprocess
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.fanotify_init.argtypes = [ctypes.c_uint, ctypes.c_uint]
@@ -159,33 +157,22 @@ class ReadGate:
         return FAN_ALLOW
 
 
-def fill(path: str, name: str = ".filler") -> str:
-    """Take every free byte of the filesystem holding ``path`` (another process's data)."""
+def fill(path: str, name: str = ".filler", leave: int = 0) -> str:
+    """Another writer takes the free space of the filesystem holding ``path``, all of it
+    or all but ``leave`` bytes (as ``statvfs`` counts them)."""
     filler = os.path.join(path, name)
+    st = os.statvfs(path)
+    want = max(0, st.f_bavail * st.f_frsize - leave)
     fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         block = bytes(1 << 20)
-        while True:
+        while want > 0:
             try:
-                if not os.write(fd, block):
-                    break
+                want -= os.write(fd, block[: min(len(block), want)])
             except OSError as e:
-                if e.errno != errno.ENOSPC:
+                if e.errno != errno.ENOSPC or leave:
                     raise
-                if len(block) == 4096:
-                    break
-                block = bytes(4096)  # fill the last partial MiB too
+                break  # metadata took the last blocks: full is full
     finally:
         os.close(fd)
     return filler
-
-
-@contextlib.contextmanager
-def read_only(path: str) -> Iterator[str]:
-    """``path`` bind-mounted read-only onto itself, for the duration."""
-    subprocess.run(["mount", "--bind", path, path], check=True, capture_output=True)
-    try:
-        subprocess.run(["mount", "-o", "remount,bind,ro", path], check=True, capture_output=True)
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", path], capture_output=True)

@@ -869,7 +869,10 @@ def _check_eio(o: Outcome, r: Row, e: DirState) -> list[str]:
 def summary(o: Outcome) -> str:
     """One line for the report: exit code, time and what the console said."""
     final = o.final
-    line = final.last_line if final.rc else "Dump saved"
+    line = final.last_line
+    if final.rc == 0:  # the line saying what happened, if the row expects one
+        said = [ln for ln in final.err.splitlines() if re.search(ROWS[o.row].message, ln)]
+        line = "Dump saved" + (f"; {said[0].removeprefix('kdump: ')}" if said else "")
     line = re.sub(r"/tmp/\S*/", ".../", line)
     line = re.sub(r"://[^@/\s]*@", "://", line)  # no credentials in the report
     times = "+".join(f"{r.elapsed:.1f}" for r in o.runs)
