@@ -310,7 +310,7 @@ class CifsTransport(RetryingTransport):
         smbclient.makedirs(self.root, exist_ok=True, **self.kw)
 
     def _open(self) -> None:
-        self.close()
+        self._drop()  # a reconnect: the old connection is lost, no goodbye to it
         try:
             smbclient.register_session(
                 self.target.host,
@@ -323,13 +323,23 @@ class CifsTransport(RetryingTransport):
                 auth_protocol="ntlm",
             )
         except Exception as e:
-            self.close()
+            self._drop()
             err = convert(e, f"connecting to {self.describe()}")
             if isinstance(e, (OSError, ValueError)) and not isinstance(err, AuthError):
                 # Any socket failure while connecting (smbprotocol can leave EBADF behind
                 # when its reader thread closed the socket first) is a lost connection.
                 err = ConnectionLost(str(err))
             raise err from e
+
+    def _drop(self) -> None:
+        """Forget the connections without logging off: a server that stopped answering
+        would never reply, and smbprotocol waits for those replies without a timeout."""
+        for conn in list(self._cache.values()):
+            try:
+                conn.transport.close()
+            except Exception as e:
+                log.debug("dropping SMB connection: %s", e)
+        self._cache.clear()
 
     def close(self) -> None:
         for conn in list(self._cache.values()):
