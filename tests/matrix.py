@@ -592,7 +592,7 @@ def _read_only(ctx: Ctx, r: Row, older: str) -> list[Run]:
     kinds=KINDS,
     source="mid",
     expect=6,
-    message=r"[Nn]o such file|not found|does not exist|not retrievable",
+    message=r"[Nn]o such file|not found|does not exist|not retrievable|gone",
     new="unfinished",
 )
 def _dir_gone(ctx: Ctx, r: Row, older: str) -> list[Run]:

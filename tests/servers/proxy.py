@@ -4,7 +4,8 @@
 passed through it, ``drops`` times in all. ``dead_after_drop``: once a connection was
 dropped, close every new one at once, so reconnects fail. With ``ftp=True`` the proxy
 rewrites PASV replies so data connections pass through it too; only data connections
-are then dropped.
+are then dropped. ``swallow_after``: one (data) connection delivers that many bytes, then
+none: the rest vanishes in the network, and only the server's SIZE tells.
 
 The fault matrix drives it from outside instead: ``drop_now`` resets every open
 connection; ``stop`` does that and stops listening (a server that went away: connects
@@ -45,6 +46,7 @@ class DropProxy:
         dead_after_drop: bool = False,
         ftp: bool = False,
         stall_after: int | None = None,
+        swallow_after: int | None = None,
     ) -> None:
         self.target_port = target_port
         self.drop_after = drop_after
@@ -52,6 +54,10 @@ class DropProxy:
         self.dead_after_drop = dead_after_drop
         self.ftp = ftp
         self.stall_after = stall_after  # stop reading upstream after this many bytes
+        # one connection passes this many bytes, then everything it gets is lost on the way
+        # (a queue in the network that the drop takes with it); later connections pass
+        self.swallow_after = swallow_after
+        self._swallowing: dict | None = None
         self.stalled = threading.Event()
         self._closed = threading.Event()
         self.dropped = 0
@@ -115,6 +121,19 @@ class DropProxy:
                         self.stalled.set()
                         self._closed.wait()
                         return
+                if upstream and data and self.swallow_after is not None:
+                    state["seen"] = state.get("seen", 0) + len(chunk)
+                    with self._lock:
+                        if state["seen"] > self.swallow_after and self._swallowing in (
+                            None,
+                            state,
+                        ):
+                            self._swallowing = state
+                    if self._swallowing is state:
+                        keep = max(0, self.swallow_after - (state["seen"] - len(chunk)))
+                        if not keep:
+                            continue
+                        chunk = chunk[:keep]
                 if upstream and data and self.drop_after is not None:
                     state["bytes"] += len(chunk)
                     with self._lock:
