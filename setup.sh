@@ -8,6 +8,7 @@ if command -v apt-get >/dev/null; then
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends \
         gcc libc6-dev binutils make file cpio zstd kmod busybox-static e2fsprogs util-linux \
+        btrfs-progs \
         qemu-system-x86 qemu-utils \
         makedumpfile crash kexec-tools \
         openssh-server openssh-client \
