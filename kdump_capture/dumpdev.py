@@ -353,14 +353,17 @@ def write_dump(
     try:
         capacity = _device_size(fd) - DATA_OFFSET
         writer = make_writer(vm, fmt, level, seekable=True)
-        estimate = writer.estimate()
         # The crashed kernel's VMCOREINFO says when it crashed; the header keeps only what
         # recover will accept (an implausible time becomes "unknown").
         crash_time = vm.crash_time if 0 < (vm.crash_time or 0) <= MAX_TIME else 0
-        if estimate is not None and estimate > capacity and level == 0:
+        # Refuse up front only what cannot fit (compressed pages are known only as they
+        # stream); DeviceSink stops a dump that outgrows the device.
+        needed = writer.lower_bound()
+        if needed > capacity:
             raise DumpDeviceError(
                 f"KDUMP_DUMPDEV {path}: {capacity + DATA_OFFSET} bytes is too small for this "
-                f"dump ({estimate} bytes at level 0); use a larger device or a dump level"
+                f"dump (at least {needed + DATA_OFFSET} bytes at level {level}); use a larger "
+                "device or a dump level"
             )
         header = DeviceHeader(
             WRITING,

@@ -6,7 +6,8 @@ import json
 import logging
 import socket
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from transports import open_transport
 from transports.base import Transport, TransportSettings
@@ -30,11 +31,12 @@ from .vmcore import Vmcore
 
 log = logging.getLogger(__name__)
 
-# How often the free-space budget is re-checked while writing. Between checks at most this
-# much is written, so the check demands this much headroom above the margin.
+# How often the free-space budget is re-checked while writing, at most: each check costs a
+# statvfs (a round trip on network targets). Closer to the margin the checks come sooner.
 BUDGET_INTERVAL = 32 << 20
-# README, manifest and dmesg are small; reserve this much for them in the budget.
-SIDE_FILES = 4 << 20
+# The most a writer writes between two monitor calls: a 1 MiB chunk (formats.CHUNK) or a
+# batch of 256 compressed pages, plus a 64 KiB flush of page descriptors; doubled for slack.
+WRITE_STEP = 2 << 20
 
 
 @dataclass(frozen=True)
@@ -59,8 +61,37 @@ class SaveResult:
     record: DumpRecord
 
 
+@dataclass
+class SpaceMaker:
+    """Deletes, oldest first, dumps that rotation would delete anyway once this dump succeeds.
+
+    Used before writing and, when the output grows beyond what the pre-check could know,
+    while writing: a failed new dump never costs a dump that rotation would have kept.
+    """
+
+    transport: Transport
+    candidates: list[policy.DumpDir]
+    deleted: list[policy.DumpDir] = field(default_factory=list)
+
+    def __call__(self, short: int) -> bool:
+        """Delete the oldest candidate; False when there is none left."""
+        if not self.candidates:
+            return False
+        d = self.candidates.pop(0)
+        log.info("deleting old dump %s to make room (%d MiB short)", d.name, -(-short >> 20))
+        self.transport.remove_tree(d.name)
+        self.deleted.append(d)
+        return True
+
+
 class BudgetMonitor:
-    """Feeds progress and enforces KDUMP_FREE_DISK_SIZE while the vmcore streams."""
+    """Feeds progress and enforces KDUMP_FREE_DISK_SIZE while the vmcore streams.
+
+    The pre-check knows only a lower bound of a compressed dump, so this is the guard: it
+    stops the dump (or first deletes what ``make_room`` may) only when the next write could
+    cross the margin, never because an estimate was large. ``estimate`` is an upper bound
+    of the whole output: once what is left of it fits, nothing can cross the margin.
+    """
 
     def __init__(
         self,
@@ -70,12 +101,14 @@ class BudgetMonitor:
         estimate: int | None,
         progress: Progress,
         free_at_start: int | None,
+        make_room: Callable[[int], bool] | None = None,
     ) -> None:
         self.transport = transport
         self.relpath = relpath
         self.margin = margin
         self.estimate = estimate
         self.progress = progress
+        self.make_room = make_room
         self.written = 0
         self.next_check = 0
         self.enabled = free_at_start is not None and margin > 0
@@ -84,19 +117,37 @@ class BudgetMonitor:
         self.progress.update(read)
         self.written += written
         if self.enabled and self.written >= self.next_check:
-            self.next_check = self.written + BUDGET_INTERVAL
             self.check()
 
-    def check(self) -> None:
-        free = self.transport.free_space(self.relpath)
-        ahead = BUDGET_INTERVAL
-        if self.estimate is not None:
-            ahead = min(ahead, max(self.estimate - self.written, 0))
-        if policy.budget_shortfall(free, ahead, self.margin):
-            raise FreeSpaceError(
-                f"{self.transport.describe()}: only {free >> 20} MiB free, and writing on would "
-                f"leave less than KDUMP_FREE_DISK_SIZE ({self.margin >> 20} MiB); dump stopped"
-            )
+    def check(self, final: bool = False) -> None:
+        """Raise FreeSpaceError unless writing on keeps the margin; ``final``: nothing follows."""
+        while True:
+            free = self.transport.free_space(self.relpath)
+            if free is None:
+                self.next_check = self.written + BUDGET_INTERVAL
+                return
+            room = free - self.margin  # what may still be written
+            if final:
+                left: int | None = 0
+            elif self.estimate is not None:
+                left = max(self.estimate - self.written, 0)
+            else:
+                left = None
+            if left is not None and left <= room:
+                self.next_check = self.written + BUDGET_INTERVAL  # the rest fits for sure
+                return
+            if not final and room >= WRITE_STEP:
+                # Half of what is safe before looking again: some targets report free space
+                # late (an NFS client's unflushed pages), and checks grow denser near the end.
+                self.next_check = self.written + min(BUDGET_INTERVAL, (room - WRITE_STEP) // 2)
+                return
+            short = (0 if final else WRITE_STEP) - room
+            if self.make_room is None or not self.make_room(short):
+                raise FreeSpaceError(
+                    f"{self.transport.describe()}: only {max(free, 0) >> 20} MiB free, and "
+                    f"writing on would leave less than KDUMP_FREE_DISK_SIZE "
+                    f"({self.margin >> 20} MiB); dump stopped"
+                )
 
 
 def host_identity(target: Target) -> str:
@@ -199,9 +250,10 @@ def save_to_target(
         _remove(transport, before, f"KDUMP_KEEP_OLD_DUMPS={plan.keep_old_dumps}")
         existing = [d for d in existing if d not in before]
 
-        estimate = (writer.estimate() if writer else 0) or 0
-        free, pruned = _ensure_room(transport, existing, plan, estimate + SIDE_FILES)
-        existing = [d for d in existing if d not in pruned]
+        # The pre-check may refuse only a dump that cannot fit: it asks for what the writer
+        # will certainly write; the BudgetMonitor guards the rest while it streams.
+        room = SpaceMaker(transport, policy.prunable_for_space(existing, plan.keep_old_dumps))
+        free = _ensure_room(transport, room, plan, writer.lower_bound() if writer else 0)
 
         stamp = policy.stamp_for(vm.crash_time if vm.crash_time else started)
         name = _make_dump_dir(transport, stamp, host)
@@ -221,7 +273,7 @@ def save_to_target(
         )
         try:
             _put(transport, f"{name}/{README}", PLACEHOLDER.encode())
-            _save_files(vm, plan, transport, name, writer, record, progress, free)
+            _save_files(vm, plan, transport, name, writer, record, progress, free, room)
         except FreeSpaceError:
             log.error("not enough space: removing the partial dump %s", name)
             _try(lambda: transport.remove_tree(name))
@@ -240,6 +292,7 @@ def save_to_target(
             # The target's dumps are known since the scan above: no second listing.
             _, _, seq = policy.parse_dump_name(name)
             new = policy.DumpDir(stamp, seq, name, host, policy.COMPLETE)
+            existing = [d for d in existing if d not in room.deleted]
             expired = policy.select_expired([*existing, new], plan.keep_old_dumps, new=name)
             _remove(transport, expired, f"KDUMP_KEEP_OLD_DUMPS={plan.keep_old_dumps}")
         except TransportError as e:
@@ -247,7 +300,7 @@ def save_to_target(
     return SaveResult(target=transport.describe(), directory=name, record=record)
 
 
-def _save_files(vm, plan, transport, name, writer, record, progress, free) -> None:
+def _save_files(vm, plan, transport, name, writer, record, progress, free, room) -> None:
     try:
         text = extract_dmesg(vm)
         record.files[DMESG] = _put(transport, f"{name}/{DMESG}", text.encode())
@@ -258,13 +311,15 @@ def _save_files(vm, plan, transport, name, writer, record, progress, free) -> No
             raise
     if writer is None:
         return
-    monitor = BudgetMonitor(transport, name, plan.free_disk_size, writer.estimate(), progress, free)
+    monitor = BudgetMonitor(
+        transport, name, plan.free_disk_size, writer.estimate(), progress, free, room
+    )
     progress.start(f"{VMCORE}", writer.input_size())
     try:
         with transport.create(f"{name}/{VMCORE}") as sink:
             result = writer.write(sink, monitor)
             if monitor.enabled:
-                monitor.check()
+                monitor.check(final=True)
             info = sink.commit()
     except TargetFull as e:
         raise FreeSpaceError(str(e)) from e
@@ -287,30 +342,22 @@ def _publish_record(transport: Transport, name: str, record: DumpRecord) -> None
     _put(transport, f"{name}/{MANIFEST}", record.manifest_json())
 
 
-def _ensure_room(
-    transport, existing, plan: SavePlan, needed: int
-) -> tuple[int | None, list[policy.DumpDir]]:
-    """Check the budget before writing; prune what rotation would drop anyway if needed.
+def _ensure_room(transport, room: SpaceMaker, plan: SavePlan, needed: int) -> int | None:
+    """Check the budget before writing; let ``room`` delete what rotation drops anyway.
 
-    Returns the free space and the dumps deleted to make it.
+    ``needed``: bytes the dump will certainly take. Returns the free space.
     """
-    pruned: list[policy.DumpDir] = []
-    free = transport.free_space("")
-    short = policy.budget_shortfall(free, needed, plan.free_disk_size)
-    if not short:
-        return free, pruned
-    for d in policy.prunable_for_space(existing, plan.keep_old_dumps):
-        log.info("deleting old dump %s to make room (%d MiB short)", d.name, short >> 20)
-        transport.remove_tree(d.name)
-        pruned.append(d)
+    while True:
         free = transport.free_space("")
         short = policy.budget_shortfall(free, needed, plan.free_disk_size)
         if not short:
-            return free, pruned
+            return free
+        if not room(short):
+            break
     raise FreeSpaceError(
-        f"{transport.describe()}: {free >> 20} MiB free, but the dump needs about "
-        f"{needed >> 20} MiB and KDUMP_FREE_DISK_SIZE keeps {plan.free_disk_size >> 20} MiB free; "
-        "nothing was written"
+        f"{transport.describe()}: {free >> 20} MiB free, but the dump needs at least "
+        f"{-(-needed >> 20)} MiB and KDUMP_FREE_DISK_SIZE keeps {plan.free_disk_size >> 20} MiB "
+        "free; nothing was written"
     )
 
 

@@ -60,6 +60,14 @@ class FormatWriter(ABC):
     def estimate(self) -> int | None:
         """An upper bound of the output size in bytes, if one is known before writing."""
 
+    def lower_bound(self) -> int:
+        """Bytes the output will certainly hold: what a free-space check may demand up front.
+
+        0 unless a writer knows better. A compressed dump's page data is known only as it
+        streams, so its bound is the metadata; never more than what is really written.
+        """
+        return 0
+
     @abstractmethod
     def write(self, sink, monitor: Monitor) -> WriteResult: ...
 

@@ -27,6 +27,9 @@ class RawWriter(FormatWriter):
     def estimate(self) -> int | None:
         return self.vm.size
 
+    def lower_bound(self) -> int:
+        return self.vm.size or 0  # a copy: exactly the source
+
     def write(self, sink, monitor: Monitor) -> WriteResult:
         buf = bytearray(CHUNK)
         view = memoryview(buf)
@@ -62,6 +65,13 @@ class ElfWriter(RawWriter):
             return self.vm.size
         data = sum(p.filesz for p in self.vm.loads)
         return 2 * data if self.level & 1 else data  # scan pass + copy pass (upper bound)
+
+    def lower_bound(self) -> int:
+        if not self.level:
+            return super().lower_bound()
+        # Which pages a level leaves out is known only after reading them: headers and
+        # notes are certain (the ELF header with the PT_NOTE header fills the first page).
+        return PAGE + _page_up(len(self.vm.notes_blob))
 
     def write(self, sink, monitor: Monitor) -> WriteResult:
         if not self.level:

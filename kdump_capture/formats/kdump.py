@@ -323,6 +323,12 @@ class KdumpWriter(FormatWriter):
         lay = Layout.make(len(self.vm.notes_blob), len(bm.first), n, True)
         return lay.first_data + n * PAGE
 
+    def lower_bound(self) -> int:
+        # Headers, bitmaps and one descriptor per dumpable page are written whatever the
+        # pages compress to; the page data may be as small as the shared zero page.
+        bm = self.bitmaps()
+        return Layout.make(len(self.vm.notes_blob), len(bm.first), bm.num_dumpable, False).data_off
+
     def describe(self) -> str:
         text = f"kdump-compressed ({self.codec.name})"
         if self.flattened:
