@@ -6,6 +6,7 @@ import hashlib
 import logging
 import os
 import shutil
+import threading
 import time
 from dataclasses import replace
 
@@ -204,3 +205,54 @@ def test_resume_with_the_smallest_replay_buffer(kind, request):
         assert proxy.dropped == 2
     with open(os.path.join(target.server_dir, "vmcore"), "rb") as f:
         assert hashlib.sha256(f.read()).digest() == hashlib.sha256(data).digest()
+
+
+METADATA_OPS = {
+    "listdir": lambda tr: tr.listdir("d"),
+    "makedir": lambda tr: tr.makedir("e"),
+    "remove_tree": lambda tr: tr.remove_tree("d"),
+    "remove_file": lambda tr: tr.remove_file("d/f"),
+    "free_space": lambda tr: tr.free_space(""),
+    "read": lambda tr: b"".join(tr.read("d/f")),
+    "create": lambda tr: tr.create("d/g").abort(),
+}
+
+
+@pytest.mark.parametrize(
+    ("kind", "op"),
+    # FTP cannot tell free space: free_space asks the server nothing there
+    [(k, op) for k in NET for op in sorted(METADATA_OPS) if (k, op) != ("ftp", "free_space")],
+)
+def test_a_server_that_stops_answering_fails_metadata_within_the_timeout(kind, op, request):
+    """A server that hangs (connections open, no replies) during a listing, mkdir, removal,
+    statfs or read: the call fails as a lost connection within the timeout plus slack, and
+    closing the transport does not hang either. Run in a thread so a hang fails the test."""
+    timeout = 3.0
+    target = make_target(kind, request)
+    target = replace(target, settings=replace(target.settings, timeout=timeout, retries=0))
+    outcome: dict = {}
+    with DropProxy(_port(target), ftp=kind == "ftp") as proxy:
+        tr = target.via_port(proxy.port).transport()
+        tr.connect()
+        tr.makedir("d")
+        _upload(tr, "d/f", b"manifest" * 100)
+        proxy.stall()
+
+        def run() -> None:
+            t0 = time.monotonic()
+            try:
+                METADATA_OPS[op](tr)
+            except TransportError as e:
+                outcome["error"] = e
+            outcome["elapsed"] = time.monotonic() - t0
+            tr.close()
+            outcome["closed"] = time.monotonic() - t0
+
+        worker = threading.Thread(target=run, daemon=True)
+        worker.start()
+        worker.join(timeout * 2 + 30)
+        assert not worker.is_alive(), f"{kind} {op}: still waiting after {timeout * 2 + 30:.0f} s"
+    assert isinstance(outcome.get("error"), ConnectionLost), outcome
+    # one wait for the reply (the timeout), plus slack for a busy machine
+    assert outcome["elapsed"] < timeout + 5, outcome
+    assert outcome["closed"] < 2 * timeout + 10, outcome

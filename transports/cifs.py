@@ -5,12 +5,20 @@ Encryption is used whenever the server asks for it. Uploads pipeline WRITE reque
 explicit offsets, wait for every reply with a bounded timeout, and after a dropped
 connection reopen the temporary file and replay what the server does not hold.
 SMB cannot set Unix modes: the share's ``create mask``/``directory mask`` decide them.
+
+smbprotocol waits for most replies (create, close, query, session setup) without a
+timeout, so a server that stops answering would hang them for good. Every such call runs
+under ``CifsTransport.deadline``: when the configured timeout passes without an answer,
+the connection's socket is shut down, which wakes the waiting call, and it fails as a
+lost connection (retried like any other).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
+import threading
 from collections import deque
 from collections.abc import Callable, Iterator
 from typing import TypeVar
@@ -169,12 +177,14 @@ class CifsSink(Sink):
             self._ack_one()
 
     def _resume(self) -> None:
-        self._open("r+b")
+        with self._t.deadline(f"reopening {self._tmp}"):
+            self._open("r+b")
         if self._positional:
             for off, data in self._replay.all():
                 self._send(off, data)
         else:
-            confirmed = smbclient.stat(self._tmp, **self._t.kw).st_size
+            with self._t.deadline(f"stat {self._tmp}"):
+                confirmed = smbclient.stat(self._tmp, **self._t.kw).st_size
             log.info("%s: resuming at byte %d of %d", self._tmp, confirmed, self._replay.end)
             for off, view in self._replay.since(confirmed):
                 self._send(off, view)
@@ -188,7 +198,10 @@ class CifsSink(Sink):
             err = convert(e, what)
             if not is_connection_lost(err):
                 raise err from e
-            self._t.call(self._resume, f"resuming {self._tmp}", first_error=err)
+            # Not bounded as a whole: its writes wait for each reply with the timeout.
+            self._t.call(
+                self._resume, f"resuming {self._tmp}", first_error=err, whole_timeout=False
+            )
 
     def write(self, data: bytes | memoryview) -> None:
         view = memoryview(data).cast("B")
@@ -227,8 +240,9 @@ class CifsSink(Sink):
     def commit(self) -> FileInfo:
         self._sync()
         try:
-            self._raw.close()
-            size = smbclient.stat(self._tmp, **self._t.kw).st_size
+            with self._t.deadline(f"closing {self._tmp}"):
+                self._raw.close()
+                size = smbclient.stat(self._tmp, **self._t.kw).st_size
         except Exception as e:
             raise convert(e, f"closing {self._tmp}") from e
         if size != self.size:
@@ -246,7 +260,8 @@ class CifsSink(Sink):
         try:
             if self._raw is not None:
                 self._pending.clear()
-                self._raw.close()
+                with self._t.deadline(f"closing {self._tmp}"):
+                    self._raw.close()
         except Exception as e:
             log.debug("closing %s: %s", self._tmp, e)
         try:
@@ -272,6 +287,8 @@ class CifsTransport(RetryingTransport):
             "connection_cache": self._cache,
             "connection_timeout": max(1, int(settings.timeout)),
         }
+        # One wait for a reply: the configured network timeout (at least 1 s).
+        self._wait = max(1.0, settings.timeout)
         self.root = f"\\\\{target.host}\\{target.share}"
         for part in target.share_path.split("/"):
             if part:
@@ -294,7 +311,60 @@ class CifsTransport(RetryingTransport):
                 raise
         smbclient.makedirs(self.root, exist_ok=True, **self.kw)
 
+    @contextlib.contextmanager
+    def deadline(self, what: str) -> Iterator[None]:
+        """Bound the body's network waits by the timeout: past it, shut the sockets down.
+
+        The waiting call then fails, and so does the body, with ConnectionLost.
+        """
+        fired = threading.Event()
+
+        def expire() -> None:
+            fired.set()
+            log.warning("%s: no answer within %.0f s; dropping the connection", what, self._wait)
+            for conn in list(self._cache.values()):
+                try:
+                    conn.transport.close()
+                except Exception as e:  # already closed, or closing on its own
+                    log.debug("shutting down the SMB socket: %s", e)
+
+        timer = threading.Timer(self._wait, expire)
+        timer.daemon = True
+        timer.start()
+        try:
+            yield
+        except Exception as e:
+            if fired.is_set():
+                raise ConnectionLost(
+                    f"{what}: no answer from the server within {self._wait:.0f} s"
+                ) from e
+            raise
+        finally:
+            timer.cancel()
+
+    def call(
+        self,
+        op: Callable[[], T],
+        what: str,
+        first_error: Exception | None = None,
+        whole_timeout: bool = True,
+    ) -> T:
+        """Like RetryingTransport.call; each attempt runs under ``deadline`` unless told not
+        to (an operation whose every wait is bounded already)."""
+        if whole_timeout:
+            inner = op
+
+            def op() -> T:
+                with self.deadline(what):
+                    return inner()
+
+        return super().call(op, what, first_error)
+
     def _open(self) -> None:
+        with self.deadline(f"connecting to {self.describe()}"):
+            self._open_session()
+
+    def _open_session(self) -> None:
         self.close()
         try:
             smbclient.register_session(
@@ -317,11 +387,12 @@ class CifsTransport(RetryingTransport):
             raise err from e
 
     def close(self) -> None:
-        for conn in list(self._cache.values()):
-            try:
-                conn.disconnect(timeout=self.settings.timeout)
-            except Exception as e:
-                log.debug("closing SMB connection: %s", e)
+        with self.deadline("closing the SMB connection"):  # a tree disconnect waits forever
+            for conn in list(self._cache.values()):
+                try:
+                    conn.disconnect(timeout=self.settings.timeout)
+                except Exception as e:
+                    log.debug("closing SMB connection: %s", e)
         self._cache.clear()
 
     def convert(self, e: BaseException, what: str) -> Exception:
@@ -355,12 +426,22 @@ class CifsTransport(RetryingTransport):
         return sorted((e for e in entries if not is_temp_name(e.name)), key=lambda e: e.name)
 
     def read_unc(self, path: str) -> Iterator[bytes]:
+        what = f"reading {path}"
         try:
-            with smbclient.open_file(path, mode="rb", **self.kw) as f:
-                while chunk := f.read(READ_CHUNK):
+            with self.deadline(what):
+                f = smbclient.open_file(path, mode="rb", **self.kw)
+            try:
+                while True:
+                    with self.deadline(what):
+                        chunk = f.read(READ_CHUNK)
+                    if not chunk:
+                        break
                     yield chunk
+            finally:
+                with self.deadline(what):
+                    f.close()
         except Exception as e:
-            raise convert(e, f"reading {path}") from e
+            raise convert(e, what) from e
 
     def read(self, relpath: str) -> Iterator[bytes]:
         return self.read_unc(self._p(relpath))
