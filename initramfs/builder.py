@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kdump_capture import heartbeat
 from kdump_capture.errors import ConfigError, NotSupported
 from kdump_capture.urls import Target, parse_savedir
 
@@ -209,6 +210,13 @@ def init_plan(
         ],
         "on_success": success,
         "on_failure": failure,
+        # /init stops a save that makes no progress for this long (heartbeat.py)
+        "watchdog": {
+            "timeout": heartbeat.watchdog_timeout(
+                int(cfg.get("KDUMP_SAVE_TIMEOUT") or 0), int(cfg.get("KDUMP_NET_TIMEOUT") or 30)
+            ),
+            "grace": heartbeat.GRACE,
+        },
         "shell": shell,
         "env": {"HOME": "/root", "PATH": "/usr/bin", "TMPDIR": "/tmp"},
     }

@@ -143,8 +143,15 @@ def _on_term(signum, frame):
     raise Interrupted(f"interrupted by signal {signum}")
 
 
+def _on_watchdog(signum, frame):
+    raise Interrupted(
+        "stopped by the capture kernel's watchdog: no progress for KDUMP_SAVE_TIMEOUT seconds"
+    )
+
+
 def cmd_save(args: argparse.Namespace) -> int:
     from . import finish
+    from .heartbeat import Heartbeat
     from .pipeline import save
     from .progress import make_progress
     from .sample import write_demo
@@ -168,6 +175,9 @@ def cmd_save(args: argparse.Namespace) -> int:
         status = run_script("KDUMP_PRESCRIPT", cfg["KDUMP_PRESCRIPT"], {})
         check_script("KDUMP_PRESCRIPT", status, cfg.continue_on_error)
     signal.signal(signal.SIGTERM, _on_term)
+    signal.signal(signal.SIGUSR1, _on_watchdog)  # /init's watchdog (heartbeat.py)
+    heartbeat = Heartbeat.from_env(os.environ)
+    heartbeat.beat(0, force=True)
     tmp = None
     try:
         if args.sample:
@@ -190,10 +200,14 @@ def cmd_save(args: argparse.Namespace) -> int:
                 from .dumpdev import write_dump
 
                 header = write_dump(
-                    vm, dumpdev, cfg.dumpformat, cfg.dumplevel, make_progress(cfg.verbose)
+                    vm,
+                    dumpdev,
+                    cfg.dumpformat,
+                    cfg.dumplevel,
+                    heartbeat.around(make_progress(cfg.verbose)),
                 )
             else:
-                result = save(vm, plan, make_progress(cfg.verbose))
+                result = save(vm, plan, heartbeat.around(make_progress(cfg.verbose)))
     finally:
         if tmp:
             os.unlink(tmp)

@@ -188,6 +188,8 @@ DIRECTIVES: tuple[Directive, ...] = (
        "CPUs for the capture kernel and dump writer"),
     _d("KDUMP_NETCONFIG", "auto", NETCONFIG, "Network setup in the capture kernel"),
     _d("KDUMP_NET_TIMEOUT", "30", _int_kind(0, None), "Seconds to wait for the network"),
+    _d("KDUMP_SAVE_TIMEOUT", "0", _int_kind(0, None, "0 (automatic: 8 x KDUMP_NET_TIMEOUT "
+       "+ 60) or seconds"), "Seconds without progress before /init stops the save"),
     _d("KDUMP_SMTP_SERVER", "", STR, "SMTP server for notification mail"),
     _d("KDUMP_SMTP_USER", "", STR, "SMTP user name"),
     _d("KDUMP_SMTP_PASSWORD", "", STR, "SMTP password", secret=True),
@@ -645,6 +647,11 @@ class Config(Mapping[str, str]):
     def net_timeout(self) -> int:
         """Seconds."""
         return self._typed["KDUMP_NET_TIMEOUT"]  # type: ignore[return-value]
+
+    @property
+    def save_timeout(self) -> int:
+        """Seconds; 0: automatic (heartbeat.watchdog_timeout)."""
+        return self._typed["KDUMP_SAVE_TIMEOUT"]  # type: ignore[return-value]
 
     @property
     def ssh_identity(self) -> tuple[str, ...]:
