@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -159,3 +163,53 @@ def test_network_matrix(case: str, cloud_kernel: vmkit.Kernel, tmp_path: Path):
     found = [d for d in dumps.iterdir() if d.is_dir()]
     assert len(found) == 1, list(dumps.iterdir())
     check_dump(found[0], res.marker)
+
+
+@pytest.mark.slow
+def test_nfs_server_that_stops_answering_mid_dump(cloud_kernel: vmkit.Kernel, tmp_path: Path):
+    """ganesha is frozen (SIGSTOP: connections stay open, nothing answers) once the vmcore is
+    streaming. The soft mount fails the writes after about KDUMP_NET_TIMEOUT (else the
+    watchdog stops the save): the capture kernel still reboots, and says why."""
+    export = tmp_path / "export"
+    frozen: list[int] = []
+    done = threading.Event()
+
+    def freeze_when_streaming() -> None:
+        pidfile = tmp_path / "ganesha.pid"
+        while not done.wait(0.2):
+            streaming = [
+                f
+                for root, _, files in os.walk(export)
+                for f in files
+                if f.startswith(".kdump-tmp.vmcore")
+                and os.path.getsize(os.path.join(root, f)) > 64 << 20
+            ]
+            if streaming and pidfile.exists():
+                pid = int(pidfile.read_text().split()[0])
+                os.kill(pid, signal.SIGSTOP)
+                frozen.append(pid)
+                return
+
+    config = (
+        'KDUMP_SAVEDIR="nfs://10.0.2.2/dumps"\nKDUMP_IMMEDIATE_REBOOT="yes"\n'
+        'KDUMP_NET_TIMEOUT="10"\nKDUMP_SAVE_TIMEOUT="90"\nKDUMP_FREE_DISK_SIZE="0"\n'
+    )
+    watcher = threading.Thread(target=freeze_when_streaming, daemon=True)
+    with nfs_ganesha.ganesha(str(tmp_path), str(export)):
+        watcher.start()
+        t0 = time.monotonic()
+        try:
+            res = capture_cycle.run_cycle(
+                cloud_kernel, config, tmp_path / "cycle", net=True, timeout=600
+            )
+        finally:
+            done.set()
+            for pid in frozen:
+                os.kill(pid, signal.SIGCONT)
+        took = time.monotonic() - t0
+    assert frozen, "the dump never streamed to the export: " + _explain(res)
+    assert res.save_rc not in (None, 0), _explain(res)
+    assert res.finish == "rebooting" and res.returncode == 0, _explain(res)
+    assert took < 600, took
+    for d in (d for d in export.iterdir() if d.is_dir()):  # nothing incomplete looks complete
+        assert not (d / "vmcore").exists(), list(d.iterdir())

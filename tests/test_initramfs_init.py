@@ -219,11 +219,21 @@ def test_watchdog_kills_a_save_that_does_not_stop(capsys):
     assert "stopping it" in out and "did not stop within 2 s; killing it" in out
 
 
-@pytest.mark.parametrize("code", [STEADY_BEATS, READS_ONLY, CHILD_READS])
+@pytest.mark.parametrize(
+    "code", [STEADY_BEATS, READS_ONLY, CHILD_READS], ids=["beats", "reads", "child-reads"]
+)
 def test_watchdog_leaves_a_save_that_makes_progress(code, capsys):
     rc, took = _watched(code)  # each runs 6 s, three times the watchdog's timeout
     assert rc == 0 and took >= 5.5
     assert "watchdog" not in capsys.readouterr().out
+
+
+def test_sync_that_never_ends_does_not_stop_the_finish(capsys):
+    t0 = time.monotonic()
+    assert init.sync_within(1.0, sync=lambda: time.sleep(30)) is False
+    assert time.monotonic() - t0 < 5
+    assert "sync did not finish within 1 s" in capsys.readouterr().out
+    assert init.sync_within(10.0) is True
 
 
 def test_watchdog_off_runs_the_save_plainly():
@@ -291,7 +301,7 @@ def test_init_reaches_its_final_action_after_a_hanging_save(tmp_path):
     }
     (tmp_path / "init.json").write_text(json.dumps(plan))
     r = subprocess.run(
-        ["unshare", "--mount", "--pid", "--fork", sys.executable, "-c", SANDBOX]
+        ["unshare", "--mount", "--pid", "--fork", "--kill-child", sys.executable, "-c", SANDBOX]
         + [str(INIT), str(tmp_path / "init.json")],
         capture_output=True,
         text=True,
