@@ -13,10 +13,22 @@ import tempfile
 
 from . import __version__
 from .errors import EXIT_CODES, ConfigError, Interrupted, KdumpError, NotSupported, VerifyError
+from .urls import redact
 
 log = logging.getLogger("kdump_capture")
 
 DEFAULT_CONFIG = "/etc/sysconfig/kdump"
+
+
+class RedactingFormatter(logging.Formatter):
+    """Every log line, tracebacks included, goes through urls.redact before it is shown.
+
+    Our own messages name targets by their redacted form already; this also covers what
+    libraries (paramiko, smbprotocol, ftplib) put into exceptions and debug output.
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
 
 
 def _setup_logging(debug: bool) -> None:
@@ -24,7 +36,7 @@ def _setup_logging(debug: bool) -> None:
     for h in list(root.handlers):
         root.removeHandler(h)
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("kdump: %(levelname)s: %(message)s"))
+    handler.setFormatter(RedactingFormatter("kdump: %(levelname)s: %(message)s"))
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if debug else logging.INFO)
     for noisy in ("paramiko", "smbprotocol", "spnego"):
@@ -402,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except KdumpError as e:
         log.debug("traceback", exc_info=True)
-        print(f"kdump-capture: error: {e}", file=sys.stderr)
+        print(f"kdump-capture: error: {redact(str(e))}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("kdump-capture: interrupted", file=sys.stderr)
@@ -410,7 +422,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # a bug: one line, traceback only when debugging
         if logging.getLogger().isEnabledFor(logging.DEBUG):
             log.exception("internal error")
-        print(f"kdump-capture: internal error: {type(e).__name__}: {e}", file=sys.stderr)
+        print(
+            f"kdump-capture: internal error: {type(e).__name__}: {redact(str(e))}", file=sys.stderr
+        )
         return 1
 
 

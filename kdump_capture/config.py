@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import NoReturn
 
 from .errors import ConfigError, NotSupported, UrlError
-from .urls import Target, parse_savedir
+from .urls import Target, parse_savedir, redact
 
 DEFAULT_PATH = "/etc/sysconfig/kdump"
 
@@ -547,8 +547,9 @@ def _convert(d: Directive, value: str, location: str, warnings: list[str]) -> ob
         problem = str(err)
         if d.name == "KDUMP_DUMPLEVEL" and value.strip().lower() in _DUMPFORMATS:
             problem += " (a dump format belongs in KDUMP_DUMPFORMAT)"
+        # redact: a URL with a password given to the wrong directive is echoed here.
         raise ConfigError(
-            f"{_where(location, d.name)}: {problem}; allowed: {d.kind.allowed}"
+            f"{_where(location, d.name)}: {redact(problem)}; allowed: {d.kind.allowed}"
         ) from None
 
 
@@ -661,15 +662,17 @@ class Config(Mapping[str, str]):
     def redacted_lines(self) -> list[str]:
         """``NAME="value"`` for every directive in table order, passwords replaced by ``***``.
 
-        The output is valid input for this parser (and for sh).
+        Secret directives are hidden whole; every other value goes through urls.redact,
+        so a ``user:password@`` in KDUMP_SAVEDIR, or in a KDUMP_TRANSFER command, is
+        hidden too. The output is valid input for this parser (and for sh).
         """
         lines = []
         for d in DIRECTIVES:
             value = self._raw[d.name]
             if d.secret and value:
                 value = "***"
-            elif d.kind is URLS:
-                value = re.sub(r"\S+", lambda m: _redact_url(m.group()), value)
+            else:
+                value = redact(value)
             lines.append(f'{d.name}="{_dquote(value)}"')
         return lines
 
@@ -677,16 +680,3 @@ class Config(Mapping[str, str]):
 def _dquote(value: str) -> str:
     """Escape for the inside of double quotes: only these four are special there."""
     return re.sub(r'([\\"$`])', r"\\\1", value)
-
-
-def _redact_url(url: str) -> str:
-    """Replace the password exactly where urls.parse_target finds one."""
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        return url
-    authority, slash, path = rest.partition("/")
-    userinfo, at, hostport = authority.rpartition("@")
-    if not at or ":" not in userinfo:
-        return url
-    user = userinfo.partition(":")[0]
-    return f"{scheme}://{user}:***@{hostport}{slash}{path}"
