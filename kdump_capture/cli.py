@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import json
 import logging
@@ -160,7 +161,7 @@ def cmd_save(args: argparse.Namespace) -> int:
     from .pipeline import save
     from .progress import make_progress
     from .sample import write_demo
-    from .scripts import check_script, run_script
+    from .scripts import check_script, check_transfer, run_script
     from .vmcore import find_source, open_vmcore
 
     cfg = load(args)
@@ -170,10 +171,11 @@ def cmd_save(args: argparse.Namespace) -> int:
         # The administrator's command replaces the whole built-in flow (SUSE semantics).
         source = args.vmcore or find_source(None)
         status = run_script("KDUMP_TRANSFER", cfg["KDUMP_TRANSFER"], {"KDUMP_VMCORE": source})
-        print(f"KDUMP_TRANSFER exited with status {status}")
-        if status == 0 and finish.should_reboot(cfg.immediate_reboot, args.no_reboot, dumpdev):
+        check_transfer(status)
+        print("KDUMP_TRANSFER finished (exit status 0)")
+        if finish.should_reboot(cfg.immediate_reboot, args.no_reboot, dumpdev):
             finish.reboot()
-        return status
+        return 0
     check_unsupported(cfg)
     plan = None if dumpdev else make_plan(cfg)
     if cfg["KDUMP_PRESCRIPT"]:
@@ -325,18 +327,50 @@ def cmd_dmesg(args: argparse.Namespace) -> int:
     return 0
 
 
+def _file_error(e: OSError, source: str | None, output: str) -> KdumpError:
+    """An OSError of a command that reads ``source`` and writes ``output``, as our error.
+
+    Cannot open the input: exit 3, as for `save --vmcore` and `dmesg`. Cannot create the
+    output (missing directory, permission): exit 2, a bad argument. Writing it failed:
+    exit 5 when the disk is full, else 6.
+    """
+    from .errors import FreeSpaceError, NoDumpError, TransportError
+
+    reason = e.strerror or str(e)
+    if source is not None and e.filename == source:
+        return NoDumpError(f"{source}: cannot open: {reason}")
+    if e.filename is not None:  # open and create name the file; write errors name none
+        return ConfigError(f"{output}: cannot create: {reason}")
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return FreeSpaceError(f"writing {output}: {reason}")
+    return TransportError(f"writing {output}: {reason}")
+
+
 def cmd_rearrange(args: argparse.Namespace) -> int:
     from .formats.flat import rearrange
 
-    size = rearrange(args.flat, args.output)
+    try:
+        size = rearrange(args.flat, args.output)
+    except OSError as e:
+        raise _file_error(e, args.flat, args.output) from e
     print(f"{args.output}: {size} bytes")
     return 0
+
+
+# make-sample holds no more than a chunk in memory, but the file is this big: 1 TiB (sparse
+# samples of several GiB are what the memory benchmarks use).
+SAMPLE_MAX_MIB = 1 << 20
 
 
 def cmd_make_sample(args: argparse.Namespace) -> int:
     from .sample import SampleSpec, write_sample
 
-    size = write_sample(args.output, SampleSpec(ram_mib=args.mib, sparse=args.sparse))
+    if not 1 <= args.mib <= SAMPLE_MAX_MIB:
+        raise ConfigError(f"--mib {args.mib}: must be between 1 and {SAMPLE_MAX_MIB}")
+    try:
+        size = write_sample(args.output, SampleSpec(ram_mib=args.mib, sparse=args.sparse))
+    except OSError as e:
+        raise _file_error(e, None, args.output) from e
     print(f"{args.output}: synthetic vmcore, {size} bytes")
     return 0
 

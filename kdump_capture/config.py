@@ -106,6 +106,26 @@ def _pattern_kind(
     return Kind(name, allowed, convert, empty_is_default)
 
 
+def _kernel_cmdline(value: str) -> str:
+    from .loadside import kernel_words  # the very splitter `load` uses
+
+    try:
+        kernel_words(value)
+    except ValueError as e:
+        raise _Invalid(str(e)) from None
+    return value
+
+
+def _kexec_options(value: str) -> str:
+    from .loadside import kexec_words
+
+    try:
+        kexec_words(value)
+    except ValueError as e:
+        raise _Invalid(str(e)) from None
+    return value
+
+
 def _flags(value: str) -> tuple[str, ...]:
     flags = tuple(f.upper() for f in re.split(r"[\s,]+", value.strip()) if f)
     bad = [f for f in flags if f not in _KDUMPTOOL_FLAGS]
@@ -126,6 +146,18 @@ URLS = Kind(
     _text,
 )
 FLAGS = Kind("flags", ", ".join(_KDUMPTOOL_FLAGS), _flags, empty_is_default=False)
+CMDLINE = Kind(
+    "cmdline",
+    'kernel options separated by blanks; double quotes ("...") must be balanced',
+    _kernel_cmdline,
+    empty_is_default=False,
+)
+KEXEC_ARGS = Kind(
+    "kexec-args",
+    "kexec options as on a shell command line; quotes must be balanced",
+    _kexec_options,
+    empty_is_default=False,
+)
 NETCONFIG = _pattern_kind(
     "netconfig",
     _NETCONFIG_RE,
@@ -197,14 +229,18 @@ DIRECTIVES: tuple[Directive, ...] = (
     _d("KDUMP_SSH_IDENTITY", "", WORDS, "SSH private keys (space-separated)"),
     # load side
     _d("KDUMP_KERNELVER", "", STR, "Capture kernel version or image (empty: auto)", side="load"),
-    _d("KDUMP_COMMANDLINE", "", STR, "Capture kernel command line (empty: derived)", side="load"),
-    _d("KDUMP_COMMANDLINE_APPEND", "", STR, "Appended to the capture command line", side="load"),
-    _d("KEXEC_OPTIONS", "", STR, "Extra kexec options (alias KDUMP_OPTIONS)", side="load"),
+    _d("KDUMP_COMMANDLINE", "", CMDLINE, "Capture kernel command line (empty: derived)",
+       side="load"),
+    _d("KDUMP_COMMANDLINE_APPEND", "", CMDLINE, "Appended to the capture command line",
+       side="load"),
+    _d("KEXEC_OPTIONS", "", KEXEC_ARGS, "Extra kexec options (alias KDUMP_OPTIONS)",
+       side="load"),
     _d("KDUMP_AUTO_RESIZE", "no", BOOL, "Resize the crash kernel reservation (ppc64)",
        side="load"),
     _d("KDUMP_FADUMP", "no", BOOL, "Use firmware-assisted dump (ppc64)", side="load"),
     _d("KDUMP_FADUMP_SHELL", "no", BOOL, "Shell after a firmware-assisted dump", side="load"),
-    _d("FADUMP_COMMANDLINE_APPEND", "", STR, "Appended for firmware-assisted dump", side="load"),
+    _d("FADUMP_COMMANDLINE_APPEND", "", CMDLINE, "Appended for firmware-assisted dump",
+       side="load"),
     _d("KDUMP_CRASHKERNEL", "auto", STR, "crashkernel= reservation (auto: computed)",
        side="load"),
     _d("KDUMP_UPDATE_BOOTLOADER", "true", BOOL, "Write crashkernel= into the boot loader",
@@ -595,6 +631,10 @@ class Config(Mapping[str, str]):
         """The converted value of any directive (int, bool, str, tuple, list[Target])."""
         value = self._typed[ALIASES.get(name, name)]
         return list(value) if isinstance(value, list) else value
+
+    def error(self, name: str, problem: str) -> ConfigError:
+        """A ConfigError about a directive's effective value, naming where it was set."""
+        return ConfigError(f"{_where(self.location(name), name)}: {problem}")
 
     def not_supported(self, name: str, what: str) -> NotSupported:
         """An error for a configured value this build cannot honour yet, naming its location."""

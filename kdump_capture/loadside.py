@@ -96,6 +96,41 @@ def _key(option: str) -> str:
     return option.split("=", 1)[0]
 
 
+def kernel_words(text: str, strict: bool = True) -> list[str]:
+    """Split a kernel command line the way the kernel does (lib/cmdline.c next_arg).
+
+    Blanks separate options except inside double quotes, which stay in the option (they
+    are the kernel's to remove); single quotes mean nothing to the kernel. An unbalanced
+    double quote raises ValueError when ``strict`` (a value from our configuration), and
+    runs to the end of the line as the kernel takes it otherwise (/proc/cmdline).
+    """
+    words: list[str] = []
+    word: list[str] = []
+    quoted_at = -1
+    for i, ch in enumerate(text):
+        if ch == '"':
+            quoted_at = -1 if quoted_at >= 0 else i
+        if ch.isspace() and quoted_at < 0:
+            if word:
+                words.append("".join(word))
+                word = []
+            continue
+        word.append(ch)
+    if quoted_at >= 0 and strict:
+        raise ValueError(f'unbalanced double quote (the " at character {quoted_at + 1})')
+    if word:
+        words.append("".join(word))
+    return words
+
+
+def kexec_words(options: str) -> list[str]:
+    """KEXEC_OPTIONS as argv words (shell quoting); ValueError for an unbalanced quote."""
+    try:
+        return shlex.split(options)
+    except ValueError:
+        raise ValueError("unbalanced quote") from None
+
+
 def capture_cmdline(proc_cmdline: str, commandline: str, append: str, cpus: int = 1) -> str:
     """The capture kernel's command line (pure).
 
@@ -103,16 +138,17 @@ def capture_cmdline(proc_cmdline: str, commandline: str, append: str, cpus: int 
     line without the options in DROP_OPTIONS/DROP_PREFIXES. Then ``nr_cpus`` (KDUMP_CPUS;
     0 = no limit) and CAPTURE_OPTIONS, each only if the base or KDUMP_COMMANDLINE_APPEND
     does not set it already, then KDUMP_COMMANDLINE_APPEND last (the kernel takes the last
-    value of a repeated option).
+    value of a repeated option). Raises ValueError for an unbalanced double quote in
+    ``commandline`` or ``append``.
     """
     if commandline.strip():
-        base = shlex.split(commandline, posix=False)
+        base = kernel_words(commandline)
     else:
-        words = shlex.split(proc_cmdline, posix=False)
+        words = kernel_words(proc_cmdline, strict=False)
         if "--" in words:  # arguments for the production system's init: not ours
             words = words[: words.index("--")]
         base = [o for o in words if _key(o) not in DROP_OPTIONS and not o.startswith(DROP_PREFIXES)]
-    tail = shlex.split(append, posix=False)
+    tail = kernel_words(append)
     given = {_key(o) for o in base + tail}
     extra = [f"nr_cpus={cpus}"] if cpus > 0 else []
     extra += CAPTURE_OPTIONS
@@ -285,7 +321,7 @@ def kexec_binary_argv(
     return [
         kexec,
         "-p",
-        *shlex.split(options),
+        *kexec_words(options),
         f"--initrd={initrd}",
         f"--command-line={cmdline}",
         kernel,
@@ -352,7 +388,31 @@ class Readiness:
         return out
 
 
+def check_load_values(cfg: Mapping[str, str]) -> None:
+    """ConfigError (exit 2, naming FILE:LINE when ``cfg`` is a Config) for a command line
+    or KEXEC_OPTIONS that cannot be split into words (an unbalanced quote).
+
+    load_config checks the same with the same functions; this keeps ``load`` and ``check``
+    from failing with a traceback on a mapping that did not come from it.
+    """
+    from .config import Config
+
+    splitters = {
+        "KDUMP_COMMANDLINE": kernel_words,
+        "KDUMP_COMMANDLINE_APPEND": kernel_words,
+        "KEXEC_OPTIONS": kexec_words,
+    }
+    for name, split in splitters.items():
+        try:
+            split(cfg[name])
+        except ValueError as e:
+            if isinstance(cfg, Config):
+                raise cfg.error(name, str(e)) from None
+            raise ConfigError(f"{name}: {e}") from None
+
+
 def readiness(cfg: Mapping[str, str], system: System, initrd: str | None = None) -> Readiness:
+    check_load_values(cfg)
     version, kernel = pick_kernel(cfg["KDUMP_KERNELVER"], system)
     try:
         cpus = int(cfg["KDUMP_CPUS"])
