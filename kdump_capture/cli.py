@@ -212,17 +212,20 @@ def cmd_save(args: argparse.Namespace) -> int:
         if tmp:
             os.unlink(tmp)
     if dumpdev:
-        print(
-            f"Dump written to {dumpdev} ({header.data_size} bytes). Not rebooting "
-            "(KDUMP_DUMPDEV is set): check the system from this console, then copy the dump "
-            "to KDUMP_SAVEDIR with: kdump-capture recover"
-        )
-        return 0
-    print(f"Dump saved: {result.target}/{result.directory}")
-    if cfg["KDUMP_POSTSCRIPT"]:
+        print(f"Dump written to {dumpdev} ({header.data_size} bytes).")
+        env = {"KDUMP_DUMP_DEVICE": dumpdev, "KDUMP_DUMP_URL": "", "KDUMP_DUMP_DIR": ""}
+    else:
+        print(f"Dump saved: {result.target}/{result.directory}")
         env = {"KDUMP_DUMP_URL": result.target, "KDUMP_DUMP_DIR": result.directory}
+    if cfg["KDUMP_POSTSCRIPT"]:
         status = run_script("KDUMP_POSTSCRIPT", cfg["KDUMP_POSTSCRIPT"], env)
         check_script("KDUMP_POSTSCRIPT", status, cfg.continue_on_error)
+    if dumpdev:
+        print(
+            "Not rebooting (KDUMP_DUMPDEV is set): check the system from this console, then "
+            "copy the dump to KDUMP_SAVEDIR with: kdump-capture recover"
+        )
+        return 0
     if finish.should_reboot(cfg.immediate_reboot, args.no_reboot, cfg["KDUMP_DUMPDEV"]):
         print("Rebooting (KDUMP_IMMEDIATE_REBOOT=yes)", flush=True)
         finish.reboot()

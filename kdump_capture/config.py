@@ -241,9 +241,11 @@ DIRECTIVES: tuple[Directive, ...] = (
     _d("KDUMP_FADUMP_SHELL", "no", BOOL, "Shell after a firmware-assisted dump", side="load"),
     _d("FADUMP_COMMANDLINE_APPEND", "", CMDLINE, "Appended for firmware-assisted dump",
        side="load"),
-    _d("KDUMP_CRASHKERNEL", "auto", STR, "crashkernel= reservation (auto: computed)",
+    # SUSE 2.x defaults these to "auto" and "true"; this engine does not edit the boot loader,
+    # so the defaults are off and turning either on fails with exit 9 (loadside).
+    _d("KDUMP_CRASHKERNEL", "", STR, "crashkernel= reservation to write into the boot loader",
        side="load"),
-    _d("KDUMP_UPDATE_BOOTLOADER", "true", BOOL, "Write crashkernel= into the boot loader",
+    _d("KDUMP_UPDATE_BOOTLOADER", "false", BOOL, "Write crashkernel= into the boot loader",
        side="load"),
 )
 # fmt: on
@@ -265,6 +267,13 @@ class Assignment:
     line: int
 
 
+# No directive needs more than a few KiB; the caps keep "A=$A$A" repeated (each line doubles
+# the value: 26 lines took 2.1 GB) and huge or endless files (--config /dev/zero) from using
+# the little memory a capture kernel has. Checked while expanding, before the memory is used.
+MAX_VALUE = 64 << 10  # one value, after expansion
+MAX_VALUES = 1 << 20  # all values of a file together
+MAX_FILE = 1 << 20  # the file itself
+
 _BLANKS = " \t\r"  # \r: a file edited on Windows still parses
 _WORD_END = _BLANKS + "\n"
 _OPERATORS = ";&|<>()"
@@ -281,6 +290,8 @@ class _Lexer:
         self.scope = scope  # fallback for $NAME not assigned earlier in the file
         self.assigned: dict[str, str] = {}
         self.current: str | None = None  # the name whose value is being read
+        self.grown = 0  # characters expansions and quotes added to the current value
+        self.total = 0  # characters of all values so far
 
     def fail(self, problem: str) -> NoReturn:
         where = f"{self.filename}:{self.line}"
@@ -352,10 +363,21 @@ class _Lexer:
     def assignment(self, name: str, line: int) -> Assignment:
         """The value after ``NAME=`` up to the end of the statement."""
         self.current = name
+        self.grown = 0
         value = self.read_word()
+        self.grow(0, len(value))  # literal characters count too
+        self.total += len(value)
+        if self.total > MAX_VALUES:
+            self.fail(f"the values of this file add up to more than {MAX_VALUES >> 10} KiB")
         self.assigned[name] = value
         self.end_of_statement()
         return Assignment(name, value, line)
+
+    def grow(self, n: int, size: int | None = None) -> None:
+        """Account ``n`` more characters of the current value (or its final ``size``)."""
+        self.grown += n
+        if (size if size is not None else self.grown) > MAX_VALUE:
+            self.fail(f"the value is longer than {MAX_VALUE >> 10} KiB (after expansion)")
 
     def export(self) -> Iterator[Assignment]:
         """``export NAME=value`` assigns; ``export NAME`` alone changes nothing for us."""
@@ -417,6 +439,7 @@ class _Lexer:
         if end < 0:
             self.line = start
             self.fail(f"unterminated single quote (opened on line {start})")
+        self.grow(end - self.pos)
         value = self.text[self.pos : end]
         self.line += value.count("\n")
         self.pos = end + 1
@@ -478,10 +501,13 @@ class _Lexer:
 
     def expand(self, name: str) -> str:
         if name in self.assigned:
-            return self.assigned[name]
-        if name in self.scope:
-            return self.scope[name]
-        self.fail(f"${name} is not set earlier in this file")
+            value = self.assigned[name]
+        elif name in self.scope:
+            value = self.scope[name]
+        else:
+            self.fail(f"${name} is not set earlier in this file")
+        self.grow(len(value))  # before the caller copies it into the value
+        return value
 
     def fail_command_substitution(self, form: str) -> NoReturn:
         self.fail(f"command substitution {form} is not allowed: the file is parsed, never executed")
@@ -538,6 +564,8 @@ def load_config(path: str | None = DEFAULT_PATH, overrides: Iterable[str] = ()) 
             close = difflib.get_close_matches(name, list(BY_NAME) + list(ALIASES), n=1)
             hint = f"; did you mean {close[0]}?" if close else ""
             raise ConfigError(f"--set {given}: unknown directive{hint}")
+        if len(value) > MAX_VALUE:
+            raise ConfigError(f"--set {given}: the value is longer than {MAX_VALUE >> 10} KiB")
         raw[name] = value
         where[name] = f"--set {given}"
     typed: dict[str, object] = {}
@@ -551,12 +579,14 @@ def load_config(path: str | None = DEFAULT_PATH, overrides: Iterable[str] = ()) 
 def _read(path: str, warnings: list[str]) -> str | None:
     try:
         with open(path, "rb") as f:
-            data = f.read()
+            data = f.read(MAX_FILE + 1)
     except FileNotFoundError:
         warnings.append(f"{path}: not found; using built-in defaults")
         return None
     except OSError as err:
         raise ConfigError(f"{path}: cannot read: {err.strerror or err}") from None
+    if len(data) > MAX_FILE:
+        raise ConfigError(f"{path}: larger than {MAX_FILE >> 10} KiB: not a kdump configuration")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as err:

@@ -456,8 +456,79 @@ def _config(args: argparse.Namespace):
     return cfg
 
 
+# Load-side directives this engine does not implement, with the value that means "off"
+# (checked by check, load and initramfs build; a capture kernel never refuses a dump over them).
+LOAD_UNSUPPORTED = {
+    "KDUMP_UPDATE_BOOTLOADER": (
+        "writing crashkernel= into the boot loader (add crashkernel= to the kernel command "
+        "line yourself; `kdump-capture check` shows the reservation)"
+    ),
+    "KDUMP_CRASHKERNEL": (
+        "setting the crashkernel= reservation from the configuration (add crashkernel= "
+        "to the kernel command line yourself)"
+    ),
+}
+
+
+def check_supported(cfg) -> None:
+    """NotSupported (exit 9) for any feature, of either side, that this build cannot honour.
+
+    Also the dump side's: an image loaded with such a configuration would fail in the
+    capture kernel, when it is too late to fix it.
+    """
+    from .cli import check_unsupported
+
+    for name, what in LOAD_UNSUPPORTED.items():
+        if cfg.value(name):  # "" or a false boolean means the feature is off
+            raise cfg.not_supported(name, what)
+    check_unsupported(cfg)
+
+
+# KDUMP_VERBOSE bits that SUSE's loader honours: the load command line to syslog, and to stdout.
+VERBOSE_SYSLOG = 1
+VERBOSE_STDOUT = 4
+SYSLOG_SOCKET = "/dev/log"
+KMSG = "/dev/kmsg"
+# syslog priority: facility user (1 << 3) | severity notice (5)
+SYSLOG_PRI = 13
+
+
+def announce_load(line: str, verbose: int, socket_path: str = SYSLOG_SOCKET, kmsg: str = KMSG):
+    """Report the load command line as KDUMP_VERBOSE asks (SUSE: bits 1 and 4 on load).
+
+    Bit 4 prints it; bit 1 sends it to syslog through ``socket_path``, or when no syslog
+    listens there (early boot, a minimal or capture system) to the kernel log via ``kmsg``.
+    Logging is best effort: it never stops a load.
+    """
+    if verbose & VERBOSE_STDOUT:
+        print(f"load command: {line}", flush=True)
+    if not verbose & VERBOSE_SYSLOG:
+        return
+    import socket
+
+    msg = f"kdump-capture[{os.getpid()}]: load command: {line}"
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.connect(socket_path)
+            s.send(f"<{SYSLOG_PRI}>{msg}".encode())
+        return
+    except OSError as e:
+        log.debug("syslog at %s: %s; using %s", socket_path, e.strerror, kmsg)
+    try:
+        fd = os.open(kmsg, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            # /dev/kmsg takes one record per write, at most 1 KiB of it shown (LOG_LINE_MAX)
+            os.write(fd, f"<{SYSLOG_PRI}>{msg}\n".encode()[:1024])
+        finally:
+            os.close(fd)
+    except OSError as e:
+        log.warning("cannot log the load command to syslog or %s: %s", kmsg, e.strerror)
+
+
 def cmd_check(args: argparse.Namespace) -> int:
-    r = readiness(_config(args), System())
+    cfg = _config(args)
+    check_supported(cfg)
+    r = readiness(cfg, System())
     for line in r.lines():
         print(line)
     if r.problems:
@@ -469,6 +540,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_load(args: argparse.Namespace) -> int:
     cfg = _config(args)
+    check_supported(cfg)
     system = System()
     r = readiness(cfg, system, args.initrd)
     kernel = args.kernel or r.kernel
@@ -492,7 +564,18 @@ def cmd_load(args: argparse.Namespace) -> int:
         raise LoadError(f"{how} returned success but {system.sys}/kernel/kexec_crash_loaded is 0")
     print(f"loaded capture kernel {kernel} with {r.initrd} ({how})")
     print(f"command line: {r.cmdline}")
+    announce_load(load_command(how, kernel, r.initrd, r.cmdline), cfg.verbose)
     return 0
+
+
+def load_command(how: str, kernel: str, initrd: str, cmdline: str) -> str:
+    """The load as one line: the kexec command when the binary loaded it, else the call."""
+    if how != "kexec_file_load":
+        return how  # load_image returns the kexec binary's command line
+    return (
+        f"kexec_file_load kernel={shlex.quote(kernel)} initrd={shlex.quote(initrd)} "
+        f"cmdline={shlex.quote(cmdline)} flags=KEXEC_FILE_ON_CRASH"
+    )
 
 
 def cmd_unload(args: argparse.Namespace) -> int:
@@ -582,6 +665,7 @@ def _build(cfg, output, version, modules_root, compress, device, fstype):
 
 def cmd_initramfs_build(args: argparse.Namespace) -> int:
     cfg = _config(args)
+    check_supported(cfg)
     version = args.kernel_version or pick_kernel(cfg["KDUMP_KERNELVER"], System())[0]
     report = _build(
         cfg,

@@ -3,7 +3,8 @@
 They are shell command lines from the configuration, run with ``/bin/sh -c`` as the SUSE
 tool does (the config itself is never executed). The environment tells them what is
 going on: KDUMP_VMCORE (the source), and after a dump KDUMP_DUMP_URL (target, password
-redacted) and KDUMP_DUMP_DIR (the dump directory's name).
+redacted) and KDUMP_DUMP_DIR (the dump directory's name), or, after a dump written to
+KDUMP_DUMPDEV, KDUMP_DUMP_DEVICE (the device; the other two are empty).
 """
 
 from __future__ import annotations
