@@ -23,6 +23,8 @@ from smbprotocol.open import (
     SMB2SetInfoResponse,
 )
 
+from kdump_capture.errors import TransportError
+
 SMB2_0_INFO_SECURITY = 0x03
 OWNER_SECURITY_INFORMATION = 0x1
 DACL_SECURITY_INFORMATION = 0x4
@@ -47,7 +49,7 @@ SID_MAX = 68
 QUERY_MAX = 64 << 10
 
 
-class BadDescriptor(ValueError):
+class BadDescriptor(TransportError):
     """The server sent a security descriptor we cannot read."""
 
 

@@ -1,0 +1,14 @@
+"""Fuzz target: security descriptors an SMB server sends (transports/smbacl.py)."""
+
+from __future__ import annotations
+
+from transports import smbacl
+
+
+def _descriptor(data: bytes) -> None:
+    owner, dacl = smbacl.parse(data)
+    if smbacl.others_allowed(owner, dacl) and owner is not None:
+        assert smbacl.parse(smbacl.owner_only(owner)) == (owner, [(0, 0, 0x1F01FF, owner)])
+
+
+TARGETS = {"smb_descriptor": _descriptor}
