@@ -566,6 +566,10 @@ def load_config(path: str | None = DEFAULT_PATH, overrides: Iterable[str] = ()) 
             raise ConfigError(f"--set {given}: unknown directive{hint}")
         if len(value) > MAX_VALUE:
             raise ConfigError(f"--set {given}: the value is longer than {MAX_VALUE >> 10} KiB")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # argv bytes that are not UTF-8 (surrogate escapes)
+            raise ConfigError(f"--set {given}: the value is not valid UTF-8") from None
         raw[name] = value
         where[name] = f"--set {given}"
     typed: dict[str, object] = {}

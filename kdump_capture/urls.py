@@ -88,6 +88,11 @@ def parse_target(text: str) -> tuple[Target, list[str]]:
     warnings: list[str] = []
     if not text:
         raise UrlError("empty target URL")
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # undecodable bytes (surrogate escapes from argv)
+            raise UrlError(f"target {redact(text)!a}: not valid UTF-8") from None
     if text.startswith("/"):
         shown = redact(text)
         warnings.append(f"KDUMP_SAVEDIR {shown!r} has no scheme; treating it as file://{shown}")

@@ -140,3 +140,16 @@ def test_transfer_success_exits_0(sample, tmp_path):
     r = cli(*save_args(sample, str(tmp_path / "d"), f'KDUMP_TRANSFER=cp "$KDUMP_VMCORE" {dest}'))
     assert r.rc == 0, r.err
     assert os.path.getsize(dest) == os.path.getsize(sample)
+
+
+def test_set_value_that_is_not_utf8(tmp_path):
+    """argv bytes that are not UTF-8 reach us as surrogate escapes: a config error, not a
+    UnicodeEncodeError when the target is shown (found by the url_redact fuzz target)."""
+    r = cli(
+        "show-config",
+        "--config",
+        "/nonexistent",
+        "--set",
+        os.fsdecode(b"KDUMP_SAVEDIR=ftp://\xf7@h/x"),
+    )
+    assert r.rc == 2 and "--set KDUMP_SAVEDIR: the value is not valid UTF-8" in one_error_line(r)

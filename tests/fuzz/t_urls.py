@@ -14,10 +14,7 @@ def _redact(data: bytes) -> None:
     text = data.decode("utf-8", "surrogateescape")
     once = redact(text)
     assert redact(once) == once, "redact is not idempotent"
-    try:
-        targets, _ = parse_savedir(text)
-    except Exception:
-        raise
+    targets, _ = parse_savedir(text)
     for t in targets:
         shown = f"{t} {t!r}"
         if t.password and len(t.password) >= 4 and t.password not in text.replace(t.password, ""):
