@@ -8,6 +8,7 @@ any Greek letter, or its percent-encoding, in an output is a leak, even of a fra
 from __future__ import annotations
 
 import json
+import logging
 import os
 from urllib.parse import quote
 
@@ -165,15 +166,21 @@ def test_save_logs_never_show_the_password(vmcore, capsys, value, scheme, passwo
     reachable = [
         f"{scheme}://kdump:{quote(password, safe='')}@127.0.0.1:{port}/share/d" for port in closed
     ]
+    root = logging.getLogger()
     for savedir in (value, reachable[0], " ".join(reachable)):
-        rc = cli.main(
-            [
-                "save",
-                *("--config", "/nonexistent/kdump", "--vmcore", vmcore, "--no-reboot"),
-                *("--set", f"KDUMP_SAVEDIR={savedir}"),
-                *("--set", "KDUMP_VERBOSE=11", "--set", "KDUMP_HOST_KEY=*"),
-            ]
-        )
+        handlers, level = list(root.handlers), root.level
+        try:
+            rc = cli.main(
+                [
+                    "save",
+                    *("--config", "/nonexistent/kdump", "--vmcore", vmcore, "--no-reboot"),
+                    *("--set", f"KDUMP_SAVEDIR={savedir}"),
+                    *("--set", "KDUMP_VERBOSE=11", "--set", "KDUMP_HOST_KEY=*"),
+                ]
+            )
+        finally:  # cli.main set up logging to capsys's stderr, which goes away after this
+            root.handlers[:] = handlers
+            root.setLevel(level)
         out = capsys.readouterr()
         assert rc in (2, 6, 7), out.err
         assert_no_password(out.out + out.err)
