@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import json
 import logging
@@ -13,10 +14,22 @@ import tempfile
 
 from . import __version__
 from .errors import EXIT_CODES, ConfigError, Interrupted, KdumpError, NotSupported, VerifyError
+from .urls import redact
 
 log = logging.getLogger("kdump_capture")
 
 DEFAULT_CONFIG = "/etc/sysconfig/kdump"
+
+
+class RedactingFormatter(logging.Formatter):
+    """Every log line, tracebacks included, goes through urls.redact before it is shown.
+
+    Our own messages name targets by their redacted form already; this also covers what
+    libraries (paramiko, smbprotocol, ftplib) put into exceptions and debug output.
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
 
 
 def _setup_logging(debug: bool) -> None:
@@ -24,7 +37,7 @@ def _setup_logging(debug: bool) -> None:
     for h in list(root.handlers):
         root.removeHandler(h)
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("kdump: %(levelname)s: %(message)s"))
+    handler.setFormatter(RedactingFormatter("kdump: %(levelname)s: %(message)s"))
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if debug else logging.INFO)
     for noisy in ("paramiko", "smbprotocol", "spnego"):
@@ -155,7 +168,7 @@ def cmd_save(args: argparse.Namespace) -> int:
     from .pipeline import save
     from .progress import make_progress
     from .sample import write_demo
-    from .scripts import check_script, run_script
+    from .scripts import check_script, check_transfer, run_script
     from .vmcore import find_source, open_vmcore
 
     cfg = load(args)
@@ -165,10 +178,11 @@ def cmd_save(args: argparse.Namespace) -> int:
         # The administrator's command replaces the whole built-in flow (SUSE semantics).
         source = args.vmcore or find_source(None)
         status = run_script("KDUMP_TRANSFER", cfg["KDUMP_TRANSFER"], {"KDUMP_VMCORE": source})
-        print(f"KDUMP_TRANSFER exited with status {status}")
-        if status == 0 and finish.should_reboot(cfg.immediate_reboot, args.no_reboot, dumpdev):
+        check_transfer(status)
+        print("KDUMP_TRANSFER finished (exit status 0)")
+        if finish.should_reboot(cfg.immediate_reboot, args.no_reboot, dumpdev):
             finish.reboot()
-        return status
+        return 0
     check_unsupported(cfg)
     plan = None if dumpdev else make_plan(cfg)
     if cfg["KDUMP_PRESCRIPT"]:
@@ -212,17 +226,20 @@ def cmd_save(args: argparse.Namespace) -> int:
         if tmp:
             os.unlink(tmp)
     if dumpdev:
-        print(
-            f"Dump written to {dumpdev} ({header.data_size} bytes). Not rebooting "
-            "(KDUMP_DUMPDEV is set): check the system from this console, then copy the dump "
-            "to KDUMP_SAVEDIR with: kdump-capture recover"
-        )
-        return 0
-    print(f"Dump saved: {result.target}/{result.directory}")
-    if cfg["KDUMP_POSTSCRIPT"]:
+        print(f"Dump written to {dumpdev} ({header.data_size} bytes).")
+        env = {"KDUMP_DUMP_DEVICE": dumpdev, "KDUMP_DUMP_URL": "", "KDUMP_DUMP_DIR": ""}
+    else:
+        print(f"Dump saved: {result.target}/{result.directory}")
         env = {"KDUMP_DUMP_URL": result.target, "KDUMP_DUMP_DIR": result.directory}
+    if cfg["KDUMP_POSTSCRIPT"]:
         status = run_script("KDUMP_POSTSCRIPT", cfg["KDUMP_POSTSCRIPT"], env)
         check_script("KDUMP_POSTSCRIPT", status, cfg.continue_on_error)
+    if dumpdev:
+        print(
+            "Not rebooting (KDUMP_DUMPDEV is set): check the system from this console, then "
+            "copy the dump to KDUMP_SAVEDIR with: kdump-capture recover"
+        )
+        return 0
     if finish.should_reboot(cfg.immediate_reboot, args.no_reboot, cfg["KDUMP_DUMPDEV"]):
         print("Rebooting (KDUMP_IMMEDIATE_REBOOT=yes)", flush=True)
         finish.reboot()
@@ -327,18 +344,50 @@ def cmd_dmesg(args: argparse.Namespace) -> int:
     return 0
 
 
+def _file_error(e: OSError, source: str | None, output: str) -> KdumpError:
+    """An OSError of a command that reads ``source`` and writes ``output``, as our error.
+
+    Cannot open the input: exit 3, as for `save --vmcore` and `dmesg`. Cannot create the
+    output (missing directory, permission): exit 2, a bad argument. Writing it failed:
+    exit 5 when the disk is full, else 6.
+    """
+    from .errors import FreeSpaceError, NoDumpError, TransportError
+
+    reason = e.strerror or str(e)
+    if source is not None and e.filename == source:
+        return NoDumpError(f"{source}: cannot open: {reason}")
+    if e.filename is not None:  # open and create name the file; write errors name none
+        return ConfigError(f"{output}: cannot create: {reason}")
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return FreeSpaceError(f"writing {output}: {reason}")
+    return TransportError(f"writing {output}: {reason}")
+
+
 def cmd_rearrange(args: argparse.Namespace) -> int:
     from .formats.flat import rearrange
 
-    size = rearrange(args.flat, args.output)
+    try:
+        size = rearrange(args.flat, args.output)
+    except OSError as e:
+        raise _file_error(e, args.flat, args.output) from e
     print(f"{args.output}: {size} bytes")
     return 0
+
+
+# make-sample holds no more than a chunk in memory, but the file is this big: 1 TiB (sparse
+# samples of several GiB are what the memory benchmarks use).
+SAMPLE_MAX_MIB = 1 << 20
 
 
 def cmd_make_sample(args: argparse.Namespace) -> int:
     from .sample import SampleSpec, write_sample
 
-    size = write_sample(args.output, SampleSpec(ram_mib=args.mib, sparse=args.sparse))
+    if not 1 <= args.mib <= SAMPLE_MAX_MIB:
+        raise ConfigError(f"--mib {args.mib}: must be between 1 and {SAMPLE_MAX_MIB}")
+    try:
+        size = write_sample(args.output, SampleSpec(ram_mib=args.mib, sparse=args.sparse))
+    except OSError as e:
+        raise _file_error(e, None, args.output) from e
     print(f"{args.output}: synthetic vmcore, {size} bytes")
     return 0
 
@@ -416,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except KdumpError as e:
         log.debug("traceback", exc_info=True)
-        print(f"kdump-capture: error: {e}", file=sys.stderr)
+        print(f"kdump-capture: error: {redact(str(e))}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("kdump-capture: interrupted", file=sys.stderr)
@@ -424,7 +473,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # a bug: one line, traceback only when debugging
         if logging.getLogger().isEnabledFor(logging.DEBUG):
             log.exception("internal error")
-        print(f"kdump-capture: internal error: {type(e).__name__}: {e}", file=sys.stderr)
+        print(
+            f"kdump-capture: internal error: {type(e).__name__}: {redact(str(e))}", file=sys.stderr
+        )
         return 1
 
 

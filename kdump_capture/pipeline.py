@@ -336,6 +336,7 @@ def _save_files(vm, plan, transport, name, writer, record, progress, free, room)
 
 def _publish_record(transport: Transport, name: str, record: DumpRecord) -> None:
     """README.txt (replacing the placeholder), then manifest.json: the completeness mark."""
+    record.notes.extend(n for n in transport.notes if n not in record.notes)
     readme = record.readme_text().encode()
     transport.remove_file(f"{name}/{README}")
     record.files[README] = _put(transport, f"{name}/{README}", readme)

@@ -7,6 +7,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from . import __version__
+from .urls import redact
 
 MANIFEST = "manifest.json"
 README = "README.txt"
@@ -46,7 +47,8 @@ class DumpRecord:
 
     def manifest_json(self) -> bytes:
         doc = {"tool": "kdump-capture", "version": __version__, **asdict(self)}
-        return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
+        # The target, errors and notes quote servers and libraries: no password may pass.
+        return (json.dumps(_redacted(doc), indent=2, sort_keys=True) + "\n").encode()
 
     def readme_text(self) -> str:
         def line(key: str, value: object) -> str:
@@ -86,4 +88,15 @@ class DumpRecord:
         for n in self.notes:
             out += f"\nNOTE: {n}\n"
         out += f"\nChecksums are in {MANIFEST}; check them with: kdump-capture verify DIR\n"
-        return out
+        return redact(out)
+
+
+def _redacted(value: object) -> object:
+    """Every string in a JSON document through urls.redact."""
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {redact(k): _redacted(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redacted(v) for v in value]
+    return value

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import stat
@@ -154,6 +155,8 @@ def open_vmcore(path: str, base: int = 0, limit: int | None = None) -> Vmcore:
     except OSError as e:
         raise NoDumpError(f"{path}: cannot open: {e.strerror}") from e
     try:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):  # open(2) lets O_RDONLY through; read fails
+            raise NoDumpError(f"{path}: cannot open: {os.strerror(errno.EISDIR)}")
         return _parse(path, fd, base, limit)
     except BaseException:
         os.close(fd)

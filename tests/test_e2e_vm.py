@@ -25,7 +25,11 @@ KDUMP_SAVEDIR="file:///var/crash"
 KDUMP_IMMEDIATE_REBOOT="yes"
 KDUMP_KEEP_OLD_DUMPS="0"
 KDUMP_FREE_DISK_SIZE="0"
+KDUMP_VERBOSE="7"
 """
+# KDUMP_VERBOSE=7: `load` prints its command (bit 4) and logs it (bit 1); the first stage
+# has no syslog, so it goes to the kernel log, and so into the crashed kernel's dmesg.
+LOAD_COMMAND = "load command: kexec_file_load kernel=/boot/vmlinuz initrd=/boot/capture.img"
 
 
 def check_dump(dumpdir: Path, marker: str, vmcore_name: str = "vmcore") -> None:
@@ -73,6 +77,9 @@ def test_local_file_target_on_virtio_disk(cloud_kernel: vmkit.Kernel, tmp_path: 
     dumps = [d for d in crash.iterdir() if d.is_dir()]
     assert len(dumps) == 1, list(crash.iterdir())
     check_dump(dumps[0], res.marker)
+    assert LOAD_COMMAND in res.console, _explain(res)  # bit 4: stdout
+    dmesg = (dumps[0] / "dmesg.txt").read_text(errors="replace")
+    assert f"]: {LOAD_COMMAND}" in dmesg  # bit 1: "kdump-capture[PID]: load command: ..."
 
 
 def sftp_config(server, dumps: Path) -> str:

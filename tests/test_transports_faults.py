@@ -14,7 +14,7 @@ import pytest
 
 from kdump_capture.errors import AuthError, ConnectionLost, TargetFull, TransportError
 from tests.servers.common import free_port, tmpfs
-from tests.servers.fixtures import TEST_PASSWORD, _world_dir
+from tests.servers.fixtures import _world_dir
 from tests.servers.proxy import DropProxy
 from tests.servers.targets import make_target
 from transports.base import TransportSettings, is_temp_name
@@ -125,19 +125,28 @@ def test_wrong_password_is_auth_error_fast_and_not_retried(kind, request, caplog
     assert "wrong-pw-123" not in caplog.text
 
 
-def test_sftp_password_login(request):
+def test_sftp_password_login(request, caplog):
+    """The password in the URL is what logs in (no key is offered; the server says so), and
+    it appears nowhere in our logs, paramiko's debug output included."""
     name, password = request.getfixturevalue("test_user")
     s = request.getfixturevalue("ssh_server")
     top = _world_dir("kdump-sftp-")
     url = f"sftp://{name}:{password}@{s.host}:{s.port}{top}/dumps"
     target = replace(make_target("file", request), url=url)
-    try:
-        with target.transport(host_key=s.host_key, ssh_identity=("/nonexistent",)) as tr:
-            _upload(tr, "f", b"data")
-            assert [e.name for e in tr.listdir()] == ["f"]
-    finally:
-        shutil.rmtree(top, ignore_errors=True)
-    assert TEST_PASSWORD == password
+    caplog.set_level(logging.DEBUG)
+    with open(os.path.join(s.workdir, "sshd.log"), errors="replace") as f:
+        f.seek(0, os.SEEK_END)
+        try:
+            with target.transport(host_key=s.host_key, ssh_identity=("/nonexistent",)) as tr:
+                _upload(tr, "f", b"data")
+                assert [e.name for e in tr.listdir()] == ["f"]
+                assert password not in tr.describe()
+        finally:
+            shutil.rmtree(top, ignore_errors=True)
+        server_log = f.read()
+    assert f"Accepted password for {name} from 127.0.0.1" in server_log
+    assert "userauth" in caplog.text.lower()  # paramiko's debug output was captured
+    assert password not in caplog.text
 
 
 def test_sftp_host_key_checks(request, tmp_path, caplog):

@@ -85,6 +85,10 @@ def test_fallback_list():
         ("relative/path", "not a URL"),
         ("ftp://h/../etc", "'..'"),
         ("ftp://h/x?y=1", "query"),
+        ("ftp://u:pa/ss@h/x", "'@' after the host"),
+        ("ftp://u:pass/x", "port"),
+        ("sftp://u@h/dumps@2", "'@' after the host"),
+        ("ftp://u:x@evil/ss@h/x", "'@' after the host"),
     ],
 )
 def test_errors(url, fragment):

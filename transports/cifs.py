@@ -4,7 +4,8 @@ Connections live in a cache owned by the transport (never smbclient's global one
 Encryption is used whenever the server asks for it. Uploads pipeline WRITE requests at
 explicit offsets, wait for every reply with a bounded timeout, and after a dropped
 connection reopen the temporary file and replay what the server does not hold.
-SMB cannot set Unix modes: the share's ``create mask``/``directory mask`` decide them.
+SMB cannot set Unix modes: what we create gets an owner-only DACL when the share's
+defaults would let others in (smbacl).
 
 smbprotocol waits for most replies (create, close, query, session setup) without a
 timeout, so a server that stops answering would hang them for good. Every such call runs
@@ -32,6 +33,7 @@ from smbprotocol.open import SMB2WriteResponse
 from kdump_capture.errors import AuthError, ConnectionLost, TargetFull, TransportError
 from kdump_capture.urls import Target
 
+from . import smbacl
 from .base import Entry, FileInfo, Sink, TransportSettings, is_temp_name, temp_name
 from .retry import REPLAY_STEP, ReplayBuffer, RetryingTransport, is_connection_lost
 from .smb2write import post_write
@@ -112,6 +114,7 @@ class CifsSink(Sink):
         self._unsent = 0  # append-only: first offset not sent yet (the rest is buffered)
         self._raw = None
         self._t.call(lambda: self._open("xb"), f"creating {self._tmp}")
+        self._t.restrict(self._tmp, is_dir=False)  # before any byte of memory goes in
 
     def _open(self, mode: str) -> None:
         self._pending.clear()
@@ -309,7 +312,33 @@ class CifsTransport(RetryingTransport):
         except smbexc.SMBOSError as e:
             if e.errno != errno.ENOENT:
                 raise
-        smbclient.makedirs(self.root, exist_ok=True, **self.kw)
+        # Each missing directory below the share, made owner-only like the dump directories.
+        cur = f"\\\\{self.target.host}\\{self.target.share}"
+        for part in self.target.share_path.split("/"):
+            if not part:
+                continue
+            cur += f"\\{part}"
+            try:
+                smbclient.mkdir(cur, **self.kw)
+            except OSError as e:
+                if e.errno != errno.EEXIST:
+                    raise
+                continue
+            self.restrict(cur, is_dir=True)
+
+    def restrict(self, path: str, is_dir: bool) -> None:
+        """Owner-only access to what we just created (smbacl); a server that refuses gets
+        one warning per dump and a note in its README, and the dump goes on."""
+        try:
+            self.call(lambda: smbacl.restrict(path, is_dir, **self.kw), f"securing {path}")
+        except TransportError as e:  # the server refused, or sent a descriptor we cannot read
+            if isinstance(e, ConnectionLost):
+                raise
+            self.note_once(
+                f"the SMB server would not make {path} owner-only ({e}): the dump's files "
+                "and directories have the share's default permissions and may be readable "
+                "by other users of the server"
+            )
 
     @contextlib.contextmanager
     def deadline(self, what: str) -> Iterator[None]:
@@ -401,6 +430,7 @@ class CifsTransport(RetryingTransport):
     def makedir(self, relpath: str) -> None:
         path = self._p(relpath)
         self.call(lambda: smbclient.mkdir(path, **self.kw), f"creating {path}")
+        self.restrict(path, is_dir=True)
 
     def create(self, relpath: str) -> Sink:
         path = self._p(relpath)
