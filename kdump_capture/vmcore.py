@@ -409,18 +409,30 @@ def _parse(
         # but all of them together must stay a plausible size before any is read.
         total = sum(p.filesz for _, p in notes)
         check_span(
-            path, f"the note segments ({len(notes)} PT_NOTE)", 0, total, None, MAX_NOTES,
+            path,
+            f"the note segments ({len(notes)} PT_NOTE)",
+            0,
+            total,
+            None,
+            MAX_NOTES,
             where=ehdr.phoff + notes[0][0] * PHDR.size,
-        )  # fmt: skip
+        )
 
         def pread(size: int, offset: int) -> bytes:
             return os.pread(fd, size, base + offset)
 
         blob = b"".join(
-            read_span(pread, path, f"PT_NOTE #{i}", p.offset, p.filesz, file_size,
-                      where=ehdr.phoff + i * PHDR.size)
+            read_span(
+                pread,
+                path,
+                f"PT_NOTE #{i}",
+                p.offset,
+                p.filesz,
+                file_size,
+                where=ehdr.phoff + i * PHDR.size,
+            )
             for i, p in notes
-        )  # fmt: skip
+        )
         first = notes[0][1]
         vm.notes_offset = first.offset
         vm.notes_blob = blob

@@ -120,7 +120,9 @@ def test_round_trip(tmp_path, fmt, level):
     assert dh.uts_field(4) == "x86_64" and dh.uts_field(2) == "6.1.0-synthetic"
     fd = os.open(path, os.O_RDONLY)
     try:
-        reader = KdumpReader(path, lambda n, o: os.pread(fd, n, o), lambda: None)
+        reader = KdumpReader(
+            path, lambda n, o: os.pread(fd, n, o), lambda: None, os.fstat(fd).st_size
+        )
         bm = F.build_bitmaps(vm, level)
         assert reader.bitmap == bytes(bm.second)
         zero_offsets = set()
@@ -184,14 +186,23 @@ def _stream(records, end=True) -> bytes:
     return out + (flat.END_MARKER if end else b"")
 
 
+def _kdump_head(max_mapnr=8) -> bytes:
+    """A disk_dump_header: the first record of a flattened kdump stream (bounds the file)."""
+    return DiskDumpHeader(6, bytes(390), 0, 0, 1, PAGE, 1, 2, max_mapnr, 1).pack()
+
+
 def test_rearrange_out_of_order_and_overlapping(tmp_path):
     src = tmp_path / "s"
-    src.write_bytes(_stream([(100, b"B" * 50), (0, b"A" * 10), (120, b"C" * 10)]))
+    head = _kdump_head()
+    src.write_bytes(
+        _stream([(0, head), (5100, b"B" * 50), (5000, b"A" * 10), (5120, b"C" * 10)])
+    )
     n = flat.rearrange(str(src), str(tmp_path / "d"))
-    expect = b"A" * 10 + bytes(90) + b"B" * 20 + b"C" * 10 + b"B" * 20
-    assert n == 150 and (tmp_path / "d").read_bytes() == expect
+    expect = head + bytes(5000 - len(head)) + b"A" * 10 + bytes(90) + b"B" * 20 + b"C" * 10
+    expect += b"B" * 20
+    assert n == 5150 and (tmp_path / "d").read_bytes() == expect
     ff = flat.FlatFile(str(src))
-    assert ff.pread(150, 0) == expect and ff.pread(10, 115) == expect[115:125]
+    assert ff.pread(5150, 0) == expect and ff.pread(10, 5115) == expect[5115:5125]
     ff.close()
     with open(src, "rb") as f:
         subprocess.run(["makedumpfile", "-R", str(tmp_path / "m")], stdin=f, check=True,
@@ -206,6 +217,9 @@ def test_rearrange_out_of_order_and_overlapping(tmp_path):
         _stream([(0, b"x" * 10)])[:-30],
         b"notflat" + bytes(5000),
         _stream([(-5, b"x")]),
+        _stream([(0, b"x" * 10)]),  # not a dump
+        _stream([(100, _kdump_head())]),  # the header must come first
+        _stream([(0, _kdump_head()), (1 << 42, b"x" * 16)]),  # far past what the header allows
     ],
 )
 def test_rearrange_rejects_bad_streams(tmp_path, data):
