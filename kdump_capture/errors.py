@@ -15,6 +15,7 @@ The exit codes are part of the interface (README, "Exit codes") and never change
    10  the dump device (KDUMP_DUMPDEV) is unusable
    11  the kernel cannot do kdump, or loading the capture kernel failed
   12  a configured script (KDUMP_PRESCRIPT, KDUMP_POSTSCRIPT) failed
+  13  the dump was saved INCOMPLETE: the source ended early or stopped being readable
   130  interrupted (SIGINT/SIGTERM)
 """
 
@@ -111,6 +112,13 @@ class ScriptError(KdumpError):
     exit_code = 12
 
 
+class IncompleteDump(KdumpError):
+    """The dump was saved, but only part of it: the source ended before its expected size or
+    stopped being readable. The manifest says ``"status": "incomplete"`` and why."""
+
+    exit_code = 13
+
+
 class Interrupted(KdumpError):
     """The dump was interrupted by a signal."""
 
@@ -131,5 +139,6 @@ EXIT_CODES: dict[int, str] = {
     DumpDeviceError.exit_code: "dump device unusable",
     LoadError.exit_code: "kernel cannot do kdump or loading failed",
     ScriptError.exit_code: "a configured pre/post script failed",
+    IncompleteDump.exit_code: "dump saved INCOMPLETE (the source ended early)",
     Interrupted.exit_code: "interrupted",
 }

@@ -280,6 +280,20 @@ class Vmcore:
         elif len(self.unreadable) < MAX_RECORDED_RANGES:
             self.unreadable.append((offset, offset + size))
 
+    def reset_unreadable(self) -> None:
+        """Forget recorded unreadable ranges (before copying the source again)."""
+        self.unreadable = []
+        self.unreadable_bytes = 0
+
+    def paddr_of(self, offset: int) -> int | None:
+        """The physical address held at source ``offset`` (raw memory: the offset itself)."""
+        if self.kind == "raw":
+            return offset
+        for p in self.loads:
+            if p.offset <= offset < p.offset + p.filesz:
+                return p.paddr + (offset - p.offset)
+        return None
+
     def pread(self, size: int, offset: int) -> bytes:
         """Up to ``size`` bytes at ``offset`` (short at the end of the source)."""
         if self.size is not None:
