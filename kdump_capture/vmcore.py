@@ -266,6 +266,9 @@ class Vmcore:
         return done
 
     def _record_unreadable(self, offset: int, size: int, err: OSError) -> None:
+        end = offset + size
+        if any(a <= offset and end <= b for a, b in self.unreadable):
+            return  # read again by a later pass (a filter scan, then the copy)
         if self.unreadable_bytes == 0:
             log.warning(
                 "%s: offset %#x: %s; unreadable pages are saved as zeros and listed in the "
@@ -276,9 +279,9 @@ class Vmcore:
             )
         self.unreadable_bytes += size
         if self.unreadable and self.unreadable[-1][1] == offset:
-            self.unreadable[-1] = (self.unreadable[-1][0], offset + size)
+            self.unreadable[-1] = (self.unreadable[-1][0], end)
         elif len(self.unreadable) < MAX_RECORDED_RANGES:
-            self.unreadable.append((offset, offset + size))
+            self.unreadable.append((offset, end))
 
     def reset_unreadable(self) -> None:
         """Forget recorded unreadable ranges (before copying the source again)."""

@@ -194,9 +194,7 @@ def _kdump_head(max_mapnr=8) -> bytes:
 def test_rearrange_out_of_order_and_overlapping(tmp_path):
     src = tmp_path / "s"
     head = _kdump_head()
-    src.write_bytes(
-        _stream([(0, head), (5100, b"B" * 50), (5000, b"A" * 10), (5120, b"C" * 10)])
-    )
+    src.write_bytes(_stream([(0, head), (5100, b"B" * 50), (5000, b"A" * 10), (5120, b"C" * 10)]))
     n = flat.rearrange(str(src), str(tmp_path / "d"))
     expect = head + bytes(5000 - len(head)) + b"A" * 10 + bytes(90) + b"B" * 20 + b"C" * 10
     expect += b"B" * 20
