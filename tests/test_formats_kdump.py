@@ -219,6 +219,7 @@ def test_rearrange_out_of_order_and_overlapping(tmp_path):
         _stream([(100, _kdump_head())]),  # the header must come first
         _stream([(0, _kdump_head()), (1 << 42, b"x" * 16)]),  # far past what the header allows
     ],
+    ids=["no-end", "truncated", "not-flat", "negative", "not-a-dump", "late-header", "2**42"],
 )
 def test_rearrange_rejects_bad_streams(tmp_path, data):
     src = tmp_path / "s"
