@@ -15,6 +15,9 @@ from collections.abc import Callable
 
 from .errors import VmcoreError
 
+# The largest file offset (off_t): an offset beyond it is not in any file.
+MAX_OFFSET = (1 << 63) - 1
+
 # Sane limits, for what real dumps hold.
 # The notes of /proc/vmcore: about 400 bytes per possible CPU (8192 CPUs: 3.3 MiB) plus
 # VMCOREINFO (one page) and, rarely, device dumps (NT_VMCOREDD) of a few MiB.
@@ -47,6 +50,8 @@ def check_span(
     at = _at(where)
     if offset < 0 or size < 0:
         raise VmcoreError(f"{path}: {at}{what}: negative offset {offset} or size {size}")
+    if offset + size > MAX_OFFSET:
+        raise VmcoreError(f"{path}: {at}{what} at {offset:#x} lies beyond any file")
     if limit is not None and size > limit:
         raise VmcoreError(
             f"{path}: {at}{what} of {size:#x} bytes is implausibly large (at most {limit:#x})"

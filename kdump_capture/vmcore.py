@@ -10,7 +10,7 @@ import stat
 import time
 from dataclasses import dataclass, field
 
-from .bounds import MAX_NOTES, check_span, read_span
+from .bounds import MAX_NOTES, MAX_OFFSET, check_span, read_span
 from .elf import (
     EHDR,
     ELFCLASS64,
@@ -382,8 +382,11 @@ def _parse(
         file_size -= base
     if limit is not None:
         file_size = limit if file_size is None else min(file_size, limit)
-    ph_bytes = os.pread(fd, PHDR.size * ehdr.phnum, base + ehdr.phoff)
-    if len(ph_bytes) < PHDR.size * ehdr.phnum:
+    table = PHDR.size * ehdr.phnum
+    if base + ehdr.phoff + table > MAX_OFFSET:
+        raise VmcoreError(f"{path}: offset 0x20: e_phoff {ehdr.phoff:#x} is out of range")
+    ph_bytes = os.pread(fd, table, base + ehdr.phoff)
+    if len(ph_bytes) < table:
         raise VmcoreError(
             f"{path}: offset {ehdr.phoff + len(ph_bytes):#x}: file ends inside the program "
             f"headers ({ehdr.phnum} expected at {ehdr.phoff:#x})"
@@ -399,6 +402,11 @@ def _parse(
             raise VmcoreError(
                 f"{path}: offset {where:#x}: PT_LOAD #{i} has p_filesz {p.filesz:#x} "
                 f"> p_memsz {p.memsz:#x}"
+            )
+        if base + seg_end > MAX_OFFSET:
+            raise VmcoreError(
+                f"{path}: offset {where:#x}: program header #{i} points to "
+                f"{p.offset:#x}-{seg_end:#x}, beyond any file"
             )
         if file_size is not None and seg_end > file_size:
             raise VmcoreError(

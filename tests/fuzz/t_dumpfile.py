@@ -17,7 +17,7 @@ from kdump_capture.errors import KdumpError
 from kdump_capture.formats.flat import rearrange
 from kdump_capture.sample import PAGE, RAM_START
 
-from .t_vmcore import _memfile
+from .t_vmcore import _memfile, quiet
 
 # Pages read from each dump besides the log: the first pages of RAM.
 READ_PAGES = 8
@@ -64,4 +64,4 @@ def _rearrange(data: bytes) -> None:
                 os.unlink(p)
 
 
-TARGETS = {"kdump": _kdump, "flat": _flat, "rearrange": _rearrange}
+TARGETS = {"kdump": quiet(_kdump), "flat": quiet(_flat), "rearrange": quiet(_rearrange)}

@@ -10,9 +10,12 @@ engine reads /proc/vmcore.
 
 from __future__ import annotations
 
+import logging
 import os
 import struct
-from functools import cache
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import cache, wraps
 
 from kdump_capture import dmesg
 from kdump_capture.elf import NT_PRSTATUS, PT_LOAD, PT_NOTE, Ehdr, Phdr, pack_note
@@ -37,6 +40,25 @@ class MemFile:
 @cache
 def _memfile(name: str) -> MemFile:
     return MemFile(name)
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """No log output while a target runs: the engine warns about every odd input."""
+    logging.disable(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def quiet(fn: Callable[[bytes], None]) -> Callable[[bytes], None]:
+    @wraps(fn)
+    def run(data: bytes) -> None:
+        with _quiet():
+            fn(data)
+
+    return run
 
 
 def _elf(data: bytes) -> None:
@@ -164,4 +186,4 @@ def original_ring() -> bytes:
     return b"".join(bytes(k.mem[pa - RAM_START : pa - RAM_START + n]) for pa, n in pieces)
 
 
-TARGETS = {"elf": _elf, "vmcoreinfo": _vmcoreinfo, "printk": _printk}
+TARGETS = {"elf": quiet(_elf), "vmcoreinfo": quiet(_vmcoreinfo), "printk": quiet(_printk)}
