@@ -69,7 +69,7 @@ def extract_kernel_log(kernel: Kernel) -> str:
         raise KernelInfoError("VMCOREINFO has no SYMBOL(prb): cannot find the kernel log")
     try:
         return _lockless(kernel, info)
-    except struct.error as e:
+    except (struct.error, OverflowError) as e:
         raise VmcoreError(f"printk ring buffer is malformed: {e}") from None
 
 
@@ -99,17 +99,25 @@ class _Records:
 U64_MASK = (1 << 64) - 1
 
 
+def _offset(info: VmcoreInfo, name: str) -> int:
+    """OFFSET(name): a member's offset, so within a plausible structure size."""
+    value = info.need_offset(name)
+    if value >= MAX_STRUCT:
+        raise VmcoreError(f"VMCOREINFO: OFFSET({name})={value} is implausible")
+    return value
+
+
 def _lockless(kernel: Kernel, info: VmcoreInfo) -> str:
     rb = kernel.u64(info.need_symbol("prb"))
     prb_size = info.need_size("printk_ringbuffer")
     if prb_size > MAX_STRUCT:
         raise VmcoreError(f"VMCOREINFO: SIZE(printk_ringbuffer)={prb_size} is implausible")
     prb = kernel.read(rb, prb_size)
-    dr = info.need_offset("printk_ringbuffer.desc_ring")
-    tr = info.need_offset("printk_ringbuffer.text_data_ring")
-    counter = info.need_offset("atomic_long_t.counter")
-    count_bits = _u(U32, prb, dr + info.need_offset("prb_desc_ring.count_bits"))
-    size_bits = _u(U32, prb, tr + info.need_offset("prb_data_ring.size_bits"))
+    dr = _offset(info, "printk_ringbuffer.desc_ring")
+    tr = _offset(info, "printk_ringbuffer.text_data_ring")
+    counter = _offset(info, "atomic_long_t.counter")
+    count_bits = _u(U32, prb, dr + _offset(info, "prb_desc_ring.count_bits"))
+    size_bits = _u(U32, prb, tr + _offset(info, "prb_data_ring.size_bits"))
     if count_bits > MAX_DESC_BITS or size_bits > MAX_DATA_BITS:
         raise VmcoreError(
             f"printk ring buffer looks corrupt: count_bits={count_bits}, size_bits={size_bits}"
@@ -132,21 +140,21 @@ def _lockless(kernel: Kernel, info: VmcoreInfo) -> str:
             f"({kernel.mem.capacity:#x})"
         )
     descs = _Records(
-        kernel, _u(U64, prb, dr + info.need_offset("prb_desc_ring.descs")), desc_size, count
+        kernel, _u(U64, prb, dr + _offset(info, "prb_desc_ring.descs")), desc_size, count
     )
     infos = _Records(
-        kernel, _u(U64, prb, dr + info.need_offset("prb_desc_ring.infos")), info_size, count
+        kernel, _u(U64, prb, dr + _offset(info, "prb_desc_ring.infos")), info_size, count
     )
-    text = kernel.read(_u(U64, prb, tr + info.need_offset("prb_data_ring.data")), dsize)
-    tail = _u(U64, prb, dr + info.need_offset("prb_desc_ring.tail_id") + counter)
-    head = _u(U64, prb, dr + info.need_offset("prb_desc_ring.head_id") + counter)
+    text = kernel.read(_u(U64, prb, tr + _offset(info, "prb_data_ring.data")), dsize)
+    tail = _u(U64, prb, dr + _offset(info, "prb_desc_ring.tail_id") + counter)
+    head = _u(U64, prb, dr + _offset(info, "prb_desc_ring.head_id") + counter)
 
-    sv_off = info.need_offset("prb_desc.state_var") + counter
-    lpos = info.need_offset("prb_desc.text_blk_lpos")
-    begin_off = lpos + info.need_offset("prb_data_blk_lpos.begin")
-    next_off = lpos + info.need_offset("prb_data_blk_lpos.next")
-    ts_off = info.need_offset("printk_info.ts_nsec")
-    len_off = info.need_offset("printk_info.text_len")
+    sv_off = _offset(info, "prb_desc.state_var") + counter
+    lpos = _offset(info, "prb_desc.text_blk_lpos")
+    begin_off = lpos + _offset(info, "prb_data_blk_lpos.begin")
+    next_off = lpos + _offset(info, "prb_data_blk_lpos.next")
+    ts_off = _offset(info, "printk_info.ts_nsec")
+    len_off = _offset(info, "printk_info.text_len")
 
     lines: list[str] = []
     out_len = 0
