@@ -11,6 +11,7 @@ import subprocess
 import pytest
 
 from kdump_capture.dumpfile import KdumpReader, open_dump
+from kdump_capture.elf import PT_LOAD, Ehdr, Phdr
 from kdump_capture.errors import NotSupported, VmcoreError
 from kdump_capture.formats import NullMonitor, flat, make_writer
 from kdump_capture.formats import filter as F
@@ -188,7 +189,17 @@ def _stream(records, end=True) -> bytes:
 
 def _kdump_head(max_mapnr=8) -> bytes:
     """A disk_dump_header: the first record of a flattened kdump stream (bounds the file)."""
-    return DiskDumpHeader(6, bytes(390), 0, 0, 1, PAGE, 1, 2, max_mapnr, 1).pack()
+    return DiskDumpHeader(6, bytes(390), 0, 0, 1, PAGE, 1, 0, max_mapnr, 1).pack()
+
+
+def _kdump_bitmaps_head() -> bytes:
+    return DiskDumpHeader(6, bytes(390), 0, 0, 1, PAGE, 1, 0xFFFFFFFF, 0xFFFFFFFF, 1).pack()
+
+
+def _elf_head(offset: int) -> bytes:
+    """An ELF header whose one PT_LOAD claims 16 bytes at ``offset``."""
+    ph = Phdr(PT_LOAD, 7, offset, 0, 0, 16, 16, 0)
+    return Ehdr.core(1).pack() + ph.pack()
 
 
 def test_rearrange_out_of_order_and_overlapping(tmp_path):
@@ -218,8 +229,20 @@ def test_rearrange_out_of_order_and_overlapping(tmp_path):
         _stream([(0, b"x" * 10)]),  # not a dump
         _stream([(100, _kdump_head())]),  # the header must come first
         _stream([(0, _kdump_head()), (1 << 42, b"x" * 16)]),  # far past what the header allows
+        _stream([(0, _kdump_bitmaps_head())]),  # more bitmap than the whole stream
+        _stream([(0, _elf_head(1 << 42)), (1 << 42, b"x" * 16)]),  # a segment far away
     ],
-    ids=["no-end", "truncated", "not-flat", "negative", "not-a-dump", "late-header", "2**42"],
+    ids=[
+        "no-end",
+        "truncated",
+        "not-flat",
+        "negative",
+        "not-a-dump",
+        "late-header",
+        "2**42",
+        "huge-bitmap",
+        "elf-2**42",
+    ],
 )
 def test_rearrange_rejects_bad_streams(tmp_path, data):
     src = tmp_path / "s"

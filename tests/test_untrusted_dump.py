@@ -425,3 +425,25 @@ def test_a_failed_rearrange_leaves_an_existing_output_alone(kdump_file, tmp_path
     assert r.rc == 4, r.err
     assert out.read_bytes() == b"an older rearranged dump"
     assert sorted(os.listdir(tmp_path)) == ["bad", "vmcore"]  # no temporary file left
+
+
+def test_rearrange_of_a_flattened_elf_stays_within_its_headers(tmp_path):
+    # makedumpfile -E -F writes ELF as a flattened stream: its program headers bound it.
+    elf = tmp_path / "elf"
+    k = KernelImage(64)
+    k.build(MESSAGES)
+    k.write(str(elf))
+    data = elf.read_bytes()
+    stream = flat.flat_header()
+    for off in range(0, len(data), 20000):  # records of odd sizes, in order
+        piece = data[off : off + 20000]
+        stream += flat.RECORD.pack(off, len(piece)) + piece
+    src = tmp_path / "stream"
+    src.write_bytes(stream + flat.END_MARKER)
+    assert flat.rearrange(str(src), str(tmp_path / "out")) == len(data)
+    assert (tmp_path / "out").read_bytes() == data
+    far = stream + flat.RECORD.pack(len(data) + (1 << 30), 8) + b"x" * 8 + flat.END_MARKER
+    src.write_bytes(far)
+    with pytest.raises(VmcoreError, match="header allows"):
+        flat.rearrange(str(src), str(tmp_path / "out"))
+    assert (tmp_path / "out").read_bytes() == data

@@ -124,12 +124,15 @@ def is_flattened(head: bytes) -> bool:
     return head[:16].rstrip(b"\0") == FLAT_SIGNATURE
 
 
-def implied_size(head: bytes | bytearray, path: str) -> int | None:
+def implied_size(head: bytes | bytearray, path: str, stream_size: int | None = None) -> int | None:
     """The largest size the dump starting with ``head`` can have, from its own header.
 
-    kdump-compressed: header blocks, bitmaps, a descriptor and a full block per page the
-    bitmap can describe (at most ``max_mapnr``), the shared zero page and eraseinfo. ELF: the
-    end of the furthest program header's data. None: ``head`` is too short to tell yet.
+    kdump-compressed: the header blocks and bitmaps, then a descriptor and a full block per
+    page the bitmap can describe (at most ``max_mapnr``), the shared zero page and eraseinfo.
+    ELF: the end of the furthest segment, and no further than the segments laid out one
+    after the other (as every dump writer does). With ``stream_size`` (the flattened
+    stream's size, when known) the parts that must be in the stream (bitmaps, descriptors,
+    page data, segment data) are bounded by it too. None: ``head`` is too short to tell yet.
     Raises VmcoreError when the header is neither, or is malformed.
     """
     if len(head) < 8:
@@ -143,11 +146,19 @@ def implied_size(head: bytes | bytearray, path: str) -> int | None:
             raise VmcoreError(f"{path}: offset 0x1ac: bad block_size {bs} in the kdump header")
         if dh.sub_hdr_size < 0:
             raise VmcoreError(f"{path}: offset 0x1b0: bad sub_hdr_size {dh.sub_hdr_size}")
+        if stream_size is not None and dh.bitmap_blocks * bs > stream_size:
+            raise VmcoreError(
+                f"{path}: offset 0x1b4: bitmap_blocks {dh.bitmap_blocks} makes "
+                f"{dh.bitmap_blocks * bs:#x} bytes of bitmaps, more than the whole stream"
+            )
         pages = dh.bitmap_blocks * bs // 2 * 8
         if dh.max_mapnr < 0xFFFFFFFF:  # else the real value is 64-bit, in the sub header
             pages = min(pages, dh.max_mapnr)
         header = bs * (1 + dh.sub_hdr_size + dh.bitmap_blocks)
-        return header + pages * (PAGE_DESC.size + bs) + bs + ERASEINFO_ALLOWANCE
+        rest = pages * (PAGE_DESC.size + bs) + bs + ERASEINFO_ALLOWANCE
+        if stream_size is not None:
+            rest = min(rest, stream_size)  # descriptors and page data are all in the stream
+        return header + rest
     if head[:4] == ELFMAG:
         if len(head) < EHDR.size:
             return None
@@ -158,14 +169,25 @@ def implied_size(head: bytes | bytearray, path: str) -> int | None:
         if len(head) < table_end:
             return None
         end = table_end
+        dense = _align(table_end)
         for i in range(phnum):
             _, _, p_offset, _, _, p_filesz, _, _ = PHDR.unpack_from(head, phoff + i * PHDR.size)
             end = max(end, p_offset + p_filesz)
-        return end
+            dense += _align(p_filesz)
+        if stream_size is not None and dense > _align(table_end) + stream_size + phnum * MAX_BLOCK:
+            raise VmcoreError(
+                f"{path}: the ELF program headers describe more data than the whole stream"
+            )
+        return min(end, dense)
     raise VmcoreError(
         f"{path}: the flattened stream holds neither a kdump-compressed nor an ELF dump "
         f"(it starts with {bytes(head[:8])!r})"
     )
+
+
+def _align(n: int) -> int:
+    """``n`` rounded up to the largest block size (segments may be aligned to a page)."""
+    return -(-n // MAX_BLOCK) * MAX_BLOCK
 
 
 # e_phoff (u64 at 32); e_phentsize, e_phnum (u16 at 54, 56).
@@ -186,7 +208,9 @@ def rearrange(src_path: str, dst_path: str) -> int:
         check_flat_header(_read_exact(src, FLAT_HEADER_SIZE, src_path, "the header"), src_path)
         tmp, fd = _create_temp(dst_path)
         try:
-            end = _apply_records(src, src_path, fd, dst_path)
+            st = os.fstat(src.fileno())
+            stream_size = st.st_size if stat.S_ISREG(st.st_mode) else None
+            end = _apply_records(src, src_path, fd, dst_path, stream_size)
             if os.fstat(fd).st_size < end:
                 os.ftruncate(fd, end)
             os.fsync(fd)
@@ -204,7 +228,7 @@ def rearrange(src_path: str, dst_path: str) -> int:
     return end
 
 
-def _apply_records(src, src_path: str, fd: int, dst_path: str) -> int:
+def _apply_records(src, src_path: str, fd: int, dst_path: str, stream_size: int | None) -> int:
     end = 0
     head = bytearray()  # the file's first bytes, until its header bounds the file
     limit: int | None = None
@@ -241,7 +265,7 @@ def _apply_records(src, src_path: str, fd: int, dst_path: str) -> int:
             left -= len(piece)
         end = max(end, offset + size)
         if limit is None:
-            limit = implied_size(head, src_path)
+            limit = implied_size(head, src_path, stream_size)
             if limit is None and len(head) >= HEAD_MAX:
                 raise VmcoreError(f"{src_path}: the dump's header is implausibly large")
             if limit is not None and end > limit:
@@ -250,7 +274,7 @@ def _apply_records(src, src_path: str, fd: int, dst_path: str) -> int:
                     f"than the {limit:#x} bytes the dump's header allows"
                 )
     if limit is None and end:
-        implied_size(head, src_path)  # raises for a stream that is not a dump
+        implied_size(head, src_path, stream_size)  # raises for a stream that is not a dump
         raise VmcoreError(f"{src_path}: the stream ends inside the dump's header")
     return end
 
@@ -332,7 +356,7 @@ class FlatFile:
         #: bytes of record data: no structure of the file can be larger
         self.data_bytes = sum(r[1] for r in recs)
         if self.size:
-            limit = implied_size(self.pread(min(self.size, HEAD_MAX), 0), self.path)
+            limit = implied_size(self.pread(min(self.size, HEAD_MAX), 0), self.path, total)
             if limit is not None and self.size > limit:
                 raise VmcoreError(
                     f"{self.path}: a record reaches {self.size:#x}, beyond the {limit:#x} "
