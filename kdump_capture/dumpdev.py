@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 from transports.base import FileInfo, Sink
 
-from .errors import ConfigError, DumpDeviceError, VmcoreError
+from .errors import ConfigError, DumpDeviceError, IncompleteDump, VmcoreError
 from .formats import CHUNK, FORMAT_NAMES, make_writer
 from .progress import NoProgress, Progress
 from .vmcore import Vmcore, open_vmcore
@@ -384,6 +384,12 @@ def write_dump(
             info = sink.commit()
         finally:
             progress.finish()
+        if result.incomplete:
+            # The header keeps saying WRITING: recover refuses it rather than present a
+            # partial dump as complete.
+            raise IncompleteDump(
+                f"KDUMP_DUMPDEV {path}: the dump is INCOMPLETE: {result.incomplete}"
+            )
         header = DeviceHeader(
             COMPLETE,
             info.size,

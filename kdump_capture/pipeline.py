@@ -17,13 +17,14 @@ from .dmesg import extract as extract_dmesg
 from .errors import (
     AuthError,
     FreeSpaceError,
+    IncompleteDump,
+    Interrupted,
     KdumpError,
-    NotSupported,
     TargetFull,
     TransportError,
     VmcoreError,
 )
-from .formats import FORMAT_NAMES, FormatWriter, make_writer
+from .formats import FORMAT_NAMES, FormatWriter, WriteResult, make_writer
 from .progress import NoProgress, Progress
 from .report import DMESG, MANIFEST, PLACEHOLDER, README, VMCORE, DumpRecord
 from .urls import Target
@@ -232,15 +233,21 @@ def save_to_target(
     progress: Progress | None = None,
     now: float | None = None,
 ) -> SaveResult:
-    """Save one dump to ``target``: rotate, budget, write, commit, prune."""
+    """Save one dump to ``target``: check, rotate, budget, write, commit, prune."""
     progress = progress or NoProgress()
     started = time.time() if now is None else now
     transport = open_transport(target, plan.settings)
-    # Choose the writer before touching the target: a format this build cannot write must
-    # fail before rotation deletes anything.
+    # Everything that can fail without touching the target comes first, because rotation
+    # below may delete older dumps: the crash time and so the dump's name, the writer (a
+    # format this build cannot write), the least it will write and the kernel log (bounded).
+    crash_time, stamp, time_note = _dump_time(vm, started)
     writer: FormatWriter | None = None
     if plan.dump_format != "none":
         writer = make_writer(vm, plan.dump_format, plan.dump_level, transport.can_seek)
+    lower_bound = writer.lower_bound() if writer else 0
+    dmesg, dmesg_error = extract_log(vm)
+    if writer is None and dmesg_error is not None:
+        raise dmesg_error  # format "none" saves only dmesg.txt: there is nothing to save
     with transport:
         host = None if target.scheme == "file" else host_identity(target)
         existing = policy.ours(scan_dumps(transport), host)
@@ -253,9 +260,8 @@ def save_to_target(
         # The pre-check may refuse only a dump that cannot fit: it asks for what the writer
         # will certainly write; the BudgetMonitor guards the rest while it streams.
         room = SpaceMaker(transport, policy.prunable_for_space(existing, plan.keep_old_dumps))
-        free = _ensure_room(transport, room, plan, writer.lower_bound() if writer else 0)
+        free = _ensure_room(transport, room, plan, lower_bound)
 
-        stamp = policy.stamp_for(vm.crash_time if vm.crash_time else started)
         name = _make_dump_dir(transport, stamp, host)
         log.info("saving dump to %s/%s", transport.describe(), name)
         record = DumpRecord(
@@ -263,7 +269,7 @@ def save_to_target(
             host=host or socket.gethostname(),
             target=transport.describe(),
             directory=name,
-            crash_time=vm.crash_time,
+            crash_time=crash_time,
             kernel_release=vm.release,
             dump_level=plan.dump_level,
             dump_format=FORMAT_NAMES.get(plan.dump_format, plan.dump_format),
@@ -271,9 +277,15 @@ def save_to_target(
             source_size=vm.size,
             started=started,
         )
+        if time_note:
+            record.notes.append(time_note)
+        if dmesg_error is not None:
+            record.notes.append(f"dmesg.txt not saved: {dmesg_error}")
         try:
             _put(transport, f"{name}/{README}", PLACEHOLDER.encode())
-            _save_files(vm, plan, transport, name, writer, record, progress, free, room)
+            if dmesg is not None:
+                record.files[DMESG] = _put(transport, f"{name}/{DMESG}", dmesg)
+            result = _save_vmcore(vm, plan, transport, name, writer, record, progress, free, room)
         except FreeSpaceError:
             log.error("not enough space: removing the partial dump %s", name)
             _try(lambda: transport.remove_tree(name))
@@ -283,8 +295,17 @@ def save_to_target(
             record.finished = time.time()
             _try(lambda: _publish_record(transport, name, record))
             raise
-        record.status = "complete"
         record.finished = time.time()
+        if result is not None and result.incomplete:
+            # Saved, but not all of it: never presented as complete, and never a reason
+            # for rotation to delete an older complete dump.
+            record.status = "incomplete"
+            record.error = result.incomplete
+            _publish_record(transport, name, record)
+            raise IncompleteDump(
+                f"{transport.describe()}/{name}: the dump is INCOMPLETE: {result.incomplete}"
+            )
+        record.status = "complete"
         _publish_record(transport, name, record)
         log.info("dump complete: %s/%s", transport.describe(), name)
 
@@ -300,21 +321,55 @@ def save_to_target(
     return SaveResult(target=transport.describe(), directory=name, record=record)
 
 
-def _save_files(vm, plan, transport, name, writer, record, progress, free, room) -> None:
+def _dump_time(vm: Vmcore, started: float) -> tuple[int | None, str, str | None]:
+    """The crash time (None if unknown or implausible), the dump's time stamp, and a note.
+
+    CRASHTIME comes from the crashed kernel (``Vmcore.crash_time`` range-checks it); when it
+    cannot be used, the dump is named after this kernel's clock and the README says so.
+    """
+    crash_time = vm.crash_time
+    problem = vm.crash_time_problem
+    note = None
+    if problem:
+        note = f"{problem}; the dump is named after the capture kernel's clock instead"
+        log.warning("%s", note)
+    return crash_time, policy.stamp_for(crash_time if crash_time is not None else started), note
+
+
+def extract_log(vm: Vmcore) -> tuple[bytes | None, KdumpError | None]:
+    """dmesg.txt's content, or why there is none. Never raises (except on a signal).
+
+    The kernel log is read from the crashed kernel's memory, the least trusted input there
+    is: whatever goes wrong there, even a bug in this code, must cost only dmesg.txt, never
+    the vmcore. This is that boundary; the reason ends up in the README and manifest.
+    """
     try:
-        text = extract_dmesg(vm)
-        record.files[DMESG] = _put(transport, f"{name}/{DMESG}", text.encode())
-    except (VmcoreError, NotSupported) as e:
+        return extract_dmesg(vm).encode(), None
+    except Interrupted:
+        raise
+    except KdumpError as e:
         log.warning("no dmesg.txt: %s", e)
-        record.notes.append(f"dmesg.txt not saved: {e}")
-        if writer is None:
-            raise
+        return None, e
+    except Exception as e:  # the boundary described above: record, never propagate
+        log.debug("kernel log extraction failed", exc_info=True)
+        err = VmcoreError(
+            f"internal error while reading the kernel log ({type(e).__name__}: {e}); "
+            "please report it"
+        )
+        log.warning("no dmesg.txt: %s", err)
+        return None, err
+
+
+def _save_vmcore(
+    vm, plan, transport, name, writer, record, progress, free, room
+) -> WriteResult | None:
     if writer is None:
-        return
+        return None
     monitor = BudgetMonitor(
         transport, name, plan.free_disk_size, writer.estimate(), progress, free, room
     )
     progress.start(f"{VMCORE}", writer.input_size())
+    vm.reset_unreadable()
     try:
         with transport.create(f"{name}/{VMCORE}") as sink:
             result = writer.write(sink, monitor)
@@ -332,6 +387,17 @@ def _save_files(vm, plan, transport, name, writer, record, progress, free, room)
     record.pages_total = result.pages_total
     record.pages_written = result.pages_written
     record.notes.extend(result.notes)
+    if vm.unreadable_bytes:
+        record.unreadable_bytes = vm.unreadable_bytes
+        record.unreadable = [
+            {"offset": a, "size": b - a, "paddr": vm.paddr_of(a)} for a, b in vm.unreadable
+        ]
+        record.notes.append(
+            f"{vm.unreadable_bytes} bytes of {vm.path} could not be read (read errors, each "
+            "retried once); they are saved as zeros. The ranges are listed above and in "
+            f"{MANIFEST} ('unreadable')."
+        )
+    return result
 
 
 def _publish_record(transport: Transport, name: str, record: DumpRecord) -> None:

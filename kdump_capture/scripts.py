@@ -42,7 +42,7 @@ def describe_status(status: int) -> str:
 
 
 def check_transfer(status: int) -> None:
-    """A failing KDUMP_TRANSFER is TransferError (exit 13): its status is never passed on
+    """A failing KDUMP_TRANSFER is TransferError (exit 14): its status is never passed on
     as ours, where 7 would mean "authentication refused" and a signal a negative code."""
     if status != 0:
         raise TransferError(

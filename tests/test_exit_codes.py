@@ -131,7 +131,7 @@ def test_kernel_words_follow_the_kernel():
 )
 def test_failing_transfer_has_its_own_exit_code(sample, tmp_path, command, message):
     r = cli(*save_args(sample, str(tmp_path / "d"), f"KDUMP_TRANSFER={command}"))
-    assert r.rc == 13
+    assert r.rc == 14
     assert message in one_error_line(r)
 
 

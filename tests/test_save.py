@@ -397,7 +397,7 @@ def test_transfer_replaces_the_flow(sample, tmp_path):
     assert dest.read_bytes() == open(sample, "rb").read()
     assert not (tmp_path / "d").exists()
     r = cli(*save_args(sample, str(tmp_path / "d"), "KDUMP_TRANSFER=exit 7"))
-    assert r.rc == 13 and "KDUMP_TRANSFER failed (exit status 7)" in r.err
+    assert r.rc == 14 and "KDUMP_TRANSFER failed (exit status 7)" in r.err
 
 
 @pytest.mark.parametrize(

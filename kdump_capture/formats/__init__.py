@@ -40,6 +40,9 @@ class WriteResult:
     pages_written: int = 0
     flattened: bool = False
     notes: list[str] = field(default_factory=list)  # fallbacks and caveats, one line each
+    #: why the dump is incomplete (the source ended early or failed), None when it is not;
+    #: what was read before is in the file
+    incomplete: str | None = None
 
 
 class FormatWriter(ABC):
