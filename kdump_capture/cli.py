@@ -27,7 +27,7 @@ def _setup_logging(debug: bool) -> None:
     handler.setFormatter(logging.Formatter("kdump: %(levelname)s: %(message)s"))
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if debug else logging.INFO)
-    for noisy in ("paramiko", "smbprotocol", "spnego"):
+    for noisy in ("paramiko", "smbprotocol", "spnego", "botocore"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if debug else logging.WARNING)
 
 
@@ -108,10 +108,29 @@ def replay_budget(available: int | None) -> int:
     return max(4 << 20, min(full, available // 8 >> 20 << 20))
 
 
+def transport_settings(cfg):
+    """What the transports take from the configuration (save, recover and verify)."""
+    from transports.base import TransportSettings
+
+    s3 = {
+        "s3_access_key": cfg["KDUMP_S3_ACCESS_KEY"],
+        "s3_secret_key": cfg["KDUMP_S3_SECRET_KEY"],
+        "s3_region": cfg["KDUMP_S3_REGION"],
+        "s3_ca_bundle": cfg["KDUMP_S3_CA_BUNDLE"],
+    }
+    return TransportSettings(
+        timeout=float(max(cfg.net_timeout, 5)),
+        ssh_identity=cfg.ssh_identity,
+        host_key=cfg.host_key,
+        debug=bool(cfg.verbose & 8),
+        replay_bytes=replay_budget(mem_available()),
+        extra={k: v for k, v in s3.items() if v},
+    )
+
+
 def make_plan(cfg):
     """Resolve the configuration into a SavePlan; unsupported settings fail here, early."""
     from transports import transport_class
-    from transports.base import TransportSettings
 
     from .pipeline import SavePlan
 
@@ -122,13 +141,7 @@ def make_plan(cfg):
             transport_class(t.scheme)  # a configured scheme that cannot load fails now
         except NotSupported as e:
             raise NotSupported(f"{cfg.location('KDUMP_SAVEDIR')}: {t.redacted()}: {e}") from None
-    settings = TransportSettings(
-        timeout=float(max(cfg.net_timeout, 5)),
-        ssh_identity=cfg.ssh_identity,
-        host_key=cfg.host_key,
-        debug=bool(cfg.verbose & 8),
-        replay_bytes=replay_budget(mem_available()),
-    )
+    settings = transport_settings(cfg)
     return SavePlan(
         targets=targets,
         dump_format=cfg.dumpformat,

@@ -6,7 +6,7 @@ import json
 import logging
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from transports import open_transport
 from transports.base import Transport, TransportSettings
@@ -184,7 +184,10 @@ def save_to_target(
     """Save one dump to ``target``: rotate, budget, write, commit, prune."""
     progress = progress or NoProgress()
     started = time.time() if now is None else now
-    transport = open_transport(target, plan.settings)
+    # The largest file is at most the source plus format overhead (page descriptors and
+    # bitmaps below 1%, flattened headers); S3 sizes its upload parts by it.
+    expected = vm.size + vm.size // 64 + (16 << 20) if vm.size else 0
+    transport = open_transport(target, replace(plan.settings, expected_size=expected))
     # Choose the writer before touching the target: a format this build cannot write must
     # fail before rotation deletes anything.
     writer: FormatWriter | None = None
