@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -135,16 +136,18 @@ def test_drop_costs_at_most_one_part(percent, request):
     assert target.s3.uploads(target.server_dir + "/") == []
 
 
-def test_drops_beyond_retries_raise_and_abort(request):
+def test_drops_beyond_retries_raise(request, caplog):
+    """Every reconnect fails: ConnectionLost, nothing published, and the log says the parts
+    stay until the next dump to this target removes them (test_server_down_beyond...)."""
     target = make_target("s3", request)
     target = replace(target, settings=replace(target.settings, retries=2, retry_delay=0.01))
     port = int(target.url.split("127.0.0.1:")[1].split("/")[0])
-    with DropProxy(port, drop_after=12 * MiB, drops=100) as proxy:
+    with DropProxy(port, drop_after=12 * MiB, dead_after_drop=True) as proxy:
         with _via(target, proxy.port).transport() as tr:
             with pytest.raises(ConnectionLost):
                 _upload(tr, "vmcore", os.urandom(32 * MiB))
     assert target.files() == []
-    assert target.s3.uploads(target.server_dir + "/") == []  # the abort went through
+    assert "could not abort the upload" in caplog.text
 
 
 @pytest.fixture
@@ -360,7 +363,7 @@ def test_clock_skew_is_corrected_from_the_server_date(request, tmp_path):
     assert r.err.count("RequestTimeTooSkewed") == 1, r.err
     assert "off the store's" in r.err
     skew = [x for x in r.err.splitlines() if "RequestTimeTooSkewed" in x][0]
-    assert "-72" in skew  # our clock is about -7200 s off
+    assert re.search(r"our clock is -7[12]\d\d s off", skew), skew  # about -7200 s
 
 
 def test_rotation_leaves_other_hosts_alone(request, tmp_path):
