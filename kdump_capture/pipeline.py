@@ -128,8 +128,16 @@ def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
 
 
-def scan_dumps(transport: Transport) -> list[policy.DumpDir]:
-    """The dump directories on the target with their state from manifest.json."""
+# scan_dumps: every host's dumps (the default), not only those of one host.
+ALL_HOSTS = object()
+
+
+def scan_dumps(transport: Transport, only: str | None | object = ALL_HOSTS) -> list[policy.DumpDir]:
+    """The dump directories on the target with their state from manifest.json.
+
+    ``only``: a host name (None: unprefixed names) whose dumps alone are looked into, so a
+    target shared by a fleet costs one listing, not a manifest read per dump of every host.
+    """
     out: list[policy.DumpDir] = []
     for entry in transport.listdir(""):
         if not entry.is_dir:
@@ -138,6 +146,8 @@ def scan_dumps(transport: Transport) -> list[policy.DumpDir]:
         if parsed is None:
             continue
         host, stamp, seq = parsed
+        if only is not ALL_HOSTS and host != only:
+            continue
         state = policy.INCOMPLETE
         names = {e.name for e in transport.listdir(entry.name)}
         if MANIFEST in names:
@@ -195,7 +205,7 @@ def save_to_target(
         writer = make_writer(vm, plan.dump_format, plan.dump_level, transport.can_seek)
     with transport:
         host = None if target.scheme == "file" else host_identity(target)
-        existing = policy.ours(scan_dumps(transport), host)
+        existing = policy.ours(scan_dumps(transport, host), host)
         _remove(transport, policy.select_stale(existing), "left incomplete by an earlier run")
         existing = [d for d in existing if d.state != policy.INCOMPLETE]
         before = policy.select_before_write(existing, plan.keep_old_dumps)

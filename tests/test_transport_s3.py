@@ -450,3 +450,27 @@ def test_verify_sftp_dump_in_place(request, tmp_path):
         f.write(b"x")
     v = cli("verify", "--config", str(conf), url)
     assert v.rc == 8 and "dmesg.txt" in v.err
+
+
+def test_scan_reads_only_this_hosts_manifests(tmp_path):
+    """On a shared target, rotation looks into this host's dumps only (one listing)."""
+    from kdump_capture.pipeline import scan_dumps
+    from transports.file import FileTransport
+
+    class Counting(FileTransport):  # test-only: records what is read
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            self.reads: list[str] = []
+
+        def read(self, relpath):
+            self.reads.append(relpath)
+            return super().read(relpath)
+
+    for name in ("me-2026-01-01-00-00-00", "other-2026-01-01-00-00-00", "x-2026-01-02-00-00-00"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "manifest.json").write_text('{"status": "complete"}')
+    t = Counting(parse_target(f"file://{tmp_path}")[0], SETTINGS)
+    with t:
+        dumps = scan_dumps(t, "me")
+    assert [d.name for d in dumps] == ["me-2026-01-01-00-00-00"]
+    assert t.reads == ["me-2026-01-01-00-00-00/manifest.json"]
