@@ -104,11 +104,33 @@ def part_plan(budget: int, expected: int) -> tuple[int, int]:
     return part, buffers
 
 
+def parse_xml(body: bytes, what: str) -> ET.Element:
+    """A reply's XML document; TransportError when the store sent something else."""
+    try:
+        return ET.fromstring(body)
+    except (ET.ParseError, ValueError, LookupError) as e:  # expat: bad or unknown encoding
+        raise TransportError(f"{what}: the store's reply is not XML ({e})") from None
+
+
+def parse_listing(body: bytes) -> tuple[list[tuple[str, str, int]], str]:
+    """A ListObjectsV2 page: [("dir"|"file", key, size)] and the continuation token
+    ("" on the last page). Untrusted: any other host with write access shapes it."""
+    root = parse_xml(body, "listing")
+    out = [("dir", _text(c, "Prefix"), 0) for c in _children(root, "CommonPrefixes")]
+    for c in _children(root, "Contents"):
+        size = _text(c, "Size").strip()
+        if not size.isdigit() or len(size) > 20:
+            raise TransportError(f"listing: object {_text(c, 'Key')!r} has a bad size {size!r}")
+        out.append(("file", _text(c, "Key"), int(size)))
+    token = _text(root, "NextContinuationToken")
+    return out, token if _text(root, "IsTruncated") == "true" else ""
+
+
 def error_code(body: bytes) -> tuple[str, str]:
     """(Code, Message) of an S3 error document; ("", "") when it is not one."""
     try:
         root = ET.fromstring(body)
-    except ET.ParseError:
+    except (ET.ParseError, ValueError, LookupError):
         return "", ""
     return _text(root, "Code"), _text(root, "Message")
 
@@ -358,7 +380,7 @@ class S3Sink(Sink):
 
     def _create(self) -> str:
         reply = self._conn.request("POST", self._key, {"uploads": ""})
-        upload_id = _text(ET.fromstring(reply.body), "UploadId")
+        upload_id = _text(parse_xml(reply.body, f"starting upload of {self._key}"), "UploadId")
         if not upload_id:
             raise TransportError(f"{self._key}: the server started an upload without an id")
         return upload_id
@@ -409,7 +431,7 @@ class S3Sink(Sink):
                 return
             raise
         # S3 may answer 200 and report an error in the body (it sent the status early).
-        if _strip_ns(ET.fromstring(reply.body).tag) == "Error":
+        if _strip_ns(parse_xml(reply.body, f"completing {self._key}").tag) == "Error":
             code, _ = error_code(reply.body)
             status = 500 if code in _TRANSIENT_CODES else 400
             raise self._t.error(status, {}, reply.body, self._key)
@@ -590,13 +612,9 @@ class S3Transport(RetryingTransport):
         while True:
             q = self._list_query(prefix, delimiter, BATCH, token)
             reply = self.call(lambda q=q: self.conn.request("GET", None, q), f"listing {prefix}")
-            root = ET.fromstring(reply.body)
-            for c in _children(root, "CommonPrefixes"):
-                yield "dir", _text(c, "Prefix"), 0
-            for c in _children(root, "Contents"):
-                yield "file", _text(c, "Key"), int(_text(c, "Size") or 0)
-            token = _text(root, "NextContinuationToken")
-            if _text(root, "IsTruncated") != "true" or not token:
+            entries, token = parse_listing(reply.body)
+            yield from entries
+            if not token:
                 return
 
     # -- the contract --------------------------------------------------------------------
@@ -606,7 +624,7 @@ class S3Transport(RetryingTransport):
         found = self.call(
             lambda: self.conn.request("GET", None, self._list_query(key, "", 1)), what
         )
-        if _children(ET.fromstring(found.body), "Contents"):
+        if _children(parse_xml(found.body, what), "Contents"):
             raise FileExistsError(f"{key} exists")
         self.call(lambda: self.conn.request("PUT", key), what)
 
@@ -665,7 +683,7 @@ class S3Transport(RetryingTransport):
             lambda: self.conn.request("POST", None, {"delete": ""}, body, {"Content-MD5": md5}),
             what,
         )
-        errors = _children(ET.fromstring(reply.body), "Error")
+        errors = _children(parse_xml(reply.body, what), "Error")
         if errors:
             first = errors[0]
             raise TransportError(
@@ -677,7 +695,7 @@ class S3Transport(RetryingTransport):
         """Abort multipart uploads below ``prefix`` (a run killed mid-upload leaves them)."""
         q = {"uploads": "", "prefix": prefix}
         reply = self.call(lambda: self.conn.request("GET", None, q), f"listing uploads {prefix}")
-        for u in _children(ET.fromstring(reply.body), "Upload"):
+        for u in _children(parse_xml(reply.body, f"listing uploads {prefix}"), "Upload"):
             key, upload_id = _text(u, "Key"), _text(u, "UploadId")
             if not key.startswith(prefix) or not upload_id:
                 continue
