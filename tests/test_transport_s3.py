@@ -474,3 +474,23 @@ def test_scan_reads_only_this_hosts_manifests(tmp_path):
         dumps = scan_dumps(t, "me")
     assert [d.name for d in dumps] == ["me-2026-01-01-00-00-00"]
     assert t.reads == ["me-2026-01-01-00-00-00/manifest.json"]
+
+
+def _rss() -> int:
+    with open("/proc/self/status") as f:
+        return [int(x.split()[1]) * 1024 for x in f if x.startswith("VmRSS:")][0]
+
+
+def test_small_files_do_not_cost_a_part_of_memory(request):
+    """README, dmesg and manifest are small: their sinks must not fill 2 x 8 MiB buffers."""
+    target = make_target("s3", request)
+    with target.transport() as tr:
+        before = _rss()
+        sinks = [tr.create(f"f{i}") for i in range(4)]
+        for sink in sinks:
+            sink.write(b"x" * 4096)
+        grown = _rss() - before
+        for sink in sinks:
+            sink.commit()
+    assert grown < 4 * MiB, f"{grown / MiB:.1f} MiB for four 4 KiB files"
+    assert target.files() == ["f0", "f1", "f2", "f3"]

@@ -33,6 +33,7 @@ import email.utils
 import hashlib
 import http.client
 import logging
+import mmap
 import posixpath
 import ssl
 import threading
@@ -313,7 +314,9 @@ class S3Sink(Sink):
         self._t = t
         self._key = key
         self._part, nbuf = part_plan(t.settings.replay_bytes, t.settings.expected_size)
-        self._bufs = [bytearray(self._part) for _ in range(nbuf)]  # pages untouched till used
+        # Anonymous maps, not bytearrays: bytearray(n) writes n zeros at once, while a map's
+        # pages cost memory only once data lands in them (a 2 KiB README costs one page).
+        self._bufs = [mmap.mmap(-1, self._part) for _ in range(nbuf)]
         self._cur = 0  # the buffer being filled
         self._fill = 0  # bytes in it
         self._conn = Connection(t)
@@ -447,7 +450,7 @@ class S3Sink(Sink):
         if self._worker is not None:
             self._worker.shutdown(wait=True)
             self._worker = None
-        self._bufs = []
+        self._bufs = []  # unmapped when the last view of them is gone
         self._conn.close()
 
     def abort(self) -> None:
