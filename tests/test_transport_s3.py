@@ -494,3 +494,21 @@ def test_small_files_do_not_cost_a_part_of_memory(request):
             sink.commit()
     assert grown < 4 * MiB, f"{grown / MiB:.1f} MiB for four 4 KiB files"
     assert target.files() == ["f0", "f1", "f2", "f3"]
+
+
+def test_a_stalled_store_fails_within_the_timeout(request):
+    """A store that stops reading mid-upload must not hang the dump."""
+    target = make_target("s3", request)
+    target = replace(
+        target, settings=replace(target.settings, timeout=3.0, retries=1, retry_delay=0.01)
+    )
+    port = int(target.url.split("127.0.0.1:")[1].split("/")[0])
+    with DropProxy(port, stall_after=4 * MiB) as proxy:
+        t0 = time.monotonic()
+        with pytest.raises(TransportError):
+            with _via(target, proxy.port).transport() as tr:
+                _upload(tr, "vmcore", os.urandom(64 * MiB))
+        elapsed = time.monotonic() - t0
+        assert proxy.stalled.is_set()
+    assert elapsed < 60, f"took {elapsed:.0f} s with a 3 s timeout"
+    assert target.files() == []
