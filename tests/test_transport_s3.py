@@ -512,3 +512,22 @@ def test_a_stalled_store_fails_within_the_timeout(request):
         assert proxy.stalled.is_set()
     assert elapsed < 60, f"took {elapsed:.0f} s with a 3 s timeout"
     assert target.files() == []
+
+
+def test_initramfs_packs_ca_files_for_https(tmp_path):
+    import ssl
+
+    from initramfs.builder import s3_files
+    from kdump_capture.errors import ConfigError
+    from kdump_capture.urls import parse_savedir
+
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    https, _ = parse_savedir("s3://store/dumps")
+    plain, _ = parse_savedir("s3+http://store/dumps")
+    files = s3_files({"KDUMP_S3_CA_BUNDLE": str(ca)}, https)
+    system = ssl.get_default_verify_paths().openssl_cafile.lstrip("/")
+    assert files == {system: os.path.realpath("/" + system), str(ca).lstrip("/"): str(ca)}
+    assert s3_files({"KDUMP_S3_CA_BUNDLE": str(ca)}, plain) == {}
+    with pytest.raises(ConfigError, match="KDUMP_S3_CA_BUNDLE"):
+        s3_files({"KDUMP_S3_CA_BUNDLE": "relative.pem"}, https)
