@@ -57,6 +57,10 @@ def _status(field):
         for line in f:
             if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
+import_rss = None
+def _mark():  # after a client's imports: what importing it costs, before any buffer
+    global import_rss
+    import_rss = _status("VmRSS")
 import kdump_capture.pipeline, kdump_capture.cli, transports.base  # the baseline
 BASELINE_ONLY = BASE
 base_rss = _status("VmRSS")
@@ -68,6 +72,7 @@ if not BASELINE_ONLY:
 elapsed = time.monotonic() - t0
 mods = {n: getattr(m, "__file__", None) for n, m in list(sys.modules.items())}
 json.dump({"seconds": elapsed, "base_rss": base_rss, "peak_rss": _status("VmHWM"),
+           "import_rss": import_rss or base_rss,
            "modules": mods, "opened": sorted(opened)}, sys.stdout)
 """
 
@@ -76,6 +81,7 @@ CLIENTS: dict[str, str] = {
 import ssl, boto3
 from botocore.config import Config
 from boto3.s3.transfer import TransferConfig
+_mark()
 c = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=ak, aws_secret_access_key=sk,
                  region_name=region, config=Config(s3={"addressing_style": "path"}))
 with open(src, "rb") as f:
@@ -88,6 +94,7 @@ from urllib.parse import quote
 from botocore.auth import S3SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
+_mark()
 signer = S3SigV4Auth(Credentials(ak, sk), "s3", region)
 host = endpoint.split("//", 1)[1]
 conn = http.client.HTTPConnection(host, timeout=60)
@@ -125,6 +132,7 @@ call("POST", path, body.encode(), f"uploadId={quote(upload)}")
     "minio put_object": r"""
 import ssl
 from minio import Minio
+_mark()
 c = Minio(endpoint.split("//", 1)[1], access_key=ak, secret_key=sk, secure=False, region=region)
 with open(src, "rb") as f:
     c.put_object(bucket, key, f, length=-1, part_size=part, num_parallel_uploads=2)
@@ -132,6 +140,7 @@ with open(src, "rb") as f:
     "obstore put": r"""
 import obstore
 from obstore.store import S3Store
+_mark()
 store = S3Store(bucket, endpoint=endpoint, access_key_id=ak, secret_access_key=sk,
                 region=region, virtual_hosted_style_request=False,
                 client_options={"allow_http": True})
@@ -143,6 +152,8 @@ from dataclasses import replace
 from kdump_capture.urls import parse_target
 from transports import open_transport
 from transports.base import TransportSettings
+import transports.s3
+_mark()
 t, _ = parse_target(endpoint.replace("http://", "s3+http://") + f"/{bucket}")
 t = replace(t, user=ak, password=sk)
 settings = TransportSettings(timeout=60.0, replay_bytes=2 * part)
@@ -234,7 +245,7 @@ def main() -> None:
             only = [o for o in args.only.split(",") if o]
             for label in [c for c in CLIENTS if not only or c.startswith(tuple(only))]:
                 python = venv_python if label in VENV_ONLY else sys.executable
-                times, peaks = [], []
+                times, peaks, imports = [], [], []
                 for i in range(args.runs):
                     key = f"bench/{i}-{label.split()[0]}"
                     r = run_child(python, label, [src, key, *common])
@@ -243,11 +254,14 @@ def main() -> None:
                     s3.client().delete_object(Bucket=s3.bucket, Key=key)
                     times.append(r["seconds"])
                     peaks.append(r["peak_rss"] - r["base_rss"])
+                    imports.append(r["import_rss"] - r["base_rss"])
                 py, so, data = priced(r, baseline, work)
                 row = (label, statistics.median(times), max(peaks), r["peak_rss"], py, so, data)
+                row += (max(imports),)
                 rows.append(row)
                 print(
                     f"{label:32} {size / row[1] / 1e6:7.1f} MB/s  RSS +{row[2] / MiB:5.1f} MiB "
+                    f"(import +{row[7] / MiB:4.1f}) "
                     f"(peak {row[3] / MiB:5.1f})  image +{(py + so + data) / MiB:5.1f} MiB "
                     f"(py {py / MiB:.1f}, native {so / MiB:.1f}, data {data / MiB:.1f})",
                     flush=True,
@@ -269,18 +283,20 @@ def _write(rows, args, baseline, load) -> None:
         "Image: what `initramfs/runtime.py` would add to a capture image over the FTP one "
         "(.pyc, stripped native code and the libraries it links, data files read).",
         "",
-        "| client | MB/s (median) | RSS added | peak RSS | image added | .pyc | native | data |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| client | MB/s (median) | RSS added | of it, imports | peak RSS | image added | .pyc "
+        "| native | data |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     size = args.size_mb * MiB
-    for label, secs, added, peak, py, so, data in rows:
+    for label, secs, added, peak, py, so, data, imported in rows:
         lines.append(
-            f"| {label} | {size / secs / 1e6:.0f} | {added / MiB:.1f} MiB | {peak / MiB:.1f} MiB "
+            f"| {label} | {size / secs / 1e6:.0f} | {added / MiB:.1f} MiB "
+            f"| {imported / MiB:.1f} MiB | {peak / MiB:.1f} MiB "
             f"| {(py + so + data) / MiB:.1f} MiB | {py / MiB:.1f} | {so / MiB:.1f} "
             f"| {data / MiB:.1f} |"
         )
     lines += [
-        "| aws-sdk-signers + http.client | - | - | - | - | - | - | - |",
+        "| aws-sdk-signers + http.client | - | - | - | - | - | - | - | - |",
         "",
         "aws-sdk-signers (0.4.0) declares Requires-Python >= 3.12 for every release; the "
         "capture runs the host's Python 3.11, so pip finds no version to install.",
