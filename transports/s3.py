@@ -120,7 +120,7 @@ def parse_listing(body: bytes) -> tuple[list[tuple[str, str, int]], str]:
     out = [("dir", _text(c, "Prefix"), 0) for c in _children(root, "CommonPrefixes")]
     for c in _children(root, "Contents"):
         size = _text(c, "Size").strip()
-        if not size.isdigit() or len(size) > 20:
+        if not (size.isascii() and size.isdigit()) or len(size) > 20:
             raise TransportError(f"listing: object {_text(c, 'Key')!r} has a bad size {size!r}")
         out.append(("file", _text(c, "Key"), int(size)))
     token = _text(root, "NextContinuationToken")
@@ -313,7 +313,7 @@ class S3Sink(Sink):
         super().__init__(name)
         self._t = t
         self._key = key
-        self._part, nbuf = part_plan(t.settings.replay_bytes, t.settings.expected_size)
+        self._part, nbuf = t.parts
         # Anonymous maps, not bytearrays: bytearray(n) writes n zeros at once, while a map's
         # pages cost memory only once data lands in them (a 2 KiB README costs one page).
         self._bufs = [mmap.mmap(-1, self._part) for _ in range(nbuf)]
@@ -503,6 +503,17 @@ class S3Transport(RetryingTransport):
                 "KDUMP_S3_SECRET_KEY (or put them into the URL)"
             )
         self.region = extra.get("s3_region") or DEFAULT_REGION
+        self.parts = part_plan(settings.replay_bytes, settings.expected_size)
+        if self.parts[0] * self.parts[1] > max(settings.replay_bytes, MIN_PART):
+            log.warning(
+                "%s: a file of up to %d MiB needs upload parts of %d MiB (S3 takes at most "
+                "%d parts), more than the %d MiB the memory budget gives",
+                self.describe(),
+                settings.expected_size >> 20,
+                self.parts[0] >> 20,
+                MAX_PARTS,
+                settings.replay_bytes >> 20,
+            )
         self.signer = _Signer(Credentials(access, secret), self.region)
         self.tls: ssl.SSLContext | None = None
         self.ca_bundle = extra.get("s3_ca_bundle", "")
