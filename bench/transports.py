@@ -278,7 +278,8 @@ def _write(rows, args, load: tuple[float, float], s3_peaks: dict[str, list[int]]
     lines = [
         "# Transport throughput on loopback",
         "",
-        f"`python3 bench/transports.py --size-mb {args.size_mb} --runs {args.runs}` "
+        f"`python3 bench/transports.py --size-mb {args.size_mb} --runs {args.runs}"
+        f"{' --only ' + args.only if args.only else ''}` "
         f"({time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores, median of {args.runs} runs; "
         "ratio = reference time / our time, higher is better; 1-minute load average "
         f"{load[0]:.1f} before, {load[1]:.1f} after).",
@@ -305,7 +306,7 @@ def _write(rows, args, load: tuple[float, float], s3_peaks: dict[str, list[int]]
     with open(RESULTS, "w") as f:
         f.write("\n".join(lines) + "\n")
         if old:  # a partial run keeps the previous full table below
-            f.write("\n## Previous full run\n\n" + old.split("\n", 1)[1])
+            f.write("\n## Previous full run\n" + old.split("\n", 1)[1])
     print(f"wrote {RESULTS}")
 
 
