@@ -181,6 +181,10 @@ def test_s3_compressed_to_seaweedfs_at_160m(cloud_kernel: vmkit.Kernel, tmp_path
         assert res.save_rc == 0, _explain(res)
         assert res.finish == "rebooting" and res.returncode == 0, _explain(res)
         assert s3.secret_key not in res.console
+        for line in res.console.splitlines():  # figures for bench notes (pytest -s)
+            if "save finished" in line or "upload parts" in line:
+                print(line.strip())
+        print(f"panic to committed dump: {res.panic_to_saved:.0f} s; image {res.report.summary()}")
         dumps = sorted({k.split("/")[1] for k in s3.keys("vm/")})
         assert len(dumps) == 1, dumps
         name = dumps[0]
