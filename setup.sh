@@ -12,7 +12,7 @@ if command -v apt-get >/dev/null; then
         qemu-system-x86 qemu-utils \
         makedumpfile crash kexec-tools \
         openssh-server openssh-client \
-        samba smbclient vsftpd curl \
+        samba smbclient vsftpd curl faketime \
         nfs-ganesha nfs-ganesha-vfs \
         >/dev/null
 fi

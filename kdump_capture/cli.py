@@ -40,7 +40,7 @@ def _setup_logging(debug: bool) -> None:
     handler.setFormatter(RedactingFormatter("kdump: %(levelname)s: %(message)s"))
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if debug else logging.INFO)
-    for noisy in ("paramiko", "smbprotocol", "spnego"):
+    for noisy in ("paramiko", "smbprotocol", "spnego", "botocore"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if debug else logging.WARNING)
 
 
@@ -121,10 +121,29 @@ def replay_budget(available: int | None) -> int:
     return max(4 << 20, min(full, available // 8 >> 20 << 20))
 
 
+def transport_settings(cfg):
+    """What the transports take from the configuration (save, recover and verify)."""
+    from transports.base import TransportSettings
+
+    s3 = {
+        "s3_access_key": cfg["KDUMP_S3_ACCESS_KEY"],
+        "s3_secret_key": cfg["KDUMP_S3_SECRET_KEY"],
+        "s3_region": cfg["KDUMP_S3_REGION"],
+        "s3_ca_bundle": cfg["KDUMP_S3_CA_BUNDLE"],
+    }
+    return TransportSettings(
+        timeout=float(max(cfg.net_timeout, 5)),
+        ssh_identity=cfg.ssh_identity,
+        host_key=cfg.host_key,
+        debug=bool(cfg.verbose & 8),
+        replay_bytes=replay_budget(mem_available()),
+        extra={k: v for k, v in s3.items() if v},
+    )
+
+
 def make_plan(cfg):
     """Resolve the configuration into a SavePlan; unsupported settings fail here, early."""
     from transports import transport_class
-    from transports.base import TransportSettings
 
     from .pipeline import SavePlan
 
@@ -135,13 +154,7 @@ def make_plan(cfg):
             transport_class(t.scheme)  # a configured scheme that cannot load fails now
         except NotSupported as e:
             raise NotSupported(f"{cfg.location('KDUMP_SAVEDIR')}: {t.redacted()}: {e}") from None
-    settings = TransportSettings(
-        timeout=float(max(cfg.net_timeout, 5)),
-        ssh_identity=cfg.ssh_identity,
-        host_key=cfg.host_key,
-        debug=bool(cfg.verbose & 8),
-        replay_bytes=replay_budget(mem_available()),
-    )
+    settings = transport_settings(cfg)
     return SavePlan(
         targets=targets,
         dump_format=cfg.dumpformat,
@@ -296,42 +309,101 @@ def cmd_show_config(args: argparse.Namespace) -> int:
     return 0
 
 
+# A manifest is a few KiB; more than this is not one of ours.
+MAX_MANIFEST = 16 << 20
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
+    """Check a dump against its manifest: a local directory, or a dump's URL (streamed)."""
     from .report import MANIFEST
 
-    path = os.path.join(args.dumpdir, MANIFEST)
+    where = args.dumpdir
+    if "://" not in where:
+        path = os.path.join(where, MANIFEST)
+        if not os.path.exists(path):
+            raise VerifyError(f"{path}: no manifest: the dump is incomplete")
+
+        def local(name: str):
+            with open(os.path.join(where, name), "rb") as f:
+                while chunk := f.read(1 << 20):
+                    yield chunk
+
+        return _verify(where, local)
+
+    from dataclasses import replace
+
+    from transports import open_transport
+
+    from . import policy
+    from .urls import parse_target
+
+    target, _ = parse_target(where)
+    parent, _, name = target.path.rstrip("/").rpartition("/")
+    if policy.parse_dump_name(name) is None:
+        raise ConfigError(
+            f"{target.redacted()}: the URL must end with a dump directory's name "
+            "(HOST-YYYY-MM-DD-HH-MM-SS), e.g. the one 'save' printed"
+        )
+    cfg = load(args)
+    _setup_logging(bool(cfg.verbose & 8))
+    with open_transport(replace(target, path=parent or "/"), transport_settings(cfg)) as tr:
+        names = {e.name for e in tr.listdir(name) if not e.is_dir}
+        if not names:
+            raise VerifyError(f"{target.redacted()}: no such dump (nothing there)")
+        if MANIFEST not in names:
+            raise VerifyError(f"{target.redacted()}: no manifest: the dump is incomplete")
+        return _verify(target.redacted(), lambda n: tr.read(f"{name}/{n}"))
+
+
+def _verify(label: str, stream) -> int:
+    """Hash every file the manifest lists, as ``stream(name)`` yields it; never to disk."""
+    from .report import MANIFEST
+
     try:
-        with open(path, "rb") as f:
-            doc = json.load(f)
-    except FileNotFoundError:
-        raise VerifyError(f"{path}: no manifest: the dump is incomplete") from None
-    except (OSError, ValueError) as e:
-        raise VerifyError(f"{path}: unreadable manifest: {e}") from None
+        raw = b""
+        for chunk in stream(MANIFEST):
+            raw += chunk
+            if len(raw) > MAX_MANIFEST:
+                raise VerifyError(f"{label}: {MANIFEST} is larger than {MAX_MANIFEST >> 20} MiB")
+        doc = json.loads(raw)
+        files = doc.get("files", {})
+        if not isinstance(files, dict):
+            raise ValueError("'files' is not an object")
+    except OSError as e:
+        raise VerifyError(f"{label}/{MANIFEST}: unreadable manifest: {e}") from None
+    except (ValueError, AttributeError) as e:
+        raise VerifyError(f"{label}/{MANIFEST}: unreadable manifest: {e}") from None
     bad = []
-    for name, info in sorted(doc.get("files", {}).items()):
-        fpath = os.path.join(args.dumpdir, name)
+    for name, info in sorted(files.items()):
+        # names come from a file anyone with access to the target could have written
+        if "/" in name or name in ("", ".", "..") or "\0" in name:
+            bad.append(f"{name!r}: not a file name of a dump")
+            continue
         h = hashlib.sha256()
         size = 0
         try:
-            with open(fpath, "rb") as f:
-                while chunk := f.read(1 << 20):
-                    h.update(chunk)
-                    size += len(chunk)
+            for chunk in stream(name):
+                h.update(chunk)
+                size += len(chunk)
         except OSError as e:
-            bad.append(f"{name}: {e.strerror}")
+            bad.append(f"{name}: {e.strerror or e}")
             continue
-        if size != info["size"] or h.hexdigest() != info["sha256"]:
+        except KdumpError as e:
+            bad.append(f"{name}: {e}")
+            continue
+        want = info if isinstance(info, dict) else {}
+        if size != want.get("size") or h.hexdigest() != want.get("sha256"):
             bad.append(
                 f"{name}: size {size} sha256 {h.hexdigest()} != recorded "
-                f"{info['size']} {info['sha256']}"
+                f"{want.get('size')} {want.get('sha256')}"
             )
         else:
             print(f"OK  {name}  {size} bytes")
     if doc.get("status") != "complete":
         bad.append(f"dump status is {doc.get('status')!r}: {doc.get('error')}")
     if bad:
-        raise VerifyError(f"{args.dumpdir}: " + "; ".join(bad))
-    print(f"{args.dumpdir}: all files match {MANIFEST}")
+        raise VerifyError(f"{label}: " + "; ".join(bad))
+    print(f"{label}: all files match {MANIFEST}")
     return 0
 
 
@@ -432,8 +504,13 @@ def build_parser() -> argparse.ArgumentParser:
     config_args(p)
     p.set_defaults(func=cmd_show_config)
 
-    p = sub.add_parser("verify", help="check a saved dump against its manifest checksums")
-    p.add_argument("dumpdir", metavar="DUMPDIR")
+    p = sub.add_parser(
+        "verify",
+        help="check a saved dump against its manifest checksums, in a directory or where it "
+        "lies on a target (URL: the target URL plus the dump's name; credentials from --config)",
+    )
+    config_args(p)
+    p.add_argument("dumpdir", metavar="DUMPDIR|URL")
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("dmesg", help="print the kernel log of a dump (ELF, compressed, flattened)")

@@ -142,7 +142,8 @@ SIZE = Kind("size", "megabytes as 64, 64M, 64MB, 512K, 1G, 1GB (0 disables the c
 URLS = Kind(
     "url-list",
     "space-separated URLs: file:///path, nfs://host/path, cifs://[user[:pass]@]host/share/path, "
-    "ftp://[user[:pass]@]host[:port]/path, sftp|ssh|scp://[user@]host[:port]/path",
+    "ftp://[user[:pass]@]host[:port]/path, sftp|ssh|scp://[user@]host[:port]/path, "
+    "s3|s3+http://[key[:secret]@]host[:port]/bucket[/prefix]",
     _text,
 )
 FLAGS = Kind("flags", ", ".join(_KDUMPTOOL_FLAGS), _flags, empty_is_default=False)
@@ -229,6 +230,10 @@ DIRECTIVES: tuple[Directive, ...] = (
     _d("KDUMP_NOTIFICATION_CC", "", WORDS, "Notification mail copies (space-separated)"),
     _d("KDUMP_HOST_KEY", "", HOST_KEY, "SSH host key of the target"),
     _d("KDUMP_SSH_IDENTITY", "", WORDS, "SSH private keys (space-separated)"),
+    _d("KDUMP_S3_ACCESS_KEY", "", STR, "S3 access key id (when the URL names none)"),
+    _d("KDUMP_S3_SECRET_KEY", "", STR, "S3 secret access key", secret=True),
+    _d("KDUMP_S3_REGION", "us-east-1", STR, "S3 region used in signatures"),
+    _d("KDUMP_S3_CA_BUNDLE", "", STR, "PEM file of extra CAs trusted for s3:// (https)"),
     # load side
     _d("KDUMP_KERNELVER", "", STR, "Capture kernel version or image (empty: auto)", side="load"),
     _d("KDUMP_COMMANDLINE", "", CMDLINE, "Capture kernel command line (empty: derived)",

@@ -7,7 +7,7 @@ import logging
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from transports import open_transport
 from transports.base import Transport, TransportSettings
@@ -180,8 +180,16 @@ def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
 
 
-def scan_dumps(transport: Transport) -> list[policy.DumpDir]:
-    """The dump directories on the target with their state from manifest.json."""
+# scan_dumps: every host's dumps (the default), not only those of one host.
+ALL_HOSTS = object()
+
+
+def scan_dumps(transport: Transport, only: str | None | object = ALL_HOSTS) -> list[policy.DumpDir]:
+    """The dump directories on the target with their state from manifest.json.
+
+    ``only``: a host name (None: unprefixed names) whose dumps alone are looked into, so a
+    target shared by a fleet costs one listing, not a manifest read per dump of every host.
+    """
     out: list[policy.DumpDir] = []
     for entry in transport.listdir(""):
         if not entry.is_dir:
@@ -190,6 +198,8 @@ def scan_dumps(transport: Transport) -> list[policy.DumpDir]:
         if parsed is None:
             continue
         host, stamp, seq = parsed
+        if only is not ALL_HOSTS and host != only:
+            continue
         state = policy.INCOMPLETE
         names = {e.name for e in transport.listdir(entry.name)}
         if MANIFEST in names:
@@ -236,7 +246,10 @@ def save_to_target(
     """Save one dump to ``target``: check, rotate, budget, write, commit, prune."""
     progress = progress or NoProgress()
     started = time.time() if now is None else now
-    transport = open_transport(target, plan.settings)
+    # The largest file is at most the source plus format overhead (page descriptors and
+    # bitmaps below 1%, flattened headers); S3 sizes its upload parts by it.
+    expected = vm.size + vm.size // 64 + (16 << 20) if vm.size else 0
+    transport = open_transport(target, replace(plan.settings, expected_size=expected))
     # Everything that can fail without touching the target comes first, because rotation
     # below may delete older dumps: the crash time and so the dump's name, the writer (a
     # format this build cannot write), the least it will write and the kernel log (bounded).
@@ -250,7 +263,7 @@ def save_to_target(
         raise dmesg_error  # format "none" saves only dmesg.txt: there is nothing to save
     with transport:
         host = None if target.scheme == "file" else host_identity(target)
-        existing = policy.ours(scan_dumps(transport), host)
+        existing = policy.ours(scan_dumps(transport, host), host)
         _remove(transport, policy.select_stale(existing), "left incomplete by an earlier run")
         existing = [d for d in existing if d.state != policy.INCOMPLETE]
         before = policy.select_before_write(existing, plan.keep_old_dumps)

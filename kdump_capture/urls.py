@@ -19,7 +19,12 @@ SCHEMES: dict[str, str] = {
     "ssh": "sftp",
     "sftp": "sftp",
     "scp": "sftp",
+    # s3:// is https with verified certificates; s3+http:// is plain http
+    "s3": "s3",
+    "s3+http": "s3",
 }
+# S3 bucket names (the rules every store accepts for path-style requests).
+_BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 
 _SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://(.*)$", re.S)
 
@@ -154,6 +159,13 @@ def parse_target(text: str) -> tuple[Target, list[str]]:
     path = _clean_path(unquote(path))
     if scheme == "cifs" and path == "/":
         raise UrlError(f"target {redact(text)!r}: CIFS needs a share: cifs://host/share[/path]")
+    if scheme == "s3":
+        bucket = path.strip("/").split("/", 1)[0]
+        if not _BUCKET_RE.fullmatch(bucket) or ".." in bucket:
+            raise UrlError(
+                f"target {redact(text)!r}: S3 needs a bucket (3-63 of a-z 0-9 . -): "
+                f"{spelled}://host[:port]/bucket[/prefix]"
+            )
     return (
         Target(
             scheme=scheme,

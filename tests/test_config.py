@@ -690,3 +690,29 @@ def test_load_only_raises_config_error(tmp_path_factory: pytest.TempPathFactory,
         load_config(str(path))
     except ConfigError:
         pass
+
+
+def test_s3_secret_redacted(tmp_path: Path) -> None:
+    text = (
+        "KDUMP_SAVEDIR='s3://AKID:s3-Secret%2Fkey@store:9000/dumps/fleet'\n"
+        "KDUMP_S3_ACCESS_KEY='AKIDPLAIN'\n"
+        "KDUMP_S3_SECRET_KEY='wJalr/K7MDENG+bPxRfiCY'\n"
+        "KDUMP_S3_CA_BUNDLE=/etc/kdump/ca.pem\n"
+    )
+    cfg = load(tmp_path, text)
+    out = "\n".join(cfg.redacted_lines())
+    for secret in ("s3-Secret", "wJalr", "K7MDENG"):
+        assert secret not in out and secret not in repr(cfg) and secret not in repr(cfg.savedir)
+    assert 'KDUMP_SAVEDIR="s3://AKID:***@store:9000/dumps/fleet"' in out
+    assert 'KDUMP_S3_SECRET_KEY="***"' in out
+    assert 'KDUMP_S3_ACCESS_KEY="AKIDPLAIN"' in out
+    assert 'KDUMP_S3_REGION="us-east-1"' in out  # the default
+
+
+def test_s3_secret_not_in_transport_settings_repr(tmp_path: Path) -> None:
+    from kdump_capture.cli import transport_settings
+
+    cfg = load(tmp_path, "KDUMP_S3_SECRET_KEY='wJalr/K7MDENG+bPxRfiCY'\n")
+    settings = transport_settings(cfg)
+    assert settings.extra["s3_secret_key"] == "wJalr/K7MDENG+bPxRfiCY"
+    assert "wJalr" not in repr(settings)

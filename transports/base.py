@@ -66,7 +66,11 @@ class TransportSettings:
     #: bytes a sink keeps for resuming after a dropped connection (see retry.ReplayBuffer);
     #: the engine lowers it in a capture kernel with little memory
     replay_bytes: int = 16 << 20
-    extra: dict[str, str] = field(default_factory=dict)
+    #: the largest file the engine expects to write (bytes, 0: unknown); S3 sizes its parts
+    #: by it to stay under 10,000 parts
+    expected_size: int = 0
+    #: scheme-specific settings (S3 keys, region, CA bundle): may hold secrets, so not in repr
+    extra: dict[str, str] = field(default_factory=dict, repr=False)
 
 
 @dataclass(frozen=True)

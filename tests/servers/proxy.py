@@ -54,6 +54,7 @@ class DropProxy:
         self._closed = threading.Event()
         self.dropped = 0
         self.connections = 0  # accepted client connections (control ones only, for FTP)
+        self.upstream = 0  # client-to-server bytes passed on, all connections together
         self._lock = threading.Lock()
         self._listeners: list[socket.socket] = []
         self._socks: list[socket.socket] = []
@@ -124,6 +125,9 @@ class DropProxy:
                         _rst(src)
                         _rst(dst)
                         return
+                if upstream:
+                    with self._lock:
+                        self.upstream += len(chunk)
                 if not upstream and self.ftp and not data:
                     buf += chunk
                     *lines, buf = buf.split(b"\r\n")
