@@ -268,12 +268,14 @@ def _redact_word(word: str) -> str:
     at = word.rfind("@")
     if at < 0:
         return _BAD_PORT_RE.sub(_mask_port, word)
-    head, tail = word[:at], word[at:]
+    # What follows the last "@" may hold another target (two joined by an escaped
+    # separator, as in a repr): its non-numeric port is masked as in a word without "@".
+    head, tail = word[:at], _BAD_PORT_RE.sub(_mask_port, word[at:])
     prefix = ""
     m = _PREFIX_RE.match(head)
     if m:
         prefix, head = head[: m.end()], head[m.end() :]
     colon = head.find(":")
     if colon < 0:
-        return word
+        return f"{prefix}{head}{tail}"
     return f"{prefix}{head[: colon + 1]}***{tail}"

@@ -245,3 +245,9 @@ def test_ftp_save_keeps_the_password_out_of_logs_readme_and_manifest(request, vm
         assert s.password not in text, name
     with open(os.path.join(top, dump, "manifest.json")) as f:
         assert json.load(f)["target"].startswith(f"ftp://{s.user}:***@")
+
+
+def test_a_second_target_after_the_last_at_is_redacted_too():
+    # Found by hypothesis: two targets joined by a tab, shown through repr() in a config
+    # error, read as one word whose last "@" came before the second target's password.
+    assert "α" not in redact(repr("file://:α@host/\tfile://:α"))
