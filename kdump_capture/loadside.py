@@ -680,6 +680,14 @@ def cmd_initramfs_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_initramfs_dracut_module(args: argparse.Namespace) -> int:
+    from initramfs.dracut_module import install
+
+    for path in install(args.dest):
+        print(path)
+    return 0
+
+
 def add_subcommands(sub) -> None:
     """Register check, load, unload, status, test-crash and initramfs on the CLI."""
     from .cli import config_args as _config_args
@@ -724,5 +732,15 @@ def add_subcommands(sub) -> None:
     )
     b.add_argument("--target-fstype", default="", metavar="TYPE", help="e.g. ext4 (default: probe)")
     b.set_defaults(func=cmd_initramfs_build)
+    d = isub.add_parser(
+        "dracut-module", help="install the dracut module kdump-capture (for dracut --add)"
+    )
+    d.add_argument(
+        "--dest",
+        default="/usr/lib/dracut/modules.d/99kdump-capture",
+        metavar="DIR",
+        help="module directory (default %(default)s)",
+    )
+    d.set_defaults(func=cmd_initramfs_dracut_module)
     # "initramfs" alone would have no handler; argparse requires the sub-command.
     p.set_defaults(func=cmd_initramfs_build)
