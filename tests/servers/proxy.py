@@ -4,8 +4,10 @@
 passed through it, ``drops`` times in all. ``dead_after_drop``: once a connection was
 dropped, close every new one at once, so reconnects fail. With ``ftp=True`` the proxy
 rewrites PASV replies so data connections pass through it too; only data connections
-are then dropped. ``swallow_after``: one (data) connection delivers that many bytes, then
-none: the rest vanishes in the network, and only the server's SIZE tells.
+are then dropped. ``stall()``: from now on the server seems to hang: nothing more the
+client sends reaches it, on any connection (control ones included), old or new.
+``swallow_after``: one (data) connection delivers that many bytes, then none: the rest
+vanishes in the network, and only the server's SIZE tells.
 
 The fault matrix drives it from outside instead: ``drop_now`` resets every open
 connection; ``stop`` does that and stops listening (a server that went away: connects
@@ -59,9 +61,11 @@ class DropProxy:
         self.swallow_after = swallow_after
         self._swallowing: dict | None = None
         self.stalled = threading.Event()
+        self._stall_all = False
         self._closed = threading.Event()
         self.dropped = 0
         self.connections = 0  # accepted client connections (control ones only, for FTP)
+        self.upstream = 0  # client-to-server bytes passed on, all connections together
         self._lock = threading.Lock()
         self._listeners: list[socket.socket] = []
         self._socks: list[socket.socket] = []
@@ -113,6 +117,9 @@ class DropProxy:
         buf = b""
         try:
             while chunk := src.recv(_CHUNK):
+                if upstream and self._stall_all:
+                    self._closed.wait()
+                    return
                 if upstream and data and self.stall_after is not None:
                     state["bytes"] += len(chunk)
                     if self.stalled.is_set() or state["bytes"] >= self.stall_after:
@@ -145,6 +152,9 @@ class DropProxy:
                         _rst(src)
                         _rst(dst)
                         return
+                if upstream:
+                    with self._lock:
+                        self.upstream += len(chunk)
                 if not upstream and self.ftp and not data:
                     buf += chunk
                     *lines, buf = buf.split(b"\r\n")
@@ -193,6 +203,11 @@ class DropProxy:
     def start(self) -> None:
         """The server is back, on the same port."""
         self._listen(self.target_port, data=not self.ftp, port=self.port)
+
+    def stall(self) -> None:
+        """Stop passing anything to the server; connections stay open (a hung server)."""
+        self._stall_all = True
+        self.stalled.set()
 
     def close(self) -> None:
         self._closed.set()
