@@ -622,7 +622,7 @@ def _sigkill(ctx: Ctx, r: Row, older: str) -> list[Run]:
 
 @row(
     id="eio",
-    title="vmcore has EIO ranges (64 KiB at 25%, 4 KiB at 70%)",
+    title="vmcore has EIO ranges: 64 KiB at 25%, 4 KiB at 70% (item 10)",
     kinds=KINDS,
     source="mid",
     expect=0,
@@ -632,7 +632,6 @@ def _sigkill(ctx: Ctx, r: Row, older: str) -> list[Run]:
         (MID_MIB * MiB // 4, MID_MIB * MiB // 4 + 16 * PAGE),
         (MID_MIB * MiB * 7 // 10 // PAGE * PAGE, MID_MIB * MiB * 7 // 10 // PAGE * PAGE + PAGE),
     ),
-    pending={"*": "pending EIO-range support (issue 8, fault matrix: h-untrusted)"},
 )
 def _eio(ctx: Ctx, r: Row, older: str) -> list[Run]:
     return _plain(ctx, r, older)
@@ -655,30 +654,9 @@ _corrupt("truncated", "truncated at 60%", 4, r"truncated", "none")
 _corrupt("empty", "empty file", 4, r"empty", "none")
 _corrupt("notes", "a note longer than its segment", 4, r"PT_NOTE", "none")
 _corrupt("vmcoreinfo", "binary garbage in VMCOREINFO", 0, r"VMCOREINFO", "complete")
-_corrupt(
-    "crashtime",
-    "CRASHTIME 99999999999999999999",
-    0,
-    r"CRASHTIME",
-    "complete",
-    "item 8: CRASHTIME is not range-checked",
-)
-_corrupt(
-    "many-notes",
-    "65535 PT_NOTEs of 16 MiB each",
-    4,
-    r"PT_NOTE",
-    "none",
-    "item 9: only the first PT_NOTE is bounded",
-)
-_corrupt(
-    "printk",
-    "printk ring with count_bits 26",
-    0,
-    r"dmesg",
-    "complete",
-    "item 7: a corrupt printk ring aborts the save",
-)
+_corrupt("crashtime", "CRASHTIME 99999999999999999999 (item 8)", 0, r"CRASHTIME", "complete")
+_corrupt("many-notes", "65535 PT_NOTEs of 16 MiB each (item 9)", 4, r"PT_NOTE", "none")
+_corrupt("printk", "printk ring with count_bits 26 (item 7)", 0, r"dmesg", "complete")
 
 
 def cases() -> list[tuple[str, str]]:

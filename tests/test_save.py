@@ -507,7 +507,8 @@ def test_lzo_dump_end_to_end(demo, tmp_path):
     assert DEMO_LOG[-1][1].decode() in log
     fd = os.open(d / "vmcore", os.O_RDONLY)
     try:
-        reader = KdumpReader(str(d / "vmcore"), lambda n, o: os.pread(fd, n, o), lambda: None)
+        size = os.fstat(fd).st_size
+        reader = KdumpReader(str(d / "vmcore"), lambda n, o: os.pread(fd, n, o), lambda: None, size)
         pfns = [pfn for pfn in range(reader.max_mapnr) if reader.is_dumped(pfn)]
         assert pfns
         lzo_pages = 0
