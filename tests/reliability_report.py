@@ -114,8 +114,9 @@ def table(results: dict[tuple[str, str], dict]) -> str:
             }[res["outcome"]]
         lines.append(f"| {row.title} | {TARGET_NAMES[kind]} | {result} | {detail} |")
     lines.append(
-        "| any fault above | NFS | covered by the VM matrix (`tests/test_e2e_vm.py`, "
-        "`-m slow`): the host kernel has no NFS client | |"
+        "| any fault above | NFS | not run: the host kernel has no NFS client. The VM matrix "
+        "(`tests/test_e2e_vm.py::test_network_matrix[nfs]`, `-m slow`) saves over NFS from a "
+        "real capture kernel (no fault injected there) | |"
     )
     return "\n".join(lines)
 
