@@ -79,6 +79,7 @@ class Run:
     elapsed: float
     timed_out: bool = False
     fired: list[int] = field(default_factory=list)  # offsets where a fault was injected
+    planned: int = 0  # faults planned at offsets (all of them must have fired)
     eio: list[tuple[int, int]] = field(default_factory=list)  # reads answered with EIO
 
     @property
@@ -433,6 +434,7 @@ class Engine:
             timed_out,
             fired=list(gate.fired) if gate else [],
             eio=list(gate.failed_reads) if gate else [],
+            planned=len(at),
         )
 
 
@@ -763,6 +765,8 @@ def check(o: Outcome) -> list[str]:
             bad.append(f"run {i + 1}: exit code {run.rc} is not a documented one (1 = a bug)")
         if "Traceback" in run.err:
             bad.append(f"run {i + 1}: traceback on the console")
+        if len(run.fired) != run.planned:
+            bad.append(f"run {i + 1}: {run.planned - len(run.fired)} planned fault(s) never fired")
     final = o.final
     if final.rc != r.expect:
         bad.append(f"exit code {final.rc}, expected {r.expect}: {final.last_line!r}")
