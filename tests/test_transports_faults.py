@@ -281,3 +281,20 @@ def test_ftp_never_lets_more_go_unconfirmed_than_it_can_replay(request):
         assert proxy._swallowing is not None
     with open(os.path.join(target.server_dir, "vmcore"), "rb") as f:
         assert hashlib.sha256(f.read()).digest() == hashlib.sha256(data).digest()
+
+
+def test_cifs_resume_while_the_server_still_holds_the_old_handle(request):
+    """The server did not see the drop: its old session keeps the temporary file open.
+
+    Our reopen must not be refused for sharing (STATUS_SHARING_VIOLATION), nor the final
+    rename; before the fix the dump was lost with exit 6 (seen in the fault matrix).
+    """
+    target = make_target("cifs", request)
+    data = os.urandom(12 * MiB)
+    with DropProxy(_port(target), drop_after=5 * MiB, drops=1, half_open=True) as proxy:
+        with target.via_port(proxy.port).transport() as tr:
+            _upload(tr, "vmcore", data)
+        assert proxy.dropped == 1 and proxy._orphans
+    with open(os.path.join(target.server_dir, "vmcore"), "rb") as f:
+        assert hashlib.sha256(f.read()).digest() == hashlib.sha256(data).digest()
+    assert _names(target.server_dir) == ["vmcore"]

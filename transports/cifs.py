@@ -129,7 +129,14 @@ class CifsSink(Sink):
     def _open(self, mode: str) -> None:
         self._pending.clear()
         self._inflight = 0
-        self._raw = smbclient.open_file(self._tmp, mode=mode, buffering=0, **self._t.kw)
+        # Shared (read, write, delete): after a dropped connection the server may still hold
+        # the old handle until it notices the dead session, and a handle that denied
+        # sharing would refuse our reopen or the final rename (STATUS_SHARING_VIOLATION)
+        # and cost the dump.
+        # The file is ours alone (a unique temporary name with an owner-only DACL).
+        self._raw = smbclient.open_file(
+            self._tmp, mode=mode, buffering=0, share_access="rwd", **self._t.kw
+        )
 
     def _send(self, offset: int, view: memoryview) -> None:
         fd = self._raw.fd

@@ -49,6 +49,7 @@ class DropProxy:
         ftp: bool = False,
         stall_after: int | None = None,
         swallow_after: int | None = None,
+        half_open: bool = False,
     ) -> None:
         self.target_port = target_port
         self.drop_after = drop_after
@@ -60,6 +61,10 @@ class DropProxy:
         # (a queue in the network that the drop takes with it); later connections pass
         self.swallow_after = swallow_after
         self._swallowing: dict | None = None
+        # a drop resets only the client's side: the server never learns of it and keeps
+        # the old session (and its open files) until the proxy closes
+        self.half_open = half_open
+        self._orphans: list[socket.socket] = []
         self.stalled = threading.Event()
         self._stall_all = False
         self._closed = threading.Event()
@@ -150,7 +155,12 @@ class DropProxy:
                             self.dropped += 1
                     if drop:
                         _rst(src)
-                        _rst(dst)
+                        if self.half_open:
+                            state["orphaned"] = True
+                            with self._lock:
+                                self._orphans.append(dst)
+                        else:
+                            _rst(dst)
                         return
                 if upstream:
                     with self._lock:
@@ -164,7 +174,8 @@ class DropProxy:
                 dst.sendall(buf)
             dst.shutdown(socket.SHUT_WR)
         except OSError:
-            for s in (src, dst):
+            client = src if upstream else dst
+            for s in (client,) if state.get("orphaned") else (src, dst):
                 try:
                     s.close()
                 except OSError:
@@ -211,7 +222,7 @@ class DropProxy:
 
     def close(self) -> None:
         self._closed.set()
-        for s in self._listeners + self._socks:
+        for s in self._listeners + self._socks + self._orphans:
             try:
                 s.close()
             except OSError:

@@ -173,12 +173,15 @@ class Guest:
         """Poll the console until *pattern* (a regex) matches; return the match.
 
         Raises GuestTimeout (after killing the guest) when *timeout* seconds pass, and
-        VmError when qemu exits before the line appears.
+        VmError when qemu exits before the line appears. While the guest runs, only
+        complete lines are searched: a line still being written to the serial log
+        ("VMKIT-HELLO 6.1." of "6.1.0-57-cloud-amd64") must not match half-way.
         """
         regex = re.compile(pattern, re.MULTILINE) if isinstance(pattern, str) else pattern
         deadline = time.monotonic() + timeout
         while True:
-            m = regex.search(self.console())
+            text = self.console()
+            m = regex.search(text[: text.rfind("\n") + 1])
             if m:
                 return m
             if self.proc.poll() is not None:
