@@ -20,7 +20,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kdump_capture import private
 from kdump_capture.errors import ConfigError, NotSupported
+from kdump_capture.load import rebuild
 from kdump_capture.urls import Target, parse_savedir
 
 from . import cpio, kmods, runtime
@@ -337,6 +339,10 @@ def add_own_packages(arc: cpio.Archive, schemes: list[str]) -> int:
     return n
 
 
+# Identities paramiko tries when KDUMP_SSH_IDENTITY is empty, in ~/.ssh.
+DEFAULT_IDENTITIES = ("id_rsa", "id_ecdsa", "id_ed25519")
+
+
 def ssh_files(cfg: Mapping[str, str], home: str) -> tuple[dict[str, str], dict]:
     """SSH identity and known-host files to pack, and the config values to rewrite.
 
@@ -346,11 +352,7 @@ def ssh_files(cfg: Mapping[str, str], home: str) -> tuple[dict[str, str], dict]:
     files: dict[str, str] = {}
     names = cfg["KDUMP_SSH_IDENTITY"].split()
     if not names:
-        names = [
-            n
-            for n in ("id_rsa", "id_ecdsa", "id_ed25519")
-            if os.path.exists(os.path.join(home, ".ssh", n))
-        ]
+        names = [n for n in DEFAULT_IDENTITIES if os.path.exists(os.path.join(home, ".ssh", n))]
     packed = []
     for name in names:
         src = name if os.path.isabs(name) else os.path.join(home, ".ssh", name)
@@ -383,6 +385,16 @@ def build(
 ) -> BuildReport:
     """Build the capture initramfs for ``cfg`` into ``output`` (written atomically)."""
     started = time.monotonic()
+    inputs = rebuild.image_inputs(
+        cfg,
+        kernel_version=kernel_version or os.uname().release,
+        modules_root=modules_root,
+        compress=compress,
+        target_device=target_device,
+        target_fstype=target_fstype,
+        extra_modules=extra_modules,
+        home=home,
+    )
     targets, _warnings = parse_savedir(cfg["KDUMP_SAVEDIR"])
     schemes = list(dict.fromkeys(t.scheme for t in targets))
     kver = kernel_version or os.uname().release
@@ -488,13 +500,18 @@ def build(
     raw = io.BytesIO()
     unpacked = arc.write(raw)
     packed = compress_bytes(raw.getvalue(), compress)
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    tmp_out = f"{output}.tmp.{os.getpid()}"
-    with open(tmp_out, "wb") as f:
-        f.write(packed)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp_out, output)
+    # The image holds the target's password and the SSH private key: 0600 in a 0700
+    # directory (when we create it) from the first byte. The old record of its inputs goes
+    # before the image is replaced and the new one after, so an interrupted build leaves
+    # an image that ``load`` rebuilds.
+    out_dir = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(out_dir):
+        private.make_dir(out_dir)
+    record = rebuild.record_path(output)
+    if os.path.lexists(record):
+        os.unlink(record)
+    private.write_file(output, packed)
+    rebuild.write_record(output, inputs)
     return BuildReport(
         output=output,
         compress=compress,

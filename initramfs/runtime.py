@@ -165,16 +165,20 @@ def transport_module(scheme: str) -> str:
 
 
 def entry_modules(
-    schemes: Iterable[str], load_side: Iterable[str] = ("kdump_capture.loadside",)
+    schemes: Iterable[str], load_side: Iterable[str] = ("kdump_capture.load",)
 ) -> list[str]:
     """What the capture side imports: our engine modules, the targets' transports, /init,
     and every module those sources import anywhere (lazy imports inside functions too).
 
-    ``load_side`` modules are imported (the CLI registers their commands) but their lazy
-    imports are not followed: they build initramfs images, never in a capture kernel.
+    ``load_side`` packages are imported (the CLI registers their commands) but the imports
+    inside their functions are not followed: they build and load images, never in a
+    capture kernel.
     """
     root = project_root()
-    no_scan = set(load_side)
+
+    def no_scan(name: str) -> bool:
+        return any(name == n or name.startswith(n + ".") for n in load_side)
+
     tmods = {transport_module(s) for s in schemes}
     sources = sorted((root / "kdump_capture").rglob("*.py"))
     sources += [root / "transports" / "__init__.py", root / "transports" / "base.py"]
@@ -185,7 +189,7 @@ def entry_modules(
         name = module_name_for(src)
         if not name.endswith(".__main__"):  # importing __main__ would run the CLI
             mods.add(name)
-        if name not in no_scan:
+        if not no_scan(name):
             mods.update(imports_in_source(src))
     # Other transports are imported only if a target uses their scheme.
     allowed = {"transports", "transports.base", *tmods}
@@ -193,7 +197,6 @@ def entry_modules(
         m
         for m in mods
         if not m.endswith(".__main__")
-        and not any(m.startswith(n + ".") for n in no_scan)
         and (not m.startswith("transports.") or m in allowed or m.rpartition(".")[0] in allowed)
     )
 

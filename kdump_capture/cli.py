@@ -12,11 +12,11 @@ import sys
 import tempfile
 
 from . import __version__
+from .cliargs import config_args
+from .cliargs import load_config as load
 from .errors import EXIT_CODES, ConfigError, Interrupted, KdumpError, NotSupported, VerifyError
 
 log = logging.getLogger("kdump_capture")
-
-DEFAULT_CONFIG = "/etc/sysconfig/kdump"
 
 
 def _setup_logging(debug: bool) -> None:
@@ -29,33 +29,6 @@ def _setup_logging(debug: bool) -> None:
     root.setLevel(logging.DEBUG if debug else logging.INFO)
     for noisy in ("paramiko", "smbprotocol", "spnego"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if debug else logging.WARNING)
-
-
-def config_args(p: argparse.ArgumentParser) -> None:
-    """--config and --set, shared by every command that reads the configuration."""
-    p.add_argument(
-        "--config",
-        default=DEFAULT_CONFIG,
-        metavar="FILE",
-        help=f"sysconfig file (default {DEFAULT_CONFIG}; missing: built-in defaults)",
-    )
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        dest="overrides",
-        help="override a directive (repeatable)",
-    )
-
-
-def load(args: argparse.Namespace):
-    from .config import load_config
-
-    cfg = load_config(args.config, args.overrides)
-    for w in cfg.warnings:
-        log.warning("%s", w)
-    return cfg
 
 
 # Directives this engine does not implement, with the value that means "off". A value other
@@ -388,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparse", action="store_true", help="all-zero RAM as file holes (fast, big)")
     p.set_defaults(func=cmd_make_sample)
 
-    from .loadside import add_subcommands
+    from .load.commands import add_subcommands
 
     add_subcommands(sub)  # check, load, unload, status, test-crash, initramfs
     return parser

@@ -49,15 +49,19 @@ def fake_modules_root(base: Path) -> Path:
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     base = tmp_path_factory.mktemp("build")
-    out = base / "initrd.img"
-    report = builder.build(
-        CFG,
-        str(out),
-        kernel_version=KVER,
-        modules_root=str(fake_modules_root(base)),
-        target_device="LABEL=crash",
-        target_fstype="ext4",
-    )
+    out = base / "images" / "initrd.img"  # the builder makes the directory
+    old_umask = os.umask(0o022)  # as on a default system: files 644, directories 755
+    try:
+        report = builder.build(
+            CFG,
+            str(out),
+            kernel_version=KVER,
+            modules_root=str(fake_modules_root(base)),
+            target_device="LABEL=crash",
+            target_fstype="ext4",
+        )
+    finally:
+        os.umask(old_umask)
     tree = base / "tree"
     tree.mkdir()
     raw = zstandard.ZstdDecompressor().stream_reader(out.read_bytes()).read()
@@ -74,6 +78,27 @@ def test_report_and_size_goals(built):
     assert report.unpacked <= 32 * 1024 * 1024
     text = report.summary()
     assert "MiB zstd" in text and "virtio_blk" in text
+
+
+def test_image_is_private_and_records_its_inputs(built):
+    """The image holds passwords and keys: 0600 in a 0700 directory under umask 022; the
+    record beside it (0600) says what it was built from, so ``load`` can tell it is stale."""
+    from kdump_capture.load import rebuild
+
+    _report, out, _tree, _names, _raw = built
+    assert out.stat().st_mode & 0o777 == 0o600
+    assert out.parent.stat().st_mode & 0o777 == 0o700
+    record = Path(rebuild.record_path(str(out)))
+    assert record.stat().st_mode & 0o777 == 0o600
+    assert sorted(p.name for p in out.parent.iterdir()) == sorted([out.name, record.name])
+    root = fake_modules_root(out.parent.parent)
+    args = dict(kernel_version=KVER, modules_root=str(root), compress="zstd")
+    args.update(target_device="LABEL=crash", target_fstype="ext4")
+    assert rebuild.stale_reasons(str(out), rebuild.image_inputs(CFG, **args)) == []
+    moved = load_config(None, [*SETTINGS, "KDUMP_SAVEDIR=ftp://10.0.0.9/dumps"])
+    assert rebuild.stale_reasons(str(out), rebuild.image_inputs(moved, **args)) == [
+        "configuration changed"
+    ]
 
 
 def test_layout(built):
