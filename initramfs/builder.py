@@ -206,6 +206,9 @@ def init_plan(
             "kdump_capture",
             "save",
             "--no-reboot",
+            # The console is a terminal, but a redrawn bar shows nothing in a serial log.
+            "--progress",
+            "lines",
             "--config",
             "/" + CONFIG_PATH,
         ],

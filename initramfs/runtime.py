@@ -63,6 +63,9 @@ BLOCKED = {
     # ftplib's optional FTPS classes (FTP_TLS); no transport speaks TLS. Saves _ssl and
     # libssl (1 MB). A transport that needs ssl fails the build (its import fails here).
     "ssl": "ftplib FTP_TLS (unused)",
+    # The capture kernel's save prints progress as plain lines (``--progress lines``):
+    # tqdm would add itself, unicodedata (1.1 MB) and importlib.metadata's dependencies.
+    "tqdm": "progress bar (the capture kernel prints lines)",
 }
 
 # Libraries glibc loads with dlopen, which ldd cannot see: libgcc_s unwinds a thread that

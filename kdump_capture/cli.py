@@ -163,10 +163,14 @@ def cmd_save(args: argparse.Namespace) -> int:
                 from .dumpdev import write_dump
 
                 header = write_dump(
-                    vm, dumpdev, cfg.dumpformat, cfg.dumplevel, make_progress(cfg.verbose)
+                    vm,
+                    dumpdev,
+                    cfg.dumpformat,
+                    cfg.dumplevel,
+                    make_progress(cfg.verbose, style=args.progress),
                 )
             else:
-                result = save(vm, plan, make_progress(cfg.verbose))
+                result = save(vm, plan, make_progress(cfg.verbose, style=args.progress))
     finally:
         if tmp:
             os.unlink(tmp)
@@ -225,7 +229,7 @@ def cmd_recover(args: argparse.Namespace) -> int:
         source_level=header.level,
     )
     with dumpdev.open_device_dump(device, header) as vm:
-        result = save(vm, plan, make_progress(cfg.verbose))
+        result = save(vm, plan, make_progress(cfg.verbose, style=args.progress))
     dumpdev.mark_recovered(device, header)
     print(f"Dump recovered from {device}: {result.target}/{result.directory}")
     return 0
@@ -302,6 +306,18 @@ def cmd_make_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def progress_arg(p: argparse.ArgumentParser) -> None:
+    from .progress import PROGRESS_STYLES
+
+    p.add_argument(
+        "--progress",
+        choices=PROGRESS_STYLES,
+        default="auto",
+        help="progress display (KDUMP_VERBOSE bit 2): a bar, plain lines (a line per 10%% "
+        "or 10 s, for serial consoles), or auto: a bar on a terminal",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kdump-capture",
@@ -322,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="save a built-in synthetic sample vmcore instead (a demo)",
     )
     p.add_argument("--sample-mib", type=int, default=64, help=argparse.SUPPRESS)
+    progress_arg(p)
     p.add_argument(
         "--no-reboot", action="store_true", help="never reboot afterwards, whatever the config says"
     )
@@ -331,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     config_args(p)
     p.add_argument("--device", metavar="DEV", help="dump device (default: KDUMP_DUMPDEV)")
     p.add_argument("--force", action="store_true", help="copy a dump recovered before again")
+    progress_arg(p)
     p.add_argument(
         "--if-present",
         action="store_true",
