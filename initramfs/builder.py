@@ -327,19 +327,17 @@ def add_payload(arc: cpio.Archive, payload: runtime.Payload) -> None:
         arc.add_symlink(link, tgt)
 
 
-def add_own_packages(arc: cpio.Archive, schemes: list[str]) -> int:
+def add_own_packages(payload: runtime.Payload, schemes: list[str], tmpdir: str) -> int:
     """Our packages as .pyc: all of the engine, the transport base and the targets' ones."""
     root = runtime.project_root()
     tmods = [runtime.transport_module(s).split(".")[1] for s in schemes]
-    n = 0
     sources = list((root / "kdump_capture").rglob("*.py"))
     sources += [root / "transports" / f for f in ("__init__.py", "base.py")]
     sources += [root / "transports" / f"{t}.py" for t in dict.fromkeys(tmods)]
-    for src in sources:
-        dest = f"{runtime.DEST_SITE}/{src.relative_to(root)}c"
-        arc.add_file(dest, runtime.pyc_bytes(str(src), dest))
-        n += 1
-    return n
+    items = [(str(src), f"{runtime.DEST_SITE}/{src.relative_to(root)}c") for src in sources]
+    for dest, path in runtime.compile_pycs(items, tempfile.mkdtemp(dir=tmpdir)).items():
+        payload.add(dest, Path(path).read_bytes())
+    return len(items)
 
 
 # Identities paramiko tries when KDUMP_SSH_IDENTITY is empty, in ~/.ssh.
@@ -411,10 +409,12 @@ def build(
     extras: list[str] = []
 
     with tempfile.TemporaryDirectory(prefix="kdump-initramfs-") as tmp:
-        payload = runtime.collect(schemes, tmp)
+        idna = not all(t.host.isascii() for t in targets)
+        payload = runtime.collect(schemes, tmp, idna=idna)
+        add_own_packages(payload, schemes, tmp)
+        pyc = sum(1 for f in payload.files if f.endswith(".pyc"))
+        runtime.zip_pure_modules(payload)
         add_payload(arc, payload)
-    n_own = add_own_packages(arc, schemes)
-    pyc = sum(1 for f in payload.files if f.endswith(".pyc")) + n_own
     ext = sum(1 for f in payload.files if f.endswith(".so") and "/python3" in f)
     libs = sum(1 for f in payload.files if f.startswith(("usr/lib/x86_64", "usr/lib64")))
 

@@ -386,6 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from . import idna
+
+    idna.register()  # before any host name is resolved (capture images may lack the codec)
     _setup_logging(False)
     parser = build_parser()
     args = parser.parse_args(argv)

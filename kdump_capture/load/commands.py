@@ -58,11 +58,11 @@ def image_decision(
     beside it (``rebuild.stale_reasons``): the effective configuration with ``--set``,
     our code, the interpreter, kernel, modules, keys and known_hosts.
     """
+    if initrd:  # (also how the VM tests' first kernel loads: it has no builder)
+        return ImageDecision(initrd, [], True, [])
     from .rebuild import image_inputs, record_path, stale_reasons
     from .system import INITRD_DIR, initrd_path
 
-    if initrd:
-        return ImageDecision(initrd, [], True, [])
     directory = directory or INITRD_DIR
     path = os.path.join(directory, os.path.basename(initrd_path(version)))
     inputs = image_inputs(
@@ -101,13 +101,13 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def prepare_image(cfg: Mapping[str, str], decision: ImageDecision, version: str) -> None:
     """Repair the modes of the default image and its directory; rebuild it when stale."""
-    from .. import private
-    from .rebuild import record_path
-
     if decision.given:
         if not os.path.exists(decision.path):
             raise LoadError(f"initramfs {decision.path} does not exist")
         return
+    from .. import private
+    from .rebuild import record_path
+
     private.make_dir(os.path.dirname(decision.path), repair=True)
     for p in (decision.path, record_path(decision.path)):
         if os.path.exists(p) and private.repair_file(p):
