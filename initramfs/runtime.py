@@ -44,10 +44,13 @@ DEST_LIBDIR = "usr/lib/x86_64-linux-gnu"
 PYZIP = f"usr/lib/python{sys.version_info.major}{sys.version_info.minor}.zip"
 
 # Modules the interpreter looks up by name at run time, which importing the entry modules
-# does not reveal: codecs (the console and files use ascii/latin-1/utf-8), and the stdlib
-# landmark os (frozen in the binary, yet getpath needs its file to find the prefix).
+# does not reveal: codecs (the console and files use ascii/latin-1/utf-8), the stdlib
+# landmark os (frozen in the binary, yet getpath needs its file to find the prefix), and
+# what start-up imports (site; runpy for ``python3 -m``: the probe runs with -S and -c).
 LATE_IMPORTS = (
     "os",
+    "site",
+    "runpy",
     "zlib",  # zipimport inflates the modules in PYZIP
     "encodings.aliases",
     "encodings.ascii",

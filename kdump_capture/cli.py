@@ -57,35 +57,13 @@ def check_unsupported(cfg) -> None:
         raise cfg.not_supported("KDUMPTOOL_FLAGS", " and ".join(sorted(flags & UNSUPPORTED_FLAGS)))
 
 
-def mem_available() -> int | None:
-    """MemAvailable from /proc/meminfo in bytes, or None."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def replay_budget(available: int | None) -> int:
-    """Bytes a network sink may keep for resuming: 16 MiB, less in a small capture kernel.
-
-    An eighth of what is available, between 4 and 16 MiB: at crashkernel=128M only about
-    31 MiB are available when the save starts, and a 16 MiB buffer got the save OOM-killed.
-    """
-    full = 16 << 20
-    if available is None:
-        return full
-    return max(4 << 20, min(full, available // 8 >> 20 << 20))
-
-
 def make_plan(cfg):
-    """Resolve the configuration into a SavePlan; unsupported settings fail here, early."""
+    """Resolve the configuration into a SavePlan; unsupported settings fail here, early.
+    Buffers are sized from MemAvailable now (memory.plan_buffers)."""
     from transports import transport_class
     from transports.base import TransportSettings
 
+    from . import memory
     from .pipeline import SavePlan
 
     check_unsupported(cfg)
@@ -95,12 +73,13 @@ def make_plan(cfg):
             transport_class(t.scheme)  # a configured scheme that cannot load fails now
         except NotSupported as e:
             raise NotSupported(f"{cfg.location('KDUMP_SAVEDIR')}: {t.redacted()}: {e}") from None
+    buffers = memory.plan_buffers(memory.mem_available(), memory.usable_cpus())
     settings = TransportSettings(
         timeout=float(max(cfg.net_timeout, 5)),
         ssh_identity=cfg.ssh_identity,
         host_key=cfg.host_key,
         debug=bool(cfg.verbose & 8),
-        replay_bytes=replay_budget(mem_available()),
+        replay_bytes=buffers.replay,
     )
     return SavePlan(
         targets=targets,
@@ -109,6 +88,7 @@ def make_plan(cfg):
         keep_old_dumps=cfg.keep_old_dumps,
         free_disk_size=cfg.free_disk_size,
         settings=settings,
+        buffers=buffers,
     )
 
 
@@ -117,6 +97,10 @@ def _on_term(signum, frame):
 
 
 def cmd_save(args: argparse.Namespace) -> int:
+    from .memory import MemoryLog, mem_available, plan_buffers, usable_cpus
+
+    memlog = MemoryLog(available=mem_available())
+    memlog.mark("interpreter and CLI")
     from . import finish
     from .pipeline import save
     from .progress import make_progress
@@ -124,6 +108,7 @@ def cmd_save(args: argparse.Namespace) -> int:
     from .scripts import check_script, run_script
     from .vmcore import find_source, open_vmcore
 
+    memlog.mark("engine")
     cfg = load(args)
     _setup_logging(bool(cfg.verbose & 8))
     dumpdev = cfg["KDUMP_DUMPDEV"]
@@ -137,6 +122,9 @@ def cmd_save(args: argparse.Namespace) -> int:
         return status
     check_unsupported(cfg)
     plan = None if dumpdev else make_plan(cfg)
+    if plan is not None:
+        memlog.plan = plan.buffers
+        memlog.mark("transport libraries")
     if cfg["KDUMP_PRESCRIPT"]:
         status = run_script("KDUMP_PRESCRIPT", cfg["KDUMP_PRESCRIPT"], {})
         check_script("KDUMP_PRESCRIPT", status, cfg.continue_on_error)
@@ -162,18 +150,16 @@ def cmd_save(args: argparse.Namespace) -> int:
             if dumpdev:
                 from .dumpdev import write_dump
 
-                header = write_dump(
-                    vm,
-                    dumpdev,
-                    cfg.dumpformat,
-                    cfg.dumplevel,
-                    make_progress(cfg.verbose, style=args.progress),
-                )
+                buffers = plan_buffers(mem_available(), usable_cpus())
+                progress = make_progress(cfg.verbose, style=args.progress)
+                header = write_dump(vm, dumpdev, cfg.dumpformat, cfg.dumplevel, progress, buffers)
             else:
-                result = save(vm, plan, make_progress(cfg.verbose, style=args.progress))
+                progress = make_progress(cfg.verbose, style=args.progress)
+                result = save(vm, plan, progress, memlog)
     finally:
         if tmp:
             os.unlink(tmp)
+        log.info("%s", memlog.report())
     if dumpdev:
         print(
             f"Dump written to {dumpdev} ({header.data_size} bytes). Not rebooting "

@@ -37,6 +37,7 @@ from transports.base import FileInfo, Sink
 
 from .errors import DumpDeviceError, VmcoreError
 from .formats import CHUNK, FORMAT_NAMES, make_writer
+from .memory import BufferPlan
 from .progress import NoProgress, Progress
 from .vmcore import Vmcore, open_vmcore
 
@@ -204,7 +205,12 @@ class DeviceSink(Sink):
 
 
 def write_dump(
-    vm: Vmcore, path: str, fmt: str, level: int, progress: Progress | None = None
+    vm: Vmcore,
+    path: str,
+    fmt: str,
+    level: int,
+    progress: Progress | None = None,
+    buffers: BufferPlan | None = None,
 ) -> DeviceHeader:
     """Write ``vm`` onto the dump device ``path``; returns the committed header."""
     progress = progress or NoProgress()
@@ -215,7 +221,7 @@ def write_dump(
         raise DumpDeviceError(f"KDUMP_DUMPDEV {path}: cannot open: {e.strerror}") from e
     try:
         capacity = _device_size(fd) - DATA_OFFSET
-        writer = make_writer(vm, fmt, level, seekable=True)
+        writer = make_writer(vm, fmt, level, seekable=True, buffers=buffers)
         estimate = writer.estimate()
         if estimate is not None and estimate > capacity and level == 0:
             raise DumpDeviceError(

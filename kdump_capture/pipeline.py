@@ -6,7 +6,7 @@ import json
 import logging
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from transports import open_transport
 from transports.base import Transport, TransportSettings
@@ -23,6 +23,7 @@ from .errors import (
     VmcoreError,
 )
 from .formats import FORMAT_NAMES, FormatWriter, make_writer
+from .memory import BufferPlan, MemoryLog
 from .progress import NoProgress, Progress
 from .report import DMESG, MANIFEST, PLACEHOLDER, README, VMCORE, DumpRecord
 from .urls import Target
@@ -35,6 +36,8 @@ log = logging.getLogger(__name__)
 BUDGET_INTERVAL = 32 << 20
 # README, manifest and dmesg are small; reserve this much for them in the budget.
 SIDE_FILES = 4 << 20
+# The peak of anonymous memory is sampled every this many chunks (a read of statm).
+MEMORY_SAMPLE = 8
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,8 @@ class SavePlan:
     #: describes the source's own format when it is copied verbatim (dump-device recovery)
     source_label: str | None = None
     source_level: int | None = None
+    #: buffer sizes from MemAvailable (memory.plan_buffers)
+    buffers: BufferPlan = field(default_factory=BufferPlan)
 
 
 @dataclass
@@ -70,8 +75,11 @@ class BudgetMonitor:
         estimate: int | None,
         progress: Progress,
         free_at_start: int | None,
+        memlog: MemoryLog | None = None,
     ) -> None:
         self.transport = transport
+        self.memlog = memlog
+        self.chunks = 0
         self.relpath = relpath
         self.margin = margin
         self.estimate = estimate
@@ -83,6 +91,9 @@ class BudgetMonitor:
     def advance(self, read: int, written: int) -> None:
         self.progress.update(read)
         self.written += written
+        self.chunks += 1
+        if self.memlog is not None and self.chunks % MEMORY_SAMPLE == 0:
+            self.memlog.sample()
         if self.enabled and self.written >= self.next_check:
             self.next_check = self.written + BUDGET_INTERVAL
             self.check()
@@ -180,17 +191,22 @@ def save_to_target(
     target: Target,
     progress: Progress | None = None,
     now: float | None = None,
+    memlog: MemoryLog | None = None,
 ) -> SaveResult:
     """Save one dump to ``target``: rotate, budget, write, commit, prune."""
     progress = progress or NoProgress()
+    memlog = memlog or MemoryLog()
     started = time.time() if now is None else now
     transport = open_transport(target, plan.settings)
     # Choose the writer before touching the target: a format this build cannot write must
     # fail before rotation deletes anything.
     writer: FormatWriter | None = None
     if plan.dump_format != "none":
-        writer = make_writer(vm, plan.dump_format, plan.dump_level, transport.can_seek)
+        writer = make_writer(
+            vm, plan.dump_format, plan.dump_level, transport.can_seek, plan.buffers
+        )
     with transport:
+        memlog.mark("transport session")
         host = None if target.scheme == "file" else host_identity(target)
         existing = policy.ours(scan_dumps(transport), host)
         _remove(transport, policy.select_stale(existing), "left incomplete by an earlier run")
@@ -200,6 +216,7 @@ def save_to_target(
         existing = [d for d in existing if d not in before]
 
         estimate = (writer.estimate() if writer else 0) or 0
+        memlog.mark("bitmaps")
         free, pruned = _ensure_room(transport, existing, plan, estimate + SIDE_FILES)
         existing = [d for d in existing if d not in pruned]
 
@@ -221,7 +238,7 @@ def save_to_target(
         )
         try:
             _put(transport, f"{name}/{README}", PLACEHOLDER.encode())
-            _save_files(vm, plan, transport, name, writer, record, progress, free)
+            _save_files(vm, plan, transport, name, writer, record, progress, free, memlog)
         except FreeSpaceError:
             log.error("not enough space: removing the partial dump %s", name)
             _try(lambda: transport.remove_tree(name))
@@ -247,7 +264,7 @@ def save_to_target(
     return SaveResult(target=transport.describe(), directory=name, record=record)
 
 
-def _save_files(vm, plan, transport, name, writer, record, progress, free) -> None:
+def _save_files(vm, plan, transport, name, writer, record, progress, free, memlog) -> None:
     try:
         text = extract_dmesg(vm)
         record.files[DMESG] = _put(transport, f"{name}/{DMESG}", text.encode())
@@ -258,7 +275,9 @@ def _save_files(vm, plan, transport, name, writer, record, progress, free) -> No
             raise
     if writer is None:
         return
-    monitor = BudgetMonitor(transport, name, plan.free_disk_size, writer.estimate(), progress, free)
+    monitor = BudgetMonitor(
+        transport, name, plan.free_disk_size, writer.estimate(), progress, free, memlog
+    )
     progress.start(f"{VMCORE}", writer.input_size())
     try:
         with transport.create(f"{name}/{VMCORE}") as sink:
@@ -321,12 +340,14 @@ def _try(fn) -> None:
         log.warning("while cleaning up: %s", e)
 
 
-def save(vm: Vmcore, plan: SavePlan, progress: Progress | None = None) -> SaveResult:
+def save(
+    vm: Vmcore, plan: SavePlan, progress: Progress | None = None, memlog: MemoryLog | None = None
+) -> SaveResult:
     """Try each target in order; the first that takes the whole dump wins."""
     last: KdumpError | None = None
     for i, target in enumerate(plan.targets):
         try:
-            return save_to_target(vm, plan, target, progress)
+            return save_to_target(vm, plan, target, progress, memlog=memlog)
         except (TransportError, FreeSpaceError) as e:
             last = e
             more = i + 1 < len(plan.targets)

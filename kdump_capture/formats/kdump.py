@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from ..elf import Phdr
 from ..errors import NotSupported, VmcoreError
 from ..kernel import ElfPhysMemory, Kernel, VmcoreInfo
+from ..memory import BufferPlan
 from ..vmcore import Vmcore
 from . import FormatWriter, Monitor, WriteResult
 from .filter import DL_EXCLUDE_ZERO, Bitmaps, build_bitmaps, count_bits, iter_runs
@@ -43,9 +44,9 @@ PAGE = 4096
 BATCH_PAGES = 256
 # Descriptors are flushed in 64 KiB pieces (makedumpfile's cache size): few seeks/records.
 DESC_FLUSH = 64 << 10
-# Two workers for two cores; batches in flight bound memory to a few MiB.
+# Compression threads and batches in flight come from the save's BufferPlan (memory.py):
+# two workers for two cores, four batches (a few MiB); one and two on a single CPU.
 WORKERS = 2
-IN_FLIGHT = 4
 ZERO_PAGE = bytes(PAGE)
 ZERO_BATCH = bytes(BATCH_PAGES * PAGE)
 
@@ -303,10 +304,18 @@ def iter_batches(
 class KdumpWriter(FormatWriter):
     """kdump-compressed dump; flattened when the sink cannot seek."""
 
-    def __init__(self, vm: Vmcore, level: int, codec: Codec, flattened: bool = False) -> None:
+    def __init__(
+        self,
+        vm: Vmcore,
+        level: int,
+        codec: Codec,
+        flattened: bool = False,
+        buffers: BufferPlan | None = None,
+    ) -> None:
         super().__init__(vm, level)
         self.codec = codec
         self.flattened = flattened
+        self.buffers = buffers or BufferPlan()
         self._bitmaps: Bitmaps | None = None
 
     def bitmaps(self) -> Bitmaps:
@@ -410,7 +419,9 @@ class KdumpWriter(FormatWriter):
         stats = {"done": 0, "zero": 0}
         desc = DescBuffer(out, lay.desc_off)
         data_pos = lay.first_data
-        free_bufs = [bytearray(BATCH_PAGES * PAGE) for _ in range(IN_FLIGHT + 1)]
+        in_flight = self.buffers.batches
+        workers = max(1, min(codec.workers, self.buffers.workers))
+        free_bufs = [bytearray(BATCH_PAGES * PAGE) for _ in range(in_flight + 1)]
         pending: deque[tuple[Future, bytearray, int]] = deque()
         error: str | None = None
 
@@ -437,7 +448,7 @@ class KdumpWriter(FormatWriter):
             stats["zero"] += nzero
             monitor.advance(n * PAGE, sent)
 
-        with ThreadPoolExecutor(max_workers=codec.workers, thread_name_prefix="compress") as ex:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="compress") as ex:
             try:
                 for n, pieces in iter_batches(bm.second, vm.loads, bm.max_mapnr):
                     buf = free_bufs.pop()
@@ -461,7 +472,7 @@ class KdumpWriter(FormatWriter):
                     else:
                         fut = ex.submit(codec.compress_batch, view, n, zero_dedup)
                     pending.append((fut, buf, n))
-                    if len(pending) >= IN_FLIGHT:
+                    if len(pending) >= in_flight:
                         emit()
                 while pending:
                     emit()

@@ -1,0 +1,155 @@
+"""Memory in a small capture kernel: what the save uses, measured, and what its buffers may
+take, from MemAvailable.
+
+At crashkernel=128M a 1 GiB machine's capture kernel has about 88 MiB, of which the
+unpacked initramfs (it stays in RAM: rootfs is tmpfs), the kernel and /init leave 30-40
+MiB to the save. Every buffer the save allocates in proportion to its work (the replay
+ring of a network sink, compression batches in flight, compression threads) is sized here
+from MemAvailable at the start, down to a floor; ``docs/ARCHITECTURE.md`` ("Memory budget")
+gives the parts and their measured sizes, and ``kdump-capture estimate`` adds them up.
+
+``MemoryLog`` measures the parts as the save goes: anonymous memory (/proc/self/
+smaps_rollup) after each phase, and its peak while the dump streams (sampled from
+/proc/self/statm, which is cheap).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+MIB = 1 << 20
+
+# Replay ring of a network sink (SFTP, SMB, FTP): an eighth of what is available, between
+# 4 and 16 MiB. 16 MiB covers seconds of a fast link in flight; at crashkernel=128M about
+# 31 MiB are available when the save starts, and a 16 MiB ring got the save OOM-killed.
+REPLAY_MIN = 4 * MIB
+REPLAY_MAX = 16 * MIB
+REPLAY_SHARE = 8
+# kdump-compressed batches in flight (1 MiB of pages each, plus their compressed form):
+# with one CPU (nr_cpus=1 in a capture kernel) two keep reading and sending overlapped;
+# more only help with a second core compressing.
+BATCHES_MIN = 2
+BATCHES_MAX = 4
+BATCHES_SHARE = 16  # at most a sixteenth of what is available goes to batches
+# Compression threads: one per CPU, at most two (measured: a third does not pay).
+WORKERS_MAX = 2
+
+
+@dataclass(frozen=True)
+class BufferPlan:
+    """The sizes of the buffers that grow with the work, chosen before the save starts."""
+
+    replay: int = REPLAY_MAX  # bytes a network sink keeps for resuming
+    batches: int = BATCHES_MAX  # kdump-compressed batches in flight
+    workers: int = WORKERS_MAX  # compression threads
+
+    def describe(self) -> str:
+        return (
+            f"replay ring {self.replay // MIB} MiB, {self.batches} batches in flight, "
+            f"{self.workers} compression thread{'s' if self.workers > 1 else ''}"
+        )
+
+
+def plan_buffers(available: int | None, cpus: int) -> BufferPlan:
+    """Buffer sizes for ``available`` bytes (MemAvailable; None: unknown, full size) and
+    ``cpus`` usable CPUs (pure)."""
+    workers = max(1, min(cpus, WORKERS_MAX))
+    if available is None:
+        return BufferPlan(REPLAY_MAX, BATCHES_MAX if cpus > 1 else BATCHES_MIN, workers)
+    replay = max(REPLAY_MIN, min(REPLAY_MAX, available // REPLAY_SHARE // MIB * MIB))
+    batches = max(BATCHES_MIN, min(BATCHES_MAX, available // BATCHES_SHARE // MIB))
+    if cpus <= 1:
+        batches = BATCHES_MIN
+    return BufferPlan(replay, batches, workers)
+
+
+FLOOR = BufferPlan(REPLAY_MIN, BATCHES_MIN, 1)  # the least any save takes (the estimate)
+
+
+def read_meminfo(path: str = "/proc/meminfo") -> dict[str, int]:
+    """/proc/meminfo in bytes ({} when unreadable)."""
+    out: dict[str, int] = {}
+    try:
+        with open(path) as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                parts = rest.split()
+                if parts and parts[0].isdigit():
+                    out[key] = int(parts[0]) * (1024 if parts[1:] == ["kB"] else 1)
+    except OSError:
+        pass
+    return out
+
+
+def mem_available() -> int | None:
+    """MemAvailable in bytes, or None."""
+    return read_meminfo().get("MemAvailable")
+
+
+def usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except OSError:
+        return os.cpu_count() or 1
+
+
+def rollup(path: str = "/proc/self/smaps_rollup") -> dict[str, int]:
+    """This process's memory by kind in bytes: Rss, Anonymous, Shmem..., or {}."""
+    return read_meminfo(path)
+
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def anon_now(path: str = "/proc/self/statm") -> int:
+    """Resident anonymous memory in bytes (statm: resident minus file and shmem pages)."""
+    try:
+        with open(path) as f:
+            fields = f.read().split()
+        return (int(fields[1]) - int(fields[2])) * PAGE
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+@dataclass
+class MemoryLog:
+    """Anonymous memory after each phase of the save, and its peak while writing."""
+
+    phases: list[tuple[str, int]] = field(default_factory=list)
+    peak: int = 0
+    rss_peak: int = 0
+    available: int | None = None
+    plan: BufferPlan | None = None
+
+    def mark(self, phase: str) -> None:
+        anon = rollup().get("Anonymous", 0) or anon_now()
+        self.phases.append((phase, anon))
+        self.peak = max(self.peak, anon)
+
+    def sample(self) -> None:
+        self.peak = max(self.peak, anon_now())
+
+    def report(self) -> str:
+        """One line: each phase's growth, then the peak (MiB)."""
+        parts = []
+        before = 0
+        for name, anon in self.phases:
+            parts.append(f"{name} {'+' if before else ''}{(anon - before) / MIB:.1f}")
+            before = anon
+        hwm = _hwm()
+        text = "memory (anonymous, MiB): " + ", ".join(parts)
+        if self.phases:
+            text += f", writing +{max(self.peak - self.phases[-1][1], 0) / MIB:.1f}"
+        text += f"; peak {self.peak / MIB:.1f}"
+        if hwm:
+            text += f" (peak RSS {hwm / MIB:.1f} with mapped files)"
+        if self.available is not None:
+            text += f"; MemAvailable at start {self.available / MIB:.0f}"
+        if self.plan is not None:
+            text += f"; {self.plan.describe()}"
+        return text
+
+
+def _hwm() -> int:
+    return read_meminfo("/proc/self/status").get("VmHWM", 0)
