@@ -46,9 +46,14 @@ DEFAULT_IDENTITIES = ("id_ed25519", "id_ecdsa", "id_rsa")
 # Fastest ciphers first: AES-GCM and AES-CTR use AES-NI through OpenSSL; chacha20 is
 # not offered by paramiko. Anything else the server insists on stays allowed after them.
 FAST_CIPHERS = ("aes128-gcm@openssh.com", "aes128-ctr", "aes256-gcm@openssh.com", "aes256-ctr")
-# Our receive window (only matters for reads): large enough that one round trip never
-# stalls a loopback or LAN stream.
-WINDOW_SIZE = 64 << 20
+# Reads (the read-back that hashes a seeked file, manifests) keep at most this much
+# requested and unread: paramiko's prefetch would otherwise ask for the whole file at once,
+# and whatever the server sends waits in memory (a 2026-12 capture at crashkernel=128M was
+# OOM-killed hashing back a 21 MB dump). 64 requests of paramiko's 32 KiB.
+READ_AHEAD = 2 << 20
+# Our receive window (only matters for reads): twice the read-ahead, so one round trip
+# never stalls a stream, and a bound on what the server may send before we read it.
+WINDOW_SIZE = 2 * READ_AHEAD
 MAX_PACKET = 256 << 10
 # The SFTP draft requires servers to accept 32 KiB writes; OpenSSH announces 255 KiB via
 # limits@openssh.com, which cuts per-request overhead by eight.
@@ -520,7 +525,7 @@ class SftpTransport(RetryingTransport):
     def read_path(self, path: str) -> Iterator[bytes]:
         try:
             with self.sftp.open(path, "rb") as f:
-                f.prefetch()
+                f.prefetch(max_concurrent_requests=READ_AHEAD // f.MAX_REQUEST_SIZE)
                 while chunk := f.read(READ_CHUNK):
                     yield chunk
         except Exception as e:

@@ -52,6 +52,7 @@ class DropProxy:
         self._closed = threading.Event()
         self.dropped = 0
         self.connections = 0  # accepted client connections (control ones only, for FTP)
+        self.downstream = 0  # bytes passed from servers to clients
         self._lock = threading.Lock()
         self._listeners: list[socket.socket] = []
         self._socks: list[socket.socket] = []
@@ -119,6 +120,9 @@ class DropProxy:
                         _rst(src)
                         _rst(dst)
                         return
+                if not upstream:
+                    with self._lock:
+                        self.downstream += len(chunk)
                 if not upstream and self.ftp and not data:
                     buf += chunk
                     *lines, buf = buf.split(b"\r\n")
