@@ -377,22 +377,22 @@ def test_unwritable_format_fails_before_rotation_deletes(sample, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "available, cpus, replay, batches, workers",
+    "available, cpus, replay, batches, workers, pages",
     [
-        (None, 2, 16, 4, 2),
-        (1 << 40, 8, 16, 4, 2),
-        (128 << 20, 2, 16, 4, 2),
-        (100 << 20, 2, 12, 4, 2),
-        (48 << 20, 2, 6, 3, 2),
-        (31 << 20, 2, 4, 2, 2),
-        (1 << 20, 2, 4, 2, 2),
-        (128 << 20, 1, 16, 2, 1),  # a capture kernel's one CPU: one thread, two batches
-        (None, 1, 16, 2, 1),
+        (None, 2, 16, 4, 2, 256),
+        (1 << 40, 8, 16, 4, 2, 256),
+        (128 << 20, 2, 16, 4, 2, 256),
+        (100 << 20, 2, 12, 4, 2, 256),
+        (48 << 20, 2, 6, 3, 2, 64),  # below 64 MiB: quarter-size batches
+        (31 << 20, 2, 4, 2, 2, 64),
+        (1 << 20, 2, 4, 2, 2, 64),
+        (128 << 20, 1, 16, 2, 1, 256),  # a capture kernel's one CPU: one thread, two batches
+        (None, 1, 16, 2, 1, 256),
     ],
 )
-def test_buffers_follow_available_memory(available, cpus, replay, batches, workers):
+def test_buffers_follow_available_memory(available, cpus, replay, batches, workers, pages):
     from kdump_capture.memory import FLOOR, BufferPlan, plan_buffers
 
     plan = plan_buffers(available, cpus)
-    assert plan == BufferPlan(replay << 20, batches, workers)
+    assert plan == BufferPlan(replay << 20, batches, workers, pages)
     assert plan.replay >= FLOOR.replay and plan.batches >= FLOOR.batches

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from ..elf import Phdr
 from ..errors import NotSupported, VmcoreError
 from ..kernel import ElfPhysMemory, Kernel, VmcoreInfo
-from ..memory import BufferPlan
+from ..memory import BATCH_PAGES, BufferPlan
 from ..vmcore import Vmcore
 from . import FormatWriter, Monitor, WriteResult
 from .filter import DL_EXCLUDE_ZERO, Bitmaps, build_bitmaps, count_bits, iter_runs
@@ -40,15 +40,15 @@ from .structs import (
 log = logging.getLogger(__name__)
 
 PAGE = 4096
-# 256 pages (1 MiB) per batch: one read, one compression job, one data write each.
-BATCH_PAGES = 256
 # Descriptors are flushed in 64 KiB pieces (makedumpfile's cache size): few seeks/records.
 DESC_FLUSH = 64 << 10
 # Compression threads and batches in flight come from the save's BufferPlan (memory.py):
 # two workers for two cores, four batches (a few MiB); one and two on a single CPU.
 WORKERS = 2
 ZERO_PAGE = bytes(PAGE)
-ZERO_BATCH = bytes(BATCH_PAGES * PAGE)
+# A batch (BATCH_PAGES pages by default: one read, one compression job, one data write;
+# BufferPlan.batch_pages says) that is all zero skips compression.
+ZERO_BATCH = memoryview(bytes(BATCH_PAGES * PAGE))
 
 
 # -- page codecs ------------------------------------------------------------------------------
@@ -266,9 +266,9 @@ class Piece:
 
 
 def iter_batches(
-    bitmap: bytes | bytearray, loads: list[Phdr], max_mapnr: int
+    bitmap: bytes | bytearray, loads: list[Phdr], max_mapnr: int, batch: int = BATCH_PAGES
 ) -> Iterator[tuple[int, list[Piece]]]:
-    """Batches of up to BATCH_PAGES dumpable pages in pfn order, as file pieces to read."""
+    """Batches of up to ``batch`` dumpable pages in pfn order, as file pieces to read."""
     mem = ElfPhysMemory(loads, lambda n, o: b"", "")
     pieces: list[Piece] = []
     count = 0
@@ -289,11 +289,11 @@ def iter_batches(
                     n = min(n, max(1, (seg.end - pa) // PAGE))
                 else:
                     n = min(n, file_pages)
-            n = min(n, BATCH_PAGES - count)
+            n = min(n, batch - count)
             pieces.append(Piece(n, off))
             count += n
             pfn += n
-            if count == BATCH_PAGES:
+            if count == batch:
                 yield count, pieces
                 pieces, count = [], 0
     if count:
@@ -421,7 +421,8 @@ class KdumpWriter(FormatWriter):
         data_pos = lay.first_data
         in_flight = self.buffers.batches
         workers = max(1, min(codec.workers, self.buffers.workers))
-        free_bufs = [bytearray(BATCH_PAGES * PAGE) for _ in range(in_flight + 1)]
+        batch = self.buffers.batch_pages
+        free_bufs = [bytearray(batch * PAGE) for _ in range(in_flight + 1)]
         pending: deque[tuple[Future, bytearray, int]] = deque()
         error: str | None = None
 
@@ -450,7 +451,7 @@ class KdumpWriter(FormatWriter):
 
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="compress") as ex:
             try:
-                for n, pieces in iter_batches(bm.second, vm.loads, bm.max_mapnr):
+                for n, pieces in iter_batches(bm.second, vm.loads, bm.max_mapnr, batch):
                     buf = free_bufs.pop()
                     view = memoryview(buf)
                     pos = 0
@@ -466,7 +467,7 @@ class KdumpWriter(FormatWriter):
                                     "file (truncated vmcore)"
                                 )
                         pos += nbytes
-                    if n == BATCH_PAGES and buf == ZERO_BATCH and zero_dedup:
+                    if zero_dedup and n == batch and buf == ZERO_BATCH[: len(buf)]:
                         fut: Future = Future()
                         fut.set_result(([], [0] * n))
                     else:
