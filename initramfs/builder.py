@@ -273,6 +273,8 @@ class BuildReport:
     kernel_modules: list[str] = field(default_factory=list)
     extras: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    #: what ``estimate`` needs (also in the record beside the image): sizes in bytes
+    facts: dict[str, int] = field(default_factory=dict)
 
     def summary(self) -> str:
         mb = 1024 * 1024
@@ -415,6 +417,8 @@ def build(
         pyc = sum(1 for f in payload.files if f.endswith(".pyc"))
         runtime.zip_pure_modules(payload)
         add_payload(arc, payload)
+        fmt = cfg["KDUMP_DUMPFORMAT"].strip().lower()
+        interpreter, imports = runtime.measure_save_imports(payload, schemes, fmt, tmp)
     ext = sum(1 for f in payload.files if f.endswith(".so") and "/python3" in f)
     libs = sum(1 for f in payload.files if f.startswith(("usr/lib/x86_64", "usr/lib64")))
 
@@ -448,10 +452,13 @@ def build(
             wanted += kmods.wanted_modules(s, needed, fs, extra_modules, storage, nics)
     names = index.resolve(list(dict.fromkeys(wanted)))
     module_files = []
+    module_bytes = 0
     for name in names:
         rel = f"usr/lib/modules/{kver}/{index.paths[name]}"
-        arc.add_file(rel, Path(index.file(name)).read_bytes())
+        data = Path(index.file(name)).read_bytes()
+        arc.add_file(rel, data)
         module_files.append("/" + rel)
+        module_bytes += len(data)
 
     # Network.
     try:
@@ -514,7 +521,15 @@ def build(
     if os.path.lexists(record):
         os.unlink(record)
     private.write_file(output, packed)
-    rebuild.write_record(output, inputs)
+    facts = {
+        "compressed": len(packed),
+        "unpacked": unpacked,
+        # /init deletes them once loaded: not in RAM while the save runs
+        "kernel_modules": module_bytes,
+        "interpreter": interpreter,
+        "save_imports": imports,
+    }
+    rebuild.write_record(output, inputs, facts)
     return BuildReport(
         output=output,
         compress=compress,
@@ -526,4 +541,5 @@ def build(
         kernel_modules=names,
         extras=extras,
         seconds=time.monotonic() - started,
+        facts=facts,
     )

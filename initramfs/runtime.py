@@ -415,6 +415,88 @@ def zip_pure_modules(payload: Payload) -> int:
     return len(entries)
 
 
+# What ``kdump-capture save`` imports in a capture kernel (cli.cmd_save and what it calls),
+# besides the target's transport: measured by measure_save_imports.
+SAVE_MODULES = (
+    "kdump_capture.cli",
+    "kdump_capture.load.commands",
+    "kdump_capture.idna",
+    "kdump_capture.memory",
+    "kdump_capture.finish",
+    "kdump_capture.pipeline",
+    "kdump_capture.progress",
+    "kdump_capture.sample",
+    "kdump_capture.scripts",
+    "kdump_capture.vmcore",
+    "kdump_capture.dmesg",
+    "kdump_capture.report",
+    "kdump_capture.formats.elf",
+    "kdump_capture.formats.kdump",
+    "kdump_capture.formats.filter",
+)
+MEASURE = r"""
+import sys
+R = ROOT
+sys.path[:] = [f"{R}/PYZIP", f"{R}/STDLIB", f"{R}/DYNLOAD", f"{R}/SITE"]
+def anon():
+    with open("/proc/self/statm") as f:
+        fields = f.read().split()
+    return (int(fields[1]) - int(fields[2])) * PAGE
+base = anon()
+import importlib
+for name in NAMES:
+    importlib.import_module(name)
+from transports import transport_class
+for scheme in SCHEMES:
+    transport_class(scheme)
+print(base, anon())
+"""
+
+
+def measure_save_imports(
+    payload: Payload,
+    schemes: Iterable[str],
+    fmt: str,
+    tmpdir: str,
+    python: str = sys.executable,
+) -> tuple[int, int]:
+    """(interpreter, interpreter + the save's imports): resident anonymous bytes of this
+    interpreter importing what a save imports, from the image's own modules.
+
+    The packed interpreter is this one, so the figure is what the capture kernel's save
+    takes before it allocates anything for the dump (``kdump-capture estimate``).
+    """
+    root = tempfile.mkdtemp(prefix="measure-", dir=tmpdir)
+    for dest, src in payload.files.items():
+        if not dest.startswith((DEST_STDLIB, PYZIP)):
+            continue
+        path = os.path.join(root, dest)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        if isinstance(src, bytes):
+            with open(path, "wb") as f:
+                f.write(src)
+        else:
+            os.symlink(os.path.realpath(src), path)
+    names = list(SAVE_MODULES) + (["zstandard"] if fmt == "zstd" else [])
+    code = (
+        MEASURE.replace("ROOT", repr(root))
+        .replace("PYZIP", PYZIP)
+        .replace("STDLIB", DEST_STDLIB)
+        .replace("DYNLOAD", DEST_DYNLOAD)
+        .replace("SITE", DEST_SITE)
+        .replace("PAGE", str(os.sysconf("SC_PAGE_SIZE")))
+        .replace("NAMES", repr(names))
+        .replace("SCHEMES", repr(sorted(schemes)))
+    )
+    proc = subprocess.run(
+        [python, "-I", "-S", "-c", code], capture_output=True, text=True, check=False, timeout=300
+    )
+    if proc.returncode != 0:
+        raise ConfigError(f"the capture code does not import: {proc.stderr.strip()[-2000:]}")
+    base, total = (int(x) for x in proc.stdout.split())
+    return base, total
+
+
 def _dest_for(file: str, own_root: str, stdlib: str, dynload: str) -> str | None:
     """Archive path for a module file, or None when it is not ours to pack (frozen, built-in)."""
     f = os.path.realpath(file)

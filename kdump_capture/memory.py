@@ -76,6 +76,55 @@ def plan_buffers(available: int | None, cpus: int) -> BufferPlan:
 FLOOR = BufferPlan(REPLAY_MIN, BATCHES_MIN, 1, SMALL_BATCH_PAGES)
 
 
+# -- the budget of a whole capture, for ``kdump-capture estimate`` ------------------------
+# Measured in the capture kernel (bench/capture_fitness.py, 1 GiB guest, Debian's 6.1
+# cloud kernel); docs/ARCHITECTURE.md "Memory budget" explains each part.
+#: crashkernel= minus MemTotal: the kernel's code and data, its struct pages, reserved
+#: areas (39.3 MiB at 128M, 39.5 MiB at 160M)
+KERNEL_RESERVED = 40 * MIB
+#: MemTotal - MemAvailable - Shmem when /init starts: the kernel's own allocations and
+#: /init itself (24.1 MiB at 128M, 24.7 MiB at 160M; /init holds about 6 MiB)
+KERNEL_AND_INIT = 25 * MIB
+#: what the kernel takes while the save runs: socket buffers, dirty page cache, slab
+SAVE_SLACK = 4 * MIB
+#: a transport's connection state once connected (SSH or SMB session, helper threads)
+SESSION = {"file": MIB // 4, "nfs": MIB // 4, "ftp": MIB // 2, "sftp": MIB, "cifs": 2 * MIB}
+#: a compression thread's codec state (zlib's deflate state is 268 KiB per call)
+CODEC_STATE = MIB // 2
+#: an SFTP read-back (hashing a seeked file) keeps this much requested (transports.sftp)
+READ_BACK = 2 * MIB
+#: FTP keeps at least this much for replay (transports.ftp: no acknowledgements)
+FTP_REPLAY = 12 * MIB
+#: the ELF writer's chunk (formats.CHUNK)
+CHUNK = MIB
+KDUMP_FORMATS = ("compressed", "zstd", "lzo", "snappy")
+#: a reservation is a multiple of this
+ROUND = 16 * MIB
+
+
+def save_buffers(scheme: str, fmt: str, level: int, plan: BufferPlan) -> dict[str, int]:
+    """What a save with ``plan`` allocates for its work, by part, in bytes (pure)."""
+    parts: dict[str, int] = {}
+    if fmt in KDUMP_FORMATS:
+        batch = plan.batch_pages * 4096
+        # buffers being read or compressed, plus their compressed copies in flight
+        parts["I/O buffers"] = (2 * plan.batches + 1) * batch + (64 << 10)
+        parts["compression"] = plan.workers * CODEC_STATE
+    elif fmt in ("elf", "raw"):
+        parts["I/O buffers"] = CHUNK
+    if scheme == "ftp":
+        parts["replay ring"] = max(plan.replay, FTP_REPLAY)
+    elif scheme in ("sftp", "cifs"):
+        parts["replay ring"] = plan.replay
+    if scheme == "sftp" and fmt in KDUMP_FORMATS:
+        parts["read-back"] = READ_BACK
+    return parts
+
+
+def round_up(n: int, step: int = ROUND) -> int:
+    return -(-n // step) * step
+
+
 def read_meminfo(path: str = "/proc/meminfo") -> dict[str, int]:
     """/proc/meminfo in bytes ({} when unreadable)."""
     out: dict[str, int] = {}

@@ -84,12 +84,60 @@ def image_decision(
     return ImageDecision(path, stale_reasons(path, inputs), False, loose)
 
 
+def image_facts(cfg: Mapping[str, str], version: str, initrd: str | None) -> tuple[dict, str]:
+    """What ``estimate`` needs to know about the image ({} if unknown), and a note."""
+    from .rebuild import read_facts
+
+    decision = image_decision(cfg, version, initrd)
+    if decision.given or not decision.rebuild:
+        facts = read_facts(decision.path)
+        if facts:
+            return facts, f"image {decision.path}"
+        return {}, f"{decision.path} has no record of its sizes (built by another tool?)"
+    return {}, f"the image {decision.path} is {decision.line().split(':')[0]}"
+
+
+def cmd_estimate(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from .estimate import current_reservation, describe, estimate, machine_max_pfn
+    from .system import System, pick_kernel
+
+    cfg = load_config(args)
+    version = pick_kernel(cfg["KDUMP_KERNELVER"], System())[0]
+    facts, note = image_facts(cfg, version, args.initrd)
+    if not facts:
+        if args.initrd:
+            raise LoadError(f"cannot estimate: {note}; build it with 'initramfs build'")
+        # Build the image load would build, in a private temporary place (nothing changes).
+        print(f"{note}: building one to measure it (as load would)", flush=True)
+        with tempfile.TemporaryDirectory(prefix="kdump-estimate-") as tmp:
+            report = _build(cfg, f"{tmp}/initrd.img", version, None, DEFAULT_COMPRESS, "", "")
+        facts, note = report.facts, "a fresh image (not kept)"
+    e = estimate(cfg, facts, machine_max_pfn())
+    print(f"from {note}, kernel {version}")
+    for line in describe(e, current_reservation()):
+        print(line)
+    return 0
+
+
 def cmd_check(args: argparse.Namespace) -> int:
+    from .estimate import estimate, machine_max_pfn
     from .system import System, readiness
 
     cfg = load_config(args)
     r = readiness(cfg, System())
     r.image_state = image_decision(cfg, r.version, None).line()
+    facts, _ = image_facts(cfg, r.version, None)
+    if facts:
+        need = estimate(cfg, facts, machine_max_pfn()).crashkernel
+        r.estimate = need
+        if r.reserved and r.reserved < need:
+            r.warnings.append(
+                f"the reservation ({r.reserved >> 20} MiB) is below the estimate for this "
+                f"configuration (crashkernel={need >> 20}M): a dump may be OOM-killed; "
+                "see 'kdump-capture estimate'"
+            )
     for line in r.lines():
         print(line)
     if r.problems:
@@ -266,6 +314,13 @@ def add_subcommands(sub) -> None:
     p.add_argument("--kernel", metavar="FILE", help="capture kernel image (default from config)")
     p.add_argument("--initrd", metavar="FILE", help="use this initramfs instead of building one")
     p.set_defaults(func=cmd_load)
+
+    p = sub.add_parser(
+        "estimate", help="recommend crashkernel= for this machine and configuration (measured)"
+    )
+    config_args(p)
+    p.add_argument("--initrd", metavar="FILE", help="estimate for this image (built by us)")
+    p.set_defaults(func=cmd_estimate)
 
     p = sub.add_parser("unload", help="unload the capture kernel")
     config_args(p)

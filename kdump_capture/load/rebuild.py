@@ -13,13 +13,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import sys
-import sysconfig
 from collections.abc import Iterable, Mapping
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .. import __version__
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+# (Heavier imports wait inside the functions: the VM tests' first kernel reads records
+# with a capture image's runtime, which packs only what the save needs.)
 
 RECORD_SUFFIX = ".inputs.json"
 RECORD_VERSION = 1
@@ -30,6 +34,8 @@ ENGINE_FILES = ("initramfs/init",)
 
 
 def project_root() -> Path:
+    from pathlib import Path
+
     return Path(__file__).resolve().parent.parent.parent
 
 
@@ -74,6 +80,8 @@ def engine_digest(root: Path | None = None) -> str:
 
 def python_digest() -> str:
     """The interpreter and the installed distributions (their dist-info names hold versions)."""
+    import sysconfig
+
     parts = [sys.version.encode(), *_stat_parts(sys.executable)]
     paths = sysconfig.get_paths()
     for d in sorted({paths["purelib"], paths["platlib"]}):
@@ -102,6 +110,8 @@ def image_inputs(
     home: str = "/root",
 ) -> dict[str, str]:
     """A digest per input of an image built with these arguments (what ``build`` takes)."""
+    import shutil
+
     from initramfs import builder, kmods
     from kdump_capture.urls import parse_savedir
 
@@ -143,15 +153,18 @@ def record_path(image: str) -> str:
     return image + RECORD_SUFFIX
 
 
-def write_record(image: str, inputs: Mapping[str, str]) -> None:
-    """Write the record beside ``image`` (0600, atomically)."""
+def write_record(
+    image: str, inputs: Mapping[str, str], facts: Mapping[str, int] | None = None
+) -> None:
+    """Write the record beside ``image`` (0600, atomically): the digests of its inputs, and
+    facts about the image that ``estimate`` uses (sizes, measured import memory)."""
     from .. import private
 
-    doc = {"version": RECORD_VERSION, "inputs": dict(inputs)}
+    doc = {"version": RECORD_VERSION, "inputs": dict(inputs), "image": dict(facts or {})}
     private.write_file(record_path(image), json.dumps(doc, indent=1, sort_keys=True).encode())
 
 
-def read_record(image: str) -> dict[str, str] | None:
+def _read(image: str) -> dict | None:
     try:
         with open(record_path(image), "rb") as f:
             doc = json.loads(f.read(1 << 20))
@@ -159,10 +172,25 @@ def read_record(image: str) -> dict[str, str] | None:
         return None
     if not isinstance(doc, dict) or doc.get("version") != RECORD_VERSION:
         return None
-    inputs = doc.get("inputs")
+    return doc
+
+
+def read_record(image: str) -> dict[str, str] | None:
+    """The recorded input digests, or None."""
+    doc = _read(image)
+    inputs = doc.get("inputs") if doc else None
     if not isinstance(inputs, dict):
         return None
     return {str(k): str(v) for k, v in inputs.items()}
+
+
+def read_facts(image: str) -> dict[str, int]:
+    """The recorded facts about the image ({} when there are none)."""
+    doc = _read(image)
+    facts = doc.get("image") if doc else None
+    if not isinstance(facts, dict):
+        return {}
+    return {str(k): v for k, v in facts.items() if isinstance(v, int) and v >= 0}
 
 
 def stale_reasons(image: str, inputs: Mapping[str, str]) -> list[str]:

@@ -124,6 +124,8 @@ class Readiness:
     config_source: str
     #: what ``load`` will do about the initramfs (set by the commands)
     image_state: str = ""
+    #: the crashkernel= estimate in bytes, when the image is known (set by ``check``)
+    estimate: int = 0
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
@@ -141,6 +143,9 @@ class Readiness:
             f"command line:   {self.cmdline}",
             f"loaded:         {'yes' if self.loaded else 'no'}",
         ]
+        if self.estimate:
+            need = self.estimate >> 20
+            out.append(f"estimate:       crashkernel={need}M (see kdump-capture estimate)")
         out += [f"warning: {w}" for w in self.warnings]
         out += [f"problem: {p}" for p in self.problems]
         return out
