@@ -99,3 +99,10 @@ def test_estimate_command_reads_the_image_record(tmp_path):
     (tmp_path / "bare.img").write_bytes(b"x")
     r = cli("estimate", "--config", "/nonexistent", "--initrd", str(tmp_path / "bare.img"))
     assert r.rc == 11 and "no record of its sizes" in r.err
+
+
+def test_check_warns_below_the_estimate():
+    assert est.below_estimate(0, 128 * MIB) is None  # no reservation: check says so anyway
+    assert est.below_estimate(128 * MIB, 128 * MIB) is None
+    text = est.below_estimate(112 * MIB, 128 * MIB)
+    assert "reservation (112 MiB) is below the estimate" in text and "crashkernel=128M" in text

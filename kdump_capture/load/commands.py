@@ -122,7 +122,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from .estimate import estimate, machine_max_pfn
+    from .estimate import below_estimate, estimate, machine_max_pfn
     from .system import System, readiness
 
     cfg = load_config(args)
@@ -130,14 +130,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     r.image_state = image_decision(cfg, r.version, None).line()
     facts, _ = image_facts(cfg, r.version, None)
     if facts:
-        need = estimate(cfg, facts, machine_max_pfn()).crashkernel
-        r.estimate = need
-        if r.reserved and r.reserved < need:
-            r.warnings.append(
-                f"the reservation ({r.reserved >> 20} MiB) is below the estimate for this "
-                f"configuration (crashkernel={need >> 20}M): a dump may be OOM-killed; "
-                "see 'kdump-capture estimate'"
-            )
+        r.estimate = estimate(cfg, facts, machine_max_pfn()).crashkernel
+        warning = below_estimate(r.reserved, r.estimate)
+        if warning:
+            r.warnings.append(warning)
     for line in r.lines():
         print(line)
     if r.problems:

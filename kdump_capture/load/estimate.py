@@ -123,6 +123,17 @@ def _buffers(cfg: Mapping[str, str], scheme: str) -> dict[str, int]:
     return memory.save_buffers(scheme, fmt, _level(cfg), memory.FLOOR)
 
 
+def below_estimate(reserved: int, need: int) -> str | None:
+    """``check``'s warning when a reservation is below the estimate (pure)."""
+    if not reserved or reserved >= need:
+        return None
+    return (
+        f"the reservation ({reserved >> 20} MiB) is below the estimate for this "
+        f"configuration (crashkernel={need >> 20}M): a dump may be OOM-killed; "
+        "see 'kdump-capture estimate'"
+    )
+
+
 def current_reservation(sysfs: str = "/sys") -> int:
     try:
         with open(f"{sysfs}/kernel/kexec_crash_size") as f:
