@@ -122,10 +122,12 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from ..features import check_supported
     from .estimate import below_estimate, estimate, machine_max_pfn
     from .system import System, readiness
 
     cfg = load_config(args)
+    check_supported(cfg)
     r = readiness(cfg, System())
     r.image_state = image_decision(cfg, r.version, None).line()
     facts, _ = image_facts(cfg, r.version, None)
@@ -163,10 +165,12 @@ def prepare_image(cfg: Mapping[str, str], decision: ImageDecision, version: str)
 
 
 def cmd_load(args: argparse.Namespace) -> int:
-    from .kexec import kexec_file_unload, load_image
+    from ..features import check_supported
+    from .kexec import announce_load, kexec_file_unload, load_command, load_image
     from .system import NOT_RESERVED, System, readiness
 
     cfg = load_config(args)
+    check_supported(cfg)
     system = System()
     r = readiness(cfg, system, args.initrd)
     kernel = args.kernel or r.kernel
@@ -186,6 +190,7 @@ def cmd_load(args: argparse.Namespace) -> int:
         raise LoadError(f"{how} returned success but {system.sys}/kernel/kexec_crash_loaded is 0")
     print(f"loaded capture kernel {kernel} with {r.initrd} ({how})")
     print(f"command line: {r.cmdline}")
+    announce_load(load_command(how, kernel, r.initrd, r.cmdline), cfg.verbose)
     return 0
 
 
@@ -282,9 +287,11 @@ def _build(cfg, output, version, modules_root, compress, device, fstype):
 
 
 def cmd_initramfs_build(args: argparse.Namespace) -> int:
+    from ..features import check_supported
     from .system import System, pick_kernel
 
     cfg = load_config(args)
+    check_supported(cfg)
     version = args.kernel_version or pick_kernel(cfg["KDUMP_KERNELVER"], System())[0]
     report = _build(
         cfg,
@@ -296,6 +303,14 @@ def cmd_initramfs_build(args: argparse.Namespace) -> int:
         args.target_fstype,
     )
     print(report.summary())
+    return 0
+
+
+def cmd_initramfs_dracut_module(args: argparse.Namespace) -> int:
+    from initramfs.dracut_module import install
+
+    for path in install(args.dest):
+        print(path)
     return 0
 
 
@@ -348,5 +363,15 @@ def add_subcommands(sub) -> None:
     )
     b.add_argument("--target-fstype", default="", metavar="TYPE", help="e.g. ext4 (default: probe)")
     b.set_defaults(func=cmd_initramfs_build)
+    d = isub.add_parser(
+        "dracut-module", help="install the dracut module kdump-capture (for dracut --add)"
+    )
+    d.add_argument(
+        "--dest",
+        default="/usr/lib/dracut/modules.d/99kdump-capture",
+        metavar="DIR",
+        help="module directory (default %(default)s)",
+    )
+    d.set_defaults(func=cmd_initramfs_dracut_module)
     # "initramfs" alone would have no handler; argparse requires the sub-command.
     p.set_defaults(func=cmd_initramfs_build)

@@ -76,6 +76,41 @@ def _key(option: str) -> str:
     return option.split("=", 1)[0]
 
 
+def kernel_words(text: str, strict: bool = True) -> list[str]:
+    """Split a kernel command line the way the kernel does (lib/cmdline.c next_arg).
+
+    Blanks separate options except inside double quotes, which stay in the option (they
+    are the kernel's to remove); single quotes mean nothing to the kernel. An unbalanced
+    double quote raises ValueError when ``strict`` (a value from our configuration), and
+    runs to the end of the line as the kernel takes it otherwise (/proc/cmdline).
+    """
+    words: list[str] = []
+    word: list[str] = []
+    quoted_at = -1
+    for i, ch in enumerate(text):
+        if ch == '"':
+            quoted_at = -1 if quoted_at >= 0 else i
+        if ch.isspace() and quoted_at < 0:
+            if word:
+                words.append("".join(word))
+                word = []
+            continue
+        word.append(ch)
+    if quoted_at >= 0 and strict:
+        raise ValueError(f'unbalanced double quote (the " at character {quoted_at + 1})')
+    if word:
+        words.append("".join(word))
+    return words
+
+
+def kexec_words(options: str) -> list[str]:
+    """KEXEC_OPTIONS as argv words (shell quoting); ValueError for an unbalanced quote."""
+    try:
+        return shlex.split(options)
+    except ValueError:
+        raise ValueError("unbalanced quote") from None
+
+
 def capture_cmdline(proc_cmdline: str, commandline: str, append: str, cpus: int = 1) -> str:
     """The capture kernel's command line (pure).
 
@@ -83,16 +118,17 @@ def capture_cmdline(proc_cmdline: str, commandline: str, append: str, cpus: int 
     line without the options in DROP_OPTIONS/DROP_PREFIXES. Then ``nr_cpus`` (KDUMP_CPUS;
     0 = no limit) and CAPTURE_OPTIONS, each only if the base or KDUMP_COMMANDLINE_APPEND
     does not set it already, then KDUMP_COMMANDLINE_APPEND last (the kernel takes the last
-    value of a repeated option).
+    value of a repeated option). Raises ValueError for an unbalanced double quote in
+    ``commandline`` or ``append``.
     """
     if commandline.strip():
-        base = shlex.split(commandline, posix=False)
+        base = kernel_words(commandline)
     else:
-        words = shlex.split(proc_cmdline, posix=False)
+        words = kernel_words(proc_cmdline, strict=False)
         if "--" in words:  # arguments for the production system's init: not ours
             words = words[: words.index("--")]
         base = [o for o in words if _key(o) not in DROP_OPTIONS and not o.startswith(DROP_PREFIXES)]
-    tail = shlex.split(append, posix=False)
+    tail = kernel_words(append)
     given = {_key(o) for o in base + tail}
     extra = [f"nr_cpus={cpus}"] if cpus > 0 else []
     extra += CAPTURE_OPTIONS
@@ -162,7 +198,7 @@ def kexec_binary_argv(
     return [
         kexec,
         "-p",
-        *shlex.split(options),
+        *kexec_words(options),
         f"--initrd={initrd}",
         f"--command-line={cmdline}",
         kernel,
@@ -193,3 +229,54 @@ def load_image(kernel: str, initrd: str, cmdline: str, kexec_options: str) -> st
             f"kexec_file_load failed ({first.strerror}) and {kexec} failed: {r.stderr.strip()}"
         )
     return shlex.join(argv)
+
+
+def load_command(how: str, kernel: str, initrd: str, cmdline: str) -> str:
+    """The load as one line: the kexec command when the binary loaded it, else the call."""
+    if how != "kexec_file_load":
+        return how  # load_image returns the kexec binary's command line
+    return (
+        f"kexec_file_load kernel={shlex.quote(kernel)} initrd={shlex.quote(initrd)} "
+        f"cmdline={shlex.quote(cmdline)} flags=KEXEC_FILE_ON_CRASH"
+    )
+
+
+# KDUMP_VERBOSE bits that SUSE's loader honours: the load command line to syslog, and to stdout.
+VERBOSE_SYSLOG = 1
+VERBOSE_STDOUT = 4
+SYSLOG_SOCKET = "/dev/log"
+KMSG = "/dev/kmsg"
+# syslog priority: facility user (1 << 3) | severity notice (5)
+SYSLOG_PRI = 13
+
+
+def announce_load(line: str, verbose: int, socket_path: str = SYSLOG_SOCKET, kmsg: str = KMSG):
+    """Report the load command line as KDUMP_VERBOSE asks (SUSE: bits 1 and 4 on load).
+
+    Bit 4 prints it; bit 1 sends it to syslog through ``socket_path``, or when no syslog
+    listens there (early boot, a minimal or capture system) to the kernel log via ``kmsg``.
+    Logging is best effort: it never stops a load.
+    """
+    if verbose & VERBOSE_STDOUT:
+        print(f"load command: {line}", flush=True)
+    if not verbose & VERBOSE_SYSLOG:
+        return
+    import socket
+
+    msg = f"kdump-capture[{os.getpid()}]: load command: {line}"
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.connect(socket_path)
+            s.send(f"<{SYSLOG_PRI}>{msg}".encode())
+        return
+    except OSError as e:
+        log.debug("syslog at %s: %s; using %s", socket_path, e.strerror, kmsg)
+    try:
+        fd = os.open(kmsg, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            # /dev/kmsg takes one record per write, at most 1 KiB of it shown (LOG_LINE_MAX)
+            os.write(fd, f"<{SYSLOG_PRI}>{msg}\n".encode()[:1024])
+        finally:
+            os.close(fd)
+    except OSError as e:
+        log.warning("cannot log the load command to syslog or %s: %s", kmsg, e.strerror)

@@ -8,7 +8,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from .kexec import capture_cmdline
+from .kexec import capture_cmdline, kernel_words, kexec_words
 
 INITRD_DIR = "/var/lib/kdump-capture"
 
@@ -151,7 +151,32 @@ class Readiness:
         return out
 
 
+def check_load_values(cfg: Mapping[str, str]) -> None:
+    """ConfigError (exit 2, naming FILE:LINE when ``cfg`` is a Config) for a command line
+    or KEXEC_OPTIONS that cannot be split into words (an unbalanced quote).
+
+    load_config checks the same with the same functions; this keeps ``load`` and ``check``
+    from failing with a traceback on a mapping that did not come from it.
+    """
+    from ..config import Config
+    from ..errors import ConfigError
+
+    splitters = {
+        "KDUMP_COMMANDLINE": kernel_words,
+        "KDUMP_COMMANDLINE_APPEND": kernel_words,
+        "KEXEC_OPTIONS": kexec_words,
+    }
+    for name, split in splitters.items():
+        try:
+            split(cfg[name])
+        except ValueError as e:
+            if isinstance(cfg, Config):
+                raise cfg.error(name, str(e)) from None
+            raise ConfigError(f"{name}: {e}") from None
+
+
 def readiness(cfg: Mapping[str, str], system: System, initrd: str | None = None) -> Readiness:
+    check_load_values(cfg)
     version, kernel = pick_kernel(cfg["KDUMP_KERNELVER"], system)
     try:
         cpus = int(cfg["KDUMP_CPUS"])
