@@ -144,5 +144,9 @@ def make_progress(verbose: int, stream: TextIO | None = None, style: str = "auto
         return NoProgress()
     stream = stream or sys.stdout
     if style == "bar" or (style == "auto" and stream.isatty()):
+        try:
+            import tqdm  # noqa: F401  capture images leave it out: lines there
+        except ImportError:
+            return LineProgress(stream)
         return TqdmProgress(stream)
     return LineProgress(stream)

@@ -89,3 +89,18 @@ def test_styles():
     # the capture kernel's console is a terminal, yet it asks for lines
     assert isinstance(make_progress(3, Tty(), style="lines"), LineProgress)
     assert isinstance(make_progress(3, io.StringIO(), style="bar"), TqdmProgress)
+
+
+def test_lines_where_tqdm_is_not_packed():
+    """Capture images leave tqdm out; a save started by hand on their console gets lines."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, io; sys.modules['tqdm'] = None\n"
+        "class Tty(io.StringIO):\n    def isatty(self): return True\n"
+        "from kdump_capture.progress import make_progress\n"
+        "print(type(make_progress(3, Tty())).__name__)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.stdout.strip() == "LineProgress", r.stderr
