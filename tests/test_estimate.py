@@ -30,7 +30,8 @@ def test_parts_add_up_to_a_multiple_of_16m():
     cfg = _cfg("KDUMP_SAVEDIR=sftp://u@h/d", "KDUMP_DUMPFORMAT=compressed", "KDUMP_DUMPLEVEL=31")
     e = est.estimate(cfg, FACTS, max_pfn=(1 << 30) // 4096)
     parts = _parts(e)
-    assert parts["unpacked image (rootfs in RAM)"] == 25 * MIB  # modules are deleted
+    assert parts["unpacked image (rootfs in RAM)"] == 25 * MIB  # module files are deleted,
+    assert parts["kernel modules (loaded)"] == 2 * MIB  # and loaded
     assert parts["save: interpreter and imports (measured)"] == 17 * MIB
     assert parts["save: replay ring"] == memory.FLOOR.replay
     assert parts["save: read-back"] == memory.READ_BACK
@@ -50,6 +51,8 @@ def test_what_changes_the_estimate():
     # FTP keeps a larger replay ring (no acknowledgements)
     ftp = total("KDUMP_SAVEDIR=ftp://h/d", "KDUMP_DUMPFORMAT=compressed")
     assert ftp - local == memory.FTP_REPLAY + memory.FTP_SOCKET + MIB // 2 - MIB // 4
+    nfs = total("KDUMP_SAVEDIR=nfs://h/d", "KDUMP_DUMPFORMAT=compressed")
+    assert nfs - local == memory.NFS_WRITEBACK
     # ELF at level 0 has no bitmaps; a 1 TiB machine's bitmaps are 64 MiB
     elf0 = est.estimate(_cfg("KDUMP_SAVEDIR=/c"), FACTS, 1 << 28)
     assert not [p for p in _parts(elf0) if "bitmaps" in p]
