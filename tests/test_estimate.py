@@ -53,6 +53,8 @@ def test_what_changes_the_estimate():
     assert ftp - local == memory.FTP_REPLAY + memory.FTP_SOCKET + MIB // 2 - MIB // 4
     nfs = total("KDUMP_SAVEDIR=nfs://h/d", "KDUMP_DUMPFORMAT=compressed")
     assert nfs - local == memory.NFS_WRITEBACK
+    cifs = total("KDUMP_SAVEDIR=cifs://u:p@h/s/d", "KDUMP_DUMPFORMAT=compressed")
+    assert cifs - local == 2 * memory.FLOOR.replay + 2 * MIB - MIB // 4
     # ELF at level 0 has no bitmaps; a 1 TiB machine's bitmaps are 64 MiB
     elf0 = est.estimate(_cfg("KDUMP_SAVEDIR=/c"), FACTS, 1 << 28)
     assert not [p for p in _parts(elf0) if "bitmaps" in p]
