@@ -45,8 +45,8 @@ class Estimate:
         return memory.round_up(self.total)
 
     def lines(self) -> list[str]:
-        out = [f"  {name:<44} {n / MIB:6.1f} MiB" for name, n in self.parts]
-        out.append(f"  {'total':<44} {self.total / MIB:6.1f} MiB")
+        out = [f"  {name:<50} {n / MIB:6.1f} MiB" for name, n in self.parts]
+        out.append(f"  {'total':<50} {self.total / MIB:6.1f} MiB")
         out += [f"  note: {n}" for n in self.notes]
         out.append(f"recommended: crashkernel={self.crashkernel // MIB}M")
         return out
