@@ -1,18 +1,23 @@
-"""Capture-kernel fitness: initramfs sizes per target, the smallest crashkernel= at which a
-whole cycle (load, crash, capture, save, reboot) completes for a 1 GiB TCG guest, and the
-time from the panic to the committed dump.
+"""Capture-kernel fitness: image sizes per target, and per target and format the smallest
+crashkernel= at which a whole cycle (load, crash, capture, save, reboot) completes in a
+1 GiB TCG guest, next to what ``kdump-capture estimate`` recommends there.
 
-    python3 bench/capture_fitness.py [--case sftp|file] [--sizes 96,128,160,192]
-                                     [--out bench/results/capture_fitness.md]
+    python3 bench/capture_fitness.py [--cases all | file:elf,sftp:compressed,...]
+                                     [--sizes 96,112,128,144,160] [--images]
 
-Needs what the VM tests need (qemu, the cached Debian cloud kernel) and, for the SFTP case,
-the OpenSSH fixture from tests/servers. Each cycle takes 1-3 minutes under TCG.
+Each case tries the sizes from the largest down and stops at the first that fails (the
+ones below it are not tried). Every run is kept in bench/results/capture_fitness.json
+(a rerun of a case replaces that case's runs); bench/results/capture_fitness.md is written
+from that file, entirely by this script. Needs what the VM tests need (qemu, the cached
+Debian cloud kernel, the test servers); each cycle takes 1-7 minutes under TCG.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -22,173 +27,232 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from initramfs import builder  # noqa: E402
-from kdump_capture.config import load_config  # noqa: E402
 from tests import capture_cycle, vmkit  # noqa: E402
 
 MIB = 1024 * 1024
-UP = re.compile(r"capture kernel up \(MemTotal (\d+) kB, MemAvailable (\d+) kB\)")
+RESULTS = ROOT / "bench/results/capture_fitness.json"
+REPORT = ROOT / "bench/results/capture_fitness.md"
+UP = re.compile(r"capture kernel up \(MemTotal (\d+) kB, MemAvailable (\d+) kB, Shmem (\d+) kB\)")
 PEAK = re.compile(r"peak RSS (\d+) MiB; MemTotal \d+ kB, MemAvailable (\d+) kB")
-TARGETS = {
-    "file": 'KDUMP_SAVEDIR="file:///var/crash"\n',
-    "ftp": 'KDUMP_SAVEDIR="ftp://u:p@10.0.2.2/dumps"\n',
-    "nfs": 'KDUMP_SAVEDIR="nfs://10.0.2.2/dumps"\n',
-    "cifs": 'KDUMP_SAVEDIR="cifs://u:p@10.0.2.2/share/dumps"\n',
-}
+MEMORY = re.compile(r"memory \(anonymous, MiB\): (.*)")
+INIT_ANON = re.compile(r"/init anon (\d+) kB")
+OOM = re.compile(r"Out of memory: Killed process \d+ \((\S+)\).*?anon-rss:(\d+)kB")
 
 
-def image_sizes(kernel: vmkit.Kernel, work: Path, ssh_config: str) -> list[tuple]:
+def one_run(kernel: vmkit.Kernel, kind: str, fmt: str, size: int, work: Path) -> dict:
+    started = time.monotonic()
+    res, dumps = capture_cycle.matrix_cycle(kernel, kind, fmt, size, work)
+    ok = res.save_rc == 0 and res.finish == "rebooting" and len(dumps) == 1
+    up, peak = UP.search(res.console), PEAK.search(res.console)
+    mem, init, oom = MEMORY.search(res.console), INIT_ANON.search(res.console), None
+    reason = ""
+    if not ok:
+        oom = OOM.search(res.console)
+        if oom:
+            reason = f"OOM: {oom.group(1)} killed at anon-rss {int(oom.group(2)) // 1024} MiB"
+        else:
+            lines = [
+                ln
+                for ln in res.console.splitlines()
+                if any(k in ln for k in ("kdump", "Kernel panic", "No working init", "E2E-"))
+            ]
+            reason = (lines[-1] if lines else "no console output").strip()[:160]
+    return {
+        "kind": kind,
+        "format": fmt,
+        "size": size,
+        "ok": ok,
+        "reason": reason,
+        "memtotal": int(up.group(1)) // 1024 if up else None,
+        "available": int(up.group(2)) // 1024 if up else None,
+        "shmem": int(up.group(3)) // 1024 if up else None,
+        "save_peak_rss": int(peak.group(1)) if peak else None,
+        "init_anon": int(init.group(1)) // 1024 if init else None,
+        "memory": mem.group(1).strip() if mem else "",
+        "estimate": res.estimate,
+        "panic_to_saved": round(res.panic_to_saved, 1) if res.panic_to_saved else None,
+        "save_seconds": res.save_seconds,
+        "progress_lines": res.progress_lines,
+        "image_unpacked": res.report.unpacked,
+        "image_compressed": res.report.compressed,
+        "wall": round(time.monotonic() - started),
+    }
+
+
+def image_sizes(kernel: vmkit.Kernel, work: Path) -> list[dict]:
+    """Build each target's image (compressed level 31) and report its sizes."""
     rows = []
-    for name, text in [*TARGETS.items(), ("sftp", ssh_config)]:
-        conf = work / f"{name}.conf"
-        conf.write_text(text)
-        try:
-            report = builder.build(
-                load_config(str(conf)),
-                str(work / f"{name}.img"),
-                kernel_version=kernel.version,
-                modules_root=str(kernel.modules_root),
-                target_device="LABEL=kdumpdisk" if name == "file" else "",
-                target_fstype="ext4" if name == "file" else "",
+    for kind in capture_cycle.TARGET_KINDS:
+        with capture_cycle.serve_target(kind, work / kind) as t:
+            config = t.config + capture_cycle.format_config("compressed") + capture_cycle.COMMON
+            _path, report = capture_cycle.build_capture(
+                kernel,
+                config,
+                work / kind,
+                target_device=t.cycle_args.get("target_device", ""),
+                target_fstype=t.cycle_args.get("target_fstype", ""),
             )
-        except Exception as e:  # a transport not in this build: say so in the table
-            rows.append((name, None, None, None, f"not built: {e}"))
-            continue
         rows.append(
-            (name, report.compressed, report.unpacked, report.seconds, report.python_modules)
+            {
+                "kind": kind,
+                "compressed": report.compressed,
+                "unpacked": report.unpacked,
+                "kernel_modules": report.facts.get("kernel_modules", 0),
+                "save_imports": report.facts.get("save_imports", 0),
+                "seconds": round(report.seconds, 1),
+                "pyc": report.python_modules,
+            }
         )
     return rows
 
 
-def one_cycle(kernel, case: str, size: int, work: Path, server) -> dict:
-    work.mkdir(parents=True, exist_ok=True)
-    if case == "sftp":
-        dumps = work / "dumps"
-        dumps.mkdir(exist_ok=True)
-        from tests.test_e2e_vm import sftp_config
+def load_results() -> dict:
+    if RESULTS.exists():
+        return json.loads(RESULTS.read_text())
+    return {"runs": [], "images": [], "commands": []}
 
-        res = capture_cycle.run_cycle(
-            kernel, sftp_config(server, dumps), work / "cycle", crashkernel_mib=size, net=True
-        )
-    else:
-        disk = capture_cycle.make_ext4_disk(work / "disk.img", 2048, "kdumpdisk")
-        from tests.test_e2e_vm import LOCAL_CONFIG
 
-        res = capture_cycle.run_cycle(
-            kernel,
-            LOCAL_CONFIG,
-            work / "cycle",
-            crashkernel_mib=size,
-            drives=(disk,),
-            target_device="LABEL=kdumpdisk",
-            target_fstype="ext4",
-        )
-    up = UP.search(res.console)
-    peak = PEAK.search(res.console)
-    ok = res.save_rc == 0 and res.finish == "rebooting"
-    reason = ""
-    if not ok:
-        lines = [
-            ln
-            for ln in res.console.splitlines()
-            if any(k in ln for k in ("kdump", "Kernel panic", "Out of memory", "No working init"))
+def smallest(runs: list[dict]) -> int | None:
+    ok = sorted(r["size"] for r in runs if r["ok"])
+    return ok[0] if ok else None
+
+
+def fmt_mib(v) -> str:
+    return "-" if v is None else f"{v}"
+
+
+def report(data: dict) -> str:
+    out = [
+        "# Capture-kernel fitness",
+        "",
+        "Generated by `bench/capture_fitness.py` from `bench/results/capture_fitness.json`; "
+        "do not edit by hand. A 1 GiB qemu TCG guest (`-cpu max`, one vCPU) with Debian's "
+        "cloud kernel: the first kernel runs `kdump-capture estimate` and `load` "
+        "(kexec_file_load) with the image from `initramfs build`, then crashes; the "
+        "capture kernel's /init saves /proc/vmcore and reboots. Formats: `compressed` and "
+        "`zstd` at level 31, `ELF` at level 0. Commands that produced the runs below:",
+        "",
+        *[f"    {c}" for c in data.get("commands", [])],
+        "",
+    ]
+    if data.get("images"):
+        out += [
+            "## Image size per target",
+            "",
+            "Kernel modules are deleted by /init once loaded; `save imports` is the save's "
+            "interpreter and imports, measured by the builder (anonymous memory).",
+            "",
+            "| target | compressed | unpacked | of it kernel modules | save imports |"
+            " build time | .pyc modules |",
+            "|---|---|---|---|---|---|---|",
         ]
-        reason = (lines[-1] if lines else res.console.strip().splitlines()[-1])[:160]
-    return {
-        "size": size,
-        "ok": ok,
-        "memtotal": int(up.group(1)) // 1024 if up else None,
-        "available": int(up.group(2)) // 1024 if up else None,
-        "peak": int(peak.group(1)) if peak else None,
-        "after": int(peak.group(2)) // 1024 if peak else None,
-        "panic_to_saved": res.panic_to_saved,
-        "total": res.total,
-        "reason": reason,
-    }
+        for r in data["images"]:
+            out.append(
+                f"| {r['kind']} | {r['compressed'] / MIB:.1f} MiB | {r['unpacked'] / MIB:.1f} MiB "
+                f"| {r['kernel_modules'] / MIB:.1f} MiB | {r['save_imports'] / MIB:.1f} MiB "
+                f"| {r['seconds']} s | {r['pyc']} |"
+            )
+        out.append("")
+    cases: dict[tuple[str, str], list[dict]] = {}
+    for r in data["runs"]:
+        cases.setdefault((r["kind"], r["format"]), []).append(r)
+    out += [
+        "## Smallest crashkernel= per target and format",
+        "",
+        "`estimate` is what `kdump-capture estimate` printed in the guest's first kernel; "
+        "`tried` lists every reservation run (ok or failed), largest first.",
+        "",
+        "| target | format | smallest that completes | estimate | estimate - smallest "
+        "| tried | panic to committed dump at the smallest |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for (kind, fmt), runs in sorted(cases.items()):
+        low = smallest(runs)
+        est = next((r["estimate"] for r in runs if r["estimate"]), None)
+        diff = f"{est - low:+d}M" if low and est else "-"
+        tried = ", ".join(
+            f"{r['size']}M {'ok' if r['ok'] else 'failed'}"
+            for r in sorted(runs, key=lambda r: -r["size"])
+        )
+        at_low = next((r for r in runs if r["ok"] and r["size"] == low), None)
+        ptime = f"{at_low['panic_to_saved']} s" if at_low and at_low["panic_to_saved"] else "-"
+        out.append(
+            f"| {kind} | {fmt} | {f'{low}M' if low else 'none'} | "
+            f"{f'{est}M' if est else '-'} | {diff} | {tried} | {ptime} |"
+        )
+    out += [
+        "",
+        "## Every run",
+        "",
+        "MemTotal, MemAvailable and Shmem (the unpacked image) as /init sees them at its "
+        "start; the save's peak RSS (wait4, with mapped files) and its own breakdown of "
+        "anonymous memory (phases, then the peak); progress = progress lines on the console.",
+        "",
+        "| target | format | crashkernel | result | MemTotal | MemAvailable | Shmem | /init "
+        "| save peak RSS | save seconds | progress | panic to saved | save memory (MiB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(data["runs"], key=lambda r: (r["kind"], r["format"], -r["size"])):
+        result = "ok" if r["ok"] else f"FAILED: {r['reason']}"
+        out.append(
+            f"| {r['kind']} | {r['format']} | {r['size']}M | {result} | {fmt_mib(r['memtotal'])} "
+            f"| {fmt_mib(r['available'])} | {fmt_mib(r['shmem'])} | {fmt_mib(r['init_anon'])} "
+            f"| {fmt_mib(r['save_peak_rss'])} | {fmt_mib(r['save_seconds'])} "
+            f"| {r['progress_lines']} | {fmt_mib(r['panic_to_saved'])} | {r['memory'] or '-'} |"
+        )
+    return "\n".join(out) + "\n"
 
 
-def fmt(v, spec="") -> str:
-    return "-" if v is None else format(v, spec)
+def save(data: dict) -> None:
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(data, indent=1) + "\n")
+    REPORT.write_text(report(data))
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--case", choices=("sftp", "file"), default="sftp")
-    ap.add_argument("--sizes", default="96,128,160,192")
-    ap.add_argument("--out", default=str(ROOT / "bench/results/capture_fitness.md"))
+    ap.add_argument("--cases", default="", help="all, or kind:format,... (e.g. sftp:compressed)")
+    ap.add_argument("--sizes", default="112,128,144,160")
+    ap.add_argument("--images", action="store_true", help="measure the image of each target")
+    ap.add_argument("--report-only", action="store_true", help="rewrite the .md from the .json")
     args = ap.parse_args()
-    sizes = [int(s) for s in args.sizes.split(",")]
-    kernel = vmkit.get_kernel()
+    data = load_results()
+    if args.report_only:
+        save(data)
+        return 0
     commit = subprocess.run(
         ["git", "-C", str(ROOT), "describe", "--always", "--dirty"], capture_output=True, text=True
     ).stdout.strip()
-    from tests.servers.sshd import sshd
-    from tests.test_e2e_vm import sftp_config
-
+    command = "python3 bench/capture_fitness.py " + " ".join(sys.argv[1:])
+    data.setdefault("commands", []).append(f"{command}   # at {commit}")
+    kernel = vmkit.get_kernel()
+    if args.cases == "all":
+        cases = [(k, f) for k in capture_cycle.TARGET_KINDS for f in capture_cycle.FORMATS]
+    else:
+        cases = [tuple(c.split(":")) for c in args.cases.split(",") if c]
+    sizes = sorted((int(s) for s in args.sizes.split(",")), reverse=True)
     with tempfile.TemporaryDirectory(prefix="kdump-fitness-") as tmp:
-        work = Path(tmp)
-        with sshd(str(work / "sshd")) as server:
-            sizes_rows = image_sizes(kernel, work, sftp_config(server, work / "dumps"))
-            cycles = []
+        if args.images:
+            data["images"] = image_sizes(kernel, Path(tmp) / "images")
+            save(data)
+        for kind, fmt in cases:
+            data["runs"] = [r for r in data["runs"] if (r["kind"], r["format"]) != (kind, fmt)]
             for size in sizes:
-                t = time.monotonic()
-                r = one_cycle(kernel, args.case, size, work / f"c{size}", server)
+                work = Path(tmp) / f"{kind}-{fmt}-{size}"
+                r = one_run(kernel, kind, fmt, size, work)
+                shutil.rmtree(work, ignore_errors=True)  # dumps and disks: GBs per run
+                data["runs"].append(r)
+                save(data)
                 print(
-                    f"crashkernel={size}M: {'ok' if r['ok'] else 'FAILED'} "
-                    f"({time.monotonic() - t:.0f} s) {r['reason']}",
+                    f"{kind} {fmt} crashkernel={size}M: "
+                    f"{'ok' if r['ok'] else 'FAILED ' + r['reason']} ({r['wall']} s; "
+                    f"estimate {r['estimate']}M)",
                     flush=True,
                 )
-                cycles.append(r)
-    smallest = next((r["size"] for r in cycles if r["ok"]), None)
-    out = [
-        "# Capture-kernel fitness",
-        "",
-        f"Measured by `python3 bench/capture_fitness.py --case {args.case} --sizes {args.sizes}`"
-        f" at `{commit}`; Debian cloud kernel {kernel.version}, qemu TCG (`-cpu max`), "
-        "1 GiB guest, 1 vCPU. Sizes are of `kdump-capture initramfs build` output (zstd -19).",
-        "",
-        "## Initramfs size per target",
-        "",
-        "| target | compressed | unpacked | build time | .pyc modules |",
-        "|---|---|---|---|---|",
-    ]
-    for name, comp, unp, secs, mods in sizes_rows:
-        if comp is None:
-            out.append(f"| {name} | - | - | - | {mods} |")
-        else:
-            out.append(
-                f"| {name} | {comp / MIB:.1f} MiB | {unp / MIB:.1f} MiB | {secs:.1f} s | {mods} |"
-            )
-    out += [
-        "",
-        f"## Whole cycle per crashkernel= ({args.case} target)",
-        "",
-        "MemTotal/MemAvailable as /init sees them before the save starts; peak RSS of the "
-        "save process (wait4); panic-to-saved is host wall time from the first kernel's "
-        "`test-crash` to /init's 'save finished' line (the dump is committed then).",
-        "",
-        "| crashkernel | result | MemTotal | MemAvailable at start | save peak RSS "
-        "| MemAvailable after | panic to committed dump | whole cycle |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in cycles:
-        result = "ok" if r["ok"] else f"FAILED: {r['reason']}"
-        out.append(
-            f"| {r['size']}M | {result} | {fmt(r['memtotal'])} MiB | {fmt(r['available'])} MiB "
-            f"| {fmt(r['peak'])} MiB | {fmt(r['after'])} MiB "
-            f"| {fmt(r['panic_to_saved'], '.0f')} s | {fmt(r['total'], '.0f')} s |"
-        )
-    out += [
-        "",
-        f"Smallest crashkernel= that completes: **{smallest}M**"
-        if smallest
-        else "No size completed.",
-        "",
-    ]
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text("\n".join(out))
-    print("\n".join(out))
-    return 0 if smallest else 1
+                if not r["ok"]:
+                    break
+    print(report(data))
+    return 0
 
 
 if __name__ == "__main__":

@@ -20,8 +20,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kdump_capture import heartbeat
+from kdump_capture import heartbeat, private
 from kdump_capture.errors import ConfigError, NotSupported
+from kdump_capture.load import rebuild
 from kdump_capture.urls import Target, parse_savedir
 
 from . import cpio, kmods, runtime
@@ -205,6 +206,9 @@ def init_plan(
             "kdump_capture",
             "save",
             "--no-reboot",
+            # The console is a terminal, but a redrawn bar shows nothing in a serial log.
+            "--progress",
+            "lines",
             "--config",
             "/" + CONFIG_PATH,
         ],
@@ -276,6 +280,8 @@ class BuildReport:
     kernel_modules: list[str] = field(default_factory=list)
     extras: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    #: what ``estimate`` needs (also in the record beside the image): sizes in bytes
+    facts: dict[str, int] = field(default_factory=dict)
 
     def summary(self) -> str:
         mb = 1024 * 1024
@@ -330,19 +336,21 @@ def add_payload(arc: cpio.Archive, payload: runtime.Payload) -> None:
         arc.add_symlink(link, tgt)
 
 
-def add_own_packages(arc: cpio.Archive, schemes: list[str]) -> int:
+def add_own_packages(payload: runtime.Payload, schemes: list[str], tmpdir: str) -> int:
     """Our packages as .pyc: all of the engine, the transport base and the targets' ones."""
     root = runtime.project_root()
     tmods = [runtime.transport_module(s).split(".")[1] for s in schemes]
-    n = 0
     sources = list((root / "kdump_capture").rglob("*.py"))
     sources += [root / "transports" / f for f in ("__init__.py", "base.py")]
     sources += [root / "transports" / f"{t}.py" for t in dict.fromkeys(tmods)]
-    for src in sources:
-        dest = f"{runtime.DEST_SITE}/{src.relative_to(root)}c"
-        arc.add_file(dest, runtime.pyc_bytes(str(src), dest))
-        n += 1
-    return n
+    items = [(str(src), f"{runtime.DEST_SITE}/{src.relative_to(root)}c") for src in sources]
+    for dest, path in runtime.compile_pycs(items, tempfile.mkdtemp(dir=tmpdir)).items():
+        payload.add(dest, Path(path).read_bytes())
+    return len(items)
+
+
+# Identities paramiko tries when KDUMP_SSH_IDENTITY is empty, in ~/.ssh.
+DEFAULT_IDENTITIES = ("id_rsa", "id_ecdsa", "id_ed25519")
 
 
 def ssh_files(cfg: Mapping[str, str], home: str) -> tuple[dict[str, str], dict]:
@@ -354,11 +362,7 @@ def ssh_files(cfg: Mapping[str, str], home: str) -> tuple[dict[str, str], dict]:
     files: dict[str, str] = {}
     names = cfg["KDUMP_SSH_IDENTITY"].split()
     if not names:
-        names = [
-            n
-            for n in ("id_rsa", "id_ecdsa", "id_ed25519")
-            if os.path.exists(os.path.join(home, ".ssh", n))
-        ]
+        names = [n for n in DEFAULT_IDENTITIES if os.path.exists(os.path.join(home, ".ssh", n))]
     packed = []
     for name in names:
         src = name if os.path.isabs(name) else os.path.join(home, ".ssh", name)
@@ -411,6 +415,16 @@ def build(
 ) -> BuildReport:
     """Build the capture initramfs for ``cfg`` into ``output`` (written atomically)."""
     started = time.monotonic()
+    inputs = rebuild.image_inputs(
+        cfg,
+        kernel_version=kernel_version or os.uname().release,
+        modules_root=modules_root,
+        compress=compress,
+        target_device=target_device,
+        target_fstype=target_fstype,
+        extra_modules=extra_modules,
+        home=home,
+    )
     targets, _warnings = parse_savedir(cfg["KDUMP_SAVEDIR"])
     schemes = list(dict.fromkeys(t.scheme for t in targets))
     kver = kernel_version or os.uname().release
@@ -424,10 +438,14 @@ def build(
     extras: list[str] = []
 
     with tempfile.TemporaryDirectory(prefix="kdump-initramfs-") as tmp:
-        payload = runtime.collect(schemes, tmp)
+        idna = not all(t.host.isascii() for t in targets)
+        payload = runtime.collect(schemes, tmp, idna=idna)
+        add_own_packages(payload, schemes, tmp)
+        pyc = sum(1 for f in payload.files if f.endswith(".pyc"))
+        runtime.zip_pure_modules(payload)
         add_payload(arc, payload)
-    n_own = add_own_packages(arc, schemes)
-    pyc = sum(1 for f in payload.files if f.endswith(".pyc")) + n_own
+        fmt = cfg["KDUMP_DUMPFORMAT"].strip().lower()
+        interpreter, imports = runtime.measure_save_imports(payload, schemes, fmt, tmp)
     ext = sum(1 for f in payload.files if f.endswith(".so") and "/python3" in f)
     libs = sum(1 for f in payload.files if f.startswith(("usr/lib/x86_64", "usr/lib64")))
 
@@ -461,10 +479,13 @@ def build(
             wanted += kmods.wanted_modules(s, needed, fs, extra_modules, storage, nics)
     names = index.resolve(list(dict.fromkeys(wanted)))
     module_files = []
+    module_bytes = 0
     for name in names:
         rel = f"usr/lib/modules/{kver}/{index.paths[name]}"
-        arc.add_file(rel, Path(index.file(name)).read_bytes())
+        data = Path(index.file(name)).read_bytes()
+        arc.add_file(rel, data)
         module_files.append("/" + rel)
+        module_bytes += len(data)
 
     # Network.
     try:
@@ -523,13 +544,26 @@ def build(
     raw = io.BytesIO()
     unpacked = arc.write(raw)
     packed = compress_bytes(raw.getvalue(), compress)
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    tmp_out = f"{output}.tmp.{os.getpid()}"
-    with open(tmp_out, "wb") as f:
-        f.write(packed)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp_out, output)
+    # The image holds the target's password and the SSH private key: 0600 in a 0700
+    # directory (when we create it) from the first byte. The old record of its inputs goes
+    # before the image is replaced and the new one after, so an interrupted build leaves
+    # an image that ``load`` rebuilds.
+    out_dir = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(out_dir):
+        private.make_dir(out_dir)
+    record = rebuild.record_path(output)
+    if os.path.lexists(record):
+        os.unlink(record)
+    private.write_file(output, packed)
+    facts = {
+        "compressed": len(packed),
+        "unpacked": unpacked,
+        # /init deletes them once loaded: not in RAM while the save runs
+        "kernel_modules": module_bytes,
+        "interpreter": interpreter,
+        "save_imports": imports,
+    }
+    rebuild.write_record(output, inputs, facts)
     return BuildReport(
         output=output,
         compress=compress,
@@ -541,4 +575,5 @@ def build(
         kernel_modules=names,
         extras=extras,
         seconds=time.monotonic() - started,
+        facts=facts,
     )

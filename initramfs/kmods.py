@@ -41,7 +41,6 @@ NETWORK = (
     "gve",
 )
 NFS = ("nfs", "nfsv4")
-CIFS = ("cifs",)
 
 
 def modname(path_or_name: str) -> str:
@@ -153,8 +152,6 @@ def wanted_modules(
         wanted += nics
     if scheme == "nfs":
         wanted += NFS
-    if scheme == "cifs":
-        wanted += CIFS
     wanted += extra
     return list(dict.fromkeys(wanted))
 

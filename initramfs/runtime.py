@@ -14,15 +14,16 @@ import ast
 import encodings
 import encodings.aliases
 import importlib.util
+import io
 import json
 import logging
-import marshal
 import os
 import shutil
-import struct
 import subprocess
 import sys
 import sysconfig
+import tempfile
+import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,19 +40,27 @@ DEST_STDLIB = f"usr/lib/{PYVER}"
 DEST_DYNLOAD = f"usr/lib/{PYVER}/lib-dynload"
 DEST_SITE = f"usr/lib/{PYVER}/site-packages"
 DEST_LIBDIR = "usr/lib/x86_64-linux-gnu"
+# The first entry of the interpreter's default sys.path ({prefix}/lib/pythonXY.zip).
+PYZIP = f"usr/lib/python{sys.version_info.major}{sys.version_info.minor}.zip"
 
 # Modules the interpreter looks up by name at run time, which importing the entry modules
-# does not reveal: codecs (socket.getaddrinfo encodes every host name with "idna", the
-# console and files use ascii/latin-1/utf-8), and the stdlib landmark os (frozen in the
-# binary, yet getpath needs its file to find the prefix).
+# does not reveal: codecs (the console and files use ascii/latin-1/utf-8), the stdlib
+# landmark os (frozen in the binary, yet getpath needs its file to find the prefix), and
+# what start-up imports (site; runpy for ``python3 -m``: the probe runs with -S and -c).
 LATE_IMPORTS = (
     "os",
+    "site",
+    "runpy",
+    "zlib",  # zipimport inflates the modules in PYZIP
     "encodings.aliases",
     "encodings.ascii",
-    "encodings.idna",
     "encodings.latin_1",
     "encodings.utf_8",
 )
+# socket.getaddrinfo encodes every host name given as str with the "idna" codec, whose
+# module needs unicodedata (1.1 MB) for names that are not ASCII. Packed only when a
+# configured host is not ASCII; otherwise kdump_capture.idna answers for ASCII names.
+IDNA_IMPORTS = ("encodings.idna",)
 
 # Optional imports that the packages try and do without: blocked in the probe (the import
 # raises ImportError there exactly as it will in the capture kernel), so nothing they
@@ -63,6 +72,16 @@ BLOCKED = {
     # ftplib's optional FTPS classes (FTP_TLS); no transport speaks TLS. Saves _ssl and
     # libssl (1 MB). A transport that needs ssl fails the build (its import fails here).
     "ssl": "ftplib FTP_TLS (unused)",
+    # The capture kernel's save prints progress as plain lines (``--progress lines``):
+    # tqdm would add itself, unicodedata (1.1 MB) and importlib.metadata's dependencies.
+    "tqdm": "progress bar (the capture kernel prints lines)",
+    # zipfile's optional codecs (importlib.metadata reads dist-info directories, never
+    # zip members): liblzma, libbz2 and their modules, 0.35 MB.
+    "bz2": "zipfile bzip2 members (unused)",
+    "lzma": "zipfile lzma members (unused)",
+    # cryptography's OpenSSH key serialization tries bcrypt (0.5 MB) for encrypted keys;
+    # paramiko imports it outright, so an SFTP image gets it back (see collect).
+    "bcrypt": "encrypted OpenSSH keys in cryptography (optional there)",
 }
 
 # Libraries glibc loads with dlopen, which ldd cannot see: libgcc_s unwinds a thread that
@@ -75,10 +94,6 @@ DIST_FILES = ("METADATA", "entry_points.txt", "top_level.txt")
 
 # Our own top-level packages shipped into site-packages.
 OWN_PACKAGES = ("kdump_capture", "transports")
-
-# .pyc header (PEP 552): magic, flags (0 = timestamp-based), source mtime, source size.
-PYC_HEADER = struct.Struct("<4sIII")
-assert PYC_HEADER.size == 16
 
 
 @dataclass
@@ -164,17 +179,19 @@ def transport_module(scheme: str) -> str:
     return spec.partition(":")[0]
 
 
-def entry_modules(
-    schemes: Iterable[str], load_side: Iterable[str] = ("kdump_capture.loadside",)
-) -> list[str]:
-    """What the capture side imports: our engine modules, the targets' transports, /init,
-    and every module those sources import anywhere (lazy imports inside functions too).
+# Load-side modules a capture image's runtime imports: the CLI registers the load commands
+# (the package and ``commands``), and check, status, test-crash and ``load --initrd`` run
+# from the image's runtime in the VM tests' first kernel (``system``, ``kexec``). Imports
+# inside their functions are not followed, and the rest of the load side (building images,
+# the rebuild decision, the estimate) is never imported from an image.
+LOAD_SIDE = "kdump_capture.load"
+LOAD_SIDE_IMPORTED = tuple(f"{LOAD_SIDE}{m}" for m in ("", ".commands", ".system", ".kexec"))
 
-    ``load_side`` modules are imported (the CLI registers their commands) but their lazy
-    imports are not followed: they build initramfs images, never in a capture kernel.
-    """
+
+def entry_modules(schemes: Iterable[str]) -> list[str]:
+    """What the capture side imports: our engine modules, the targets' transports, /init,
+    and every module those sources import anywhere (lazy imports inside functions too)."""
     root = project_root()
-    no_scan = set(load_side)
     tmods = {transport_module(s) for s in schemes}
     sources = sorted((root / "kdump_capture").rglob("*.py"))
     sources += [root / "transports" / "__init__.py", root / "transports" / "base.py"]
@@ -183,24 +200,34 @@ def entry_modules(
     mods: set[str] = imports_in_source(Path(__file__).with_name("init"))
     for src in sources:
         name = module_name_for(src)
-        if not name.endswith(".__main__"):  # importing __main__ would run the CLI
+        if name in LOAD_SIDE_IMPORTED:
             mods.add(name)
-        if name not in no_scan:
+        elif name.startswith(LOAD_SIDE + "."):
+            continue
+        elif not name.endswith(".__main__"):  # importing __main__ would run the CLI
+            mods.add(name)
             mods.update(imports_in_source(src))
     # Other transports are imported only if a target uses their scheme.
     allowed = {"transports", "transports.base", *tmods}
-    return sorted(
-        m
-        for m in mods
-        if not m.endswith(".__main__")
-        and not any(m.startswith(n + ".") for n in no_scan)
-        and (not m.startswith("transports.") or m in allowed or m.rpartition(".")[0] in allowed)
-    )
+
+    def wanted(m: str) -> bool:
+        if m.endswith(".__main__"):
+            return False
+        if m.startswith(LOAD_SIDE + ".") and m not in LOAD_SIDE_IMPORTED:
+            return False
+        if m.startswith("transports."):
+            return m in allowed or m.rpartition(".")[0] in allowed
+        return True
+
+    return sorted(m for m in mods if wanted(m))
 
 
+# Runs with -S: site would process the host's .pth files (setuptools' distutils hack, an
+# editable install's finder), whose imports the capture kernel never makes.
 PROBE = r"""
 import importlib, json, sys
 sys.path.insert(0, ROOT)
+sys.path.extend(SITE)
 for blocked in BLOCKED:
     sys.modules[blocked] = None  # "import blocked" raises ImportError
 failed = {}
@@ -230,15 +257,18 @@ json.dump({"modules": mods, "dists": dists, "failed": failed, "path": sys.path,
 
 def probe(names: list[str], python: str = sys.executable, blocked: Iterable[str] = ()) -> dict:
     """Import ``names`` in a fresh isolated interpreter; report what got loaded."""
+    paths = sysconfig.get_paths()
+    site = sorted({paths["purelib"], paths["platlib"]})
     code = (
         PROBE.replace("ROOT", repr(str(project_root())))
+        .replace("SITE", repr(site))
         .replace("NAMES", repr(names))
         .replace("BLOCKED", repr(sorted(blocked)))
         .replace("STDLIB", "__import__('sysconfig').get_paths()['stdlib']")
         .replace("DYNLOAD", "__import__('sysconfig').get_config_var('DESTSHARED')")
     )
     proc = subprocess.run(
-        [python, "-I", "-c", code], capture_output=True, text=True, check=False, timeout=300
+        [python, "-I", "-S", "-c", code], capture_output=True, text=True, check=False, timeout=300
     )
     if proc.returncode != 0:
         raise ConfigError(f"import probe failed: {proc.stderr.strip()[-2000:]}")
@@ -292,15 +322,179 @@ def codec_modules(sources: Iterable[str]) -> set[str]:
     return mods
 
 
-def pyc_bytes(source_path: str, dest: str) -> bytes:
-    """Compile a source file to .pyc bytes, recording ``/dest`` as its file name."""
-    with open(source_path, "rb") as f:
-        source = f.read()
-    code = compile(source, "/" + dest.removesuffix("c"), "exec", dont_inherit=True)
-    st = os.stat(source_path)
-    mtime, size = int(st.st_mtime) & 0xFFFFFFFF, len(source) & 0xFFFFFFFF
-    head = PYC_HEADER.pack(importlib.util.MAGIC_NUMBER, 0, mtime, size)
-    return head + marshal.dumps(code)
+# Compiles sources to .pyc files (PEP 552 header: magic, flags 0 = timestamp-based, source
+# mtime and size; the capture kernel has no sources, so they are never compared) in a
+# child interpreter: ``-X no_debug_ranges`` leaves out
+# the column tables of Python 3.11 code objects, and docstrings are dropped from the tree
+# (asserts stay, unlike -OO). Together about a quarter off every .pyc, on disk and in RAM
+# once imported; tracebacks keep their line numbers. Nothing in the packed code reads
+# __doc__ (checked for our packages and the transports' libraries).
+COMPILER = r"""
+import ast, importlib.util, json, marshal, os, struct, sys
+def strip(tree):
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            body = node.body
+            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
+                    and isinstance(body[0].value.value, str):
+                node.body = body[1:] or [ast.copy_location(ast.Pass(), body[0])]
+    return tree
+for src, dest, out in json.load(sys.stdin):
+    with open(src, "rb") as f:
+        data = f.read()
+    tree = strip(ast.parse(data, src))
+    code = compile(tree, "/" + dest.removesuffix("c"), "exec", dont_inherit=True)
+    st = os.stat(src)
+    head = struct.pack("<4sIII", importlib.util.MAGIC_NUMBER, 0, int(st.st_mtime) & 0xFFFFFFFF,
+                       len(data) & 0xFFFFFFFF)
+    with open(out, "wb") as f:
+        f.write(head + marshal.dumps(code))
+"""
+
+
+def compile_pycs(
+    items: Iterable[tuple[str, str]], tmpdir: str, python: str = sys.executable
+) -> dict[str, str]:
+    """Compile (source, archive dest) pairs into ``tmpdir``; returns dest -> .pyc file."""
+    jobs = []
+    out: dict[str, str] = {}
+    for i, (src, dest) in enumerate(items):
+        path = os.path.join(tmpdir, f"{i}.pyc")
+        jobs.append((src, dest, path))
+        out[dest] = path
+    proc = subprocess.run(
+        [python, "-X", "no_debug_ranges", "-I", "-S", "-c", COMPILER],
+        input=json.dumps(jobs),
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=600,
+    )
+    if proc.returncode != 0:
+        raise ConfigError(f"compiling the capture code failed: {proc.stderr.strip()[-2000:]}")
+    return out
+
+
+def zip_pure_modules(payload: Payload) -> int:
+    """Move the .pyc files of the standard library and of every package without extension
+    modules into PYZIP, deflated; returns how many moved.
+
+    The image stays in RAM (rootfs), and .pyc files deflate to about a third: 2.5 MB less
+    for an SFTP image. zipimport reads one module at a time. A package holding an extension
+    module stays on disk: its ``__path__`` must find the .so beside its .pyc files. The
+    stdlib landmark ``os.pyc`` stays on disk too (getpath looks for the file).
+    """
+    site, stdlib = DEST_SITE + "/", DEST_STDLIB + "/"
+    native = {
+        d[len(site) :].split("/")[0]
+        for d in payload.files
+        if d.startswith(site) and d.endswith(".so")
+    }
+    entries: dict[str, bytes | str] = {}
+    for dest in sorted(payload.files):
+        if not dest.endswith(".pyc") or dest == f"{stdlib}os.pyc":
+            continue
+        if dest.startswith(site):
+            rel = dest[len(site) :]
+            if rel.split("/")[0] in native:
+                continue
+        elif dest.startswith(stdlib) and not dest.startswith(DEST_DYNLOAD + "/"):
+            rel = dest[len(stdlib) :]
+        else:
+            continue
+        entries[rel] = payload.files.pop(dest)
+        payload.modes.pop(dest, None)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for rel, src in sorted(entries.items()):
+            data = src if isinstance(src, bytes) else Path(src).read_bytes()
+            info = zipfile.ZipInfo(rel, date_time=(1980, 1, 1, 0, 0, 0))  # reproducible
+            z.writestr(info, data, compress_type=zipfile.ZIP_DEFLATED, compresslevel=9)
+    if entries:
+        payload.add(PYZIP, buf.getvalue())
+    return len(entries)
+
+
+# What ``kdump-capture save`` imports in a capture kernel (cli.cmd_save and what it calls),
+# besides the target's transport: measured by measure_save_imports.
+SAVE_MODULES = (
+    "kdump_capture.cli",
+    "kdump_capture.load.commands",
+    "kdump_capture.idna",
+    "kdump_capture.memory",
+    "kdump_capture.finish",
+    "kdump_capture.pipeline",
+    "kdump_capture.progress",
+    "kdump_capture.sample",
+    "kdump_capture.scripts",
+    "kdump_capture.vmcore",
+    "kdump_capture.dmesg",
+    "kdump_capture.report",
+    "kdump_capture.formats.elf",
+    "kdump_capture.formats.kdump",
+    "kdump_capture.formats.filter",
+)
+MEASURE = r"""
+import sys
+R = ROOT
+sys.path[:] = [f"{R}/PYZIP", f"{R}/STDLIB", f"{R}/DYNLOAD", f"{R}/SITE"]
+def anon():
+    with open("/proc/self/statm") as f:
+        fields = f.read().split()
+    return (int(fields[1]) - int(fields[2])) * PAGE
+base = anon()
+import importlib
+for name in NAMES:
+    importlib.import_module(name)
+from transports import transport_class
+for scheme in SCHEMES:
+    transport_class(scheme)
+print(base, anon())
+"""
+
+
+def measure_save_imports(
+    payload: Payload,
+    schemes: Iterable[str],
+    fmt: str,
+    tmpdir: str,
+    python: str = sys.executable,
+) -> tuple[int, int]:
+    """(interpreter, interpreter + the save's imports): resident anonymous bytes of this
+    interpreter importing what a save imports, from the image's own modules.
+
+    The packed interpreter is this one, so the figure is what the capture kernel's save
+    takes before it allocates anything for the dump (``kdump-capture estimate``).
+    """
+    root = tempfile.mkdtemp(prefix="measure-", dir=tmpdir)
+    for dest, src in payload.files.items():
+        if not dest.startswith((DEST_STDLIB, PYZIP)):
+            continue
+        path = os.path.join(root, dest)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        if isinstance(src, bytes):
+            with open(path, "wb") as f:
+                f.write(src)
+        else:
+            os.symlink(os.path.realpath(src), path)
+    names = list(SAVE_MODULES) + (["zstandard"] if fmt == "zstd" else [])
+    code = (
+        MEASURE.replace("ROOT", repr(root))
+        .replace("PYZIP", PYZIP)
+        .replace("STDLIB", DEST_STDLIB)
+        .replace("DYNLOAD", DEST_DYNLOAD)
+        .replace("SITE", DEST_SITE)
+        .replace("PAGE", str(os.sysconf("SC_PAGE_SIZE")))
+        .replace("NAMES", repr(names))
+        .replace("SCHEMES", repr(sorted(schemes)))
+    )
+    proc = subprocess.run(
+        [python, "-I", "-S", "-c", code], capture_output=True, text=True, check=False, timeout=300
+    )
+    if proc.returncode != 0:
+        raise ConfigError(f"the capture code does not import: {proc.stderr.strip()[-2000:]}")
+    base, total = (int(x) for x in proc.stdout.split())
+    return base, total
 
 
 def _dest_for(file: str, own_root: str, stdlib: str, dynload: str) -> str | None:
@@ -366,10 +560,14 @@ def strip_into(src: str, tmpdir: str) -> str:
     return out if r.returncode == 0 else src
 
 
-def collect(schemes: Iterable[str], tmpdir: str, python: str = sys.executable) -> Payload:
-    """The Python runtime for a capture whose targets use ``schemes``."""
+def collect(
+    schemes: Iterable[str], tmpdir: str, python: str = sys.executable, idna: bool = False
+) -> Payload:
+    """The Python runtime for a capture whose targets use ``schemes``; ``idna``: a target
+    host name is not ASCII (see IDNA_IMPORTS)."""
     schemes = set(schemes)
-    names = sorted(set(entry_modules(schemes)) | set(LATE_IMPORTS))
+    late = LATE_IMPORTS + (IDNA_IMPORTS if idna else ())
+    names = sorted(set(entry_modules(schemes)) | set(late))
     root = project_root()
     blocked = set(BLOCKED)
     if "sftp" in schemes and "cifs" not in schemes:
@@ -416,7 +614,8 @@ def collect(schemes: Iterable[str], tmpdir: str, python: str = sys.executable) -
             for m in imports_in_file(f)
             if m.partition(".")[0] in tops and m.partition(".")[0] not in blocked
         }
-        extra = (codec_modules(sources) | lazy) - set(modules) - set(names)
+        codecs = codec_modules(sources) - (set() if idna else set(IDNA_IMPORTS))
+        extra = (codecs | lazy) - set(modules) - set(names)
         if not extra:
             break
         names = sorted(set(names) | extra)
@@ -426,6 +625,7 @@ def collect(schemes: Iterable[str], tmpdir: str, python: str = sys.executable) -
     dynload = os.path.realpath(report["dynload"])
     payload = Payload()
     elves: list[str] = []
+    sources: list[tuple[str, str]] = []
     for name, file in sorted(report["modules"].items()):
         if not file:
             continue
@@ -434,12 +634,15 @@ def collect(schemes: Iterable[str], tmpdir: str, python: str = sys.executable) -
             continue
         payload.modules.append(name)
         if dest.endswith(".py"):
-            payload.add(dest + "c", pyc_bytes(file, dest + "c"))
+            sources.append((file, dest + "c"))
         elif dest.endswith(".so"):
             payload.add(dest, strip_into(file, tmpdir), 0o755)
             elves.append(file)
         else:
             payload.add(dest, file)
+    pycdir = tempfile.mkdtemp(prefix="pyc-", dir=tmpdir)
+    for dest, path in compile_pycs(sources, pycdir, python).items():
+        payload.add(dest, path)
     for dist_path in sorted(set(report.get("dists", {}).values())):
         dest = _dest_for(os.path.join(dist_path, "METADATA"), own_root, stdlib, dynload)
         if not dist_path.endswith(".dist-info") or dest is None:

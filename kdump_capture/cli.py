@@ -13,12 +13,13 @@ import sys
 import tempfile
 
 from . import __version__
+from .cliargs import config_args
+from .cliargs import load_config as load
 from .errors import EXIT_CODES, ConfigError, Interrupted, KdumpError, NotSupported, VerifyError
+from .features import check_unsupported
 from .urls import redact
 
 log = logging.getLogger("kdump_capture")
-
-DEFAULT_CONFIG = "/etc/sysconfig/kdump"
 
 
 class RedactingFormatter(logging.Formatter):
@@ -44,87 +45,15 @@ def _setup_logging(debug: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.DEBUG if debug else logging.WARNING)
 
 
-def config_args(p: argparse.ArgumentParser) -> None:
-    """--config and --set, shared by every command that reads the configuration."""
-    p.add_argument(
-        "--config",
-        default=DEFAULT_CONFIG,
-        metavar="FILE",
-        help=f"sysconfig file (default {DEFAULT_CONFIG}; missing: built-in defaults)",
-    )
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        dest="overrides",
-        help="override a directive (repeatable)",
-    )
-
-
-def load(args: argparse.Namespace):
-    from .config import load_config
-
-    cfg = load_config(args.config, args.overrides)
-    for w in cfg.warnings:
-        log.warning("%s", w)
-    return cfg
-
-
-# Directives this engine does not implement, with the value that means "off". A value other
-# than that fails before anything is written, never silently ignored.
-UNSUPPORTED = {
-    "KDUMP_COPY_KERNEL": ("no", "copying the kernel image next to the dump"),
-    "MAKEDUMPFILE_OPTIONS": (
-        "",
-        "makedumpfile options (this engine is not makedumpfile; "
-        "use KDUMP_DUMPLEVEL and KDUMP_DUMPFORMAT)",
-    ),
-    "KDUMP_SMTP_SERVER": ("", "e-mail notification"),
-    "KDUMP_NOTIFICATION_TO": ("", "e-mail notification"),
-    "KDUMP_FADUMP": ("no", "firmware-assisted dump (ppc64 only)"),
-    "KDUMP_AUTO_RESIZE": ("no", "automatic resizing of the reservation (ppc64 only)"),
-}
-UNSUPPORTED_FLAGS = {"SPLIT", "XENALLDOMAINS"}
-
-
-def check_unsupported(cfg) -> None:
-    for name, what in UNSUPPORTED.items():
-        if cfg.value(name):  # "" or a false boolean means the feature is off
-            raise cfg.not_supported(name, what)
-    flags = set(cfg["KDUMPTOOL_FLAGS"].upper().replace(",", " ").split())
-    if flags & UNSUPPORTED_FLAGS:
-        raise cfg.not_supported("KDUMPTOOL_FLAGS", " and ".join(sorted(flags & UNSUPPORTED_FLAGS)))
-
-
-def mem_available() -> int | None:
-    """MemAvailable from /proc/meminfo in bytes, or None."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def replay_budget(available: int | None) -> int:
-    """Bytes a network sink may keep for resuming: 16 MiB, less in a small capture kernel.
-
-    An eighth of what is available, between 4 and 16 MiB: at crashkernel=128M only about
-    31 MiB are available when the save starts, and a 16 MiB buffer got the save OOM-killed.
-    """
-    full = 16 << 20
-    if available is None:
-        return full
-    return max(4 << 20, min(full, available // 8 >> 20 << 20))
-
-
-def transport_settings(cfg):
-    """What the transports take from the configuration (save, recover and verify)."""
+def transport_settings(cfg, replay_bytes: int | None = None):
+    """What the transports take from the configuration (save, recover and verify); the
+    replay ring from MemAvailable unless given (memory.plan_buffers)."""
     from transports.base import TransportSettings
 
+    from . import memory
+
+    if replay_bytes is None:
+        replay_bytes = memory.plan_buffers(memory.mem_available(), memory.usable_cpus()).replay
     s3 = {
         "s3_access_key": cfg["KDUMP_S3_ACCESS_KEY"],
         "s3_secret_key": cfg["KDUMP_S3_SECRET_KEY"],
@@ -136,15 +65,17 @@ def transport_settings(cfg):
         ssh_identity=cfg.ssh_identity,
         host_key=cfg.host_key,
         debug=bool(cfg.verbose & 8),
-        replay_bytes=replay_budget(mem_available()),
+        replay_bytes=replay_bytes,
         extra={k: v for k, v in s3.items() if v},
     )
 
 
 def make_plan(cfg):
-    """Resolve the configuration into a SavePlan; unsupported settings fail here, early."""
+    """Resolve the configuration into a SavePlan; unsupported settings fail here, early.
+    Buffers are sized from MemAvailable now (memory.plan_buffers)."""
     from transports import transport_class
 
+    from . import memory
     from .pipeline import SavePlan
 
     check_unsupported(cfg)
@@ -154,7 +85,8 @@ def make_plan(cfg):
             transport_class(t.scheme)  # a configured scheme that cannot load fails now
         except NotSupported as e:
             raise NotSupported(f"{cfg.location('KDUMP_SAVEDIR')}: {t.redacted()}: {e}") from None
-    settings = transport_settings(cfg)
+    buffers = memory.plan_buffers(memory.mem_available(), memory.usable_cpus())
+    settings = transport_settings(cfg, buffers.replay)
     return SavePlan(
         targets=targets,
         dump_format=cfg.dumpformat,
@@ -162,6 +94,7 @@ def make_plan(cfg):
         keep_old_dumps=cfg.keep_old_dumps,
         free_disk_size=cfg.free_disk_size,
         settings=settings,
+        buffers=buffers,
     )
 
 
@@ -176,6 +109,10 @@ def _on_watchdog(signum, frame):
 
 
 def cmd_save(args: argparse.Namespace) -> int:
+    from .memory import MemoryLog, mem_available, plan_buffers, usable_cpus
+
+    memlog = MemoryLog(available=mem_available())
+    memlog.mark("interpreter and CLI")
     from . import finish
     from .heartbeat import Heartbeat
     from .pipeline import save
@@ -184,6 +121,7 @@ def cmd_save(args: argparse.Namespace) -> int:
     from .scripts import check_script, check_transfer, run_script
     from .vmcore import find_source, open_vmcore
 
+    memlog.mark("engine")
     cfg = load(args)
     _setup_logging(bool(cfg.verbose & 8))
     dumpdev = cfg["KDUMP_DUMPDEV"]
@@ -198,6 +136,9 @@ def cmd_save(args: argparse.Namespace) -> int:
         return 0
     check_unsupported(cfg)
     plan = None if dumpdev else make_plan(cfg)
+    if plan is not None:
+        memlog.plan = plan.buffers
+        memlog.mark("transport libraries")
     if cfg["KDUMP_PRESCRIPT"]:
         status = run_script("KDUMP_PRESCRIPT", cfg["KDUMP_PRESCRIPT"], {})
         check_script("KDUMP_PRESCRIPT", status, cfg.continue_on_error)
@@ -226,18 +167,16 @@ def cmd_save(args: argparse.Namespace) -> int:
             if dumpdev:
                 from .dumpdev import write_dump
 
-                header = write_dump(
-                    vm,
-                    dumpdev,
-                    cfg.dumpformat,
-                    cfg.dumplevel,
-                    heartbeat.around(make_progress(cfg.verbose)),
-                )
+                buffers = plan_buffers(mem_available(), usable_cpus())
+                progress = heartbeat.around(make_progress(cfg.verbose, style=args.progress))
+                header = write_dump(vm, dumpdev, cfg.dumpformat, cfg.dumplevel, progress, buffers)
             else:
-                result = save(vm, plan, heartbeat.around(make_progress(cfg.verbose)))
+                progress = heartbeat.around(make_progress(cfg.verbose, style=args.progress))
+                result = save(vm, plan, progress, memlog)
     finally:
         if tmp:
             os.unlink(tmp)
+        log.info("%s", memlog.report())
     if dumpdev:
         print(f"Dump written to {dumpdev} ({header.data_size} bytes).")
         env = {"KDUMP_DUMP_DEVICE": dumpdev, "KDUMP_DUMP_URL": "", "KDUMP_DUMP_DIR": ""}
@@ -296,7 +235,7 @@ def cmd_recover(args: argparse.Namespace) -> int:
         source_level=header.level,
     )
     with dumpdev.open_device_dump(device, header) as vm:
-        result = save(vm, plan, make_progress(cfg.verbose))
+        result = save(vm, plan, make_progress(cfg.verbose, style=args.progress))
     dumpdev.mark_recovered(device, header)
     print(f"Dump recovered from {device}: {result.target}/{result.directory}")
     return 0
@@ -464,6 +403,18 @@ def cmd_make_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def progress_arg(p: argparse.ArgumentParser) -> None:
+    from .progress import PROGRESS_STYLES
+
+    p.add_argument(
+        "--progress",
+        choices=PROGRESS_STYLES,
+        default="auto",
+        help="progress display (KDUMP_VERBOSE bit 2): a bar, plain lines (a line per 10%% "
+        "or 10 s, for serial consoles), or auto: a bar on a terminal",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kdump-capture",
@@ -484,6 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="save a built-in synthetic sample vmcore instead (a demo)",
     )
     p.add_argument("--sample-mib", type=int, default=64, help=argparse.SUPPRESS)
+    progress_arg(p)
     p.add_argument(
         "--no-reboot", action="store_true", help="never reboot afterwards, whatever the config says"
     )
@@ -493,6 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
     config_args(p)
     p.add_argument("--device", metavar="DEV", help="dump device (default: KDUMP_DUMPDEV)")
     p.add_argument("--force", action="store_true", help="copy a dump recovered before again")
+    progress_arg(p)
     p.add_argument(
         "--if-present",
         action="store_true",
@@ -528,13 +481,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparse", action="store_true", help="all-zero RAM as file holes (fast, big)")
     p.set_defaults(func=cmd_make_sample)
 
-    from .loadside import add_subcommands
+    from .load.commands import add_subcommands
 
     add_subcommands(sub)  # check, load, unload, status, test-crash, initramfs
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from . import idna
+
+    idna.register()  # before any host name is resolved (capture images may lack the codec)
     _setup_logging(False)
     parser = build_parser()
     args = parser.parse_args(argv)

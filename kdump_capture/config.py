@@ -107,7 +107,7 @@ def _pattern_kind(
 
 
 def _kernel_cmdline(value: str) -> str:
-    from .loadside import kernel_words  # the very splitter `load` uses
+    from .load.kexec import kernel_words  # the very splitter `load` uses
 
     try:
         kernel_words(value)
@@ -117,7 +117,7 @@ def _kernel_cmdline(value: str) -> str:
 
 
 def _kexec_options(value: str) -> str:
-    from .loadside import kexec_words
+    from .load.kexec import kexec_words
 
     try:
         kexec_words(value)
@@ -249,7 +249,7 @@ DIRECTIVES: tuple[Directive, ...] = (
     _d("FADUMP_COMMANDLINE_APPEND", "", CMDLINE, "Appended for firmware-assisted dump",
        side="load"),
     # SUSE 2.x defaults these to "auto" and "true"; this engine does not edit the boot loader,
-    # so the defaults are off and turning either on fails with exit 9 (loadside).
+    # so the defaults are off and turning either on fails with exit 9 (features.LOAD_UNSUPPORTED).
     _d("KDUMP_CRASHKERNEL", "", STR, "crashkernel= reservation to write into the boot loader",
        side="load"),
     _d("KDUMP_UPDATE_BOOTLOADER", "false", BOOL, "Write crashkernel= into the boot loader",

@@ -39,6 +39,7 @@ from transports.base import FileInfo, Sink
 
 from .errors import ConfigError, DumpDeviceError, IncompleteDump, VmcoreError
 from .formats import CHUNK, FORMAT_NAMES, make_writer
+from .memory import BufferPlan
 from .progress import NoProgress, Progress
 from .vmcore import Vmcore, open_vmcore
 
@@ -336,7 +337,12 @@ class DeviceSink(Sink):
 
 
 def write_dump(
-    vm: Vmcore, path: str, fmt: str, level: int, progress: Progress | None = None
+    vm: Vmcore,
+    path: str,
+    fmt: str,
+    level: int,
+    progress: Progress | None = None,
+    buffers: BufferPlan | None = None,
 ) -> DeviceHeader:
     """Write ``vm`` onto the dump device ``path``; returns the committed header."""
     progress = progress or NoProgress()
@@ -352,7 +358,7 @@ def write_dump(
         raise DumpDeviceError(f"KDUMP_DUMPDEV {path}: cannot open: {e.strerror}") from e
     try:
         capacity = _device_size(fd) - DATA_OFFSET
-        writer = make_writer(vm, fmt, level, seekable=True)
+        writer = make_writer(vm, fmt, level, seekable=True, buffers=buffers)
         # The crashed kernel's VMCOREINFO says when it crashed; the header keeps only what
         # recover will accept (an implausible time becomes "unknown").
         crash_time = vm.crash_time if 0 < (vm.crash_time or 0) <= MAX_TIME else 0

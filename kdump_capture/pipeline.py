@@ -25,6 +25,7 @@ from .errors import (
     VmcoreError,
 )
 from .formats import FORMAT_NAMES, FormatWriter, WriteResult, make_writer
+from .memory import BufferPlan, MemoryLog
 from .progress import NoProgress, Progress
 from .report import DMESG, MANIFEST, PLACEHOLDER, README, VMCORE, DumpRecord
 from .urls import Target
@@ -38,6 +39,8 @@ BUDGET_INTERVAL = 32 << 20
 # The most a writer writes between two monitor calls: a 1 MiB chunk (formats.CHUNK) or a
 # batch of 256 compressed pages, plus a 64 KiB flush of page descriptors; doubled for slack.
 WRITE_STEP = 2 << 20
+# The peak of anonymous memory is sampled every this many chunks (a read of statm).
+MEMORY_SAMPLE = 8
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,8 @@ class SavePlan:
     #: describes the source's own format when it is copied verbatim (dump-device recovery)
     source_label: str | None = None
     source_level: int | None = None
+    #: buffer sizes from MemAvailable (memory.plan_buffers)
+    buffers: BufferPlan = field(default_factory=BufferPlan)
 
 
 @dataclass
@@ -103,8 +108,11 @@ class BudgetMonitor:
         progress: Progress,
         free_at_start: int | None,
         make_room: Callable[[int], bool] | None = None,
+        memlog: MemoryLog | None = None,
     ) -> None:
         self.transport = transport
+        self.memlog = memlog
+        self.chunks = 0
         self.relpath = relpath
         self.margin = margin
         self.estimate = estimate
@@ -117,6 +125,9 @@ class BudgetMonitor:
     def advance(self, read: int, written: int) -> None:
         self.progress.update(read)
         self.written += written
+        self.chunks += 1
+        if self.memlog is not None and self.chunks % MEMORY_SAMPLE == 0:
+            self.memlog.sample()
         if self.enabled and self.written >= self.next_check:
             self.check()
 
@@ -242,9 +253,11 @@ def save_to_target(
     target: Target,
     progress: Progress | None = None,
     now: float | None = None,
+    memlog: MemoryLog | None = None,
 ) -> SaveResult:
     """Save one dump to ``target``: check, rotate, budget, write, commit, prune."""
     progress = progress or NoProgress()
+    memlog = memlog or MemoryLog()
     started = time.time() if now is None else now
     # The largest file is at most the source plus format overhead (page descriptors and
     # bitmaps below 1%, flattened headers); S3 sizes its upload parts by it.
@@ -256,12 +269,17 @@ def save_to_target(
     crash_time, stamp, time_note = _dump_time(vm, started)
     writer: FormatWriter | None = None
     if plan.dump_format != "none":
-        writer = make_writer(vm, plan.dump_format, plan.dump_level, transport.can_seek)
+        writer = make_writer(
+            vm, plan.dump_format, plan.dump_level, transport.can_seek, plan.buffers
+        )
     lower_bound = writer.lower_bound() if writer else 0
+    memlog.mark("bitmaps")
     dmesg, dmesg_error = extract_log(vm)
+    memlog.mark("dmesg")
     if writer is None and dmesg_error is not None:
         raise dmesg_error  # format "none" saves only dmesg.txt: there is nothing to save
     with transport:
+        memlog.mark("transport session")
         host = None if target.scheme == "file" else host_identity(target)
         existing = policy.ours(scan_dumps(transport, host), host)
         _remove(transport, policy.select_stale(existing), "left incomplete by an earlier run")
@@ -298,7 +316,9 @@ def save_to_target(
             _put(transport, f"{name}/{README}", PLACEHOLDER.encode())
             if dmesg is not None:
                 record.files[DMESG] = _put(transport, f"{name}/{DMESG}", dmesg)
-            result = _save_vmcore(vm, plan, transport, name, writer, record, progress, free, room)
+            result = _save_vmcore(
+                vm, plan, transport, name, writer, record, progress, free, room, memlog
+            )
         except FreeSpaceError:
             log.error("not enough space: removing the partial dump %s", name)
             _try(lambda: transport.remove_tree(name))
@@ -374,12 +394,12 @@ def extract_log(vm: Vmcore) -> tuple[bytes | None, KdumpError | None]:
 
 
 def _save_vmcore(
-    vm, plan, transport, name, writer, record, progress, free, room
+    vm, plan, transport, name, writer, record, progress, free, room, memlog=None
 ) -> WriteResult | None:
     if writer is None:
         return None
     monitor = BudgetMonitor(
-        transport, name, plan.free_disk_size, writer.estimate(), progress, free, room
+        transport, name, plan.free_disk_size, writer.estimate(), progress, free, room, memlog
     )
     progress.start(f"{VMCORE}", writer.input_size())
     vm.reset_unreadable()
@@ -448,12 +468,14 @@ def _try(fn) -> None:
         log.warning("while cleaning up: %s", e)
 
 
-def save(vm: Vmcore, plan: SavePlan, progress: Progress | None = None) -> SaveResult:
+def save(
+    vm: Vmcore, plan: SavePlan, progress: Progress | None = None, memlog: MemoryLog | None = None
+) -> SaveResult:
     """Try each target in order; the first that takes the whole dump wins."""
     last: KdumpError | None = None
     for i, target in enumerate(plan.targets):
         try:
-            return save_to_target(vm, plan, target, progress)
+            return save_to_target(vm, plan, target, progress, memlog=memlog)
         except (TransportError, FreeSpaceError) as e:
             last = e
             more = i + 1 < len(plan.targets)

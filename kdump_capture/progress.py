@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from typing import Protocol, TextIO
 
 
@@ -25,42 +26,78 @@ class NoProgress:
 
 
 class LineProgress:
-    """One plain line per 10% (or per 256 MiB when the total is unknown); for logs and
-    serial consoles that are not terminals."""
+    """Plain lines for logs and serial consoles, where a redrawn bar is unreadable: one at
+    every 10 % and at least every ``interval`` seconds while data flows, each with the
+    percentage, the amount, the rate and the time left (or the amount and rate when the
+    total is unknown, with a line per 256 MiB)."""
 
-    def __init__(self, stream: TextIO | None = None) -> None:
+    def __init__(
+        self,
+        stream: TextIO | None = None,
+        interval: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.stream = stream or sys.stdout
+        self.interval = interval
+        self.clock = clock
         self.done = 0
         self.total: int | None = None
         self.next_mark = 0
-        self.t0 = 0.0
+        self.t0 = self.last = 0.0
         self.label = ""
+        self.lines = 0
 
     def start(self, label: str, total: int | None) -> None:
-        self.label, self.total, self.done = label, total, 0
-        self.t0 = time.monotonic()
-        self.next_mark = 10 if total else 256 << 20
+        self.label, self.total, self.done = label, total or None, 0
+        self.t0 = self.last = self.clock()
+        self.next_mark = 10 if self.total else 256 << 20
 
     def update(self, n: int) -> None:
         self.done += n
+        now = self.clock()
+        due = now - self.last >= self.interval
         if self.total:
             pct = self.done * 100 // self.total
-            while pct >= self.next_mark and self.next_mark <= 100:
-                self._line(f"{self.next_mark:3d}%")
-                self.next_mark += 10
+            if pct >= self.next_mark:
+                due = True
+                while self.next_mark <= pct:
+                    self.next_mark += 10
         elif self.done >= self.next_mark:
-            self._line(f"{self.done >> 20} MiB")
-            self.next_mark += 256 << 20
+            due = True
+            self.next_mark = (self.done // (256 << 20) + 1) * (256 << 20)
+        if due:
+            self._line(now)
 
-    def _line(self, what: str) -> None:
-        dt = max(time.monotonic() - self.t0, 1e-6)
-        rate = self.done / dt / 1e6
-        self.stream.write(f"{self.label}: {what} ({self.done >> 20} MiB, {rate:.1f} MB/s)\n")
+    def _line(self, now: float, final: bool = False) -> None:
+        self.last = now
+        self.lines += 1
+        elapsed = now - self.t0
+        rate = self.done / elapsed if elapsed > 0 else 0.0
+        text = f"{self.label}: "
+        if self.total:
+            text += f"{min(self.done * 100 // self.total, 100):3d}% "
+        text += f"{self.done / 1e6:.0f}"
+        text += f"/{self.total / 1e6:.0f} MB" if self.total else " MB"
+        text += f", {rate / 1e6:.1f} MB/s"
+        if final:
+            text += f", done in {elapsed:.0f} s"
+        elif self.total and rate > 0:
+            text += f", ETA {eta(max(self.total - self.done, 0) / rate)}"
+        self.stream.write(text + "\n")
         self.stream.flush()
 
     def finish(self) -> None:
-        if self.total is None or self.next_mark <= 100:
-            self._line("done")
+        self._line(self.clock(), final=True)
+
+
+def eta(seconds: float) -> str:
+    """``42 s``, ``3 min 05 s`` or ``1 h 02 min``: short, for a console line."""
+    s = int(seconds + 0.5)
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {s % 3600 // 60:02d} min"
 
 
 class TqdmProgress:
@@ -96,11 +133,20 @@ class TqdmProgress:
             self.bar = None
 
 
-def make_progress(verbose: int, stream: TextIO | None = None) -> Progress:
-    """KDUMP_VERBOSE bit 2 asks for progress: a bar on a terminal, plain lines otherwise."""
+PROGRESS_STYLES = ("auto", "lines", "bar")
+
+
+def make_progress(verbose: int, stream: TextIO | None = None, style: str = "auto") -> Progress:
+    """KDUMP_VERBOSE bit 2 asks for progress: ``bar`` (tqdm), ``lines``, or ``auto``: a bar
+    on a terminal, lines otherwise. The capture kernel asks for lines: its console is a
+    terminal, but what matters is the serial log, where a redrawn bar shows nothing."""
     if not verbose & 2:
         return NoProgress()
     stream = stream or sys.stdout
-    if stream.isatty():
+    if style == "bar" or (style == "auto" and stream.isatty()):
+        try:
+            import tqdm  # noqa: F401  capture images leave it out: lines there
+        except ImportError:
+            return LineProgress(stream)
         return TqdmProgress(stream)
     return LineProgress(stream)

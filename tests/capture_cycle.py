@@ -12,11 +12,13 @@ load side runs with exactly the runtime the capture uses.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import re
 import subprocess
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +36,10 @@ fail() { echo "E2E-FAIL: $*"; /usr/bin/busybox poweroff -f; sleep 5; }
 echo "E2E-STAGE first"
 echo "{marker}" >/dev/kmsg
 K="--config /etc/sysconfig/kdump"
+if [ -e /boot/capture.img.inputs.json ]; then  # our image (dracut's has no record)
+    python3 -I -m kdump_capture estimate $K --initrd /boot/capture.img \\
+        || fail "kdump-capture estimate"
+fi
 python3 -I -m kdump_capture load $K --kernel /boot/vmlinuz --initrd /boot/capture.img \\
     || fail "kdump-capture load"
 python3 -I -m kdump_capture status $K || fail "kdump-capture status"
@@ -43,6 +49,10 @@ fail "still alive after test-crash"
 """
 
 SAVED = re.compile(r"kdump-capture: \[ *[0-9.]+s\] save finished with exit code (-?\d+)")
+ESTIMATE = re.compile(r"recommended: crashkernel=(\d+)M")
+SAVE_TIME = re.compile(r"save finished with exit code -?\d+ after ([0-9.]+) s")
+# A progress line of the save on the serial console (kdump_capture.progress.LineProgress).
+PROGRESS = re.compile(r"^vmcore: +\d+% \d+/\d+ MB, [0-9.]+ MB/s, (ETA|done in) ", re.M)
 FINISH = re.compile(r"kdump-capture: \[ *[0-9.]+s\] (rebooting|powering off|halting)")
 
 
@@ -57,6 +67,22 @@ class CycleResult:
     total: float
     report: builder.BuildReport
     log_path: Path
+
+    @property
+    def estimate(self) -> int | None:
+        """crashkernel= in MiB that ``kdump-capture estimate`` printed in the first kernel."""
+        m = ESTIMATE.search(self.console)
+        return int(m.group(1)) if m else None
+
+    @property
+    def save_seconds(self) -> float | None:
+        """How long the save ran, as /init measured it in the capture kernel."""
+        m = SAVE_TIME.search(self.console)
+        return float(m.group(1)) if m else None
+
+    @property
+    def progress_lines(self) -> int:
+        return len(PROGRESS.findall(self.console))
 
 
 def build_capture(
@@ -93,6 +119,9 @@ def first_stage_image(
     arc.add_file("usr/bin/busybox", vmkit.find_busybox().read_bytes(), 0o755)
     arc.add_file("boot/vmlinuz", kernel.vmlinuz.read_bytes())
     arc.add_file("boot/capture.img", (loaded or capture).read_bytes())
+    if loaded is None:  # our builder's record beside the image: what ``estimate`` reads
+        record = capture.with_name(capture.name + ".inputs.json")
+        arc.add_file("boot/capture.img.inputs.json", record.read_bytes(), 0o600)
     buf = io.BytesIO()
     arc.write(buf)
     first = work / "first.img"
@@ -172,3 +201,110 @@ def extract_from_ext4(image: Path, src: str, dest: Path) -> Path:
     if r.returncode != 0 or not out.exists():
         raise AssertionError(f"debugfs rdump {src} failed: {r.stderr}")
     return out
+
+
+# -- the targets of the VM matrix (shared by tests/test_e2e_vm.py and bench) ---------------
+TARGET_KINDS = ("file", "sftp", "ftp", "nfs", "cifs")
+# KDUMP_DUMPFORMAT and KDUMP_DUMPLEVEL of the matrix's formats (issue 12: the ones admins use)
+FORMATS = {"compressed": ("compressed", 31), "zstd": ("zstd", 31), "elf": ("ELF", 0)}
+DISK_LABEL = "kdumpdisk"
+COMMON = 'KDUMP_IMMEDIATE_REBOOT="yes"\nKDUMP_KEEP_OLD_DUMPS="0"\nKDUMP_FREE_DISK_SIZE="0"\n'
+
+
+@dataclass
+class TargetSetup:
+    """A running target: the config lines that point at it, what run_cycle needs for it,
+    and how to get the dump directories onto the host afterwards."""
+
+    config: str
+    cycle_args: dict
+    fetch: object  # () -> list[Path] of dump directories
+
+
+@contextlib.contextmanager
+def serve_target(kind: str, work: Path) -> Iterator[TargetSetup]:
+    """Start the server for ``kind`` (file: an ext4 virtio disk) on the host's loopback."""
+    work.mkdir(parents=True, exist_ok=True)
+    if kind == "file":
+        disk = make_ext4_disk(work / "disk.img", 2048, DISK_LABEL)
+
+        def fetch_disk() -> list[Path]:
+            crash = extract_from_ext4(disk.path, "/var/crash", work / "out")
+            return [d for d in crash.iterdir() if d.is_dir()]
+
+        yield TargetSetup(
+            'KDUMP_SAVEDIR="file:///var/crash"\n',
+            {"drives": (disk,), "target_device": f"LABEL={DISK_LABEL}", "target_fstype": "ext4"},
+            fetch_disk,
+        )
+        return
+    dumps = work / "dumps"
+
+    def fetch() -> list[Path]:
+        return [d for d in dumps.iterdir() if d.is_dir()] if dumps.is_dir() else []
+
+    net = {"net": True}
+    if kind == "sftp":
+        from tests.servers.sshd import sshd
+
+        dumps.mkdir()
+        with sshd(str(work / "sshd")) as s:
+            yield TargetSetup(
+                f'KDUMP_SAVEDIR="sftp://root@10.0.2.2:{s.port}{dumps}"\n'
+                f'KDUMP_HOST_KEY="{s.host_key}"\nKDUMP_SSH_IDENTITY="{s.client_key}"\n'
+                'KDUMP_NET_TIMEOUT="30"\n',
+                net,
+                fetch,
+            )
+    elif kind == "ftp":
+        from tests.servers.ftp import pyftpd
+
+        (work / "ftpd").mkdir()
+        with pyftpd(str(work / "ftpd"), str(work / "ftproot")) as s:
+            dumps = work / "ftproot" / "dumps"
+            yield TargetSetup(
+                f'KDUMP_SAVEDIR="ftp://{s.user}:{s.password}@10.0.2.2:{s.port}/dumps"\n',
+                net,
+                fetch,
+            )
+    elif kind == "cifs":
+        from tests.servers.samba import smbd
+
+        with smbd(str(work / "smbd"), str(work / "share")) as s:
+            dumps = work / "share" / "dumps"
+            yield TargetSetup(
+                f'KDUMP_SAVEDIR="cifs://{s.user}:{s.password}@10.0.2.2:{s.port}/{s.share}/dumps"\n',
+                net,
+                fetch,
+            )
+    elif kind == "nfs":
+        from tests import nfs_ganesha
+
+        with nfs_ganesha.ganesha(str(work), str(dumps)):
+            yield TargetSetup('KDUMP_SAVEDIR="nfs://10.0.2.2/dumps"\n', net, fetch)
+    else:
+        raise ValueError(f"unknown target kind {kind!r}")
+
+
+def format_config(fmt: str) -> str:
+    name, level = FORMATS[fmt]
+    return f'KDUMP_DUMPFORMAT="{name}"\nKDUMP_DUMPLEVEL="{level}"\n'
+
+
+def matrix_cycle(
+    kernel: vmkit.Kernel, kind: str, fmt: str, crashkernel_mib: int, work: Path
+) -> tuple[CycleResult, list[Path]]:
+    """One cycle of the matrix: ``kind`` target, ``fmt`` format, this reservation; returns
+    the result and the dump directories found on the target afterwards."""
+    with serve_target(kind, work / "target") as t:
+        res = run_cycle(
+            kernel,
+            t.config + format_config(fmt) + COMMON,
+            work / "cycle",
+            crashkernel_mib=crashkernel_mib,
+            # ELF at level 0 over SFTP is 947 MB at 2-10 MB/s under TCG (emulated crypto)
+            timeout=900.0,
+            **t.cycle_args,
+        )
+        dumps = t.fetch() if res.save_rc == 0 else []
+    return res, dumps

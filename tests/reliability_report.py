@@ -115,7 +115,7 @@ def table(results: dict[tuple[str, str], dict]) -> str:
         lines.append(f"| {row.title} | {TARGET_NAMES[kind]} | {result} | {detail} |")
     lines.append(
         "| any fault above | NFS | not run: the host kernel has no NFS client. The VM matrix "
-        "(`tests/test_e2e_vm.py::test_network_matrix[nfs]`, `-m slow`) saves over NFS from a "
+        "(`tests/test_e2e_vm.py::test_capture_matrix`, nfs cases, `-m slow`) saves over NFS from a "
         "real capture kernel (no fault injected there) | |"
     )
     return "\n".join(lines)

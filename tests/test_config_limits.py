@@ -11,9 +11,10 @@ import tracemalloc
 
 import pytest
 
-from kdump_capture import loadside
+from kdump_capture import features
 from kdump_capture.config import MAX_VALUE, load_config, parse_sysconfig
 from kdump_capture.errors import ConfigError
+from kdump_capture.load import kexec
 from kdump_capture.sample import SampleSpec, write_sample
 from tests.helpers import cli, save_args
 
@@ -98,7 +99,7 @@ def syslog(tmp_path):
 def test_verbose_1_logs_the_load_command_to_syslog(syslog, tmp_path, capsys):
     path, s = syslog
     kmsg = tmp_path / "kmsg"
-    loadside.announce_load(LINE, 1, socket_path=path, kmsg=str(kmsg))
+    kexec.announce_load(LINE, 1, socket_path=path, kmsg=str(kmsg))
     assert s.recv(4096).decode() == f"<13>kdump-capture[{os.getpid()}]: load command: {LINE}"
     assert capsys.readouterr().out == ""  # bit 4 is off
     assert not kmsg.exists()
@@ -107,14 +108,14 @@ def test_verbose_1_logs_the_load_command_to_syslog(syslog, tmp_path, capsys):
 def test_verbose_1_without_syslog_goes_to_the_kernel_log(tmp_path, capsys):
     kmsg = tmp_path / "kmsg"
     kmsg.write_text("")  # stands in for /dev/kmsg
-    loadside.announce_load(LINE, 3, socket_path=str(tmp_path / "none"), kmsg=str(kmsg))
+    kexec.announce_load(LINE, 3, socket_path=str(tmp_path / "none"), kmsg=str(kmsg))
     assert kmsg.read_text() == f"<13>kdump-capture[{os.getpid()}]: load command: {LINE}\n"
     assert capsys.readouterr().out == ""
 
 
 def test_verbose_4_prints_the_load_command(syslog, tmp_path, capsys):
     path, s = syslog
-    loadside.announce_load(LINE, 4, socket_path=path, kmsg=str(tmp_path / "kmsg"))
+    kexec.announce_load(LINE, 4, socket_path=path, kmsg=str(tmp_path / "kmsg"))
     assert capsys.readouterr().out == f"load command: {LINE}\n"
     s.setblocking(False)
     with pytest.raises(BlockingIOError):
@@ -122,9 +123,9 @@ def test_verbose_4_prints_the_load_command(syslog, tmp_path, capsys):
 
 
 def test_load_command_names_the_load():
-    assert loadside.load_command("kexec_file_load", "/boot/vmlinuz", "/i.img", "a b") == LINE
+    assert kexec.load_command("kexec_file_load", "/boot/vmlinuz", "/i.img", "a b") == LINE
     argv = "/sbin/kexec -p --initrd=/i.img '--command-line=a b' /boot/vmlinuz"
-    assert loadside.load_command(argv, "/boot/vmlinuz", "/i.img", "a b") == argv
+    assert kexec.load_command(argv, "/boot/vmlinuz", "/i.img", "a b") == argv
 
 
 # --- load-side features this build does not implement ------------------------------------------
@@ -149,7 +150,7 @@ def test_bootloader_and_crashkernel_are_refused_on_the_load_side(tmp_path, setti
 def test_defaults_do_not_turn_them_on():
     cfg = load_config(None)
     assert cfg.value("KDUMP_UPDATE_BOOTLOADER") is False and cfg.value("KDUMP_CRASHKERNEL") == ""
-    loadside.check_supported(cfg)  # no error
+    features.check_supported(cfg)  # no error
 
 
 def test_a_capture_kernel_never_refuses_a_dump_over_them(tmp_path):

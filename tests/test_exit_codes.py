@@ -9,8 +9,9 @@ import os
 
 import pytest
 
-from kdump_capture import loadside
 from kdump_capture.errors import ConfigError
+from kdump_capture.load import kexec
+from kdump_capture.load import system as loadsys
 from kdump_capture.sample import SampleSpec, write_sample
 from tests.helpers import Run, cli, save_args
 
@@ -101,19 +102,19 @@ def test_load_time_check_of_an_unvalidated_mapping():
         "KEXEC_OPTIONS": "",
     }
     with pytest.raises(ConfigError, match="KDUMP_COMMANDLINE_APPEND: unbalanced double quote"):
-        loadside.readiness(cfg, loadside.System())
+        loadsys.readiness(cfg, loadsys.System())
     with pytest.raises(ConfigError, match="KEXEC_OPTIONS: unbalanced quote"):
-        loadside.readiness({**cfg, "KDUMP_COMMANDLINE_APPEND": "", "KEXEC_OPTIONS": "'x"}, None)
+        loadsys.readiness({**cfg, "KDUMP_COMMANDLINE_APPEND": "", "KEXEC_OPTIONS": "'x"}, None)
 
 
 def test_kernel_words_follow_the_kernel():
     """Double quotes group and stay; single quotes mean nothing to the kernel; an unbalanced
     quote in /proc/cmdline (which the kernel accepted) runs to the end, as in the kernel."""
-    assert loadside.kernel_words('a dyndbg="x y" it\'s') == ["a", 'dyndbg="x y"', "it's"]
-    assert loadside.kernel_words('a b="c d', strict=False) == ["a", 'b="c d']
+    assert kexec.kernel_words('a dyndbg="x y" it\'s') == ["a", 'dyndbg="x y"', "it's"]
+    assert kexec.kernel_words('a b="c d', strict=False) == ["a", 'b="c d']
     with pytest.raises(ValueError, match="character 5"):
-        loadside.kernel_words('a b="c d')
-    out = loadside.capture_cmdline('quiet x="unterminated tail', "", "", 1)
+        kexec.kernel_words('a b="c d')
+    out = kexec.capture_cmdline('quiet x="unterminated tail', "", "", 1)
     assert out.startswith("quiet ") and 'x="unterminated tail' in out
 
 

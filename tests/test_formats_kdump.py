@@ -347,3 +347,18 @@ def test_elf_level_31_leaves_excluded_runs_out(tmp_path):
 def test_page_desc_round_trip():
     pd = PageDesc(offset=123456, size=77, flags=0x20)
     assert PageDesc.unpack_from(pd.pack()) == pd
+
+
+@pytest.mark.parametrize("fmt", ["compressed", "zstd"])
+def test_small_buffer_plan_writes_the_same_dump(tmp_path, fmt):
+    """A capture kernel with little memory uses quarter-size batches, two in flight and one
+    thread (memory.plan_buffers): the dump must be byte-identical to the default's."""
+    from kdump_capture.memory import FLOOR, plan_buffers
+
+    vm = open_vmcore(_image(tmp_path))
+    outs = []
+    for plan in (None, FLOOR, plan_buffers(40 << 20, 1)):
+        sink = SeekSink()
+        make_writer(vm, fmt, 31, True, plan).write(sink, NullMonitor())
+        outs.append(sink.f.getvalue())
+    assert FLOOR.batch_pages < 256 and outs[0] == outs[1] == outs[2]

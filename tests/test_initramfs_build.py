@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import subprocess
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -49,15 +50,19 @@ def fake_modules_root(base: Path) -> Path:
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     base = tmp_path_factory.mktemp("build")
-    out = base / "initrd.img"
-    report = builder.build(
-        CFG,
-        str(out),
-        kernel_version=KVER,
-        modules_root=str(fake_modules_root(base)),
-        target_device="LABEL=crash",
-        target_fstype="ext4",
-    )
+    out = base / "images" / "initrd.img"  # the builder makes the directory
+    old_umask = os.umask(0o022)  # as on a default system: files 644, directories 755
+    try:
+        report = builder.build(
+            CFG,
+            str(out),
+            kernel_version=KVER,
+            modules_root=str(fake_modules_root(base)),
+            target_device="LABEL=crash",
+            target_fstype="ext4",
+        )
+    finally:
+        os.umask(old_umask)
     tree = base / "tree"
     tree.mkdir()
     raw = zstandard.ZstdDecompressor().stream_reader(out.read_bytes()).read()
@@ -74,6 +79,27 @@ def test_report_and_size_goals(built):
     assert report.unpacked <= 32 * 1024 * 1024
     text = report.summary()
     assert "MiB zstd" in text and "virtio_blk" in text
+
+
+def test_image_is_private_and_records_its_inputs(built):
+    """The image holds passwords and keys: 0600 in a 0700 directory under umask 022; the
+    record beside it (0600) says what it was built from, so ``load`` can tell it is stale."""
+    from kdump_capture.load import rebuild
+
+    _report, out, _tree, _names, _raw = built
+    assert out.stat().st_mode & 0o777 == 0o600
+    assert out.parent.stat().st_mode & 0o777 == 0o700
+    record = Path(rebuild.record_path(str(out)))
+    assert record.stat().st_mode & 0o777 == 0o600
+    assert sorted(p.name for p in out.parent.iterdir()) == sorted([out.name, record.name])
+    root = fake_modules_root(out.parent.parent)
+    args = dict(kernel_version=KVER, modules_root=str(root), compress="zstd")
+    args.update(target_device="LABEL=crash", target_fstype="ext4")
+    assert rebuild.stale_reasons(str(out), rebuild.image_inputs(CFG, **args)) == []
+    moved = load_config(None, [*SETTINGS, "KDUMP_SAVEDIR=ftp://10.0.0.9/dumps"])
+    assert rebuild.stale_reasons(str(out), rebuild.image_inputs(moved, **args)) == [
+        "configuration changed"
+    ]
 
 
 def test_layout(built):
@@ -129,6 +155,47 @@ def test_packed_python_runs_from_pyc_only(built):
     )
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["hello", "/usr", "e3b0c442"]
+
+
+def test_pure_modules_come_deflated_from_the_zip(built):
+    """.pyc files of the stdlib and of pure packages live in python311.zip (a third of their
+    size in RAM), compiled without docstrings and column tables; no progress bar, no
+    unicodedata (host names are ASCII: kdump_capture.idna stands in for the codec)."""
+    _report, _out, tree, names, _raw = built
+    assert not [
+        n
+        for n in names
+        if n.startswith("usr/lib/python3.11/")
+        and n.endswith(".pyc")
+        and n != "usr/lib/python3.11/os.pyc"
+        and "site-packages" not in n
+    ]
+    assert not [n for n in names if "tqdm/" in n or "unicodedata" in n or "idna" in n]
+    code = (
+        "import socket, kdump_capture.urls as u, transports.file as f\n"
+        "print(u.__file__, f.__doc__, u.parse_savedir.__doc__)\n"
+        "line = list(u.parse_savedir.__code__.co_positions())[0]\n"
+        "print(line[2], line[3])\n"
+        "try:\n    socket.getaddrinfo('127.0.0.1', 9)\nexcept LookupError as e:\n    print(e)\n"
+        "import kdump_capture.idna as i; i.register()\n"
+        "print(socket.getaddrinfo('127.0.0.1', 9)[0][4])\n"
+        "try:\n    socket.getaddrinfo('b\\u00fccher.example', 9)\n"
+        "except UnicodeError as e:\n    print('refused', 'no IDNA support' in str(e))\n"
+    )
+    r = subprocess.run(
+        [CHROOT, str(tree), "/usr/bin/python3", "-I", "-c", code],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin"},
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [
+        "/usr/lib/python311.zip/kdump_capture/urls.pyc None None",
+        "None None",
+        "unknown encoding: idna",
+        "('127.0.0.1', 9)",
+        "refused True",
+    ]
 
 
 def test_init_imports_resolve_in_the_packed_runtime(built):
@@ -200,5 +267,6 @@ def test_cli_builds_with_config_and_set(tmp_path, capsys):
         "timeout": 7,
     }
     assert not any(tree.rglob("xfs.ko"))
-    assert (tree / "usr/lib/python3.11/site-packages/transports/ftp.pyc").exists()
-    assert not (tree / "usr/lib/python3.11/site-packages/transports/sftp.pyc").exists()
+    with zipfile.ZipFile(tree / "usr/lib/python311.zip") as z:
+        names = z.namelist()
+    assert "transports/ftp.pyc" in names and "transports/sftp.pyc" not in names

@@ -49,3 +49,38 @@ def test_sftp_runtime_leaves_out_hashlib_and_system_libcrypto(tmp_path):
     # a local target keeps OpenSSL's fast SHA-256 for the manifest
     local = runtime.collect(["file"], str(tmp_path))
     assert [p for p in local.files if os.path.basename(p).startswith("_hashlib")]
+
+
+def test_pure_modules_move_into_the_zip(tmp_path):
+    """stdlib and pure packages go deflated into python3XY.zip; a package with an extension
+    module stays on disk whole (its __path__ must find the .so); so do os.pyc (the landmark)
+    and lib-dynload."""
+    import io
+    import zipfile
+
+    site, std = runtime.DEST_SITE, runtime.DEST_STDLIB
+    p = runtime.Payload()
+    pyc = b"\x00" * 64
+    for dest in (
+        f"{std}/os.pyc",
+        f"{std}/json/__init__.pyc",
+        f"{std}/argparse.pyc",
+        f"{site}/paramiko/__init__.pyc",
+        f"{site}/kdump_capture/cli.pyc",
+        f"{site}/nacl/__init__.pyc",
+        f"{site}/nacl/_sodium.abi3.so",
+        f"{site}/_cffi_backend.cpython-311-x86_64-linux-gnu.so",
+        f"{runtime.DEST_DYNLOAD}/zlib.cpython-311-x86_64-linux-gnu.so",
+    ):
+        p.add(dest, pyc)
+    assert runtime.zip_pure_modules(p) == 4
+    with zipfile.ZipFile(io.BytesIO(p.files[runtime.PYZIP])) as z:
+        assert sorted(z.namelist()) == [
+            "argparse.pyc",
+            "json/__init__.pyc",
+            "kdump_capture/cli.pyc",
+            "paramiko/__init__.pyc",
+        ]
+        assert {i.compress_type for i in z.infolist()} == {zipfile.ZIP_DEFLATED}
+    assert f"{std}/os.pyc" in p.files and f"{site}/nacl/__init__.pyc" in p.files
+    assert f"{site}/paramiko/__init__.pyc" not in p.files

@@ -465,13 +465,25 @@ def test_unwritable_format_fails_before_rotation_deletes(sample, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "available, budget",
-    [(None, 16), (1 << 40, 16), (128 << 20, 16), (100 << 20, 12), (31 << 20, 4), (1 << 20, 4)],
+    "available, cpus, replay, batches, workers, pages",
+    [
+        (None, 2, 16, 4, 2, 256),
+        (1 << 40, 8, 16, 4, 2, 256),
+        (128 << 20, 2, 16, 4, 2, 256),
+        (100 << 20, 2, 12, 4, 2, 256),
+        (48 << 20, 2, 6, 3, 2, 64),  # below 64 MiB: quarter-size batches
+        (31 << 20, 2, 4, 2, 2, 64),
+        (1 << 20, 2, 4, 2, 2, 64),
+        (128 << 20, 1, 16, 2, 1, 256),  # a capture kernel's one CPU: one thread, two batches
+        (None, 1, 16, 2, 1, 256),
+    ],
 )
-def test_replay_budget_follows_available_memory(available, budget):
-    from kdump_capture.cli import replay_budget
+def test_buffers_follow_available_memory(available, cpus, replay, batches, workers, pages):
+    from kdump_capture.memory import FLOOR, BufferPlan, plan_buffers
 
-    assert replay_budget(available) == budget << 20
+    plan = plan_buffers(available, cpus)
+    assert plan == BufferPlan(replay << 20, batches, workers, pages)
+    assert plan.replay >= FLOOR.replay and plan.batches >= FLOOR.batches
 
 
 @pytest.fixture(scope="module")

@@ -216,6 +216,32 @@ def test_resume_with_the_smallest_replay_buffer(kind, request):
         assert hashlib.sha256(f.read()).digest() == hashlib.sha256(data).digest()
 
 
+def test_sftp_read_back_keeps_little_requested_and_unread(request):
+    """Hashing a seeked file reads it back; paramiko's plain prefetch asked for the whole
+    file at once and the server's answers piled up in memory (a capture at 128M was
+    OOM-killed). Now at most READ_AHEAD is requested and not yet read."""
+    target = make_target("sftp", request)
+    data = os.urandom(32 * MiB)
+    with target.transport() as tr:
+        _upload(tr, "big", data)
+    with DropProxy(_port(target)) as proxy:
+        with target.via_port(proxy.port).transport() as tr:
+            start = proxy.downstream
+            chunks = tr.read("big")
+            got = [next(chunks)]
+            seen, stable_since = -1, time.monotonic()
+            while time.monotonic() - stable_since < 1.0:  # until nothing more arrives
+                if proxy.downstream != seen:
+                    seen, stable_since = proxy.downstream, time.monotonic()
+                time.sleep(0.05)
+            # what the server sent beyond what we read: READ_AHEAD (2 MiB) in flight, plus
+            # what sits in socket buffers on the way (loopback autotunes them to MiBs)
+            ahead = proxy.downstream - start - len(got[0])
+            assert ahead <= 12 * MiB, ahead
+            got += list(chunks)
+    assert b"".join(got) == data
+
+
 METADATA_OPS = {
     "listdir": lambda tr: tr.listdir("d"),
     "makedir": lambda tr: tr.makedir("e"),

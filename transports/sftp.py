@@ -21,7 +21,15 @@ from collections import deque
 from collections.abc import Iterator
 
 import paramiko
-from paramiko.sftp import CMD_EXTENDED, CMD_EXTENDED_REPLY, CMD_STATUS, CMD_WRITE
+from paramiko.sftp import (
+    CMD_DATA,
+    CMD_EXTENDED,
+    CMD_EXTENDED_REPLY,
+    CMD_READ,
+    CMD_STATUS,
+    CMD_WRITE,
+    int64,
+)
 
 from kdump_capture.errors import AuthError, ConnectionLost, TargetFull, TransportError
 from kdump_capture.urls import Target
@@ -47,9 +55,17 @@ DEFAULT_IDENTITIES = ("id_ed25519", "id_ecdsa", "id_rsa")
 # Fastest ciphers first: AES-GCM and AES-CTR use AES-NI through OpenSSL; chacha20 is
 # not offered by paramiko. Anything else the server insists on stays allowed after them.
 FAST_CIPHERS = ("aes128-gcm@openssh.com", "aes128-ctr", "aes256-gcm@openssh.com", "aes256-ctr")
-# Our receive window (only matters for reads): large enough that one round trip never
-# stalls a loopback or LAN stream.
-WINDOW_SIZE = 64 << 20
+# Reads (the read-back that hashes a seeked file, manifests) keep at most this much
+# requested and unread. paramiko's prefetch asks for the whole file at once, and with a
+# request limit it can still end up buffering all of it (once its count of outstanding
+# requests touches zero it stops consuming, but its thread goes on asking); a capture at
+# crashkernel=128M was OOM-killed hashing back a 21 MB dump. 64 requests of 32 KiB (the
+# read size every SFTP server accepts).
+READ_AHEAD = 2 << 20
+READ_REQUEST = 32 << 10
+# Our receive window (only matters for reads): twice the read-ahead, so one round trip
+# never stalls a stream, and a bound on what the server may send before we read it.
+WINDOW_SIZE = 2 * READ_AHEAD
 MAX_PACKET = 256 << 10
 # The SFTP draft requires servers to accept 32 KiB writes; OpenSSH announces 255 KiB via
 # limits@openssh.com, which cuts per-request overhead by eight.
@@ -128,6 +144,57 @@ def load_identities(settings: TransportSettings) -> list[paramiko.PKey]:
         except (OSError, paramiko.SSHException, ValueError) as e:
             log.warning("cannot load ssh key %s: %s", path, e)
     return keys
+
+
+class _Replies:
+    """Collects the answers to our READ requests (paramiko hands a reply to the object
+    registered with its request, whatever request the caller waits for)."""
+
+    def __init__(self) -> None:
+        self.got: dict[int, tuple[int, paramiko.Message]] = {}
+
+    def _async_response(self, t: int, msg: paramiko.Message, num: int) -> None:
+        self.got[num] = (t, msg)
+
+
+def read_pipelined(sftp: paramiko.SFTPClient, handle: bytes, size: int) -> Iterator[bytes]:
+    """The first ``size`` bytes of an open file, in order, with at most READ_AHEAD requested
+    and not yet consumed. Short replies (a server may send less) are completed in place."""
+    replies = _Replies()
+    pending: deque[tuple[int, int, int]] = deque()  # (request id, offset, length)
+    asked = 0
+    out = bytearray()
+
+    def ask(offset: int, n: int) -> int:
+        return sftp._async_request(replies, CMD_READ, handle, int64(offset), n)
+
+    def answer(num: int) -> bytes:
+        while num not in replies.got:
+            sftp._read_response()  # one packet, handed to its requester
+        t, msg = replies.got.pop(num)
+        if t == CMD_STATUS:
+            sftp._convert_status(msg)  # raises: EOFError (the file shrank) or an I/O error
+        if t != CMD_DATA:
+            raise TransportError(f"unexpected SFTP reply {t} to READ")
+        return msg.get_string()
+
+    while pending or asked < size:
+        while asked < size and len(pending) * READ_REQUEST < READ_AHEAD:
+            n = min(READ_REQUEST, size - asked)
+            pending.append((ask(asked, n), asked, n))
+            asked += n
+        num, offset, n = pending.popleft()
+        data = answer(num)
+        out += data
+        while len(data) < n:  # a short reply: ask for the rest before going on
+            offset, n = offset + len(data), n - len(data)
+            data = answer(ask(offset, n))
+            if not data:
+                raise TransportError(f"SFTP READ at {offset} returned nothing before the end")
+            out += data
+        if len(out) >= READ_CHUNK or not pending:
+            yield bytes(out)
+            out.clear()
 
 
 class SftpSink(Sink):
@@ -551,9 +618,7 @@ class SftpTransport(RetryingTransport):
     def read_path(self, path: str) -> Iterator[bytes]:
         try:
             with self.sftp.open(path, "rb") as f:
-                f.prefetch()
-                while chunk := f.read(READ_CHUNK):
-                    yield chunk
+                yield from read_pipelined(self.sftp, f.handle, f.stat().st_size)
         except Exception as e:
             raise self.convert(e, f"reading {path}") from e
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from ..errors import NotSupported
+from ..memory import BufferPlan
 from ..vmcore import Vmcore
 
 # 1 MiB: large enough to amortise syscalls and Python overhead per chunk, small enough
@@ -89,13 +90,15 @@ FORMAT_NAMES = {
 KDUMP_CODECS = ("compressed", "zstd", "lzo", "snappy")
 
 
-def make_writer(vm: Vmcore, fmt: str, level: int, seekable: bool) -> FormatWriter:
+def make_writer(
+    vm: Vmcore, fmt: str, level: int, seekable: bool, buffers: BufferPlan | None = None
+) -> FormatWriter:
     """The writer for KDUMP_DUMPFORMAT ``fmt`` at KDUMP_DUMPLEVEL ``level``.
 
     ``fmt`` is canonical lowercase: elf, compressed, zstd, lzo, snappy, none, raw. A
     kdump-compressed writer for a non-seekable sink writes the flattened format (its
     WriteResult says ``flattened=True``). Raises NotSupported for combinations this build
-    cannot write.
+    cannot write. ``buffers`` bounds the kdump-compressed writer's threads and batches.
     """
     from .elf import ElfWriter, NoneWriter, RawWriter
 
@@ -114,5 +117,5 @@ def make_writer(vm: Vmcore, fmt: str, level: int, seekable: bool) -> FormatWrite
     if fmt in KDUMP_CODECS:
         from .kdump import KdumpWriter, get_codec
 
-        return KdumpWriter(vm, level, get_codec(fmt), flattened=not seekable)
+        return KdumpWriter(vm, level, get_codec(fmt), flattened=not seekable, buffers=buffers)
     raise NotSupported(f"KDUMP_DUMPFORMAT={fmt}: unknown format")

@@ -52,6 +52,12 @@ def bitmap_half_len(max_mapnr: int, block: int = PAGE) -> int:
     return (nbytes + block - 1) // block * block
 
 
+def bitmap_memory(max_mapnr: int) -> int:
+    """Bytes the filter holds for a machine of ``max_mapnr`` page frames (both bitmaps), for
+    the memory budget and ``kdump-capture estimate``; follows how bitmaps are kept."""
+    return 2 * bitmap_half_len(max_mapnr)
+
+
 def set_range(bm: bytearray, start: int, end: int) -> None:
     """Set bits ``start <= pfn < end``."""
     _fill_range(bm, start, end, True)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from ..elf import Phdr
 from ..errors import NotSupported, VmcoreError
 from ..kernel import ElfPhysMemory, Kernel, VmcoreInfo
+from ..memory import BATCH_PAGES, BufferPlan
 from ..vmcore import Vmcore
 from . import FormatWriter, Monitor, WriteResult
 from .filter import DL_EXCLUDE_ZERO, Bitmaps, build_bitmaps, count_bits, iter_runs
@@ -39,15 +40,15 @@ from .structs import (
 log = logging.getLogger(__name__)
 
 PAGE = 4096
-# 256 pages (1 MiB) per batch: one read, one compression job, one data write each.
-BATCH_PAGES = 256
 # Descriptors are flushed in 64 KiB pieces (makedumpfile's cache size): few seeks/records.
 DESC_FLUSH = 64 << 10
-# Two workers for two cores; batches in flight bound memory to a few MiB.
+# Compression threads and batches in flight come from the save's BufferPlan (memory.py):
+# two workers for two cores, four batches (a few MiB); one and two on a single CPU.
 WORKERS = 2
-IN_FLIGHT = 4
 ZERO_PAGE = bytes(PAGE)
-ZERO_BATCH = bytes(BATCH_PAGES * PAGE)
+# A batch (BATCH_PAGES pages by default: one read, one compression job, one data write;
+# BufferPlan.batch_pages says) that is all zero skips compression.
+ZERO_BATCH = memoryview(bytes(BATCH_PAGES * PAGE))
 
 
 # -- page codecs ------------------------------------------------------------------------------
@@ -265,9 +266,9 @@ class Piece:
 
 
 def iter_batches(
-    bitmap: bytes | bytearray, loads: list[Phdr], max_mapnr: int
+    bitmap: bytes | bytearray, loads: list[Phdr], max_mapnr: int, batch: int = BATCH_PAGES
 ) -> Iterator[tuple[int, list[Piece]]]:
-    """Batches of up to BATCH_PAGES dumpable pages in pfn order, as file pieces to read."""
+    """Batches of up to ``batch`` dumpable pages in pfn order, as file pieces to read."""
     mem = ElfPhysMemory(loads, lambda n, o: b"", "")
     pieces: list[Piece] = []
     count = 0
@@ -288,11 +289,11 @@ def iter_batches(
                     n = min(n, max(1, (seg.end - pa) // PAGE))
                 else:
                     n = min(n, file_pages)
-            n = min(n, BATCH_PAGES - count)
+            n = min(n, batch - count)
             pieces.append(Piece(n, off))
             count += n
             pfn += n
-            if count == BATCH_PAGES:
+            if count == batch:
                 yield count, pieces
                 pieces, count = [], 0
     if count:
@@ -303,10 +304,18 @@ def iter_batches(
 class KdumpWriter(FormatWriter):
     """kdump-compressed dump; flattened when the sink cannot seek."""
 
-    def __init__(self, vm: Vmcore, level: int, codec: Codec, flattened: bool = False) -> None:
+    def __init__(
+        self,
+        vm: Vmcore,
+        level: int,
+        codec: Codec,
+        flattened: bool = False,
+        buffers: BufferPlan | None = None,
+    ) -> None:
         super().__init__(vm, level)
         self.codec = codec
         self.flattened = flattened
+        self.buffers = buffers or BufferPlan()
         self._bitmaps: Bitmaps | None = None
 
     def bitmaps(self) -> Bitmaps:
@@ -418,7 +427,10 @@ class KdumpWriter(FormatWriter):
         stats = {"done": 0, "zero": 0}
         desc = DescBuffer(out, lay.desc_off)
         data_pos = lay.first_data
-        free_bufs = [bytearray(BATCH_PAGES * PAGE) for _ in range(IN_FLIGHT + 1)]
+        in_flight = self.buffers.batches
+        workers = max(1, min(codec.workers, self.buffers.workers))
+        batch = self.buffers.batch_pages
+        free_bufs = [bytearray(batch * PAGE) for _ in range(in_flight + 1)]
         pending: deque[tuple[Future, bytearray, int]] = deque()
         error: str | None = None
 
@@ -445,9 +457,9 @@ class KdumpWriter(FormatWriter):
             stats["zero"] += nzero
             monitor.advance(n * PAGE, sent)
 
-        with ThreadPoolExecutor(max_workers=codec.workers, thread_name_prefix="compress") as ex:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="compress") as ex:
             try:
-                for n, pieces in iter_batches(bm.second, vm.loads, bm.max_mapnr):
+                for n, pieces in iter_batches(bm.second, vm.loads, bm.max_mapnr, batch):
                     buf = free_bufs.pop()
                     view = memoryview(buf)
                     pos = 0
@@ -463,13 +475,13 @@ class KdumpWriter(FormatWriter):
                                     " (truncated vmcore)"
                                 )
                         pos += nbytes
-                    if n == BATCH_PAGES and buf == ZERO_BATCH and zero_dedup:
+                    if zero_dedup and n == batch and buf == ZERO_BATCH[: len(buf)]:
                         fut: Future = Future()
                         fut.set_result(([], [0] * n))
                     else:
                         fut = ex.submit(codec.compress_batch, view, n, zero_dedup)
                     pending.append((fut, buf, n))
-                    if len(pending) >= IN_FLIGHT:
+                    if len(pending) >= in_flight:
                         emit()
                 while pending:
                     emit()

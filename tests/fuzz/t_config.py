@@ -7,7 +7,7 @@ import os
 
 from kdump_capture.config import load_config, parse_sysconfig
 from kdump_capture.errors import ConfigError
-from kdump_capture.loadside import kernel_words, kexec_words
+from kdump_capture.load.kexec import kernel_words, kexec_words
 
 
 def _text(data: bytes) -> str:

@@ -70,6 +70,7 @@ class DropProxy:
         self._closed = threading.Event()
         self.dropped = 0
         self.connections = 0  # accepted client connections (control ones only, for FTP)
+        self.downstream = 0  # bytes passed from servers to clients
         self.upstream = 0  # client-to-server bytes passed on, all connections together
         self._lock = threading.Lock()
         self._listeners: list[socket.socket] = []
@@ -162,6 +163,9 @@ class DropProxy:
                         else:
                             _rst(dst)
                         return
+                if not upstream:
+                    with self._lock:
+                        self.downstream += len(chunk)
                 if upstream:
                     with self._lock:
                         self.upstream += len(chunk)

@@ -9,14 +9,15 @@ import os
 
 import pytest
 
-from kdump_capture import loadside
 from kdump_capture.errors import LoadError
+from kdump_capture.load import commands, kexec, rebuild
+from kdump_capture.load import system as loadsys
 
 PROC = (
     "BOOT_IMAGE=/boot/vmlinuz-6.1.0-13-amd64 root=UUID=abcd ro quiet crashkernel=192M "
     "console=ttyS0,115200 resume=/dev/sda2 rd.lvm.lv=vg/root nr_cpus=8 hugepages=64"
 )
-# What every capture kernel gets after nr_cpus (see loadside.CAPTURE_OPTIONS).
+# What every capture kernel gets after nr_cpus (see kexec.CAPTURE_OPTIONS).
 REST = (
     "irqpoll reset_devices cgroup_disable=memory mce=off numa=off acpi_no_memhotplug "
     "transparent_hugepage=never novmcoredd cma=0 hugetlb_cma=0"
@@ -72,11 +73,11 @@ REST = (
     ],
 )
 def test_capture_cmdline(proc, commandline, append, cpus, expected):
-    assert loadside.capture_cmdline(proc, commandline, append, cpus) == expected
+    assert kexec.capture_cmdline(proc, commandline, append, cpus) == expected
 
 
 def test_capture_cmdline_always_has_capture_options():
-    out = loadside.capture_cmdline("", "", "", 1).split()
+    out = kexec.capture_cmdline("", "", "", 1).split()
     for opt in ("nr_cpus=1", "irqpoll", "reset_devices", "panic=10", "novmcoredd"):
         assert opt in out
 
@@ -103,7 +104,7 @@ CONFIG_SYSFS=y
     ],
 )
 def test_check_kernel_config(text, problems, warnings):
-    p, w = loadside.check_kernel_config(loadside.parse_kernel_config(text))
+    p, w = loadsys.check_kernel_config(loadsys.parse_kernel_config(text))
     assert (len(p), len(w)) == (problems, warnings)
 
 
@@ -118,7 +119,7 @@ def _system(tmp_path, reserved=0, loaded=0, cmdline="root=/dev/vda console=ttyS0
     with gzip.open(proc / "config.gz", "wt") as f:
         f.write(KCONFIG_OK)
     (boot / "vmlinuz-6.1.0-test").write_bytes(b"kernel")
-    return loadside.System(str(proc), str(sysfs), str(boot), "6.1.0-test")
+    return loadsys.System(str(proc), str(sysfs), str(boot), "6.1.0-test")
 
 
 CFG = {
@@ -133,18 +134,18 @@ CFG = {
 
 def test_pick_kernel(tmp_path):
     system = _system(tmp_path)
-    assert loadside.pick_kernel("", system) == ("6.1.0-test", f"{system.boot}/vmlinuz-6.1.0-test")
+    assert loadsys.pick_kernel("", system) == ("6.1.0-test", f"{system.boot}/vmlinuz-6.1.0-test")
     (tmp_path / "boot/vmlinuz-6.1.0-1-kdump").write_bytes(b"k")
     (tmp_path / "boot/vmlinuz-6.1.0-2-kdump").write_bytes(b"k")
-    assert loadside.pick_kernel("", system)[0] == "6.1.0-2-kdump"
-    assert loadside.pick_kernel("5.10.0-9-amd64", system)[0] == "5.10.0-9-amd64"
-    assert loadside.pick_kernel("/opt/vmlinuz-5.1", system) == ("5.1", "/opt/vmlinuz-5.1")
+    assert loadsys.pick_kernel("", system)[0] == "6.1.0-2-kdump"
+    assert loadsys.pick_kernel("5.10.0-9-amd64", system)[0] == "5.10.0-9-amd64"
+    assert loadsys.pick_kernel("/opt/vmlinuz-5.1", system) == ("5.1", "/opt/vmlinuz-5.1")
 
 
 def test_readiness_without_reservation_gives_the_seed_message(tmp_path):
-    r = loadside.readiness(CFG, _system(tmp_path, reserved=0))
-    assert r.problems == [loadside.NOT_RESERVED]
-    assert loadside.NOT_RESERVED == (
+    r = loadsys.readiness(CFG, _system(tmp_path, reserved=0))
+    assert r.problems == [loadsys.NOT_RESERVED]
+    assert loadsys.NOT_RESERVED == (
         "Memory for crashkernel is not reserved Please reserve memory by passing "
         '"crashkernel=X@Y" parameter to the kernel Then try loading kdump kernel'
     )
@@ -153,25 +154,14 @@ def test_readiness_without_reservation_gives_the_seed_message(tmp_path):
 
 
 def test_readiness_ready(tmp_path):
-    r = loadside.readiness(CFG, _system(tmp_path, reserved=192 << 20, loaded=1))
+    r = loadsys.readiness(CFG, _system(tmp_path, reserved=192 << 20, loaded=1))
     assert r.problems == [] and r.loaded and r.reserved == 192 << 20
     assert r.warnings == ["CONFIG_DEBUG_INFO is not set: crash needs a separate debug kernel"]
     assert "192 MiB" in "\n".join(r.lines())
 
 
-def test_needs_rebuild(tmp_path):
-    conf, img = tmp_path / "kdump", tmp_path / "initrd.img"
-    conf.write_text("x")
-    assert loadside.needs_rebuild(str(img), str(conf))
-    img.write_bytes(b"x")
-    os.utime(conf, (1, 1))
-    assert not loadside.needs_rebuild(str(img), str(conf))
-    os.utime(img, (0, 0))
-    assert loadside.needs_rebuild(str(img), str(conf))
-
-
 def test_kexec_fallback_argv():
-    argv = loadside.kexec_binary_argv("/sbin/kexec", "/boot/k", "/i.img", "a b", "--args-linux")
+    argv = kexec.kexec_binary_argv("/sbin/kexec", "/boot/k", "/i.img", "a b", "--args-linux")
     assert argv == [
         "/sbin/kexec",
         "-p",
@@ -184,7 +174,7 @@ def test_kexec_fallback_argv():
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kdump-capture")
-    loadside.add_subcommands(parser.add_subparsers(dest="command", required=True))
+    commands.add_subcommands(parser.add_subparsers(dest="command", required=True))
     return parser
 
 
@@ -213,7 +203,7 @@ def test_cli_seam_registers_commands_with_config_and_set():
         "/m",
         "gzip",
     )
-    assert args.func is loadside.cmd_initramfs_build
+    assert args.func is commands.cmd_initramfs_build
     assert parser.parse_args(["check"]).config == "/etc/sysconfig/kdump"
 
 
@@ -227,7 +217,7 @@ def test_test_crash_refuses_without_yes(capsys):
 def no_reservation_here():
     """This build machine (and CI) has no crashkernel reservation; the tests below rely on
     it to prove that check/load/status/test-crash change nothing. Fail loudly otherwise."""
-    system = loadside.System()
+    system = loadsys.System()
     if system.crash_size() or system.crash_loaded():
         pytest.fail("this machine has a crashkernel reservation: refusing to run load tests")
     return system
@@ -235,12 +225,12 @@ def no_reservation_here():
 
 def test_commands_say_not_possible_here_and_change_nothing(no_reservation_here, capsys):
     parser = _parser()
-    before = os.path.exists(loadside.INITRD_DIR)
+    before = os.path.exists(loadsys.INITRD_DIR)
     sysrq = no_reservation_here.read("/proc/sys/kernel/sysrq")  # None: no sysrq here
     check = parser.parse_args(["check", "--config", "/nonexistent"])
     assert check.func(check) == LoadError.exit_code
     out = capsys.readouterr().out
-    assert loadside.NOT_RESERVED in out and "not possible here" in out
+    assert loadsys.NOT_RESERVED in out and "not possible here" in out
     status = parser.parse_args(["status", "--config", "/nonexistent"])
     assert status.func(status) == LoadError.exit_code
     assert "kdump is not possible here" in capsys.readouterr().out
@@ -250,14 +240,14 @@ def test_commands_say_not_possible_here_and_change_nothing(no_reservation_here, 
     crash = parser.parse_args(["test-crash", "--yes", "--config", "/nonexistent"])
     with pytest.raises(LoadError, match="no capture kernel is loaded"):
         crash.func(crash)
-    assert os.path.exists(loadside.INITRD_DIR) == before
+    assert os.path.exists(loadsys.INITRD_DIR) == before
     assert no_reservation_here.read("/proc/sys/kernel/sysrq") == sysrq
 
 
-SYSTEM = loadside.System
+SYSTEM = loadsys.System
 
 
-def _fake_kernel(tmp_path, loaded: bool) -> loadside.System:
+def _fake_kernel(tmp_path, loaded: bool) -> loadsys.System:
     """/proc and /sys of a pretend kernel: sysrq and the trigger are plain files here."""
     (tmp_path / "proc/sys/kernel").mkdir(parents=True, exist_ok=True)
     (tmp_path / "sys/kernel").mkdir(parents=True, exist_ok=True)
@@ -274,7 +264,7 @@ def test_test_crash_enables_sysrq_only_when_a_capture_kernel_is_loaded(tmp_path,
     one, it enables sysrq and writes 'c' to the trigger, in that order of files."""
     args = _parser().parse_args(["test-crash", "--yes", "--config", "/nonexistent"])
     system = _fake_kernel(tmp_path, loaded=False)
-    monkeypatch.setattr(loadside, "System", lambda: system)  # cmd_test_crash's System()
+    monkeypatch.setattr(loadsys, "System", lambda: system)  # cmd_test_crash's System()
     with pytest.raises(LoadError, match="no capture kernel is loaded"):
         args.func(args)
     assert (tmp_path / "proc/sys/kernel/sysrq").read_text() == "176\n"
@@ -283,3 +273,129 @@ def test_test_crash_enables_sysrq_only_when_a_capture_kernel_is_loaded(tmp_path,
     args.func(args)  # on the pretend kernel: nothing crashes
     assert (tmp_path / "proc/sys/kernel/sysrq").read_text() == "1"
     assert (tmp_path / "proc/sysrq-trigger").read_text() == "c"
+
+
+# -- the rebuild decision (issue 8 item 15) and private image files (item 1) ----------------
+def _inputs(cfg, **kw):
+    args = dict(
+        kernel_version="9.9.9-test",
+        modules_root=None,
+        compress="zstd",
+        target_device="",
+        target_fstype="",
+    )
+    args.update(kw)
+    return rebuild.image_inputs(cfg, **args)
+
+
+def _fake_image(directory, cfg) -> str:
+    """An image file for ``cfg`` with the record the builder writes beside it."""
+    from kdump_capture import private
+
+    private.make_dir(str(directory))
+    img = str(directory / "initrd-9.9.9-test.img")
+    private.write_file(img, b"image")
+    rebuild.write_record(img, _inputs(cfg))
+    return img
+
+
+def test_set_override_of_the_target_makes_the_image_stale(tmp_path):
+    """``load --set KDUMP_SAVEDIR=...`` used to load the old image (only the config file's
+    mtime counted): the new target must trigger a rebuild."""
+    from kdump_capture.config import load_config
+
+    old = load_config("/nonexistent/kdump", ["KDUMP_SAVEDIR=file:///var/crash"])
+    new = load_config("/nonexistent/kdump", ["KDUMP_SAVEDIR=ftp://10.0.0.9/dumps"])
+    _fake_image(tmp_path / "images", old)
+    same = commands.image_decision(old, "9.9.9-test", None, str(tmp_path / "images"))
+    assert same.rebuild == [] and same.line() == "up to date"
+    changed = commands.image_decision(new, "9.9.9-test", None, str(tmp_path / "images"))
+    assert changed.rebuild == ["configuration changed"]
+    assert "stale (configuration changed): load rebuilds it" in changed.line()
+    # --initrd: the admin's own image is used as it is
+    assert commands.image_decision(new, "9.9.9-test", "/x.img").rebuild == []
+
+
+def test_other_inputs_make_the_image_stale(tmp_path):
+    from kdump_capture.config import load_config
+
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    key = home / ".ssh/id_ed25519"
+    key.write_text("key 1")
+    cfg = load_config(None, ["KDUMP_SAVEDIR=sftp://root@10.0.0.9/dumps"])
+    before = _inputs(cfg, home=str(home))
+    assert _inputs(cfg, home=str(home)) == before  # deterministic
+    key.write_text("key 2")
+    (home / ".ssh/known_hosts").write_text("10.0.0.9 ssh-ed25519 AAAA\n")
+    after = _inputs(cfg, home=str(home))
+    assert {k for k in before if before[k] != after[k]} == {"ssh keys", "known_hosts"}
+    assert _inputs(cfg, kernel_version="9.9.9-other")["kernel"] == "9.9.9-other"
+    assert _inputs(cfg, compress="gzip")["build options"] != before["build options"]
+    img = tmp_path / "img"
+    img.write_bytes(b"x")
+    assert rebuild.stale_reasons(str(img), before) == [
+        f"nothing records what it was built from ({img}{rebuild.RECORD_SUFFIX})"
+    ]
+    rebuild.write_record(str(img), before)
+    assert rebuild.stale_reasons(str(img), after) == ["ssh keys changed", "known_hosts changed"]
+    assert rebuild.stale_reasons(str(tmp_path / "none"), before) == ["there is no image yet"]
+
+
+def test_engine_digest_follows_the_sources(tmp_path):
+    root = tmp_path / "src"
+    for d in rebuild.ENGINE_DIRS:
+        (root / d).mkdir(parents=True)
+        (root / d / "a.py").write_text("x = 1\n")
+    (root / "initramfs/init").write_text("#!init\n")
+    first = rebuild.engine_digest(root)
+    (root / "transports/a.py").write_text("x = 2\n")
+    assert rebuild.engine_digest(root) != first
+
+
+def test_private_files_under_umask_022(tmp_path):
+    """The image holds the password and the SSH key: 0600 in a 0700 directory from the
+    first byte, whatever the umask; an existing loose directory or image is repaired."""
+    from kdump_capture import private
+
+    old = os.umask(0o022)
+    try:
+        d = tmp_path / "a" / "images"
+        private.make_dir(str(d))
+        assert d.stat().st_mode & 0o777 == 0o700
+        fd = private.open_new(str(d / "new"))  # mode is 0600 before the first byte
+        try:
+            assert os.fstat(fd).st_mode & 0o777 == 0o600
+        finally:
+            os.close(fd)
+        private.write_file(str(d / "img"), b"secret")
+        assert (d / "img").stat().st_mode & 0o777 == 0o600
+        with pytest.raises(FileExistsError):
+            private.open_new(str(d / "new"))
+        loose = tmp_path / "loose"
+        loose.mkdir(mode=0o755)
+        (loose / "img").write_bytes(b"secret")
+        os.chmod(loose / "img", 0o644)
+        private.make_dir(str(loose), repair=True)
+        assert private.repair_file(str(loose / "img"))
+        assert loose.stat().st_mode & 0o777 == 0o700
+        assert (loose / "img").stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)
+
+
+def test_load_repairs_and_reports_loose_modes(tmp_path):
+    from kdump_capture.config import load_config
+
+    cfg = load_config(None, ["KDUMP_SAVEDIR=file:///var/crash"])
+    img = _fake_image(tmp_path / "images", cfg)
+    os.chmod(img, 0o644)
+    os.chmod(tmp_path / "images", 0o755)
+    decision = commands.image_decision(cfg, "9.9.9-test", None, str(tmp_path / "images"))
+    assert decision.rebuild == [] and len(decision.loose_modes) == 2
+    assert "readable by others" in decision.line()
+    commands.prepare_image(cfg, decision, "9.9.9-test")  # up to date: repairs, builds nothing
+    assert os.stat(img).st_mode & 0o777 == 0o600
+    assert (tmp_path / "images").stat().st_mode & 0o777 == 0o700
+    again = commands.image_decision(cfg, "9.9.9-test", None, str(tmp_path / "images"))
+    assert again.loose_modes == [] and again.line() == "up to date"

@@ -1,0 +1,56 @@
+"""Directives this build does not implement: a value other than "off" fails before anything
+is written (the dump side) or loaded (the load side), never silently ignored. Shared by
+the save-side CLI and the load commands."""
+
+from __future__ import annotations
+
+# Directives this engine does not implement, with the value that means "off". A value other
+# than that fails before anything is written, never silently ignored.
+UNSUPPORTED = {
+    "KDUMP_COPY_KERNEL": ("no", "copying the kernel image next to the dump"),
+    "MAKEDUMPFILE_OPTIONS": (
+        "",
+        "makedumpfile options (this engine is not makedumpfile; "
+        "use KDUMP_DUMPLEVEL and KDUMP_DUMPFORMAT)",
+    ),
+    "KDUMP_SMTP_SERVER": ("", "e-mail notification"),
+    "KDUMP_NOTIFICATION_TO": ("", "e-mail notification"),
+    "KDUMP_FADUMP": ("no", "firmware-assisted dump (ppc64 only)"),
+    "KDUMP_AUTO_RESIZE": ("no", "automatic resizing of the reservation (ppc64 only)"),
+}
+UNSUPPORTED_FLAGS = {"SPLIT", "XENALLDOMAINS"}
+
+
+def check_unsupported(cfg) -> None:
+    for name, what in UNSUPPORTED.items():
+        if cfg.value(name):  # "" or a false boolean means the feature is off
+            raise cfg.not_supported(name, what)
+    flags = set(cfg["KDUMPTOOL_FLAGS"].upper().replace(",", " ").split())
+    if flags & UNSUPPORTED_FLAGS:
+        raise cfg.not_supported("KDUMPTOOL_FLAGS", " and ".join(sorted(flags & UNSUPPORTED_FLAGS)))
+
+
+# Load-side directives this engine does not implement, with the value that means "off"
+# (checked by check, load and initramfs build; a capture kernel never refuses a dump over them).
+LOAD_UNSUPPORTED = {
+    "KDUMP_UPDATE_BOOTLOADER": (
+        "writing crashkernel= into the boot loader (add crashkernel= to the kernel command "
+        "line yourself; `kdump-capture check` shows the reservation)"
+    ),
+    "KDUMP_CRASHKERNEL": (
+        "setting the crashkernel= reservation from the configuration (add crashkernel= "
+        "to the kernel command line yourself)"
+    ),
+}
+
+
+def check_supported(cfg) -> None:
+    """NotSupported (exit 9) for any feature, of either side, that this build cannot honour.
+
+    Also the dump side's: an image loaded with such a configuration would fail in the
+    capture kernel, when it is too late to fix it.
+    """
+    for name, what in LOAD_UNSUPPORTED.items():
+        if cfg.value(name):  # "" or a false boolean means the feature is off
+            raise cfg.not_supported(name, what)
+    check_unsupported(cfg)

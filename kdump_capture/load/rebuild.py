@@ -1,0 +1,203 @@
+"""When the capture initramfs must be rebuilt: a record of everything it was built from.
+
+The image holds the effective configuration (``--set`` overrides included), our engine, the
+Python runtime, kernel modules, SSH keys and known_hosts. A file's mtime cannot say whether
+any of these changed (``--set`` has no file, a missing config has no mtime), so the builder
+writes a digest of each input beside the image (``IMAGE.inputs.json``, mode 0600) and
+``load`` rebuilds whenever one differs from what it computes now. Only digests are stored,
+never values: the configuration may hold a password.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
+
+from .. import __version__
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+# (Heavier imports wait inside the functions: the VM tests' first kernel reads records
+# with a capture image's runtime, which packs only what the save needs.)
+
+RECORD_SUFFIX = ".inputs.json"
+RECORD_VERSION = 1
+# Sources the image is made of or built by (their digest covers our own code).
+ENGINE_DIRS = ("kdump_capture", "transports", "initramfs")
+ENGINE_SUFFIXES = (".py",)
+ENGINE_FILES = ("initramfs/init",)
+
+
+def project_root() -> Path:
+    from pathlib import Path
+
+    return Path(__file__).resolve().parent.parent.parent
+
+
+def _sha(parts: Iterable[bytes]) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(len(p).to_bytes(8, "little"))
+        h.update(p)
+    return h.hexdigest()
+
+
+def _file_parts(path: str) -> list[bytes]:
+    """A file's name and content, or its name and ``absent`` (so a new file counts)."""
+    try:
+        with open(path, "rb") as f:
+            return [path.encode(), f.read()]
+    except OSError:
+        return [path.encode(), b"absent"]
+
+
+def _stat_parts(path: str) -> list[bytes]:
+    """A program's identity without reading it: real path, size and mtime."""
+    real = os.path.realpath(path)
+    try:
+        st = os.stat(real)
+    except OSError:
+        return [real.encode(), b"absent"]
+    return [real.encode(), f"{st.st_size}:{st.st_mtime_ns}".encode()]
+
+
+def engine_digest(root: Path | None = None) -> str:
+    """Our version and every source file the image is made of or built by."""
+    root = root or project_root()
+    files = [root / f for f in ENGINE_FILES]
+    for d in ENGINE_DIRS:
+        files += [p for p in (root / d).rglob("*") if p.suffix in ENGINE_SUFFIXES]
+    parts = [__version__.encode()]
+    for p in sorted(set(files)):
+        parts += [str(p.relative_to(root)).encode(), p.read_bytes()]
+    return _sha(parts)
+
+
+def python_digest() -> str:
+    """The interpreter and the installed distributions (their dist-info names hold versions)."""
+    import sysconfig
+
+    parts = [sys.version.encode(), *_stat_parts(sys.executable)]
+    paths = sysconfig.get_paths()
+    for d in sorted({paths["purelib"], paths["platlib"]}):
+        try:
+            names = sorted(n for n in os.listdir(d) if n.endswith(".dist-info"))
+        except OSError:
+            names = []
+        parts += [n.encode() for n in names]
+    return _sha(parts)
+
+
+def config_digest(cfg: Mapping[str, str]) -> str:
+    """Every directive with its effective value (``--set`` included), order-independent."""
+    return _sha(f"{k}={cfg[k]}".encode() for k in sorted(cfg))
+
+
+def image_inputs(
+    cfg: Mapping[str, str],
+    *,
+    kernel_version: str,
+    modules_root: str | None,
+    compress: str,
+    target_device: str,
+    target_fstype: str,
+    extra_modules: tuple[str, ...] = (),
+    home: str = "/root",
+) -> dict[str, str]:
+    """A digest per input of an image built with these arguments (what ``build`` takes)."""
+    import shutil
+
+    from initramfs import builder, kmods
+    from kdump_capture.urls import parse_savedir
+
+    mroot = modules_root or f"/lib/modules/{kernel_version}"
+    modules = _file_parts(f"{mroot}/modules.dep") + _file_parts(f"{mroot}/modules.builtin")
+    modules += [m.encode() for m in extra_modules]
+    if modules_root is None and kernel_version == os.uname().release:
+        storage, nics = kmods.host_drivers()  # the builder packs this machine's drivers
+        modules += [m.encode() for m in (*storage, "|", *nics)]
+    try:
+        schemes = {t.scheme for t in parse_savedir(cfg["KDUMP_SAVEDIR"])[0]}
+    except Exception:  # the build itself reports a bad target; the digest only differs
+        schemes = set()
+    keys: list[bytes] = []
+    if "sftp" in schemes:
+        names = cfg["KDUMP_SSH_IDENTITY"].split() or list(builder.DEFAULT_IDENTITIES)
+        for name in names:
+            src = name if os.path.isabs(name) else os.path.join(home, ".ssh", name)
+            for suffix in ("", ".pub", "-cert.pub"):
+                keys += _file_parts(src + suffix)
+    programs: list[bytes] = []
+    for prog in ["busybox", *cfg["KDUMP_REQUIRED_PROGRAMS"].split()]:
+        path = prog if os.path.isabs(prog) else shutil.which(prog)
+        programs += _stat_parts(path) if path else [prog.encode(), b"absent"]
+    return {
+        "configuration": config_digest(cfg),
+        "engine": engine_digest(),
+        "python": python_digest(),
+        "kernel": kernel_version,
+        "kernel modules": _sha(modules),
+        "ssh keys": _sha(keys),
+        "known_hosts": _sha(_file_parts(os.path.join(home, ".ssh", "known_hosts"))),
+        "programs": _sha(programs),
+        "build options": _sha(x.encode() for x in (compress, target_device, target_fstype)),
+    }
+
+
+def record_path(image: str) -> str:
+    return image + RECORD_SUFFIX
+
+
+def write_record(
+    image: str, inputs: Mapping[str, str], facts: Mapping[str, int] | None = None
+) -> None:
+    """Write the record beside ``image`` (0600, atomically): the digests of its inputs, and
+    facts about the image that ``estimate`` uses (sizes, measured import memory)."""
+    from .. import private
+
+    doc = {"version": RECORD_VERSION, "inputs": dict(inputs), "image": dict(facts or {})}
+    private.write_file(record_path(image), json.dumps(doc, indent=1, sort_keys=True).encode())
+
+
+def _read(image: str) -> dict | None:
+    try:
+        with open(record_path(image), "rb") as f:
+            doc = json.loads(f.read(1 << 20))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(doc, dict) or doc.get("version") != RECORD_VERSION:
+        return None
+    return doc
+
+
+def read_record(image: str) -> dict[str, str] | None:
+    """The recorded input digests, or None."""
+    doc = _read(image)
+    inputs = doc.get("inputs") if doc else None
+    if not isinstance(inputs, dict):
+        return None
+    return {str(k): str(v) for k, v in inputs.items()}
+
+
+def read_facts(image: str) -> dict[str, int]:
+    """The recorded facts about the image ({} when there are none)."""
+    doc = _read(image)
+    facts = doc.get("image") if doc else None
+    if not isinstance(facts, dict):
+        return {}
+    return {str(k): v for k, v in facts.items() if isinstance(v, int) and v >= 0}
+
+
+def stale_reasons(image: str, inputs: Mapping[str, str]) -> list[str]:
+    """Why ``image`` must be rebuilt for ``inputs``; empty when it is up to date."""
+    if not os.path.exists(image):
+        return ["there is no image yet"]
+    recorded = read_record(image)
+    if recorded is None:
+        return [f"nothing records what it was built from ({record_path(image)})"]
+    return [f"{name} changed" for name in inputs if recorded.get(name) != inputs[name]]

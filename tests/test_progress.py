@@ -1,0 +1,106 @@
+"""Progress on a serial console: plain lines at every 10 % and at least every 10 s, each
+with the percentage, the rate and the time left."""
+
+from __future__ import annotations
+
+import io
+import re
+
+from kdump_capture.progress import LineProgress, NoProgress, TqdmProgress, eta, make_progress
+
+MB = 10**6
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_a_line_per_ten_percent_with_rate_and_eta():
+    out, clock = io.StringIO(), Clock()
+    p = LineProgress(out, clock=clock)
+    p.start("vmcore", 1000 * MB)
+    for _ in range(100):
+        clock.t += 1  # 10 MB/s: the 10 s lines fall on the 10 % marks
+        p.update(10 * MB)
+    p.finish()
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 11, lines
+    assert lines[0] == "vmcore:  10% 100/1000 MB, 10.0 MB/s, ETA 1 min 30 s"
+    assert lines[4] == "vmcore:  50% 500/1000 MB, 10.0 MB/s, ETA 50 s"
+    assert lines[9].startswith("vmcore: 100% 1000/1000 MB, 10.0 MB/s, ETA 0 s")
+    assert lines[10] == "vmcore: 100% 1000/1000 MB, 10.0 MB/s, done in 100 s"
+
+
+def test_a_line_at_least_every_ten_seconds_on_a_slow_target():
+    out, clock = io.StringIO(), Clock()
+    p = LineProgress(out, clock=clock)
+    p.start("vmcore", 1000 * MB)
+    for _ in range(60):  # 1 MB/s for a minute: 6 % done, no 10 % mark crossed
+        clock.t += 1
+        p.update(1 * MB)
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 6
+    assert re.fullmatch(r"vmcore:   6% 60/1000 MB, 1\.0 MB/s, ETA 15 min 40 s", lines[-1])
+
+
+def test_big_jumps_and_unknown_totals():
+    out, clock = io.StringIO(), Clock()
+    p = LineProgress(out, clock=clock)
+    p.start("vmcore", 100 * MB)
+    clock.t += 1
+    p.update(35 * MB)  # several marks at once: one line, the next mark is 40 %
+    clock.t += 1
+    p.update(4 * MB)
+    clock.t += 1
+    p.update(1 * MB)
+    assert [ln.split()[1] for ln in out.getvalue().splitlines()] == ["35%", "40%"]
+    out2 = io.StringIO()
+    q = LineProgress(out2, clock=clock)
+    q.start("raw", None)
+    clock.t += 1
+    q.update(300 << 20)
+    assert out2.getvalue() == f"raw: {(300 << 20) / MB:.0f} MB, {(300 << 20) / MB:.1f} MB/s\n"
+
+
+def test_eta_format():
+    assert [eta(s) for s in (0.4, 59.6, 61, 3599, 3600, 7384)] == [
+        "0 s",
+        "1 min 00 s",
+        "1 min 01 s",
+        "59 min 59 s",
+        "1 h 00 min",
+        "2 h 03 min",
+    ]
+
+
+class Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_styles():
+    assert isinstance(make_progress(1, Tty()), NoProgress)  # bit 2 off: nothing
+    assert isinstance(make_progress(3, Tty()), TqdmProgress)
+    assert isinstance(make_progress(3, io.StringIO()), LineProgress)
+    # the capture kernel's console is a terminal, yet it asks for lines
+    assert isinstance(make_progress(3, Tty(), style="lines"), LineProgress)
+    assert isinstance(make_progress(3, io.StringIO(), style="bar"), TqdmProgress)
+
+
+def test_lines_where_tqdm_is_not_packed():
+    """Capture images leave tqdm out; a save started by hand on their console gets lines."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, io; sys.modules['tqdm'] = None\n"
+        "class Tty(io.StringIO):\n    def isatty(self): return True\n"
+        "from kdump_capture.progress import make_progress\n"
+        "print(type(make_progress(3, Tty())).__name__)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.stdout.strip() == "LineProgress", r.stderr
