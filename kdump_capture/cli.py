@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import logging
 import os
 import signal
@@ -136,6 +135,7 @@ def make_plan(cfg):
         keep_old_dumps=cfg.keep_old_dumps,
         free_disk_size=cfg.free_disk_size,
         settings=settings,
+        hostname=cfg["KDUMP_HOSTNAME"],
     )
 
 
@@ -266,38 +266,52 @@ def cmd_show_config(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from .report import MANIFEST
+    """Check DUMPDIR against its manifest: every file it names, read as a regular file of
+    DUMPDIR (plain names only, never through a link, never more than the recorded size)."""
+    from transports.base import TransportSettings
+    from transports.file import FileTransport
 
+    from . import manifest
+    from .errors import ManifestError, TransportError, UnsafeFile
+    from .report import MANIFEST
+    from .urls import Target
+
+    dumpdir = os.path.abspath(args.dumpdir)
     path = os.path.join(args.dumpdir, MANIFEST)
+    if not os.path.isdir(dumpdir):
+        raise VerifyError(f"{args.dumpdir}: not a directory")
+    fs = FileTransport(Target("file", "file", path=dumpdir), TransportSettings(), root=dumpdir)
+    if MANIFEST not in {e.name for e in fs.listdir()}:
+        raise VerifyError(f"{path}: no manifest: the dump is incomplete")
     try:
-        with open(path, "rb") as f:
-            doc = json.load(f)
-    except FileNotFoundError:
-        raise VerifyError(f"{path}: no manifest: the dump is incomplete") from None
-    except (OSError, ValueError) as e:
-        raise VerifyError(f"{path}: unreadable manifest: {e}") from None
+        data = b"".join(fs.read(MANIFEST, limit=manifest.MAX_BYTES))
+    except TransportError as e:
+        raise ManifestError(f"unreadable manifest: {e}") from None
+    doc = manifest.parse(data, path)
     bad = []
-    for name, info in sorted(doc.get("files", {}).items()):
-        fpath = os.path.join(args.dumpdir, name)
+    for name, record in sorted(doc.files.items()):
         h = hashlib.sha256()
         size = 0
         try:
-            with open(fpath, "rb") as f:
-                while chunk := f.read(1 << 20):
-                    h.update(chunk)
-                    size += len(chunk)
-        except OSError as e:
-            bad.append(f"{name}: {e.strerror}")
+            # Never more than recorded: a bigger file fails at once, whatever its size.
+            for chunk in fs.read(name, limit=record.size):
+                h.update(chunk)
+                size += len(chunk)
+        except UnsafeFile as e:
+            bad.append(str(e))
             continue
-        if size != info["size"] or h.hexdigest() != info["sha256"]:
+        except TransportError as e:
+            bad.append(f"{name}: {e}")
+            continue
+        if size != record.size or h.hexdigest() != record.sha256:
             bad.append(
                 f"{name}: size {size} sha256 {h.hexdigest()} != recorded "
-                f"{info['size']} {info['sha256']}"
+                f"{record.size} {record.sha256}"
             )
         else:
             print(f"OK  {name}  {size} bytes")
-    if doc.get("status") != "complete":
-        bad.append(f"dump status is {doc.get('status')!r}: {doc.get('error')}")
+    if not doc.complete:
+        bad.append(f"dump status is {doc.status!r}: {doc.error}")
     if bad:
         raise VerifyError(f"{args.dumpdir}: " + "; ".join(bad))
     print(f"{args.dumpdir}: all files match {MANIFEST}")

@@ -2,27 +2,29 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import socket
 import time
 from dataclasses import dataclass
 
 from transports import open_transport
-from transports.base import Transport, TransportSettings
+from transports.base import Entry, Transport, TransportSettings
 
-from . import policy
+from . import manifest, policy
 from .dmesg import extract as extract_dmesg
 from .errors import (
     AuthError,
+    ConnectionLost,
     FreeSpaceError,
     KdumpError,
     NotSupported,
     TargetFull,
     TransportError,
+    UnsafeFile,
     VmcoreError,
 )
 from .formats import FORMAT_NAMES, FormatWriter, make_writer
+from .identity import host_identity
 from .progress import NoProgress, Progress
 from .report import DMESG, MANIFEST, PLACEHOLDER, README, VMCORE, DumpRecord
 from .urls import Target
@@ -50,6 +52,8 @@ class SavePlan:
     #: describes the source's own format when it is copied verbatim (dump-device recovery)
     source_label: str | None = None
     source_level: int | None = None
+    #: KDUMP_HOSTNAME: this host's name in dump directory names on network targets
+    hostname: str = ""
 
 
 @dataclass
@@ -99,61 +103,58 @@ class BudgetMonitor:
             )
 
 
-def host_identity(target: Target) -> str:
-    """How this machine names itself in dump directories on shared targets.
+def scan_dumps(transport: Transport, host: str | None) -> list[policy.DumpDir]:
+    """This host's dump directories on the target, with their state from manifest.json.
 
-    /etc/hostname.kdump (written into the capture initramfs) wins; then the hostname; a
-    capture kernel often has none, so then the local address of the route to the target.
+    Names are filtered before anything is read: another host's dumps (or whatever it left
+    under a dump-like name) are never opened. A link named like one of our dumps is
+    "incomplete", so that rotation deletes the link itself; a manifest that cannot be read
+    makes its dump "failed", with a warning naming it.
     """
-    try:
-        with open("/etc/hostname.kdump") as f:
-            name = f.read().strip()
-            if name:
-                return _safe(name)
-    except OSError:
-        pass
-    name = socket.gethostname()
-    if name and name not in ("(none)", "localhost", "localhost.localdomain"):
-        return _safe(name)
-    try:
-        fam = socket.AF_INET6 if ":" in target.host else socket.AF_INET
-        with socket.socket(fam, socket.SOCK_DGRAM) as s:
-            s.connect((target.host, target.port or 9))  # UDP connect sends nothing
-            return _safe(s.getsockname()[0])
-    except OSError:
-        return "unknown"
-
-
-def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
-
-
-def scan_dumps(transport: Transport) -> list[policy.DumpDir]:
-    """The dump directories on the target with their state from manifest.json."""
     out: list[policy.DumpDir] = []
     for entry in transport.listdir(""):
-        if not entry.is_dir:
+        if not (entry.is_dir or entry.is_link):
             continue
         parsed = policy.parse_dump_name(entry.name)
-        if parsed is None:
+        if parsed is None or parsed[0] != host:
             continue
-        host, stamp, seq = parsed
-        state = policy.INCOMPLETE
-        names = {e.name for e in transport.listdir(entry.name)}
-        if MANIFEST in names:
-            try:
-                doc = json.loads(b"".join(transport.read(f"{entry.name}/{MANIFEST}")))
-                state = policy.COMPLETE if doc.get("status") == "complete" else policy.FAILED
-            except (ValueError, TransportError):
-                state = policy.FAILED
-        out.append(policy.DumpDir(stamp, seq, entry.name, host, state))
+        _, stamp, seq = parsed
+        out.append(policy.DumpDir(stamp, seq, entry.name, host, _state(transport, entry)))
     return out
 
 
-def _remove(transport: Transport, dumps: list[policy.DumpDir], why: str) -> None:
+def _state(transport: Transport, entry: Entry) -> str:
+    where = f"{transport.describe()}/{entry.name}"
+    try:
+        if entry.is_link:
+            raise UnsafeFile(f"{where}: a link, not a directory")
+        if MANIFEST not in {e.name for e in transport.listdir(entry.name)}:
+            return policy.INCOMPLETE
+        doc = manifest.read(transport, entry.name)
+    except UnsafeFile as e:
+        log.warning("%s; never followed, only the link is deleted", e)
+        return policy.INCOMPLETE
+    except ConnectionLost:
+        raise
+    except (KdumpError, FileNotFoundError) as e:
+        log.warning("cannot read the manifest of %s, counting it as failed: %s", where, e)
+        return policy.FAILED
+    return policy.COMPLETE if doc.complete else policy.FAILED
+
+
+def _remove(transport: Transport, dumps: list[policy.DumpDir], why: str) -> list[policy.DumpDir]:
+    """Delete ``dumps``; returns those deleted. A failed deletion is a warning: cleaning up
+    must never cost the new dump."""
+    done = []
     for d in dumps:
         log.info("deleting %s dump %s (%s)", d.state, d.name, why)
-        transport.remove_tree(d.name)
+        try:
+            transport.remove_tree(d.name)
+        except TransportError as e:
+            log.warning("could not delete %s (%s); going on with the new dump", d.name, e)
+            continue
+        done.append(d)
+    return done
 
 
 def _make_dump_dir(transport: Transport, stamp: str, host: str | None) -> str:
@@ -191,13 +192,13 @@ def save_to_target(
     if plan.dump_format != "none":
         writer = make_writer(vm, plan.dump_format, plan.dump_level, transport.can_seek)
     with transport:
-        host = None if target.scheme == "file" else host_identity(target)
-        existing = policy.ours(scan_dumps(transport), host)
+        host = None if target.scheme == "file" else host_identity(target, plan.hostname)
+        existing = policy.ours(scan_dumps(transport, host), host)
         _remove(transport, policy.select_stale(existing), "left incomplete by an earlier run")
         existing = [d for d in existing if d.state != policy.INCOMPLETE]
         before = policy.select_before_write(existing, plan.keep_old_dumps)
-        _remove(transport, before, f"KDUMP_KEEP_OLD_DUMPS={plan.keep_old_dumps}")
-        existing = [d for d in existing if d not in before]
+        gone = _remove(transport, before, f"KDUMP_KEEP_OLD_DUMPS={plan.keep_old_dumps}")
+        existing = [d for d in existing if d not in gone]
 
         estimate = (writer.estimate() if writer else 0) or 0
         free, pruned = _ensure_room(transport, existing, plan, estimate + SIDE_FILES)
@@ -300,9 +301,8 @@ def _ensure_room(
     if not short:
         return free, pruned
     for d in policy.prunable_for_space(existing, plan.keep_old_dumps):
-        log.info("deleting old dump %s to make room (%d MiB short)", d.name, short >> 20)
-        transport.remove_tree(d.name)
-        pruned.append(d)
+        why = f"to make room, {short >> 20} MiB short"
+        pruned += _remove(transport, [d], why)
         free = transport.free_space("")
         short = policy.budget_shortfall(free, needed, plan.free_disk_size)
         if not short:
