@@ -128,16 +128,18 @@ def _state(transport: Transport, entry: Entry) -> str:
     try:
         if entry.is_link:
             raise UnsafeFile(f"{where}: a link, not a directory")
-        if MANIFEST not in {e.name for e in transport.listdir(entry.name)}:
-            return policy.INCOMPLETE
-        doc = manifest.read(transport, entry.name)
+        names = {e.name for e in transport.listdir(entry.name)}
     except UnsafeFile as e:
         log.warning("%s; never followed, only the link is deleted", e)
         return policy.INCOMPLETE
+    if MANIFEST not in names:
+        return policy.INCOMPLETE
+    try:
+        doc = manifest.read(transport, entry.name)
     except ConnectionLost:
         raise
     except (KdumpError, FileNotFoundError) as e:
-        log.warning("cannot read the manifest of %s, counting it as failed: %s", where, e)
+        log.warning("cannot read %s/%s, counting the dump as failed: %s", where, MANIFEST, e)
         return policy.FAILED
     return policy.COMPLETE if doc.complete else policy.FAILED
 

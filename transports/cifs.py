@@ -18,6 +18,7 @@ from typing import TypeVar
 
 import smbclient
 from smbclient._io import SMBDirectoryIO, SMBFileIO, _chunk_size
+from smbprotocol import MAX_PAYLOAD_SIZE
 from smbprotocol import exceptions as smbexc
 from smbprotocol.connection import Request
 from smbprotocol.file_info import FileAttributes, FileInformationClass
@@ -52,6 +53,10 @@ WRITE_PIECE = 4 << 20
 # the 16 MiB replay buffer, which drops nothing the server has not confirmed anyway.
 MAX_INFLIGHT = 8 << 20
 READ_CHUNK = 1 << 20
+# Credits a sink leaves unused for the requests that go out between its writes (the budget
+# monitor's statfs, a listing): smbprotocol fails a request when no credit is left instead
+# of waiting, and Samba may grant as few as 64 (4 MiB of WRITE) at first.
+RESERVE_CREDITS = 8
 
 _AUTH_ERRORS = (
     smbexc.SMBAuthenticationError,
@@ -156,6 +161,12 @@ class CifsSink(Sink):
         done = 0
         while done < len(view):
             want = min(len(view) - done, conn.max_write_size)
+            window = conn.sequence_window
+            spare = window["high"] - window["low"] - RESERVE_CREDITS
+            if spare * MAX_PAYLOAD_SIZE < want and self._pending:
+                self._ack_one()  # its reply grants credits back
+                continue
+            want = min(want, max(spare, 1) * MAX_PAYLOAD_SIZE)
             size, credits = _chunk_size(conn, want, "write")
             if (size < want or self._inflight + size > self._max_inflight) and self._pending:
                 self._ack_one()
