@@ -25,6 +25,8 @@ MAX_BYTES = 1 << 20
 MAX_DEPTH = 8
 # We write four files; a few more leaves room for later versions.
 MAX_FILES = 64
+# Values of any kind (ours have about 40): bounds what json.loads allocates.
+MAX_ITEMS = 4096
 # A name on any target: NAME_MAX on Linux, and what SMB and FTP servers accept.
 MAX_NAME = 255
 MAX_TEXT = 64 << 10
@@ -33,7 +35,11 @@ COMPLETE = "complete"
 FAILED = "failed"
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-_BRACKETS = re.compile(rb'[\[\]{}"\\]')
+# A JSON string, possessive so that each byte is looked at once; an unterminated one runs to
+# the end (json rejects it later).
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*+"?', re.S)
+# An array or object with nothing nested inside: removed level by level to measure depth.
+_INNERMOST = re.compile(rb"\[[^\[\]{}]*\]|\{[^\[\]{}]*\}")
 
 
 @dataclass(frozen=True)
@@ -69,30 +75,18 @@ def plain_name(name: object) -> bool:
     )
 
 
-def _check_depth(data: bytes, where: str) -> None:
-    """Refuse nesting deeper than MAX_DEPTH before json builds any of it."""
-    if data.count(b"[") + data.count(b"{") <= MAX_DEPTH:
-        return
-    depth = 0
-    in_string = False
-    escaped_at = -1
-    for m in _BRACKETS.finditer(data):
-        c, at = m.group(), m.start()
-        if in_string:
-            if at == escaped_at:
-                continue
-            if c == b"\\":
-                escaped_at = at + 1
-            elif c == b'"':
-                in_string = False
-        elif c == b'"':
-            in_string = True
-        elif c in b"[{":
-            depth += 1
-            if depth > MAX_DEPTH:
-                raise ManifestError(f"{where}: nested deeper than {MAX_DEPTH} levels")
-        elif c in b"]}":
-            depth -= 1
+def _check_shape(data: bytes, where: str) -> None:
+    """Refuse deep nesting and too many values before json builds any of it: 1 MiB of
+    "[[],[],..." would take json's recursion to its limit, or become ~20 MiB of lists."""
+    bare = _STRING.sub(b'""', data)
+    if bare.count(b",") + bare.count(b"[") + bare.count(b"{") > MAX_ITEMS:
+        raise ManifestError(f"{where}: more than {MAX_ITEMS} values")
+    for _ in range(MAX_DEPTH):
+        bare, n = _INNERMOST.subn(b"0", bare)
+        if not n:
+            break
+    if b"[" in bare or b"{" in bare:
+        raise ManifestError(f"{where}: nested deeper than {MAX_DEPTH} levels, or unbalanced")
 
 
 def _text(doc: dict, key: str, where: str, optional: bool = False) -> str | None:
@@ -129,7 +123,7 @@ def parse(data: bytes, where: str) -> Manifest:
     """The manifest in ``data``; ``ManifestError`` naming ``where`` if it is not one of ours."""
     if len(data) > MAX_BYTES:
         raise ManifestError(f"{where}: larger than {MAX_BYTES} bytes")
-    _check_depth(data, where)
+    _check_shape(data, where)
     try:
         doc = json.loads(data)
     except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
