@@ -11,12 +11,12 @@ under its final name.
 
 Never through a link: a shared target holds what other hosts left there, so every
 operation treats a name inside the root as untrusted. ``listdir`` reports a symbolic link
-(or a reparse point, or a directory the server reaches through a link) as ``is_link``,
-never as a directory; ``listdir`` and ``read`` refuse (``UnsafeFile``) a path that leads
-through one; ``read`` opens only regular files, without blocking (FIFOs, devices are
-refused before they are opened) and up to a size limit; ``remove_tree`` deletes a link
-itself and never what it points to. Only the root directory itself (configured by the
-administrator) may be a link.
+(or a reparse point) as ``is_link``, never as a directory; ``listdir`` and ``read`` refuse
+(``UnsafeFile``) a path that leads through one (a server that follows links itself, as
+Samba does, shows some only there: when they are entered); ``read`` opens only regular
+files, without blocking (FIFOs, devices are refused before they are opened) and up to a
+size limit; ``remove_tree`` deletes a link itself and never what it points to. Only the
+root directory itself (configured by the administrator) may be a link.
 """
 
 from __future__ import annotations

@@ -279,6 +279,7 @@ class FtpTransport(RetryingTransport):
         self._ftp: ftplib.FTP | None = None
         self._chmod_ok = True
         self._told_free = False
+        self._list_a = True  # whether the server takes "LIST -a PATH"
 
     @property
     def ftp(self) -> ftplib.FTP:
@@ -378,6 +379,8 @@ class FtpTransport(RetryingTransport):
         from a directory), LIST shows a link as a link, and a FIFO as a FIFO."""
         lines: list[str] = []
         try:
+            if not self._list_a:
+                raise ftplib.error_perm("550 LIST -a is not understood here")
             self.ftp.retrlines(f"LIST -a {path}", lines.append)
         except ftplib.error_perm:
             # pyftpdlib takes "-a DIR" for a path; vsftpd hides dot files without -a.
@@ -386,6 +389,7 @@ class FtpTransport(RetryingTransport):
                 self.ftp.retrlines(f"LIST {path}", lines.append)
             except ftplib.error_perm as e:
                 return {} if str(e)[:3] == "550" else None
+            self._list_a = False
         out: dict[str, tuple[str, int]] = {}
         for line in lines:
             if line.startswith("total"):
