@@ -346,7 +346,7 @@ class CifsTransport(RetryingTransport):
         smbclient.makedirs(self.root, exist_ok=True, **self.kw)
 
     def _open(self) -> None:
-        self.close()
+        self._drop()
         try:
             smbclient.register_session(
                 self.target.host,
@@ -366,6 +366,17 @@ class CifsTransport(RetryingTransport):
                 # when its reader thread closed the socket first) is a lost connection.
                 err = ConnectionLost(str(err))
             raise err from e
+
+    def _drop(self) -> None:
+        """Forget the connections without a word to the server. Before a reconnect the old
+        one is broken, and a graceful disconnect would CLOSE every open file and wait for
+        each reply without a timeout (smbprotocol's ``Open.close``)."""
+        for conn in list(self._cache.values()):
+            try:
+                conn.disconnect(close=False)
+            except Exception as e:
+                log.debug("dropping SMB connection: %s", e)
+        self._cache.clear()
 
     def close(self) -> None:
         for conn in list(self._cache.values()):
