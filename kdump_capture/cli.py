@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import logging
 import os
@@ -12,10 +13,22 @@ import tempfile
 
 from . import __version__
 from .errors import EXIT_CODES, ConfigError, Interrupted, KdumpError, NotSupported, VerifyError
+from .urls import redact
 
 log = logging.getLogger("kdump_capture")
 
 DEFAULT_CONFIG = "/etc/sysconfig/kdump"
+
+
+class RedactingFormatter(logging.Formatter):
+    """Every log line, tracebacks included, goes through urls.redact before it is shown.
+
+    Our own messages name targets by their redacted form already; this also covers what
+    libraries (paramiko, smbprotocol, ftplib) put into exceptions and debug output.
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
 
 
 def _setup_logging(debug: bool) -> None:
@@ -23,10 +36,10 @@ def _setup_logging(debug: bool) -> None:
     for h in list(root.handlers):
         root.removeHandler(h)
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("kdump: %(levelname)s: %(message)s"))
+    handler.setFormatter(RedactingFormatter("kdump: %(levelname)s: %(message)s"))
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if debug else logging.INFO)
-    for noisy in ("paramiko", "smbprotocol", "spnego"):
+    for noisy in ("paramiko", "smbprotocol", "spnego", "botocore"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if debug else logging.WARNING)
 
 
@@ -107,10 +120,29 @@ def replay_budget(available: int | None) -> int:
     return max(4 << 20, min(full, available // 8 >> 20 << 20))
 
 
+def transport_settings(cfg):
+    """What the transports take from the configuration (save, recover and verify)."""
+    from transports.base import TransportSettings
+
+    s3 = {
+        "s3_access_key": cfg["KDUMP_S3_ACCESS_KEY"],
+        "s3_secret_key": cfg["KDUMP_S3_SECRET_KEY"],
+        "s3_region": cfg["KDUMP_S3_REGION"],
+        "s3_ca_bundle": cfg["KDUMP_S3_CA_BUNDLE"],
+    }
+    return TransportSettings(
+        timeout=float(max(cfg.net_timeout, 5)),
+        ssh_identity=cfg.ssh_identity,
+        host_key=cfg.host_key,
+        debug=bool(cfg.verbose & 8),
+        replay_bytes=replay_budget(mem_available()),
+        extra={k: v for k, v in s3.items() if v},
+    )
+
+
 def make_plan(cfg):
     """Resolve the configuration into a SavePlan; unsupported settings fail here, early."""
     from transports import transport_class
-    from transports.base import TransportSettings
 
     from .pipeline import SavePlan
 
@@ -121,13 +153,7 @@ def make_plan(cfg):
             transport_class(t.scheme)  # a configured scheme that cannot load fails now
         except NotSupported as e:
             raise NotSupported(f"{cfg.location('KDUMP_SAVEDIR')}: {t.redacted()}: {e}") from None
-    settings = TransportSettings(
-        timeout=float(max(cfg.net_timeout, 5)),
-        ssh_identity=cfg.ssh_identity,
-        host_key=cfg.host_key,
-        debug=bool(cfg.verbose & 8),
-        replay_bytes=replay_budget(mem_available()),
-    )
+    settings = transport_settings(cfg)
     return SavePlan(
         targets=targets,
         dump_format=cfg.dumpformat,
@@ -143,12 +169,19 @@ def _on_term(signum, frame):
     raise Interrupted(f"interrupted by signal {signum}")
 
 
+def _on_watchdog(signum, frame):
+    raise Interrupted(
+        "stopped by the capture kernel's watchdog: no progress for KDUMP_SAVE_TIMEOUT seconds"
+    )
+
+
 def cmd_save(args: argparse.Namespace) -> int:
     from . import finish
+    from .heartbeat import Heartbeat
     from .pipeline import save
     from .progress import make_progress
     from .sample import write_demo
-    from .scripts import check_script, run_script
+    from .scripts import check_script, check_transfer, run_script
     from .vmcore import find_source, open_vmcore
 
     cfg = load(args)
@@ -158,16 +191,20 @@ def cmd_save(args: argparse.Namespace) -> int:
         # The administrator's command replaces the whole built-in flow (SUSE semantics).
         source = args.vmcore or find_source(None)
         status = run_script("KDUMP_TRANSFER", cfg["KDUMP_TRANSFER"], {"KDUMP_VMCORE": source})
-        print(f"KDUMP_TRANSFER exited with status {status}")
-        if status == 0 and finish.should_reboot(cfg.immediate_reboot, args.no_reboot, dumpdev):
+        check_transfer(status)
+        print("KDUMP_TRANSFER finished (exit status 0)")
+        if finish.should_reboot(cfg.immediate_reboot, args.no_reboot, dumpdev):
             finish.reboot()
-        return status
+        return 0
     check_unsupported(cfg)
     plan = None if dumpdev else make_plan(cfg)
     if cfg["KDUMP_PRESCRIPT"]:
         status = run_script("KDUMP_PRESCRIPT", cfg["KDUMP_PRESCRIPT"], {})
         check_script("KDUMP_PRESCRIPT", status, cfg.continue_on_error)
     signal.signal(signal.SIGTERM, _on_term)
+    signal.signal(signal.SIGUSR1, _on_watchdog)  # /init's watchdog (heartbeat.py)
+    heartbeat = Heartbeat.from_env(os.environ)
+    heartbeat.beat(0, force=True)
     tmp = None
     try:
         if args.sample:
@@ -190,25 +227,32 @@ def cmd_save(args: argparse.Namespace) -> int:
                 from .dumpdev import write_dump
 
                 header = write_dump(
-                    vm, dumpdev, cfg.dumpformat, cfg.dumplevel, make_progress(cfg.verbose)
+                    vm,
+                    dumpdev,
+                    cfg.dumpformat,
+                    cfg.dumplevel,
+                    heartbeat.around(make_progress(cfg.verbose)),
                 )
             else:
-                result = save(vm, plan, make_progress(cfg.verbose))
+                result = save(vm, plan, heartbeat.around(make_progress(cfg.verbose)))
     finally:
         if tmp:
             os.unlink(tmp)
     if dumpdev:
-        print(
-            f"Dump written to {dumpdev} ({header.data_size} bytes). Not rebooting "
-            "(KDUMP_DUMPDEV is set): check the system from this console, then copy the dump "
-            "to KDUMP_SAVEDIR with: kdump-capture recover"
-        )
-        return 0
-    print(f"Dump saved: {result.target}/{result.directory}")
-    if cfg["KDUMP_POSTSCRIPT"]:
+        print(f"Dump written to {dumpdev} ({header.data_size} bytes).")
+        env = {"KDUMP_DUMP_DEVICE": dumpdev, "KDUMP_DUMP_URL": "", "KDUMP_DUMP_DIR": ""}
+    else:
+        print(f"Dump saved: {result.target}/{result.directory}")
         env = {"KDUMP_DUMP_URL": result.target, "KDUMP_DUMP_DIR": result.directory}
+    if cfg["KDUMP_POSTSCRIPT"]:
         status = run_script("KDUMP_POSTSCRIPT", cfg["KDUMP_POSTSCRIPT"], env)
         check_script("KDUMP_POSTSCRIPT", status, cfg.continue_on_error)
+    if dumpdev:
+        print(
+            "Not rebooting (KDUMP_DUMPDEV is set): check the system from this console, then "
+            "copy the dump to KDUMP_SAVEDIR with: kdump-capture recover"
+        )
+        return 0
     if finish.should_reboot(cfg.immediate_reboot, args.no_reboot, cfg["KDUMP_DUMPDEV"]):
         print("Rebooting (KDUMP_IMMEDIATE_REBOOT=yes)", flush=True)
         finish.reboot()
@@ -266,41 +310,71 @@ def cmd_show_config(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    """Check DUMPDIR against its manifest: every file it names, read as a regular file of
-    DUMPDIR (plain names only, never through a link, never more than the recorded size)."""
+    """Check a dump against its manifest: a local directory, or a dump's URL (streamed).
+
+    Reads only the plain names the manifest lists inside the dump, as regular files (never
+    through a link, never a FIFO), never more than the recorded size: both through a
+    transport (the file transport for a directory).
+    """
+    from dataclasses import replace
+
+    from transports import open_transport
     from transports.base import TransportSettings
     from transports.file import FileTransport
 
-    from . import manifest
-    from .errors import ManifestError, TransportError, UnsafeFile
-    from .report import MANIFEST
-    from .urls import Target
+    from . import policy
+    from .urls import Target, parse_target
 
-    dumpdir = os.path.abspath(args.dumpdir)
-    path = os.path.join(args.dumpdir, MANIFEST)
-    if not os.path.isdir(dumpdir):
-        raise VerifyError(f"{args.dumpdir}: not a directory")
-    fs = FileTransport(Target("file", "file", path=dumpdir), TransportSettings(), root=dumpdir)
-    if MANIFEST not in {e.name for e in fs.listdir()}:
-        raise VerifyError(f"{path}: no manifest: the dump is incomplete")
+    where = args.dumpdir
+    if "://" not in where:
+        dumpdir = os.path.abspath(where)
+        if not os.path.isdir(dumpdir):
+            raise VerifyError(f"{where}: not a directory")
+        # Not connected: connecting would create the directory and want it writable.
+        fs = FileTransport(Target("file", "file", path=dumpdir), TransportSettings())
+        return _verify(where, fs, "")
+    target, _ = parse_target(where)
+    parent, _, name = target.path.rstrip("/").rpartition("/")
+    if policy.parse_dump_name(name) is None:
+        raise ConfigError(
+            f"{target.redacted()}: the URL must end with a dump directory's name "
+            "(HOST-YYYY-MM-DD-HH-MM-SS), e.g. the one 'save' printed"
+        )
+    cfg = load(args)
+    _setup_logging(bool(cfg.verbose & 8))
+    with open_transport(replace(target, path=parent or "/"), transport_settings(cfg)) as tr:
+        return _verify(target.redacted(), tr, name)
+
+
+def _verify(label: str, tr, dumpdir: str) -> int:
+    """Hash every file the manifest of ``dumpdir`` on ``tr`` lists, as it streams."""
+    from . import manifest
+    from .errors import ManifestError, TransportError
+    from .report import MANIFEST
+
+    def rel(name: str) -> str:
+        return f"{dumpdir}/{name}" if dumpdir else name
+
+    names = {e.name for e in tr.listdir(dumpdir) if not e.is_dir}
+    if not names:
+        raise VerifyError(f"{label}: no such dump (nothing there)")
+    if MANIFEST not in names:
+        raise VerifyError(f"{label}/{MANIFEST}: no manifest: the dump is incomplete")
     try:
-        data = b"".join(fs.read(MANIFEST, limit=manifest.MAX_BYTES))
+        data = b"".join(tr.read(rel(MANIFEST), limit=manifest.MAX_BYTES))
     except TransportError as e:
-        raise ManifestError(f"unreadable manifest: {e}") from None
-    doc = manifest.parse(data, path)
+        raise ManifestError(f"{label}/{MANIFEST}: unreadable manifest: {e}") from None
+    doc = manifest.parse(data, f"{label}/{MANIFEST}")
     bad = []
     for name, record in sorted(doc.files.items()):
         h = hashlib.sha256()
         size = 0
         try:
             # Never more than recorded: a bigger file fails at once, whatever its size.
-            for chunk in fs.read(name, limit=record.size):
+            for chunk in tr.read(rel(name), limit=record.size):
                 h.update(chunk)
                 size += len(chunk)
-        except UnsafeFile as e:
-            bad.append(str(e))
-            continue
-        except TransportError as e:
+        except (TransportError, FileNotFoundError) as e:
             bad.append(f"{name}: {e}")
             continue
         if size != record.size or h.hexdigest() != record.sha256:
@@ -313,8 +387,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if not doc.complete:
         bad.append(f"dump status is {doc.status!r}: {doc.error}")
     if bad:
-        raise VerifyError(f"{args.dumpdir}: " + "; ".join(bad))
-    print(f"{args.dumpdir}: all files match {MANIFEST}")
+        raise VerifyError(f"{label}: " + "; ".join(bad))
+    print(f"{label}: all files match {MANIFEST}")
     return 0
 
 
@@ -327,18 +401,50 @@ def cmd_dmesg(args: argparse.Namespace) -> int:
     return 0
 
 
+def _file_error(e: OSError, source: str | None, output: str) -> KdumpError:
+    """An OSError of a command that reads ``source`` and writes ``output``, as our error.
+
+    Cannot open the input: exit 3, as for `save --vmcore` and `dmesg`. Cannot create the
+    output (missing directory, permission): exit 2, a bad argument. Writing it failed:
+    exit 5 when the disk is full, else 6.
+    """
+    from .errors import FreeSpaceError, NoDumpError, TransportError
+
+    reason = e.strerror or str(e)
+    if source is not None and e.filename == source:
+        return NoDumpError(f"{source}: cannot open: {reason}")
+    if e.filename is not None:  # open and create name the file; write errors name none
+        return ConfigError(f"{output}: cannot create: {reason}")
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return FreeSpaceError(f"writing {output}: {reason}")
+    return TransportError(f"writing {output}: {reason}")
+
+
 def cmd_rearrange(args: argparse.Namespace) -> int:
     from .formats.flat import rearrange
 
-    size = rearrange(args.flat, args.output)
+    try:
+        size = rearrange(args.flat, args.output)
+    except OSError as e:
+        raise _file_error(e, args.flat, args.output) from e
     print(f"{args.output}: {size} bytes")
     return 0
+
+
+# make-sample holds no more than a chunk in memory, but the file is this big: 1 TiB (sparse
+# samples of several GiB are what the memory benchmarks use).
+SAMPLE_MAX_MIB = 1 << 20
 
 
 def cmd_make_sample(args: argparse.Namespace) -> int:
     from .sample import SampleSpec, write_sample
 
-    size = write_sample(args.output, SampleSpec(ram_mib=args.mib, sparse=args.sparse))
+    if not 1 <= args.mib <= SAMPLE_MAX_MIB:
+        raise ConfigError(f"--mib {args.mib}: must be between 1 and {SAMPLE_MAX_MIB}")
+    try:
+        size = write_sample(args.output, SampleSpec(ram_mib=args.mib, sparse=args.sparse))
+    except OSError as e:
+        raise _file_error(e, None, args.output) from e
     print(f"{args.output}: synthetic vmcore, {size} bytes")
     return 0
 
@@ -383,8 +489,13 @@ def build_parser() -> argparse.ArgumentParser:
     config_args(p)
     p.set_defaults(func=cmd_show_config)
 
-    p = sub.add_parser("verify", help="check a saved dump against its manifest checksums")
-    p.add_argument("dumpdir", metavar="DUMPDIR")
+    p = sub.add_parser(
+        "verify",
+        help="check a saved dump against its manifest checksums, in a directory or where it "
+        "lies on a target (URL: the target URL plus the dump's name; credentials from --config)",
+    )
+    config_args(p)
+    p.add_argument("dumpdir", metavar="DUMPDIR|URL")
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("dmesg", help="print the kernel log of a dump (ELF, compressed, flattened)")
@@ -416,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except KdumpError as e:
         log.debug("traceback", exc_info=True)
-        print(f"kdump-capture: error: {e}", file=sys.stderr)
+        print(f"kdump-capture: error: {redact(str(e))}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("kdump-capture: interrupted", file=sys.stderr)
@@ -424,7 +535,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # a bug: one line, traceback only when debugging
         if logging.getLogger().isEnabledFor(logging.DEBUG):
             log.exception("internal error")
-        print(f"kdump-capture: internal error: {type(e).__name__}: {e}", file=sys.stderr)
+        print(
+            f"kdump-capture: internal error: {type(e).__name__}: {redact(str(e))}", file=sys.stderr
+        )
         return 1
 
 

@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
+from .bounds import MAX_KERNEL_READ
 from .elf import PT_LOAD, Phdr
 from .errors import VmcoreError
 
@@ -48,28 +49,35 @@ class VmcoreInfo:
     def __init__(self, entries: dict[str, str]) -> None:
         self.entries = entries
 
-    def _int(self, key: str, base: int) -> int | None:
+    def _int(self, key: str, base: int, unsigned: bool = False) -> int | None:
         raw = self.entries.get(key)
         if raw is None:
             return None
         try:
+            if len(raw) > 24:  # 2**64 has 20 digits: anything longer is not a C long
+                raise ValueError
             if base == 10 and raw.lower().startswith(("0x", "-0x")):
-                return int(raw, 16)
-            return int(raw, base)
+                value = int(raw, 16)
+            else:
+                value = int(raw, base)
         except ValueError:
-            raise KernelInfoError(f"VMCOREINFO: {key}={raw!r} is not a number") from None
+            raise KernelInfoError(f"VMCOREINFO: {key}={raw[:32]!r} is not a number") from None
+        if unsigned and value < 0:
+            raise KernelInfoError(f"VMCOREINFO: {key}={raw!r} is negative")
+        return value
 
     def symbol(self, name: str) -> int | None:
         return self._int(f"SYMBOL({name})", 16)
 
+    # SIZE, OFFSET and LENGTH are %lu in the kernel: a negative one is corrupt.
     def size(self, name: str) -> int | None:
-        return self._int(f"SIZE({name})", 10)
+        return self._int(f"SIZE({name})", 10, unsigned=True)
 
     def offset(self, name: str) -> int | None:
-        return self._int(f"OFFSET({name})", 10)
+        return self._int(f"OFFSET({name})", 10, unsigned=True)
 
     def length(self, name: str) -> int | None:
-        return self._int(f"LENGTH({name})", 10)
+        return self._int(f"LENGTH({name})", 10, unsigned=True)
 
     def number(self, name: str) -> int | None:
         return self._int(f"NUMBER({name})", 10)
@@ -99,7 +107,13 @@ class VmcoreInfo:
 
 
 class PhysMemory(Protocol):
-    """Physical memory of the crashed machine, as some dump file holds it."""
+    """Physical memory of the crashed machine, as some dump file holds it.
+
+    ``capacity`` is how many bytes of memory the dump holds: no structure read from it can
+    be larger, whatever size a corrupt VMCOREINFO or memory claims.
+    """
+
+    capacity: int
 
     def read_phys(self, paddr: int, size: int) -> bytes:
         """``size`` bytes at ``paddr``; raises AddressError if any of it is not in the dump."""
@@ -135,6 +149,7 @@ class ElfPhysMemory:
             self._reach.append(top)
         self._pread = pread
         self.name = name
+        self.capacity = sum(s.file_end - s.paddr for s in segs)
 
     def find(self, paddr: int) -> _Seg | None:
         i = bisect.bisect_right(self._starts, paddr) - 1
@@ -220,7 +235,17 @@ class Kernel:
         return self.translate(va)[0]
 
     def read(self, va: int, size: int) -> bytes:
-        """``size`` bytes of kernel virtual memory at ``va``."""
+        """``size`` bytes of kernel virtual memory at ``va``.
+
+        ``size`` comes from the dump: it must fit in what the dump holds and below
+        MAX_KERNEL_READ, else AddressError (before anything is read).
+        """
+        limit = min(MAX_KERNEL_READ, self.mem.capacity)
+        if not 0 <= size <= limit:
+            raise AddressError(
+                f"a read of {size:#x} bytes at {va:#x} is larger than the dump can hold "
+                f"({limit:#x} bytes): corrupt size in VMCOREINFO or kernel memory"
+            )
         parts = []
         while size > 0:
             pa, left = self.translate(va)
@@ -262,27 +287,36 @@ class Kernel:
         pfn_shift = sec_bits - PAGE_SHIFT
         per_section = 1 << pfn_shift
         per_root = PAGE // ms_size
+        if map_off + 8 > ms_size:
+            raise KernelInfoError(
+                f"VMCOREINFO: OFFSET(mem_section.section_mem_map)={map_off} lies outside "
+                f"SIZE(mem_section)={ms_size}"
+            )
         num_sections = -(-max_mapnr // per_section)
         n_roots = -(-num_sections // per_root)
         roots = self.read(root, 8 * n_roots)
         out = []
-        for nr in range(num_sections):
-            r = U64.unpack_from(roots, 8 * (nr // per_root))[0]
+        for ri in range(n_roots):
+            r = U64.unpack_from(roots, 8 * ri)[0]
             if r == 0:
                 continue
-            ms = r + (nr % per_root) * ms_size
-            coded = U64.unpack(self.read(ms + map_off, 8))[0]
-            if not coded & SECTION_MARKED_PRESENT:
-                continue
-            mem_map = ((coded & SECTION_MAP_MASK) + (nr << pfn_shift) * page_size) & (
-                0xFFFFFFFFFFFFFFFF
-            )
-            if mem_map >> 63 == 0:
-                raise KernelInfoError(
-                    f"mem_section {nr}: mem_map {mem_map:#x} is not a kernel address"
+            first = ri * per_root
+            count = min(per_root, num_sections - first)
+            secs = self.read(r, count * ms_size)  # one read per root: at most a page
+            for i in range(count):
+                nr = first + i
+                coded = U64.unpack_from(secs, i * ms_size + map_off)[0]
+                if not coded & SECTION_MARKED_PRESENT:
+                    continue
+                mem_map = ((coded & SECTION_MAP_MASK) + (nr << pfn_shift) * page_size) & (
+                    0xFFFFFFFFFFFFFFFF
                 )
-            start = nr << pfn_shift
-            out.append((start, min(start + per_section, max_mapnr), mem_map))
+                if mem_map >> 63 == 0:
+                    raise KernelInfoError(
+                        f"mem_section {nr}: mem_map {mem_map:#x} is not a kernel address"
+                    )
+                start = nr << pfn_shift
+                out.append((start, min(start + per_section, max_mapnr), mem_map))
         return out
 
 

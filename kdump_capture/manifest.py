@@ -25,14 +25,19 @@ MAX_BYTES = 1 << 20
 MAX_DEPTH = 8
 # We write four files; a few more leaves room for later versions.
 MAX_FILES = 64
-# Values of any kind (ours have about 40): bounds what json.loads allocates.
-MAX_ITEMS = 4096
+# Values of any kind: ours have about 60, plus 4 per recorded unreadable range (at most
+# vmcore.MAX_RECORDED_RANGES, 256) and one per note. Bounds what json.loads builds to a few
+# MiB whatever the bytes.
+MAX_ITEMS = 8192
 # A name on any target: NAME_MAX on Linux, and what SMB and FTP servers accept.
 MAX_NAME = 255
 MAX_TEXT = 64 << 10
 
 COMPLETE = "complete"
 FAILED = "failed"
+# Saved, but only part of the source (report.DumpRecord): never complete.
+INCOMPLETE = "incomplete"
+STATUSES = (COMPLETE, FAILED, INCOMPLETE)
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 # A JSON string, possessive so that each byte is looked at once; an unterminated one runs to
@@ -131,7 +136,7 @@ def parse(data: bytes, where: str) -> Manifest:
     if not isinstance(doc, dict):
         raise ManifestError(f"{where}: not a JSON object")
     status = _text(doc, "status", where)
-    if status not in (COMPLETE, FAILED):
+    if status not in STATUSES:
         raise ManifestError(f"{where}: unknown status {status[:40]!r}")
     return Manifest(status, _files(doc, where), _text(doc, "error", where, optional=True))
 

@@ -8,14 +8,14 @@ import signal
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+BAD_NO_SIZE = json.dumps({"status": "complete", "files": {"vmcore": {"sha256": "0" * 64}}}).encode()
+
 # Issue 8, item 4: each of these in a dump's manifest.json once stopped every host's save.
 BAD_MANIFESTS: dict[str, Callable[[str], None]] = {
     "list": lambda p: _write(p, b"[]"),  # AttributeError
     "string": lambda p: _write(p, b'"x"'),  # AttributeError
     "deep": lambda p: _write(p, b"[" * 100_000),  # RecursionError
-    "no-size": lambda p: _write(
-        p, json.dumps({"status": "complete", "files": {"vmcore": {"sha256": "0" * 64}}}).encode()
-    ),
+    "no-size": lambda p: _write(p, BAD_NO_SIZE),
     "fifo": lambda p: os.mkfifo(p, 0o644),  # the save hung
     "zero-link": lambda p: os.symlink("/dev/zero", p),  # MemoryError
     "sparse-3g": lambda p: _sparse(p, 3 << 30),  # MemoryError

@@ -232,3 +232,18 @@ def test_verify_never_reads_past_the_recorded_size(d):
     r = cli("verify", str(d), timeout=60)
     assert r.rc == 8 and "more than" in r.err, r.err
     assert time.monotonic() - started < 10
+
+
+def test_our_biggest_manifest_is_read():
+    """The most a save records (every unreadable range it keeps, long notes, an incomplete
+    status) stays well inside the reader's bounds: our own dump never counts as failed."""
+    from kdump_capture.vmcore import MAX_RECORDED_RANGES
+
+    record = DumpRecord("incomplete", "h", "file:///x", "d", None, None, 31, "ELF")
+    record.files = {n: {"size": 1 << 40, "sha256": SHA} for n in ("vmcore", "dmesg.txt")}
+    record.unreadable = [
+        {"offset": i << 30, "size": 4096, "paddr": i << 30} for i in range(MAX_RECORDED_RANGES)
+    ]
+    record.notes = [f'note {i}: [brackets], {{braces}}, "quotes" \\' * 20 for i in range(50)]
+    m = manifest.parse(record.manifest_json(), "m")
+    assert m.status == "incomplete" and not m.complete and len(m.files) == 2

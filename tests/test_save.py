@@ -218,13 +218,61 @@ class ShrinkingDisk:
 
 
 def test_budget_monitor_stops_when_margin_would_be_crossed():
-    disk = ShrinkingDisk(200 << 20)
-    mon = BudgetMonitor(disk, "d", 64 << 20, None, NoProgress(), disk.free)
-    mon.advance(1 << 20, 1 << 20)  # first check: plenty
-    mon.advance(8 << 20, 8 << 20)  # no check before 32 MiB more were written
-    disk.free = 90 << 20  # somebody else filled the disk
+    MiB = 1 << 20
+    disk = ShrinkingDisk(200 * MiB)
+    mon = BudgetMonitor(disk, "d", 64 * MiB, None, NoProgress(), disk.free)
+    mon.advance(MiB, MiB)  # first check: plenty
+    mon.advance(8 * MiB, 8 * MiB)  # no check before 32 MiB more were written
+    disk.free = 90 * MiB  # somebody else filled the disk: 26 MiB may still be written
+    mon.advance(24 * MiB, 24 * MiB)  # checked; fine, and the next check comes sooner:
+    assert mon.next_check - mon.written == 12 * MiB  # half of what is safe (26 - 2 MiB)
+    mon.advance(11 * MiB, 11 * MiB)
+    disk.free = 65 * MiB  # the next write could cross the margin
     with pytest.raises(FreeSpaceError, match="KDUMP_FREE_DISK_SIZE"):
-        mon.advance(40 << 20, 40 << 20)  # the check after 32 MiB: 90 < 64 + 32
+        mon.advance(MiB, MiB)
+
+
+def test_budget_monitor_never_stops_a_dump_whose_rest_fits():
+    """Less room than one write step, but an upper bound of what is left fits: go on."""
+    MiB = 1 << 20
+    disk = ShrinkingDisk(65 * MiB)
+    mon = BudgetMonitor(disk, "d", 64 * MiB, MiB, NoProgress(), disk.free)
+    mon.advance(MiB // 2, MiB // 2)
+    disk.free -= MiB // 2
+    mon.advance(MiB // 2, MiB // 2)
+    disk.free -= MiB // 2
+    mon.check(final=True)  # exactly at the margin: kept
+    disk.free -= 1
+    with pytest.raises(FreeSpaceError):
+        mon.check(final=True)
+    # without the bound, the same room stops the dump at once
+    disk.free = 65 * MiB
+    with pytest.raises(FreeSpaceError):
+        BudgetMonitor(disk, "d", 64 * MiB, None, NoProgress(), disk.free).advance(1, 1)
+
+
+def test_budget_monitor_deletes_what_rotation_would_delete_before_stopping():
+    MiB = 1 << 20
+    disk = ShrinkingDisk(70 * MiB)
+    freed = []
+
+    def make_room(short):  # one old dump that rotation would delete anyway
+        if freed:
+            return False
+        freed.append(short)
+        disk.free += 20 * MiB
+        return True
+
+    mon = BudgetMonitor(disk, "d", 64 * MiB, None, NoProgress(), disk.free, make_room)
+    mon.advance(MiB, MiB)
+    assert freed == []  # 6 MiB of room: no need yet
+    disk.free = 65 * MiB
+    mon.advance(3 * MiB, 3 * MiB)
+    assert freed == [MiB]  # one old dump went, 21 MiB of room now
+    disk.free = 64 * MiB
+    with pytest.raises(FreeSpaceError):
+        mon.advance(11 * MiB, 11 * MiB)  # nothing is left to delete: stop
+    assert len(freed) == 1
 
 
 @pytest.mark.parametrize(
@@ -349,7 +397,7 @@ def test_transfer_replaces_the_flow(sample, tmp_path):
     assert dest.read_bytes() == open(sample, "rb").read()
     assert not (tmp_path / "d").exists()
     r = cli(*save_args(sample, str(tmp_path / "d"), "KDUMP_TRANSFER=exit 7"))
-    assert r.rc == 7
+    assert r.rc == 14 and "KDUMP_TRANSFER failed (exit status 7)" in r.err
 
 
 @pytest.mark.parametrize(

@@ -15,12 +15,14 @@ from kdump_capture import policy
 from kdump_capture.pipeline import scan_dumps
 from kdump_capture.report import DumpRecord
 from kdump_capture.sample import SampleSpec, write_sample
-from tests.planted import BAD_MANIFESTS, deadline, make_victim, plant_dir, snapshot
+from tests.planted import BAD_MANIFESTS, BAD_NO_SIZE, deadline, make_victim, plant_dir, snapshot
 from tests.servers.targets import KINDS, make_target
 
 from .helpers import cli
 
 STAMP = "2000-01-01-00-00-00"
+# Kinds whose root is a directory on this machine, where other hosts' files can be planted.
+DISK_KINDS = tuple(k for k in KINDS if k != "s3")
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +61,7 @@ class Recording:
 
 
 @pytest.mark.parametrize("bad", sorted(BAD_MANIFESTS))
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", DISK_KINDS)
 def test_bad_manifest_counts_as_failed(kind, bad, request, caplog):
     target = make_target(kind, request)
     host = _host(kind)
@@ -77,6 +79,25 @@ def test_bad_manifest_counts_as_failed(kind, bad, request, caplog):
         return
     assert (dump.name, dump.state) == (name, policy.FAILED)
     assert f"{name}/manifest.json" in caplog.text and "counting the dump as failed" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"[]", b'"x"', b"[" * 100_000, BAD_NO_SIZE, b" " * (2 << 20)],
+    ids=["list", "string", "deep", "no-size", "2mib"],
+)
+def test_bad_manifest_in_s3(content, request, caplog):
+    """No links or FIFOs in S3: what another host can put there is content."""
+    target = make_target("s3", request)
+    name = policy.dump_name(STAMP, "hostA")
+    s3 = target.s3
+    for key, body in ((f"{name}/", b""), (f"{name}/manifest.json", content)):
+        s3.client().put_object(Bucket=s3.bucket, Key=f"{target.server_dir}/{key}", Body=body)
+    caplog.set_level(logging.WARNING)
+    with target.transport() as tr, deadline(60):
+        [dump] = scan_dumps(tr, "hostA")
+    assert (dump.name, dump.state) == (name, policy.FAILED)
+    assert "counting the dump as failed" in caplog.text
 
 
 @pytest.mark.parametrize("kind", ["file", "ftp", "cifs"])
@@ -119,7 +140,7 @@ def _ours(target, host: str | None) -> list[str]:
     return out
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", DISK_KINDS)
 def test_save_with_bad_manifests_everywhere(kind, request, sample, tmp_path):
     """Every bad manifest at once, in this host's dumps and in another host's: the save
     completes, and the other host's files are untouched."""
@@ -142,7 +163,7 @@ def test_save_with_bad_manifests_everywhere(kind, request, sample, tmp_path):
     assert {n: os.stat(f"{target.server_dir}/{n}").st_ino for n in _ours(target, "hostB")} == theirs
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", DISK_KINDS)
 def test_planted_links_are_never_followed(kind, request, sample, tmp_path):
     """A link named like one of our dumps, to a directory outside the target (it was
     emptied over FTP) and to another host's dump beside it: neither is touched, the link

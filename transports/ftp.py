@@ -320,17 +320,18 @@ class FtpTransport(RetryingTransport):
         return convert(e, what)
 
     def chmod(self, ftp: ftplib.FTP, path: str, mode: str) -> None:
-        """SITE CHMOD if the server has it; warn once if it does not."""
+        """SITE CHMOD if the server has it; if not, warn once per dump and say so in its
+        README: files and directories then keep the modes the server's umask gives them."""
         if not self._chmod_ok:
             return
         try:
             ftp.voidcmd(f"SITE CHMOD {mode} {path}")
         except ftplib.error_perm as e:
             self._chmod_ok = False
-            log.warning(
-                "%s: the server refuses SITE CHMOD (%s); file modes are up to its umask",
-                self.describe(),
-                str(e).strip(),
+            self.note_once(
+                f"the FTP server refused SITE CHMOD ({str(e).strip()}): the dump's files and "
+                "directories have the modes of the server's umask and may be readable by "
+                "other users of the server"
             )
 
     def size_of(self, path: str) -> int:

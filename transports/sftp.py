@@ -16,6 +16,7 @@ import posixpath
 import socket
 import stat
 import struct
+import threading
 from collections import deque
 from collections.abc import Iterator
 
@@ -411,14 +412,28 @@ class SftpTransport(RetryingTransport):
         )
 
     def channel(self) -> paramiko.SFTPClient:
-        """A new SFTP session on the current SSH connection (for one upload)."""
-        if self._ssh is None or not self._ssh.is_active():
+        """A new SFTP session on the current SSH connection (for one upload).
+
+        Every wait is bounded by the timeout: opening the channel by paramiko's own
+        timeout, requests by the channel's; starting the subsystem waits with none, so the
+        connection is closed if the server does not answer in time (the wait then fails).
+        """
+        ssh = self._ssh
+        if ssh is None or not ssh.is_active():
             raise ConnectionLost(f"{self.describe()}: not connected")
-        sftp = paramiko.SFTPClient.from_transport(
-            self._ssh, window_size=WINDOW_SIZE, max_packet_size=MAX_PACKET
+        timeout = self.settings.timeout
+        chan = ssh.open_session(
+            window_size=WINDOW_SIZE, max_packet_size=MAX_PACKET, timeout=timeout
         )
-        sftp.get_channel().settimeout(self.settings.timeout)
-        return sftp
+        chan.settimeout(timeout)
+        timer = threading.Timer(timeout, ssh.close)
+        timer.daemon = True
+        timer.start()
+        try:
+            chan.invoke_subsystem("sftp")
+        finally:
+            timer.cancel()
+        return paramiko.SFTPClient(chan)
 
     def _max_write(self) -> int:
         """The largest WRITE the server takes (limits@openssh.com), else 32 KiB."""
@@ -616,7 +631,9 @@ class SftpTransport(RetryingTransport):
         try:
             t, msg = self.sftp._request(CMD_EXTENDED, "statvfs@openssh.com", path)
         except OSError as e:
-            if e.errno is None and not self._ssh_lost():
+            # An SFTP status reply (no errno) means the server lacks the extension; a
+            # timeout (no errno either) means it did not answer.
+            if e.errno is None and not isinstance(e, TimeoutError) and not self._ssh_lost():
                 self._statvfs = False
                 log.info("%s: server cannot report free space (%s)", self.describe(), e)
                 return None

@@ -27,27 +27,44 @@ class RawWriter(FormatWriter):
     def estimate(self) -> int | None:
         return self.vm.size
 
+    def lower_bound(self) -> int:
+        return self.vm.size or 0  # a copy: exactly the source
+
     def write(self, sink, monitor: Monitor) -> WriteResult:
         buf = bytearray(CHUNK)
         view = memoryview(buf)
         off = 0
         total = self.vm.size
-        while total is None or off < total:
-            want = CHUNK if total is None else min(CHUNK, total - off)
-            n = self.vm.readinto(view[:want], off)
-            if n == 0:
-                if total is not None:
-                    raise VmcoreError(
-                        f"{self.vm.path}: offset {off:#x}: unexpected end of file "
-                        f"(expected {total:#x} bytes)"
-                    )
+        if total is None:
+            raise VmcoreError(f"{self.vm.path}: the size of the source is unknown")
+        incomplete = None
+        while off < total:
+            want = min(CHUNK, total - off)
+            try:
+                n = self.vm.read_data(view[:want], off)
+            except VmcoreError as e:
+                incomplete = str(e)
                 break
-            sink.write(view[:n])
-            off += n
-            monitor.advance(n, n)
+            if n:
+                sink.write(view[:n])
+                off += n
+                monitor.advance(n, n)
+            if n < want:
+                incomplete = _ended(self.vm.path, off, total)
+                break
         pages = off // PAGE
         kind = "ELF" if self.vm.kind == "elf" else "raw memory image"
-        return WriteResult(format=kind, dump_level=0, pages_total=pages, pages_written=pages)
+        return WriteResult(
+            format=kind,
+            dump_level=0,
+            pages_total=-(-total // PAGE),
+            pages_written=pages,
+            incomplete=incomplete,
+        )
+
+
+def _ended(path: str, off: int, total: int) -> str:
+    return f"{path}: the source ended at offset {off:#x}; {total:#x} bytes were expected"
 
 
 class ElfWriter(RawWriter):
@@ -62,6 +79,13 @@ class ElfWriter(RawWriter):
             return self.vm.size
         data = sum(p.filesz for p in self.vm.loads)
         return 2 * data if self.level & 1 else data  # scan pass + copy pass (upper bound)
+
+    def lower_bound(self) -> int:
+        if not self.level:
+            return super().lower_bound()
+        # Which pages a level leaves out is known only after reading them: headers and
+        # notes are certain (the ELF header with the PT_NOTE header fills the first page).
+        return PAGE + _page_up(len(self.vm.notes_blob))
 
     def write(self, sink, monitor: Monitor) -> WriteResult:
         if not self.level:
@@ -105,9 +129,12 @@ def clear_zero_pages(vm: Vmcore, keep: bytearray, max_mapnr: int, monitor: Monit
                 n = min(per, end - pfn)
                 nbytes = n * PAGE
                 off = p.offset + (pfn - first) * PAGE
-                got = vm.readinto(view[:nbytes], off)
+                try:
+                    got = vm.read_data(view[:nbytes], off)
+                except VmcoreError:
+                    got = -1
                 if got != nbytes:
-                    raise VmcoreError(f"{vm.path}: offset {off + got:#x}: short read")
+                    return  # the source ended or failed: the copy pass finds out and says so
                 if n == per and buf == ZERO_CHUNK:
                     clear_range(keep, pfn, pfn + n)
                 else:
@@ -203,27 +230,36 @@ def write_elf_segments(
     buf = bytearray(CHUNK)
     view = memoryview(buf)
     written_pages = 0
+    incomplete = None
     for s in segs:
         done = 0
         while done < s.filesz:
             want = min(CHUNK, s.filesz - done)
-            n = vm.readinto(view[:want], s.src + done)
-            if n != want:
-                raise VmcoreError(f"{vm.path}: offset {s.src + done + n:#x}: short read")
-            sink.write(view[:n])
-            done += n
-            monitor.advance(n, n)
+            try:
+                n = vm.read_data(view[:want], s.src + done)
+            except VmcoreError as e:
+                incomplete, n = str(e), 0
+            if n:
+                sink.write(view[:n])
+                done += n
+                monitor.advance(n, n)
+            if n < want:
+                incomplete = incomplete or _ended(vm.path, s.src + done, s.src + s.filesz)
+                break
+        written_pages += -(-done // PAGE)
+        if incomplete:
+            break
         pad = _page_up(s.filesz) - s.filesz
         if pad:
             sink.write(bytes(pad))
             monitor.advance(0, pad)
-        written_pages += _page_up(s.filesz) // PAGE
     total_pages = sum(_page_up(p.filesz) // PAGE for p in vm.loads)
     return WriteResult(
         format="ELF",
         dump_level=level,
         pages_total=total_pages,
         pages_written=written_pages,
+        incomplete=incomplete,
     )
 
 

@@ -4,7 +4,8 @@
 passed through it, ``drops`` times in all. ``dead_after_drop``: once a connection was
 dropped, close every new one at once, so reconnects fail. With ``ftp=True`` the proxy
 rewrites PASV replies so data connections pass through it too; only data connections
-are then dropped.
+are then dropped. ``stall()``: from now on the server seems to hang: nothing more the
+client sends reaches it, on any connection (control ones included), old or new.
 """
 
 from __future__ import annotations
@@ -49,9 +50,11 @@ class DropProxy:
         self.ftp = ftp
         self.stall_after = stall_after  # stop reading upstream after this many bytes
         self.stalled = threading.Event()
+        self._stall_all = False
         self._closed = threading.Event()
         self.dropped = 0
         self.connections = 0  # accepted client connections (control ones only, for FTP)
+        self.upstream = 0  # client-to-server bytes passed on, all connections together
         self._lock = threading.Lock()
         self._listeners: list[socket.socket] = []
         self._socks: list[socket.socket] = []
@@ -100,6 +103,9 @@ class DropProxy:
         buf = b""
         try:
             while chunk := src.recv(_CHUNK):
+                if upstream and self._stall_all:
+                    self._closed.wait()
+                    return
                 if upstream and data and self.stall_after is not None:
                     state["bytes"] += len(chunk)
                     if self.stalled.is_set() or state["bytes"] >= self.stall_after:
@@ -119,6 +125,9 @@ class DropProxy:
                         _rst(src)
                         _rst(dst)
                         return
+                if upstream:
+                    with self._lock:
+                        self.upstream += len(chunk)
                 if not upstream and self.ftp and not data:
                     buf += chunk
                     *lines, buf = buf.split(b"\r\n")
@@ -141,6 +150,11 @@ class DropProxy:
         port = int(m.group(5)) * 256 + int(m.group(6))
         mine = self._listen(port, data=True, once=True)
         return b"227 Entering Passive Mode (127,0,0,1,%d,%d)." % (mine >> 8, mine & 255)
+
+    def stall(self) -> None:
+        """Stop passing anything to the server; connections stay open (a hung server)."""
+        self._stall_all = True
+        self.stalled.set()
 
     def close(self) -> None:
         self._closed.set()
