@@ -83,8 +83,9 @@ class SpaceMaker:
         if not self.candidates:
             return False
         d = self.candidates.pop(0)
-        why = f"to make room, {-(-short >> 20)} MiB short"
-        self.deleted += _remove(self.transport, [d], why)
+        log.info("deleting old dump %s to make room (%d MiB short)", d.name, -(-short >> 20))
+        if _delete(self.transport, d):
+            self.deleted.append(d)
         return True  # deleted or not (a warning then), look at the free space again
 
 
@@ -196,18 +197,23 @@ def _state(transport: Transport, entry: Entry) -> str:
 
 
 def _remove(transport: Transport, dumps: list[policy.DumpDir], why: str) -> list[policy.DumpDir]:
-    """Delete ``dumps``; returns those deleted. A failed deletion is a warning: cleaning up
-    must never cost the new dump."""
+    """Delete ``dumps``; returns those deleted."""
     done = []
     for d in dumps:
         log.info("deleting %s dump %s (%s)", d.state, d.name, why)
-        try:
-            transport.remove_tree(d.name)
-        except TransportError as e:
-            log.warning("could not delete %s (%s); going on with the new dump", d.name, e)
-            continue
-        done.append(d)
+        if _delete(transport, d):
+            done.append(d)
     return done
+
+
+def _delete(transport: Transport, d: policy.DumpDir) -> bool:
+    """A failed deletion is a warning: cleaning up must never cost the new dump."""
+    try:
+        transport.remove_tree(d.name)
+    except TransportError as e:
+        log.warning("could not delete %s (%s); going on with the new dump", d.name, e)
+        return False
+    return True
 
 
 def _make_dump_dir(transport: Transport, stamp: str, host: str | None) -> str:
