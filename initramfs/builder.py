@@ -22,6 +22,7 @@ from pathlib import Path
 
 from kdump_capture import heartbeat, private
 from kdump_capture.errors import ConfigError, NotSupported
+from kdump_capture.identity import local_identity
 from kdump_capture.load import rebuild
 from kdump_capture.urls import Target, parse_savedir
 
@@ -462,6 +463,10 @@ def build(
         savedirs.append(f"file://{m.target}/{m.subdir}".rstrip("/"))
     if mounts:
         rewrite["KDUMP_SAVEDIR"] = " ".join(savedirs)
+    # A capture kernel has no host name of its own: carry this machine's (SUSE writes
+    # /etc/hostname.kdump), so that its dumps on a shared target carry its name.
+    if not cfg["KDUMP_HOSTNAME"] and (name := local_identity()):
+        rewrite["KDUMP_HOSTNAME"] = name
 
     # Kernel modules, in load order.
     needed = any(network_needed(s, cfg["KDUMP_RUNLEVEL"]) for s in schemes)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import errno
 import hashlib
-import json
 import logging
 import os
 import signal
@@ -95,6 +94,7 @@ def make_plan(cfg):
         free_disk_size=cfg.free_disk_size,
         settings=settings,
         buffers=buffers,
+        hostname=cfg["KDUMP_HOSTNAME"],
     )
 
 
@@ -248,34 +248,30 @@ def cmd_show_config(args: argparse.Namespace) -> int:
     return 0
 
 
-# A manifest is a few KiB; more than this is not one of ours.
-MAX_MANIFEST = 16 << 20
-
-
 def cmd_verify(args: argparse.Namespace) -> int:
-    """Check a dump against its manifest: a local directory, or a dump's URL (streamed)."""
-    from .report import MANIFEST
+    """Check a dump against its manifest: a local directory, or a dump's URL (streamed).
 
-    where = args.dumpdir
-    if "://" not in where:
-        path = os.path.join(where, MANIFEST)
-        if not os.path.exists(path):
-            raise VerifyError(f"{path}: no manifest: the dump is incomplete")
-
-        def local(name: str):
-            with open(os.path.join(where, name), "rb") as f:
-                while chunk := f.read(1 << 20):
-                    yield chunk
-
-        return _verify(where, local)
-
+    Reads only the plain names the manifest lists inside the dump, as regular files (never
+    through a link, never a FIFO), never more than the recorded size: both through a
+    transport (the file transport for a directory).
+    """
     from dataclasses import replace
 
     from transports import open_transport
+    from transports.base import TransportSettings
+    from transports.file import FileTransport
 
     from . import policy
-    from .urls import parse_target
+    from .urls import Target, parse_target
 
+    where = args.dumpdir
+    if "://" not in where:
+        dumpdir = os.path.abspath(where)
+        if not os.path.isdir(dumpdir):
+            raise VerifyError(f"{where}: not a directory")
+        # Not connected: connecting would create the directory and want it writable.
+        fs = FileTransport(Target("file", "file", path=dumpdir), TransportSettings())
+        return _verify(where, fs, "")
     target, _ = parse_target(where)
     parent, _, name = target.path.rstrip("/").rpartition("/")
     if policy.parse_dump_name(name) is None:
@@ -286,60 +282,49 @@ def cmd_verify(args: argparse.Namespace) -> int:
     cfg = load(args)
     _setup_logging(bool(cfg.verbose & 8))
     with open_transport(replace(target, path=parent or "/"), transport_settings(cfg)) as tr:
-        names = {e.name for e in tr.listdir(name) if not e.is_dir}
-        if not names:
-            raise VerifyError(f"{target.redacted()}: no such dump (nothing there)")
-        if MANIFEST not in names:
-            raise VerifyError(f"{target.redacted()}: no manifest: the dump is incomplete")
-        return _verify(target.redacted(), lambda n: tr.read(f"{name}/{n}"))
+        return _verify(target.redacted(), tr, name)
 
 
-def _verify(label: str, stream) -> int:
-    """Hash every file the manifest lists, as ``stream(name)`` yields it; never to disk."""
+def _verify(label: str, tr, dumpdir: str) -> int:
+    """Hash every file the manifest of ``dumpdir`` on ``tr`` lists, as it streams."""
+    from . import manifest
+    from .errors import ManifestError, TransportError
     from .report import MANIFEST
 
+    def rel(name: str) -> str:
+        return f"{dumpdir}/{name}" if dumpdir else name
+
+    names = {e.name for e in tr.listdir(dumpdir) if not e.is_dir}
+    if not names:
+        raise VerifyError(f"{label}: no such dump (nothing there)")
+    if MANIFEST not in names:
+        raise VerifyError(f"{label}/{MANIFEST}: no manifest: the dump is incomplete")
     try:
-        raw = b""
-        for chunk in stream(MANIFEST):
-            raw += chunk
-            if len(raw) > MAX_MANIFEST:
-                raise VerifyError(f"{label}: {MANIFEST} is larger than {MAX_MANIFEST >> 20} MiB")
-        doc = json.loads(raw)
-        files = doc.get("files", {})
-        if not isinstance(files, dict):
-            raise ValueError("'files' is not an object")
-    except OSError as e:
-        raise VerifyError(f"{label}/{MANIFEST}: unreadable manifest: {e}") from None
-    except (ValueError, AttributeError) as e:
-        raise VerifyError(f"{label}/{MANIFEST}: unreadable manifest: {e}") from None
+        data = b"".join(tr.read(rel(MANIFEST), limit=manifest.MAX_BYTES))
+    except TransportError as e:
+        raise ManifestError(f"{label}/{MANIFEST}: unreadable manifest: {e}") from None
+    doc = manifest.parse(data, f"{label}/{MANIFEST}")
     bad = []
-    for name, info in sorted(files.items()):
-        # names come from a file anyone with access to the target could have written
-        if "/" in name or name in ("", ".", "..") or "\0" in name:
-            bad.append(f"{name!r}: not a file name of a dump")
-            continue
+    for name, record in sorted(doc.files.items()):
         h = hashlib.sha256()
         size = 0
         try:
-            for chunk in stream(name):
+            # Never more than recorded: a bigger file fails at once, whatever its size.
+            for chunk in tr.read(rel(name), limit=record.size):
                 h.update(chunk)
                 size += len(chunk)
-        except OSError as e:
-            bad.append(f"{name}: {e.strerror or e}")
-            continue
-        except KdumpError as e:
+        except (TransportError, FileNotFoundError) as e:
             bad.append(f"{name}: {e}")
             continue
-        want = info if isinstance(info, dict) else {}
-        if size != want.get("size") or h.hexdigest() != want.get("sha256"):
+        if size != record.size or h.hexdigest() != record.sha256:
             bad.append(
                 f"{name}: size {size} sha256 {h.hexdigest()} != recorded "
-                f"{want.get('size')} {want.get('sha256')}"
+                f"{record.size} {record.sha256}"
             )
         else:
             print(f"OK  {name}  {size} bytes")
-    if doc.get("status") != "complete":
-        bad.append(f"dump status is {doc.get('status')!r}: {doc.get('error')}")
+    if not doc.complete:
+        bad.append(f"dump status is {doc.status!r}: {doc.error}")
     if bad:
         raise VerifyError(f"{label}: " + "; ".join(bad))
     print(f"{label}: all files match {MANIFEST}")

@@ -22,6 +22,8 @@ _SIZE_UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _BOOLS = {"yes": True, "true": True, "1": True, "no": False, "false": False, "0": False}
 _NETCONFIG_RE = re.compile(r"(?:auto|[^:\s/]+:(?:static|dhcp|dhcp4|dhcp6|auto6|auto))(?::force)?")
 _HOST_KEY_RE = re.compile(r"\*|[A-Za-z0-9@.-]+\s+[A-Za-z0-9+/]+={0,2}(?:\s+.*)?", re.S)
+# A name for dump directories: what a host name may hold, and no more (it becomes a path).
+_HOSTNAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _DUMPFORMATS = ("none", "elf", "compressed", "lzo", "snappy", "zstd", "raw")
 _KDUMPTOOL_FLAGS = ("NOSPARSE", "SPLIT", "SINGLE", "NOSPLIT", "XENALLDOMAINS")
 
@@ -172,7 +174,12 @@ HOST_KEY = _pattern_kind(
     "empty (use known_hosts), * (do not check), or '<type> <base64 key>'",
     empty_is_default=False,
 )
-
+HOSTNAME = _pattern_kind(
+    "hostname",
+    _HOSTNAME_RE,
+    "empty (automatic), or up to 128 letters, digits, '.', '_' and '-'",
+    empty_is_default=True,
+)
 
 # --- the directive table -----------------------------------------------------------------------
 
@@ -228,6 +235,8 @@ DIRECTIVES: tuple[Directive, ...] = (
     _d("KDUMP_SMTP_PASSWORD", "", STR, "SMTP password", secret=True),
     _d("KDUMP_NOTIFICATION_TO", "", STR, "Notification mail recipient"),
     _d("KDUMP_NOTIFICATION_CC", "", WORDS, "Notification mail copies (space-separated)"),
+    _d("KDUMP_HOSTNAME", "", HOSTNAME, "This host's name in dump directory names on network "
+       "targets (empty: /etc/hostname.kdump, host name, machine-id, MAC address)"),
     _d("KDUMP_HOST_KEY", "", HOST_KEY, "SSH host key of the target"),
     _d("KDUMP_SSH_IDENTITY", "", WORDS, "SSH private keys (space-separated)"),
     _d("KDUMP_S3_ACCESS_KEY", "", STR, "S3 access key id (when the URL names none)"),

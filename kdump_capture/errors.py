@@ -57,6 +57,10 @@ class VmcoreError(KdumpError):
     exit_code = 4
 
 
+class ManifestError(VmcoreError):
+    """A dump's manifest.json is unreadable, too large, or not what this tool writes."""
+
+
 class FreeSpaceError(KdumpError):
     """Writing would leave less free space on the target than KDUMP_FREE_DISK_SIZE."""
 
@@ -67,6 +71,15 @@ class TransportError(KdumpError):
     """The target failed during an operation (I/O error, connection lost, remote error)."""
 
     exit_code = 6
+
+
+class UnsafeFile(TransportError):
+    """A name on the target is a link, not a regular file (a FIFO, a device), or too large.
+
+    Raised before anything is read through it: another host on a shared target may have
+    planted it, and following it could hang the capture kernel, exhaust its memory, or
+    reach files outside the target.
+    """
 
 
 class ConnectionLost(TransportError):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import socket
 import time
@@ -10,21 +9,24 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from transports import open_transport
-from transports.base import Transport, TransportSettings
+from transports.base import Entry, Transport, TransportSettings
 
-from . import policy
+from . import manifest, policy
 from .dmesg import extract as extract_dmesg
 from .errors import (
     AuthError,
+    ConnectionLost,
     FreeSpaceError,
     IncompleteDump,
     Interrupted,
     KdumpError,
     TargetFull,
     TransportError,
+    UnsafeFile,
     VmcoreError,
 )
 from .formats import FORMAT_NAMES, FormatWriter, WriteResult, make_writer
+from .identity import host_identity
 from .memory import BufferPlan, MemoryLog
 from .progress import NoProgress, Progress
 from .report import DMESG, MANIFEST, PLACEHOLDER, README, VMCORE, DumpRecord
@@ -58,6 +60,8 @@ class SavePlan:
     source_level: int | None = None
     #: buffer sizes from MemAvailable (memory.plan_buffers)
     buffers: BufferPlan = field(default_factory=BufferPlan)
+    #: KDUMP_HOSTNAME: this host's name in dump directory names on network targets
+    hostname: str = ""
 
 
 @dataclass
@@ -85,9 +89,9 @@ class SpaceMaker:
             return False
         d = self.candidates.pop(0)
         log.info("deleting old dump %s to make room (%d MiB short)", d.name, -(-short >> 20))
-        self.transport.remove_tree(d.name)
-        self.deleted.append(d)
-        return True
+        if _delete(self.transport, d):
+            self.deleted.append(d)
+        return True  # deleted or not (a warning then), look at the free space again
 
 
 class BudgetMonitor:
@@ -162,71 +166,65 @@ class BudgetMonitor:
                 )
 
 
-def host_identity(target: Target) -> str:
-    """How this machine names itself in dump directories on shared targets.
+def scan_dumps(transport: Transport, host: str | None) -> list[policy.DumpDir]:
+    """This host's dump directories on the target, with their state from manifest.json.
 
-    /etc/hostname.kdump (written into the capture initramfs) wins; then the hostname; a
-    capture kernel often has none, so then the local address of the route to the target.
-    """
-    try:
-        with open("/etc/hostname.kdump") as f:
-            name = f.read().strip()
-            if name:
-                return _safe(name)
-    except OSError:
-        pass
-    name = socket.gethostname()
-    if name and name not in ("(none)", "localhost", "localhost.localdomain"):
-        return _safe(name)
-    try:
-        fam = socket.AF_INET6 if ":" in target.host else socket.AF_INET
-        with socket.socket(fam, socket.SOCK_DGRAM) as s:
-            s.connect((target.host, target.port or 9))  # UDP connect sends nothing
-            return _safe(s.getsockname()[0])
-    except OSError:
-        return "unknown"
-
-
-def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
-
-
-# scan_dumps: every host's dumps (the default), not only those of one host.
-ALL_HOSTS = object()
-
-
-def scan_dumps(transport: Transport, only: str | None | object = ALL_HOSTS) -> list[policy.DumpDir]:
-    """The dump directories on the target with their state from manifest.json.
-
-    ``only``: a host name (None: unprefixed names) whose dumps alone are looked into, so a
-    target shared by a fleet costs one listing, not a manifest read per dump of every host.
+    Names are filtered before anything is read: another host's dumps (or whatever it left
+    under a dump-like name) are never opened. A link named like one of our dumps is
+    "incomplete", so that rotation deletes the link itself; a manifest that cannot be read
+    makes its dump "failed", with a warning naming it.
     """
     out: list[policy.DumpDir] = []
     for entry in transport.listdir(""):
-        if not entry.is_dir:
+        if not (entry.is_dir or entry.is_link):
             continue
         parsed = policy.parse_dump_name(entry.name)
-        if parsed is None:
+        if parsed is None or parsed[0] != host:
             continue
-        host, stamp, seq = parsed
-        if only is not ALL_HOSTS and host != only:
-            continue
-        state = policy.INCOMPLETE
-        names = {e.name for e in transport.listdir(entry.name)}
-        if MANIFEST in names:
-            try:
-                doc = json.loads(b"".join(transport.read(f"{entry.name}/{MANIFEST}")))
-                state = policy.COMPLETE if doc.get("status") == "complete" else policy.FAILED
-            except (ValueError, TransportError):
-                state = policy.FAILED
-        out.append(policy.DumpDir(stamp, seq, entry.name, host, state))
+        _, stamp, seq = parsed
+        out.append(policy.DumpDir(stamp, seq, entry.name, host, _state(transport, entry)))
     return out
 
 
-def _remove(transport: Transport, dumps: list[policy.DumpDir], why: str) -> None:
+def _state(transport: Transport, entry: Entry) -> str:
+    where = f"{transport.describe()}/{entry.name}"
+    try:
+        if entry.is_link:
+            raise UnsafeFile(f"{where}: a link, not a directory")
+        names = {e.name for e in transport.listdir(entry.name)}
+    except UnsafeFile as e:
+        log.warning("%s; never followed, only the link is deleted", e)
+        return policy.INCOMPLETE
+    if MANIFEST not in names:
+        return policy.INCOMPLETE
+    try:
+        doc = manifest.read(transport, entry.name)
+    except ConnectionLost:
+        raise
+    except (KdumpError, FileNotFoundError) as e:
+        log.warning("cannot read %s/%s, counting the dump as failed: %s", where, MANIFEST, e)
+        return policy.FAILED
+    return policy.COMPLETE if doc.complete else policy.FAILED
+
+
+def _remove(transport: Transport, dumps: list[policy.DumpDir], why: str) -> list[policy.DumpDir]:
+    """Delete ``dumps``; returns those deleted."""
+    done = []
     for d in dumps:
         log.info("deleting %s dump %s (%s)", d.state, d.name, why)
+        if _delete(transport, d):
+            done.append(d)
+    return done
+
+
+def _delete(transport: Transport, d: policy.DumpDir) -> bool:
+    """A failed deletion is a warning: cleaning up must never cost the new dump."""
+    try:
         transport.remove_tree(d.name)
+    except TransportError as e:
+        log.warning("could not delete %s (%s); going on with the new dump", d.name, e)
+        return False
+    return True
 
 
 def _make_dump_dir(transport: Transport, stamp: str, host: str | None) -> str:
@@ -280,13 +278,13 @@ def save_to_target(
         raise dmesg_error  # format "none" saves only dmesg.txt: there is nothing to save
     with transport:
         memlog.mark("transport session")
-        host = None if target.scheme == "file" else host_identity(target)
+        host = None if target.scheme == "file" else host_identity(target, plan.hostname)
         existing = policy.ours(scan_dumps(transport, host), host)
         _remove(transport, policy.select_stale(existing), "left incomplete by an earlier run")
         existing = [d for d in existing if d.state != policy.INCOMPLETE]
         before = policy.select_before_write(existing, plan.keep_old_dumps)
-        _remove(transport, before, f"KDUMP_KEEP_OLD_DUMPS={plan.keep_old_dumps}")
-        existing = [d for d in existing if d not in before]
+        gone = _remove(transport, before, f"KDUMP_KEEP_OLD_DUMPS={plan.keep_old_dumps}")
+        existing = [d for d in existing if d not in gone]
 
         # The pre-check may refuse only a dump that cannot fit: it asks for what the writer
         # will certainly write; the BudgetMonitor guards the rest while it streams.

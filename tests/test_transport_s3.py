@@ -462,9 +462,9 @@ def test_scan_reads_only_this_hosts_manifests(tmp_path):
             super().__init__(*a, **kw)
             self.reads: list[str] = []
 
-        def read(self, relpath):
+        def read(self, relpath, limit=None):
             self.reads.append(relpath)
-            return super().read(relpath)
+            return super().read(relpath, limit)
 
     for name in ("me-2026-01-01-00-00-00", "other-2026-01-01-00-00-00", "x-2026-01-02-00-00-00"):
         (tmp_path / name).mkdir()

@@ -8,7 +8,8 @@ import stat
 
 import pytest
 
-from kdump_capture.errors import TransportError
+from kdump_capture.errors import TransportError, UnsafeFile
+from tests.planted import deadline, make_victim, snapshot
 from tests.servers.targets import KINDS, make_target
 from transports.base import DIR_MODE, FILE_MODE, TMP_PREFIX, is_temp_name
 
@@ -159,3 +160,120 @@ def test_stream_64mib_sha256(target, tr):
     info = _upload(tr, "big", data)
     assert info.sha256 == hashlib.sha256(data).hexdigest()
     assert hashlib.sha256(target.read_back("big")).hexdigest() == info.sha256
+
+
+# -- never through a link, never a FIFO, never too much (issue 8, items 4 and 5) ----------
+
+
+def _plant_tree(path: str) -> None:
+    os.mkdir(path)
+    os.chmod(path, 0o777)  # any server user may delete inside it
+
+
+@pytest.fixture(params=[k for k in KINDS if k != "s3"])
+def disk_target(request):
+    """A target whose files lie in a directory on this machine: things can be planted."""
+    return make_target(request.param, request)
+
+
+@pytest.fixture
+def disk_tr(disk_target):
+    with disk_target.transport() as t:
+        yield t
+
+
+def test_read_only_regular_files(disk_target, disk_tr):
+    """Planted on the server's disk: what another host could leave in a dump directory."""
+    target, tr = disk_target, disk_tr
+    d = os.path.join(target.server_dir, "d")
+    _plant_tree(d)
+    for name in ("ok", "linked"):
+        with open(os.path.join(d, name), "wb") as f:
+            f.write(b"a manifest")
+        os.chmod(os.path.join(d, name), 0o644)
+    os.mkfifo(os.path.join(d, "fifo"), 0o644)
+    os.symlink("/dev/zero", os.path.join(d, "zero-link"))
+    os.symlink("linked", os.path.join(d, "file-link"))
+    with open(os.path.join(d, "sparse"), "wb") as f:
+        f.truncate(3 << 30)
+    os.mkdir(os.path.join(d, "sub"))
+    with deadline(60):
+        assert b"".join(tr.read("d/ok", limit=MiB)) == b"a manifest"
+        with pytest.raises(UnsafeFile):
+            b"".join(tr.read("d/ok", limit=5))
+        if target.kind == "cifs":
+            # Samba follows links: two names with one file id, neither is read.
+            with pytest.raises(UnsafeFile):
+                b"".join(tr.read("d/linked"))
+        else:
+            assert b"".join(tr.read("d/linked")) == b"a manifest"
+        for name in ("zero-link", "file-link", "sparse", "sub", "fifo"):
+            if target.kind == "cifs" and name == "fifo":
+                # Samba shows a FIFO as an empty file and reads it without blocking.
+                assert b"".join(tr.read(f"d/{name}", limit=MiB)) == b""
+                continue
+            # Samba hides a link that leaves the share ("wide links = no").
+            hidden = target.kind == "cifs" and name == "zero-link"
+            with pytest.raises(FileNotFoundError if hidden else UnsafeFile):
+                b"".join(tr.read(f"d/{name}", limit=MiB))
+
+
+def test_links_are_never_followed(disk_target, disk_tr):
+    target, tr = disk_target, disk_tr
+    victim_dir = os.path.join(
+        os.path.dirname(target.server_dir), f"victim-{os.path.basename(target.server_dir)}"
+    )
+    victim = make_victim(victim_dir)
+    root = target.server_dir
+    os.symlink(os.path.relpath(victim_dir, root), os.path.join(root, "link"))
+    _plant_tree(os.path.join(root, "real"))
+    with open(os.path.join(root, "real", "f"), "wb") as f:
+        f.write(b"real")
+    os.symlink("real", os.path.join(root, "twin"))  # beside its target
+    _plant_tree(os.path.join(root, "dump"))
+    os.symlink(os.path.relpath(victim_dir, os.path.join(root, "dump")), f"{root}/dump/inner")
+
+    with deadline(60):
+        entries = {e.name: e for e in tr.listdir()}
+        # SMB shows a link the server follows as a directory; entering it tells.
+        assert entries["link"].is_link or target.kind == "cifs"
+        assert not entries["twin"].is_dir and entries["twin"].is_link
+        for path in ("link", "link/sub"):
+            with pytest.raises(UnsafeFile):
+                tr.listdir(path)
+        with pytest.raises(UnsafeFile):
+            b"".join(tr.read("link/precious"))
+        for path in ("link", "twin", "dump"):
+            try:
+                tr.remove_tree(path)
+            except UnsafeFile:
+                # Samba deletes a link to a directory only when that is empty.
+                assert target.kind == "cifs"
+    assert snapshot(victim_dir) == victim
+    assert snapshot(os.path.join(root, "real")) == {"f": b"real"}
+    if target.kind != "cifs":
+        for path in ("link", "twin", "dump"):
+            assert not os.path.lexists(os.path.join(root, path))
+
+
+def test_requests_between_writes(tr):
+    """The budget monitor asks for free space while a sink's writes are in flight; a CIFS
+    sink once spent every SMB credit on them, and the statfs failed (issue 8, found by the
+    shared-target tests)."""
+    data = os.urandom(8 * MiB)
+    with tr.create("f") as sink:
+        for i in range(0, len(data), MiB):
+            sink.write(data[i : i + MiB])
+            tr.free_space()
+            tr.listdir()
+        info = sink.commit()
+    assert info.sha256 == hashlib.sha256(data).hexdigest()
+
+
+def test_read_limit(target, tr):
+    """Every transport refuses more than the limit, before or while reading."""
+    _upload(tr, "m", b"x" * (2 * MiB))
+    with deadline(60):
+        assert len(b"".join(tr.read("m", limit=2 * MiB))) == 2 * MiB
+        with pytest.raises(UnsafeFile):
+            b"".join(tr.read("m", limit=MiB))

@@ -8,6 +8,15 @@ Atomic publish: ``create`` returns a ``Sink`` that writes under a temporary name
 same directory (``TMP_PREFIX`` + name + random suffix); only ``Sink.commit`` makes the final
 name appear. ``listdir`` hides temporary names. A reader never sees a half-written file
 under its final name.
+
+Never through a link: a shared target holds what other hosts left there, so every
+operation treats a name inside the root as untrusted. ``listdir`` reports a symbolic link
+(or a reparse point) as ``is_link``, never as a directory; ``listdir`` and ``read`` refuse
+(``UnsafeFile``) a path that leads through one (a server that follows links itself, as
+Samba does, shows some only there: when they are entered); ``read`` opens only regular
+files, without blocking (FIFOs, devices are refused before they are opened) and up to a
+size limit; ``remove_tree`` deletes a link itself and never what it points to. Only the
+root directory itself (configured by the administrator) may be a link.
 """
 
 from __future__ import annotations
@@ -17,13 +26,14 @@ import hashlib
 import logging
 import os
 import secrets
+import stat
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from kdump_capture.errors import TransportError
+from kdump_capture.errors import TransportError, UnsafeFile
 from kdump_capture.urls import Target
 
 log = logging.getLogger(__name__)
@@ -46,6 +56,40 @@ def temp_name(name: str) -> str:
 
 def is_temp_name(name: str) -> bool:
     return name.startswith(TMP_PREFIX)
+
+
+def bounded(chunks: Iterator[bytes], limit: int | None, what: str) -> Iterator[bytes]:
+    """``chunks``, failing with ``UnsafeFile`` once they add up to more than ``limit`` bytes
+    (a file may grow between the size check and the read)."""
+    total = 0
+    for chunk in chunks:
+        total += len(chunk)
+        if limit is not None and total > limit:
+            raise UnsafeFile(f"{what}: larger than {limit} bytes")
+        yield chunk
+
+
+def mode_kind(mode: int) -> str:
+    """What a file mode is, for messages about files we refuse to read."""
+    if stat.S_ISLNK(mode):
+        return "a symbolic link"
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "not a regular file"
+
+
+def require_regular(mode: int, what: str) -> None:
+    if not stat.S_ISREG(mode):
+        raise UnsafeFile(f"{what}: {mode_kind(mode)}; only regular files are read")
+
+
+def check_size(size: int, limit: int | None, what: str) -> None:
+    if limit is not None and size > limit:
+        raise UnsafeFile(f"{what}: {size} bytes, more than the {limit} allowed")
 
 
 @dataclass(frozen=True)
@@ -75,11 +119,16 @@ class TransportSettings:
 
 @dataclass(frozen=True)
 class Entry:
-    """One directory entry as a transport lists it."""
+    """One directory entry as a transport lists it.
+
+    ``is_dir`` is true only for a real directory, never for a link to one; ``is_link``
+    marks a symbolic link or reparse point, which the engine never descends into or reads.
+    """
 
     name: str
     is_dir: bool
     size: int = 0
+    is_link: bool = False
 
 
 @dataclass(frozen=True)
@@ -273,15 +322,28 @@ class Transport(ABC):
 
     @abstractmethod
     def listdir(self, relpath: str = "") -> list[Entry]:
-        """Entries of a directory, temporary names excluded; [] if it does not exist."""
+        """Entries of a directory, temporary names excluded; [] if it does not exist.
+
+        Raises ``UnsafeFile`` if ``relpath`` is, or passes through, a link.
+        """
 
     @abstractmethod
-    def read(self, relpath: str) -> Iterator[bytes]:
-        """Stream a committed file back (for ``verify`` and manifests)."""
+    def read(self, relpath: str, limit: int | None = None) -> Iterator[bytes]:
+        """Stream a committed regular file back (for ``verify`` and manifests).
+
+        Raises ``UnsafeFile`` (before reading a byte, and without blocking) if ``relpath``
+        is a link, passes through one, or is not a regular file, and if the file holds
+        more than ``limit`` bytes (checked before reading and again while reading).
+        """
 
     @abstractmethod
     def remove_tree(self, relpath: str) -> None:
-        """Delete a directory and everything in it (including temporary files)."""
+        """Delete a directory and everything in it (including temporary files).
+
+        Never descends into a link: a link (at ``relpath`` or inside) is deleted itself,
+        or, where the protocol cannot delete it without following it, left alone and
+        reported with ``UnsafeFile``. A missing ``relpath`` is not an error.
+        """
 
     @abstractmethod
     def free_space(self, relpath: str = "") -> int | None:

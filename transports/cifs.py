@@ -22,20 +22,31 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import TypeVar
 
 import smbclient
-from smbclient._io import _chunk_size
+from smbclient._io import SMBDirectoryIO, SMBFileIO, _chunk_size
 from smbprotocol import MAX_PAYLOAD_SIZE
 from smbprotocol import exceptions as smbexc
 from smbprotocol.connection import Request
-from smbprotocol.open import SMB2WriteResponse
+from smbprotocol.file_info import FileAttributes, FileInformationClass
+from smbprotocol.open import CreateOptions, SMB2WriteResponse
 
-from kdump_capture.errors import AuthError, ConnectionLost, TargetFull, TransportError
+from kdump_capture.errors import AuthError, ConnectionLost, TargetFull, TransportError, UnsafeFile
 from kdump_capture.urls import Target
 
 from . import smbacl
-from .base import Entry, FileInfo, Sink, TransportSettings, is_temp_name, temp_name
+from .base import (
+    Entry,
+    FileInfo,
+    Sink,
+    TransportSettings,
+    bounded,
+    check_size,
+    is_temp_name,
+    temp_name,
+)
 from .retry import REPLAY_STEP, ReplayBuffer, RetryingTransport, is_connection_lost
 from .smb2write import post_write
 
@@ -67,6 +78,11 @@ _AUTH_ERRORS = (
     smbexc.PasswordExpired,
 )
 _LOST_ERRORS = (smbexc.SMBConnectionClosed, smbexc.NetworkNameDelegated)
+_DIRECTORY = FileAttributes.FILE_ATTRIBUTE_DIRECTORY
+# Symbolic links and junctions on Windows; opened as themselves, never followed.
+_REPARSE = FileAttributes.FILE_ATTRIBUTE_REPARSE_POINT
+# FILE_ATTRIBUTE_DEVICE (MS-FSCC 2.6), which smbprotocol does not name.
+_DEVICE = 0x40
 
 
 def convert(e: BaseException, what: str) -> Exception:
@@ -96,6 +112,30 @@ def convert(e: BaseException, what: str) -> Exception:
     if isinstance(e, OSError) and e.errno == errno.EEXIST:
         return FileExistsError(errno.EEXIST, f"{what}: exists")
     return TransportError(f"{what}: {type(e).__name__}: {e}")
+
+
+@dataclass(frozen=True)
+class _Item:
+    """One entry of a directory query, with what tells a link from a directory."""
+
+    name: str
+    attributes: int
+    file_id: int
+    size: int
+    link: bool
+
+    @property
+    def is_dir(self) -> bool:
+        return bool(self.attributes & _DIRECTORY) and not self.link
+
+
+@dataclass(frozen=True)
+class _Listing:
+    """A directory query: the file ids of "." and ".." (0 if the server sends none)."""
+
+    dot: int
+    dotdot: int
+    items: dict[str, _Item]
 
 
 class CifsSink(Sink):
@@ -469,25 +509,90 @@ class CifsTransport(RetryingTransport):
         unc_dir, _, name = path.rpartition("\\")
         return CifsSink(self, unc_dir, name)
 
-    def _scan(self, path: str) -> list[Entry]:
+    def _query(self, path: str) -> _Listing:
+        """List a directory with file ids, "." and ".." included.
+
+        Samba follows a symbolic link on the server and shows it as the directory it
+        points to: no reparse point, no flag. What gives it away is its file id (the same
+        as its target's, when the target sits beside it) or, inside, a ".." that is not
+        the directory we came from. Windows links are reparse points.
+        """
+        raw = []
+        opts = CreateOptions.FILE_OPEN_REPARSE_POINT
+        with SMBDirectoryIO(path, share_access="rwd", create_options=opts, **self.kw) as fd:
+            info = FileInformationClass.FILE_ID_FULL_DIRECTORY_INFORMATION
+            for d in fd.query_directory("*", info):
+                raw.append(
+                    (
+                        d["file_name"].get_value().decode("utf-16-le", "replace"),
+                        d["file_attributes"].get_value(),
+                        d["file_id"].get_value(),
+                        d["end_of_file"].get_value(),
+                    )
+                )
+        ids: dict[int, int] = {}
+        for name, _, fid, _ in raw:
+            if name not in (".", "..") and fid:
+                ids[fid] = ids.get(fid, 0) + 1
+        dot = dotdot = 0
+        items = {}
+        for name, attrs, fid, size in raw:
+            if name == ".":
+                dot = fid
+            elif name == "..":
+                dotdot = fid
+            else:
+                link = bool(attrs & _REPARSE) or ids.get(fid, 0) > 1
+                items[name] = _Item(name, attrs, fid, size, link)
+        return _Listing(dot, dotdot, items)
+
+    def _child(self, parent: _Listing, path: str) -> _Listing:
+        """Query a directory that ``parent`` lists; ``UnsafeFile`` if the server got there
+        through a link (its ".." is not ``parent``)."""
+        sub = self._query(path)
+        if parent.dot and sub.dotdot and sub.dotdot != parent.dot:
+            raise UnsafeFile(f"{path}: reached through a link on the server; not followed")
+        return sub
+
+    def _walk(self, relpath: str) -> _Listing | None:
+        """The listing of directory ``relpath``, no step of it a link; None if missing."""
+        parts = [p for p in relpath.split("/") if p]
+        if any(p in (".", "..") for p in parts):
+            raise UnsafeFile(f"{relpath!r}: '.' and '..' are not allowed in a target path")
         try:
-            with smbclient.scandir(path, **self.kw) as it:
-                # smb_info, not stat(): DirEntry.stat() reconnects without our port.
-                return [
-                    Entry(d.name, d.is_dir(), 0 if d.is_dir() else d.smb_info.end_of_file)
-                    for d in it
-                ]
+            cur = self._query(self.root)
+            path = self.root
+            for part in parts:
+                item = cur.items.get(part)
+                path = f"{path}\\{part}"
+                if item is None:
+                    return None
+                if not item.is_dir:
+                    raise UnsafeFile(f"{path}: a link or a file, not a directory")
+                cur = self._child(cur, path)
         except smbexc.SMBOSError as e:
             if e.errno == errno.ENOENT:
-                return []
+                return None
             raise
+        return cur
 
     def listdir(self, relpath: str = "") -> list[Entry]:
         path = self._p(relpath)
-        entries = self.call(lambda: self._scan(path), f"listing {path}")
+
+        def ls() -> list[Entry]:
+            listing = self._walk(relpath)
+            if listing is None:
+                return []
+            return [
+                Entry(i.name, i.is_dir, 0 if i.is_dir else i.size, i.link)
+                for i in listing.items.values()
+            ]
+
+        entries = self.call(ls, f"listing {path}")
         return sorted((e for e in entries if not is_temp_name(e.name)), key=lambda e: e.name)
 
     def read_unc(self, path: str) -> Iterator[bytes]:
+        """Stream one of our own temporary files back (a seeked sink's checksum)."""
         what = f"reading {path}"
         try:
             with self.deadline(what):
@@ -505,20 +610,83 @@ class CifsTransport(RetryingTransport):
         except Exception as e:
             raise convert(e, what) from e
 
-    def read(self, relpath: str) -> Iterator[bytes]:
-        return self.read_unc(self._p(relpath))
+    def read(self, relpath: str, limit: int | None = None) -> Iterator[bytes]:
+        path = self._p(relpath)
+        parent, _, name = relpath.strip("/").rpartition("/")
+
+        def check() -> None:
+            listing = self._walk(parent)
+            item = listing.items.get(name) if listing is not None else None
+            if item is None:
+                raise FileNotFoundError(errno.ENOENT, f"{path}: no such file")
+            if item.link or item.attributes & (_DIRECTORY | _DEVICE):
+                raise UnsafeFile(f"{path}: a link, directory or device; only files are read")
+            check_size(item.size, limit, path)
+
+        self.call(check, f"reading {path}")
+        return self._read_file(path, limit)
+
+    def _read_file(self, path: str, limit: int | None) -> Iterator[bytes]:
+        what = f"reading {path}"
+        opts = CreateOptions.FILE_OPEN_REPARSE_POINT  # a link swapped in is opened as itself
+        want = READ_CHUNK if limit is None else min(READ_CHUNK, limit + 1)
+        try:
+            f = SMBFileIO(path, mode="r", share_access="rw", create_options=opts, **self.kw)
+            with self.deadline(what):
+                f.open()
+            try:
+                if f.fd.file_attributes & (_REPARSE | _DIRECTORY | _DEVICE):
+                    raise UnsafeFile(f"{path}: a link or device; only files are read")
+                check_size(f.fd.end_of_file, limit, path)
+
+                def chunks() -> Iterator[bytes]:
+                    while True:
+                        with self.deadline(what):
+                            chunk = f.read(want)
+                        if not chunk:
+                            return
+                        yield chunk
+
+                yield from bounded(chunks(), limit, path)
+            finally:
+                with self.deadline(what):
+                    f.close()
+        except Exception as e:
+            raise convert(e, what) from e
 
     def remove_tree(self, relpath: str) -> None:
         if not relpath.strip("/"):
             raise TransportError("refusing to remove the target root")
         path = self._p(relpath)
-        self.call(lambda: self._rmtree(path), f"removing {path}")
+        parent, _, name = relpath.strip("/").rpartition("/")
 
-    def _rmtree(self, path: str) -> None:
-        for e in self._scan(path):
-            child = f"{path}\\{e.name}"
-            if e.is_dir:
-                self._rmtree(child)
+        def rm() -> None:
+            listing = self._walk(parent)
+            item = listing.items.get(name) if listing is not None else None
+            if item is None:
+                return
+            if item.link:
+                self._remove_link(path, item)
+            elif item.is_dir:
+                try:
+                    inside = self._child(listing, path)
+                except UnsafeFile:
+                    self._remove_link(path, item)
+                    return
+                self._rmtree(inside, path)
+            else:
+                smbclient.remove(path, **self.kw)
+
+        self.call(rm, f"removing {path}")
+
+    def _rmtree(self, listing: _Listing, path: str) -> None:
+        """Delete what ``listing`` (of ``path``) shows, then ``path``."""
+        for item in listing.items.values():
+            child = f"{path}\\{item.name}"
+            if item.link:
+                self._remove_link(child, item)
+            elif item.is_dir:
+                self._rmtree(self._child(listing, child), child)
             else:
                 smbclient.remove(child, **self.kw)
         try:
@@ -526,6 +694,20 @@ class CifsTransport(RetryingTransport):
         except smbexc.SMBOSError as e:
             if e.errno != errno.ENOENT:
                 raise
+
+    def _remove_link(self, path: str, item: _Item) -> None:
+        """Delete a link itself (smbclient opens it with FILE_OPEN_REPARSE_POINT). Samba
+        follows links, so it removes one to a directory only while that is empty."""
+        try:
+            if item.attributes & _DIRECTORY:
+                smbclient.rmdir(path, **self.kw)
+            else:
+                smbclient.remove(path, **self.kw)
+        except smbexc.SMBOSError as e:
+            raise UnsafeFile(
+                f"{path}: a link on the server, which SMB cannot delete without following "
+                f"it; left alone ({e.strerror})"
+            ) from e
 
     def remove_file(self, relpath: str) -> None:
         path = self._p(relpath)

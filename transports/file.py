@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 import shutil
+import stat
 from collections.abc import Iterator
 
-from kdump_capture.errors import TargetFull, TransportError
+from kdump_capture.errors import TargetFull, TransportError, UnsafeFile
 
 from .base import (
     DIR_MODE,
@@ -18,19 +20,34 @@ from .base import (
     Sink,
     Transport,
     TransportSettings,
+    bounded,
+    check_size,
     is_temp_name,
+    mode_kind,
+    require_regular,
     temp_name,
 )
 
 log = logging.getLogger(__name__)
 
 READ_CHUNK = 1 << 20
+# A directory below the root, opened without following a link at any step.
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# O_NONBLOCK: if a FIFO is swapped in after the check, opening it returns at once.
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
 def _io_error(what: str, e: OSError) -> TransportError:
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         return TargetFull(f"{what}: target is full ({e.strerror})")
     return TransportError(f"{what}: {e.strerror or e}")
+
+
+def _parts(relpath: str) -> list[str]:
+    parts = [p for p in relpath.split("/") if p]
+    if any(p in (".", "..") for p in parts):
+        raise UnsafeFile(f"{relpath!r}: '.' and '..' are not allowed in a target path")
+    return parts
 
 
 def fsync_dir(path: str) -> None:
@@ -167,46 +184,104 @@ class FileTransport(Transport):
         path = self._p(relpath)
         return FileSink(os.path.dirname(path), os.path.basename(path))
 
+    @contextlib.contextmanager
+    def _dir_fd(self, parts: list[str]) -> Iterator[int]:
+        """A descriptor of the directory root/parts..., no step of it through a link.
+
+        The root itself is the administrator's choice and may be a link.
+        """
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            for i, part in enumerate(parts):
+                try:
+                    sub = os.open(part, _DIR_FLAGS, dir_fd=fd)
+                except OSError as e:
+                    if e.errno not in (errno.ENOTDIR, errno.ELOOP):
+                        raise
+                    mode = os.stat(part, dir_fd=fd, follow_symlinks=False).st_mode
+                    where = self._p("/".join(parts[: i + 1]))
+                    raise UnsafeFile(f"{where}: {mode_kind(mode)}, not a directory") from None
+                os.close(fd)
+                fd = sub
+            yield fd
+        finally:
+            os.close(fd)
+
     def listdir(self, relpath: str = "") -> list[Entry]:
         path = self._p(relpath)
         try:
-            with os.scandir(path) as it:
+            with self._dir_fd(_parts(relpath)) as fd, os.scandir(fd) as it:
                 out = []
                 for de in it:
                     if is_temp_name(de.name):
                         continue
-                    is_dir = de.is_dir(follow_symlinks=False)
-                    size = 0 if is_dir else de.stat(follow_symlinks=False).st_size
-                    out.append(Entry(de.name, is_dir, size))
+                    st = de.stat(follow_symlinks=False)
+                    is_dir = stat.S_ISDIR(st.st_mode)
+                    link = stat.S_ISLNK(st.st_mode)
+                    out.append(Entry(de.name, is_dir, 0 if is_dir else st.st_size, link))
                 return sorted(out, key=lambda e: e.name)
         except FileNotFoundError:
             return []
         except OSError as e:
             raise _io_error(f"cannot list {path}", e) from e
 
-    def read(self, relpath: str) -> Iterator[bytes]:
+    def read(self, relpath: str, limit: int | None = None) -> Iterator[bytes]:
         path = self._p(relpath)
         try:
-            with open(path, "rb") as f:
-                while chunk := f.read(READ_CHUNK):
-                    yield chunk
+            fd = self._open_regular(relpath, limit)
         except OSError as e:
             raise _io_error(f"cannot read {path}", e) from e
+        try:
+            # At most limit + 1 bytes: enough to tell that the file grew past the limit.
+            left = float("inf") if limit is None else limit + 1
+            chunks = iter(lambda: os.read(fd, int(min(READ_CHUNK, left))), b"")
+            for chunk in bounded(chunks, limit, path):
+                left -= len(chunk)
+                yield chunk
+        except OSError as e:
+            raise _io_error(f"cannot read {path}", e) from e
+        finally:
+            os.close(fd)
+
+    def _open_regular(self, relpath: str, limit: int | None) -> int:
+        """A descriptor of a regular file, opened through no link and without blocking."""
+        *dirs, name = _parts(relpath) or [""]
+        path = self._p(relpath)
+        with self._dir_fd(dirs) as dfd:
+            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+            require_regular(st.st_mode, path)
+            check_size(st.st_size, limit, path)
+            fd = os.open(name, _FILE_FLAGS, dir_fd=dfd)
+        now = os.fstat(fd)
+        if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino) or not stat.S_ISREG(now.st_mode):
+            os.close(fd)
+            raise UnsafeFile(f"{path}: replaced while it was being opened")
+        return fd
 
     def remove_tree(self, relpath: str) -> None:
         path = self._p(relpath)
-        if not relpath.strip("/"):
+        parts = _parts(relpath)
+        if not parts:
             raise TransportError("refusing to remove the target root")
+        *dirs, name = parts
         try:
-            shutil.rmtree(path)
+            with self._dir_fd(dirs) as dfd:
+                mode = os.stat(name, dir_fd=dfd, follow_symlinks=False).st_mode
+                if stat.S_ISDIR(mode):
+                    # With dir_fd, rmtree works on descriptors and never follows a link.
+                    shutil.rmtree(name, dir_fd=dfd)
+                else:
+                    os.unlink(name, dir_fd=dfd)  # a link goes, not what it points to
         except FileNotFoundError:
             pass
         except OSError as e:
             raise _io_error(f"cannot remove {path}", e) from e
 
     def remove_file(self, relpath: str) -> None:
+        *dirs, name = _parts(relpath) or [""]
         try:
-            os.unlink(self._p(relpath))
+            with self._dir_fd(dirs) as dfd:
+                os.unlink(name, dir_fd=dfd)
         except FileNotFoundError:
             pass
         except OSError as e:

@@ -19,10 +19,19 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
-from kdump_capture.errors import AuthError, ConnectionLost, TargetFull, TransportError
+from kdump_capture.errors import AuthError, ConnectionLost, TargetFull, TransportError, UnsafeFile
 from kdump_capture.urls import Target
 
-from .base import Entry, FileInfo, Sink, TransportSettings, is_temp_name, temp_name
+from .base import (
+    Entry,
+    FileInfo,
+    Sink,
+    TransportSettings,
+    bounded,
+    check_size,
+    is_temp_name,
+    temp_name,
+)
 from .retry import (
     REPLAY_STEP,
     CannotResume,
@@ -85,17 +94,32 @@ _LS_LINE = re.compile(
     r"^([-dlbcps])[-rwxsStTl+.@]{9}\S*\s+\d+\s+\S+\s+\S+\s+(\d+)\s+"
     r"\w{3}\s+\d{1,2}\s+(?:\d{1,2}:\d{2}|\d{4})\s(.+)$"
 )
+# What the type letter of a Unix LIST line means, for messages about refused names.
+_LETTER_KIND = {
+    "d": "a directory",
+    "l": "a symbolic link",
+    "p": "a FIFO",
+    "c": "a device",
+    "b": "a device",
+    "s": "a socket",
+}
 
 
-def parse_list_line(line: str) -> Entry | None:
-    """One line of a Unix-style LIST reply (what vsftpd and most servers send)."""
+def parse_list_line(line: str) -> tuple[str, str, int] | None:
+    """(name, type letter, size) from one line of a Unix-style LIST reply (what vsftpd,
+    pyftpdlib and most servers send); None if the line is not in that format."""
     m = _LS_LINE.match(line)
     if not m:
         return None
     kind, size, name = m.groups()
     if kind == "l":
         name = name.split(" -> ", 1)[0]
-    return Entry(name, kind == "d", 0 if kind == "d" else int(size))
+    return name, kind, int(size)
+
+
+def _int(text: str) -> int:
+    """A size fact from the server; 0 if it is not a number."""
+    return int(text) if text.isdigit() and len(text) < 20 else 0
 
 
 def size_of(ftp: ftplib.FTP, path: str) -> int:
@@ -292,6 +316,7 @@ class FtpTransport(RetryingTransport):
         self._ftp: ftplib.FTP | None = None
         self._chmod_ok = True
         self._told_free = False
+        self._list_a = True  # whether the server takes "LIST -a PATH"
 
     @property
     def ftp(self) -> ftplib.FTP:
@@ -391,35 +416,71 @@ class FtpTransport(RetryingTransport):
         path = self._p(relpath)
         return FtpSink(self, posixpath.dirname(path), posixpath.basename(path))
 
+    def _unix_list(self, path: str) -> dict[str, tuple[str, int]] | None:
+        """{name: (type letter, size)} from a Unix-style LIST; None if the server's LIST is
+        not in that format. Unlike MLSD on pyftpdlib (which follows links to tell a file
+        from a directory), LIST shows a link as a link, and a FIFO as a FIFO."""
+        lines: list[str] = []
+        try:
+            if not self._list_a:
+                raise ftplib.error_perm("550 LIST -a is not understood here")
+            self.ftp.retrlines(f"LIST -a {path}", lines.append)
+        except ftplib.error_perm:
+            # pyftpdlib takes "-a DIR" for a path; vsftpd hides dot files without -a.
+            lines = []
+            try:
+                self.ftp.retrlines(f"LIST {path}", lines.append)
+            except ftplib.error_perm as e:
+                return {} if str(e)[:3] == "550" else None
+            self._list_a = False
+        out: dict[str, tuple[str, int]] = {}
+        for line in lines:
+            if line.startswith("total"):
+                continue
+            parsed = parse_list_line(line)
+            if parsed is None:
+                return None
+            name, kind, size = parsed
+            if name not in (".", ".."):
+                out[name] = (kind, size)
+        return out
+
     def _list(self, path: str) -> list[Entry]:
-        """All entries, temporary ones included: MLSD, else NLST plus SIZE."""
+        """All entries, temporary ones included, links marked: MLSD for names and sizes,
+        checked against LIST for links; else LIST alone; else NLST plus SIZE."""
+        unix = self._unix_list(path)
         try:
             facts = list(self.ftp.mlsd(path, facts=["type", "size"]))
         except ftplib.error_perm as e:
             if str(e)[:3] == "550":
                 return []
+            facts = None
+        if facts is None:
+            if unix is not None:
+                return [
+                    Entry(n, k == "d", 0 if k == "d" else size, k == "l")
+                    for n, (k, size) in unix.items()
+                ]
             return self._list_nlst(path)
         out = []
         for name, f in facts:
             kind = f.get("type", "").lower()
             if kind in ("cdir", "pdir") or name in (".", ".."):
                 continue
-            is_dir = kind == "dir"
-            out.append(Entry(name, is_dir, 0 if is_dir else int(f.get("size", 0))))
+            # A name LIST does not show (or shows as a link) is never descended into.
+            link = "slink" in kind or (unix is not None and unix.get(name, ("l",))[0] == "l")
+            is_dir = kind == "dir" and not link
+            out.append(Entry(name, is_dir, 0 if is_dir else _int(f.get("size", "0")), link))
         return out
 
     def _list_nlst(self, path: str) -> list[Entry]:
-        """Without MLSD: ``LIST -a`` in Unix ls format, else bare NLST names plus SIZE."""
-        lines: list[str] = []
+        """Neither MLSD nor a Unix LIST: bare NLST names plus SIZE (links cannot be told)."""
         try:
-            self.ftp.retrlines(f"LIST -a {path}", lines.append)
+            names = self.ftp.nlst(path)
         except ftplib.error_perm:
             return []
-        parsed = [parse_list_line(line) for line in lines if not line.startswith("total")]
-        if parsed and all(p is not None for p in parsed):
-            return [p for p in parsed if p.name not in (".", "..")]
         out = []
-        for n in self.ftp.nlst(path):
+        for n in names:
             name = posixpath.basename(n.rstrip("/"))
             if name in (".", ".."):
                 continue
@@ -429,19 +490,67 @@ class FtpTransport(RetryingTransport):
             out.append(Entry(name, is_dir, max(size, 0)))
         return out
 
+    def _lookup(self, relpath: str) -> Entry | None:
+        """The entry of ``relpath`` in its parent's listing, after checking that every
+        directory on the way is a directory and not a link; None if it does not exist."""
+        parts = [p for p in relpath.split("/") if p]
+        if any(p in (".", "..") for p in parts):
+            raise UnsafeFile(f"{relpath!r}: '.' and '..' are not allowed in a target path")
+        entry = None
+        for i, part in enumerate(parts):
+            if entry is not None and not entry.is_dir:
+                where = self._p("/".join(parts[:i]))
+                raise UnsafeFile(f"{where}: a link or a file, not a directory")
+            listing = self._list(self._p("/".join(parts[:i])))
+            entry = next((e for e in listing if e.name == part), None)
+            if entry is None:
+                return None
+        return entry
+
     def listdir(self, relpath: str = "") -> list[Entry]:
         path = self._p(relpath)
-        entries = self.call(lambda: self._list(path), f"listing {path}")
+
+        def ls() -> list[Entry]:
+            if relpath.strip("/"):
+                entry = self._lookup(relpath)
+                if entry is None:
+                    return []
+                if not entry.is_dir:
+                    raise UnsafeFile(f"{path}: a link or a file, not a directory")
+            return self._list(path)
+
+        entries = self.call(ls, f"listing {path}")
         return sorted((e for e in entries if not is_temp_name(e.name)), key=lambda e: e.name)
 
-    def read(self, relpath: str) -> Iterator[bytes]:
+    def read(self, relpath: str, limit: int | None = None) -> Iterator[bytes]:
         path = self._p(relpath)
+
+        def check() -> None:
+            entry = self._lookup(relpath)
+            if entry is None:
+                raise FileNotFoundError(errno.ENOENT, f"{path}: no such file")
+            unix = self._unix_list(posixpath.dirname(path)) or {}
+            kind = unix.get(entry.name, ("-",))[0]
+            if entry.is_dir or entry.is_link or kind != "-":
+                what = _LETTER_KIND.get(kind, "a directory or a link")
+                # Checked before RETR: a server opening a FIFO would block.
+                raise UnsafeFile(f"{path}: {what}; only regular files are read")
+            check_size(entry.size, limit, path)
+
+        self.call(check, f"reading {path}")
+        return self._retr(path, limit)
+
+    def _retr(self, path: str, limit: int | None) -> Iterator[bytes]:
         try:
             self.ftp.voidcmd("TYPE I")  # listings (retrlines) switch the session to ASCII
             conn = self.ftp.transfercmd(f"RETR {path}")
-            with conn:
-                while chunk := conn.recv(READ_CHUNK):
-                    yield chunk
+            try:
+                with conn:
+                    yield from bounded(iter(lambda: conn.recv(READ_CHUNK), b""), limit, path)
+            except UnsafeFile:
+                # We hung up mid-transfer: the session's reply is unknown; start afresh.
+                self.close()
+                raise
             self.ftp.voidresp()
         except Exception as e:
             raise convert(e, f"reading {path}") from e
@@ -450,11 +559,19 @@ class FtpTransport(RetryingTransport):
         if not relpath.strip("/"):
             raise TransportError("refusing to remove the target root")
         path = self._p(relpath)
-        self.call(lambda: self._rmtree(path), f"removing {path}")
+
+        def rm() -> None:
+            entry = self._lookup(relpath)
+            if entry is None:
+                return
+            if entry.is_dir:
+                self._rmtree(path)
+            else:
+                self.ftp.delete(path)  # a link goes, not what it points to
+
+        self.call(rm, f"removing {path}")
 
     def _rmtree(self, path: str) -> None:
-        if not self._is_dir(path):
-            return
         for e in self._list(path):
             child = posixpath.join(path, e.name)
             if e.is_dir:

@@ -235,8 +235,8 @@ class NfsTransport(Transport):
     def listdir(self, relpath: str = "") -> list[Entry]:
         return self.fs.listdir(relpath)
 
-    def read(self, relpath: str) -> Iterator[bytes]:
-        return self.fs.read(relpath)
+    def read(self, relpath: str, limit: int | None = None) -> Iterator[bytes]:
+        return self.fs.read(relpath, limit)
 
     def remove_tree(self, relpath: str) -> None:
         self.fs.remove_tree(relpath)

@@ -53,7 +53,7 @@ from botocore.credentials import Credentials
 from kdump_capture.errors import AuthError, ConnectionLost, TargetFull, TransportError
 from kdump_capture.urls import Target
 
-from .base import Entry, FileInfo, Sink, TransportSettings
+from .base import Entry, FileInfo, Sink, TransportSettings, bounded, check_size
 from .retry import RetryingTransport, is_connection_lost, retry_call
 
 log = logging.getLogger(__name__)
@@ -656,14 +656,18 @@ class S3Transport(RetryingTransport):
             out.append(Entry(name, kind == "dir", size))
         return sorted(out, key=lambda e: e.name)
 
-    def read(self, relpath: str) -> Iterator[bytes]:
+    def read(self, relpath: str, limit: int | None = None) -> Iterator[bytes]:
+        """Objects are plain (no links, no FIFOs): only the limit needs checking, against
+        Content-Length first and then while streaming."""
         key = self._key(relpath)
         conn = Connection(self)
         try:
             resp = self.call(lambda: conn.request("GET", key, stream=True), f"reading {key}")
+            length = resp.getheader("Content-Length") or ""
+            if length.isascii() and length.isdigit():
+                check_size(int(length), limit, key)
             try:
-                while chunk := resp.read(READ_CHUNK):
-                    yield chunk
+                yield from bounded(iter(lambda: resp.read(READ_CHUNK), b""), limit, key)
             except (OSError, http.client.HTTPException) as e:
                 raise ConnectionLost(f"reading {key}: connection lost ({e})") from e
         finally:

@@ -31,7 +31,7 @@ from paramiko.sftp import (
     int64,
 )
 
-from kdump_capture.errors import AuthError, ConnectionLost, TargetFull, TransportError
+from kdump_capture.errors import AuthError, ConnectionLost, TargetFull, TransportError, UnsafeFile
 from kdump_capture.urls import Target
 
 from .base import (
@@ -41,7 +41,11 @@ from .base import (
     FileInfo,
     Sink,
     TransportSettings,
+    bounded,
+    check_size,
     is_temp_name,
+    mode_kind,
+    require_regular,
     temp_name,
 )
 from .retry import REPLAY_STEP, ReplayBuffer, RetryingTransport, is_connection_lost
@@ -596,40 +600,86 @@ class SftpTransport(RetryingTransport):
         path = self._p(relpath)
         return SftpSink(self, posixpath.dirname(path), posixpath.basename(path))
 
+    def _lstat_below_root(self, relpath: str) -> paramiko.SFTPAttributes | None:
+        """lstat each step of ``relpath`` below the root (READDIR and OPEN would follow a
+        link); ``UnsafeFile`` on a link or a non-directory on the way. Returns the attributes
+        of the last step, None for the root."""
+        parts = [p for p in relpath.split("/") if p]
+        if any(p in (".", "..") for p in parts):
+            raise UnsafeFile(f"{relpath!r}: '.' and '..' are not allowed in a target path")
+        attrs = None
+        for i in range(len(parts)):
+            path = posixpath.join(self.root, *parts[: i + 1])
+            attrs = self.sftp.lstat(path)
+            if i < len(parts) - 1 and not stat.S_ISDIR(attrs.st_mode or 0):
+                raise UnsafeFile(f"{path}: {mode_kind(attrs.st_mode or 0)}, not a directory")
+        return attrs
+
     def listdir(self, relpath: str = "") -> list[Entry]:
         path = self._p(relpath)
 
         def ls() -> list[Entry]:
             try:
-                attrs = self.sftp.listdir_attr(path)
+                attrs = self._lstat_below_root(relpath)
+                if attrs is not None and not stat.S_ISDIR(attrs.st_mode or 0):
+                    raise UnsafeFile(f"{path}: {mode_kind(attrs.st_mode or 0)}, not a directory")
+                # OpenSSH's READDIR reports lstat() attributes: a link is S_IFLNK.
+                listing = self.sftp.listdir_attr(path)
             except FileNotFoundError:
                 return []
-            return sorted(
-                (
-                    Entry(a.filename, stat.S_ISDIR(a.st_mode or 0), a.st_size or 0)
-                    for a in attrs
-                    if not is_temp_name(a.filename)
-                ),
-                key=lambda e: e.name,
-            )
+            out = []
+            for a in listing:
+                if is_temp_name(a.filename):
+                    continue
+                mode = a.st_mode or 0
+                link = stat.S_ISLNK(mode)
+                out.append(Entry(a.filename, stat.S_ISDIR(mode), a.st_size or 0, link))
+            return sorted(out, key=lambda e: e.name)
 
         return self.call(ls, f"listing {path}")
 
-    def read_path(self, path: str) -> Iterator[bytes]:
+    def read_path(self, path: str, limit: int | None = None) -> Iterator[bytes]:
+        """Stream a file; its own temporary files, and names ``read`` checked, only."""
         try:
             with self.sftp.open(path, "rb") as f:
-                yield from read_pipelined(self.sftp, f.handle, f.stat().st_size)
+                st = f.stat()  # FSTAT: what was opened, whatever the name pointed to
+                require_regular(st.st_mode or 0, path)
+                check_size(st.st_size or 0, limit, path)
+                chunks = read_pipelined(self.sftp, f.handle, st.st_size or 0)
+                yield from bounded(chunks, limit, path)
         except Exception as e:
             raise self.convert(e, f"reading {path}") from e
 
-    def read(self, relpath: str) -> Iterator[bytes]:
-        return self.read_path(self._p(relpath))
+    def read(self, relpath: str, limit: int | None = None) -> Iterator[bytes]:
+        path = self._p(relpath)
+
+        def check() -> None:
+            attrs = self._lstat_below_root(relpath)
+            if attrs is None:
+                raise UnsafeFile(f"{path}: the target root is not a file")
+            # Checked before OPEN: the server's open() of a FIFO would block.
+            require_regular(attrs.st_mode or 0, path)
+            check_size(attrs.st_size or 0, limit, path)
+
+        self.call(check, f"reading {path}")
+        return self.read_path(path, limit)
 
     def remove_tree(self, relpath: str) -> None:
         if not relpath.strip("/"):
             raise TransportError("refusing to remove the target root")
         path = self._p(relpath)
-        self.call(lambda: self._rmtree(path), f"removing {path}")
+
+        def rm() -> None:
+            try:
+                attrs = self._lstat_below_root(relpath)
+            except FileNotFoundError:
+                return
+            if stat.S_ISDIR(attrs.st_mode or 0):
+                self._rmtree(path)
+            else:
+                self.sftp.remove(path)  # a link goes, not what it points to
+
+        self.call(rm, f"removing {path}")
 
     def _rmtree(self, path: str) -> None:
         try:

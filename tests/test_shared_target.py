@@ -1,0 +1,226 @@
+"""One host must never stop or harm another's dump on a shared target (issue 8, items 4-6).
+
+Real servers; the hostile files are planted straight into the server's directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import pytest
+
+from kdump_capture import policy
+from kdump_capture.pipeline import scan_dumps
+from kdump_capture.report import DumpRecord
+from kdump_capture.sample import SampleSpec, write_sample
+from tests.planted import BAD_MANIFESTS, BAD_NO_SIZE, deadline, make_victim, plant_dir, snapshot
+from tests.servers.targets import KINDS, make_target
+
+from .helpers import cli
+
+STAMP = "2000-01-01-00-00-00"
+# Kinds whose root is a directory on this machine, where other hosts' files can be planted.
+DISK_KINDS = tuple(k for k in KINDS if k != "s3")
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory):
+    p = tmp_path_factory.mktemp("src") / "vmcore"
+    write_sample(str(p), SampleSpec(ram_mib=4))
+    return str(p)
+
+
+def _host(kind: str, name: str = "hostA") -> str | None:
+    return None if kind == "file" else name  # local targets do not prefix the host
+
+
+def _complete_manifest(name: str, host: str | None) -> bytes:
+    record = DumpRecord("complete", host or "", "file:///x", name, None, None, 0, "ELF")
+    return record.manifest_json()
+
+
+class Recording:
+    """The real transport, recording the paths the engine lists and reads."""
+
+    def __init__(self, transport):
+        self.transport = transport
+        self.paths: list[str] = []
+
+    def describe(self) -> str:
+        return self.transport.describe()
+
+    def listdir(self, relpath: str = ""):
+        self.paths.append(relpath)
+        return self.transport.listdir(relpath)
+
+    def read(self, relpath: str, limit: int | None = None):
+        self.paths.append(relpath)
+        return self.transport.read(relpath, limit)
+
+
+@pytest.mark.parametrize("bad", sorted(BAD_MANIFESTS))
+@pytest.mark.parametrize("kind", DISK_KINDS)
+def test_bad_manifest_counts_as_failed(kind, bad, request, caplog):
+    target = make_target(kind, request)
+    host = _host(kind)
+    name = policy.dump_name(STAMP, host)
+    with target.transport() as tr:
+        plant_dir(os.path.join(target.server_dir, name), bad)
+        caplog.set_level(logging.WARNING)
+        started = time.monotonic()
+        with deadline(60):
+            [dump] = scan_dumps(tr, host)
+    assert time.monotonic() - started < 30
+    if kind == "cifs" and bad == "zero-link":
+        # Samba hides a link that leaves the share: no manifest, an incomplete dump.
+        assert dump.state == policy.INCOMPLETE
+        return
+    assert (dump.name, dump.state) == (name, policy.FAILED)
+    assert f"{name}/manifest.json" in caplog.text and "counting the dump as failed" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"[]", b'"x"', b"[" * 100_000, BAD_NO_SIZE, b" " * (2 << 20)],
+    ids=["list", "string", "deep", "no-size", "2mib"],
+)
+def test_bad_manifest_in_s3(content, request, caplog):
+    """No links or FIFOs in S3: what another host can put there is content."""
+    target = make_target("s3", request)
+    name = policy.dump_name(STAMP, "hostA")
+    s3 = target.s3
+    for key, body in ((f"{name}/", b""), (f"{name}/manifest.json", content)):
+        s3.client().put_object(Bucket=s3.bucket, Key=f"{target.server_dir}/{key}", Body=body)
+    caplog.set_level(logging.WARNING)
+    with target.transport() as tr, deadline(60):
+        [dump] = scan_dumps(tr, "hostA")
+    assert (dump.name, dump.state) == (name, policy.FAILED)
+    assert "counting the dump as failed" in caplog.text
+
+
+@pytest.mark.parametrize("kind", ["file", "ftp", "cifs"])
+def test_scan_reads_only_this_hosts_dumps(kind, request):
+    target = make_target(kind, request)
+    host = _host(kind)
+    ours = policy.dump_name(STAMP, host)
+    with target.transport() as tr:
+        plant_dir(os.path.join(target.server_dir, ours), _complete_manifest(ours, host))
+        others = []
+        for i, bad in enumerate(sorted(BAD_MANIFESTS)):
+            other = policy.dump_name(f"20{10 + i}-01-01-00-00-00", f"other{i}")
+            plant_dir(os.path.join(target.server_dir, other), bad)
+            others.append(other)
+        rec = Recording(tr)
+        with deadline(60):
+            dumps = scan_dumps(rec, host)
+    assert [(d.name, d.state) for d in dumps] == [(ours, policy.COMPLETE)]
+    assert not [p for p in rec.paths if p.split("/")[0] in others]
+
+
+def _save(target, tmp_path, sample, hostname: str, keep: int = 1):
+    from .test_save_network import run_save, write_config
+
+    conf = write_config(
+        tmp_path / f"kdump-{hostname}",
+        target,
+        KDUMP_KEEP_OLD_DUMPS=str(keep),
+        KDUMP_HOSTNAME=hostname,
+    )
+    return run_save(conf, sample)
+
+
+def _ours(target, host: str | None) -> list[str]:
+    out = []
+    for n in sorted(os.listdir(target.server_dir)):
+        parsed = policy.parse_dump_name(n)
+        if parsed and parsed[0] == host and not os.path.islink(f"{target.server_dir}/{n}"):
+            out.append(n)
+    return out
+
+
+@pytest.mark.parametrize("kind", DISK_KINDS)
+def test_save_with_bad_manifests_everywhere(kind, request, sample, tmp_path):
+    """Every bad manifest at once, in this host's dumps and in another host's: the save
+    completes, and the other host's files are untouched."""
+    target = make_target(kind, request)
+    host = _host(kind)
+    with target.transport():
+        pass  # the root, created by the server's user
+    planted = set()
+    for i, bad in enumerate(sorted(BAD_MANIFESTS)):
+        stamp = f"20{10 + i}-01-01-00-00-00"
+        planted.add(policy.dump_name(stamp, host))
+        plant_dir(f"{target.server_dir}/{policy.dump_name(stamp, host)}", bad)
+        plant_dir(f"{target.server_dir}/{policy.dump_name(stamp, 'hostB')}")
+    theirs = {n: os.stat(f"{target.server_dir}/{n}").st_ino for n in _ours(target, "hostB")}
+    r = _save(target, tmp_path, sample, "hostA")
+    assert r.rc == 0, r.err
+    assert "counting the dump as failed" in r.err
+    [mine] = [n for n in _ours(target, host) if n not in planted]
+    assert cli("verify", f"{target.server_dir}/{mine}").rc == 0
+    assert {n: os.stat(f"{target.server_dir}/{n}").st_ino for n in _ours(target, "hostB")} == theirs
+
+
+@pytest.mark.parametrize("kind", DISK_KINDS)
+def test_planted_links_are_never_followed(kind, request, sample, tmp_path):
+    """A link named like one of our dumps, to a directory outside the target (it was
+    emptied over FTP) and to another host's dump beside it: neither is touched, the link
+    goes where the protocol can delete it, and every save completes (the second one
+    failed with "550 Not a directory" over FTP)."""
+    target = make_target(kind, request)
+    host = _host(kind)
+    root = target.server_dir
+    with target.transport():
+        pass
+    victim_dir = os.path.join(os.path.dirname(root), f"victim-{os.path.basename(root)}")
+    victim = make_victim(victim_dir)
+    theirs = policy.dump_name("2020-01-01-00-00-00", "hostB")
+    plant_dir(f"{root}/{theirs}", _complete_manifest(theirs, "hostB"))
+    with open(f"{root}/{theirs}/vmcore", "wb") as f:
+        f.write(b"hostB's memory")
+    their_files = snapshot(f"{root}/{theirs}")
+    links = {
+        policy.dump_name(STAMP, host): os.path.relpath(victim_dir, root),
+        policy.dump_name("2001-01-01-00-00-00", host): theirs,
+    }
+    for name, dest in links.items():
+        os.symlink(dest, f"{root}/{name}")
+    for _ in range(2):
+        r = _save(target, tmp_path, sample, "hostA")
+        assert r.rc == 0, r.err
+    assert snapshot(victim_dir) == victim
+    assert snapshot(f"{root}/{theirs}") == their_files
+    mine = [n for n in _ours(target, host) if n not in links]
+    assert len(mine) == 2
+    for n in mine:
+        assert cli("verify", f"{root}/{n}").rc == 0
+    for name in links:
+        if kind == "cifs":
+            # Samba follows links, and deletes one only while its target is empty.
+            assert os.path.islink(f"{root}/{name}") and "left alone" in r.err
+        else:
+            assert not os.path.lexists(f"{root}/{name}")
+
+
+def test_failed_cleanup_never_stops_the_new_dump(request, sample, tmp_path):
+    """A dump of ours that cannot be deleted (a read-only directory on the server)."""
+    target = make_target("sftp", request)
+    with target.transport():
+        pass
+    stuck = policy.dump_name(STAMP, "hostA")
+    plant_dir(f"{target.server_dir}/{stuck}")  # no manifest: incomplete, to be removed
+    with open(f"{target.server_dir}/{stuck}/vmcore", "wb") as f:
+        f.write(b"x")
+    # An immutable file makes the delete fail even for root, whom sshd runs us as.
+    rc = os.system(f"chattr +i {target.server_dir}/{stuck}/vmcore 2>/dev/null")
+    if rc != 0:
+        pytest.fail("chattr +i is needed to make a deletion fail for root")
+    try:
+        r = _save(target, tmp_path, sample, "hostA")
+    finally:
+        os.system(f"chattr -i {target.server_dir}/{stuck}/vmcore")
+    assert r.rc == 0, r.err
+    assert f"could not delete {stuck}" in r.err
+    assert len(_ours(target, "hostA")) == 2
