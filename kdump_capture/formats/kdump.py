@@ -14,7 +14,7 @@ import logging
 import threading
 import zlib
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -23,7 +23,7 @@ from ..errors import NotSupported, VmcoreError
 from ..kernel import ElfPhysMemory, Kernel, VmcoreInfo
 from ..vmcore import Vmcore
 from . import FormatWriter, Monitor, WriteResult
-from .filter import DL_EXCLUDE_ZERO, Bitmaps, build_bitmaps, count_bits, iter_runs
+from .filter import DL_EXCLUDE_ZERO, PageFilter, Summary, iter_runs
 from .flat import FlatOutput, PlacedOutput, SeekOutput
 from .structs import (
     DUMP_DH_COMPRESSED_INCOMPLETE,
@@ -265,13 +265,16 @@ class Piece:
 
 
 def iter_batches(
-    bitmap: bytes | bytearray, loads: list[Phdr], max_mapnr: int
+    runs: Iterable[tuple[int, int]], loads: list[Phdr]
 ) -> Iterator[tuple[int, list[Piece]]]:
-    """Batches of up to BATCH_PAGES dumpable pages in pfn order, as file pieces to read."""
+    """Batches of up to BATCH_PAGES dumpable pages in pfn order, as file pieces to read.
+
+    ``runs`` are the ascending runs ``(start, end)`` of set bits of the 2nd bitmap.
+    """
     mem = ElfPhysMemory(loads, lambda n, o: b"", "")
     pieces: list[Piece] = []
     count = 0
-    for start, end in iter_runs(bitmap, max_mapnr):
+    for start, end in runs:
         pfn = start
         while pfn < end:
             pa = pfn * PAGE
@@ -301,26 +304,31 @@ def iter_batches(
 
 # -- the writer -------------------------------------------------------------------------------
 class KdumpWriter(FormatWriter):
-    """kdump-compressed dump; flattened when the sink cannot seek."""
+    """kdump-compressed dump; flattened when the sink cannot seek.
+
+    Bitmaps come window by window from a PageFilter: a first pass counts the dumpable pages
+    (their number places the page data), the second writes each window's bitmaps, then its
+    pages. Memory stays flat however large the machine was.
+    """
 
     def __init__(self, vm: Vmcore, level: int, codec: Codec, flattened: bool = False) -> None:
         super().__init__(vm, level)
         self.codec = codec
         self.flattened = flattened
-        self._bitmaps: Bitmaps | None = None
+        self._filter: PageFilter | None = None
 
-    def bitmaps(self) -> Bitmaps:
-        if self._bitmaps is None:
-            self._bitmaps = build_bitmaps(self.vm, self.level)
-        return self._bitmaps
+    def page_filter(self) -> PageFilter:
+        if self._filter is None:
+            self._filter = PageFilter(self.vm, self.level)
+        return self._filter
 
     def input_size(self) -> int | None:
-        return self.bitmaps().num_dumpable * PAGE
+        return self.page_filter().summary().num_dumpable * PAGE
 
     def estimate(self) -> int | None:
-        bm = self.bitmaps()
-        n = bm.num_dumpable
-        lay = Layout.make(len(self.vm.notes_blob), len(bm.first), n, True)
+        pf = self.page_filter()
+        n = pf.summary().num_dumpable
+        lay = Layout.make(len(self.vm.notes_blob), pf.half_len, n, True)
         return lay.first_data + n * PAGE
 
     def describe(self) -> str:
@@ -332,42 +340,39 @@ class KdumpWriter(FormatWriter):
     def write(self, sink, monitor: Monitor) -> WriteResult:
         out: PlacedOutput = FlatOutput(sink) if self.flattened else SeekOutput(sink)
         vm = self.vm
-        bm = self.bitmaps()
-        notes = list(bm.notes)
-        num = bm.num_dumpable
+        pf = self.page_filter()
+        summ = pf.summary()
+        notes = list(summ.notes)
+        num = summ.num_dumpable
         zero_dedup = bool(self.level & DL_EXCLUDE_ZERO)
-        lay = Layout.make(len(vm.notes_blob), len(bm.first), num, zero_dedup)
+        lay = Layout.make(len(vm.notes_blob), pf.half_len, num, zero_dedup)
         uts = read_utsname(vm, notes)
-        header = self._header(lay, bm, uts, incomplete=False)
+        header = self._header(lay, summ, uts, incomplete=False)
         written = out.put(0, header)
-        written += out.put(PAGE, self._sub_header(lay, bm))
-        written += out.put(lay.bitmap_off, bm.first)
-        written += out.put(lay.bitmap_off + len(bm.first), bm.second)
-        if zero_dedup:
-            written += out.put(lay.data_off, ZERO_PAGE)
+        written += out.put(PAGE, self._sub_header(lay, summ))
         monitor.advance(0, written)
 
-        stats, error = self._pages(out, lay, bm, monitor, zero_dedup)
+        stats, error = self._pages(out, lay, pf, monitor, zero_dedup)
         if error is not None:
             # Pages not written keep zeroed descriptors (offset 0 = missing to crash), and
             # the header says so: a clearly marked partial dump instead of no dump.
             notes.append(f"INCOMPLETE dump: {error}; {stats['done']} of {num} pages written")
-            n = out.put(0, self._header(lay, bm, uts, incomplete=True))
+            n = out.put(0, self._header(lay, summ, uts, incomplete=True))
             monitor.advance(0, n)
         monitor.advance(0, out.finish())
         if stats["zero"]:
             log.debug("%d zero pages share one page", stats["zero"])
         return WriteResult(
             format=self.describe(),
-            dump_level=bm.level,
-            pages_total=count_first(bm),
+            dump_level=summ.level,
+            pages_total=summ.pages_total,
             pages_written=stats["done"],
             flattened=self.flattened,
             notes=notes,
         )
 
     # -- headers --
-    def _header(self, lay: Layout, bm: Bitmaps, uts: bytes, incomplete: bool) -> bytes:
+    def _header(self, lay: Layout, bm: Summary, uts: bytes, incomplete: bool) -> bytes:
         vm = self.vm
         status = self.codec.flag | (DUMP_DH_COMPRESSED_INCOMPLETE if incomplete else 0)
         dh = DiskDumpHeader(
@@ -384,7 +389,7 @@ class KdumpWriter(FormatWriter):
         )
         return dh.pack().ljust(PAGE, b"\0")
 
-    def _sub_header(self, lay: Layout, bm: Bitmaps) -> bytes:
+    def _sub_header(self, lay: Layout, bm: Summary) -> bytes:
         vm = self.vm
         try:
             phys_base = VmcoreInfo(vm.vmcoreinfo).number("phys_base") or 0
@@ -404,7 +409,28 @@ class KdumpWriter(FormatWriter):
         return kh.pack() + vm.notes_blob
 
     # -- pages --
-    def _pages(self, out, lay, bm, monitor, zero_dedup) -> tuple[dict[str, int], str | None]:
+    def _runs(self, out, lay, pf: PageFilter, monitor, zero_dedup) -> Iterator[tuple[int, int]]:
+        """Runs of dumpable pages, window by window; writes each window's bitmaps first.
+
+        A window of a memory hole (all zero) is not written: the file reads zeros there
+        anyway. The last window is always written, so the bitmaps reach their full length.
+        """
+        half = pf.half_len
+        last = half * 8
+        zero_page = zero_dedup
+        for win in pf.windows():
+            off = win.start >> 3
+            if win.end == last or any(win.first):
+                sent = out.put(lay.bitmap_off + off, win.first)
+                sent += out.put(lay.bitmap_off + half + off, win.second)
+                monitor.advance(0, sent)
+            if zero_page:  # the shared zero page, right after the first bitmaps written
+                monitor.advance(0, out.put(lay.data_off, ZERO_PAGE))
+                zero_page = False
+            for s, e in iter_runs(win.second, pf.max_mapnr - win.start):
+                yield win.start + s, win.start + e
+
+    def _pages(self, out, lay, pf, monitor, zero_dedup) -> tuple[dict[str, int], str | None]:
         vm = self.vm
         codec = self.codec
         stats = {"done": 0, "zero": 0}
@@ -437,9 +463,10 @@ class KdumpWriter(FormatWriter):
             stats["zero"] += nzero
             monitor.advance(n * PAGE, sent)
 
+        runs = self._runs(out, lay, pf, monitor, zero_dedup)
         with ThreadPoolExecutor(max_workers=codec.workers, thread_name_prefix="compress") as ex:
             try:
-                for n, pieces in iter_batches(bm.second, vm.loads, bm.max_mapnr):
+                for n, pieces in iter_batches(runs, vm.loads):
                     buf = free_bufs.pop()
                     view = memoryview(buf)
                     pos = 0
@@ -466,10 +493,14 @@ class KdumpWriter(FormatWriter):
                 while pending:
                     emit()
             except VmcoreError as e:
-                # The source failed: keep what was read before it, then stop.
+                # The source failed: keep what was read before it, then stop. The bitmaps
+                # of the windows not reached yet are still written (their pages read as
+                # missing, not as excluded).
                 error = str(e)
                 while pending:
                     emit()
+                for _ in runs:
+                    pass
         monitor.advance(0, desc.flush())
         return stats, error
 
@@ -498,7 +529,3 @@ class DescBuffer:
         self.next_off += len(self.buf)
         self.buf = bytearray()
         return n
-
-
-def count_first(bm: Bitmaps) -> int:
-    return count_bits(bm.first)
