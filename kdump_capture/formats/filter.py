@@ -346,10 +346,12 @@ class PageFilter:
         self,
         vm: Vmcore,
         level: int,
-        window_pfns: int = WINDOW_PFNS,
-        cache_bytes: int = CACHE_BYTES,
+        window_pfns: int | None = None,
+        cache_bytes: int | None = None,
         accelerated: bool | None = None,
     ) -> None:
+        window_pfns = WINDOW_PFNS if window_pfns is None else window_pfns
+        cache_bytes = CACHE_BYTES if cache_bytes is None else cache_bytes
         if window_pfns <= 0 or window_pfns % PGMM_CACHED:
             raise ValueError("window_pfns must be a positive multiple of PGMM_CACHED")
         self.vm = vm
