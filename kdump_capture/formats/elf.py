@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import array
+from collections.abc import Iterator
 from dataclasses import dataclass
 
+from .. import speedups
 from ..elf import PT_LOAD, PT_NOTE, Ehdr, Phdr
 from ..errors import VmcoreError
 from ..vmcore import Vmcore
 from . import CHUNK, FormatWriter, Monitor, WriteResult
 from .filter import PageFilter, Window, clear_range, iter_runs
+from .pages import zero_mask_py
 
 PAGE = 4096
 # Runs of zero pages shorter than this are written as data: each excluded run costs a
@@ -16,6 +20,7 @@ PAGE = 4096
 MIN_EXCLUDED_RUN = 256
 ZERO_PAGE = bytes(PAGE)
 ZERO_CHUNK = bytes(CHUNK)
+SEQ_OFFSETS = array.array("Q", range(0, CHUNK, PAGE))
 
 
 class RawWriter(FormatWriter):
@@ -29,12 +34,17 @@ class RawWriter(FormatWriter):
 
     def write(self, sink, monitor: Monitor) -> WriteResult:
         buf = bytearray(CHUNK)
-        view = memoryview(buf)
         off = 0
         total = self.vm.size
         while total is None or off < total:
             want = CHUNK if total is None else min(CHUNK, total - off)
-            n = self.vm.readinto(view[:want], off)
+            data = self.vm.view(off, want)
+            if data is None:
+                data = memoryview(buf)[:want]
+                n = self.vm.readinto(data, off)
+                data = data[:n]
+            else:
+                n = want
             if n == 0:
                 if total is not None:
                     raise VmcoreError(
@@ -42,7 +52,8 @@ class RawWriter(FormatWriter):
                         f"(expected {total:#x} bytes)"
                     )
                 break
-            sink.write(view[:n])
+            sink.write(data)
+            del data
             off += n
             monitor.advance(n, n)
         pages = off // PAGE
@@ -64,14 +75,19 @@ class ElfWriter(RawWriter):
         data = sum(p.filesz for p in self.vm.loads)
         return 2 * data if self.level & 1 else data  # scan pass + copy pass (upper bound)
 
+    def __init__(self, vm: Vmcore, level: int, accelerated: bool | None = None) -> None:
+        super().__init__(vm, level)
+        self.accelerated = accelerated
+
     def write(self, sink, monitor: Monitor) -> WriteResult:
         if not self.level:
             return super().write(sink, monitor)
-        pf = PageFilter(self.vm, self.level)
+        pf = PageFilter(self.vm, self.level, accelerated=self.accelerated)
         planner = SegmentPlanner(self.vm)
+        accel = None if self.accelerated is False else speedups.module()
         for win in pf.windows():
             if self.level & 1:
-                clear_zero_pages(self.vm, win, pf.max_mapnr, monitor)
+                clear_zero_pages(self.vm, win, pf.max_mapnr, monitor, accel)
             planner.add(win)
         summ = pf.summary()
         result = write_elf_segments(self.vm, planner.segments(), sink, monitor, summ.level)
@@ -96,10 +112,9 @@ def _aligned(p: Phdr) -> bool:
     return bool(p.filesz) and not p.paddr % PAGE and not p.offset % PAGE
 
 
-def clear_zero_pages(vm: Vmcore, win: Window, max_mapnr: int, monitor: Monitor) -> None:
+def clear_zero_pages(vm: Vmcore, win: Window, max_mapnr: int, monitor: Monitor, accel=None) -> None:
     """Clear the window's 2nd-bitmap bits of all-zero pages (reads each kept page once)."""
     buf = bytearray(CHUNK)
-    view = memoryview(buf)
     per = CHUNK // PAGE
     keep = win.second
     ws = win.start
@@ -118,17 +133,32 @@ def clear_zero_pages(vm: Vmcore, win: Window, max_mapnr: int, monitor: Monitor) 
                 n = min(per, end - pfn)
                 nbytes = n * PAGE
                 off = p.offset + (pfn - first) * PAGE
-                got = vm.readinto(view[:nbytes], off)
-                if got != nbytes:
-                    raise VmcoreError(f"{vm.path}: offset {off + got:#x}: short read")
-                if n == per and buf == ZERO_CHUNK:
+                data = vm.view(off, nbytes)
+                if data is None:
+                    data = memoryview(buf)[:nbytes]
+                    got = vm.readinto(data, off)
+                    if got != nbytes:
+                        raise VmcoreError(f"{vm.path}: offset {off + got:#x}: short read")
+                if n == per and data == ZERO_CHUNK:
                     clear_range(keep, pfn - ws, pfn - ws + n)
                 else:
-                    for i in range(n):
-                        if view[i * PAGE : (i + 1) * PAGE] == ZERO_PAGE:
-                            clear_range(keep, pfn - ws + i, pfn - ws + i + 1)
+                    offsets = SEQ_OFFSETS[:n]
+                    mask = accel.zero_pages(data, offsets) if accel else zero_mask_py(data, offsets)
+                    for i in _set_bits(mask, n):
+                        clear_range(keep, pfn - ws + i, pfn - ws + i + 1)
+                del data
                 pfn += n
                 monitor.advance(nbytes, 0)
+
+
+def _set_bits(mask: bytes, n: int) -> Iterator[int]:
+    for i, b in enumerate(mask):
+        while b:
+            low = b & -b
+            j = i * 8 + low.bit_length() - 1
+            if j < n:
+                yield j
+            b ^= low
 
 
 class SegmentPlanner:
@@ -247,18 +277,21 @@ def write_elf_segments(
     monitor.advance(0, len(head))
 
     buf = bytearray(CHUNK)
-    view = memoryview(buf)
     written_pages = 0
     for s in segs:
         done = 0
         while done < s.filesz:
             want = min(CHUNK, s.filesz - done)
-            n = vm.readinto(view[:want], s.src + done)
-            if n != want:
-                raise VmcoreError(f"{vm.path}: offset {s.src + done + n:#x}: short read")
-            sink.write(view[:n])
-            done += n
-            monitor.advance(n, n)
+            data = vm.view(s.src + done, want)
+            if data is None:
+                data = memoryview(buf)[:want]
+                n = vm.readinto(data, s.src + done)
+                if n != want:
+                    raise VmcoreError(f"{vm.path}: offset {s.src + done + n:#x}: short read")
+            sink.write(data)
+            del data
+            done += want
+            monitor.advance(want, want)
         pad = _page_up(s.filesz) - s.filesz
         if pad:
             sink.write(bytes(pad))

@@ -208,6 +208,10 @@ class PageRules:
             info.need_number(name)
         if not 0 < size <= 256:
             raise KernelInfoError(f"VMCOREINFO: implausible SIZE(page)={size}")
+        # Order and destructor are single bytes of the struct page after a head page.
+        for what, off in (("compound order", off_order), ("compound dtor", off_dtor)):
+            if not 0 <= off < size:
+                raise KernelInfoError(f"VMCOREINFO: implausible offset {off} of the {what}")
         return cls(
             size=size,
             off_flags=info.need_offset("page.flags"),
