@@ -23,6 +23,7 @@ import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from . import speedups
 from .errors import ConfigError, LoadError
 
 log = logging.getLogger(__name__)
@@ -346,6 +347,7 @@ class Readiness:
             f"initramfs:      {self.initrd} ({initrd_state})",
             f"command line:   {self.cmdline}",
             f"loaded:         {'yes' if self.loaded else 'no'}",
+            f"page loops:     {speedups.describe()}",
         ]
         out += [f"warning: {w}" for w in self.warnings]
         out += [f"problem: {p}" for p in self.problems]

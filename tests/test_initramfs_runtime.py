@@ -49,3 +49,11 @@ def test_sftp_runtime_leaves_out_hashlib_and_system_libcrypto(tmp_path):
     # a local target keeps OpenSSL's fast SHA-256 for the manifest
     local = runtime.collect(["file"], str(tmp_path))
     assert [p for p in local.files if os.path.basename(p).startswith("_hashlib")]
+
+
+def test_the_compiled_accelerator_is_packed_with_its_zlib(tmp_path):
+    """kdump_capture.speedups imports _speedups: the probe loads it, ldd finds libz."""
+    payload = runtime.collect(["file"], str(tmp_path))
+    names = [os.path.basename(p) for p in payload.files]
+    assert [n for n in names if n.startswith("_speedups.") and n.endswith(".so")]
+    assert "libz.so.1" in names
