@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import array
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -13,6 +14,8 @@ from ..vmcore import Vmcore
 from . import CHUNK, FormatWriter, Monitor, WriteResult
 from .filter import PageFilter, Window, clear_range, iter_runs
 from .pages import zero_mask_py
+
+log = logging.getLogger(__name__)
 
 PAGE = 4096
 # Runs of zero pages shorter than this are written as data: each excluded run costs a
@@ -90,6 +93,7 @@ class ElfWriter(RawWriter):
                 clear_zero_pages(self.vm, win, pf.max_mapnr, monitor, accel)
             planner.add(win)
         summ = pf.summary()
+        log.info("%s", pf.walk_report())
         result = write_elf_segments(self.vm, planner.segments(), sink, monitor, summ.level)
         result.notes.extend(summ.notes)
         return result

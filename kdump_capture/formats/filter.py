@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import struct
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -417,6 +418,8 @@ class PageFilter:
         self._params = _rule_params(self.rules, level) if self.rules else None
         self._cache: list[bytes] | None = None
         self._summary: Summary | None = None
+        self.walk_seconds = 0.0  # struct-page walk, all passes (reported like makedumpfile's
+        self.walks = 0  # "STEP [Excluding unnecessary pages]" times)
 
     # -- windows ----------------------------------------------------------------------
     def window_spans(self) -> list[tuple[int, int]]:
@@ -463,8 +466,18 @@ class PageFilter:
                 yield Window(ws, we, first, second)
         if cache is None:
             self._cache = keep
+            self.walks += self.rules is not None
         if self._summary is None:
             self._summary = self._finish(state, total, dumpable)
+
+    def walk_report(self) -> str:
+        """How long the struct-page walk took, for the log."""
+        if not self.walks:
+            return "no struct-page walk at this level"
+        return (
+            f"struct-page walk {self.walk_seconds:.3f} s in {self.walks} pass(es) "
+            f"({'compiled' if self._accel is not None else 'pure Python'})"
+        )
 
     def summary(self) -> Summary:
         """Counts over all windows: from the first whole pass, or one made now."""
@@ -512,6 +525,7 @@ class PageFilter:
             clear_range(second, 0, min(st.carry_end, we) - ws)
         if not sections:
             return
+        t0 = time.perf_counter()
         extents = self._extents(spans)
         fd, base = self.vm.fd, self.vm.base
         if self._accel is not None:
@@ -530,6 +544,7 @@ class PageFilter:
                 st.counts[k] = min(st.counts[k] + out[5 + k], U64_MASK)
         else:
             scan_window(fd, base, extents, sections, self._params, ws, we, first, second, st)
+        self.walk_seconds += time.perf_counter() - t0
 
     def _extents(self, spans: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
         """Where the struct pages in ``spans`` (virtual) are in the vmcore file."""

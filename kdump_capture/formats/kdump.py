@@ -410,6 +410,7 @@ class KdumpWriter(FormatWriter):
             n = out.put(0, self._header(lay, summ, uts, incomplete=True))
             monitor.advance(0, n)
         monitor.advance(0, out.finish())
+        log.info("%s", pf.walk_report())
         if stats["zero"]:
             log.debug("%d zero pages share one page", stats["zero"])
         return WriteResult(
