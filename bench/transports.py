@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import shutil
 import statistics
@@ -34,7 +35,6 @@ from transports.base import TransportSettings  # noqa: E402
 
 CHUNK = 1 << 20  # what the engine hands a sink: 1 MiB memoryviews of one reused buffer
 PASSWORD = "kdump-Bench-pw1"
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "transports.md")
 
 
 def ours(target: Target, settings: TransportSettings, src: str) -> Callable[[str], None]:
@@ -69,6 +69,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size-mb", type=int, default=1024)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--json", help="write the medians here (bench/run.py reads them)")
     args = ap.parse_args()
     size = args.size_mb * 1_000_000
     work = tempfile.mkdtemp(prefix="kdump-bench-")
@@ -203,14 +204,9 @@ def _t(url: str) -> Target:
 
 
 def _write(rows, args, load: tuple[float, float]) -> None:
+    """Print the table; with --json, also the figures for bench/run.py (which writes the
+    results files: nothing under bench/results is written by hand or by this alone)."""
     lines = [
-        "# Transport throughput on loopback",
-        "",
-        f"`python3 bench/transports.py --size-mb {args.size_mb} --runs {args.runs}` "
-        f"({time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores, median of {args.runs} runs; "
-        "ratio = reference time / our time, higher is better; 1-minute load average "
-        f"{load[0]:.1f} before, {load[1]:.1f} after).",
-        "",
         "| transport | ours MB/s | reference | reference MB/s | ratio |",
         "|---|---:|---|---:|---:|",
     ]
@@ -219,10 +215,20 @@ def _write(rows, args, load: tuple[float, float]) -> None:
             f"| {label} | {size / m_mine / 1e6:.1f} | {ref_label} | "
             f"{size / m_ref / 1e6:.1f} | {m_ref / m_mine:.2f} |"
         )
-    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-    with open(RESULTS, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print(f"wrote {RESULTS}")
+    print("\n".join(lines))
+    if args.json:
+        cpus = sorted(os.sched_getaffinity(0))
+        doc = {
+            "command": f"python3 bench/transports.py --size-mb {args.size_mb} --runs {args.runs}"
+            f" (CPUs {cpus})",
+            "load": list(load),
+            "rows": [
+                {"label": a, "ref_label": b, "ours_s": c, "ref_s": d, "size": e}
+                for a, b, c, d, e in rows
+            ],
+        }
+        with open(args.json, "w") as f:
+            json.dump(doc, f)
 
 
 if __name__ == "__main__":

@@ -21,9 +21,9 @@ PAGE = 4096
 # Runs of zero pages shorter than this are written as data: each excluded run costs a
 # program header, and makedumpfile uses the same threshold (PFN_EXCLUDED) for -E.
 MIN_EXCLUDED_RUN = 256
-ZERO_PAGE = bytes(PAGE)
 ZERO_CHUNK = bytes(CHUNK)
 SEQ_OFFSETS = array.array("Q", range(0, CHUNK, PAGE))
+FULL_MASK = b"\xff" * (CHUNK // PAGE // 8)
 
 
 class RawWriter(FormatWriter):
@@ -143,11 +143,16 @@ def clear_zero_pages(vm: Vmcore, win: Window, max_mapnr: int, monitor: Monitor, 
                     got = vm.readinto(data, off)
                     if got != nbytes:
                         raise VmcoreError(f"{vm.path}: offset {off + got:#x}: short read")
-                if n == per and data == ZERO_CHUNK:
+                offsets = SEQ_OFFSETS[:n]
+                if accel is not None:
+                    mask = accel.zero_pages(data, offsets)
+                elif n == per and bytes(data) == ZERO_CHUNK:  # bytes: see zero_mask_py
+                    mask = FULL_MASK
+                else:
+                    mask = zero_mask_py(data, offsets)
+                if mask == FULL_MASK:
                     clear_range(keep, pfn - ws, pfn - ws + n)
                 else:
-                    offsets = SEQ_OFFSETS[:n]
-                    mask = accel.zero_pages(data, offsets) if accel else zero_mask_py(data, offsets)
                     for i in _set_bits(mask, n):
                         clear_range(keep, pfn - ws + i, pfn - ws + i + 1)
                 del data

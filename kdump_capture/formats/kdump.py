@@ -96,7 +96,7 @@ class ZlibCodec(Codec):
         flag = self.flag << 32
         compress = zlib.compress
         for o in offsets:
-            page = src[o : o + PAGE]
+            page = bytes(src[o : o + PAGE])  # (a memoryview compares with bytes ~35x slower)
             if zero_dedup and page == ZERO_PAGE:
                 words.append(0)
                 continue
@@ -192,11 +192,11 @@ class LzoCodec(Codec):
         words = array.array("Q")
         flag = self.flag << 32
         for o in offsets:
-            page = src[o : o + PAGE]
+            page = bytes(src[o : o + PAGE])
             if zero_dedup and page == ZERO_PAGE:
                 words.append(0)
                 continue
-            c = self._compress(bytes(page), 1, False)
+            c = self._compress(page, 1, False)
             if len(c) < PAGE:
                 parts.append(c)
                 words.append(len(c) | flag)
@@ -518,7 +518,7 @@ class KdumpWriter(FormatWriter):
             for n, pieces in iter_batches(runs, vm.loads):
                 cbuf, obuf = copy_bufs.pop(), out_bufs.pop()
                 src, offsets = self._gather(pieces, n, cbuf)
-                if zero_dedup and _all_zero(src, offsets, n):
+                if zero_dedup and _all_zero(src, offsets, n, self._accel):
                     fut: Future = Future()
                     fut.set_result((b"", bytes(8 * n)))
                 elif ex is not None:
@@ -583,11 +583,17 @@ class KdumpWriter(FormatWriter):
         return view[:pos], _SEQ_OFFSETS[:n]
 
 
-def _all_zero(src, offsets: array.array, n: int) -> bool:
-    """Whether a batch of contiguous pages is all zero (one comparison in C)."""
+FULL_MASK = b"\xff" * (BATCH_PAGES // 8)
+
+
+def _all_zero(src, offsets: array.array, n: int, accel) -> bool:
+    """Whether a whole batch of contiguous pages is zero (skips the codec for it)."""
     if n != BATCH_PAGES or offsets[-1] != offsets[0] + (n - 1) * PAGE:
         return False
-    return src[offsets[0] : offsets[0] + n * PAGE] == ZERO_BATCH
+    if accel is not None:
+        return accel.zero_pages(src, offsets) == FULL_MASK
+    # bytes, not the memoryview: comparing a memoryview with bytes goes item by item
+    return bytes(src[offsets[0] : offsets[0] + n * PAGE]) == ZERO_BATCH
 
 
 class DescBuffer:

@@ -15,6 +15,6 @@ def zero_mask_py(src, offsets: array.array) -> bytes:
     """
     mask = bytearray((len(offsets) + 7) // 8)
     for i, o in enumerate(offsets):
-        if src[o : o + PAGE] == ZERO_PAGE:
+        if bytes(src[o : o + PAGE]) == ZERO_PAGE:  # a memoryview compares item by item
             mask[i >> 3] |= 1 << (i & 7)
     return bytes(mask)
