@@ -9,7 +9,6 @@ import logging
 import os
 import signal
 import sys
-import tempfile
 
 from . import __version__
 from .errors import EXIT_CODES, ConfigError, Interrupted, KdumpError, NotSupported, VerifyError
@@ -171,6 +170,8 @@ def cmd_save(args: argparse.Namespace) -> int:
     tmp = None
     try:
         if args.sample:
+            import tempfile
+
             fd, tmp = tempfile.mkstemp(prefix="kdump-sample-", suffix=".vmcore")
             os.close(fd)
             write_demo(tmp, args.sample_mib)
@@ -329,7 +330,12 @@ def cmd_make_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+# Commands defined here; the load-side ones (check, load, ...) come from loadside.py, which
+# the capture kernel's save does not need to import (gzip, subprocess, shlex, ...).
+CORE_COMMANDS = ("save", "recover", "show-config", "verify", "dmesg", "rearrange", "make-sample")
+
+
+def build_parser(load_side: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kdump-capture",
         description="Save a crashed kernel's memory (/proc/vmcore) to local or network storage.",
@@ -388,15 +394,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparse", action="store_true", help="all-zero RAM as file holes (fast, big)")
     p.set_defaults(func=cmd_make_sample)
 
-    from .loadside import add_subcommands
+    if load_side:
+        from .loadside import add_subcommands
 
-    add_subcommands(sub)  # check, load, unload, status, test-crash, initramfs
+        add_subcommands(sub)  # check, load, unload, status, test-crash, initramfs
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     _setup_logging(False)
-    parser = build_parser()
+    words = sys.argv[1:] if argv is None else argv
+    parser = build_parser(load_side=not (words and words[0] in CORE_COMMANDS))
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -57,7 +57,7 @@ MAPCOUNT_NONE = 0xFFFFFFFF  # -1: not mapped
 HUGETLB_DTOR, TRANSHUGE_DTOR, COMPOUND_DTOR = 2, 3, 1
 # Kernel area: page tables, mem_section, utsname and the printk ring, from 1 MiB.
 KERNEL_PAGES = 2048
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 # Region kinds and their weights (per mille of RAM); FREE takes aligned pairs (order 10).
 MIX = {
@@ -165,13 +165,12 @@ def _kinds(rng: random.Random, nregions: int) -> list[str]:
 def _fill_region(buf: bytearray, base: int, pfn0: int, kind: str, rng: random.Random) -> list[int]:
     """Struct pages of one region into ``buf`` (at byte ``base``); returns pfns given data."""
     pack = STRUCT.pack_into
-    data_pfns: list[int] = []
     every = DATA_EVERY.get(kind)
     if kind == "free":
         pack(buf, base, ZONE_FLAGS, 0, 0, 0, 0, 10, PAGE_BUDDY_MAPCOUNT, 0)
-        return data_pfns
+        return []
     if kind == "free_tail":
-        return data_pfns
+        return []
     if kind == "free_small":
         i = 0
         while i < REGION:
@@ -180,7 +179,7 @@ def _fill_region(buf: bytearray, base: int, pfn0: int, kind: str, rng: random.Ra
                 order -= 1
             pack(buf, base + i * STRUCT_PAGE, ZONE_FLAGS, 0, 0, 0, 0, order, PAGE_BUDDY_MAPCOUNT, 0)
             i += 1 << order
-        return data_pfns
+        return []
     if kind in ("cache_folio", "anon_thp", "hugetlb"):
         if kind == "cache_folio":
             flags, mapping, dtor, mc = 1 << PG_LRU, 0xFFFF888100000000 + pfn0 * 64, COMPOUND_DTOR, 0
@@ -193,7 +192,7 @@ def _fill_region(buf: bytearray, base: int, pfn0: int, kind: str, rng: random.Ra
         # The first tail page holds compound_dtor (byte 16) and compound_order (byte 17).
         head_va = VMEMMAP_BASE + pfn0 * STRUCT_PAGE
         pack(buf, base + STRUCT_PAGE, ZONE_FLAGS, head_va | 1, dtor | 9 << 8, 0, 0, 0, 0, 0)
-        return [pfn0 + i for i in range(0, REGION, every)] if every else []
+        return _data_run(pfn0, every, rng)
     # Regions of order-0 pages (and compound slabs): every struct page written.
     for i in range(REGION):
         off = base + i * STRUCT_PAGE
@@ -224,9 +223,17 @@ def _fill_region(buf: bytearray, base: int, pfn0: int, kind: str, rng: random.Ra
                      0, 0, MAPCOUNT_NONE, 1)  # fmt: skip
         else:  # kernel
             pack(buf, off, ZONE_FLAGS | 1 << PG_RESERVED, 0, 0, 0, 0, 0, MAPCOUNT_NONE, 1)
-    if every:
-        data_pfns = [pfn0 + i for i in range(rng.randrange(every), REGION, every)]
-    return data_pfns
+    return _data_run(pfn0, every, rng)
+
+
+def _data_run(pfn0: int, every: int | None, rng: random.Random) -> list[int]:
+    """The pages of a region that carry data: REGION/every of them, together (as files and
+    heaps are), so that the zero pages around them form long runs."""
+    if not every:
+        return []
+    n = REGION // every
+    start = rng.randrange(REGION - n + 1)
+    return [pfn0 + start + i for i in range(n)]
 
 
 def write_bigcore(path: str, spec: BigSpec) -> int:
