@@ -91,7 +91,8 @@ def run(argv: list[str], cpus: int, output: str | None = None, environ=None) -> 
     with tempfile.NamedTemporaryFile("r", suffix=".time") as tf, tempfile.TemporaryFile() as err:
         cmd = [*pin(cpus), TIME, "-o", tf.name, "-f", "%M %U %S", *argv]
         t = time.monotonic()
-        p = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=err, env=environ or env())
+        # stdout too: makedumpfile prints its STEP timings there
+        p = subprocess.run(cmd, stdout=err, stderr=err, env=environ or env())
         wall = time.monotonic() - t
         err.seek(0)
         text = err.read().decode(errors="replace")
