@@ -62,18 +62,19 @@ class Case:
     output: str | None = None  # file (or directory) whose size is the result's size
     side: str = "ours"  # "ours" or "ref"
     samples: list[Sample] = field(default_factory=list)
+    error: str = ""
 
     @property
     def wall(self) -> float:
-        return statistics.median(s.wall for s in self.samples)
+        return statistics.median(s.wall for s in self.samples) if self.samples else float("nan")
 
     @property
     def rss(self) -> float:
-        return max(s.rss_mib for s in self.samples)
+        return max(s.rss_mib for s in self.samples) if self.samples else float("nan")
 
     @property
     def size(self) -> int:
-        return int(statistics.median(s.size for s in self.samples))
+        return int(statistics.median(s.size for s in self.samples)) if self.samples else 0
 
     def shown(self, subst: dict[str, str]) -> str:
         text = shlex.join(self.argv)
@@ -139,7 +140,12 @@ def interleave(
             if before:
                 before()
             subprocess.run(["sync"], check=True)
-            s = run(c.argv, cpus, c.output)
+            try:
+                s = run(c.argv, cpus, c.output)
+            except RuntimeError as e:  # record it and go on: one case must not end the bench
+                c.error = str(e).splitlines()[-1][:300]
+                log(f"  run {r + 1} {c.name}: FAILED: {c.error}")
+                continue
             c.samples.append(s)
             log(
                 f"  run {r + 1} {c.name:36s} {s.wall:7.3f} s {s.size / 1e6:9.1f} MB "

@@ -231,7 +231,7 @@ def run_scale(args, res: dict) -> None:
             for level in (31, 1):
                 if level == 1 and gib > args.scale_l1_max:
                     continue  # reads every page of RAM: minutes per run at 1 TiB
-                runs = args.runs if level == 31 or gib <= args.scale_l1_full else 1
+                runs = args.scale_runs if level == 31 or gib <= args.scale_l1_full else 1
                 mdf = ["makedumpfile", "-c", "-d", str(level), "--message-level", "31", src, out]
                 cases = [
                     Case(
@@ -247,6 +247,7 @@ def run_scale(args, res: dict) -> None:
                 steps = [sum(float(m) for m in STEP.findall(s.stderr)) for s in cases[1].samples]
                 row["levels"][level] = {
                     "runs": runs,
+                    "errors": {c.name: c.error for c in cases if c.error},
                     "cases": [
                         {
                             "name": c.name,
@@ -428,6 +429,10 @@ def scale_report(rows: list[dict], goals: list) -> list[str]:
                     f"| {r['gib']} GiB | {disk} | {level} | {c['name']} | {c['wall']:.2f} | "
                     f"{lv['runs']} | {c['rss']:.1f} | {c['size'] / 1e6:.1f} |"
                 )
+    for r in rows:
+        for lv in r["levels"].values():
+            for name, err in lv.get("errors", {}).items():
+                L.append(f"\n{r['gib']} GiB, {name}: FAILED: {err}")
     L += ["", "| RAM | level 31: walk ours / makedumpfile | ratio |", "|---:|---|---:|"]
     worst_walk = 0.0
     for r in rows:
@@ -591,6 +596,12 @@ def plots(res: dict) -> list[str]:
     return made
 
 
+def _save_raw(path: str, res: dict) -> None:
+    """Figures so far (a later section failing keeps them)."""
+    with open(path, "w") as f:
+        json.dump(res, f, indent=1, default=str)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a subset in under three minutes")
@@ -608,6 +619,7 @@ def main() -> int:
     ap.add_argument(
         "--scale-l1-max", type=int, default=1 << 20, help="no level 1 above this size (GiB)"
     )
+    ap.add_argument("--scale-runs", type=int, default=None, help="runs per scale case")
     ap.add_argument("--memory-sizes", default="1,16", help="bigcore sizes (GiB) for memory")
     ap.add_argument("--transport-mb", type=int, default=1024)
     ap.add_argument(
@@ -622,6 +634,7 @@ def main() -> int:
         args.scale_l1_full = 1
         skip |= {"transports", "fitness"}
     args.scale = [int(x) for x in args.scale.split(",") if x]
+    args.scale_runs = args.scale_runs or args.runs
     args.memory_sizes = [int(x) for x in args.memory_sizes.split(",") if x]
     res: dict = {"machine": machine(), "load": [load()], "formats": [], "scale": []}
     from tests.vmkit import get_sample
@@ -632,12 +645,12 @@ def main() -> int:
             s = get_sample(mib)
             samples.append((f"{mib} MiB guest", str(s.path)))
         run_formats(args, samples, res)
-    if "scale" not in skip:
-        run_scale(args, res)
-    if "memory" not in skip:
-        run_memory(args, res)
-    if "transports" not in skip:
-        run_transports(args, res)
+    os.makedirs(RESULTS_DIR, exist_ok=True)
+    raw = os.path.join(RESULTS_DIR, "raw.json")
+    for name, fn in (("scale", run_scale), ("memory", run_memory), ("transports", run_transports)):
+        _save_raw(raw, res)
+        if name not in skip:
+            fn(args, res)
     if "fitness" not in skip:
         subprocess.run(
             [sys.executable, os.path.join(ROOT, "bench", "capture_fitness.py")],
