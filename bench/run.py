@@ -232,6 +232,8 @@ def run_scale(args, res: dict) -> None:
                 if level == 1 and gib > args.scale_l1_max:
                     continue  # reads every page of RAM: minutes per run at 1 TiB
                 runs = args.scale_runs if level == 31 or gib <= args.scale_l1_full else 1
+                if gib >= args.scale_one_run:
+                    runs = 1
                 mdf = ["makedumpfile", "-c", "-d", str(level), "--message-level", "31", src, out]
                 cases = [
                     Case(
@@ -325,6 +327,7 @@ def report(args, res: dict) -> str:
         f"| pinning | first {args.cpus} CPU(s) (`{' '.join(measure.pin(args.cpus))}`); medians "
         f"of {args.runs} interleaved runs; peak RSS from GNU time (max over runs) |",
         f"| load average | {res['load'][0]} at start, {res['load'][1]} at end (1, 5, 15 min) |",
+        f"| sections reused from an earlier run | {', '.join(res.get('reused', [])) or 'none'} |",
         "",
         "Our Python runs as `python3 -S` with PYTHONPATH set, as in the capture kernel "
         "(whose initramfs has no site-packages start-up hooks; this machine's .pth files "
@@ -620,6 +623,14 @@ def main() -> int:
         "--scale-l1-max", type=int, default=1 << 20, help="no level 1 above this size (GiB)"
     )
     ap.add_argument("--scale-runs", type=int, default=None, help="runs per scale case")
+    ap.add_argument(
+        "--scale-one-run", type=int, default=1 << 20, help="one run per case from this size (GiB)"
+    )
+    ap.add_argument(
+        "--reuse",
+        default="",
+        help="sections to take from bench/results/raw.json of an earlier run instead of running",
+    )
     ap.add_argument("--memory-sizes", default="1,16", help="bigcore sizes (GiB) for memory")
     ap.add_argument("--transport-mb", type=int, default=1024)
     ap.add_argument(
@@ -639,6 +650,14 @@ def main() -> int:
     res: dict = {"machine": machine(), "load": [load()], "formats": [], "scale": []}
     from tests.vmkit import get_sample
 
+    reuse = set(filter(None, args.reuse.split(",")))
+    if reuse:
+        with open(os.path.join(RESULTS_DIR, "raw.json")) as f:
+            old = json.load(f)
+        for name in reuse:
+            res[name] = old.get(name, res.get(name))
+            skip.add(name)
+        res["reused"] = sorted(reuse)
     if "formats" not in skip:
         samples = []
         for mib in [int(x) for x in args.samples.split(",") if x]:
