@@ -259,6 +259,7 @@ def run_scale(args, res: dict) -> None:
                             "rss": c.rss,
                             "size": c.size,
                             "walls": [s.wall for s in c.samples],
+                            "samples_ok": bool(c.samples),
                         }
                         for c in cases
                     ],
@@ -460,7 +461,11 @@ def scale_report(rows: list[dict], goals: list) -> list[str]:
         key = level if level in base["levels"] else str(level)
         for ci, name in ((0, "save compressed"), (2, "save zstd")):
             rss0 = base["levels"][key]["cases"][ci]["rss"]
-            have = [r for r in rows if key in r["levels"]]
+            have = [
+                r
+                for r in rows
+                if key in r["levels"] and r["levels"][key]["cases"][ci]["samples_ok"]
+            ]
             spread = max(r["levels"][key]["cases"][ci]["rss"] for r in have) - rss0
             name += f" (up to {have[-1]['gib']} GiB)"
             goals.append(
@@ -471,7 +476,11 @@ def scale_report(rows: list[dict], goals: list) -> list[str]:
                     spread <= 4.0,
                 )
             )
-        big = [r for r in rows if r["gib"] >= 64 and key in r["levels"]]
+        big = [
+            r
+            for r in rows
+            if r["gib"] >= 64 and key in r["levels"] and r["levels"][key]["cases"][0]["samples_ok"]
+        ]
         if len(big) >= 2:
             a, b = big[0], big[-1]
             wa = a["levels"][key]["cases"][0]["wall"] / a["gib"]
@@ -657,6 +666,8 @@ def main() -> int:
         for name in reuse:
             res[name] = old.get(name, res.get(name))
             skip.add(name)
+        for row in res.get("scale", []):  # JSON made the level keys strings
+            row["levels"] = {int(k): v for k, v in row["levels"].items()}
         res["reused"] = sorted(reuse)
     if "formats" not in skip:
         samples = []
