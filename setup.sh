@@ -8,10 +8,11 @@ if command -v apt-get >/dev/null; then
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends \
         gcc libc6-dev zlib1g-dev binutils make file time cpio zstd kmod busybox-static e2fsprogs util-linux \
+        btrfs-progs liblzo2-dev \
         qemu-system-x86 qemu-utils \
-        makedumpfile crash kexec-tools \
+        makedumpfile crash kexec-tools dracut-core \
         openssh-server openssh-client \
-        samba smbclient vsftpd curl \
+        samba smbclient vsftpd curl faketime \
         nfs-ganesha nfs-ganesha-vfs \
         >/dev/null
 fi

@@ -1,11 +1,13 @@
 """Loopback throughput of each network transport against the reference client.
 
-Starts the same throw-away servers the tests use (sshd, vsftpd, smbd on 127.0.0.1),
-uploads one file (default 1 GB) with our transport and with the reference client
-(OpenSSH ``sftp -b``, ``curl -T``, ``smbclient put``), several runs each, and prints
-the medians and ratios; the table also goes to bench/results/transports.md.
+Starts the same throw-away servers the tests use (sshd, vsftpd, smbd, SeaweedFS on
+127.0.0.1), uploads one file (default 1 GB) with our transport and with the reference client
+(OpenSSH ``sftp -b``, ``curl -T``, ``smbclient put``, boto3 ``upload_file`` with our part
+size), several runs each, and prints the medians and ratios; the table also goes to
+bench/results/transports.md. The S3 uploads run in child processes that also report their
+peak RSS (VmHWM), both ours and boto3's.
 
-    python3 bench/transports.py [--size-mb 1024] [--runs 3]
+    python3 bench/transports.py [--size-mb 1024] [--runs 3] [--only s3]
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from kdump_capture.urls import Target, parse_target  # noqa: E402
 from tests.servers.common import unix_user  # noqa: E402
 from tests.servers.ftp import vsftpd  # noqa: E402
+from tests.servers.s3 import REGION, seaweed  # noqa: E402
 from tests.servers.samba import smbd  # noqa: E402
 from tests.servers.sshd import sshd  # noqa: E402
 from transports import open_transport  # noqa: E402
@@ -35,6 +38,7 @@ from transports.base import TransportSettings  # noqa: E402
 
 CHUNK = 1 << 20  # what the engine hands a sink: 1 MiB memoryviews of one reused buffer
 PASSWORD = "kdump-Bench-pw1"
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "transports.md")
 
 
 def ours(target: Target, settings: TransportSettings, src: str) -> Callable[[str], None]:
@@ -46,6 +50,63 @@ def ours(target: Target, settings: TransportSettings, src: str) -> Callable[[str
                 while n := f.readinto(buf):
                     sink.write(view[:n])
                 sink.commit()
+
+    return upload
+
+
+# S3 uploads in a child interpreter: wall time of the upload alone (imports excluded) and the
+# child's peak RSS go to stdout as "SECONDS PEAK_BYTES".
+S3_CHILD = r"""
+import os, sys, time
+sys.path.insert(0, ROOT)
+which, src, key, part, port, bucket = sys.argv[1:7]
+ak, sk = os.environ["BENCH_S3_KEY"], os.environ["BENCH_S3_SECRET"]
+part = int(part)
+if which == "ours":
+    from dataclasses import replace
+    from kdump_capture.urls import parse_target
+    from transports import open_transport
+    from transports.base import TransportSettings
+    t = replace(parse_target(f"s3+http://127.0.0.1:{port}/{bucket}")[0], user=ak, password=sk)
+    # the engine's default replay budget: 16 MiB = two 8 MiB parts, one in flight
+    settings = TransportSettings(timeout=60.0, replay_bytes=2 * part)
+    buf = bytearray(1 << 20)
+    view = memoryview(buf)
+    start = time.monotonic()
+    with open_transport(t, settings) as tr, open(src, "rb", buffering=0) as f:
+        with tr.create(key) as sink:
+            while n := f.readinto(buf):
+                sink.write(view[:n])
+            sink.commit()
+else:
+    import boto3
+    from boto3.s3.transfer import TransferConfig
+    from botocore.config import Config
+    c = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", aws_access_key_id=ak,
+                     aws_secret_access_key=sk, region_name=REGION,
+                     config=Config(s3={"addressing_style": "path"}))
+    start = time.monotonic()
+    c.upload_file(src, bucket, key, Config=TransferConfig(
+        multipart_threshold=part, multipart_chunksize=part))
+elapsed = time.monotonic() - start
+with open("/proc/self/status") as f:
+    peak = [int(x.split()[1]) * 1024 for x in f if x.startswith("VmHWM:")][0]
+print(elapsed, peak)
+"""
+S3_PART = 8 << 20  # what the default 16 MiB replay budget gives (transports/s3.part_plan)
+
+
+def s3_child(which: str, src: str, s3, peaks: list[int]) -> Callable[[str], None]:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = S3_CHILD.replace("ROOT", repr(root)).replace("REGION", repr(REGION))
+
+    def upload(name: str) -> None:
+        argv = [sys.executable, "-c", code, which, src, name, str(S3_PART), str(s3.port)]
+        env = {**os.environ, "BENCH_S3_KEY": s3.access_key, "BENCH_S3_SECRET": s3.secret_key}
+        out = subprocess.run(
+            [*argv, s3.bucket], check=True, capture_output=True, text=True, env=env
+        ).stdout.split()
+        peaks.append(int(out[1]))
 
     return upload
 
@@ -69,7 +130,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size-mb", type=int, default=1024)
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--json", help="write the medians here (bench/run.py reads them)")
+    ap.add_argument("--only", default="", help="run only the transports named (e.g. s3)")
+    ap.add_argument("--json", help="also write the medians here (bench/run.py reads them)")
     args = ap.parse_args()
     size = args.size_mb * 1_000_000
     work = tempfile.mkdtemp(prefix="kdump-bench-")
@@ -82,6 +144,7 @@ def main() -> None:
             f.write(os.urandom(n))
             left -= n
     rows = []
+    s3_peaks: dict[str, list[int]] = {"ours": [], "boto3": []}
     load_before = os.getloadavg()[0]
     settings = TransportSettings(timeout=60.0)
     try:
@@ -100,6 +163,7 @@ def main() -> None:
             smb = stack.enter_context(
                 smbd(os.path.join(work, "smbd"), os.path.join(work, "smb-out"))
             )
+            s3 = stack.enter_context(seaweed(os.path.join(work, "weed")))
             netrc = os.path.join(work, "netrc")
             with open(netrc, "w") as f:
                 f.write(f"machine 127.0.0.1 login {user} password {PASSWORD}\n")
@@ -169,7 +233,16 @@ def main() -> None:
                     ),
                     lambda n: os.unlink(os.path.join(smb.root, n)),
                 ),
+                (
+                    "s3 (SeaweedFS)",
+                    "boto3 upload_file",
+                    s3_child("ours", src, s3, s3_peaks["ours"]),
+                    s3_child("boto3", src, s3, s3_peaks["boto3"]),
+                    lambda n: s3.client().delete_object(Bucket=s3.bucket, Key=n),
+                ),
             ]
+            if args.only:
+                cases = [c for c in cases if c[0].split()[0] in args.only.split(",")]
             for label, ref_label, mine, ref, cleanup in cases:
                 # Alternate ours and the reference, so both see the same background load.
                 t_mine, t_ref = [], []
@@ -185,7 +258,7 @@ def main() -> None:
                 )
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    _write(rows, args, (load_before, os.getloadavg()[0]))
+    _write(rows, args, (load_before, os.getloadavg()[0]), s3_peaks)
 
 
 def _sftp_argv(ssh, work: str, src: str, out: str, name: str) -> list[str]:
@@ -203,10 +276,16 @@ def _t(url: str) -> Target:
     return parse_target(url)[0]
 
 
-def _write(rows, args, load: tuple[float, float]) -> None:
-    """Print the table; with --json, also the figures for bench/run.py (which writes the
-    results files: nothing under bench/results is written by hand or by this alone)."""
+def _write(rows, args, load: tuple[float, float], s3_peaks: dict[str, list[int]]) -> None:
     lines = [
+        "# Transport throughput on loopback",
+        "",
+        f"`python3 bench/transports.py --size-mb {args.size_mb} --runs {args.runs}"
+        f"{' --only ' + args.only if args.only else ''}` "
+        f"({time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores, median of {args.runs} runs; "
+        "ratio = reference time / our time, higher is better; 1-minute load average "
+        f"{load[0]:.1f} before, {load[1]:.1f} after).",
+        "",
         "| transport | ours MB/s | reference | reference MB/s | ratio |",
         "|---|---:|---|---:|---:|",
     ]
@@ -215,12 +294,19 @@ def _write(rows, args, load: tuple[float, float]) -> None:
             f"| {label} | {size / m_mine / 1e6:.1f} | {ref_label} | "
             f"{size / m_ref / 1e6:.1f} | {m_ref / m_mine:.2f} |"
         )
-    print("\n".join(lines))
+    if s3_peaks["ours"]:
+        lines += [
+            "",
+            f"S3: {S3_PART >> 20} MiB parts for both; boto3 `upload_file` with its default 10 "
+            "threads (parts in flight), ours with one part uploading while the next fills. "
+            f"Peak RSS of the uploading process ({args.size_mb} MB, worst of the runs): ours "
+            f"{max(s3_peaks['ours']) / 2**20:.1f} MiB, boto3 "
+            f"{max(s3_peaks['boto3']) / 2**20:.1f} MiB.",
+        ]
     if args.json:
-        cpus = sorted(os.sched_getaffinity(0))
         doc = {
             "command": f"python3 bench/transports.py --size-mb {args.size_mb} --runs {args.runs}"
-            f" (CPUs {cpus})",
+            f" (CPUs {sorted(os.sched_getaffinity(0))})",
             "load": list(load),
             "rows": [
                 {"label": a, "ref_label": b, "ours_s": c, "ref_s": d, "size": e}
@@ -229,6 +315,13 @@ def _write(rows, args, load: tuple[float, float]) -> None:
         }
         with open(args.json, "w") as f:
             json.dump(doc, f)
+    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
+    old = open(RESULTS).read() if args.only and os.path.exists(RESULTS) else ""
+    with open(RESULTS, "w") as f:
+        f.write("\n".join(lines) + "\n")
+        if old:  # a partial run keeps the previous full table below
+            f.write("\n## Previous full run\n" + old.split("\n", 1)[1])
+    print(f"wrote {RESULTS}")
 
 
 if __name__ == "__main__":

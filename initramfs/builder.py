@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kdump_capture import heartbeat
 from kdump_capture.errors import ConfigError, NotSupported
 from kdump_capture.urls import Target, parse_savedir
 
@@ -209,6 +210,13 @@ def init_plan(
         ],
         "on_success": success,
         "on_failure": failure,
+        # /init stops a save that makes no progress for this long (heartbeat.py)
+        "watchdog": {
+            "timeout": heartbeat.watchdog_timeout(
+                int(cfg.get("KDUMP_SAVE_TIMEOUT") or 0), int(cfg.get("KDUMP_NET_TIMEOUT") or 30)
+            ),
+            "grace": heartbeat.GRACE,
+        },
         "shell": shell,
         "env": {"HOME": "/root", "PATH": "/usr/bin", "TMPDIR": "/tmp"},
     }
@@ -369,6 +377,26 @@ def ssh_files(cfg: Mapping[str, str], home: str) -> tuple[dict[str, str], dict]:
     return files, rewrite
 
 
+def s3_files(cfg: Mapping[str, str], targets: list[Target]) -> dict[str, str]:
+    """CA files an https (``s3://``) target needs in the capture kernel: the system's bundle
+    where OpenSSL looks by default, and KDUMP_S3_CA_BUNDLE under its own path."""
+    import ssl
+
+    files: dict[str, str] = {}
+    if not any(t.scheme == "s3" and t.spelled == "s3" for t in targets):
+        return files
+    paths = ssl.get_default_verify_paths()
+    system = paths.openssl_cafile if os.path.exists(paths.openssl_cafile) else paths.cafile
+    if system and os.path.exists(system):
+        files[paths.openssl_cafile.lstrip("/")] = os.path.realpath(system)
+    bundle = cfg["KDUMP_S3_CA_BUNDLE"].strip()
+    if bundle:
+        if not os.path.isabs(bundle) or not os.path.isfile(bundle):
+            raise ConfigError(f"KDUMP_S3_CA_BUNDLE: {bundle} is not an absolute path to a file")
+        files[bundle.lstrip("/")] = bundle
+    return files
+
+
 def build(
     cfg: Mapping[str, str],
     output: str,
@@ -455,6 +483,13 @@ def build(
             arc.add_file(dest, Path(src).read_bytes(), 0o600)
         rewrite.update(ssh_rewrite)
         extras.append(f"ssh files ({len(files)})")
+
+    if "s3" in schemes:
+        files = s3_files(cfg, targets)
+        for dest, src in files.items():
+            arc.add_file(dest, Path(src).read_bytes(), 0o644)
+        if files:
+            extras.append(f"CA certificates ({len(files)} files)")
 
     # busybox (static: no libraries) for /bin/sh: a rescue shell when the config may open
     # one, and the shell that runs KDUMP_PRESCRIPT/POSTSCRIPT/TRANSFER. Neither needed: left

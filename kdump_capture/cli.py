@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import json
 import logging
@@ -12,10 +13,22 @@ import sys
 
 from . import __version__
 from .errors import EXIT_CODES, ConfigError, Interrupted, KdumpError, NotSupported, VerifyError
+from .urls import redact
 
 log = logging.getLogger("kdump_capture")
 
 DEFAULT_CONFIG = "/etc/sysconfig/kdump"
+
+
+class RedactingFormatter(logging.Formatter):
+    """Every log line, tracebacks included, goes through urls.redact before it is shown.
+
+    Our own messages name targets by their redacted form already; this also covers what
+    libraries (paramiko, smbprotocol, ftplib) put into exceptions and debug output.
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
 
 
 def _setup_logging(debug: bool) -> None:
@@ -23,10 +36,10 @@ def _setup_logging(debug: bool) -> None:
     for h in list(root.handlers):
         root.removeHandler(h)
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("kdump: %(levelname)s: %(message)s"))
+    handler.setFormatter(RedactingFormatter("kdump: %(levelname)s: %(message)s"))
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if debug else logging.INFO)
-    for noisy in ("paramiko", "smbprotocol", "spnego"):
+    for noisy in ("paramiko", "smbprotocol", "spnego", "botocore"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if debug else logging.WARNING)
 
 
@@ -107,10 +120,29 @@ def replay_budget(available: int | None) -> int:
     return max(4 << 20, min(full, available // 8 >> 20 << 20))
 
 
+def transport_settings(cfg):
+    """What the transports take from the configuration (save, recover and verify)."""
+    from transports.base import TransportSettings
+
+    s3 = {
+        "s3_access_key": cfg["KDUMP_S3_ACCESS_KEY"],
+        "s3_secret_key": cfg["KDUMP_S3_SECRET_KEY"],
+        "s3_region": cfg["KDUMP_S3_REGION"],
+        "s3_ca_bundle": cfg["KDUMP_S3_CA_BUNDLE"],
+    }
+    return TransportSettings(
+        timeout=float(max(cfg.net_timeout, 5)),
+        ssh_identity=cfg.ssh_identity,
+        host_key=cfg.host_key,
+        debug=bool(cfg.verbose & 8),
+        replay_bytes=replay_budget(mem_available()),
+        extra={k: v for k, v in s3.items() if v},
+    )
+
+
 def make_plan(cfg):
     """Resolve the configuration into a SavePlan; unsupported settings fail here, early."""
     from transports import transport_class
-    from transports.base import TransportSettings
 
     from .pipeline import SavePlan
 
@@ -121,13 +153,7 @@ def make_plan(cfg):
             transport_class(t.scheme)  # a configured scheme that cannot load fails now
         except NotSupported as e:
             raise NotSupported(f"{cfg.location('KDUMP_SAVEDIR')}: {t.redacted()}: {e}") from None
-    settings = TransportSettings(
-        timeout=float(max(cfg.net_timeout, 5)),
-        ssh_identity=cfg.ssh_identity,
-        host_key=cfg.host_key,
-        debug=bool(cfg.verbose & 8),
-        replay_bytes=replay_budget(mem_available()),
-    )
+    settings = transport_settings(cfg)
     return SavePlan(
         targets=targets,
         dump_format=cfg.dumpformat,
@@ -142,12 +168,19 @@ def _on_term(signum, frame):
     raise Interrupted(f"interrupted by signal {signum}")
 
 
+def _on_watchdog(signum, frame):
+    raise Interrupted(
+        "stopped by the capture kernel's watchdog: no progress for KDUMP_SAVE_TIMEOUT seconds"
+    )
+
+
 def cmd_save(args: argparse.Namespace) -> int:
     from . import finish
+    from .heartbeat import Heartbeat
     from .pipeline import save
     from .progress import make_progress
     from .sample import write_demo
-    from .scripts import check_script, run_script
+    from .scripts import check_script, check_transfer, run_script
     from .vmcore import find_source, open_vmcore
 
     cfg = load(args)
@@ -157,16 +190,20 @@ def cmd_save(args: argparse.Namespace) -> int:
         # The administrator's command replaces the whole built-in flow (SUSE semantics).
         source = args.vmcore or find_source(None)
         status = run_script("KDUMP_TRANSFER", cfg["KDUMP_TRANSFER"], {"KDUMP_VMCORE": source})
-        print(f"KDUMP_TRANSFER exited with status {status}")
-        if status == 0 and finish.should_reboot(cfg.immediate_reboot, args.no_reboot, dumpdev):
+        check_transfer(status)
+        print("KDUMP_TRANSFER finished (exit status 0)")
+        if finish.should_reboot(cfg.immediate_reboot, args.no_reboot, dumpdev):
             finish.reboot()
-        return status
+        return 0
     check_unsupported(cfg)
     plan = None if dumpdev else make_plan(cfg)
     if cfg["KDUMP_PRESCRIPT"]:
         status = run_script("KDUMP_PRESCRIPT", cfg["KDUMP_PRESCRIPT"], {})
         check_script("KDUMP_PRESCRIPT", status, cfg.continue_on_error)
     signal.signal(signal.SIGTERM, _on_term)
+    signal.signal(signal.SIGUSR1, _on_watchdog)  # /init's watchdog (heartbeat.py)
+    heartbeat = Heartbeat.from_env(os.environ)
+    heartbeat.beat(0, force=True)
     tmp = None
     try:
         if args.sample:
@@ -191,25 +228,32 @@ def cmd_save(args: argparse.Namespace) -> int:
                 from .dumpdev import write_dump
 
                 header = write_dump(
-                    vm, dumpdev, cfg.dumpformat, cfg.dumplevel, make_progress(cfg.verbose)
+                    vm,
+                    dumpdev,
+                    cfg.dumpformat,
+                    cfg.dumplevel,
+                    heartbeat.around(make_progress(cfg.verbose)),
                 )
             else:
-                result = save(vm, plan, make_progress(cfg.verbose))
+                result = save(vm, plan, heartbeat.around(make_progress(cfg.verbose)))
     finally:
         if tmp:
             os.unlink(tmp)
     if dumpdev:
-        print(
-            f"Dump written to {dumpdev} ({header.data_size} bytes). Not rebooting "
-            "(KDUMP_DUMPDEV is set): check the system from this console, then copy the dump "
-            "to KDUMP_SAVEDIR with: kdump-capture recover"
-        )
-        return 0
-    print(f"Dump saved: {result.target}/{result.directory}")
-    if cfg["KDUMP_POSTSCRIPT"]:
+        print(f"Dump written to {dumpdev} ({header.data_size} bytes).")
+        env = {"KDUMP_DUMP_DEVICE": dumpdev, "KDUMP_DUMP_URL": "", "KDUMP_DUMP_DIR": ""}
+    else:
+        print(f"Dump saved: {result.target}/{result.directory}")
         env = {"KDUMP_DUMP_URL": result.target, "KDUMP_DUMP_DIR": result.directory}
+    if cfg["KDUMP_POSTSCRIPT"]:
         status = run_script("KDUMP_POSTSCRIPT", cfg["KDUMP_POSTSCRIPT"], env)
         check_script("KDUMP_POSTSCRIPT", status, cfg.continue_on_error)
+    if dumpdev:
+        print(
+            "Not rebooting (KDUMP_DUMPDEV is set): check the system from this console, then "
+            "copy the dump to KDUMP_SAVEDIR with: kdump-capture recover"
+        )
+        return 0
     if finish.should_reboot(cfg.immediate_reboot, args.no_reboot, cfg["KDUMP_DUMPDEV"]):
         print("Rebooting (KDUMP_IMMEDIATE_REBOOT=yes)", flush=True)
         finish.reboot()
@@ -266,42 +310,101 @@ def cmd_show_config(args: argparse.Namespace) -> int:
     return 0
 
 
+# A manifest is a few KiB; more than this is not one of ours.
+MAX_MANIFEST = 16 << 20
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
+    """Check a dump against its manifest: a local directory, or a dump's URL (streamed)."""
     from .report import MANIFEST
 
-    path = os.path.join(args.dumpdir, MANIFEST)
+    where = args.dumpdir
+    if "://" not in where:
+        path = os.path.join(where, MANIFEST)
+        if not os.path.exists(path):
+            raise VerifyError(f"{path}: no manifest: the dump is incomplete")
+
+        def local(name: str):
+            with open(os.path.join(where, name), "rb") as f:
+                while chunk := f.read(1 << 20):
+                    yield chunk
+
+        return _verify(where, local)
+
+    from dataclasses import replace
+
+    from transports import open_transport
+
+    from . import policy
+    from .urls import parse_target
+
+    target, _ = parse_target(where)
+    parent, _, name = target.path.rstrip("/").rpartition("/")
+    if policy.parse_dump_name(name) is None:
+        raise ConfigError(
+            f"{target.redacted()}: the URL must end with a dump directory's name "
+            "(HOST-YYYY-MM-DD-HH-MM-SS), e.g. the one 'save' printed"
+        )
+    cfg = load(args)
+    _setup_logging(bool(cfg.verbose & 8))
+    with open_transport(replace(target, path=parent or "/"), transport_settings(cfg)) as tr:
+        names = {e.name for e in tr.listdir(name) if not e.is_dir}
+        if not names:
+            raise VerifyError(f"{target.redacted()}: no such dump (nothing there)")
+        if MANIFEST not in names:
+            raise VerifyError(f"{target.redacted()}: no manifest: the dump is incomplete")
+        return _verify(target.redacted(), lambda n: tr.read(f"{name}/{n}"))
+
+
+def _verify(label: str, stream) -> int:
+    """Hash every file the manifest lists, as ``stream(name)`` yields it; never to disk."""
+    from .report import MANIFEST
+
     try:
-        with open(path, "rb") as f:
-            doc = json.load(f)
-    except FileNotFoundError:
-        raise VerifyError(f"{path}: no manifest: the dump is incomplete") from None
-    except (OSError, ValueError) as e:
-        raise VerifyError(f"{path}: unreadable manifest: {e}") from None
+        raw = b""
+        for chunk in stream(MANIFEST):
+            raw += chunk
+            if len(raw) > MAX_MANIFEST:
+                raise VerifyError(f"{label}: {MANIFEST} is larger than {MAX_MANIFEST >> 20} MiB")
+        doc = json.loads(raw)
+        files = doc.get("files", {})
+        if not isinstance(files, dict):
+            raise ValueError("'files' is not an object")
+    except OSError as e:
+        raise VerifyError(f"{label}/{MANIFEST}: unreadable manifest: {e}") from None
+    except (ValueError, AttributeError) as e:
+        raise VerifyError(f"{label}/{MANIFEST}: unreadable manifest: {e}") from None
     bad = []
-    for name, info in sorted(doc.get("files", {}).items()):
-        fpath = os.path.join(args.dumpdir, name)
+    for name, info in sorted(files.items()):
+        # names come from a file anyone with access to the target could have written
+        if "/" in name or name in ("", ".", "..") or "\0" in name:
+            bad.append(f"{name!r}: not a file name of a dump")
+            continue
         h = hashlib.sha256()
         size = 0
         try:
-            with open(fpath, "rb") as f:
-                while chunk := f.read(1 << 20):
-                    h.update(chunk)
-                    size += len(chunk)
+            for chunk in stream(name):
+                h.update(chunk)
+                size += len(chunk)
         except OSError as e:
-            bad.append(f"{name}: {e.strerror}")
+            bad.append(f"{name}: {e.strerror or e}")
             continue
-        if size != info["size"] or h.hexdigest() != info["sha256"]:
+        except KdumpError as e:
+            bad.append(f"{name}: {e}")
+            continue
+        want = info if isinstance(info, dict) else {}
+        if size != want.get("size") or h.hexdigest() != want.get("sha256"):
             bad.append(
                 f"{name}: size {size} sha256 {h.hexdigest()} != recorded "
-                f"{info['size']} {info['sha256']}"
+                f"{want.get('size')} {want.get('sha256')}"
             )
         else:
             print(f"OK  {name}  {size} bytes")
     if doc.get("status") != "complete":
         bad.append(f"dump status is {doc.get('status')!r}: {doc.get('error')}")
     if bad:
-        raise VerifyError(f"{args.dumpdir}: " + "; ".join(bad))
-    print(f"{args.dumpdir}: all files match {MANIFEST}")
+        raise VerifyError(f"{label}: " + "; ".join(bad))
+    print(f"{label}: all files match {MANIFEST}")
     return 0
 
 
@@ -314,18 +417,50 @@ def cmd_dmesg(args: argparse.Namespace) -> int:
     return 0
 
 
+def _file_error(e: OSError, source: str | None, output: str) -> KdumpError:
+    """An OSError of a command that reads ``source`` and writes ``output``, as our error.
+
+    Cannot open the input: exit 3, as for `save --vmcore` and `dmesg`. Cannot create the
+    output (missing directory, permission): exit 2, a bad argument. Writing it failed:
+    exit 5 when the disk is full, else 6.
+    """
+    from .errors import FreeSpaceError, NoDumpError, TransportError
+
+    reason = e.strerror or str(e)
+    if source is not None and e.filename == source:
+        return NoDumpError(f"{source}: cannot open: {reason}")
+    if e.filename is not None:  # open and create name the file; write errors name none
+        return ConfigError(f"{output}: cannot create: {reason}")
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return FreeSpaceError(f"writing {output}: {reason}")
+    return TransportError(f"writing {output}: {reason}")
+
+
 def cmd_rearrange(args: argparse.Namespace) -> int:
     from .formats.flat import rearrange
 
-    size = rearrange(args.flat, args.output)
+    try:
+        size = rearrange(args.flat, args.output)
+    except OSError as e:
+        raise _file_error(e, args.flat, args.output) from e
     print(f"{args.output}: {size} bytes")
     return 0
+
+
+# make-sample holds no more than a chunk in memory, but the file is this big: 1 TiB (sparse
+# samples of several GiB are what the memory benchmarks use).
+SAMPLE_MAX_MIB = 1 << 20
 
 
 def cmd_make_sample(args: argparse.Namespace) -> int:
     from .sample import SampleSpec, write_sample
 
-    size = write_sample(args.output, SampleSpec(ram_mib=args.mib, sparse=args.sparse))
+    if not 1 <= args.mib <= SAMPLE_MAX_MIB:
+        raise ConfigError(f"--mib {args.mib}: must be between 1 and {SAMPLE_MAX_MIB}")
+    try:
+        size = write_sample(args.output, SampleSpec(ram_mib=args.mib, sparse=args.sparse))
+    except OSError as e:
+        raise _file_error(e, None, args.output) from e
     print(f"{args.output}: synthetic vmcore, {size} bytes")
     return 0
 
@@ -375,8 +510,13 @@ def build_parser(load_side: bool = True) -> argparse.ArgumentParser:
     config_args(p)
     p.set_defaults(func=cmd_show_config)
 
-    p = sub.add_parser("verify", help="check a saved dump against its manifest checksums")
-    p.add_argument("dumpdir", metavar="DUMPDIR")
+    p = sub.add_parser(
+        "verify",
+        help="check a saved dump against its manifest checksums, in a directory or where it "
+        "lies on a target (URL: the target URL plus the dump's name; credentials from --config)",
+    )
+    config_args(p)
+    p.add_argument("dumpdir", metavar="DUMPDIR|URL")
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("dmesg", help="print the kernel log of a dump (ELF, compressed, flattened)")
@@ -410,7 +550,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except KdumpError as e:
         log.debug("traceback", exc_info=True)
-        print(f"kdump-capture: error: {e}", file=sys.stderr)
+        print(f"kdump-capture: error: {redact(str(e))}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("kdump-capture: interrupted", file=sys.stderr)
@@ -418,7 +558,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # a bug: one line, traceback only when debugging
         if logging.getLogger().isEnabledFor(logging.DEBUG):
             log.exception("internal error")
-        print(f"kdump-capture: internal error: {type(e).__name__}: {e}", file=sys.stderr)
+        print(
+            f"kdump-capture: internal error: {type(e).__name__}: {redact(str(e))}", file=sys.stderr
+        )
         return 1
 
 

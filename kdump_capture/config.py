@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import NoReturn
 
 from .errors import ConfigError, NotSupported, UrlError
-from .urls import Target, parse_savedir
+from .urls import Target, parse_savedir, redact
 
 DEFAULT_PATH = "/etc/sysconfig/kdump"
 
@@ -106,6 +106,26 @@ def _pattern_kind(
     return Kind(name, allowed, convert, empty_is_default)
 
 
+def _kernel_cmdline(value: str) -> str:
+    from .loadside import kernel_words  # the very splitter `load` uses
+
+    try:
+        kernel_words(value)
+    except ValueError as e:
+        raise _Invalid(str(e)) from None
+    return value
+
+
+def _kexec_options(value: str) -> str:
+    from .loadside import kexec_words
+
+    try:
+        kexec_words(value)
+    except ValueError as e:
+        raise _Invalid(str(e)) from None
+    return value
+
+
 def _flags(value: str) -> tuple[str, ...]:
     flags = tuple(f.upper() for f in re.split(r"[\s,]+", value.strip()) if f)
     bad = [f for f in flags if f not in _KDUMPTOOL_FLAGS]
@@ -122,10 +142,23 @@ SIZE = Kind("size", "megabytes as 64, 64M, 64MB, 512K, 1G, 1GB (0 disables the c
 URLS = Kind(
     "url-list",
     "space-separated URLs: file:///path, nfs://host/path, cifs://[user[:pass]@]host/share/path, "
-    "ftp://[user[:pass]@]host[:port]/path, sftp|ssh|scp://[user@]host[:port]/path",
+    "ftp://[user[:pass]@]host[:port]/path, sftp|ssh|scp://[user@]host[:port]/path, "
+    "s3|s3+http://[key[:secret]@]host[:port]/bucket[/prefix]",
     _text,
 )
 FLAGS = Kind("flags", ", ".join(_KDUMPTOOL_FLAGS), _flags, empty_is_default=False)
+CMDLINE = Kind(
+    "cmdline",
+    'kernel options separated by blanks; double quotes ("...") must be balanced',
+    _kernel_cmdline,
+    empty_is_default=False,
+)
+KEXEC_ARGS = Kind(
+    "kexec-args",
+    "kexec options as on a shell command line; quotes must be balanced",
+    _kexec_options,
+    empty_is_default=False,
+)
 NETCONFIG = _pattern_kind(
     "netconfig",
     _NETCONFIG_RE,
@@ -188,6 +221,8 @@ DIRECTIVES: tuple[Directive, ...] = (
        "CPUs for the capture kernel and dump writer"),
     _d("KDUMP_NETCONFIG", "auto", NETCONFIG, "Network setup in the capture kernel"),
     _d("KDUMP_NET_TIMEOUT", "30", _int_kind(0, None), "Seconds to wait for the network"),
+    _d("KDUMP_SAVE_TIMEOUT", "0", _int_kind(0, None, "0 (automatic: 8 x KDUMP_NET_TIMEOUT "
+       "+ 60) or seconds"), "Seconds without progress before /init stops the save"),
     _d("KDUMP_SMTP_SERVER", "", STR, "SMTP server for notification mail"),
     _d("KDUMP_SMTP_USER", "", STR, "SMTP user name"),
     _d("KDUMP_SMTP_PASSWORD", "", STR, "SMTP password", secret=True),
@@ -195,19 +230,29 @@ DIRECTIVES: tuple[Directive, ...] = (
     _d("KDUMP_NOTIFICATION_CC", "", WORDS, "Notification mail copies (space-separated)"),
     _d("KDUMP_HOST_KEY", "", HOST_KEY, "SSH host key of the target"),
     _d("KDUMP_SSH_IDENTITY", "", WORDS, "SSH private keys (space-separated)"),
+    _d("KDUMP_S3_ACCESS_KEY", "", STR, "S3 access key id (when the URL names none)"),
+    _d("KDUMP_S3_SECRET_KEY", "", STR, "S3 secret access key", secret=True),
+    _d("KDUMP_S3_REGION", "us-east-1", STR, "S3 region used in signatures"),
+    _d("KDUMP_S3_CA_BUNDLE", "", STR, "PEM file of extra CAs trusted for s3:// (https)"),
     # load side
     _d("KDUMP_KERNELVER", "", STR, "Capture kernel version or image (empty: auto)", side="load"),
-    _d("KDUMP_COMMANDLINE", "", STR, "Capture kernel command line (empty: derived)", side="load"),
-    _d("KDUMP_COMMANDLINE_APPEND", "", STR, "Appended to the capture command line", side="load"),
-    _d("KEXEC_OPTIONS", "", STR, "Extra kexec options (alias KDUMP_OPTIONS)", side="load"),
+    _d("KDUMP_COMMANDLINE", "", CMDLINE, "Capture kernel command line (empty: derived)",
+       side="load"),
+    _d("KDUMP_COMMANDLINE_APPEND", "", CMDLINE, "Appended to the capture command line",
+       side="load"),
+    _d("KEXEC_OPTIONS", "", KEXEC_ARGS, "Extra kexec options (alias KDUMP_OPTIONS)",
+       side="load"),
     _d("KDUMP_AUTO_RESIZE", "no", BOOL, "Resize the crash kernel reservation (ppc64)",
        side="load"),
     _d("KDUMP_FADUMP", "no", BOOL, "Use firmware-assisted dump (ppc64)", side="load"),
     _d("KDUMP_FADUMP_SHELL", "no", BOOL, "Shell after a firmware-assisted dump", side="load"),
-    _d("FADUMP_COMMANDLINE_APPEND", "", STR, "Appended for firmware-assisted dump", side="load"),
-    _d("KDUMP_CRASHKERNEL", "auto", STR, "crashkernel= reservation (auto: computed)",
+    _d("FADUMP_COMMANDLINE_APPEND", "", CMDLINE, "Appended for firmware-assisted dump",
        side="load"),
-    _d("KDUMP_UPDATE_BOOTLOADER", "true", BOOL, "Write crashkernel= into the boot loader",
+    # SUSE 2.x defaults these to "auto" and "true"; this engine does not edit the boot loader,
+    # so the defaults are off and turning either on fails with exit 9 (loadside).
+    _d("KDUMP_CRASHKERNEL", "", STR, "crashkernel= reservation to write into the boot loader",
+       side="load"),
+    _d("KDUMP_UPDATE_BOOTLOADER", "false", BOOL, "Write crashkernel= into the boot loader",
        side="load"),
 )
 # fmt: on
@@ -229,6 +274,13 @@ class Assignment:
     line: int
 
 
+# No directive needs more than a few KiB; the caps keep "A=$A$A" repeated (each line doubles
+# the value: 26 lines took 2.1 GB) and huge or endless files (--config /dev/zero) from using
+# the little memory a capture kernel has. Checked while expanding, before the memory is used.
+MAX_VALUE = 64 << 10  # one value, after expansion
+MAX_VALUES = 1 << 20  # all values of a file together
+MAX_FILE = 1 << 20  # the file itself
+
 _BLANKS = " \t\r"  # \r: a file edited on Windows still parses
 _WORD_END = _BLANKS + "\n"
 _OPERATORS = ";&|<>()"
@@ -245,6 +297,8 @@ class _Lexer:
         self.scope = scope  # fallback for $NAME not assigned earlier in the file
         self.assigned: dict[str, str] = {}
         self.current: str | None = None  # the name whose value is being read
+        self.grown = 0  # characters expansions and quotes added to the current value
+        self.total = 0  # characters of all values so far
 
     def fail(self, problem: str) -> NoReturn:
         where = f"{self.filename}:{self.line}"
@@ -316,10 +370,21 @@ class _Lexer:
     def assignment(self, name: str, line: int) -> Assignment:
         """The value after ``NAME=`` up to the end of the statement."""
         self.current = name
+        self.grown = 0
         value = self.read_word()
+        self.grow(0, len(value))  # literal characters count too
+        self.total += len(value)
+        if self.total > MAX_VALUES:
+            self.fail(f"the values of this file add up to more than {MAX_VALUES >> 10} KiB")
         self.assigned[name] = value
         self.end_of_statement()
         return Assignment(name, value, line)
+
+    def grow(self, n: int, size: int | None = None) -> None:
+        """Account ``n`` more characters of the current value (or its final ``size``)."""
+        self.grown += n
+        if (size if size is not None else self.grown) > MAX_VALUE:
+            self.fail(f"the value is longer than {MAX_VALUE >> 10} KiB (after expansion)")
 
     def export(self) -> Iterator[Assignment]:
         """``export NAME=value`` assigns; ``export NAME`` alone changes nothing for us."""
@@ -381,6 +446,7 @@ class _Lexer:
         if end < 0:
             self.line = start
             self.fail(f"unterminated single quote (opened on line {start})")
+        self.grow(end - self.pos)
         value = self.text[self.pos : end]
         self.line += value.count("\n")
         self.pos = end + 1
@@ -442,10 +508,13 @@ class _Lexer:
 
     def expand(self, name: str) -> str:
         if name in self.assigned:
-            return self.assigned[name]
-        if name in self.scope:
-            return self.scope[name]
-        self.fail(f"${name} is not set earlier in this file")
+            value = self.assigned[name]
+        elif name in self.scope:
+            value = self.scope[name]
+        else:
+            self.fail(f"${name} is not set earlier in this file")
+        self.grow(len(value))  # before the caller copies it into the value
+        return value
 
     def fail_command_substitution(self, form: str) -> NoReturn:
         self.fail(f"command substitution {form} is not allowed: the file is parsed, never executed")
@@ -502,6 +571,12 @@ def load_config(path: str | None = DEFAULT_PATH, overrides: Iterable[str] = ()) 
             close = difflib.get_close_matches(name, list(BY_NAME) + list(ALIASES), n=1)
             hint = f"; did you mean {close[0]}?" if close else ""
             raise ConfigError(f"--set {given}: unknown directive{hint}")
+        if len(value) > MAX_VALUE:
+            raise ConfigError(f"--set {given}: the value is longer than {MAX_VALUE >> 10} KiB")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # argv bytes that are not UTF-8 (surrogate escapes)
+            raise ConfigError(f"--set {given}: the value is not valid UTF-8") from None
         raw[name] = value
         where[name] = f"--set {given}"
     typed: dict[str, object] = {}
@@ -515,12 +590,14 @@ def load_config(path: str | None = DEFAULT_PATH, overrides: Iterable[str] = ()) 
 def _read(path: str, warnings: list[str]) -> str | None:
     try:
         with open(path, "rb") as f:
-            data = f.read()
+            data = f.read(MAX_FILE + 1)
     except FileNotFoundError:
         warnings.append(f"{path}: not found; using built-in defaults")
         return None
     except OSError as err:
         raise ConfigError(f"{path}: cannot read: {err.strerror or err}") from None
+    if len(data) > MAX_FILE:
+        raise ConfigError(f"{path}: larger than {MAX_FILE >> 10} KiB: not a kdump configuration")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -547,8 +624,9 @@ def _convert(d: Directive, value: str, location: str, warnings: list[str]) -> ob
         problem = str(err)
         if d.name == "KDUMP_DUMPLEVEL" and value.strip().lower() in _DUMPFORMATS:
             problem += " (a dump format belongs in KDUMP_DUMPFORMAT)"
+        # redact: a URL with a password given to the wrong directive is echoed here.
         raise ConfigError(
-            f"{_where(location, d.name)}: {problem}; allowed: {d.kind.allowed}"
+            f"{_where(location, d.name)}: {redact(problem)}; allowed: {d.kind.allowed}"
         ) from None
 
 
@@ -594,6 +672,10 @@ class Config(Mapping[str, str]):
         """The converted value of any directive (int, bool, str, tuple, list[Target])."""
         value = self._typed[ALIASES.get(name, name)]
         return list(value) if isinstance(value, list) else value
+
+    def error(self, name: str, problem: str) -> ConfigError:
+        """A ConfigError about a directive's effective value, naming where it was set."""
+        return ConfigError(f"{_where(self.location(name), name)}: {problem}")
 
     def not_supported(self, name: str, what: str) -> NotSupported:
         """An error for a configured value this build cannot honour yet, naming its location."""
@@ -647,6 +729,11 @@ class Config(Mapping[str, str]):
         return self._typed["KDUMP_NET_TIMEOUT"]  # type: ignore[return-value]
 
     @property
+    def save_timeout(self) -> int:
+        """Seconds; 0: automatic (heartbeat.watchdog_timeout)."""
+        return self._typed["KDUMP_SAVE_TIMEOUT"]  # type: ignore[return-value]
+
+    @property
     def ssh_identity(self) -> tuple[str, ...]:
         return self._typed["KDUMP_SSH_IDENTITY"]  # type: ignore[return-value]
 
@@ -661,15 +748,17 @@ class Config(Mapping[str, str]):
     def redacted_lines(self) -> list[str]:
         """``NAME="value"`` for every directive in table order, passwords replaced by ``***``.
 
-        The output is valid input for this parser (and for sh).
+        Secret directives are hidden whole; every other value goes through urls.redact,
+        so a ``user:password@`` in KDUMP_SAVEDIR, or in a KDUMP_TRANSFER command, is
+        hidden too. The output is valid input for this parser (and for sh).
         """
         lines = []
         for d in DIRECTIVES:
             value = self._raw[d.name]
             if d.secret and value:
                 value = "***"
-            elif d.kind is URLS:
-                value = re.sub(r"\S+", lambda m: _redact_url(m.group()), value)
+            else:
+                value = redact(value)
             lines.append(f'{d.name}="{_dquote(value)}"')
         return lines
 
@@ -677,16 +766,3 @@ class Config(Mapping[str, str]):
 def _dquote(value: str) -> str:
     """Escape for the inside of double quotes: only these four are special there."""
     return re.sub(r'([\\"$`])', r"\\\1", value)
-
-
-def _redact_url(url: str) -> str:
-    """Replace the password exactly where urls.parse_target finds one."""
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        return url
-    authority, slash, path = rest.partition("/")
-    userinfo, at, hostport = authority.rpartition("@")
-    if not at or ":" not in userinfo:
-        return url
-    user = userinfo.partition(":")[0]
-    return f"{scheme}://{user}:***@{hostport}{slash}{path}"

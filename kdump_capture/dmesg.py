@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import struct
 
+from .bounds import MAX_KERNEL_READ
 from .errors import NotSupported, VmcoreError
 from .kernel import ElfPhysMemory, Kernel, KernelInfoError, PhysMemory, VmcoreInfo
 from .vmcore import Vmcore
@@ -22,10 +23,17 @@ DESC_FLAGS_SHIFT = 62
 DESC_ID_MASK = (1 << DESC_FLAGS_SHIFT) - 1
 DESC_COMMITTED = 1
 DESC_FINALIZED = 2
-# Sanity bounds against corrupt VMCOREINFO or memory (the kernel allows up to 2**25 text
-# bytes via log_buf_len; descriptors are text size / 32).
-MAX_DATA_BITS = 30
-MAX_DESC_BITS = 26
+# Sanity bounds against corrupt VMCOREINFO or memory. Text: 32 MiB (log_buf_len=32M; the
+# kernel would take more, but no capture kernel could hold it). Descriptors: the kernel makes
+# text size / 32 of them (PRB_AVGBITS = 5); allow four times that for small average records.
+MAX_DATA_BITS = 25
+MAX_DESC_BITS = MAX_DATA_BITS - 5 + 2
+# struct printk_ringbuffer, prb_desc and printk_info are 88, 24 and 88 bytes on x86_64.
+MAX_STRUCT = 4096
+# Descriptors and infos are read in windows of this size, not as whole arrays.
+WINDOW = 64 << 10
+# The formatted log: at most about 1.3x the text area for a real ring (prefixes, indents).
+MAX_OUTPUT = MAX_KERNEL_READ
 
 # Bytes makedumpfile copies as they are: isprint() or isspace() in the C locale.
 _PLAIN = re.compile(rb"[^\x09-\x0d\x20-\x7e]")
@@ -61,18 +69,55 @@ def extract_kernel_log(kernel: Kernel) -> str:
         raise KernelInfoError("VMCOREINFO has no SYMBOL(prb): cannot find the kernel log")
     try:
         return _lockless(kernel, info)
-    except struct.error as e:
+    except (struct.error, OverflowError) as e:
         raise VmcoreError(f"printk ring buffer is malformed: {e}") from None
+
+
+class _Records:
+    """Records of a kernel array (descriptors, infos), read a window at a time."""
+
+    def __init__(self, kernel: Kernel, va: int, size: int, count: int) -> None:
+        self.kernel = kernel
+        self.va = va
+        self.size = size
+        self.count = count
+        self.per = max(1, WINDOW // size)
+        self.window = -1
+        self.buf = b""
+
+    def get(self, i: int) -> tuple[bytes, int]:
+        """The buffer holding record ``i`` and the record's offset in it."""
+        w = i // self.per
+        if w != self.window:
+            first = w * self.per
+            n = min(self.per, self.count - first)
+            self.buf = self.kernel.read((self.va + first * self.size) & U64_MASK, n * self.size)
+            self.window = w
+        return self.buf, (i - w * self.per) * self.size
+
+
+U64_MASK = (1 << 64) - 1
+
+
+def _offset(info: VmcoreInfo, name: str) -> int:
+    """OFFSET(name): a member's offset, so within a plausible structure size."""
+    value = info.need_offset(name)
+    if value >= MAX_STRUCT:
+        raise VmcoreError(f"VMCOREINFO: OFFSET({name})={value} is implausible")
+    return value
 
 
 def _lockless(kernel: Kernel, info: VmcoreInfo) -> str:
     rb = kernel.u64(info.need_symbol("prb"))
-    prb = kernel.read(rb, info.need_size("printk_ringbuffer"))
-    dr = info.need_offset("printk_ringbuffer.desc_ring")
-    tr = info.need_offset("printk_ringbuffer.text_data_ring")
-    counter = info.need_offset("atomic_long_t.counter")
-    count_bits = _u(U32, prb, dr + info.need_offset("prb_desc_ring.count_bits"))
-    size_bits = _u(U32, prb, tr + info.need_offset("prb_data_ring.size_bits"))
+    prb_size = info.need_size("printk_ringbuffer")
+    if prb_size > MAX_STRUCT:
+        raise VmcoreError(f"VMCOREINFO: SIZE(printk_ringbuffer)={prb_size} is implausible")
+    prb = kernel.read(rb, prb_size)
+    dr = _offset(info, "printk_ringbuffer.desc_ring")
+    tr = _offset(info, "printk_ringbuffer.text_data_ring")
+    counter = _offset(info, "atomic_long_t.counter")
+    count_bits = _u(U32, prb, dr + _offset(info, "prb_desc_ring.count_bits"))
+    size_bits = _u(U32, prb, tr + _offset(info, "prb_data_ring.size_bits"))
     if count_bits > MAX_DESC_BITS or size_bits > MAX_DATA_BITS:
         raise VmcoreError(
             f"printk ring buffer looks corrupt: count_bits={count_bits}, size_bits={size_bits}"
@@ -81,42 +126,65 @@ def _lockless(kernel: Kernel, info: VmcoreInfo) -> str:
     dsize = 1 << size_bits
     desc_size = info.need_size("prb_desc")
     info_size = info.need_size("printk_info")
-    descs_va = _u(U64, prb, dr + info.need_offset("prb_desc_ring.descs"))
-    infos_va = _u(U64, prb, dr + info.need_offset("prb_desc_ring.infos"))
-    descs = kernel.read(descs_va, desc_size * count)
-    infos = kernel.read(infos_va, info_size * count)
-    text = kernel.read(_u(U64, prb, tr + info.need_offset("prb_data_ring.data")), dsize)
-    tail = _u(U64, prb, dr + info.need_offset("prb_desc_ring.tail_id") + counter)
-    head = _u(U64, prb, dr + info.need_offset("prb_desc_ring.head_id") + counter)
+    if not 0 < desc_size <= MAX_STRUCT or not 0 < info_size <= MAX_STRUCT:
+        raise VmcoreError(
+            f"VMCOREINFO: SIZE(prb_desc)={desc_size} or SIZE(printk_info)={info_size} "
+            "is implausible"
+        )
+    # All of the ring must be in the dump: bound it before reading any of it.
+    need = count * (desc_size + info_size) + dsize
+    if need > kernel.mem.capacity:
+        raise VmcoreError(
+            f"printk ring buffer looks corrupt: count_bits={count_bits} and "
+            f"size_bits={size_bits} need {need:#x} bytes, more than the dump holds "
+            f"({kernel.mem.capacity:#x})"
+        )
+    descs = _Records(
+        kernel, _u(U64, prb, dr + _offset(info, "prb_desc_ring.descs")), desc_size, count
+    )
+    infos = _Records(
+        kernel, _u(U64, prb, dr + _offset(info, "prb_desc_ring.infos")), info_size, count
+    )
+    text = kernel.read(_u(U64, prb, tr + _offset(info, "prb_data_ring.data")), dsize)
+    tail = _u(U64, prb, dr + _offset(info, "prb_desc_ring.tail_id") + counter)
+    head = _u(U64, prb, dr + _offset(info, "prb_desc_ring.head_id") + counter)
 
-    sv_off = info.need_offset("prb_desc.state_var") + counter
-    lpos = info.need_offset("prb_desc.text_blk_lpos")
-    begin_off = lpos + info.need_offset("prb_data_blk_lpos.begin")
-    next_off = lpos + info.need_offset("prb_data_blk_lpos.next")
-    ts_off = info.need_offset("printk_info.ts_nsec")
-    len_off = info.need_offset("printk_info.text_len")
+    sv_off = _offset(info, "prb_desc.state_var") + counter
+    lpos = _offset(info, "prb_desc.text_blk_lpos")
+    begin_off = lpos + _offset(info, "prb_data_blk_lpos.begin")
+    next_off = lpos + _offset(info, "prb_data_blk_lpos.next")
+    ts_off = _offset(info, "printk_info.ts_nsec")
+    len_off = _offset(info, "printk_info.text_len")
 
     lines: list[str] = []
+    out_len = 0
     rid = tail
     for _ in range(count + 1):  # at most every descriptor once, plus the head
-        d = (rid % count) * desc_size
-        sv = _u(U64, descs, d + sv_off)
+        dbuf, d = descs.get(rid % count)
+        sv = _u(U64, dbuf, d + sv_off)
         if sv & DESC_ID_MASK == rid and sv >> DESC_FLAGS_SHIFT in (DESC_COMMITTED, DESC_FINALIZED):
-            begin = _u(U64, descs, d + begin_off) % dsize
-            nxt = _u(U64, descs, d + next_off) % dsize
+            begin = _u(U64, dbuf, d + begin_off) % dsize
+            nxt = _u(U64, dbuf, d + next_off) % dsize
             if begin != nxt:
-                inf = (rid % count) * info_size
-                tlen = _u(U16, infos, inf + len_off)
+                ibuf, inf = infos.get(rid % count)
+                tlen = _u(U16, ibuf, inf + len_off)
                 if begin > nxt:
                     begin = 0
                 begin += 8
                 # C: "if (next - begin < text_len)" with unsigned longs.
                 if (nxt - begin) & 0xFFFFFFFFFFFFFFFF < tlen:
                     tlen = (nxt - begin) & 0xFFFFFFFFFFFFFFFF
-                ts = _u(U64, infos, inf + ts_off)
+                ts = _u(U64, ibuf, inf + ts_off)
                 prefix = f"[{ts // 1_000_000_000:5d}.{ts % 1_000_000_000 // 1000:06d}] "
                 msg = text[begin : begin + tlen]
-                lines.append(prefix + _escape(msg, " " * len(prefix)) + "\n")
+                line = prefix + _escape(msg, " " * len(prefix)) + "\n"
+                out_len += len(line)
+                if out_len > MAX_OUTPUT:
+                    raise VmcoreError(
+                        f"printk ring buffer looks corrupt: the log would exceed "
+                        f"{MAX_OUTPUT >> 20} MiB"
+                    )
+                lines.append(line)
         if rid == head:
             break
         rid = (rid + 1) & DESC_ID_MASK

@@ -20,7 +20,8 @@ Device layout: one 4 KiB header block, then the dump data (the configured format
     145    31  format key (e.g. "elf"), NUL-padded
     176     4  dump level
 The header says "writing" until the data is complete and flushed, so an interrupted dump
-is never taken for a complete one.
+is never taken for a complete one. A header read back is untrusted (the device may hold
+anything): every field is checked (``DeviceHeader.unpack``) before it is used.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import stat
 import struct
 import time
@@ -35,7 +37,7 @@ from dataclasses import dataclass
 
 from transports.base import FileInfo, Sink
 
-from .errors import DumpDeviceError, VmcoreError
+from .errors import ConfigError, DumpDeviceError, IncompleteDump, VmcoreError
 from .formats import CHUNK, FORMAT_NAMES, make_writer
 from .progress import NoProgress, Progress
 from .vmcore import Vmcore, open_vmcore
@@ -48,6 +50,11 @@ HEADER = struct.Struct("<8sIIQQqq32s65s31sI")
 assert HEADER.size == 180
 DATA_OFFSET = 4096
 WRITING, COMPLETE, RECOVERED = 1, 2, 3
+# Formats a device dump can be in ("none" writes no data, so it never goes to a device).
+DEVICE_FORMATS = tuple(k for k in FORMAT_NAMES if k != "none")
+# Times in the header: seconds since the epoch up to the end of year 9999, the range every
+# date function here (and a dump directory name) can represent.
+MAX_TIME = 253402300799
 STATE_NAMES = {
     WRITING: "incomplete (writing was interrupted)",
     COMPLETE: "complete",
@@ -77,78 +84,203 @@ class DeviceHeader:
             self.crash_time,
             self.written_at,
             self.sha256,
-            self.release.encode()[:64],
-            self.format.encode()[:30],
+            _ascii(self.release)[:64],
+            _ascii(self.format)[:30],
             self.level,
         ).ljust(DATA_OFFSET, b"\0")
 
     @classmethod
-    def unpack(cls, raw: bytes, where: str) -> DeviceHeader | None:
+    def unpack(cls, raw: bytes, where: str, device_size: int) -> DeviceHeader | None:
+        """The header in ``raw`` (the device's first block), or None if it holds no dump of ours.
+
+        Every field is checked against its layout and the ``device_size`` in bytes; a bad
+        field raises DumpDeviceError naming its offset, name and value.
+        """
         if len(raw) < HEADER.size or raw[:8] != MAGIC:
             return None
         (_, version, state, off, size, crash, written, digest, release, fmt, level) = (
             HEADER.unpack_from(raw)
         )
-        if version != VERSION:
-            raise DumpDeviceError(
-                f"{where}: offset 0x8: dump header version {version} "
-                f"is not supported (expected {VERSION})"
+
+        def bad(offset: int, name: str, value: object, why: str) -> DumpDeviceError:
+            return DumpDeviceError(
+                f"{where}: offset {offset:#x}: dump header field {name} = {value!r}: {why}"
             )
+
+        if version != VERSION:
+            raise bad(0x8, "version", version, f"not supported (expected {VERSION})")
         if state not in STATE_NAMES:
-            raise DumpDeviceError(f"{where}: offset 0xc: bad dump state {state}")
-        return cls(
-            state,
-            size,
-            crash,
-            written,
-            digest,
-            release.rstrip(b"\0").decode(),
-            fmt.rstrip(b"\0").decode(),
-            level,
-            off,
-        )
+            raise bad(0xC, "state", state, "not 1 (writing), 2 (complete) or 3 (recovered)")
+        if off != DATA_OFFSET:
+            raise bad(0x10, "data offset", off, f"the data always starts at {DATA_OFFSET}")
+        room = max(device_size - DATA_OFFSET, 0)
+        if size > room:
+            raise bad(0x18, "data size", size, f"larger than the device's {room} data bytes")
+        if size == 0 and state != WRITING:
+            raise bad(0x18, "data size", size, "a complete dump holds at least one byte")
+        for offset, name, value in ((0x20, "crash time", crash), (0x28, "written at", written)):
+            if not 0 <= value <= MAX_TIME:
+                raise bad(offset, name, value, f"not a time between 0 and {MAX_TIME}")
+        text_release = _text_field(release, 0x50, "kernel release", bad)
+        text_fmt = _text_field(fmt, 0x91, "format", bad)
+        if text_fmt not in DEVICE_FORMATS:
+            raise bad(0x91, "format", text_fmt, f"not one of {', '.join(DEVICE_FORMATS)}")
+        if not 0 <= level <= 31:
+            raise bad(0xB0, "dump level", level, "dump levels are 0-31")
+        return cls(state, size, crash, written, digest, text_release, text_fmt, level, off)
+
+
+def _ascii(text: str) -> bytes:
+    """``text`` as the header stores it: what ``_text_field`` accepts, others as ``_``.
+
+    The kernel release comes from the crashed kernel's memory and may hold anything.
+    """
+    return bytes(b if 0x20 < b < 0x7F else 0x5F for b in text.encode("utf-8", "replace"))
+
+
+def _text_field(raw: bytes, offset: int, name: str, bad) -> str:
+    """A NUL-padded text field: printable ASCII without blanks, then only NULs."""
+    value = raw.rstrip(b"\0")
+    if len(value) == len(raw):
+        raise bad(offset, name, raw, "not NUL-terminated")
+    if any(not 0x20 < b < 0x7F for b in value):
+        raise bad(offset, name, value, "not printable ASCII")
+    return value.decode("ascii")
 
 
 def _device_size(fd: int) -> int:
     return os.lseek(fd, 0, os.SEEK_END)
 
 
-def check_device(path: str) -> None:
-    """Refuse devices that are mounted or active swap: writing would destroy live data."""
+@dataclass(frozen=True)
+class SystemView:
+    """Where ``check_device`` looks: the real /sys and /proc, or a fake tree in tests."""
+
+    sys_block: str = "/sys/class/block"
+    sys_btrfs: str = "/sys/fs/btrfs"
+    mountinfo: str = "/proc/self/mountinfo"
+    swaps: str = "/proc/swaps"
+
+
+def check_device(path: str, view: SystemView | None = None) -> None:
+    """Refuse a device whose contents are in use: writing the dump would destroy live data.
+
+    Only a block device is accepted. It is refused when it or any of its partitions is
+    mounted, is active swap, has holders (device-mapper/LVM, md RAID: sysfs ``holders``),
+    or belongs to a mounted btrfs filesystem (which mountinfo names by one member only).
+    Raises DumpDeviceError naming the device and the reason.
+    """
+    view = view or SystemView()
     try:
         st = os.stat(path)
     except OSError as e:
         raise DumpDeviceError(f"KDUMP_DUMPDEV {path}: {e.strerror}") from None
-    if not (stat.S_ISBLK(st.st_mode) or stat.S_ISREG(st.st_mode)):
-        raise DumpDeviceError(f"KDUMP_DUMPDEV {path}: not a block device")
-    if stat.S_ISBLK(st.st_mode):
-        dev = f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
-        try:
-            with open("/proc/self/mountinfo") as f:
-                for line in f:
-                    fields = line.split()
-                    if len(fields) > 4 and fields[2] == dev:
-                        raise DumpDeviceError(
-                            f"KDUMP_DUMPDEV {path}: mounted on {fields[4]}; refusing to overwrite"
-                        )
-        except OSError:
-            pass
+    if not stat.S_ISBLK(st.st_mode):
+        kind = "a regular file" if stat.S_ISREG(st.st_mode) else "not a device"
+        raise DumpDeviceError(
+            f"KDUMP_DUMPDEV {path}: not a block device ({kind}); refusing to write a dump there"
+        )
+    for name, rdev in _device_and_partitions(view, st.st_rdev):
+        why = _in_use(view, name, rdev)
+        if why:
+            shown = f"its partition {name}" if rdev != st.st_rdev else name
+            raise DumpDeviceError(f"KDUMP_DUMPDEV {path}: {shown} {why}; refusing to overwrite")
+
+
+def _read_sys(path: str) -> str:
     try:
-        with open("/proc/swaps") as f:
-            next(f, None)
+        with open(path) as f:
+            return f.read().strip()
+    except (OSError, UnicodeDecodeError):
+        return ""
+
+
+def _parse_dev(text: str) -> int | None:
+    major, sep, minor = text.partition(":")
+    if not (sep and major.isdigit() and minor.isdigit()):
+        return None
+    return os.makedev(int(major), int(minor))
+
+
+def _device_and_partitions(view: SystemView, rdev: int) -> list[tuple[str, int]]:
+    """(sysfs name, device number) of the device and of each of its partitions."""
+    try:
+        names = sorted(os.listdir(view.sys_block))
+    except OSError:
+        names = []
+    own = next(
+        (n for n in names if _parse_dev(_read_sys(f"{view.sys_block}/{n}/dev")) == rdev), None
+    )
+    if own is None:  # no sysfs entry: judge the device number alone
+        return [(f"{os.major(rdev)}:{os.minor(rdev)}", rdev)]
+    found = [(own, rdev)]
+    base = f"{view.sys_block}/{own}"
+    try:
+        subdirs = sorted(os.listdir(base))
+    except OSError:
+        subdirs = []
+    for sub in subdirs:  # a whole disk lists its partitions as subdirectories
+        if os.path.exists(f"{base}/{sub}/partition"):
+            part = _parse_dev(_read_sys(f"{base}/{sub}/dev"))
+            if part is not None:
+                found.append((sub, part))
+    return found
+
+
+def _in_use(view: SystemView, name: str, rdev: int) -> str:
+    """Why device ``name`` (number ``rdev``) is in use, or "" if it is not."""
+    try:
+        holders = sorted(os.listdir(f"{view.sys_block}/{name}/holders"))
+    except OSError:
+        holders = []
+    if holders:
+        shown = []
+        for h in holders:
+            dm_name = _read_sys(f"{view.sys_block}/{h}/dm/name")
+            shown.append(f"{h} ({dm_name})" if dm_name else h)
+        return f"is in use by {', '.join(shown)} (device-mapper/LVM or md RAID)"
+    dev = f"{os.major(rdev)}:{os.minor(rdev)}"
+    try:
+        with open(view.mountinfo) as f:
             for line in f:
-                name = line.split()[0]
-                try:
-                    if os.path.samefile(name, path) or (
-                        stat.S_ISBLK(st.st_mode) and os.stat(name).st_rdev == st.st_rdev
-                    ):
-                        raise DumpDeviceError(
-                            f"KDUMP_DUMPDEV {path}: an active swap area; refusing to overwrite"
-                        )
-                except OSError:
-                    continue
+                fields = line.split()
+                source = line.partition(" - ")[2].split()[1:2]
+                if len(fields) > 4 and (fields[2] == dev or _same_device(source, rdev)):
+                    return f"is mounted on {_unescape(fields[4])}"
     except OSError:
         pass
+    try:
+        with open(view.swaps) as f:
+            next(f, None)
+            for line in f:
+                if _same_device(line.split()[:1], rdev):
+                    return "is an active swap area"
+    except OSError:
+        pass
+    try:
+        filesystems = sorted(os.listdir(view.sys_btrfs))
+    except OSError:
+        filesystems = []
+    for fs in filesystems:
+        if os.path.lexists(f"{view.sys_btrfs}/{fs}/devices/{name}"):
+            return f"belongs to the mounted btrfs filesystem {fs}"
+    return ""
+
+
+def _same_device(names: list[str], rdev: int) -> bool:
+    """Whether a path from mountinfo or /proc/swaps is the block device ``rdev``."""
+    if not names or not names[0].startswith("/"):
+        return False
+    try:
+        st = os.stat(_unescape(names[0]))
+    except (OSError, ValueError):
+        return False
+    return stat.S_ISBLK(st.st_mode) and st.st_rdev == rdev
+
+
+def _unescape(text: str) -> str:
+    """Undo the octal escapes (\\040 for a blank) of /proc/self/mountinfo and /proc/swaps."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), text)
 
 
 class DeviceSink(Sink):
@@ -208,6 +340,11 @@ def write_dump(
 ) -> DeviceHeader:
     """Write ``vm`` onto the dump device ``path``; returns the committed header."""
     progress = progress or NoProgress()
+    if fmt not in DEVICE_FORMATS:
+        raise ConfigError(
+            f"KDUMP_DUMPFORMAT={fmt} writes no vmcore, and a dump device holds only the vmcore; "
+            "choose a dump format"
+        )
     check_device(path)
     try:
         fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
@@ -216,16 +353,22 @@ def write_dump(
     try:
         capacity = _device_size(fd) - DATA_OFFSET
         writer = make_writer(vm, fmt, level, seekable=True)
-        estimate = writer.estimate()
-        if estimate is not None and estimate > capacity and level == 0:
+        # The crashed kernel's VMCOREINFO says when it crashed; the header keeps only what
+        # recover will accept (an implausible time becomes "unknown").
+        crash_time = vm.crash_time if 0 < (vm.crash_time or 0) <= MAX_TIME else 0
+        # Refuse up front only what cannot fit (compressed pages are known only as they
+        # stream); DeviceSink stops a dump that outgrows the device.
+        needed = writer.lower_bound()
+        if needed > capacity:
             raise DumpDeviceError(
                 f"KDUMP_DUMPDEV {path}: {capacity + DATA_OFFSET} bytes is too small for this "
-                f"dump ({estimate} bytes at level 0); use a larger device or a dump level"
+                f"dump (at least {needed + DATA_OFFSET} bytes at level {level}); use a larger "
+                "device or a dump level"
             )
         header = DeviceHeader(
             WRITING,
             0,
-            vm.crash_time or 0,
+            crash_time,
             int(time.time()),
             bytes(32),
             vm.release or "",
@@ -241,10 +384,16 @@ def write_dump(
             info = sink.commit()
         finally:
             progress.finish()
+        if result.incomplete:
+            # The header keeps saying WRITING: recover refuses it rather than present a
+            # partial dump as complete.
+            raise IncompleteDump(
+                f"KDUMP_DUMPDEV {path}: the dump is INCOMPLETE: {result.incomplete}"
+            )
         header = DeviceHeader(
             COMPLETE,
             info.size,
-            vm.crash_time or 0,
+            crash_time,
             header.written_at,
             bytes.fromhex(info.sha256),
             vm.release or "",
@@ -279,9 +428,10 @@ def read_header(path: str) -> DeviceHeader | None:
     try:
         with open(path, "rb") as f:
             raw = f.read(DATA_OFFSET)
+            size = f.seek(0, os.SEEK_END)
     except OSError as e:
         raise DumpDeviceError(f"KDUMP_DUMPDEV {path}: cannot read: {e.strerror}") from e
-    return DeviceHeader.unpack(raw, path)
+    return DeviceHeader.unpack(raw, path, size)
 
 
 def check_data(path: str, header: DeviceHeader) -> None:
@@ -301,13 +451,19 @@ def check_data(path: str, header: DeviceHeader) -> None:
 
 
 def open_device_dump(path: str, header: DeviceHeader) -> Vmcore:
-    """The device's data area as a dump source: parsed when ELF, else copied verbatim."""
-    if header.format in ("elf", "raw"):
+    """The device's data area as a dump source: parsed when ELF, else copied verbatim.
+
+    "elf" and "raw" data is an ELF core unless the source was raw memory (/dev/oldmem),
+    so the data's own first bytes decide.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    elf = header.format in ("elf", "raw") and os.pread(fd, 4, header.data_offset) == b"\x7fELF"
+    if elf:
+        os.close(fd)
         try:
             return open_vmcore(path, base=header.data_offset, limit=header.data_size)
         except VmcoreError as e:
             raise DumpDeviceError(f"{path}: the dump on the device is damaged: {e}") from e
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     return Vmcore(path=path, kind="raw", fd=fd, size=header.data_size, base=header.data_offset)
 
 

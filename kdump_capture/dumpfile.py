@@ -7,10 +7,11 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .bounds import MAX_NOTES, MAX_VMCOREINFO, check_span, read_span
 from .elf import iter_notes
 from .errors import NoDumpError, NotSupported, VmcoreError
 from .formats.filter import _POPCOUNT, test_bit
-from .formats.flat import FlatFile, is_flattened
+from .formats.flat import MAX_BLOCK, MIN_BLOCK, FlatFile, is_flattened
 from .formats.structs import (
     DISK_DUMP_HEADER,
     DUMP_DH_COMPRESSED_INCOMPLETE,
@@ -44,6 +45,7 @@ class Dump:
     read_phys: Callable[[int, int], bytes]
     phys_base: int | None
     close: Callable[[], None]
+    capacity: int  # bytes of memory the dump holds (the bound of any one read)
     header: DiskDumpHeader | None = None
     sub_header: KdumpSubHeader | None = None
 
@@ -86,7 +88,8 @@ def open_dump(path: str) -> Dump:
             return os.pread(fd, size, offset)
 
         try:
-            return KdumpReader(path, pread, lambda: os.close(fd)).dump("kdump")
+            size = os.fstat(fd).st_size
+            return KdumpReader(path, pread, lambda: os.close(fd), size, size).dump("kdump")
         except BaseException:
             os.close(fd)
             raise
@@ -99,7 +102,8 @@ def open_dump(path: str) -> Dump:
                     f"{path}: flattened stream of a non-kdump file; rearrange it first "
                     "(kdump-capture rearrange)"
                 )
-            return KdumpReader(path, flat.pread, flat.close).dump("kdump (flattened)")
+            reader = KdumpReader(path, flat.pread, flat.close, flat.size, flat.data_bytes)
+            return reader.dump("kdump (flattened)")
         except BaseException:
             flat.close()
             raise
@@ -108,47 +112,99 @@ def open_dump(path: str) -> Dump:
 
 def _elf_dump(vm: Vmcore) -> Dump:
     mem = ElfPhysMemory(vm.loads, vm.pread, vm.path)
-    return Dump(vm.path, "elf", vm.vmcoreinfo, vm.notes_blob, mem.read_phys, None, vm.close)
+    return Dump(
+        vm.path, "elf", vm.vmcoreinfo, vm.notes_blob, mem.read_phys, None, vm.close, mem.capacity
+    )
 
 
 class KdumpReader:
-    """Page access to a kdump-compressed file through ``pread(size, offset)``."""
+    """Page access to a kdump-compressed file through ``pread(size, offset)``.
 
-    def __init__(self, path: str, pread: Callable[[int, int], bytes], close: Callable[[], None]):
+    ``size`` is the file's size; ``holds`` the bytes of data it really contains (less for a
+    flattened stream with holes). Every size and offset in the headers is checked against
+    them (``bounds.check_span``) before anything is read or allocated.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        pread: Callable[[int, int], bytes],
+        close: Callable[[], None],
+        size: int,
+        holds: int | None = None,
+    ):
         self.path = path
         self.pread = pread
         self._close = close
-        raw = pread(DISK_DUMP_HEADER.size, 0)
-        if len(raw) < DISK_DUMP_HEADER.size:
-            raise VmcoreError(f"{path}: file ends inside the kdump header")
+        self.size = size
+        holds = size if holds is None else min(holds, size)
+        raw = read_span(pread, path, "the kdump header", 0, DISK_DUMP_HEADER.size, size)
         dh = DiskDumpHeader.unpack_from(raw)
-        if dh.block_size <= 0 or dh.block_size & (dh.block_size - 1) or dh.sub_hdr_size < 0:
-            raise VmcoreError(f"{path}: offset 0x1ac: bad block_size {dh.block_size}")
+        bs = dh.block_size
+        if not MIN_BLOCK <= bs <= MAX_BLOCK or bs & (bs - 1):
+            raise VmcoreError(f"{path}: offset 0x1ac: bad block_size {bs}")
+        if dh.sub_hdr_size < 0:
+            raise VmcoreError(f"{path}: offset 0x1b0: bad sub_hdr_size {dh.sub_hdr_size}")
         self.dh = dh
-        self.block = dh.block_size
-        kh = KdumpSubHeader.unpack_from(pread(KDUMP_SUB_HEADER.size, self.block).ljust(104, b"\0"))
+        self.block = bs
+        self.desc_off = bs * (1 + dh.sub_hdr_size + dh.bitmap_blocks)
+        check_span(
+            path,
+            "the header blocks and bitmaps (sub_hdr_size, bitmap_blocks)",
+            0,
+            self.desc_off,
+            size,
+            where=0x1B0,
+        )
+        sub = read_span(pread, path, "the kdump sub header", bs, KDUMP_SUB_HEADER.size, size)
+        kh = KdumpSubHeader.unpack_from(sub)
         self.kh = kh
         self.max_mapnr = kh.max_mapnr_64 if dh.header_version >= 6 else dh.max_mapnr
-        bm_off = self.block * (1 + dh.sub_hdr_size)
-        half = dh.bitmap_blocks * self.block // 2
-        self.bitmap = pread(half, bm_off + half)
-        if len(self.bitmap) != half:
-            raise VmcoreError(f"{path}: offset {bm_off + half:#x}: file ends inside the bitmap")
-        self.desc_off = self.block * (1 + dh.sub_hdr_size + dh.bitmap_blocks)
+        bm_off = bs * (1 + dh.sub_hdr_size)
+        half = dh.bitmap_blocks * bs // 2
+        self.bitmap = read_span(
+            pread, path, "the 2nd bitmap", bm_off + half, half, size, holds, where=0x1B4
+        )
         ranks = [0]
         step = RANK_BLOCK_BITS // 8
         for i in range(0, len(self.bitmap), step):
             ranks.append(ranks[-1] + sum(self.bitmap[i : i + step].translate(_POPCOUNT)))
         self._ranks = ranks
+        #: no more pages than descriptors fit in the file
+        self.capacity = min(ranks[-1], max(0, size - self.desc_off) // PAGE_DESC.size) * bs
         self.notes_blob = b""
         self.vmcoreinfo: dict[str, str] = {}
+        where = bs + 48  # kdump_sub_header.offset_note
         if dh.header_version >= 4 and kh.offset_note and kh.size_note:
-            self.notes_blob = pread(kh.size_note, kh.offset_note)
+            self.notes_blob = read_span(
+                pread,
+                path,
+                "the ELF notes (size_note)",
+                kh.offset_note,
+                kh.size_note,
+                size,
+                min(holds, MAX_NOTES),
+                where,
+            )
+        where = bs + 32  # kdump_sub_header.offset_vmcoreinfo
         if dh.header_version >= 3 and kh.offset_vmcoreinfo and kh.size_vmcoreinfo:
-            text = pread(kh.size_vmcoreinfo, kh.offset_vmcoreinfo)
+            text = read_span(
+                pread,
+                path,
+                "VMCOREINFO (size_vmcoreinfo)",
+                kh.offset_vmcoreinfo,
+                kh.size_vmcoreinfo,
+                size,
+                MAX_VMCOREINFO,
+                where,
+            )
             self.vmcoreinfo = parse_vmcoreinfo(text.decode("ascii", "replace"))
         elif self.notes_blob:
-            for n in iter_notes(self.notes_blob):
+            try:
+                notes = iter_notes(self.notes_blob)
+            except ValueError as e:
+                raise VmcoreError(f"{path}: ELF notes at {kh.offset_note:#x}: {e}") from None
+            for n in notes:
                 if n.name == b"VMCOREINFO":
                     self.vmcoreinfo = parse_vmcoreinfo(n.desc.decode("ascii", "replace"))
 
@@ -165,6 +221,7 @@ class KdumpReader:
             self.read_phys,
             self.kh.phys_base,
             self._close,
+            self.capacity,
             self.dh,
             self.kh,
         )
@@ -179,9 +236,12 @@ class KdumpReader:
         lo = blk * RANK_BLOCK_BITS // 8
         rank = self._ranks[blk] + sum(self.bitmap[lo : pfn >> 3].translate(_POPCOUNT))
         rank += bin(self.bitmap[pfn >> 3] & ((1 << (pfn & 7)) - 1)).count("1")
-        raw = self.pread(PAGE_DESC.size, self.desc_off + rank * PAGE_DESC.size)
+        off = self.desc_off + rank * PAGE_DESC.size
+        raw = self.pread(PAGE_DESC.size, off)
         if len(raw) != PAGE_DESC.size:
-            raise VmcoreError(f"{self.path}: file ends inside the page descriptors")
+            raise VmcoreError(
+                f"{self.path}: offset {off:#x}: file ends inside the page descriptors"
+            )
         return PageDesc.unpack_from(raw)
 
     def page(self, pfn: int) -> bytes:
@@ -190,20 +250,24 @@ class KdumpReader:
             raise AddressError(f"{self.path}: page frame {pfn:#x} is missing (incomplete dump)")
         if pd.size > self.block:
             raise VmcoreError(f"{self.path}: page frame {pfn:#x}: descriptor size {pd.size}")
-        data = self.pread(pd.size, pd.offset)
-        if len(data) != pd.size:
-            raise VmcoreError(f"{self.path}: page frame {pfn:#x}: data past the end of file")
+        data = read_span(
+            self.pread, self.path, f"the data of page frame {pfn:#x}", pd.offset, pd.size, self.size
+        )
         return self._decompress(pfn, pd, data)
 
     def _decompress(self, pfn: int, pd: PageDesc, data: bytes) -> bytes:
         flags = pd.flags
         try:
+            # Never more than a block (+1 to tell "too long"): a page that inflates to more
+            # is corrupt, and must not cost memory first (a 4 KiB zlib page can claim 4 MiB,
+            # a zstd frame header any size it likes).
             if flags & DUMP_DH_COMPRESSED_ZLIB:
-                out = zlib.decompress(data)
+                out = zlib.decompressobj().decompress(data, self.block + 1)
             elif flags & DUMP_DH_COMPRESSED_ZSTD:
                 import zstandard
 
-                out = zstandard.ZstdDecompressor().decompress(data, max_output_size=self.block)
+                with zstandard.ZstdDecompressor().stream_reader(data) as reader:
+                    out = reader.read(self.block + 1)
             elif flags & DUMP_DH_COMPRESSED_LZO:
                 try:
                     import lzo  # type: ignore[import-not-found]

@@ -14,7 +14,11 @@ The exit codes are part of the interface (README, "Exit codes") and never change
     9  requested feature is not supported (yet) by this build
    10  the dump device (KDUMP_DUMPDEV) is unusable
    11  the kernel cannot do kdump, or loading the capture kernel failed
-  12  a configured script (KDUMP_PRESCRIPT, KDUMP_POSTSCRIPT) failed
+   12  a configured script (KDUMP_PRESCRIPT, KDUMP_POSTSCRIPT) failed
+   13  the dump was saved INCOMPLETE: the source ended early or stopped being readable
+   14  KDUMP_TRANSFER failed (exited non-zero or was killed): the dump may not be saved.
+       Its own status is in the message, not in our exit code: raw, 7 would read as
+       "authentication refused" and a signal as a negative number
   130  interrupted (SIGINT/SIGTERM)
 """
 
@@ -111,6 +115,19 @@ class ScriptError(KdumpError):
     exit_code = 12
 
 
+class IncompleteDump(KdumpError):
+    """The dump was saved, but only part of it: the source ended before its expected size or
+    stopped being readable. The manifest says ``"status": "incomplete"`` and why."""
+
+    exit_code = 13
+
+
+class TransferError(ScriptError):
+    """The KDUMP_TRANSFER command failed; the message names its exit status or signal."""
+
+    exit_code = 14
+
+
 class Interrupted(KdumpError):
     """The dump was interrupted by a signal."""
 
@@ -131,5 +148,7 @@ EXIT_CODES: dict[int, str] = {
     DumpDeviceError.exit_code: "dump device unusable",
     LoadError.exit_code: "kernel cannot do kdump or loading failed",
     ScriptError.exit_code: "a configured pre/post script failed",
+    IncompleteDump.exit_code: "dump saved INCOMPLETE (the source ended early)",
+    TransferError.exit_code: "KDUMP_TRANSFER failed",
     Interrupted.exit_code: "interrupted",
 }

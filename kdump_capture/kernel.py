@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
+from .bounds import MAX_KERNEL_READ
 from .elf import PT_LOAD, Phdr
 from .errors import VmcoreError
 
@@ -52,28 +53,35 @@ class VmcoreInfo:
     def __init__(self, entries: dict[str, str]) -> None:
         self.entries = entries
 
-    def _int(self, key: str, base: int) -> int | None:
+    def _int(self, key: str, base: int, unsigned: bool = False) -> int | None:
         raw = self.entries.get(key)
         if raw is None:
             return None
         try:
+            if len(raw) > 24:  # 2**64 has 20 digits: anything longer is not a C long
+                raise ValueError
             if base == 10 and raw.lower().startswith(("0x", "-0x")):
-                return int(raw, 16)
-            return int(raw, base)
+                value = int(raw, 16)
+            else:
+                value = int(raw, base)
         except ValueError:
-            raise KernelInfoError(f"VMCOREINFO: {key}={raw!r} is not a number") from None
+            raise KernelInfoError(f"VMCOREINFO: {key}={raw[:32]!r} is not a number") from None
+        if unsigned and value < 0:
+            raise KernelInfoError(f"VMCOREINFO: {key}={raw!r} is negative")
+        return value
 
     def symbol(self, name: str) -> int | None:
         return self._int(f"SYMBOL({name})", 16)
 
+    # SIZE, OFFSET and LENGTH are %lu in the kernel: a negative one is corrupt.
     def size(self, name: str) -> int | None:
-        return self._int(f"SIZE({name})", 10)
+        return self._int(f"SIZE({name})", 10, unsigned=True)
 
     def offset(self, name: str) -> int | None:
-        return self._int(f"OFFSET({name})", 10)
+        return self._int(f"OFFSET({name})", 10, unsigned=True)
 
     def length(self, name: str) -> int | None:
-        return self._int(f"LENGTH({name})", 10)
+        return self._int(f"LENGTH({name})", 10, unsigned=True)
 
     def number(self, name: str) -> int | None:
         return self._int(f"NUMBER({name})", 10)
@@ -103,7 +111,13 @@ class VmcoreInfo:
 
 
 class PhysMemory(Protocol):
-    """Physical memory of the crashed machine, as some dump file holds it."""
+    """Physical memory of the crashed machine, as some dump file holds it.
+
+    ``capacity`` is how many bytes of memory the dump holds: no structure read from it can
+    be larger, whatever size a corrupt VMCOREINFO or memory claims.
+    """
+
+    capacity: int
 
     def read_phys(self, paddr: int, size: int) -> bytes:
         """``size`` bytes at ``paddr``; raises AddressError if any of it is not in the dump."""
@@ -139,6 +153,7 @@ class ElfPhysMemory:
             self._reach.append(top)
         self._pread = pread
         self.name = name
+        self.capacity = sum(s.file_end - s.paddr for s in segs)
 
     def find(self, paddr: int) -> _Seg | None:
         i = bisect.bisect_right(self._starts, paddr) - 1
@@ -229,7 +244,17 @@ class Kernel:
         return self.translate(va)[0]
 
     def read(self, va: int, size: int) -> bytes:
-        """``size`` bytes of kernel virtual memory at ``va``."""
+        """``size`` bytes of kernel virtual memory at ``va``.
+
+        ``size`` comes from the dump: it must fit in what the dump holds and below
+        MAX_KERNEL_READ, else AddressError (before anything is read).
+        """
+        limit = min(MAX_KERNEL_READ, self.mem.capacity)
+        if not 0 <= size <= limit:
+            raise AddressError(
+                f"a read of {size:#x} bytes at {va:#x} is larger than the dump can hold "
+                f"({limit:#x} bytes): corrupt size in VMCOREINFO or kernel memory"
+            )
         parts = []
         while size > 0:
             pa, left = self.translate(va)

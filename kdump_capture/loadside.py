@@ -97,6 +97,41 @@ def _key(option: str) -> str:
     return option.split("=", 1)[0]
 
 
+def kernel_words(text: str, strict: bool = True) -> list[str]:
+    """Split a kernel command line the way the kernel does (lib/cmdline.c next_arg).
+
+    Blanks separate options except inside double quotes, which stay in the option (they
+    are the kernel's to remove); single quotes mean nothing to the kernel. An unbalanced
+    double quote raises ValueError when ``strict`` (a value from our configuration), and
+    runs to the end of the line as the kernel takes it otherwise (/proc/cmdline).
+    """
+    words: list[str] = []
+    word: list[str] = []
+    quoted_at = -1
+    for i, ch in enumerate(text):
+        if ch == '"':
+            quoted_at = -1 if quoted_at >= 0 else i
+        if ch.isspace() and quoted_at < 0:
+            if word:
+                words.append("".join(word))
+                word = []
+            continue
+        word.append(ch)
+    if quoted_at >= 0 and strict:
+        raise ValueError(f'unbalanced double quote (the " at character {quoted_at + 1})')
+    if word:
+        words.append("".join(word))
+    return words
+
+
+def kexec_words(options: str) -> list[str]:
+    """KEXEC_OPTIONS as argv words (shell quoting); ValueError for an unbalanced quote."""
+    try:
+        return shlex.split(options)
+    except ValueError:
+        raise ValueError("unbalanced quote") from None
+
+
 def capture_cmdline(proc_cmdline: str, commandline: str, append: str, cpus: int = 1) -> str:
     """The capture kernel's command line (pure).
 
@@ -104,16 +139,17 @@ def capture_cmdline(proc_cmdline: str, commandline: str, append: str, cpus: int 
     line without the options in DROP_OPTIONS/DROP_PREFIXES. Then ``nr_cpus`` (KDUMP_CPUS;
     0 = no limit) and CAPTURE_OPTIONS, each only if the base or KDUMP_COMMANDLINE_APPEND
     does not set it already, then KDUMP_COMMANDLINE_APPEND last (the kernel takes the last
-    value of a repeated option).
+    value of a repeated option). Raises ValueError for an unbalanced double quote in
+    ``commandline`` or ``append``.
     """
     if commandline.strip():
-        base = shlex.split(commandline, posix=False)
+        base = kernel_words(commandline)
     else:
-        words = shlex.split(proc_cmdline, posix=False)
+        words = kernel_words(proc_cmdline, strict=False)
         if "--" in words:  # arguments for the production system's init: not ours
             words = words[: words.index("--")]
         base = [o for o in words if _key(o) not in DROP_OPTIONS and not o.startswith(DROP_PREFIXES)]
-    tail = shlex.split(append, posix=False)
+    tail = kernel_words(append)
     given = {_key(o) for o in base + tail}
     extra = [f"nr_cpus={cpus}"] if cpus > 0 else []
     extra += CAPTURE_OPTIONS
@@ -286,7 +322,7 @@ def kexec_binary_argv(
     return [
         kexec,
         "-p",
-        *shlex.split(options),
+        *kexec_words(options),
         f"--initrd={initrd}",
         f"--command-line={cmdline}",
         kernel,
@@ -354,7 +390,31 @@ class Readiness:
         return out
 
 
+def check_load_values(cfg: Mapping[str, str]) -> None:
+    """ConfigError (exit 2, naming FILE:LINE when ``cfg`` is a Config) for a command line
+    or KEXEC_OPTIONS that cannot be split into words (an unbalanced quote).
+
+    load_config checks the same with the same functions; this keeps ``load`` and ``check``
+    from failing with a traceback on a mapping that did not come from it.
+    """
+    from .config import Config
+
+    splitters = {
+        "KDUMP_COMMANDLINE": kernel_words,
+        "KDUMP_COMMANDLINE_APPEND": kernel_words,
+        "KEXEC_OPTIONS": kexec_words,
+    }
+    for name, split in splitters.items():
+        try:
+            split(cfg[name])
+        except ValueError as e:
+            if isinstance(cfg, Config):
+                raise cfg.error(name, str(e)) from None
+            raise ConfigError(f"{name}: {e}") from None
+
+
 def readiness(cfg: Mapping[str, str], system: System, initrd: str | None = None) -> Readiness:
+    check_load_values(cfg)
     version, kernel = pick_kernel(cfg["KDUMP_KERNELVER"], system)
     try:
         cpus = int(cfg["KDUMP_CPUS"])
@@ -398,8 +458,79 @@ def _config(args: argparse.Namespace):
     return cfg
 
 
+# Load-side directives this engine does not implement, with the value that means "off"
+# (checked by check, load and initramfs build; a capture kernel never refuses a dump over them).
+LOAD_UNSUPPORTED = {
+    "KDUMP_UPDATE_BOOTLOADER": (
+        "writing crashkernel= into the boot loader (add crashkernel= to the kernel command "
+        "line yourself; `kdump-capture check` shows the reservation)"
+    ),
+    "KDUMP_CRASHKERNEL": (
+        "setting the crashkernel= reservation from the configuration (add crashkernel= "
+        "to the kernel command line yourself)"
+    ),
+}
+
+
+def check_supported(cfg) -> None:
+    """NotSupported (exit 9) for any feature, of either side, that this build cannot honour.
+
+    Also the dump side's: an image loaded with such a configuration would fail in the
+    capture kernel, when it is too late to fix it.
+    """
+    from .cli import check_unsupported
+
+    for name, what in LOAD_UNSUPPORTED.items():
+        if cfg.value(name):  # "" or a false boolean means the feature is off
+            raise cfg.not_supported(name, what)
+    check_unsupported(cfg)
+
+
+# KDUMP_VERBOSE bits that SUSE's loader honours: the load command line to syslog, and to stdout.
+VERBOSE_SYSLOG = 1
+VERBOSE_STDOUT = 4
+SYSLOG_SOCKET = "/dev/log"
+KMSG = "/dev/kmsg"
+# syslog priority: facility user (1 << 3) | severity notice (5)
+SYSLOG_PRI = 13
+
+
+def announce_load(line: str, verbose: int, socket_path: str = SYSLOG_SOCKET, kmsg: str = KMSG):
+    """Report the load command line as KDUMP_VERBOSE asks (SUSE: bits 1 and 4 on load).
+
+    Bit 4 prints it; bit 1 sends it to syslog through ``socket_path``, or when no syslog
+    listens there (early boot, a minimal or capture system) to the kernel log via ``kmsg``.
+    Logging is best effort: it never stops a load.
+    """
+    if verbose & VERBOSE_STDOUT:
+        print(f"load command: {line}", flush=True)
+    if not verbose & VERBOSE_SYSLOG:
+        return
+    import socket
+
+    msg = f"kdump-capture[{os.getpid()}]: load command: {line}"
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.connect(socket_path)
+            s.send(f"<{SYSLOG_PRI}>{msg}".encode())
+        return
+    except OSError as e:
+        log.debug("syslog at %s: %s; using %s", socket_path, e.strerror, kmsg)
+    try:
+        fd = os.open(kmsg, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            # /dev/kmsg takes one record per write, at most 1 KiB of it shown (LOG_LINE_MAX)
+            os.write(fd, f"<{SYSLOG_PRI}>{msg}\n".encode()[:1024])
+        finally:
+            os.close(fd)
+    except OSError as e:
+        log.warning("cannot log the load command to syslog or %s: %s", kmsg, e.strerror)
+
+
 def cmd_check(args: argparse.Namespace) -> int:
-    r = readiness(_config(args), System())
+    cfg = _config(args)
+    check_supported(cfg)
+    r = readiness(cfg, System())
     for line in r.lines():
         print(line)
     if r.problems:
@@ -411,6 +542,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_load(args: argparse.Namespace) -> int:
     cfg = _config(args)
+    check_supported(cfg)
     system = System()
     r = readiness(cfg, system, args.initrd)
     kernel = args.kernel or r.kernel
@@ -434,7 +566,18 @@ def cmd_load(args: argparse.Namespace) -> int:
         raise LoadError(f"{how} returned success but {system.sys}/kernel/kexec_crash_loaded is 0")
     print(f"loaded capture kernel {kernel} with {r.initrd} ({how})")
     print(f"command line: {r.cmdline}")
+    announce_load(load_command(how, kernel, r.initrd, r.cmdline), cfg.verbose)
     return 0
+
+
+def load_command(how: str, kernel: str, initrd: str, cmdline: str) -> str:
+    """The load as one line: the kexec command when the binary loaded it, else the call."""
+    if how != "kexec_file_load":
+        return how  # load_image returns the kexec binary's command line
+    return (
+        f"kexec_file_load kernel={shlex.quote(kernel)} initrd={shlex.quote(initrd)} "
+        f"cmdline={shlex.quote(cmdline)} flags=KEXEC_FILE_ON_CRASH"
+    )
 
 
 def cmd_unload(args: argparse.Namespace) -> int:
@@ -524,6 +667,7 @@ def _build(cfg, output, version, modules_root, compress, device, fstype):
 
 def cmd_initramfs_build(args: argparse.Namespace) -> int:
     cfg = _config(args)
+    check_supported(cfg)
     version = args.kernel_version or pick_kernel(cfg["KDUMP_KERNELVER"], System())[0]
     report = _build(
         cfg,
@@ -535,6 +679,14 @@ def cmd_initramfs_build(args: argparse.Namespace) -> int:
         args.target_fstype,
     )
     print(report.summary())
+    return 0
+
+
+def cmd_initramfs_dracut_module(args: argparse.Namespace) -> int:
+    from initramfs.dracut_module import install
+
+    for path in install(args.dest):
+        print(path)
     return 0
 
 
@@ -582,5 +734,15 @@ def add_subcommands(sub) -> None:
     )
     b.add_argument("--target-fstype", default="", metavar="TYPE", help="e.g. ext4 (default: probe)")
     b.set_defaults(func=cmd_initramfs_build)
+    d = isub.add_parser(
+        "dracut-module", help="install the dracut module kdump-capture (for dracut --add)"
+    )
+    d.add_argument(
+        "--dest",
+        default="/usr/lib/dracut/modules.d/99kdump-capture",
+        metavar="DIR",
+        help="module directory (default %(default)s)",
+    )
+    d.set_defaults(func=cmd_initramfs_dracut_module)
     # "initramfs" alone would have no handler; argparse requires the sub-command.
     p.set_defaults(func=cmd_initramfs_build)

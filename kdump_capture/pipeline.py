@@ -6,7 +6,8 @@ import json
 import logging
 import socket
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
 from transports import open_transport
 from transports.base import Transport, TransportSettings
@@ -16,13 +17,14 @@ from .dmesg import extract as extract_dmesg
 from .errors import (
     AuthError,
     FreeSpaceError,
+    IncompleteDump,
+    Interrupted,
     KdumpError,
-    NotSupported,
     TargetFull,
     TransportError,
     VmcoreError,
 )
-from .formats import FORMAT_NAMES, FormatWriter, make_writer
+from .formats import FORMAT_NAMES, FormatWriter, WriteResult, make_writer
 from .progress import NoProgress, Progress
 from .report import DMESG, MANIFEST, PLACEHOLDER, README, VMCORE, DumpRecord
 from .urls import Target
@@ -30,11 +32,12 @@ from .vmcore import Vmcore
 
 log = logging.getLogger(__name__)
 
-# How often the free-space budget is re-checked while writing. Between checks at most this
-# much is written, so the check demands this much headroom above the margin.
+# How often the free-space budget is re-checked while writing, at most: each check costs a
+# statvfs (a round trip on network targets). Closer to the margin the checks come sooner.
 BUDGET_INTERVAL = 32 << 20
-# README, manifest and dmesg are small; reserve this much for them in the budget.
-SIDE_FILES = 4 << 20
+# The most a writer writes between two monitor calls: a 1 MiB chunk (formats.CHUNK) or a
+# batch of 256 compressed pages, plus a 64 KiB flush of page descriptors; doubled for slack.
+WRITE_STEP = 2 << 20
 
 
 @dataclass(frozen=True)
@@ -59,8 +62,37 @@ class SaveResult:
     record: DumpRecord
 
 
+@dataclass
+class SpaceMaker:
+    """Deletes, oldest first, dumps that rotation would delete anyway once this dump succeeds.
+
+    Used before writing and, when the output grows beyond what the pre-check could know,
+    while writing: a failed new dump never costs a dump that rotation would have kept.
+    """
+
+    transport: Transport
+    candidates: list[policy.DumpDir]
+    deleted: list[policy.DumpDir] = field(default_factory=list)
+
+    def __call__(self, short: int) -> bool:
+        """Delete the oldest candidate; False when there is none left."""
+        if not self.candidates:
+            return False
+        d = self.candidates.pop(0)
+        log.info("deleting old dump %s to make room (%d MiB short)", d.name, -(-short >> 20))
+        self.transport.remove_tree(d.name)
+        self.deleted.append(d)
+        return True
+
+
 class BudgetMonitor:
-    """Feeds progress and enforces KDUMP_FREE_DISK_SIZE while the vmcore streams."""
+    """Feeds progress and enforces KDUMP_FREE_DISK_SIZE while the vmcore streams.
+
+    The pre-check knows only a lower bound of a compressed dump, so this is the guard: it
+    stops the dump (or first deletes what ``make_room`` may) only when the next write could
+    cross the margin, never because an estimate was large. ``estimate`` is an upper bound
+    of the whole output: once what is left of it fits, nothing can cross the margin.
+    """
 
     def __init__(
         self,
@@ -70,12 +102,14 @@ class BudgetMonitor:
         estimate: int | None,
         progress: Progress,
         free_at_start: int | None,
+        make_room: Callable[[int], bool] | None = None,
     ) -> None:
         self.transport = transport
         self.relpath = relpath
         self.margin = margin
         self.estimate = estimate
         self.progress = progress
+        self.make_room = make_room
         self.written = 0
         self.next_check = 0
         self.enabled = free_at_start is not None and margin > 0
@@ -84,19 +118,37 @@ class BudgetMonitor:
         self.progress.update(read)
         self.written += written
         if self.enabled and self.written >= self.next_check:
-            self.next_check = self.written + BUDGET_INTERVAL
             self.check()
 
-    def check(self) -> None:
-        free = self.transport.free_space(self.relpath)
-        ahead = BUDGET_INTERVAL
-        if self.estimate is not None:
-            ahead = min(ahead, max(self.estimate - self.written, 0))
-        if policy.budget_shortfall(free, ahead, self.margin):
-            raise FreeSpaceError(
-                f"{self.transport.describe()}: only {free >> 20} MiB free, and writing on would "
-                f"leave less than KDUMP_FREE_DISK_SIZE ({self.margin >> 20} MiB); dump stopped"
-            )
+    def check(self, final: bool = False) -> None:
+        """Raise FreeSpaceError unless writing on keeps the margin; ``final``: nothing follows."""
+        while True:
+            free = self.transport.free_space(self.relpath)
+            if free is None:
+                self.next_check = self.written + BUDGET_INTERVAL
+                return
+            room = free - self.margin  # what may still be written
+            if final:
+                left: int | None = 0
+            elif self.estimate is not None:
+                left = max(self.estimate - self.written, 0)
+            else:
+                left = None
+            if left is not None and left <= room:
+                self.next_check = self.written + BUDGET_INTERVAL  # the rest fits for sure
+                return
+            if not final and room >= WRITE_STEP:
+                # Half of what is safe before looking again: some targets report free space
+                # late (an NFS client's unflushed pages), and checks grow denser near the end.
+                self.next_check = self.written + min(BUDGET_INTERVAL, (room - WRITE_STEP) // 2)
+                return
+            short = (0 if final else WRITE_STEP) - room
+            if self.make_room is None or not self.make_room(short):
+                raise FreeSpaceError(
+                    f"{self.transport.describe()}: only {max(free, 0) >> 20} MiB free, and "
+                    f"writing on would leave less than KDUMP_FREE_DISK_SIZE "
+                    f"({self.margin >> 20} MiB); dump stopped"
+                )
 
 
 def host_identity(target: Target) -> str:
@@ -128,8 +180,16 @@ def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
 
 
-def scan_dumps(transport: Transport) -> list[policy.DumpDir]:
-    """The dump directories on the target with their state from manifest.json."""
+# scan_dumps: every host's dumps (the default), not only those of one host.
+ALL_HOSTS = object()
+
+
+def scan_dumps(transport: Transport, only: str | None | object = ALL_HOSTS) -> list[policy.DumpDir]:
+    """The dump directories on the target with their state from manifest.json.
+
+    ``only``: a host name (None: unprefixed names) whose dumps alone are looked into, so a
+    target shared by a fleet costs one listing, not a manifest read per dump of every host.
+    """
     out: list[policy.DumpDir] = []
     for entry in transport.listdir(""):
         if not entry.is_dir:
@@ -138,6 +198,8 @@ def scan_dumps(transport: Transport) -> list[policy.DumpDir]:
         if parsed is None:
             continue
         host, stamp, seq = parsed
+        if only is not ALL_HOSTS and host != only:
+            continue
         state = policy.INCOMPLETE
         names = {e.name for e in transport.listdir(entry.name)}
         if MANIFEST in names:
@@ -181,29 +243,38 @@ def save_to_target(
     progress: Progress | None = None,
     now: float | None = None,
 ) -> SaveResult:
-    """Save one dump to ``target``: rotate, budget, write, commit, prune."""
+    """Save one dump to ``target``: check, rotate, budget, write, commit, prune."""
     progress = progress or NoProgress()
     started = time.time() if now is None else now
-    transport = open_transport(target, plan.settings)
-    # Choose the writer before touching the target: a format this build cannot write must
-    # fail before rotation deletes anything.
+    # The largest file is at most the source plus format overhead (page descriptors and
+    # bitmaps below 1%, flattened headers); S3 sizes its upload parts by it.
+    expected = vm.size + vm.size // 64 + (16 << 20) if vm.size else 0
+    transport = open_transport(target, replace(plan.settings, expected_size=expected))
+    # Everything that can fail without touching the target comes first, because rotation
+    # below may delete older dumps: the crash time and so the dump's name, the writer (a
+    # format this build cannot write), the least it will write and the kernel log (bounded).
+    crash_time, stamp, time_note = _dump_time(vm, started)
     writer: FormatWriter | None = None
     if plan.dump_format != "none":
         writer = make_writer(vm, plan.dump_format, plan.dump_level, transport.can_seek)
+    lower_bound = writer.lower_bound() if writer else 0
+    dmesg, dmesg_error = extract_log(vm)
+    if writer is None and dmesg_error is not None:
+        raise dmesg_error  # format "none" saves only dmesg.txt: there is nothing to save
     with transport:
         host = None if target.scheme == "file" else host_identity(target)
-        existing = policy.ours(scan_dumps(transport), host)
+        existing = policy.ours(scan_dumps(transport, host), host)
         _remove(transport, policy.select_stale(existing), "left incomplete by an earlier run")
         existing = [d for d in existing if d.state != policy.INCOMPLETE]
         before = policy.select_before_write(existing, plan.keep_old_dumps)
         _remove(transport, before, f"KDUMP_KEEP_OLD_DUMPS={plan.keep_old_dumps}")
         existing = [d for d in existing if d not in before]
 
-        estimate = (writer.estimate() if writer else 0) or 0
-        free, pruned = _ensure_room(transport, existing, plan, estimate + SIDE_FILES)
-        existing = [d for d in existing if d not in pruned]
+        # The pre-check may refuse only a dump that cannot fit: it asks for what the writer
+        # will certainly write; the BudgetMonitor guards the rest while it streams.
+        room = SpaceMaker(transport, policy.prunable_for_space(existing, plan.keep_old_dumps))
+        free = _ensure_room(transport, room, plan, lower_bound)
 
-        stamp = policy.stamp_for(vm.crash_time if vm.crash_time else started)
         name = _make_dump_dir(transport, stamp, host)
         log.info("saving dump to %s/%s", transport.describe(), name)
         record = DumpRecord(
@@ -211,7 +282,7 @@ def save_to_target(
             host=host or socket.gethostname(),
             target=transport.describe(),
             directory=name,
-            crash_time=vm.crash_time,
+            crash_time=crash_time,
             kernel_release=vm.release,
             dump_level=plan.dump_level,
             dump_format=FORMAT_NAMES.get(plan.dump_format, plan.dump_format),
@@ -219,9 +290,15 @@ def save_to_target(
             source_size=vm.size,
             started=started,
         )
+        if time_note:
+            record.notes.append(time_note)
+        if dmesg_error is not None:
+            record.notes.append(f"dmesg.txt not saved: {dmesg_error}")
         try:
             _put(transport, f"{name}/{README}", PLACEHOLDER.encode())
-            _save_files(vm, plan, transport, name, writer, record, progress, free)
+            if dmesg is not None:
+                record.files[DMESG] = _put(transport, f"{name}/{DMESG}", dmesg)
+            result = _save_vmcore(vm, plan, transport, name, writer, record, progress, free, room)
         except FreeSpaceError:
             log.error("not enough space: removing the partial dump %s", name)
             _try(lambda: transport.remove_tree(name))
@@ -231,8 +308,17 @@ def save_to_target(
             record.finished = time.time()
             _try(lambda: _publish_record(transport, name, record))
             raise
-        record.status = "complete"
         record.finished = time.time()
+        if result is not None and result.incomplete:
+            # Saved, but not all of it: never presented as complete, and never a reason
+            # for rotation to delete an older complete dump.
+            record.status = "incomplete"
+            record.error = result.incomplete
+            _publish_record(transport, name, record)
+            raise IncompleteDump(
+                f"{transport.describe()}/{name}: the dump is INCOMPLETE: {result.incomplete}"
+            )
+        record.status = "complete"
         _publish_record(transport, name, record)
         log.info("dump complete: %s/%s", transport.describe(), name)
 
@@ -240,6 +326,7 @@ def save_to_target(
             # The target's dumps are known since the scan above: no second listing.
             _, _, seq = policy.parse_dump_name(name)
             new = policy.DumpDir(stamp, seq, name, host, policy.COMPLETE)
+            existing = [d for d in existing if d not in room.deleted]
             expired = policy.select_expired([*existing, new], plan.keep_old_dumps, new=name)
             _remove(transport, expired, f"KDUMP_KEEP_OLD_DUMPS={plan.keep_old_dumps}")
         except TransportError as e:
@@ -247,24 +334,60 @@ def save_to_target(
     return SaveResult(target=transport.describe(), directory=name, record=record)
 
 
-def _save_files(vm, plan, transport, name, writer, record, progress, free) -> None:
+def _dump_time(vm: Vmcore, started: float) -> tuple[int | None, str, str | None]:
+    """The crash time (None if unknown or implausible), the dump's time stamp, and a note.
+
+    CRASHTIME comes from the crashed kernel (``Vmcore.crash_time`` range-checks it); when it
+    cannot be used, the dump is named after this kernel's clock and the README says so.
+    """
+    crash_time = vm.crash_time
+    problem = vm.crash_time_problem
+    note = None
+    if problem:
+        note = f"{problem}; the dump is named after the capture kernel's clock instead"
+        log.warning("%s", note)
+    return crash_time, policy.stamp_for(crash_time if crash_time is not None else started), note
+
+
+def extract_log(vm: Vmcore) -> tuple[bytes | None, KdumpError | None]:
+    """dmesg.txt's content, or why there is none. Never raises (except on a signal).
+
+    The kernel log is read from the crashed kernel's memory, the least trusted input there
+    is: whatever goes wrong there, even a bug in this code, must cost only dmesg.txt, never
+    the vmcore. This is that boundary; the reason ends up in the README and manifest.
+    """
     try:
-        text = extract_dmesg(vm)
-        record.files[DMESG] = _put(transport, f"{name}/{DMESG}", text.encode())
-    except (VmcoreError, NotSupported) as e:
+        return extract_dmesg(vm).encode(), None
+    except Interrupted:
+        raise
+    except KdumpError as e:
         log.warning("no dmesg.txt: %s", e)
-        record.notes.append(f"dmesg.txt not saved: {e}")
-        if writer is None:
-            raise
+        return None, e
+    except Exception as e:  # the boundary described above: record, never propagate
+        log.debug("kernel log extraction failed", exc_info=True)
+        err = VmcoreError(
+            f"internal error while reading the kernel log ({type(e).__name__}: {e}); "
+            "please report it"
+        )
+        log.warning("no dmesg.txt: %s", err)
+        return None, err
+
+
+def _save_vmcore(
+    vm, plan, transport, name, writer, record, progress, free, room
+) -> WriteResult | None:
     if writer is None:
-        return
-    monitor = BudgetMonitor(transport, name, plan.free_disk_size, writer.estimate(), progress, free)
+        return None
+    monitor = BudgetMonitor(
+        transport, name, plan.free_disk_size, writer.estimate(), progress, free, room
+    )
     progress.start(f"{VMCORE}", writer.input_size())
+    vm.reset_unreadable()
     try:
         with transport.create(f"{name}/{VMCORE}") as sink:
             result = writer.write(sink, monitor)
             if monitor.enabled:
-                monitor.check()
+                monitor.check(final=True)
             info = sink.commit()
     except TargetFull as e:
         raise FreeSpaceError(str(e)) from e
@@ -277,40 +400,44 @@ def _save_files(vm, plan, transport, name, writer, record, progress, free) -> No
     record.pages_total = result.pages_total
     record.pages_written = result.pages_written
     record.notes.extend(result.notes)
+    if vm.unreadable_bytes:
+        record.unreadable_bytes = vm.unreadable_bytes
+        record.unreadable = [
+            {"offset": a, "size": b - a, "paddr": vm.paddr_of(a)} for a, b in vm.unreadable
+        ]
+        record.notes.append(
+            f"{vm.unreadable_bytes} bytes of {vm.path} could not be read (read errors, each "
+            "retried once); they are saved as zeros. The ranges are listed above and in "
+            f"{MANIFEST} ('unreadable')."
+        )
+    return result
 
 
 def _publish_record(transport: Transport, name: str, record: DumpRecord) -> None:
     """README.txt (replacing the placeholder), then manifest.json: the completeness mark."""
+    record.notes.extend(n for n in transport.notes if n not in record.notes)
     readme = record.readme_text().encode()
     transport.remove_file(f"{name}/{README}")
     record.files[README] = _put(transport, f"{name}/{README}", readme)
     _put(transport, f"{name}/{MANIFEST}", record.manifest_json())
 
 
-def _ensure_room(
-    transport, existing, plan: SavePlan, needed: int
-) -> tuple[int | None, list[policy.DumpDir]]:
-    """Check the budget before writing; prune what rotation would drop anyway if needed.
+def _ensure_room(transport, room: SpaceMaker, plan: SavePlan, needed: int) -> int | None:
+    """Check the budget before writing; let ``room`` delete what rotation drops anyway.
 
-    Returns the free space and the dumps deleted to make it.
+    ``needed``: bytes the dump will certainly take. Returns the free space.
     """
-    pruned: list[policy.DumpDir] = []
-    free = transport.free_space("")
-    short = policy.budget_shortfall(free, needed, plan.free_disk_size)
-    if not short:
-        return free, pruned
-    for d in policy.prunable_for_space(existing, plan.keep_old_dumps):
-        log.info("deleting old dump %s to make room (%d MiB short)", d.name, short >> 20)
-        transport.remove_tree(d.name)
-        pruned.append(d)
+    while True:
         free = transport.free_space("")
         short = policy.budget_shortfall(free, needed, plan.free_disk_size)
         if not short:
-            return free, pruned
+            return free
+        if not room(short):
+            break
     raise FreeSpaceError(
-        f"{transport.describe()}: {free >> 20} MiB free, but the dump needs about "
-        f"{needed >> 20} MiB and KDUMP_FREE_DISK_SIZE keeps {plan.free_disk_size >> 20} MiB free; "
-        "nothing was written"
+        f"{transport.describe()}: {free >> 20} MiB free, but the dump needs at least "
+        f"{-(-needed >> 20)} MiB and KDUMP_FREE_DISK_SIZE keeps {plan.free_disk_size >> 20} MiB "
+        "free; nothing was written"
     )
 
 

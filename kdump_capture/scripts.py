@@ -3,16 +3,18 @@
 They are shell command lines from the configuration, run with ``/bin/sh -c`` as the SUSE
 tool does (the config itself is never executed). The environment tells them what is
 going on: KDUMP_VMCORE (the source), and after a dump KDUMP_DUMP_URL (target, password
-redacted) and KDUMP_DUMP_DIR (the dump directory's name).
+redacted) and KDUMP_DUMP_DIR (the dump directory's name), or, after a dump written to
+KDUMP_DUMPDEV, KDUMP_DUMP_DEVICE (the device; the other two are empty).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 
-from .errors import ScriptError
+from .errors import ScriptError, TransferError
 
 log = logging.getLogger(__name__)
 
@@ -29,11 +31,30 @@ def run_script(directive: str, command: str, env: dict[str, str]) -> int:
     return p.returncode
 
 
+def describe_status(status: int) -> str:
+    """``exit status N`` or ``killed by SIGNAME (signal N)`` for a subprocess returncode."""
+    if status >= 0:
+        return f"exit status {status}"
+    try:
+        return f"killed by {signal.Signals(-status).name} (signal {-status})"
+    except ValueError:
+        return f"killed by signal {-status}"
+
+
+def check_transfer(status: int) -> None:
+    """A failing KDUMP_TRANSFER is TransferError (exit 14): its status is never passed on
+    as ours, where 7 would mean "authentication refused" and a signal a negative code."""
+    if status != 0:
+        raise TransferError(
+            f"KDUMP_TRANSFER failed ({describe_status(status)}): the dump may not be saved"
+        )
+
+
 def check_script(directive: str, status: int, continue_on_error: bool) -> None:
     """A failed pre/post script is fatal only with KDUMP_CONTINUE_ON_ERROR=false."""
     if status == 0:
         return
-    msg = f"{directive} failed (exit status {status})"
+    msg = f"{directive} failed ({describe_status(status)})"
     if continue_on_error:
         log.error("%s; continuing (KDUMP_CONTINUE_ON_ERROR)", msg)
         return

@@ -19,7 +19,12 @@ SCHEMES: dict[str, str] = {
     "ssh": "sftp",
     "sftp": "sftp",
     "scp": "sftp",
+    # s3:// is https with verified certificates; s3+http:// is plain http
+    "s3": "s3",
+    "s3+http": "s3",
 }
+# S3 bucket names (the rules every store accepts for path-style requests).
+_BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 
 _SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://(.*)$", re.S)
 
@@ -29,7 +34,7 @@ class Target:
     """One parsed dump target.
 
     ``path`` is absolute and percent-decoded. For CIFS the first path component is the
-    share. ``password`` never appears in ``repr`` or ``redacted()``.
+    share. ``password`` never appears in ``repr``, ``str`` or ``redacted()``.
     """
 
     scheme: str
@@ -41,7 +46,14 @@ class Target:
     path: str = "/"
 
     def redacted(self) -> str:
-        """The URL as a user would write it, with any password replaced by ``***``."""
+        """The URL as a user would write it, with any password replaced by ``***``.
+
+        The result goes through ``redact`` too: a path may hold ``x:y@`` (a mistyped
+        ``file:///user:pw@host/x`` is a valid file path) and is then shown as a password.
+        """
+        return redact(self._unredacted_text())
+
+    def _unredacted_text(self) -> str:
         if self.scheme == "file":
             return f"file://{self.path}"
         auth = ""
@@ -56,6 +68,9 @@ class Target:
 
     def __str__(self) -> str:
         return self.redacted()
+
+    def __repr__(self) -> str:
+        return f"Target({self.redacted()!r})"
 
     @property
     def share(self) -> str:
@@ -78,27 +93,42 @@ def parse_target(text: str) -> tuple[Target, list[str]]:
     warnings: list[str] = []
     if not text:
         raise UrlError("empty target URL")
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # undecodable bytes (surrogate escapes from argv)
+            raise UrlError(f"target {redact(text)!a}: not valid UTF-8") from None
     if text.startswith("/"):
-        warnings.append(f"KDUMP_SAVEDIR {text!r} has no scheme; treating it as file://{text}")
+        shown = redact(text)
+        warnings.append(f"KDUMP_SAVEDIR {shown!r} has no scheme; treating it as file://{shown}")
         return Target(scheme="file", spelled="file", path=_clean_path(unquote(text))), warnings
     m = _SCHEME_RE.match(text)
     if not m:
         raise UrlError(
-            f"target {_scrub(text)!r} is not a URL; use file:///path, nfs://host/path, "
-            "cifs://[user[:password]@]host/share/path, ftp://..., or sftp://..."
+            # The hint shows no "user:password@": the redaction would mangle it.
+            f"target {redact(text)!r} is not a URL; use file:///path, nfs://host/path, "
+            "cifs://host/share/path, ftp://host/path or sftp://host/path (user and password "
+            "go before the host; scp-style user@host:/path is sftp://user@host/path)"
         )
     spelled = m.group(1).lower()
     rest = m.group(2)
     scheme = SCHEMES.get(spelled)
     if scheme is None:
         raise UrlError(
-            f"target {_scrub(text)!r}: unknown scheme {spelled!r}; "
+            f"target {redact(text)!r}: unknown scheme {spelled!r}; "
             f"known schemes: {', '.join(sorted(SCHEMES))}"
         )
     authority, _, path = rest.partition("/")
     path = "/" + path
     if "?" in path or "#" in path:
-        raise UrlError(f"target {_scrub(text)!r}: query strings and fragments are not supported")
+        raise UrlError(f"target {redact(text)!r}: query strings and fragments are not supported")
+    if "@" in path:
+        # "ftp://u:pa/ss@host/x" would otherwise connect to host "pa" or "u" with a piece of
+        # the password as path: an "@" after the host is taken for a mistyped password.
+        raise UrlError(
+            f"target {redact(text)!r}: '@' after the host; percent-encode '@' and '/' in "
+            "passwords and paths (%40, %2F)"
+        )
 
     user = password = None
     if "@" in authority:
@@ -111,9 +141,9 @@ def parse_target(text: str) -> tuple[Target, list[str]]:
 
     if scheme == "file":
         if host and host != "localhost":
-            raise UrlError(f"target {_scrub(text)!r}: a file URL cannot name a remote host")
+            raise UrlError(f"target {redact(text)!r}: a file URL cannot name a remote host")
         if user is not None:
-            raise UrlError(f"target {_scrub(text)!r}: a file URL cannot carry a user")
+            raise UrlError(f"target {redact(text)!r}: a file URL cannot carry a user")
         return Target(scheme="file", spelled="file", path=_clean_path(unquote(path))), warnings
 
     if scheme == "nfs" and not host:
@@ -121,14 +151,21 @@ def parse_target(text: str) -> tuple[Target, list[str]]:
         m2 = re.match(r"^/([^/:]+):(/.*)$", path)
         if not m2:
             raise UrlError(
-                f"target {_scrub(text)!r}: NFS needs a server: nfs://host/path or nfs:///host:/path"
+                f"target {redact(text)!r}: NFS needs a server: nfs://host/path or nfs:///host:/path"
             )
         host, path = unquote(m2.group(1)), m2.group(2)
     if not host:
-        raise UrlError(f"target {_scrub(text)!r}: {spelled} needs a host name")
+        raise UrlError(f"target {redact(text)!r}: {spelled} needs a host name")
     path = _clean_path(unquote(path))
     if scheme == "cifs" and path == "/":
-        raise UrlError(f"target {_scrub(text)!r}: CIFS needs a share: cifs://host/share[/path]")
+        raise UrlError(f"target {redact(text)!r}: CIFS needs a share: cifs://host/share[/path]")
+    if scheme == "s3":
+        bucket = path.strip("/").split("/", 1)[0]
+        if not _BUCKET_RE.fullmatch(bucket) or ".." in bucket:
+            raise UrlError(
+                f"target {redact(text)!r}: S3 needs a bucket (3-63 of a-z 0-9 . -): "
+                f"{spelled}://host[:port]/bucket[/prefix]"
+            )
     return (
         Target(
             scheme=scheme,
@@ -161,17 +198,18 @@ def _split_host_port(authority: str, text: str) -> tuple[str, int | None]:
     if authority.startswith("["):
         end = authority.find("]")
         if end < 0:
-            raise UrlError(f"target {_scrub(text)!r}: unterminated IPv6 address")
+            raise UrlError(f"target {redact(text)!r}: unterminated IPv6 address")
         host, rest = authority[1:end], authority[end + 1 :]
         if rest and not rest.startswith(":"):
-            raise UrlError(f"target {_scrub(text)!r}: junk after IPv6 address")
+            raise UrlError(f"target {redact(text)!r}: junk after IPv6 address")
         port_text = rest[1:] if rest else ""
     else:
         host, _, port_text = authority.partition(":")
     if port_text == "":
         return host, None
     if not re.fullmatch(r"[0-9]+", port_text) or not 0 < int(port_text) < 65536:
-        raise UrlError(f"target {_scrub(text)!r}: the port is not a number 1-65535")
+        # Not shown: in "ftp://user:password" (no "@host") the password reads as the port.
+        raise UrlError(f"target {redact(text)!r}: the port is not a number 1-65535")
     return host, int(port_text)
 
 
@@ -180,19 +218,64 @@ def _clean_path(path: str) -> str:
         raise UrlError("target path contains a NUL byte")
     parts = [p for p in path.split("/") if p not in ("", ".")]
     if ".." in parts:
-        raise UrlError(f"target path {path!r} must not contain '..'")
+        raise UrlError(f"target path {redact(path)!r} must not contain '..'")
     return "/" + "/".join(parts)
 
 
-def _scrub(text: str) -> str:
-    """The URL text with any password removed, for error messages."""
-    m = _SCHEME_RE.match(text)
-    if not m:
+# A scheme and the two or more slashes after it ("ftp://", "ftp:///"). With one slash or
+# none, "name:" may be a user (scp-style "ftp:/pw@host:/x" has user "ftp", password "/pw"),
+# so it stays part of userinfo and the whole of "ftp:/user:pw" is hidden.
+# Quotes and brackets before it are kept: messages show URLs as repr() or in <...>.
+_PREFIX_RE = re.compile(r"[\"'(<\[]*[A-Za-z][A-Za-z0-9+.-]*://+")
+_TOKEN_RE = re.compile(r"\S+")
+
+
+def redact(text: str) -> str:
+    """``text`` with every password of every target in it replaced by ``***``.
+
+    The one redaction used for anything that may carry a target: URL and config errors,
+    show-config, logs (cli's log formatter), README.txt and manifest.json. It works on
+    arbitrary text, not only on valid URLs: each whitespace-separated word that contains
+    an ``@`` is taken as ``[scheme:[//]]userinfo@rest``, where userinfo runs to the last
+    ``@`` (passwords may contain ``@``, ``/`` and ``:``), and everything in userinfo after
+    its first ``:`` is replaced. That covers ``scheme://user:pw@host``, ``scheme:/user:pw@``
+    and ``scheme:user:pw@`` (both shown as ``scheme:***@``), scp-style ``user:pw@host:/path``,
+    percent-encoded passwords (the encoded text is replaced as a whole), several targets
+    in one value, and garbage around them. In a word without ``@``, a port that is not a
+    number is replaced too (``ftp://user:pw/x``, the ``@host`` forgotten). It may replace
+    more than a password (``ftp://host:21/a:b@c`` becomes ``ftp://host:***@c``), never
+    less. A password containing whitespace must be percent-encoded (``%20``): unencoded,
+    it is not one word of KDUMP_SAVEDIR.
+    """
+    if "@" not in text and "://" not in text:
         return text
-    rest = m.group(2)
-    at = rest.rfind("@")
+    return _TOKEN_RE.sub(lambda m: _redact_word(m.group()), text)
+
+
+# "scheme://host:port" where the port is not a number: in "ftp://user:password" (the
+# "@host" forgotten) the password reads as a port.
+_BAD_PORT_RE = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^/@\[\]:]*:)([^/@]*?)(['\")>,;:.]*(?:/|$))")
+
+
+def _mask_port(m: re.Match[str]) -> str:
+    port = m.group(2)
+    if re.fullmatch(r"[0-9]*|\*\*\*", port):
+        return m.group()
+    return f"{m.group(1)}***{m.group(3)}"
+
+
+def _redact_word(word: str) -> str:
+    at = word.rfind("@")
     if at < 0:
-        return text
-    userinfo, tail = rest[:at], rest[at:]
-    user = userinfo.split(":", 1)[0]
-    return f"{m.group(1)}://{user}:***{tail}" if ":" in userinfo else text
+        return _BAD_PORT_RE.sub(_mask_port, word)
+    # What follows the last "@" may hold another target (two joined by an escaped
+    # separator, as in a repr): its non-numeric port is masked as in a word without "@".
+    head, tail = word[:at], _BAD_PORT_RE.sub(_mask_port, word[at:])
+    prefix = ""
+    m = _PREFIX_RE.match(head)
+    if m:
+        prefix, head = head[: m.end()], head[m.end() :]
+    colon = head.find(":")
+    if colon < 0:
+        return f"{prefix}{head}{tail}"
+    return f"{prefix}{head[: colon + 1]}***{tail}"

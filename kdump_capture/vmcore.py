@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import mmap
 import os
+import re
 import stat
+import time
 from dataclasses import dataclass, field
 
+from .bounds import MAX_NOTES, MAX_OFFSET, check_span, read_span
 from .elf import (
     EHDR,
     ELFCLASS64,
@@ -36,9 +40,80 @@ MAP_WINDOW = 4 << 20
 # A view wider than this is not mapped (the caller reads instead): pages spread thinly
 # over a large stretch of the file would map much for little.
 MAP_SPAN = 16 << 20
-# A note segment larger than this is not a vmcore (real ones are a few KiB per CPU).
-MAX_NOTES = 64 << 20
 MAX_PHNUM = 65535
+PAGE = 4096
+IOMEM = "/proc/iomem"
+
+# CRASHTIME comes from the crashed kernel's clock: only a plausible value names a dump.
+# Nothing this engine reads (Linux 5.10+) crashed before 2000-01-01. A crash cannot lie in
+# the future either, but the capture kernel's own clock may be unset (1970) or off, so the
+# limit is ten years past the later of that clock and 2025-01-01 (before this code existed).
+EARLIEST_CRASH = 946684800  # 2000-01-01 00:00:00 UTC
+CODE_EPOCH = 1735689600  # 2025-01-01 00:00:00 UTC
+FUTURE_SLACK = 10 * 365 * 86400
+_DECIMAL = re.compile(r"[0-9]{1,20}")
+EHWPOISON = 133  # Linux: memory page has hardware error (not in Python's errno module)
+
+# Read errors that mean "this part of the source cannot be read" (/proc/vmcore returns EIO
+# or EFAULT for pages the first kernel could not hand over; /dev/oldmem EFAULT or EINVAL):
+# such pages are retried once, then saved as zeros and recorded. Any other error stops.
+SALVAGE_ERRNOS = frozenset({errno.EIO, errno.EFAULT, errno.EINVAL, errno.ENXIO, EHWPOISON})
+# Unreadable ranges kept for the manifest; beyond this only the byte count grows.
+MAX_RECORDED_RANGES = 256
+
+
+def check_crash_time(raw: str | None, now: float) -> tuple[int | None, str | None]:
+    """``(seconds, None)`` for a plausible CRASHTIME, else ``(None, why)`` (None when absent).
+
+    Plausible: a decimal integer from 2000-01-01 to ten years after the later of ``now``
+    and 2025-01-01 (see EARLIEST_CRASH).
+    """
+    if raw is None:
+        return None, None
+    shown = repr(raw[:32]) + ("..." if len(raw) > 32 else "")
+    if not _DECIMAL.fullmatch(raw):
+        return None, f"CRASHTIME={shown} in VMCOREINFO is not a decimal number of seconds"
+    value = int(raw)
+    latest = int(max(now, CODE_EPOCH)) + FUTURE_SLACK
+    if not EARLIEST_CRASH <= value <= latest:
+        return None, (
+            f"CRASHTIME={shown} in VMCOREINFO is not a plausible time "
+            f"(outside {time.strftime('%Y-%m-%d', time.gmtime(EARLIEST_CRASH))} .. "
+            f"{time.strftime('%Y-%m-%d', time.gmtime(latest))})"
+        )
+    return value, None
+
+
+def system_ram(iomem: str = IOMEM) -> list[tuple[int, int]]:
+    """The ``System RAM`` ranges of ``iomem`` as sorted ``[start, end)`` pairs.
+
+    Empty when the file cannot be read or shows only zeros (read by a user other than root).
+    """
+    ranges: list[tuple[int, int]] = []
+    try:
+        with open(iomem, encoding="ascii", errors="replace") as f:
+            lines = f.read(1 << 20).splitlines()
+    except OSError:
+        return []
+    for line in lines:
+        span, sep, name = line.partition(" : ")
+        if not sep or name.strip() != "System RAM":
+            continue
+        lo, dash, hi = span.strip().partition("-")
+        try:
+            start, end = int(lo, 16), int(hi, 16) + 1
+        except ValueError:
+            continue
+        if dash and end > start and end > 1:
+            ranges.append((start, end))
+    ranges.sort()
+    merged: list[tuple[int, int]] = []
+    for start, end in ranges:
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(end, merged[-1][1]))
+        else:
+            merged.append((start, end))
+    return merged
 
 
 def parse_vmcoreinfo(text: str) -> dict[str, str]:
@@ -53,12 +128,17 @@ def parse_vmcoreinfo(text: str) -> dict[str, str]:
 
 @dataclass
 class Vmcore:
-    """An open crash dump source. Read with ``readinto``/``pread``; close when done."""
+    """An open crash dump source; close when done.
+
+    ``readinto``/``pread`` read strictly (any error is a VmcoreError); writers copy the dump
+    with ``read_data``, which saves what can be read: a page that fails twice is zero-filled
+    and recorded in ``unreadable``.
+    """
 
     path: str
     kind: str  # "elf" or "raw"
     fd: int
-    size: int | None  # bytes to copy; None for a raw device read until EOF
+    size: int | None  # bytes to copy (the expected size of the source)
     ehdr: Ehdr | None = None
     phdrs: list[Phdr] = field(default_factory=list)
     notes_offset: int = 0
@@ -71,6 +151,11 @@ class Vmcore:
     _map_start: int = field(default=0, repr=False)
     _map_end: int = field(default=0, repr=False)
     _mappable: bool | None = field(default=None, repr=False)
+    #: readable ranges of a raw memory source (System RAM); None: all of it
+    ram: list[tuple[int, int]] | None = None
+    #: source ranges ``[start, end)`` that could not be read and were saved as zeros
+    unreadable: list[tuple[int, int]] = field(default_factory=list)
+    unreadable_bytes: int = 0
 
     # -- derived facts -----------------------------------------------------------------
     @property
@@ -90,10 +175,13 @@ class Vmcore:
 
     @property
     def crash_time(self) -> int | None:
-        try:
-            return int(self.vmcoreinfo["CRASHTIME"])
-        except (KeyError, ValueError):
-            return None
+        """CRASHTIME from VMCOREINFO when it is plausible (``check_crash_time``), else None."""
+        return check_crash_time(self.vmcoreinfo.get("CRASHTIME"), time.time())[0]
+
+    @property
+    def crash_time_problem(self) -> str | None:
+        """Why CRASHTIME was not used, when VMCOREINFO has one; else None."""
+        return check_crash_time(self.vmcoreinfo.get("CRASHTIME"), time.time())[1]
 
     @property
     def release(self) -> str | None:
@@ -106,25 +194,125 @@ class Vmcore:
         return min(starts) if starts else (self.size or 0)
 
     # -- reading -----------------------------------------------------------------------
-    def readinto(self, buf: bytearray | memoryview, offset: int) -> int:
-        """Fill ``buf`` from ``offset``; returns bytes read (short only at the end)."""
-        view = memoryview(buf)
+    def _pread_into(self, view: memoryview, offset: int) -> int:
+        """One positioned read at ``offset`` of the source: the only place that reads it."""
+        return os.preadv(self.fd, [view], self.base + offset)
+
+    def _fill(self, view: memoryview, offset: int) -> int:
+        """Read until ``view`` is full or the source ends; OSError passes through."""
         done = 0
         while done < len(view):
-            try:
-                n = os.preadv(self.fd, [view[done:]], self.base + offset + done)
-            except OSError as e:
-                if self.kind == "raw" and done == 0 and e.errno in (14, 22, 5):
-                    return 0  # /dev/oldmem ends with EFAULT/EINVAL past the last page
-                raise VmcoreError(
-                    f"{self.path}: read error at offset {offset + done:#x}: {e.strerror}"
-                ) from e
+            n = self._pread_into(view[done:], offset + done)
             if n == 0:
                 break
             done += n
         return done
 
+    def readinto(self, buf: bytearray | memoryview, offset: int) -> int:
+        """Fill ``buf`` from ``offset``; returns bytes read (short only at the end)."""
+        view = memoryview(buf).cast("B")
+        try:
+            return self._fill(view, offset)
+        except OSError as e:
+            raise VmcoreError(f"{self.path}: read error at offset {offset:#x}: {e.strerror}") from e
+
+    def read_data(self, buf: bytearray | memoryview, offset: int) -> int:
+        """Like ``readinto``, for copying the dump: what cannot be read is saved as zeros.
+
+        A read error (SALVAGE_ERRNOS) is retried once page by page; pages that fail again are
+        zero-filled and recorded in ``unreadable``. Bytes of a raw source outside its System
+        RAM are zeros without being read. Returns bytes filled, short only where the source
+        ends; other errors raise VmcoreError.
+        """
+        view = memoryview(buf).cast("B")
+        if self.ram is None:
+            return self._salvage(view, offset)
+        end = offset + len(view)
+        if self.size is not None:
+            end = min(end, self.size)
+        pos = offset
+        for r_start, r_end in self.ram:
+            if r_end <= pos:
+                continue
+            if r_start >= end:
+                break
+            if r_start > pos:
+                view[pos - offset : r_start - offset] = bytes(r_start - pos)
+                pos = r_start
+            stop = min(end, r_end)
+            n = self._salvage(view[pos - offset : stop - offset], pos)
+            pos += n
+            if pos < stop:
+                return pos - offset  # the source ended early
+        if pos < end:
+            view[pos - offset : end - offset] = bytes(end - pos)
+            pos = end
+        return pos - offset
+
+    def _salvage(self, view: memoryview, offset: int) -> int:
+        try:
+            return self._fill(view, offset)
+        except OSError as e:
+            if e.errno not in SALVAGE_ERRNOS:
+                raise VmcoreError(
+                    f"{self.path}: read error at offset {offset:#x}: {e.strerror}"
+                ) from e
+            log.debug("%s: %s reading %#x+%#x; retrying by page", self.path, e, offset, len(view))
+        done = 0
+        while done < len(view):
+            pos = offset + done
+            piece = view[done : done + PAGE - pos % PAGE]
+            try:
+                n = self._fill(piece, pos)
+            except OSError as e:
+                if e.errno not in SALVAGE_ERRNOS:
+                    raise VmcoreError(
+                        f"{self.path}: read error at offset {pos:#x}: {e.strerror}"
+                    ) from e
+                piece[:] = bytes(len(piece))
+                self._record_unreadable(pos, len(piece), e)
+                n = len(piece)
+            done += n
+            if n < len(piece):
+                break  # the source ended
+        return done
+
+    def _record_unreadable(self, offset: int, size: int, err: OSError) -> None:
+        end = offset + size
+        if any(a <= offset and end <= b for a, b in self.unreadable):
+            return  # read again by a later pass (a filter scan, then the copy)
+        if self.unreadable_bytes == 0:
+            log.warning(
+                "%s: offset %#x: %s; unreadable pages are saved as zeros and listed in the "
+                "manifest",
+                self.path,
+                offset,
+                err.strerror,
+            )
+        self.unreadable_bytes += size
+        if self.unreadable and self.unreadable[-1][1] == offset:
+            self.unreadable[-1] = (self.unreadable[-1][0], end)
+        elif len(self.unreadable) < MAX_RECORDED_RANGES:
+            self.unreadable.append((offset, end))
+
+    def reset_unreadable(self) -> None:
+        """Forget recorded unreadable ranges (before copying the source again)."""
+        self.unreadable = []
+        self.unreadable_bytes = 0
+
+    def paddr_of(self, offset: int) -> int | None:
+        """The physical address held at source ``offset`` (raw memory: the offset itself)."""
+        if self.kind == "raw":
+            return offset
+        for p in self.loads:
+            if p.offset <= offset < p.offset + p.filesz:
+                return p.paddr + (offset - p.offset)
+        return None
+
     def pread(self, size: int, offset: int) -> bytes:
+        """Up to ``size`` bytes at ``offset`` (short at the end of the source)."""
+        if self.size is not None:
+            size = max(0, min(size, self.size - offset))
         buf = bytearray(size)
         n = self.readinto(buf, offset)
         return bytes(buf[:n])
@@ -142,6 +330,8 @@ class Vmcore:
         """
         if length <= 0 or length > MAP_SPAN or self.kind != "elf":
             return None
+        if type(self)._pread_into is not Vmcore._pread_into:
+            return None  # a source with a read primitive of its own is read through it
         pos = self.base + offset
         if not (self._map_start <= pos and pos + length <= self._map_end):
             if self._mappable is None:
@@ -207,29 +397,34 @@ def find_source(explicit: str | None) -> str:
     )
 
 
-def open_vmcore(path: str, base: int = 0, limit: int | None = None) -> Vmcore:
+def open_vmcore(path: str, base: int = 0, limit: int | None = None, iomem: str = IOMEM) -> Vmcore:
     """Open and validate a crash dump source; errors name the file and offset.
 
     ``base`` and ``limit`` select a region of ``path`` (the data area of a dump device).
+    A source that is not ELF is raw physical memory (/dev/oldmem); how much of it there is
+    comes from the System RAM ranges of ``iomem``.
     """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as e:
         raise NoDumpError(f"{path}: cannot open: {e.strerror}") from e
     try:
-        return _parse(path, fd, base, limit)
+        if stat.S_ISDIR(os.fstat(fd).st_mode):  # open(2) lets O_RDONLY through; read fails
+            raise NoDumpError(f"{path}: cannot open: {os.strerror(errno.EISDIR)}")
+        return _parse(path, fd, base, limit, iomem)
     except BaseException:
         os.close(fd)
         raise
 
 
-def _parse(path: str, fd: int, base: int = 0, limit: int | None = None) -> Vmcore:
+def _parse(
+    path: str, fd: int, base: int = 0, limit: int | None = None, iomem: str = IOMEM
+) -> Vmcore:
     st = os.fstat(fd)
     head = os.pread(fd, EHDR.size, base)
     if head[:4] != ELFMAG:
         if stat.S_ISCHR(st.st_mode) or path.endswith("oldmem"):
-            log.info("%s is not ELF: treating it as raw physical memory (/dev/oldmem)", path)
-            return Vmcore(path=path, kind="raw", fd=fd, size=None)
+            return _raw(path, fd, st, iomem)
         if not head:
             raise VmcoreError(f"{path}: empty file (zero-size vmcore)")
         raise VmcoreError(f"{path}: offset 0x0: not an ELF core file (bad magic {head[:4]!r})")
@@ -254,8 +449,11 @@ def _parse(path: str, fd: int, base: int = 0, limit: int | None = None) -> Vmcor
         file_size -= base
     if limit is not None:
         file_size = limit if file_size is None else min(file_size, limit)
-    ph_bytes = os.pread(fd, PHDR.size * ehdr.phnum, base + ehdr.phoff)
-    if len(ph_bytes) < PHDR.size * ehdr.phnum:
+    table = PHDR.size * ehdr.phnum
+    if base + ehdr.phoff + table > MAX_OFFSET:
+        raise VmcoreError(f"{path}: offset 0x20: e_phoff {ehdr.phoff:#x} is out of range")
+    ph_bytes = os.pread(fd, table, base + ehdr.phoff)
+    if len(ph_bytes) < table:
         raise VmcoreError(
             f"{path}: offset {ehdr.phoff + len(ph_bytes):#x}: file ends inside the program "
             f"headers ({ehdr.phnum} expected at {ehdr.phoff:#x})"
@@ -271,6 +469,11 @@ def _parse(path: str, fd: int, base: int = 0, limit: int | None = None) -> Vmcor
             raise VmcoreError(
                 f"{path}: offset {where:#x}: PT_LOAD #{i} has p_filesz {p.filesz:#x} "
                 f"> p_memsz {p.memsz:#x}"
+            )
+        if base + seg_end > MAX_OFFSET:
+            raise VmcoreError(
+                f"{path}: offset {where:#x}: program header #{i} points to "
+                f"{p.offset:#x}-{seg_end:#x}, beyond any file"
             )
         if file_size is not None and seg_end > file_size:
             raise VmcoreError(
@@ -292,13 +495,37 @@ def _parse(path: str, fd: int, base: int = 0, limit: int | None = None) -> Vmcor
     )
     if file_size is not None and file_size > end:
         vm.size = file_size  # keep trailing bytes: level 0 must stay byte-identical
-    notes = [p for p in phdrs if p.type == PT_NOTE]
+    notes = [(i, p) for i, p in enumerate(phdrs) if p.type == PT_NOTE]
     if notes:
-        # /proc/vmcore merges all notes into one PT_NOTE; tolerate several (raw elfcorehdr).
-        first = notes[0]
-        if first.filesz > MAX_NOTES:
-            raise VmcoreError(f"{path}: PT_NOTE size {first.filesz:#x} is implausibly large")
-        blob = b"".join(os.pread(fd, p.filesz, base + p.offset) for p in notes)
+        # /proc/vmcore merges all notes into one PT_NOTE; tolerate several (raw elfcorehdr),
+        # but all of them together must stay a plausible size before any is read.
+        total = sum(p.filesz for _, p in notes)
+        check_span(
+            path,
+            f"the note segments ({len(notes)} PT_NOTE)",
+            0,
+            total,
+            None,
+            MAX_NOTES,
+            where=ehdr.phoff + notes[0][0] * PHDR.size,
+        )
+
+        def pread(size: int, offset: int) -> bytes:
+            return os.pread(fd, size, base + offset)
+
+        blob = b"".join(
+            read_span(
+                pread,
+                path,
+                f"PT_NOTE #{i}",
+                p.offset,
+                p.filesz,
+                file_size,
+                where=ehdr.phoff + i * PHDR.size,
+            )
+            for i, p in notes
+        )
+        first = notes[0][1]
         vm.notes_offset = first.offset
         vm.notes_blob = blob
         try:
@@ -312,6 +539,34 @@ def _parse(path: str, fd: int, base: int = 0, limit: int | None = None) -> Vmcor
     if not vm.vmcoreinfo:
         log.warning("%s: no VMCOREINFO note; crash time and kernel release unknown", path)
     return vm
+
+
+def _raw(path: str, fd: int, st: os.stat_result, iomem: str) -> Vmcore:
+    """Raw physical memory: its expected size is known, or it is not copied at all.
+
+    A regular file or a block device has its own size. A character device (/dev/oldmem)
+    has no size: the copy covers physical addresses up to the end of the System RAM that
+    ``iomem`` lists, and only those ranges are read (the holes between them are zeros).
+    """
+    ram = None
+    if stat.S_ISREG(st.st_mode):
+        size = st.st_size
+    elif stat.S_ISBLK(st.st_mode):
+        size = _blockdev_size(fd)
+    else:
+        ram = system_ram(iomem)
+        if not ram:
+            raise VmcoreError(
+                f"{path}: raw memory, but {iomem} lists no System RAM (unreadable, or not "
+                "read as root): cannot tell how much memory there is to save"
+            )
+        size = ram[-1][1]
+    if size == 0:
+        raise VmcoreError(f"{path}: empty file (zero-size vmcore)")
+    log.info(
+        "%s is not ELF: treating it as raw physical memory (/dev/oldmem), %d bytes", path, size
+    )
+    return Vmcore(path=path, kind="raw", fd=fd, size=size, ram=ram)
 
 
 def _blockdev_size(fd: int) -> int:

@@ -82,13 +82,17 @@ def build_capture(
     return out, report
 
 
-def first_stage_image(kernel: vmkit.Kernel, capture: Path, marker: str, work: Path) -> Path:
+def first_stage_image(
+    kernel: vmkit.Kernel, capture: Path, marker: str, work: Path, loaded: Path | None = None
+) -> Path:
+    """The first kernel's image: our runtime (``capture``) plus an overlay with the loader
+    script, busybox, the kernel and the image to load (``loaded``, default ``capture``)."""
     arc = cpio.Archive()
     arc.add_file("init-first", FIRST_INIT.replace("{marker}", marker).encode(), 0o755)
     # the capture image has busybox only when its config may open a shell
     arc.add_file("usr/bin/busybox", vmkit.find_busybox().read_bytes(), 0o755)
     arc.add_file("boot/vmlinuz", kernel.vmlinuz.read_bytes())
-    arc.add_file("boot/capture.img", capture.read_bytes())
+    arc.add_file("boot/capture.img", (loaded or capture).read_bytes())
     buf = io.BytesIO()
     arc.write(buf)
     first = work / "first.img"
@@ -109,13 +113,16 @@ def run_cycle(
     target_device: str = "",
     target_fstype: str = "",
     timeout: float = 420.0,
+    loaded: Path | None = None,
 ) -> CycleResult:
+    """One cycle; ``loaded`` is a capture image built elsewhere (dracut) to load instead of
+    ours (ours is still built: the first kernel's load side runs from it)."""
     work.mkdir(parents=True, exist_ok=True)
     marker = f"KDUMP-CAPTURE-E2E-{uuid.uuid4().hex}"
     capture, report = build_capture(
         kernel, config_text, work, target_device=target_device, target_fstype=target_fstype
     )
-    first = first_stage_image(kernel, capture, marker, work)
+    first = first_stage_image(kernel, capture, marker, work, loaded)
     append = f"console=ttyS0 quiet crashkernel={crashkernel_mib}M rdinit=/init-first panic=-1"
     log_path = work / "console.log"
     started = time.monotonic()

@@ -16,6 +16,7 @@ if _ROOT not in sys.path:
 from tests import vmkit  # noqa: E402
 from tests.servers.fixtures import (  # noqa: E402, F401 - pytest finds fixtures by name
     ftp_server,
+    s3_server,
     smb_server,
     ssh_server,
     test_user,

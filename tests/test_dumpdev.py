@@ -1,6 +1,9 @@
 """KDUMP_DUMPDEV: raw dump onto a (loop) block device, then `recover` into KDUMP_SAVEDIR."""
 
+import hashlib
 import os
+import shutil
+import stat
 import subprocess
 
 import pytest
@@ -108,7 +111,7 @@ def test_mounted_device_is_refused(sample, loopdev, tmp_path):
     subprocess.run(["mount", dev, str(mnt)], check=True)
     try:
         r = _save_to_dev(sample, dev)
-        assert r.rc == 10 and "mounted on" in r.err
+        assert r.rc == 10 and f"{os.path.basename(dev)} is mounted on {mnt}" in r.err
     finally:
         subprocess.run(["umount", str(mnt)], check=True)
 
@@ -158,3 +161,252 @@ def test_if_present_without_a_device_is_quiet(tmp_path):
     assert r.rc == 0
     r = cli("recover", "--config", "/nonexistent")
     assert r.rc == 2 and "KDUMP_DUMPDEV" in r.err
+
+
+def test_regular_file_is_refused_and_left_alone(sample, tmp_path):
+    precious = tmp_path / "precious.img"
+    content = os.urandom(64 << 10) * 16
+    precious.write_bytes(content)
+    r = _save_to_dev(sample, str(precious))
+    assert r.rc == 10, r.err
+    assert "not a block device (a regular file)" in r.err and str(precious) in r.err
+    assert precious.read_bytes() == content
+
+
+def test_format_none_is_refused_for_a_device(sample, loopdev):
+    dev = loopdev(32)
+    r = _save_to_dev(sample, dev, "KDUMP_DUMPFORMAT=none")
+    assert r.rc == 2 and "writes no vmcore" in r.err
+    assert dumpdev.read_header(dev) is None  # nothing was written
+
+
+class FakeSystem:
+    """A fake /sys/class/block, /sys/fs/btrfs, mountinfo and /proc/swaps for check_device."""
+
+    def __init__(self, root):
+        self.root = root
+        self.view = dumpdev.SystemView(
+            sys_block=str(root / "sys/class/block"),
+            sys_btrfs=str(root / "sys/fs/btrfs"),
+            mountinfo=str(root / "mountinfo"),
+            swaps=str(root / "swaps"),
+        )
+        os.makedirs(self.view.sys_block)
+        os.makedirs(self.view.sys_btrfs)
+        (root / "mountinfo").write_text(
+            "22 1 254:0 / / rw,relatime - ext4 /dev/vda rw\n23 22 0:21 / /proc rw - proc proc rw\n"
+        )
+        (root / "swaps").write_text("Filename\tType\tSize\tUsed\tPriority\n")
+
+    def disk(self, name, major, minor, partitions=0):
+        """A whole disk with ``partitions`` partitions, plus its device node (mknod)."""
+        d = self.root / "sys/class/block" / name
+        (d / "holders").mkdir(parents=True)
+        (d / "dev").write_text(f"{major}:{minor}\n")
+        for i in range(1, partitions + 1):
+            p = d / f"{name}p{i}"
+            (p / "holders").mkdir(parents=True)
+            (p / "dev").write_text(f"{major}:{minor + i}\n")
+            (p / "partition").write_text(f"{i}\n")
+            os.symlink(p, self.root / "sys/class/block" / f"{name}p{i}")
+            self.node(f"{name}p{i}", major, minor + i)
+        return self.node(name, major, minor)
+
+    def node(self, name, major, minor):
+        path = self.root / "dev" / name
+        path.parent.mkdir(exist_ok=True)
+        if not path.exists():
+            os.mknod(path, stat.S_IFBLK | 0o600, os.makedev(major, minor))
+        return str(path)
+
+    def append(self, name, text):
+        """Add a line to the fake mountinfo or swaps; ``{dev}`` is the fake /dev."""
+        with open(self.root / name, "a") as f:
+            f.write(text.format(dev=self.root / "dev"))
+
+    def holder(self, of, name, dm_name=""):
+        os.makedirs(self.root / f"sys/class/block/{of}/holders/{name}")
+        if dm_name:
+            os.makedirs(self.root / f"sys/class/block/{name}/dm")
+            (self.root / f"sys/class/block/{name}/dm/name").write_text(dm_name + "\n")
+
+    def btrfs_member(self, name, uuid):
+        devices = self.root / f"sys/fs/btrfs/{uuid}/devices"
+        os.makedirs(devices)
+        os.symlink(self.root / f"sys/class/block/{name}", devices / name)
+
+    def check(self, path):
+        dumpdev.check_device(path, self.view)
+
+
+# Majors 240-254 are for local/experimental use (devices.txt): nothing real on this machine.
+MAJOR = 240
+
+
+def test_fake_sysfs_clean_disk_is_accepted(tmp_path):
+    fake = FakeSystem(tmp_path)
+    fake.check(fake.disk("sdx", MAJOR, 0, partitions=2))
+
+
+@pytest.mark.parametrize(
+    "setup, reason",
+    [
+        # a whole disk whose partition is mounted (mountinfo names only the partition)
+        (
+            lambda f: f.append("mountinfo", f"40 22 {MAJOR}:2 / /srv\\040data rw - ext4 x rw\n"),
+            "its partition sdxp2 is mounted on /srv data",
+        ),
+        # the same, mountinfo naming the partition by its source path (btrfs: 0:NN numbers)
+        (
+            lambda f: f.append("mountinfo", "41 22 0:44 / /home rw - btrfs {dev}/sdxp1 rw\n"),
+            "its partition sdxp1 is mounted on /home",
+        ),
+        # an LVM physical volume: device-mapper holds the partition
+        (
+            lambda f: f.holder("sdxp1", "dm-3", "vg0-root"),
+            "its partition sdxp1 is in use by dm-3 (vg0-root)",
+        ),
+        # an md RAID member: md holds the whole disk
+        (lambda f: f.holder("sdx", "md127"), "sdx is in use by md127"),
+        # active swap on a partition, named by its device path
+        (
+            lambda f: f.append("swaps", "{dev}/sdxp2 partition 8388604 0 -2\n"),
+            "its partition sdxp2 is an active swap area",
+        ),
+        # the second device of a mounted multi-device btrfs: in no mountinfo line
+        (
+            lambda f: f.btrfs_member("sdx", "5f3c0a8e-1111-2222-3333-444455556666"),
+            "sdx belongs to the mounted btrfs filesystem 5f3c0a8e",
+        ),
+    ],
+    ids=["partition-mounted", "partition-mounted-by-path", "lvm", "md", "swap", "btrfs"],
+)
+def test_fake_sysfs_in_use_is_refused(tmp_path, setup, reason):
+    fake = FakeSystem(tmp_path)
+    disk = fake.disk("sdx", MAJOR, 0, partitions=2)
+    setup(fake)
+    with pytest.raises(dumpdev.DumpDeviceError) as err:
+        fake.check(disk)
+    assert reason in str(err.value) and disk in str(err.value)
+
+
+def test_fake_sysfs_free_partition_beside_a_mounted_one_is_accepted(tmp_path):
+    fake = FakeSystem(tmp_path)
+    fake.disk("sdx", MAJOR, 0, partitions=2)
+    fake.append("mountinfo", f"40 22 {MAJOR}:2 / /srv rw - ext4 x rw\n")
+    fake.check(str(tmp_path / "dev/sdxp1"))
+    with pytest.raises(dumpdev.DumpDeviceError, match="sdxp2 is mounted on /srv"):
+        fake.check(str(tmp_path / "dev/sdxp2"))
+
+
+def test_whole_disk_with_a_really_mounted_partition(tmp_path, loopdev, sample):
+    """The partition is a real mounted loop device; only the disk around it is fake (this
+    machine's kernel has no partition tables: losetup -P finds none)."""
+    part = loopdev(16)
+    subprocess.run(["mkfs.ext2", "-q", part], check=True)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    subprocess.run(["mount", part, str(mnt)], check=True)
+    try:
+        fake = FakeSystem(tmp_path / "fake")
+        fake.view = dumpdev.SystemView(
+            sys_block=fake.view.sys_block, sys_btrfs=fake.view.sys_btrfs
+        )  # the real mountinfo and /proc/swaps
+        disk = fake.disk("vdz", MAJOR, 0)
+        p = tmp_path / f"fake/sys/class/block/vdz/{os.path.basename(part)}"
+        (p / "holders").mkdir(parents=True)
+        rdev = os.stat(part).st_rdev
+        (p / "dev").write_text(f"{os.major(rdev)}:{os.minor(rdev)}\n")
+        (p / "partition").write_text("1\n")
+        with pytest.raises(dumpdev.DumpDeviceError, match=f"is mounted on {mnt}"):
+            fake.check(disk)
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+    fake.check(disk)  # unmounted: the disk may be used
+
+
+def test_second_device_of_a_mounted_btrfs_is_refused(tmp_path, loopdev, sample):
+    if shutil.which("mkfs.btrfs") is None:
+        pytest.fail("mkfs.btrfs is not installed (setup.sh installs btrfs-progs)")
+    first, second = loopdev(128), loopdev(128)  # sparse; 128 MiB is mkfs.btrfs's minimum
+    subprocess.run(
+        ["mkfs.btrfs", "-q", "-f", "-d", "single", "-m", "single", first, second],
+        check=True,
+        capture_output=True,
+    )
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    subprocess.run(["mount", first, str(mnt)], check=True)
+    try:
+        (mnt / "data").write_bytes(b"live data")
+        r = _save_to_dev(sample, second)
+        assert r.rc == 10, r.err
+        assert f"{os.path.basename(second)} belongs to the mounted btrfs filesystem" in r.err
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def _header_file(tmp_path, data=b"x" * 4096, **fields):
+    """A device image (a regular file: recover reads anything) with a crafted header."""
+    values = {
+        "magic": dumpdev.MAGIC,
+        "version": dumpdev.VERSION,
+        "state": dumpdev.COMPLETE,
+        "offset": dumpdev.DATA_OFFSET,
+        "size": len(data),
+        "crash": 1764100000,
+        "written": 1764100100,
+        "sha256": hashlib.sha256(data).digest(),
+        "release": b"6.1.0-sample-amd64",
+        "format": b"raw",
+        "level": 0,
+    }
+    values.update(fields)
+    head = dumpdev.HEADER.pack(*values.values()).ljust(dumpdev.DATA_OFFSET, b"\0")
+    path = tmp_path / "dev.img"
+    path.write_bytes(head + data)
+    return str(path)
+
+
+def test_crafted_header_round_trip_is_recovered(tmp_path):
+    dev = _header_file(tmp_path)
+    r = _recover(dev, tmp_path / "d")
+    assert r.rc == 0, r.err
+    [name] = os.listdir(tmp_path / "d")
+    assert (tmp_path / "d" / name / "vmcore").read_bytes() == b"x" * 4096
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"level": 0xFFFFFFFF}, "dump level = 4294967295"),
+        ({"format": b"../../etc/x\n"}, "format = b'../../etc/x\\n': not printable"),
+        ({"format": b"../../etc/x"}, "format = '../../etc/x': not one of"),
+        ({"format": b"none"}, "format = 'none': not one of"),
+        ({"size": 0, "sha256": hashlib.sha256(b"").digest()}, "data size = 0"),
+        ({"release": b"6.1\xff\xfe-amd64"}, "kernel release = b'6.1\\xff\\xfe-amd64'"),
+        ({"release": b"6.1 amd64"}, "kernel release"),
+        ({"offset": 1 << 63}, f"data offset = {1 << 63}"),
+        ({"size": 1 << 63}, f"data size = {1 << 63}: larger than the device's 4096"),
+        ({"size": 4097}, "data size = 4097"),
+        ({"crash": -5}, "crash time = -5"),
+        ({"written": 1 << 62}, "written at"),
+        ({"version": 2}, "version = 2"),
+        ({"state": 9}, "state = 9"),
+    ],
+)
+def test_bad_header_fields_exit_10_naming_the_field(tmp_path, fields, message):
+    dev = _header_file(tmp_path, **fields)
+    r = _recover(dev, tmp_path / "d")
+    assert r.rc == 10, (r.rc, r.err)
+    assert message in r.err and dev in r.err
+    assert "Traceback" not in r.err and "internal error" not in r.err
+    assert not (tmp_path / "d").exists() or not os.listdir(tmp_path / "d")
+
+
+def test_header_text_from_the_crashed_kernel_is_stored_as_recover_accepts_it():
+    head = dumpdev.DeviceHeader(
+        dumpdev.COMPLETE, 10, 0, 0, bytes(32), "6.1 évil\n" + "x" * 90, "elf", 31
+    ).pack()
+    back = dumpdev.DeviceHeader.unpack(head, "dev", 1 << 20)
+    assert back.release == "6.1___vil_" + "x" * 54 and back.format == "elf"

@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +25,11 @@ KDUMP_SAVEDIR="file:///var/crash"
 KDUMP_IMMEDIATE_REBOOT="yes"
 KDUMP_KEEP_OLD_DUMPS="0"
 KDUMP_FREE_DISK_SIZE="0"
+KDUMP_VERBOSE="7"
 """
+# KDUMP_VERBOSE=7: `load` prints its command (bit 4) and logs it (bit 1); the first stage
+# has no syslog, so it goes to the kernel log, and so into the crashed kernel's dmesg.
+LOAD_COMMAND = "load command: kexec_file_load kernel=/boot/vmlinuz initrd=/boot/capture.img"
 
 
 def check_dump(dumpdir: Path, marker: str, vmcore_name: str = "vmcore") -> None:
@@ -69,6 +77,9 @@ def test_local_file_target_on_virtio_disk(cloud_kernel: vmkit.Kernel, tmp_path: 
     dumps = [d for d in crash.iterdir() if d.is_dir()]
     assert len(dumps) == 1, list(crash.iterdir())
     check_dump(dumps[0], res.marker)
+    assert LOAD_COMMAND in res.console, _explain(res)  # bit 4: stdout
+    dmesg = (dumps[0] / "dmesg.txt").read_text(errors="replace")
+    assert f"]: {LOAD_COMMAND}" in dmesg  # bit 1: "kdump-capture[PID]: load command: ..."
 
 
 def sftp_config(server, dumps: Path) -> str:
@@ -159,3 +170,104 @@ def test_network_matrix(case: str, cloud_kernel: vmkit.Kernel, tmp_path: Path):
     found = [d for d in dumps.iterdir() if d.is_dir()]
     assert len(found) == 1, list(dumps.iterdir())
     check_dump(found[0], res.marker)
+
+
+@pytest.mark.slow
+def test_nfs_server_that_stops_answering_mid_dump(cloud_kernel: vmkit.Kernel, tmp_path: Path):
+    """ganesha is frozen (SIGSTOP: connections stay open, nothing answers) once the vmcore is
+    streaming. The soft mount fails the writes after about KDUMP_NET_TIMEOUT (else the
+    watchdog stops the save): the capture kernel still reboots, and says why."""
+    export = tmp_path / "export"
+    frozen: list[int] = []
+    done = threading.Event()
+
+    def freeze_when_streaming() -> None:
+        pidfile = tmp_path / "ganesha.pid"
+        while not done.wait(0.2):
+            streaming = [
+                f
+                for root, _, files in os.walk(export)
+                for f in files
+                if f.startswith(".kdump-tmp.vmcore")
+                and os.path.getsize(os.path.join(root, f)) > 64 << 20
+            ]
+            if streaming and pidfile.exists():
+                pid = int(pidfile.read_text().split()[0])
+                os.kill(pid, signal.SIGSTOP)
+                frozen.append(pid)
+                return
+
+    config = (
+        'KDUMP_SAVEDIR="nfs://10.0.2.2/dumps"\nKDUMP_IMMEDIATE_REBOOT="yes"\n'
+        'KDUMP_NET_TIMEOUT="10"\nKDUMP_SAVE_TIMEOUT="90"\nKDUMP_FREE_DISK_SIZE="0"\n'
+    )
+    watcher = threading.Thread(target=freeze_when_streaming, daemon=True)
+    with nfs_ganesha.ganesha(str(tmp_path), str(export)):
+        watcher.start()
+        t0 = time.monotonic()
+        try:
+            res = capture_cycle.run_cycle(
+                cloud_kernel, config, tmp_path / "cycle", net=True, timeout=600
+            )
+        finally:
+            done.set()
+            for pid in frozen:
+                os.kill(pid, signal.SIGCONT)
+        took = time.monotonic() - t0
+    assert frozen, "the dump never streamed to the export: " + _explain(res)
+    assert res.save_rc not in (None, 0), _explain(res)
+    assert res.finish == "rebooting" and res.returncode == 0, _explain(res)
+    assert took < 600, took
+    for d in (d for d in export.iterdir() if d.is_dir()):  # nothing incomplete looks complete
+        assert not (d / "vmcore").exists(), list(d.iterdir())
+
+
+def test_s3_compressed_to_seaweedfs_at_160m(cloud_kernel: vmkit.Kernel, tmp_path: Path):
+    """The capture kernel dumps (compressed, level 31: flattened) through qemu's user network
+    to SeaweedFS on the host; checked in place with ``verify URL`` and with makedumpfile on
+    the rearranged file."""
+    from tests.servers.s3 import seaweed
+
+    with seaweed(str(tmp_path / "weed")) as s3:
+        keys = f'KDUMP_S3_ACCESS_KEY="{s3.access_key}"\nKDUMP_S3_SECRET_KEY="{s3.secret_key}"\n'
+        config = (
+            f'KDUMP_SAVEDIR="s3+http://10.0.2.2:{s3.port}/{s3.bucket}/vm"\n{keys}'
+            'KDUMP_DUMPFORMAT="compressed"\nKDUMP_DUMPLEVEL="31"\n'
+            'KDUMP_IMMEDIATE_REBOOT="yes"\nKDUMP_KEEP_OLD_DUMPS="0"\n'
+        )
+        res = capture_cycle.run_cycle(
+            cloud_kernel, config, tmp_path / "cycle", crashkernel_mib=160, net=True
+        )
+        assert res.save_rc == 0, _explain(res)
+        assert res.finish == "rebooting" and res.returncode == 0, _explain(res)
+        assert s3.secret_key not in res.console
+        for line in res.console.splitlines():  # figures for bench notes (pytest -s)
+            if "save finished" in line or "upload parts" in line:
+                print(line.strip())
+        print(f"panic to committed dump: {res.panic_to_saved:.0f} s; image {res.report.summary()}")
+        dumps = sorted({k.split("/")[1] for k in s3.keys("vm/")})
+        assert len(dumps) == 1, dumps
+        name = dumps[0]
+        assert s3.uploads("vm/") == []
+        conf = tmp_path / "host.conf"
+        conf.write_text(keys)
+        r = subprocess.run(
+            [sys.executable, "-m", "kdump_capture", "verify", "--config", str(conf)]
+            + [s3.url(f"vm/{name}", creds=False)],
+            capture_output=True,
+            text=True,
+        )
+        assert r.returncode == 0, f"verify failed: {r.stdout}{r.stderr}"
+        assert res.marker in s3.get(f"vm/{name}/dmesg.txt").decode(errors="replace")
+        flat = tmp_path / "vmcore.flat"
+        flat.write_bytes(s3.get(f"vm/{name}/vmcore"))
+    dump = tmp_path / "vmcore"
+    with flat.open("rb") as stream:
+        r = subprocess.run(["makedumpfile", "-R", str(dump)], stdin=stream, capture_output=True)
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "makedumpfile-dmesg.txt"
+    r = subprocess.run(
+        ["makedumpfile", "--dump-dmesg", str(dump), str(out)], capture_output=True, text=True
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert res.marker in out.read_text(errors="replace")

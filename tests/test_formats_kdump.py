@@ -11,6 +11,7 @@ import subprocess
 import pytest
 
 from kdump_capture.dumpfile import KdumpReader, open_dump
+from kdump_capture.elf import PT_LOAD, Ehdr, Phdr
 from kdump_capture.errors import NotSupported, VmcoreError
 from kdump_capture.formats import NullMonitor, flat, make_writer
 from kdump_capture.formats import filter as F
@@ -120,7 +121,9 @@ def test_round_trip(tmp_path, fmt, level):
     assert dh.uts_field(4) == "x86_64" and dh.uts_field(2) == "6.1.0-synthetic"
     fd = os.open(path, os.O_RDONLY)
     try:
-        reader = KdumpReader(path, lambda n, o: os.pread(fd, n, o), lambda: None)
+        reader = KdumpReader(
+            path, lambda n, o: os.pread(fd, n, o), lambda: None, os.fstat(fd).st_size
+        )
         bm = F.build_bitmaps(vm, level)
         assert reader.bitmap == bytes(bm.second)
         zero_offsets = set()
@@ -184,14 +187,31 @@ def _stream(records, end=True) -> bytes:
     return out + (flat.END_MARKER if end else b"")
 
 
+def _kdump_head(max_mapnr=8) -> bytes:
+    """A disk_dump_header: the first record of a flattened kdump stream (bounds the file)."""
+    return DiskDumpHeader(6, bytes(390), 0, 0, 1, PAGE, 1, 0, max_mapnr, 1).pack()
+
+
+def _kdump_bitmaps_head() -> bytes:
+    return DiskDumpHeader(6, bytes(390), 0, 0, 1, PAGE, 1, 0xFFFFFFFF, 0xFFFFFFFF, 1).pack()
+
+
+def _elf_head(offset: int) -> bytes:
+    """An ELF header whose one PT_LOAD claims 16 bytes at ``offset``."""
+    ph = Phdr(PT_LOAD, 7, offset, 0, 0, 16, 16, 0)
+    return Ehdr.core(1).pack() + ph.pack()
+
+
 def test_rearrange_out_of_order_and_overlapping(tmp_path):
     src = tmp_path / "s"
-    src.write_bytes(_stream([(100, b"B" * 50), (0, b"A" * 10), (120, b"C" * 10)]))
+    head = _kdump_head()
+    src.write_bytes(_stream([(0, head), (5100, b"B" * 50), (5000, b"A" * 10), (5120, b"C" * 10)]))
     n = flat.rearrange(str(src), str(tmp_path / "d"))
-    expect = b"A" * 10 + bytes(90) + b"B" * 20 + b"C" * 10 + b"B" * 20
-    assert n == 150 and (tmp_path / "d").read_bytes() == expect
+    expect = head + bytes(5000 - len(head)) + b"A" * 10 + bytes(90) + b"B" * 20 + b"C" * 10
+    expect += b"B" * 20
+    assert n == 5150 and (tmp_path / "d").read_bytes() == expect
     ff = flat.FlatFile(str(src))
-    assert ff.pread(150, 0) == expect and ff.pread(10, 115) == expect[115:125]
+    assert ff.pread(5150, 0) == expect and ff.pread(10, 5115) == expect[5115:5125]
     ff.close()
     with open(src, "rb") as f:
         subprocess.run(["makedumpfile", "-R", str(tmp_path / "m")], stdin=f, check=True,
@@ -206,6 +226,22 @@ def test_rearrange_out_of_order_and_overlapping(tmp_path):
         _stream([(0, b"x" * 10)])[:-30],
         b"notflat" + bytes(5000),
         _stream([(-5, b"x")]),
+        _stream([(0, b"x" * 10)]),  # not a dump
+        _stream([(100, _kdump_head())]),  # the header must come first
+        _stream([(0, _kdump_head()), (1 << 42, b"x" * 16)]),  # far past what the header allows
+        _stream([(0, _kdump_bitmaps_head())]),  # more bitmap than the whole stream
+        _stream([(0, _elf_head(1 << 42)), (1 << 42, b"x" * 16)]),  # a segment far away
+    ],
+    ids=[
+        "no-end",
+        "truncated",
+        "not-flat",
+        "negative",
+        "not-a-dump",
+        "late-header",
+        "2**42",
+        "huge-bitmap",
+        "elf-2**42",
     ],
 )
 def test_rearrange_rejects_bad_streams(tmp_path, data):
@@ -217,14 +253,14 @@ def test_rearrange_rejects_bad_streams(tmp_path, data):
 
 
 class FailingVmcore(Vmcore):
-    """Test-only source: reads past ``fail_at`` bytes of page data fail like a dying disk."""
+    """Test-only source that ends early: nothing can be read past ``fail_at``."""
 
     fail_at = 0
 
-    def readinto(self, buf, offset):
+    def _pread_into(self, view, offset):
         if offset >= self.fail_at:
-            raise VmcoreError(f"{self.path}: read error at offset {offset:#x}: I/O error")
-        return super().readinto(buf, offset)
+            return 0
+        return super()._pread_into(view[: self.fail_at - offset], offset)
 
     def view(self, offset, length):
         # A failing device is read (and fails there), not mapped.
@@ -237,7 +273,7 @@ def test_read_error_gives_marked_partial_dump(tmp_path):
     bad.fail_at = vm.loads[0].offset + 600 * PAGE
     for sink in (SeekSink(), StreamSink()):
         res = _write(bad, "zstd", 1, sink)
-        assert any(n.startswith("INCOMPLETE") for n in res.notes)
+        assert res.incomplete and "the source ended" in res.incomplete
         path = sink.save(tmp_path / "partial")
         if not sink.seekable:
             flat.rearrange(path, str(tmp_path / "re"))

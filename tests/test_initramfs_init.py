@@ -1,13 +1,19 @@
-"""Pure parts of /init: DHCP packets, superblock probing, finish policy, cmdline options."""
+"""/init: its pure parts (DHCP packets, superblock probing, finish policy, cmdline options),
+the save's watchdog, and /init as a whole run in PID and mount namespaces of its own."""
 
 from __future__ import annotations
 
 import importlib.machinery
 import importlib.util
+import json
+import os
 import shutil
+import signal
 import socket
 import struct
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -145,3 +151,165 @@ def test_probe_ext4_label_and_uuid(tmp_path):
 
 def test_probe_unknown_is_empty():
     assert init.probe_superblock(b"\0" * 65536) == {}
+
+
+# ---------------------------------------------------------------- the save's watchdog
+
+BEAT_THEN_HANG = """
+import os, time
+fd = int(os.environ["KDUMP_HEARTBEAT_FD"])
+os.write(fd, b"1048576\\n")
+os.write(fd, b"3145728\\n")
+time.sleep(1000)
+"""
+
+IGNORE_AND_HANG = """
+import signal, time
+signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+time.sleep(1000)
+"""
+
+STEADY_BEATS = """
+import os, time
+fd = int(os.environ["KDUMP_HEARTBEAT_FD"])
+for i in range(12):
+    os.write(fd, b"%d\\n" % (i << 20))
+    time.sleep(0.5)
+"""
+
+# No heartbeat at all, but reading (like the page filter scanning the vmcore): progress.
+READS_ONLY = """
+import os, sys, time
+fd = os.open(sys.executable, os.O_RDONLY)
+end = time.monotonic() + 6
+while time.monotonic() < end:
+    os.pread(fd, 65536, 0)
+    time.sleep(0.3)
+"""
+
+# The reading is done by a child (like a KDUMP_TRANSFER command): progress as well.
+CHILD_READS = f"""
+import subprocess, sys
+subprocess.run([sys.executable, "-c", {READS_ONLY!r}], check=True)
+"""
+
+
+def _watched(code: str, timeout: float = 2.0, grace: float = 2.0):
+    t0 = time.monotonic()
+    rc, _ = init.run_watched(
+        [sys.executable, "-c", code], {"PATH": "/usr/bin"}, {"timeout": timeout, "grace": grace}
+    )
+    return rc, time.monotonic() - t0
+
+
+def test_watchdog_stops_a_save_that_hangs(capsys):
+    rc, took = _watched(BEAT_THEN_HANG)
+    out = capsys.readouterr().out
+    assert rc == -signal.SIGUSR1  # the stand-in has no handler: SIGUSR1 ends it
+    assert 2.0 <= took < 6.0, took
+    assert "watchdog: the save made no progress for 2 s (3 MiB of the dump done)" in out
+
+
+def test_watchdog_kills_a_save_that_does_not_stop(capsys):
+    rc, took = _watched(IGNORE_AND_HANG, timeout=1.5, grace=1.5)
+    out = capsys.readouterr().out
+    assert rc == -signal.SIGKILL
+    assert 3.0 <= took < 8.0, took
+    assert "stopping it" in out and "did not stop within 2 s; killing it" in out
+
+
+@pytest.mark.parametrize(
+    "code", [STEADY_BEATS, READS_ONLY, CHILD_READS], ids=["beats", "reads", "child-reads"]
+)
+def test_watchdog_leaves_a_save_that_makes_progress(code, capsys):
+    rc, took = _watched(code)  # each runs 6 s, three times the watchdog's timeout
+    assert rc == 0 and took >= 5.5
+    assert "watchdog" not in capsys.readouterr().out
+
+
+def test_sync_that_never_ends_does_not_stop_the_finish(capsys):
+    t0 = time.monotonic()
+    assert init.sync_within(1.0, sync=lambda: time.sleep(30)) is False
+    assert time.monotonic() - t0 < 5
+    assert "sync did not finish within 1 s" in capsys.readouterr().out
+    assert init.sync_within(10.0) is True
+
+
+def test_watchdog_off_runs_the_save_plainly():
+    rc, _ = init.run_watched([sys.executable, "-c", "raise SystemExit(3)"], {}, {})
+    assert rc == 3
+
+
+def test_real_save_blocked_on_its_source_is_stopped_and_says_why(tmp_path, capfd):
+    """The real CLI, blocked opening a FIFO as its vmcore (nothing ever writes to it)."""
+    fifo = tmp_path / "vmcore"
+    os.mkfifo(fifo)
+    argv = [sys.executable, "-m", "kdump_capture", "save", "--config", "/nonexistent"]
+    argv += ["--vmcore", str(fifo), "--no-reboot", "--set", f"KDUMP_SAVEDIR=file://{tmp_path}/d"]
+    env = {"PATH": "/usr/bin", "PYTHONPATH": str(INIT.parent.parent)}
+    rc, _ = init.run_watched(argv, env, {"timeout": 3, "grace": 10})
+    out, err = capfd.readouterr()
+    assert rc == 130, out + err
+    assert "stopped by the capture kernel's watchdog" in err
+    assert "watchdog: the save made no progress" in out
+
+
+SANDBOX = """
+import importlib.machinery, importlib.util, os, sys
+loader = importlib.machinery.SourceFileLoader("kdump_capture_init", sys.argv[1])
+spec = importlib.util.spec_from_loader(loader.name, loader)
+init = importlib.util.module_from_spec(spec)
+loader.exec_module(init)
+# PID 1 of a new PID namespace, and reboot(2) replaced: nothing can reach the host's.
+assert os.getpid() == 1, "not in a new PID namespace"
+
+
+class Libc:
+    def __init__(self, real):
+        self.real = real
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+    def reboot(self, cmd):
+        print(f"FINAL ACTION {cmd:#x}", flush=True)
+        os._exit(0)
+
+
+init.libc = Libc(init.libc)
+init.PLAN = sys.argv[2]
+init.main()
+"""
+
+
+def test_init_reaches_its_final_action_after_a_hanging_save(tmp_path):
+    """/init itself, as PID 1 of new PID and mount namespaces (its /proc, /sys and /dev
+    mounts stay inside): the save hangs, the watchdog stops it, /init powers off."""
+    plan = {
+        "version": 1,
+        "target": "file:///var/crash",
+        "modules": [],
+        "network": {"mode": "none"},
+        "mounts": [],
+        "save": [sys.executable, "-c", BEAT_THEN_HANG],
+        "on_success": "reboot",
+        "on_failure": "poweroff",
+        "shell": "",
+        "env": {"PATH": "/usr/bin"},
+        "watchdog": {"timeout": 2, "grace": 2},
+    }
+    (tmp_path / "init.json").write_text(json.dumps(plan))
+    r = subprocess.run(
+        ["unshare", "--mount", "--pid", "--fork", "--kill-child", sys.executable, "-c", SANDBOX]
+        + [str(INIT), str(tmp_path / "init.json")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = r.stdout.splitlines()
+    assert any("watchdog: the save made no progress" in x for x in lines), r.stdout
+    assert any(f"save finished with exit code -{signal.SIGUSR1}" in x for x in lines), r.stdout
+    assert lines[-2].endswith("powering off")
+    assert lines[-1] == f"FINAL ACTION {init.RB['poweroff']:#x}"

@@ -128,6 +128,10 @@ def test_init_plan_runs_save_without_reboot(tmp_path):
     assert "--no-reboot" in plan["save"]  # /init unmounts, then reboots itself
     assert "pw" not in plan["target"]  # the plan is printed on the console
     assert (plan["on_success"], plan["on_failure"]) == ("reboot", "shell")
+    assert plan["watchdog"] == {"timeout": 300, "grace": 15}  # automatic: 8 x 30 s + 60 s
+    cfg = {**cfg, "KDUMP_SAVE_TIMEOUT": "90", "KDUMP_NET_TIMEOUT": "10"}
+    plan = builder.init_plan(cfg, targets, ["/m.ko"], N("dhcp"), [], "")
+    assert plan["watchdog"]["timeout"] == 90
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,7 @@ import hashlib
 import logging
 import os
 import shutil
+import threading
 import time
 from dataclasses import replace
 
@@ -13,7 +14,7 @@ import pytest
 
 from kdump_capture.errors import AuthError, ConnectionLost, TargetFull, TransportError
 from tests.servers.common import free_port, tmpfs
-from tests.servers.fixtures import TEST_PASSWORD, _world_dir
+from tests.servers.fixtures import _world_dir
 from tests.servers.proxy import DropProxy
 from tests.servers.targets import make_target
 from transports.base import TransportSettings, is_temp_name
@@ -124,19 +125,28 @@ def test_wrong_password_is_auth_error_fast_and_not_retried(kind, request, caplog
     assert "wrong-pw-123" not in caplog.text
 
 
-def test_sftp_password_login(request):
+def test_sftp_password_login(request, caplog):
+    """The password in the URL is what logs in (no key is offered; the server says so), and
+    it appears nowhere in our logs, paramiko's debug output included."""
     name, password = request.getfixturevalue("test_user")
     s = request.getfixturevalue("ssh_server")
     top = _world_dir("kdump-sftp-")
     url = f"sftp://{name}:{password}@{s.host}:{s.port}{top}/dumps"
     target = replace(make_target("file", request), url=url)
-    try:
-        with target.transport(host_key=s.host_key, ssh_identity=("/nonexistent",)) as tr:
-            _upload(tr, "f", b"data")
-            assert [e.name for e in tr.listdir()] == ["f"]
-    finally:
-        shutil.rmtree(top, ignore_errors=True)
-    assert TEST_PASSWORD == password
+    caplog.set_level(logging.DEBUG)
+    with open(os.path.join(s.workdir, "sshd.log"), errors="replace") as f:
+        f.seek(0, os.SEEK_END)
+        try:
+            with target.transport(host_key=s.host_key, ssh_identity=("/nonexistent",)) as tr:
+                _upload(tr, "f", b"data")
+                assert [e.name for e in tr.listdir()] == ["f"]
+                assert password not in tr.describe()
+        finally:
+            shutil.rmtree(top, ignore_errors=True)
+        server_log = f.read()
+    assert f"Accepted password for {name} from 127.0.0.1" in server_log
+    assert "userauth" in caplog.text.lower()  # paramiko's debug output was captured
+    assert password not in caplog.text
 
 
 def test_sftp_host_key_checks(request, tmp_path, caplog):
@@ -202,5 +212,72 @@ def test_resume_with_the_smallest_replay_buffer(kind, request):
         with target.via_port(proxy.port).transport() as tr:
             _upload(tr, "vmcore", data)
         assert proxy.dropped == 2
+    with open(os.path.join(target.server_dir, "vmcore"), "rb") as f:
+        assert hashlib.sha256(f.read()).digest() == hashlib.sha256(data).digest()
+
+
+METADATA_OPS = {
+    "listdir": lambda tr: tr.listdir("d"),
+    "makedir": lambda tr: tr.makedir("e"),
+    "remove_tree": lambda tr: tr.remove_tree("d"),
+    "remove_file": lambda tr: tr.remove_file("d/f"),
+    "free_space": lambda tr: tr.free_space(""),
+    "read": lambda tr: b"".join(tr.read("d/f")),
+    "create": lambda tr: tr.create("d/g").abort(),
+}
+
+
+@pytest.mark.parametrize(
+    ("kind", "op"),
+    # FTP cannot tell free space: free_space asks the server nothing there
+    [(k, op) for k in NET for op in sorted(METADATA_OPS) if (k, op) != ("ftp", "free_space")],
+)
+def test_a_server_that_stops_answering_fails_metadata_within_the_timeout(kind, op, request):
+    """A server that hangs (connections open, no replies) during a listing, mkdir, removal,
+    statfs or read: the call fails as a lost connection within the timeout plus slack, and
+    closing the transport does not hang either. Run in a thread so a hang fails the test."""
+    timeout = 3.0
+    target = make_target(kind, request)
+    target = replace(target, settings=replace(target.settings, timeout=timeout, retries=0))
+    outcome: dict = {}
+    with DropProxy(_port(target), ftp=kind == "ftp") as proxy:
+        tr = target.via_port(proxy.port).transport()
+        tr.connect()
+        tr.makedir("d")
+        _upload(tr, "d/f", b"manifest" * 100)
+        proxy.stall()
+
+        def run() -> None:
+            t0 = time.monotonic()
+            try:
+                METADATA_OPS[op](tr)
+            except TransportError as e:
+                outcome["error"] = e
+            outcome["elapsed"] = time.monotonic() - t0
+            tr.close()
+            outcome["closed"] = time.monotonic() - t0
+
+        worker = threading.Thread(target=run, daemon=True)
+        worker.start()
+        worker.join(timeout * 2 + 30)
+        assert not worker.is_alive(), f"{kind} {op}: still waiting after {timeout * 2 + 30:.0f} s"
+    assert isinstance(outcome.get("error"), ConnectionLost), outcome
+    # one wait for the reply (the timeout), plus slack for a busy machine
+    assert outcome["elapsed"] < timeout + 5, outcome
+    assert outcome["closed"] < 2 * timeout + 10, outcome
+
+
+def test_ftp_never_lets_more_go_unconfirmed_than_it_can_replay(request):
+    """FTP has no acknowledgements. A network that holds (here: loses) everything past 4 MiB
+    of one data connection must not cost the upload: the sink asks the server what it holds
+    (SIZE) and stops sending while too much is on the way, so the resume finds every missing
+    byte in the replay buffer. Unbounded, it sent all 32 MiB and could not resume."""
+    target = make_target("ftp", request)
+    target = replace(target, settings=replace(target.settings, timeout=3.0))
+    data = os.urandom(32 * MiB)
+    with DropProxy(_port(target), ftp=True, swallow_after=4 * MiB) as proxy:
+        with target.via_port(proxy.port).transport() as tr:
+            _upload(tr, "vmcore", data)
+        assert proxy._swallowing is not None
     with open(os.path.join(target.server_dir, "vmcore"), "rb") as f:
         assert hashlib.sha256(f.read()).digest() == hashlib.sha256(data).digest()

@@ -85,6 +85,10 @@ def test_fallback_list():
         ("relative/path", "not a URL"),
         ("ftp://h/../etc", "'..'"),
         ("ftp://h/x?y=1", "query"),
+        ("ftp://u:pa/ss@h/x", "'@' after the host"),
+        ("ftp://u:pass/x", "port"),
+        ("sftp://u@h/dumps@2", "'@' after the host"),
+        ("ftp://u:x@evil/ss@h/x", "'@' after the host"),
     ],
 )
 def test_errors(url, fragment):
@@ -121,3 +125,31 @@ def test_percent_encoding_round_trip(user, password, path):
     t, _ = parse_target(url)
     assert t.user == user and t.password == password
     assert t.path == "/" + "/".join(path)
+
+
+@pytest.mark.parametrize(
+    "url, spelled, host, port, path",
+    [
+        ("s3://store.example/dumps", "s3", "store.example", None, "/dumps"),
+        ("s3+http://10.0.2.2:8333/dumps/fleet/a", "s3+http", "10.0.2.2", 8333, "/dumps/fleet/a"),
+        ("S3://[::1]:9000/my.bucket-1/p", "s3", "::1", 9000, "/my.bucket-1/p"),
+    ],
+)
+def test_s3_targets(url, spelled, host, port, path):
+    t, _ = parse_target(url)
+    assert (t.scheme, t.spelled, t.host, t.port, t.path) == ("s3", spelled, host, port, path)
+
+
+@pytest.mark.parametrize("url", ["s3://h", "s3://h/", "s3://h/Upper", "s3://h/ab", "s3://h/a..b"])
+def test_s3_needs_a_valid_bucket(url):
+    with pytest.raises(UrlError, match="S3 needs a bucket"):
+        parse_target(url)
+
+
+def test_s3_secret_never_shown():
+    t, _ = parse_target("s3+http://AKID:wJalr%2FK7@h:8333/dumps")
+    assert (t.user, t.password) == ("AKID", "wJalr/K7")
+    assert "wJalr" not in repr(t) and t.redacted() == "s3+http://AKID:***@h:8333/dumps"
+    with pytest.raises(UrlError) as e:
+        parse_target("s3://AKID:wJalr@h:bad/dumps")
+    assert "wJalr" not in str(e.value)

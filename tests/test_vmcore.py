@@ -87,14 +87,38 @@ def test_empty_and_missing(tmp_path):
         find_source(str(tmp_path / "nope"))
 
 
-def test_raw_oldmem_style_char_device():
-    # /dev/zero stands in for /dev/oldmem: a character device without an ELF header.
-    vm = open_vmcore("/dev/zero")
-    try:
-        assert vm.kind == "raw" and vm.size is None
+IOMEM = """\
+00000000-00000fff : Reserved
+00001000-0009fbff : System RAM
+000a0000-000fffff : PCI Bus 0000:00
+00100000-3ffdffff : System RAM
+  01000000-01e02516 : Kernel code
+  2b000000-3effffff : Crash kernel
+3ffe0000-3fffffff : Reserved
+fd000000-fdffffff : PCI Bus 0000:00
+100000000-13fffffff : System RAM
+"""
+
+
+def test_raw_oldmem_style_char_device(tmp_path):
+    # /dev/zero stands in for /dev/oldmem: a character device without an ELF header. Its
+    # size is the end of System RAM in /proc/iomem; only RAM is read, holes are zeros.
+    iomem = tmp_path / "iomem"
+    iomem.write_text(IOMEM)
+    with open_vmcore("/dev/zero", iomem=str(iomem)) as vm:
+        assert vm.kind == "raw" and vm.size == 0x140000000
+        assert vm.ram == [(0x1000, 0x9FC00), (0x100000, 0x3FFE0000), (0x100000000, 0x140000000)]
         assert vm.pread(16, 0) == bytes(16)
-    finally:
-        vm.close()
+
+
+def test_raw_char_device_without_memory_map_is_refused(tmp_path):
+    # Read as a user other than root, /proc/iomem shows only zeros: no size, no copy.
+    iomem = tmp_path / "iomem"
+    iomem.write_text("00000000-00000000 : System RAM\n00000000-00000000 : Reserved\n")
+    with pytest.raises(VmcoreError, match="lists no System RAM"):
+        open_vmcore("/dev/zero", iomem=str(iomem))
+    with pytest.raises(VmcoreError, match="lists no System RAM"):
+        open_vmcore("/dev/zero", iomem=str(tmp_path / "missing"))
 
 
 def test_notes_round_trip():

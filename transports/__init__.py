@@ -18,6 +18,7 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "cifs": ("transports.cifs:CifsTransport", "install smbprotocol: pip install smbprotocol"),
     "ftp": ("transports.ftp:FtpTransport", ""),
     "sftp": ("transports.sftp:SftpTransport", "install paramiko: pip install paramiko"),
+    "s3": ("transports.s3:S3Transport", "install botocore: pip install botocore"),
 }
 registry = MappingProxyType(_REGISTRY)
 

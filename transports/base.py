@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import secrets
 from abc import ABC, abstractmethod
@@ -24,6 +25,8 @@ from dataclasses import dataclass, field
 
 from kdump_capture.errors import TransportError
 from kdump_capture.urls import Target
+
+log = logging.getLogger(__name__)
 
 TMP_PREFIX = ".kdump-tmp."
 
@@ -63,7 +66,11 @@ class TransportSettings:
     #: bytes a sink keeps for resuming after a dropped connection (see retry.ReplayBuffer);
     #: the engine lowers it in a capture kernel with little memory
     replay_bytes: int = 16 << 20
-    extra: dict[str, str] = field(default_factory=dict)
+    #: the largest file the engine expects to write (bytes, 0: unknown); S3 sizes its parts
+    #: by it to stay under 10,000 parts
+    expected_size: int = 0
+    #: scheme-specific settings (S3 keys, region, CA bundle): may hold secrets, so not in repr
+    extra: dict[str, str] = field(default_factory=dict, repr=False)
 
 
 @dataclass(frozen=True)
@@ -234,6 +241,15 @@ class Transport(ABC):
     def __init__(self, target: Target, settings: TransportSettings) -> None:
         self.target = target
         self.settings = settings
+        #: what the dump's README must say about this target (e.g. modes it could not set)
+        self.notes: list[str] = []
+
+    def note_once(self, note: str) -> None:
+        """Warn once per transport, so once per dump (not per file), and keep it for the
+        dump's README: for what the target would not do, like setting a file's mode."""
+        if note not in self.notes:
+            self.notes.append(note)
+            log.warning("%s: %s", self.describe(), note)
 
     def describe(self) -> str:
         """The target URL with any password redacted; safe for logs."""

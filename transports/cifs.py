@@ -4,19 +4,29 @@ Connections live in a cache owned by the transport (never smbclient's global one
 Encryption is used whenever the server asks for it. Uploads pipeline WRITE requests at
 explicit offsets, wait for every reply with a bounded timeout, and after a dropped
 connection reopen the temporary file and replay what the server does not hold.
-SMB cannot set Unix modes: the share's ``create mask``/``directory mask`` decide them.
+SMB cannot set Unix modes: what we create gets an owner-only DACL when the share's
+defaults would let others in (smbacl).
+
+smbprotocol waits for most replies (create, close, query, session setup) without a
+timeout, so a server that stops answering would hang them for good. Every such call runs
+under ``CifsTransport.deadline``: when the configured timeout passes without an answer,
+the connection's socket is shut down, which wakes the waiting call, and it fails as a
+lost connection (retried like any other).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
+import threading
 from collections import deque
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 import smbclient
 from smbclient._io import _chunk_size
+from smbprotocol import MAX_PAYLOAD_SIZE
 from smbprotocol import exceptions as smbexc
 from smbprotocol.connection import Request
 from smbprotocol.open import SMB2WriteResponse
@@ -24,6 +34,7 @@ from smbprotocol.open import SMB2WriteResponse
 from kdump_capture.errors import AuthError, ConnectionLost, TargetFull, TransportError
 from kdump_capture.urls import Target
 
+from . import smbacl
 from .base import Entry, FileInfo, Sink, TransportSettings, is_temp_name, temp_name
 from .retry import REPLAY_STEP, ReplayBuffer, RetryingTransport, is_connection_lost
 from .smb2write import post_write
@@ -41,6 +52,13 @@ WRITE_PIECE = 4 << 20
 # the 16 MiB replay buffer, which drops nothing the server has not confirmed anyway.
 MAX_INFLIGHT = 8 << 20
 READ_CHUNK = 1 << 20
+# Credits WRITEs leave unused: the engine stats the share (free space, sizes) while WRITEs
+# are in flight, and smbprotocol fails a request at once when no credit is left. Samba
+# grants 64 at first, so a 4 MiB WRITE would take every one of them.
+CREDIT_RESERVE = 8
+# MS-ERREF 2.3.1: what Samba answers on a read-only filesystem (smbprotocol has no name
+# for it and would print "Unknown NtStatus").
+STATUS_MEDIA_WRITE_PROTECTED = 0xC00000A2
 
 _AUTH_ERRORS = (
     smbexc.SMBAuthenticationError,
@@ -71,6 +89,8 @@ def convert(e: BaseException, what: str) -> Exception:
         return ConnectionLost(f"{what}: connection lost (socket closed)")
     if isinstance(e, smbexc.SMBException) and "timeout" in str(e).lower():
         return ConnectionLost(f"{what}: {e}")
+    if isinstance(e, smbexc.SMBOSError) and e.ntstatus == STATUS_MEDIA_WRITE_PROTECTED:
+        return TransportError(f"{what}: the share is read-only (STATUS_MEDIA_WRITE_PROTECTED)")
     if isinstance(e, OSError) and e.errno == errno.ENOENT:
         return FileNotFoundError(errno.ENOENT, f"{what}: no such file")
     if isinstance(e, OSError) and e.errno == errno.EEXIST:
@@ -104,6 +124,7 @@ class CifsSink(Sink):
         self._unsent = 0  # append-only: first offset not sent yet (the rest is buffered)
         self._raw = None
         self._t.call(lambda: self._open("xb"), f"creating {self._tmp}")
+        self._t.restrict(self._tmp, is_dir=False)  # before any byte of memory goes in
 
     def _open(self, mode: str) -> None:
         self._pending.clear()
@@ -115,7 +136,12 @@ class CifsSink(Sink):
         conn = fd.connection
         done = 0
         while done < len(view):
-            want = min(len(view) - done, conn.max_write_size)
+            window = conn.sequence_window
+            spare = window["high"] - window["low"] - CREDIT_RESERVE
+            if spare < 1 and self._pending:
+                self._ack_one()  # its reply returns credits
+                continue
+            want = min(len(view) - done, conn.max_write_size, max(spare, 1) * MAX_PAYLOAD_SIZE)
             size, credits = _chunk_size(conn, want, "write")
             if (size < want or self._inflight + size > self._max_inflight) and self._pending:
                 self._ack_one()
@@ -169,12 +195,14 @@ class CifsSink(Sink):
             self._ack_one()
 
     def _resume(self) -> None:
-        self._open("r+b")
+        with self._t.deadline(f"reopening {self._tmp}"):
+            self._open("r+b")
         if self._positional:
             for off, data in self._replay.all():
                 self._send(off, data)
         else:
-            confirmed = smbclient.stat(self._tmp, **self._t.kw).st_size
+            with self._t.deadline(f"stat {self._tmp}"):
+                confirmed = smbclient.stat(self._tmp, **self._t.kw).st_size
             log.info("%s: resuming at byte %d of %d", self._tmp, confirmed, self._replay.end)
             for off, view in self._replay.since(confirmed):
                 self._send(off, view)
@@ -188,7 +216,10 @@ class CifsSink(Sink):
             err = convert(e, what)
             if not is_connection_lost(err):
                 raise err from e
-            self._t.call(self._resume, f"resuming {self._tmp}", first_error=err)
+            # Not bounded as a whole: its writes wait for each reply with the timeout.
+            self._t.call(
+                self._resume, f"resuming {self._tmp}", first_error=err, whole_timeout=False
+            )
 
     def write(self, data: bytes | memoryview) -> None:
         view = memoryview(data).cast("B")
@@ -227,8 +258,9 @@ class CifsSink(Sink):
     def commit(self) -> FileInfo:
         self._sync()
         try:
-            self._raw.close()
-            size = smbclient.stat(self._tmp, **self._t.kw).st_size
+            with self._t.deadline(f"closing {self._tmp}"):
+                self._raw.close()
+                size = smbclient.stat(self._tmp, **self._t.kw).st_size
         except Exception as e:
             raise convert(e, f"closing {self._tmp}") from e
         if size != self.size:
@@ -246,7 +278,8 @@ class CifsSink(Sink):
         try:
             if self._raw is not None:
                 self._pending.clear()
-                self._raw.close()
+                with self._t.deadline(f"closing {self._tmp}"):
+                    self._raw.close()
         except Exception as e:
             log.debug("closing %s: %s", self._tmp, e)
         try:
@@ -272,6 +305,8 @@ class CifsTransport(RetryingTransport):
             "connection_cache": self._cache,
             "connection_timeout": max(1, int(settings.timeout)),
         }
+        # One wait for a reply: the configured network timeout (at least 1 s).
+        self._wait = max(1.0, settings.timeout)
         self.root = f"\\\\{target.host}\\{target.share}"
         for part in target.share_path.split("/"):
             if part:
@@ -292,10 +327,89 @@ class CifsTransport(RetryingTransport):
         except smbexc.SMBOSError as e:
             if e.errno != errno.ENOENT:
                 raise
-        smbclient.makedirs(self.root, exist_ok=True, **self.kw)
+        # Each missing directory below the share, made owner-only like the dump directories.
+        cur = f"\\\\{self.target.host}\\{self.target.share}"
+        for part in self.target.share_path.split("/"):
+            if not part:
+                continue
+            cur += f"\\{part}"
+            try:
+                smbclient.mkdir(cur, **self.kw)
+            except OSError as e:
+                if e.errno != errno.EEXIST:
+                    raise
+                continue
+            self.restrict(cur, is_dir=True)
+
+    def restrict(self, path: str, is_dir: bool) -> None:
+        """Owner-only access to what we just created (smbacl); a server that refuses gets
+        one warning per dump and a note in its README, and the dump goes on."""
+        try:
+            self.call(lambda: smbacl.restrict(path, is_dir, **self.kw), f"securing {path}")
+        except TransportError as e:  # the server refused, or sent a descriptor we cannot read
+            if isinstance(e, ConnectionLost):
+                raise
+            self.note_once(
+                f"the SMB server would not make {path} owner-only ({e}): the dump's files "
+                "and directories have the share's default permissions and may be readable "
+                "by other users of the server"
+            )
+
+    @contextlib.contextmanager
+    def deadline(self, what: str) -> Iterator[None]:
+        """Bound the body's network waits by the timeout: past it, shut the sockets down.
+
+        The waiting call then fails, and so does the body, with ConnectionLost.
+        """
+        fired = threading.Event()
+
+        def expire() -> None:
+            fired.set()
+            log.warning("%s: no answer within %.0f s; dropping the connection", what, self._wait)
+            for conn in list(self._cache.values()):
+                try:
+                    conn.transport.close()
+                except Exception as e:  # already closed, or closing on its own
+                    log.debug("shutting down the SMB socket: %s", e)
+
+        timer = threading.Timer(self._wait, expire)
+        timer.daemon = True
+        timer.start()
+        try:
+            yield
+        except Exception as e:
+            if fired.is_set():
+                raise ConnectionLost(
+                    f"{what}: no answer from the server within {self._wait:.0f} s"
+                ) from e
+            raise
+        finally:
+            timer.cancel()
+
+    def call(
+        self,
+        op: Callable[[], T],
+        what: str,
+        first_error: Exception | None = None,
+        whole_timeout: bool = True,
+    ) -> T:
+        """Like RetryingTransport.call; each attempt runs under ``deadline`` unless told not
+        to (an operation whose every wait is bounded already)."""
+        if whole_timeout:
+            inner = op
+
+            def op() -> T:
+                with self.deadline(what):
+                    return inner()
+
+        return super().call(op, what, first_error)
 
     def _open(self) -> None:
-        self.close()
+        with self.deadline(f"connecting to {self.describe()}"):
+            self._open_session()
+
+    def _open_session(self) -> None:
+        self._drop()  # a reconnect: the old connection is lost, no goodbye to it
         try:
             smbclient.register_session(
                 self.target.host,
@@ -308,7 +422,7 @@ class CifsTransport(RetryingTransport):
                 auth_protocol="ntlm",
             )
         except Exception as e:
-            self.close()
+            self._drop()
             err = convert(e, f"connecting to {self.describe()}")
             if isinstance(e, (OSError, ValueError)) and not isinstance(err, AuthError):
                 # Any socket failure while connecting (smbprotocol can leave EBADF behind
@@ -316,12 +430,23 @@ class CifsTransport(RetryingTransport):
                 err = ConnectionLost(str(err))
             raise err from e
 
-    def close(self) -> None:
+    def _drop(self) -> None:
+        """Forget the connections without logging off: a server that stopped answering would
+        only make the logoff wait out the timeout (``close`` logs off, under ``deadline``)."""
         for conn in list(self._cache.values()):
             try:
-                conn.disconnect(timeout=self.settings.timeout)
+                conn.transport.close()
             except Exception as e:
-                log.debug("closing SMB connection: %s", e)
+                log.debug("dropping SMB connection: %s", e)
+        self._cache.clear()
+
+    def close(self) -> None:
+        with self.deadline("closing the SMB connection"):  # a tree disconnect waits forever
+            for conn in list(self._cache.values()):
+                try:
+                    conn.disconnect(timeout=self.settings.timeout)
+                except Exception as e:
+                    log.debug("closing SMB connection: %s", e)
         self._cache.clear()
 
     def convert(self, e: BaseException, what: str) -> Exception:
@@ -330,6 +455,7 @@ class CifsTransport(RetryingTransport):
     def makedir(self, relpath: str) -> None:
         path = self._p(relpath)
         self.call(lambda: smbclient.mkdir(path, **self.kw), f"creating {path}")
+        self.restrict(path, is_dir=True)
 
     def create(self, relpath: str) -> Sink:
         path = self._p(relpath)
@@ -355,12 +481,22 @@ class CifsTransport(RetryingTransport):
         return sorted((e for e in entries if not is_temp_name(e.name)), key=lambda e: e.name)
 
     def read_unc(self, path: str) -> Iterator[bytes]:
+        what = f"reading {path}"
         try:
-            with smbclient.open_file(path, mode="rb", **self.kw) as f:
-                while chunk := f.read(READ_CHUNK):
+            with self.deadline(what):
+                f = smbclient.open_file(path, mode="rb", **self.kw)
+            try:
+                while True:
+                    with self.deadline(what):
+                        chunk = f.read(READ_CHUNK)
+                    if not chunk:
+                        break
                     yield chunk
+            finally:
+                with self.deadline(what):
+                    f.close()
         except Exception as e:
-            raise convert(e, f"reading {path}") from e
+            raise convert(e, what) from e
 
     def read(self, relpath: str) -> Iterator[bytes]:
         return self.read_unc(self._p(relpath))
@@ -398,5 +534,8 @@ class CifsTransport(RetryingTransport):
 
     def free_space(self, relpath: str = "") -> int | None:
         path = self._p(relpath)
-        st = self.call(lambda: smbclient.stat_volume(path, **self.kw), f"statfs {path}")
+        try:
+            st = self.call(lambda: smbclient.stat_volume(path, **self.kw), f"statfs {path}")
+        except FileNotFoundError as e:  # removed on the server meanwhile: the target failed
+            raise TransportError(f"statfs {path}: no such file or directory") from e
         return st.caller_available_size

@@ -41,6 +41,23 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def makedirs_private(path: str) -> None:
+    """Create ``path`` and its missing parents, each 0700 whatever the umask.
+
+    os.makedirs gives only the last directory its mode; the parents get 0777 minus the
+    umask, which is 0777 under umask 000. Directories that exist are left as they are
+    (they are not ours: /var, a mount point).
+    """
+    parent = os.path.dirname(path.rstrip("/"))
+    if parent and parent != path and not os.path.isdir(parent):
+        makedirs_private(parent)
+    try:
+        os.mkdir(path, DIR_MODE)
+    except FileExistsError:
+        return  # ours or not, it was there: not ours to change
+    os.chmod(path, DIR_MODE)  # the umask may have taken bits away (0o200 would give 0500)
+
+
 class FileSink(Sink):
     """A file written with os.write under a temporary name, published with os.replace."""
 
@@ -127,7 +144,7 @@ class FileTransport(Transport):
 
     def connect(self) -> None:
         try:
-            os.makedirs(self.root, mode=DIR_MODE, exist_ok=True)
+            makedirs_private(self.root)
         except OSError as e:
             raise _io_error(f"cannot create target directory {self.root}", e) from e
         if not os.access(self.root, os.W_OK | os.X_OK):

@@ -5,6 +5,11 @@ mount(2) directly with the options mount.nfs would compute (server address and o
 client address). Everything after the mount is the file transport, rooted at the mount
 point. If the target directory does not exist yet on the server, its parent is mounted
 and the directory created below it (as SUSE's kdump did).
+
+A server that stops answering must not hang the capture kernel: the mount is soft, with
+``timeo``/``retrans`` chosen so that a call fails after about the configured timeout
+(KDUMP_NET_TIMEOUT) without an answer, and mount(2) itself runs in a child process that is
+killed when it takes longer than that.
 """
 
 from __future__ import annotations
@@ -15,8 +20,11 @@ import errno
 import logging
 import os
 import posixpath
+import select
+import signal
 import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -32,6 +40,11 @@ NFS_PORT = 2049
 MNT_DETACH = 2
 # Mount NFSv4.1: no rpcbind, no lockd, one TCP connection; what every current server does.
 NFS_VERSION = "4.1"
+# Retransmissions of a call before a soft mount gives up. Over TCP the client waits timeo,
+# then 2*timeo, then 3*timeo (linear backoff, nfs(5)): 6*timeo in all with 2 retransmissions.
+NFS_RETRANS = 2
+# After SIGKILL, how long to wait for a mount(2) child to go (NFS waits are killable).
+KILL_GRACE = 5.0
 
 
 @dataclass(frozen=True)
@@ -65,11 +78,23 @@ def client_address(server_ip: str, port: int) -> str:
         return s.getsockname()[0]
 
 
+def soft_options(timeout: float) -> list[str]:
+    """Mount options that make a call fail after about ``timeout`` s without an answer.
+
+    A hard mount (the default) retries forever: the capture kernel would hang for good.
+    ``timeo`` is in tenths of a second; the waits add up to (1 + 2 + 3) * timeo.
+    """
+    steps = sum(range(1, NFS_RETRANS + 2))
+    timeo = max(10, int(timeout * 10) // steps)  # at least 1 s per wait
+    return ["soft", f"timeo={timeo}", f"retrans={NFS_RETRANS}"]
+
+
 def mount_requests(
-    server_ip: str, client_ip: str, path: str, port: int | None = None
+    server_ip: str, client_ip: str, path: str, port: int | None = None, timeout: float = 30.0
 ) -> list[MountRequest]:
     """The mounts to try for ``path``, in order: the path itself, then its parent."""
     opts = [f"vers={NFS_VERSION}", f"addr={server_ip}", f"clientaddr={client_ip}"]
+    opts += soft_options(timeout)
     if port is not None:
         opts.append(f"port={port}")
     data = ",".join(opts)
@@ -112,6 +137,36 @@ class _Libc:
         rc = self._libc.umount2(target.encode(), flags)
         return ctypes.get_errno() if rc != 0 else 0
 
+    def mount_within(self, req: MountRequest, target: str, timeout: float) -> int:
+        """mount(2) in a child process, killed after ``timeout`` s (errno ETIMEDOUT).
+
+        The kernel's NFS client may wait long for a server that accepts connections but
+        never answers; a child can be killed, a thread in mount(2) cannot.
+        """
+        pid = os.fork()
+        if pid == 0:  # the child: one system call, then out without any Python clean-up
+            code = errno.EIO
+            try:
+                code = self.mount(req, target)
+            finally:
+                os._exit(min(code, 255))
+        pidfd = os.pidfd_open(pid)
+        try:
+            if select.select([pidfd], [], [], timeout)[0]:
+                code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+                return code if code >= 0 else errno.EIO  # the child died of a signal
+            log.warning("mount %s: no answer within %.0f s; giving up", req.source, timeout)
+            os.kill(pid, signal.SIGKILL)
+            if select.select([pidfd], [], [], KILL_GRACE)[0]:
+                os.waitpid(pid, 0)
+            else:
+                log.warning("mount %s: the mount process %d does not end", req.source, pid)
+        finally:
+            os.close(pidfd)
+        if os.path.ismount(target):  # it finished after all while being killed
+            self.umount(target, MNT_DETACH)
+        return errno.ETIMEDOUT
+
 
 class NfsTransport(Transport):
     """Mounts the export on a private directory and writes there like ``file``."""
@@ -138,8 +193,11 @@ class NfsTransport(Transport):
         base = "/run" if os.access("/run", os.W_OK) else None
         self._mountpoint = tempfile.mkdtemp(prefix="kdump-nfs-", dir=base)
         err: TransportError | None = None
-        for req in mount_requests(server_ip, client_ip, self.target.path, port):
-            code = self._libc.mount(req, self._mountpoint)
+        timeout = self.settings.timeout
+        deadline = time.monotonic() + timeout
+        for req in mount_requests(server_ip, client_ip, self.target.path, port, timeout):
+            left = max(deadline - time.monotonic(), 1.0)
+            code = self._libc.mount_within(req, self._mountpoint, left)
             if code == 0:
                 log.info("mounted %s on %s (%s)", req.source, self._mountpoint, req.data)
                 root = os.path.join(self._mountpoint, req.subdir)

@@ -4,11 +4,26 @@
 #   dracut --add kdump-capture --no-hostonly-cmdline /boot/initrd-$(uname -r)-kdump
 # It packs what `kdump-capture initramfs build` packs (Python runtime, our packages, kernel
 # modules, config, SSH files) and runs our /init program as a service in the initrd (or as a
-# pre-pivot hook without systemd), which saves the dump and reboots, powers off or opens a
+# cmdline hook without systemd), which saves the dump and reboots, powers off or opens a
 # shell as configured.
 
+# engine.conf (written by `kdump-capture initramfs dracut-module`) names the interpreter that
+# has our packages: pip installs the kdump-capture script outside dracut's search path.
+_engine() {
+    KDUMP_CAPTURE_PYTHON=
+    # shellcheck disable=SC1091
+    [ -r "$moddir/engine.conf" ] && . "$moddir/engine.conf"
+    [ -n "$KDUMP_CAPTURE_PYTHON" ] && [ -x "$KDUMP_CAPTURE_PYTHON" ] || {
+        derror "kdump-capture: $moddir/engine.conf names no interpreter;" \
+            "install the module with: kdump-capture initramfs dracut-module"
+        return 1
+    }
+}
+
 check() {
-    require_binaries kdump-capture cpio gzip || return 1
+    _engine || return 1
+    "$KDUMP_CAPTURE_PYTHON" -c 'import kdump_capture' || return 1
+    require_binaries cpio gzip || return 1
     return 255 # only when asked for with --add
 }
 
@@ -22,8 +37,10 @@ install() {
     tmp=$(mktemp -d) || return 1
     tree="$tmp/tree"
     mkdir -p "$tree"
-    if ! kdump-capture initramfs build --output "$tmp/payload.img" --compress gzip \
-        --kernel-version "$kernel" --config "${KDUMP_CONFIG:-/etc/sysconfig/kdump}"; then
+    _engine || return 1
+    if ! "$KDUMP_CAPTURE_PYTHON" -m kdump_capture initramfs build --output "$tmp/payload.img" \
+        --compress gzip --kernel-version "$kernel" --modules-root "$srcmods" \
+        --config "${KDUMP_CONFIG:-/etc/sysconfig/kdump}"; then
         derror "kdump-capture: building the capture payload failed"
         rm -rf "$tmp"
         return 1
@@ -44,7 +61,13 @@ install() {
         mkdir -p "$initdir/$systemdsystemunitdir/initrd.target.wants"
         ln_r "$systemdsystemunitdir/kdump-capture-save.service" \
             "$systemdsystemunitdir/initrd.target.wants/kdump-capture-save.service"
+        local unit
+        for unit in emergency.service dracut-emergency.service initrd-switch-root.service \
+            initrd-cleanup.service; do
+            inst_simple "$moddir/capture-kernel.conf" \
+                "$systemdsystemunitdir/$unit.d/50-kdump-capture.conf"
+        done
     else
-        inst_hook pre-pivot 90 "$moddir/kdump-capture-hook.sh"
+        inst_hook cmdline 00 "$moddir/kdump-capture-hook.sh"
     fi
 }

@@ -40,6 +40,9 @@ class WriteResult:
     pages_written: int = 0
     flattened: bool = False
     notes: list[str] = field(default_factory=list)  # fallbacks and caveats, one line each
+    #: why the dump is incomplete (the source ended early or failed), None when it is not;
+    #: what was read before is in the file
+    incomplete: str | None = None
 
 
 class FormatWriter(ABC):
@@ -59,6 +62,14 @@ class FormatWriter(ABC):
     @abstractmethod
     def estimate(self) -> int | None:
         """An upper bound of the output size in bytes, if one is known before writing."""
+
+    def lower_bound(self) -> int:
+        """Bytes the output will certainly hold: what a free-space check may demand up front.
+
+        0 unless a writer knows better. A compressed dump's page data is known only as it
+        streams, so its bound is the metadata; never more than what is really written.
+        """
+        return 0
 
     @abstractmethod
     def write(self, sink, monitor: Monitor) -> WriteResult: ...

@@ -35,33 +35,50 @@ class RawWriter(FormatWriter):
     def estimate(self) -> int | None:
         return self.vm.size
 
+    def lower_bound(self) -> int:
+        return self.vm.size or 0  # a copy: exactly the source
+
     def write(self, sink, monitor: Monitor) -> WriteResult:
         buf = bytearray(CHUNK)
         off = 0
         total = self.vm.size
-        while total is None or off < total:
-            want = CHUNK if total is None else min(CHUNK, total - off)
+        if total is None:
+            raise VmcoreError(f"{self.vm.path}: the size of the source is unknown")
+        incomplete = None
+        while off < total:
+            want = min(CHUNK, total - off)
             data = self.vm.view(off, want)
             if data is None:
                 data = memoryview(buf)[:want]
-                n = self.vm.readinto(data, off)
+                try:
+                    n = self.vm.read_data(data, off)
+                except VmcoreError as e:
+                    incomplete = str(e)
+                    break
                 data = data[:n]
             else:
                 n = want
-            if n == 0:
-                if total is not None:
-                    raise VmcoreError(
-                        f"{self.vm.path}: offset {off:#x}: unexpected end of file "
-                        f"(expected {total:#x} bytes)"
-                    )
-                break
-            sink.write(data)
+            if n:
+                sink.write(data)
+                off += n
+                monitor.advance(n, n)
             del data
-            off += n
-            monitor.advance(n, n)
+            if n < want:
+                incomplete = _ended(self.vm.path, off, total)
+                break
         pages = off // PAGE
         kind = "ELF" if self.vm.kind == "elf" else "raw memory image"
-        return WriteResult(format=kind, dump_level=0, pages_total=pages, pages_written=pages)
+        return WriteResult(
+            format=kind,
+            dump_level=0,
+            pages_total=-(-total // PAGE),
+            pages_written=pages,
+            incomplete=incomplete,
+        )
+
+
+def _ended(path: str, off: int, total: int) -> str:
+    return f"{path}: the source ended at offset {off:#x}; {total:#x} bytes were expected"
 
 
 class ElfWriter(RawWriter):
@@ -81,6 +98,13 @@ class ElfWriter(RawWriter):
     def __init__(self, vm: Vmcore, level: int, accelerated: bool | None = None) -> None:
         super().__init__(vm, level)
         self.accelerated = accelerated
+
+    def lower_bound(self) -> int:
+        if not self.level:
+            return super().lower_bound()
+        # Which pages a level leaves out is known only after reading them: headers and
+        # notes are certain (the ELF header with the PT_NOTE header fills the first page).
+        return PAGE + _page_up(len(self.vm.notes_blob))
 
     def write(self, sink, monitor: Monitor) -> WriteResult:
         if not self.level:
@@ -140,9 +164,12 @@ def clear_zero_pages(vm: Vmcore, win: Window, max_mapnr: int, monitor: Monitor, 
                 data = vm.view(off, nbytes)
                 if data is None:
                     data = memoryview(buf)[:nbytes]
-                    got = vm.readinto(data, off)
+                    try:
+                        got = vm.read_data(data, off)
+                    except VmcoreError:
+                        got = -1
                     if got != nbytes:
-                        raise VmcoreError(f"{vm.path}: offset {off + got:#x}: short read")
+                        return  # the source ended or failed: the copy pass finds out and says so
                 offsets = SEQ_OFFSETS[:n]
                 if accel is not None:
                     mask = accel.zero_pages(data, offsets)
@@ -287,6 +314,7 @@ def write_elf_segments(
 
     buf = bytearray(CHUNK)
     written_pages = 0
+    incomplete = None
     for s in segs:
         done = 0
         while done < s.filesz:
@@ -294,24 +322,35 @@ def write_elf_segments(
             data = vm.view(s.src + done, want)
             if data is None:
                 data = memoryview(buf)[:want]
-                n = vm.readinto(data, s.src + done)
-                if n != want:
-                    raise VmcoreError(f"{vm.path}: offset {s.src + done + n:#x}: short read")
-            sink.write(data)
+                try:
+                    n = vm.read_data(data, s.src + done)
+                except VmcoreError as e:
+                    incomplete, n = str(e), 0
+                data = data[:n]
+            else:
+                n = want
+            if n:
+                sink.write(data)
+                done += n
+                monitor.advance(n, n)
             del data
-            done += want
-            monitor.advance(want, want)
+            if n < want:
+                incomplete = incomplete or _ended(vm.path, s.src + done, s.src + s.filesz)
+                break
+        written_pages += -(-done // PAGE)
+        if incomplete:
+            break
         pad = _page_up(s.filesz) - s.filesz
         if pad:
             sink.write(bytes(pad))
             monitor.advance(0, pad)
-        written_pages += _page_up(s.filesz) // PAGE
     total_pages = sum(_page_up(p.filesz) // PAGE for p in vm.loads)
     return WriteResult(
         format="ELF",
         dump_level=level,
         pages_total=total_pages,
         pages_written=written_pages,
+        incomplete=incomplete,
     )
 
 

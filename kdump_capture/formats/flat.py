@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import bisect
 import os
+import secrets
+import stat
 import struct
 from typing import Protocol
 
-from ..errors import VmcoreError
+from ..elf import EHDR, ELFMAG, PHDR
+from ..errors import TargetFull, TransportError, VmcoreError
+from .structs import DISK_DUMP_HEADER, KDUMP_SIGNATURE, PAGE_DESC, DiskDumpHeader
 
 FLAT_SIGNATURE = b"makedumpfile"
 FLAT_HEADER = struct.Struct(">16sqq")  # char signature[16]; int64 type; int64 version
@@ -25,6 +29,14 @@ END_MARKER = RECORD.pack(-1, -1)
 assert FLAT_HEADER.size == 32 and RECORD.size == 16
 # Copy records in pieces of this size when rearranging (bounded memory for any record).
 COPY_CHUNK = 1 << 20
+# Bytes at the start of the file that must be known to bound it: an ELF header with up to
+# 65535 program headers; a disk_dump_header needs only its 464 bytes.
+HEAD_MAX = EHDR.size + 0xFFFF * PHDR.size
+# Block (page) sizes of Linux architectures: 4 KiB to 256 KiB (hexagon).
+MIN_BLOCK = 512
+MAX_BLOCK = 1 << 18
+# makedumpfile appends eraseinfo text (one line per erased symbol) after the page data.
+ERASEINFO_ALLOWANCE = 1 << 20
 
 
 def flat_header() -> bytes:
@@ -112,43 +124,195 @@ def is_flattened(head: bytes) -> bool:
     return head[:16].rstrip(b"\0") == FLAT_SIGNATURE
 
 
+def implied_size(head: bytes | bytearray, path: str, stream_size: int | None = None) -> int | None:
+    """The largest size the dump starting with ``head`` can have, from its own header.
+
+    kdump-compressed: the header blocks and bitmaps, then a descriptor and a full block per
+    page the bitmap can describe (at most ``max_mapnr``), the shared zero page and eraseinfo.
+    ELF: the end of the furthest segment, and no further than the segments laid out one
+    after the other (as every dump writer does). With ``stream_size`` (the flattened
+    stream's size, when known) the parts that must be in the stream (bitmaps, descriptors,
+    page data, segment data) are bounded by it too. None: ``head`` is too short to tell yet.
+    Raises VmcoreError when the header is neither, or is malformed.
+    """
+    if len(head) < 8:
+        return None
+    if head[:8] == KDUMP_SIGNATURE:
+        if len(head) < DISK_DUMP_HEADER.size:
+            return None
+        dh = DiskDumpHeader.unpack_from(head)
+        bs = dh.block_size
+        if not MIN_BLOCK <= bs <= MAX_BLOCK or bs & (bs - 1):
+            raise VmcoreError(f"{path}: offset 0x1ac: bad block_size {bs} in the kdump header")
+        if dh.sub_hdr_size < 0:
+            raise VmcoreError(f"{path}: offset 0x1b0: bad sub_hdr_size {dh.sub_hdr_size}")
+        if stream_size is not None and dh.bitmap_blocks * bs > stream_size:
+            raise VmcoreError(
+                f"{path}: offset 0x1b4: bitmap_blocks {dh.bitmap_blocks} makes "
+                f"{dh.bitmap_blocks * bs:#x} bytes of bitmaps, more than the whole stream"
+            )
+        pages = dh.bitmap_blocks * bs // 2 * 8
+        if dh.max_mapnr < 0xFFFFFFFF:  # else the real value is 64-bit, in the sub header
+            pages = min(pages, dh.max_mapnr)
+        header = bs * (1 + dh.sub_hdr_size + dh.bitmap_blocks)
+        rest = pages * (PAGE_DESC.size + bs) + bs + ERASEINFO_ALLOWANCE
+        if stream_size is not None:
+            rest = min(rest, stream_size)  # descriptors and page data are all in the stream
+        return header + rest
+    if head[:4] == ELFMAG:
+        if len(head) < EHDR.size:
+            return None
+        phoff, phentsize, phnum = _ELF_FIELDS.unpack_from(head, 32)
+        if phentsize != PHDR.size or phoff > HEAD_MAX:
+            raise VmcoreError(f"{path}: offset 0x20: bad ELF program header table")
+        table_end = phoff + phnum * PHDR.size
+        if len(head) < table_end:
+            return None
+        end = table_end
+        dense = _align(table_end)
+        for i in range(phnum):
+            _, _, p_offset, _, _, p_filesz, _, _ = PHDR.unpack_from(head, phoff + i * PHDR.size)
+            end = max(end, p_offset + p_filesz)
+            dense += _align(p_filesz)
+        if stream_size is not None and dense > _align(table_end) + stream_size + phnum * MAX_BLOCK:
+            raise VmcoreError(
+                f"{path}: the ELF program headers describe more data than the whole stream"
+            )
+        return min(end, dense)
+    raise VmcoreError(
+        f"{path}: the flattened stream holds neither a kdump-compressed nor an ELF dump "
+        f"(it starts with {bytes(head[:8])!r})"
+    )
+
+
+def _align(n: int) -> int:
+    """``n`` rounded up to the largest block size (segments may be aligned to a page)."""
+    return -(-n // MAX_BLOCK) * MAX_BLOCK
+
+
+# e_phoff (u64 at 32); e_phentsize, e_phnum (u16 at 54, 56).
+_ELF_FIELDS = struct.Struct("<Q14xHH")
+
+
 def rearrange(src_path: str, dst_path: str) -> int:
     """Rebuild the normal dump file from a flattened stream (like ``makedumpfile -R``).
 
-    Returns the size of the result. Raises VmcoreError for a malformed or truncated stream
-    (the partial output is removed).
+    The file is written under a new temporary name next to ``dst_path`` (created
+    exclusively, never through a link) and renamed to ``dst_path`` only when the whole
+    stream was applied: on any error ``dst_path`` is left as it was. Records must begin with
+    the dump's header, and none may reach past the size that header implies
+    (``implied_size``). Returns the size of the result. Raises VmcoreError for a malformed,
+    truncated or out-of-bounds stream, TransportError when the output cannot be written.
     """
     with open(src_path, "rb", buffering=COPY_CHUNK) as src:
         check_flat_header(_read_exact(src, FLAT_HEADER_SIZE, src_path, "the header"), src_path)
-        fd = os.open(dst_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        tmp, fd = _create_temp(dst_path)
         try:
-            end = 0
-            while True:
-                offset, size = RECORD.unpack(_read_exact(src, RECORD.size, src_path, "a record"))
-                if offset == -1 and size == -1:
-                    break
-                if offset < 0 or size <= 0:
-                    raise VmcoreError(
-                        f"{src_path}: offset {src.tell() - RECORD.size:#x}: bad record header "
-                        f"(offset {offset}, size {size})"
-                    )
-                pos = offset
-                left = size
-                while left:
-                    piece = _read_exact(src, min(left, COPY_CHUNK), src_path, "record data")
-                    os.pwrite(fd, piece, pos)
-                    pos += len(piece)
-                    left -= len(piece)
-                end = max(end, offset + size)
+            st = os.fstat(src.fileno())
+            stream_size = st.st_size if stat.S_ISREG(st.st_mode) else None
+            end = _apply_records(src, src_path, fd, dst_path, stream_size)
             if os.fstat(fd).st_size < end:
                 os.ftruncate(fd, end)
             os.fsync(fd)
-        except BaseException:
             os.close(fd)
-            os.unlink(dst_path)
+            fd = -1
+            os.replace(tmp, dst_path)  # replaces a link at dst_path itself, never its target
+            _fsync_dir(dst_path)
+        except BaseException as e:
+            if fd >= 0:
+                os.close(fd)
+            _unlink_quietly(tmp)
+            if isinstance(e, OSError):
+                raise _output_error(dst_path, e) from e
             raise
-        os.close(fd)
     return end
+
+
+def _apply_records(src, src_path: str, fd: int, dst_path: str, stream_size: int | None) -> int:
+    end = 0
+    head = bytearray()  # the file's first bytes, until its header bounds the file
+    limit: int | None = None
+    while True:
+        at = src.tell()
+        offset, size = RECORD.unpack(_read_exact(src, RECORD.size, src_path, "a record"))
+        if offset == -1 and size == -1:
+            break
+        if offset < 0 or size <= 0:
+            raise VmcoreError(
+                f"{src_path}: offset {at:#x}: bad record header (offset {offset}, size {size})"
+            )
+        if limit is None and offset != len(head):
+            raise VmcoreError(
+                f"{src_path}: offset {at:#x}: record for {offset:#x} before the dump's header "
+                "is complete (the stream must start with it)"
+            )
+        if limit is not None and offset + size > limit:
+            raise VmcoreError(
+                f"{src_path}: offset {at:#x}: record for {offset:#x}-{offset + size:#x} lies "
+                f"beyond the {limit:#x} bytes the dump's header allows"
+            )
+        pos = offset
+        left = size
+        while left:
+            piece = _read_exact(src, min(left, COPY_CHUNK), src_path, "record data")
+            if limit is None:
+                head += piece[: HEAD_MAX - len(head)]
+            try:
+                os.pwrite(fd, piece, pos)
+            except OSError as e:
+                raise _output_error(dst_path, e) from e
+            pos += len(piece)
+            left -= len(piece)
+        end = max(end, offset + size)
+        if limit is None:
+            limit = implied_size(head, src_path, stream_size)
+            if limit is None and len(head) >= HEAD_MAX:
+                raise VmcoreError(f"{src_path}: the dump's header is implausibly large")
+            if limit is not None and end > limit:
+                raise VmcoreError(
+                    f"{src_path}: offset {at:#x}: the first record ({end:#x} bytes) is larger "
+                    f"than the {limit:#x} bytes the dump's header allows"
+                )
+    if limit is None and end:
+        implied_size(head, src_path, stream_size)  # raises for a stream that is not a dump
+        raise VmcoreError(f"{src_path}: the stream ends inside the dump's header")
+    return end
+
+
+def _create_temp(dst_path: str) -> tuple[str, int]:
+    """A new file next to ``dst_path``: O_EXCL and O_NOFOLLOW, so no link is ever followed."""
+    folder, name = os.path.split(dst_path)
+    tmp = os.path.join(folder, f".{name}.rearrange-{secrets.token_hex(6)}")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        return tmp, os.open(tmp, flags, 0o600)
+    except OSError as e:
+        raise _output_error(dst_path, e) from e
+
+
+def _output_error(dst_path: str, e: OSError) -> TransportError:
+    cls = TargetFull if e.errno == 28 else TransportError  # ENOSPC
+    return cls(f"{dst_path}: cannot write the rearranged dump: {e.strerror}")
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        dfd = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        os.fsync(dfd)
+    except OSError:
+        pass
+    finally:
+        os.close(dfd)
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 class FlatFile:
@@ -167,7 +331,10 @@ class FlatFile:
         f = self.f
         check_flat_header(_read_exact(f, FLAT_HEADER_SIZE, self.path, "the header"), self.path)
         recs: list[tuple[int, int, int, int]] = []  # (offset, size, stream position, order)
-        total = os.fstat(f.fileno()).st_size
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise VmcoreError(f"{self.path}: a flattened dump must be a regular file")
+        total = st.st_size
         pos = FLAT_HEADER_SIZE
         while True:
             f.seek(pos)
@@ -186,6 +353,15 @@ class FlatFile:
         self._starts = [r[0] for r in recs]
         self._maxlen = max((r[1] for r in recs), default=0)
         self.size = max((r[0] + r[1] for r in recs), default=0)
+        #: bytes of record data: no structure of the file can be larger
+        self.data_bytes = sum(r[1] for r in recs)
+        if self.size:
+            limit = implied_size(self.pread(min(self.size, HEAD_MAX), 0), self.path, total)
+            if limit is not None and self.size > limit:
+                raise VmcoreError(
+                    f"{self.path}: a record reaches {self.size:#x}, beyond the {limit:#x} "
+                    "bytes the dump's header allows"
+                )
 
     def pread(self, size: int, offset: int) -> bytes:
         """Bytes ``offset..offset+size`` of the rearranged file (zeros where no record)."""

@@ -381,6 +381,13 @@ class KdumpWriter(FormatWriter):
         lay = Layout.make(len(self.vm.notes_blob), pf.half_len, n, True)
         return lay.first_data + n * PAGE
 
+    def lower_bound(self) -> int:
+        # Headers, bitmaps and one descriptor per dumpable page are written whatever the
+        # pages compress to; the page data may be as small as the shared zero page.
+        pf = self.page_filter()
+        n = pf.summary().num_dumpable
+        return Layout.make(len(self.vm.notes_blob), pf.half_len, n, False).data_off
+
     def describe(self) -> str:
         text = f"kdump-compressed ({self.codec.name})"
         if self.flattened:
@@ -403,10 +410,11 @@ class KdumpWriter(FormatWriter):
         monitor.advance(0, written)
 
         stats, error = self._pages(out, lay, pf, monitor, zero_dedup)
+        incomplete = None
         if error is not None:
             # Pages not written keep zeroed descriptors (offset 0 = missing to crash), and
             # the header says so: a clearly marked partial dump instead of no dump.
-            notes.append(f"INCOMPLETE dump: {error}; {stats['done']} of {num} pages written")
+            incomplete = f"{error}; {stats['done']} of {num} pages written"
             n = out.put(0, self._header(lay, summ, uts, incomplete=True))
             monitor.advance(0, n)
         monitor.advance(0, out.finish())
@@ -420,6 +428,7 @@ class KdumpWriter(FormatWriter):
             pages_written=stats["done"],
             flattened=self.flattened,
             notes=notes,
+            incomplete=incomplete,
         )
 
     # -- headers --
@@ -573,11 +582,11 @@ class KdumpWriter(FormatWriter):
             if p.offset is None:
                 view[pos : pos + nbytes] = bytes(nbytes)
             else:
-                got = vm.readinto(view[pos : pos + nbytes], p.offset)
+                got = vm.read_data(view[pos : pos + nbytes], p.offset)
                 if got != nbytes:
                     raise VmcoreError(
-                        f"{vm.path}: offset {p.offset + got:#x}: unexpected end of "
-                        "file (truncated vmcore)"
+                        f"{vm.path}: the source ended at offset {p.offset + got:#x}"
+                        " (truncated vmcore)"
                     )
             pos += nbytes
         return view[:pos], _SEQ_OFFSETS[:n]

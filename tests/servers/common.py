@@ -22,10 +22,14 @@ def free_port() -> int:
 
 
 def wait_for(
-    check: Callable[[], bool], what: str, proc: subprocess.Popen | None = None, log: str = ""
+    check: Callable[[], bool],
+    what: str,
+    proc: subprocess.Popen | None = None,
+    log: str = "",
+    timeout: float = START_TIMEOUT,
 ) -> None:
     """Poll ``check`` until true; fail with the server's log if it dies or times out."""
-    deadline = time.monotonic() + START_TIMEOUT
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(
@@ -37,7 +41,7 @@ def wait_for(
         except OSError:
             pass
         time.sleep(0.05)  # polling interval, not a guess at the start-up time
-    raise RuntimeError(f"{what} did not become ready within {START_TIMEOUT}s{_tail(log)}")
+    raise RuntimeError(f"{what} did not become ready within {timeout}s{_tail(log)}")
 
 
 def banner_check(port: int, prefix: bytes) -> Callable[[], bool]:

@@ -15,6 +15,7 @@ import pytest
 
 from .common import unix_user
 from .ftp import FtpServer, pyftpd, vsftpd
+from .s3 import S3Server, seaweed
 from .samba import SmbServer, smbd
 from .sshd import SshServer, sshd
 
@@ -62,4 +63,11 @@ def vsftpd_server(tmp_path_factory, test_user) -> Iterator[FtpServer]:
 def smb_server(tmp_path_factory) -> Iterator[SmbServer]:
     work = tmp_path_factory.mktemp("smbd")
     with smbd(str(work), str(work / "share")) as s:
+        yield s
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory) -> Iterator[S3Server]:
+    """SeaweedFS with its S3 gateway (http and https) and the bucket ``dumps``."""
+    with seaweed(str(tmp_path_factory.mktemp("seaweed"))) as s:
         yield s

@@ -32,10 +32,10 @@ class Dtp(DTPHandler):
         super().handle_error()
 
 from pyftpdlib.servers import FTPServer
-port, root, user, password = sys.argv[1:5]
+port, root, user, password, perm = sys.argv[1:6]
 auth = DummyAuthorizer()
-auth.add_user(user, password, root, perm="elradfmwMT")
-auth.add_anonymous(root, perm="elradfmwMT")
+auth.add_user(user, password, root, perm=perm)
+auth.add_anonymous(root, perm=perm)
 FTPHandler.authorizer = auth
 FTPHandler.dtp_handler = Dtp
 FTPHandler.auth_failed_timeout = 0.1  # the default 3 s delay only slows the tests
@@ -57,12 +57,15 @@ class FtpServer:
 
 @contextlib.contextmanager
 def pyftpd(
-    workdir: str, root: str, user: str = "kdump", password: str = "s3cret"
+    workdir: str, root: str, user: str = "kdump", password: str = "s3cret", chmod: bool = True
 ) -> Iterator[FtpServer]:
+    """``chmod=False``: the server refuses SITE CHMOD (550), as many hosted servers do.
+    The server's umask is the caller's (it is a child process)."""
     os.makedirs(root, exist_ok=True)
     port = free_port()
     log = os.path.join(workdir, "pyftpd.log")
-    argv = [sys.executable, "-c", _PYFTPD, str(port), root, user, password]
+    perm = "elradfmwMT" if chmod else "elradfmwT"  # M: SITE CHMOD
+    argv = [sys.executable, "-c", _PYFTPD, str(port), root, user, password, perm]
     with process(argv, log, "pyftpdlib", banner_check(port, b"220")):
         yield FtpServer(LOOPBACK, port, user, password, root, "/")
 

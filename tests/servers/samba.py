@@ -26,7 +26,11 @@ class SmbServer:
 
 
 @contextlib.contextmanager
-def smbd(workdir: str, root: str, password: str = "smb-s3cret") -> Iterator[SmbServer]:
+def smbd(
+    workdir: str, root: str, password: str = "smb-s3cret", masks: bool = True
+) -> Iterator[SmbServer]:
+    """``masks=False``: Samba's default create and directory masks (0744, 0755), so the
+    modes of what a client creates are up to the client (tests of our own modes)."""
     os.makedirs(root, exist_ok=True)
     dirs = {k: os.path.join(workdir, k) for k in ("private", "lock", "state", "cache", "pid")}
     for d in dirs.values():
@@ -48,9 +52,12 @@ def smbd(workdir: str, root: str, password: str = "smb-s3cret") -> Iterator[SmbS
             "disable spoolss = yes\nserver min protocol = SMB2_10\n"
             "map to guest = never\nrestrict anonymous = 2\n"
             f"[{SHARE}]\npath = {root}\nread only = no\n"
-            "create mask = 0600\nforce create mode = 0600\n"
-            "directory mask = 0700\nforce directory mode = 0700\n"
         )
+        if masks:
+            f.write(
+                "create mask = 0600\nforce create mode = 0600\n"
+                "directory mask = 0700\nforce directory mode = 0700\n"
+            )
     run(["smbpasswd", "-c", conf, "-a", "-s", SMB_USER], input=f"{password}\n{password}\n")
     log = os.path.join(workdir, "smbd.log")
     argv = [SMBD, "--foreground", "--no-process-group", "-s", conf, "--debug-stdout"]

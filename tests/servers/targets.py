@@ -10,7 +10,7 @@ from kdump_capture.urls import parse_target
 from transports import open_transport
 from transports.base import Transport, TransportSettings
 
-KINDS = ("file", "sftp", "ftp", "vsftpd", "cifs")
+KINDS = ("file", "sftp", "ftp", "vsftpd", "cifs", "s3")
 SETTINGS = TransportSettings(timeout=10.0, retries=3, retry_delay=0.05)
 
 
@@ -20,8 +20,27 @@ class TestTarget:
 
     kind: str
     url: str
-    server_dir: str  # filesystem path of the transport's root directory
+    server_dir: str  # filesystem path of the transport's root directory (S3: key prefix)
     settings: TransportSettings
+    s3: object | None = None  # the S3Server, for kind "s3"
+
+    def files(self) -> list[str]:
+        """Every file below the root as the server holds it (S3: keys, no directory marks)."""
+        if self.s3 is not None:
+            top = self.server_dir + "/"
+            keys = self.s3.keys(top)
+            return sorted(k[len(top) :] for k in keys if not k.endswith("/"))
+        out = []
+        for dirpath, _, names in os.walk(self.server_dir):
+            out += [os.path.relpath(os.path.join(dirpath, n), self.server_dir) for n in names]
+        return sorted(out)
+
+    def read_back(self, relpath: str) -> bytes:
+        """A file's bytes as the server holds them, read around the transport."""
+        if self.s3 is not None:
+            return self.s3.get(f"{self.server_dir}/{relpath}")
+        with open(os.path.join(self.server_dir, relpath), "rb") as f:
+            return f.read()
 
     def transport(self, **overrides) -> Transport:
         target, _ = parse_target(self.url)
@@ -55,4 +74,7 @@ def make_target(kind: str, request, sub: str = "") -> TestTarget:
         s = request.getfixturevalue("smb_server")
         url = f"cifs://{s.user}:{s.password}@{s.host}:{s.port}/{s.share}/{name}"
         return TestTarget(kind, url, os.path.join(s.root, name), SETTINGS)
+    if kind == "s3":
+        s = request.getfixturevalue("s3_server")
+        return TestTarget(kind, s.url(name), name, SETTINGS, s3=s)
     raise ValueError(kind)

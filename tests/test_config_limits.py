@@ -1,0 +1,214 @@
+"""Configuration features of issue 8, item 17: bounded expansion, KDUMP_VERBOSE bits 1 and 4,
+load-side features this build refuses, and KDUMP_POSTSCRIPT after a dump-device write."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+import tracemalloc
+
+import pytest
+
+from kdump_capture import loadside
+from kdump_capture.config import MAX_VALUE, load_config, parse_sysconfig
+from kdump_capture.errors import ConfigError
+from kdump_capture.sample import SampleSpec, write_sample
+from tests.helpers import cli, save_args
+
+# --- expansion is capped -------------------------------------------------------------------------
+
+
+def test_doubling_30_times_fails_early_with_file_and_line(tmp_path):
+    """`A=$A$A` doubles the value per line: 30 lines would be 1 GiB (26 took 2.1 GB before).
+    It must fail at the first line past 64 KiB, fast and in little memory."""
+    conf = tmp_path / "kdump"
+    conf.write_text("A=x\n" + "A=$A$A\n" * 30 + "KDUMP_SAVEDIR=$A\n")
+    tracemalloc.start()
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(ConfigError) as e:
+            load_config(str(conf))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert time.monotonic() - t0 < 1.0
+    assert peak < 4 << 20, f"peak {peak >> 20} MiB"
+    # 2**17 characters (line 18) is the first value over 64 KiB
+    assert str(e.value) == f"{conf}:18: A: the value is longer than 64 KiB (after expansion)"
+
+
+def test_doubling_through_the_cli_is_exit_2(tmp_path):
+    conf = tmp_path / "kdump"
+    conf.write_text("A=xx\n" + 'A="$A${A}"\n' * 30)
+    r = cli("show-config", "--config", str(conf))
+    assert r.rc == 2 and "Traceback" not in r.err
+    assert r.err.strip() == (
+        f"kdump-capture: error: {conf}:17: A: the value is longer than 64 KiB (after expansion)"
+    )
+
+
+def test_every_value_is_capped():
+    ok = "A='" + "x" * MAX_VALUE + "'\n"
+    assert len(parse_sysconfig(ok, "f")[0].value) == MAX_VALUE
+    for text in (
+        "A='" + "x" * (MAX_VALUE + 1) + "'\n",  # quoted literal
+        "A=" + "x" * (MAX_VALUE + 1) + "\n",  # bare literal
+        "A='" + "x" * 40000 + '\'\nB=$A"$A"\n',  # expansions inside and outside quotes
+    ):
+        with pytest.raises(ConfigError, match="longer than 64 KiB"):
+            parse_sysconfig(text, "f")
+
+
+def test_all_values_together_are_capped():
+    """Many values just under the cap: together they must stay bounded as well."""
+    text = "A='" + "x" * 60000 + "'\n" + "".join(f"B{i}=$A\n" for i in range(40))
+    with pytest.raises(ConfigError, match=r"f:\d+: B\d+: the values of this file add up"):
+        parse_sysconfig(text, "f")
+
+
+def test_huge_or_endless_config_file():
+    t0 = time.monotonic()
+    r = cli("show-config", "--config", "/dev/zero")
+    assert r.rc == 2 and "/dev/zero: larger than 1024 KiB" in r.err
+    assert time.monotonic() - t0 < 30
+
+
+def test_set_value_is_capped():
+    with pytest.raises(ConfigError, match="--set KDUMP_PRESCRIPT: the value is longer"):
+        load_config(None, ["KDUMP_PRESCRIPT=" + "x" * (MAX_VALUE + 1)])
+
+
+# --- KDUMP_VERBOSE bits 1 (syslog) and 4 (stdout) on load ----------------------------------------
+
+LINE = "kexec_file_load kernel=/boot/vmlinuz initrd=/i.img cmdline='a b' flags=KEXEC_FILE_ON_CRASH"
+
+
+@pytest.fixture
+def syslog(tmp_path):
+    path = str(tmp_path / "log")
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    s.bind(path)
+    s.settimeout(2)
+    yield path, s
+    s.close()
+
+
+def test_verbose_1_logs_the_load_command_to_syslog(syslog, tmp_path, capsys):
+    path, s = syslog
+    kmsg = tmp_path / "kmsg"
+    loadside.announce_load(LINE, 1, socket_path=path, kmsg=str(kmsg))
+    assert s.recv(4096).decode() == f"<13>kdump-capture[{os.getpid()}]: load command: {LINE}"
+    assert capsys.readouterr().out == ""  # bit 4 is off
+    assert not kmsg.exists()
+
+
+def test_verbose_1_without_syslog_goes_to_the_kernel_log(tmp_path, capsys):
+    kmsg = tmp_path / "kmsg"
+    kmsg.write_text("")  # stands in for /dev/kmsg
+    loadside.announce_load(LINE, 3, socket_path=str(tmp_path / "none"), kmsg=str(kmsg))
+    assert kmsg.read_text() == f"<13>kdump-capture[{os.getpid()}]: load command: {LINE}\n"
+    assert capsys.readouterr().out == ""
+
+
+def test_verbose_4_prints_the_load_command(syslog, tmp_path, capsys):
+    path, s = syslog
+    loadside.announce_load(LINE, 4, socket_path=path, kmsg=str(tmp_path / "kmsg"))
+    assert capsys.readouterr().out == f"load command: {LINE}\n"
+    s.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        s.recv(4096)  # bit 1 is off: nothing logged
+
+
+def test_load_command_names_the_load():
+    assert loadside.load_command("kexec_file_load", "/boot/vmlinuz", "/i.img", "a b") == LINE
+    argv = "/sbin/kexec -p --initrd=/i.img '--command-line=a b' /boot/vmlinuz"
+    assert loadside.load_command(argv, "/boot/vmlinuz", "/i.img", "a b") == argv
+
+
+# --- load-side features this build does not implement ------------------------------------------
+
+
+@pytest.mark.parametrize("setting", ["KDUMP_UPDATE_BOOTLOADER=yes", "KDUMP_CRASHKERNEL=256M,high"])
+@pytest.mark.parametrize("command", [["check"], ["load"], ["initramfs", "build", "--output"]])
+def test_bootloader_and_crashkernel_are_refused_on_the_load_side(tmp_path, setting, command):
+    """Refused (exit 9) before anything happens; nothing is built or loaded."""
+    conf = tmp_path / "kdump"
+    conf.write_text(f"# ours\n{setting}\n")
+    image = tmp_path / "initrd.img"
+    if command[-1] == "--output":
+        command = [*command, str(image)]
+    r = cli(*command, "--config", str(conf))
+    assert r.rc == 9, r.err
+    name = setting.split("=")[0]
+    assert f"kdump-capture: error: {conf}:2: {name}: " in r.err and "not supported" in r.err
+    assert not image.exists()
+
+
+def test_defaults_do_not_turn_them_on():
+    cfg = load_config(None)
+    assert cfg.value("KDUMP_UPDATE_BOOTLOADER") is False and cfg.value("KDUMP_CRASHKERNEL") == ""
+    loadside.check_supported(cfg)  # no error
+
+
+def test_a_capture_kernel_never_refuses_a_dump_over_them(tmp_path):
+    sample = str(tmp_path / "vmcore")
+    write_sample(sample, SampleSpec(ram_mib=2))
+    r = cli(
+        *save_args(
+            sample,
+            str(tmp_path / "d"),
+            "KDUMP_UPDATE_BOOTLOADER=yes",
+            "KDUMP_CRASHKERNEL=256M",
+        )
+    )
+    assert r.rc == 0, r.err
+
+
+# --- KDUMP_POSTSCRIPT with KDUMP_DUMPDEV --------------------------------------------------------
+
+
+@pytest.fixture
+def loopdev(tmp_path):
+    img = tmp_path / "dev.img"
+    with open(img, "wb") as f:
+        f.truncate(16 << 20)
+    r = subprocess.run(["losetup", "-f", "--show", str(img)], capture_output=True, text=True)
+    assert r.returncode == 0, f"cannot attach a loop device: {r.stderr}"
+    dev = r.stdout.strip()
+    yield dev
+    subprocess.run(["losetup", "-d", dev], check=False)
+
+
+def _dev_save(sample, dev, *sets):
+    args = ["save", "--config", "/nonexistent", "--vmcore", sample, "--no-reboot"]
+    for s in (f"KDUMP_DUMPDEV={dev}", *sets):
+        args += ["--set", s]
+    return cli(*args)
+
+
+def test_postscript_runs_after_the_device_write(loopdev, tmp_path):
+    sample = str(tmp_path / "vmcore")
+    write_sample(sample, SampleSpec(ram_mib=4))
+    out = tmp_path / "post"
+    # the header's state (offset 12, 2 = complete) as the script sees it: written before it ran
+    post = (
+        f'echo "$KDUMP_DUMP_DEVICE [$KDUMP_DUMP_DIR]" >{out}; '
+        f'od -An -tu4 -j12 -N4 "$KDUMP_DUMP_DEVICE" >>{out}'
+    )
+    r = _dev_save(sample, loopdev, f"KDUMP_POSTSCRIPT={post}")
+    assert r.rc == 0, r.err
+    first, state = out.read_text().splitlines()
+    assert first == f"{loopdev} []"
+    assert state.strip() == "2"
+    assert "kdump-capture recover" in r.out
+
+
+def test_failing_postscript_after_the_device_write(loopdev, tmp_path):
+    sample = str(tmp_path / "vmcore")
+    write_sample(sample, SampleSpec(ram_mib=4))
+    r = _dev_save(sample, loopdev, "KDUMP_POSTSCRIPT=exit 4", "KDUMP_CONTINUE_ON_ERROR=false")
+    assert r.rc == 12 and "KDUMP_POSTSCRIPT failed (exit status 4)" in r.err
+    r = _dev_save(sample, loopdev, "KDUMP_POSTSCRIPT=exit 4")
+    assert r.rc == 0 and "continuing" in r.err

@@ -1,0 +1,155 @@
+"""User errors get their documented exit code and one line, never "internal error" (exit 1).
+
+Each case of issue 8, item 16, through the CLI as a user runs it.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from kdump_capture import loadside
+from kdump_capture.errors import ConfigError
+from kdump_capture.sample import SampleSpec, write_sample
+from tests.helpers import Run, cli, save_args
+
+
+def one_error_line(r: Run) -> str:
+    """The single ``kdump-capture: error:`` line; nothing else but log lines, no traceback."""
+    assert "Traceback" not in r.err and "internal error" not in r.err, r.err
+    other = [x for x in r.err.splitlines() if not x.startswith("kdump: ")]
+    assert len(other) == 1 and other[0].startswith("kdump-capture: error: "), r.err
+    return other[0]
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory) -> str:
+    path = str(tmp_path_factory.mktemp("s") / "vmcore")
+    write_sample(path, SampleSpec(ram_mib=2))
+    return path
+
+
+def test_rearrange_missing_input(tmp_path):
+    r = cli("rearrange", "/nonexistent/flat", str(tmp_path / "out"))
+    assert r.rc == 3
+    assert "/nonexistent/flat: cannot open: No such file or directory" in one_error_line(r)
+    assert not (tmp_path / "out").exists()
+
+
+def test_rearrange_directory_input(tmp_path):
+    r = cli("rearrange", str(tmp_path), str(tmp_path / "out"))
+    assert r.rc == 3 and "Is a directory" in one_error_line(r)
+
+
+def test_make_sample_into_a_missing_directory(tmp_path):
+    out = tmp_path / "missing" / "vmcore"
+    r = cli("make-sample", str(out))
+    assert r.rc == 2
+    assert f"{out}: cannot create: No such file or directory" in one_error_line(r)
+
+
+@pytest.mark.parametrize("mib", ["0", "-1"])
+def test_make_sample_with_no_memory(tmp_path, mib):
+    r = cli("make-sample", str(tmp_path / "vmcore"), "--mib", mib)
+    assert r.rc == 2 and f"--mib {mib}: must be between 1 and" in one_error_line(r)
+    assert not (tmp_path / "vmcore").exists()
+
+
+def test_save_from_a_directory(tmp_path):
+    r = cli(*save_args(str(tmp_path), str(tmp_path / "d")))
+    assert r.rc == 3 and f"{tmp_path}: cannot open: Is a directory" in one_error_line(r)
+    assert not (tmp_path / "d").exists()
+
+
+# --- unbalanced quotes in the load-side command lines -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("line", "name"),
+    [
+        ("KDUMP_COMMANDLINE_APPEND='console=\"ttyS0'", "KDUMP_COMMANDLINE_APPEND"),
+        ('KDUMP_COMMANDLINE="root=/dev/vda dyndbg=\\"file x.c"', "KDUMP_COMMANDLINE"),
+        ('KEXEC_OPTIONS="--append=\'x"', "KEXEC_OPTIONS"),
+        ("KDUMP_OPTIONS='\"--reuse-cmdline'", "KDUMP_OPTIONS"),
+    ],
+)
+@pytest.mark.parametrize("command", ["show-config", "check", "status"])
+def test_unbalanced_quote_names_file_and_line(tmp_path, line, name, command):
+    """At config load (show-config) and on the load side (check, status): exit 2, FILE:LINE."""
+    conf = tmp_path / "kdump"
+    conf.write_text(f"# a comment\n{line}\n")
+    r = cli(command, "--config", str(conf))
+    assert r.rc == 2
+    canonical = "KEXEC_OPTIONS" if name == "KDUMP_OPTIONS" else name
+    assert f"{conf}:2: {canonical}: unbalanced" in one_error_line(r)
+
+
+def test_unbalanced_quote_from_set(tmp_path):
+    r = cli("check", "--config", "/nonexistent", "--set", "KEXEC_OPTIONS='x")
+    assert r.rc == 2 and "--set KEXEC_OPTIONS: unbalanced quote" in one_error_line(r)
+
+
+def test_load_time_check_of_an_unvalidated_mapping():
+    """readiness() (check, load) refuses a bad value even when it did not go through
+    load_config: a ConfigError naming the directive, never a ValueError traceback."""
+    cfg = {
+        "KDUMP_KERNELVER": "",
+        "KDUMP_CPUS": "1",
+        "KDUMP_COMMANDLINE": "",
+        "KDUMP_COMMANDLINE_APPEND": 'a="b',
+        "KEXEC_OPTIONS": "",
+    }
+    with pytest.raises(ConfigError, match="KDUMP_COMMANDLINE_APPEND: unbalanced double quote"):
+        loadside.readiness(cfg, loadside.System())
+    with pytest.raises(ConfigError, match="KEXEC_OPTIONS: unbalanced quote"):
+        loadside.readiness({**cfg, "KDUMP_COMMANDLINE_APPEND": "", "KEXEC_OPTIONS": "'x"}, None)
+
+
+def test_kernel_words_follow_the_kernel():
+    """Double quotes group and stay; single quotes mean nothing to the kernel; an unbalanced
+    quote in /proc/cmdline (which the kernel accepted) runs to the end, as in the kernel."""
+    assert loadside.kernel_words('a dyndbg="x y" it\'s') == ["a", 'dyndbg="x y"', "it's"]
+    assert loadside.kernel_words('a b="c d', strict=False) == ["a", 'b="c d']
+    with pytest.raises(ValueError, match="character 5"):
+        loadside.kernel_words('a b="c d')
+    out = loadside.capture_cmdline('quiet x="unterminated tail', "", "", 1)
+    assert out.startswith("quiet ") and 'x="unterminated tail' in out
+
+
+# --- KDUMP_TRANSFER ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("command", "message"),
+    [
+        ("exit 7", "KDUMP_TRANSFER failed (exit status 7)"),
+        ("exit 1", "KDUMP_TRANSFER failed (exit status 1)"),
+        ("kill -KILL $$", "KDUMP_TRANSFER failed (killed by SIGKILL (signal 9))"),
+        ("kill -TERM $$", "KDUMP_TRANSFER failed (killed by SIGTERM (signal 15))"),
+    ],
+)
+def test_failing_transfer_has_its_own_exit_code(sample, tmp_path, command, message):
+    r = cli(*save_args(sample, str(tmp_path / "d"), f"KDUMP_TRANSFER={command}"))
+    assert r.rc == 14
+    assert message in one_error_line(r)
+
+
+def test_transfer_success_exits_0(sample, tmp_path):
+    dest = tmp_path / "copy"
+    r = cli(*save_args(sample, str(tmp_path / "d"), f'KDUMP_TRANSFER=cp "$KDUMP_VMCORE" {dest}'))
+    assert r.rc == 0, r.err
+    assert os.path.getsize(dest) == os.path.getsize(sample)
+
+
+def test_set_value_that_is_not_utf8(tmp_path):
+    """argv bytes that are not UTF-8 reach us as surrogate escapes: a config error, not a
+    UnicodeEncodeError when the target is shown (found by the url_redact fuzz target)."""
+    r = cli(
+        "show-config",
+        "--config",
+        "/nonexistent",
+        "--set",
+        os.fsdecode(b"KDUMP_SAVEDIR=ftp://\xf7@h/x"),
+    )
+    assert r.rc == 2 and "--set KDUMP_SAVEDIR: the value is not valid UTF-8" in one_error_line(r)

@@ -1,0 +1,533 @@
+"""The S3 transport against a real SeaweedFS (signatures checked): parts, faults, the CLI."""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from botocore.auth import S3SigV4Auth
+from botocore.awsrequest import AWSRequest
+from botocore.credentials import Credentials
+
+from kdump_capture.errors import AuthError, ConnectionLost, TransportError
+from kdump_capture.urls import parse_target
+from tests.helpers import cli
+from tests.servers.proxy import DropProxy
+from tests.servers.s3 import seaweed
+from tests.servers.targets import SETTINGS, make_target
+from transports import open_transport
+from transports.s3 import MAX_PARTS, MIN_PART, _Signer, part_plan
+
+MiB = 1 << 20
+FAKETIME = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"
+
+
+def _upload(tr, name: str, data: bytes) -> object:
+    with tr.create(name) as sink:
+        view = memoryview(data)
+        for i in range(0, len(data), MiB):
+            sink.write(view[i : i + MiB])
+        return sink.commit()
+
+
+def _via(target, port: int):
+    return target.via_port(port)
+
+
+# -- pure parts -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "budget, expected, plan",
+    [
+        (16 * MiB, 0, (8 * MiB, 2)),  # the default budget: two 8 MiB parts, one in flight
+        (16 * MiB, 80 * 10**9, (8 * MiB, 2)),  # 80 GB still fits 10,000 parts of 8 MiB
+        (10 * MiB, 0, (5 * MiB, 2)),
+        (7 * MiB, 0, (7 * MiB, 1)),  # a small capture kernel: one buffer
+        (4 * MiB, 0, (MIN_PART, 1)),  # never below S3's 5 MiB minimum
+        (16 * MiB, 200 * 2**30, (21 * MiB, 1)),  # 200 GiB: parts grow to stay <= 10,000
+        (4 * MiB, 2**40, (105 * MiB, 1)),
+    ],
+)
+def test_part_plan(budget, expected, plan):
+    assert part_plan(budget, expected) == plan
+    part, _ = plan
+    assert expected <= part * MAX_PARTS
+
+
+def test_signer_signs_as_botocore_does():
+    """Our signer is botocore's with its own clock: at offset 0 the headers are identical."""
+    creds = Credentials("AKID", "secret/key")
+    for _ in range(5):  # the two may straddle a second boundary: try again then
+        a = AWSRequest("PUT", "http://127.0.0.1:9000/b/k%20x?partNumber=1&uploadId=u", data=b"x")
+        b = AWSRequest("PUT", "http://127.0.0.1:9000/b/k%20x?partNumber=1&uploadId=u", data=b"x")
+        S3SigV4Auth(creds, "s3", "us-east-1").add_auth(a)
+        _Signer(creds, "us-east-1").add_auth(b)
+        if a.headers["X-Amz-Date"] == b.headers["X-Amz-Date"]:
+            break
+    assert dict(a.headers) == dict(b.headers)
+    signer = _Signer(creds, "us-east-1")
+    signer.offset = -7200
+    c = AWSRequest("GET", "http://h/b", data=b"")
+    signer.add_auth(c)
+    stamp = datetime.datetime.strptime(c.headers["X-Amz-Date"], "%Y%m%dT%H%M%SZ")
+    lag = datetime.datetime.now(datetime.UTC).replace(tzinfo=None) - stamp
+    assert 7190 < lag.total_seconds() < 7210
+
+
+# -- multipart uploads ------------------------------------------------------------------------
+
+
+def test_multipart_upload_is_exact_and_leaves_no_parts(request):
+    target = make_target("s3", request)
+    data = os.urandom(21 * MiB + 5)  # two full 8 MiB parts and a short last one
+    with target.transport() as tr:
+        info = _upload(tr, "vmcore", data)
+    assert info.sha256 == hashlib.sha256(data).hexdigest()
+    assert target.read_back("vmcore") == data
+    assert target.s3.uploads(target.server_dir + "/") == []
+
+
+def test_one_buffer_when_memory_is_short(request):
+    target = make_target("s3", request)
+    data = os.urandom(12 * MiB)
+    with target.transport(replay_bytes=4 * MiB) as tr:
+        info = _upload(tr, "vmcore", data)
+    assert info.size == len(data) and target.read_back("vmcore") == data
+
+
+def test_abort_removes_the_multipart_upload(request):
+    target = make_target("s3", request)
+    with target.transport() as tr:
+        with tr.create("vmcore") as sink:
+            sink.write(os.urandom(20 * MiB))  # two parts went up
+            assert target.s3.uploads(target.server_dir + "/")
+            sink.abort()
+    assert target.s3.uploads(target.server_dir + "/") == []
+    assert target.files() == []
+
+
+@pytest.mark.parametrize("percent", [1, 50, 99])
+def test_drop_costs_at_most_one_part(percent, request):
+    """A connection dropped at 1/50/99% of the upload: only the part in flight is resent."""
+    target = make_target("s3", request)
+    data = os.urandom(40 * MiB)
+    port = int(target.url.split("127.0.0.1:")[1].split("/")[0])
+    with DropProxy(port, drop_after=len(data) * percent // 100, drops=1) as proxy:
+        with _via(target, proxy.port).transport() as tr:
+            info = _upload(tr, "vmcore", data)
+        assert proxy.dropped == 1
+        # everything crossed once, plus at most one 8 MiB part again (and request headers)
+        assert proxy.upstream - len(data) <= 8 * MiB + 64 * 1024, proxy.upstream
+    assert info.sha256 == hashlib.sha256(data).hexdigest()
+    assert target.read_back("vmcore") == data
+    assert target.s3.uploads(target.server_dir + "/") == []
+
+
+def test_drops_beyond_retries_raise(request, caplog):
+    """Every reconnect fails: ConnectionLost, nothing published, and the log says the parts
+    stay until the next dump to this target removes them (test_server_down_beyond...)."""
+    target = make_target("s3", request)
+    target = replace(target, settings=replace(target.settings, retries=2, retry_delay=0.01))
+    port = int(target.url.split("127.0.0.1:")[1].split("/")[0])
+    with DropProxy(port, drop_after=12 * MiB, dead_after_drop=True) as proxy:
+        with _via(target, proxy.port).transport() as tr:
+            with pytest.raises(ConnectionLost):
+                _upload(tr, "vmcore", os.urandom(32 * MiB))
+    assert target.files() == []
+    assert "could not abort the upload" in caplog.text
+
+
+@pytest.fixture
+def own_s3(tmp_path):
+    """A SeaweedFS of this test's own, to stop and restart."""
+    with seaweed(str(tmp_path / "weed")) as s:
+        yield s
+
+
+def _restart_later(server, after: float) -> threading.Thread:
+    def run() -> None:
+        time.sleep(after)  # the outage the test is about, not a wait for readiness
+        server.start()
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+def test_server_restart_within_the_retry_window(own_s3):
+    target, _ = parse_target(own_s3.url("restart"))
+    # retries wait 4, 8, 16, 16, 16 s: 60 s, more than a restart takes (5-20 s here)
+    settings = replace(SETTINGS, retries=5, retry_delay=4.0)
+    data = os.urandom(32 * MiB)
+    with open_transport(target, settings) as tr:
+        with tr.create("vmcore") as sink:
+            sink.write(data[: 12 * MiB])  # one part is up, the next is filling
+            own_s3.stop()
+            restarter = _restart_later(own_s3, 1.0)
+            view = memoryview(data)
+            for i in range(12 * MiB, len(data), MiB):
+                sink.write(view[i : i + MiB])
+            info = sink.commit()
+    restarter.join()
+    assert info.sha256 == hashlib.sha256(data).hexdigest()
+    assert own_s3.get("restart/vmcore") == data
+    assert own_s3.uploads("restart/") == []
+
+
+def test_server_down_beyond_the_retry_window(own_s3, tmp_path):
+    """The upload fails with ConnectionLost; its parts stay until the next save removes them."""
+    target, _ = parse_target(own_s3.url("gone"))
+    settings = replace(SETTINGS, retries=2, retry_delay=0.2)
+    with open_transport(target, settings) as tr:
+        tr.makedir("h-2026-01-01-00-00-00")
+        with pytest.raises(ConnectionLost):
+            with tr.create("h-2026-01-01-00-00-00/vmcore") as sink:
+                sink.write(os.urandom(10 * MiB))
+                own_s3.stop()
+                sink.write(os.urandom(10 * MiB))
+                sink.commit()
+    own_s3.start()
+    assert own_s3.keys("gone/") == ["gone/h-2026-01-01-00-00-00/"]
+    assert own_s3.uploads("gone/") == ["gone/h-2026-01-01-00-00-00/vmcore"]
+    with open_transport(target, settings) as tr:
+        tr.remove_tree("h-2026-01-01-00-00-00")  # what rotation does with incomplete dumps
+    assert own_s3.keys("gone/") == [] and own_s3.uploads("gone/") == []
+
+
+# -- refusals ---------------------------------------------------------------------------------
+
+
+def test_wrong_secret_is_auth_error_fast_and_not_retried(request, caplog):
+    target = make_target("s3", request)
+    s3 = target.s3
+    bad = replace(s3, secret_key="wrong-S3-secret-123")
+    target = replace(target, url=bad.url(target.server_dir))
+    settings = replace(target.settings, retries=3, retry_delay=2.0)
+    caplog.set_level(logging.DEBUG)
+    with DropProxy(s3.port) as proxy:
+        start = time.monotonic()
+        with pytest.raises(AuthError, match="SignatureDoesNotMatch"):
+            open_transport(parse_target(_via(target, proxy.port).url)[0], settings).connect()
+        assert time.monotonic() - start < settings.retry_delay
+        assert proxy.connections == 1
+    assert "wrong-S3-secret-123" not in caplog.text
+
+
+def test_missing_bucket_is_a_clear_error_not_retried(request):
+    s3 = request.getfixturevalue("s3_server")
+    target, _ = parse_target(s3.url(bucket="no-such-bucket"))
+    settings = replace(SETTINGS, retries=3, retry_delay=2.0)
+    start = time.monotonic()
+    with pytest.raises(TransportError, match="bucket 'no-such-bucket' does not exist") as e:
+        open_transport(target, settings).connect()
+    assert time.monotonic() - start < 2.0
+    assert e.value.exit_code == 6
+
+
+def test_https_needs_the_ca(request, tmp_path):
+    s3 = request.getfixturevalue("s3_server")
+    target, _ = parse_target(s3.https_url("tls"))
+    with pytest.raises(AuthError, match="certificate not trusted"):
+        open_transport(target, SETTINGS).connect()
+    trusted = replace(SETTINGS, extra={"s3_ca_bundle": s3.ca_file})
+    with open_transport(target, trusted) as tr:
+        _upload(tr, "f", b"over TLS")
+    assert s3.get("tls/f") == b"over TLS"
+
+
+# -- the CLI: save, verify, rotation, redaction -------------------------------------------------
+
+
+def _config(tmp_path: Path, s3, prefix: str, *extra: str, url: str | None = None) -> str:
+    """A config with the keys in directives (not in the URL), as an admin would write it."""
+    conf = tmp_path / f"kdump-{prefix.replace('/', '_')}.conf"
+    lines = [
+        f'KDUMP_SAVEDIR="{url or s3.url(prefix, creds=False)}"',
+        f'KDUMP_S3_ACCESS_KEY="{s3.access_key}"',
+        f'KDUMP_S3_SECRET_KEY="{s3.secret_key}"',
+        'KDUMP_NET_TIMEOUT="10"',
+        *extra,
+    ]
+    conf.write_text("\n".join(lines) + "\n")
+    return str(conf)
+
+
+def _save(conf: str, *sets: str, env: dict | None = None, mib: int = 16):
+    args = ["save", "--config", conf, "--sample", "--sample-mib", str(mib), "--no-reboot"]
+    for s in sets:
+        args += ["--set", s]
+    return cli(*args, env=env)
+
+
+def _saved_url(out: str) -> str:
+    line = [x for x in out.splitlines() if x.startswith("Dump saved: ")][0]
+    return line.removeprefix("Dump saved: ")
+
+
+def test_save_compressed_flattened_then_verify_in_place(request, tmp_path):
+    s3 = request.getfixturevalue("s3_server")
+    conf = _config(tmp_path, s3, "cli", 'KDUMP_DUMPFORMAT="compressed"', 'KDUMP_DUMPLEVEL="31"')
+    r = _save(conf, "KDUMP_VERBOSE=8")
+    assert r.rc == 0, r.err
+    assert "no free space to report" in r.err and r.err.count("no free space to report") == 1
+    url = _saved_url(r.out)
+    name = url.rsplit("/", 1)[1]
+    keys = s3.keys(f"cli/{name}/")
+    assert keys == [f"cli/{name}/{n}" for n in ("", "README.txt", "dmesg.txt")] + [
+        f"cli/{name}/manifest.json",
+        f"cli/{name}/vmcore",
+    ]
+    manifest = json.loads(s3.get(f"cli/{name}/manifest.json"))
+    assert manifest["status"] == "complete" and manifest["flattened"] is True
+    v = cli("verify", "--config", conf, url)
+    assert v.rc == 0, v.err
+    assert "all files match" in v.out and "OK  vmcore" in v.out
+    # the flattened stream rearranges into a file makedumpfile reads
+    flat, out = tmp_path / "flat", tmp_path / "dump"
+    flat.write_bytes(s3.get(f"cli/{name}/vmcore"))
+    assert cli("rearrange", str(flat), str(out)).rc == 0
+    d = subprocess.run(
+        ["makedumpfile", "--dump-dmesg", str(out), str(tmp_path / "dmesg")],
+        capture_output=True,
+        text=True,
+    )
+    assert d.returncode == 0, d.stdout + d.stderr
+    # a changed object fails verification
+    s3.client().put_object(Bucket=s3.bucket, Key=f"cli/{name}/dmesg.txt", Body=b"tampered")
+    v = cli("verify", "--config", conf, url)
+    assert v.rc == 8 and "dmesg.txt: size 8" in v.err
+    for secret_free in (r.out, r.err, v.out, v.err, json.dumps(manifest)):
+        assert s3.secret_key not in secret_free
+
+
+def test_verify_rejects_urls_without_a_dump(request, tmp_path):
+    s3 = request.getfixturevalue("s3_server")
+    conf = _config(tmp_path, s3, "none")
+    r = cli("verify", "--config", conf, s3.url("none", creds=False))
+    assert r.rc == 2 and "must end with a dump directory" in r.err
+    r = cli("verify", "--config", conf, s3.url("none/h-2026-01-01-00-00-00", creds=False))
+    assert r.rc == 8 and "no such dump" in r.err
+
+
+def test_show_config_and_logs_never_show_the_secret(request, tmp_path):
+    s3 = request.getfixturevalue("s3_server")
+    conf = _config(tmp_path, s3, "redact")
+    r = cli("show-config", "--config", conf)
+    assert r.rc == 0
+    assert 'KDUMP_S3_SECRET_KEY="***"' in r.out and s3.secret_key not in r.out
+    assert f'KDUMP_S3_ACCESS_KEY="{s3.access_key}"' in r.out
+    # the secret in the URL is redacted as any password
+    conf2 = _config(tmp_path, s3, "redact2", url=s3.url("redact2"))
+    r = cli("show-config", "--config", conf2)
+    quoted = s3.url("redact2").split(":", 2)[2].split("@")[0]  # the %-encoded secret
+    assert quoted not in r.out and ":***@" in r.out
+    r = _save(conf2, "KDUMP_VERBOSE=8")
+    assert r.rc == 0, r.err
+    for text in (r.out, r.err):
+        assert s3.secret_key not in text and quoted not in text
+    for key in s3.keys("redact2/"):
+        assert s3.secret_key.encode() not in s3.get(key) and quoted.encode() not in s3.get(key)
+
+
+def test_wrong_key_exits_7_missing_bucket_exits_6(request, tmp_path):
+    s3 = request.getfixturevalue("s3_server")
+    bad = replace(s3, secret_key="not-the-S3-secret")
+    r = _save(_config(tmp_path, bad, "badkey"))
+    assert r.rc == 7, r.err
+    assert "refused our credentials" in r.err and "not-the-S3-secret" not in r.err
+    r = _save(_config(tmp_path, s3, "x", url=s3.url(bucket="missing-bucket", creds=False)))
+    assert r.rc == 6 and "bucket 'missing-bucket' does not exist" in r.err
+
+
+def test_clock_skew_is_corrected_from_the_server_date(request, tmp_path):
+    """The whole save runs two hours behind (libfaketime): one retry with the server's time."""
+    if not os.path.exists(FAKETIME):
+        pytest.fail(f"{FAKETIME} missing: apt-get install faketime (setup.sh does)")
+    s3 = request.getfixturevalue("s3_server")
+    env = {"LD_PRELOAD": FAKETIME, "FAKETIME": "-2h", "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
+    r = _save(_config(tmp_path, s3, "skew"), env=env)
+    assert r.rc == 0, r.err
+    assert r.err.count("RequestTimeTooSkewed") == 1, r.err
+    assert "off the store's" in r.err
+    skew = [x for x in r.err.splitlines() if "RequestTimeTooSkewed" in x][0]
+    assert re.search(r"our clock is -7[12]\d\d s off", skew), skew  # about -7200 s
+
+
+def test_rotation_leaves_other_hosts_alone(request, tmp_path):
+    """Another host's dumps (and a stray object) below the prefix are never touched."""
+    s3 = request.getfixturevalue("s3_server")
+    c = s3.client()
+    planted = {
+        "rot/other-2020-01-01-00-00-00/": b"",
+        "rot/other-2020-01-01-00-00-00/manifest.json": b'{"status": "complete"}',
+        "rot/other-2020-01-01-00-00-00/vmcore": b"another host's dump",
+        "rot/other-2021-01-01-00-00-00/README.txt": b"incomplete, of another host",
+        "rot/unrelated.txt": b"not a dump",
+    }
+    for key, body in planted.items():
+        c.put_object(Bucket=s3.bucket, Key=key, Body=body)
+    conf = _config(tmp_path, s3, "rot", 'KDUMP_KEEP_OLD_DUMPS="1"')
+    names = []
+    for _ in range(3):
+        r = _save(conf, mib=8)
+        assert r.rc == 0, r.err
+        names.append(_saved_url(r.out).rsplit("/", 1)[1])
+    mine = sorted(
+        {k.split("/")[1] for k in s3.keys("rot/") if k.count("/") > 1}
+        - {
+            "other-2020-01-01-00-00-00",
+            "other-2021-01-01-00-00-00",
+        }
+    )
+    assert mine == sorted(names[1:])  # the newest and one older one
+    for key, body in planted.items():
+        assert s3.get(key) == body
+
+
+def test_eight_hosts_dump_to_one_bucket_at_once(request, tmp_path):
+    """Eight capture kernels (own UTS namespaces: own host names) save and rotate at once."""
+    if shutil.which("unshare") is None:
+        pytest.fail("unshare (util-linux) is needed")
+    s3 = request.getfixturevalue("s3_server")
+    conf = _config(tmp_path, s3, "fleet", 'KDUMP_KEEP_OLD_DUMPS="-1"', 'KDUMP_DUMPLEVEL="31"')
+    root = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": root}
+    script = (
+        'hostname "$1"; for i in 1 2; do "$2" -m kdump_capture save --config "$3" --sample '
+        "--sample-mib 8 --no-reboot || exit $?; done"
+    )
+    procs = [
+        subprocess.Popen(
+            ["unshare", "--uts", "sh", "-c", script, "sh", f"node{i}", sys.executable, conf],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for i in range(8)
+    ]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_out, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err
+    dumps = sorted({k.split("/")[1] for k in s3.keys("fleet/")})
+    # KEEP_OLD_DUMPS=-1: each host deleted its own first dump, and only that
+    assert [d.rsplit("-", 6)[0] for d in dumps] == [f"node{i}" for i in range(8)]
+    for name in dumps:
+        v = cli("verify", "--config", conf, s3.url(f"fleet/{name}", creds=False))
+        assert v.rc == 0, v.err
+    assert s3.uploads("fleet/") == []
+
+
+def test_verify_sftp_dump_in_place(request, tmp_path):
+    """verify URL works for SFTP too: host key and identity from the config."""
+    target = make_target("sftp", request)
+    s = request.getfixturevalue("ssh_server")
+    conf = tmp_path / "sftp.conf"
+    conf.write_text(
+        f'KDUMP_SAVEDIR="{target.url}"\nKDUMP_HOST_KEY="{s.host_key}"\n'
+        f'KDUMP_SSH_IDENTITY="{s.client_key}"\n'
+    )
+    r = _save(str(conf), mib=8)
+    assert r.rc == 0, r.err
+    url = _saved_url(r.out)
+    v = cli("verify", "--config", str(conf), url)
+    assert v.rc == 0 and "all files match" in v.out, v.err
+    name = url.rsplit("/", 1)[1]
+    with open(os.path.join(target.server_dir, name, "dmesg.txt"), "ab") as f:
+        f.write(b"x")
+    v = cli("verify", "--config", str(conf), url)
+    assert v.rc == 8 and "dmesg.txt" in v.err
+
+
+def test_scan_reads_only_this_hosts_manifests(tmp_path):
+    """On a shared target, rotation looks into this host's dumps only (one listing)."""
+    from kdump_capture.pipeline import scan_dumps
+    from transports.file import FileTransport
+
+    class Counting(FileTransport):  # test-only: records what is read
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            self.reads: list[str] = []
+
+        def read(self, relpath):
+            self.reads.append(relpath)
+            return super().read(relpath)
+
+    for name in ("me-2026-01-01-00-00-00", "other-2026-01-01-00-00-00", "x-2026-01-02-00-00-00"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "manifest.json").write_text('{"status": "complete"}')
+    t = Counting(parse_target(f"file://{tmp_path}")[0], SETTINGS)
+    with t:
+        dumps = scan_dumps(t, "me")
+    assert [d.name for d in dumps] == ["me-2026-01-01-00-00-00"]
+    assert t.reads == ["me-2026-01-01-00-00-00/manifest.json"]
+
+
+def _rss() -> int:
+    with open("/proc/self/status") as f:
+        return [int(x.split()[1]) * 1024 for x in f if x.startswith("VmRSS:")][0]
+
+
+def test_small_files_do_not_cost_a_part_of_memory(request):
+    """README, dmesg and manifest are small: their sinks must not fill 2 x 8 MiB buffers."""
+    target = make_target("s3", request)
+    with target.transport() as tr:
+        before = _rss()
+        sinks = [tr.create(f"f{i}") for i in range(4)]
+        for sink in sinks:
+            sink.write(b"x" * 4096)
+        grown = _rss() - before
+        for sink in sinks:
+            sink.commit()
+    assert grown < 4 * MiB, f"{grown / MiB:.1f} MiB for four 4 KiB files"
+    assert target.files() == ["f0", "f1", "f2", "f3"]
+
+
+def test_a_stalled_store_fails_within_the_timeout(request):
+    """A store that stops reading mid-upload must not hang the dump."""
+    target = make_target("s3", request)
+    target = replace(
+        target, settings=replace(target.settings, timeout=3.0, retries=1, retry_delay=0.01)
+    )
+    port = int(target.url.split("127.0.0.1:")[1].split("/")[0])
+    with DropProxy(port, stall_after=4 * MiB) as proxy:
+        t0 = time.monotonic()
+        with pytest.raises(TransportError):
+            with _via(target, proxy.port).transport() as tr:
+                _upload(tr, "vmcore", os.urandom(64 * MiB))
+        elapsed = time.monotonic() - t0
+        assert proxy.stalled.is_set()
+    assert elapsed < 60, f"took {elapsed:.0f} s with a 3 s timeout"
+    assert target.files() == []
+
+
+def test_initramfs_packs_ca_files_for_https(tmp_path):
+    import ssl
+
+    from initramfs.builder import s3_files
+    from kdump_capture.errors import ConfigError
+    from kdump_capture.urls import parse_savedir
+
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    https, _ = parse_savedir("s3://store/dumps")
+    plain, _ = parse_savedir("s3+http://store/dumps")
+    files = s3_files({"KDUMP_S3_CA_BUNDLE": str(ca)}, https)
+    system = ssl.get_default_verify_paths().openssl_cafile.lstrip("/")
+    assert files == {system: os.path.realpath("/" + system), str(ca).lstrip("/"): str(ca)}
+    assert s3_files({"KDUMP_S3_CA_BUNDLE": str(ca)}, plain) == {}
+    with pytest.raises(ConfigError, match="KDUMP_S3_CA_BUNDLE"):
+        s3_files({"KDUMP_S3_CA_BUNDLE": "relative.pem"}, https)

@@ -1,0 +1,732 @@
+"""S3 transport (``s3://`` over verified https, ``s3+http://``): a dump directory is a key prefix.
+
+``s3://HOST[:PORT]/BUCKET[/PREFIX]``, path-style requests, signed with botocore's SigV4
+signer (``botocore.auth``; bench/results/s3_clients.md says why that and not a whole SDK)
+over ``http.client``. Credentials: the URL's user info, else ``KDUMP_S3_ACCESS_KEY`` and
+``KDUMP_S3_SECRET_KEY`` (``settings.extra``); region ``KDUMP_S3_REGION`` (us-east-1).
+
+Files stream up by multipart upload in parts of one fixed size (``part_plan``), taken from
+the replay budget the engine sizes from MemAvailable and raised when the expected size
+needs it to stay under S3's 10,000 parts. A part is sent from our own copy, so a dropped
+connection costs that part and no more: it is sent again on a new connection. While one
+part uploads on a helper thread the next one fills (when the budget holds two). Nothing
+is visible until CompleteMultipartUpload publishes the object under its final key, so no
+temporary names are needed; a failed or aborted file aborts its upload (no orphaned
+parts), and ``remove_tree`` also aborts uploads a killed run left below the prefix.
+Files smaller than a part go up with one PutObject.
+
+Directories do not exist in S3: ``makedir`` writes an empty marker object ``NAME/`` so an
+empty dump directory is still listed (and cleaned up as incomplete); listings use
+ListObjectsV2 with ``/`` as delimiter. Objects cannot seek (compressed dumps go out
+flattened, as over FTP) and the protocol has no free space to report.
+
+SigV4 needs the clock within 15 minutes of the server's; a capture kernel's clock can be
+off. On RequestTimeTooSkewed the request is signed again with the server's time (its Date
+header) and retried once, and later requests keep that correction.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import email.utils
+import hashlib
+import http.client
+import logging
+import mmap
+import posixpath
+import ssl
+import threading
+import time
+import types
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TypeVar
+from urllib.parse import quote
+from xml.sax.saxutils import escape
+
+from botocore.auth import SIGV4_TIMESTAMP, S3SigV4Auth
+from botocore.awsrequest import AWSRequest
+from botocore.credentials import Credentials
+
+from kdump_capture.errors import AuthError, ConnectionLost, TargetFull, TransportError
+from kdump_capture.urls import Target
+
+from .base import Entry, FileInfo, Sink, TransportSettings
+from .retry import RetryingTransport, is_connection_lost, retry_call
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+DEFAULT_REGION = "us-east-1"
+MiB = 1 << 20
+# S3's limits: every part but the last at least 5 MiB, at most 10,000 parts per upload.
+MIN_PART = 5 * MiB
+MAX_PARTS = 10_000
+READ_CHUNK = 1 << 20
+# ListObjectsV2 and DeleteObjects handle at most 1,000 keys per request.
+BATCH = 1000
+# An error or listing reply larger than this is not an S3 reply (listings of 1,000 keys
+# with long names stay below 1 MiB).
+MAX_REPLY = 16 * MiB
+
+# S3 error codes: the server refused our credentials or rights (exit 7, never retried).
+_AUTH_CODES = frozenset(
+    {
+        "SignatureDoesNotMatch",
+        "InvalidAccessKeyId",
+        "AccessDenied",
+        "InvalidToken",
+        "ExpiredToken",
+        "AuthorizationHeaderMalformed",
+        "InvalidSecurity",
+        "AccountProblem",
+    }
+)
+# Codes that a retry on a new connection may get past (throttling, a busy or restarting
+# server), as AWS's own SDKs treat them.
+_TRANSIENT_CODES = frozenset({"InternalError", "SlowDown", "ServiceUnavailable", "RequestTimeout"})
+
+
+def part_plan(budget: int, expected: int) -> tuple[int, int]:
+    """(part size, buffers) for a memory ``budget`` and an ``expected`` largest file size.
+
+    Two buffers (one uploading while the next fills) when the budget holds two parts of at
+    least 5 MiB, else one. The part grows, whatever the budget, when ``expected`` bytes
+    would otherwise need more than 10,000 parts. Sizes are whole MiB.
+    """
+    buffers = 2 if budget >= 2 * MIN_PART else 1
+    part = max(MIN_PART, budget // buffers // MiB * MiB)
+    needed = -(-expected // MAX_PARTS) if expected > 0 else 0
+    if needed > part:
+        part, buffers = -(-needed // MiB) * MiB, 1
+    return part, buffers
+
+
+def parse_xml(body: bytes, what: str) -> ET.Element:
+    """A reply's XML document; TransportError when the store sent something else."""
+    try:
+        return ET.fromstring(body)
+    except (ET.ParseError, ValueError, LookupError) as e:  # expat: bad or unknown encoding
+        raise TransportError(f"{what}: the store's reply is not XML ({e})") from None
+
+
+def parse_listing(body: bytes) -> tuple[list[tuple[str, str, int]], str]:
+    """A ListObjectsV2 page: [("dir"|"file", key, size)] and the continuation token
+    ("" on the last page). Untrusted: any other host with write access shapes it."""
+    root = parse_xml(body, "listing")
+    out = [("dir", _text(c, "Prefix"), 0) for c in _children(root, "CommonPrefixes")]
+    for c in _children(root, "Contents"):
+        size = _text(c, "Size").strip()
+        if not (size.isascii() and size.isdigit()) or len(size) > 20:
+            raise TransportError(f"listing: object {_text(c, 'Key')!r} has a bad size {size!r}")
+        out.append(("file", _text(c, "Key"), int(size)))
+    token = _text(root, "NextContinuationToken")
+    return out, token if _text(root, "IsTruncated") == "true" else ""
+
+
+def error_code(body: bytes) -> tuple[str, str]:
+    """(Code, Message) of an S3 error document; ("", "") when it is not one."""
+    try:
+        root = ET.fromstring(body)
+    except (ET.ParseError, ValueError, LookupError):
+        return "", ""
+    return _text(root, "Code"), _text(root, "Message")
+
+
+def _strip_ns(tag: str) -> str:
+    return tag.rpartition("}")[2]
+
+
+def _children(node: ET.Element, name: str) -> list[ET.Element]:
+    return [c for c in node if _strip_ns(c.tag) == name]
+
+
+def _text(node: ET.Element, name: str) -> str:
+    for c in node:
+        if _strip_ns(c.tag) == name:
+            return c.text or ""
+    return ""
+
+
+class S3Error(TransportError):
+    """An S3 error reply we did not map to a more specific class; ``code`` is S3's."""
+
+    def __init__(self, message: str, code: str = "", status: int = 0) -> None:
+        super().__init__(message)
+        self.code = code
+        self.status = status
+
+
+class Skewed(S3Error):
+    """RequestTimeTooSkewed: our clock is too far from the server's for SigV4.
+
+    ``server_time``: the server's clock (epoch seconds) from its Date header, if it sent one.
+    """
+
+    def __init__(self, message: str, server_time: float | None) -> None:
+        super().__init__(message, "RequestTimeTooSkewed", 403)
+        self.server_time = server_time
+
+
+def server_time(headers) -> float | None:
+    """The epoch time in an HTTP Date header, or None."""
+    date = headers.get("Date") if headers else None
+    try:
+        return email.utils.parsedate_to_datetime(date).timestamp() if date else None
+    except (TypeError, ValueError):
+        return None
+
+
+class _Signer(S3SigV4Auth):
+    """botocore's S3 SigV4 signer, on our clock plus ``offset`` seconds.
+
+    botocore signs with the local clock; ``add_auth`` here is its own, with the time
+    taken from ``time.time() + offset`` (tests/test_transport_s3.py checks that it signs
+    exactly as botocore does at the same instant).
+    """
+
+    def __init__(self, credentials: Credentials, region: str) -> None:
+        super().__init__(credentials, "s3", region)
+        self.offset = 0.0
+
+    def add_auth(self, request: AWSRequest) -> None:
+        now = datetime.datetime.fromtimestamp(time.time() + self.offset, datetime.UTC)
+        request.context["timestamp"] = now.replace(tzinfo=None).strftime(SIGV4_TIMESTAMP)
+        self._modify_request_before_signing(request)
+        canonical = self.canonical_request(request)
+        string_to_sign = self.string_to_sign(request, canonical)
+        self._inject_signature_to_request(request, self.signature(string_to_sign, request))
+
+
+class Reply:
+    """A finished S3 request: status, headers and (bounded) body."""
+
+    def __init__(self, status: int, headers: http.client.HTTPMessage, body: bytes) -> None:
+        self.status = status
+        self.headers = headers
+        self.body = body
+
+
+class Connection:
+    """One keep-alive HTTP(S) connection to the store that sends signed requests.
+
+    Not shared between threads: the transport has one, and each sink one of its own.
+    """
+
+    def __init__(self, t: S3Transport) -> None:
+        self._t = t
+        self._conn: http.client.HTTPConnection | None = None
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _connect(self) -> http.client.HTTPConnection:
+        if self._conn is None:
+            t = self._t
+            if t.https:
+                self._conn = http.client.HTTPSConnection(
+                    t.target.host, t.port, timeout=t.settings.timeout, context=t.tls
+                )
+            else:
+                self._conn = http.client.HTTPConnection(
+                    t.target.host, t.port, timeout=t.settings.timeout
+                )
+        return self._conn
+
+    def request(
+        self,
+        method: str,
+        key: str | None,
+        query: dict[str, str] | None = None,
+        body: bytes | memoryview = b"",
+        headers: dict[str, str] | None = None,
+        ok: tuple[int, ...] = (200,),
+        stream: bool = False,
+    ) -> Reply | http.client.HTTPResponse:
+        """Sign and send one request; raise our error classes for anything but ``ok``.
+
+        ``key`` None addresses the bucket. With ``stream`` the open response is returned
+        for the caller to read (GetObject). A clock skew is corrected once, here.
+        """
+        for attempt in (0, 1):
+            try:
+                return self._send(method, key, query or {}, body, headers or {}, ok, stream)
+            except Skewed as e:
+                if attempt:
+                    raise
+                self._t.learn_clock(e)
+        raise AssertionError("unreachable")
+
+    def _send(self, method, key, query, body, headers, ok, stream):
+        t = self._t
+        path = "/" + quote(t.bucket, safe="")
+        if key is not None:
+            path += "/" + quote(key, safe="/~")
+        qs = "&".join(
+            f"{quote(k, safe='-_.~')}={quote(v, safe='-_.~')}" for k, v in sorted(query.items())
+        )
+        target = f"{path}?{qs}" if qs else path
+        hdrs = {"Content-Length": str(len(body)), **headers}
+        req = AWSRequest(method=method, url=f"{t.origin}{target}", data=body, headers=hdrs)
+        if t.https:  # TLS protects the payload; hashing every part again would cost CPU
+            req.context["client_config"] = _UNSIGNED_PAYLOAD
+        t.signer.add_auth(req)
+        conn = self._connect()
+        try:
+            payload = body if len(body) else None
+            conn.request(method, target, body=payload, headers=dict(req.headers))
+            resp = conn.getresponse()
+            if stream and resp.status in ok:
+                return resp
+            data = resp.read(MAX_REPLY + 1)
+            if resp.will_close or len(data) > MAX_REPLY:
+                self.close()
+        except ssl.SSLCertVerificationError as e:
+            self.close()
+            raise AuthError(
+                f"{t.endpoint}: TLS certificate not trusted ({e.verify_message}); "
+                "KDUMP_S3_CA_BUNDLE names extra CAs"
+            ) from None
+        except (OSError, http.client.HTTPException) as e:
+            self.close()
+            raise ConnectionLost(f"connection to {t.endpoint} lost: {e or type(e).__name__}") from e
+        if len(data) > MAX_REPLY:
+            raise TransportError(f"{t.endpoint}: reply larger than {MAX_REPLY >> 20} MiB")
+        if resp.status in ok:
+            return Reply(resp.status, resp.headers, data)
+        raise t.error(resp.status, resp.headers, data, key)
+
+
+# botocore signs the payload over https too unless the client config says otherwise.
+_UNSIGNED_PAYLOAD = types.SimpleNamespace(s3={"payload_signing_enabled": False})
+
+
+class S3Sink(Sink):
+    """One object being uploaded: parts from our own buffers, published on commit."""
+
+    def __init__(self, t: S3Transport, key: str, name: str) -> None:
+        super().__init__(name)
+        self._t = t
+        self._key = key
+        self._part, nbuf = t.parts
+        # Anonymous maps, not bytearrays: bytearray(n) writes n zeros at once, while a map's
+        # pages cost memory only once data lands in them (a 2 KiB README costs one page).
+        self._bufs = [mmap.mmap(-1, self._part) for _ in range(nbuf)]
+        self._cur = 0  # the buffer being filled
+        self._fill = 0  # bytes in it
+        self._conn = Connection(t)
+        self._upload_id: str | None = None
+        self._etags: list[str] = []
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="s3-part") if nbuf > 1 else None
+        self._pending: Future | None = None
+        self._failed: BaseException | None = None
+
+    def _call(self, op: Callable[[], T], what: str) -> T:
+        """``op`` on this sink's connection, reconnecting and retrying if it breaks."""
+
+        def guarded() -> T:
+            try:
+                return op()
+            except Exception as e:
+                raise self._t.convert(e, what) from e
+
+        return retry_call(guarded, self._conn.close, self._t.settings, what)
+
+    def write(self, data: bytes | memoryview) -> None:
+        if self._failed is not None:
+            raise self._failed
+        view = memoryview(data).cast("B")
+        with self._accounting(view):
+            done = 0
+            while done < len(view):
+                n = min(len(view) - done, self._part - self._fill)
+                buf = self._bufs[self._cur]
+                buf[self._fill : self._fill + n] = view[done : done + n]
+                self._fill += n
+                done += n
+                if self._fill == self._part:
+                    self._send_part()
+
+    def _send_part(self) -> None:
+        """Upload the full (or last) buffer as the next part; switch to the other buffer."""
+        if self._upload_id is None:
+            self._upload_id = self._call(self._create, f"starting upload of {self._key}")
+        number = len(self._etags) + 1
+        if number > MAX_PARTS:
+            raise TransportError(
+                f"{self._key}: more than {MAX_PARTS} parts of {self._part >> 20} MiB; "
+                "the dump is larger than the size it was planned for"
+            )
+        self._etags.append("")
+        piece = memoryview(self._bufs[self._cur])[: self._fill]
+        if self._worker is None:
+            self._upload(number, piece)
+        else:
+            self._wait()
+            self._pending = self._worker.submit(self._upload, number, piece)
+            self._cur = 1 - self._cur
+        self._fill = 0
+
+    def _wait(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            try:
+                pending.result()
+            except BaseException as e:
+                self._failed = e
+                raise
+
+    def _create(self) -> str:
+        reply = self._conn.request("POST", self._key, {"uploads": ""})
+        upload_id = _text(parse_xml(reply.body, f"starting upload of {self._key}"), "UploadId")
+        if not upload_id:
+            raise TransportError(f"{self._key}: the server started an upload without an id")
+        return upload_id
+
+    def _upload(self, number: int, piece: memoryview) -> None:
+        query = {"partNumber": str(number), "uploadId": self._upload_id}
+
+        def put() -> str:
+            reply = self._conn.request("PUT", self._key, query, piece)
+            etag = reply.headers.get("ETag", "")
+            if not etag:
+                raise TransportError(f"{self._key}: part {number} stored without an ETag")
+            return etag
+
+        self._etags[number - 1] = self._call(put, f"uploading part {number} of {self._key}")
+
+    def commit(self) -> FileInfo:
+        if self._failed is not None:
+            raise self._failed
+        if self._upload_id is None:  # smaller than a part: one PutObject
+            body = memoryview(self._bufs[self._cur])[: self._fill]
+            self._call(
+                lambda: self._conn.request("PUT", self._key, body=body), f"writing {self._key}"
+            )
+        else:
+            if self._fill:
+                self._send_part()
+            self._wait()
+            self._call(self._complete, f"completing upload of {self._key}")
+        size = self._call(self._size, f"checking {self._key}")
+        if size != self.size:
+            raise TransportError(f"{self._key}: wrote {self.size} bytes but the store has {size}")
+        self.committed = True
+        self._release()
+        return FileInfo(self.name, size, self._sha256())
+
+    def _complete(self) -> None:
+        parts = "".join(
+            f"<Part><PartNumber>{i}</PartNumber><ETag>{escape(e)}</ETag></Part>"
+            for i, e in enumerate(self._etags, 1)
+        )
+        body = f"<CompleteMultipartUpload>{parts}</CompleteMultipartUpload>".encode()
+        try:
+            reply = self._conn.request("POST", self._key, {"uploadId": self._upload_id}, body)
+        except S3Error as e:
+            # A retry after a lost reply: the first request may have completed it.
+            if e.code == "NoSuchUpload" and self._size() == self.size:
+                return
+            raise
+        # S3 may answer 200 and report an error in the body (it sent the status early).
+        if _strip_ns(parse_xml(reply.body, f"completing {self._key}").tag) == "Error":
+            code, _ = error_code(reply.body)
+            status = 500 if code in _TRANSIENT_CODES else 400
+            raise self._t.error(status, {}, reply.body, self._key)
+
+    def _size(self) -> int:
+        reply = self._conn.request("HEAD", self._key, ok=(200, 404))
+        if reply.status == 404:
+            return -1
+        return int(reply.headers.get("Content-Length", "-1"))
+
+    def _release(self) -> None:
+        self._stop_hashing()
+        if self._worker is not None:
+            self._worker.shutdown(wait=True)
+            self._worker = None
+        self._bufs = []  # unmapped when the last view of them is gone
+        self._conn.close()
+
+    def abort(self) -> None:
+        try:
+            self._wait()
+        except BaseException as e:
+            log.debug("%s: part upload failed while aborting: %s", self._key, e)
+        if self._upload_id is not None and not self.committed:
+            upload_id = self._upload_id
+
+            def drop() -> None:
+                self._conn.request("DELETE", self._key, {"uploadId": upload_id}, ok=(200, 204, 404))
+
+            try:
+                self._call(drop, f"aborting upload of {self._key}")
+                self._upload_id = None
+            except Exception as e:
+                log.warning(
+                    "%s: could not abort the upload (%s); the next dump to this target "
+                    "removes its parts",
+                    self._key,
+                    e,
+                )
+        self._release()
+
+
+class S3Transport(RetryingTransport):
+    """Dumps below a key prefix in a bucket of an S3-compatible store."""
+
+    scheme = "s3"
+
+    def __init__(self, target: Target, settings: TransportSettings) -> None:
+        super().__init__(target, settings)
+        self.https = target.spelled == "s3"
+        self.port = target.port or (443 if self.https else 80)
+        bucket, _, prefix = target.path.strip("/").partition("/")
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        host = f"[{target.host}]" if ":" in target.host else target.host
+        default = (self.https and self.port == 443) or (not self.https and self.port == 80)
+        netloc = host if default else f"{host}:{self.port}"
+        self.origin = f"{'https' if self.https else 'http'}://{netloc}"
+        self.endpoint = f"{target.host}:{self.port}"
+        extra = settings.extra
+        access = target.user if target.user is not None else extra.get("s3_access_key", "")
+        secret = target.password if target.password is not None else extra.get("s3_secret_key", "")
+        if not access or not secret:
+            raise AuthError(
+                f"{self.describe()}: no S3 credentials: set KDUMP_S3_ACCESS_KEY and "
+                "KDUMP_S3_SECRET_KEY (or put them into the URL)"
+            )
+        self.region = extra.get("s3_region") or DEFAULT_REGION
+        self.parts = part_plan(settings.replay_bytes, settings.expected_size)
+        if self.parts[0] * self.parts[1] > max(settings.replay_bytes, MIN_PART):
+            log.warning(
+                "%s: a file of up to %d MiB needs upload parts of %d MiB (S3 takes at most "
+                "%d parts), more than the %d MiB the memory budget gives",
+                self.describe(),
+                settings.expected_size >> 20,
+                self.parts[0] >> 20,
+                MAX_PARTS,
+                settings.replay_bytes >> 20,
+            )
+        self.signer = _Signer(Credentials(access, secret), self.region)
+        self.tls: ssl.SSLContext | None = None
+        self.ca_bundle = extra.get("s3_ca_bundle", "")
+        self._conn: Connection | None = None
+        self._lock = threading.Lock()
+        self._told_free = False
+
+    # -- connection and errors -----------------------------------------------------------
+    @property
+    def conn(self) -> Connection:
+        if self._conn is None:
+            raise ConnectionLost(f"{self.describe()}: not connected")
+        return self._conn
+
+    def _open(self) -> None:
+        if self.https and self.tls is None:
+            try:
+                self.tls = ssl.create_default_context()
+                if self.ca_bundle:
+                    self.tls.load_verify_locations(cafile=self.ca_bundle)
+            except (OSError, ssl.SSLError) as e:
+                raise TransportError(f"KDUMP_S3_CA_BUNDLE {self.ca_bundle}: {e}") from None
+        if self._conn is not None:
+            self._conn.close()
+        self._conn = Connection(self)
+
+    def _ensure_root(self) -> None:
+        # One listing proves that the bucket exists and that the store takes our signature.
+        self.conn.request("GET", None, self._list_query(self._dir_key(""), "", 1))
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def convert(self, e: BaseException, what: str) -> Exception:
+        if isinstance(e, (TransportError, FileExistsError)):
+            if isinstance(e, S3Error) and not isinstance(e, AuthError):
+                return type(e)(f"{what}: {e}", e.code, e.status)
+            return e
+        if is_connection_lost(e) or isinstance(e, http.client.HTTPException):
+            return ConnectionLost(f"{what}: connection lost ({e or type(e).__name__})")
+        if isinstance(e, ssl.SSLCertVerificationError):
+            return AuthError(
+                f"{what}: {self.endpoint}: certificate not trusted ({e.verify_message})"
+            )
+        if isinstance(e, (ET.ParseError, ValueError)):
+            return TransportError(f"{what}: malformed reply from {self.endpoint}: {e}")
+        return TransportError(f"{what}: {e or type(e).__name__}")
+
+    def error(self, status: int, headers, body: bytes, key: str | None) -> Exception:
+        """Our error for an S3 error reply (the module boundary for server refusals)."""
+        code, message = error_code(body)
+        where = f"{self.describe()}" + (f" {key}" if key else "")
+        text = f"{code or status}: {message}" if message else (code or f"HTTP {status}")
+        if code == "RequestTimeTooSkewed":
+            return Skewed(f"{where}: {text}", server_time(headers))
+        if code in _AUTH_CODES or (status in (401, 403) and not code):
+            return AuthError(f"{where}: the store refused our credentials ({text})")
+        if code == "NoSuchBucket":
+            return S3Error(
+                f"{self.describe()}: bucket {self.bucket!r} does not exist on {self.endpoint} "
+                "(create it first; kdump-capture never creates buckets)",
+                code,
+                status,
+            )
+        if code in ("EntityTooLarge", "QuotaExceeded") or status == 507:
+            return TargetFull(f"{where}: the store is full ({text})")
+        if status >= 500 or code in _TRANSIENT_CODES:
+            return ConnectionLost(f"{where}: the store failed ({text}); retrying")
+        return S3Error(f"{where}: {text}", code, status)
+
+    def learn_clock(self, e: Skewed) -> None:
+        """Sign with the server's time from now on (its Date header says what it is)."""
+        server = e.server_time
+        if server is None:
+            raise e
+        with self._lock:
+            offset = server - time.time()
+            log.warning(
+                "%s: our clock is %+.0f s off the store's (RequestTimeTooSkewed); "
+                "signing with the store's time (Date header) and retrying once",
+                self.describe(),
+                -offset,
+            )
+            self.signer.offset = offset
+
+    # -- keys ----------------------------------------------------------------------------
+    def _key(self, relpath: str) -> str:
+        rel = relpath.strip("/")
+        return f"{self.prefix}/{rel}" if self.prefix and rel else (self.prefix or rel)
+
+    def _dir_key(self, relpath: str) -> str:
+        """The key prefix of a directory, ending in ``/`` ("" for the bucket's root)."""
+        key = self._key(relpath)
+        return f"{key}/" if key else ""
+
+    @staticmethod
+    def _list_query(prefix: str, delimiter: str, max_keys: int = BATCH, token: str = "") -> dict:
+        q = {"list-type": "2", "prefix": prefix, "max-keys": str(max_keys)}
+        if delimiter:
+            q["delimiter"] = delimiter
+        if token:
+            q["continuation-token"] = token
+        return q
+
+    def _list(self, prefix: str, delimiter: str) -> Iterator[tuple[str, str, int]]:
+        """("dir"|"file", key, size) below ``prefix``, page by page (ListObjectsV2)."""
+        token = ""
+        while True:
+            q = self._list_query(prefix, delimiter, BATCH, token)
+            reply = self.call(lambda q=q: self.conn.request("GET", None, q), f"listing {prefix}")
+            entries, token = parse_listing(reply.body)
+            yield from entries
+            if not token:
+                return
+
+    # -- the contract --------------------------------------------------------------------
+    def makedir(self, relpath: str) -> None:
+        key = self._dir_key(relpath)
+        what = f"creating {key}"
+        found = self.call(
+            lambda: self.conn.request("GET", None, self._list_query(key, "", 1)), what
+        )
+        if _children(parse_xml(found.body, what), "Contents"):
+            raise FileExistsError(f"{key} exists")
+        self.call(lambda: self.conn.request("PUT", key), what)
+
+    def create(self, relpath: str) -> Sink:
+        key = self._key(relpath)
+        return S3Sink(self, key, posixpath.basename(key))
+
+    def listdir(self, relpath: str = "") -> list[Entry]:
+        prefix = self._dir_key(relpath)
+        out = []
+        for kind, key, size in self._list(prefix, "/"):
+            name = key[len(prefix) :].rstrip("/") if key.startswith(prefix) else ""
+            if not name or "/" in name:  # the directory's own marker, or not below it
+                continue
+            out.append(Entry(name, kind == "dir", size))
+        return sorted(out, key=lambda e: e.name)
+
+    def read(self, relpath: str) -> Iterator[bytes]:
+        key = self._key(relpath)
+        conn = Connection(self)
+        try:
+            resp = self.call(lambda: conn.request("GET", key, stream=True), f"reading {key}")
+            try:
+                while chunk := resp.read(READ_CHUNK):
+                    yield chunk
+            except (OSError, http.client.HTTPException) as e:
+                raise ConnectionLost(f"reading {key}: connection lost ({e})") from e
+        finally:
+            conn.close()
+
+    def remove_file(self, relpath: str) -> None:
+        key = self._key(relpath)
+        self.call(lambda: self.conn.request("DELETE", key, ok=(200, 204, 404)), f"removing {key}")
+
+    def remove_tree(self, relpath: str) -> None:
+        if not relpath.strip("/"):
+            raise TransportError("refusing to remove the target root")
+        prefix = self._dir_key(relpath)
+        # Files first, then directory marks deepest first: stores that keep real folders
+        # (SeaweedFS) leave an empty folder listed when its mark goes before its contents.
+        keys = sorted(
+            (key for _, key, _ in self._list(prefix, "")),
+            key=lambda k: (k.endswith("/"), -k.count("/")),
+        )
+        for i in range(0, len(keys), BATCH):
+            self._delete_objects(keys[i : i + BATCH])
+        self._abort_uploads(prefix)
+
+    def _delete_objects(self, keys: list[str]) -> None:
+        objects = "".join(f"<Object><Key>{escape(k)}</Key></Object>" for k in keys)
+        body = f"<Delete><Quiet>true</Quiet>{objects}</Delete>".encode()
+        # DeleteObjects requires an integrity header; MD5 is the one every store takes.
+        md5 = base64.b64encode(hashlib.md5(body, usedforsecurity=False).digest()).decode()
+        what = f"deleting {len(keys)} objects below {keys[0]}"
+        reply = self.call(
+            lambda: self.conn.request("POST", None, {"delete": ""}, body, {"Content-MD5": md5}),
+            what,
+        )
+        errors = _children(parse_xml(reply.body, what), "Error")
+        if errors:
+            first = errors[0]
+            raise TransportError(
+                f"{what}: {len(errors)} not deleted, e.g. {_text(first, 'Key')}: "
+                f"{_text(first, 'Code')} {_text(first, 'Message')}"
+            )
+
+    def _abort_uploads(self, prefix: str) -> None:
+        """Abort multipart uploads below ``prefix`` (a run killed mid-upload leaves them)."""
+        q = {"uploads": "", "prefix": prefix}
+        reply = self.call(lambda: self.conn.request("GET", None, q), f"listing uploads {prefix}")
+        for u in _children(parse_xml(reply.body, f"listing uploads {prefix}"), "Upload"):
+            key, upload_id = _text(u, "Key"), _text(u, "UploadId")
+            if not key.startswith(prefix) or not upload_id:
+                continue
+            log.info("aborting the unfinished upload of %s", key)
+            self.call(
+                lambda k=key, i=upload_id: self.conn.request(
+                    "DELETE", k, {"uploadId": i}, ok=(200, 204, 404)
+                ),
+                f"aborting upload of {key}",
+            )
+
+    def free_space(self, relpath: str = "") -> int | None:
+        if not self._told_free:
+            log.info(
+                "%s: an object store has no free space to report; KDUMP_FREE_DISK_SIZE "
+                "does not apply",
+                self.describe(),
+            )
+            self._told_free = True
+        return None
