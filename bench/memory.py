@@ -1,48 +1,56 @@
-"""Peak RSS of `kdump-capture save` as the vmcore grows (the engine must stay flat).
+"""Peak RSS of `kdump-capture save` as the machine grows: formats, levels, a network target.
 
-    python3 bench/memory.py [--sizes 200,4096] [--levels 0,1] [--out bench/results/memory.md]
+    python3 bench/memory.py [--sizes 1,64] [--cpus 1] [--scratch DIR]
 
-Each input is a synthetic sparse ELF vmcore of the given RAM size in MiB (reads of holes are
-fast, so a 4 GiB input costs seconds, not minutes). The dump goes to a scratch directory
-that is deleted afterwards. Peak RSS is the child's ru_maxrss.
+Inputs are synthetic vmcores with a realistic struct-page array (tests/bigcore.py), so the
+filter, the bitmaps and the compressors all work as on a real machine (all-zero inputs made
+"flat memory" trivially true). Targets: a local directory, and SFTP to an OpenSSH server on
+loopback. Peak RSS is measured from outside by GNU time (bench/measure.py). bench/run.py
+puts the table into bench/RESULTS.md; run alone, this prints it.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
+from collections.abc import Callable
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from kdump_capture.sample import SampleSpec, write_sample  # noqa: E402
+from bench import measure  # noqa: E402
+from bench.measure import python_cmd  # noqa: E402
+
+CASES = [  # (format, level, target)
+    ("ELF", 31, "file"),
+    ("ELF", 1, "file"),
+    ("compressed", 31, "file"),
+    ("compressed", 1, "file"),
+    ("zstd", 31, "file"),
+    ("zstd", 1, "file"),
+    ("zstd", 31, "sftp"),
+    ("compressed", 31, "sftp"),
+]
 
 
-def run(vmcore: str, savedir: str, level: int) -> tuple[float, int]:
-    """(wall seconds, peak RSS KiB) of one save."""
-    code = (
-        "import resource, subprocess, sys, time;"
-        "t = time.monotonic();"
-        "subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL);"
-        "print(time.monotonic() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
-    )
-    args = [
-        sys.executable,
+def _save(src: str, url: str, fmt: str, level: int, conf: str) -> list[str]:
+    return [
+        *python_cmd(),
         "-m",
         "kdump_capture",
         "save",
         "--config",
-        "/dev/null",
+        conf,
         "--vmcore",
-        vmcore,
+        src,
         "--no-reboot",
         "--set",
-        f"KDUMP_SAVEDIR=file://{savedir}",
+        f"KDUMP_SAVEDIR={url}",
+        "--set",
+        f"KDUMP_DUMPFORMAT={fmt}",
         "--set",
         f"KDUMP_DUMPLEVEL={level}",
         "--set",
@@ -52,66 +60,98 @@ def run(vmcore: str, savedir: str, level: int) -> tuple[float, int]:
         "--set",
         "KDUMP_KEEP_OLD_DUMPS=0",
     ]
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    out = subprocess.run(
-        [sys.executable, "-c", code, *args], env=env, check=True, capture_output=True, text=True
-    ).stdout.split()
-    return float(out[0]), int(out[1])
+
+
+def measure_all(sizes: list[int], cpus: int, scratch: str | None, log: Callable = print) -> dict:
+    from tests.bigcore import get_bigcore
+    from tests.servers.sshd import sshd
+
+    work = tempfile.mkdtemp(prefix="bench-memory-", dir=scratch)
+    bigdir = os.path.join(scratch or tempfile.gettempdir(), "kdump-bigcores")
+    rows = []
+    try:
+        with contextlib.ExitStack() as stack:
+            srv = stack.enter_context(sshd(os.path.join(work, "sshd")))
+            conf = os.path.join(work, "kdump.conf")
+            with open(conf, "w") as f:
+                f.write(f'KDUMP_HOST_KEY="{srv.host_key}"\nKDUMP_SSH_IDENTITY="{srv.client_key}"\n')
+            os.chmod(conf, 0o600)
+            for gib in sizes:
+                src = get_bigcore(bigdir, gib * 1024)
+                for fmt, level, target in CASES:
+                    d = os.path.join(work, "out")
+                    url = (
+                        f"file://{d}"
+                        if target == "file"
+                        else (f"sftp://root@{srv.host}:{srv.port}{d}")
+                    )
+                    s = measure.run(_save(src, url, fmt, level, conf), cpus, d)
+                    shutil.rmtree(d, ignore_errors=True)
+                    rows.append(
+                        {
+                            "gib": gib,
+                            "format": fmt,
+                            "level": level,
+                            "target": target,
+                            "wall": s.wall,
+                            "rss": s.rss_mib,
+                            "size": s.size,
+                        }
+                    )
+                    log(
+                        f"  memory {gib:5d} GiB {fmt:10s} -d {level:2d} {target:5s} "
+                        f"{s.wall:7.2f} s {s.rss_mib:6.1f} MiB"
+                    )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return {"sizes": sizes, "rows": rows}
+
+
+def report_lines(data: dict, goals: list | None = None) -> list[str]:
+    sizes = data["sizes"]
+    L = [
+        "## Memory: peak RSS of the whole save (synthetic machines, GNU time)",
+        "",
+        "| format | level | target | " + " | ".join(f"{g} GiB" for g in sizes) + " | spread |",
+        "|---|---:|---|" + "---:|" * (len(sizes) + 1),
+    ]
+    for fmt, level, target in CASES:
+        rss = [
+            r["rss"]
+            for g in sizes
+            for r in data["rows"]
+            if (r["gib"], r["format"], r["level"], r["target"]) == (g, fmt, level, target)
+        ]
+        if len(rss) != len(sizes):
+            continue
+        spread = max(rss) - rss[0]
+        L.append(
+            f"| {fmt} | {level} | {target} | "
+            + " | ".join(f"{x:.1f}" for x in rss)
+            + f" | +{spread:.1f} |"
+        )
+        if goals is not None:
+            goals.append(
+                (
+                    "memory",
+                    f"{fmt} -d {level} to {target}: peak RSS within 4 MiB "
+                    f"from {sizes[0]} to {sizes[-1]} GiB",
+                    f"+{spread:.1f} MiB",
+                    spread <= 4.0,
+                )
+            )
+    L.append("")
+    return L
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sizes", default="200,4096", help="RAM sizes in MiB (comma-separated)")
-    ap.add_argument("--levels", default="0,1")
-    ap.add_argument("--out", default=os.path.join(ROOT, "bench/results/memory.md"))
-    ap.add_argument("--scratch", default=None, help="directory for inputs and dumps")
+    ap.add_argument("--sizes", default="1,64", help="RAM of the synthetic machines in GiB")
+    ap.add_argument("--cpus", type=int, default=1)
+    ap.add_argument("--scratch", default=None)
     a = ap.parse_args()
-    sizes = [int(s) for s in a.sizes.split(",")]
-    levels = [int(s) for s in a.levels.split(",")]
-    scratch = tempfile.mkdtemp(prefix="kdump-bench-", dir=a.scratch)
-    rows = []
-    try:
-        for mib in sizes:
-            src = os.path.join(scratch, f"vmcore-{mib}")
-            write_sample(src, SampleSpec(ram_mib=mib, sparse=True))
-            for level in levels:
-                dest = os.path.join(scratch, f"d-{mib}-{level}")
-                wall, rss = run(src, dest, level)
-                rows.append((mib, level, os.path.getsize(src), wall, rss))
-                print(
-                    f"{mib:>6} MiB level {level}: {wall:6.2f} s, peak RSS {rss / 1024:.1f} MiB",
-                    flush=True,
-                )
-                shutil.rmtree(dest)
-            os.unlink(src)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    lines = [
-        "# Peak memory of `kdump-capture save` vs vmcore size",
-        "",
-        f"Command: `python3 bench/memory.py --sizes {a.sizes} --levels {a.levels}`  ",
-        f"Run: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} CPUs, "
-        f"Python {sys.version.split()[0]}. Input: synthetic sparse ELF vmcores; target: local "
-        "directory.",
-        "",
-        "| RAM (MiB) | level | vmcore bytes | wall (s) | peak RSS (MiB) |",
-        "|---:|---:|---:|---:|---:|",
-    ]
-    for mib, level, size, wall, rss in rows:
-        lines.append(f"| {mib} | {level} | {size} | {wall:.2f} | {rss / 1024:.1f} |")
-    by_level: dict[int, list[int]] = {}
-    for _, level, _, _, rss in rows:
-        by_level.setdefault(level, []).append(rss)
-    lines.append("")
-    for level, rs in sorted(by_level.items()):
-        lines.append(
-            f"Level {level}: peak RSS spread {(max(rs) - min(rs)) / 1024:.1f} MiB "
-            f"across sizes {a.sizes} MiB."
-        )
-    os.makedirs(os.path.dirname(a.out), exist_ok=True)
-    with open(a.out, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print(f"wrote {a.out}")
+    data = measure_all([int(x) for x in a.sizes.split(",")], a.cpus, a.scratch)
+    print("\n".join(report_lines(data)))
     return 0
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import shutil
 import statistics
@@ -130,6 +131,7 @@ def main() -> None:
     ap.add_argument("--size-mb", type=int, default=1024)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--only", default="", help="run only the transports named (e.g. s3)")
+    ap.add_argument("--json", help="also write the medians here (bench/run.py reads them)")
     args = ap.parse_args()
     size = args.size_mb * 1_000_000
     work = tempfile.mkdtemp(prefix="kdump-bench-")
@@ -301,6 +303,18 @@ def _write(rows, args, load: tuple[float, float], s3_peaks: dict[str, list[int]]
             f"{max(s3_peaks['ours']) / 2**20:.1f} MiB, boto3 "
             f"{max(s3_peaks['boto3']) / 2**20:.1f} MiB.",
         ]
+    if args.json:
+        doc = {
+            "command": f"python3 bench/transports.py --size-mb {args.size_mb} --runs {args.runs}"
+            f" (CPUs {sorted(os.sched_getaffinity(0))})",
+            "load": list(load),
+            "rows": [
+                {"label": a, "ref_label": b, "ours_s": c, "ref_s": d, "size": e}
+                for a, b, c, d, e in rows
+            ],
+        }
+        with open(args.json, "w") as f:
+            json.dump(doc, f)
     os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
     old = open(RESULTS).read() if args.only and os.path.exists(RESULTS) else ""
     with open(RESULTS, "w") as f:

@@ -9,7 +9,6 @@ import logging
 import os
 import signal
 import sys
-import tempfile
 
 from . import __version__
 from .cliargs import config_args
@@ -149,6 +148,8 @@ def cmd_save(args: argparse.Namespace) -> int:
     tmp = None
     try:
         if args.sample:
+            import tempfile
+
             fd, tmp = tempfile.mkstemp(prefix="kdump-sample-", suffix=".vmcore")
             os.close(fd)
             write_demo(tmp, args.sample_mib)
@@ -400,7 +401,12 @@ def progress_arg(p: argparse.ArgumentParser) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
+# Commands defined here; the load-side ones (check, load, ...) come from kdump_capture/load,
+# which the capture kernel's save does not need to import (gzip, subprocess, shlex, ...).
+CORE_COMMANDS = ("save", "recover", "show-config", "verify", "dmesg", "rearrange", "make-sample")
+
+
+def build_parser(load_side: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kdump-capture",
         description="Save a crashed kernel's memory (/proc/vmcore) to local or network storage.",
@@ -466,9 +472,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparse", action="store_true", help="all-zero RAM as file holes (fast, big)")
     p.set_defaults(func=cmd_make_sample)
 
-    from .load.commands import add_subcommands
+    if load_side:
+        from .load.commands import add_subcommands
 
-    add_subcommands(sub)  # check, load, unload, status, test-crash, initramfs
+        add_subcommands(sub)  # check, load, unload, status, test-crash, initramfs
     return parser
 
 
@@ -477,7 +484,8 @@ def main(argv: list[str] | None = None) -> int:
 
     idna.register()  # before any host name is resolved (capture images may lack the codec)
     _setup_logging(False)
-    parser = build_parser()
+    words = sys.argv[1:] if argv is None else argv
+    parser = build_parser(load_side=not (words and words[0] in CORE_COMMANDS))
     args = parser.parse_args(argv)
     try:
         return args.func(args)

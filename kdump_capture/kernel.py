@@ -5,7 +5,7 @@ from __future__ import annotations
 import bisect
 import logging
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -28,6 +28,10 @@ PTE_ADDR_MASK = 0x000FFFFFFFFFF000
 # since Linux 4.13), bit 0 = SECTION_MARKED_PRESENT.
 SECTION_MAP_MASK = ~((1 << 5) - 1) & 0xFFFFFFFFFFFFFFFF
 SECTION_MARKED_PRESENT = 1
+# x86_64 physical addresses have at most 52 bits (5-level paging): bounds section numbers
+# when VMCOREINFO does not say MAX_PHYSMEM_BITS.
+MAX_PHYS_BITS = 52
+U64_MASK = 0xFFFFFFFFFFFFFFFF
 
 
 class KernelInfoError(VmcoreError):
@@ -162,6 +166,11 @@ class ElfPhysMemory:
             i -= 1
         return None
 
+    def next_start(self, paddr: int) -> int:
+        """The lowest segment start above ``paddr`` (end of a gap), or 2^64."""
+        i = bisect.bisect_right(self._starts, paddr)
+        return self._starts[i] if i < len(self._starts) else 1 << 64
+
     def read_phys(self, paddr: int, size: int) -> bytes:
         out = bytearray()
         while size > 0:
@@ -267,11 +276,14 @@ class Kernel:
         base = self.info.need_symbol("init_uts_ns")
         return self.read(base + (self.info.offset("uts_namespace.name") or 0), 390)
 
-    def mem_maps(self, max_mapnr: int) -> list[tuple[int, int, int]]:
-        """``(pfn_start, pfn_end, mem_map_va)`` of every present section below ``max_mapnr``.
+    def mem_maps(self, max_mapnr: int) -> MemMaps:
+        """Where the struct pages of every present section below ``max_mapnr`` live.
 
         SPARSEMEM_EXTREME decoding as makedumpfile's get_mm_sparsemem(): SYMBOL(mem_section)
-        is the root array; each root holds PAGE/SIZE(mem_section) sections.
+        is the root array; each root holds PAGE/SIZE(mem_section) sections. The number of
+        sections looked at is bounded by the kernel's own limits (LENGTH(mem_section) roots,
+        MAX_PHYSMEM_BITS), not by the PT_LOADs, which a corrupt vmcore may place anywhere.
+        Each root's sections are read in one piece.
         """
         info = self.info
         root = info.need_symbol("mem_section")
@@ -279,45 +291,86 @@ class Kernel:
         map_off = info.need_offset("mem_section.section_mem_map")
         sec_bits = info.need_number("SECTION_SIZE_BITS")
         page_size = info.need_size("page")
-        if not 0 < ms_size <= PAGE or not PAGE_SHIFT < sec_bits < 48:
-            raise KernelInfoError(
-                f"VMCOREINFO: implausible SIZE(mem_section)={ms_size} or "
-                f"SECTION_SIZE_BITS={sec_bits}"
-            )
+        if not 8 <= ms_size <= PAGE or not 0 <= map_off <= ms_size - 8:
+            raise KernelInfoError(f"VMCOREINFO: implausible SIZE(mem_section)={ms_size}")
+        if not PAGE_SHIFT < sec_bits < MAX_PHYS_BITS:
+            raise KernelInfoError(f"VMCOREINFO: implausible SECTION_SIZE_BITS={sec_bits}")
         pfn_shift = sec_bits - PAGE_SHIFT
         per_section = 1 << pfn_shift
         per_root = PAGE // ms_size
-        if map_off + 8 > ms_size:
-            raise KernelInfoError(
-                f"VMCOREINFO: OFFSET(mem_section.section_mem_map)={map_off} lies outside "
-                f"SIZE(mem_section)={ms_size}"
-            )
-        num_sections = -(-max_mapnr // per_section)
+        phys_bits = info.number("MAX_PHYSMEM_BITS")
+        if phys_bits is None or not sec_bits <= phys_bits <= MAX_PHYS_BITS:
+            phys_bits = MAX_PHYS_BITS
+        num_sections = min(-(-max_mapnr // per_section), 1 << (phys_bits - sec_bits))
         n_roots = -(-num_sections // per_root)
+        nr_roots = info.length("mem_section")
+        if nr_roots is not None and 0 < nr_roots < n_roots:
+            n_roots = nr_roots
+            num_sections = min(num_sections, n_roots * per_root)
         roots = self.read(root, 8 * n_roots)
-        out = []
+        ranges: list[tuple[int, int, int]] = []
         for ri in range(n_roots):
             r = U64.unpack_from(roots, 8 * ri)[0]
             if r == 0:
                 continue
             first = ri * per_root
             count = min(per_root, num_sections - first)
-            secs = self.read(r, count * ms_size)  # one read per root: at most a page
+            table = self.read(r, count * ms_size)
             for i in range(count):
-                nr = first + i
-                coded = U64.unpack_from(secs, i * ms_size + map_off)[0]
+                coded = U64.unpack_from(table, i * ms_size + map_off)[0]
                 if not coded & SECTION_MARKED_PRESENT:
                     continue
-                mem_map = ((coded & SECTION_MAP_MASK) + (nr << pfn_shift) * page_size) & (
-                    0xFFFFFFFFFFFFFFFF
-                )
+                nr = first + i
+                start = nr << pfn_shift
+                mem_map = ((coded & SECTION_MAP_MASK) + start * page_size) & U64_MASK
                 if mem_map >> 63 == 0:
                     raise KernelInfoError(
                         f"mem_section {nr}: mem_map {mem_map:#x} is not a kernel address"
                     )
-                start = nr << pfn_shift
-                out.append((start, min(start + per_section, max_mapnr), mem_map))
-        return out
+                end = min(start + per_section, max_mapnr)
+                if start >= end:
+                    continue
+                if ranges:
+                    p_start, p_end, p_map = ranges[-1]
+                    if p_end == start and p_map + (start - p_start) * page_size == mem_map:
+                        ranges[-1] = (p_start, end, p_map)  # vmemmap: one range for all
+                        continue
+                ranges.append((start, end, mem_map))
+        return MemMaps(per_section, page_size, ranges)
+
+
+@dataclass(frozen=True)
+class MemMaps:
+    """Present sections as ranges ``(pfn_start, pfn_end, mem_map_va)``, merged wherever the
+    struct pages of neighbouring sections are contiguous (always, with a vmemmap).
+
+    Kept per range rather than per section so that its size does not grow with RAM; the
+    section size is kept because makedumpfile walks struct pages one section at a time.
+    """
+
+    section_pfns: int
+    page_size: int
+    ranges: list[tuple[int, int, int]]
+
+    @property
+    def end(self) -> int:
+        return self.ranges[-1][1] if self.ranges else 0
+
+    def sections(self, lo: int, hi: int) -> Iterator[tuple[int, int, int]]:
+        """``(pfn_start, pfn_end, mem_map_va)`` of each present section meeting [lo, hi)."""
+        per = self.section_pfns
+        i = bisect.bisect_right(self.ranges, (lo, U64_MASK, U64_MASK)) - 1
+        i = max(i, 0)
+        for start, end, mem_map in self.ranges[i:]:
+            if start >= hi:
+                break
+            if end <= lo:
+                continue
+            s = max(start, lo - lo % per)
+            while s < min(end, hi):
+                e = min(s - s % per + per, end)
+                yield s, e, mem_map + (s - start) * self.page_size
+                s = e
 
 
 def max_mapnr_of(loads: Iterable[Phdr]) -> int:

@@ -232,8 +232,9 @@ class KernelImage:
             self.put(base + 48, (st.mapcount & 0xFFFFFFFF).to_bytes(4, "little"))
             if st.flags & (1 << PG_HEAD) and pfn + 1 < self.max_pfn:
                 self.put(base + STRUCT_PAGE + 16, bytes([st.dtor, st.order]))
-        # mem_section: root array -> one root of 256 16-byte sections; section 0 present.
-        roots = self.alloc(1)
+        # mem_section: root array (LENGTH(mem_section) = 2048 pointers, 4 pages) -> one root
+        # of 256 16-byte sections; section 0 present.
+        roots = self.alloc(2048 * 8 // PAGE)
         sections = self.alloc(1)
         self.u64(roots, self.va(sections))
         self.u64(sections, VMEMMAP_BASE | 0x3)  # coded mem_map (pfn 0) | PRESENT | HAS_MEM_MAP

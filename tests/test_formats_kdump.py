@@ -262,6 +262,10 @@ class FailingVmcore(Vmcore):
             return 0
         return super()._pread_into(view[: self.fail_at - offset], offset)
 
+    def view(self, offset, length):
+        # A failing device is read (and fails there), not mapped.
+        return None if offset + length > self.fail_at else super().view(offset, length)
+
 
 def test_read_error_gives_marked_partial_dump(tmp_path):
     vm = open_vmcore(_image(tmp_path))

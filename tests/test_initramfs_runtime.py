@@ -84,3 +84,11 @@ def test_pure_modules_move_into_the_zip(tmp_path):
         assert {i.compress_type for i in z.infolist()} == {zipfile.ZIP_DEFLATED}
     assert f"{std}/os.pyc" in p.files and f"{site}/nacl/__init__.pyc" in p.files
     assert f"{site}/paramiko/__init__.pyc" not in p.files
+
+
+def test_the_compiled_accelerator_is_packed_with_its_zlib(tmp_path):
+    """kdump_capture.speedups imports _speedups: the probe loads it, ldd finds libz."""
+    payload = runtime.collect(["file"], str(tmp_path))
+    names = [os.path.basename(p) for p in payload.files]
+    assert [n for n in names if n.startswith("_speedups.") and n.endswith(".so")]
+    assert "libz.so.1" in names

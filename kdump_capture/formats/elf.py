@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
+import array
+import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 
+from .. import speedups
 from ..elf import PT_LOAD, PT_NOTE, Ehdr, Phdr
 from ..errors import VmcoreError
 from ..vmcore import Vmcore
 from . import CHUNK, FormatWriter, Monitor, WriteResult
-from .filter import build_bitmaps, clear_range, iter_runs
+from .filter import PageFilter, Window, clear_range, iter_runs
+from .pages import zero_mask_py
+
+log = logging.getLogger(__name__)
 
 PAGE = 4096
 # Runs of zero pages shorter than this are written as data: each excluded run costs a
 # program header, and makedumpfile uses the same threshold (PFN_EXCLUDED) for -E.
 MIN_EXCLUDED_RUN = 256
-ZERO_PAGE = bytes(PAGE)
 ZERO_CHUNK = bytes(CHUNK)
+SEQ_OFFSETS = array.array("Q", range(0, CHUNK, PAGE))
+FULL_MASK = b"\xff" * (CHUNK // PAGE // 8)
 
 
 class RawWriter(FormatWriter):
@@ -32,7 +40,6 @@ class RawWriter(FormatWriter):
 
     def write(self, sink, monitor: Monitor) -> WriteResult:
         buf = bytearray(CHUNK)
-        view = memoryview(buf)
         off = 0
         total = self.vm.size
         if total is None:
@@ -40,15 +47,22 @@ class RawWriter(FormatWriter):
         incomplete = None
         while off < total:
             want = min(CHUNK, total - off)
-            try:
-                n = self.vm.read_data(view[:want], off)
-            except VmcoreError as e:
-                incomplete = str(e)
-                break
+            data = self.vm.view(off, want)
+            if data is None:
+                data = memoryview(buf)[:want]
+                try:
+                    n = self.vm.read_data(data, off)
+                except VmcoreError as e:
+                    incomplete = str(e)
+                    break
+                data = data[:n]
+            else:
+                n = want
             if n:
-                sink.write(view[:n])
+                sink.write(data)
                 off += n
                 monitor.advance(n, n)
+            del data
             if n < want:
                 incomplete = _ended(self.vm.path, off, total)
                 break
@@ -72,6 +86,7 @@ class ElfWriter(RawWriter):
 
     Pages are excluded as makedumpfile -E does: bits 2-16 from struct page (``filter.py``),
     bit 1 by content (a scan pass before the copy pass, since the program headers come first).
+    Both work on one bitmap window at a time; what is kept is the list of output segments.
     """
 
     def input_size(self) -> int | None:
@@ -79,6 +94,10 @@ class ElfWriter(RawWriter):
             return self.vm.size
         data = sum(p.filesz for p in self.vm.loads)
         return 2 * data if self.level & 1 else data  # scan pass + copy pass (upper bound)
+
+    def __init__(self, vm: Vmcore, level: int, accelerated: bool | None = None) -> None:
+        super().__init__(vm, level)
+        self.accelerated = accelerated
 
     def lower_bound(self) -> int:
         if not self.level:
@@ -90,13 +109,17 @@ class ElfWriter(RawWriter):
     def write(self, sink, monitor: Monitor) -> WriteResult:
         if not self.level:
             return super().write(sink, monitor)
-        bm = build_bitmaps(self.vm, self.level)
-        keep = bytearray(bm.second)
-        if self.level & 1:
-            clear_zero_pages(self.vm, keep, bm.max_mapnr, monitor)
-        plan = plan_exclusion(self.vm, keep)
-        result = write_elf_segments(self.vm, plan, sink, monitor, bm.level)
-        result.notes.extend(bm.notes)
+        pf = PageFilter(self.vm, self.level, accelerated=self.accelerated)
+        planner = SegmentPlanner(self.vm)
+        accel = None if self.accelerated is False else speedups.module()
+        for win in pf.windows():
+            if self.level & 1:
+                clear_zero_pages(self.vm, win, pf.max_mapnr, monitor, accel)
+            planner.add(win)
+        summ = pf.summary()
+        log.info("%s", pf.walk_report())
+        result = write_elf_segments(self.vm, planner.segments(), sink, monitor, summ.level)
+        result.notes.extend(summ.notes)
         return result
 
 
@@ -112,83 +135,145 @@ class OutSeg:
     flags: int
 
 
-def clear_zero_pages(vm: Vmcore, keep: bytearray, max_mapnr: int, monitor: Monitor) -> None:
-    """Clear the bits of all-zero pages among the kept ones (reads each kept page once)."""
+def _aligned(p: Phdr) -> bool:
+    """PT_LOADs that can be split by pages (others are copied whole)."""
+    return bool(p.filesz) and not p.paddr % PAGE and not p.offset % PAGE
+
+
+def clear_zero_pages(vm: Vmcore, win: Window, max_mapnr: int, monitor: Monitor, accel=None) -> None:
+    """Clear the window's 2nd-bitmap bits of all-zero pages (reads each kept page once)."""
     buf = bytearray(CHUNK)
-    view = memoryview(buf)
     per = CHUNK // PAGE
+    keep = win.second
+    ws = win.start
     for p in vm.loads:
-        if p.filesz == 0 or p.paddr % PAGE or p.offset % PAGE:
+        if not _aligned(p):
             continue
         first = p.paddr // PAGE
         last = first + p.filesz // PAGE
-        for start, end in iter_runs(keep, min(last, max_mapnr)):
-            start = max(start, first)
-            pfn = start
+        limit = min(last, max_mapnr, win.end) - ws
+        if limit <= 0 or first >= win.end:
+            continue
+        for start, end in iter_runs(keep, limit):
+            pfn = max(start + ws, first)
+            end += ws
             while pfn < end:
                 n = min(per, end - pfn)
                 nbytes = n * PAGE
                 off = p.offset + (pfn - first) * PAGE
-                try:
-                    got = vm.read_data(view[:nbytes], off)
-                except VmcoreError:
-                    got = -1
-                if got != nbytes:
-                    return  # the source ended or failed: the copy pass finds out and says so
-                if n == per and buf == ZERO_CHUNK:
-                    clear_range(keep, pfn, pfn + n)
+                data = vm.view(off, nbytes)
+                if data is None:
+                    data = memoryview(buf)[:nbytes]
+                    try:
+                        got = vm.read_data(data, off)
+                    except VmcoreError:
+                        got = -1
+                    if got != nbytes:
+                        return  # the source ended or failed: the copy pass finds out and says so
+                offsets = SEQ_OFFSETS[:n]
+                if accel is not None:
+                    mask = accel.zero_pages(data, offsets)
+                elif n == per and bytes(data) == ZERO_CHUNK:  # bytes: see zero_mask_py
+                    mask = FULL_MASK
                 else:
-                    for i in range(n):
-                        if view[i * PAGE : (i + 1) * PAGE] == ZERO_PAGE:
-                            clear_range(keep, pfn + i, pfn + i + 1)
+                    mask = zero_mask_py(data, offsets)
+                if mask == FULL_MASK:
+                    clear_range(keep, pfn - ws, pfn - ws + n)
+                else:
+                    for i in _set_bits(mask, n):
+                        clear_range(keep, pfn - ws + i, pfn - ws + i + 1)
+                del data
                 pfn += n
                 monitor.advance(nbytes, 0)
 
 
-def plan_exclusion(vm: Vmcore, keep: bytes | bytearray) -> list[OutSeg]:
-    """Split every PT_LOAD around runs of >= MIN_EXCLUDED_RUN pages whose ``keep`` bit is 0.
+def _set_bits(mask: bytes, n: int) -> Iterator[int]:
+    for i, b in enumerate(mask):
+        while b:
+            low = b & -b
+            j = i * 8 + low.bit_length() - 1
+            if j < n:
+                yield j
+            b ^= low
 
-    Each output segment holds a stretch of data followed by the excluded run it precedes
+
+class SegmentPlanner:
+    """Output segments from the kept pages, fed one bitmap window at a time.
+
+    Splits every PT_LOAD around runs of >= MIN_EXCLUDED_RUN pages whose bit is 0. Each
+    output segment holds a stretch of data followed by the excluded run it precedes
     (memsz > filesz), so readers still find those addresses and read them as zeros.
-    Shorter excluded runs are copied, as makedumpfile does (PFN_EXCLUDED).
+    Shorter excluded runs are copied, as makedumpfile does (PFN_EXCLUDED). Only the gaps
+    are kept, at most as many as an ELF file can have program headers.
     """
-    out: list[OutSeg] = []
-    nbits = len(keep) * 8
-    for p in vm.loads:
-        if p.filesz == 0 or p.paddr % PAGE or p.offset % PAGE:
-            out.append(OutSeg(p.vaddr, p.paddr, p.offset, p.filesz, p.memsz, p.flags))
-            continue
-        first = p.paddr // PAGE
-        npages = p.filesz // PAGE
-        gaps = []
-        prev = first
-        for start, end in iter_runs(keep, min(first + npages, nbits)):
-            if end <= first:
+
+    def __init__(self, vm: Vmcore) -> None:
+        self.vm = vm
+        self.loads = vm.loads
+        # per aligned PT_LOAD: [first pfn, end pfn, end of the last kept run, gaps]
+        self.state: list[list] = []
+        for p in self.loads:
+            if _aligned(p):
+                first = p.paddr // PAGE
+                self.state.append([first, first + p.filesz // PAGE, first, []])
+            else:
+                self.state.append([])
+        self.ngaps = 0
+
+    def add(self, win: Window) -> None:
+        for st in self.state:
+            if not st:
                 continue
-            start = max(start, first)
-            if start - prev >= MIN_EXCLUDED_RUN:
-                gaps.append((prev - first, start - prev))
-            prev = end
-        if first + npages - prev >= MIN_EXCLUDED_RUN:
-            gaps.append((prev - first, first + npages - prev))
-        pos = 0  # page index where the current output segment starts
-        for zstart, zlen in gaps:
-            out.append(_seg(p, pos, zstart - pos, zstart + zlen - pos))
-            pos = zstart + zlen
-        tail_file = p.filesz - pos * PAGE
-        tail_mem = p.memsz - pos * PAGE
-        if tail_mem > 0 or not gaps:
-            out.append(
-                OutSeg(
-                    p.vaddr + pos * PAGE,
-                    p.paddr + pos * PAGE,
-                    p.offset + pos * PAGE,
-                    max(tail_file, 0),
-                    tail_mem,
-                    p.flags,
-                )
+            first, stop, prev, gaps = st
+            limit = min(stop, win.end) - win.start
+            if limit <= 0 or first >= win.end:
+                continue
+            for start, end in iter_runs(win.second, limit):
+                start += win.start
+                end += win.start
+                if end <= first:
+                    continue
+                start = max(start, first)
+                if start - prev >= MIN_EXCLUDED_RUN:
+                    self._gap(gaps, prev - first, start - prev)
+                prev = end
+            st[2] = prev
+
+    def _gap(self, gaps: list, start: int, n: int) -> None:
+        gaps.append((start, n))
+        self.ngaps += 1
+        if self.ngaps >= 0xFFFF:  # each gap ends a segment: this many can never fit
+            raise VmcoreError(
+                f"{self.vm.path}: the kept pages need more than {0xFFFF} program headers"
             )
-    return out
+
+    def segments(self) -> list[OutSeg]:
+        out: list[OutSeg] = []
+        for p, st in zip(self.loads, self.state, strict=True):
+            if not st:
+                out.append(OutSeg(p.vaddr, p.paddr, p.offset, p.filesz, p.memsz, p.flags))
+                continue
+            first, stop, prev, gaps = st
+            if stop - prev >= MIN_EXCLUDED_RUN:
+                self._gap(gaps, prev - first, stop - prev)
+            pos = 0  # page index where the current output segment starts
+            for zstart, zlen in gaps:
+                out.append(_seg(p, pos, zstart - pos, zstart + zlen - pos))
+                pos = zstart + zlen
+            tail_file = p.filesz - pos * PAGE
+            tail_mem = p.memsz - pos * PAGE
+            if tail_mem > 0 or not gaps:
+                out.append(
+                    OutSeg(
+                        p.vaddr + pos * PAGE,
+                        p.paddr + pos * PAGE,
+                        p.offset + pos * PAGE,
+                        max(tail_file, 0),
+                        tail_mem,
+                        p.flags,
+                    )
+                )
+        return out
 
 
 def _seg(p: Phdr, start: int, data_pages: int, mem_pages: int) -> OutSeg:
@@ -228,21 +313,27 @@ def write_elf_segments(
     monitor.advance(0, len(head))
 
     buf = bytearray(CHUNK)
-    view = memoryview(buf)
     written_pages = 0
     incomplete = None
     for s in segs:
         done = 0
         while done < s.filesz:
             want = min(CHUNK, s.filesz - done)
-            try:
-                n = vm.read_data(view[:want], s.src + done)
-            except VmcoreError as e:
-                incomplete, n = str(e), 0
+            data = vm.view(s.src + done, want)
+            if data is None:
+                data = memoryview(buf)[:want]
+                try:
+                    n = vm.read_data(data, s.src + done)
+                except VmcoreError as e:
+                    incomplete, n = str(e), 0
+                data = data[:n]
+            else:
+                n = want
             if n:
-                sink.write(view[:n])
+                sink.write(data)
                 done += n
                 monitor.advance(n, n)
+            del data
             if n < want:
                 incomplete = incomplete or _ended(vm.path, s.src + done, s.src + s.filesz)
                 break

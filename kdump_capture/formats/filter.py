@@ -10,20 +10,28 @@ Bitmaps are makedumpfile's: bit ``pfn & 7`` of byte ``pfn >> 3``, LSB first.
 
 from __future__ import annotations
 
+import array
+import bisect
 import logging
+import os
 import re
 import struct
-from collections.abc import Iterator
+import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
-from ..elf import PT_LOAD, Phdr
+from .. import speedups
+from ..elf import PT_LOAD
 from ..errors import VmcoreError
 from ..kernel import (
     PAGE,
     PAGE_SHIFT,
+    U64_MASK,
+    AddressError,
     ElfPhysMemory,
     Kernel,
     KernelInfoError,
+    MemMaps,
     VmcoreInfo,
     max_mapnr_of,
 )
@@ -42,7 +50,6 @@ MAX_DUMP_LEVEL = 31
 # of a block never has its order read (harmless: heads are aligned to their order).
 PGMM_CACHED = 512
 PAGE_MAPPING_ANON = 1
-U64_MASK = 0xFFFFFFFFFFFFFFFF
 
 
 # -- bitmaps ------------------------------------------------------------------------------
@@ -53,9 +60,13 @@ def bitmap_half_len(max_mapnr: int, block: int = PAGE) -> int:
 
 
 def bitmap_memory(max_mapnr: int) -> int:
-    """Bytes the filter holds for a machine of ``max_mapnr`` page frames (both bitmaps), for
-    the memory budget and ``kdump-capture estimate``; follows how bitmaps are kept."""
-    return 2 * bitmap_half_len(max_mapnr)
+    """Bytes the filter holds for a machine of ``max_mapnr`` page frames, for the memory
+    budget and ``kdump-capture estimate``; follows how bitmaps are kept: one window of both
+    bitmaps, plus the 2nd bitmap's windows of the first pass while they fit CACHE_BYTES."""
+    half = bitmap_half_len(max_mapnr)
+    window = min(half, WINDOW_PFNS // 8)
+    cached = half if half <= CACHE_BYTES else 0
+    return 2 * window + cached
 
 
 def set_range(bm: bytearray, start: int, end: int) -> None:
@@ -151,18 +162,6 @@ def _clip(s: int, e: int, limit: int | None) -> Iterator[tuple[int, int]]:
         yield s, e
 
 
-def first_bitmap(loads: list[Phdr], max_mapnr: int) -> bytearray:
-    """1 = the pfn lies in a PT_LOAD (``create_1st_bitmap()``): end rounded up, clipped."""
-    bm = bytearray(bitmap_half_len(max_mapnr))
-    for p in loads:
-        if p.type != PT_LOAD or not p.memsz:
-            continue
-        start = p.paddr >> PAGE_SHIFT
-        end = (p.paddr + p.memsz + PAGE - 1) >> PAGE_SHIFT
-        set_range(bm, start, min(end, max_mapnr))
-    return bm
-
-
 # -- struct page rules ----------------------------------------------------------------------
 def _test_bit_mask(nr: int | None) -> int:
     """makedumpfile's ``test_bit(nr, flags)`` as a mask: ``int mask = 1 << (nr & 31)``.
@@ -220,6 +219,10 @@ class PageRules:
             info.need_number(name)
         if not 0 < size <= 256:
             raise KernelInfoError(f"VMCOREINFO: implausible SIZE(page)={size}")
+        # Order and destructor are single bytes of the struct page after a head page.
+        for what, off in (("compound order", off_order), ("compound dtor", off_dtor)):
+            if not 0 <= off < size:
+                raise KernelInfoError(f"VMCOREINFO: implausible offset {off} of the {what}")
         return cls(
             size=size,
             off_flags=info.need_offset("page.flags"),
@@ -287,21 +290,55 @@ class PageRules:
 
 COUNTERS = ("free", "cache", "cache_private", "user", "hwpoison", "offline")
 
+# Bitmaps are made and used one window of page frames at a time, never whole: 2^21 frames
+# (8 GiB of RAM) make 256 KiB per bitmap window, so memory for bitmaps stays a few windows
+# at any RAM size, as in makedumpfile's cyclic mode. A multiple of PGMM_CACHED, of 8 (whole
+# bitmap bytes) and of x86_64's section size (2^15 frames).
+WINDOW_PFNS = 1 << 21
+# Writers that need the 2nd bitmap twice (kdump: count, then write) keep the windows of the
+# first pass when they all fit in this much; beyond it they are computed again, as
+# makedumpfile does. 1 MiB holds four windows (32 GiB of RAM).
+CACHE_BYTES = 1 << 20
+# File offsets in struct-page extents that are not offsets.
+UNREADABLE = U64_MASK
+ZERO_FILL = U64_MASK - 1
+# Buddy orders and compound orders at or above this cannot be real (and would make
+# ranges of 2^64 pages); a buddy page claiming one is kept and counted as invalid.
+MAX_ORDER_BITS = 64
+
 
 @dataclass
-class Bitmaps:
-    """What a kdump file's bitmaps say, and what filtering did."""
+class Window:
+    """Both bitmaps for page frames ``start <= pfn < end`` (bit ``pfn - start``)."""
 
-    max_mapnr: int
+    start: int
+    end: int
     first: bytearray
     second: bytearray
+
+
+@dataclass
+class ScanState:
+    """What the struct-page walk carries from one window into the next."""
+
+    skip_sec: int = -1  # the section whose walk continues into the next window ...
+    skip_to: int = 0  # ... and the pfn it resumes at (after a compound or buddy range)
+    carry_end: int = 0  # an excluded range that reaches past the window ends here
+    counts: list[int] = field(default_factory=lambda: [0] * len(COUNTERS))
+    unreadable: int = 0
+    bad_order: int = 0
+
+
+@dataclass
+class Summary:
+    """What a whole pass over the windows found (for headers, estimates and README)."""
+
+    max_mapnr: int
     level: int  # the level applied (bits that could not be applied are cleared)
+    pages_total: int  # bits set in the 1st bitmap
+    num_dumpable: int  # bits set in the 2nd bitmap
     excluded: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
-
-    @property
-    def num_dumpable(self) -> int:
-        return count_bits(self.second)
 
 
 def needs_struct_pages(level: int, info: VmcoreInfo) -> bool:
@@ -313,59 +350,429 @@ def needs_struct_pages(level: int, info: VmcoreInfo) -> bool:
     return bool(level & DL_EXCLUDE_FREE)
 
 
-def exclude_pages(
-    kernel: Kernel,
-    rules: PageRules,
-    level: int,
-    mem_maps: list[tuple[int, int, int]],
-    bitmap2: bytearray,
+class PageFilter:
+    """The bitmaps of one vmcore at one dump level, produced window by window.
+
+    Never raises for filtering problems: what cannot be applied is kept in the dump and
+    explained in the notes. ``windows()`` may be called again; it gives the same windows.
+    """
+
+    def __init__(
+        self,
+        vm: Vmcore,
+        level: int,
+        window_pfns: int | None = None,
+        cache_bytes: int | None = None,
+        accelerated: bool | None = None,
+    ) -> None:
+        window_pfns = WINDOW_PFNS if window_pfns is None else window_pfns
+        cache_bytes = CACHE_BYTES if cache_bytes is None else cache_bytes
+        if window_pfns <= 0 or window_pfns % PGMM_CACHED:
+            raise ValueError("window_pfns must be a positive multiple of PGMM_CACHED")
+        self.vm = vm
+        self.level = level
+        self.window_pfns = window_pfns
+        self.cache_bytes = cache_bytes
+        self._accel = speedups.module() if accelerated is None or accelerated else None
+        if accelerated and self._accel is None:
+            raise RuntimeError("the compiled accelerator is not available")
+        loads = vm.loads
+        max_mapnr = max_mapnr_of(loads)
+        notes: list[str] = []
+        applied = level
+        self.kernel: Kernel | None = None
+        self.mem_maps: MemMaps | None = None
+        self.rules: PageRules | None = None
+        info = VmcoreInfo(vm.vmcoreinfo)
+        try:
+            want_pages = needs_struct_pages(level, info)
+        except VmcoreError as e:
+            want_pages = False
+            notes.append(_fallback_note(level, e))
+        kernel = None
+        if want_pages:
+            try:
+                kernel = Kernel(info, ElfPhysMemory(loads, vm.pread, vm.path))
+                self.mem_maps = kernel.mem_maps(max_mapnr)
+                if self.mem_maps.ranges:
+                    max_mapnr = min(max_mapnr, self.mem_maps.end)
+            except VmcoreError as e:
+                kernel = None
+                notes.append(_fallback_note(level, e))
+        if kernel is not None:
+            try:
+                rules = PageRules.from_info(info)
+                if level & DL_EXCLUDE_FREE and rules.buddy is None:
+                    notes.append(
+                        "dump level bit 16 (free pages) needs PAGE_BUDDY_MAPCOUNT_VALUE in "
+                        "VMCOREINFO; free pages were kept"
+                    )
+                    applied &= ~DL_EXCLUDE_FREE
+                rules.unpacker()  # checks the field offsets now, not halfway through
+                self.kernel, self.rules = kernel, rules
+            except VmcoreError as e:
+                notes.append(_fallback_note(level, e))
+                applied &= ~STRUCT_PAGE_BITS
+        elif level & STRUCT_PAGE_BITS:
+            applied &= ~STRUCT_PAGE_BITS
+        self.max_mapnr = max_mapnr
+        self.applied = applied
+        self.notes = notes
+        self.half_len = bitmap_half_len(max_mapnr)
+        self._mem = ElfPhysMemory(loads, vm.pread, vm.path)
+        self._ram = _merge(
+            (p.paddr >> PAGE_SHIFT, min((p.paddr + p.memsz + PAGE - 1) >> PAGE_SHIFT, max_mapnr))
+            for p in loads
+            if p.type == PT_LOAD and p.memsz
+        )
+        self._params = _rule_params(self.rules, level) if self.rules else None
+        self._cache: list[bytes] | None = None
+        self._summary: Summary | None = None
+        self.walk_seconds = 0.0  # struct-page walk, all passes (reported like makedumpfile's
+        self.walks = 0  # "STEP [Excluding unnecessary pages]" times)
+
+    # -- windows ----------------------------------------------------------------------
+    def window_spans(self) -> list[tuple[int, int]]:
+        """Runs ``(first, last + 1)`` of the window numbers that hold RAM, and the last one
+        of the bitmap (written even when empty, so a file always reaches its end)."""
+        w = self.window_pfns
+        spans = [(s // w, (e - 1) // w + 1) for s, e in self._ram]
+        last = max(0, (self.half_len * 8 - 1) // w)
+        spans.append((last, last + 1))
+        return _merge(spans)
+
+    def windows(self) -> Iterator[Window]:
+        """Every window with RAM in it (and the last), in ascending order.
+
+        The consumer may change a window's bitmaps; the next window is made afresh.
+        """
+        cache = self._cache
+        keep: list[bytes] | None = [] if cache is None and self.cache_bytes > 0 else None
+        kept = 0
+        state = ScanState()
+        total = dumpable = 0
+        i = 0
+        for lo, hi in self.window_spans():
+            for idx in range(lo, hi):
+                ws = idx * self.window_pfns
+                we = min(ws + self.window_pfns, self.half_len * 8)
+                first = self._first_window(ws, we)
+                if cache is not None:
+                    second = bytearray(cache[i])
+                else:
+                    second = bytearray(first)
+                    if self.rules is not None:
+                        self._exclude(ws, we, first, second, state)
+                    if keep is not None:
+                        kept += len(second)
+                        if kept <= self.cache_bytes:
+                            keep.append(bytes(second))
+                        else:
+                            keep = None
+                i += 1
+                if self._summary is None:
+                    total += count_bits(first)
+                    dumpable += count_bits(second)
+                yield Window(ws, we, first, second)
+        if cache is None:
+            self._cache = keep
+            self.walks += self.rules is not None
+        if self._summary is None:
+            self._summary = self._finish(state, total, dumpable)
+
+    def walk_report(self) -> str:
+        """How long the struct-page walk took, for the log."""
+        if not self.walks:
+            return "no struct-page walk at this level"
+        return (
+            f"struct-page walk {self.walk_seconds:.3f} s in {self.walks} pass(es) "
+            f"({'compiled' if self._accel is not None else 'pure Python'})"
+        )
+
+    def summary(self) -> Summary:
+        """Counts over all windows: from the first whole pass, or one made now."""
+        if self._summary is None:
+            for _ in self.windows():
+                pass
+        assert self._summary is not None
+        return self._summary
+
+    def _finish(self, st: ScanState, total: int, dumpable: int) -> Summary:
+        excluded = dict(zip(COUNTERS, st.counts, strict=True)) if self.rules else {}
+        if st.unreadable:
+            self.notes.append(
+                f"struct pages of {st.unreadable} page frames could not be read; "
+                "those pages were kept"
+            )
+        if st.bad_order:
+            self.notes.append(f"{st.bad_order} free pages had an invalid buddy order and were kept")
+        return Summary(self.max_mapnr, self.applied, total, dumpable, excluded, list(self.notes))
+
+    def _first_window(self, ws: int, we: int) -> bytearray:
+        """1 = the pfn lies in a PT_LOAD (``create_1st_bitmap()``): end rounded up, clipped."""
+        bm = bytearray((we - ws) >> 3)
+        ram = self._ram
+        i = bisect.bisect_right(ram, (ws, U64_MASK)) - 1
+        for s, e in ram[max(i, 0) :]:
+            if s >= we:
+                break
+            if e > ws:
+                set_range(bm, max(s, ws) - ws, min(e, we) - ws)
+        return bm
+
+    def _exclude(self, ws: int, we: int, first: bytearray, second: bytearray, st: ScanState):
+        assert self.mem_maps is not None and self._params is not None
+        size = self.mem_maps.page_size
+        sections = []
+        spans = []
+        for s, e, mem_map in self.mem_maps.sections(ws, we):
+            lo, hi = max(s, ws), min(e, we)
+            if not any(first[(lo - ws) >> 3 : (hi - ws + 7) >> 3]):
+                continue
+            sections.append((s, e, mem_map))
+            spans.append((mem_map + (lo - s) * size, mem_map + (hi - s) * size))
+        if st.carry_end > ws:
+            clear_range(second, 0, min(st.carry_end, we) - ws)
+        if not sections:
+            return
+        t0 = time.perf_counter()
+        extents = self._extents(spans)
+        fd, base = self.vm.fd, self.vm.base
+        if self._accel is not None:
+            out = self._accel.scan_window(
+                fd, base, _pack(extents), _pack(sections), self._params, ws, we, first, second,
+                (st.skip_sec, st.skip_to, st.carry_end),
+            )  # fmt: skip
+            st.skip_sec, st.skip_to, st.carry_end, st.unreadable, st.bad_order = (
+                out[0],
+                out[1],
+                out[2],
+                st.unreadable + out[3],
+                st.bad_order + out[4],
+            )
+            for k in range(len(COUNTERS)):
+                st.counts[k] = min(st.counts[k] + out[5 + k], U64_MASK)
+        else:
+            scan_window(fd, base, extents, sections, self._params, ws, we, first, second, st)
+        self.walk_seconds += time.perf_counter() - t0
+
+    def _extents(self, spans: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
+        """Where the struct pages in ``spans`` (virtual) are in the vmcore file."""
+        assert self.kernel is not None
+        out: list[tuple[int, int, int]] = []
+
+        def add(va: int, end: int, off: int) -> None:
+            if out:
+                p_va, p_end, p_off = out[-1]
+                same = off == p_off if off >= ZERO_FILL else off == p_off + (va - p_va)
+                if p_end == va and same:
+                    out[-1] = (p_va, end, p_off)
+                    return
+            out.append((va, end, off))
+
+        for va, end in sorted(spans):
+            while va < end:
+                try:
+                    pa, left = self.kernel.translate(va)
+                except AddressError:
+                    n = min(end - va, PAGE - (va & (PAGE - 1)))
+                    add(va, va + n, UNREADABLE)
+                    va += n
+                    continue
+                n = min(left, end - va)
+                while n > 0:
+                    seg = self._mem.find(pa)
+                    if seg is None:
+                        k = min(n, self._mem.next_start(pa) - pa)
+                        add(va, va + k, UNREADABLE)
+                    else:
+                        k = min(n, seg.end - pa)
+                        fk = max(0, min(k, seg.file_end - pa))
+                        if fk:
+                            add(va, va + fk, seg.offset + (pa - seg.paddr))
+                        if k > fk:
+                            add(va + fk, va + k, ZERO_FILL)
+                    va += k
+                    pa += k
+                    n -= k
+        return out
+
+
+def _merge(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted, disjoint ``(start, end)`` ranges covering the non-empty input ranges."""
+    out: list[tuple[int, int]] = []
+    for s, e in sorted(r for r in ranges if r[0] < r[1]):
+        if out and s <= out[-1][1]:
+            if e > out[-1][1]:
+                out[-1] = (out[-1][0], e)
+        else:
+            out.append((s, e))
+    return out
+
+
+def _pack(rows: list[tuple[int, int, int]]) -> bytes:
+    return array.array("Q", [v for row in rows for v in row]).tobytes()
+
+
+# -- the struct-page walk over one window (the reference; _speedups.c mirrors it) -------------
+# Indexes into the parameter tuple that _rule_params() builds.
+(P_SIZE, P_FLAGS, P_MAPPING, P_MAPCOUNT, P_PRIVATE, P_CHEAD, P_ORDER, P_DTOR, P_LRU, P_PRIV,
+ P_SWAPCACHE, P_SWAPBACKED, P_HAS_SWAPBACKED, P_HEAD, P_HWPOISON, P_SLAB_BIT, P_SLAB_MC,
+ P_HAS_SLAB_MC, P_BUDDY, P_OFFLINE, P_HAS_OFFLINE, P_DTOR_HUGETLB, P_HAS_DTOR_HUGETLB,
+ P_NR_FREE_AREA, P_HAS_NR_FREE_AREA, P_EX_FREE, P_EX_CACHE, P_EX_CACHE_PRI,
+ P_EX_USER, P_COUNT) = range(30)  # fmt: skip
+NO_OFFSET = U64_MASK
+
+
+def _rule_params(r: PageRules, level: int) -> tuple[int, ...]:
+    """The rules and level as a flat tuple of unsigned 64-bit numbers (for either walk)."""
+
+    def off(v: int | None) -> int:
+        return NO_OFFSET if v is None else v
+
+    p = [0] * P_COUNT
+    p[P_SIZE] = r.size
+    p[P_FLAGS], p[P_MAPPING] = r.off_flags, r.off_mapping
+    p[P_MAPCOUNT], p[P_PRIVATE] = off(r.off_mapcount), off(r.off_private)
+    p[P_CHEAD] = off(r.off_chead)
+    p[P_ORDER], p[P_DTOR] = r.off_order, r.off_dtor
+    p[P_LRU], p[P_PRIV], p[P_SWAPCACHE] = r.lru, r.private, r.swapcache
+    p[P_SWAPBACKED] = r.swapbacked or 0
+    p[P_HAS_SWAPBACKED] = int(r.swapbacked is not None)
+    p[P_HEAD], p[P_HWPOISON], p[P_SLAB_BIT] = r.head_mask, r.hwpoison, r.slab_bit
+    p[P_SLAB_MC] = r.slab_mapcount or 0
+    p[P_HAS_SLAB_MC] = int(r.slab_mapcount is not None)
+    p[P_BUDDY] = r.buddy or 0
+    p[P_OFFLINE] = r.offline or 0
+    p[P_HAS_OFFLINE] = int(r.offline is not None)
+    dtor = r.hugetlb_dtor
+    # The order byte read from memory is 0-255: other values never match.
+    p[P_DTOR_HUGETLB] = dtor if dtor is not None and 0 <= dtor <= 255 else 0
+    p[P_HAS_DTOR_HUGETLB] = int(dtor is not None and 0 <= dtor <= 255)
+    nfa = r.nr_free_area
+    # A negative length makes every buddy order invalid, as ``private >= nfa`` does.
+    p[P_NR_FREE_AREA] = max(nfa, 0) if nfa is not None else 0
+    p[P_HAS_NR_FREE_AREA] = int(nfa is not None and nfa <= U64_MASK)
+    p[P_EX_FREE] = int(bool(level & DL_EXCLUDE_FREE) and r.buddy is not None)
+    p[P_EX_CACHE] = int(bool(level & DL_EXCLUDE_CACHE))
+    p[P_EX_CACHE_PRI] = int(bool(level & DL_EXCLUDE_CACHE_PRI))
+    p[P_EX_USER] = int(bool(level & DL_EXCLUDE_USER_DATA))
+    for v in p:
+        assert 0 <= v <= U64_MASK
+    return tuple(p)
+
+
+class _ExtentReader:
+    """Reads struct pages at kernel virtual addresses through precomputed extents."""
+
+    def __init__(self, fd: int, base: int, extents: list[tuple[int, int, int]]) -> None:
+        self.fd, self.base, self.ext = fd, base, sorted(extents)
+        self.starts = [e[0] for e in self.ext]
+
+    def read(self, va: int, n: int) -> bytes | None:
+        """``n`` bytes at ``va``, or None if any of them cannot be read."""
+        i = bisect.bisect_right(self.starts, va) - 1
+        parts = []
+        while n > 0:
+            if i < 0 or i >= len(self.ext):
+                return None
+            s, e, off = self.ext[i]
+            if not s <= va < e or off == UNREADABLE:
+                return None
+            k = min(n, e - va)
+            if off == ZERO_FILL:
+                parts.append(bytes(k))
+            else:
+                try:
+                    data = os.pread(self.fd, k, self.base + off + (va - s))
+                except OSError:
+                    return None
+                if len(data) != k:
+                    return None
+                parts.append(data)
+            va += k
+            n -= k
+            i += 1
+        return b"".join(parts)
+
+
+def scan_window(
+    fd: int,
+    base: int,
+    extents: list[tuple[int, int, int]],
+    sections: list[tuple[int, int, int]],
+    p: tuple[int, ...],
+    ws: int,
+    we: int,
     in_segs: bytes | bytearray,
-    notes: list[str],
-) -> dict[str, int]:
-    """Clear 2nd-bitmap bits of pages ``level`` excludes; returns counts per reason.
+    bitmap2: bytearray,
+    st: ScanState,
+) -> None:
+    """Clear 2nd-bitmap bits of the pages the level excludes, for pfns ``ws <= pfn < we``.
 
     A mirror of makedumpfile 1.7.2 ``__exclude_unnecessary_pages()``: first match wins,
-    compound and buddy ranges are excluded as a whole and skipped, tail pages are skipped.
-    Blocks of struct pages that cannot be read leave their pages in the dump (noted).
+    compound and buddy ranges are excluded as a whole and skipped, tail pages are skipped,
+    each section is walked on its own in blocks of PGMM_CACHED struct pages. Blocks of
+    struct pages that cannot be read leave their pages in the dump (counted). Ranges that
+    reach past ``we`` are finished in the next window through ``st``.
     """
-    counts = dict.fromkeys(COUNTERS, 0)
-    unpack = rules.unpacker().iter_unpack
-    order = rules.field_order()
-    ix = {name: order.index(name) for name in order}
+    reader = _ExtentReader(fd, base, extents)
+    size = p[P_SIZE]
+    fields = [("flags", p[P_FLAGS], "Q"), ("mapping", p[P_MAPPING], "Q")]
+    for name, o, code in (
+        ("chead", p[P_CHEAD], "Q"),
+        ("mapcount", p[P_MAPCOUNT], "I"),
+        ("private", p[P_PRIVATE], "Q"),
+    ):
+        if o != NO_OFFSET:
+            fields.append((name, o, code))
+    fields.sort(key=lambda f: f[1])
+    fmt = "<"
+    pos = 0
+    for _, o, code in fields:
+        fmt += f"{o - pos}x{code}" if o > pos else code
+        pos = o + struct.calcsize("<" + code)
+    unpack = struct.Struct(fmt + f"{size - pos}x").iter_unpack
+    ix = {f[0]: i for i, f in enumerate(fields)}
     i_flags, i_mapping = ix["flags"], ix["mapping"]
     i_chead, i_mapcount, i_private = ix.get("chead"), ix.get("mapcount"), ix.get("private")
-    size = rules.size
-    ex_free = bool(level & DL_EXCLUDE_FREE) and rules.buddy is not None
-    ex_cache = bool(level & DL_EXCLUDE_CACHE)
-    ex_cache_pri = bool(level & DL_EXCLUDE_CACHE_PRI)
-    ex_user = bool(level & DL_EXCLUDE_USER_DATA)
-    lru, priv, swapcache = rules.lru, rules.private, rules.swapcache
-    swapbacked = rules.swapbacked
-    head_mask, hwpoison, slab_bit = rules.head_mask, rules.hwpoison, rules.slab_bit
-    slab_mc, buddy, offline = rules.slab_mapcount, rules.buddy, rules.offline
-    hugetlb_dtor, nr_free_area = rules.hugetlb_dtor, rules.nr_free_area
-    off_order, off_dtor = rules.off_order, rules.off_dtor
-    unreadable = 0
-    bad_order = 0
+    ex_free, ex_cache, ex_cache_pri, ex_user = (
+        p[P_EX_FREE], p[P_EX_CACHE], p[P_EX_CACHE_PRI], p[P_EX_USER],
+    )  # fmt: skip
+    lru, priv, swapcache = p[P_LRU], p[P_PRIV], p[P_SWAPCACHE]
+    swapbacked = p[P_SWAPBACKED] if p[P_HAS_SWAPBACKED] else None
+    head_mask, hwpoison, slab_bit = p[P_HEAD], p[P_HWPOISON], p[P_SLAB_BIT]
+    slab_mc = p[P_SLAB_MC] if p[P_HAS_SLAB_MC] else None
+    buddy = p[P_BUDDY]
+    offline = p[P_OFFLINE] if p[P_HAS_OFFLINE] else None
+    hugetlb_dtor = p[P_DTOR_HUGETLB] if p[P_HAS_DTOR_HUGETLB] else None
+    nr_free_area = p[P_NR_FREE_AREA] if p[P_HAS_NR_FREE_AREA] else MAX_ORDER_BITS
+    off_order, off_dtor = p[P_ORDER], p[P_DTOR]
+    counts = st.counts
 
-    for sec_start, sec_end, mem_map in mem_maps:
-        skip_to = sec_start
+    def exclude(pfn: int, n: int) -> None:
+        end = pfn + n
+        clear_range(bitmap2, pfn - ws, min(end, we) - ws)
+        if end > we:
+            st.carry_end = max(st.carry_end, end)
+
+    for sec_start, sec_end, mem_map in sections:
+        skip_to = st.skip_to if st.skip_sec == sec_start else sec_start
+        lo, hi = max(sec_start, ws), min(sec_end, we)
         # Blocks aligned like makedumpfile's PGMM_CACHED reads.
-        blk = sec_start - sec_start % PGMM_CACHED
-        while blk < sec_end:
-            b_start = max(blk, sec_start, skip_to)
-            b_end = min(blk + PGMM_CACHED, sec_end)
+        blk = lo - lo % PGMM_CACHED
+        while blk < hi:
+            b_start = max(blk, lo, skip_to)
+            b_end = min(blk + PGMM_CACHED, hi)
             blk += PGMM_CACHED
             if b_start >= b_end:
                 continue
-            seg_bytes = in_segs[b_start >> 3 : (b_end + 7) >> 3]
+            seg_bytes = in_segs[(b_start - ws) >> 3 : (b_end - ws + 7) >> 3]
             if not any(seg_bytes):
                 continue
-            try:
-                raw = kernel.read(mem_map + (b_start - sec_start) * size, (b_end - b_start) * size)
-            except VmcoreError as e:
-                unreadable += b_end - b_start
-                log.debug("struct pages of pfn %#x-%#x unreadable: %s", b_start, b_end, e)
+            raw = reader.read(mem_map + (b_start - sec_start) * size, (b_end - b_start) * size)
+            if raw is None:
+                st.unreadable += b_end - b_start
                 continue
             all_in = b_start & 7 == 0 and b_end & 7 == 0 and seg_bytes.count(255) == len(seg_bytes)
             pfn = b_start - 1
@@ -373,7 +780,8 @@ def exclude_pages(
                 pfn += 1
                 if pfn < skip_to:
                     continue
-                if not all_in and not in_segs[pfn >> 3] >> (pfn & 7) & 1:
+                rel = pfn - ws
+                if not all_in and not in_segs[rel >> 3] >> (rel & 7) & 1:
                     continue
                 if i_chead is not None and rec[i_chead] & 1:
                     continue
@@ -393,15 +801,15 @@ def exclude_pages(
                             nr_order = raw[nxt + off_order]
                         if off_dtor:
                             dtor = raw[nxt + off_dtor]
-                    if nr_order >= 64 or pfn & ((1 << nr_order) - 1):
+                    if nr_order >= MAX_ORDER_BITS or pfn & ((1 << nr_order) - 1):
                         nr_order = 0
                 if ex_free and not is_slab and mapcount == buddy:
                     private = rec[i_private]
-                    if nr_free_area is not None and private >= nr_free_area:
-                        bad_order += 1
+                    if private >= nr_free_area or private >= MAX_ORDER_BITS:
+                        st.bad_order += 1
                         continue
                     nr_order = private
-                    reason = "free"
+                    reason = 0
                 elif (
                     (ex_cache or ex_cache_pri)
                     and (
@@ -411,74 +819,51 @@ def exclude_pages(
                     and not mapping & PAGE_MAPPING_ANON
                     and (ex_cache_pri or not flags & priv)
                 ):
-                    reason = "cache_private" if flags & priv else "cache"
+                    reason = 2 if flags & priv else 1
                 elif ex_user and (mapping & PAGE_MAPPING_ANON or dtor == hugetlb_dtor):
-                    reason = "user"
+                    reason = 3
                 elif hwpoison and flags & hwpoison:
-                    reason = "hwpoison"
+                    reason = 4
                 elif offline is not None and not flags & slab_bit and mapcount == offline:
-                    reason = "offline"
+                    reason = 5
                 else:
                     continue
                 n = 1 << nr_order
-                clear_range(bitmap2, pfn, pfn + n)
-                counts[reason] += n
+                exclude(pfn, n)
+                counts[reason] = min(counts[reason] + n, U64_MASK)
                 if n > 1:
                     skip_to = pfn + n
-    if unreadable:
-        notes.append(
-            f"struct pages of {unreadable} page frames could not be read; those pages were kept"
-        )
-    if bad_order:
-        notes.append(f"{bad_order} free pages had an invalid buddy order and were kept")
-    return counts
+        if sec_end > we:
+            st.skip_sec, st.skip_to = sec_start, skip_to
 
 
-def build_bitmaps(vm: Vmcore, level: int) -> Bitmaps:
-    """Both bitmaps for ``vm`` at ``level``. Never raises for filtering problems:
-    what cannot be applied is kept in the dump and explained in ``notes``."""
-    loads = vm.loads
-    max_mapnr = max_mapnr_of(loads)
-    notes: list[str] = []
-    kernel = None
-    mem_maps: list[tuple[int, int, int]] = []
-    info = VmcoreInfo(vm.vmcoreinfo)
-    try:
-        want_pages = needs_struct_pages(level, info)
-    except VmcoreError as e:
-        want_pages = False
-        notes.append(_fallback_note(level, e))
-    if want_pages:
-        try:
-            kernel = Kernel(info, ElfPhysMemory(loads, vm.pread, vm.path))
-            mem_maps = kernel.mem_maps(max_mapnr)
-            if mem_maps:
-                max_mapnr = min(max_mapnr, max(end for _, end, _ in mem_maps))
-        except VmcoreError as e:
-            kernel = None
-            notes.append(_fallback_note(level, e))
-    first = first_bitmap(loads, max_mapnr)
-    second = bytearray(first)
-    applied = level
-    excluded: dict[str, int] = {}
-    if kernel is not None:
-        try:
-            rules = PageRules.from_info(info)
-            if level & DL_EXCLUDE_FREE and rules.buddy is None:
-                notes.append(
-                    "dump level bit 16 (free pages) needs PAGE_BUDDY_MAPCOUNT_VALUE in "
-                    "VMCOREINFO; free pages were kept"
-                )
-                applied &= ~DL_EXCLUDE_FREE
-            excluded = exclude_pages(kernel, rules, level, mem_maps, second, first, notes)
-        except VmcoreError as e:
-            second[:] = first
-            excluded = {}
-            notes.append(_fallback_note(level, e))
-            applied &= ~STRUCT_PAGE_BITS
-    elif level & STRUCT_PAGE_BITS:
-        applied &= ~STRUCT_PAGE_BITS
-    return Bitmaps(max_mapnr, first, second, applied, excluded, notes)
+# -- whole bitmaps (tests and small tools; the writers use windows) ----------------------------
+@dataclass
+class Bitmaps:
+    """Both bitmaps of a dump, whole: memory grows with RAM, so only for tests and tools."""
+
+    max_mapnr: int
+    first: bytearray
+    second: bytearray
+    level: int
+    excluded: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def num_dumpable(self) -> int:
+        return count_bits(self.second)
+
+
+def build_bitmaps(vm: Vmcore, level: int, **kw) -> Bitmaps:
+    """Both bitmaps for ``vm`` at ``level``, assembled from the windows of a PageFilter."""
+    pf = PageFilter(vm, level, **kw)
+    first = bytearray(pf.half_len)
+    second = bytearray(pf.half_len)
+    for w in pf.windows():
+        first[w.start >> 3 : w.end >> 3] = w.first
+        second[w.start >> 3 : w.end >> 3] = w.second
+    s = pf.summary()
+    return Bitmaps(s.max_mapnr, first, second, s.level, s.excluded, s.notes)
 
 
 def _fallback_note(level: int, err: Exception) -> str:

@@ -8,6 +8,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from .. import speedups
 from .kexec import capture_cmdline, kernel_words, kexec_words
 
 INITRD_DIR = "/var/lib/kdump-capture"
@@ -142,6 +143,7 @@ class Readiness:
             f"initramfs:      {self.initrd} ({initrd_state})",
             f"command line:   {self.cmdline}",
             f"loaded:         {'yes' if self.loaded else 'no'}",
+            f"page loops:     {speedups.describe()}",
         ]
         if self.estimate:
             need = self.estimate >> 20

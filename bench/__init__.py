@@ -1,0 +1,1 @@
+"""Benchmarks (bench/run.py runs them all and writes bench/RESULTS.md)."""

@@ -1,0 +1,179 @@
+"""How the bench runs one command: pinned to CPUs, timed, peak RSS from a small launcher.
+
+Peak RSS comes from GNU time (``/usr/bin/time``), a small C program that forks and execs
+the command and reads its rusage: the figure is the command's own, not the bench's (a
+child forked from a large parent starts with the parent's resident pages counted).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIME = shutil.which("time") or "/usr/bin/time"
+
+
+def site_packages() -> str:
+    import zstandard
+
+    return os.path.dirname(os.path.dirname(zstandard.__file__))
+
+
+def python_cmd() -> list[str]:
+    """Our interpreter as the capture kernel runs it: no site-packages start-up hooks.
+
+    The capture initramfs packs only the modules it imports; this machine's site-packages
+    also has .pth files (editable installs, certificate hooks) that cost ~50 ms of CPU at
+    every start. ``-S`` skips them; PYTHONPATH (see ``env()``) puts ours and the
+    dependencies on the path.
+    """
+    return [sys.executable, "-S"]
+
+
+def env() -> dict[str, str]:
+    e = dict(os.environ)
+    e["PYTHONPATH"] = os.pathsep.join([ROOT, site_packages()])
+    e.pop("KDUMP_CAPTURE_PURE_PYTHON", None)
+    return e
+
+
+@dataclass
+class Sample:
+    wall: float
+    rss_mib: float
+    cpu: float
+    size: int = 0
+    stderr: str = ""
+
+
+@dataclass
+class Case:
+    name: str
+    argv: list[str]
+    output: str | None = None  # file (or directory) whose size is the result's size
+    side: str = "ours"  # "ours" or "ref"
+    samples: list[Sample] = field(default_factory=list)
+    error: str = ""
+
+    @property
+    def wall(self) -> float:
+        return statistics.median(s.wall for s in self.samples) if self.samples else float("nan")
+
+    @property
+    def rss(self) -> float:
+        return max(s.rss_mib for s in self.samples) if self.samples else float("nan")
+
+    @property
+    def size(self) -> int:
+        return int(statistics.median(s.size for s in self.samples)) if self.samples else 0
+
+    def shown(self, subst: dict[str, str]) -> str:
+        text = shlex.join(self.argv)
+        for k, v in subst.items():
+            text = text.replace(k, v)
+        return text
+
+
+def pin(cpus: int) -> list[str]:
+    return ["taskset", "-c", ",".join(str(c) for c in range(cpus))]
+
+
+def run(argv: list[str], cpus: int, output: str | None = None, environ=None) -> Sample:
+    """Run once: wall time (monotonic, around the launcher), peak RSS and CPU (GNU time)."""
+    with tempfile.NamedTemporaryFile("r", suffix=".time") as tf, tempfile.TemporaryFile() as err:
+        cmd = [*pin(cpus), TIME, "-o", tf.name, "-f", "%M %U %S", *argv]
+        t = time.monotonic()
+        # stdout too: makedumpfile prints its STEP timings there
+        p = subprocess.run(cmd, stdout=err, stderr=err, env=environ or env())
+        wall = time.monotonic() - t
+        err.seek(0)
+        text = err.read().decode(errors="replace")
+        if p.returncode:
+            raise RuntimeError(f"failed ({p.returncode}): {shlex.join(argv)}\n{text[-2000:]}")
+        fields = tf.read().split()[-3:]
+    rss_kib, user, sys_ = int(fields[0]), float(fields[1]), float(fields[2])
+    return Sample(wall, rss_kib / 1024, user + sys_, _size(output), text[-4000:])
+
+
+def _size(path: str | None) -> int:
+    if not path or not os.path.exists(path):
+        return 0
+    if os.path.isfile(path):
+        return os.path.getsize(path)
+    total = 0
+    for d, _, files in os.walk(path):
+        for f in files:
+            if f == "vmcore":
+                total += os.path.getsize(os.path.join(d, f))
+    return total
+
+
+def clean(path: str | None) -> None:
+    if path and os.path.isdir(path):
+        shutil.rmtree(path)
+    elif path and os.path.exists(path):
+        os.unlink(path)
+
+
+def interleave(
+    cases: list[Case],
+    runs: int,
+    cpus: int,
+    log: Callable[[str], None] = print,
+    before: Callable[[], None] | None = None,
+) -> None:
+    """Run the cases in turns (ours, reference, ours, ...) ``runs`` times each, so that
+    load from other processes hits every case alike. Every run starts with no dirty pages
+    (``sync``) and without the previous run's output."""
+    for r in range(runs):
+        for c in cases:
+            clean(c.output)
+            if before:
+                before()
+            subprocess.run(["sync"], check=True)
+            try:
+                s = run(c.argv, cpus, c.output)
+            except RuntimeError as e:  # record it and go on: one case must not end the bench
+                c.error = str(e).splitlines()[-1][:300]
+                log(f"  run {r + 1} {c.name}: FAILED: {c.error}")
+                continue
+            c.samples.append(s)
+            log(
+                f"  run {r + 1} {c.name:36s} {s.wall:7.3f} s {s.size / 1e6:9.1f} MB "
+                f"{s.rss_mib:6.1f} MiB"
+            )
+            clean(c.output)
+
+
+def profile(argv_after_python: list[str], cpus: int, top: int = 12) -> str:
+    """A cProfile summary (top functions by own time) of one run of our command."""
+    with tempfile.NamedTemporaryFile(suffix=".prof") as pf:
+        cmd = [*python_cmd(), "-m", "cProfile", "-o", pf.name, *argv_after_python]
+        subprocess.run(
+            [*pin(cpus), *cmd],
+            env=env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            check=False,
+        )
+        import io
+        import pstats
+
+        out = io.StringIO()
+        try:
+            st = pstats.Stats(pf.name, stream=out)
+        except (OSError, TypeError, EOFError):
+            return "(no profile)"
+        st.sort_stats("tottime").print_stats(top)
+    lines = [ln for ln in out.getvalue().splitlines() if ln.strip()]
+    keep = [ln for ln in lines if "function calls" in ln or ln.lstrip()[:1].isdigit()]
+    return "\n".join(ln.replace(ROOT + "/", "") for ln in keep)

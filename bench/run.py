@@ -1,0 +1,703 @@
+"""Every benchmark of issue 9 in one command; writes bench/RESULTS.md and bench/results/*.png.
+
+    python3 bench/run.py [--quick] [--cpus 1|2] [--runs 5] [--scratch DIR]
+                         [--samples 512,2048,8192] [--scale 1,64,256,1024] [--skip SECTION,...]
+
+Sections (each can be skipped): ``formats`` (real vmcores of TCG guests: our format writers
+and whole saves against makedumpfile 1.7.2, cp and cp + sync), ``scale`` (synthetic sparse
+vmcores of 1 GiB to 1 TiB with a realistic struct-page array: time, peak RSS and the
+struct-page walk against makedumpfile on the same file), ``memory`` (peak RSS of the whole
+save across sizes, formats and a network target), ``transports`` (loopback throughput
+against OpenSSH sftp, curl and smbclient). Commands are pinned to the first ``--cpus`` CPUs
+(default one, as a capture kernel with nr_cpus=1), ours and the reference interleaved,
+medians of ``--runs``. When a goal is missed, a cProfile summary of our command says what
+limits it. ``--quick`` runs a subset in under three minutes. Nothing under bench/results is
+edited by hand: this command writes every file there (capture_fitness.md comes from
+bench/capture_fitness.py, which this runs too unless skipped or --quick).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench import measure  # noqa: E402
+from bench.measure import ROOT, Case, interleave, python_cmd  # noqa: E402
+
+RESULTS = os.path.join(ROOT, "bench", "RESULTS.md")
+RESULTS_DIR = os.path.join(ROOT, "bench", "results")
+WRITER = os.path.join(ROOT, "bench", "writer.py")
+GIB = 1 << 30
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# -- machine -------------------------------------------------------------------------------
+def machine() -> dict:
+    cpu = "?"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    with open("/proc/meminfo") as f:
+        mem = int(f.readline().split()[1]) // 1024
+    mdf = subprocess.run(["makedumpfile", "-v"], capture_output=True, text=True).stdout.split("\n")[
+        0
+    ]
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    import zlib
+
+    import zstandard
+
+    from kdump_capture import speedups
+
+    return {
+        "host": platform.node(),
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "mem_mib": mem,
+        "kernel": platform.release(),
+        "python": sys.version.split()[0],
+        "makedumpfile": mdf.strip(),
+        "zstd": ".".join(map(str, zstandard.ZSTD_VERSION)),
+        "zlib": zlib.ZLIB_RUNTIME_VERSION,
+        "commit": commit + (" (with uncommitted changes)" if dirty else ""),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "accelerator": speedups.describe(),
+    }
+
+
+def load() -> str:
+    return " ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+# -- formats on real samples ------------------------------------------------------------------
+# (our case, reference case, limit of ours/reference on the 2 and 8 GiB samples)
+FORMAT_GOALS = [
+    ("zstd -d 31", "makedumpfile -l -d 31", 1.0),
+    ("compressed -d 31", "makedumpfile -c -d 31", 1.0),
+    ("ELF -d 31", "makedumpfile -E -d 31", 1.2),
+    ("zstd -d 1", "makedumpfile -l -d 1", 1.0),
+    ("save ELF -d 0 (with SHA-256)", "cp + sync", 1.3),
+]
+
+
+def save_argv(src: str, dest: str, fmt: str, level: int, extra: tuple[str, ...] = ()) -> list[str]:
+    args = [
+        "-m",
+        "kdump_capture",
+        "save",
+        "--config",
+        "/dev/null",
+        "--vmcore",
+        src,
+        "--no-reboot",
+        "--set",
+        f"KDUMP_SAVEDIR=file://{dest}",
+        "--set",
+        f"KDUMP_DUMPFORMAT={fmt}",
+        "--set",
+        f"KDUMP_DUMPLEVEL={level}",
+        "--set",
+        "KDUMP_FREE_DISK_SIZE=0",
+        "--set",
+        "KDUMP_VERBOSE=0",
+        "--set",
+        "KDUMP_KEEP_OLD_DUMPS=0",
+        *extra,
+    ]
+    return [*python_cmd(), *args]
+
+
+def format_cases(src: str, work: str) -> list[Case]:
+    out = os.path.join(work, "out")
+    py = [*python_cmd(), WRITER, src]
+    save_dir = os.path.join(work, "dumps")
+    return [
+        Case("zstd -d 31", py + ["zstd", "31", out], out),
+        Case("makedumpfile -l -d 31", ["makedumpfile", "-l", "-d", "31", src, out], out, "ref"),
+        Case("compressed -d 31", py + ["compressed", "31", out], out),
+        Case("makedumpfile -c -d 31", ["makedumpfile", "-c", "-d", "31", src, out], out, "ref"),
+        Case("ELF -d 31", py + ["elf", "31", out], out),
+        Case("makedumpfile -E -d 31", ["makedumpfile", "-E", "-d", "31", src, out], out, "ref"),
+        Case("zstd -d 1", py + ["zstd", "1", out], out),
+        Case("makedumpfile -l -d 1", ["makedumpfile", "-l", "-d", "1", src, out], out, "ref"),
+        Case("save ELF -d 0 (with SHA-256)", save_argv(src, save_dir, "ELF", 0), save_dir),
+        Case("cp + sync", ["sh", "-c", f'cp "{src}" "{out}" && sync "{out}"'], out, "ref"),
+    ]
+
+
+def identical_to_makedumpfile(src: str, work: str) -> bool:
+    a, b = os.path.join(work, "id-ours"), os.path.join(work, "id-mdf")
+    subprocess.run(
+        [*python_cmd(), WRITER, src, "compressed", "31", a], env=measure.env(), check=True
+    )
+    subprocess.run(["makedumpfile", "-c", "-d", "31", src, b], check=True, capture_output=True)
+    same = subprocess.run(["cmp", "-s", a, b]).returncode == 0
+    os.unlink(a)
+    os.unlink(b)
+    return same
+
+
+def run_formats(args, samples: list[tuple[str, str]], res: dict) -> None:
+    for label, src in samples:
+        log(f"formats: {label} ({src}), load {load()}")
+        work = tempfile.mkdtemp(prefix="bench-formats-", dir=args.scratch)
+        subprocess.run(["cat", src], stdout=subprocess.DEVNULL, check=True)  # warm the cache
+        cases = format_cases(src, work)
+        start_load = load()
+        try:
+            interleave(cases, args.runs, args.cpus, log)
+            same = identical_to_makedumpfile(src, work)
+            profiles = {}
+            by = {c.name: c for c in cases}
+            limit_all = 2.0 if label.startswith("512") else None
+            for ours, ref, limit in FORMAT_GOALS:
+                lim = limit_all or limit
+                if by[ours].wall > lim * by[ref].wall:
+                    argv = by[ours].argv[len(python_cmd()) :]
+                    profiles[ours] = measure.profile(argv, args.cpus)
+                    measure.clean(by[ours].output)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        res["formats"].append(
+            {
+                "label": label,
+                "src": src,
+                "size": os.path.getsize(src),
+                "runs": args.runs,
+                "load": [start_load, load()],
+                "identical": same,
+                "profiles": profiles,
+                "cases": [
+                    {
+                        "name": c.name,
+                        "side": c.side,
+                        "argv": c.argv,
+                        "samples": [s.__dict__ | {"stderr": ""} for s in c.samples],
+                    }
+                    for c in cases
+                ],
+            }
+        )
+
+
+# -- scale: synthetic machines of 1 GiB to 1 TiB ----------------------------------------------
+STEP = re.compile(r"STEP \[Excluding unnecessary pages\] : ([0-9.]+) seconds")
+WALK = re.compile(r"struct-page walk ([0-9.]+) s")
+
+
+def run_scale(args, res: dict) -> None:
+    from tests.bigcore import get_bigcore
+
+    bigdir = os.path.join(args.scratch or tempfile.gettempdir(), "kdump-bigcores")
+    for gib in args.scale:
+        log(f"scale: {gib} GiB bigcore, load {load()}")
+        t = time.monotonic()
+        src = get_bigcore(bigdir, gib * 1024)
+        made = time.monotonic() - t
+        work = tempfile.mkdtemp(prefix="bench-scale-", dir=args.scratch)
+        out, dumps = os.path.join(work, "out"), os.path.join(work, "dumps")
+        row: dict = {
+            "gib": gib,
+            "file_bytes": os.path.getsize(src),
+            "made_s": made,
+            "disk_mib": os.stat(src).st_blocks * 512 >> 20,
+            "load": [load()],
+            "levels": {},
+        }
+        try:
+            for level in (31, 1):
+                if level == 1 and gib > args.scale_l1_max:
+                    continue  # reads every page of RAM: minutes per run at 1 TiB
+                runs = args.scale_runs if level == 31 or gib <= args.scale_l1_full else 1
+                if gib >= args.scale_one_run:
+                    runs = 1
+                mdf = ["makedumpfile", "-c", "-d", str(level), "--message-level", "31", src, out]
+                cases = [
+                    Case(
+                        f"save compressed -d {level}",
+                        save_argv(src, dumps, "compressed", level),
+                        dumps,
+                    ),
+                    Case(f"makedumpfile -c -d {level}", mdf, out, "ref"),
+                    Case(f"save zstd -d {level}", save_argv(src, dumps, "zstd", level), dumps),
+                ]
+                interleave(cases, runs, args.cpus, log)
+                walks = [float(m) for s in cases[0].samples for m in WALK.findall(s.stderr)]
+                steps = [sum(float(m) for m in STEP.findall(s.stderr)) for s in cases[1].samples]
+                row["levels"][level] = {
+                    "runs": runs,
+                    "errors": {c.name: c.error for c in cases if c.error},
+                    "cases": [
+                        {
+                            "name": c.name,
+                            "side": c.side,
+                            "argv": c.argv,
+                            "wall": c.wall,
+                            "rss": c.rss,
+                            "size": c.size,
+                            "walls": [s.wall for s in c.samples],
+                            "samples_ok": bool(c.samples),
+                        }
+                        for c in cases
+                    ],
+                    "walk_ours": sorted(walks)[len(walks) // 2] if walks else None,
+                    "walk_mdf": sorted(steps)[len(steps) // 2] if steps else None,
+                }
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+            if gib >= args.keep_below and not args.keep_bigcores:
+                os.unlink(src)
+        row["load"].append(load())
+        res["scale"].append(row)
+
+
+# -- memory: peak RSS of the save across sizes, formats and a network target ------------------
+def run_memory(args, res: dict) -> None:
+    from bench.memory import measure_all
+
+    res["memory"] = measure_all(args.memory_sizes, args.cpus, args.scratch, log)
+
+
+# -- transports ---------------------------------------------------------------------------------
+def run_transports(args, res: dict) -> None:
+    with tempfile.NamedTemporaryFile(suffix=".json") as jf:
+        cmd = [
+            *measure.pin(args.cpus),
+            sys.executable,
+            os.path.join(ROOT, "bench", "transports.py"),
+            "--size-mb",
+            str(args.transport_mb),
+            "--runs",
+            str(args.runs),
+            "--json",
+            jf.name,
+        ]
+        log(f"transports: {' '.join(cmd)}")
+        p = subprocess.run(cmd, env=dict(os.environ, PYTHONPATH=ROOT))
+        if p.returncode == 0:
+            with open(jf.name) as f:
+                res["transports"] = json.load(f)
+        else:
+            res["transports"] = {"error": f"bench/transports.py exited with {p.returncode}"}
+
+
+# -- report ---------------------------------------------------------------------------------------
+def ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}x" if b else "-"
+
+
+def report(args, res: dict) -> str:
+    m = res["machine"]
+    L = [
+        "# Benchmark results (issue 9: speed and scale on one CPU)",
+        "",
+        f"Written by `python3 bench/run.py {' '.join(sys.argv[1:])}` on {m['date']}; nothing "
+        "here is edited by hand.",
+        "",
+        "| machine | |",
+        "|---|---|",
+        f"| host | {m['host']}: {m['cpu']}, {m['cpus']} CPUs, {m['mem_mib']} MiB, Linux "
+        f"{m['kernel']} |",
+        f"| software | Python {m['python']}, {m['makedumpfile']}, zstd {m['zstd']}, zlib "
+        f"{m['zlib']} |",
+        f"| commit | {m['commit']} |",
+        f"| page loops | {m['accelerator']} |",
+        f"| pinning | first {args.cpus} CPU(s) (`{' '.join(measure.pin(args.cpus))}`); medians "
+        f"of {args.runs} interleaved runs; peak RSS from GNU time (max over runs) |",
+        f"| load average | {res['load'][0]} at start, {res['load'][1]} at end (1, 5, 15 min) |",
+        f"| sections reused from an earlier run | {', '.join(res.get('reused', [])) or 'none'} |",
+        "",
+        "Our Python runs as `python3 -S` with PYTHONPATH set, as in the capture kernel "
+        "(whose initramfs has no site-packages start-up hooks; this machine's .pth files "
+        "cost ~50 ms of CPU per start). `zstd`/`compressed`/`ELF` rows time our format "
+        "writer alone (bench/writer.py), like makedumpfile writing the file; `save` rows "
+        "time the whole `kdump-capture save` (dmesg, SHA-256, fsync, README, manifest).",
+        "",
+    ]
+    goals: list[tuple[str, str, str, bool]] = []
+    for f in res.get("formats", []):
+        cases = {c["name"]: c for c in f["cases"]}
+
+        def med(name: str, key: str = "wall", cases=cases) -> float:
+            vals = sorted(s[key] for s in cases[name]["samples"])
+            return vals[len(vals) // 2]
+
+        L += [
+            f"## Formats: {f['label']} ({f['size'] / 1e6:.0f} MB, `{f['src']}`)",
+            "",
+            f"Load average {f['load'][0]} before, {f['load'][1]} after.",
+            "",
+            "| case | wall s (median) | CPU s (median) | all runs (wall s) | output MB "
+            "| peak RSS MiB | command |",
+            "|---|---:|---:|---|---:|---:|---|",
+        ]
+        for c in f["cases"]:
+            runs = ", ".join(f"{s['wall']:.2f}" for s in c["samples"])
+            rss = max(s["rss_mib"] for s in c["samples"])
+            shown = " ".join(c["argv"]).replace(f["src"], "VMCORE").replace(ROOT + "/", "")
+            shown = re.sub(r"/\S*bench-formats-\w+", "SCRATCH", shown)
+            L.append(
+                f"| {c['name']} | {med(c['name']):.3f} | {med(c['name'], 'cpu'):.3f} | {runs} | "
+                f"{med(c['name'], 'size') / 1e6:.1f} | {rss:.1f} | `{shown}` |"
+            )
+        L += ["", "| goal | figure | met |", "|---|---|---|"]
+        small = f["label"].startswith("512")
+        for ours, ref, limit in FORMAT_GOALS:
+            lim = 2.0 if small else limit
+            r = med(ours) / med(ref)
+            ok = r <= lim
+            text = f"{ours} <= {lim:.1f}x `{ref}`"
+            L.append(
+                f"| {text} | {r:.2f}x ({med(ours):.3f} / {med(ref):.3f} s) | "
+                f"{'yes' if ok else '**no**'} |"
+            )
+            goals.append((f["label"], text, f"{r:.2f}x", ok))
+        zs, cs = med("zstd -d 31", "size"), med("makedumpfile -c -d 31", "size")
+        ok = zs <= cs
+        L.append(
+            f"| zstd -d 31 size <= `-c -d 31` size | {zs / cs:.3f}x | {'yes' if ok else '**no**'} |"
+        )
+        goals.append((f["label"], "zstd -d 31 size <= -c -d 31", f"{zs / cs:.3f}x", ok))
+        L.append(
+            f"| compressed -d 31 byte-identical to `-c -d 31` | "
+            f"{'identical' if f['identical'] else 'differs'} | "
+            f"{'yes' if f['identical'] else '**no**'} |"
+        )
+        goals.append((f["label"], "compressed -d 31 byte-identical", "", f["identical"]))
+        for name, prof in f["profiles"].items():
+            L += [
+                "",
+                f"cProfile of `{name}` (goal missed; one run, top functions by own time):",
+                "",
+                "```",
+                prof,
+                "```",
+            ]
+        L.append("")
+    if res.get("scale"):
+        L += scale_report(res["scale"], goals)
+    if res.get("memory"):
+        from bench.memory import report_lines
+
+        L += report_lines(res["memory"], goals)
+    if res.get("transports"):
+        L += transport_report(res["transports"], goals)
+    L += ["## Goals", "", "| where | goal | figure | met |", "|---|---|---|---|"]
+    for where, text, fig, ok in goals:
+        L.append(f"| {where} | {text} | {fig} | {'yes' if ok else '**no**'} |")
+    L += ["", "Plots: " + ", ".join(f"`bench/results/{p}`" for p in res.get("plots", []))]
+    return "\n".join(L) + "\n"
+
+
+def scale_report(rows: list[dict], goals: list) -> list[str]:
+    L = [
+        "## Scale: synthetic machines (tests/bigcore.py, sparse files)",
+        "",
+        "RAM from 1 MiB with a hole from 2 to 4 GiB, SPARSEMEM vmemmap of 64-byte struct "
+        "pages, a 6.1 kernel's VMCOREINFO; 2 MiB regions of free buddy blocks (order 10), "
+        "page-cache folios, anonymous THPs, hugetlb, order-0 cache/anon, slab, kernel pages "
+        "(many zero). Ours: the whole save. `walk` = struct-page walk (ours: the log line; "
+        "makedumpfile: its STEP [Excluding unnecessary pages] times, both passes).",
+        "",
+        "| RAM | file on disk | level | case | wall s | runs | peak RSS MiB | output MB |",
+        "|---:|---:|---:|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        disk = _disk_mib(r)
+        for level, lv in r["levels"].items():
+            for c in lv["cases"]:
+                L.append(
+                    f"| {r['gib']} GiB | {disk} | {level} | {c['name']} | {c['wall']:.2f} | "
+                    f"{lv['runs']} | {c['rss']:.1f} | {c['size'] / 1e6:.1f} |"
+                )
+    for r in rows:
+        for lv in r["levels"].values():
+            for name, err in lv.get("errors", {}).items():
+                L.append(f"\n{r['gib']} GiB, {name}: FAILED: {err}")
+    L += ["", "| RAM | level 31: walk ours / makedumpfile | ratio |", "|---:|---|---:|"]
+    worst_walk = 0.0
+    for r in rows:
+        lv = r["levels"].get(31) or r["levels"].get("31")
+        if lv and lv["walk_ours"] is not None and lv["walk_mdf"]:
+            q = lv["walk_ours"] / lv["walk_mdf"]
+            worst_walk = max(worst_walk, q)
+            L.append(
+                f"| {r['gib']} GiB | {lv['walk_ours']:.3f} / {lv['walk_mdf']:.3f} s | {q:.2f}x |"
+            )
+    measured = worst_walk > 0
+    goals.append(
+        (
+            "scale",
+            "struct-page walk <= 2x makedumpfile's",
+            f"{worst_walk:.2f}x max" if measured else "not measured",
+            measured and worst_walk <= 2.0,
+        )
+    )
+    base = rows[0]
+    for level in (31, 1):
+        key = level if level in base["levels"] else str(level)
+        for ci, name in ((0, "save compressed"), (2, "save zstd")):
+            rss0 = base["levels"][key]["cases"][ci]["rss"]
+            have = [
+                r
+                for r in rows
+                if key in r["levels"] and r["levels"][key]["cases"][ci]["samples_ok"]
+            ]
+            spread = max(r["levels"][key]["cases"][ci]["rss"] for r in have) - rss0
+            name += f" (up to {have[-1]['gib']} GiB)"
+            goals.append(
+                (
+                    "scale",
+                    f"{name} -d {level}: peak RSS within 4 MiB of the {base['gib']} GiB case",
+                    f"+{spread:.1f} MiB",
+                    spread <= 4.0,
+                )
+            )
+        big = [
+            r
+            for r in rows
+            if r["gib"] >= 64 and key in r["levels"] and r["levels"][key]["cases"][0]["samples_ok"]
+        ]
+        if len(big) >= 2:
+            a, b = big[0], big[-1]
+            wa = a["levels"][key]["cases"][0]["wall"] / a["gib"]
+            wb = b["levels"][key]["cases"][0]["wall"] / b["gib"]
+            goals.append(
+                (
+                    "scale",
+                    f"save compressed -d {level}: time linear in RAM "
+                    f"(s per GiB at {b['gib']} vs {a['gib']} GiB, within 1.5x)",
+                    f"{wb:.4f} vs {wa:.4f} s/GiB",
+                    wb <= 1.5 * wa,
+                )
+            )
+    L.append("")
+    return L
+
+
+def _disk_mib(r: dict) -> str:
+    return f"{r.get('disk_mib', 0)} MiB" if r.get("disk_mib") else "-"
+
+
+def transport_report(t: dict, goals: list) -> list[str]:
+    L = ["## Transports on loopback", ""]
+    if "error" in t:
+        return L + [t["error"], ""]
+    L += [
+        f"`{t['command']}` (load {t['load'][0]:.1f} before, {t['load'][1]:.1f} after)",
+        "",
+        "| transport | ours MB/s | reference | reference MB/s | ratio |",
+        "|---|---:|---|---:|---:|",
+    ]
+    for row in t["rows"]:
+        r = row["ref_s"] / row["ours_s"]
+        L.append(
+            f"| {row['label']} | {row['size'] / row['ours_s'] / 1e6:.1f} | {row['ref_label']} | "
+            f"{row['size'] / row['ref_s'] / 1e6:.1f} | {r:.2f} |"
+        )
+        goals.append(
+            ("transports", f"{row['label']}: >= 0.9x {row['ref_label']}", f"{r:.2f}x", r >= 0.9)
+        )
+    L.append("")
+    return L
+
+
+# -- plots ----------------------------------------------------------------------------------------
+def plots(res: dict) -> list[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("matplotlib not installed (pip install '.[bench]'): no plots")
+        return []
+    os.makedirs(RESULTS_DIR, exist_ok=True)
+    made = []
+    if res.get("formats"):
+        for key, ylabel, fname in (
+            ("wall", "wall time (s)", "formats_time.png"),
+            ("rss_mib", "peak RSS (MiB)", "formats_rss.png"),
+        ):
+            fig, ax = plt.subplots(figsize=(8, 5))
+            names = [c["name"] for c in res["formats"][0]["cases"]]
+            for name in names:
+                xs, ys = [], []
+                for f in res["formats"]:
+                    c = next(c for c in f["cases"] if c["name"] == name)
+                    vals = sorted(s[key] for s in c["samples"])
+                    xs.append(f["size"] / 1e9)
+                    ys.append(vals[len(vals) // 2] if key == "wall" else vals[-1])
+                ref = (
+                    next(c for c in res["formats"][0]["cases"] if c["name"] == name)["side"]
+                    == "ref"
+                )
+                ax.plot(xs, ys, ("--" if ref else "-") + "o", label=name)
+            ax.set_xlabel("vmcore size (GB)")
+            ax.set_ylabel(ylabel)
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_title("real vmcores, one CPU: ours (solid) vs makedumpfile/cp (dashed)")
+            ax.legend(fontsize=7)
+            fig.tight_layout()
+            fig.savefig(os.path.join(RESULTS_DIR, fname), dpi=110)
+            plt.close(fig)
+            made.append(fname)
+    if res.get("scale"):
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+        for level in (31, 1):
+            first = res["scale"][0]["levels"][level]
+            have = [r for r in res["scale"] if level in r["levels"]]
+            for ci, case in enumerate(first["cases"]):
+                xs = [r["gib"] for r in have]
+                walls = [r["levels"][level]["cases"][ci]["wall"] for r in have]
+                rss = [r["levels"][level]["cases"][ci]["rss"] for r in have]
+                style = "--" if case["side"] == "ref" else "-"
+                axes[0].plot(xs, walls, style + "o", label=case["name"])
+                axes[1].plot(xs, rss, style + "o", label=case["name"])
+        for ax, yl in zip(axes, ("wall time (s)", "peak RSS (MiB)"), strict=True):
+            ax.set_xscale("log")
+            ax.set_xlabel("RAM of the synthetic machine (GiB)")
+            ax.set_ylabel(yl)
+            ax.legend(fontsize=7)
+        axes[0].set_yscale("log")
+        fig.suptitle("synthetic vmcores, one CPU: ours (solid) vs makedumpfile (dashed)")
+        fig.tight_layout()
+        fig.savefig(os.path.join(RESULTS_DIR, "scale.png"), dpi=110)
+        plt.close(fig)
+        made.append("scale.png")
+    t = res.get("transports")
+    if t and "rows" in t:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        labels = [r["label"] for r in t["rows"]]
+        ours = [r["size"] / r["ours_s"] / 1e6 for r in t["rows"]]
+        ref = [r["size"] / r["ref_s"] / 1e6 for r in t["rows"]]
+        xs = range(len(labels))
+        ax.bar([x - 0.2 for x in xs], ours, 0.4, label="ours")
+        ax.bar([x + 0.2 for x in xs], ref, 0.4, label="reference client")
+        ax.set_xticks(list(xs), labels)
+        ax.set_ylabel("MB/s (loopback)")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(os.path.join(RESULTS_DIR, "transports.png"), dpi=110)
+        plt.close(fig)
+        made.append("transports.png")
+    return made
+
+
+def _save_raw(path: str, res: dict) -> None:
+    """Figures so far (a later section failing keeps them)."""
+    with open(path, "w") as f:
+        json.dump(res, f, indent=1, default=str)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="a subset in under three minutes")
+    ap.add_argument("--cpus", type=int, default=1, help="pin to the first N CPUs (default 1)")
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--scratch", default=None, help="directory for outputs and bigcores")
+    ap.add_argument("--samples", default="512,2048,8192", help="real samples (MiB of guest RAM)")
+    ap.add_argument("--scale", default="1,64,256,1024", help="bigcore sizes in GiB")
+    ap.add_argument(
+        "--scale-l1-full",
+        type=int,
+        default=64,
+        help="level 1 gets --runs runs up to this size, one run above",
+    )
+    ap.add_argument(
+        "--scale-l1-max", type=int, default=1 << 20, help="no level 1 above this size (GiB)"
+    )
+    ap.add_argument("--scale-runs", type=int, default=None, help="runs per scale case")
+    ap.add_argument(
+        "--scale-one-run", type=int, default=1 << 20, help="one run per case from this size (GiB)"
+    )
+    ap.add_argument(
+        "--reuse",
+        default="",
+        help="sections to take from bench/results/raw.json of an earlier run instead of running",
+    )
+    ap.add_argument("--memory-sizes", default="1,16", help="bigcore sizes (GiB) for memory")
+    ap.add_argument("--transport-mb", type=int, default=1024)
+    ap.add_argument(
+        "--skip", default="", help="sections to skip: formats,scale,memory,transports,fitness"
+    )
+    ap.add_argument("--keep-bigcores", action="store_true")
+    ap.add_argument("--keep-below", type=int, default=256, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
+    if args.quick:
+        args.samples, args.scale, args.memory_sizes = "512", "1,4", "1,4"
+        args.scale_l1_full = 1
+        skip |= {"transports", "fitness"}
+    args.scale = [int(x) for x in args.scale.split(",") if x]
+    args.scale_runs = args.scale_runs or args.runs
+    args.memory_sizes = [int(x) for x in args.memory_sizes.split(",") if x]
+    res: dict = {"machine": machine(), "load": [load()], "formats": [], "scale": []}
+    from tests.vmkit import get_sample
+
+    reuse = set(filter(None, args.reuse.split(",")))
+    if reuse:
+        with open(os.path.join(RESULTS_DIR, "raw.json")) as f:
+            old = json.load(f)
+        for name in reuse:
+            res[name] = old.get(name, res.get(name))
+            skip.add(name)
+        for row in res.get("scale", []):  # JSON made the level keys strings
+            row["levels"] = {int(k): v for k, v in row["levels"].items()}
+        res["reused"] = sorted(reuse)
+    if "formats" not in skip:
+        samples = []
+        for mib in [int(x) for x in args.samples.split(",") if x]:
+            s = get_sample(mib)
+            samples.append((f"{mib} MiB guest", str(s.path)))
+        run_formats(args, samples, res)
+    os.makedirs(RESULTS_DIR, exist_ok=True)
+    raw = os.path.join(RESULTS_DIR, "raw.json")
+    for name, fn in (("scale", run_scale), ("memory", run_memory), ("transports", run_transports)):
+        _save_raw(raw, res)
+        if name not in skip:
+            fn(args, res)
+    if "fitness" not in skip:
+        subprocess.run(
+            [sys.executable, os.path.join(ROOT, "bench", "capture_fitness.py")],
+            env=dict(os.environ, PYTHONPATH=ROOT),
+            check=False,
+        )
+    res["load"].append(load())
+    res["plots"] = plots(res)
+    os.makedirs(RESULTS_DIR, exist_ok=True)
+    with open(os.path.join(RESULTS_DIR, "raw.json"), "w") as f:
+        json.dump(res, f, indent=1, default=str)
+    text = report(args, res)
+    with open(RESULTS, "w") as f:
+        f.write(text)
+    log(f"wrote {RESULTS}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

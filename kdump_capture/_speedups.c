@@ -1,0 +1,456 @@
+/*
+ * kdump_capture._speedups: the per-page loops of a save, compiled.
+ *
+ * Each function mirrors a pure-Python reference that stays the specification:
+ *   scan_window  <- kdump_capture.formats.filter.scan_window (struct-page walk)
+ *   zero_pages   <- kdump_capture.formats.source.zero_mask_py (all-zero pages)
+ *   zlib_pages   <- kdump_capture.formats.kdump.ZlibCodec.pack_py (compress2 level 1)
+ *   page_descs   <- kdump_capture.formats.kdump.page_descs_py (page_desc records)
+ * tests/test_speedups.py checks that both give the same bitmaps and bytes. The GIL is
+ * released while a function works on buffers the caller keeps alive.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <errno.h>
+#include <stdint.h>
+#include <string.h>
+#include <unistd.h>
+#include <zlib.h>
+
+#define PAGE 4096
+#define PGMM_CACHED 512
+#define MAX_ORDER_BITS 64
+#define NO_OFFSET UINT64_MAX
+#define UNREADABLE UINT64_MAX
+#define ZERO_FILL (UINT64_MAX - 1)
+#define PAGE_MAPPING_ANON 1
+#define NCOUNTERS 6
+
+/* Indexes of the parameter tuple (filter._rule_params). */
+enum {
+    P_SIZE, P_FLAGS, P_MAPPING, P_MAPCOUNT, P_PRIVATE, P_CHEAD, P_ORDER, P_DTOR, P_LRU, P_PRIV,
+    P_SWAPCACHE, P_SWAPBACKED, P_HAS_SWAPBACKED, P_HEAD, P_HWPOISON, P_SLAB_BIT, P_SLAB_MC,
+    P_HAS_SLAB_MC, P_BUDDY, P_OFFLINE, P_HAS_OFFLINE, P_DTOR_HUGETLB, P_HAS_DTOR_HUGETLB,
+    P_NR_FREE_AREA, P_HAS_NR_FREE_AREA, P_EX_FREE, P_EX_CACHE, P_EX_CACHE_PRI, P_EX_USER,
+    P_COUNT
+};
+
+typedef struct { uint64_t va, end, off; } extent_t;
+typedef struct { uint64_t start, end, mem_map; } section_t;
+
+static inline uint64_t ld64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return v; }
+static inline uint32_t ld32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
+static inline uint64_t umax(uint64_t a, uint64_t b) { return a > b ? a : b; }
+static inline uint64_t umin(uint64_t a, uint64_t b) { return a < b ? a : b; }
+static inline uint64_t sat_add(uint64_t a, uint64_t b) { return a + b < a ? UINT64_MAX : a + b; }
+
+/* Bits [start, end) of bm cleared (filter._fill_range). */
+static void clear_bits(uint8_t *bm, uint64_t start, uint64_t end)
+{
+    if (start >= end)
+        return;
+    uint64_t first = start >> 3, last = (end - 1) >> 3;
+    uint8_t lo = (uint8_t)(0xFF << (start & 7));
+    uint8_t hi = (uint8_t)(0xFF >> (7 - ((end - 1) & 7)));
+    if (first == last) {
+        bm[first] &= (uint8_t)~(lo & hi);
+        return;
+    }
+    bm[first] &= (uint8_t)~lo;
+    bm[last] &= (uint8_t)~hi;
+    if (last > first + 1)
+        memset(bm + first + 1, 0, last - first - 1);
+}
+
+/* Read n bytes of struct pages at va through the extents; -1 if any byte is unreadable. */
+static int read_va(int fd, uint64_t base, const extent_t *ext, Py_ssize_t n_ext, uint64_t va,
+                   size_t n, uint8_t *dst)
+{
+    Py_ssize_t lo = 0, hi = n_ext; /* first extent with ext.va > va, minus one */
+    while (lo < hi) {
+        Py_ssize_t mid = (lo + hi) / 2;
+        if (ext[mid].va <= va)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    Py_ssize_t i = lo - 1;
+    while (n > 0) {
+        if (i < 0 || i >= n_ext)
+            return -1;
+        const extent_t *e = &ext[i];
+        if (va < e->va || va >= e->end || e->off == UNREADABLE)
+            return -1;
+        size_t k = (size_t)umin(n, e->end - va);
+        if (e->off == ZERO_FILL) {
+            memset(dst, 0, k);
+        } else {
+            size_t done = 0;
+            while (done < k) {
+                ssize_t r = pread(fd, dst + done, k - done, (off_t)(base + e->off + (va - e->va) + done));
+                if (r < 0 && errno == EINTR)
+                    continue;
+                if (r <= 0)
+                    return -1;
+                done += (size_t)r;
+            }
+        }
+        dst += k;
+        va += k;
+        n -= k;
+        i++;
+    }
+    return 0;
+}
+
+typedef struct {
+    int64_t skip_sec;
+    uint64_t skip_to, carry_end, unreadable, bad_order;
+    uint64_t counts[NCOUNTERS];
+} scan_state_t;
+
+static void scan(int fd, uint64_t base, const extent_t *ext, Py_ssize_t n_ext,
+                 const section_t *secs, Py_ssize_t n_secs, const uint64_t *p, uint64_t ws,
+                 uint64_t we, const uint8_t *in_segs, uint8_t *bm2, uint8_t *raw,
+                 scan_state_t *st)
+{
+    const uint64_t size = p[P_SIZE];
+    const uint64_t nr_free_area = p[P_HAS_NR_FREE_AREA] ? p[P_NR_FREE_AREA] : MAX_ORDER_BITS;
+    for (Py_ssize_t si = 0; si < n_secs; si++) {
+        const section_t *s = &secs[si];
+        uint64_t skip_to = (st->skip_sec >= 0 && (uint64_t)st->skip_sec == s->start)
+                               ? st->skip_to : s->start;
+        uint64_t lo = umax(s->start, ws), hi = umin(s->end, we);
+        uint64_t blk = lo - lo % PGMM_CACHED;
+        while (blk < hi) {
+            uint64_t b_start = umax(umax(blk, lo), skip_to);
+            uint64_t b_end = umin(blk + PGMM_CACHED, hi);
+            blk += PGMM_CACHED;
+            if (b_start >= b_end)
+                continue;
+            uint64_t sb = (b_start - ws) >> 3, se = (b_end - ws + 7) >> 3;
+            int any = 0, all = 1;
+            for (uint64_t b = sb; b < se; b++) {
+                any |= in_segs[b] != 0;
+                all &= in_segs[b] == 0xFF;
+            }
+            if (!any)
+                continue;
+            size_t raw_len = (size_t)((b_end - b_start) * size);
+            if (read_va(fd, base, ext, n_ext, s->mem_map + (b_start - s->start) * size, raw_len,
+                        raw) < 0) {
+                st->unreadable += b_end - b_start;
+                continue;
+            }
+            int all_in = (b_start & 7) == 0 && (b_end & 7) == 0 && all;
+            for (uint64_t pfn = b_start; pfn < b_end; pfn++) {
+                if (pfn < skip_to)
+                    continue;
+                uint64_t rel = pfn - ws;
+                if (!all_in && !((in_segs[rel >> 3] >> (rel & 7)) & 1))
+                    continue;
+                const uint8_t *rec = raw + (pfn - b_start) * size;
+                if (p[P_CHEAD] != NO_OFFSET && (ld64(rec + p[P_CHEAD]) & 1))
+                    continue;
+                uint64_t flags = ld64(rec + p[P_FLAGS]);
+                uint64_t mapping = ld64(rec + p[P_MAPPING]);
+                uint64_t mapcount = p[P_MAPCOUNT] != NO_OFFSET ? ld32(rec + p[P_MAPCOUNT]) : 0;
+                int is_slab = p[P_HAS_SLAB_MC] ? mapcount == p[P_SLAB_MC]
+                                               : (flags & p[P_SLAB_BIT]) != 0;
+                uint64_t nr_order = 0, dtor = 0;
+                if ((flags & p[P_HEAD]) && pfn % PGMM_CACHED < PGMM_CACHED - 1) {
+                    size_t nxt = (size_t)((pfn - b_start + 1) * size);
+                    if (nxt < raw_len) {
+                        if (p[P_ORDER])
+                            nr_order = raw[nxt + p[P_ORDER]];
+                        if (p[P_DTOR])
+                            dtor = raw[nxt + p[P_DTOR]];
+                    }
+                    if (nr_order >= MAX_ORDER_BITS || (pfn & ((1ULL << nr_order) - 1)))
+                        nr_order = 0;
+                }
+                int reason;
+                if (p[P_EX_FREE] && !is_slab && mapcount == p[P_BUDDY]) {
+                    uint64_t private_ = ld64(rec + p[P_PRIVATE]);
+                    if (private_ >= nr_free_area || private_ >= MAX_ORDER_BITS) {
+                        st->bad_order++;
+                        continue;
+                    }
+                    nr_order = private_;
+                    reason = 0;
+                } else if ((p[P_EX_CACHE] || p[P_EX_CACHE_PRI]) &&
+                           ((flags & p[P_LRU]) ||
+                            ((!p[P_HAS_SWAPBACKED] || (flags & p[P_SWAPBACKED])) &&
+                             (flags & p[P_SWAPCACHE]))) &&
+                           !(mapping & PAGE_MAPPING_ANON) &&
+                           (p[P_EX_CACHE_PRI] || !(flags & p[P_PRIV]))) {
+                    reason = (flags & p[P_PRIV]) ? 2 : 1;
+                } else if (p[P_EX_USER] && ((mapping & PAGE_MAPPING_ANON) ||
+                                            (p[P_HAS_DTOR_HUGETLB] && dtor == p[P_DTOR_HUGETLB]))) {
+                    reason = 3;
+                } else if (p[P_HWPOISON] && (flags & p[P_HWPOISON])) {
+                    reason = 4;
+                } else if (p[P_HAS_OFFLINE] && !(flags & p[P_SLAB_BIT]) &&
+                           mapcount == p[P_OFFLINE]) {
+                    reason = 5;
+                } else {
+                    continue;
+                }
+                uint64_t n = 1ULL << nr_order;
+                uint64_t end = pfn + n;
+                clear_bits(bm2, pfn - ws, umin(end, we) - ws);
+                if (end > we)
+                    st->carry_end = umax(st->carry_end, end);
+                st->counts[reason] = sat_add(st->counts[reason], n);
+                if (n > 1)
+                    skip_to = end;
+            }
+        }
+        if (s->end > we) {
+            st->skip_sec = (int64_t)s->start;
+            st->skip_to = skip_to;
+        }
+    }
+}
+
+static PyObject *py_scan_window(PyObject *self, PyObject *args)
+{
+    int fd;
+    unsigned long long base, ws, we, skip_to, carry_end;
+    long long skip_sec;
+    Py_buffer ext_b, sec_b, in_b, bm_b;
+    PyObject *params;
+    if (!PyArg_ParseTuple(args, "iKy*y*OKKy*w*(LKK)", &fd, &base, &ext_b, &sec_b, &params, &ws,
+                          &we, &in_b, &bm_b, &skip_sec, &skip_to, &carry_end))
+        return NULL;
+    PyObject *result = NULL;
+    uint64_t p[P_COUNT];
+    uint8_t *raw = NULL;
+    if (!PyTuple_Check(params) || PyTuple_GET_SIZE(params) != P_COUNT) {
+        PyErr_SetString(PyExc_ValueError, "scan_window: bad parameter tuple");
+        goto out;
+    }
+    for (int i = 0; i < P_COUNT; i++) {
+        p[i] = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(params, i));
+        if (PyErr_Occurred())
+            goto out;
+    }
+    if (p[P_SIZE] == 0 || p[P_SIZE] > 256 || ext_b.len % sizeof(extent_t) ||
+        sec_b.len % sizeof(section_t) || we <= ws || (we - ws) % 8 ||
+        (uint64_t)in_b.len < (we - ws) / 8 || (uint64_t)bm_b.len < (we - ws) / 8) {
+        PyErr_SetString(PyExc_ValueError, "scan_window: inconsistent arguments");
+        goto out;
+    }
+    raw = PyMem_RawMalloc(PGMM_CACHED * p[P_SIZE]);
+    if (!raw) {
+        PyErr_NoMemory();
+        goto out;
+    }
+    scan_state_t st = {skip_sec, skip_to, carry_end, 0, 0, {0}};
+    Py_BEGIN_ALLOW_THREADS
+    scan(fd, base, ext_b.buf, ext_b.len / (Py_ssize_t)sizeof(extent_t), sec_b.buf,
+         sec_b.len / (Py_ssize_t)sizeof(section_t), p, ws, we, in_b.buf, bm_b.buf, raw, &st);
+    Py_END_ALLOW_THREADS
+    result = Py_BuildValue("(LKKKKKKKKKK)", (long long)st.skip_sec, st.skip_to, st.carry_end,
+                           st.unreadable, st.bad_order, st.counts[0], st.counts[1],
+                           st.counts[2], st.counts[3], st.counts[4], st.counts[5]);
+out:
+    PyMem_RawFree(raw);
+    PyBuffer_Release(&ext_b);
+    PyBuffer_Release(&sec_b);
+    PyBuffer_Release(&in_b);
+    PyBuffer_Release(&bm_b);
+    return result;
+}
+
+static inline int page_is_zero(const uint8_t *pg)
+{
+    uint64_t acc = 0;
+    for (int i = 0; i < PAGE; i += 64) {
+        for (int j = 0; j < 64; j += 8)
+            acc |= ld64(pg + i + j);
+        if (acc)
+            return 0;
+    }
+    return 1;
+}
+
+/* Offsets of n pages in a buffer, checked: each page lies inside it. */
+static int page_offsets(Py_buffer *src, Py_buffer *offs, const char *who)
+{
+    const uint64_t *off = offs->buf;
+    if (offs->len % 8)
+        goto bad;
+    for (Py_ssize_t i = 0; i < offs->len / 8; i++)
+        if (off[i] > (uint64_t)src->len || (uint64_t)src->len - off[i] < PAGE)
+            goto bad;
+    return 0;
+bad:
+    PyErr_Format(PyExc_ValueError, "%s: page offsets outside the buffer", who);
+    return -1;
+}
+
+/* zero_pages(src, offsets) -> bytes: one bit per page (LSB first), 1 = all zero. */
+static PyObject *py_zero_pages(PyObject *self, PyObject *args)
+{
+    Py_buffer src, offs;
+    if (!PyArg_ParseTuple(args, "y*y*", &src, &offs))
+        return NULL;
+    PyObject *out = NULL;
+    if (page_offsets(&src, &offs, "zero_pages") == 0) {
+        Py_ssize_t n = offs.len / 8;
+        out = PyBytes_FromStringAndSize(NULL, (n + 7) / 8);
+        if (out) {
+            uint8_t *m = (uint8_t *)PyBytes_AS_STRING(out);
+            const uint64_t *off = offs.buf;
+            const uint8_t *base = src.buf;
+            memset(m, 0, (n + 7) / 8);
+            Py_BEGIN_ALLOW_THREADS
+            for (Py_ssize_t i = 0; i < n; i++)
+                if (page_is_zero(base + off[i]))
+                    m[i >> 3] |= (uint8_t)(1 << (i & 7));
+            Py_END_ALLOW_THREADS
+        }
+    }
+    PyBuffer_Release(&src);
+    PyBuffer_Release(&offs);
+    return out;
+}
+
+/*
+ * zlib_pages(src, offsets, zero_dedup, flag, out) -> (data_len, words)
+ * Each page src[offsets[i]:+4096] becomes one zlib stream at level 1 (compress2's
+ * parameters; one stream, reset per page, as makedumpfile does), stored raw when that is
+ * not smaller. words[i] (u64) = stored size | flag << 32, or 0 for an all-zero page when
+ * zero_dedup (nothing stored). The stored bytes go to out back to back.
+ */
+static PyObject *py_zlib_pages(PyObject *self, PyObject *args)
+{
+    Py_buffer src, offs, out;
+    int zero_dedup;
+    unsigned int flag;
+    if (!PyArg_ParseTuple(args, "y*y*pIw*", &src, &offs, &zero_dedup, &flag, &out))
+        return NULL;
+    PyObject *result = NULL, *words = NULL;
+    if (page_offsets(&src, &offs, "zlib_pages") < 0)
+        goto done;
+    Py_ssize_t n = offs.len / 8;
+    if (out.len < n * PAGE) {
+        PyErr_SetString(PyExc_ValueError, "zlib_pages: output buffer too small");
+        goto done;
+    }
+    words = PyBytes_FromStringAndSize(NULL, n * 8);
+    if (!words)
+        goto done;
+    z_stream zs;
+    memset(&zs, 0, sizeof zs);
+    if (deflateInit2(&zs, 1, Z_DEFLATED, MAX_WBITS, 8, Z_DEFAULT_STRATEGY) != Z_OK) {
+        PyErr_SetString(PyExc_MemoryError, "zlib_pages: deflateInit2 failed");
+        goto done;
+    }
+    const uint64_t *off = offs.buf;
+    uint64_t *w = (uint64_t *)PyBytes_AS_STRING(words);
+    uint8_t *o = out.buf;
+    Py_ssize_t pos = 0;
+    int err = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const uint8_t *pg = (const uint8_t *)src.buf + off[i];
+        if (zero_dedup && page_is_zero(pg)) {
+            w[i] = 0;
+            continue;
+        }
+        deflateReset(&zs);
+        zs.next_in = (Bytef *)pg;
+        zs.avail_in = PAGE;
+        zs.next_out = o + pos;
+        zs.avail_out = PAGE; /* a stream that does not fit is stored raw anyway */
+        int r = deflate(&zs, Z_FINISH);
+        if (r == Z_STREAM_END && zs.total_out < PAGE) {
+            w[i] = zs.total_out | (uint64_t)flag << 32;
+            pos += zs.total_out;
+        } else if (r == Z_STREAM_END || r == Z_OK || r == Z_BUF_ERROR) {
+            memcpy(o + pos, pg, PAGE);
+            w[i] = PAGE;
+            pos += PAGE;
+        } else {
+            err = r;
+            break;
+        }
+    }
+    Py_END_ALLOW_THREADS
+    deflateEnd(&zs);
+    if (err)
+        PyErr_Format(PyExc_RuntimeError, "zlib_pages: deflate failed (%d)", err);
+    else
+        result = Py_BuildValue("(nO)", pos, words);
+done:
+    Py_XDECREF(words);
+    PyBuffer_Release(&src);
+    PyBuffer_Release(&offs);
+    PyBuffer_Release(&out);
+    return result;
+}
+
+/*
+ * page_descs(words, data_pos, zero_off) -> bytes: struct page_desc[n] for words as
+ * zlib_pages makes them: pages stored back to back from data_pos; a 0 word is the shared
+ * zero page at zero_off.
+ */
+static PyObject *py_page_descs(PyObject *self, PyObject *args)
+{
+    Py_buffer wb;
+    long long data_pos, zero_off;
+    if (!PyArg_ParseTuple(args, "y*LL", &wb, &data_pos, &zero_off))
+        return NULL;
+    if (wb.len % 8) {
+        PyBuffer_Release(&wb);
+        PyErr_SetString(PyExc_ValueError, "page_descs: words must be u64");
+        return NULL;
+    }
+    Py_ssize_t n = wb.len / 8;
+    PyObject *out = PyBytes_FromStringAndSize(NULL, n * 24);
+    if (out) {
+        uint8_t *d = (uint8_t *)PyBytes_AS_STRING(out);
+        const uint64_t *w = wb.buf;
+        int64_t pos = data_pos;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            int64_t doff;
+            uint32_t size, flags;
+            uint64_t zero64 = 0;
+            if (w[i]) {
+                doff = pos;
+                size = (uint32_t)w[i];
+                flags = (uint32_t)(w[i] >> 32);
+                pos += size;
+            } else {
+                doff = zero_off;
+                size = PAGE;
+                flags = 0;
+            }
+            memcpy(d + i * 24, &doff, 8);
+            memcpy(d + i * 24 + 8, &size, 4);
+            memcpy(d + i * 24 + 12, &flags, 4);
+            memcpy(d + i * 24 + 16, &zero64, 8);
+        }
+    }
+    PyBuffer_Release(&wb);
+    return out;
+}
+
+static PyMethodDef methods[] = {
+    {"scan_window", py_scan_window, METH_VARARGS, "The struct-page walk over one window."},
+    {"zero_pages", py_zero_pages, METH_VARARGS, "Bit mask of the all-zero pages of a buffer."},
+    {"zlib_pages", py_zlib_pages, METH_VARARGS, "zlib level 1 per page: data and size words."},
+    {"page_descs", py_page_descs, METH_VARARGS, "page_desc records from size words."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_speedups", "Compiled per-page loops of kdump_capture.", -1, methods,
+};
+
+PyMODINIT_FUNC PyInit__speedups(void)
+{
+    return PyModule_Create(&module);
+}

@@ -1,0 +1,42 @@
+"""The optional compiled accelerator (``_speedups``) for the per-page loops, and its fallback.
+
+``_speedups`` is a C extension built when the package is installed, if a compiler is there
+(setup.py marks it optional: without one, installing still works). It walks struct pages,
+finds zero pages and packs page descriptors. Each function has a pure-Python reference
+next to its caller; tests check that both give the same bitmaps and bytes. Set
+KDUMP_CAPTURE_PURE_PYTHON=1 to use the Python path although the accelerator is built.
+"""
+
+from __future__ import annotations
+
+import os
+from types import ModuleType
+
+_loaded = False
+_module: ModuleType | None = None
+_error = ""
+
+
+def module() -> ModuleType | None:
+    """The compiled module, or None when it is not built (or turned off)."""
+    global _loaded, _module, _error
+    if not _loaded:
+        _loaded = True
+        if os.environ.get("KDUMP_CAPTURE_PURE_PYTHON", "") not in ("", "0"):
+            _error = "turned off by KDUMP_CAPTURE_PURE_PYTHON"
+        else:
+            try:
+                from . import _speedups  # type: ignore[attr-defined]
+
+                _module = _speedups
+            except ImportError as e:
+                _error = f"not built ({e})"
+    return _module
+
+
+def describe() -> str:
+    """One line for ``check`` and the dump's README: which path is active."""
+    mod = module()
+    if mod is not None:
+        return f"compiled accelerator ({os.path.basename(mod.__file__ or '_speedups')})"
+    return f"pure Python ({_error}); saves are slower but complete"
