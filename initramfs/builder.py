@@ -424,7 +424,9 @@ def build(
     extras: list[str] = []
 
     with tempfile.TemporaryDirectory(prefix="kdump-initramfs-") as tmp:
-        payload = runtime.collect(schemes, tmp)
+        # Encryption packs `cryptography` (only public keys travel: KDUMP_ENCRYPT_TO).
+        features = ("encrypt",) if cfg.get("KDUMP_ENCRYPT_TO", "").strip() else ()
+        payload = runtime.collect(schemes, tmp, features=features)
         add_payload(arc, payload)
     n_own = add_own_packages(arc, schemes)
     pyc = sum(1 for f in payload.files if f.endswith(".pyc")) + n_own

@@ -73,6 +73,12 @@ DLOPENED_LIBS = ("libgcc_s.so.1",)
 # What importlib.metadata reads of a distribution (version, entry points, names).
 DIST_FILES = ("METADATA", "entry_points.txt", "top_level.txt")
 
+# Our modules that only one configured feature needs, with the third-party packages they
+# bring: left out of the probe (and so out of the image) unless the feature is on. age
+# (KDUMP_ENCRYPT_TO) needs `cryptography`, 11 MiB unpacked, which a file target would not
+# carry otherwise.
+FEATURE_MODULES = {"encrypt": ("kdump_capture.age",)}
+
 # Our own top-level packages shipped into site-packages.
 OWN_PACKAGES = ("kdump_capture", "transports")
 
@@ -164,17 +170,28 @@ def transport_module(scheme: str) -> str:
     return spec.partition(":")[0]
 
 
+def disabled_modules(features: Iterable[str]) -> set[str]:
+    """Our modules of the features that are not configured (FEATURE_MODULES)."""
+    on = set(features)
+    return {m for f, ms in FEATURE_MODULES.items() if f not in on for m in ms}
+
+
 def entry_modules(
-    schemes: Iterable[str], load_side: Iterable[str] = ("kdump_capture.loadside",)
+    schemes: Iterable[str],
+    load_side: Iterable[str] = ("kdump_capture.loadside",),
+    features: Iterable[str] = (),
 ) -> list[str]:
     """What the capture side imports: our engine modules, the targets' transports, /init,
     and every module those sources import anywhere (lazy imports inside functions too).
 
     ``load_side`` modules are imported (the CLI registers their commands) but their lazy
     imports are not followed: they build initramfs images, never in a capture kernel.
+    ``features`` (keys of FEATURE_MODULES) that are configured: the modules of the others
+    are neither imported nor scanned.
     """
     root = project_root()
-    no_scan = set(load_side)
+    off = disabled_modules(features)
+    no_scan = set(load_side) | off
     tmods = {transport_module(s) for s in schemes}
     sources = sorted((root / "kdump_capture").rglob("*.py"))
     sources += [root / "transports" / "__init__.py", root / "transports" / "base.py"]
@@ -193,6 +210,7 @@ def entry_modules(
         m
         for m in mods
         if not m.endswith(".__main__")
+        and m not in off
         and not any(m.startswith(n + ".") for n in no_scan)
         and (not m.startswith("transports.") or m in allowed or m.rpartition(".")[0] in allowed)
     )
@@ -366,10 +384,16 @@ def strip_into(src: str, tmpdir: str) -> str:
     return out if r.returncode == 0 else src
 
 
-def collect(schemes: Iterable[str], tmpdir: str, python: str = sys.executable) -> Payload:
-    """The Python runtime for a capture whose targets use ``schemes``."""
+def collect(
+    schemes: Iterable[str],
+    tmpdir: str,
+    python: str = sys.executable,
+    features: Iterable[str] = (),
+) -> Payload:
+    """The Python runtime for a capture whose targets use ``schemes``, with ``features``
+    (keys of FEATURE_MODULES) that the configuration turns on."""
     schemes = set(schemes)
-    names = sorted(set(entry_modules(schemes)) | set(LATE_IMPORTS))
+    names = sorted(set(entry_modules(schemes, features=features)) | set(LATE_IMPORTS))
     root = project_root()
     blocked = set(BLOCKED)
     if "sftp" in schemes and "cifs" not in schemes:
@@ -417,6 +441,7 @@ def collect(schemes: Iterable[str], tmpdir: str, python: str = sys.executable) -
             if m.partition(".")[0] in tops and m.partition(".")[0] not in blocked
         }
         extra = (codec_modules(sources) | lazy) - set(modules) - set(names)
+        extra -= disabled_modules(features)
         if not extra:
             break
         names = sorted(set(names) | extra)

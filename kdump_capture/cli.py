@@ -162,6 +162,8 @@ def make_plan(cfg):
         keep_old_dumps=cfg.keep_old_dumps,
         free_disk_size=cfg.free_disk_size,
         settings=settings,
+        encrypt_to=cfg.encrypt_to,
+        encrypt_summary=cfg.encrypt_summary,
     )
 
 
