@@ -418,6 +418,28 @@ def cmd_dmesg(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_decrypt(args: argparse.Namespace) -> int:
+    from .age import load_identities
+    from .decrypt import decrypt_dir
+
+    identities = [i for path in args.identity for i in load_identities(path)]
+    for d in decrypt_dir(args.dumpdir, identities, args.output):
+        how = ", rearranged from the flattened format" if d.rearranged else ""
+        print(f"{d.name}: {d.size} bytes, plaintext sha256 {d.sha256} OK{how}")
+    return 0
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    from .summary import summary_of
+
+    summary = summary_of(args.dump)
+    if args.json:
+        print(json.dumps(summary.as_dict(), indent=2))
+    else:
+        sys.stdout.write(summary.text())
+    return 0
+
+
 def _file_error(e: OSError, source: str | None, output: str) -> KdumpError:
     """An OSError of a command that reads ``source`` and writes ``output``, as our error.
 
@@ -518,6 +540,32 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("dmesg", help="print the kernel log of a dump (ELF, compressed, flattened)")
     p.add_argument("dump", metavar="DUMP")
     p.set_defaults(func=cmd_dmesg)
+
+    p = sub.add_parser(
+        "decrypt",
+        help="decrypt an encrypted dump directory (NAME.age -> NAME), checking the manifest's "
+        "checksums; a flattened vmcore is rebuilt",
+    )
+    p.add_argument(
+        "--identity",
+        "-i",
+        action="append",
+        required=True,
+        metavar="KEY",
+        help="age identity file (AGE-SECRET-KEY-1...) or SSH private key (repeatable)",
+    )
+    p.add_argument("--output", "-o", metavar="DIR", help="write here (default: DUMPDIR)")
+    p.add_argument("dumpdir", metavar="DUMPDIR")
+    p.set_defaults(func=cmd_decrypt)
+
+    p = sub.add_parser(
+        "summary",
+        help="why the machine crashed: panic line, task, RIP, trace, taint (any dump file, "
+        "a dmesg.txt or a dump directory)",
+    )
+    p.add_argument("dump", metavar="DUMP")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_summary)
 
     p = sub.add_parser("rearrange", help="rebuild a flattened dump (like makedumpfile -R)")
     p.add_argument("flat", metavar="FLAT")

@@ -9,8 +9,11 @@ printable ASCII. A log without a crash says so (``kind == "none"``).
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import asdict, dataclass, field
+
+from .errors import NoDumpError, VmcoreError
 
 # What is read of a log: the last 16 MiB (a real log is a few hundred KiB; the ring is at
 # most 32 MiB of text) and lines up to 4 KiB (a kernel record is at most 1 KiB of text,
@@ -224,3 +227,61 @@ def _looks_like_frame(msg: str) -> bool:
     if word.startswith("[<"):
         return True
     return "+0x" in word and "/0x" in word
+
+
+def _read_tail(path: str) -> bytes:
+    """The last MAX_TEXT bytes of a file, never through a link."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        raise NoDumpError(f"{path}: cannot open: {e.strerror or e}") from None
+    with os.fdopen(fd, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        f.seek(max(0, size - MAX_TEXT))
+        return f.read(MAX_TEXT)
+
+
+def summary_of(path: str) -> CrashSummary:
+    """The crash summary of a dump file (ELF, kdump-compressed, flattened), a dmesg.txt,
+    or a dump directory (its dmesg.txt, else its vmcore, else its manifest's summary)."""
+    from .dumpfile import open_dump
+    from .report import DMESG, MANIFEST, VMCORE
+
+    if os.path.isdir(path):
+        for name in (DMESG, VMCORE):
+            p = os.path.join(path, name)
+            if os.path.lexists(p):
+                return summary_of(p)
+        from .decrypt import read_manifest
+
+        if os.path.lexists(os.path.join(path, MANIFEST)):
+            doc = read_manifest(path)
+            found = doc.get("crash_summary")
+            if isinstance(found, dict) and not found.get("encrypted"):
+                summary = CrashSummary.from_dict(found)
+                if summary is not None:
+                    return summary
+            if doc.get("encryption"):
+                raise VmcoreError(
+                    f"{path}: the dump is encrypted and its summary with it; decrypt it first "
+                    "(kdump-capture decrypt --identity KEY DIR)"
+                )
+        raise NoDumpError(f"{path}: no {DMESG}, {VMCORE} or summary in {MANIFEST}")
+    head = _read_head(path)
+    if head.startswith(b"age-encryption.org/"):
+        raise VmcoreError(
+            f"{path}: encrypted (age); decrypt it first (kdump-capture decrypt, or age -d)"
+        )
+    if head[:4] == b"\x7fELF" or head[:8] == b"KDUMP   " or head[:12] == b"makedumpfile":
+        with open_dump(path) as dump:
+            return summarize(dump.dmesg())
+    return summarize(_read_tail(path))
+
+
+def _read_head(path: str) -> bytes:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        raise NoDumpError(f"{path}: cannot open: {e.strerror or e}") from None
+    with os.fdopen(fd, "rb") as f:
+        return f.read(64)
