@@ -204,7 +204,8 @@ def _details(out: CrashSummary, lines: list[str], start: int) -> None:
                 out.cpu, out.pid = int(m.group(1)), int(m.group(2))
                 out.comm = clean(m.group(3), 16)
                 taint = m.group(4)
-                out.taint = "Not tainted" if taint == "Not tainted" else clean(taint[9:])
+                flags = " ".join(taint[9:].split())  # positional letters: "G      OE" -> "G OE"
+                out.taint = "Not tainted" if taint == "Not tainted" else clean(flags)
                 out.release = clean(m.group(5), 100)
                 continue
         if out.rip is None:
