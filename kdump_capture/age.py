@@ -310,28 +310,31 @@ def parse_recipient(text: str) -> Recipient:
 
 
 def parse_recipients(value: str) -> tuple[Recipient, ...]:
-    """KDUMP_ENCRYPT_TO: recipients separated by blanks; an SSH key is ``TYPE BASE64``
-    (a comment after it is allowed only as the last word, or separated by ``,``)."""
+    """KDUMP_ENCRYPT_TO: recipients separated by blanks (or commas), as ``age -r`` takes
+    them; an SSH key is ``TYPE BASE64`` and may keep its comment (the words after it that
+    do not look like a key). Raises ValueError; the message never quotes key material."""
     out: list[Recipient] = []
-    for item in value.split(","):
-        words = item.split()
-        i = 0
-        while i < len(words):
-            w = words[i]
-            if w in ("ssh-ed25519", "ssh-rsa"):
-                if i + 1 >= len(words):
-                    raise ValueError(f"{w} without its key")
-                out.append(parse_recipient(f"{w} {words[i + 1]}"))
-                i += 2
-            elif w.startswith("age1"):
-                out.append(parse_recipient(w))
+    words = value.replace(",", " ").split()
+    i = 0
+    while i < len(words):
+        w = words[i]
+        if w.upper().startswith("AGE-SECRET-KEY-"):
+            raise ValueError(
+                f"word {i + 1} is a private key: give its public key (age-keygen -y FILE)"
+            )
+        if w in ("ssh-ed25519", "ssh-rsa"):
+            if i + 1 >= len(words):
+                raise ValueError(f"{w} without its key")
+            out.append(parse_recipient(f"{w} {words[i + 1]}"))
+            i += 2
+            # the key's comment ("root@host"): anything that does not look like a key
+            while i < len(words) and not words[i].lower().startswith(("age", "ssh-")):
                 i += 1
-            elif out and out[-1].kind.startswith("ssh-") and i == len(words) - 1:
-                i += 1  # the comment of the SSH key before it
-            else:
-                raise ValueError(f"word {i + 1} is not an age1... or ssh-ed25519/ssh-rsa key")
-    if not out and value.strip():
-        raise ValueError("no recipient")
+        elif w.startswith("age1"):
+            out.append(parse_recipient(w))
+            i += 1
+        else:
+            raise ValueError(f"word {i + 1} is not an age1... or ssh-ed25519/ssh-rsa key")
     return tuple(out)
 
 
@@ -580,8 +583,11 @@ def parse_header(read: Callable[[int], bytes], label: str) -> tuple[list[Stanza]
                 return bytes(buf)
             buf += b
 
-    if line() != VERSION_LINE:
+    first = read(len(VERSION_LINE) + 1)
+    if first != VERSION_LINE + b"\n":
         raise VerifyError(f"{label}: offset 0x0: not an age file (no '{VERSION_LINE.decode()}')")
+    size = len(first)
+    lines.append(first)
     stanzas: list[Stanza] = []
     while True:
         ln = line()
