@@ -13,7 +13,15 @@ import sys
 import tempfile
 
 from . import __version__
-from .errors import EXIT_CODES, ConfigError, Interrupted, KdumpError, NotSupported, VerifyError
+from .errors import (
+    EXIT_CODES,
+    ConfigError,
+    Interrupted,
+    KdumpError,
+    NoDumpError,
+    NotSupported,
+    VerifyError,
+)
 from .urls import redact
 
 log = logging.getLogger("kdump_capture")
@@ -409,6 +417,31 @@ def _verify(label: str, stream) -> int:
     return 0
 
 
+def cmd_list(args: argparse.Namespace) -> int:
+    """Every dump on a target, all hosts, newest first; reads only, changes nothing."""
+    from transports import open_transport
+
+    from .fleet import as_json, list_dumps
+    from .urls import parse_target
+
+    target, _ = parse_target(args.target)
+    cfg = load(args)
+    _setup_logging(bool(cfg.verbose & 8))
+    if target.scheme == "file" and not os.path.isdir(target.path):
+        # connect() would create it: a listing changes nothing
+        raise NoDumpError(f"{target.redacted()}: no such directory")
+    with open_transport(target, transport_settings(cfg)) as tr:
+        items = list_dumps(tr)
+    if args.json:
+        print(as_json(items))
+        return 0
+    if not items:
+        print(f"{target.redacted()}: no dumps")
+    for item in items:
+        print(item.line())
+    return 0
+
+
 def cmd_dmesg(args: argparse.Namespace) -> int:
     from .dumpfile import open_dump
 
@@ -536,6 +569,16 @@ def build_parser() -> argparse.ArgumentParser:
     config_args(p)
     p.add_argument("dumpdir", metavar="DUMPDIR|URL")
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser(
+        "list",
+        help="list every dump on a target (all hosts, newest first): host, crash time, "
+        "kernel, status, format, size, panic line (credentials from --config)",
+    )
+    config_args(p)
+    p.add_argument("target", metavar="TARGET_URL")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_list)
 
     p = sub.add_parser("dmesg", help="print the kernel log of a dump (ELF, compressed, flattened)")
     p.add_argument("dump", metavar="DUMP")
