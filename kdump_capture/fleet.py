@@ -189,11 +189,13 @@ def list_dumps(transport: Transport) -> list[Listed]:
             panic="-",
         )
         if any(e.name == MANIFEST and not e.is_dir for e in files):
+            relpath = f"{entry.name}/{MANIFEST}"
             try:
-                _fill(item, read_manifest(transport, f"{entry.name}/{MANIFEST}"), host)
+                _fill(item, read_manifest(transport, relpath), host)
             except KdumpError as e:
                 item.status = policy.FAILED
-                item.note = f"manifest unreadable: {clean(str(e), 120)}"
+                reason = str(e).removeprefix(f"{transport.describe()}/{relpath}: ")
+                item.note = f"manifest unreadable: {clean(reason, 120)}"
         elif any(e.name.endswith(AGE_SUFFIX) for e in files):
             item.format = "+age"
         out.append(item)
