@@ -133,6 +133,7 @@ def test_no_panic_says_so():
         b"[" * 100_000,
         b"Kernel panic - not syncing: \n" * 3 + b"RIP: " + b"\n" * 10,
     ],
+    ids=["empty", "zeros", "escapes", "long-comm", "endless-trace", "brackets", "empty-fields"],
 )
 def test_garbage_is_bounded_and_printable(garbage):
     s = summarize(garbage)

@@ -10,6 +10,13 @@ from __future__ import annotations
 import io
 import os
 
+from kdump_capture.age import (
+    Decryptor,
+    Recipient,
+    _identity_from_x25519,
+    _x25519_base,
+    encrypt_bytes,
+)
 from kdump_capture.summary import FRAMES, MAX_FIELD, CrashSummary, summarize
 
 
@@ -28,8 +35,6 @@ _SECRET = bytes(range(1, 33))
 
 
 def _age(data: bytes) -> None:
-    from kdump_capture.age import Decryptor, _identity_from_x25519
-
     f = io.BufferedReader(io.BytesIO(data))
     dec = Decryptor(f, [_identity_from_x25519(_SECRET)], "fuzz.age")
     for _ in dec.chunks():
@@ -38,8 +43,6 @@ def _age(data: bytes) -> None:
 
 def seed_age() -> bytes:
     """A valid file for _SECRET (used to make the seed corpus)."""
-    from kdump_capture.age import Recipient, _x25519_base, encrypt_bytes
-
     return encrypt_bytes(os.urandom(100), [Recipient("X25519", "", _x25519_base(_SECRET))])
 
 
