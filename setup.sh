@@ -8,9 +8,9 @@ if command -v apt-get >/dev/null; then
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends \
         gcc libc6-dev binutils make file cpio zstd kmod busybox-static e2fsprogs util-linux \
-        btrfs-progs \
+        btrfs-progs liblzo2-dev \
         qemu-system-x86 qemu-utils \
-        makedumpfile crash kexec-tools \
+        makedumpfile crash kexec-tools dracut-core \
         openssh-server openssh-client \
         samba smbclient vsftpd curl faketime \
         age \

@@ -236,6 +236,7 @@ def no_reservation_here():
 def test_commands_say_not_possible_here_and_change_nothing(no_reservation_here, capsys):
     parser = _parser()
     before = os.path.exists(loadside.INITRD_DIR)
+    sysrq = no_reservation_here.read("/proc/sys/kernel/sysrq")  # None: no sysrq here
     check = parser.parse_args(["check", "--config", "/nonexistent"])
     assert check.func(check) == LoadError.exit_code
     out = capsys.readouterr().out
@@ -250,4 +251,35 @@ def test_commands_say_not_possible_here_and_change_nothing(no_reservation_here, 
     with pytest.raises(LoadError, match="no capture kernel is loaded"):
         crash.func(crash)
     assert os.path.exists(loadside.INITRD_DIR) == before
-    assert (no_reservation_here.read("/proc/sys/kernel/sysrq") or "").strip() != "1" or before
+    assert no_reservation_here.read("/proc/sys/kernel/sysrq") == sysrq
+
+
+SYSTEM = loadside.System
+
+
+def _fake_kernel(tmp_path, loaded: bool) -> loadside.System:
+    """/proc and /sys of a pretend kernel: sysrq and the trigger are plain files here."""
+    (tmp_path / "proc/sys/kernel").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "sys/kernel").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "proc/sys/kernel/sysrq").write_text("176\n")
+    (tmp_path / "proc/sysrq-trigger").write_text("")
+    (tmp_path / "sys/kernel/kexec_crash_loaded").write_text("1\n" if loaded else "0\n")
+    return SYSTEM(
+        proc=str(tmp_path / "proc"), sys=str(tmp_path / "sys"), boot=str(tmp_path / "boot")
+    )
+
+
+def test_test_crash_enables_sysrq_only_when_a_capture_kernel_is_loaded(tmp_path, monkeypatch):
+    """Without a loaded capture kernel, test-crash changes nothing (sysrq stays 176); with
+    one, it enables sysrq and writes 'c' to the trigger, in that order of files."""
+    args = _parser().parse_args(["test-crash", "--yes", "--config", "/nonexistent"])
+    system = _fake_kernel(tmp_path, loaded=False)
+    monkeypatch.setattr(loadside, "System", lambda: system)  # cmd_test_crash's System()
+    with pytest.raises(LoadError, match="no capture kernel is loaded"):
+        args.func(args)
+    assert (tmp_path / "proc/sys/kernel/sysrq").read_text() == "176\n"
+    assert (tmp_path / "proc/sysrq-trigger").read_text() == ""
+    system = _fake_kernel(tmp_path, loaded=True)
+    args.func(args)  # on the pretend kernel: nothing crashes
+    assert (tmp_path / "proc/sys/kernel/sysrq").read_text() == "1"
+    assert (tmp_path / "proc/sysrq-trigger").read_text() == "c"

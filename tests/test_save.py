@@ -10,13 +10,17 @@ import time
 
 import pytest
 
+from kdump_capture.dumpfile import KdumpReader
 from kdump_capture.elf import PT_LOAD
 from kdump_capture.errors import FreeSpaceError
+from kdump_capture.formats.structs import DUMP_DH_COMPRESSED_LZO
 from kdump_capture.pipeline import BudgetMonitor
 from kdump_capture.progress import NoProgress
-from kdump_capture.sample import PAGE, SampleSpec, write_sample
+from kdump_capture.sample import DEMO_LOG, PAGE, SampleSpec, write_demo, write_sample
 from kdump_capture.vmcore import open_vmcore
 
+from . import matrix
+from .faults import fill
 from .helpers import ROOT, cli, save_args
 
 
@@ -120,7 +124,11 @@ def test_rotation_on_disk(sample, tmp_path):
     assert names[-1].endswith(".3")
     os.mkdir(savedir / "unrelated")  # not ours: never touched
     assert cli(*save_args(sample, str(savedir), "KDUMP_KEEP_OLD_DUMPS=-1")).rc == 0
-    assert dumps_in(savedir) == [dumps_in(savedir)[0], "unrelated"]
+    # every older dump went before writing, so the new one takes the crash time's own name
+    stamp = names[-1].rsplit(".", 1)[0]
+    assert stamp not in names
+    assert dumps_in(savedir) == [stamp, "unrelated"]
+    assert manifest(savedir / stamp)["status"] == "complete"
     for _ in range(3):
         assert cli(*save_args(sample, str(savedir), "KDUMP_KEEP_OLD_DUMPS=0")).rc == 0
     assert len(dumps_in(savedir)) == 5
@@ -273,6 +281,38 @@ def test_budget_monitor_deletes_what_rotation_would_delete_before_stopping():
     with pytest.raises(FreeSpaceError):
         mon.advance(11 * MiB, 11 * MiB)  # nothing is left to delete: stop
     assert len(freed) == 1
+
+
+def test_disk_filling_during_the_write_stops_the_dump_and_keeps_older(tmp_path):
+    """The stop-during-write path end to end: the pre-check finds room for the whole dump,
+    then another writer takes most of it while the vmcore is written. The monitor's next
+    check (every 32 MiB) stops the dump before the disk is full: exit 5, the partial
+    directory removed, the older dump as it was."""
+    src = tmp_path / "big"
+    write_sample(str(src), SampleSpec(ram_mib=100, sparse=True, crash_time=1764100000))
+    older = tmp_path / "older"
+    write_sample(str(older), SampleSpec(ram_mib=4))
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    # 128 MiB: the older dump (4 MiB), the new one (100 MiB), side files (4 MiB) and the
+    # 8 MiB margin fit, with 12 MiB to spare.
+    with matrix.tmpfs(str(mnt), 128 << 20):
+        assert cli(*save_args(str(older), str(mnt), "KDUMP_FREE_DISK_SIZE=8")).rc == 0
+        [old] = dumps_in(mnt)
+        before = matrix.snapshot(str(mnt / old))
+        conf = tmp_path / "kdump"
+        matrix.write_config(str(conf), f"file://{mnt}", "KDUMP_FREE_DISK_SIZE=8\n")
+        # At 40 MiB read (and written), leave 30 MiB: the writes up to the check at 65 MiB
+        # take 25 MiB of them, and that check wants 32 MiB ahead plus the margin.
+        run = matrix.Engine(str(conf)).run(
+            str(src), at=[(0.4, lambda: fill(str(mnt), "other-writer", leave=30 << 20))]
+        )
+        assert run.fired, "the fault was never injected"
+        assert run.rc == 5, run.err
+        assert "KDUMP_FREE_DISK_SIZE" in run.last_line and "dump stopped" in run.last_line
+        assert "removing the partial dump" in run.err and "Traceback" not in run.err
+        assert dumps_in(mnt) == [old, "other-writer"]
+        assert matrix.snapshot(str(mnt / old)) == before
 
 
 @pytest.mark.parametrize(
@@ -432,3 +472,98 @@ def test_replay_budget_follows_available_memory(available, budget):
     from kdump_capture.cli import replay_budget
 
     assert replay_budget(available) == budget << 20
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """The built-in sample with a kernel: page tables, struct pages, a printk ring (16 MiB)."""
+    p = tmp_path_factory.mktemp("demo") / "vmcore"
+    write_demo(str(p), 16)
+    return str(p)
+
+
+def _makedumpfile_dmesg(dump, out):
+    r = subprocess.run(
+        ["makedumpfile", "--dump-dmesg", str(dump), str(out)], capture_output=True, text=True
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    return out.read_text()
+
+
+def test_lzo_dump_end_to_end(demo, tmp_path):
+    """KDUMP_DUMPFORMAT=lzo: makedumpfile reads the kernel log from it, and every page our
+    reader decompresses is the source's page."""
+    import lzo  # noqa: F401 - python-lzo is a test dependency: missing, this test fails
+
+    savedir = tmp_path / "d"
+    r = cli(*save_args(demo, str(savedir), "KDUMP_DUMPFORMAT=lzo", "KDUMP_DUMPLEVEL=31"))
+    assert r.rc == 0, r.err
+    d = savedir / dumps_in(savedir)[0]
+    m = manifest(d)
+    assert m["status"] == "complete" and m["dump_format"] == "kdump-compressed (lzo)"
+    assert cli("verify", str(d)).rc == 0
+    log = _makedumpfile_dmesg(d / "vmcore", tmp_path / "md.txt")
+    assert log == (d / "dmesg.txt").read_text()
+    assert DEMO_LOG[-1][1].decode() in log
+    fd = os.open(d / "vmcore", os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        reader = KdumpReader(str(d / "vmcore"), lambda n, o: os.pread(fd, n, o), lambda: None, size)
+        pfns = [pfn for pfn in range(reader.max_mapnr) if reader.is_dumped(pfn)]
+        assert pfns
+        lzo_pages = 0
+        with open_vmcore(demo) as vm:
+            for pfn in pfns:
+                assert reader.page(pfn) == _phys_read(vm, pfn * PAGE, PAGE), hex(pfn)
+                lzo_pages += bool(reader.desc(pfn).flags & DUMP_DH_COMPRESSED_LZO)
+    finally:
+        os.close(fd)
+    assert lzo_pages > 0
+
+
+def test_lzo_without_python_lzo_is_refused_before_writing(demo, tmp_path):
+    """The documented exit 9 when python-lzo is missing (a shim makes the import fail)."""
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "lzo.py").write_text("raise ImportError('No module named lzo (test shim)')\n")
+    savedir = tmp_path / "d"
+    env = {"PYTHONPATH": f"{shim}{os.pathsep}{ROOT}"}
+    r = cli(*save_args(demo, str(savedir), "KDUMP_DUMPFORMAT=lzo"), env=env)
+    assert r.rc == 9, r.err
+    assert "python-lzo" in r.err.splitlines()[-1] and "Traceback" not in r.err
+    assert not savedir.exists() or dumps_in(savedir) == []
+
+
+def test_format_none_saves_only_the_kernel_log(demo, sample, tmp_path):
+    savedir = tmp_path / "d"
+    r = cli(*save_args(demo, str(savedir), "KDUMP_DUMPFORMAT=none"))
+    assert r.rc == 0, r.err
+    [name] = dumps_in(savedir)
+    d = savedir / name
+    assert sorted(os.listdir(d)) == ["README.txt", "dmesg.txt", "manifest.json"]
+    m = manifest(d)
+    assert m["status"] == "complete" and m["dump_format"] == "none (dmesg only)"
+    assert sorted(m["files"]) == ["README.txt", "dmesg.txt"]
+    assert (d / "dmesg.txt").read_text() == _makedumpfile_dmesg(demo, tmp_path / "md.txt")
+    assert cli("verify", str(d)).rc == 0
+    # a vmcore without a kernel log leaves nothing to save: never a complete dump
+    r = cli(*save_args(sample, str(tmp_path / "e"), "KDUMP_DUMPFORMAT=none"))
+    assert r.rc == 4 and "Traceback" not in r.err, r.err
+    for left in dumps_in(tmp_path / "e") if (tmp_path / "e").exists() else []:
+        assert "FAILED" in (tmp_path / "e" / left / "README.txt").read_text()
+
+
+def test_format_raw_is_a_verbatim_copy(demo, tmp_path):
+    savedir = tmp_path / "d"
+    r = cli(*save_args(demo, str(savedir), "KDUMP_DUMPFORMAT=raw"))
+    assert r.rc == 0, r.err
+    [name] = dumps_in(savedir)
+    d = savedir / name
+    assert (d / "vmcore").read_bytes() == open(demo, "rb").read()
+    m = manifest(d)
+    assert m["status"] == "complete" and m["dump_level"] == 0
+    assert cli("verify", str(d)).rc == 0
+    # raw copies every byte: a dump level is refused before anything is written
+    r = cli(*save_args(demo, str(tmp_path / "e"), "KDUMP_DUMPFORMAT=raw", "KDUMP_DUMPLEVEL=31"))
+    assert r.rc == 9 and "level" in r.err and "Traceback" not in r.err, r.err
+    assert not (tmp_path / "e").exists()

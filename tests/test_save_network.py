@@ -103,3 +103,19 @@ def test_wrong_host_key_is_refused(request, sample, tmp_path):
     assert r.rc == 7, r.err
     assert "host key" in r.err.lower()
     assert server_dumps(target) == []
+
+
+@pytest.mark.parametrize("margin", ["1", "64"])
+def test_cifs_free_space_check_while_a_write_is_in_flight(margin, request, tmp_path):
+    """The free-space monitor stats the share while a 4 MiB WRITE still awaits its reply.
+    That WRITE must leave SMB credits for it: a 4 MiB vmcore used to fail with "Request
+    requires 1 credits but only 0 credits are available" (exit 6)."""
+    small = tmp_path / "vmcore"
+    write_sample(str(small), SampleSpec(ram_mib=4))
+    target = make_target("cifs", request)
+    conf = write_config(tmp_path / "kdump", target, KDUMP_FREE_DISK_SIZE=margin)
+    r = run_save(conf, str(small))
+    assert r.rc == 0, r.err
+    [name] = server_dumps(target)
+    with open(os.path.join(target.server_dir, name, "vmcore"), "rb") as f:
+        assert f.read() == small.read_bytes()

@@ -265,3 +265,19 @@ def test_a_server_that_stops_answering_fails_metadata_within_the_timeout(kind, o
     # one wait for the reply (the timeout), plus slack for a busy machine
     assert outcome["elapsed"] < timeout + 5, outcome
     assert outcome["closed"] < 2 * timeout + 10, outcome
+
+
+def test_ftp_never_lets_more_go_unconfirmed_than_it_can_replay(request):
+    """FTP has no acknowledgements. A network that holds (here: loses) everything past 4 MiB
+    of one data connection must not cost the upload: the sink asks the server what it holds
+    (SIZE) and stops sending while too much is on the way, so the resume finds every missing
+    byte in the replay buffer. Unbounded, it sent all 32 MiB and could not resume."""
+    target = make_target("ftp", request)
+    target = replace(target, settings=replace(target.settings, timeout=3.0))
+    data = os.urandom(32 * MiB)
+    with DropProxy(_port(target), ftp=True, swallow_after=4 * MiB) as proxy:
+        with target.via_port(proxy.port).transport() as tr:
+            _upload(tr, "vmcore", data)
+        assert proxy._swallowing is not None
+    with open(os.path.join(target.server_dir, "vmcore"), "rb") as f:
+        assert hashlib.sha256(f.read()).digest() == hashlib.sha256(data).digest()

@@ -26,6 +26,7 @@ from typing import TypeVar
 
 import smbclient
 from smbclient._io import _chunk_size
+from smbprotocol import MAX_PAYLOAD_SIZE
 from smbprotocol import exceptions as smbexc
 from smbprotocol.connection import Request
 from smbprotocol.open import SMB2WriteResponse
@@ -51,6 +52,13 @@ WRITE_PIECE = 4 << 20
 # the 16 MiB replay buffer, which drops nothing the server has not confirmed anyway.
 MAX_INFLIGHT = 8 << 20
 READ_CHUNK = 1 << 20
+# Credits WRITEs leave unused: the engine stats the share (free space, sizes) while WRITEs
+# are in flight, and smbprotocol fails a request at once when no credit is left. Samba
+# grants 64 at first, so a 4 MiB WRITE would take every one of them.
+CREDIT_RESERVE = 8
+# MS-ERREF 2.3.1: what Samba answers on a read-only filesystem (smbprotocol has no name
+# for it and would print "Unknown NtStatus").
+STATUS_MEDIA_WRITE_PROTECTED = 0xC00000A2
 
 _AUTH_ERRORS = (
     smbexc.SMBAuthenticationError,
@@ -81,6 +89,8 @@ def convert(e: BaseException, what: str) -> Exception:
         return ConnectionLost(f"{what}: connection lost (socket closed)")
     if isinstance(e, smbexc.SMBException) and "timeout" in str(e).lower():
         return ConnectionLost(f"{what}: {e}")
+    if isinstance(e, smbexc.SMBOSError) and e.ntstatus == STATUS_MEDIA_WRITE_PROTECTED:
+        return TransportError(f"{what}: the share is read-only (STATUS_MEDIA_WRITE_PROTECTED)")
     if isinstance(e, OSError) and e.errno == errno.ENOENT:
         return FileNotFoundError(errno.ENOENT, f"{what}: no such file")
     if isinstance(e, OSError) and e.errno == errno.EEXIST:
@@ -126,7 +136,12 @@ class CifsSink(Sink):
         conn = fd.connection
         done = 0
         while done < len(view):
-            want = min(len(view) - done, conn.max_write_size)
+            window = conn.sequence_window
+            spare = window["high"] - window["low"] - CREDIT_RESERVE
+            if spare < 1 and self._pending:
+                self._ack_one()  # its reply returns credits
+                continue
+            want = min(len(view) - done, conn.max_write_size, max(spare, 1) * MAX_PAYLOAD_SIZE)
             size, credits = _chunk_size(conn, want, "write")
             if (size < want or self._inflight + size > self._max_inflight) and self._pending:
                 self._ack_one()
@@ -394,7 +409,7 @@ class CifsTransport(RetryingTransport):
             self._open_session()
 
     def _open_session(self) -> None:
-        self.close()
+        self._drop()  # a reconnect: the old connection is lost, no goodbye to it
         try:
             smbclient.register_session(
                 self.target.host,
@@ -407,13 +422,23 @@ class CifsTransport(RetryingTransport):
                 auth_protocol="ntlm",
             )
         except Exception as e:
-            self.close()
+            self._drop()
             err = convert(e, f"connecting to {self.describe()}")
             if isinstance(e, (OSError, ValueError)) and not isinstance(err, AuthError):
                 # Any socket failure while connecting (smbprotocol can leave EBADF behind
                 # when its reader thread closed the socket first) is a lost connection.
                 err = ConnectionLost(str(err))
             raise err from e
+
+    def _drop(self) -> None:
+        """Forget the connections without logging off: a server that stopped answering would
+        only make the logoff wait out the timeout (``close`` logs off, under ``deadline``)."""
+        for conn in list(self._cache.values()):
+            try:
+                conn.transport.close()
+            except Exception as e:
+                log.debug("dropping SMB connection: %s", e)
+        self._cache.clear()
 
     def close(self) -> None:
         with self.deadline("closing the SMB connection"):  # a tree disconnect waits forever
@@ -509,5 +534,8 @@ class CifsTransport(RetryingTransport):
 
     def free_space(self, relpath: str = "") -> int | None:
         path = self._p(relpath)
-        st = self.call(lambda: smbclient.stat_volume(path, **self.kw), f"statfs {path}")
+        try:
+            st = self.call(lambda: smbclient.stat_volume(path, **self.kw), f"statfs {path}")
+        except FileNotFoundError as e:  # removed on the server meanwhile: the target failed
+            raise TransportError(f"statfs {path}: no such file or directory") from e
         return st.caller_available_size

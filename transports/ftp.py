@@ -15,6 +15,7 @@ import logging
 import posixpath
 import re
 import socket
+import time
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
@@ -42,8 +43,20 @@ READ_CHUNK = 1 << 20
 # receive buffer (Linux autotunes it up to 6 MiB).
 SNDBUF = 2 << 20
 # So FTP keeps at least this much for replay whatever the budget: unlike SFTP and SMB, it
-# has no acknowledgements to bound what is in flight, only the socket buffers above.
+# has no acknowledgements to bound what is in flight.
 MIN_REPLAY = 12 << 20
+# What the server holds is known only by asking (SIZE). The socket buffers above are not
+# all there is: anything between (a proxy, a router's queue) holds bytes too, and an FTP
+# upload dropped at 99% through a buffering proxy lost its dump ("cannot resume"). So
+# every CONFIRM_EVERY bytes the sink asks, on the transport's own control connection (idle
+# while the sink transfers), and waits while more than MAX_UNCONFIRMED is on the way: at
+# most MAX_UNCONFIRMED + CONFIRM_EVERY + REPLAY_STEP (11 MiB) is ever unconfirmed, all of
+# it in the replay buffer. On loopback the server is rarely that far behind.
+CONFIRM_EVERY = 4 << 20
+MAX_UNCONFIRMED = 6 << 20
+# While waiting, ask again this often: the server writes what is on the way at disk or
+# network speed, a few milliseconds per MiB.
+CONFIRM_POLL = 0.005
 # Replies that mean the target is full: RFC 959 452/552, and servers that say it in 426/451.
 _FULL_CODES = ("452", "552")
 _FULL_TEXT = re.compile(r"no space|disk full|quota|exceed", re.I)
@@ -110,6 +123,7 @@ class FtpSink(Sink):
         self._data: socket.socket | None = None
         self._ftp: ftplib.FTP | None = None
         self._resumed_at = -1
+        self._next_confirm = CONFIRM_EVERY
         self._call(self._start, f"creating {self._tmp}", first_error=None)
 
     def _reconnect(self) -> None:
@@ -193,6 +207,29 @@ class FtpSink(Sink):
     def _store(self, offset: int, piece: memoryview) -> None:
         self._replay.add(offset, piece)
         self._guarded(lambda: self._data.sendall(piece), f"writing {self._tmp}")
+        if self._replay.end >= self._next_confirm:
+            self._next_confirm = self._replay.end + CONFIRM_EVERY
+            self._guarded(self._confirm, f"writing {self._tmp}")
+
+    def _confirm(self) -> None:
+        """Wait until the server holds all but MAX_UNCONFIRMED bytes of what was sent; a
+        server that takes nothing for the timeout counts as a lost connection."""
+        end, last, since = self._replay.end, -1, time.monotonic()
+        while True:
+            held = self._t.call(lambda: self._t.binary_size(self._tmp), f"SIZE {self._tmp}")
+            if held < 0:
+                raise TransportError(f"{self._tmp}: the file is gone from the server")
+            if end - held <= MAX_UNCONFIRMED:
+                return
+            now = time.monotonic()
+            if held != last:
+                last, since = held, now
+            elif now - since > self._t.settings.timeout:
+                raise ConnectionLost(
+                    f"{self._tmp}: the server took nothing for "
+                    f"{self._t.settings.timeout:.0f} s (it holds {held} of {end} bytes)"
+                )
+            time.sleep(CONFIRM_POLL)
 
     def _finish(self) -> None:
         """Close the data connection and require the server's transfer-complete reply."""
@@ -310,6 +347,11 @@ class FtpTransport(RetryingTransport):
             )
 
     def size_of(self, path: str) -> int:
+        return size_of(self.ftp, path)
+
+    def binary_size(self, path: str) -> int:
+        """SIZE after TYPE I: a listing leaves the session in ASCII, where vsftpd refuses SIZE."""
+        self.ftp.voidcmd("TYPE I")
         return size_of(self.ftp, path)
 
     def _is_dir(self, path: str) -> bool:

@@ -62,6 +62,8 @@ READ_CHUNK = 1 << 20
 # length, then the handle, then offset and data length, then the data.
 SFTP_WRITE_HEAD = struct.Struct(">IBII")
 SFTP_WRITE_TAIL = struct.Struct(">QI")
+# statvfs@openssh.com (OpenSSH PROTOCOL, 3.4): f_flag bit of a read-only filesystem
+SSH_FXE_STATVFS_ST_RDONLY = 0x1
 
 # OpenSSH key type names, and the host key algorithms that negotiate each of them.
 _KEY_ALGOS = {"ssh-rsa": ("rsa-sha2-512", "rsa-sha2-256", "ssh-rsa")}
@@ -471,8 +473,22 @@ class SftpTransport(RetryingTransport):
                 return TargetFull(f"{what}: target is full")
             if e.errno == errno.ENOENT:
                 return FileNotFoundError(e.errno, f"{what}: no such file")
+            if e.errno is None and self._read_only():
+                return TransportError(f"{what}: the target's filesystem is read-only ({e})")
             return TransportError(f"{what}: {e.strerror or e}")
         return TransportError(f"{what}: {type(e).__name__}: {e}")
+
+    def _read_only(self) -> bool:
+        """SFTP v3 answers EROFS with a bare "Failure": statvfs@openssh.com tells."""
+        if not self._statvfs or self._sftp is None:
+            return False
+        try:
+            t, msg = self._sftp._request(CMD_EXTENDED, "statvfs@openssh.com", self.root)
+            flags = struct.unpack(">11Q", msg.get_remainder()[: 11 * 8])[9]
+        except Exception as e:  # only an explanation: never a new failure
+            log.debug("statvfs for an explanation: %s", e)
+            return False
+        return t == CMD_EXTENDED_REPLY and bool(flags & SSH_FXE_STATVFS_ST_RDONLY)
 
     # -- directory operations --------------------------------------------------------
     def size_of(self, path: str) -> int:
@@ -588,7 +604,10 @@ class SftpTransport(RetryingTransport):
                 self._statvfs = False
                 log.info("%s: server cannot report free space (%s)", self.describe(), e)
                 return None
-            raise self.convert(e, f"statvfs {path}") from e
+            err = self.convert(e, f"statvfs {path}")
+            if isinstance(err, FileNotFoundError):  # removed on the server meanwhile
+                err = TransportError(f"statvfs {path}: no such file or directory")
+            raise err from e
         except Exception as e:
             raise self.convert(e, f"statvfs {path}") from e
         if t != CMD_EXTENDED_REPLY:

@@ -6,6 +6,12 @@ dropped, close every new one at once, so reconnects fail. With ``ftp=True`` the 
 rewrites PASV replies so data connections pass through it too; only data connections
 are then dropped. ``stall()``: from now on the server seems to hang: nothing more the
 client sends reaches it, on any connection (control ones included), old or new.
+``swallow_after``: one (data) connection delivers that many bytes, then none: the rest
+vanishes in the network, and only the server's SIZE tells.
+
+The fault matrix drives it from outside instead: ``drop_now`` resets every open
+connection; ``stop`` does that and stops listening (a server that went away: connects
+are refused), ``start`` listens on the same port again (the server is back).
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ class DropProxy:
         dead_after_drop: bool = False,
         ftp: bool = False,
         stall_after: int | None = None,
+        swallow_after: int | None = None,
     ) -> None:
         self.target_port = target_port
         self.drop_after = drop_after
@@ -49,6 +56,10 @@ class DropProxy:
         self.dead_after_drop = dead_after_drop
         self.ftp = ftp
         self.stall_after = stall_after  # stop reading upstream after this many bytes
+        # one connection passes this many bytes, then everything it gets is lost on the way
+        # (a queue in the network that the drop takes with it); later connections pass
+        self.swallow_after = swallow_after
+        self._swallowing: dict | None = None
         self.stalled = threading.Event()
         self._stall_all = False
         self._closed = threading.Event()
@@ -60,11 +71,13 @@ class DropProxy:
         self._socks: list[socket.socket] = []
         self.port = self._listen(target_port, data=not ftp)
 
-    def _listen(self, target_port: int, data: bool, once: bool = False) -> int:
+    def _listen(self, target_port: int, data: bool, once: bool = False, port: int = 0) -> int:
         lst = socket.socket()
-        lst.bind((LOOPBACK, 0))
+        lst.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        lst.bind((LOOPBACK, port))
         lst.listen(8)
-        self._listeners.append(lst)
+        with self._lock:
+            self._listeners.append(lst)
         threading.Thread(
             target=self._accept, args=(lst, target_port, data, once), daemon=True
         ).start()
@@ -87,7 +100,8 @@ class DropProxy:
             except OSError:
                 _rst(client)
                 continue
-            self._socks += [client, server]
+            with self._lock:
+                self._socks += [client, server]
             state = {"bytes": 0}
             threading.Thread(
                 target=self._pump, args=(client, server, data, state, True), daemon=True
@@ -114,6 +128,19 @@ class DropProxy:
                         self.stalled.set()
                         self._closed.wait()
                         return
+                if upstream and data and self.swallow_after is not None:
+                    state["seen"] = state.get("seen", 0) + len(chunk)
+                    with self._lock:
+                        if state["seen"] > self.swallow_after and self._swallowing in (
+                            None,
+                            state,
+                        ):
+                            self._swallowing = state
+                    if self._swallowing is state:
+                        keep = max(0, self.swallow_after - (state["seen"] - len(chunk)))
+                        if not keep:
+                            continue
+                        chunk = chunk[:keep]
                 if upstream and data and self.drop_after is not None:
                     state["bytes"] += len(chunk)
                     with self._lock:
@@ -150,6 +177,32 @@ class DropProxy:
         port = int(m.group(5)) * 256 + int(m.group(6))
         mine = self._listen(port, data=True, once=True)
         return b"227 Entering Passive Mode (127,0,0,1,%d,%d)." % (mine >> 8, mine & 255)
+
+    def drop_now(self) -> None:
+        """Reset every open connection (control and data) like a broken network would."""
+        with self._lock:
+            socks, self._socks = self._socks, []
+            self.dropped += 1
+        for s in socks:
+            _rst(s)
+
+    def stop(self) -> None:
+        """The server goes away: open connections are reset and new ones refused."""
+        with self._lock:
+            listeners, self._listeners = self._listeners, []
+        for lst in listeners:
+            try:
+                # wakes the thread blocked in accept(); close() alone would leave the
+                # socket listening until that accept() returned
+                lst.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            lst.close()
+        self.drop_now()
+
+    def start(self) -> None:
+        """The server is back, on the same port."""
+        self._listen(self.target_port, data=not self.ftp, port=self.port)
 
     def stall(self) -> None:
         """Stop passing anything to the server; connections stay open (a hung server)."""
