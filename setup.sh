@@ -13,6 +13,7 @@ if command -v apt-get >/dev/null; then
         makedumpfile crash kexec-tools dracut-core \
         openssh-server openssh-client \
         samba smbclient vsftpd curl faketime \
+        age \
         nfs-ganesha nfs-ganesha-vfs \
         >/dev/null
 fi

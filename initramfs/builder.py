@@ -440,7 +440,9 @@ def build(
 
     with tempfile.TemporaryDirectory(prefix="kdump-initramfs-") as tmp:
         idna = not all(t.host.isascii() for t in targets)
-        payload = runtime.collect(schemes, tmp, idna=idna)
+        # Encryption packs `cryptography` (only public keys travel: KDUMP_ENCRYPT_TO).
+        features = ("encrypt",) if cfg.get("KDUMP_ENCRYPT_TO", "").strip() else ()
+        payload = runtime.collect(schemes, tmp, idna=idna, features=features)
         add_own_packages(payload, schemes, tmp)
         pyc = sum(1 for f in payload.files if f.endswith(".pyc"))
         runtime.zip_pure_modules(payload)

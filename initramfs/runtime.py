@@ -92,6 +92,12 @@ DLOPENED_LIBS = ("libgcc_s.so.1",)
 # What importlib.metadata reads of a distribution (version, entry points, names).
 DIST_FILES = ("METADATA", "entry_points.txt", "top_level.txt")
 
+# Our modules that only one configured feature needs, with the third-party packages they
+# bring: left out of the probe (and so out of the image) unless the feature is on. age
+# (KDUMP_ENCRYPT_TO) needs `cryptography`, 11 MiB unpacked, which a file target would not
+# carry otherwise.
+FEATURE_MODULES = {"encrypt": ("kdump_capture.age",)}
+
 # Our own top-level packages shipped into site-packages.
 OWN_PACKAGES = ("kdump_capture", "transports")
 
@@ -188,10 +194,21 @@ LOAD_SIDE = "kdump_capture.load"
 LOAD_SIDE_IMPORTED = tuple(f"{LOAD_SIDE}{m}" for m in ("", ".commands", ".system", ".kexec"))
 
 
-def entry_modules(schemes: Iterable[str]) -> list[str]:
+def disabled_modules(features: Iterable[str]) -> set[str]:
+    """Our modules of the features that are not configured (FEATURE_MODULES)."""
+    on = set(features)
+    return {m for f, ms in FEATURE_MODULES.items() if f not in on for m in ms}
+
+
+def entry_modules(schemes: Iterable[str], features: Iterable[str] = ()) -> list[str]:
     """What the capture side imports: our engine modules, the targets' transports, /init,
-    and every module those sources import anywhere (lazy imports inside functions too)."""
+    and every module those sources import anywhere (lazy imports inside functions too).
+
+    ``features`` (keys of FEATURE_MODULES) that are configured: the modules of the others
+    are neither imported nor scanned.
+    """
     root = project_root()
+    off = disabled_modules(features)
     tmods = {transport_module(s) for s in schemes}
     sources = sorted((root / "kdump_capture").rglob("*.py"))
     sources += [root / "transports" / "__init__.py", root / "transports" / "base.py"]
@@ -202,7 +219,7 @@ def entry_modules(schemes: Iterable[str]) -> list[str]:
         name = module_name_for(src)
         if name in LOAD_SIDE_IMPORTED:
             mods.add(name)
-        elif name.startswith(LOAD_SIDE + "."):
+        elif name.startswith(LOAD_SIDE + ".") or name in off:
             continue
         elif not name.endswith(".__main__"):  # importing __main__ would run the CLI
             mods.add(name)
@@ -211,7 +228,7 @@ def entry_modules(schemes: Iterable[str]) -> list[str]:
     allowed = {"transports", "transports.base", *tmods}
 
     def wanted(m: str) -> bool:
-        if m.endswith(".__main__"):
+        if m.endswith(".__main__") or m in off:
             return False
         if m.startswith(LOAD_SIDE + ".") and m not in LOAD_SIDE_IMPORTED:
             return False
@@ -381,15 +398,18 @@ def zip_pure_modules(payload: Payload) -> int:
 
     The image stays in RAM (rootfs), and .pyc files deflate to about a third: 2.5 MB less
     for an SFTP image. zipimport reads one module at a time. A package holding an extension
-    module stays on disk: its ``__path__`` must find the .so beside its .pyc files. The
-    stdlib landmark ``os.pyc`` stays on disk too (getpath looks for the file).
+    module stays on disk: its ``__path__`` must find the .so beside its .pyc files (but for
+    kdump_capture, whose accelerator is loaded by file name). The stdlib landmark ``os.pyc``
+    stays on disk too (getpath looks for the file).
     """
     site, stdlib = DEST_SITE + "/", DEST_STDLIB + "/"
+    # Ours is the exception: kdump_capture.speedups loads its _speedups*.so from disk by
+    # name when the package itself comes from the zip.
     native = {
         d[len(site) :].split("/")[0]
         for d in payload.files
         if d.startswith(site) and d.endswith(".so")
-    }
+    } - {"kdump_capture"}
     entries: dict[str, bytes | str] = {}
     for dest in sorted(payload.files):
         if not dest.endswith(".pyc") or dest == f"{stdlib}os.pyc":
@@ -561,13 +581,18 @@ def strip_into(src: str, tmpdir: str) -> str:
 
 
 def collect(
-    schemes: Iterable[str], tmpdir: str, python: str = sys.executable, idna: bool = False
+    schemes: Iterable[str],
+    tmpdir: str,
+    python: str = sys.executable,
+    idna: bool = False,
+    features: Iterable[str] = (),
 ) -> Payload:
     """The Python runtime for a capture whose targets use ``schemes``; ``idna``: a target
-    host name is not ASCII (see IDNA_IMPORTS)."""
+    host name is not ASCII (see IDNA_IMPORTS); ``features`` (keys of FEATURE_MODULES) that
+    the configuration turns on."""
     schemes = set(schemes)
     late = LATE_IMPORTS + (IDNA_IMPORTS if idna else ())
-    names = sorted(set(entry_modules(schemes)) | set(late))
+    names = sorted(set(entry_modules(schemes, features=features)) | set(late))
     root = project_root()
     blocked = set(BLOCKED)
     if "sftp" in schemes and "cifs" not in schemes:
@@ -616,6 +641,7 @@ def collect(
         }
         codecs = codec_modules(sources) - (set() if idna else set(IDNA_IMPORTS))
         extra = (codecs | lazy) - set(modules) - set(names)
+        extra -= disabled_modules(features)
         if not extra:
             break
         names = sorted(set(names) | extra)

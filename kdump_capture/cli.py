@@ -13,7 +13,15 @@ import sys
 from . import __version__
 from .cliargs import config_args
 from .cliargs import load_config as load
-from .errors import EXIT_CODES, ConfigError, Interrupted, KdumpError, NotSupported, VerifyError
+from .errors import (
+    EXIT_CODES,
+    ConfigError,
+    Interrupted,
+    KdumpError,
+    NoDumpError,
+    NotSupported,
+    VerifyError,
+)
 from .features import check_unsupported
 from .urls import redact
 
@@ -94,6 +102,8 @@ def make_plan(cfg):
         settings=settings,
         buffers=buffers,
         hostname=cfg["KDUMP_HOSTNAME"],
+        encrypt_to=cfg.encrypt_to,
+        encrypt_summary=cfg.encrypt_summary,
     )
 
 
@@ -332,12 +342,61 @@ def _verify(label: str, tr, dumpdir: str) -> int:
     return 0
 
 
+def cmd_list(args: argparse.Namespace) -> int:
+    """Every dump on a target, all hosts, newest first; reads only, changes nothing."""
+    from transports import open_transport
+
+    from .fleet import as_json, list_dumps
+    from .urls import parse_target
+
+    target, _ = parse_target(args.target)
+    cfg = load(args)
+    _setup_logging(bool(cfg.verbose & 8))
+    if target.scheme == "file" and not os.path.isdir(target.path):
+        # connect() would create it: a listing changes nothing
+        raise NoDumpError(f"{target.redacted()}: no such directory")
+    with open_transport(target, transport_settings(cfg)) as tr:
+        items = list_dumps(tr)
+    if args.json:
+        print(as_json(items))
+        return 0
+    if not items:
+        print(f"{target.redacted()}: no dumps")
+    for item in items:
+        print(item.line())
+    return 0
+
+
 def cmd_dmesg(args: argparse.Namespace) -> int:
     from .dumpfile import open_dump
 
     with open_dump(args.dump) as dump:
         text = dump.dmesg()
     sys.stdout.write(text)
+    return 0
+
+
+def cmd_decrypt(args: argparse.Namespace) -> int:
+    from .age import load_identities
+    from .decrypt import decrypt_dir
+
+    identities = [i for path in args.identity for i in load_identities(path)]
+    for d in decrypt_dir(args.dumpdir, identities, args.output):
+        how = ", rearranged from the flattened format" if d.rearranged else ""
+        print(f"{d.name}: {d.size} bytes, plaintext sha256 {d.sha256} OK{how}")
+    return 0
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    from .summary import summary_of
+
+    summary = summary_of(args.dump)
+    if args.json:
+        import json
+
+        print(json.dumps(summary.as_dict(), indent=2))
+    else:
+        sys.stdout.write(summary.text())
     return 0
 
 
@@ -403,7 +462,18 @@ def progress_arg(p: argparse.ArgumentParser) -> None:
 
 # Commands defined here; the load-side ones (check, load, ...) come from kdump_capture/load,
 # which the capture kernel's save does not need to import (gzip, subprocess, shlex, ...).
-CORE_COMMANDS = ("save", "recover", "show-config", "verify", "dmesg", "rearrange", "make-sample")
+CORE_COMMANDS = (
+    "save",
+    "recover",
+    "show-config",
+    "verify",
+    "list",
+    "decrypt",
+    "summary",
+    "dmesg",
+    "rearrange",
+    "make-sample",
+)
 
 
 def build_parser(load_side: bool = True) -> argparse.ArgumentParser:
@@ -457,9 +527,45 @@ def build_parser(load_side: bool = True) -> argparse.ArgumentParser:
     p.add_argument("dumpdir", metavar="DUMPDIR|URL")
     p.set_defaults(func=cmd_verify)
 
+    p = sub.add_parser(
+        "list",
+        help="list every dump on a target (all hosts, newest first): host, crash time, "
+        "kernel, status, format, size, panic line (credentials from --config)",
+    )
+    config_args(p)
+    p.add_argument("target", metavar="TARGET_URL")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_list)
+
     p = sub.add_parser("dmesg", help="print the kernel log of a dump (ELF, compressed, flattened)")
     p.add_argument("dump", metavar="DUMP")
     p.set_defaults(func=cmd_dmesg)
+
+    p = sub.add_parser(
+        "decrypt",
+        help="decrypt an encrypted dump directory (NAME.age -> NAME), checking the manifest's "
+        "checksums; a flattened vmcore is rebuilt",
+    )
+    p.add_argument(
+        "--identity",
+        "-i",
+        action="append",
+        required=True,
+        metavar="KEY",
+        help="age identity file (AGE-SECRET-KEY-1...) or SSH private key (repeatable)",
+    )
+    p.add_argument("--output", "-o", metavar="DIR", help="write here (default: DUMPDIR)")
+    p.add_argument("dumpdir", metavar="DUMPDIR")
+    p.set_defaults(func=cmd_decrypt)
+
+    p = sub.add_parser(
+        "summary",
+        help="why the machine crashed: panic line, task, RIP, trace, taint (any dump file, "
+        "a dmesg.txt or a dump directory)",
+    )
+    p.add_argument("dump", metavar="DUMP")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_summary)
 
     p = sub.add_parser("rearrange", help="rebuild a flattened dump (like makedumpfile -R)")
     p.add_argument("flat", metavar="FLAT")

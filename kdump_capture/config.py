@@ -128,6 +128,17 @@ def _kexec_options(value: str) -> str:
     return value
 
 
+def _recipients(value: str) -> tuple:
+    if not value.strip():
+        return ()
+    from .age import parse_recipients  # imports cryptography: only when encryption is on
+
+    try:
+        return parse_recipients(value)
+    except ValueError as e:
+        raise _Invalid(str(e)) from None
+
+
 def _flags(value: str) -> tuple[str, ...]:
     flags = tuple(f.upper() for f in re.split(r"[\s,]+", value.strip()) if f)
     bad = [f for f in flags if f not in _KDUMPTOOL_FLAGS]
@@ -147,6 +158,13 @@ URLS = Kind(
     "ftp://[user[:pass]@]host[:port]/path, sftp|ssh|scp://[user@]host[:port]/path, "
     "s3|s3+http://[key[:secret]@]host[:port]/bucket[/prefix]",
     _text,
+)
+RECIPIENTS = Kind(
+    "recipients",
+    "empty (no encryption), or age recipients separated by blanks: age1... X25519 keys, "
+    "'ssh-ed25519 AAAA...' or 'ssh-rsa AAAA...' public keys (as age -r takes them)",
+    _recipients,
+    empty_is_default=False,
 )
 FLAGS = Kind("flags", ", ".join(_KDUMPTOOL_FLAGS), _flags, empty_is_default=False)
 CMDLINE = Kind(
@@ -243,6 +261,10 @@ DIRECTIVES: tuple[Directive, ...] = (
     _d("KDUMP_S3_SECRET_KEY", "", STR, "S3 secret access key", secret=True),
     _d("KDUMP_S3_REGION", "us-east-1", STR, "S3 region used in signatures"),
     _d("KDUMP_S3_CA_BUNDLE", "", STR, "PEM file of extra CAs trusted for s3:// (https)"),
+    _d("KDUMP_ENCRYPT_TO", "", RECIPIENTS, "Encrypt vmcore and dmesg.txt (age) to these "
+       "public keys"),
+    _d("KDUMP_ENCRYPT_SUMMARY", "no", BOOL, "With KDUMP_ENCRYPT_TO: also keep the crash "
+       "summary in plain text in README.txt and manifest.json"),
     # load side
     _d("KDUMP_KERNELVER", "", STR, "Capture kernel version or image (empty: auto)", side="load"),
     _d("KDUMP_COMMANDLINE", "", CMDLINE, "Capture kernel command line (empty: derived)",
@@ -749,6 +771,15 @@ class Config(Mapping[str, str]):
     @property
     def host_key(self) -> str:
         return self._typed["KDUMP_HOST_KEY"]  # type: ignore[return-value]
+
+    @property
+    def encrypt_to(self) -> tuple:
+        """age recipients (kdump_capture.age.Recipient); empty: no encryption."""
+        return self._typed["KDUMP_ENCRYPT_TO"]  # type: ignore[return-value]
+
+    @property
+    def encrypt_summary(self) -> bool:
+        return self._typed["KDUMP_ENCRYPT_SUMMARY"]  # type: ignore[return-value]
 
     @property
     def continue_on_error(self) -> bool:

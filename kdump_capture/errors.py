@@ -19,6 +19,7 @@ The exit codes are part of the interface (README, "Exit codes") and never change
    14  KDUMP_TRANSFER failed (exited non-zero or was killed): the dump may not be saved.
        Its own status is in the message, not in our exit code: raw, 7 would read as
        "authentication refused" and a signal as a negative number
+   15  an encrypted dump cannot be decrypted with the identities given (wrong key)
   130  interrupted (SIGINT/SIGTERM)
 """
 
@@ -141,6 +142,13 @@ class TransferError(ScriptError):
     exit_code = 14
 
 
+class DecryptError(KdumpError):
+    """No identity given can open an encrypted dump file (a wrong key), or it was encrypted
+    in a way we cannot open (a passphrase). Altered ciphertext is a VerifyError (exit 8)."""
+
+    exit_code = 15
+
+
 class Interrupted(KdumpError):
     """The dump was interrupted by a signal."""
 
@@ -163,5 +171,6 @@ EXIT_CODES: dict[int, str] = {
     ScriptError.exit_code: "a configured pre/post script failed",
     IncompleteDump.exit_code: "dump saved INCOMPLETE (the source ended early)",
     TransferError.exit_code: "KDUMP_TRANSFER failed",
+    DecryptError.exit_code: "cannot decrypt: no identity matches (wrong key)",
     Interrupted.exit_code: "interrupted",
 }

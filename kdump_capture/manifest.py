@@ -124,17 +124,32 @@ def _files(doc: dict, where: str) -> dict[str, FileRecord]:
     return out
 
 
-def parse(data: bytes, where: str) -> Manifest:
-    """The manifest in ``data``; ``ManifestError`` naming ``where`` if it is not one of ours."""
+def document(data: bytes, where: str) -> dict:
+    """The JSON object in ``data``, bounded in size, depth and values before json builds
+    anything; ``ManifestError`` naming ``where`` otherwise. Callers still check every field
+    they use (``parse`` for rotation and verify, ``fleet`` for the listing)."""
     if len(data) > MAX_BYTES:
         raise ManifestError(f"{where}: larger than {MAX_BYTES} bytes")
     _check_shape(data, where)
     try:
         doc = json.loads(data)
     except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
-        raise ManifestError(f"{where}: not valid JSON: {e}") from None
+        raise ManifestError(f"{where}: not valid JSON: {str(e)[:120]}") from None
     if not isinstance(doc, dict):
         raise ManifestError(f"{where}: not a JSON object")
+    return doc
+
+
+def read_document(transport: Transport, relpath: str) -> dict:
+    """``document`` of the file ``relpath``: at most MAX_BYTES of a regular file, read
+    through no link and without blocking (``Transport.read``)."""
+    data = b"".join(transport.read(relpath, limit=MAX_BYTES))
+    return document(data, f"{transport.describe()}/{relpath}")
+
+
+def parse(data: bytes, where: str) -> Manifest:
+    """The manifest in ``data``; ``ManifestError`` naming ``where`` if it is not one of ours."""
+    doc = document(data, where)
     status = _text(doc, "status", where)
     if status not in STATUSES:
         raise ManifestError(f"{where}: unknown status {status[:40]!r}")

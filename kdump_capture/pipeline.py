@@ -29,7 +29,8 @@ from .formats import FORMAT_NAMES, FormatWriter, WriteResult, make_writer
 from .identity import host_identity
 from .memory import BufferPlan, MemoryLog
 from .progress import NoProgress, Progress
-from .report import DMESG, MANIFEST, PLACEHOLDER, README, VMCORE, DumpRecord
+from .report import AGE_SUFFIX, DMESG, MANIFEST, PLACEHOLDER, README, SUMMARY, VMCORE, DumpRecord
+from .summary import CrashSummary, summarize
 from .urls import Target
 from .vmcore import Vmcore
 
@@ -62,6 +63,11 @@ class SavePlan:
     buffers: BufferPlan = field(default_factory=BufferPlan)
     #: KDUMP_HOSTNAME: this host's name in dump directory names on network targets
     hostname: str = ""
+    #: KDUMP_ENCRYPT_TO (kdump_capture.age.Recipient): every file derived from memory is
+    #: written encrypted (NAME.age); empty: no encryption
+    encrypt_to: tuple = ()
+    #: KDUMP_ENCRYPT_SUMMARY: with encryption, keep the crash summary in plain text too
+    encrypt_summary: bool = False
 
 
 @dataclass
@@ -238,11 +244,75 @@ def _make_dump_dir(transport: Transport, stamp: str, host: str | None) -> str:
     raise TransportError(f"{transport.describe()}: cannot find a free dump directory name")
 
 
-def _put(transport: Transport, relpath: str, data: bytes) -> dict:
-    with transport.create(relpath) as sink:
+def _put(transport: Transport, relpath: str, data: bytes, encrypt_to: tuple = ()) -> dict:
+    with _create(transport, relpath, encrypt_to) as sink:
         sink.write(data)
-        info = sink.commit()
-    return {"size": info.size, "sha256": info.sha256}
+        return _info(sink.commit(), sink)
+
+
+def _create(transport: Transport, relpath: str, encrypt_to: tuple):
+    """A sink for ``relpath``, or for ``relpath``.age sealing what is written to it."""
+    if not encrypt_to:
+        return transport.create(relpath)
+    return SealedSink(transport.create(relpath + AGE_SUFFIX), encrypt_to)
+
+
+def _info(info, sink) -> dict:
+    """The manifest entry of a committed file: what is stored, and the plaintext's checksum
+    when it is encrypted (so a decrypted copy can be checked)."""
+    out: dict = {"size": info.size, "sha256": info.sha256}
+    if isinstance(sink, SealedSink):
+        out["plaintext"] = sink.plaintext
+    return out
+
+
+class SealedSink:
+    """Plaintext in, the age format out to ``inner`` (a Sink): never seekable.
+
+    ``commit`` seals the last chunk, commits ``inner`` and returns its FileInfo (the stored
+    ciphertext's size and SHA-256: ``verify`` needs no key); ``plaintext`` then holds the
+    name, size and SHA-256 of what was written to us. Memory: about 1.1 MiB (age.Encryptor).
+    """
+
+    seekable = False
+
+    def __init__(self, inner, recipients: tuple) -> None:
+        from .age import Encryptor  # imports cryptography: only when encryption is on
+
+        self.inner = inner
+        self.enc = Encryptor(recipients, inner.write)
+        self.plaintext: dict = {}
+
+    @property
+    def committed(self) -> bool:
+        return self.inner.committed
+
+    def tell(self) -> int:
+        return self.enc.plain_size
+
+    def write(self, data) -> None:
+        self.enc.write(data)
+
+    def commit(self):
+        self.enc.finish()
+        info = self.inner.commit()
+        name = info.name.removesuffix(AGE_SUFFIX)
+        self.plaintext = {
+            "name": name.rpartition("/")[2],
+            "size": self.enc.plain_size,
+            "sha256": self.enc.plain_hash.hexdigest(),
+        }
+        return info
+
+    def abort(self) -> None:
+        self.inner.abort()
+
+    def __enter__(self) -> SealedSink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self.inner.committed:
+            self.inner.abort()
 
 
 def save_to_target(
@@ -266,16 +336,19 @@ def save_to_target(
     # format this build cannot write), the least it will write and the kernel log (bounded).
     crash_time, stamp, time_note = _dump_time(vm, started)
     writer: FormatWriter | None = None
+    enc = plan.encrypt_to
     if plan.dump_format != "none":
-        writer = make_writer(
-            vm, plan.dump_format, plan.dump_level, transport.can_seek, plan.buffers
-        )
+        # An age stream cannot seek: encrypted kdump-compressed dumps are written flattened
+        # (as over FTP), and `kdump-capture decrypt` rearranges them.
+        seekable = transport.can_seek and not enc
+        writer = make_writer(vm, plan.dump_format, plan.dump_level, seekable, plan.buffers)
     lower_bound = writer.lower_bound() if writer else 0
     memlog.mark("bitmaps")
     dmesg, dmesg_error = extract_log(vm)
     memlog.mark("dmesg")
     if writer is None and dmesg_error is not None:
         raise dmesg_error  # format "none" saves only dmesg.txt: there is nothing to save
+    summary = summarize_log(dmesg)
     with transport:
         memlog.mark("transport session")
         host = None if target.scheme == "file" else host_identity(target, plan.hostname)
@@ -310,10 +383,25 @@ def save_to_target(
             record.notes.append(time_note)
         if dmesg_error is not None:
             record.notes.append(f"dmesg.txt not saved: {dmesg_error}")
+        if enc:
+            record.encryption = {
+                "format": "age-encryption.org/v1",
+                "recipients": [r.text for r in enc],
+            }
+        if enc and not plan.encrypt_summary:
+            # From the crashed kernel's memory: only inside the encrypted files.
+            record.crash_summary = {"encrypted": True}
+        else:
+            record.crash_summary = summary.as_dict()
         try:
             _put(transport, f"{name}/{README}", PLACEHOLDER.encode())
             if dmesg is not None:
-                record.files[DMESG] = _put(transport, f"{name}/{DMESG}", dmesg)
+                record.files[DMESG + (AGE_SUFFIX if enc else "")] = _put(
+                    transport, f"{name}/{DMESG}", dmesg, enc
+                )
+            if enc:
+                text = summary.text().encode()
+                record.files[SUMMARY + AGE_SUFFIX] = _put(transport, f"{name}/{SUMMARY}", text, enc)
             result = _save_vmcore(
                 vm, plan, transport, name, writer, record, progress, free, room, memlog
             )
@@ -367,6 +455,16 @@ def _dump_time(vm: Vmcore, started: float) -> tuple[int | None, str, str | None]
     return crash_time, policy.stamp_for(crash_time if crash_time is not None else started), note
 
 
+def summarize_log(dmesg: bytes | None) -> CrashSummary:
+    """The crash summary of the log; like the log itself, a failure here (a bug: summarize
+    takes any input) costs only the summary, never the dump."""
+    try:
+        return summarize(dmesg)
+    except Exception as e:  # the same boundary as extract_log
+        log.warning("no crash summary: internal error (%s: %s); please report it", type(e), e)
+        return CrashSummary(source="none")
+
+
 def extract_log(vm: Vmcore) -> tuple[bytes | None, KdumpError | None]:
     """dmesg.txt's content, or why there is none. Never raises (except on a signal).
 
@@ -396,13 +494,20 @@ def _save_vmcore(
 ) -> WriteResult | None:
     if writer is None:
         return None
+    enc = plan.encrypt_to
+    estimate = writer.estimate()
+    if enc and estimate is not None:
+        # age adds a 16-byte tag per 64 KiB chunk and a header of a few KiB. (The monitor
+        # counts plaintext bytes: 1/4096 less than what lands, far inside WRITE_STEP.)
+        estimate += estimate // 4096 + (64 << 10)
     monitor = BudgetMonitor(
-        transport, name, plan.free_disk_size, writer.estimate(), progress, free, room, memlog
+        transport, name, plan.free_disk_size, estimate, progress, free, room, memlog
     )
-    progress.start(f"{VMCORE}", writer.input_size())
+    filename = VMCORE + (AGE_SUFFIX if enc else "")
+    progress.start(filename, writer.input_size())
     vm.reset_unreadable()
     try:
-        with transport.create(f"{name}/{VMCORE}") as sink:
+        with _create(transport, f"{name}/{VMCORE}", enc) as sink:
             result = writer.write(sink, monitor)
             if monitor.enabled:
                 monitor.check(final=True)
@@ -411,7 +516,7 @@ def _save_vmcore(
         raise FreeSpaceError(str(e)) from e
     finally:
         progress.finish()
-    record.files[VMCORE] = {"size": info.size, "sha256": info.sha256}
+    record.files[filename] = _info(info, sink)
     record.dump_format = plan.source_label or result.format
     record.dump_level = result.dump_level if plan.source_level is None else plan.source_level
     record.flattened = result.flattened

@@ -13,6 +13,8 @@ MANIFEST = "manifest.json"
 README = "README.txt"
 VMCORE = "vmcore"
 DMESG = "dmesg.txt"
+SUMMARY = "summary.txt"  # written only encrypted (summary.txt.age): the plain one is README's
+AGE_SUFFIX = ".age"
 
 PLACEHOLDER = (
     "Kernel crashdump (INCOMPLETE)\n"
@@ -48,11 +50,33 @@ class DumpRecord:
     #: {"offset", "size", "paddr" (None if not in a PT_LOAD)}
     unreadable: list[dict] = field(default_factory=list)
     unreadable_bytes: int = 0
+    #: summary.CrashSummary.as_dict(), or {"encrypted": true} when it is kept only inside
+    #: the encrypted files; None: not known (a dump from before summaries)
+    crash_summary: dict | None = None
+    #: {"format": "age-encryption.org/v1", "recipients": [public keys]} when encrypted
+    encryption: dict | None = None
 
     def manifest_json(self) -> bytes:
-        doc = {"tool": "kdump-capture", "version": __version__, **asdict(self)}
+        fields = asdict(self)
+        summary = fields.pop("crash_summary")
+        rest = {"tool": "kdump-capture", "version": __version__, **fields}
+        # What an admin needs first comes first; the rest in name order.
+        doc = {"crash_summary": summary, **dict(sorted(rest.items()))}
         # The target, errors and notes quote servers and libraries: no password may pass.
-        return (json.dumps(_redacted(doc), indent=2, sort_keys=True) + "\n").encode()
+        return (json.dumps(_redacted(doc), indent=2) + "\n").encode()
+
+    def summary_lines(self) -> list[str]:
+        from .summary import CrashSummary
+
+        if self.crash_summary is None:
+            return []
+        if self.crash_summary.get("encrypted"):
+            return [
+                f"Crash summary  : encrypted (in {SUMMARY}{AGE_SUFFIX}; "
+                "'kdump-capture decrypt' writes it)"
+            ]
+        summary = CrashSummary.from_dict(self.crash_summary)
+        return summary.lines() if summary else []
 
     def readme_text(self) -> str:
         def line(key: str, value: object) -> str:
@@ -68,6 +92,9 @@ class DumpRecord:
             "incomplete": "Kernel crashdump (INCOMPLETE)",
         }.get(self.status, "Kernel crashdump (FAILED)")
         out = f"{title}\n{'-' * len(title)}\n\n"
+        summary = self.summary_lines()
+        if summary:
+            out += "".join(f"{s}\n" for s in summary) + "\n"
         out += line("Status", self.status + (f": {self.error}" if self.error else ""))
         out += line("Crash time", when(self.crash_time))
         out += line("Kernel version", self.kernel_release or "unknown")
@@ -84,10 +111,17 @@ class DumpRecord:
         out += "\nFiles:\n"
         for name, info in sorted(self.files.items()):
             out += f"  {name:<12} {info['size']:>14} bytes  sha256 {info['sha256']}\n"
-        if VMCORE not in self.files:
-            out += f"  (no {VMCORE}: see Status)\n"
+            plain = info.get("plaintext")
+            if isinstance(plain, dict):
+                out += (
+                    f"  {'(decrypted)':<12} {plain.get('size'):>14} bytes  sha256 "
+                    f"{plain.get('sha256')}\n"
+                )
+        vmcore = VMCORE + (AGE_SUFFIX if self.encryption else "")
+        if vmcore not in self.files:
+            out += f"  (no {vmcore}: see Status)\n"
         elif self.status == "incomplete":
-            out += f"  ({VMCORE} holds only what was read before the source failed: see Status)\n"
+            out += f"  ({vmcore} holds only what was read before the source failed: see Status)\n"
         if self.unreadable_bytes:
             out += (
                 f"\nUNREADABLE: {self.unreadable_bytes} bytes of the source could not be read "
@@ -98,7 +132,23 @@ class DumpRecord:
                 out += f"  offset {r['offset']:#x}, {r['size']} bytes{paddr}\n"
             if sum(r["size"] for r in self.unreadable) < self.unreadable_bytes:
                 out += "  (more ranges than listed)\n"
-        if self.flattened:
+        if self.encryption:
+            out += (
+                "\nENCRYPTED: vmcore and dmesg.txt are encrypted in the age format to the "
+                "public keys\nlisted in manifest.json ('encryption'). Decrypt with the "
+                "private key:\n"
+                "  kdump-capture decrypt --identity KEY DIR   (checks the checksums above; "
+                "also\n"
+                "                                              rebuilds a flattened vmcore)\n"
+                "or with age itself:  age -d -i KEY -o vmcore vmcore.age\n"
+            )
+        if self.flattened and self.encryption:
+            out += (
+                "\nNOTE: the vmcore inside vmcore.age is in makedumpfile's flattened format:\n"
+                "'kdump-capture decrypt' rebuilds the normal file; with age:\n"
+                "  age -d -i KEY vmcore.age | makedumpfile -R vmcore\n"
+            )
+        elif self.flattened:
             out += (
                 "\nNOTE: vmcore is in makedumpfile's flattened format. Before opening it with\n"
                 "crash, rebuild the normal file:  kdump-capture rearrange vmcore vmcore.kdump\n"
@@ -107,6 +157,8 @@ class DumpRecord:
         for n in self.notes:
             out += f"\nNOTE: {n}\n"
         out += f"\nChecksums are in {MANIFEST}; check them with: kdump-capture verify DIR\n"
+        if self.encryption:
+            out += "(verify checks the encrypted files as stored: it needs no key)\n"
         return redact(out)
 
 

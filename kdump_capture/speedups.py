@@ -30,8 +30,43 @@ def module() -> ModuleType | None:
 
                 _module = _speedups
             except ImportError as e:
-                _error = f"not built ({e})"
+                _module = _beside_the_zip()
+                if _module is None:
+                    _error = f"not built ({e})"
     return _module
+
+
+def _beside_the_zip() -> ModuleType | None:
+    """A capture image keeps this package's .pyc files in python3XY.zip (deflated: less
+    RAM) and the extension on disk in site-packages/kdump_capture/, where the package's
+    ``__path__`` (inside the zip) does not look. Load it from there by its file name."""
+    if __spec__ is None or ".zip" not in (__file__ or ""):
+        return None
+    import importlib.machinery
+    import importlib.util
+    import sys
+
+    for d in sys.path:
+        pkg = os.path.join(d, "kdump_capture")
+        try:
+            names = sorted(os.listdir(pkg))
+        except OSError:
+            continue
+        for n in names:
+            if n.startswith("_speedups.") and n.endswith(".so"):
+                name = "kdump_capture._speedups"
+                loader = importlib.machinery.ExtensionFileLoader(name, os.path.join(pkg, n))
+                spec = importlib.util.spec_from_file_location(name, loader.path, loader=loader)
+                if spec is None:
+                    return None
+                try:
+                    mod = importlib.util.module_from_spec(spec)
+                    loader.exec_module(mod)
+                except ImportError:
+                    return None
+                sys.modules[name] = mod
+                return mod
+    return None
 
 
 def describe() -> str:

@@ -251,3 +251,61 @@ def test_s3_compressed_to_seaweedfs_at_160m(cloud_kernel: vmkit.Kernel, tmp_path
     )
     assert r.returncode == 0, r.stdout + r.stderr
     assert res.marker in out.read_text(errors="replace")
+
+
+@pytest.mark.slow
+def test_encrypted_sftp_at_160m(cloud_kernel: vmkit.Kernel, tmp_path: Path):
+    """Issue 11: the capture kernel encrypts to an age key (compressed, level 31: written
+    flattened) over SFTP at crashkernel=160M; the host decrypts with Debian's `age` and
+    makedumpfile reads the dump; no stored file holds the marker in plain text."""
+    from tests.servers.sshd import sshd
+
+    key = tmp_path / "age.key"
+    subprocess.run(["age-keygen", "-o", str(key)], check=True, capture_output=True)
+    pub = next(ln.split(": ")[1] for ln in key.read_text().splitlines() if "public key" in ln)
+    dumps = tmp_path / "dumps"
+    dumps.mkdir()
+    with sshd(str(tmp_path / "sshd")) as server:
+        config = sftp_config(server, dumps) + (
+            f'KDUMP_ENCRYPT_TO="{pub.strip()}"\n'
+            'KDUMP_DUMPFORMAT="compressed"\nKDUMP_DUMPLEVEL="31"\n'
+        )
+        res = capture_cycle.run_cycle(
+            cloud_kernel, config, tmp_path / "cycle", crashkernel_mib=160, net=True
+        )
+    assert res.save_rc == 0, _explain(res)
+    assert res.finish == "rebooting" and res.returncode == 0, _explain(res)
+    assert b"AGE-SECRET-KEY" not in (tmp_path / "cycle" / "capture.img").read_bytes()
+    for line in res.console.splitlines():  # figures for notes (pytest -s)
+        if "save finished" in line:
+            print(line.strip())
+    print(f"panic to committed dump: {res.panic_to_saved:.0f} s; image {res.report.summary()}")
+    [d] = [d for d in dumps.iterdir() if d.is_dir()]
+    names = sorted(os.listdir(d))
+    assert names == [
+        "README.txt",
+        "dmesg.txt.age",
+        "manifest.json",
+        "summary.txt.age",
+        "vmcore.age",
+    ]
+    for name in names:
+        assert res.marker.encode() not in (d / name).read_bytes(), name
+    r = subprocess.run(
+        [sys.executable, "-m", "kdump_capture", "verify", str(d)], capture_output=True
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    flat = tmp_path / "vmcore.flat"
+    with flat.open("wb") as out:
+        r = subprocess.run(["age", "-d", "-i", str(key), str(d / "vmcore.age")], stdout=out)
+    assert r.returncode == 0
+    dump = tmp_path / "vmcore"
+    with flat.open("rb") as stream:
+        r = subprocess.run(["makedumpfile", "-R", str(dump)], stdin=stream, capture_output=True)
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "makedumpfile-dmesg.txt"
+    r = subprocess.run(
+        ["makedumpfile", "--dump-dmesg", str(dump), str(out)], capture_output=True, text=True
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert res.marker in out.read_text(errors="replace")

@@ -181,6 +181,8 @@ def test_pure_modules_come_deflated_from_the_zip(built):
         "print(socket.getaddrinfo('127.0.0.1', 9)[0][4])\n"
         "try:\n    socket.getaddrinfo('b\\u00fccher.example', 9)\n"
         "except UnicodeError as e:\n    print('refused', 'no IDNA support' in str(e))\n"
+        "from kdump_capture import speedups\n"
+        "print(speedups.describe().split(' (')[0], speedups.module().__file__)\n"
     )
     r = subprocess.run(
         [CHROOT, str(tree), "/usr/bin/python3", "-I", "-c", code],
@@ -195,6 +197,9 @@ def test_pure_modules_come_deflated_from_the_zip(built):
         "unknown encoding: idna",
         "('127.0.0.1', 9)",
         "refused True",
+        # the package is zipped, its accelerator on disk beside the zip
+        "compiled accelerator /usr/lib/python3.11/site-packages/kdump_capture/"
+        + next(n for n in names if "/_speedups." in n).rpartition("/")[2],
     ]
 
 

@@ -1,0 +1,180 @@
+"""`kdump-capture decrypt`: turn an encrypted dump directory back into a plain one.
+
+Each ``NAME.age`` the manifest lists is decrypted to ``NAME`` (streamed, one chunk in
+memory), while the stored ciphertext and the plaintext are both hashed and checked against
+the manifest; a flattened vmcore is then rearranged into the normal file. Outputs appear
+only when complete and checked (temporary name, O_EXCL|O_NOFOLLOW, mode 0600, rename).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+from dataclasses import dataclass
+
+from .errors import ConfigError, NoDumpError, TransportError, VerifyError
+from .report import AGE_SUFFIX, MANIFEST, VMCORE
+
+# A manifest is a few KiB; more than this is not one of ours.
+MAX_MANIFEST = 16 << 20
+COPY = 1 << 20
+
+
+@dataclass
+class Decrypted:
+    name: str
+    size: int
+    sha256: str
+    rearranged: bool = False
+
+
+class _HashingReader:
+    """A read-only file wrapper that hashes every byte read through it."""
+
+    def __init__(self, f) -> None:
+        self.f = f
+        self.hash = hashlib.sha256()
+        self.size = 0
+
+    def read(self, n: int) -> bytes:
+        data = self.f.read(n)
+        self.hash.update(data)
+        self.size += len(data)
+        return data
+
+    def readinto(self, view: memoryview) -> int:
+        n = self.f.readinto(view)
+        if n:
+            self.hash.update(view[:n])
+            self.size += n
+        return n or 0
+
+
+def _open_nofollow(path: str) -> int:
+    try:
+        return os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        raise NoDumpError(f"{path}: cannot open: {e.strerror or e}") from None
+
+
+def read_manifest(dumpdir: str) -> dict:
+    """manifest.json of a local dump directory, bounded and never through a link."""
+    path = os.path.join(dumpdir, MANIFEST)
+    fd = _open_nofollow(path)
+    with os.fdopen(fd, "rb") as f:
+        raw = f.read(MAX_MANIFEST + 1)
+    if len(raw) > MAX_MANIFEST:
+        raise VerifyError(f"{path}: larger than {MAX_MANIFEST >> 20} MiB: not a manifest")
+    try:
+        doc = json.loads(raw)
+    except ValueError as e:
+        raise VerifyError(f"{path}: unreadable manifest: {e}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("files"), dict):
+        raise VerifyError(f"{path}: unreadable manifest: no 'files' object")
+    return doc
+
+
+def encrypted_files(doc: dict, label: str) -> list[tuple[str, dict, dict]]:
+    """(stored name, stored entry, plaintext entry) of each encrypted file, vmcore last."""
+    out = []
+    for name, info in doc["files"].items():
+        if not isinstance(name, str) or not name.endswith(AGE_SUFFIX):
+            continue
+        if "/" in name or "\0" in name or name in (AGE_SUFFIX, "." + AGE_SUFFIX):
+            raise VerifyError(f"{label}/{MANIFEST}: {name!r} is not a file name of a dump")
+        plain = info.get("plaintext") if isinstance(info, dict) else None
+        if not isinstance(plain, dict):
+            raise VerifyError(f"{label}/{MANIFEST}: {name}: no plaintext checksum recorded")
+        out.append((name, info, plain))
+    out.sort(key=lambda t: t[0] == VMCORE + AGE_SUFFIX)
+    return out
+
+
+def decrypt_dir(dumpdir: str, identities: list, output: str | None = None) -> list[Decrypted]:
+    """Decrypt every encrypted file of a dump directory into ``output`` (default: the same
+    directory). Raises DecryptError (no identity fits: exit 15), VerifyError (altered,
+    truncated or not matching the manifest: exit 8), NoDumpError, ConfigError."""
+    doc = read_manifest(dumpdir)
+    files = encrypted_files(doc, dumpdir)
+    if not files:
+        raise ConfigError(f"{dumpdir}: the dump is not encrypted (no .age file in {MANIFEST})")
+    out_dir = output or dumpdir
+    if not os.path.isdir(out_dir):
+        raise ConfigError(f"--output {out_dir}: not a directory")
+    done = []
+    for name, stored, plain in files:
+        done.append(_decrypt_one(dumpdir, name, stored, plain, identities, out_dir))
+    return done
+
+
+def _decrypt_one(dumpdir, name, stored, plain, identities, out_dir) -> Decrypted:
+    from .age import Decryptor
+
+    src = os.path.join(dumpdir, name)
+    target = name.removesuffix(AGE_SUFFIX)
+    fd = _open_nofollow(src)
+    tmp, out_fd = _create_temp(out_dir, target)
+    try:
+        with os.fdopen(fd, "rb", buffering=COPY) as f, os.fdopen(out_fd, "wb") as out:
+            out_fd = -1
+            reader = _HashingReader(f)
+            dec = Decryptor(reader, identities, src)
+            h = hashlib.sha256()
+            size = 0
+            head = b""
+            for chunk in dec.chunks():
+                if len(head) < 16:
+                    head += bytes(chunk[: 16 - len(head)])
+                h.update(chunk)
+                out.write(chunk)
+                size += len(chunk)
+            # The whole stored file must have been read (nothing after the last chunk).
+            if reader.read(1):
+                raise VerifyError(f"{src}: data after the last chunk of the age stream")
+            out.flush()
+            os.fsync(out.fileno())
+        if reader.size != stored.get("size") or reader.hash.hexdigest() != stored.get("sha256"):
+            raise VerifyError(
+                f"{src}: does not match {MANIFEST} (stored size {reader.size}, sha256 "
+                f"{reader.hash.hexdigest()}; recorded {stored.get('size')} {stored.get('sha256')})"
+            )
+        if size != plain.get("size") or h.hexdigest() != plain.get("sha256"):
+            raise VerifyError(
+                f"{src}: the decrypted file does not match the plaintext checksum in "
+                f"{MANIFEST} (size {size}, sha256 {h.hexdigest()}; recorded "
+                f"{plain.get('size')} {plain.get('sha256')})"
+            )
+        dest = os.path.join(out_dir, target)
+        from .formats.flat import is_flattened, rearrange
+
+        if target == VMCORE and is_flattened(head):
+            rearranged_size = rearrange(tmp, dest)
+            _unlink(tmp)
+            return Decrypted(target, rearranged_size, h.hexdigest(), rearranged=True)
+        os.replace(tmp, dest)
+        return Decrypted(target, size, h.hexdigest())
+    except BaseException as e:
+        if out_fd >= 0:
+            os.close(out_fd)
+        _unlink(tmp)
+        if isinstance(e, OSError):
+            raise TransportError(f"{src}: {e.strerror or e}") from e
+        raise
+
+
+def _create_temp(folder: str, name: str) -> tuple[str, int]:
+    tmp = os.path.join(folder, f".{name}.decrypt-{secrets.token_hex(6)}")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        return tmp, os.open(tmp, flags, 0o600)
+    except OSError as e:
+        raise ConfigError(f"{folder}: cannot create {name}: {e.strerror or e}") from None
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass

@@ -1,0 +1,288 @@
+"""Why the machine crashed, from the crashed kernel's log: the panic or oops line, the
+crashing CPU/PID/command, RIP, the first call-trace frames, taint, release and uptime.
+
+The log comes from the crashed kernel's memory: any bytes at all. Everything here is
+bounded (lines scanned, line length, frames, field lengths) and made of plain string
+operations and anchored regular expressions that cannot backtrack badly; the output is
+printable ASCII. A log without a crash says so (``kind == "none"``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import asdict, dataclass, field
+
+from .errors import NoDumpError, VmcoreError
+
+# What is read of a log: the last 16 MiB (a real log is a few hundred KiB; the ring is at
+# most 32 MiB of text) and lines up to 4 KiB (a kernel record is at most 1 KiB of text,
+# longer only after escaping); longer lines are cut before any pattern sees them.
+MAX_TEXT = 16 << 20
+MAX_LINE = 4096
+# After the first crash line, the CPU/RIP/trace lines follow within a few dozen lines
+# (register dump, code bytes, modules list); look no further than this.
+WINDOW = 200
+FRAMES = 8  # call-trace frames kept
+MAX_FIELD = 200  # characters of one field shown (a panic message can be long)
+
+# Lines that start a crash report, and what kind of report. Matched against the message
+# (the "[ uptime] " prefix removed), at its start or after a "CPU: N PID: N" style prefix.
+_HEADS: tuple[tuple[str, re.Pattern[str]], ...] = (
+    ("panic", re.compile(r"Kernel panic - not syncing: ?")),
+    ("BUG", re.compile(r"(?:kernel BUG at |BUG: )")),
+    (
+        "oops",
+        re.compile(
+            r"(?:Oops: |general protection fault|Unable to handle kernel |divide error: |"
+            r"invalid opcode: |stack segment: |double fault: |Internal error: |"
+            r"unable to handle page fault)"
+        ),
+    ),
+)
+_STAMP = re.compile(r"\[ *([0-9]{1,10})\.([0-9]{1,9})\] ")
+# "CPU: 0 PID: 1 Comm: init Kdump: loaded Not tainted 6.1.0-57-cloud-amd64 #1 Debian ..."
+# (6.10+: "CPU: 0 UID: 0 PID: 1 Comm: ..."). Comm is at most 15 characters and may hold
+# blanks; the taint part is "Not tainted" or "Tainted: " + flag letters and blanks.
+_CPU = re.compile(
+    r"CPU: ([0-9]{1,6}) (?:UID: [0-9]{1,10} )?PID: ([0-9]{1,10}) Comm: (.{1,16}?) "
+    r"(?:Kdump: loaded )?(Not tainted|Tainted: [A-Z ]{1,40}) +(\S{1,100})"
+)
+_RIP = re.compile(r"(?:RIP|pc|PC is at|NIP|epc|IP): ?")
+_TRACE = re.compile(r"(?:Call Trace:|Call trace:|Backtrace:)")
+_SKIP_FRAME = ("<TASK>", "</TASK>", "<IRQ>", "</IRQ>", "<NMI>", "</NMI>", "<#DF>", "</#DF>")
+
+
+@dataclass
+class CrashSummary:
+    """What an admin reads first. Fields are None when the log does not say."""
+
+    kind: str = "none"  # "panic", "oops", "BUG" or "none" (no crash report in the log)
+    headline: str | None = None  # the first crash line (oops/BUG, else the panic line)
+    panic: str | None = None  # the "Kernel panic - not syncing: ..." line
+    cpu: int | None = None
+    pid: int | None = None
+    comm: str | None = None
+    rip: str | None = None
+    trace: list[str] = field(default_factory=list)
+    taint: str | None = None
+    release: str | None = None
+    uptime: float | None = None  # seconds since boot at the headline
+    source: str = "log"  # where it came from; "none" when there was no log
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, doc: object) -> CrashSummary | None:
+        """A summary read back from a manifest (untrusted): only well-typed fields."""
+        if not isinstance(doc, dict):
+            return None
+        out = cls()
+        for name in ("kind", "headline", "panic", "comm", "rip", "taint", "release", "source"):
+            v = doc.get(name)
+            if isinstance(v, str):
+                setattr(out, name, clean(v))
+        for name in ("cpu", "pid"):
+            v = doc.get(name)
+            if isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 32:
+                setattr(out, name, v)
+        v = doc.get("uptime")
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1e10:
+            out.uptime = float(v)
+        frames = doc.get("trace")
+        if isinstance(frames, list):
+            out.trace = [clean(f) for f in frames[:FRAMES] if isinstance(f, str)]
+        return out
+
+    def lines(self) -> list[str]:
+        """The summary as text lines for README.txt and `kdump-capture summary`."""
+        if self.source == "none":
+            return ["Crash summary  : unknown (the crashed kernel's log could not be read)"]
+        if self.kind == "none":
+            return ["Crash summary  : no panic, oops or BUG found in the crashed kernel's log"]
+        out = [f"Crash          : {self.headline or self.panic}"]
+        if self.panic and self.panic != self.headline:
+            out.append(f"Panic          : {self.panic}")
+        if self.cpu is not None or self.pid is not None or self.comm is not None:
+            who = []
+            if self.cpu is not None:
+                who.append(f"CPU {self.cpu}")
+            if self.pid is not None:
+                who.append(f"PID {self.pid}")
+            if self.comm is not None:
+                who.append(f"command {self.comm}")
+            out.append(f"Crashing task  : {', '.join(who)}")
+        if self.rip:
+            out.append(f"RIP            : {self.rip}")
+        if self.trace:
+            out.append(f"Call trace     : {self.trace[0]}")
+            out += [f"                 {f}" for f in self.trace[1:]]
+        if self.taint:
+            out.append(f"Taint          : {self.taint}")
+        if self.release:
+            out.append(f"Kernel (log)   : {self.release}")
+        if self.uptime is not None:
+            out.append(f"Uptime         : {self.uptime:.6f} s at the crash")
+        return out
+
+    def text(self) -> str:
+        return "".join(line + "\n" for line in self.lines())
+
+
+def clean(text: str, limit: int = MAX_FIELD) -> str:
+    """Printable ASCII, at most ``limit`` characters (an ellipsis marks a cut)."""
+    s = "".join(c if " " <= c <= "~" else "?" for c in text[: limit + 1]).strip()
+    return s if len(s) <= limit else s[: limit - 3] + "..."
+
+
+def _split(line: str) -> tuple[float | None, str]:
+    """(uptime, message) of one log line; continuation lines have no time stamp."""
+    m = _STAMP.match(line)
+    if not m:
+        return None, line.strip()
+    frac = m.group(2)
+    return int(m.group(1)) + int(frac) / 10 ** len(frac), line[m.end() :].strip()
+
+
+def _head(msg: str) -> str | None:
+    """The kind of crash report this message starts, if any."""
+    for kind, rx in _HEADS:
+        if rx.match(msg):
+            return kind
+    return None
+
+
+def summarize(log: str | bytes | None) -> CrashSummary:
+    """The crash summary of a kernel log (the text ``dmesg.txt`` holds). Never raises for
+    any input; None: no log."""
+    if log is None:
+        return CrashSummary(source="none")
+    if isinstance(log, (bytes, bytearray, memoryview)):
+        log = bytes(log[-MAX_TEXT:]).decode("ascii", "replace")
+    elif len(log) > MAX_TEXT:
+        log = log[-MAX_TEXT:]
+    lines = log.split("\n")
+    out = CrashSummary()
+    start = None
+    for i, raw in enumerate(lines):
+        uptime, msg = _split(raw[:MAX_LINE])
+        kind = _head(msg)
+        if kind is None:
+            continue
+        text = clean(msg)
+        if kind == "panic":
+            if out.panic is None:
+                out.panic = text
+                if start is None:
+                    start, out.kind, out.headline, out.uptime = i, kind, text, uptime
+            break  # nothing after the panic matters
+        if start is None:
+            start, out.kind, out.headline, out.uptime = i, kind, text, uptime
+    if start is None:
+        return out
+    _details(out, lines, start)
+    return out
+
+
+def _details(out: CrashSummary, lines: list[str], start: int) -> None:
+    """CPU/PID/command, taint, release, RIP and trace from the lines after the headline."""
+    in_trace = False
+    for raw in lines[start : start + WINDOW]:
+        _, msg = _split(raw[:MAX_LINE])
+        if in_trace:
+            if msg in _SKIP_FRAME or msg.startswith("? "):
+                continue  # markers, and unreliable frames (guesses from the stack)
+            if msg and _looks_like_frame(msg):
+                if len(out.trace) < FRAMES:
+                    out.trace.append(clean(msg, 120))
+                continue
+            in_trace = False  # the trace ended; this line may be the RIP line
+        if out.cpu is None:
+            m = _CPU.match(msg)
+            if m:
+                out.cpu, out.pid = int(m.group(1)), int(m.group(2))
+                out.comm = clean(m.group(3), 16)
+                taint = m.group(4)
+                flags = " ".join(taint[9:].split())  # positional letters: "G      OE" -> "G OE"
+                out.taint = "Not tainted" if taint == "Not tainted" else clean(flags)
+                out.release = clean(m.group(5), 100)
+                continue
+        if out.rip is None:
+            m = _RIP.match(msg)
+            if m:
+                out.rip = clean(msg[m.end() :]) or None
+                continue
+        if _TRACE.match(msg):
+            if out.trace:
+                break  # a second trace (another CPU, a nested report): keep the first
+            in_trace = True
+            continue
+        if out.trace and out.rip is not None and out.cpu is not None:
+            break
+
+
+def _looks_like_frame(msg: str) -> bool:
+    """``func+0x16/0x20 [module]`` or ``[<addr>] func+0x..`` (arm), not a register line."""
+    word = msg.split(" ", 1)[0]
+    if word.startswith("[<"):
+        return True
+    return "+0x" in word and "/0x" in word
+
+
+def _read_tail(path: str) -> bytes:
+    """The last MAX_TEXT bytes of a file, never through a link."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        raise NoDumpError(f"{path}: cannot open: {e.strerror or e}") from None
+    with os.fdopen(fd, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        f.seek(max(0, size - MAX_TEXT))
+        return f.read(MAX_TEXT)
+
+
+def summary_of(path: str) -> CrashSummary:
+    """The crash summary of a dump file (ELF, kdump-compressed, flattened), a dmesg.txt,
+    or a dump directory (its dmesg.txt, else its vmcore, else its manifest's summary)."""
+    from .dumpfile import open_dump
+    from .report import DMESG, MANIFEST, VMCORE
+
+    if os.path.isdir(path):
+        for name in (DMESG, VMCORE):
+            p = os.path.join(path, name)
+            if os.path.lexists(p):
+                return summary_of(p)
+        from .decrypt import read_manifest
+
+        if os.path.lexists(os.path.join(path, MANIFEST)):
+            doc = read_manifest(path)
+            found = doc.get("crash_summary")
+            if isinstance(found, dict) and not found.get("encrypted"):
+                summary = CrashSummary.from_dict(found)
+                if summary is not None:
+                    return summary
+            if doc.get("encryption"):
+                raise VmcoreError(
+                    f"{path}: the dump is encrypted and its summary with it; decrypt it first "
+                    "(kdump-capture decrypt --identity KEY DIR)"
+                )
+        raise NoDumpError(f"{path}: no {DMESG}, {VMCORE} or summary in {MANIFEST}")
+    head = _read_head(path)
+    if head.startswith(b"age-encryption.org/"):
+        raise VmcoreError(
+            f"{path}: encrypted (age); decrypt it first (kdump-capture decrypt, or age -d)"
+        )
+    if head[:4] == b"\x7fELF" or head[:8] == b"KDUMP   " or head[:12] == b"makedumpfile":
+        with open_dump(path) as dump:
+            return summarize(dump.dmesg())
+    return summarize(_read_tail(path))
+
+
+def _read_head(path: str) -> bytes:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        raise NoDumpError(f"{path}: cannot open: {e.strerror or e}") from None
+    with os.fdopen(fd, "rb") as f:
+        return f.read(64)

@@ -1,0 +1,249 @@
+"""Encrypted dumps (issue 11): round trips through `age` and `kdump-capture decrypt` on
+every transport, tampering, wrong keys, markers, the plain summary switch, the initramfs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.servers.targets import make_target
+from tests.test_save_network import run_save, write_config
+from tests.test_summary import _marker_sample
+
+from .helpers import cli, save_args
+
+KINDS = ("file", "sftp", "ftp", "cifs", "s3")
+ENCRYPTED = ["README.txt", "dmesg.txt.age", "manifest.json", "summary.txt.age", "vmcore.age"]
+
+
+def _run(*argv: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(list(argv), capture_output=True, check=False, **kw)
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory):
+    d = tmp_path_factory.mktemp("keys")
+    assert _run("age-keygen", "-o", str(d / "age.key")).returncode == 0
+    assert _run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / "ed")).returncode == 0
+    assert (
+        _run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / "other")).returncode == 0
+    )
+    text = (d / "age.key").read_text()
+    pub = next(ln.split(": ")[1] for ln in text.splitlines() if "public key:" in ln)
+    return {
+        "age_pub": pub.strip(),
+        "age_key": str(d / "age.key"),
+        "ssh_pub": " ".join((d / "ed.pub").read_text().split()[:2]),
+        "ssh_key": str(d / "ed"),
+        "other_key": str(d / "other"),
+        "secrets": [text.encode(), (d / "ed").read_bytes()],
+    }
+
+
+def fetch(target, dest: Path) -> Path:
+    """The one dump directory on the target, copied here as the server holds it."""
+    files = [f for f in target.files() if not os.path.basename(f).startswith(".")]
+    dirs = {f.split("/")[0] for f in files}
+    assert len(dirs) == 1, files
+    [name] = dirs
+    out = dest / name
+    out.mkdir(parents=True)
+    for f in files:
+        (out / f.split("/", 1)[1]).write_bytes(target.read_back(f))
+    return out
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _no_marker(d: Path, marker: str) -> None:
+    for f in d.iterdir():
+        assert marker.encode() not in f.read_bytes(), f"{f.name} holds the marker in plain text"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_encrypted_round_trip(kind, request, keys, tmp_path):
+    marker = f"KDUMP-SECRET-{secrets.token_hex(8)}"
+    sample = tmp_path / "vmcore"
+    _marker_sample(sample, marker)
+    target = make_target(kind, request)
+    conf = write_config(
+        tmp_path / "kdump",
+        target,
+        KDUMP_ENCRYPT_TO=f"{keys['age_pub']} {keys['ssh_pub']}",
+        KDUMP_DUMPFORMAT="compressed",  # written flattened even on seekable targets
+        KDUMP_DUMPLEVEL="31",
+    )
+    r = run_save(conf, str(sample))
+    assert r.rc == 0, r.err
+    assert marker not in r.out + r.err
+    d = fetch(target, tmp_path / "fetched")
+    assert sorted(os.listdir(d)) == ENCRYPTED
+    _no_marker(d, marker)
+    readme = (d / "README.txt").read_text()
+    assert "Kernel panic" not in readme and "Crash summary  : encrypted" in readme
+    assert "kdump-capture decrypt --identity KEY DIR" in readme and "age -d -i KEY" in readme
+    manifest = json.loads((d / "manifest.json").read_text())
+    assert manifest["crash_summary"] == {"encrypted": True}
+    assert manifest["encryption"]["recipients"] == [keys["age_pub"], keys["ssh_pub"]]
+    # verify needs no key: locally and where the dump lies
+    assert cli("verify", str(d)).rc == 0
+    r = cli("verify", "--config", conf, f"{target.url}/{d.name}")
+    assert r.rc == 0, r.err
+    # Debian's age decrypts every file; the plaintext matches the manifest
+    for name, info in manifest["files"].items():
+        if not name.endswith(".age"):
+            continue
+        r = _run("age", "-d", "-i", keys["age_key"], str(d / name))
+        assert r.returncode == 0, r.stderr
+        assert (len(r.stdout), _sha(r.stdout)) == (
+            info["plaintext"]["size"],
+            info["plaintext"]["sha256"],
+        )
+        if name == "vmcore.age":  # flattened: makedumpfile -R rebuilds it
+            flat = tmp_path / "by-age.flat"
+            flat.write_bytes(r.stdout)
+            rebuilt = tmp_path / "by-age.kdump"
+            with open(flat, "rb") as f:
+                assert _run("makedumpfile", "-R", str(rebuilt), stdin=f).returncode == 0
+            out = tmp_path / "by-age.txt"
+            assert _run("makedumpfile", "--dump-dmesg", str(rebuilt), str(out)).returncode == 0
+            assert marker in out.read_text()
+    # our decrypt, with the SSH key: checks both checksums and rearranges the vmcore
+    r = cli("decrypt", "--identity", keys["ssh_key"], str(d))
+    assert r.rc == 0, r.err
+    assert "rearranged from the flattened format" in r.out
+    assert (d / "vmcore").read_bytes()[:8] == b"KDUMP   "
+    out = tmp_path / "ours.txt"
+    assert _run("makedumpfile", "--dump-dmesg", str(d / "vmcore"), str(out)).returncode == 0
+    assert marker in out.read_text() == (d / "dmesg.txt").read_text()
+    assert f"Kernel panic - not syncing: {marker}" in (d / "summary.txt").read_text()
+    for f in ("vmcore", "dmesg.txt", "summary.txt"):
+        assert os.stat(d / f).st_mode & 0o777 == 0o600
+
+
+def test_elf_memory_marker_and_real_sample(real_sample, keys, tmp_path):
+    """ELF level 0: the marker written into memory is in the decrypted vmcore and nowhere
+    in the dump directory; the real sysrq-c sample's log marker likewise."""
+    marker = f"KDUMP-SECRET-{secrets.token_hex(8)}"
+    sample = tmp_path / "vmcore"
+    _marker_sample(sample, marker)
+    enc = f"KDUMP_ENCRYPT_TO={keys['age_pub']}"
+    for src, level, mark in ((sample, "0", marker), (real_sample.path, "31", real_sample.marker)):
+        dumps = tmp_path / f"dumps-{level}"
+        r = cli(*save_args(str(src), str(dumps), enc, f"KDUMP_DUMPLEVEL={level}"))
+        assert r.rc == 0, r.err
+        [d] = list(dumps.iterdir())
+        _no_marker(d, mark)
+        out = tmp_path / f"plain-{level}"
+        out.mkdir()
+        r = cli("decrypt", "-i", keys["age_key"], "-o", str(out), str(d))
+        assert r.rc == 0, r.err
+        assert sorted(os.listdir(out)) == ["dmesg.txt", "summary.txt", "vmcore"]
+        assert mark in (out / "dmesg.txt").read_text()
+        if level == "0":
+            assert (out / "vmcore").read_bytes() == sample.read_bytes()
+        else:
+            summary = (out / "summary.txt").read_text()
+            assert summary.startswith("Crash          : Kernel panic - not syncing: sysrq")
+            r = cli("summary", str(out / "vmcore"))
+            assert r.rc == 0 and r.out == summary
+
+
+def test_plain_summary_only_when_allowed(keys, tmp_path):
+    sample = tmp_path / "vmcore"
+    _marker_sample(sample, "OOPS-HERE")
+    enc = f"KDUMP_ENCRYPT_TO={keys['ssh_pub']}"
+    r = cli(*save_args(str(sample), str(tmp_path / "d"), enc, "KDUMP_ENCRYPT_SUMMARY=yes"))
+    assert r.rc == 0, r.err
+    [d] = list((tmp_path / "d").iterdir())
+    readme = (d / "README.txt").read_text()
+    assert readme.split("\n\n")[1].startswith("Crash          : Kernel panic - not syncing: OOPS")
+    assert json.loads((d / "manifest.json").read_text())["crash_summary"]["kind"] == "panic"
+    assert "summary.txt.age" in os.listdir(d)
+
+
+def test_tampered_and_wrong_key(keys, tmp_path):
+    sample = tmp_path / "vmcore"
+    _marker_sample(sample, "M")
+    dumps = tmp_path / "d"
+    r = cli(*save_args(str(sample), str(dumps), f"KDUMP_ENCRYPT_TO={keys['age_pub']}"))
+    assert r.rc == 0, r.err
+    [d] = list(dumps.iterdir())
+    r = cli("decrypt", "-i", keys["other_key"], str(d))
+    assert r.rc == 15, r.err
+    assert "no identity given can decrypt it" in r.err and "wrong key" in r.err
+    assert sorted(os.listdir(d)) == ENCRYPTED  # nothing written, no temporary left
+    vm = d / "vmcore.age"
+    data = bytearray(vm.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    vm.write_bytes(bytes(data))
+    assert cli("verify", str(d)).rc == 8
+    r = cli("decrypt", "-i", keys["age_key"], str(d))
+    assert r.rc == 8, r.err
+    assert "was altered or truncated" in r.err
+    assert not (d / "vmcore").exists()
+    assert not [n for n in os.listdir(d) if n.startswith(".")]
+    assert _run("age", "-d", "-i", keys["age_key"], str(vm)).returncode != 0
+    # an unencrypted dump is not decrypted
+    r = cli(*save_args(str(sample), str(tmp_path / "p")))
+    [p] = list((tmp_path / "p").iterdir())
+    assert cli("decrypt", "-i", keys["age_key"], str(p)).rc == 2
+
+
+def test_initramfs_has_only_public_keys(keys, tmp_path):
+    import zstandard
+
+    from initramfs import builder
+    from kdump_capture.config import load_config
+    from tests.test_initramfs_build import CHROOT, KVER, fake_modules_root
+
+    cfg = load_config(
+        None,
+        [
+            "KDUMP_SAVEDIR=file:///var/crash",
+            f"KDUMP_ENCRYPT_TO={keys['age_pub']} {keys['ssh_pub']}",
+        ],
+    )
+    out = tmp_path / "initrd.img"
+    builder.build(
+        cfg,
+        str(out),
+        kernel_version=KVER,
+        modules_root=str(fake_modules_root(tmp_path)),
+        target_device="LABEL=crash",
+        target_fstype="ext4",
+    )
+    raw = zstandard.ZstdDecompressor().stream_reader(out.read_bytes()).read()
+    for secret in keys["secrets"]:
+        for line in secret.splitlines():
+            if len(line) > 20 and not line.startswith((b"#", b"-----")):
+                assert line not in raw, "private key material in the initramfs"
+    assert keys["age_pub"].encode() in raw and keys["ssh_pub"].encode() in raw
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    subprocess.run(["cpio", "-idm", "--quiet"], input=raw, cwd=tree, check=True)
+    code = (
+        "from kdump_capture.config import load_config;"
+        "from kdump_capture.age import encrypt_bytes;"
+        "c = load_config('/etc/sysconfig/kdump');"
+        "print(len(c.encrypt_to), encrypt_bytes(b'x', c.encrypt_to)[:21].decode())"
+    )
+    r = _run(CHROOT, str(tree), "/usr/bin/python3", "-I", "-c", code, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["2", "age-encryption.org/v1"]
+
+
+def test_encryption_stays_out_of_plain_images():
+    from initramfs import runtime
+
+    plain = set(runtime.entry_modules(["file"]))
+    assert "kdump_capture.age" not in plain and not any(m.startswith("cryptography") for m in plain)
+    assert "kdump_capture.age" in runtime.entry_modules(["file"], features=("encrypt",))

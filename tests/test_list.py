@@ -1,0 +1,138 @@
+"""`kdump-capture list` (issue 11): every dump on a target, all hosts, newest first, on
+every transport, with hostile manifests left by other hosts; it changes nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+import pytest
+
+from tests.servers.targets import make_target
+from tests.test_save_network import run_save, write_config
+from tests.test_summary import _marker_sample
+
+from .helpers import cli
+
+KINDS = ("file", "sftp", "ftp", "cifs", "s3")
+
+
+def _manifest(**over) -> bytes:
+    doc = {
+        "crash_summary": {
+            "kind": "BUG",
+            "headline": "BUG: kernel NULL pointer dereference, address: 0000000000000008",
+            "panic": "Kernel panic - not syncing: Fatal exception",
+            "cpu": 3,
+            "pid": 42,
+        },
+        "status": "complete",
+        "crash_time": 1767225600,  # 2026-01-01 00:00:00
+        "kernel_release": "6.1.0-57-cloud-amd64",
+        "dump_format": "kdump-compressed (lzo)",
+        "dump_level": 31,
+        "files": {},
+    }
+    doc.update(over)
+    return json.dumps(doc).encode()
+
+
+def _plant(tr, name: str, files: dict[str, bytes]) -> None:
+    tr.makedir(name)
+    for fname, data in files.items():
+        with tr.create(f"{name}/{fname}") as sink:
+            sink.write(data)
+            sink.commit()
+
+
+def _snapshot(target) -> dict[str, bytes]:
+    return {f: target.read_back(f) for f in target.files()}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_list_all_hosts_newest_first(kind, request, tmp_path):
+    target = make_target(kind, request)
+    sample = tmp_path / "vmcore"
+    _marker_sample(sample, "listing test")
+    conf = write_config(
+        tmp_path / "kdump", target, KDUMP_DUMPFORMAT="compressed", KDUMP_DUMPLEVEL="31"
+    )
+    r = run_save(conf, str(sample))
+    assert r.rc == 0, r.err
+    with target.transport() as tr:
+        _plant(
+            tr, "web01-2026-01-01-00-00-00", {"vmcore": b"x" * 1000, "manifest.json": _manifest()}
+        )
+        _plant(tr, "db02-2026-01-02-00-00-00", {"dmesg.txt": b"log"})  # no manifest
+        _plant(tr, "db02-2025-06-01-00-00-00", {"manifest.json": b"[" * 100_000})  # hostile
+        _plant(tr, "web03-2025-07-01-00-00-00", {"manifest.json": b"{}" + b" " * (2 << 20)})
+        _plant(
+            tr,
+            "web04-2025-08-01-00-00-00",
+            {
+                "manifest.json": _manifest(
+                    status="failed\x1b[2J",
+                    crash_time=1751328000,
+                    kernel_release="\x1b]0;pwned\x07" + "k" * 500,
+                    crash_summary={"encrypted": True},
+                    dump_level="31",
+                )
+            },
+        )
+        _plant(tr, "not-a-dump", {"manifest.json": _manifest()})
+    before = _snapshot(target)
+    r = cli("list", "--config", conf, target.url)
+    assert r.rc == 0, r.err
+    lines = r.out.splitlines()
+    assert len(lines) == 6, r.out
+    host = socket.gethostname() if kind == "file" else None
+    # newest first: the sample crashed 2025-11-24 (CRASHTIME), the planted ones around it
+    order = [ln.split()[0] for ln in lines]
+    assert order == ["db02", "web01", host or order[2], "web04", "web03", "db02"], r.out
+    assert "2026-01-01 00:00:00" in lines[1] and "complete" in lines[1]
+    assert "BUG: kernel NULL pointer dereference" in lines[1] and "kdump-lzo" in lines[1]
+    assert "incomplete" in lines[0]
+    assert "Kernel panic - not syncing: listing test" in lines[2]
+    assert "kdump-zlib" in lines[2] and "-d 31" in lines[2]
+    if kind in ("ftp", "s3"):
+        assert "+flat" in lines[2]
+    assert "failed" in lines[3] and "(encrypted)" in lines[3] and "\x1b" not in r.out
+    assert "manifest unreadable" in lines[4] and "manifest unreadable" in lines[5]
+    assert all(len(ln) < 400 for ln in lines)
+    r = cli("list", "--config", conf, target.url, "--json")
+    assert r.rc == 0, r.err
+    doc = json.loads(r.out)
+    assert [d["status"] for d in doc] == [
+        "incomplete",
+        "complete",
+        "complete",
+        "failed",
+        "failed",
+        "failed",
+    ]
+    assert doc[1]["level"] == 31 and doc[3]["level"] is None
+    assert _snapshot(target) == before  # nothing changed on the target
+
+
+def test_list_never_follows_links_or_opens_fifos(tmp_path):
+    root = tmp_path / "t"
+    (root / "h1-2026-01-01-00-00-00").mkdir(parents=True)
+    secret = tmp_path / "secret.json"
+    secret.write_text(json.dumps({"status": "complete", "kernel_release": "LEAKED"}))
+    os.symlink(secret, root / "h1-2026-01-01-00-00-00" / "manifest.json")
+    (root / "h2-2026-01-02-00-00-00").mkdir()
+    os.mkfifo(root / "h2-2026-01-02-00-00-00" / "manifest.json")
+    os.symlink(tmp_path, root / "h3-2026-01-03-00-00-00")  # a linked "dump directory"
+    r = cli("list", "--config", "/dev/null", f"file://{root}", timeout=60)
+    assert r.rc == 0, r.err
+    assert "LEAKED" not in r.out and "h3" not in r.out
+    lines = r.out.splitlines()
+    assert [ln.split()[0] for ln in lines] == ["h2", "h1"]
+    assert all("only regular files are read" in ln for ln in lines), lines
+
+
+def test_list_missing_target_changes_nothing(tmp_path):
+    r = cli("list", "--config", "/dev/null", f"file://{tmp_path}/none")
+    assert r.rc == 3 and "no such directory" in r.err
+    assert not (tmp_path / "none").exists()
