@@ -96,7 +96,9 @@ DIST_FILES = ("METADATA", "entry_points.txt", "top_level.txt")
 # bring: left out of the probe (and so out of the image) unless the feature is on. age
 # (KDUMP_ENCRYPT_TO) needs `cryptography`, 11 MiB unpacked, which a file target would not
 # carry otherwise.
-FEATURE_MODULES = {"encrypt": ("kdump_capture.age",)}
+# decrypt runs on an admin's machine, never in a capture kernel, but its lazy import of age
+# would pull cryptography (11 MiB) into every image: it belongs to the feature too.
+FEATURE_MODULES = {"encrypt": ("kdump_capture.age", "kdump_capture.decrypt")}
 
 # Our own top-level packages shipped into site-packages.
 OWN_PACKAGES = ("kdump_capture", "transports")
@@ -229,6 +231,8 @@ def entry_modules(schemes: Iterable[str], features: Iterable[str] = ()) -> list[
 
     def wanted(m: str) -> bool:
         if m.endswith(".__main__") or m in off:
+            return False
+        if any(m.startswith(n + ".") for n in off):  # "from .age import X" names age.X
             return False
         if m.startswith(LOAD_SIDE + ".") and m not in LOAD_SIDE_IMPORTED:
             return False

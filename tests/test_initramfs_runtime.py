@@ -92,3 +92,13 @@ def test_the_compiled_accelerator_is_packed_with_its_zlib(tmp_path):
     names = [os.path.basename(p) for p in payload.files]
     assert [n for n in names if n.startswith("_speedups.") and n.endswith(".so")]
     assert "libz.so.1" in names
+
+
+def test_cryptography_only_when_encryption_is_on(tmp_path):
+    """age (and decrypt, which imports it) pull cryptography, 11 MiB unpacked: a file image
+    without KDUMP_ENCRYPT_TO must not carry it ("from .age import X" names age.X too)."""
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    plain = runtime.collect(["file"], str(tmp_path / "a"))
+    assert not [d for d in plain.files if "/cryptography/" in d or "/age.pyc" in d]
+    enc = runtime.collect(["file"], str(tmp_path / "b"), features=("encrypt",))
+    assert [d for d in enc.files if "/cryptography/" in d]
