@@ -57,8 +57,18 @@ def check_dump(dumpdir: Path, marker: str, vmcore_name: str = "vmcore", zstd: bo
         return
     out = dumpdir.parent / "makedumpfile-dmesg.txt"
     out.unlink(missing_ok=True)
+    vmcore = dumpdir / vmcore_name
+    with open(vmcore, "rb") as f:
+        flattened = f.read(16).rstrip(b"\0") == b"makedumpfile"
+    if flattened:  # FTP cannot seek: makedumpfile's flattened format, rebuilt by its own -R
+        rebuilt = dumpdir.parent / "vmcore.rearranged"
+        rebuilt.unlink(missing_ok=True)
+        with open(vmcore, "rb") as f:
+            r = subprocess.run(["makedumpfile", "-R", str(rebuilt)], stdin=f, capture_output=True)
+        assert r.returncode == 0, r.stdout + r.stderr
+        vmcore = rebuilt
     r = subprocess.run(
-        ["makedumpfile", "--dump-dmesg", str(dumpdir / vmcore_name), str(out)],
+        ["makedumpfile", "--dump-dmesg", str(vmcore), str(out)],
         capture_output=True,
         text=True,
     )
