@@ -9,8 +9,11 @@ import subprocess
 
 import pytest
 
+from kdump_capture.formats import make_writer
 from kdump_capture.sample import SampleSpec, write_sample
+from kdump_capture.vmcore import open_vmcore
 
+from .bigcore import get_bigcore
 from .helpers import cli, save_args
 
 MiB = 1 << 20
@@ -110,6 +113,62 @@ def test_monitor_deletes_what_rotation_would_delete_to_make_room(tmp_path, small
     assert oldest not in names and newer in names and len(names) == 2
     assert _files(savedir, newer) == before
     assert all(_status(savedir, n) == "complete" for n in names)
+
+
+@pytest.fixture(scope="module")
+def big8g(tmp_path_factory):
+    """A synthetic 8 GiB machine (tests/bigcore.py): 8 GiB as ELF, about 13 MB at -d 31.
+    Same cache directory as tests/test_scale.py, so a session makes it once."""
+    return get_bigcore(str(tmp_path_factory.getbasetemp() / "bigcores"), 8192)
+
+
+def _bounds(src: str, fmt: str, level: int) -> tuple[int, int]:
+    """The writer's (lower bound, upper estimate) of the output, as the pre-check sees them."""
+    with open_vmcore(src) as vm:
+        w = make_writer(vm, fmt, level, True)
+        return w.lower_bound(), w.estimate()
+
+
+@pytest.mark.parametrize("fmt", ["compressed", "zstd"])
+def test_filtered_big_machine_fits_a_small_disk(big8g, small_disk, fmt):
+    """Issue 9 (scale): at 1 TiB the pre-check asked for the uncompressed dumpable pages
+    (73842 MiB) with 59457 MiB free, while the dump makedumpfile wrote was 1660 MB. Scaled
+    down: an 8 GiB machine whose ELF size and upper estimate are far above a 32 MiB disk
+    keeping 8 MiB free, but whose -d 31 dump (about 13 MB) fits, is saved."""
+    lower, upper = _bounds(big8g, fmt, 31)
+    assert os.path.getsize(big8g) > 200 * upper // 100 > 100 * MiB  # the premise
+    assert lower < 8 * MiB
+    savedir = small_disk(32) / "dumps"
+    sets = (f"KDUMP_DUMPFORMAT={fmt}", "KDUMP_DUMPLEVEL=31", "KDUMP_FREE_DISK_SIZE=8")
+    r = cli(*save_args(big8g, str(savedir), *sets))
+    assert r.rc == 0, r.err
+    [name] = _dumps(savedir)
+    assert _status(savedir, name) == "complete"
+    assert os.path.getsize(savedir / name / "vmcore") < 24 * MiB
+    assert cli("verify", str(savedir / name)).rc == 0
+
+
+def test_filtered_big_machine_is_refused_when_even_its_minimum_cannot_fit(big8g, small_disk):
+    """The other half of a sound pre-check: headers, bitmaps and one descriptor per dumpable
+    page are written whatever the pages compress to; when they and the margin exceed the free
+    space, the save is refused before anything is written (exit 5, older dumps untouched)."""
+    lower, _ = _bounds(big8g, "compressed", 31)
+    disk = small_disk(16)
+    savedir = disk / "dumps"
+    old = _sample(disk.parent, "old", ram_mib=4, crash_time=1764000000)
+    assert cli(*save_args(old, str(savedir), "KDUMP_FREE_DISK_SIZE=0")).rc == 0
+    [kept] = _dumps(savedir)
+    before = _files(savedir, kept)
+    free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+    margin = (free - lower) // MiB + 1  # the lower bound alone fits, with the margin it does not
+    assert margin > 0
+    sets = ("KDUMP_DUMPFORMAT=compressed", "KDUMP_DUMPLEVEL=31", f"KDUMP_FREE_DISK_SIZE={margin}")
+    r = cli(*save_args(big8g, str(savedir), *sets, "KDUMP_KEEP_OLD_DUMPS=0"))
+    assert r.rc == 5, r.err
+    assert f"needs at least {-(-lower // MiB)} MiB" in r.err and "nothing was written" in r.err
+    assert "Traceback" not in r.err
+    assert _dumps(savedir) == [kept]
+    assert _files(savedir, kept) == before
 
 
 @pytest.mark.vm
