@@ -19,11 +19,13 @@ bench/capture_fitness.py, which this runs too unless skipped or --quick).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -208,6 +210,13 @@ STEP = re.compile(r"STEP \[Excluding unnecessary pages\] : ([0-9.]+) seconds")
 WALK = re.compile(r"struct-page walk ([0-9.]+) s")
 
 
+def settle(src: str, row: dict) -> None:
+    """Before every timed run, of ours and of makedumpfile alike (see measure.settle_sparse)."""
+    t = time.monotonic()
+    data, extents = measure.settle_sparse(src)
+    row["settle"] = {"data_mib": data >> 20, "extents": extents, "s": time.monotonic() - t}
+
+
 def run_scale(args, res: dict) -> None:
     from tests.bigcore import get_bigcore
 
@@ -244,7 +253,7 @@ def run_scale(args, res: dict) -> None:
                     Case(f"makedumpfile -c -d {level}", mdf, out, "ref"),
                     Case(f"save zstd -d {level}", save_argv(src, dumps, "zstd", level), dumps),
                 ]
-                interleave(cases, runs, args.cpus, log)
+                interleave(cases, runs, args.cpus, log, before=functools.partial(settle, src, row))
                 walks = [float(m) for s in cases[0].samples for m in WALK.findall(s.stderr)]
                 steps = [sum(float(m) for m in STEP.findall(s.stderr)) for s in cases[1].samples]
                 row["levels"][level] = {
@@ -259,6 +268,7 @@ def run_scale(args, res: dict) -> None:
                             "rss": c.rss,
                             "size": c.size,
                             "walls": [s.wall for s in c.samples],
+                            "cpu_s": [s.cpu for s in c.samples],
                             "samples_ok": bool(c.samples),
                         }
                         for c in cases
@@ -422,17 +432,38 @@ def scale_report(rows: list[dict], goals: list) -> list[str]:
         "(many zero). Ours: the whole save. `walk` = struct-page walk (ours: the log line; "
         "makedumpfile: its STEP [Excluding unnecessary pages] times, both passes).",
         "",
-        "| RAM | file on disk | level | case | wall s | runs | peak RSS MiB | output MB |",
-        "|---:|---:|---:|---|---:|---:|---:|---:|",
+        "Before every run, of ours and of makedumpfile alike, the input is settled "
+        "(`bench/measure.py` `settle_sparse`): its data extents read (warm, as the real "
+        "samples are) and its holes dropped from the page cache. A read of a hole allocates "
+        "a zero-filled page-cache page and readahead "
+        f"({_readahead_kb()} KiB here) reads holes around every page read: without this, "
+        "one run of a 256 GiB bigcore filled this machine's page cache and evicted the data "
+        "the next run read back from disk, and wall time per GiB more than doubled from "
+        "64 to 256 GiB for both tools. /proc/vmcore has no page cache. `CPU s` (user + "
+        "system, GNU time) shows what waiting on the disk or on other processes added to "
+        "`wall s` on this shared machine (see the load averages).",
+        "",
+        "| RAM | file on disk | level | case | wall s | CPU s | runs | peak RSS MiB | output MB |",
+        "|---:|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         disk = _disk_mib(r)
         for level, lv in r["levels"].items():
             for c in lv["cases"]:
+                cpu = statistics.median(c["cpu_s"]) if c.get("cpu_s") else float("nan")
                 L.append(
                     f"| {r['gib']} GiB | {disk} | {level} | {c['name']} | {c['wall']:.2f} | "
-                    f"{lv['runs']} | {c['rss']:.1f} | {c['size'] / 1e6:.1f} |"
+                    f"{cpu:.2f} | {lv['runs']} | {c['rss']:.1f} | {c['size'] / 1e6:.1f} |"
                 )
+    L.append("")
+    for r in rows:
+        st = r.get("settle")
+        settled = (
+            f"; settling read {st['data_mib']} MiB in {st['extents']} extents ({st['s']:.1f} s)"
+            if st
+            else ""
+        )
+        L.append(f"- {r['gib']} GiB: load average {' -> '.join(r['load'])}{settled}")
     for r in rows:
         for lv in r["levels"].values():
             for name, err in lv.get("errors", {}).items():
@@ -496,6 +527,18 @@ def scale_report(rows: list[dict], goals: list) -> list[str]:
             )
     L.append("")
     return L
+
+
+def _readahead_kb() -> str:
+    """The readahead of the disk under the bench's scratch directory (the largest one)."""
+    sizes = []
+    for dev in os.listdir("/sys/block"):
+        try:
+            with open(f"/sys/block/{dev}/queue/read_ahead_kb") as f:
+                sizes.append(int(f.read()))
+        except (OSError, ValueError):
+            continue
+    return str(max(sizes)) if sizes else "?"
 
 
 def _disk_mib(r: dict) -> str:
