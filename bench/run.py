@@ -450,7 +450,7 @@ def scale_report(rows: list[dict], goals: list) -> list[str]:
         disk = _disk_mib(r)
         for level, lv in r["levels"].items():
             for c in lv["cases"]:
-                cpu = statistics.median(c["cpu_s"]) if c.get("cpu_s") else float("nan")
+                cpu = _cpu(c)
                 L.append(
                     f"| {r['gib']} GiB | {disk} | {level} | {c['name']} | {c['wall']:.2f} | "
                     f"{cpu:.2f} | {lv['runs']} | {c['rss']:.1f} | {c['size'] / 1e6:.1f} |"
@@ -516,17 +516,38 @@ def scale_report(rows: list[dict], goals: list) -> list[str]:
             a, b = big[0], big[-1]
             wa = a["levels"][key]["cases"][0]["wall"] / a["gib"]
             wb = b["levels"][key]["cases"][0]["wall"] / b["gib"]
+            ca, cb = (_cpu(r["levels"][key]["cases"][0]) / r["gib"] for r in (a, b))
             goals.append(
                 (
                     "scale",
                     f"save compressed -d {level}: time linear in RAM "
                     f"(s per GiB at {b['gib']} vs {a['gib']} GiB, within 1.5x)",
-                    f"{wb:.4f} vs {wa:.4f} s/GiB",
+                    f"{wb:.4f} vs {wa:.4f} s/GiB (CPU {cb:.4f} vs {ca:.4f})",
                     wb <= 1.5 * wa,
                 )
             )
+    L += [
+        "",
+        "Seconds per GiB of RAM, wall / CPU (level 31; linear means the same figure at "
+        "every size):",
+        "",
+        "| RAM | " + " | ".join(c["name"] for c in base["levels"][31]["cases"]) + " |",
+        "|---:|" + "---:|" * len(base["levels"][31]["cases"]),
+    ]
+    for r in rows:
+        if 31 in r["levels"] and r["gib"] >= 64:
+            cells = [
+                f"{c['wall'] / r['gib']:.3f} / {_cpu(c) / r['gib']:.3f}"
+                for c in r["levels"][31]["cases"]
+            ]
+            L.append(f"| {r['gib']} GiB | " + " | ".join(cells) + " |")
     L.append("")
     return L
+
+
+def _cpu(c: dict) -> float:
+    """Median CPU seconds (user + system) of a case's runs."""
+    return statistics.median(c["cpu_s"]) if c.get("cpu_s") else float("nan")
 
 
 def _readahead_kb() -> str:
