@@ -721,6 +721,11 @@ def main() -> int:
     args.scale_runs = args.scale_runs or args.runs
     args.memory_sizes = [int(x) for x in args.memory_sizes.split(",") if x]
     res: dict = {"machine": machine(), "load": [load()], "formats": [], "scale": []}
+    if res["machine"]["accelerator"].startswith("pure Python"):
+        log(
+            f"warning: {res['machine']['accelerator']}: build it with "
+            "'python3 setup.py build_ext --inplace' to measure the compiled path"
+        )
     from tests.vmkit import get_sample
 
     reuse = set(filter(None, args.reuse.split(",")))
