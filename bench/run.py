@@ -105,30 +105,7 @@ FORMAT_GOALS = [
 
 
 def save_argv(src: str, dest: str, fmt: str, level: int, extra: tuple[str, ...] = ()) -> list[str]:
-    args = [
-        "-m",
-        "kdump_capture",
-        "save",
-        "--config",
-        "/dev/null",
-        "--vmcore",
-        src,
-        "--no-reboot",
-        "--set",
-        f"KDUMP_SAVEDIR=file://{dest}",
-        "--set",
-        f"KDUMP_DUMPFORMAT={fmt}",
-        "--set",
-        f"KDUMP_DUMPLEVEL={level}",
-        "--set",
-        "KDUMP_FREE_DISK_SIZE=0",
-        "--set",
-        "KDUMP_VERBOSE=0",
-        "--set",
-        "KDUMP_KEEP_OLD_DUMPS=0",
-        *extra,
-    ]
-    return [*python_cmd(), *args]
+    return [*python_cmd(), *measure.save_args(src, f"file://{dest}", fmt, level, extra=extra)]
 
 
 def format_cases(src: str, work: str) -> list[Case]:
