@@ -165,8 +165,9 @@ def settle_sparse(path: str) -> tuple[int, int]:
 
     A read of a file hole allocates a zero-filled page-cache page, and readahead
     (read_ahead_kb, 8 MiB on this VM's disk) reads holes around every page a tool reads:
-    one -d 31 save of a 64 GiB bigcore left 14 GiB of it cached, one of 256 GiB more than
-    this machine's RAM. So each run evicted the data the next one needed (a random 4 KiB
+    -d 31 runs over a 64 GiB bigcore left 14 GiB of it cached (fincore; our save read
+    1.6 GiB of it), and a 256 GiB one touches four times as many, more than fits in this
+    machine's 23 GiB. So each run evicted the data the next one needed (a random 4 KiB
     read each, from a shared virtual disk) and the page frames of the run's own holes had
     to be reclaimed first: wall time per GiB more than doubled from 64 to 256 GiB, for
     makedumpfile as for us. /proc/vmcore has no page cache at all. Dropping the cached
