@@ -527,18 +527,25 @@ def transport_report(t: dict, goals: list) -> list[str]:
     L += [
         f"`{t['command']}` (load {t['load'][0]:.1f} before, {t['load'][1]:.1f} after)",
         "",
-        "| transport | ours MB/s | reference | reference MB/s | ratio |",
-        "|---|---:|---|---:|---:|",
+        "| transport | ours MB/s | reference | reference MB/s | ratio "
+        "| client CPU s: ours | reference |",
+        "|---|---:|---|---:|---:|---:|---:|",
     ]
     for row in t["rows"]:
         r = row["ref_s"] / row["ours_s"]
+        cpu = [f"{row[k]:.2f}" if k in row else "-" for k in ("ours_cpu_s", "ref_cpu_s")]
         L.append(
             f"| {row['label']} | {row['size'] / row['ours_s'] / 1e6:.1f} | {row['ref_label']} | "
-            f"{row['size'] / row['ref_s'] / 1e6:.1f} | {r:.2f} |"
+            f"{row['size'] / row['ref_s'] / 1e6:.1f} | {r:.2f} | {cpu[0]} | {cpu[1]} |"
         )
         goals.append(
             ("transports", f"{row['label']}: >= 0.9x {row['ref_label']}", f"{r:.2f}x", r >= 0.9)
         )
+    notes = t.get("notes", {})
+    if notes.get("checksum"):
+        L += ["", notes["checksum"]]
+    if notes.get("cifs"):
+        L += ["", f"CIFS: {notes['cifs']}."]
     L.append("")
     return L
 

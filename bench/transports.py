@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -118,12 +119,64 @@ def command(argv_for: Callable[[str], list[str]]) -> Callable[[str], None]:
     return upload
 
 
-def timed(fn: Callable[[str], None], name: str, cleanup: Callable[[str], None]) -> float:
+def cpu_seconds() -> float:
+    """CPU time of this process (all its threads: ours uploads in-process) and of its reaped
+    children (the reference clients and our S3 child); the servers are never reaped here."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def timed(
+    fn: Callable[[str], None], name: str, cleanup: Callable[[str], None]
+) -> tuple[float, float]:
+    """Wall and client CPU seconds of one upload."""
+    cpu = cpu_seconds()
     start = time.monotonic()
     fn(name)
     elapsed = time.monotonic() - start
+    cpu = cpu_seconds() - cpu
     cleanup(name)
-    return elapsed
+    return elapsed, cpu
+
+
+def sha256_seconds(src: str) -> float:
+    """Time to SHA-256 the source alone, as our sinks do while they upload (1 MiB updates):
+    work the reference clients do not do, on the same CPU."""
+    h = hashlib.sha256()
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    with open(src, "rb", buffering=0) as f:
+        start = time.monotonic()
+        while n := f.readinto(buf):
+            h.update(view[:n])
+        return time.monotonic() - start
+
+
+def read_seconds(src: str) -> float:
+    """Time to read the source alone (both clients read it): what the hash time includes."""
+    buf = bytearray(CHUNK)
+    with open(src, "rb", buffering=0) as f:
+        start = time.monotonic()
+        while f.readinto(buf):
+            pass
+        return time.monotonic() - start
+
+
+def cifs_signing(target: Target, settings: TransportSettings) -> str:
+    """What our SMB session negotiated with the bench's smbd: dialect, signing, encryption."""
+    from smbprotocol.connection import SecurityMode, SigningAlgorithms
+
+    algorithms = {v: k for k, v in vars(SigningAlgorithms).items() if k.isupper()}
+    with open_transport(target, settings) as tr:
+        conn = next(iter(tr._cache.values()))
+        session = next(iter(conn.session_table.values()))
+        required = bool(conn.server_security_mode & SecurityMode.SMB2_NEGOTIATE_SIGNING_REQUIRED)
+        algorithm = algorithms.get(conn.signing_algorithm_id, "HMAC_SHA256 or AES_CMAC")
+        return (
+            f"dialect {conn.dialect:#x}; ours signs every request: "
+            f"{session.signing_required} ({algorithm}, smbprotocol's require_signing default), "
+            f"encrypts: {session.encrypt_data}; the server requires signing: {required}"
+        )
 
 
 def main() -> None:
@@ -144,6 +197,7 @@ def main() -> None:
             f.write(os.urandom(n))
             left -= n
     rows = []
+    notes: dict = {}
     s3_peaks: dict[str, list[int]] = {"ours": [], "boto3": []}
     load_before = os.getloadavg()[0]
     settings = TransportSettings(timeout=60.0)
@@ -173,6 +227,9 @@ def main() -> None:
             for path in (netrc, smbauth):
                 os.chmod(path, 0o600)
 
+            cifs_target = replace(
+                _t(f"cifs://{smb.user}@127.0.0.1:{smb.port}/{smb.share}"), password=smb.password
+            )
             ssh_settings = TransportSettings(
                 timeout=60.0, ssh_identity=(ssh.client_key,), host_key=ssh.host_key
             )
@@ -211,14 +268,7 @@ def main() -> None:
                 (
                     "cifs (smbd)",
                     "smbclient put",
-                    ours(
-                        replace(
-                            _t(f"cifs://{smb.user}@127.0.0.1:{smb.port}/{smb.share}"),
-                            password=smb.password,
-                        ),
-                        settings,
-                        src,
-                    ),
+                    ours(cifs_target, settings, src),
                     command(
                         lambda n: [
                             "smbclient",
@@ -249,16 +299,36 @@ def main() -> None:
                 for i in range(args.runs):
                     t_mine.append(timed(mine, f"ours-{i}", cleanup))
                     t_ref.append(timed(ref, f"ref-{i}", cleanup))
-                m_mine, m_ref = statistics.median(t_mine), statistics.median(t_ref)
-                rows.append((label, ref_label, m_mine, m_ref, size))
+                m_mine = statistics.median(t for t, _ in t_mine)
+                m_ref = statistics.median(t for t, _ in t_ref)
+                c_mine = statistics.median(c for _, c in t_mine)
+                c_ref = statistics.median(c for _, c in t_ref)
+                rows.append((label, ref_label, m_mine, m_ref, size, c_mine, c_ref))
                 print(
                     f"{label:14} ours {size / m_mine / 1e6:7.1f} MB/s  "
-                    f"{ref_label} {size / m_ref / 1e6:7.1f} MB/s  ratio {m_ref / m_mine:.2f}",
+                    f"{ref_label} {size / m_ref / 1e6:7.1f} MB/s  ratio {m_ref / m_mine:.2f}  "
+                    f"client CPU s ours {c_mine:.2f} reference {c_ref:.2f}",
                     flush=True,
                 )
+                if label.startswith("cifs"):
+                    notes["cifs"] = cifs_signing(cifs_target, settings)
+            notes["sha256_s"] = statistics.median(sha256_seconds(src) for _ in range(3))
+            notes["read_s"] = statistics.median(read_seconds(src) for _ in range(3))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    _write(rows, args, (load_before, os.getloadavg()[0]), s3_peaks)
+    _write(rows, args, (load_before, os.getloadavg()[0]), s3_peaks, notes)
+
+
+def checksum_note(notes: dict) -> str:
+    """The share of our time that is the SHA-256 the reference clients do not compute."""
+    if "sha256_s" not in notes:
+        return ""
+    return (
+        f"Ours computes the file's SHA-256 while it uploads (the manifest's checksum); the "
+        f"reference clients do not. Reading and hashing the source alone takes "
+        f"{notes['sha256_s']:.2f} s here (reading alone {notes['read_s']:.2f} s), on the "
+        "CPUs the bench runs on."
+    )
 
 
 def _sftp_argv(ssh, work: str, src: str, out: str, name: str) -> list[str]:
@@ -276,7 +346,9 @@ def _t(url: str) -> Target:
     return parse_target(url)[0]
 
 
-def _write(rows, args, load: tuple[float, float], s3_peaks: dict[str, list[int]]) -> None:
+def _write(
+    rows, args, load: tuple[float, float], s3_peaks: dict[str, list[int]], notes: dict
+) -> None:
     lines = [
         "# Transport throughput on loopback",
         "",
@@ -286,14 +358,18 @@ def _write(rows, args, load: tuple[float, float], s3_peaks: dict[str, list[int]]
         "ratio = reference time / our time, higher is better; 1-minute load average "
         f"{load[0]:.1f} before, {load[1]:.1f} after).",
         "",
-        "| transport | ours MB/s | reference | reference MB/s | ratio |",
-        "|---|---:|---|---:|---:|",
+        "| transport | ours MB/s | reference | reference MB/s | ratio "
+        "| client CPU s: ours | reference |",
+        "|---|---:|---|---:|---:|---:|---:|",
     ]
-    for label, ref_label, m_mine, m_ref, size in rows:
+    for label, ref_label, m_mine, m_ref, size, c_mine, c_ref in rows:
         lines.append(
             f"| {label} | {size / m_mine / 1e6:.1f} | {ref_label} | "
-            f"{size / m_ref / 1e6:.1f} | {m_ref / m_mine:.2f} |"
+            f"{size / m_ref / 1e6:.1f} | {m_ref / m_mine:.2f} | {c_mine:.2f} | {c_ref:.2f} |"
         )
+    lines += ["", checksum_note(notes)]
+    if "cifs" in notes:
+        lines += ["", f"CIFS: {notes['cifs']}."]
     if s3_peaks["ours"]:
         lines += [
             "",
@@ -309,9 +385,18 @@ def _write(rows, args, load: tuple[float, float], s3_peaks: dict[str, list[int]]
             f" (CPUs {sorted(os.sched_getaffinity(0))})",
             "load": list(load),
             "rows": [
-                {"label": a, "ref_label": b, "ours_s": c, "ref_s": d, "size": e}
-                for a, b, c, d, e in rows
+                {
+                    "label": a,
+                    "ref_label": b,
+                    "ours_s": c,
+                    "ref_s": d,
+                    "size": e,
+                    "ours_cpu_s": f,
+                    "ref_cpu_s": g,
+                }
+                for a, b, c, d, e, f, g in rows
             ],
+            "notes": {**notes, "checksum": checksum_note(notes)},
         }
         with open(args.json, "w") as f:
             json.dump(doc, f)
