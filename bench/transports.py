@@ -7,7 +7,7 @@ size), several runs each, and prints the medians and ratios; the table also goes
 bench/results/transports.md. The S3 uploads run in child processes that also report their
 peak RSS (VmHWM), both ours and boto3's.
 
-    python3 bench/transports.py [--size-mb 1024] [--runs 3] [--only s3]
+    python3 bench/transports.py [--size-mb 1024] [--runs 3] [--only s3] [--server-cpus 1]
 """
 
 from __future__ import annotations
@@ -119,6 +119,26 @@ def command(argv_for: Callable[[str], list[str]]) -> Callable[[str], None]:
     return upload
 
 
+def move_servers(cpus: set[int]) -> None:
+    """Pin every process this one started (the servers; their later children inherit it)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    todo = list(children.get(os.getpid(), []))
+    while todo:
+        pid = todo.pop()
+        todo += children.get(pid, [])
+        with contextlib.suppress(OSError):  # exited meanwhile
+            for tid in os.listdir(f"/proc/{pid}/task"):  # every thread (SeaweedFS has many)
+                os.sched_setaffinity(int(tid), cpus)
+
+
 def cpu_seconds() -> float:
     """CPU time of this process (all its threads: ours uploads in-process) and of its reaped
     children (the reference clients and our S3 child); the servers are never reaped here."""
@@ -185,6 +205,13 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--only", default="", help="run only the transports named (e.g. s3)")
     ap.add_argument("--json", help="also write the medians here (bench/run.py reads them)")
+    ap.add_argument(
+        "--server-cpus",
+        default="",
+        help="move the servers to these CPUs (e.g. 1), so that only the clients share the "
+        "bench's own CPUs, as in a capture kernel whose server is another machine; default: "
+        "the servers share the clients' CPUs",
+    )
     args = ap.parse_args()
     size = args.size_mb * 1_000_000
     work = tempfile.mkdtemp(prefix="kdump-bench-")
@@ -218,6 +245,8 @@ def main() -> None:
                 smbd(os.path.join(work, "smbd"), os.path.join(work, "smb-out"))
             )
             s3 = stack.enter_context(seaweed(os.path.join(work, "weed")))
+            if args.server_cpus:
+                move_servers({int(c) for c in args.server_cpus.split(",")})
             netrc = os.path.join(work, "netrc")
             with open(netrc, "w") as f:
                 f.write(f"machine 127.0.0.1 login {user} password {PASSWORD}\n")
@@ -319,6 +348,16 @@ def main() -> None:
     _write(rows, args, (load_before, os.getloadavg()[0]), s3_peaks, notes)
 
 
+def _args(args) -> str:
+    """The options that shape the figures, for the report's command line."""
+    out = f"--size-mb {args.size_mb} --runs {args.runs}"
+    if args.only:
+        out += f" --only {args.only}"
+    if args.server_cpus:
+        out += f" --server-cpus {args.server_cpus}"
+    return out
+
+
 def checksum_note(notes: dict) -> str:
     """The share of our time that is the SHA-256 the reference clients do not compute."""
     if "sha256_s" not in notes:
@@ -352,8 +391,7 @@ def _write(
     lines = [
         "# Transport throughput on loopback",
         "",
-        f"`python3 bench/transports.py --size-mb {args.size_mb} --runs {args.runs}"
-        f"{' --only ' + args.only if args.only else ''}` "
+        f"`python3 bench/transports.py {_args(args)}` "
         f"({time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores, median of {args.runs} runs; "
         "ratio = reference time / our time, higher is better; 1-minute load average "
         f"{load[0]:.1f} before, {load[1]:.1f} after).",
@@ -381,7 +419,7 @@ def _write(
         ]
     if args.json:
         doc = {
-            "command": f"python3 bench/transports.py --size-mb {args.size_mb} --runs {args.runs}"
+            "command": f"python3 bench/transports.py {_args(args)}"
             f" (CPUs {sorted(os.sched_getaffinity(0))})",
             "load": list(load),
             "rows": [
