@@ -68,7 +68,7 @@ def test_resume_after_seek_is_byte_identical(kind, request):
                 info = sink.commit()
         assert proxy.dropped == 2
     expect = head[:MiB] + body
-    assert info.sha256 == hashlib.sha256(expect).hexdigest()
+    assert info.digest == hashlib.sha256(expect).hexdigest()
     with open(os.path.join(target.server_dir, "vmcore"), "rb") as f:
         assert hashlib.sha256(f.read()).digest() == hashlib.sha256(expect).digest()
 
