@@ -8,13 +8,13 @@ bench/results/transports.md. The S3 uploads run in child processes that also rep
 peak RSS (VmHWM), both ours and boto3's.
 
     python3 bench/transports.py [--size-mb 1024] [--runs 3] [--only s3] [--server-cpus 1]
+        [--checksum xxh3]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -28,6 +28,7 @@ from dataclasses import replace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from kdump_capture import checksum  # noqa: E402
 from kdump_capture.urls import Target, parse_target  # noqa: E402
 from tests.servers.common import unix_user  # noqa: E402
 from tests.servers.ftp import vsftpd  # noqa: E402
@@ -60,7 +61,7 @@ def ours(target: Target, settings: TransportSettings, src: str) -> Callable[[str
 S3_CHILD = r"""
 import os, sys, time
 sys.path.insert(0, ROOT)
-which, src, key, part, port, bucket = sys.argv[1:7]
+which, src, key, part, port, bucket, algorithm = sys.argv[1:8]
 ak, sk = os.environ["BENCH_S3_KEY"], os.environ["BENCH_S3_SECRET"]
 part = int(part)
 if which == "ours":
@@ -70,7 +71,7 @@ if which == "ours":
     from transports.base import TransportSettings
     t = replace(parse_target(f"s3+http://127.0.0.1:{port}/{bucket}")[0], user=ak, password=sk)
     # the engine's default replay budget: 16 MiB = two 8 MiB parts, one in flight
-    settings = TransportSettings(timeout=60.0, replay_bytes=2 * part)
+    settings = TransportSettings(timeout=60.0, replay_bytes=2 * part, checksum=algorithm)
     buf = bytearray(1 << 20)
     view = memoryview(buf)
     start = time.monotonic()
@@ -97,7 +98,7 @@ print(elapsed, peak)
 S3_PART = 8 << 20  # what the default 16 MiB replay budget gives (transports/s3.part_plan)
 
 
-def s3_child(which: str, src: str, s3, peaks: list[int]) -> Callable[[str], None]:
+def s3_child(which: str, src: str, s3, peaks: list[int], algorithm: str) -> Callable[[str], None]:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     code = S3_CHILD.replace("ROOT", repr(root)).replace("REGION", repr(REGION))
 
@@ -105,7 +106,7 @@ def s3_child(which: str, src: str, s3, peaks: list[int]) -> Callable[[str], None
         argv = [sys.executable, "-c", code, which, src, name, str(S3_PART), str(s3.port)]
         env = {**os.environ, "BENCH_S3_KEY": s3.access_key, "BENCH_S3_SECRET": s3.secret_key}
         out = subprocess.run(
-            [*argv, s3.bucket], check=True, capture_output=True, text=True, env=env
+            [*argv, s3.bucket, algorithm], check=True, capture_output=True, text=True, env=env
         ).stdout.split()
         peaks.append(int(out[1]))
 
@@ -159,10 +160,10 @@ def timed(
     return elapsed, cpu
 
 
-def sha256_seconds(src: str) -> float:
-    """Time to SHA-256 the source alone, as our sinks do while they upload (1 MiB updates):
-    work the reference clients do not do, on the same CPU."""
-    h = hashlib.sha256()
+def hash_seconds(src: str, algorithm: str) -> float:
+    """Time to read and hash the source alone, as our sinks hash while they upload (1 MiB
+    updates): work the reference clients do not do, on the same CPU."""
+    h = checksum.new(algorithm)
     buf = bytearray(CHUNK)
     view = memoryview(buf)
     with open(src, "rb", buffering=0) as f:
@@ -206,6 +207,12 @@ def main() -> None:
     ap.add_argument("--only", default="", help="run only the transports named (e.g. s3)")
     ap.add_argument("--json", help="also write the medians here (bench/run.py reads them)")
     ap.add_argument(
+        "--checksum",
+        default="sha256",
+        choices=sorted(checksum.BY_CONFIG),
+        help="what our sinks hash each file with (KDUMP_CHECKSUM; default sha256)",
+    )
+    ap.add_argument(
         "--server-cpus",
         default="",
         help="move the servers to these CPUs (e.g. 1), so that only the clients share the "
@@ -227,7 +234,8 @@ def main() -> None:
     notes: dict = {}
     s3_peaks: dict[str, list[int]] = {"ours": [], "boto3": []}
     load_before = os.getloadavg()[0]
-    settings = TransportSettings(timeout=60.0)
+    algorithm = checksum.BY_CONFIG[args.checksum]
+    settings = TransportSettings(timeout=60.0, checksum=algorithm)
     try:
         with contextlib.ExitStack() as stack:
             ssh = stack.enter_context(sshd(os.path.join(work, "sshd")))
@@ -260,7 +268,10 @@ def main() -> None:
                 _t(f"cifs://{smb.user}@127.0.0.1:{smb.port}/{smb.share}"), password=smb.password
             )
             ssh_settings = TransportSettings(
-                timeout=60.0, ssh_identity=(ssh.client_key,), host_key=ssh.host_key
+                timeout=60.0,
+                ssh_identity=(ssh.client_key,),
+                host_key=ssh.host_key,
+                checksum=algorithm,
             )
             cases = [
                 (
@@ -315,8 +326,8 @@ def main() -> None:
                 (
                     "s3 (SeaweedFS)",
                     "boto3 upload_file",
-                    s3_child("ours", src, s3, s3_peaks["ours"]),
-                    s3_child("boto3", src, s3, s3_peaks["boto3"]),
+                    s3_child("ours", src, s3, s3_peaks["ours"], algorithm),
+                    s3_child("boto3", src, s3, s3_peaks["boto3"], algorithm),
                     lambda n: s3.client().delete_object(Bucket=s3.bucket, Key=n),
                 ),
             ]
@@ -341,7 +352,8 @@ def main() -> None:
                 )
                 if label.startswith("cifs"):
                     notes["cifs"] = cifs_signing(cifs_target, settings)
-            notes["sha256_s"] = statistics.median(sha256_seconds(src) for _ in range(3))
+            notes["hash_s"] = statistics.median(hash_seconds(src, algorithm) for _ in range(3))
+            notes["algorithm"] = checksum.ALGORITHMS[algorithm].what
             notes["read_s"] = statistics.median(read_seconds(src) for _ in range(3))
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -355,17 +367,19 @@ def _args(args) -> str:
         out += f" --only {args.only}"
     if args.server_cpus:
         out += f" --server-cpus {args.server_cpus}"
+    if args.checksum != "sha256":
+        out += f" --checksum {args.checksum}"
     return out
 
 
 def checksum_note(notes: dict) -> str:
     """The share of our time that is the SHA-256 the reference clients do not compute."""
-    if "sha256_s" not in notes:
+    if "hash_s" not in notes:
         return ""
     return (
-        f"Ours computes the file's SHA-256 while it uploads (the manifest's checksum); the "
-        f"reference clients do not. Reading and hashing the source alone takes "
-        f"{notes['sha256_s']:.2f} s here (reading alone {notes['read_s']:.2f} s), on the "
+        f"Ours computes the file's {notes['algorithm']} while it uploads (the manifest's "
+        f"checksum); the reference clients do not. Reading and hashing the source alone takes "
+        f"{notes['hash_s']:.2f} s here (reading alone {notes['read_s']:.2f} s), on the "
         "CPUs the bench runs on."
     )
 
