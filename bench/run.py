@@ -289,6 +289,11 @@ def run_transports(args, res: dict) -> None:
             "--json",
             jf.name,
         ]
+        # The server of a capture kernel is another machine: with CPUs to spare, the
+        # servers leave the clients' CPUs (ours and the reference alike).
+        spare = [str(c) for c in range(args.cpus, os.cpu_count() or 1)]
+        if spare:
+            cmd += ["--server-cpus", ",".join(spare)]
         log(f"transports: {' '.join(cmd)}")
         p = subprocess.run(cmd, env=dict(os.environ, PYTHONPATH=ROOT))
         if p.returncode == 0:
