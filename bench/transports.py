@@ -7,7 +7,8 @@ size), several runs each, and prints the medians and ratios; the table also goes
 bench/results/transports.md. The S3 uploads run in child processes that also report their
 peak RSS (VmHWM), both ours and boto3's.
 
-    python3 bench/transports.py [--size-mb 1024] [--runs 3] [--only s3]
+    python3 bench/transports.py [--size-mb 1024] [--runs 3] [--only s3] [--server-cpus 1]
+        [--checksum xxh3]
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from dataclasses import replace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from kdump_capture import checksum  # noqa: E402
 from kdump_capture.urls import Target, parse_target  # noqa: E402
 from tests.servers.common import unix_user  # noqa: E402
 from tests.servers.ftp import vsftpd  # noqa: E402
@@ -59,7 +61,7 @@ def ours(target: Target, settings: TransportSettings, src: str) -> Callable[[str
 S3_CHILD = r"""
 import os, sys, time
 sys.path.insert(0, ROOT)
-which, src, key, part, port, bucket = sys.argv[1:7]
+which, src, key, part, port, bucket, algorithm = sys.argv[1:8]
 ak, sk = os.environ["BENCH_S3_KEY"], os.environ["BENCH_S3_SECRET"]
 part = int(part)
 if which == "ours":
@@ -69,7 +71,7 @@ if which == "ours":
     from transports.base import TransportSettings
     t = replace(parse_target(f"s3+http://127.0.0.1:{port}/{bucket}")[0], user=ak, password=sk)
     # the engine's default replay budget: 16 MiB = two 8 MiB parts, one in flight
-    settings = TransportSettings(timeout=60.0, replay_bytes=2 * part)
+    settings = TransportSettings(timeout=60.0, replay_bytes=2 * part, checksum=algorithm)
     buf = bytearray(1 << 20)
     view = memoryview(buf)
     start = time.monotonic()
@@ -96,7 +98,7 @@ print(elapsed, peak)
 S3_PART = 8 << 20  # what the default 16 MiB replay budget gives (transports/s3.part_plan)
 
 
-def s3_child(which: str, src: str, s3, peaks: list[int]) -> Callable[[str], None]:
+def s3_child(which: str, src: str, s3, peaks: list[int], algorithm: str) -> Callable[[str], None]:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     code = S3_CHILD.replace("ROOT", repr(root)).replace("REGION", repr(REGION))
 
@@ -104,7 +106,7 @@ def s3_child(which: str, src: str, s3, peaks: list[int]) -> Callable[[str], None
         argv = [sys.executable, "-c", code, which, src, name, str(S3_PART), str(s3.port)]
         env = {**os.environ, "BENCH_S3_KEY": s3.access_key, "BENCH_S3_SECRET": s3.secret_key}
         out = subprocess.run(
-            [*argv, s3.bucket], check=True, capture_output=True, text=True, env=env
+            [*argv, s3.bucket, algorithm], check=True, capture_output=True, text=True, env=env
         ).stdout.split()
         peaks.append(int(out[1]))
 
@@ -118,12 +120,84 @@ def command(argv_for: Callable[[str], list[str]]) -> Callable[[str], None]:
     return upload
 
 
-def timed(fn: Callable[[str], None], name: str, cleanup: Callable[[str], None]) -> float:
+def move_servers(cpus: set[int]) -> None:
+    """Pin every process this one started (the servers; their later children inherit it)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    todo = list(children.get(os.getpid(), []))
+    while todo:
+        pid = todo.pop()
+        todo += children.get(pid, [])
+        with contextlib.suppress(OSError):  # exited meanwhile
+            for tid in os.listdir(f"/proc/{pid}/task"):  # every thread (SeaweedFS has many)
+                os.sched_setaffinity(int(tid), cpus)
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process (all its threads: ours uploads in-process) and of its reaped
+    children (the reference clients and our S3 child); the servers are never reaped here."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def timed(
+    fn: Callable[[str], None], name: str, cleanup: Callable[[str], None]
+) -> tuple[float, float]:
+    """Wall and client CPU seconds of one upload."""
+    cpu = cpu_seconds()
     start = time.monotonic()
     fn(name)
     elapsed = time.monotonic() - start
+    cpu = cpu_seconds() - cpu
     cleanup(name)
-    return elapsed
+    return elapsed, cpu
+
+
+def hash_seconds(src: str, algorithm: str) -> float:
+    """Time to read and hash the source alone, as our sinks hash while they upload (1 MiB
+    updates): work the reference clients do not do, on the same CPU."""
+    h = checksum.new(algorithm)
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    with open(src, "rb", buffering=0) as f:
+        start = time.monotonic()
+        while n := f.readinto(buf):
+            h.update(view[:n])
+        return time.monotonic() - start
+
+
+def read_seconds(src: str) -> float:
+    """Time to read the source alone (both clients read it): what the hash time includes."""
+    buf = bytearray(CHUNK)
+    with open(src, "rb", buffering=0) as f:
+        start = time.monotonic()
+        while f.readinto(buf):
+            pass
+        return time.monotonic() - start
+
+
+def cifs_signing(target: Target, settings: TransportSettings) -> str:
+    """What our SMB session negotiated with the bench's smbd: dialect, signing, encryption."""
+    from smbprotocol.connection import SecurityMode, SigningAlgorithms
+
+    algorithms = {v: k for k, v in vars(SigningAlgorithms).items() if k.isupper()}
+    with open_transport(target, settings) as tr:
+        conn = next(iter(tr._cache.values()))
+        session = next(iter(conn.session_table.values()))
+        required = bool(conn.server_security_mode & SecurityMode.SMB2_NEGOTIATE_SIGNING_REQUIRED)
+        algorithm = algorithms.get(conn.signing_algorithm_id, "HMAC_SHA256 or AES_CMAC")
+        return (
+            f"dialect {conn.dialect:#x}; ours signs every request: "
+            f"{session.signing_required} ({algorithm}, smbprotocol's require_signing default), "
+            f"encrypts: {session.encrypt_data}; the server requires signing: {required}"
+        )
 
 
 def main() -> None:
@@ -132,6 +206,19 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--only", default="", help="run only the transports named (e.g. s3)")
     ap.add_argument("--json", help="also write the medians here (bench/run.py reads them)")
+    ap.add_argument(
+        "--checksum",
+        default="sha256",
+        choices=sorted(checksum.BY_CONFIG),
+        help="what our sinks hash each file with (KDUMP_CHECKSUM; default sha256)",
+    )
+    ap.add_argument(
+        "--server-cpus",
+        default="",
+        help="move the servers to these CPUs (e.g. 1), so that only the clients share the "
+        "bench's own CPUs, as in a capture kernel whose server is another machine; default: "
+        "the servers share the clients' CPUs",
+    )
     args = ap.parse_args()
     size = args.size_mb * 1_000_000
     work = tempfile.mkdtemp(prefix="kdump-bench-")
@@ -144,9 +231,11 @@ def main() -> None:
             f.write(os.urandom(n))
             left -= n
     rows = []
+    notes: dict = {}
     s3_peaks: dict[str, list[int]] = {"ours": [], "boto3": []}
     load_before = os.getloadavg()[0]
-    settings = TransportSettings(timeout=60.0)
+    algorithm = checksum.BY_CONFIG[args.checksum]
+    settings = TransportSettings(timeout=60.0, checksum=algorithm)
     try:
         with contextlib.ExitStack() as stack:
             ssh = stack.enter_context(sshd(os.path.join(work, "sshd")))
@@ -164,6 +253,8 @@ def main() -> None:
                 smbd(os.path.join(work, "smbd"), os.path.join(work, "smb-out"))
             )
             s3 = stack.enter_context(seaweed(os.path.join(work, "weed")))
+            if args.server_cpus:
+                move_servers({int(c) for c in args.server_cpus.split(",")})
             netrc = os.path.join(work, "netrc")
             with open(netrc, "w") as f:
                 f.write(f"machine 127.0.0.1 login {user} password {PASSWORD}\n")
@@ -173,8 +264,14 @@ def main() -> None:
             for path in (netrc, smbauth):
                 os.chmod(path, 0o600)
 
+            cifs_target = replace(
+                _t(f"cifs://{smb.user}@127.0.0.1:{smb.port}/{smb.share}"), password=smb.password
+            )
             ssh_settings = TransportSettings(
-                timeout=60.0, ssh_identity=(ssh.client_key,), host_key=ssh.host_key
+                timeout=60.0,
+                ssh_identity=(ssh.client_key,),
+                host_key=ssh.host_key,
+                checksum=algorithm,
             )
             cases = [
                 (
@@ -211,14 +308,7 @@ def main() -> None:
                 (
                     "cifs (smbd)",
                     "smbclient put",
-                    ours(
-                        replace(
-                            _t(f"cifs://{smb.user}@127.0.0.1:{smb.port}/{smb.share}"),
-                            password=smb.password,
-                        ),
-                        settings,
-                        src,
-                    ),
+                    ours(cifs_target, settings, src),
                     command(
                         lambda n: [
                             "smbclient",
@@ -236,8 +326,8 @@ def main() -> None:
                 (
                     "s3 (SeaweedFS)",
                     "boto3 upload_file",
-                    s3_child("ours", src, s3, s3_peaks["ours"]),
-                    s3_child("boto3", src, s3, s3_peaks["boto3"]),
+                    s3_child("ours", src, s3, s3_peaks["ours"], algorithm),
+                    s3_child("boto3", src, s3, s3_peaks["boto3"], algorithm),
                     lambda n: s3.client().delete_object(Bucket=s3.bucket, Key=n),
                 ),
             ]
@@ -249,16 +339,49 @@ def main() -> None:
                 for i in range(args.runs):
                     t_mine.append(timed(mine, f"ours-{i}", cleanup))
                     t_ref.append(timed(ref, f"ref-{i}", cleanup))
-                m_mine, m_ref = statistics.median(t_mine), statistics.median(t_ref)
-                rows.append((label, ref_label, m_mine, m_ref, size))
+                m_mine = statistics.median(t for t, _ in t_mine)
+                m_ref = statistics.median(t for t, _ in t_ref)
+                c_mine = statistics.median(c for _, c in t_mine)
+                c_ref = statistics.median(c for _, c in t_ref)
+                rows.append((label, ref_label, m_mine, m_ref, size, c_mine, c_ref))
                 print(
                     f"{label:14} ours {size / m_mine / 1e6:7.1f} MB/s  "
-                    f"{ref_label} {size / m_ref / 1e6:7.1f} MB/s  ratio {m_ref / m_mine:.2f}",
+                    f"{ref_label} {size / m_ref / 1e6:7.1f} MB/s  ratio {m_ref / m_mine:.2f}  "
+                    f"client CPU s ours {c_mine:.2f} reference {c_ref:.2f}",
                     flush=True,
                 )
+                if label.startswith("cifs"):
+                    notes["cifs"] = cifs_signing(cifs_target, settings)
+            notes["hash_s"] = statistics.median(hash_seconds(src, algorithm) for _ in range(3))
+            notes["algorithm"] = checksum.ALGORITHMS[algorithm].what
+            notes["read_s"] = statistics.median(read_seconds(src) for _ in range(3))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    _write(rows, args, (load_before, os.getloadavg()[0]), s3_peaks)
+    _write(rows, args, (load_before, os.getloadavg()[0]), s3_peaks, notes)
+
+
+def _args(args) -> str:
+    """The options that shape the figures, for the report's command line."""
+    out = f"--size-mb {args.size_mb} --runs {args.runs}"
+    if args.only:
+        out += f" --only {args.only}"
+    if args.server_cpus:
+        out += f" --server-cpus {args.server_cpus}"
+    if args.checksum != "sha256":
+        out += f" --checksum {args.checksum}"
+    return out
+
+
+def checksum_note(notes: dict) -> str:
+    """The share of our time that is the SHA-256 the reference clients do not compute."""
+    if "hash_s" not in notes:
+        return ""
+    return (
+        f"Ours computes the file's {notes['algorithm']} while it uploads (the manifest's "
+        f"checksum); the reference clients do not. Reading and hashing the source alone takes "
+        f"{notes['hash_s']:.2f} s here (reading alone {notes['read_s']:.2f} s), on the "
+        "CPUs the bench runs on."
+    )
 
 
 def _sftp_argv(ssh, work: str, src: str, out: str, name: str) -> list[str]:
@@ -276,24 +399,29 @@ def _t(url: str) -> Target:
     return parse_target(url)[0]
 
 
-def _write(rows, args, load: tuple[float, float], s3_peaks: dict[str, list[int]]) -> None:
+def _write(
+    rows, args, load: tuple[float, float], s3_peaks: dict[str, list[int]], notes: dict
+) -> None:
     lines = [
         "# Transport throughput on loopback",
         "",
-        f"`python3 bench/transports.py --size-mb {args.size_mb} --runs {args.runs}"
-        f"{' --only ' + args.only if args.only else ''}` "
+        f"`python3 bench/transports.py {_args(args)}` "
         f"({time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores, median of {args.runs} runs; "
         "ratio = reference time / our time, higher is better; 1-minute load average "
         f"{load[0]:.1f} before, {load[1]:.1f} after).",
         "",
-        "| transport | ours MB/s | reference | reference MB/s | ratio |",
-        "|---|---:|---|---:|---:|",
+        "| transport | ours MB/s | reference | reference MB/s | ratio "
+        "| client CPU s: ours | reference |",
+        "|---|---:|---|---:|---:|---:|---:|",
     ]
-    for label, ref_label, m_mine, m_ref, size in rows:
+    for label, ref_label, m_mine, m_ref, size, c_mine, c_ref in rows:
         lines.append(
             f"| {label} | {size / m_mine / 1e6:.1f} | {ref_label} | "
-            f"{size / m_ref / 1e6:.1f} | {m_ref / m_mine:.2f} |"
+            f"{size / m_ref / 1e6:.1f} | {m_ref / m_mine:.2f} | {c_mine:.2f} | {c_ref:.2f} |"
         )
+    lines += ["", checksum_note(notes)]
+    if "cifs" in notes:
+        lines += ["", f"CIFS: {notes['cifs']}."]
     if s3_peaks["ours"]:
         lines += [
             "",
@@ -305,13 +433,22 @@ def _write(rows, args, load: tuple[float, float], s3_peaks: dict[str, list[int]]
         ]
     if args.json:
         doc = {
-            "command": f"python3 bench/transports.py --size-mb {args.size_mb} --runs {args.runs}"
+            "command": f"python3 bench/transports.py {_args(args)}"
             f" (CPUs {sorted(os.sched_getaffinity(0))})",
             "load": list(load),
             "rows": [
-                {"label": a, "ref_label": b, "ours_s": c, "ref_s": d, "size": e}
-                for a, b, c, d, e in rows
+                {
+                    "label": a,
+                    "ref_label": b,
+                    "ours_s": c,
+                    "ref_s": d,
+                    "size": e,
+                    "ours_cpu_s": f,
+                    "ref_cpu_s": g,
+                }
+                for a, b, c, d, e, f, g in rows
             ],
+            "notes": {**notes, "checksum": checksum_note(notes)},
         }
         with open(args.json, "w") as f:
             json.dump(doc, f)

@@ -68,7 +68,7 @@ def test_resume_after_seek_is_byte_identical(kind, request):
                 info = sink.commit()
         assert proxy.dropped == 2
     expect = head[:MiB] + body
-    assert info.sha256 == hashlib.sha256(expect).hexdigest()
+    assert info.digest == hashlib.sha256(expect).hexdigest()
     with open(os.path.join(target.server_dir, "vmcore"), "rb") as f:
         assert hashlib.sha256(f.read()).digest() == hashlib.sha256(expect).digest()
 
@@ -321,6 +321,28 @@ def test_cifs_resume_while_the_server_still_holds_the_old_handle(request):
         with target.via_port(proxy.port).transport() as tr:
             _upload(tr, "vmcore", data)
         assert proxy.dropped == 1 and proxy._orphans
+    with open(os.path.join(target.server_dir, "vmcore"), "rb") as f:
+        assert hashlib.sha256(f.read()).digest() == hashlib.sha256(data).digest()
+    assert _names(target.server_dir) == ["vmcore"]
+
+
+def test_cifs_resume_when_a_later_write_landed_but_an_earlier_did_not(request):
+    """Several WRITEs in flight: the server applied a later one but never got an earlier one
+    (the proxy loses that whole message), and the earlier one's reply never comes.
+
+    The file's size on the server then covers a hole. Resuming from that size left the
+    hole in the published dump, with the right size and the SHA-256 of the bytes we meant
+    to write; the resume must start at the first WRITE the server did not acknowledge.
+    """
+    target = make_target("cifs", request)
+    target = replace(target, settings=replace(target.settings, timeout=3.0))
+    data = os.urandom(24 * MiB)
+    # Past session setup, inside the second 4 MiB WRITE: the third goes out before the
+    # sink waits for the second's reply (8 MiB in flight).
+    with DropProxy(_port(target), lose_message_at=6 * MiB) as proxy:
+        with target.via_port(proxy.port).transport() as tr:
+            _upload(tr, "vmcore", data)
+        assert proxy.lost_messages == 1
     with open(os.path.join(target.server_dir, "vmcore"), "rb") as f:
         assert hashlib.sha256(f.read()).digest() == hashlib.sha256(data).digest()
     assert _names(target.server_dir) == ["vmcore"]

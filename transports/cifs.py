@@ -3,7 +3,8 @@
 Connections live in a cache owned by the transport (never smbclient's global one).
 Encryption is used whenever the server asks for it. Uploads pipeline WRITE requests at
 explicit offsets, wait for every reply with a bounded timeout, and after a dropped
-connection reopen the temporary file and replay what the server does not hold.
+connection reopen the temporary file and replay from the first WRITE the server did not
+acknowledge (its file size alone may cover a hole: WRITEs in flight complete in any order).
 SMB cannot set Unix modes: what we create gets an owner-only DACL when the share's
 defaults would let others in (smbacl).
 
@@ -150,7 +151,7 @@ class CifsSink(Sink):
     seekable = True
 
     def __init__(self, transport: CifsTransport, unc_dir: str, name: str) -> None:
-        super().__init__(name)
+        super().__init__(name, transport.settings.checksum)
         self._t = transport
         self._final = f"{unc_dir}\\{name}"
         self._tmp = f"{unc_dir}\\{temp_name(name)}"
@@ -162,6 +163,7 @@ class CifsSink(Sink):
         self._pending: deque[tuple[Request, int, int]] = deque()  # (request, offset, size)
         self._inflight = 0
         self._unsent = 0  # append-only: first offset not sent yet (the rest is buffered)
+        self._acked = 0  # append-only: every byte below it has its WRITE acknowledged
         self._raw = None
         self._t.call(lambda: self._open("xb"), f"creating {self._tmp}")
         self._t.restrict(self._tmp, is_dir=False)  # before any byte of memory goes in
@@ -229,13 +231,16 @@ class CifsSink(Sink):
         self._hashed_below(keep)
 
     def _ack_one(self) -> None:
-        req, _, size = self._pending.popleft()
-        self._inflight -= size
+        req, offset, size = self._pending[0]
         resp = self._raw.fd.connection.receive(req, timeout=self._t.settings.timeout)
+        self._pending.popleft()
+        self._inflight -= size
         wr = SMB2WriteResponse()
         wr.unpack(resp["data"].get_value())
         if wr["count"].get_value() != size:
             raise TransportError(f"{self._tmp}: server wrote {wr['count'].get_value()} of {size}")
+        if offset == self._acked:  # replies are taken in the order the WRITEs went out
+            self._acked = offset + size
 
     def _drain(self) -> None:
         while self._pending:
@@ -249,8 +254,20 @@ class CifsSink(Sink):
                 self._send(off, data)
         else:
             with self._t.deadline(f"stat {self._tmp}"):
-                confirmed = smbclient.stat(self._tmp, **self._t.kw).st_size
-            log.info("%s: resuming at byte %d of %d", self._tmp, confirmed, self._replay.end)
+                size = smbclient.stat(self._tmp, **self._t.kw).st_size
+            # The size says where the server's last applied WRITE ended, not that it holds
+            # everything before: with several in flight it may have applied a later one and
+            # never an earlier one. Only acknowledged WRITEs count (and only what the
+            # server still has, should it have lost acknowledged bytes).
+            confirmed = min(size, self._acked)
+            log.info(
+                "%s: resuming at byte %d of %d (the server's size: %d)",
+                self._tmp,
+                confirmed,
+                self._replay.end,
+                size,
+            )
+            self._acked = confirmed
             for off, view in self._replay.since(confirmed):
                 self._send(off, view)
             self._unsent = max(self._unsent, self._replay.end)
@@ -312,13 +329,13 @@ class CifsSink(Sink):
             raise convert(e, f"closing {self._tmp}") from e
         if size != self.size:
             raise TransportError(f"{self._tmp}: wrote {self.size} bytes but the server has {size}")
-        digest = self._sha256()
+        digest = self._digest()
         self._t.call(
             lambda: smbclient.replace(self._tmp, self._final, **self._t.kw),
             f"renaming {self._tmp} to {self._final}",
         )
         self.committed = True
-        return FileInfo(self.name, size, digest)
+        return FileInfo(self.name, size, digest, self.algorithm)
 
     def abort(self) -> None:
         self._stop_hashing()

@@ -8,6 +8,11 @@ are then dropped. ``stall()``: from now on the server seems to hang: nothing mor
 client sends reaches it, on any connection (control ones included), old or new.
 ``swallow_after``: one (data) connection delivers that many bytes, then none: the rest
 vanishes in the network, and only the server's SIZE tells.
+``lose_message_at``: the one whole message (a NetBIOS session frame: a zero byte and a
+24-bit length, as SMB2 over TCP sends them) holding that upstream byte of a connection
+never reaches the server, and what follows it does: the server applies a later WRITE
+but not that one, as a server that completes several WRITEs out of order may before the
+connection goes, so the file's size no longer says how much of it the server holds.
 
 The fault matrix drives it from outside instead: ``drop_now`` resets every open
 connection; ``stop`` does that and stops listening (a server that went away: connects
@@ -50,6 +55,7 @@ class DropProxy:
         stall_after: int | None = None,
         swallow_after: int | None = None,
         half_open: bool = False,
+        lose_message_at: int | None = None,
     ) -> None:
         self.target_port = target_port
         self.drop_after = drop_after
@@ -65,6 +71,8 @@ class DropProxy:
         # the old session (and its open files) until the proxy closes
         self.half_open = half_open
         self._orphans: list[socket.socket] = []
+        self.lose_message_at = lose_message_at
+        self.lost_messages = 0
         self.stalled = threading.Event()
         self._stall_all = False
         self._closed = threading.Event()
@@ -147,6 +155,8 @@ class DropProxy:
                         if not keep:
                             continue
                         chunk = chunk[:keep]
+                if upstream and data and self.lose_message_at is not None:
+                    chunk = self._lose_message(state, chunk)
                 if upstream and data and self.drop_after is not None:
                     state["bytes"] += len(chunk)
                     with self._lock:
@@ -184,6 +194,39 @@ class DropProxy:
                     s.close()
                 except OSError:
                     pass
+
+    def _lose_message(self, state: dict, chunk: bytes) -> bytes:
+        """``chunk`` without the bytes of the message that holds upstream byte
+        ``lose_message_at`` (once, over all connections)."""
+        out = bytearray()
+        i = 0
+        while i < len(chunk):
+            if not state.get("left"):  # at a frame header, or inside one
+                head = state.get("head", b"") + chunk[i : i + 4 - len(state.get("head", b""))]
+                i += len(head) - len(state.get("head", b""))
+                state["head"] = head
+                if len(head) < 4:
+                    break
+                start = state.get("pos", 0)
+                state["left"] = int.from_bytes(head[1:4], "big")
+                state["pos"] = start + 4 + state["left"]
+                with self._lock:
+                    at = self.lose_message_at
+                    state["losing"] = (
+                        not self.lost_messages and at is not None and start <= at < state["pos"]
+                    )
+                    if state["losing"]:
+                        self.lost_messages += 1
+                if not state["losing"]:
+                    out += head
+                state["head"] = b""
+                continue
+            take = min(state["left"], len(chunk) - i)
+            if not state["losing"]:
+                out += chunk[i : i + take]
+            state["left"] -= take
+            i += take
+        return bytes(out)
 
     def _rewrite(self, line: bytes) -> bytes:
         m = _PASV.match(line)
