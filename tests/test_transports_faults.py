@@ -219,6 +219,38 @@ def test_resume_with_the_smallest_replay_buffer(kind, request):
         assert hashlib.sha256(f.read()).digest() == hashlib.sha256(data).digest()
 
 
+@pytest.mark.parametrize("proxy_kw", [{"drop_after": 5 * MiB}, {"swallow_after": 9 * MiB}])
+def test_sftp_resume_after_many_seeks_with_the_smallest_ring(request, proxy_kw):
+    """The kdump-compressed writer alternates page data and descriptors (a seek each
+    time). Seeks no longer wait for every reply and the ring drops ranges the server
+    acknowledged: a resume must still replay every range the server may lack, whether the
+    connection dropped or what was in flight was lost on the way."""
+    target = make_target("sftp", request)
+    settings = replace(target.settings, replay_bytes=4 * MiB, timeout=3.0)
+    target = replace(target, settings=settings)
+    expect = bytearray(2 * MiB)
+    data_pos, desc_pos = 2 * MiB, 0
+    with DropProxy(_port(target), drops=3, **proxy_kw) as proxy:
+        with target.via_port(proxy.port).transport() as tr:
+            with tr.create("vmcore") as sink:
+                sink.write(bytes(2 * MiB))
+                for _ in range(40):
+                    data, desc = os.urandom(MiB - 4096), os.urandom(4096)
+                    sink.seek(data_pos)
+                    sink.write(data)
+                    sink.seek(desc_pos)
+                    sink.write(desc)
+                    expect[data_pos : data_pos + len(data)] = data
+                    expect[desc_pos : desc_pos + len(desc)] = desc
+                    data_pos, desc_pos = data_pos + len(data), desc_pos + len(desc)
+                info = sink.commit()
+        assert proxy.dropped >= 1 or proxy._swallowing is not None
+    digest = hashlib.sha256(expect).hexdigest()
+    assert info.sha256 == digest
+    with open(os.path.join(target.server_dir, "vmcore"), "rb") as f:
+        assert hashlib.sha256(f.read()).hexdigest() == digest
+
+
 def test_sftp_read_back_keeps_little_requested_and_unread(request):
     """Hashing a seeked file reads it back; paramiko's plain prefetch asked for the whole
     file at once and the server's answers piled up in memory (a capture at 128M was
