@@ -77,7 +77,9 @@ MIN_WRITE = 32 << 10
 # Unacknowledged WRITE data in flight: enough to cover the bandwidth-delay product of a
 # LAN, and well below the replay buffer so every unconfirmed byte can be replayed.
 MAX_INFLIGHT = 8 << 20
-READ_CHUNK = 1 << 20
+# Read-back hands out chunks of this size: large enough that the consumer (SHA-256) runs
+# in few calls, small enough that the chunk and its bytes copy add little to READ_AHEAD.
+READ_CHUNK = 256 << 10
 # SSH_FXP_WRITE (draft-ietf-secsh-filexfer-02, 6.4): length, type, request id, handle
 # length, then the handle, then offset and data length, then the data.
 SFTP_WRITE_HEAD = struct.Struct(">IBII")
