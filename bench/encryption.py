@@ -31,6 +31,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from bench.measure import save_args  # noqa: E402
+
 ONE_CPU = ["taskset", "-c", "0"]
 CASES = [("ELF", 0), ("ELF", 31), ("compressed", 31), ("zstd", 1), ("lzo", 31)]
 
@@ -138,30 +140,8 @@ def raw_speed(which: str, mib: int) -> float:
 
 
 def save_cmd(src: str, dumps: str, fmt: str, level: int, recipient: str) -> list[str]:
-    return [
-        *ONE_CPU,
-        sys.executable,
-        "-m",
-        "kdump_capture",
-        "save",
-        "--config",
-        "/dev/null",
-        "--vmcore",
-        src,
-        "--no-reboot",
-        "--set",
-        f"KDUMP_SAVEDIR=file://{dumps}",
-        "--set",
-        "KDUMP_VERBOSE=0",
-        "--set",
-        "KDUMP_FREE_DISK_SIZE=0",
-        "--set",
-        f"KDUMP_DUMPFORMAT={fmt}",
-        "--set",
-        f"KDUMP_DUMPLEVEL={level}",
-        "--set",
-        f"KDUMP_ENCRYPT_TO={recipient}",
-    ]
+    extra = ["--set", f"KDUMP_ENCRYPT_TO={recipient}"]
+    return [*ONE_CPU, sys.executable, *save_args(src, f"file://{dumps}", fmt, level, extra=extra)]
 
 
 def timed(cmd: list[str]) -> float:

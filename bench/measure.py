@@ -39,6 +39,25 @@ def python_cmd() -> list[str]:
     return [sys.executable, "-S"]
 
 
+def save_args(
+    src: str, url: str, fmt: str, level: int, config: str = "/dev/null", extra=()
+) -> list[str]:
+    """``kdump-capture save`` of ``src`` into ``url`` as every bench runs it (after the
+    interpreter): no reboot, no free-space margin, no rotation, quiet."""
+    sets = {
+        "KDUMP_SAVEDIR": url,
+        "KDUMP_DUMPFORMAT": fmt,
+        "KDUMP_DUMPLEVEL": str(level),
+        "KDUMP_FREE_DISK_SIZE": "0",
+        "KDUMP_VERBOSE": "0",
+        "KDUMP_KEEP_OLD_DUMPS": "0",
+    }
+    args = ["-m", "kdump_capture", "save", "--config", config, "--vmcore", src, "--no-reboot"]
+    for name, value in sets.items():
+        args += ["--set", f"{name}={value}"]
+    return [*args, *extra]
+
+
 def env() -> dict[str, str]:
     e = dict(os.environ)
     e["PYTHONPATH"] = os.pathsep.join([ROOT, site_packages()])

@@ -37,29 +37,7 @@ CASES = [  # (format, level, target)
 
 
 def _save(src: str, url: str, fmt: str, level: int, conf: str) -> list[str]:
-    return [
-        *python_cmd(),
-        "-m",
-        "kdump_capture",
-        "save",
-        "--config",
-        conf,
-        "--vmcore",
-        src,
-        "--no-reboot",
-        "--set",
-        f"KDUMP_SAVEDIR={url}",
-        "--set",
-        f"KDUMP_DUMPFORMAT={fmt}",
-        "--set",
-        f"KDUMP_DUMPLEVEL={level}",
-        "--set",
-        "KDUMP_FREE_DISK_SIZE=0",
-        "--set",
-        "KDUMP_VERBOSE=0",
-        "--set",
-        "KDUMP_KEEP_OLD_DUMPS=0",
-    ]
+    return [*python_cmd(), *measure.save_args(src, url, fmt, level, config=conf)]
 
 
 def measure_all(sizes: list[int], cpus: int, scratch: str | None, log: Callable = print) -> dict:

@@ -39,6 +39,7 @@ from bench.measure import ROOT, Case, interleave, python_cmd  # noqa: E402
 RESULTS = os.path.join(ROOT, "bench", "RESULTS.md")
 RESULTS_DIR = os.path.join(ROOT, "bench", "results")
 WRITER = os.path.join(ROOT, "bench", "writer.py")
+CODEC_FLOOR = os.path.join(ROOT, "bench", "codec_floor.py")
 GIB = 1 << 30
 
 
@@ -106,30 +107,7 @@ FORMAT_GOALS = [
 
 
 def save_argv(src: str, dest: str, fmt: str, level: int, extra: tuple[str, ...] = ()) -> list[str]:
-    args = [
-        "-m",
-        "kdump_capture",
-        "save",
-        "--config",
-        "/dev/null",
-        "--vmcore",
-        src,
-        "--no-reboot",
-        "--set",
-        f"KDUMP_SAVEDIR=file://{dest}",
-        "--set",
-        f"KDUMP_DUMPFORMAT={fmt}",
-        "--set",
-        f"KDUMP_DUMPLEVEL={level}",
-        "--set",
-        "KDUMP_FREE_DISK_SIZE=0",
-        "--set",
-        "KDUMP_VERBOSE=0",
-        "--set",
-        "KDUMP_KEEP_OLD_DUMPS=0",
-        *extra,
-    ]
-    return [*python_cmd(), *args]
+    return [*python_cmd(), *measure.save_args(src, f"file://{dest}", fmt, level, extra=extra)]
 
 
 def format_cases(src: str, work: str) -> list[Case]:
@@ -162,6 +140,16 @@ def identical_to_makedumpfile(src: str, work: str) -> bool:
     return same
 
 
+def codec_floor(src: str, level: int, work: str, cpus: int) -> dict:
+    """The page codecs alone on the pages of a ``level`` dump of ``src`` (bench/codec_floor.py)."""
+    cmd = [*measure.pin(cpus), *python_cmd(), CODEC_FLOOR, src, str(level)]
+    cmd.append(os.path.join(work, f"tap-{level}"))
+    p = subprocess.run(cmd, env=measure.env(), capture_output=True, text=True)
+    if p.returncode:
+        return {"error": (p.stderr.strip().splitlines() or ["no output"])[-1]}
+    return json.loads(p.stdout)
+
+
 def run_formats(args, samples: list[tuple[str, str]], res: dict) -> None:
     for label, src in samples:
         log(f"formats: {label} ({src}), load {load()}")
@@ -172,6 +160,7 @@ def run_formats(args, samples: list[tuple[str, str]], res: dict) -> None:
         try:
             interleave(cases, args.runs, args.cpus, log)
             same = identical_to_makedumpfile(src, work)
+            floors = {str(lv): codec_floor(src, lv, work, args.cpus) for lv in (31, 1)}
             profiles = {}
             by = {c.name: c for c in cases}
             limit_all = 2.0 if label.startswith("512") else None
@@ -191,6 +180,7 @@ def run_formats(args, samples: list[tuple[str, str]], res: dict) -> None:
                 "runs": args.runs,
                 "load": [start_load, load()],
                 "identical": same,
+                "codec_floor": floors,
                 "profiles": profiles,
                 "cases": [
                     {
@@ -398,6 +388,7 @@ def report(args, res: dict) -> str:
             f"{'yes' if f['identical'] else '**no**'} |"
         )
         goals.append((f["label"], "compressed -d 31 byte-identical", "", f["identical"]))
+        L += codec_floor_lines(f.get("codec_floor", {}), med)
         for name, prof in f["profiles"].items():
             L += [
                 "",
@@ -425,6 +416,33 @@ def report(args, res: dict) -> str:
         L.append(f"| {where} | {text} | {fig} | {'yes' if ok else '**no**'} |")
     L += ["", "Plots: " + ", ".join(f"`bench/results/{p}`" for p in res.get("plots", []))]
     return "\n".join(L) + "\n"
+
+
+def codec_floor_lines(floors: dict, med) -> list[str]:
+    """What the codecs alone cost on the dump's pages, against makedumpfile -l's whole run."""
+    if not floors:
+        return []
+    L = [
+        "",
+        "The codec alone (`bench/codec_floor.py VMCORE LEVEL`, pinned alike): the pages this "
+        "level dumps, compressed one page at a time by the C libraries with no Python "
+        "around them, best CPU time of 3. zstd level 1 is what the zstd format writes; "
+        "level -1 is shown for its size; makedumpfile `-l` is LZO.",
+        "",
+        "| level | pages | codec | CPU s | stored MB | makedumpfile -l, whole run (wall s) |",
+        "|---:|---:|---|---:|---:|---:|",
+    ]
+    for level, fl in floors.items():
+        if "error" in fl:
+            L.append(f"| {level} | | codec_floor failed: {fl['error']} | | | |")
+            continue
+        ref = med(f"makedumpfile -l -d {level}")
+        for name, c in fl["codecs"].items():
+            L.append(
+                f"| {level} | {fl['pages']} | {name} | {c['cpu_s']:.3f} | "
+                f"{c['bytes'] / 1e6:.1f} | {ref:.3f} |"
+            )
+    return L
 
 
 def scale_report(rows: list[dict], goals: list) -> list[str]:
