@@ -38,19 +38,7 @@ GOALS = [("save compressed -d 31 to sftp", 1.0)]
 
 
 def _save(src: str, url: str, fmt: str, level: int, conf: str) -> list[str]:
-    sets = {
-        "KDUMP_SAVEDIR": url,
-        "KDUMP_DUMPFORMAT": fmt,
-        "KDUMP_DUMPLEVEL": str(level),
-        "KDUMP_FREE_DISK_SIZE": "0",
-        "KDUMP_VERBOSE": "0",
-        "KDUMP_KEEP_OLD_DUMPS": "0",
-    }
-    argv = [*python_cmd(), "-m", "kdump_capture", "save", "--config", conf]
-    argv += ["--vmcore", src, "--no-reboot"]
-    for k, v in sets.items():
-        argv += ["--set", f"{k}={v}"]
-    return argv
+    return [*python_cmd(), *measure.save_args(src, url, fmt, level, conf)]
 
 
 def _pipeline(src: str, srv, out: str) -> list[str]:
