@@ -337,6 +337,18 @@ def add_payload(arc: cpio.Archive, payload: runtime.Payload) -> None:
         arc.add_symlink(link, tgt)
 
 
+def image_features(cfg: Mapping[str, str]) -> tuple[str, ...]:
+    """The configured features whose libraries the image must carry (keys of
+    runtime.FEATURE_MODULES): `cryptography` for KDUMP_ENCRYPT_TO (only public keys travel),
+    `xxhash` for KDUMP_CHECKSUM=xxh3."""
+    features = []
+    if cfg.get("KDUMP_ENCRYPT_TO", "").strip():
+        features.append("encrypt")
+    if cfg.get("KDUMP_CHECKSUM", "").strip().lower() == "xxh3":
+        features.append("xxh3")
+    return tuple(features)
+
+
 def add_own_packages(payload: runtime.Payload, schemes: list[str], tmpdir: str) -> int:
     """Our packages as .pyc: all of the engine, the transport base and the targets' ones."""
     root = runtime.project_root()
@@ -438,10 +450,9 @@ def build(
     base_layout(arc)
     extras: list[str] = []
 
+    features = image_features(cfg)
     with tempfile.TemporaryDirectory(prefix="kdump-initramfs-") as tmp:
         idna = not all(t.host.isascii() for t in targets)
-        # Encryption packs `cryptography` (only public keys travel: KDUMP_ENCRYPT_TO).
-        features = ("encrypt",) if cfg.get("KDUMP_ENCRYPT_TO", "").strip() else ()
         payload = runtime.collect(schemes, tmp, idna=idna, features=features)
         add_own_packages(payload, schemes, tmp)
         pyc = sum(1 for f in payload.files if f.endswith(".pyc"))

@@ -98,7 +98,12 @@ DIST_FILES = ("METADATA", "entry_points.txt", "top_level.txt")
 # carry otherwise.
 # decrypt runs on an admin's machine, never in a capture kernel, but its lazy import of age
 # would pull cryptography (11 MiB) into every image: it belongs to the feature too.
-FEATURE_MODULES = {"encrypt": ("kdump_capture.age", "kdump_capture.decrypt")}
+# xxh3sum (KDUMP_CHECKSUM=xxh3) is the only importer of `xxhash` (0.1 MiB): an image with
+# the default SHA-256 has no use for it.
+FEATURE_MODULES = {
+    "encrypt": ("kdump_capture.age", "kdump_capture.decrypt"),
+    "xxh3": ("kdump_capture.xxh3sum",),
+}
 
 # Our own top-level packages shipped into site-packages.
 OWN_PACKAGES = ("kdump_capture", "transports")

@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from .checksum import Hasher
 from .errors import ConfigError, DecryptError, VerifyError
 
 VERSION_LINE = b"age-encryption.org/v1"
@@ -361,7 +362,12 @@ class Encryptor:
     when the whole plaintext is.
     """
 
-    def __init__(self, recipients: Iterable[Recipient], out: Callable[[memoryview], None]) -> None:
+    def __init__(
+        self,
+        recipients: Iterable[Recipient],
+        out: Callable[[memoryview], None],
+        plain_hash: Hasher | None = None,
+    ) -> None:
         self.out = out
         file_key = os.urandom(FILE_KEY_SIZE)
         nonce = os.urandom(NONCE_SIZE)
@@ -375,7 +381,8 @@ class Encryptor:
         self.counter = 0
         self.started = False
         self.plain_size = 0
-        self.plain_hash = hashlib.sha256()
+        # what the manifest records of the plaintext (checksum.new: SHA-256 unless chosen)
+        self.plain_hash: Hasher = plain_hash or hashlib.sha256()
 
     def _seal(self, data: bytes | bytearray | memoryview, last: bool) -> None:
         if not self.started:

@@ -228,6 +228,8 @@ DIRECTIVES: tuple[Directive, ...] = (
     _d("KDUMP_DUMPFORMAT", "ELF",
        _enum_kind("none", "ELF", *_DUMPFORMATS[2:]),
        "Dump file format"),
+    _d("KDUMP_CHECKSUM", "sha256", _enum_kind("sha256", "xxh3"), "Checksum recorded in the "
+       "manifest for every file: sha256, or xxh3 (XXH3-128, ~10x faster; needs python-xxhash)"),
     _d("KDUMP_IMMEDIATE_REBOOT", "yes", BOOL, "Reboot as soon as the dump is saved"),
     _d("KDUMP_VERBOSE", "3", _int_kind(0, 31), "Bitmask: 1 cmdline to syslog, 2 progress, "
        "4 cmdline to stdout, 8 debug transfer, 16 debug load"),
@@ -733,6 +735,17 @@ class Config(Mapping[str, str]):
     def dumpformat(self) -> str:
         """Lowercase: none, elf, compressed, lzo, snappy, zstd or raw."""
         return self._typed["KDUMP_DUMPFORMAT"]  # type: ignore[return-value]
+
+    @property
+    def checksum(self) -> str:
+        """The algorithm as the manifest names it (a key of checksum.ALGORITHMS)."""
+        from .checksum import from_config
+
+        return from_config(self._typed["KDUMP_CHECKSUM"])  # type: ignore[arg-type]
+
+    def not_available(self, name: str, problem: str) -> NotSupported:
+        """NotSupported naming where ``name`` was set, for a value whose module is missing."""
+        return NotSupported(f"{_where(self.location(name), name)}: {problem}")
 
     @property
     def immediate_reboot(self) -> bool:

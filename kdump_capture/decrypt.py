@@ -8,12 +8,12 @@ only when complete and checked (temporary name, O_EXCL|O_NOFOLLOW, mode 0600, re
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import secrets
 from dataclasses import dataclass
 
+from . import checksum
 from .errors import ConfigError, NoDumpError, TransportError, VerifyError
 from .report import AGE_SUFFIX, MANIFEST, VMCORE
 
@@ -26,16 +26,17 @@ COPY = 1 << 20
 class Decrypted:
     name: str
     size: int
-    sha256: str
+    digest: str  # of the plaintext, by ``algorithm``
+    algorithm: str = checksum.SHA256
     rearranged: bool = False
 
 
 class _HashingReader:
     """A read-only file wrapper that hashes every byte read through it."""
 
-    def __init__(self, f) -> None:
+    def __init__(self, f, hasher: checksum.Hasher) -> None:
         self.f = f
-        self.hash = hashlib.sha256()
+        self.hash = hasher
         self.size = 0
 
     def read(self, n: int) -> bytes:
@@ -114,14 +115,17 @@ def _decrypt_one(dumpdir, name, stored, plain, identities, out_dir) -> Decrypted
 
     src = os.path.join(dumpdir, name)
     target = name.removesuffix(AGE_SUFFIX)
+    where = f"{dumpdir}/{MANIFEST}: {name}"
+    stored_algo, stored_digest = checksum.recorded(stored, where)
+    plain_algo, plain_digest = checksum.recorded(plain, f"{where} (plaintext)")
+    stored_hash, h = checksum.new(stored_algo), checksum.new(plain_algo)
     fd = _open_nofollow(src)
     tmp, out_fd = _create_temp(out_dir, target)
     try:
         with os.fdopen(fd, "rb", buffering=COPY) as f, os.fdopen(out_fd, "wb") as out:
             out_fd = -1
-            reader = _HashingReader(f)
+            reader = _HashingReader(f, stored_hash)
             dec = Decryptor(reader, identities, src)
-            h = hashlib.sha256()
             size = 0
             head = b""
             for chunk in dec.chunks():
@@ -135,16 +139,16 @@ def _decrypt_one(dumpdir, name, stored, plain, identities, out_dir) -> Decrypted
                 raise VerifyError(f"{src}: data after the last chunk of the age stream")
             out.flush()
             os.fsync(out.fileno())
-        if reader.size != stored.get("size") or reader.hash.hexdigest() != stored.get("sha256"):
+        if reader.size != stored.get("size") or reader.hash.hexdigest() != stored_digest:
             raise VerifyError(
-                f"{src}: does not match {MANIFEST} (stored size {reader.size}, sha256 "
-                f"{reader.hash.hexdigest()}; recorded {stored.get('size')} {stored.get('sha256')})"
+                f"{src}: does not match {MANIFEST} (stored size {reader.size}, {stored_algo} "
+                f"{reader.hash.hexdigest()}; recorded {stored.get('size')} {stored_digest})"
             )
-        if size != plain.get("size") or h.hexdigest() != plain.get("sha256"):
+        if size != plain.get("size") or h.hexdigest() != plain_digest:
             raise VerifyError(
                 f"{src}: the decrypted file does not match the plaintext checksum in "
-                f"{MANIFEST} (size {size}, sha256 {h.hexdigest()}; recorded "
-                f"{plain.get('size')} {plain.get('sha256')})"
+                f"{MANIFEST} (size {size}, {plain_algo} {h.hexdigest()}; recorded "
+                f"{plain.get('size')} {plain_digest})"
             )
         dest = os.path.join(out_dir, target)
         from .formats.flat import is_flattened, rearrange
@@ -152,9 +156,9 @@ def _decrypt_one(dumpdir, name, stored, plain, identities, out_dir) -> Decrypted
         if target == VMCORE and is_flattened(head):
             rearranged_size = rearrange(tmp, dest)
             _unlink(tmp)
-            return Decrypted(target, rearranged_size, h.hexdigest(), rearranged=True)
+            return Decrypted(target, rearranged_size, h.hexdigest(), plain_algo, rearranged=True)
         os.replace(tmp, dest)
-        return Decrypted(target, size, h.hexdigest())
+        return Decrypted(target, size, h.hexdigest(), plain_algo)
     except BaseException as e:
         if out_fd >= 0:
             os.close(out_fd)

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 from transports.base import FileInfo, Sink
 
+from . import checksum
 from .errors import ConfigError, DumpDeviceError, IncompleteDump, VmcoreError
 from .formats import CHUNK, FORMAT_NAMES, make_writer
 from .memory import BufferPlan
@@ -290,7 +291,9 @@ class DeviceSink(Sink):
     seekable = True
 
     def __init__(self, fd: int, path: str, capacity: int) -> None:
-        super().__init__(os.path.basename(path))
+        # The header holds a SHA-256 (32 bytes) whatever KDUMP_CHECKSUM says: recover checks
+        # it once, and the copy it writes to KDUMP_SAVEDIR gets the configured checksum.
+        super().__init__(os.path.basename(path), checksum.SHA256)
         self.fd, self.path, self.capacity = fd, path, capacity
 
     def write(self, data: bytes | memoryview) -> None:
@@ -330,7 +333,7 @@ class DeviceSink(Sink):
         except OSError as e:
             raise DumpDeviceError(f"KDUMP_DUMPDEV {self.path}: flush failed: {e.strerror}") from e
         self.committed = True
-        return FileInfo(self.name, self.size, self._sha256())
+        return FileInfo(self.name, self.size, self._digest())
 
     def abort(self) -> None:
         pass
@@ -401,7 +404,7 @@ def write_dump(
             info.size,
             crash_time,
             header.written_at,
-            bytes.fromhex(info.sha256),
+            bytes.fromhex(info.digest),
             vm.release or "",
             fmt,
             result.dump_level,

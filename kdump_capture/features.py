@@ -4,6 +4,8 @@ the save-side CLI and the load commands."""
 
 from __future__ import annotations
 
+from .errors import NotSupported
+
 # Directives this engine does not implement, with the value that means "off". A value other
 # than that fails before anything is written, never silently ignored.
 UNSUPPORTED = {
@@ -22,6 +24,14 @@ UNSUPPORTED_FLAGS = {"SPLIT", "XENALLDOMAINS"}
 
 
 def check_unsupported(cfg) -> None:
+    """NotSupported (exit 9) for a dump-side feature this build or this machine cannot do:
+    run before anything is written (save) or loaded (check, load, initramfs build)."""
+    from .checksum import new
+
+    try:
+        new(cfg.checksum)  # KDUMP_CHECKSUM=xxh3 without the xxhash package
+    except NotSupported as e:
+        raise cfg.not_available("KDUMP_CHECKSUM", str(e)) from None
     for name, what in UNSUPPORTED.items():
         if cfg.value(name):  # "" or a false boolean means the feature is off
             raise cfg.not_supported(name, what)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from transports.base import Transport
 
+from . import checksum
 from .errors import ManifestError
 from .report import MANIFEST
 
@@ -39,7 +40,6 @@ FAILED = "failed"
 INCOMPLETE = "incomplete"
 STATUSES = (COMPLETE, FAILED, INCOMPLETE)
 
-_SHA256 = re.compile(r"[0-9a-f]{64}")
 # A JSON string, possessive so that each byte is looked at once; an unterminated one runs to
 # the end (json rejects it later).
 _STRING = re.compile(rb'"(?:[^"\\]|\\.)*+"?', re.S)
@@ -52,7 +52,8 @@ class FileRecord:
     """What the manifest says about one file of the dump."""
 
     size: int
-    sha256: str
+    digest: str
+    algorithm: str = checksum.SHA256  # a key of checksum.ALGORITHMS
 
 
 @dataclass(frozen=True)
@@ -115,12 +116,11 @@ def _files(doc: dict, where: str) -> dict[str, FileRecord]:
             raise ManifestError(f"{where}: file name {name[:80]!r} is not a plain name")
         if not isinstance(info, dict):
             raise ManifestError(f"{where}: {name}: not an object")
-        size, digest = info.get("size"), info.get("sha256")
+        size = info.get("size")
         if type(size) is not int or size < 0:
             raise ManifestError(f"{where}: {name}: 'size' is missing or not a byte count")
-        if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
-            raise ManifestError(f"{where}: {name}: 'sha256' is missing or not 64 hex digits")
-        out[name] = FileRecord(size, digest)
+        algorithm, digest = checksum.recorded(info, f"{where}: {name}")
+        out[name] = FileRecord(size, digest, algorithm)
     return out
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 from transports import open_transport
 from transports.base import Entry, Transport, TransportSettings
 
-from . import manifest, policy
+from . import checksum, manifest, policy
 from .dmesg import extract as extract_dmesg
 from .errors import (
     AuthError,
@@ -260,7 +260,7 @@ def _create(transport: Transport, relpath: str, encrypt_to: tuple):
 def _info(info, sink) -> dict:
     """The manifest entry of a committed file: what is stored, and the plaintext's checksum
     when it is encrypted (so a decrypted copy can be checked)."""
-    out: dict = {"size": info.size, "sha256": info.sha256}
+    out: dict = {"size": info.size, **checksum.entry(info.algorithm, info.digest)}
     if isinstance(sink, SealedSink):
         out["plaintext"] = sink.plaintext
     return out
@@ -270,8 +270,9 @@ class SealedSink:
     """Plaintext in, the age format out to ``inner`` (a Sink): never seekable.
 
     ``commit`` seals the last chunk, commits ``inner`` and returns its FileInfo (the stored
-    ciphertext's size and SHA-256: ``verify`` needs no key); ``plaintext`` then holds the
-    name, size and SHA-256 of what was written to us. Memory: about 1.1 MiB (age.Encryptor).
+    ciphertext's size and checksum: ``verify`` needs no key); ``plaintext`` then holds the
+    name, size and checksum (``inner``'s algorithm) of what was written to us. Memory:
+    about 1.1 MiB (age.Encryptor).
     """
 
     seekable = False
@@ -280,7 +281,7 @@ class SealedSink:
         from .age import Encryptor  # imports cryptography: only when encryption is on
 
         self.inner = inner
-        self.enc = Encryptor(recipients, inner.write)
+        self.enc = Encryptor(recipients, inner.write, checksum.new(inner.algorithm))
         self.plaintext: dict = {}
 
     @property
@@ -300,7 +301,7 @@ class SealedSink:
         self.plaintext = {
             "name": name.rpartition("/")[2],
             "size": self.enc.plain_size,
-            "sha256": self.enc.plain_hash.hexdigest(),
+            **checksum.entry(self.inner.algorithm, self.enc.plain_hash.hexdigest()),
         }
         return info
 

@@ -43,7 +43,7 @@ class DumpRecord:
     finished: float = 0.0
     pages_total: int = 0
     pages_written: int = 0
-    files: dict[str, dict] = field(default_factory=dict)  # name -> {size, sha256}
+    files: dict[str, dict] = field(default_factory=dict)  # name -> {size, algorithm, <it>}
     notes: list[str] = field(default_factory=list)
     error: str | None = None
     #: source ranges that could not be read and are zeros in the vmcore:
@@ -110,13 +110,11 @@ class DumpRecord:
             out += line("Pages", f"{self.pages_written} of {self.pages_total} written")
         out += "\nFiles:\n"
         for name, info in sorted(self.files.items()):
-            out += f"  {name:<12} {info['size']:>14} bytes  sha256 {info['sha256']}\n"
+            out += f"  {name:<12} {info['size']:>14} bytes  {_digest(info)}\n"
             plain = info.get("plaintext")
             if isinstance(plain, dict):
-                out += (
-                    f"  {'(decrypted)':<12} {plain.get('size'):>14} bytes  sha256 "
-                    f"{plain.get('sha256')}\n"
-                )
+                out += f"  {'(decrypted)':<12} {plain.get('size'):>14} bytes  {_digest(plain)}\n"
+
         vmcore = VMCORE + (AGE_SUFFIX if self.encryption else "")
         if vmcore not in self.files:
             out += f"  (no {vmcore}: see Status)\n"
@@ -171,3 +169,9 @@ def _redacted(value: object) -> object:
     if isinstance(value, list):
         return [_redacted(v) for v in value]
     return value
+
+
+def _digest(info: dict) -> str:
+    """The algorithm and hex digest of a file entry we wrote (SHA-256 when unnamed)."""
+    algorithm = info.get("algorithm", "sha256")
+    return f"{algorithm} {info.get(algorithm)}"

@@ -1,6 +1,7 @@
 """KDUMP_DUMPDEV: raw dump onto a (loop) block device, then `recover` into KDUMP_SAVEDIR."""
 
 import hashlib
+import json
 import os
 import shutil
 import stat
@@ -374,6 +375,23 @@ def test_crafted_header_round_trip_is_recovered(tmp_path):
     assert r.rc == 0, r.err
     [name] = os.listdir(tmp_path / "d")
     assert (tmp_path / "d" / name / "vmcore").read_bytes() == b"x" * 4096
+
+
+def test_device_header_keeps_sha256_with_xxh3(sample, loopdev, tmp_path):
+    """KDUMP_CHECKSUM=xxh3: the header's 32-byte checksum stays SHA-256 (recover checks it);
+    the copy recover writes to KDUMP_SAVEDIR gets XXH3-128 in its manifest."""
+    dev = loopdev(32)
+    r = _save_to_dev(sample, dev, "KDUMP_CHECKSUM=xxh3")
+    assert r.rc == 0, r.err
+    data = open(sample, "rb").read()
+    assert dumpdev.read_header(dev).sha256 == hashlib.sha256(data).digest()
+    r = _recover(dev, tmp_path / "d", "--set", "KDUMP_CHECKSUM=xxh3")
+    assert r.rc == 0, r.err
+    [name] = os.listdir(tmp_path / "d")
+    info = json.loads((tmp_path / "d" / name / "manifest.json").read_text())["files"]["vmcore"]
+    assert info["algorithm"] == "xxh3-128" and info["size"] == len(data)
+    v = cli("verify", str(tmp_path / "d" / name))
+    assert v.rc == 0 and "xxh3-128" in v.out, v.err
 
 
 @pytest.mark.parametrize(

@@ -275,3 +275,45 @@ def test_cli_builds_with_config_and_set(tmp_path, capsys):
     with zipfile.ZipFile(tree / "usr/lib/python311.zip") as z:
         names = z.namelist()
     assert "transports/ftp.pyc" in names and "transports/sftp.pyc" not in names
+
+
+def test_xxhash_is_packed_and_works_only_with_xxh3(built, tmp_path):
+    """KDUMP_CHECKSUM=xxh3: the packed interpreter hashes with XXH3-128 (the xxhash package
+    travels); the default image has no xxhash and says so as NotSupported, not a traceback."""
+    code = (
+        "from kdump_capture import checksum\n"
+        "try:\n"
+        "    h = checksum.new('xxh3-128')\n"
+        "except Exception as e:\n"
+        "    print(type(e).__name__, e)\n"
+        "else:\n"
+        "    h.update(b'abc'); print(h.hexdigest())\n"
+    )
+
+    def run(tree: Path) -> str:
+        r = subprocess.run(
+            [CHROOT, str(tree), "/usr/bin/python3", "-I", "-c", code],
+            capture_output=True,
+            text=True,
+            env={"PATH": "/usr/bin"},
+        )
+        assert r.returncode == 0, r.stderr
+        return r.stdout.strip()
+
+    _report, _out, tree, names, _raw = built
+    assert not [n for n in names if "/xxhash/" in n]
+    assert run(tree).startswith("NotSupported checksum xxh3-128 needs the xxhash package")
+    out = tmp_path / "xxh3.img"
+    builder.build(
+        load_config(None, [*SETTINGS, "KDUMP_CHECKSUM=xxh3"]),
+        str(out),
+        kernel_version=KVER,
+        modules_root=str(fake_modules_root(tmp_path)),
+        target_device="LABEL=crash",
+        target_fstype="ext4",
+    )
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    raw = zstandard.ZstdDecompressor().stream_reader(out.read_bytes()).read()
+    subprocess.run(["cpio", "-idm", "--quiet"], input=raw, cwd=tree, check=True)
+    assert run(tree) == "06b05ab6733a618578af5f94892f3950"  # xxh128sum of "abc"

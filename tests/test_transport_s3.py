@@ -95,7 +95,7 @@ def test_multipart_upload_is_exact_and_leaves_no_parts(request):
     data = os.urandom(21 * MiB + 5)  # two full 8 MiB parts and a short last one
     with target.transport() as tr:
         info = _upload(tr, "vmcore", data)
-    assert info.sha256 == hashlib.sha256(data).hexdigest()
+    assert info.digest == hashlib.sha256(data).hexdigest()
     assert target.read_back("vmcore") == data
     assert target.s3.uploads(target.server_dir + "/") == []
 
@@ -131,7 +131,7 @@ def test_drop_costs_at_most_one_part(percent, request):
         assert proxy.dropped == 1
         # everything crossed once, plus at most one 8 MiB part again (and request headers)
         assert proxy.upstream - len(data) <= 8 * MiB + 64 * 1024, proxy.upstream
-    assert info.sha256 == hashlib.sha256(data).hexdigest()
+    assert info.digest == hashlib.sha256(data).hexdigest()
     assert target.read_back("vmcore") == data
     assert target.s3.uploads(target.server_dir + "/") == []
 
@@ -182,7 +182,7 @@ def test_server_restart_within_the_retry_window(own_s3):
                 sink.write(view[i : i + MiB])
             info = sink.commit()
     restarter.join()
-    assert info.sha256 == hashlib.sha256(data).hexdigest()
+    assert info.digest == hashlib.sha256(data).hexdigest()
     assert own_s3.get("restart/vmcore") == data
     assert own_s3.uploads("restart/") == []
 

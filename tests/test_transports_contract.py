@@ -59,7 +59,7 @@ def test_commit_makes_file_visible(target, tr):
             assert [n for n in _files(target) if is_temp_name(os.path.basename(n))]
         info = sink.commit()
     assert info.size == len(data)
-    assert info.sha256 == hashlib.sha256(data).hexdigest()
+    assert info.digest == hashlib.sha256(data).hexdigest()
     [entry] = tr.listdir("d")
     assert (entry.name, entry.is_dir, entry.size) == ("vmcore", False, len(data))
     assert _files(target) == ["d/vmcore"]
@@ -151,15 +151,36 @@ def test_seek_rewrites_header(target, tr):
         info = sink.commit()
     expect = b"H" * 4096 + body
     assert info.size == len(expect)
-    assert info.sha256 == hashlib.sha256(expect).hexdigest()
+    assert info.digest == hashlib.sha256(expect).hexdigest()
     assert b"".join(tr.read("dump")) == expect
 
 
 def test_stream_64mib_sha256(target, tr):
     data = os.urandom(64 * MiB)
     info = _upload(tr, "big", data)
-    assert info.sha256 == hashlib.sha256(data).hexdigest()
-    assert hashlib.sha256(target.read_back("big")).hexdigest() == info.sha256
+    assert info.digest == hashlib.sha256(data).hexdigest()
+    assert hashlib.sha256(target.read_back("big")).hexdigest() == info.digest
+
+
+def test_xxh3_checksum_streamed_and_read_back(target):
+    """KDUMP_CHECKSUM=xxh3: every sink hashes with the transport's algorithm, streaming and,
+    on seekable targets, reading the file back after a seek."""
+    import xxhash
+
+    data = os.urandom(3 * MiB + 5)
+    with target.transport(checksum="xxh3-128") as tr:
+        info = _upload(tr, "x", data)
+        assert (info.algorithm, info.digest) == ("xxh3-128", xxhash.xxh3_128(data).hexdigest())
+        assert xxhash.xxh3_128(target.read_back("x")).hexdigest() == info.digest
+        if not tr.can_seek:
+            return
+        with tr.create("y") as sink:
+            sink.write(data)
+            sink.seek(0)
+            sink.write(b"H" * 4096)
+            info = sink.commit()
+    expect = b"H" * 4096 + data[4096:]
+    assert (info.algorithm, info.digest) == ("xxh3-128", xxhash.xxh3_128(expect).hexdigest())
 
 
 # -- never through a link, never a FIFO, never too much (issue 8, items 4 and 5) ----------
@@ -267,7 +288,7 @@ def test_requests_between_writes(tr):
             tr.free_space()
             tr.listdir()
         info = sink.commit()
-    assert info.sha256 == hashlib.sha256(data).hexdigest()
+    assert info.digest == hashlib.sha256(data).hexdigest()
 
 
 def test_read_limit(target, tr):

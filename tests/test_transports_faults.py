@@ -71,7 +71,7 @@ def test_resume_after_seek_is_byte_identical(kind, request):
                 info = sink.commit()
         assert proxy.dropped == 2
     expect = head[:MiB] + body
-    assert info.sha256 == hashlib.sha256(expect).hexdigest()
+    assert info.digest == hashlib.sha256(expect).hexdigest()
     with open(os.path.join(target.server_dir, "vmcore"), "rb") as f:
         assert hashlib.sha256(f.read()).digest() == hashlib.sha256(expect).digest()
 
@@ -246,7 +246,7 @@ def test_sftp_resume_after_many_seeks_with_the_smallest_ring(request, proxy_kw):
                 info = sink.commit()
         assert proxy.dropped >= 1 or proxy._swallowing is not None
     digest = hashlib.sha256(expect).hexdigest()
-    assert info.sha256 == digest
+    assert info.digest == digest
     with open(os.path.join(target.server_dir, "vmcore"), "rb") as f:
         assert hashlib.sha256(f.read()).hexdigest() == digest
 

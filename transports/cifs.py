@@ -150,7 +150,7 @@ class CifsSink(Sink):
     seekable = True
 
     def __init__(self, transport: CifsTransport, unc_dir: str, name: str) -> None:
-        super().__init__(name)
+        super().__init__(name, transport.settings.checksum)
         self._t = transport
         self._final = f"{unc_dir}\\{name}"
         self._tmp = f"{unc_dir}\\{temp_name(name)}"
@@ -312,13 +312,13 @@ class CifsSink(Sink):
             raise convert(e, f"closing {self._tmp}") from e
         if size != self.size:
             raise TransportError(f"{self._tmp}: wrote {self.size} bytes but the server has {size}")
-        digest = self._sha256()
+        digest = self._digest()
         self._t.call(
             lambda: smbclient.replace(self._tmp, self._final, **self._t.kw),
             f"renaming {self._tmp} to {self._final}",
         )
         self.committed = True
-        return FileInfo(self.name, size, digest)
+        return FileInfo(self.name, size, digest, self.algorithm)
 
     def abort(self) -> None:
         self._stop_hashing()

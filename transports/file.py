@@ -80,8 +80,8 @@ class FileSink(Sink):
 
     seekable = True
 
-    def __init__(self, directory: str, name: str) -> None:
-        super().__init__(name)
+    def __init__(self, directory: str, name: str, algorithm: str) -> None:
+        super().__init__(name, algorithm)
         self._dir = directory
         self._final = os.path.join(directory, name)
         self._tmp = os.path.join(directory, temp_name(name))
@@ -121,7 +121,7 @@ class FileSink(Sink):
             raise _io_error(f"flushing {self._tmp}", e) from e
         if size != self.size:
             raise TransportError(f"{self._tmp}: wrote {self.size} bytes but the file has {size}")
-        digest = self._sha256()
+        digest = self._digest()
         os.close(self._fd)
         self._fd = -1
         try:
@@ -130,7 +130,7 @@ class FileSink(Sink):
         except OSError as e:
             raise _io_error(f"publishing {self._final}", e) from e
         self.committed = True
-        return FileInfo(self.name, size, digest)
+        return FileInfo(self.name, size, digest, self.algorithm)
 
     def abort(self) -> None:
         self._stop_hashing()
@@ -182,7 +182,7 @@ class FileTransport(Transport):
 
     def create(self, relpath: str) -> Sink:
         path = self._p(relpath)
-        return FileSink(os.path.dirname(path), os.path.basename(path))
+        return FileSink(os.path.dirname(path), os.path.basename(path), self.settings.checksum)
 
     @contextlib.contextmanager
     def _dir_fd(self, parts: list[str]) -> Iterator[int]:

@@ -139,7 +139,7 @@ class FtpSink(Sink):
     """
 
     def __init__(self, transport: FtpTransport, directory: str, name: str) -> None:
-        super().__init__(name)
+        super().__init__(name, transport.settings.checksum)
         self._t = transport
         self._final = posixpath.join(directory, name)
         self._tmp = posixpath.join(directory, temp_name(name))
@@ -272,7 +272,7 @@ class FtpSink(Sink):
         self._call(self._publish, f"renaming {self._tmp} to {self._final}", None)
         self.committed = True
         self._quit()
-        return FileInfo(self.name, size, self._sha256())
+        return FileInfo(self.name, size, self._digest(), self.algorithm)
 
     def _publish(self) -> None:
         try:

@@ -310,7 +310,7 @@ class S3Sink(Sink):
     """One object being uploaded: parts from our own buffers, published on commit."""
 
     def __init__(self, t: S3Transport, key: str, name: str) -> None:
-        super().__init__(name)
+        super().__init__(name, t.settings.checksum)
         self._t = t
         self._key = key
         self._part, nbuf = t.parts
@@ -418,7 +418,7 @@ class S3Sink(Sink):
             raise TransportError(f"{self._key}: wrote {self.size} bytes but the store has {size}")
         self.committed = True
         self._release()
-        return FileInfo(self.name, size, self._sha256())
+        return FileInfo(self.name, size, self._digest(), self.algorithm)
 
     def _complete(self) -> None:
         parts = "".join(

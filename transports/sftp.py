@@ -209,7 +209,7 @@ class SftpSink(Sink):
     seekable = True
 
     def __init__(self, transport: SftpTransport, directory: str, name: str) -> None:
-        super().__init__(name)
+        super().__init__(name, transport.settings.checksum)
         self._t = transport
         self._final = posixpath.join(directory, name)
         self._tmp = posixpath.join(directory, temp_name(name))
@@ -380,10 +380,10 @@ class SftpSink(Sink):
             raise self._t.convert(e, f"closing {self._tmp}") from e
         if size != self.size:
             raise TransportError(f"{self._tmp}: wrote {self.size} bytes but the server has {size}")
-        digest = self._sha256()
+        digest = self._digest()
         self._t.call(self._publish, f"renaming {self._tmp} to {self._final}")
         self.committed = True
-        return FileInfo(self.name, size, digest)
+        return FileInfo(self.name, size, digest, self.algorithm)
 
     def _publish(self) -> None:
         try:
