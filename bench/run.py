@@ -8,12 +8,14 @@ and whole saves against makedumpfile 1.7.2, cp and cp + sync), ``scale`` (synthe
 vmcores of 1 GiB to 1 TiB with a realistic struct-page array: time, peak RSS and the
 struct-page walk against makedumpfile on the same file), ``memory`` (peak RSS of the whole
 save across sizes, formats and a network target), ``transports`` (loopback throughput
-against OpenSSH sftp, curl and smbclient). Commands are pinned to the first ``--cpus`` CPUs
-(default one, as a capture kernel with nr_cpus=1), ours and the reference interleaved,
-medians of ``--runs``. When a goal is missed, a cProfile summary of our command says what
-limits it. ``--quick`` runs a subset in under three minutes. Nothing under bench/results is
-edited by hand: this command writes every file there (capture_fitness.md comes from
-bench/capture_fitness.py, which this runs too unless skipped or --quick).
+against OpenSSH sftp, curl and smbclient), ``e2e`` (the whole save over SFTP on the real
+samples against ``makedumpfile -F -l -d 31 | ssh``, bench/sftp_e2e.py). Commands are pinned
+to the first ``--cpus`` CPUs (default one, as a capture kernel with nr_cpus=1), ours and the
+reference interleaved, medians of ``--runs``. When a goal is missed, a cProfile summary of
+our command says what limits it. ``--quick`` runs a subset in under three minutes. Nothing
+under bench/results is edited by hand: this command writes every file there
+(capture_fitness.md comes from bench/capture_fitness.py, which this runs too unless skipped
+or --quick).
 """
 
 from __future__ import annotations
@@ -313,6 +315,15 @@ def run_transports(args, res: dict) -> None:
             res["transports"] = {"error": f"bench/transports.py exited with {p.returncode}"}
 
 
+# -- end to end over SFTP against makedumpfile | ssh -------------------------------------------
+def run_e2e(args, res: dict) -> None:
+    from bench.sftp_e2e import measure_all
+    from tests.vmkit import get_sample
+
+    samples = [(f"{mib} MiB guest", str(get_sample(mib).path)) for mib in args.e2e_samples]
+    res["e2e"] = measure_all(samples, args.runs, args.cpus, args.scratch, log)
+
+
 # -- report ---------------------------------------------------------------------------------------
 def ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}x" if b else "-"
@@ -418,6 +429,10 @@ def report(args, res: dict) -> str:
         L += report_lines(res["memory"], goals)
     if res.get("transports"):
         L += transport_report(res["transports"], goals)
+    if res.get("e2e"):
+        from bench.sftp_e2e import report_lines as e2e_lines
+
+        L += e2e_lines(res["e2e"], goals)
     L += ["## Goals", "", "| where | goal | figure | met |", "|---|---|---|---|"]
     for where, text, fig, ok in goals:
         L.append(f"| {where} | {text} | {fig} | {'yes' if ok else '**no**'} |")
@@ -748,7 +763,10 @@ def main() -> int:
     ap.add_argument("--memory-sizes", default="1,16", help="bigcore sizes (GiB) for memory")
     ap.add_argument("--transport-mb", type=int, default=1024)
     ap.add_argument(
-        "--skip", default="", help="sections to skip: formats,scale,memory,transports,fitness"
+        "--e2e-samples", default="512,2048", help="real samples (MiB) for the SFTP end to end"
+    )
+    ap.add_argument(
+        "--skip", default="", help="sections to skip: formats,scale,memory,transports,e2e,fitness"
     )
     ap.add_argument("--keep-bigcores", action="store_true")
     ap.add_argument("--keep-below", type=int, default=256, help=argparse.SUPPRESS)
@@ -757,10 +775,11 @@ def main() -> int:
     if args.quick:
         args.samples, args.scale, args.memory_sizes = "512", "1,4", "1,4"
         args.scale_l1_full = 1
-        skip |= {"transports", "fitness"}
+        skip |= {"transports", "e2e", "fitness"}
     args.scale = [int(x) for x in args.scale.split(",") if x]
     args.scale_runs = args.scale_runs or args.runs
     args.memory_sizes = [int(x) for x in args.memory_sizes.split(",") if x]
+    args.e2e_samples = [int(x) for x in args.e2e_samples.split(",") if x]
     res: dict = {"machine": machine(), "load": [load()], "formats": [], "scale": []}
     if res["machine"]["accelerator"].startswith("pure Python"):
         log(
@@ -787,7 +806,13 @@ def main() -> int:
         run_formats(args, samples, res)
     os.makedirs(RESULTS_DIR, exist_ok=True)
     raw = os.path.join(RESULTS_DIR, "raw.json")
-    for name, fn in (("scale", run_scale), ("memory", run_memory), ("transports", run_transports)):
+    sections = (
+        ("scale", run_scale),
+        ("memory", run_memory),
+        ("transports", run_transports),
+        ("e2e", run_e2e),
+    )
+    for name, fn in sections:
         _save_raw(raw, res)
         if name not in skip:
             fn(args, res)

@@ -206,7 +206,8 @@ class ReplayBuffer:
         return self._records[0][0] if self._records else -1
 
     def all(self) -> list[tuple[int, memoryview]]:
-        """Every held range in write order; valid only if nothing was ``dropped``."""
+        """Every held range in write order; a complete replay only if nothing was
+        ``dropped``, or if the sink made sure the server has every range dropped."""
         return [(off, self._view[pos : pos + n]) for off, pos, n in self._records]
 
     @property

@@ -77,7 +77,9 @@ MIN_WRITE = 32 << 10
 # Unacknowledged WRITE data in flight: enough to cover the bandwidth-delay product of a
 # LAN, and well below the replay buffer so every unconfirmed byte can be replayed.
 MAX_INFLIGHT = 8 << 20
-READ_CHUNK = 1 << 20
+# Read-back hands out chunks of this size: large enough that the consumer (SHA-256) runs
+# in few calls, small enough that the chunk and its bytes copy add little to READ_AHEAD.
+READ_CHUNK = 256 << 10
 # SSH_FXP_WRITE (draft-ietf-secsh-filexfer-02, 6.4): length, type, request id, handle
 # length, then the handle, then offset and data length, then the data.
 SFTP_WRITE_HEAD = struct.Struct(">IBII")
@@ -218,23 +220,26 @@ class SftpSink(Sink):
         self._max_inflight = min(MAX_INFLIGHT, transport.settings.replay_bytes // 2)
         self._positional = False  # true once the engine seeked: replay by offset
         self._handle = b""
-        self._sftp: paramiko.SFTPClient | None = None
+        self._file: paramiko.SFTPFile | None = None
+        # WRITE replies land here whoever reads them: the transport's channel serves the
+        # engine's listings and free-space checks while our writes are in flight.
+        self._replies = _Replies()
         self._t.call(lambda: self._open(create=True), f"creating {self._tmp}")
 
-    def _close_channel(self) -> None:
-        if self._sftp is not None:
+    def _close_file(self) -> None:
+        """Close the remote handle (best effort: abort, or a connection already lost)."""
+        f, self._file = self._file, None
+        if f is not None:
             try:
-                self._sftp.close()
+                f.close()
             except Exception as e:
-                log.debug("closing sftp channel: %s", e)
-            self._sftp = None
+                log.debug("closing %s: %s", self._tmp, e)
 
     # -- low level, on the current connection ----------------------------------------
     def _open(self, create: bool) -> None:
-        """Open the temp file on an SFTP channel of our own: its WRITE replies are ours
-        alone, while the transport's channel serves listings in between."""
-        self._close_channel()
-        self._sftp = sftp = self._t.channel()
+        """Open the temp file on the transport's SFTP channel (one session per connection,
+        as OpenSSH's sftp uses: opening a session costs the server a login shell)."""
+        self._sftp = sftp = self._t.sftp
         f = sftp.open(self._tmp, "wbx" if create else "r+b")
         if create:
             f.chmod(FILE_MODE)
@@ -242,6 +247,7 @@ class SftpSink(Sink):
         self._handle = f.handle
         self._inflight.clear()
         self._inflight_bytes = 0
+        self._replies.got.clear()
 
     def _post_write(self, offset: int, piece: memoryview) -> int:
         """Send one WRITE request; returns its id. Like paramiko's ``_async_request`` but
@@ -250,7 +256,7 @@ class SftpSink(Sink):
         sftp = self._sftp
         with sftp._lock:  # request ids are shared with the client's other requests
             num = sftp.request_number
-            sftp._expecting[num] = type(None)  # "no file object": _read_response returns it
+            sftp._expecting[num] = self._replies
             sftp.request_number += 1
         handle = self._handle
         length = SFTP_WRITE_HEAD.size - 4 + len(handle) + SFTP_WRITE_TAIL.size + len(piece)
@@ -283,12 +289,17 @@ class SftpSink(Sink):
     def _ack_one(self) -> None:
         num, n = self._inflight.popleft()
         self._inflight_bytes -= n
-        t, _ = self._sftp._read_response(num)  # raises IOError on an error status
+        sftp, got = self._sftp, self._replies.got
+        while num not in got:
+            sftp._read_response()  # one packet, handed to whoever asked for it
+        t, msg = got.pop(num)
         if t != CMD_STATUS:
             raise TransportError(f"{self._tmp}: unexpected SFTP reply {t} to WRITE")
+        sftp._convert_status(msg)  # raises IOError on an error status
 
-    def _drain(self) -> None:
-        while self._inflight:
+    def _drain(self, keep: int = 0) -> None:
+        """Wait for replies until at most ``keep`` bytes are unacknowledged."""
+        while self._inflight and self._inflight_bytes > keep:
             self._ack_one()
 
     def _resume(self) -> None:
@@ -333,9 +344,14 @@ class SftpSink(Sink):
 
     def _store(self, offset: int, piece: memoryview) -> None:
         if self._positional and self._replay.held + len(piece) > self._replay.limit:
-            # After a seek we replay every range since the last sync point: settle them
-            # all before the buffer would have to drop one.
-            self._sync()
+            # After a seek a resume replays every range held, in write order, so the ring
+            # may drop its oldest ranges only once the server acknowledged them (replies
+            # come in request order). It drops whole ranges (up to REPLAY_STEP) until the
+            # new one fits: what stays holds at least limit - piece - REPLAY_STEP bytes,
+            # so at most that much may be unacknowledged. (Waiting for every reply here,
+            # and at every seek, stalled the pipeline: 21 ms a seek on loopback.)
+            keep = self._replay.limit - len(piece) - REPLAY_STEP
+            self._guarded(lambda: self._drain(keep), f"writing {self._tmp}")
         self._replay.add(offset, piece)
         self._guarded(lambda: self._send(offset, piece), f"writing {self._tmp}")
 
@@ -344,8 +360,11 @@ class SftpSink(Sink):
         self._replay.clear()
 
     def seek(self, offset: int) -> None:
-        self._sync()
-        self._positional = True
+        if not self._positional:
+            # From here on a resume replays by offset everything the ring holds: start
+            # from a point where the server has all the append-only stream so far.
+            self._sync()
+            self._positional = True
         self._pos = offset
 
     def _read_back(self) -> Iterator[bytes]:
@@ -354,14 +373,14 @@ class SftpSink(Sink):
     def commit(self) -> FileInfo:
         self._sync()
         try:
-            self._file.close()
+            f, self._file = self._file, None
+            f.close()
             size = self._sftp.stat(self._tmp).st_size
         except Exception as e:
             raise self._t.convert(e, f"closing {self._tmp}") from e
         if size != self.size:
             raise TransportError(f"{self._tmp}: wrote {self.size} bytes but the server has {size}")
         digest = self._digest()
-        self._close_channel()
         self._t.call(self._publish, f"renaming {self._tmp} to {self._final}")
         self.committed = True
         return FileInfo(self.name, size, digest, self.algorithm)
@@ -376,7 +395,7 @@ class SftpSink(Sink):
 
     def abort(self) -> None:
         self._stop_hashing()
-        self._close_channel()
+        self._close_file()
         try:
             self._t.sftp.remove(self._tmp)
         except Exception as e:
@@ -481,7 +500,7 @@ class SftpTransport(RetryingTransport):
         )
 
     def channel(self) -> paramiko.SFTPClient:
-        """A new SFTP session on the current SSH connection (for one upload).
+        """A new SFTP session on the current SSH connection (the transport opens one).
 
         Every wait is bounded by the timeout: opening the channel by paramiko's own
         timeout, requests by the channel's; starting the subsystem waits with none, so the
