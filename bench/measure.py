@@ -58,6 +58,31 @@ def save_args(
     return [*args, *extra]
 
 
+def sftp_config(work: str, srv) -> str:
+    """A 0600 config in ``work`` that trusts the test sshd ``srv``'s host key and logs in with
+    its client key (what a save to that server needs beyond the URL)."""
+    conf = os.path.join(work, "kdump.conf")
+    with open(conf, "w") as f:
+        f.write(f'KDUMP_HOST_KEY="{srv.host_key}"\nKDUMP_SSH_IDENTITY="{srv.client_key}"\n')
+    os.chmod(conf, 0o600)
+    return conf
+
+
+def profile_lines(profiles: dict[str, str]) -> list[str]:
+    """Report lines for the cProfile summaries of the cases whose goal was missed."""
+    L: list[str] = []
+    for name, prof in profiles.items():
+        L += [
+            "",
+            f"cProfile of `{name}` (goal missed; one run, top functions by own time):",
+            "",
+            "```",
+            prof,
+            "```",
+        ]
+    return L
+
+
 def env() -> dict[str, str]:
     e = dict(os.environ)
     e["PYTHONPATH"] = os.pathsep.join([ROOT, site_packages()])

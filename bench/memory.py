@@ -50,10 +50,7 @@ def measure_all(sizes: list[int], cpus: int, scratch: str | None, log: Callable 
     try:
         with contextlib.ExitStack() as stack:
             srv = stack.enter_context(sshd(os.path.join(work, "sshd")))
-            conf = os.path.join(work, "kdump.conf")
-            with open(conf, "w") as f:
-                f.write(f'KDUMP_HOST_KEY="{srv.host_key}"\nKDUMP_SSH_IDENTITY="{srv.client_key}"\n')
-            os.chmod(conf, 0o600)
+            conf = measure.sftp_config(work, srv)
             for gib in sizes:
                 src = get_bigcore(bigdir, gib * 1024)
                 for fmt, level, target in CASES:

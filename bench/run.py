@@ -411,15 +411,7 @@ def report(args, res: dict) -> str:
         )
         goals.append((f["label"], "compressed -d 31 byte-identical", "", f["identical"]))
         L += codec_floor_lines(f.get("codec_floor", {}), med)
-        for name, prof in f["profiles"].items():
-            L += [
-                "",
-                f"cProfile of `{name}` (goal missed; one run, top functions by own time):",
-                "",
-                "```",
-                prof,
-                "```",
-            ]
+        L += measure.profile_lines(f["profiles"])
         L.append("")
     if res.get("scale"):
         L += scale_report(res["scale"], goals)

@@ -63,10 +63,7 @@ def measure_all(
     try:
         with contextlib.ExitStack() as stack:
             srv = stack.enter_context(sshd(os.path.join(work, "sshd")))
-            conf = os.path.join(work, "kdump.conf")
-            with open(conf, "w") as f:
-                f.write(f'KDUMP_HOST_KEY="{srv.host_key}"\nKDUMP_SSH_IDENTITY="{srv.client_key}"\n')
-            os.chmod(conf, 0o600)
+            conf = measure.sftp_config(work, srv)
             for label, src in samples:
                 log(f"sftp end to end: {label} ({src}), load {measure_load()}")
                 subprocess.run(["cat", src], stdout=subprocess.DEVNULL, check=True)  # warm
@@ -178,15 +175,7 @@ def report_lines(data: dict, goals: list | None = None) -> list[str]:
                 )
             if goals is not None:
                 goals.append((f"sftp e2e, {row['label']}", _cell(text), fig, ok))
-        for name, prof in row.get("profiles", {}).items():
-            L += [
-                "",
-                f"cProfile of `{name}` (goal missed; one run, top functions by own time):",
-                "",
-                "```",
-                prof,
-                "```",
-            ]
+        L += measure.profile_lines(row.get("profiles", {}))
         L.append("")
     return L
 
