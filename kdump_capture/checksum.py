@@ -47,7 +47,6 @@ ALGORITHMS: dict[str, Algorithm] = {
     )
 }
 BY_CONFIG: dict[str, str] = {a.config: a.name for a in ALGORITHMS.values()}
-FEATURE = "xxh3"  # initramfs.runtime.FEATURE_MODULES key of the module that needs xxhash
 INSTALL_HINT = "pip install xxhash, or apt-get install python3-xxhash"
 
 _HEX = re.compile(r"[0-9a-f]+")

@@ -114,7 +114,7 @@ class TransportSettings:
     #: by it to stay under 10,000 parts
     expected_size: int = 0
     #: what ``Sink.commit`` hashes each file with (a key of kdump_capture.checksum.ALGORITHMS)
-    checksum: str = "sha256"
+    checksum: str = checksum.SHA256
     #: scheme-specific settings (S3 keys, region, CA bundle): may hold secrets, so not in repr
     extra: dict[str, str] = field(default_factory=dict, repr=False)
 

@@ -153,8 +153,8 @@ def load_identities(settings: TransportSettings) -> list[paramiko.PKey]:
 
 
 class _Replies:
-    """Collects the answers to our READ requests (paramiko hands a reply to the object
-    registered with its request, whatever request the caller waits for)."""
+    """Collects the answers to our READ and WRITE requests (paramiko hands a reply to the
+    object registered with its request, whatever request the caller waits for)."""
 
     def __init__(self) -> None:
         self.got: dict[int, tuple[int, paramiko.Message]] = {}
