@@ -13,8 +13,12 @@ import struct
 
 from .bounds import MAX_KERNEL_READ
 from .errors import NotSupported, VmcoreError
-from .kernel import ElfPhysMemory, Kernel, KernelInfoError, PhysMemory, VmcoreInfo
+from .kernel import ElfPhysMemory, Kernel, KernelInfoError, VmcoreInfo
 from .vmcore import Vmcore
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
+if TYPE_CHECKING:
+    from .kernel import PhysMemory
 
 U64 = struct.Struct("<Q")
 U32 = struct.Struct("<I")

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+
+from .record import Record
 
 ELFMAG = b"\x7fELF"
 ELFCLASS64 = 2
@@ -28,22 +29,55 @@ NHDR = struct.Struct("<III")
 assert EHDR.size == 64 and PHDR.size == 56 and NHDR.size == 12  # sizeof() in <elf.h>
 
 
-@dataclass(frozen=True)
-class Ehdr:
-    ident: bytes
-    type: int
-    machine: int
-    version: int
-    entry: int
-    phoff: int
-    shoff: int
-    flags: int
-    ehsize: int
-    phentsize: int
-    phnum: int
-    shentsize: int
-    shnum: int
-    shstrndx: int
+class Ehdr(Record):
+    __slots__ = (
+        "ident",
+        "type",
+        "machine",
+        "version",
+        "entry",
+        "phoff",
+        "shoff",
+        "flags",
+        "ehsize",
+        "phentsize",
+        "phnum",
+        "shentsize",
+        "shnum",
+        "shstrndx",
+    )
+
+    def __init__(
+        self,
+        ident: bytes,
+        type: int,
+        machine: int,
+        version: int,
+        entry: int,
+        phoff: int,
+        shoff: int,
+        flags: int,
+        ehsize: int,
+        phentsize: int,
+        phnum: int,
+        shentsize: int,
+        shnum: int,
+        shstrndx: int,
+    ) -> None:
+        self.ident = ident
+        self.type = type
+        self.machine = machine
+        self.version = version
+        self.entry = entry
+        self.phoff = phoff
+        self.shoff = shoff
+        self.flags = flags
+        self.ehsize = ehsize
+        self.phentsize = phentsize
+        self.phnum = phnum
+        self.shentsize = shentsize
+        self.shnum = shnum
+        self.shstrndx = shstrndx
 
     @classmethod
     def unpack_from(cls, buf: bytes | memoryview, offset: int = 0) -> Ehdr:
@@ -88,16 +122,28 @@ class Ehdr:
         )
 
 
-@dataclass(frozen=True)
-class Phdr:
-    type: int
-    flags: int
-    offset: int
-    vaddr: int
-    paddr: int
-    filesz: int
-    memsz: int
-    align: int
+class Phdr(Record):
+    __slots__ = ("type", "flags", "offset", "vaddr", "paddr", "filesz", "memsz", "align")
+
+    def __init__(
+        self,
+        type: int,
+        flags: int,
+        offset: int,
+        vaddr: int,
+        paddr: int,
+        filesz: int,
+        memsz: int,
+        align: int,
+    ) -> None:
+        self.type = type
+        self.flags = flags
+        self.offset = offset
+        self.vaddr = vaddr
+        self.paddr = paddr
+        self.filesz = filesz
+        self.memsz = memsz
+        self.align = align
 
     @classmethod
     def unpack_from(cls, buf: bytes | memoryview, offset: int = 0) -> Phdr:
@@ -116,14 +162,16 @@ class Phdr:
         )
 
 
-@dataclass(frozen=True)
-class Note:
+class Note(Record):
     """One ELF note; ``offset`` is where its descriptor starts inside the note blob."""
 
-    name: bytes
-    type: int
-    desc: bytes
-    offset: int
+    __slots__ = ("name", "type", "desc", "offset")
+
+    def __init__(self, name: bytes, type: int, desc: bytes, offset: int) -> None:
+        self.name = name
+        self.type = type
+        self.desc = desc
+        self.offset = offset
 
 
 def _pad4(n: int) -> int:

@@ -6,12 +6,31 @@ import bisect
 import logging
 import struct
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
-from typing import Protocol
 
 from .bounds import MAX_KERNEL_READ
 from .elf import PT_LOAD, Phdr
 from .errors import VmcoreError
+from .record import Record
+
+# typing.TYPE_CHECKING without importing typing, which costs the capture's start-up ~3 ms
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Protocol
+
+    class PhysMemory(Protocol):
+        """Physical memory of the crashed machine, as some dump file holds it.
+
+        ``capacity`` is how many bytes of memory the dump holds: no structure read from it
+        can be larger, whatever size a corrupt VMCOREINFO or memory claims.
+        """
+
+        capacity: int
+
+        def read_phys(self, paddr: int, size: int) -> bytes:
+            """``size`` bytes at ``paddr``; raises AddressError if any of it is not in the
+            dump."""
+            ...
+
 
 log = logging.getLogger(__name__)
 
@@ -110,26 +129,14 @@ class VmcoreInfo:
         return self._need("NUMBER", name, self.number(name))
 
 
-class PhysMemory(Protocol):
-    """Physical memory of the crashed machine, as some dump file holds it.
+class _Seg(Record):
+    __slots__ = ("paddr", "end", "offset", "file_end")
 
-    ``capacity`` is how many bytes of memory the dump holds: no structure read from it can
-    be larger, whatever size a corrupt VMCOREINFO or memory claims.
-    """
-
-    capacity: int
-
-    def read_phys(self, paddr: int, size: int) -> bytes:
-        """``size`` bytes at ``paddr``; raises AddressError if any of it is not in the dump."""
-        ...
-
-
-@dataclass(frozen=True)
-class _Seg:
-    paddr: int
-    end: int
-    offset: int  # file offset of paddr
-    file_end: int  # paddr where file-backed bytes stop (p_filesz); beyond reads as zero
+    def __init__(self, paddr: int, end: int, offset: int, file_end: int) -> None:
+        self.paddr = paddr
+        self.end = end
+        self.offset = offset  # file offset of paddr
+        self.file_end = file_end  # paddr where file-backed bytes stop (p_filesz); then zeros
 
 
 class ElfPhysMemory:
@@ -339,8 +346,7 @@ class Kernel:
         return MemMaps(per_section, page_size, ranges)
 
 
-@dataclass(frozen=True)
-class MemMaps:
+class MemMaps(Record):
     """Present sections as ranges ``(pfn_start, pfn_end, mem_map_va)``, merged wherever the
     struct pages of neighbouring sections are contiguous (always, with a vmemmap).
 
@@ -348,9 +354,12 @@ class MemMaps:
     section size is kept because makedumpfile walks struct pages one section at a time.
     """
 
-    section_pfns: int
-    page_size: int
-    ranges: list[tuple[int, int, int]]
+    __slots__ = ("section_pfns", "page_size", "ranges")
+
+    def __init__(self, section_pfns: int, page_size: int, ranges: list[tuple[int, int, int]]):
+        self.section_pfns = section_pfns
+        self.page_size = page_size
+        self.ranges = ranges
 
     @property
     def end(self) -> int:

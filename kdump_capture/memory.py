@@ -16,7 +16,8 @@ smaps_rollup) after each phase, and its peak while the dump streams (sampled fro
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+
+from .record import Record
 
 MIB = 1 << 20
 
@@ -41,14 +42,22 @@ BIG_BATCHES_FROM = 64 * MIB
 WORKERS_MAX = 2
 
 
-@dataclass(frozen=True)
-class BufferPlan:
+class BufferPlan(Record):
     """The sizes of the buffers that grow with the work, chosen before the save starts."""
 
-    replay: int = REPLAY_MAX  # bytes a network sink keeps for resuming
-    batches: int = BATCHES_MAX  # kdump-compressed batches in flight
-    workers: int = WORKERS_MAX  # compression threads
-    batch_pages: int = BATCH_PAGES  # pages per kdump-compressed batch
+    __slots__ = ("replay", "batches", "workers", "batch_pages")
+
+    def __init__(
+        self,
+        replay: int = REPLAY_MAX,  # bytes a network sink keeps for resuming
+        batches: int = BATCHES_MAX,  # kdump-compressed batches in flight
+        workers: int = WORKERS_MAX,  # compression threads
+        batch_pages: int = BATCH_PAGES,  # pages per kdump-compressed batch
+    ) -> None:
+        self.replay = replay
+        self.batches = batches
+        self.workers = workers
+        self.batch_pages = batch_pages
 
     def describe(self) -> str:
         return (
@@ -185,17 +194,17 @@ def anon_now(path: str = "/proc/self/statm") -> int:
         return 0
 
 
-@dataclass
 class MemoryLog:
     """Anonymous memory after each phase of the save, and its peak while writing."""
 
-    phases: list[tuple[str, int]] = field(default_factory=list)
-    peak: int = 0
-    #: the kernel's dirty and writeback pages at their peak (page cache of a file or NFS
-    #: target): kernel memory the save causes beyond its own
-    dirty_peak: int = 0
-    available: int | None = None
-    plan: BufferPlan | None = None
+    def __init__(self, available: int | None = None, plan: BufferPlan | None = None) -> None:
+        self.phases: list[tuple[str, int]] = []
+        self.peak = 0
+        # the kernel's dirty and writeback pages at their peak (page cache of a file or NFS
+        # target): kernel memory the save causes beyond its own
+        self.dirty_peak = 0
+        self.available = available
+        self.plan = plan
 
     def mark(self, phase: str) -> None:
         anon = rollup().get("Anonymous", 0) or anon_now()

@@ -6,10 +6,8 @@ import errno
 import logging
 import mmap
 import os
-import re
 import stat
 import time
-from dataclasses import dataclass, field
 
 from .bounds import MAX_NOTES, MAX_OFFSET, check_span, read_span
 from .elf import (
@@ -53,7 +51,6 @@ IOMEM = "/proc/iomem"
 EARLIEST_CRASH = 946684800  # 2000-01-01 00:00:00 UTC
 CODE_EPOCH = 1735689600  # 2025-01-01 00:00:00 UTC
 FUTURE_SLACK = 10 * 365 * 86400
-_DECIMAL = re.compile(r"[0-9]{1,20}")
 EHWPOISON = 133  # Linux: memory page has hardware error (not in Python's errno module)
 
 # Read errors that mean "this part of the source cannot be read" (/proc/vmcore returns EIO
@@ -73,7 +70,7 @@ def check_crash_time(raw: str | None, now: float) -> tuple[int | None, str | Non
     if raw is None:
         return None, None
     shown = repr(raw[:32]) + ("..." if len(raw) > 32 else "")
-    if not _DECIMAL.fullmatch(raw):
+    if not (0 < len(raw) <= 20 and raw.isascii() and raw.isdigit()):
         return None, f"CRASHTIME={shown} in VMCOREINFO is not a decimal number of seconds"
     value = int(raw)
     latest = int(max(now, CODE_EPOCH)) + FUTURE_SLACK
@@ -128,7 +125,6 @@ def parse_vmcoreinfo(text: str) -> dict[str, str]:
     return info
 
 
-@dataclass
 class Vmcore:
     """An open crash dump source; close when done.
 
@@ -137,27 +133,46 @@ class Vmcore:
     and recorded in ``unreadable``.
     """
 
-    path: str
-    kind: str  # "elf" or "raw"
-    fd: int
-    size: int | None  # bytes to copy (the expected size of the source)
-    ehdr: Ehdr | None = None
-    phdrs: list[Phdr] = field(default_factory=list)
-    notes_offset: int = 0
-    notes_blob: bytes = b""
-    notes: list[Note] = field(default_factory=list)
-    vmcoreinfo: dict[str, str] = field(default_factory=dict)
-    vmcoreinfo_note: Note | None = None
-    base: int = 0  # where the vmcore starts inside ``path`` (a dump device's data area)
-    _map_view: memoryview | None = field(default=None, repr=False)
-    _map_start: int = field(default=0, repr=False)
-    _map_end: int = field(default=0, repr=False)
-    _mappable: bool | None = field(default=None, repr=False)
-    #: readable ranges of a raw memory source (System RAM); None: all of it
-    ram: list[tuple[int, int]] | None = None
-    #: source ranges ``[start, end)`` that could not be read and were saved as zeros
-    unreadable: list[tuple[int, int]] = field(default_factory=list)
-    unreadable_bytes: int = 0
+    def __init__(
+        self,
+        path: str,
+        kind: str,  # "elf" or "raw"
+        fd: int,
+        size: int | None,  # bytes to copy (the expected size of the source)
+        ehdr: Ehdr | None = None,
+        phdrs: list[Phdr] | None = None,
+        notes_offset: int = 0,
+        notes_blob: bytes = b"",
+        notes: list[Note] | None = None,
+        vmcoreinfo: dict[str, str] | None = None,
+        vmcoreinfo_note: Note | None = None,
+        base: int = 0,  # where the vmcore starts inside ``path`` (a dump device's data area)
+        ram: list[tuple[int, int]] | None = None,
+    ) -> None:
+        self.path = path
+        self.kind = kind
+        self.fd = fd
+        self.size = size
+        self.ehdr = ehdr
+        self.phdrs = [] if phdrs is None else phdrs
+        self.notes_offset = notes_offset
+        self.notes_blob = notes_blob
+        self.notes = [] if notes is None else notes
+        self.vmcoreinfo = {} if vmcoreinfo is None else vmcoreinfo
+        self.vmcoreinfo_note = vmcoreinfo_note
+        self.base = base
+        self._map_view: memoryview | None = None
+        self._map_start = 0
+        self._map_end = 0
+        self._mappable: bool | None = None
+        # readable ranges of a raw memory source (System RAM); None: all of it
+        self.ram = ram
+        # source ranges ``[start, end)`` that could not be read and were saved as zeros
+        self.unreadable: list[tuple[int, int]] = []
+        self.unreadable_bytes = 0
+
+    def __repr__(self) -> str:
+        return f"Vmcore(path={self.path!r}, kind={self.kind!r}, fd={self.fd}, size={self.size})"
 
     # -- derived facts -----------------------------------------------------------------
     @property

@@ -7,14 +7,14 @@ retry and salvage logic runs unchanged on top. Nothing here is imported by produ
 from __future__ import annotations
 
 import errno
-from dataclasses import fields
 
 from kdump_capture.vmcore import Vmcore
 
 
 def adopt(vm: Vmcore, cls: type[Vmcore], **attrs) -> Vmcore:
     """A ``cls`` instance sharing ``vm``'s open file and parsed headers."""
-    out = cls(**{f.name: getattr(vm, f.name) for f in fields(vm)})
+    out = cls.__new__(cls)
+    out.__dict__.update(vars(vm))
     for k, v in attrs.items():
         setattr(out, k, v)
     return out

@@ -35,6 +35,8 @@ from kdump_capture.sample import (
 )
 from kdump_capture.vmcore import Vmcore, open_vmcore
 
+from .faulty import adopt
+
 PAGE = 4096
 FIRST = RAM_START // PAGE
 
@@ -269,8 +271,7 @@ class FailingVmcore(Vmcore):
 
 def test_read_error_gives_marked_partial_dump(tmp_path):
     vm = open_vmcore(_image(tmp_path))
-    bad = FailingVmcore(**{f: getattr(vm, f) for f in vm.__dataclass_fields__})
-    bad.fail_at = vm.loads[0].offset + 600 * PAGE
+    bad = adopt(vm, FailingVmcore, fail_at=vm.loads[0].offset + 600 * PAGE)
     for sink in (SeekSink(), StreamSink()):
         res = _write(bad, "zstd", 1, sink)
         assert res.incomplete and "the source ended" in res.incomplete

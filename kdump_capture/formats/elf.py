@@ -5,17 +5,21 @@ from __future__ import annotations
 import array
 import logging
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 
 from .. import speedups
 from ..elf import PT_LOAD, PT_NOTE, Ehdr, Phdr
 from ..errors import VmcoreError
+from ..record import Record
 from ..vmcore import Vmcore
-from . import CHUNK, FormatWriter, Monitor, WriteResult
+from . import CHUNK, FormatWriter, WriteResult
 from .filter import PageFilter, Window, clear_range, iter_runs
 from .pages import zero_mask_py
 
 log = logging.getLogger(__name__)
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
+if TYPE_CHECKING:
+    from . import Monitor
 
 PAGE = 4096
 # Runs of zero pages shorter than this are written as data: each excluded run costs a
@@ -124,16 +128,20 @@ class ElfWriter(RawWriter):
         return result
 
 
-@dataclass(frozen=True)
-class OutSeg:
+class OutSeg(Record):
     """A PT_LOAD of the output: ``filesz`` bytes copied from source offset ``src``."""
 
-    vaddr: int
-    paddr: int
-    src: int
-    filesz: int
-    memsz: int
-    flags: int
+    __slots__ = ("vaddr", "paddr", "src", "filesz", "memsz", "flags")
+
+    def __init__(
+        self, vaddr: int, paddr: int, src: int, filesz: int, memsz: int, flags: int
+    ) -> None:
+        self.vaddr = vaddr
+        self.paddr = paddr
+        self.src = src
+        self.filesz = filesz
+        self.memsz = memsz
+        self.flags = flags
 
 
 def _aligned(p: Phdr) -> bool:

@@ -18,7 +18,6 @@ import re
 import struct
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
 
 from .. import speedups
 from ..elf import PT_LOAD
@@ -35,6 +34,7 @@ from ..kernel import (
     VmcoreInfo,
     max_mapnr_of,
 )
+from ..record import Record
 from ..vmcore import Vmcore
 
 log = logging.getLogger(__name__)
@@ -178,30 +178,75 @@ def _u32(v: int | None) -> int | None:
     return None if v is None else v & 0xFFFFFFFF
 
 
-@dataclass(frozen=True)
-class PageRules:
+class PageRules(Record):
     """Struct page layout and flag values from VMCOREINFO, for ``exclude_pages``."""
 
-    size: int
-    off_flags: int
-    off_mapping: int
-    off_mapcount: int | None
-    off_private: int | None
-    off_chead: int | None
-    off_order: int  # in the struct page after a head page; 0 = unknown (order 0)
-    off_dtor: int  # likewise; 0 = unknown
-    lru: int
-    private: int
-    swapcache: int
-    swapbacked: int | None  # None: kernel before 4.10 (no PG_swapbacked)
-    head_mask: int
-    hwpoison: int  # 0 when not exported
-    slab_bit: int  # full 64-bit mask of PG_slab (0 if unknown)
-    slab_mapcount: int | None  # 6.10+ page type value, as u32
-    buddy: int | None  # PAGE_BUDDY_MAPCOUNT_VALUE as u32; None: cannot identify free pages
-    offline: int | None
-    hugetlb_dtor: int | None
-    nr_free_area: int | None
+    __slots__ = (
+        "size",
+        "off_flags",
+        "off_mapping",
+        "off_mapcount",
+        "off_private",
+        "off_chead",
+        "off_order",
+        "off_dtor",
+        "lru",
+        "private",
+        "swapcache",
+        "swapbacked",
+        "head_mask",
+        "hwpoison",
+        "slab_bit",
+        "slab_mapcount",
+        "buddy",
+        "offline",
+        "hugetlb_dtor",
+        "nr_free_area",
+    )
+
+    def __init__(
+        self,
+        size: int,
+        off_flags: int,
+        off_mapping: int,
+        off_mapcount: int | None,
+        off_private: int | None,
+        off_chead: int | None,
+        off_order: int,  # in the struct page after a head page; 0 = unknown (order 0)
+        off_dtor: int,  # likewise; 0 = unknown
+        lru: int,
+        private: int,
+        swapcache: int,
+        swapbacked: int | None,  # None: kernel before 4.10 (no PG_swapbacked)
+        head_mask: int,
+        hwpoison: int,  # 0 when not exported
+        slab_bit: int,  # full 64-bit mask of PG_slab (0 if unknown)
+        slab_mapcount: int | None,  # 6.10+ page type value, as u32
+        buddy: int | None,  # PAGE_BUDDY_MAPCOUNT_VALUE as u32; None: cannot identify free pages
+        offline: int | None,
+        hugetlb_dtor: int | None,
+        nr_free_area: int | None,
+    ) -> None:
+        self.size = size
+        self.off_flags = off_flags
+        self.off_mapping = off_mapping
+        self.off_mapcount = off_mapcount
+        self.off_private = off_private
+        self.off_chead = off_chead
+        self.off_order = off_order
+        self.off_dtor = off_dtor
+        self.lru = lru
+        self.private = private
+        self.swapcache = swapcache
+        self.swapbacked = swapbacked
+        self.head_mask = head_mask
+        self.hwpoison = hwpoison
+        self.slab_bit = slab_bit
+        self.slab_mapcount = slab_mapcount
+        self.buddy = buddy
+        self.offline = offline
+        self.hugetlb_dtor = hugetlb_dtor
+        self.nr_free_area = nr_free_area
 
     @classmethod
     def from_info(cls, info: VmcoreInfo) -> PageRules:
@@ -307,38 +352,52 @@ ZERO_FILL = U64_MASK - 1
 MAX_ORDER_BITS = 64
 
 
-@dataclass
-class Window:
+class Window(Record):
     """Both bitmaps for page frames ``start <= pfn < end`` (bit ``pfn - start``)."""
 
-    start: int
-    end: int
-    first: bytearray
-    second: bytearray
+    __slots__ = ("start", "end", "first", "second")
+
+    def __init__(self, start: int, end: int, first: bytearray, second: bytearray) -> None:
+        self.start = start
+        self.end = end
+        self.first = first
+        self.second = second
 
 
-@dataclass
 class ScanState:
     """What the struct-page walk carries from one window into the next."""
 
-    skip_sec: int = -1  # the section whose walk continues into the next window ...
-    skip_to: int = 0  # ... and the pfn it resumes at (after a compound or buddy range)
-    carry_end: int = 0  # an excluded range that reaches past the window ends here
-    counts: list[int] = field(default_factory=lambda: [0] * len(COUNTERS))
-    unreadable: int = 0
-    bad_order: int = 0
+    __slots__ = ("skip_sec", "skip_to", "carry_end", "counts", "unreadable", "bad_order")
+
+    def __init__(self) -> None:
+        self.skip_sec = -1  # the section whose walk continues into the next window ...
+        self.skip_to = 0  # ... and the pfn it resumes at (after a compound or buddy range)
+        self.carry_end = 0  # an excluded range that reaches past the window ends here
+        self.counts = [0] * len(COUNTERS)
+        self.unreadable = 0
+        self.bad_order = 0
 
 
-@dataclass
-class Summary:
+class Summary(Record):
     """What a whole pass over the windows found (for headers, estimates and README)."""
 
-    max_mapnr: int
-    level: int  # the level applied (bits that could not be applied are cleared)
-    pages_total: int  # bits set in the 1st bitmap
-    num_dumpable: int  # bits set in the 2nd bitmap
-    excluded: dict[str, int] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
+    __slots__ = ("max_mapnr", "level", "pages_total", "num_dumpable", "excluded", "notes")
+
+    def __init__(
+        self,
+        max_mapnr: int,
+        level: int,  # the level applied (bits that could not be applied are cleared)
+        pages_total: int,  # bits set in the 1st bitmap
+        num_dumpable: int,  # bits set in the 2nd bitmap
+        excluded: dict[str, int] | None = None,
+        notes: list[str] | None = None,
+    ) -> None:
+        self.max_mapnr = max_mapnr
+        self.level = level
+        self.pages_total = pages_total
+        self.num_dumpable = num_dumpable
+        self.excluded = {} if excluded is None else excluded
+        self.notes = [] if notes is None else notes
 
 
 def needs_struct_pages(level: int, info: VmcoreInfo) -> bool:
@@ -838,16 +897,26 @@ def scan_window(
 
 
 # -- whole bitmaps (tests and small tools; the writers use windows) ----------------------------
-@dataclass
-class Bitmaps:
+class Bitmaps(Record):
     """Both bitmaps of a dump, whole: memory grows with RAM, so only for tests and tools."""
 
-    max_mapnr: int
-    first: bytearray
-    second: bytearray
-    level: int
-    excluded: dict[str, int] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
+    __slots__ = ("max_mapnr", "first", "second", "level", "excluded", "notes")
+
+    def __init__(
+        self,
+        max_mapnr: int,
+        first: bytearray,
+        second: bytearray,
+        level: int,
+        excluded: dict[str, int] | None = None,
+        notes: list[str] | None = None,
+    ) -> None:
+        self.max_mapnr = max_mapnr
+        self.first = first
+        self.second = second
+        self.level = level
+        self.excluded = {} if excluded is None else excluded
+        self.notes = [] if notes is None else notes
 
     @property
     def num_dumpable(self) -> int:

@@ -16,18 +16,17 @@ import threading
 import zlib
 from collections import deque
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 
 from .. import speedups
 from ..elf import Phdr
 from ..errors import NotSupported, VmcoreError
 from ..kernel import ElfPhysMemory, Kernel, VmcoreInfo
 from ..memory import BATCH_PAGES, BufferPlan
+from ..record import Record
 from ..vmcore import Vmcore
-from . import FormatWriter, Monitor, WriteResult
+from . import FormatWriter, WriteResult
 from .filter import DL_EXCLUDE_ZERO, PageFilter, Summary, iter_runs
-from .flat import FlatOutput, PlacedOutput, SeekOutput
+from .flat import FlatOutput, SeekOutput
 from .pages import zero_mask_py
 from .structs import (
     DUMP_DH_COMPRESSED_INCOMPLETE,
@@ -41,6 +40,27 @@ from .structs import (
 )
 
 log = logging.getLogger(__name__)
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
+if TYPE_CHECKING:
+    from concurrent.futures import Future
+
+    from . import Monitor
+    from .flat import PlacedOutput
+
+
+class Done:
+    """A batch compressed on the calling thread: what ``Future.result`` gives, without
+    importing ``concurrent.futures`` on one CPU (the capture kernel's usual case)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: tuple) -> None:
+        self.value = value
+
+    def result(self) -> tuple:
+        return self.value
+
 
 PAGE = 4096
 # Descriptors are flushed in 64 KiB pieces (makedumpfile's cache size): few seeks/records.
@@ -245,15 +265,24 @@ def get_codec(name: str) -> Codec:
 
 
 # -- layout -------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Layout:
+class Layout(Record):
     """File offsets of a kdump-compressed dump (see module docstring)."""
 
-    block: int
-    sub_hdr_blocks: int
-    bitmap_blocks: int
-    num_dumpable: int
-    zero_page: bool
+    __slots__ = ("block", "sub_hdr_blocks", "bitmap_blocks", "num_dumpable", "zero_page")
+
+    def __init__(
+        self,
+        block: int,
+        sub_hdr_blocks: int,
+        bitmap_blocks: int,
+        num_dumpable: int,
+        zero_page: bool,
+    ) -> None:
+        self.block = block
+        self.sub_hdr_blocks = sub_hdr_blocks
+        self.bitmap_blocks = bitmap_blocks
+        self.num_dumpable = num_dumpable
+        self.zero_page = zero_page
 
     @property
     def bitmap_off(self) -> int:
@@ -298,12 +327,14 @@ def read_utsname(vm: Vmcore, notes: list[str]) -> bytes:
 
 
 # -- page sources -------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Piece:
+class Piece(Record):
     """``npages`` pages at file ``offset`` (None: not backed by the file, read as zeros)."""
 
-    npages: int
-    offset: int | None
+    __slots__ = ("npages", "offset")
+
+    def __init__(self, npages: int, offset: int | None) -> None:
+        self.npages = npages
+        self.offset = offset
 
 
 def iter_batches(
@@ -509,7 +540,7 @@ class KdumpWriter(FormatWriter):
         nbufs = in_flight + 1 if threads else 1
         copy_bufs = [bytearray(batch * PAGE) for _ in range(nbufs)]
         out_bufs = [bytearray(batch * PAGE) for _ in range(nbufs)]
-        pending: deque[tuple[Future, bytearray, bytearray, int]] = deque()
+        pending: deque[tuple[Future | Done, bytearray, bytearray, int]] = deque()
         error: str | None = None
         descs = self._descs
 
@@ -529,19 +560,21 @@ class KdumpWriter(FormatWriter):
             monitor.advance(n * PAGE, sent)
 
         runs = self._runs(out, lay, pf, monitor, zero_dedup)
-        ex = ThreadPoolExecutor(threads, thread_name_prefix="compress") if threads else None
+        ex = None
+        if threads:
+            from concurrent.futures import ThreadPoolExecutor  # not imported on one CPU
+
+            ex = ThreadPoolExecutor(threads, thread_name_prefix="compress")
         try:
             for n, pieces in iter_batches(runs, vm.loads, batch):
                 cbuf, obuf = copy_bufs.pop(), out_bufs.pop()
                 src, offsets = self._gather(pieces, n, cbuf)
                 if zero_dedup and _all_zero(src, offsets, n, batch, self._accel):
-                    fut: Future = Future()
-                    fut.set_result((b"", bytes(8 * n)))
+                    fut: Future | Done = Done((b"", bytes(8 * n)))
                 elif ex is not None:
                     fut = ex.submit(codec.pack, src, offsets, zero_dedup, obuf)
                 else:
-                    fut = Future()
-                    fut.set_result(codec.pack(src, offsets, zero_dedup, obuf))
+                    fut = Done(codec.pack(src, offsets, zero_dedup, obuf))
                 del src
                 pending.append((fut, cbuf, obuf, n))
                 if len(pending) >= in_flight:

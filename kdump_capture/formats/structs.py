@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+
+from ..record import Record
 
 KDUMP_SIGNATURE = b"KDUMP   "
 UTSNAME_SIZE = 390  # struct new_utsname: six fields of 65 bytes
@@ -37,23 +38,58 @@ assert KDUMP_SUB_HEADER.size == 104
 assert PAGE_DESC.size == 24
 
 
-@dataclass(frozen=True)
-class DiskDumpHeader:
-    header_version: int
-    utsname: bytes
-    tv_sec: int
-    tv_usec: int
-    status: int
-    block_size: int
-    sub_hdr_size: int
-    bitmap_blocks: int
-    max_mapnr: int
-    nr_cpus: int
-    total_ram_blocks: int = 0
-    device_blocks: int = 0
-    written_blocks: int = 0
-    current_cpu: int = 0
-    signature: bytes = KDUMP_SIGNATURE
+class DiskDumpHeader(Record):
+    __slots__ = (
+        "header_version",
+        "utsname",
+        "tv_sec",
+        "tv_usec",
+        "status",
+        "block_size",
+        "sub_hdr_size",
+        "bitmap_blocks",
+        "max_mapnr",
+        "nr_cpus",
+        "total_ram_blocks",
+        "device_blocks",
+        "written_blocks",
+        "current_cpu",
+        "signature",
+    )
+
+    def __init__(
+        self,
+        header_version: int,
+        utsname: bytes,
+        tv_sec: int,
+        tv_usec: int,
+        status: int,
+        block_size: int,
+        sub_hdr_size: int,
+        bitmap_blocks: int,
+        max_mapnr: int,
+        nr_cpus: int,
+        total_ram_blocks: int = 0,
+        device_blocks: int = 0,
+        written_blocks: int = 0,
+        current_cpu: int = 0,
+        signature: bytes = KDUMP_SIGNATURE,
+    ) -> None:
+        self.header_version = header_version
+        self.utsname = utsname
+        self.tv_sec = tv_sec
+        self.tv_usec = tv_usec
+        self.status = status
+        self.block_size = block_size
+        self.sub_hdr_size = sub_hdr_size
+        self.bitmap_blocks = bitmap_blocks
+        self.max_mapnr = max_mapnr
+        self.nr_cpus = nr_cpus
+        self.total_ram_blocks = total_ram_blocks
+        self.device_blocks = device_blocks
+        self.written_blocks = written_blocks
+        self.current_cpu = current_cpu
+        self.signature = signature
 
     def pack(self) -> bytes:
         return DISK_DUMP_HEADER.pack(
@@ -87,22 +123,55 @@ class DiskDumpHeader:
         return raw.split(b"\0")[0].decode("ascii", "replace")
 
 
-@dataclass(frozen=True)
-class KdumpSubHeader:
-    phys_base: int = 0
-    dump_level: int = 0
-    split: int = 0
-    start_pfn: int = 0
-    end_pfn: int = 0
-    offset_vmcoreinfo: int = 0
-    size_vmcoreinfo: int = 0
-    offset_note: int = 0
-    size_note: int = 0
-    offset_eraseinfo: int = 0
-    size_eraseinfo: int = 0
-    start_pfn_64: int = 0
-    end_pfn_64: int = 0
-    max_mapnr_64: int = 0
+class KdumpSubHeader(Record):
+    __slots__ = (
+        "phys_base",
+        "dump_level",
+        "split",
+        "start_pfn",
+        "end_pfn",
+        "offset_vmcoreinfo",
+        "size_vmcoreinfo",
+        "offset_note",
+        "size_note",
+        "offset_eraseinfo",
+        "size_eraseinfo",
+        "start_pfn_64",
+        "end_pfn_64",
+        "max_mapnr_64",
+    )
+
+    def __init__(
+        self,
+        phys_base: int = 0,
+        dump_level: int = 0,
+        split: int = 0,
+        start_pfn: int = 0,
+        end_pfn: int = 0,
+        offset_vmcoreinfo: int = 0,
+        size_vmcoreinfo: int = 0,
+        offset_note: int = 0,
+        size_note: int = 0,
+        offset_eraseinfo: int = 0,
+        size_eraseinfo: int = 0,
+        start_pfn_64: int = 0,
+        end_pfn_64: int = 0,
+        max_mapnr_64: int = 0,
+    ) -> None:
+        self.phys_base = phys_base
+        self.dump_level = dump_level
+        self.split = split
+        self.start_pfn = start_pfn
+        self.end_pfn = end_pfn
+        self.offset_vmcoreinfo = offset_vmcoreinfo
+        self.size_vmcoreinfo = size_vmcoreinfo
+        self.offset_note = offset_note
+        self.size_note = size_note
+        self.offset_eraseinfo = offset_eraseinfo
+        self.size_eraseinfo = size_eraseinfo
+        self.start_pfn_64 = start_pfn_64
+        self.end_pfn_64 = end_pfn_64
+        self.max_mapnr_64 = max_mapnr_64
 
     def pack(self) -> bytes:
         return KDUMP_SUB_HEADER.pack(
@@ -127,12 +196,14 @@ class KdumpSubHeader:
         return cls(*KDUMP_SUB_HEADER.unpack_from(buf, offset))
 
 
-@dataclass(frozen=True)
-class PageDesc:
-    offset: int
-    size: int
-    flags: int
-    page_flags: int = 0
+class PageDesc(Record):
+    __slots__ = ("offset", "size", "flags", "page_flags")
+
+    def __init__(self, offset: int, size: int, flags: int, page_flags: int = 0) -> None:
+        self.offset = offset
+        self.size = size
+        self.flags = flags
+        self.page_flags = page_flags
 
     def pack(self) -> bytes:
         return PAGE_DESC.pack(self.offset, self.size, self.flags, self.page_flags)
