@@ -34,8 +34,11 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from .checksum import Hasher
 from .errors import ConfigError, DecryptError, VerifyError
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
+if TYPE_CHECKING:
+    from .checksum import Hasher
 
 VERSION_LINE = b"age-encryption.org/v1"
 CHUNK = 64 << 10  # plaintext bytes per payload chunk (fixed by the format)

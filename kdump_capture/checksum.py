@@ -14,29 +14,41 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass
-from typing import Protocol
 
 from .errors import ManifestError, NotSupported
+from .record import Record
 
 SHA256 = "sha256"
 XXH3 = "xxh3-128"
 
 
-class Hasher(Protocol):
-    """What hashlib's objects and xxhash's have in common, and all we use of them."""
+# typing.TYPE_CHECKING without importing typing, which costs the capture's start-up ~3 ms
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Protocol
 
-    def update(self, data: bytes | memoryview, /) -> None: ...
-    def hexdigest(self) -> str: ...
-    def copy(self) -> Hasher: ...
+    class Hasher(Protocol):
+        """What hashlib's objects and xxhash's have in common, and all we use of them."""
+
+        def update(self, data: bytes | memoryview, /) -> None: ...
+        def hexdigest(self) -> str: ...
+        def copy(self) -> Hasher: ...
 
 
-@dataclass(frozen=True)
-class Algorithm:
-    name: str  # as the manifest records it
-    config: str  # the KDUMP_CHECKSUM value that selects it
-    hex_digits: int
-    what: str  # for messages and show-config
+class Algorithm(Record):
+    __slots__ = ("name", "config", "hex_digits", "what")
+
+    def __init__(
+        self,
+        name: str,  # as the manifest records it
+        config: str,  # the KDUMP_CHECKSUM value that selects it
+        hex_digits: int,
+        what: str,  # for messages and show-config
+    ) -> None:
+        self.name = name
+        self.config = config
+        self.hex_digits = hex_digits
+        self.what = what
 
 
 ALGORITHMS: dict[str, Algorithm] = {

@@ -126,7 +126,6 @@ def cmd_save(args: argparse.Namespace) -> int:
     from .heartbeat import Heartbeat
     from .pipeline import save
     from .progress import make_progress
-    from .sample import write_demo
     from .scripts import check_script, check_transfer, run_script
     from .vmcore import find_source, open_vmcore
 
@@ -159,6 +158,8 @@ def cmd_save(args: argparse.Namespace) -> int:
     try:
         if args.sample:
             import tempfile
+
+            from .sample import write_demo
 
             fd, tmp = tempfile.mkstemp(prefix="kdump-sample-", suffix=".vmcore")
             os.close(fd)
@@ -210,8 +211,6 @@ def cmd_save(args: argparse.Namespace) -> int:
 
 
 def cmd_recover(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
     from . import dumpdev
     from .errors import DumpDeviceError
     from .pipeline import save
@@ -238,8 +237,7 @@ def cmd_recover(args: argparse.Namespace) -> int:
         print(f"{device}: the dump was already recovered (use --force to copy it again)")
         return 0
     dumpdev.check_data(device, header)
-    plan = replace(
-        make_plan(cfg),
+    plan = make_plan(cfg).replace(
         dump_format="raw",
         dump_level=0,
         source_label=dumpdev.describe(header),
@@ -266,8 +264,6 @@ def cmd_verify(args: argparse.Namespace) -> int:
     through a link, never a FIFO), never more than the recorded size: both through a
     transport (the file transport for a directory).
     """
-    from dataclasses import replace
-
     from transports import open_transport
     from transports.base import TransportSettings
     from transports.file import FileTransport
@@ -292,7 +288,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         )
     cfg = load(args)
     _setup_logging(bool(cfg.verbose & 8))
-    with open_transport(replace(target, path=parent or "/"), transport_settings(cfg)) as tr:
+    with open_transport(target.replace(path=parent or "/"), transport_settings(cfg)) as tr:
         return _verify(target.redacted(), tr, name)
 
 

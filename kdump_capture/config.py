@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
-from typing import NoReturn
 
 from .errors import ConfigError, NotSupported, UrlError
+from .record import Record
 from .urls import Target, parse_savedir, redact
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
+if TYPE_CHECKING:
+    from typing import NoReturn
 
 DEFAULT_PATH = "/etc/sysconfig/kdump"
 
@@ -35,18 +37,26 @@ class _Invalid(Exception):
 # --- kinds: how a raw string value is checked and converted ------------------------------------
 
 
-@dataclass(frozen=True)
-class Kind:
+class Kind(Record):
     """How a directive's raw string is validated and converted to its typed value.
 
     ``convert`` raises ``_Invalid(problem)``; ``allowed`` completes the error message.
     ``empty_is_default``: an empty value means "use the default" (SUSE 2.x behaviour).
     """
 
-    name: str
-    allowed: str
-    convert: Callable[[str], object]
-    empty_is_default: bool = True
+    __slots__ = ("name", "allowed", "convert", "empty_is_default")
+
+    def __init__(
+        self,
+        name: str,
+        allowed: str,
+        convert: Callable[[str], object],
+        empty_is_default: bool = True,
+    ) -> None:
+        self.name = name
+        self.allowed = allowed
+        self.convert = convert
+        self.empty_is_default = empty_is_default
 
 
 def _text(value: str) -> str:
@@ -202,16 +212,27 @@ HOSTNAME = _pattern_kind(
 # --- the directive table -----------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Directive:
+class Directive(Record):
     """One /etc/sysconfig/kdump variable: its default (as a raw string), kind and meaning."""
 
-    name: str
-    default: str
-    kind: Kind
-    doc: str
-    side: str = "dump"  # "dump": used while saving; "load": used when loading the capture kernel
-    secret: bool = False
+    __slots__ = ("name", "default", "kind", "doc", "side", "secret")
+
+    def __init__(
+        self,
+        name: str,
+        default: str,
+        kind: Kind,
+        doc: str,
+        # "dump": used while saving; "load": used when loading the capture kernel
+        side: str = "dump",
+        secret: bool = False,
+    ) -> None:
+        self.name = name
+        self.default = default
+        self.kind = kind
+        self.doc = doc
+        self.side = side
+        self.secret = secret
 
 
 _d = Directive
@@ -298,13 +319,20 @@ ALIASES: dict[str, str] = {"KDUMP_OPTIONS": "KEXEC_OPTIONS"}
 # --- the shell-subset parser -------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Assignment:
+class Assignment(Record):
     """``name=value`` as found at ``line`` (the line where the name starts)."""
 
-    name: str
-    value: str
-    line: int
+    __slots__ = ("name", "value", "line")
+
+    def __init__(
+        self,
+        name: str,
+        value: str,
+        line: int,
+    ) -> None:
+        self.name = name
+        self.value = value
+        self.line = line
 
 
 # No directive needs more than a few KiB; the caps keep "A=$A$A" repeated (each line doubles
@@ -601,6 +629,8 @@ def load_config(path: str | None = DEFAULT_PATH, overrides: Iterable[str] = ()) 
             raise ConfigError(f"--set {shown}: expected NAME=VALUE")
         name = ALIASES.get(given, given)
         if name not in BY_NAME:
+            import difflib  # only for a misspelled name
+
             close = difflib.get_close_matches(name, list(BY_NAME) + list(ALIASES), n=1)
             hint = f"; did you mean {close[0]}?" if close else ""
             raise ConfigError(f"--set {given}: unknown directive{hint}")

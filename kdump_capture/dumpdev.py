@@ -41,8 +41,12 @@ from . import checksum
 from .errors import ConfigError, DumpDeviceError, IncompleteDump, VmcoreError
 from .formats import CHUNK, FORMAT_NAMES, make_writer
 from .memory import BufferPlan
-from .progress import NoProgress, Progress
+from .progress import NoProgress
 from .vmcore import Vmcore, open_vmcore
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
+if TYPE_CHECKING:
+    from .progress import Progress
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 
@@ -22,6 +21,8 @@ def should_reboot(immediate_reboot: bool, no_reboot: bool, dumpdev: str) -> bool
 
 def reboot(power_off: bool = False) -> None:
     """sync, then restart (or power off) at once. Does not return on success."""
+    import ctypes  # only here: a save that does not reboot need not load it
+
     os.sync()
     libc = ctypes.CDLL(None, use_errno=True)
     cmd = LINUX_REBOOT_CMD_POWER_OFF if power_off else LINUX_REBOOT_CMD_RESTART

@@ -18,7 +18,9 @@ import stat
 import time
 from collections.abc import Callable, Mapping
 
-from .progress import Progress
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
+if TYPE_CHECKING:
+    from .progress import Progress
 
 log = logging.getLogger(__name__)
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
 
 from transports.base import Transport
 
 from . import checksum
 from .errors import ManifestError
+from .record import Record
 from .report import MANIFEST
 
 # Ours are 1-2 KiB (four files, a few notes); 1 MiB leaves room for long notes and still
@@ -47,22 +47,36 @@ _STRING = re.compile(rb'"(?:[^"\\]|\\.)*+"?', re.S)
 _INNERMOST = re.compile(rb"\[[^\[\]{}]*\]|\{[^\[\]{}]*\}")
 
 
-@dataclass(frozen=True)
-class FileRecord:
+class FileRecord(Record):
     """What the manifest says about one file of the dump."""
 
-    size: int
-    digest: str
-    algorithm: str = checksum.SHA256  # a key of checksum.ALGORITHMS
+    __slots__ = ("size", "digest", "algorithm")
+
+    def __init__(
+        self,
+        size: int,
+        digest: str,
+        algorithm: str = checksum.SHA256,  # a key of checksum.ALGORITHMS
+    ) -> None:
+        self.size = size
+        self.digest = digest
+        self.algorithm = algorithm
 
 
-@dataclass(frozen=True)
-class Manifest:
+class Manifest(Record):
     """The parts of manifest.json that programs act on."""
 
-    status: str
-    files: dict[str, FileRecord]
-    error: str | None = None
+    __slots__ = ("status", "files", "error")
+
+    def __init__(
+        self,
+        status: str,
+        files: dict[str, FileRecord],
+        error: str | None = None,
+    ) -> None:
+        self.status = status
+        self.files = files
+        self.error = error
 
     @property
     def complete(self) -> bool:

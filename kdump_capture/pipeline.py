@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import logging
-import socket
+import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
 
 from transports import open_transport
 from transports.base import Entry, Transport, TransportSettings
@@ -26,13 +25,17 @@ from .errors import (
     VmcoreError,
 )
 from .formats import FORMAT_NAMES, FormatWriter, WriteResult, make_writer
-from .identity import host_identity
 from .memory import BufferPlan, MemoryLog
-from .progress import NoProgress, Progress
+from .progress import NoProgress
+from .record import Record
 from .report import AGE_SUFFIX, DMESG, MANIFEST, PLACEHOLDER, README, SUMMARY, VMCORE, DumpRecord
 from .summary import CrashSummary, summarize
 from .urls import Target
 from .vmcore import Vmcore
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
+if TYPE_CHECKING:
+    from .progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -46,48 +49,91 @@ WRITE_STEP = 2 << 20
 MEMORY_SAMPLE = 8
 
 
-@dataclass(frozen=True)
-class SavePlan:
+class SavePlan(Record):
     """What to save and how, resolved from the configuration before anything is written."""
 
-    targets: list[Target]
-    dump_format: str
-    dump_level: int
-    keep_old_dumps: int
-    free_disk_size: int
-    settings: TransportSettings
-    #: describes the source's own format when it is copied verbatim (dump-device recovery)
-    source_label: str | None = None
-    source_level: int | None = None
-    #: buffer sizes from MemAvailable (memory.plan_buffers)
-    buffers: BufferPlan = field(default_factory=BufferPlan)
-    #: KDUMP_HOSTNAME: this host's name in dump directory names on network targets
-    hostname: str = ""
-    #: KDUMP_ENCRYPT_TO (kdump_capture.age.Recipient): every file derived from memory is
-    #: written encrypted (NAME.age); empty: no encryption
-    encrypt_to: tuple = ()
-    #: KDUMP_ENCRYPT_SUMMARY: with encryption, keep the crash summary in plain text too
-    encrypt_summary: bool = False
+    __slots__ = (
+        "targets",
+        "dump_format",
+        "dump_level",
+        "keep_old_dumps",
+        "free_disk_size",
+        "settings",
+        "source_label",
+        "source_level",
+        "buffers",
+        "hostname",
+        "encrypt_to",
+        "encrypt_summary",
+    )
+
+    def __init__(
+        self,
+        targets: list[Target],
+        dump_format: str,
+        dump_level: int,
+        keep_old_dumps: int,
+        free_disk_size: int,
+        settings: TransportSettings,
+        # describes the source's own format when it is copied verbatim (dump-device recovery)
+        source_label: str | None = None,
+        source_level: int | None = None,
+        # buffer sizes from MemAvailable (memory.plan_buffers)
+        buffers: BufferPlan | None = None,
+        # KDUMP_HOSTNAME: this host's name in dump directory names on network targets
+        hostname: str = "",
+        # KDUMP_ENCRYPT_TO (kdump_capture.age.Recipient): every file derived from memory is
+        # written encrypted (NAME.age); empty: no encryption
+        encrypt_to: tuple = (),
+        # KDUMP_ENCRYPT_SUMMARY: with encryption, keep the crash summary in plain text too
+        encrypt_summary: bool = False,
+    ) -> None:
+        self.targets = targets
+        self.dump_format = dump_format
+        self.dump_level = dump_level
+        self.keep_old_dumps = keep_old_dumps
+        self.free_disk_size = free_disk_size
+        self.settings = settings
+        self.source_label = source_label
+        self.source_level = source_level
+        self.buffers = BufferPlan() if buffers is None else buffers
+        self.hostname = hostname
+        self.encrypt_to = encrypt_to
+        self.encrypt_summary = encrypt_summary
 
 
-@dataclass
-class SaveResult:
-    target: str
-    directory: str
-    record: DumpRecord
+class SaveResult(Record):
+    __slots__ = ("target", "directory", "record")
+
+    def __init__(
+        self,
+        target: str,
+        directory: str,
+        record: DumpRecord,
+    ) -> None:
+        self.target = target
+        self.directory = directory
+        self.record = record
 
 
-@dataclass
-class SpaceMaker:
+class SpaceMaker(Record):
     """Deletes, oldest first, dumps that rotation would delete anyway once this dump succeeds.
 
     Used before writing and, when the output grows beyond what the pre-check could know,
     while writing: a failed new dump never costs a dump that rotation would have kept.
     """
 
-    transport: Transport
-    candidates: list[policy.DumpDir]
-    deleted: list[policy.DumpDir] = field(default_factory=list)
+    __slots__ = ("transport", "candidates", "deleted")
+
+    def __init__(
+        self,
+        transport: Transport,
+        candidates: list[policy.DumpDir],
+        deleted: list[policy.DumpDir] | None = None,
+    ) -> None:
+        self.transport = transport
+        self.candidates = candidates
+        self.deleted = [] if deleted is None else deleted
 
     def __call__(self, short: int) -> bool:
         """Delete the oldest candidate; False when there is none left."""
@@ -331,7 +377,7 @@ def save_to_target(
     # The largest file is at most the source plus format overhead (page descriptors and
     # bitmaps below 1%, flattened headers); S3 sizes its upload parts by it.
     expected = vm.size + vm.size // 64 + (16 << 20) if vm.size else 0
-    transport = open_transport(target, replace(plan.settings, expected_size=expected))
+    transport = open_transport(target, plan.settings.replace(expected_size=expected))
     # Everything that can fail without touching the target comes first, because rotation
     # below may delete older dumps: the crash time and so the dump's name, the writer (a
     # format this build cannot write), the least it will write and the kernel log (bounded).
@@ -352,7 +398,11 @@ def save_to_target(
     summary = summarize_log(dmesg)
     with transport:
         memlog.mark("transport session")
-        host = None if target.scheme == "file" else host_identity(target, plan.hostname)
+        host = None
+        if target.scheme != "file":
+            from .identity import host_identity  # sockets and routes: network targets only
+
+            host = host_identity(target, plan.hostname)
         existing = policy.ours(scan_dumps(transport, host), host)
         _remove(transport, policy.select_stale(existing), "left incomplete by an earlier run")
         existing = [d for d in existing if d.state != policy.INCOMPLETE]
@@ -369,7 +419,7 @@ def save_to_target(
         log.info("saving dump to %s/%s", transport.describe(), name)
         record = DumpRecord(
             status="failed",
-            host=host or socket.gethostname(),
+            host=host or os.uname().nodename,  # socket.gethostname(), without socket
             target=transport.describe(),
             directory=name,
             crash_time=crash_time,

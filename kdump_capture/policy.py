@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import dataclass
+
+from .record import Record
 
 # A dump directory name: [<host>-]YYYY-MM-DD-HH-MM-SS[.N]. Sorting by the time stamp sorts
 # by crash time; ".N" makes names unique when two dumps fall into the same second. No ":"
@@ -28,15 +29,38 @@ def dump_name(stamp: str, host: str | None = None, seq: int = 0) -> str:
     return f"{name}.{seq}" if seq else name
 
 
-@dataclass(frozen=True, order=True)
-class DumpDir:
+class DumpDir(Record):
     """One dump directory found on a target. ``state``: complete, failed or incomplete."""
 
-    stamp: str
-    seq: int
-    name: str
-    host: str | None
-    state: str
+    __slots__ = ("stamp", "seq", "name", "host", "state")
+
+    def __init__(
+        self,
+        stamp: str,
+        seq: int,
+        name: str,
+        host: str | None,
+        state: str,
+    ) -> None:
+        self.stamp = stamp
+        self.seq = seq
+        self.name = name
+        self.host = host
+        self.state = state
+
+    # Ordered by stamp, then seq, name, host and state (as the fields are listed): sorting
+    # dumps sorts them by crash time.
+    def __lt__(self, other: DumpDir) -> bool:
+        return self._values() < other._values()
+
+    def __le__(self, other: DumpDir) -> bool:
+        return self._values() <= other._values()
+
+    def __gt__(self, other: DumpDir) -> bool:
+        return self._values() > other._values()
+
+    def __ge__(self, other: DumpDir) -> bool:
+        return self._values() >= other._values()
 
 
 def parse_dump_name(name: str) -> tuple[str | None, str, int] | None:

@@ -18,6 +18,8 @@ class Record:
     """
 
     __slots__ = ()
+    #: fields left out of ``repr`` (they may hold secrets)
+    _unshown: tuple[str, ...] = ()
 
     def _values(self) -> tuple:
         return tuple(getattr(self, name) for name in self.__slots__)
@@ -31,5 +33,18 @@ class Record:
         return hash(self._values())
 
     def __repr__(self) -> str:
-        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
+        shown = [name for name in self.__slots__ if name not in self._unshown]
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in shown)
         return f"{type(self).__name__}({fields})"
+
+    def replace(self, **changes: object) -> Record:
+        """A copy with ``changes`` (what ``dataclasses.replace`` did): the class's
+        ``__init__`` takes every field by its name."""
+        values = {name: getattr(self, name) for name in self.__slots__}
+        values.update(changes)
+        return type(self)(**values)
+
+    def as_dict(self) -> dict:
+        """The fields by name (what ``dataclasses.asdict`` gave for fields holding plain
+        values; containers are shared, not copied)."""
+        return {name: getattr(self, name) for name in self.__slots__}

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
 
 from . import __version__
+from .record import Record
 from .urls import redact
 
 MANIFEST = "manifest.json"
@@ -24,40 +24,89 @@ PLACEHOLDER = (
 )
 
 
-@dataclass
-class DumpRecord:
+class DumpRecord(Record):
     """Everything README.txt and manifest.json say about one dump."""
 
-    status: str  # "complete", "incomplete" (saved, but only part of the source) or "failed"
-    host: str
-    target: str  # redacted URL
-    directory: str
-    crash_time: int | None
-    kernel_release: str | None
-    dump_level: int
-    dump_format: str
-    flattened: bool = False
-    source: str = ""
-    source_size: int | None = None
-    started: float = 0.0
-    finished: float = 0.0
-    pages_total: int = 0
-    pages_written: int = 0
-    files: dict[str, dict] = field(default_factory=dict)  # name -> {size, algorithm, <it>}
-    notes: list[str] = field(default_factory=list)
-    error: str | None = None
-    #: source ranges that could not be read and are zeros in the vmcore:
-    #: {"offset", "size", "paddr" (None if not in a PT_LOAD)}
-    unreadable: list[dict] = field(default_factory=list)
-    unreadable_bytes: int = 0
-    #: summary.CrashSummary.as_dict(), or {"encrypted": true} when it is kept only inside
-    #: the encrypted files; None: not known (a dump from before summaries)
-    crash_summary: dict | None = None
-    #: {"format": "age-encryption.org/v1", "recipients": [public keys]} when encrypted
-    encryption: dict | None = None
+    __slots__ = (
+        "status",
+        "host",
+        "target",
+        "directory",
+        "crash_time",
+        "kernel_release",
+        "dump_level",
+        "dump_format",
+        "flattened",
+        "source",
+        "source_size",
+        "started",
+        "finished",
+        "pages_total",
+        "pages_written",
+        "files",
+        "notes",
+        "error",
+        "unreadable",
+        "unreadable_bytes",
+        "crash_summary",
+        "encryption",
+    )
+
+    def __init__(
+        self,
+        status: str,  # "complete", "incomplete" (saved, but only part of the source) or "failed"
+        host: str,
+        target: str,  # redacted URL
+        directory: str,
+        crash_time: int | None,
+        kernel_release: str | None,
+        dump_level: int,
+        dump_format: str,
+        flattened: bool = False,
+        source: str = "",
+        source_size: int | None = None,
+        started: float = 0.0,
+        finished: float = 0.0,
+        pages_total: int = 0,
+        pages_written: int = 0,
+        files: dict[str, dict] | None = None,  # name -> {size, algorithm, <it>}
+        notes: list[str] | None = None,
+        error: str | None = None,
+        # source ranges that could not be read and are zeros in the vmcore:
+        # {"offset", "size", "paddr" (None if not in a PT_LOAD)}
+        unreadable: list[dict] | None = None,
+        unreadable_bytes: int = 0,
+        # summary.CrashSummary.as_dict(), or {"encrypted": true} when it is kept only inside
+        # the encrypted files; None: not known (a dump from before summaries)
+        crash_summary: dict | None = None,
+        # {"format": "age-encryption.org/v1", "recipients": [public keys]} when encrypted
+        encryption: dict | None = None,
+    ) -> None:
+        self.status = status
+        self.host = host
+        self.target = target
+        self.directory = directory
+        self.crash_time = crash_time
+        self.kernel_release = kernel_release
+        self.dump_level = dump_level
+        self.dump_format = dump_format
+        self.flattened = flattened
+        self.source = source
+        self.source_size = source_size
+        self.started = started
+        self.finished = finished
+        self.pages_total = pages_total
+        self.pages_written = pages_written
+        self.files = {} if files is None else files
+        self.notes = [] if notes is None else notes
+        self.error = error
+        self.unreadable = [] if unreadable is None else unreadable
+        self.unreadable_bytes = unreadable_bytes
+        self.crash_summary = crash_summary
+        self.encryption = encryption
 
     def manifest_json(self) -> bytes:
-        fields = asdict(self)
+        fields = self.as_dict()
         summary = fields.pop("crash_summary")
         rest = {"tool": "kdump-capture", "version": __version__, **fields}
         # What an admin needs first comes first; the rest in name order.

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import subprocess
 
 from .errors import ScriptError, TransferError
 
@@ -24,6 +23,8 @@ def run_script(directive: str, command: str, env: dict[str, str]) -> int:
     log.info("running %s", directive)
     full = dict(os.environ)
     full.update(env)
+    import subprocess  # only when a script is configured
+
     try:
         p = subprocess.run(["/bin/sh", "-c", command], env=full, stdin=subprocess.DEVNULL)
     except OSError as e:

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import asdict, dataclass, field
 
 from .errors import NoDumpError, VmcoreError
+from .record import Record
 
 # What is read of a log: the last 16 MiB (a real log is a few hundred KiB; the ring is at
 # most 32 MiB of text) and lines up to 4 KiB (a kernel record is at most 1 KiB of text,
@@ -53,25 +53,54 @@ _TRACE = re.compile(r"(?:Call Trace:|Call trace:|Backtrace:)")
 _SKIP_FRAME = ("<TASK>", "</TASK>", "<IRQ>", "</IRQ>", "<NMI>", "</NMI>", "<#DF>", "</#DF>")
 
 
-@dataclass
-class CrashSummary:
+class CrashSummary(Record):
     """What an admin reads first. Fields are None when the log does not say."""
 
-    kind: str = "none"  # "panic", "oops", "BUG" or "none" (no crash report in the log)
-    headline: str | None = None  # the first crash line (oops/BUG, else the panic line)
-    panic: str | None = None  # the "Kernel panic - not syncing: ..." line
-    cpu: int | None = None
-    pid: int | None = None
-    comm: str | None = None
-    rip: str | None = None
-    trace: list[str] = field(default_factory=list)
-    taint: str | None = None
-    release: str | None = None
-    uptime: float | None = None  # seconds since boot at the headline
-    source: str = "log"  # where it came from; "none" when there was no log
+    __slots__ = (
+        "kind",
+        "headline",
+        "panic",
+        "cpu",
+        "pid",
+        "comm",
+        "rip",
+        "trace",
+        "taint",
+        "release",
+        "uptime",
+        "source",
+    )
+
+    def __init__(
+        self,
+        kind: str = "none",  # "panic", "oops", "BUG" or "none" (no crash report in the log)
+        headline: str | None = None,  # the first crash line (oops/BUG, else the panic line)
+        panic: str | None = None,  # the "Kernel panic - not syncing: ..." line
+        cpu: int | None = None,
+        pid: int | None = None,
+        comm: str | None = None,
+        rip: str | None = None,
+        trace: list[str] | None = None,
+        taint: str | None = None,
+        release: str | None = None,
+        uptime: float | None = None,  # seconds since boot at the headline
+        source: str = "log",  # where it came from; "none" when there was no log
+    ) -> None:
+        self.kind = kind
+        self.headline = headline
+        self.panic = panic
+        self.cpu = cpu
+        self.pid = pid
+        self.comm = comm
+        self.rip = rip
+        self.trace = [] if trace is None else trace
+        self.taint = taint
+        self.release = release
+        self.uptime = uptime
+        self.source = source
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        return {**super().as_dict(), "trace": list(self.trace)}
 
     @classmethod
     def from_dict(cls, doc: object) -> CrashSummary | None:

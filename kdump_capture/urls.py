@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
 from urllib.parse import quote, unquote
 
 from .errors import UrlError
+from .record import Record
 
 # Scheme as written -> canonical transport scheme. ssh and scp go through SFTP (paramiko):
 # one implementation, resumable, and no remote shell commands.
@@ -29,21 +29,33 @@ _BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 _SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://(.*)$", re.S)
 
 
-@dataclass(frozen=True)
-class Target:
+class Target(Record):
     """One parsed dump target.
 
     ``path`` is absolute and percent-decoded. For CIFS the first path component is the
     share. ``password`` never appears in ``repr``, ``str`` or ``redacted()``.
     """
 
-    scheme: str
-    spelled: str
-    host: str = ""
-    port: int | None = None
-    user: str | None = None
-    password: str | None = field(default=None, repr=False)
-    path: str = "/"
+    __slots__ = ("scheme", "spelled", "host", "port", "user", "password", "path")
+    _unshown = ("password",)
+
+    def __init__(
+        self,
+        scheme: str,
+        spelled: str,
+        host: str = "",
+        port: int | None = None,
+        user: str | None = None,
+        password: str | None = None,
+        path: str = "/",
+    ) -> None:
+        self.scheme = scheme
+        self.spelled = spelled
+        self.host = host
+        self.port = port
+        self.user = user
+        self.password = password
+        self.path = path
 
     def redacted(self) -> str:
         """The URL as a user would write it, with any password replaced by ``***``.

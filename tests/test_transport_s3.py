@@ -140,7 +140,7 @@ def test_drops_beyond_retries_raise(request, caplog):
     """Every reconnect fails: ConnectionLost, nothing published, and the log says the parts
     stay until the next dump to this target removes them (test_server_down_beyond...)."""
     target = make_target("s3", request)
-    target = replace(target, settings=replace(target.settings, retries=2, retry_delay=0.01))
+    target = replace(target, settings=target.settings.replace(retries=2, retry_delay=0.01))
     port = int(target.url.split("127.0.0.1:")[1].split("/")[0])
     with DropProxy(port, drop_after=12 * MiB, dead_after_drop=True) as proxy:
         with _via(target, proxy.port).transport() as tr:
@@ -170,7 +170,7 @@ def _restart_later(server, after: float) -> threading.Thread:
 def test_server_restart_within_the_retry_window(own_s3):
     target, _ = parse_target(own_s3.url("restart"))
     # retries wait 4, 8, 16, 16, 16 s: 60 s, more than a restart takes (5-20 s here)
-    settings = replace(SETTINGS, retries=5, retry_delay=4.0)
+    settings = SETTINGS.replace(retries=5, retry_delay=4.0)
     data = os.urandom(32 * MiB)
     with open_transport(target, settings) as tr:
         with tr.create("vmcore") as sink:
@@ -190,7 +190,7 @@ def test_server_restart_within_the_retry_window(own_s3):
 def test_server_down_beyond_the_retry_window(own_s3, tmp_path):
     """The upload fails with ConnectionLost; its parts stay until the next save removes them."""
     target, _ = parse_target(own_s3.url("gone"))
-    settings = replace(SETTINGS, retries=2, retry_delay=0.2)
+    settings = SETTINGS.replace(retries=2, retry_delay=0.2)
     with open_transport(target, settings) as tr:
         tr.makedir("h-2026-01-01-00-00-00")
         with pytest.raises(ConnectionLost):
@@ -215,7 +215,7 @@ def test_wrong_secret_is_auth_error_fast_and_not_retried(request, caplog):
     s3 = target.s3
     bad = replace(s3, secret_key="wrong-S3-secret-123")
     target = replace(target, url=bad.url(target.server_dir))
-    settings = replace(target.settings, retries=3, retry_delay=2.0)
+    settings = target.settings.replace(retries=3, retry_delay=2.0)
     caplog.set_level(logging.DEBUG)
     with DropProxy(s3.port) as proxy:
         start = time.monotonic()
@@ -229,7 +229,7 @@ def test_wrong_secret_is_auth_error_fast_and_not_retried(request, caplog):
 def test_missing_bucket_is_a_clear_error_not_retried(request):
     s3 = request.getfixturevalue("s3_server")
     target, _ = parse_target(s3.url(bucket="no-such-bucket"))
-    settings = replace(SETTINGS, retries=3, retry_delay=2.0)
+    settings = SETTINGS.replace(retries=3, retry_delay=2.0)
     start = time.monotonic()
     with pytest.raises(TransportError, match="bucket 'no-such-bucket' does not exist") as e:
         open_transport(target, settings).connect()
@@ -242,7 +242,7 @@ def test_https_needs_the_ca(request, tmp_path):
     target, _ = parse_target(s3.https_url("tls"))
     with pytest.raises(AuthError, match="certificate not trusted"):
         open_transport(target, SETTINGS).connect()
-    trusted = replace(SETTINGS, extra={"s3_ca_bundle": s3.ca_file})
+    trusted = SETTINGS.replace(extra={"s3_ca_bundle": s3.ca_file})
     with open_transport(target, trusted) as tr:
         _upload(tr, "f", b"over TLS")
     assert s3.get("tls/f") == b"over TLS"
@@ -500,7 +500,7 @@ def test_a_stalled_store_fails_within_the_timeout(request):
     """A store that stops reading mid-upload must not hang the dump."""
     target = make_target("s3", request)
     target = replace(
-        target, settings=replace(target.settings, timeout=3.0, retries=1, retry_delay=0.01)
+        target, settings=target.settings.replace(timeout=3.0, retries=1, retry_delay=0.01)
     )
     port = int(target.url.split("127.0.0.1:")[1].split("/")[0])
     with DropProxy(port, stall_after=4 * MiB) as proxy:

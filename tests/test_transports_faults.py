@@ -79,7 +79,7 @@ def test_resume_after_seek_is_byte_identical(kind, request):
 @pytest.mark.parametrize("kind", NET)
 def test_drops_beyond_retries_raise_connection_lost(kind, request):
     target = make_target(kind, request)
-    target = replace(target, settings=replace(target.settings, retries=2, retry_delay=0.01))
+    target = replace(target, settings=target.settings.replace(retries=2, retry_delay=0.01))
     with DropProxy(
         _port(target), drop_after=3 * MiB, dead_after_drop=True, ftp=kind == "ftp"
     ) as proxy:
@@ -114,7 +114,7 @@ def test_wrong_password_is_auth_error_fast_and_not_retried(kind, request, caplog
         good = target.url.split("://", 1)[1].split("@")[0].split(":", 1)[1]
         url = target.url.replace(f":{good}@", ":wrong-pw-123@")
         settings = target.settings
-    settings = replace(settings, timeout=5.0, retries=3, retry_delay=2.0)
+    settings = settings.replace(timeout=5.0, retries=3, retry_delay=2.0)
     target = make_target("file", request)  # only for its helpers
     target = replace(target, url=url, settings=settings)
     caplog.set_level(logging.DEBUG)
@@ -191,7 +191,7 @@ def test_a_stalled_server_fails_within_the_timeout(kind, request):
     """A server that stops reading mid-upload must not hang the dump."""
     target = make_target(kind, request)
     target = replace(
-        target, settings=replace(target.settings, timeout=3.0, retries=1, retry_delay=0.01)
+        target, settings=target.settings.replace(timeout=3.0, retries=1, retry_delay=0.01)
     )
     with DropProxy(_port(target), stall_after=4 * MiB, ftp=kind == "ftp") as proxy:
         t0 = time.monotonic()
@@ -209,7 +209,7 @@ def test_resume_with_the_smallest_replay_buffer(kind, request):
     """A small capture kernel gets a 4 MiB replay buffer: resume must still be exact.
     (FTP keeps 12 MiB whatever the budget: nothing but socket buffers bounds its flight.)"""
     target = make_target(kind, request)
-    target = replace(target, settings=replace(target.settings, replay_bytes=4 * MiB))
+    target = replace(target, settings=target.settings.replace(replay_bytes=4 * MiB))
     data = os.urandom(24 * MiB)
     with DropProxy(_port(target), drop_after=5 * MiB, drops=2) as proxy:
         with target.via_port(proxy.port).transport() as tr:
@@ -226,7 +226,7 @@ def test_sftp_resume_after_many_seeks_with_the_smallest_ring(request, proxy_kw):
     acknowledged: a resume must still replay every range the server may lack, whether the
     connection dropped or what was in flight was lost on the way."""
     target = make_target("sftp", request)
-    settings = replace(target.settings, replay_bytes=4 * MiB, timeout=3.0)
+    settings = target.settings.replace(replay_bytes=4 * MiB, timeout=3.0)
     target = replace(target, settings=settings)
     expect = bytearray(2 * MiB)
     data_pos, desc_pos = 2 * MiB, 0
@@ -349,7 +349,7 @@ def test_a_server_that_stops_answering_fails_metadata_within_the_timeout(kind, o
     closing the transport does not hang either. Run in a thread so a hang fails the test."""
     timeout = 3.0
     target = make_target(kind, request)
-    target = replace(target, settings=replace(target.settings, timeout=timeout, retries=0))
+    target = replace(target, settings=target.settings.replace(timeout=timeout, retries=0))
     outcome: dict = {}
     with DropProxy(_port(target), ftp=kind == "ftp") as proxy:
         tr = target.via_port(proxy.port).transport()
@@ -384,7 +384,7 @@ def test_ftp_never_lets_more_go_unconfirmed_than_it_can_replay(request):
     (SIZE) and stops sending while too much is on the way, so the resume finds every missing
     byte in the replay buffer. Unbounded, it sent all 32 MiB and could not resume."""
     target = make_target("ftp", request)
-    target = replace(target, settings=replace(target.settings, timeout=3.0))
+    target = replace(target, settings=target.settings.replace(timeout=3.0))
     data = os.urandom(32 * MiB)
     with DropProxy(_port(target), ftp=True, swallow_after=4 * MiB) as proxy:
         with target.via_port(proxy.port).transport() as tr:
@@ -420,7 +420,7 @@ def test_cifs_resume_when_a_later_write_landed_but_an_earlier_did_not(request):
     to write; the resume must start at the first WRITE the server did not acknowledge.
     """
     target = make_target("cifs", request)
-    target = replace(target, settings=replace(target.settings, timeout=3.0))
+    target = replace(target, settings=target.settings.replace(timeout=3.0))
     data = os.urandom(24 * MiB)
     # Past session setup, inside the second 4 MiB WRITE: the third goes out before the
     # sink waits for the second's reply (8 MiB in flight).

@@ -24,17 +24,19 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import secrets
 import stat
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 
 from kdump_capture import checksum
 from kdump_capture.errors import TransportError, UnsafeFile
+from kdump_capture.record import Record
 from kdump_capture.urls import Target
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (start-up time)
+if TYPE_CHECKING:
+    from concurrent.futures import Future, ThreadPoolExecutor
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +53,15 @@ OVERLAP_MIN = 64 << 10
 
 def temp_name(name: str) -> str:
     """A temporary name for ``name`` in the same directory; hidden from listings."""
-    return f"{TMP_PREFIX}{name}.{secrets.token_hex(4)}"
+    return f"{TMP_PREFIX}{name}.{os.urandom(4).hex()}"  # secrets.token_hex(4), without hmac
+
+
+def _hashing_thread() -> ThreadPoolExecutor:
+    """The executor that hashes beside the sends: only with a second CPU, so a capture
+    kernel on one CPU never imports concurrent.futures."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    return ThreadPoolExecutor(1, thread_name_prefix="checksum")
 
 
 def is_temp_name(name: str) -> bool:
@@ -92,56 +102,100 @@ def check_size(size: int, limit: int | None, what: str) -> None:
         raise UnsafeFile(f"{what}: {size} bytes, more than the {limit} allowed")
 
 
-@dataclass(frozen=True)
-class TransportSettings:
+class TransportSettings(Record):
     """What transports may need from the configuration, as plain data (no globals).
 
     ``timeout`` bounds every single network wait (connect, read, write) in seconds.
     ``retries`` and ``retry_delay`` bound reconnect-and-resume attempts.
     """
 
-    timeout: float = 30.0
-    retries: int = 3
-    retry_delay: float = 2.0
-    ssh_identity: tuple[str, ...] = ()
-    host_key: str = ""
-    known_hosts: tuple[str, ...] = ()
-    debug: bool = False
-    #: bytes a sink keeps for resuming after a dropped connection (see retry.ReplayBuffer);
-    #: the engine lowers it in a capture kernel with little memory
-    replay_bytes: int = 16 << 20
-    #: the largest file the engine expects to write (bytes, 0: unknown); S3 sizes its parts
-    #: by it to stay under 10,000 parts
-    expected_size: int = 0
-    #: what ``Sink.commit`` hashes each file with (a key of kdump_capture.checksum.ALGORITHMS)
-    checksum: str = checksum.SHA256
-    #: scheme-specific settings (S3 keys, region, CA bundle): may hold secrets, so not in repr
-    extra: dict[str, str] = field(default_factory=dict, repr=False)
+    __slots__ = (
+        "timeout",
+        "retries",
+        "retry_delay",
+        "ssh_identity",
+        "host_key",
+        "known_hosts",
+        "debug",
+        "replay_bytes",
+        "expected_size",
+        "checksum",
+        "extra",
+    )
+    _unshown = ("extra",)
+
+    def __init__(
+        self,
+        timeout: float = 30.0,
+        retries: int = 3,
+        retry_delay: float = 2.0,
+        ssh_identity: tuple[str, ...] = (),
+        host_key: str = "",
+        known_hosts: tuple[str, ...] = (),
+        debug: bool = False,
+        # bytes a sink keeps for resuming after a dropped connection (see retry.ReplayBuffer);
+        # the engine lowers it in a capture kernel with little memory
+        replay_bytes: int = 16 << 20,
+        # the largest file the engine expects to write (bytes, 0: unknown); S3 sizes its parts
+        # by it to stay under 10,000 parts
+        expected_size: int = 0,
+        # what ``Sink.commit`` hashes each file with (a key of kdump_capture.checksum.ALGORITHMS)
+        checksum: str = checksum.SHA256,
+        # scheme-specific settings (S3 keys, region, CA bundle): may hold secrets, so not in repr
+        extra: dict[str, str] | None = None,
+    ) -> None:
+        self.timeout = timeout
+        self.retries = retries
+        self.retry_delay = retry_delay
+        self.ssh_identity = ssh_identity
+        self.host_key = host_key
+        self.known_hosts = known_hosts
+        self.debug = debug
+        self.replay_bytes = replay_bytes
+        self.expected_size = expected_size
+        self.checksum = checksum
+        self.extra = {} if extra is None else extra
 
 
-@dataclass(frozen=True)
-class Entry:
+class Entry(Record):
     """One directory entry as a transport lists it.
 
     ``is_dir`` is true only for a real directory, never for a link to one; ``is_link``
     marks a symbolic link or reparse point, which the engine never descends into or reads.
     """
 
-    name: str
-    is_dir: bool
-    size: int = 0
-    is_link: bool = False
+    __slots__ = ("name", "is_dir", "size", "is_link")
+
+    def __init__(
+        self,
+        name: str,
+        is_dir: bool,
+        size: int = 0,
+        is_link: bool = False,
+    ) -> None:
+        self.name = name
+        self.is_dir = is_dir
+        self.size = size
+        self.is_link = is_link
 
 
-@dataclass(frozen=True)
-class FileInfo:
+class FileInfo(Record):
     """What ``Sink.commit`` verified about a published file: its digest by ``algorithm``
     (a key of kdump_capture.checksum.ALGORITHMS)."""
 
-    name: str
-    size: int
-    digest: str
-    algorithm: str = checksum.SHA256
+    __slots__ = ("name", "size", "digest", "algorithm")
+
+    def __init__(
+        self,
+        name: str,
+        size: int,
+        digest: str,
+        algorithm: str = checksum.SHA256,
+    ) -> None:
+        self.name = name
+        self.size = size
+        self.digest = digest
+        self.algorithm = algorithm
 
 
 class Sink(ABC):
@@ -201,7 +255,7 @@ class Sink(ABC):
             return
         before = self._hash.copy()
         if self._hasher is None:
-            self._hasher = ThreadPoolExecutor(1, thread_name_prefix="checksum")
+            self._hasher = _hashing_thread()
         done = self._hasher.submit(self._hash.update, data)
         sent = False
         try:
@@ -225,7 +279,7 @@ class Sink(ABC):
                 self._account(p)
             return
         if self._hasher is None:
-            self._hasher = ThreadPoolExecutor(1, thread_name_prefix="checksum")
+            self._hasher = _hashing_thread()
         for p in parts:
             self._queued.append((self._pos, self._hasher.submit(self._hash.update, p)))
             self._pos += len(p)

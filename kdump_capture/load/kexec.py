@@ -10,8 +10,6 @@ import errno
 import logging
 import os
 import shlex
-import shutil
-import subprocess
 
 from ..errors import LoadError
 
@@ -218,6 +216,9 @@ def load_image(kernel: str, initrd: str, cmdline: str, kexec_options: str) -> st
         return "kexec_file_load"
     except OSError as e:
         first = e
+    import shutil  # here, not at the top: a save validates the options with this module
+    import subprocess
+
     kexec = shutil.which("kexec")
     if first.errno not in FALLBACK_ERRNOS or kexec is None:
         raise LoadError(f"kexec_file_load failed: {first.strerror}") from None

@@ -44,7 +44,7 @@ class TestTarget:
 
     def transport(self, **overrides) -> Transport:
         target, _ = parse_target(self.url)
-        return open_transport(target, replace(self.settings, **overrides))
+        return open_transport(target, self.settings.replace(**overrides))
 
     def via_port(self, port: int) -> TestTarget:
         """The same target reached through another port on 127.0.0.1 (a proxy)."""
@@ -62,7 +62,7 @@ def make_target(kind: str, request, sub: str = "") -> TestTarget:
     if kind == "sftp":
         s = request.getfixturevalue("ssh_server")
         d = os.path.join(s.workdir, "data", name)
-        st = replace(SETTINGS, ssh_identity=(s.client_key,), host_key=s.host_key)
+        st = SETTINGS.replace(ssh_identity=(s.client_key,), host_key=s.host_key)
         return TestTarget(kind, f"sftp://root@{s.host}:{s.port}{d}", d, st)
     if kind in ("ftp", "vsftpd"):
         s = request.getfixturevalue("ftp_server" if kind == "ftp" else "vsftpd_server")
