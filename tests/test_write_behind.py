@@ -106,3 +106,23 @@ def test_seek_back_into_dropped_data_is_written(dump_dir):
     expect[PAGE // 2 : PAGE // 2 + 6] = b"HEADER"
     assert data == bytes(expect)
     assert info.digest == hashlib.sha256(expect).hexdigest()
+
+
+def test_dump_device_data_leaves_the_cache(dump_dir):
+    """KDUMP_DUMPDEV: the device's page cache is the same pile-up as a file's."""
+    from kdump_capture.dumpdev import DATA_OFFSET, DeviceSink
+
+    path = str(dump_dir / "dumpdev")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.ftruncate(fd, DATA_OFFSET + 64 * MiB)
+        sink = DeviceSink(fd, path, 64 * MiB)
+        data = os.urandom(MiB)
+        for _ in range(40):
+            sink.write(data)
+        info = sink.commit()
+    finally:
+        os.close(fd)
+    assert info.size == 40 * MiB
+    assert info.digest == hashlib.sha256(data * 40).hexdigest()
+    assert resident(path, 0, DATA_OFFSET + 40 * MiB) <= 1  # the header page may stay

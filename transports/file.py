@@ -86,6 +86,39 @@ def makedirs_private(path: str) -> None:
     os.chmod(path, DIR_MODE)  # the umask may have taken bits away (0o200 would give 0500)
 
 
+class WriteBehind:
+    """Writeback and cache dropping behind the end of a file being written (see CACHE_LAG).
+
+    Advice only: a filesystem without it keeps its pages and nothing else changes; errors
+    of the writeback itself come back from the fsync that ends every sink.
+    """
+
+    def __init__(self, fd: int, base: int = 0) -> None:
+        self.fd = fd
+        self.kicked = base  # writeback started below this file offset
+        self.dropped = base  # dropped from the page cache below this file offset
+
+    def wrote_to(self, end: int) -> None:
+        """The data ends at file offset ``end`` now (writes behind it change nothing)."""
+        if end - self.kicked < FLUSH_STEP:
+            return
+        end &= ~(FLUSH_STEP - 1)  # whole steps: the last page is still growing
+        drop = end - CACHE_LAG
+        try:
+            os.posix_fadvise(self.fd, self.kicked, end - self.kicked, _DONTNEED)
+            if drop - self.dropped >= FLUSH_STEP:
+                os.posix_fadvise(self.fd, self.dropped, drop - self.dropped, _DONTNEED)
+                self.dropped = drop
+        except OSError:
+            pass
+        self.kicked = end
+
+    def drop_all(self) -> None:
+        """After the fsync: the whole file leaves the cache."""
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(self.fd, 0, 0, _DONTNEED)
+
+
 class FileSink(Sink):
     """A file written with os.write under a temporary name, published with os.replace."""
 
@@ -103,8 +136,7 @@ class FileSink(Sink):
             os.fchmod(self._fd, FILE_MODE)  # umask must not widen or narrow it
         except OSError as e:
             raise _io_error(f"cannot create {self._tmp}", e) from e
-        self._kicked = 0  # writeback started below this offset
-        self._dropped = 0  # dropped from the page cache below this offset
+        self._behind = WriteBehind(self._fd)
 
     def write(self, data: bytes | memoryview) -> None:
         view = memoryview(data).cast("B")
@@ -116,24 +148,7 @@ class FileSink(Sink):
                     done += os.write(self._fd, view[done:])
             except OSError as e:
                 raise _io_error(f"writing {self._tmp}", e) from e
-        if self._pos - self._kicked >= FLUSH_STEP:
-            self._write_behind()
-
-    def _write_behind(self) -> None:
-        """Start writeback of the new data; drop what lies CACHE_LAG behind from the cache.
-
-        Advice only: errors of the writeback itself come back from the fsync in commit.
-        """
-        end = self._pos & ~(FLUSH_STEP - 1)  # whole steps: the last page is still growing
-        drop = end - CACHE_LAG
-        try:
-            os.posix_fadvise(self._fd, self._kicked, end - self._kicked, _DONTNEED)
-            if drop - self._dropped >= FLUSH_STEP:
-                os.posix_fadvise(self._fd, self._dropped, drop - self._dropped, _DONTNEED)
-                self._dropped = drop
-        except OSError:
-            pass  # a filesystem without it: the kernel keeps the pages, nothing else changes
-        self._kicked = end
+        self._behind.wrote_to(self._pos)
 
     def seek(self, offset: int) -> None:
         os.lseek(self._fd, offset, os.SEEK_SET)
@@ -153,8 +168,7 @@ class FileSink(Sink):
         if size != self.size:
             raise TransportError(f"{self._tmp}: wrote {self.size} bytes but the file has {size}")
         digest = self._digest()
-        with contextlib.suppress(OSError):  # on disk now: none of it needs the cache
-            os.posix_fadvise(self._fd, 0, 0, _DONTNEED)
+        self._behind.drop_all()  # on disk now: none of it needs the cache
         os.close(self._fd)
         self._fd = -1
         try:
