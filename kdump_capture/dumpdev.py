@@ -35,8 +35,7 @@ import struct
 import time
 from dataclasses import dataclass
 
-from transports.base import FileInfo, Sink
-from transports.file import WriteBehind
+from transports.base import FileInfo, Sink, WriteBehind
 
 from . import checksum
 from .errors import ConfigError, DumpDeviceError, IncompleteDump, VmcoreError

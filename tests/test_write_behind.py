@@ -2,7 +2,7 @@
 
 A capture kernel has tens of MiB to spare; a dump of several GiB that stays cached and
 dirty until the final fsync means reclaim and writeback throttling during the save.
-transports/file.py starts writeback as data comes and drops what lies CACHE_LAG behind.
+transports.base.WriteBehind starts writeback as data comes and drops what lies CACHE_LAG behind.
 Residency is read with mincore(2) on a private mapping of the file.
 """
 
@@ -16,6 +16,7 @@ import os
 import pytest
 
 from kdump_capture import checksum
+from transports import base
 from transports import file as filetr
 
 MiB = 1 << 20
@@ -74,7 +75,7 @@ def test_written_data_leaves_the_cache_once_on_disk(dump_dir):
         os.close(fd)
         for _ in range(32):
             sink.write(block)
-        lag_end = (first + 32 * MiB) - filetr.CACHE_LAG - filetr.FLUSH_STEP
+        lag_end = (first + 32 * MiB) - base.CACHE_LAG - base.FLUSH_STEP
         assert lag_end > 32 * MiB
         # Clean and more than CACHE_LAG behind the end: dropped.
         assert resident(temp_file(dump_dir), 32 * MiB, first - 32 * MiB) == 0

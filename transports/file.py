@@ -20,6 +20,7 @@ from .base import (
     Sink,
     Transport,
     TransportSettings,
+    WriteBehind,
     bounded,
     check_size,
     is_temp_name,
@@ -31,19 +32,8 @@ from .base import (
 log = logging.getLogger(__name__)
 
 READ_CHUNK = 1 << 20
-# Write-behind: what we wrote goes to the disk as it comes and leaves the page cache once
-# it is there. Left to itself the kernel keeps the whole dump cached and dirty until the
-# final fsync. A capture kernel has tens of MiB to spare, so that means reclaim and
-# writeback throttling in the middle of the dump. Here, even with 10 GiB free, a 2 GB
-# save spent 5-6 s of system time in write(2) that way, against 0.9 s with write-behind
-# (bench: save ELF -d 0). Every FLUSH_STEP of new data starts its writeback; data more
-# than CACHE_LAG behind the end is dropped from the cache (POSIX_FADV_DONTNEED writes
-# dirty pages back and drops the clean ones).
-FLUSH_STEP = 4 << 20
-CACHE_LAG = 16 << 20
 # A directory below the root, opened without following a link at any step.
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_DONTNEED = os.POSIX_FADV_DONTNEED
 # O_NONBLOCK: if a FIFO is swapped in after the check, opening it returns at once.
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
@@ -84,39 +74,6 @@ def makedirs_private(path: str) -> None:
     except FileExistsError:
         return  # ours or not, it was there: not ours to change
     os.chmod(path, DIR_MODE)  # the umask may have taken bits away (0o200 would give 0500)
-
-
-class WriteBehind:
-    """Writeback and cache dropping behind the end of a file being written (see CACHE_LAG).
-
-    Advice only: a filesystem without it keeps its pages and nothing else changes; errors
-    of the writeback itself come back from the fsync that ends every sink.
-    """
-
-    def __init__(self, fd: int, base: int = 0) -> None:
-        self.fd = fd
-        self.kicked = base  # writeback started below this file offset
-        self.dropped = base  # dropped from the page cache below this file offset
-
-    def wrote_to(self, end: int) -> None:
-        """The data ends at file offset ``end`` now (writes behind it change nothing)."""
-        if end - self.kicked < FLUSH_STEP:
-            return
-        end &= ~(FLUSH_STEP - 1)  # whole steps: the last page is still growing
-        drop = end - CACHE_LAG
-        try:
-            os.posix_fadvise(self.fd, self.kicked, end - self.kicked, _DONTNEED)
-            if drop - self.dropped >= FLUSH_STEP:
-                os.posix_fadvise(self.fd, self.dropped, drop - self.dropped, _DONTNEED)
-                self.dropped = drop
-        except OSError:
-            pass
-        self.kicked = end
-
-    def drop_all(self) -> None:
-        """After the fsync: the whole file leaves the cache."""
-        with contextlib.suppress(OSError):
-            os.posix_fadvise(self.fd, 0, 0, _DONTNEED)
 
 
 class FileSink(Sink):
