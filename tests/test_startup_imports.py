@@ -35,6 +35,8 @@ KEPT_OFF = {
     "subprocess": "KDUMP_PRESCRIPT/POSTSCRIPT and the kexec binary (only when used)",
     "difflib": "suggestions for a misspelled directive",
     "kdump_capture.identity": "network targets only",
+    "urllib.parse": "percent-decoding of target URLs (only those with a %-escape)",
+    "ipaddress": "urllib.parse",
     "kdump_capture.sample": "save --sample only",
 }
 
