@@ -125,3 +125,22 @@ def test_save_to_a_file_target_leaves_out_the_slow_modules(tmp_path, demo_vmcore
     assert _unwanted(names) == {}
     (saved,) = dest.iterdir()
     assert (saved / "vmcore").stat().st_size > 0 and (saved / "manifest.json").exists()
+
+
+def test_modules_imported_where_used_are_still_packed():
+    """The capture image packs what a save can import, lazy imports included (the builder
+    reads the sources): a module moved off the start-up path must stay in the image."""
+    from initramfs import runtime
+
+    packed = set(runtime.entry_modules(["file"]))
+    lazy = (
+        "concurrent.futures",  # transports.base and the kdump writer, with a second CPU
+        "ctypes",  # finish.reboot
+        "subprocess",  # scripts.run_script
+        "difflib",  # config: a misspelled directive
+        "urllib.parse",  # urls: a %-escape in a target URL
+        "kdump_capture.identity",  # pipeline: a network target
+        "socket",  # identity
+        "kdump_capture.sample",  # save --sample
+    )
+    assert [m for m in lazy if m not in packed] == []
