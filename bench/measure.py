@@ -28,6 +28,22 @@ def site_packages() -> str:
     return os.path.dirname(os.path.dirname(zstandard.__file__))
 
 
+def precompile() -> None:
+    """Compile our packages to .pyc files before anything is timed.
+
+    A capture image carries .pyc files only (initramfs/runtime.py compiles them when it
+    builds the image), so the capture kernel never compiles our sources. With
+    PYTHONDONTWRITEBYTECODE set (as on these machines) and no __pycache__ in the tree,
+    every timed run would compile them instead: ~30 ms of CPU for the format writer alone
+    (bench/writer.py, measured on main at a65b9c1), start-up that the capture
+    kernel does not spend.
+    """
+    import compileall
+
+    for pkg in ("kdump_capture", "transports", "bench"):
+        compileall.compile_dir(os.path.join(ROOT, pkg), quiet=1)
+
+
 def python_cmd() -> list[str]:
     """Our interpreter as the capture kernel runs it: no site-packages start-up hooks.
 

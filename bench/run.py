@@ -763,6 +763,7 @@ def main() -> int:
     ap.add_argument("--keep-bigcores", action="store_true")
     ap.add_argument("--keep-below", type=int, default=256, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    measure.precompile()
     skip = set(filter(None, args.skip.split(",")))
     if args.quick:
         args.samples, args.scale, args.memory_sizes = "512", "1,4", "1,4"
