@@ -70,6 +70,9 @@ class Codec:
 
     name = ""
     flag = 0
+    # Whether pack finds all-zero pages in its own pass over the pages (the C loops): then
+    # the writer does not check whole batches for zeros first, which read them twice.
+    zero_check_inside = False
 
     def pack(self, src, offsets: array.array, zero_dedup: bool, out: bytearray):
         raise NotImplementedError
@@ -83,6 +86,7 @@ class ZlibCodec(Codec):
 
     def __init__(self, accelerated: bool | None = None) -> None:
         self._accel = None if accelerated is False else speedups.module()
+        self.zero_check_inside = self._accel is not None
 
     def pack(self, src, offsets, zero_dedup, out):
         if self._accel is not None:
@@ -132,6 +136,7 @@ class ZstdCodec(Codec):
         self._level = level
         self._accel = None if accelerated is False else speedups.module()
         self._pages = getattr(self._accel, "zstd_pages", None)
+        self.zero_check_inside = self._pages is not None
         # Measured here: multi_compress_to_buffer(threads=0) per batch beats its internal
         # thread pool.
         self._local = threading.local()
@@ -552,7 +557,11 @@ class KdumpWriter(FormatWriter):
             for n, pieces in iter_batches(runs, vm.loads, batch):
                 cbuf, obuf = copy_bufs.pop(), out_bufs.pop()
                 src, offsets = self._gather(pieces, n, cbuf)
-                if zero_dedup and _all_zero(src, offsets, n, batch, self._accel):
+                if (
+                    zero_dedup
+                    and not codec.zero_check_inside
+                    and _all_zero(src, offsets, n, batch, self._accel)
+                ):
                     fut: Future = Future()
                     fut.set_result((b"", bytes(8 * n)))
                 elif ex is not None:
