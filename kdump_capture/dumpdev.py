@@ -35,7 +35,7 @@ import struct
 import time
 from dataclasses import dataclass
 
-from transports.base import FileInfo, Sink
+from transports.base import FileInfo, Sink, WriteBehind
 
 from . import checksum
 from .errors import ConfigError, DumpDeviceError, IncompleteDump, VmcoreError
@@ -295,6 +295,7 @@ class DeviceSink(Sink):
         # it once, and the copy it writes to KDUMP_SAVEDIR gets the configured checksum.
         super().__init__(os.path.basename(path), checksum.SHA256)
         self.fd, self.path, self.capacity = fd, path, capacity
+        self._behind = WriteBehind(fd, DATA_OFFSET)  # a block device has a page cache too
 
     def write(self, data: bytes | memoryview) -> None:
         view = memoryview(data).cast("B")
@@ -313,6 +314,7 @@ class DeviceSink(Sink):
                 f"{DATA_OFFSET + self._pos + done:#x}: {e.strerror}"
             ) from e
         self._account(view)
+        self._behind.wrote_to(DATA_OFFSET + self._pos)
 
     def seek(self, offset: int) -> None:
         self._pos = offset
@@ -333,7 +335,9 @@ class DeviceSink(Sink):
         except OSError as e:
             raise DumpDeviceError(f"KDUMP_DUMPDEV {self.path}: flush failed: {e.strerror}") from e
         self.committed = True
-        return FileInfo(self.name, self.size, self._digest())
+        info = FileInfo(self.name, self.size, self._digest())
+        self._behind.drop_all()
+        return info
 
     def abort(self) -> None:
         pass

@@ -47,6 +47,16 @@ DIR_MODE = 0o700
 # Below this, handing a buffer to the hashing thread (~20 us) costs more than the overlap
 # saves: SHA-256 runs at ~2 GB/s, so 64 KiB take ~30 us.
 OVERLAP_MIN = 64 << 10
+# Write-behind: what we wrote goes to the disk as it comes and leaves the page cache once
+# it is there. Left to itself the kernel keeps the whole dump cached and dirty until the
+# final fsync. A capture kernel has tens of MiB to spare, so that means reclaim and
+# writeback throttling in the middle of the dump. Here, even with 10 GiB free, a 2 GB
+# save spent 5-6 s of system time in write(2) that way, against 0.9 s with write-behind
+# (bench: save ELF -d 0). Every FLUSH_STEP of new data starts its writeback; data more
+# than CACHE_LAG behind the end is dropped from the cache (POSIX_FADV_DONTNEED writes
+# dirty pages back and drops the clean ones).
+FLUSH_STEP = 4 << 20
+CACHE_LAG = 16 << 20
 
 
 def temp_name(name: str) -> str:
@@ -142,6 +152,40 @@ class FileInfo:
     size: int
     digest: str
     algorithm: str = checksum.SHA256
+
+
+class WriteBehind:
+    """Writeback and cache dropping behind the end of a file being written (see CACHE_LAG).
+
+    Advice only: a filesystem without it keeps its pages and nothing else changes; errors
+    of the writeback itself come back from the fsync that ends every sink.
+    """
+
+    def __init__(self, fd: int, base: int = 0) -> None:
+        self.fd = fd
+        self.kicked = base  # writeback started below this file offset
+        self.dropped = base  # dropped from the page cache below this file offset
+
+    def wrote_to(self, end: int) -> None:
+        """The data ends at file offset ``end`` now (writes behind it change nothing)."""
+        if end - self.kicked < FLUSH_STEP:
+            return
+        end &= ~(FLUSH_STEP - 1)  # whole steps: the last page is still growing
+        drop = end - CACHE_LAG
+        dontneed = os.POSIX_FADV_DONTNEED
+        try:
+            os.posix_fadvise(self.fd, self.kicked, end - self.kicked, dontneed)
+            if drop - self.dropped >= FLUSH_STEP:
+                os.posix_fadvise(self.fd, self.dropped, drop - self.dropped, dontneed)
+                self.dropped = drop
+        except OSError:
+            pass
+        self.kicked = end
+
+    def drop_all(self) -> None:
+        """After the fsync: the whole file leaves the cache."""
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
 
 class Sink(ABC):

@@ -20,6 +20,7 @@ from .base import (
     Sink,
     Transport,
     TransportSettings,
+    WriteBehind,
     bounded,
     check_size,
     is_temp_name,
@@ -92,6 +93,7 @@ class FileSink(Sink):
             os.fchmod(self._fd, FILE_MODE)  # umask must not widen or narrow it
         except OSError as e:
             raise _io_error(f"cannot create {self._tmp}", e) from e
+        self._behind = WriteBehind(self._fd)
 
     def write(self, data: bytes | memoryview) -> None:
         view = memoryview(data).cast("B")
@@ -103,6 +105,7 @@ class FileSink(Sink):
                     done += os.write(self._fd, view[done:])
             except OSError as e:
                 raise _io_error(f"writing {self._tmp}", e) from e
+        self._behind.wrote_to(self._pos)
 
     def seek(self, offset: int) -> None:
         os.lseek(self._fd, offset, os.SEEK_SET)
@@ -122,6 +125,7 @@ class FileSink(Sink):
         if size != self.size:
             raise TransportError(f"{self._tmp}: wrote {self.size} bytes but the file has {size}")
         digest = self._digest()
+        self._behind.drop_all()  # on disk now: none of it needs the cache
         os.close(self._fd)
         self._fd = -1
         try:
