@@ -7,7 +7,7 @@ export DEBIAN_FRONTEND=noninteractive
 if command -v apt-get >/dev/null; then
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends \
-        gcc libc6-dev zlib1g-dev binutils make file time cpio zstd kmod busybox-static e2fsprogs util-linux \
+        gcc libc6-dev zlib1g-dev libzstd-dev binutils make file time cpio zstd kmod busybox-static e2fsprogs util-linux \
         btrfs-progs liblzo2-dev \
         qemu-system-x86 qemu-utils \
         makedumpfile crash kexec-tools dracut-core \

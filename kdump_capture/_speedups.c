@@ -5,9 +5,13 @@
  *   scan_window  <- kdump_capture.formats.filter.scan_window (struct-page walk)
  *   zero_pages   <- kdump_capture.formats.source.zero_mask_py (all-zero pages)
  *   zlib_pages   <- kdump_capture.formats.kdump.ZlibCodec.pack_py (compress2 level 1)
+ *   zstd_pages   <- kdump_capture.formats.kdump.ZstdCodec.pack_py (one frame per page)
  *   page_descs   <- kdump_capture.formats.kdump.page_descs_py (page_desc records)
  * tests/test_speedups.py checks that both give the same bitmaps and bytes. The GIL is
  * released while a function works on buffers the caller keeps alive.
+ *
+ * zstd_pages is there only when setup.py found zstd.h (it then defines HAVE_ZSTD and links
+ * libzstd); without it the module still builds and ZstdCodec keeps python-zstandard.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -16,6 +20,10 @@
 #include <string.h>
 #include <unistd.h>
 #include <zlib.h>
+#ifdef HAVE_ZSTD
+#include <zstd.h>
+#include <zstd_errors.h>
+#endif
 
 #define PAGE 4096
 #define PGMM_CACHED 512
@@ -392,6 +400,106 @@ done:
     return result;
 }
 
+#ifdef HAVE_ZSTD
+#define CCTX_NAME "kdump_capture._speedups.zstd_cctx"
+
+static void cctx_free(PyObject *cap)
+{
+    ZSTD_freeCCtx(PyCapsule_GetPointer(cap, CCTX_NAME));
+}
+
+/*
+ * zstd_cctx(level) -> capsule: one ZSTD_CCtx set to level, no checksum, the content size
+ * in each frame header (python-zstandard's ZstdCompressor(level) frames, which crash's
+ * ZSTD_decompressDCtx reads). Reused for every page; one per thread (not thread-safe).
+ */
+static PyObject *py_zstd_cctx(PyObject *self, PyObject *args)
+{
+    int level;
+    if (!PyArg_ParseTuple(args, "i", &level))
+        return NULL;
+    ZSTD_CCtx *c = ZSTD_createCCtx();
+    if (!c)
+        return PyErr_NoMemory();
+    if (ZSTD_isError(ZSTD_CCtx_setParameter(c, ZSTD_c_compressionLevel, level)) ||
+        ZSTD_isError(ZSTD_CCtx_setParameter(c, ZSTD_c_contentSizeFlag, 1)) ||
+        ZSTD_isError(ZSTD_CCtx_setParameter(c, ZSTD_c_checksumFlag, 0))) {
+        ZSTD_freeCCtx(c);
+        PyErr_Format(PyExc_ValueError, "zstd_cctx: level %d refused", level);
+        return NULL;
+    }
+    PyObject *cap = PyCapsule_New(c, CCTX_NAME, cctx_free);
+    if (!cap)
+        ZSTD_freeCCtx(c);
+    return cap;
+}
+
+/*
+ * zstd_pages(cctx, src, offsets, zero_dedup, flag, out) -> (data_len, words)
+ * As zlib_pages, with one zstd frame per page (ZSTD_compress2 on the reused context): the
+ * frame, or the raw page when the frame is not smaller; 0 for an all-zero page when
+ * zero_dedup, found in the same pass.
+ */
+static PyObject *py_zstd_pages(PyObject *self, PyObject *args)
+{
+    PyObject *cap;
+    Py_buffer src, offs, out;
+    int zero_dedup;
+    unsigned int flag;
+    if (!PyArg_ParseTuple(args, "Oy*y*pIw*", &cap, &src, &offs, &zero_dedup, &flag, &out))
+        return NULL;
+    PyObject *result = NULL, *words = NULL;
+    ZSTD_CCtx *c = PyCapsule_GetPointer(cap, CCTX_NAME);
+    if (!c || page_offsets(&src, &offs, "zstd_pages") < 0)
+        goto done;
+    Py_ssize_t n = offs.len / 8;
+    if (out.len < n * PAGE) {
+        PyErr_SetString(PyExc_ValueError, "zstd_pages: output buffer too small");
+        goto done;
+    }
+    words = PyBytes_FromStringAndSize(NULL, n * 8);
+    if (!words)
+        goto done;
+    const uint64_t *off = offs.buf;
+    uint64_t *w = (uint64_t *)PyBytes_AS_STRING(words);
+    uint8_t *o = out.buf;
+    Py_ssize_t pos = 0;
+    size_t err = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const uint8_t *pg = (const uint8_t *)src.buf + off[i];
+        if (zero_dedup && page_is_zero(pg)) {
+            w[i] = 0;
+            continue;
+        }
+        /* A frame that does not fit in a page is stored raw anyway: capacity PAGE. */
+        size_t r = ZSTD_compress2(c, o + pos, PAGE, pg, PAGE);
+        if (!ZSTD_isError(r) && r < PAGE) {
+            w[i] = r | (uint64_t)flag << 32;
+            pos += (Py_ssize_t)r;
+        } else if (!ZSTD_isError(r) || ZSTD_getErrorCode(r) == ZSTD_error_dstSize_tooSmall) {
+            memcpy(o + pos, pg, PAGE);
+            w[i] = PAGE;
+            pos += PAGE;
+        } else {
+            err = r;
+            break;
+        }
+    }
+    Py_END_ALLOW_THREADS
+    if (err)
+        PyErr_Format(PyExc_RuntimeError, "zstd_pages: %s", ZSTD_getErrorName(err));
+    else
+        result = Py_BuildValue("(nO)", pos, words);
+done:
+    Py_XDECREF(words);
+    PyBuffer_Release(&src);
+    PyBuffer_Release(&offs);
+    PyBuffer_Release(&out);
+    return result;
+}
+#endif
+
 /*
  * page_descs(words, data_pos, zero_off) -> bytes: struct page_desc[n] for words as
  * zlib_pages makes them: pages stored back to back from data_pos; a 0 word is the shared
@@ -442,6 +550,10 @@ static PyMethodDef methods[] = {
     {"scan_window", py_scan_window, METH_VARARGS, "The struct-page walk over one window."},
     {"zero_pages", py_zero_pages, METH_VARARGS, "Bit mask of the all-zero pages of a buffer."},
     {"zlib_pages", py_zlib_pages, METH_VARARGS, "zlib level 1 per page: data and size words."},
+#ifdef HAVE_ZSTD
+    {"zstd_cctx", py_zstd_cctx, METH_VARARGS, "A zstd compression context for zstd_pages."},
+    {"zstd_pages", py_zstd_pages, METH_VARARGS, "One zstd frame per page: data and size words."},
+#endif
     {"page_descs", py_page_descs, METH_VARARGS, "page_desc records from size words."},
     {NULL, NULL, 0, NULL},
 };
@@ -452,5 +564,13 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit__speedups(void)
 {
-    return PyModule_Create(&module);
+    PyObject *m = PyModule_Create(&module);
+#ifdef HAVE_ZSTD
+    /* The libzstd linked (tests compare bytes with python-zstandard when the versions match) */
+    if (m && PyModule_AddIntConstant(m, "ZSTD_VERSION", (long)ZSTD_versionNumber()) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+#endif
+    return m;
 }

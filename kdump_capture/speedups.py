@@ -2,9 +2,10 @@
 
 ``_speedups`` is a C extension built when the package is installed, if a compiler is there
 (setup.py marks it optional: without one, installing still works). It walks struct pages,
-finds zero pages and packs page descriptors. Each function has a pure-Python reference
-next to its caller; tests check that both give the same bitmaps and bytes. Set
-KDUMP_CAPTURE_PURE_PYTHON=1 to use the Python path although the accelerator is built.
+finds zero pages, compresses pages (zlib; zstd when built against libzstd) and packs page
+descriptors. Each function has a pure-Python reference next to its caller; tests check
+that both give the same bitmaps and bytes. Set KDUMP_CAPTURE_PURE_PYTHON=1 to use the
+Python path although the accelerator is built.
 """
 
 from __future__ import annotations
@@ -69,9 +70,20 @@ def _beside_the_zip() -> ModuleType | None:
     return None
 
 
+def zstd_path(mod: ModuleType) -> str:
+    """Which library compresses zstd pages: the accelerator links libzstd only when its
+    headers were there at build time (setup.py); else python-zstandard, batch by batch."""
+    version = getattr(mod, "ZSTD_VERSION", None)
+    if version is None or not hasattr(mod, "zstd_pages"):
+        return "python-zstandard (accelerator built without libzstd: install libzstd-dev)"
+    major, minor, patch = version // 10000, version // 100 % 100, version % 100
+    return f"compiled, libzstd {major}.{minor}.{patch}"
+
+
 def describe() -> str:
     """One line for ``check`` and the dump's README: which path is active."""
     mod = module()
     if mod is not None:
-        return f"compiled accelerator ({os.path.basename(mod.__file__ or '_speedups')})"
+        name = os.path.basename(mod.__file__ or "_speedups")
+        return f"compiled accelerator ({name}); zstd pages: {zstd_path(mod)}"
     return f"pure Python ({_error}); saves are slower but complete"

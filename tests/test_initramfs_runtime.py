@@ -87,11 +87,15 @@ def test_pure_modules_move_into_the_zip(tmp_path):
 
 
 def test_the_compiled_accelerator_is_packed_with_its_zlib(tmp_path):
-    """kdump_capture.speedups imports _speedups: the probe loads it, ldd finds libz."""
+    """kdump_capture.speedups imports _speedups: the probe loads it, ldd finds libz, and
+    libzstd when the accelerator was built against it (zstd_pages)."""
+    from kdump_capture import speedups
+
     payload = runtime.collect(["file"], str(tmp_path))
     names = [os.path.basename(p) for p in payload.files]
     assert [n for n in names if n.startswith("_speedups.") and n.endswith(".so")]
     assert "libz.so.1" in names
+    assert ("libzstd.so.1" in names) == hasattr(speedups.module(), "zstd_pages")
 
 
 def test_cryptography_only_when_encryption_is_on(tmp_path):

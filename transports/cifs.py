@@ -321,6 +321,7 @@ class CifsSink(Sink):
 
     def commit(self) -> FileInfo:
         self._sync()
+        self._replay.release()  # confirmed: the read-back below needs the memory
         try:
             with self._t.deadline(f"closing {self._tmp}"):
                 self._raw.close()

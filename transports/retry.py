@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import ftplib
 import logging
+import mmap
 import posixpath
 import socket
 import time
@@ -136,6 +137,23 @@ def retry_call(
     raise ConnectionLost(f"{what}: connection lost and {len(delays)} retries failed: {last}")
 
 
+def _ring(size: int) -> mmap.mmap | bytearray:
+    """``size`` zero bytes, resident at once, in a mapping of their own.
+
+    Resident at once (MAP_POPULATE), as ``bytearray(size)`` is by zero-filling: a sink's
+    memory is then the same whatever the file's size, and a capture kernel short of memory
+    finds out when the sink is made, not halfway. A mapping of its own, not malloc: glibc
+    raises its mmap threshold to the size of the first large block freed, so the second
+    sink's 16 MiB ring came from the heap, and freeing it there gave nothing back to the
+    kernel (``release`` would have freed nothing). Private: MAP_SHARED anonymous memory
+    counts as shared memory (RssShmem), not the process's own.
+    """
+    if size <= 0:
+        return bytearray()
+    flags = mmap.MAP_PRIVATE | getattr(mmap, "MAP_POPULATE", 0)
+    return mmap.mmap(-1, size, flags=flags)
+
+
 class ReplayBuffer:
     """Copies of the most recently written byte ranges, at most ``limit`` bytes.
 
@@ -149,7 +167,7 @@ class ReplayBuffer:
 
     def __init__(self, limit: int = REPLAY_LIMIT) -> None:
         self.limit = limit
-        self._ring = bytearray(limit)  # pages are only touched as data arrives
+        self._ring = _ring(limit)
         self._view = memoryview(self._ring)
         self._head = 0  # ring index of the next byte to store
         self._records: deque[tuple[int, int, int]] = deque()  # (offset, ring index, length)
@@ -185,6 +203,25 @@ class ReplayBuffer:
         self._records.clear()
         self._bytes = 0
         self.dropped = False
+
+    def release(self) -> None:
+        """Give the ring back: the server has everything and nothing more will be written.
+
+        A sink that reads its file back to hash it (after a seek) calls this first, so the
+        read-back's buffers come in place of the ring, not on top of it: the read-back of
+        the 100 MB kdump file of a 64 GiB machine over SFTP put 2.5-3 MiB above the ring
+        (paramiko's thread buffers what arrives), that of a 1 GiB machine's 2 MB file 1 MiB.
+        """
+        self.clear()
+        self.limit = self._head = 0
+        ring, self._ring = self._ring, bytearray()
+        self._view.release()  # views sliced from it stay valid: they hold the buffer
+        self._view = memoryview(self._ring)
+        if isinstance(ring, mmap.mmap):
+            try:
+                ring.close()
+            except BufferError:  # a view from since() or all() still held: unmapped with it
+                log.debug("replay ring still referenced; unmapped when the last view goes")
 
     @property
     def held(self) -> int:

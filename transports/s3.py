@@ -658,20 +658,80 @@ class S3Transport(RetryingTransport):
 
     def read(self, relpath: str, limit: int | None = None) -> Iterator[bytes]:
         """Objects are plain (no links, no FIFOs): only the limit needs checking, against
-        Content-Length first and then while streaming."""
+        Content-Length first and then while streaming.
+
+        A connection lost mid-object (a reset, a timeout, or a body shorter than its
+        Content-Length) is picked up where it broke: a ranged GET of the rest on a new
+        connection, only of the same object (If-Match its ETag), with the usual bounded
+        retries; a reply that is not that rest fails, never splices.
+        """
         key = self._key(relpath)
         conn = Connection(self)
         try:
-            resp = self.call(lambda: conn.request("GET", key, stream=True), f"reading {key}")
-            length = resp.getheader("Content-Length") or ""
-            if length.isascii() and length.isdigit():
-                check_size(int(length), limit, key)
-            try:
-                yield from bounded(iter(lambda: resp.read(READ_CHUNK), b""), limit, key)
-            except (OSError, http.client.HTTPException) as e:
-                raise ConnectionLost(f"reading {key}: connection lost ({e})") from e
+            yield from bounded(self._get(conn, key, limit), limit, key)
         finally:
             conn.close()
+
+    def _get(self, conn: Connection, key: str, limit: int | None) -> Iterator[bytes]:
+        what = f"reading {key}"
+        resp = self.call(lambda: conn.request("GET", key, stream=True), what)
+        length = resp.getheader("Content-Length") or ""
+        total = int(length) if length.isascii() and length.isdigit() else None
+        if total is not None:
+            check_size(total, limit, key)
+        etag = resp.getheader("ETag")
+        got = 0
+        stalls = 0  # drops in a row with nothing read since the last one
+        while True:
+            try:
+                chunk = resp.read(READ_CHUNK)
+                lost = None if chunk or total is None or got >= total else "closed early"
+            except (OSError, http.client.HTTPException) as e:
+                chunk, lost = b"", str(e) or type(e).__name__
+            if chunk:
+                got += len(chunk)
+                stalls = 0
+                yield chunk
+                continue
+            if lost is None:
+                return
+            err = ConnectionLost(f"{what}: connection lost at byte {got} of {total} ({lost})")
+            conn.close()
+            if total is None or not etag:
+                raise err  # no way to ask for exactly the rest of this object
+            stalls += 1
+            if stalls > self.settings.retries:
+                raise ConnectionLost(f"{err}; {stalls - 1} resumes read nothing")
+            log.warning("%s; resuming with a ranged GET", err)
+            resp = retry_call(
+                lambda at=got: self._rest(conn, key, at, total, etag),
+                conn.close,
+                self.settings,
+                f"resuming {what} at byte {got}",
+                first_error=err,
+            )
+
+    def _rest(
+        self, conn: Connection, key: str, start: int, total: int, etag: str
+    ) -> http.client.HTTPResponse:
+        """The open response to a GET of bytes ``start``.. of ``key`` as it was (``etag``)."""
+        what = f"reading {key}"
+        headers = {"Range": f"bytes={start}-", "If-Match": etag}
+        try:
+            resp = conn.request("GET", key, headers=headers, ok=(200, 206), stream=True)
+        except S3Error as e:
+            if e.status == 412:
+                raise TransportError(f"{what}: the object changed while it was read") from None
+            raise
+        expect = f"bytes {start}-{total - 1}/{total}"
+        got = resp.getheader("Content-Range") or ""
+        if resp.status != 206 or got.strip() != expect:
+            conn.close()
+            raise TransportError(
+                f"{what}: asked for the rest from byte {start}, the store answered "
+                f"{resp.status} {got or 'without Content-Range'}; cannot resume"
+            )
+        return resp
 
     def remove_file(self, relpath: str) -> None:
         key = self._key(relpath)

@@ -372,6 +372,7 @@ class SftpSink(Sink):
 
     def commit(self) -> FileInfo:
         self._sync()
+        self._replay.release()  # confirmed: the read-back below needs the memory
         try:
             f, self._file = self._file, None
             f.close()

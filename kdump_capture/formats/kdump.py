@@ -90,6 +90,9 @@ class Codec:
 
     name = ""
     flag = 0
+    # Whether pack finds all-zero pages in its own pass over the pages (the C loops): then
+    # the writer does not check whole batches for zeros first, which read them twice.
+    zero_check_inside = False
 
     def pack(self, src, offsets: array.array, zero_dedup: bool, out: bytearray):
         raise NotImplementedError
@@ -103,6 +106,7 @@ class ZlibCodec(Codec):
 
     def __init__(self, accelerated: bool | None = None) -> None:
         self._accel = None if accelerated is False else speedups.module()
+        self.zero_check_inside = self._accel is not None
 
     def pack(self, src, offsets, zero_dedup, out):
         if self._accel is not None:
@@ -134,8 +138,12 @@ class ZlibCodec(Codec):
 class ZstdCodec(Codec):
     """One zstd frame per page (crash: ``ZSTD_decompressDCtx``), makedumpfile's level 1.
 
-    All pages of a batch go to python-zstandard in one call (one reused context per thread);
-    all-zero pages are found first and not compressed when they share the zero page.
+    With the accelerator built against libzstd (``_speedups.zstd_pages``) a batch is one C
+    call: zero check and frame per page on one reused context, as zlib_pages does. Without
+    it all pages of a batch go to python-zstandard in one call (``pack_py``, the reference);
+    all-zero pages are found first and not compressed when they share the zero page. Both
+    use one context per thread (they are not thread-safe), level 1, the content size in each
+    frame header and no checksum.
     """
 
     name = "zstd"
@@ -147,11 +155,26 @@ class ZstdCodec(Codec):
         self._zstd = zstandard
         self._level = level
         self._accel = None if accelerated is False else speedups.module()
-        # A compressor per worker thread (they are not thread-safe). Measured here:
-        # multi_compress_to_buffer(threads=0) per batch beats its internal thread pool.
+        self._pages = getattr(self._accel, "zstd_pages", None)
+        self.zero_check_inside = self._pages is not None
+        # Measured here: multi_compress_to_buffer(threads=0) per batch beats its internal
+        # thread pool.
         self._local = threading.local()
 
     def pack(self, src, offsets, zero_dedup, out):
+        if self._pages is None:
+            return self.pack_py(src, offsets, zero_dedup)
+        cctx = getattr(self._local, "ccap", None)
+        if cctx is None:
+            cctx = self._local.ccap = self._accel.zstd_cctx(self._level)  # type: ignore[union-attr]
+        try:
+            n, words = self._pages(cctx, src, offsets, zero_dedup, self.flag, out)
+        except RuntimeError as e:
+            raise VmcoreError(f"zstd compression failed: {e}") from None
+        return memoryview(out)[:n], words
+
+    def pack_py(self, src, offsets, zero_dedup):
+        """The reference of ``_speedups.zstd_pages``, on python-zstandard."""
         zs = self._zstd
         cctx = getattr(self._local, "cctx", None)
         if cctx is None:
@@ -569,7 +592,11 @@ class KdumpWriter(FormatWriter):
             for n, pieces in iter_batches(runs, vm.loads, batch):
                 cbuf, obuf = copy_bufs.pop(), out_bufs.pop()
                 src, offsets = self._gather(pieces, n, cbuf)
-                if zero_dedup and _all_zero(src, offsets, n, batch, self._accel):
+                if (
+                    zero_dedup
+                    and not codec.zero_check_inside
+                    and _all_zero(src, offsets, n, batch, self._accel)
+                ):
                     fut: Future | Done = Done((b"", bytes(8 * n)))
                 elif ex is not None:
                     fut = ex.submit(codec.pack, src, offsets, zero_dedup, obuf)

@@ -6,6 +6,8 @@ dropped, close every new one at once, so reconnects fail. With ``ftp=True`` the 
 rewrites PASV replies so data connections pass through it too; only data connections
 are then dropped. ``stall()``: from now on the server seems to hang: nothing more the
 client sends reaches it, on any connection (control ones included), old or new.
+``drop_down_after``: the same for server-to-client bytes (a download breaks): the bytes
+up to that count reach the client, then both sides are reset.
 ``swallow_after``: one (data) connection delivers that many bytes, then none: the rest
 vanishes in the network, and only the server's SIZE tells.
 ``lose_message_at``: the one whole message (a NetBIOS session frame: a zero byte and a
@@ -56,9 +58,11 @@ class DropProxy:
         swallow_after: int | None = None,
         half_open: bool = False,
         lose_message_at: int | None = None,
+        drop_down_after: int | None = None,
     ) -> None:
         self.target_port = target_port
         self.drop_after = drop_after
+        self.drop_down_after = drop_down_after
         self.drops_left = drops
         self.dead_after_drop = dead_after_drop
         self.ftp = ftp
@@ -172,6 +176,21 @@ class DropProxy:
                                 self._orphans.append(dst)
                         else:
                             _rst(dst)
+                        return
+                if not upstream and data and self.drop_down_after is not None:
+                    state["down"] = state.get("down", 0) + len(chunk)
+                    with self._lock:
+                        drop = state["down"] >= self.drop_down_after and self.drops_left > 0
+                        if drop:
+                            self.drops_left -= 1
+                            self.dropped += 1
+                    if drop:
+                        keep = self.drop_down_after - (state["down"] - len(chunk))
+                        with self._lock:
+                            self.downstream += keep
+                        dst.sendall(chunk[:keep])
+                        _rst(src)
+                        _rst(dst)
                         return
                 if not upstream:
                     with self._lock:
