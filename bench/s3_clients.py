@@ -148,14 +148,13 @@ with open(src, "rb") as f:
     obstore.put(store, key, f, chunk_size=part, max_concurrency=2)
 """,
     "ours (transports.s3)": r"""
-from dataclasses import replace
 from kdump_capture.urls import parse_target
 from transports import open_transport
 from transports.base import TransportSettings
 import transports.s3
 _mark()
 t, _ = parse_target(endpoint.replace("http://", "s3+http://") + f"/{bucket}")
-t = replace(t, user=ak, password=sk)
+t = t.replace(user=ak, password=sk)
 settings = TransportSettings(timeout=60.0, replay_bytes=2 * part)
 buf = bytearray(1 << 20)
 view = memoryview(buf)

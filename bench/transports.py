@@ -24,7 +24,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import replace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -65,11 +64,10 @@ which, src, key, part, port, bucket, algorithm = sys.argv[1:8]
 ak, sk = os.environ["BENCH_S3_KEY"], os.environ["BENCH_S3_SECRET"]
 part = int(part)
 if which == "ours":
-    from dataclasses import replace
     from kdump_capture.urls import parse_target
     from transports import open_transport
     from transports.base import TransportSettings
-    t = replace(parse_target(f"s3+http://127.0.0.1:{port}/{bucket}")[0], user=ak, password=sk)
+    t = parse_target(f"s3+http://127.0.0.1:{port}/{bucket}")[0].replace(user=ak, password=sk)
     # the engine's default replay budget: 16 MiB = two 8 MiB parts, one in flight
     settings = TransportSettings(timeout=60.0, replay_bytes=2 * part, checksum=algorithm)
     buf = bytearray(1 << 20)
@@ -264,8 +262,8 @@ def main() -> None:
             for path in (netrc, smbauth):
                 os.chmod(path, 0o600)
 
-            cifs_target = replace(
-                _t(f"cifs://{smb.user}@127.0.0.1:{smb.port}/{smb.share}"), password=smb.password
+            cifs_target = _t(f"cifs://{smb.user}@127.0.0.1:{smb.port}/{smb.share}").replace(
+                password=smb.password
             )
             ssh_settings = TransportSettings(
                 timeout=60.0,
@@ -286,8 +284,8 @@ def main() -> None:
                     "curl -T",
                     # The password goes into the Target, not a URL or argv (curl: netrc).
                     ours(
-                        replace(
-                            _t(f"ftp://{user}@127.0.0.1:{ftp.port}{ftp_root}"), password=PASSWORD
+                        _t(f"ftp://{user}@127.0.0.1:{ftp.port}{ftp_root}").replace(
+                            password=PASSWORD
                         ),
                         settings,
                         src,
