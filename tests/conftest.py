@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
@@ -22,6 +23,22 @@ from tests.servers.fixtures import (  # noqa: E402, F401 - pytest finds fixtures
     test_user,
     vsftpd_server,
 )
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    """Undo what an in-process CLI run did to logging (cli._setup_logging): its handler writes
+    to that test's captured stderr, closed once the test ends, and with --debug paramiko
+    stays at DEBUG; a transport thread of a later test then logged into the closed stream."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    names = ("paramiko", "smbprotocol", "spnego", "botocore")
+    noisy = {n: logging.getLogger(n).level for n in names}
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    for name, lvl in noisy.items():
+        logging.getLogger(name).setLevel(lvl)
 
 
 @pytest.fixture(scope="session")
