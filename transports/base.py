@@ -52,11 +52,12 @@ OVERLAP_MIN = 64 << 10
 # Write-behind: what we wrote goes to the disk as it comes and leaves the page cache once
 # it is there. Left to itself the kernel keeps the whole dump cached and dirty until the
 # final fsync. A capture kernel has tens of MiB to spare, so that means reclaim and
-# writeback throttling in the middle of the dump. Here, even with 10 GiB free, a 2 GB
-# save spent 5-6 s of system time in write(2) that way, against 0.9 s with write-behind
-# (bench: save ELF -d 0). Every FLUSH_STEP of new data starts its writeback; data more
-# than CACHE_LAG behind the end is dropped from the cache (POSIX_FADV_DONTNEED writes
-# dirty pages back and drops the clean ones).
+# writeback throttling in the middle of the dump. Even with 10 GiB free, the bench's save
+# ELF -d 0 of its 2 GB sample (bench/RESULTS.md) took 5.9-7.0 s that way and 2.4-2.7 s
+# with write-behind; most of the difference was system time in write(2) (a bare
+# mmap + SHA-256 + write loop: 5.5-6.4 s without, 0.7-1.0 s with). Every FLUSH_STEP of
+# new data starts its writeback; data more than CACHE_LAG behind the end is dropped from
+# the cache (POSIX_FADV_DONTNEED writes dirty pages back and drops the clean ones).
 FLUSH_STEP = 4 << 20
 CACHE_LAG = 16 << 20
 
