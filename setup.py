@@ -4,7 +4,8 @@
 headers the build step fails quietly, the package installs anyway and runs its pure-Python
 path (``kdump-capture check`` says which one is active). When libzstd's headers are there
 too (Debian: libzstd-dev) it also links libzstd and gets ``zstd_pages``; without them it is
-built without it and zstd dumps keep python-zstandard.
+built without it and zstd dumps keep python-zstandard. Likewise liblzo2 (Debian:
+liblzo2-dev) gives ``lzo_pages``, else lzo dumps keep python-lzo.
 """
 
 import os
@@ -13,29 +14,44 @@ import tempfile
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-ZSTD_PROBE = "#include <zstd.h>\nint main(void) { return ZSTD_versionNumber() == 0; }\n"
+# (macro, library, a program that must compile and link against it, what goes without it)
+OPTIONAL_LIBS = (
+    (
+        "HAVE_ZSTD",
+        "zstd",
+        "#include <zstd.h>\nint main(void) { return ZSTD_versionNumber() == 0; }\n",
+        "zstd_pages",
+    ),
+    (
+        "HAVE_LZO",
+        "lzo2",
+        "#include <lzo/lzo1x.h>\nint main(void) { return lzo_init() != LZO_E_OK; }\n",
+        "lzo_pages",
+    ),
+)
 
 
 class BuildExt(build_ext):
-    """Adds libzstd to the extension when a program using it compiles and links here."""
+    """Adds each optional library to the extension when a program using it links here."""
 
     def build_extensions(self) -> None:
-        if self._links_zstd():
-            for ext in self.extensions:
-                ext.define_macros.append(("HAVE_ZSTD", "1"))
-                ext.libraries.append("zstd")
-        else:
-            print("zstd.h or libzstd not found: building _speedups without zstd_pages")
+        for macro, lib, probe, what in OPTIONAL_LIBS:
+            if self._links(lib, probe):
+                for ext in self.extensions:
+                    ext.define_macros.append((macro, "1"))
+                    ext.libraries.append(lib)
+            else:
+                print(f"lib{lib} or its headers not found: building _speedups without {what}")
         super().build_extensions()
 
-    def _links_zstd(self) -> bool:
+    def _links(self, lib: str, probe: str) -> bool:
         with tempfile.TemporaryDirectory() as tmp:
             src = os.path.join(tmp, "probe.c")
             with open(src, "w") as f:
-                f.write(ZSTD_PROBE)
+                f.write(probe)
             try:
                 objs = self.compiler.compile([src], output_dir=tmp)
-                self.compiler.link_executable(objs, "probe", output_dir=tmp, libraries=["zstd"])
+                self.compiler.link_executable(objs, "probe", output_dir=tmp, libraries=[lib])
             except Exception:  # CompileError, LinkError, or no compiler at all
                 return False
         return True

@@ -6,12 +6,15 @@
  *   zero_pages   <- kdump_capture.formats.source.zero_mask_py (all-zero pages)
  *   zlib_pages   <- kdump_capture.formats.kdump.ZlibCodec.pack_py (compress2 level 1)
  *   zstd_pages   <- kdump_capture.formats.kdump.ZstdCodec.pack_py (one frame per page)
+ *   lzo_pages    <- kdump_capture.formats.kdump.LzoCodec.pack_py (lzo1x_1 per page)
  *   page_descs   <- kdump_capture.formats.kdump.page_descs_py (page_desc records)
  * tests/test_speedups.py checks that both give the same bitmaps and bytes. The GIL is
  * released while a function works on buffers the caller keeps alive.
  *
  * zstd_pages is there only when setup.py found zstd.h (it then defines HAVE_ZSTD and links
  * libzstd); without it the module still builds and ZstdCodec keeps python-zstandard.
+ * lzo_pages likewise needs lzo/lzo1x.h (HAVE_LZO, links liblzo2); without it LzoCodec keeps
+ * python-lzo.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -23,6 +26,9 @@
 #ifdef HAVE_ZSTD
 #include <zstd.h>
 #include <zstd_errors.h>
+#endif
+#ifdef HAVE_LZO
+#include <lzo/lzo1x.h>
 #endif
 
 #define PAGE 4096
@@ -326,77 +332,141 @@ static PyObject *py_zero_pages(PyObject *self, PyObject *args)
 }
 
 /*
- * zlib_pages(src, offsets, zero_dedup, flag, out) -> (data_len, words)
- * Each page src[offsets[i]:+4096] becomes one zlib stream at level 1 (compress2's
- * parameters; one stream, reset per page, as makedumpfile does), stored raw when that is
- * not smaller. words[i] (u64) = stored size | flag << 32, or 0 for an all-zero page when
- * zero_dedup (nothing stored). The stored bytes go to out back to back.
+ * One page codec for pack_pages: compress the page pg into dst (room for cd->bound bytes)
+ * and return the stored size; PAGE or more means "store the page raw" (compression did
+ * not shrink it); (size_t)-1 is a failure, with its code in *err for cd->fail.
  */
-static PyObject *py_zlib_pages(PyObject *self, PyObject *args)
+typedef struct codec {
+    const char *who;
+    size_t bound;
+    size_t (*page)(struct codec *cd, const uint8_t *pg, uint8_t *dst, long *err);
+    void (*fail)(struct codec *cd, long err);
+    void *state;
+} codec_t;
+
+/*
+ * The loop every *_pages function shares: each page src[offsets[i]:+4096] is stored as the
+ * codec's output, or raw when that is not smaller; words[i] (u64) = stored size |
+ * flag << 32, or 0 for an all-zero page when zero_dedup (nothing stored; the zero check and
+ * the codec run in one pass over the page). The stored bytes go to out back to back; out
+ * holds n pages (a stored page is never larger), so a codec whose output may overrun a
+ * page (cd->bound > PAGE) writes the last pages into a scratch buffer first.
+ * Returns (data_len, words).
+ */
+static PyObject *pack_pages(codec_t *cd, Py_buffer *src, Py_buffer *offs, int zero_dedup,
+                            unsigned int flag, Py_buffer *out)
+{
+    if (page_offsets(src, offs, cd->who) < 0)
+        return NULL;
+    Py_ssize_t n = offs->len / 8;
+    if (out->len < n * PAGE) {
+        PyErr_Format(PyExc_ValueError, "%s: output buffer too small", cd->who);
+        return NULL;
+    }
+    uint8_t *scratch = NULL;
+    if (cd->bound > PAGE && !(scratch = PyMem_RawMalloc(cd->bound)))
+        return PyErr_NoMemory();
+    PyObject *words = PyBytes_FromStringAndSize(NULL, n * 8);
+    if (!words) {
+        PyMem_RawFree(scratch);
+        return NULL;
+    }
+    const uint64_t *off = offs->buf;
+    uint64_t *w = (uint64_t *)PyBytes_AS_STRING(words);
+    uint8_t *o = out->buf;
+    Py_ssize_t pos = 0;
+    long err = 0;
+    int failed = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const uint8_t *pg = (const uint8_t *)src->buf + off[i];
+        if (zero_dedup && page_is_zero(pg)) {
+            w[i] = 0;
+            continue;
+        }
+        uint8_t *dst = (size_t)(out->len - pos) >= cd->bound ? o + pos : scratch;
+        size_t r = cd->page(cd, pg, dst, &err);
+        if (r == (size_t)-1) {
+            failed = 1;
+            break;
+        }
+        if (r < PAGE) {
+            if (dst != o + pos)
+                memcpy(o + pos, dst, r);
+            w[i] = r | (uint64_t)flag << 32;
+            pos += (Py_ssize_t)r;
+        } else {
+            memcpy(o + pos, pg, PAGE);
+            w[i] = PAGE;
+            pos += PAGE;
+        }
+    }
+    Py_END_ALLOW_THREADS
+    PyMem_RawFree(scratch);
+    if (failed) {
+        Py_DECREF(words);
+        cd->fail(cd, err);
+        return NULL;
+    }
+    PyObject *result = Py_BuildValue("(nO)", pos, words);
+    Py_DECREF(words);
+    return result;
+}
+
+/* pack_pages on the arguments (src, offsets, zero_dedup, flag, out) of zlib_pages and
+ * lzo_pages, the buffers released after. */
+static PyObject *pages_call(codec_t *cd, PyObject *args)
 {
     Py_buffer src, offs, out;
     int zero_dedup;
     unsigned int flag;
     if (!PyArg_ParseTuple(args, "y*y*pIw*", &src, &offs, &zero_dedup, &flag, &out))
         return NULL;
-    PyObject *result = NULL, *words = NULL;
-    if (page_offsets(&src, &offs, "zlib_pages") < 0)
-        goto done;
-    Py_ssize_t n = offs.len / 8;
-    if (out.len < n * PAGE) {
-        PyErr_SetString(PyExc_ValueError, "zlib_pages: output buffer too small");
-        goto done;
-    }
-    words = PyBytes_FromStringAndSize(NULL, n * 8);
-    if (!words)
-        goto done;
+    PyObject *result = pack_pages(cd, &src, &offs, zero_dedup, flag, &out);
+    PyBuffer_Release(&src);
+    PyBuffer_Release(&offs);
+    PyBuffer_Release(&out);
+    return result;
+}
+
+/* zlib: one stream, reset per page, with compress2's parameters (makedumpfile -c). */
+static size_t zlib_page(codec_t *cd, const uint8_t *pg, uint8_t *dst, long *err)
+{
+    z_stream *zs = cd->state;
+    deflateReset(zs);
+    zs->next_in = (Bytef *)pg;
+    zs->avail_in = PAGE;
+    zs->next_out = dst;
+    zs->avail_out = PAGE; /* a stream that does not fit is stored raw anyway */
+    int r = deflate(zs, Z_FINISH);
+    if (r == Z_STREAM_END)
+        return zs->total_out;
+    if (r == Z_OK || r == Z_BUF_ERROR)
+        return PAGE;
+    *err = r;
+    return (size_t)-1;
+}
+
+static void zlib_fail(codec_t *cd, long err)
+{
+    PyErr_Format(PyExc_RuntimeError, "zlib_pages: deflate failed (%ld)", err);
+}
+
+/*
+ * zlib_pages(src, offsets, zero_dedup, flag, out) -> (data_len, words)
+ * Each page becomes one zlib stream at level 1 (see pack_pages for the rest).
+ */
+static PyObject *py_zlib_pages(PyObject *self, PyObject *args)
+{
     z_stream zs;
     memset(&zs, 0, sizeof zs);
     if (deflateInit2(&zs, 1, Z_DEFLATED, MAX_WBITS, 8, Z_DEFAULT_STRATEGY) != Z_OK) {
         PyErr_SetString(PyExc_MemoryError, "zlib_pages: deflateInit2 failed");
-        goto done;
+        return NULL;
     }
-    const uint64_t *off = offs.buf;
-    uint64_t *w = (uint64_t *)PyBytes_AS_STRING(words);
-    uint8_t *o = out.buf;
-    Py_ssize_t pos = 0;
-    int err = 0;
-    Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t i = 0; i < n; i++) {
-        const uint8_t *pg = (const uint8_t *)src.buf + off[i];
-        if (zero_dedup && page_is_zero(pg)) {
-            w[i] = 0;
-            continue;
-        }
-        deflateReset(&zs);
-        zs.next_in = (Bytef *)pg;
-        zs.avail_in = PAGE;
-        zs.next_out = o + pos;
-        zs.avail_out = PAGE; /* a stream that does not fit is stored raw anyway */
-        int r = deflate(&zs, Z_FINISH);
-        if (r == Z_STREAM_END && zs.total_out < PAGE) {
-            w[i] = zs.total_out | (uint64_t)flag << 32;
-            pos += zs.total_out;
-        } else if (r == Z_STREAM_END || r == Z_OK || r == Z_BUF_ERROR) {
-            memcpy(o + pos, pg, PAGE);
-            w[i] = PAGE;
-            pos += PAGE;
-        } else {
-            err = r;
-            break;
-        }
-    }
-    Py_END_ALLOW_THREADS
+    codec_t cd = {"zlib_pages", PAGE, zlib_page, zlib_fail, &zs};
+    PyObject *result = pages_call(&cd, args);
     deflateEnd(&zs);
-    if (err)
-        PyErr_Format(PyExc_RuntimeError, "zlib_pages: deflate failed (%d)", err);
-    else
-        result = Py_BuildValue("(nO)", pos, words);
-done:
-    Py_XDECREF(words);
-    PyBuffer_Release(&src);
-    PyBuffer_Release(&offs);
-    PyBuffer_Release(&out);
     return result;
 }
 
@@ -434,11 +504,26 @@ static PyObject *py_zstd_cctx(PyObject *self, PyObject *args)
     return cap;
 }
 
+/* A frame that does not fit in a page is stored raw anyway: capacity PAGE. */
+static size_t zstd_page(codec_t *cd, const uint8_t *pg, uint8_t *dst, long *err)
+{
+    size_t r = ZSTD_compress2(cd->state, dst, PAGE, pg, PAGE);
+    if (!ZSTD_isError(r))
+        return r;
+    if (ZSTD_getErrorCode(r) == ZSTD_error_dstSize_tooSmall)
+        return PAGE;
+    *err = (long)ZSTD_getErrorCode(r);
+    return (size_t)-1;
+}
+
+static void zstd_fail(codec_t *cd, long err)
+{
+    PyErr_Format(PyExc_RuntimeError, "zstd_pages: %s", ZSTD_getErrorString((ZSTD_ErrorCode)err));
+}
+
 /*
  * zstd_pages(cctx, src, offsets, zero_dedup, flag, out) -> (data_len, words)
- * As zlib_pages, with one zstd frame per page (ZSTD_compress2 on the reused context): the
- * frame, or the raw page when the frame is not smaller; 0 for an all-zero page when
- * zero_dedup, found in the same pass.
+ * As zlib_pages, with one zstd frame per page (ZSTD_compress2 on the reused context).
  */
 static PyObject *py_zstd_pages(PyObject *self, PyObject *args)
 {
@@ -448,54 +533,51 @@ static PyObject *py_zstd_pages(PyObject *self, PyObject *args)
     unsigned int flag;
     if (!PyArg_ParseTuple(args, "Oy*y*pIw*", &cap, &src, &offs, &zero_dedup, &flag, &out))
         return NULL;
-    PyObject *result = NULL, *words = NULL;
+    PyObject *result = NULL;
     ZSTD_CCtx *c = PyCapsule_GetPointer(cap, CCTX_NAME);
-    if (!c || page_offsets(&src, &offs, "zstd_pages") < 0)
-        goto done;
-    Py_ssize_t n = offs.len / 8;
-    if (out.len < n * PAGE) {
-        PyErr_SetString(PyExc_ValueError, "zstd_pages: output buffer too small");
-        goto done;
+    if (c) {
+        codec_t cd = {"zstd_pages", PAGE, zstd_page, zstd_fail, c};
+        result = pack_pages(&cd, &src, &offs, zero_dedup, flag, &out);
     }
-    words = PyBytes_FromStringAndSize(NULL, n * 8);
-    if (!words)
-        goto done;
-    const uint64_t *off = offs.buf;
-    uint64_t *w = (uint64_t *)PyBytes_AS_STRING(words);
-    uint8_t *o = out.buf;
-    Py_ssize_t pos = 0;
-    size_t err = 0;
-    Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t i = 0; i < n; i++) {
-        const uint8_t *pg = (const uint8_t *)src.buf + off[i];
-        if (zero_dedup && page_is_zero(pg)) {
-            w[i] = 0;
-            continue;
-        }
-        /* A frame that does not fit in a page is stored raw anyway: capacity PAGE. */
-        size_t r = ZSTD_compress2(c, o + pos, PAGE, pg, PAGE);
-        if (!ZSTD_isError(r) && r < PAGE) {
-            w[i] = r | (uint64_t)flag << 32;
-            pos += (Py_ssize_t)r;
-        } else if (!ZSTD_isError(r) || ZSTD_getErrorCode(r) == ZSTD_error_dstSize_tooSmall) {
-            memcpy(o + pos, pg, PAGE);
-            w[i] = PAGE;
-            pos += PAGE;
-        } else {
-            err = r;
-            break;
-        }
-    }
-    Py_END_ALLOW_THREADS
-    if (err)
-        PyErr_Format(PyExc_RuntimeError, "zstd_pages: %s", ZSTD_getErrorName(err));
-    else
-        result = Py_BuildValue("(nO)", pos, words);
-done:
-    Py_XDECREF(words);
     PyBuffer_Release(&src);
     PyBuffer_Release(&offs);
     PyBuffer_Release(&out);
+    return result;
+}
+#endif
+
+#ifdef HAVE_LZO
+/* lzo1x_1 output may exceed its input: lzo1x.h's bound for one page. */
+#define LZO_PAGE_BOUND (PAGE + PAGE / 16 + 64 + 3)
+
+static size_t lzo_page(codec_t *cd, const uint8_t *pg, uint8_t *dst, long *err)
+{
+    lzo_uint n = 0;
+    int r = lzo1x_1_compress(pg, PAGE, dst, &n, cd->state);
+    if (r == LZO_E_OK)
+        return n;
+    *err = r;
+    return (size_t)-1;
+}
+
+static void lzo_fail(codec_t *cd, long err)
+{
+    PyErr_Format(PyExc_RuntimeError, "lzo_pages: lzo1x_1_compress failed (%ld)", err);
+}
+
+/*
+ * lzo_pages(src, offsets, zero_dedup, flag, out) -> (data_len, words)
+ * As zlib_pages, with raw lzo1x_1 output per page (makedumpfile -l; crash decodes it with
+ * lzo1x_decompress_safe). The 128 KiB work memory is the call's own: thread-safe.
+ */
+static PyObject *py_lzo_pages(PyObject *self, PyObject *args)
+{
+    void *wrk = PyMem_RawMalloc(LZO1X_1_MEM_COMPRESS);
+    if (!wrk)
+        return PyErr_NoMemory();
+    codec_t cd = {"lzo_pages", LZO_PAGE_BOUND, lzo_page, lzo_fail, wrk};
+    PyObject *result = pages_call(&cd, args);
+    PyMem_RawFree(wrk);
     return result;
 }
 #endif
@@ -554,6 +636,9 @@ static PyMethodDef methods[] = {
     {"zstd_cctx", py_zstd_cctx, METH_VARARGS, "A zstd compression context for zstd_pages."},
     {"zstd_pages", py_zstd_pages, METH_VARARGS, "One zstd frame per page: data and size words."},
 #endif
+#ifdef HAVE_LZO
+    {"lzo_pages", py_lzo_pages, METH_VARARGS, "lzo1x_1 per page: data and size words."},
+#endif
     {"page_descs", py_page_descs, METH_VARARGS, "page_desc records from size words."},
     {NULL, NULL, 0, NULL},
 };
@@ -568,6 +653,15 @@ PyMODINIT_FUNC PyInit__speedups(void)
 #ifdef HAVE_ZSTD
     /* The libzstd linked (tests compare bytes with python-zstandard when the versions match) */
     if (m && PyModule_AddIntConstant(m, "ZSTD_VERSION", (long)ZSTD_versionNumber()) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+#endif
+#ifdef HAVE_LZO
+    if (m && (lzo_init() != LZO_E_OK ||
+              PyModule_AddStringConstant(m, "LZO_VERSION", lzo_version_string()) < 0)) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ImportError, "_speedups: lzo_init failed");
         Py_DECREF(m);
         return NULL;
     }

@@ -2,10 +2,10 @@
 
 ``_speedups`` is a C extension built when the package is installed, if a compiler is there
 (setup.py marks it optional: without one, installing still works). It walks struct pages,
-finds zero pages, compresses pages (zlib; zstd when built against libzstd) and packs page
-descriptors. Each function has a pure-Python reference next to its caller; tests check
-that both give the same bitmaps and bytes. Set KDUMP_CAPTURE_PURE_PYTHON=1 to use the
-Python path although the accelerator is built.
+finds zero pages, compresses pages (zlib; zstd and lzo when built against libzstd and
+liblzo2) and packs page descriptors. Each function has a pure-Python reference next to its
+caller; tests check that both give the same bitmaps and bytes. Set
+KDUMP_CAPTURE_PURE_PYTHON=1 to use the Python path although the accelerator is built.
 """
 
 from __future__ import annotations
@@ -80,10 +80,22 @@ def zstd_path(mod: ModuleType) -> str:
     return f"compiled, libzstd {major}.{minor}.{patch}"
 
 
+def lzo_path(mod: ModuleType) -> str:
+    """Which library compresses lzo pages: liblzo2 in the accelerator when its headers were
+    there at build time, else python-lzo page by page (several times slower)."""
+    version = getattr(mod, "LZO_VERSION", None)
+    if version is None or not hasattr(mod, "lzo_pages"):
+        return "python-lzo (accelerator built without liblzo2: install liblzo2-dev)"
+    return f"compiled, liblzo2 {version}"
+
+
 def describe() -> str:
     """One line for ``check`` and the dump's README: which path is active."""
     mod = module()
     if mod is not None:
         name = os.path.basename(mod.__file__ or "_speedups")
-        return f"compiled accelerator ({name}); zstd pages: {zstd_path(mod)}"
+        return (
+            f"compiled accelerator ({name}); lzo pages: {lzo_path(mod)}; "
+            f"zstd pages: {zstd_path(mod)}"
+        )
     return f"pure Python ({_error}); saves are slower but complete"

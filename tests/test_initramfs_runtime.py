@@ -88,7 +88,7 @@ def test_pure_modules_move_into_the_zip(tmp_path):
 
 def test_the_compiled_accelerator_is_packed_with_its_zlib(tmp_path):
     """kdump_capture.speedups imports _speedups: the probe loads it, ldd finds libz, and
-    libzstd when the accelerator was built against it (zstd_pages)."""
+    libzstd and liblzo2 when the accelerator was built against them (zstd_pages, lzo_pages)."""
     from kdump_capture import speedups
 
     payload = runtime.collect(["file"], str(tmp_path))
@@ -96,6 +96,7 @@ def test_the_compiled_accelerator_is_packed_with_its_zlib(tmp_path):
     assert [n for n in names if n.startswith("_speedups.") and n.endswith(".so")]
     assert "libz.so.1" in names
     assert ("libzstd.so.1" in names) == hasattr(speedups.module(), "zstd_pages")
+    assert ("liblzo2.so.2" in names) == hasattr(speedups.module(), "lzo_pages")
 
 
 def test_cryptography_only_when_encryption_is_on(tmp_path):

@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from kdump_capture import speedups
 from kdump_capture.dumpfile import KdumpReader
 from kdump_capture.elf import PT_LOAD
 from kdump_capture.errors import FreeSpaceError
@@ -533,17 +534,37 @@ def test_lzo_dump_end_to_end(demo, tmp_path):
     assert lzo_pages > 0
 
 
-def test_lzo_without_python_lzo_is_refused_before_writing(demo, tmp_path):
-    """The documented exit 9 when python-lzo is missing (a shim makes the import fail)."""
+def _no_python_lzo(tmp_path) -> str:
     shim = tmp_path / "shim"
     shim.mkdir()
     (shim / "lzo.py").write_text("raise ImportError('No module named lzo (test shim)')\n")
+    return f"{shim}{os.pathsep}{ROOT}"
+
+
+def test_lzo_without_liblzo2_or_python_lzo_is_refused_before_writing(demo, tmp_path):
+    """The documented exit 9 when neither the accelerator's liblzo2 loop nor python-lzo is
+    there (the pure-Python path, and a shim that makes the import fail)."""
     savedir = tmp_path / "d"
-    env = {"PYTHONPATH": f"{shim}{os.pathsep}{ROOT}"}
+    env = {"PYTHONPATH": _no_python_lzo(tmp_path), "KDUMP_CAPTURE_PURE_PYTHON": "1"}
     r = cli(*save_args(demo, str(savedir), "KDUMP_DUMPFORMAT=lzo"), env=env)
     assert r.rc == 9, r.err
-    assert "python-lzo" in r.err.splitlines()[-1] and "Traceback" not in r.err
+    last = r.err.splitlines()[-1]
+    assert "python-lzo" in last and "liblzo2-dev" in last and "Traceback" not in r.err
     assert not savedir.exists() or dumps_in(savedir) == []
+
+
+@pytest.mark.skipif(not hasattr(speedups.module(), "lzo_pages"), reason="built without liblzo2")
+def test_lzo_with_the_accelerator_needs_no_python_lzo(demo, tmp_path):
+    """The compiled lzo loop is enough: the same dump as makedumpfile -l, byte for byte."""
+    savedir = tmp_path / "d"
+    env = {"PYTHONPATH": _no_python_lzo(tmp_path)}
+    r = cli(*save_args(demo, str(savedir), "KDUMP_DUMPFORMAT=lzo", "KDUMP_DUMPLEVEL=31"), env=env)
+    assert r.rc == 0, r.err
+    [name] = dumps_in(savedir)
+    ref = tmp_path / "ref.lzo"
+    subprocess.run(["makedumpfile", "-l", "-d", "31", demo, str(ref)], check=True,
+                   capture_output=True)  # fmt: skip
+    assert (savedir / name / "vmcore").read_bytes() == ref.read_bytes()
 
 
 def test_format_none_saves_only_the_kernel_log(demo, sample, tmp_path):

@@ -19,7 +19,13 @@ from kdump_capture.dumpfile import KdumpReader
 from kdump_capture.formats import NullMonitor
 from kdump_capture.formats import filter as F
 from kdump_capture.formats.elf import ElfWriter
-from kdump_capture.formats.kdump import KdumpWriter, ZlibCodec, ZstdCodec, page_descs_py
+from kdump_capture.formats.kdump import (
+    KdumpWriter,
+    LzoCodec,
+    ZlibCodec,
+    ZstdCodec,
+    page_descs_py,
+)
 from kdump_capture.formats.pages import zero_mask_py
 from kdump_capture.sample import RAM_START, KernelImage
 from kdump_capture.vmcore import open_vmcore
@@ -103,16 +109,21 @@ def _frames(data, words: bytes, src, offsets):
     return out
 
 
+def _batch(seed: int) -> tuple[bytes, array.array]:
+    """300 mixed pages after two bytes, and 64 offsets into them (unaligned; may overlap)."""
+    rng = random.Random(seed)
+    n = 300
+    src = b"xx" + _pages(rng, n)
+    return src, array.array("Q", sorted(rng.sample(range(2, 2 + (n - 1) * PAGE + 1), 64)))
+
+
 @pytest.mark.skipif(not hasattr(C, "zstd_pages"), reason="built without libzstd")
 @pytest.mark.parametrize("seed", range(5))
 def test_zstd_pages_match_python(seed):
     # What must hold whatever libzstd is linked: the same pages shared, stored raw or as
     # frames, each frame crash-readable (content size, no checksum) and decoding to the page;
     # the same bytes as python-zstandard when both carry the same libzstd version.
-    rng = random.Random(seed)
-    n = 300
-    src = b"xx" + _pages(rng, n)
-    offsets = array.array("Q", sorted(rng.sample(range(2, 2 + (n - 1) * PAGE + 1), 64)))
+    src, offsets = _batch(seed)
     for dedup in (True, False):
         out = bytearray(len(offsets) * PAGE)
         ln, words = C.zstd_pages(C.zstd_cctx(1), src, offsets, dedup, ZstdCodec.flag, out)
@@ -139,6 +150,35 @@ def test_zstd_pages_store_incompressible_pages_raw_and_reuse_one_context():
         assert bytes(out[:PAGE]) == src[:PAGE]
 
 
+@pytest.mark.skipif(not hasattr(C, "lzo_pages"), reason="built without liblzo2")
+@pytest.mark.parametrize("seed", range(5))
+def test_lzo_pages_match_python_lzo(seed):
+    # The same liblzo2 algorithm (lzo1x_1, makedumpfile -l's) on both paths: the same bytes.
+    src, offsets = _batch(seed)
+    for dedup in (True, False):
+        out = bytearray(len(offsets) * PAGE)
+        ln, words = C.lzo_pages(src, offsets, dedup, LzoCodec.flag, out)
+        data, ref_words = LzoCodec(accelerated=False).pack_py(src, offsets, dedup)
+        assert bytes(out[:ln]) == data and words == ref_words
+        w = array.array("Q", words)
+        zeros = sum(bytes(src[o : o + PAGE]) == bytes(PAGE) for o in offsets)
+        assert zeros and w.count(0) == (zeros if dedup else 0)
+        assert any(v == PAGE for v in w) and any(v >> 32 == LzoCodec.flag for v in w)
+
+
+@pytest.mark.skipif(not hasattr(C, "lzo_pages"), reason="built without liblzo2")
+def test_lzo_pages_never_write_past_the_output_for_incompressible_pages():
+    # lzo1x_1 makes up to 4419 bytes of a random page; the output holds exactly n pages, so
+    # the last pages are compressed aside (scratch) and stored raw: nothing lands past it.
+    n = 3
+    src = random.Random(3).randbytes(n * PAGE)
+    big = bytearray(b"\xa5" * (n * PAGE + 8192))
+    out = memoryview(big)[: n * PAGE]
+    ln, words = C.lzo_pages(src, array.array("Q", range(0, n * PAGE, PAGE)), True, 2, out)
+    assert ln == n * PAGE and array.array("Q", words).tolist() == [PAGE] * n
+    assert bytes(out) == src and big[n * PAGE :] == b"\xa5" * 8192
+
+
 def test_accelerator_rejects_inconsistent_arguments():
     with pytest.raises(ValueError):
         C.zero_pages(bytes(PAGE), array.array("Q", [1]))  # page runs past the buffer
@@ -153,6 +193,11 @@ def test_accelerator_rejects_inconsistent_arguments():
                          bytearray(PAGE))  # fmt: skip
         with pytest.raises(ValueError):  # not a context
             C.zstd_pages(object(), bytes(PAGE), array.array("Q", [0]), True, 1, bytearray(PAGE))
+    if hasattr(C, "lzo_pages"):
+        with pytest.raises(ValueError):
+            C.lzo_pages(bytes(PAGE), array.array("Q", [1]), True, 2, bytearray(PAGE))
+        with pytest.raises(ValueError):
+            C.lzo_pages(bytes(2 * PAGE), array.array("Q", [0, PAGE]), True, 2, bytearray(PAGE))
 
 
 @settings(
@@ -196,8 +241,8 @@ def _dump(vm, fmt: str, level: int, accelerated: bool) -> bytes:
     if fmt == "elf":
         w = ElfWriter(vm, level, accelerated=accelerated)
     else:
-        codec = ZlibCodec(accelerated=accelerated) if fmt == "compressed" else None
-        codec = codec or ZstdCodec(accelerated=accelerated)
+        codecs = {"compressed": ZlibCodec, "zstd": ZstdCodec, "lzo": LzoCodec}
+        codec = codecs[fmt](accelerated=accelerated)
         w = KdumpWriter(vm, level, codec, accelerated=accelerated)
     sink = MemSink()
     w.write(sink, NullMonitor())
@@ -209,7 +254,7 @@ def big256m(tmp_path_factory):
     return get_bigcore(str(tmp_path_factory.mktemp("big")), 256)
 
 
-@pytest.mark.parametrize("fmt", ["compressed", "zstd", "elf"])
+@pytest.mark.parametrize("fmt", ["compressed", "zstd", "lzo", "elf"])
 @pytest.mark.parametrize("level", [1, 31])
 def test_writers_give_the_same_bytes_either_way(big256m, fmt, level):
     with open_vmcore(big256m) as vm:
@@ -239,6 +284,7 @@ def test_check_says_which_path_is_active():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.stdout.startswith("compiled accelerator")
     assert "zstd pages: compiled, libzstd 1." in out.stdout
+    assert "lzo pages: compiled, liblzo2 2." in out.stdout
     env["KDUMP_CAPTURE_PURE_PYTHON"] = "1"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.stdout.startswith("pure Python (turned off by KDUMP_CAPTURE_PURE_PYTHON)")
@@ -293,7 +339,7 @@ def test_build_without_libzstd_headers_keeps_python_zstandard(tmp_path):
     p = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"],
                        cwd=src, env=env, capture_output=True, text=True)  # fmt: skip
     assert p.returncode == 0, p.stderr
-    assert "building _speedups without zstd_pages" in p.stdout
+    assert "libzstd or its headers not found: building _speedups without zstd_pages" in p.stdout
     (so,) = (src / "kdump_capture").glob("_speedups*.so")
     ldd = subprocess.run(["ldd", str(so)], capture_output=True, text=True).stdout
     assert "libz.so" in ldd and "libzstd" not in ldd
