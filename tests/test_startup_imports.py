@@ -144,3 +144,15 @@ def test_modules_imported_where_used_are_still_packed():
         "kdump_capture.sample",  # save --sample
     )
     assert [m for m in lazy if m not in packed] == []
+
+
+def test_sftp_transport_does_without_invoke(tmp_path):
+    """paramiko.config imports invoke when it is installed (for ssh_config "Match exec",
+    which we never read): 60 ms of start-up per SFTP save on a host with fabric's invoke.
+    An invoke on the path that announces its import stands for one installed here."""
+    (tmp_path / "invoke.py").write_text("import sys\nsys.stderr.write('INVOKE IMPORTED\\n')\n")
+    code = "import transports.sftp, sys; print(sys.modules.get('invoke'))"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), ROOT]))
+    p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert "INVOKE IMPORTED" not in p.stderr and p.stdout.strip() == "None"

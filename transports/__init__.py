@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import sys
 from types import MappingProxyType
 
 from kdump_capture.errors import NotSupported
@@ -21,6 +22,13 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "s3": ("transports.s3:S3Transport", "install botocore: pip install botocore"),
 }
 registry = MappingProxyType(_REGISTRY)
+
+# paramiko.config imports invoke, when it is installed, only to run ssh_config "Match exec"
+# lines, and we read no ssh_config. On a host that has invoke (fabric's) it cost each SFTP
+# save 60 ms of start-up (with asyncio and unittest.mock). The capture image never packs
+# it (initramfs/runtime.py BLOCKED); a save on the host does without it alike. Here, not in
+# transports.sftp: this package is imported before any of its modules.
+sys.modules.setdefault("invoke", None)  # type: ignore[arg-type]
 
 
 def transport_class(scheme: str) -> type[Transport]:

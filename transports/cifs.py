@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import socket
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -30,7 +31,7 @@ import smbclient
 from smbclient._io import SMBDirectoryIO, SMBFileIO, _chunk_size
 from smbprotocol import MAX_PAYLOAD_SIZE
 from smbprotocol import exceptions as smbexc
-from smbprotocol.connection import Request
+from smbprotocol.connection import Connection, Request
 from smbprotocol.file_info import FileAttributes, FileInformationClass
 from smbprotocol.open import CreateOptions, SMB2WriteResponse
 
@@ -113,6 +114,20 @@ def convert(e: BaseException, what: str) -> Exception:
     if isinstance(e, OSError) and e.errno == errno.EEXIST:
         return FileExistsError(errno.EEXIST, f"{what}: exists")
     return TransportError(f"{what}: {type(e).__name__}: {e}")
+
+
+def no_delay(conn: Connection) -> None:
+    """TCP_NODELAY on a connection's socket, as Samba sets it on its own client's and
+    server's sockets (smb.conf "socket options" default).
+
+    With Nagle's algorithm the last, partial segment of each WRITE waits until the server
+    has acknowledged everything before it, and small requests behind a WRITE (a stat while
+    WRITEs are in flight) wait the same way. bench/transports.py --only cifs, 512 MiB on one
+    client CPU, four alternating runs: 4-7 % more throughput and less client CPU with it.
+    """
+    sock = getattr(conn.transport, "_sock", None)  # smbprotocol 1.x's Tcp transport
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 @dataclass(frozen=True)
@@ -486,6 +501,8 @@ class CifsTransport(RetryingTransport):
                 # NTLM: the capture kernel has no Kerberos tickets to negotiate with.
                 auth_protocol="ntlm",
             )
+            for conn in self._cache.values():
+                no_delay(conn)
         except Exception as e:
             self._drop()
             err = convert(e, f"connecting to {self.describe()}")
