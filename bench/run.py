@@ -109,6 +109,12 @@ FORMAT_GOALS = [
     ("save ELF -d 0 (with XXH3)", "cp + sync", 1.3),
 ]
 XXH3 = ("--set", "KDUMP_CHECKSUM=xxh3")
+# Not goals of the issue: our lzo format against makedumpfile -l, the same codec (lzo1x_1)
+# and the same bytes, so the ratio is what our writer costs around it.
+SAME_CODEC = [
+    ("lzo -d 31", "makedumpfile -l -d 31", ("lzo", "-l", "31")),
+    ("lzo -d 1", "makedumpfile -l -d 1", ("lzo", "-l", "1")),
+]
 
 
 def save_argv(src: str, dest: str, fmt: str, level: int, extra: tuple[str, ...] = ()) -> list[str]:
@@ -128,18 +134,20 @@ def format_cases(src: str, work: str) -> list[Case]:
         Case("makedumpfile -E -d 31", ["makedumpfile", "-E", "-d", "31", src, out], out, "ref"),
         Case("zstd -d 1", py + ["zstd", "1", out], out),
         Case("makedumpfile -l -d 1", ["makedumpfile", "-l", "-d", "1", src, out], out, "ref"),
+        Case("lzo -d 31", py + ["lzo", "31", out], out),
+        Case("lzo -d 1", py + ["lzo", "1", out], out),
         Case("save ELF -d 0 (with SHA-256)", save_argv(src, save_dir, "ELF", 0), save_dir),
         Case("save ELF -d 0 (with XXH3)", save_argv(src, save_dir, "ELF", 0, XXH3), save_dir),
         Case("cp + sync", ["sh", "-c", f'cp "{src}" "{out}" && sync "{out}"'], out, "ref"),
     ]
 
 
-def identical_to_makedumpfile(src: str, work: str) -> bool:
+def identical_to_makedumpfile(
+    src: str, work: str, fmt: str = "compressed", flag: str = "-c", level: str = "31"
+) -> bool:
     a, b = os.path.join(work, "id-ours"), os.path.join(work, "id-mdf")
-    subprocess.run(
-        [*python_cmd(), WRITER, src, "compressed", "31", a], env=measure.env(), check=True
-    )
-    subprocess.run(["makedumpfile", "-c", "-d", "31", src, b], check=True, capture_output=True)
+    subprocess.run([*python_cmd(), WRITER, src, fmt, level, a], env=measure.env(), check=True)
+    subprocess.run(["makedumpfile", flag, "-d", level, src, b], check=True, capture_output=True)
     same = subprocess.run(["cmp", "-s", a, b]).returncode == 0
     os.unlink(a)
     os.unlink(b)
@@ -166,6 +174,7 @@ def run_formats(args, samples: list[tuple[str, str]], res: dict) -> None:
         try:
             interleave(cases, args.runs, args.cpus, log)
             same = identical_to_makedumpfile(src, work)
+            same_codec = {o: identical_to_makedumpfile(src, work, *a) for o, _, a in SAME_CODEC}
             floors = {str(lv): codec_floor(src, lv, work, args.cpus) for lv in (31, 1)}
             profiles = {}
             by = {c.name: c for c in cases}
@@ -186,6 +195,7 @@ def run_formats(args, samples: list[tuple[str, str]], res: dict) -> None:
                 "runs": args.runs,
                 "load": [start_load, load()],
                 "identical": same,
+                "identical_same_codec": same_codec,
                 "codec_floor": floors,
                 "profiles": profiles,
                 "cases": [
@@ -410,6 +420,7 @@ def report(args, res: dict) -> str:
             f"{'yes' if f['identical'] else '**no**'} |"
         )
         goals.append((f["label"], "compressed -d 31 byte-identical", "", f["identical"]))
+        L += same_codec_lines(f, cases, med)
         L += codec_floor_lines(f.get("codec_floor", {}), med)
         L += measure.profile_lines(f["profiles"])
         L.append("")
@@ -432,31 +443,142 @@ def report(args, res: dict) -> str:
     return "\n".join(L) + "\n"
 
 
+def same_codec_lines(f: dict, cases: dict, med) -> list[str]:
+    """Our lzo format beside makedumpfile -l: the same codec, so not bound by it."""
+    rows = [(o, r) for o, r, _ in SAME_CODEC if o in cases and r in cases]
+    if not rows:
+        return []
+    same = f.get("identical_same_codec", {})
+    L = [
+        "",
+        "Not an issue goal: our `lzo` format against makedumpfile `-l`, the same codec "
+        "(lzo1x_1) and, when `identical`, the same bytes; what is left is our writer around "
+        "the codec.",
+        "",
+        "| case | ratio | output | byte-identical |",
+        "|---|---|---:|---|",
+    ]
+    for ours, ref in rows:
+        r = med(ours) / med(ref)
+        size = med(ours, "size") / med(ref, "size")
+        ident = {True: "identical", False: "**differs**"}.get(same.get(ours), "not checked")
+        L.append(
+            f"| {ours} vs `{ref}` | {r:.2f}x ({med(ours):.3f} / {med(ref):.3f} s) | "
+            f"{size:.3f}x | {ident} |"
+        )
+    return L
+
+
 def codec_floor_lines(floors: dict, med) -> list[str]:
-    """What the codecs alone cost on the dump's pages, against makedumpfile -l's whole run."""
+    """What the codecs alone cost on the dump's pages, against makedumpfile -l's whole run
+    (time) and zlib's stored bytes (size): the frontier that bounds the zstd goals."""
     if not floors:
         return []
     L = [
         "",
         "The codec alone (`bench/codec_floor.py VMCORE LEVEL`, pinned alike): the pages this "
         "level dumps, compressed one page at a time by the C libraries with no Python "
-        "around them, best CPU time of 3. zstd level 1 is what the zstd format writes; "
-        "level -1 is shown for its size; makedumpfile `-l` is LZO.",
+        "between pages, best CPU time of 3. LZO1X-1 is what makedumpfile `-l` writes, zstd "
+        "level 1 what our zstd format writes (levels 2 and 3 store less, negative levels run "
+        "faster; tuning zstd's parameters found nothing better than these), "
+        "zlib level 1 what `-c` and our compressed format write. A codec *meets both* when "
+        "its CPU time alone is no more than makedumpfile `-l`'s whole run (reading, "
+        "filtering, compressing and writing) and it stores no more bytes than zlib: a zstd "
+        "setting that misses either cannot meet the zstd goals (time of `-l`, size of `-c`) "
+        "whatever the code around it does. The whole run's time compared is its median CPU "
+        "time (user + system), which waiting for a CPU on this shared machine does not "
+        "inflate as it does the wall time (shown too); on one idle CPU the two differ by a "
+        "few percent.",
         "",
-        "| level | pages | codec | CPU s | stored MB | makedumpfile -l, whole run (wall s) |",
-        "|---:|---:|---|---:|---:|---:|",
+        "| level | pages | codec | CPU s | makedumpfile -l whole run: CPU s (wall s) "
+        "| stored MB | stored / zlib's | meets both |",
+        "|---:|---:|---|---:|---:|---:|---:|---|",
     ]
+    said = []
     for level, fl in floors.items():
         if "error" in fl:
-            L.append(f"| {level} | | codec_floor failed: {fl['error']} | | | |")
+            L.append(f"| {level} | | codec_floor failed: {fl['error']} | | | | | |")
             continue
-        ref = med(f"makedumpfile -l -d {level}")
+        mdf = f"makedumpfile -l -d {level}"
+        ref = med(mdf, "cpu")
+        whole = f"{ref:.3f} ({med(mdf):.3f})"
+        zlib_bytes = fl["codecs"].get("zlib level 1", {}).get("bytes")
         for name, c in fl["codecs"].items():
+            if "error" in c:
+                L.append(f"| {level} | {fl['pages']} | {name}: {c['error']} | | {whole} | | | |")
+                continue
+            rel = f"{c['bytes'] / zlib_bytes:.3f}x" if zlib_bytes else "?"
+            ok = meets_both(c, ref, zlib_bytes)
             L.append(
-                f"| {level} | {fl['pages']} | {name} | {c['cpu_s']:.3f} | "
-                f"{c['bytes'] / 1e6:.1f} | {ref:.3f} |"
+                f"| {level} | {fl['pages']} | {name} | {c['cpu_s']:.3f} | {whole} | "
+                f"{c['bytes'] / 1e6:.1f} | {rel} | {'yes' if ok else 'no'} |"
             )
+        said += [lzo_share(level, fl["codecs"], ref), codec_verdict(level, fl["codecs"], ref)]
+    codecs = [c for fl in floors.values() for c in fl.get("codecs", {}).values()]
+    notes = list(dict.fromkeys(c["note"] for c in codecs if c.get("note")))
+    if notes:  # which library, and whether LZO ran in our C loop or python-lzo
+        said.append("Measured with " + "; ".join(notes) + ".")
+    L.append("")
+    L += [f"- {s}" for s in said]
     return L
+
+
+def meets_both(c: dict, ref_s: float, zlib_bytes: int | None) -> bool:
+    """A codec alone no slower than makedumpfile -l's whole run and no larger than zlib."""
+    return zlib_bytes is not None and c["cpu_s"] <= ref_s and c["bytes"] <= zlib_bytes
+
+
+def lzo_share(level: str, codecs: dict, ref_s: float) -> str:
+    """How much of makedumpfile -l's whole run its codec (LZO1X-1) alone takes."""
+    c = codecs.get("LZO1X-1")
+    if c is None or "error" in c:
+        return f"Level {level}: LZO1X-1 {c['error'] if c else 'not measured'}."
+    return (
+        f"Level {level}: LZO1X-1 alone takes {c['cpu_s']:.3f} s, "
+        f"{100 * c['cpu_s'] / ref_s:.0f}% of makedumpfile -l's whole run "
+        f"({ref_s:.3f} s CPU), and stores {c['bytes'] / 1e6:.1f} MB."
+    )
+
+
+def codec_verdict(level: str, codecs: dict, ref_s: float) -> str:
+    """One sentence from the figures: does any zstd setting alone meet both goals?"""
+    zlib_bytes = codecs.get("zlib level 1", {}).get("bytes")
+    if zlib_bytes is None:
+        return f"Level {level}: zlib not measured, so no verdict on size."
+    zstd = {n: c for n, c in codecs.items() if n.startswith("zstd") and "error" not in c}
+    if not zstd:
+        return f"Level {level}: zstd not measured."
+    good = [n for n, c in zstd.items() if meets_both(c, ref_s, zlib_bytes)]
+    if good:
+        return (
+            f"Level {level}: {', '.join(good)} meet{'s' if len(good) == 1 else ''} both: "
+            "the codec does not bound the zstd goals here."
+        )
+    small = [(c["cpu_s"], n) for n, c in zstd.items() if c["bytes"] <= zlib_bytes]
+    fast = [(c["bytes"], n) for n, c in zstd.items() if c["cpu_s"] <= ref_s]
+    parts = []
+    if small:
+        t, n = min(small)
+        parts.append(
+            f"the fastest no larger than zlib ({n}) takes {t:.3f} s, "
+            f"{t / ref_s:.2f}x makedumpfile -l's whole run"
+        )
+    else:
+        parts.append("none stores as little as zlib")
+    if fast:
+        b, n = min(fast)
+        parts.append(
+            f"the smallest no slower than that run ({n}) stores {b / zlib_bytes:.2f}x zlib's bytes"
+        )
+    else:
+        t, n = min((c["cpu_s"], n) for n, c in zstd.items())
+        parts.append(f"none is as fast as that run (the fastest, {n}, takes {t / ref_s:.2f}x)")
+    return (
+        f"Level {level}: no zstd setting meets both ({len(zstd)} measured): "
+        + "; ".join(parts)
+        + ": at this level the zstd goal (time of `-l`, size of `-c`) is bound by the codec, "
+        "not by the code around it."
+    )
 
 
 def scale_report(rows: list[dict], goals: list) -> list[str]:
@@ -615,19 +737,32 @@ def transport_report(t: dict, goals: list) -> list[str]:
         f"`{t['command']}` (load {t['load'][0]:.1f} before, {t['load'][1]:.1f} after)",
         "",
         "| transport | ours MB/s | reference | reference MB/s | ratio "
-        "| client CPU s: ours | reference |",
-        "|---|---:|---|---:|---:|---:|---:|",
+        "| client CPU s: ours | reference | server CPU s: ours | reference |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for row in t["rows"]:
         r = row["ref_s"] / row["ours_s"]
-        cpu = [f"{row[k]:.2f}" if k in row else "-" for k in ("ours_cpu_s", "ref_cpu_s")]
+        cpu = [
+            f"{row[k]:.2f}" if k in row else "-"
+            for k in ("ours_cpu_s", "ref_cpu_s", "ours_server_cpu_s", "ref_server_cpu_s")
+        ]
+        goal = row.get("goal", True)  # False: a reference row for context only
         L.append(
             f"| {row['label']} | {row['size'] / row['ours_s'] / 1e6:.1f} | {row['ref_label']} | "
-            f"{row['size'] / row['ref_s'] / 1e6:.1f} | {r:.2f} | {cpu[0]} | {cpu[1]} |"
+            f"{row['size'] / row['ref_s'] / 1e6:.1f} | {r:.2f}{'' if goal else ' *'} | "
+            f"{cpu[0]} | {cpu[1]} | {cpu[2]} | {cpu[3]} |"
         )
-        goals.append(
-            ("transports", f"{row['label']}: >= 0.9x {row['ref_label']}", f"{r:.2f}x", r >= 0.9)
-        )
+        if goal:
+            goals.append(
+                (
+                    "transports",
+                    f"{row['label']}: >= 0.9x {row['ref_label']}",
+                    f"{r:.2f}x",
+                    r >= 0.9,
+                )
+            )
+    if not all(row.get("goal", True) for row in t["rows"]):
+        L += ["", t.get("context_note", "\\* context, not a goal")]
     notes = t.get("notes", {})
     if notes.get("checksum"):
         L += ["", notes["checksum"]]
@@ -704,9 +839,10 @@ def plots(res: dict) -> list[str]:
     t = res.get("transports")
     if t and "rows" in t:
         fig, ax = plt.subplots(figsize=(7, 4))
-        labels = [r["label"] for r in t["rows"]]
-        ours = [r["size"] / r["ours_s"] / 1e6 for r in t["rows"]]
-        ref = [r["size"] / r["ref_s"] / 1e6 for r in t["rows"]]
+        rows = [r for r in t["rows"] if r.get("goal", True)]  # one bar pair per transport
+        labels = [r["label"] for r in rows]
+        ours = [r["size"] / r["ours_s"] / 1e6 for r in rows]
+        ref = [r["size"] / r["ref_s"] / 1e6 for r in rows]
         xs = range(len(labels))
         ax.bar([x - 0.2 for x in xs], ours, 0.4, label="ours")
         ax.bar([x + 0.2 for x in xs], ref, 0.4, label="reference client")
