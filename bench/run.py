@@ -50,6 +50,9 @@ def log(msg: str) -> None:
 
 
 # -- machine -------------------------------------------------------------------------------
+OWN_OUTPUTS = (":(exclude)bench/results", ":(exclude)bench/RESULTS.md")
+
+
 def machine() -> dict:
     cpu = "?"
     with open("/proc/cpuinfo") as f:
@@ -65,8 +68,10 @@ def machine() -> dict:
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
     ).stdout.strip()
+    # The bench's own outputs do not count: a --reuse run starts from the raw.json of the run
+    # before it, which is not committed yet.
     dirty = subprocess.run(
-        ["git", "status", "--porcelain", "--untracked-files=no"],
+        ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", *OWN_OUTPUTS],
         cwd=ROOT,
         capture_output=True,
         text=True,
