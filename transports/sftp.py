@@ -171,7 +171,7 @@ def read_pipelined(
 ) -> Iterator[bytes]:
     """The first ``size`` bytes of an open file, in order, in READs of ``request`` bytes with
     at most READ_AHEAD requested and not yet consumed. Short replies (a server may send
-    less) are completed in place."""
+    less) are completed in place; a reply longer than its request is a TransportError."""
     replies = _Replies()
     pending: deque[tuple[int, int, int]] = deque()  # (request id, offset, length)
     asked = 0
@@ -180,7 +180,7 @@ def read_pipelined(
     def ask(offset: int, n: int) -> int:
         return sftp._async_request(replies, CMD_READ, handle, int64(offset), n)
 
-    def answer(num: int) -> bytes:
+    def answer(num: int, offset: int, n: int) -> bytes:
         while num not in replies.got:
             sftp._read_response()  # one packet, handed to its requester
         t, msg = replies.got.pop(num)
@@ -188,7 +188,12 @@ def read_pipelined(
             sftp._convert_status(msg)  # raises: EOFError (the file shrank) or an I/O error
         if t != CMD_DATA:
             raise TransportError(f"unexpected SFTP reply {t} to READ")
-        return msg.get_string()
+        data = msg.get_string()
+        if len(data) > n:  # would shift every later byte: a corrupt read-back, not a short one
+            raise TransportError(
+                f"SFTP READ at offset {offset} returned {len(data)} bytes, {n} were asked for"
+            )
+        return data
 
     while pending or asked < size:
         while asked < size and len(pending) * request < READ_AHEAD:
@@ -196,11 +201,11 @@ def read_pipelined(
             pending.append((ask(asked, n), asked, n))
             asked += n
         num, offset, n = pending.popleft()
-        data = answer(num)
+        data = answer(num, offset, n)
         out += data
         while len(data) < n:  # a short reply: ask for the rest before going on
             offset, n = offset + len(data), n - len(data)
-            data = answer(ask(offset, n))
+            data = answer(ask(offset, n), offset, n)
             if not data:
                 raise TransportError(f"SFTP READ at {offset} returned nothing before the end")
             out += data
