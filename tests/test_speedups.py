@@ -117,23 +117,34 @@ def _batch(seed: int) -> tuple[bytes, array.array]:
     return src, array.array("Q", sorted(rng.sample(range(2, 2 + (n - 1) * PAGE + 1), 64)))
 
 
+def _both(pages_fn, codec, seed: int):
+    """A batch of ``_batch(seed)`` through a compiled *_pages function and through the
+    codec's Python reference, with and without zero dedup: per run (src, offsets, dedup,
+    our bytes, our words, reference bytes, reference words, all-zero pages in the batch)."""
+    src, offsets = _batch(seed)
+    zeros = sum(bytes(src[o : o + PAGE]) == bytes(PAGE) for o in offsets)
+    for dedup in (True, False):
+        out = bytearray(len(offsets) * PAGE)
+        ln, words = pages_fn(src, offsets, dedup, codec.flag, out)
+        data, ref_words = codec.pack_py(src, offsets, dedup)
+        yield src, offsets, dedup, bytes(out[:ln]), words, data, ref_words, zeros
+
+
 @pytest.mark.skipif(not hasattr(C, "zstd_pages"), reason="built without libzstd")
 @pytest.mark.parametrize("seed", range(5))
 def test_zstd_pages_match_python(seed):
     # What must hold whatever libzstd is linked: the same pages shared, stored raw or as
     # frames, each frame crash-readable (content size, no checksum) and decoding to the page;
     # the same bytes as python-zstandard when both carry the same libzstd version.
-    src, offsets = _batch(seed)
-    for dedup in (True, False):
-        out = bytearray(len(offsets) * PAGE)
-        ln, words = C.zstd_pages(C.zstd_cctx(1), src, offsets, dedup, ZstdCodec.flag, out)
-        data, ref_words = ZstdCodec(accelerated=False).pack_py(src, offsets, dedup)
-        ours, ref = _frames(out[:ln], words, src, offsets), _frames(data, ref_words, src, offsets)
+    zstd_pages = lambda *a: C.zstd_pages(C.zstd_cctx(1), *a)  # noqa: E731
+    for src, offsets, dedup, got, words, data, ref_words, zeros in _both(
+        zstd_pages, ZstdCodec(accelerated=False), seed
+    ):
+        ours, ref = _frames(got, words, src, offsets), _frames(data, ref_words, src, offsets)
         assert [p and p[0] for p in ours] == [p and p[0] for p in ref]
-        zeros = sum(bytes(src[o : o + PAGE]) == bytes(PAGE) for o in offsets)
         assert zeros and sum(p is None for p in ours) == (zeros if dedup else 0)
         if _zstd_versions_match():
-            assert bytes(out[:ln]) == data and words == ref_words
+            assert got == data and words == ref_words
 
 
 @pytest.mark.skipif(not hasattr(C, "zstd_pages"), reason="built without libzstd")
@@ -154,14 +165,11 @@ def test_zstd_pages_store_incompressible_pages_raw_and_reuse_one_context():
 @pytest.mark.parametrize("seed", range(5))
 def test_lzo_pages_match_python_lzo(seed):
     # The same liblzo2 algorithm (lzo1x_1, makedumpfile -l's) on both paths: the same bytes.
-    src, offsets = _batch(seed)
-    for dedup in (True, False):
-        out = bytearray(len(offsets) * PAGE)
-        ln, words = C.lzo_pages(src, offsets, dedup, LzoCodec.flag, out)
-        data, ref_words = LzoCodec(accelerated=False).pack_py(src, offsets, dedup)
-        assert bytes(out[:ln]) == data and words == ref_words
+    for _, _, dedup, got, words, data, ref_words, zeros in _both(
+        C.lzo_pages, LzoCodec(accelerated=False), seed
+    ):
+        assert got == data and words == ref_words
         w = array.array("Q", words)
-        zeros = sum(bytes(src[o : o + PAGE]) == bytes(PAGE) for o in offsets)
         assert zeros and w.count(0) == (zeros if dedup else 0)
         assert any(v == PAGE for v in w) and any(v >> 32 == LzoCodec.flag for v in w)
 
