@@ -81,7 +81,7 @@ def is_connection_lost(exc: BaseException) -> bool:
     if isinstance(exc, (EOFError, socket.timeout, ConnectionError)):
         return True
     # Only transports.ftp raises ftplib's errors; the other transports need not import it
-    # (and ssl with it: 7-10 ms of each SFTP, CIFS or S3 save's start-up).
+    # (and ssl with it: 7-10 ms of an SFTP save's start-up; smbprotocol and S3 load ssl anyway).
     ftplib = sys.modules.get("ftplib")
     if ftplib is not None and isinstance(exc, ftplib.error_temp):
         return str(exc)[:3] in FTP_CONNECTION_REPLIES
