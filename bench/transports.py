@@ -249,13 +249,18 @@ def server_cpu(pid: int, fn: Callable[[str], None]) -> tuple[Callable[[str], Non
     return upload, spent
 
 
-def smbstatus_signing(conf: str) -> str:
-    """The signing of the one session smbd has now, as smbstatus reports it: "full" (every
-    message signed), "partial" (only the session setup) or "none", with the algorithm."""
+def smbstatus(conf: str) -> dict:
+    """smbd's sessions and tree connects now (``smbstatus --json``)."""
     out = subprocess.run(
         ["smbstatus", "-s", conf, "--json"], check=True, capture_output=True, text=True
     ).stdout
-    sessions = list(json.loads(out).get("sessions", {}).values())
+    return json.loads(out)
+
+
+def smbstatus_signing(conf: str) -> str:
+    """The signing of the one session smbd has now, as smbstatus reports it: "full" (every
+    message signed), "partial" (only the session setup) or "none", with the algorithm."""
+    sessions = list(smbstatus(conf).get("sessions", {}).values())
     if len(sessions) != 1:
         return f"unknown ({len(sessions)} sessions)"
     sign = sessions[0]["signing"]
@@ -271,10 +276,7 @@ def smbclient_signing(argv: list[str], conf: str) -> str:
     try:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
-            out = subprocess.run(
-                ["smbstatus", "-s", conf, "--json"], check=True, capture_output=True, text=True
-            ).stdout
-            if json.loads(out).get("tcons"):  # session set up and share connected
+            if smbstatus(conf).get("tcons"):  # session set up and share connected
                 return smbstatus_signing(conf)
             time.sleep(0.05)
         return "unknown (no session within 10 s)"

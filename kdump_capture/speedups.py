@@ -83,8 +83,8 @@ def zstd_path(mod: ModuleType) -> str:
 def lzo_path(mod: ModuleType) -> str:
     """Which library compresses lzo pages: liblzo2 in the accelerator when its headers were
     there at build time, else python-lzo page by page (several times slower)."""
-    version = getattr(mod, "LZO_VERSION", None)
-    if version is None or not hasattr(mod, "lzo_pages"):
+    version = getattr(mod, "LZO_VERSION", None)  # defined with lzo_pages (HAVE_LZO)
+    if version is None:
         return "python-lzo (accelerator built without liblzo2: install liblzo2-dev)"
     return f"compiled, liblzo2 {version}"
 

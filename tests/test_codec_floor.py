@@ -76,7 +76,7 @@ def test_lzo_batches_cover_every_page():
     assert out["codecs"]["LZO1X-1"]["bytes"] == python_lzo_bytes(pages)
 
 
-def test_lzo_without_the_accelerator_uses_python_lzo(tmp_path):
+def test_lzo_without_the_accelerator_uses_python_lzo():
     data = some_pages()
     lzo = codec_floor.measure(data, 1, None)["codecs"]["LZO1X-1"]
     assert lzo["bytes"] == python_lzo_bytes(split(data))
