@@ -62,7 +62,7 @@ setup(
     ext_modules=[
         Extension(
             "kdump_capture._speedups",
-            ["kdump_capture/_speedups.c"],
+            ["kdump_capture/_speedups.c", "kdump_capture/_deflate1.c"],
             libraries=["z"],
             extra_compile_args=["-O2", "-std=c99", "-Wall"],
             optional=True,

@@ -4,7 +4,8 @@
  * Each function mirrors a pure-Python reference that stays the specification:
  *   scan_window  <- kdump_capture.formats.filter.scan_window (struct-page walk)
  *   zero_pages   <- kdump_capture.formats.source.zero_mask_py (all-zero pages)
- *   zlib_pages   <- kdump_capture.formats.kdump.ZlibCodec.pack_py (compress2 level 1)
+ *   zlib_pages   <- kdump_capture.formats.kdump.ZlibCodec.pack_py (compress2 level 1;
+ *                   our own deflate of it in _deflate1.c, zlib's when they disagree)
  *   zstd_pages   <- kdump_capture.formats.kdump.ZstdCodec.pack_py (one frame per page)
  *   lzo_pages    <- kdump_capture.formats.kdump.LzoCodec.pack_py (lzo1x_1 per page)
  *   page_descs   <- kdump_capture.formats.kdump.page_descs_py (page_desc records)
@@ -452,21 +453,57 @@ static void zlib_fail(codec_t *cd, long err)
     PyErr_Format(PyExc_RuntimeError, "zlib_pages: deflate failed (%ld)", err);
 }
 
+/* Our own level-1 deflate (_deflate1.c): the same bytes as zlib's, without its per-page
+ * reset. Used when kz_selftest agreed with the linked zlib at import (own_deflate). */
+typedef struct kz kz_t;
+void kz_init(void);
+kz_t *kz_new(void);
+void kz_free(kz_t *z);
+size_t kz_page(kz_t *z, const uint8_t *pg, uint8_t *dst);
+int kz_selftest(void);
+static int own_deflate;
+
+static size_t kz_codec_page(codec_t *cd, const uint8_t *pg, uint8_t *dst, long *err)
+{
+    return kz_page(cd->state, pg, dst);
+}
+
 /*
- * zlib_pages(src, offsets, zero_dedup, flag, out) -> (data_len, words)
- * Each page becomes one zlib stream at level 1 (see pack_pages for the rest).
+ * zlib_pages(src, offsets, zero_dedup, flag, out[, engine]) -> (data_len, words)
+ * Each page becomes one zlib stream at level 1 (see pack_pages for the rest). engine 1 is
+ * our deflate, 0 zlib's; by default ours when it agreed with zlib at import.
  */
 static PyObject *py_zlib_pages(PyObject *self, PyObject *args)
 {
-    z_stream zs;
-    memset(&zs, 0, sizeof zs);
-    if (deflateInit2(&zs, 1, Z_DEFLATED, MAX_WBITS, 8, Z_DEFAULT_STRATEGY) != Z_OK) {
-        PyErr_SetString(PyExc_MemoryError, "zlib_pages: deflateInit2 failed");
+    Py_buffer src, offs, out;
+    int zero_dedup, engine = -1;
+    unsigned int flag;
+    if (!PyArg_ParseTuple(args, "y*y*pIw*|i", &src, &offs, &zero_dedup, &flag, &out, &engine))
         return NULL;
+    PyObject *result = NULL;
+    if (engine == 1 || (engine == -1 && own_deflate)) {
+        kz_t *z = kz_new();
+        if (!z) {
+            PyErr_NoMemory();
+        } else {
+            codec_t cd = {"zlib_pages", PAGE, kz_codec_page, zlib_fail, z};
+            result = pack_pages(&cd, &src, &offs, zero_dedup, flag, &out);
+            kz_free(z);
+        }
+    } else {
+        z_stream zs;
+        memset(&zs, 0, sizeof zs);
+        if (deflateInit2(&zs, 1, Z_DEFLATED, MAX_WBITS, 8, Z_DEFAULT_STRATEGY) != Z_OK) {
+            PyErr_SetString(PyExc_MemoryError, "zlib_pages: deflateInit2 failed");
+        } else {
+            codec_t cd = {"zlib_pages", PAGE, zlib_page, zlib_fail, &zs};
+            result = pack_pages(&cd, &src, &offs, zero_dedup, flag, &out);
+            deflateEnd(&zs);
+        }
     }
-    codec_t cd = {"zlib_pages", PAGE, zlib_page, zlib_fail, &zs};
-    PyObject *result = pages_call(&cd, args);
-    deflateEnd(&zs);
+    PyBuffer_Release(&src);
+    PyBuffer_Release(&offs);
+    PyBuffer_Release(&out);
     return result;
 }
 
@@ -650,6 +687,14 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC PyInit__speedups(void)
 {
     PyObject *m = PyModule_Create(&module);
+    kz_init();
+    own_deflate = kz_selftest();
+    /* Which deflate zlib_pages uses, and the zlib it was checked against */
+    if (m && (PyModule_AddStringConstant(m, "ZLIB_DEFLATE", own_deflate ? "own" : "zlib") < 0 ||
+              PyModule_AddStringConstant(m, "ZLIB_VERSION", zlibVersion()) < 0)) {
+        Py_DECREF(m);
+        return NULL;
+    }
 #ifdef HAVE_ZSTD
     /* The libzstd linked (tests compare bytes with python-zstandard when the versions match) */
     if (m && PyModule_AddIntConstant(m, "ZSTD_VERSION", (long)ZSTD_versionNumber()) < 0) {

@@ -89,13 +89,24 @@ def lzo_path(mod: ModuleType) -> str:
     return f"compiled, liblzo2 {version}"
 
 
+def zlib_path(mod: ModuleType) -> str:
+    """Which deflate writes zlib pages: our own level-1 deflate when, at import, it gave the
+    bytes of the linked zlib on built-in test pages; else zlib's (a patched or hardware
+    zlib, whose output makedumpfile on this system has too)."""
+    version = getattr(mod, "ZLIB_VERSION", "?")
+    if getattr(mod, "ZLIB_DEFLATE", "") == "own":
+        return f"own level-1 deflate, the same bytes as zlib {version}"
+    return f"zlib {version} (our deflate differs from it here)"
+
+
 def describe() -> str:
     """One line for ``check`` and the dump's README: which path is active."""
     mod = module()
     if mod is not None:
         name = os.path.basename(mod.__file__ or "_speedups")
         return (
-            f"compiled accelerator ({name}); lzo pages: {lzo_path(mod)}; "
+            f"compiled accelerator ({name}); zlib pages: {zlib_path(mod)}; "
+            f"lzo pages: {lzo_path(mod)}; "
             f"zstd pages: {zstd_path(mod)}"
         )
     return f"pure Python ({_error}); saves are slower but complete"

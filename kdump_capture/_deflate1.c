@@ -1,0 +1,648 @@
+/*
+ * One 4 KiB page to a zlib stream at level 1, bit for bit what zlib's compress2(level 1)
+ * gives (windowBits 15, memLevel 8, the default strategy: what makedumpfile -c calls).
+ *
+ * Why our own: zlib prepares each stream by clearing its 64 KiB hash table
+ * (deflateReset), 16 times the page it then compresses, and moves every bit of the output
+ * through a 16-bit buffer. Here the table is kept across pages and its entries carry the
+ * page's generation (stale ones read as empty), the input is hashed in place and bits go
+ * out 32 at a time. What decides the output is zlib's level-1 algorithm, followed step by
+ * step:
+ *  - matching (deflate_fast): at each position the 3-byte hash chain is searched, newest
+ *    first, for at most 4 candidates, stopping at a match of 8 bytes (nice length); a
+ *    match of at most 4 bytes has each of its positions inserted into the hash chains, a
+ *    longer one only its first. Bytes past the page read as zero (zlib zeroes its window
+ *    there), and a match is cut at the end of the page.
+ *  - one block for the page (a page has fewer symbols than zlib's symbol buffer), coded
+ *    with whichever of stored, fixed or dynamic Huffman codes zlib's size estimate
+ *    prefers; dynamic codes are built as zlib builds them (its heap order, ties broken by
+ *    depth, and its way of shortening codes longer than 15 or 7 bits).
+ * The format facts (RFC 1950/1951 code tables) are computed once by kz_init.
+ *
+ * kz_selftest compares this with the linked zlib on built-in pages: _speedups uses it only
+ * when they agree, so a zlib whose level 1 differs (a patched or hardware deflate) keeps
+ * its own output. tests/test_speedups.py compares every page of the real samples too.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <zlib.h>
+
+#define PAGE 4096
+#define KZ_HBITS 15
+#define KZ_HSIZE (1u << KZ_HBITS)
+#define KZ_HMASK (KZ_HSIZE - 1)
+#define KZ_POS_BITS 12 /* a position in the page */
+#define KZ_POS_MASK ((1u << KZ_POS_BITS) - 1)
+#define KZ_GENS 16 /* generations a hash entry tells apart (the 4 bits above the position) */
+#define MIN_MATCH 3
+#define MAX_MATCH 258
+#define MAX_CHAIN 4 /* zlib's configuration of level 1 */
+#define NICE_MATCH 8
+#define MAX_INSERT 4
+#define LITERALS 256
+#define END_BLOCK 256
+#define LENGTH_CODES 29
+#define L_CODES (LITERALS + 1 + LENGTH_CODES)
+#define D_CODES 30
+#define BL_CODES 19
+#define HEAP_SIZE (2 * L_CODES + 1)
+#define MAX_BITS 15
+#define MAX_BL_BITS 7
+#define REP_3_6 16
+#define REPZ_3_10 17
+#define REPZ_11_138 18
+
+static const uint8_t extra_lbits[LENGTH_CODES] = {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2,
+                                                  2, 3, 3, 3, 3, 4, 4, 4, 4, 5, 5, 5, 5, 0};
+static const uint8_t extra_dbits[D_CODES] = {0, 0, 0, 0, 1, 1, 2, 2,  3,  3,  4,  4,  5,  5,  6,
+                                             6, 7, 7, 8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13};
+static const uint8_t extra_blbits[BL_CODES] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                                               0, 0, 0, 0, 0, 0, 2, 3, 7};
+static const uint8_t bl_order[BL_CODES] = {16, 17, 18, 0, 8,  7, 9,  6, 10, 5,
+                                           11, 4,  12, 3, 13, 2, 14, 1, 15};
+
+/* Tables of the format, filled by kz_init. */
+static uint8_t length_code[MAX_MATCH - MIN_MATCH + 1];
+static uint16_t base_length[LENGTH_CODES];
+static uint8_t dist_code[PAGE]; /* distance - 1 -> code, for distances within a page */
+static uint16_t base_dist[D_CODES];
+static uint16_t fixed_llen[L_CODES + 2], fixed_lcode[L_CODES + 2];
+static uint16_t fixed_dlen[D_CODES], fixed_dcode[D_CODES];
+
+/* A Huffman tree under construction: zlib's ct_data with its unions taken apart. */
+typedef struct {
+    uint16_t freq[HEAP_SIZE];
+    uint16_t len[HEAP_SIZE + 1]; /* + the guard scan_tree sets past max_code */
+    uint16_t dad[HEAP_SIZE];
+    uint16_t code[HEAP_SIZE];
+    int max_code;
+} kz_tree_t;
+
+struct kz {
+    uint16_t head[KZ_HSIZE]; /* newest position of each hash | generation << 12 */
+    uint16_t prev[PAGE];     /* the chain: the position inserted before, same hash */
+    unsigned gen;
+    uint8_t win[PAGE + MAX_MATCH + 8]; /* the page, then zeros */
+    uint16_t sym_dist[PAGE];           /* 0 for a literal */
+    uint16_t sym_lc[PAGE];             /* the literal, or match length - 3 */
+    int nsym;
+    kz_tree_t lt, dt, bt;
+    int heap[HEAP_SIZE], heap_len, heap_max;
+    uint8_t depth[HEAP_SIZE];
+    uint16_t bl_count[MAX_BITS + 1];
+    unsigned long opt_len, static_len;
+};
+
+typedef struct kz kz_t;
+
+static unsigned bi_reverse(unsigned code, int len)
+{
+    unsigned res = 0;
+    do {
+        res |= code & 1;
+        code >>= 1, res <<= 1;
+    } while (--len > 0);
+    return res >> 1;
+}
+
+/* Canonical codes for the lengths len[0..max_code] (count[b]: codes of b bits). */
+static void gen_codes(uint16_t *code, const uint16_t *len, int max_code, const uint16_t *count)
+{
+    uint16_t next[MAX_BITS + 1];
+    unsigned c = 0;
+    for (int bits = 1; bits <= MAX_BITS; bits++) {
+        c = (c + count[bits - 1]) << 1;
+        next[bits] = (uint16_t)c;
+    }
+    for (int n = 0; n <= max_code; n++)
+        if (len[n])
+            code[n] = (uint16_t)bi_reverse(next[len[n]]++, len[n]);
+}
+
+void kz_init(void)
+{
+    int length = 0, code, n;
+    for (code = 0; code < LENGTH_CODES - 1; code++) {
+        base_length[code] = (uint16_t)length;
+        for (n = 0; n < (1 << extra_lbits[code]); n++)
+            length_code[length++] = (uint8_t)code;
+    }
+    /* Length 258 has two codes (284 with 5 extra bits, or 285): zlib sends 285. */
+    length_code[length - 1] = (uint8_t)code;
+    base_length[LENGTH_CODES - 1] = 0;
+    int dist = 0;
+    for (code = 0; code < D_CODES; code++) {
+        base_dist[code] = (uint16_t)dist;
+        for (n = 0; n < (1 << extra_dbits[code]); n++, dist++)
+            if (dist < PAGE)
+                dist_code[dist] = (uint8_t)code;
+    }
+    uint16_t count[MAX_BITS + 1] = {0};
+    for (n = 0; n < L_CODES + 2; n++) {
+        fixed_llen[n] = n <= 143 ? 8 : n <= 255 ? 9 : n <= 279 ? 7 : 8;
+        count[fixed_llen[n]]++;
+    }
+    gen_codes(fixed_lcode, fixed_llen, L_CODES + 1, count);
+    for (n = 0; n < D_CODES; n++) {
+        fixed_dlen[n] = 5;
+        fixed_dcode[n] = (uint16_t)bi_reverse((unsigned)n, 5);
+    }
+}
+
+kz_t *kz_new(void)
+{
+    kz_t *z = calloc(1, sizeof *z);
+    if (z)
+        z->gen = 1; /* all entries are generation 0: empty */
+    return z;
+}
+
+void kz_free(kz_t *z) { free(z); }
+
+/* ---- matching (zlib's deflate_fast and longest_match at level 1) ---- */
+
+static inline unsigned hash3(const uint8_t *p)
+{
+    return (((unsigned)p[0] << 10) ^ ((unsigned)p[1] << 5) ^ p[2]) & KZ_HMASK;
+}
+
+/* Inserts position s; returns the previous newest position of its hash (0: none). */
+static inline unsigned insert(kz_t *z, unsigned s, unsigned tag)
+{
+    unsigned h = hash3(z->win + s);
+    unsigned e = z->head[h];
+    unsigned older = (e & ~KZ_POS_MASK) == tag ? e & KZ_POS_MASK : 0;
+    z->prev[s] = (uint16_t)older;
+    z->head[h] = (uint16_t)(s | tag);
+    return older;
+}
+
+static inline unsigned common(const uint8_t *a, const uint8_t *b, unsigned from, unsigned to)
+{
+    unsigned n = from;
+    while (n + 8 <= to) {
+        uint64_t x, y;
+        memcpy(&x, a + n, 8);
+        memcpy(&y, b + n, 8);
+        if (x != y)
+            return n + (unsigned)(__builtin_ctzll(x ^ y) >> 3);
+        n += 8;
+    }
+    while (n < to && a[n] == b[n])
+        n++;
+    return n;
+}
+
+/* The longest match for position s among its chain from cur (match start in *start). */
+static unsigned longest_match(const kz_t *z, unsigned s, unsigned cur, unsigned lookahead,
+                              unsigned *start)
+{
+    const uint8_t *scan = z->win + s;
+    unsigned chain = MAX_CHAIN;
+    unsigned best = MIN_MATCH - 1;
+    unsigned nice = NICE_MATCH < lookahead ? NICE_MATCH : lookahead;
+    do {
+        const uint8_t *m = z->win + cur;
+        if (m[best] != scan[best] || m[best - 1] != scan[best - 1] || m[0] != scan[0] ||
+            m[1] != scan[1])
+            continue;
+        /* Byte 2 agrees too (same hash, first two bytes equal), as zlib assumes. */
+        unsigned len = common(scan, m, 3, MAX_MATCH);
+        if (len > best) {
+            *start = cur;
+            best = len;
+            if (len >= nice)
+                break;
+        }
+    } while ((cur = z->prev[cur]) != 0 && --chain != 0);
+    return best <= lookahead ? best : lookahead;
+}
+
+static inline void tally_lit(kz_t *z, unsigned c)
+{
+    z->sym_dist[z->nsym] = 0;
+    z->sym_lc[z->nsym++] = (uint16_t)c;
+    z->lt.freq[c]++;
+}
+
+static inline void tally_dist(kz_t *z, unsigned dist, unsigned lc)
+{
+    z->sym_dist[z->nsym] = (uint16_t)dist;
+    z->sym_lc[z->nsym++] = (uint16_t)lc;
+    z->lt.freq[length_code[lc] + LITERALS + 1]++;
+    z->dt.freq[dist_code[dist - 1]]++;
+}
+
+static void find_matches(kz_t *z)
+{
+    unsigned tag = z->gen << KZ_POS_BITS;
+    unsigned s = 0, lookahead = PAGE, start = 0;
+    while (lookahead) {
+        unsigned head = lookahead >= MIN_MATCH ? insert(z, s, tag) : 0;
+        unsigned len = head ? longest_match(z, s, head, lookahead, &start) : 0;
+        if (len >= MIN_MATCH) {
+            tally_dist(z, s - start, len - MIN_MATCH);
+            lookahead -= len;
+            if (len <= MAX_INSERT && lookahead >= MIN_MATCH) {
+                while (--len)
+                    insert(z, ++s, tag);
+                s++;
+            } else {
+                s += len;
+            }
+        } else {
+            tally_lit(z, z->win[s]);
+            lookahead--;
+            s++;
+        }
+    }
+}
+
+/* ---- Huffman trees (zlib's build_tree, gen_bitlen, scan_tree) ---- */
+
+#define SMALLER(t, n, m, d) \
+    ((t)->freq[n] < (t)->freq[m] || ((t)->freq[n] == (t)->freq[m] && (d)[n] <= (d)[m]))
+
+static void pqdownheap(kz_t *z, const kz_tree_t *t, int k)
+{
+    int v = z->heap[k];
+    int j = k << 1;
+    while (j <= z->heap_len) {
+        if (j < z->heap_len && SMALLER(t, z->heap[j + 1], z->heap[j], z->depth))
+            j++;
+        if (SMALLER(t, v, z->heap[j], z->depth))
+            break;
+        z->heap[k] = z->heap[j];
+        k = j;
+        j <<= 1;
+    }
+    z->heap[k] = v;
+}
+
+/* Code lengths from the finished tree, at most max_length bits (opt_len, static_len too). */
+static void gen_bitlen(kz_t *z, kz_tree_t *t, const uint16_t *slen, const uint8_t *extra, int base,
+                       int max_length)
+{
+    int h, n, m, bits, overflow = 0;
+    for (bits = 0; bits <= MAX_BITS; bits++)
+        z->bl_count[bits] = 0;
+    t->len[z->heap[z->heap_max]] = 0; /* the root */
+    for (h = z->heap_max + 1; h < HEAP_SIZE; h++) {
+        n = z->heap[h];
+        bits = t->len[t->dad[n]] + 1;
+        if (bits > max_length)
+            bits = max_length, overflow++;
+        t->len[n] = (uint16_t)bits;
+        if (n > t->max_code)
+            continue; /* not a leaf */
+        z->bl_count[bits]++;
+        int xbits = n >= base ? extra[n - base] : 0;
+        unsigned long f = t->freq[n];
+        z->opt_len += f * (unsigned)(bits + xbits);
+        if (slen)
+            z->static_len += f * (unsigned)(slen[n] + xbits);
+    }
+    if (overflow == 0)
+        return;
+    do {
+        bits = max_length - 1;
+        while (z->bl_count[bits] == 0)
+            bits--;
+        z->bl_count[bits]--;
+        z->bl_count[bits + 1] += 2;
+        z->bl_count[max_length]--;
+        overflow -= 2;
+    } while (overflow > 0);
+    for (bits = max_length; bits != 0; bits--) {
+        n = z->bl_count[bits];
+        while (n != 0) {
+            m = z->heap[--h];
+            if (m > t->max_code)
+                continue;
+            if (t->len[m] != (unsigned)bits) {
+                z->opt_len += ((unsigned long)bits - t->len[m]) * t->freq[m];
+                t->len[m] = (uint16_t)bits;
+            }
+            n--;
+        }
+    }
+}
+
+static void build_tree(kz_t *z, kz_tree_t *t, int elems, const uint16_t *slen,
+                       const uint8_t *extra, int base, int max_length)
+{
+    int n, m, max_code = -1, node;
+    z->heap_len = 0, z->heap_max = HEAP_SIZE;
+    for (n = 0; n < elems; n++) {
+        if (t->freq[n]) {
+            z->heap[++z->heap_len] = max_code = n;
+            z->depth[n] = 0;
+        } else {
+            t->len[n] = 0;
+        }
+    }
+    /* Deflate wants two codes at least: zlib adds codes 0 or 1 with a frequency of 1. */
+    while (z->heap_len < 2) {
+        node = z->heap[++z->heap_len] = max_code < 2 ? ++max_code : 0;
+        t->freq[node] = 1;
+        z->depth[node] = 0;
+        z->opt_len--;
+        if (slen)
+            z->static_len -= slen[node];
+    }
+    t->max_code = max_code;
+    for (n = z->heap_len / 2; n >= 1; n--)
+        pqdownheap(z, t, n);
+    node = elems;
+    do {
+        n = z->heap[1];
+        z->heap[1] = z->heap[z->heap_len--];
+        pqdownheap(z, t, 1);
+        m = z->heap[1];
+        z->heap[--z->heap_max] = n;
+        z->heap[--z->heap_max] = m;
+        t->freq[node] = (uint16_t)(t->freq[n] + t->freq[m]);
+        z->depth[node] = (uint8_t)((z->depth[n] >= z->depth[m] ? z->depth[n] : z->depth[m]) + 1);
+        t->dad[n] = t->dad[m] = (uint16_t)node;
+        z->heap[1] = node++;
+        pqdownheap(z, t, 1);
+    } while (z->heap_len >= 2);
+    z->heap[--z->heap_max] = z->heap[1];
+    gen_bitlen(z, t, slen, extra, base, max_length);
+    gen_codes(t->code, t->len, max_code, z->bl_count);
+}
+
+/* Counts the code-length codes that send tree t (lengths as runs). */
+static void scan_tree(kz_t *z, kz_tree_t *t)
+{
+    int prevlen = -1, curlen, nextlen = t->len[0], count = 0, max_count = 7, min_count = 4;
+    int max_code = t->max_code;
+    if (nextlen == 0)
+        max_count = 138, min_count = 3;
+    t->len[max_code + 1] = 0xffff; /* guard */
+    for (int n = 0; n <= max_code; n++) {
+        curlen = nextlen;
+        nextlen = t->len[n + 1];
+        if (++count < max_count && curlen == nextlen)
+            continue;
+        else if (count < min_count)
+            z->bt.freq[curlen] += (uint16_t)count;
+        else if (curlen != 0) {
+            if (curlen != prevlen)
+                z->bt.freq[curlen]++;
+            z->bt.freq[REP_3_6]++;
+        } else if (count <= 10)
+            z->bt.freq[REPZ_3_10]++;
+        else
+            z->bt.freq[REPZ_11_138]++;
+        count = 0;
+        prevlen = curlen;
+        if (nextlen == 0)
+            max_count = 138, min_count = 3;
+        else if (curlen == nextlen)
+            max_count = 6, min_count = 3;
+        else
+            max_count = 7, min_count = 4;
+    }
+}
+
+/* ---- output ---- */
+
+typedef struct {
+    uint8_t *o, *end;
+    uint64_t acc;
+    unsigned n;
+    int full;
+} bits_t;
+
+static inline void put(bits_t *b, unsigned value, unsigned len)
+{
+    b->acc |= (uint64_t)value << b->n;
+    b->n += len;
+    if (b->n >= 32) {
+        uint32_t w = (uint32_t)b->acc;
+        if (b->end - b->o >= 4) {
+            b->o[0] = (uint8_t)w, b->o[1] = (uint8_t)(w >> 8), b->o[2] = (uint8_t)(w >> 16),
+            b->o[3] = (uint8_t)(w >> 24);
+            b->o += 4;
+        } else {
+            b->full = 1; /* the stream does not fit: the page is stored raw */
+        }
+        b->acc >>= 32;
+        b->n -= 32;
+    }
+}
+
+static void send_tree(kz_t *z, bits_t *b, const kz_tree_t *t)
+{
+    int prevlen = -1, curlen, nextlen = t->len[0], count = 0, max_count = 7, min_count = 4;
+    const kz_tree_t *bt = &z->bt;
+    if (nextlen == 0)
+        max_count = 138, min_count = 3;
+    for (int n = 0; n <= t->max_code; n++) {
+        curlen = nextlen;
+        nextlen = t->len[n + 1];
+        if (++count < max_count && curlen == nextlen)
+            continue;
+        else if (count < min_count) {
+            do
+                put(b, bt->code[curlen], bt->len[curlen]);
+            while (--count != 0);
+        } else if (curlen != 0) {
+            if (curlen != prevlen) {
+                put(b, bt->code[curlen], bt->len[curlen]);
+                count--;
+            }
+            put(b, bt->code[REP_3_6], bt->len[REP_3_6]);
+            put(b, (unsigned)count - 3, 2);
+        } else if (count <= 10) {
+            put(b, bt->code[REPZ_3_10], bt->len[REPZ_3_10]);
+            put(b, (unsigned)count - 3, 3);
+        } else {
+            put(b, bt->code[REPZ_11_138], bt->len[REPZ_11_138]);
+            put(b, (unsigned)count - 11, 7);
+        }
+        count = 0;
+        prevlen = curlen;
+        if (nextlen == 0)
+            max_count = 138, min_count = 3;
+        else if (curlen == nextlen)
+            max_count = 6, min_count = 3;
+        else
+            max_count = 7, min_count = 4;
+    }
+}
+
+static void compress_block(const kz_t *z, bits_t *b, const uint16_t *lcode, const uint16_t *llen,
+                           const uint16_t *dcode, const uint16_t *dlen)
+{
+    for (int i = 0; i < z->nsym; i++) {
+        unsigned dist = z->sym_dist[i], lc = z->sym_lc[i];
+        if (dist == 0) {
+            put(b, lcode[lc], llen[lc]);
+            continue;
+        }
+        unsigned code = length_code[lc];
+        put(b, lcode[code + LITERALS + 1], llen[code + LITERALS + 1]);
+        if (extra_lbits[code])
+            put(b, lc - base_length[code], extra_lbits[code]);
+        dist--;
+        code = dist_code[dist];
+        put(b, dcode[code], dlen[code]);
+        if (extra_dbits[code])
+            put(b, dist - base_dist[code], extra_dbits[code]);
+    }
+    put(b, lcode[END_BLOCK], llen[END_BLOCK]);
+}
+
+/*
+ * The zlib stream of the page pg into dst (room for PAGE bytes): its size, or PAGE when it
+ * would take PAGE bytes or more (the caller stores the page raw then, as zlib's caller
+ * does when the stream does not fit).
+ */
+size_t kz_page(kz_t *z, const uint8_t *pg, uint8_t *dst)
+{
+    memcpy(z->win, pg, PAGE); /* the bytes after it stay zero */
+    if (++z->gen == KZ_GENS) {
+        memset(z->head, 0, sizeof z->head);
+        z->gen = 1;
+    }
+    memset(z->lt.freq, 0, L_CODES * sizeof z->lt.freq[0]);
+    memset(z->dt.freq, 0, D_CODES * sizeof z->dt.freq[0]);
+    memset(z->bt.freq, 0, BL_CODES * sizeof z->bt.freq[0]);
+    z->lt.freq[END_BLOCK] = 1;
+    z->opt_len = z->static_len = 0;
+    z->nsym = 0;
+    find_matches(z);
+
+    build_tree(z, &z->lt, L_CODES, fixed_llen, extra_lbits, LITERALS + 1, MAX_BITS);
+    build_tree(z, &z->dt, D_CODES, fixed_dlen, extra_dbits, 0, MAX_BITS);
+    scan_tree(z, &z->lt);
+    scan_tree(z, &z->dt);
+    build_tree(z, &z->bt, BL_CODES, NULL, extra_blbits, 0, MAX_BL_BITS);
+    int max_blindex;
+    for (max_blindex = BL_CODES - 1; max_blindex >= 3; max_blindex--)
+        if (z->bt.len[bl_order[max_blindex]] != 0)
+            break;
+    z->opt_len += 3 * ((unsigned long)max_blindex + 1) + 5 + 5 + 4;
+    unsigned long opt_lenb = (z->opt_len + 3 + 7) >> 3;
+    unsigned long static_lenb = (z->static_len + 3 + 7) >> 3;
+    if (static_lenb <= opt_lenb)
+        opt_lenb = static_lenb;
+    /* zlib header (2 bytes), the block, adler32 (4): a stored block never fits a page */
+    if (PAGE + 4 <= opt_lenb || 2 + opt_lenb + 4 >= PAGE)
+        return PAGE;
+
+    bits_t b = {dst + 2, dst + PAGE - 4, 0, 0, 0};
+    dst[0] = 0x78, dst[1] = 0x01; /* deflate, 32 KiB window, level flag 0 (fastest) */
+    if (static_lenb == opt_lenb) {
+        put(&b, (1 << 1) + 1, 3); /* fixed codes, last block */
+        compress_block(z, &b, fixed_lcode, fixed_llen, fixed_dcode, fixed_dlen);
+    } else {
+        put(&b, (2 << 1) + 1, 3); /* dynamic codes, last block */
+        put(&b, (unsigned)(z->lt.max_code + 1 - 257), 5);
+        put(&b, (unsigned)(z->dt.max_code + 1 - 1), 5);
+        put(&b, (unsigned)(max_blindex + 1 - 4), 4);
+        for (int rank = 0; rank <= max_blindex; rank++)
+            put(&b, z->bt.len[bl_order[rank]], 3);
+        send_tree(z, &b, &z->lt);
+        send_tree(z, &b, &z->dt);
+        compress_block(z, &b, z->lt.code, z->lt.len, z->dt.code, z->dt.len);
+    }
+    /* the bits left, to a byte boundary */
+    while (b.n > 0 && !b.full) {
+        if (b.o >= b.end) {
+            b.full = 1;
+            break;
+        }
+        *b.o++ = (uint8_t)b.acc;
+        b.acc >>= 8;
+        b.n = b.n > 8 ? b.n - 8 : 0;
+    }
+    if (b.full)
+        return PAGE;
+    uLong a = adler32(adler32(0L, Z_NULL, 0), pg, PAGE);
+    b.o[0] = (uint8_t)(a >> 24), b.o[1] = (uint8_t)(a >> 16), b.o[2] = (uint8_t)(a >> 8),
+    b.o[3] = (uint8_t)a;
+    size_t size = (size_t)(b.o + 4 - dst);
+    return size < PAGE ? size : PAGE;
+}
+
+/* ---- the check against the linked zlib ---- */
+
+static uint32_t lcg(uint32_t *s)
+{
+    *s = *s * 1103515245u + 12345u;
+    return *s >> 8;
+}
+
+/* Test page number k (0..KZ_TEST_PAGES-1): text, skewed bytes, pointers, runs, sparse. */
+static void test_page(int k, uint8_t *p)
+{
+    uint32_t s = 0x9e3779b9u * (uint32_t)(k + 1);
+    static const char *words[] = {"kernel ", "panic ", "page ", "dump ", "the ", "of ",
+                                  "\n", "0x", "ffff8880", "00000000 ", "vmcore ", "crash "};
+    size_t i = 0;
+    switch (k % 6) {
+    case 0: /* text */
+        while (i < PAGE) {
+            const char *w = words[lcg(&s) % 12];
+            while (*w && i < PAGE)
+                p[i++] = (uint8_t)*w++;
+        }
+        break;
+    case 1: /* bytes of very unequal frequency: long codes, the length limit */
+        for (i = 0; i < PAGE; i++) {
+            uint32_t r = lcg(&s) % 4181, f0 = 0, f1 = 1, c = 0;
+            while (r >= f1 && c < 18)
+                r -= f1, f1 += f0, f0 = f1 - f0, c++;
+            p[i] = (uint8_t)(c * 13 + k);
+        }
+        break;
+    case 2: /* 64-bit pointers and small counters */
+        for (i = 0; i < PAGE; i += 8) {
+            uint64_t v = lcg(&s) % 3 ? 0xffff888000000000ull | (lcg(&s) % 4096) << 6 : lcg(&s) % 8;
+            memcpy(p + i, &v, 8);
+        }
+        break;
+    case 3: /* long runs and repeats, with changes */
+        for (i = 0; i < PAGE; i++)
+            p[i] = i % (7 + k) == 0 && lcg(&s) % 50 == 0 ? (uint8_t)lcg(&s) : (uint8_t)"abcdefgh"[i % 7];
+        break;
+    case 4: /* a few bytes in zeros */
+        memset(p, 0, PAGE);
+        for (i = 0; i < 40; i++)
+            p[lcg(&s) % PAGE] = (uint8_t)lcg(&s);
+        break;
+    default: /* noise: does not compress */
+        for (i = 0; i < PAGE; i++)
+            p[i] = (uint8_t)lcg(&s);
+    }
+}
+
+#define KZ_TEST_PAGES 24
+
+/* 1 when kz_page gives what this zlib's compress2 at level 1 gives on the test pages. */
+int kz_selftest(void)
+{
+    kz_t *z = kz_new();
+    uint8_t *page = malloc(PAGE), *ours = malloc(PAGE), *theirs = malloc(compressBound(PAGE));
+    int ok = z && page && ours && theirs;
+    for (int k = 0; ok && k < KZ_TEST_PAGES; k++) {
+        test_page(k, page);
+        uLongf size = compressBound(PAGE);
+        if (compress2(theirs, &size, page, PAGE, 1) != Z_OK) {
+            ok = 0;
+            break;
+        }
+        size_t got = kz_page(z, page, ours);
+        if (size >= PAGE)
+            ok = got == PAGE;
+        else
+            ok = got == size && memcmp(ours, theirs, size) == 0;
+    }
+    free(page), free(ours), free(theirs);
+    kz_free(z);
+    return ok;
+}
