@@ -27,6 +27,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <zlib.h>
+#ifdef __SSE2__
+#include <emmintrin.h>
+#endif
 
 #define PAGE 4096
 #define KZ_HBITS 15
@@ -88,22 +91,19 @@ struct kz {
     uint16_t sym_lc[PAGE];             /* the literal, or match length - 3 */
     int nsym;
     kz_tree_t lt, dt, bt;
-    int heap[HEAP_SIZE], heap_len, heap_max;
-    uint8_t depth[HEAP_SIZE];
+    int heap[HEAP_SIZE], heap_max; /* the nodes of the last tree built, root first */
     uint16_t bl_count[MAX_BITS + 1];
     unsigned long opt_len, static_len;
 };
 
 typedef struct kz kz_t;
 
-static unsigned bi_reverse(unsigned code, int len)
+static uint8_t rev8[256]; /* the bits of a byte in reverse order (kz_init) */
+
+/* The len low bits of code, reversed (deflate sends Huffman codes first bit first). */
+static inline unsigned bi_reverse(unsigned code, int len)
 {
-    unsigned res = 0;
-    do {
-        res |= code & 1;
-        code >>= 1, res <<= 1;
-    } while (--len > 0);
-    return res >> 1;
+    return ((unsigned)rev8[code & 255] << 8 | rev8[code >> 8 & 255]) >> (16 - len);
 }
 
 /* Canonical codes for the lengths len[0..max_code] (count[b]: codes of b bits). */
@@ -123,6 +123,12 @@ static void gen_codes(uint16_t *code, const uint16_t *len, int max_code, const u
 void kz_init(void)
 {
     int length = 0, code, n;
+    for (n = 0; n < 256; n++) {
+        unsigned r = 0;
+        for (int bit = 0; bit < 8; bit++)
+            r |= (n >> bit & 1u) << (7 - bit);
+        rev8[n] = (uint8_t)r;
+    }
     for (code = 0; code < LENGTH_CODES - 1; code++) {
         base_length[code] = (uint16_t)length;
         for (n = 0; n < (1 << extra_lbits[code]); n++)
@@ -261,23 +267,29 @@ static void find_matches(kz_t *z)
 
 /* ---- Huffman trees (zlib's build_tree, gen_bitlen, scan_tree) ---- */
 
-#define SMALLER(t, n, m, d) \
-    ((t)->freq[n] < (t)->freq[m] || ((t)->freq[n] == (t)->freq[m] && (d)[n] <= (d)[m]))
+/*
+ * zlib's priority queue orders nodes by frequency, then depth (the smaller first, the one
+ * deeper in the heap on a tie). An entry here is freq << 18 | depth << 10 | node, so that
+ * order is one comparison of entry >> 10. Frequencies stay below 2^14 (a page has at most
+ * 4097 symbols), depths below 2^8, nodes below 2^10.
+ */
+#define KEY(e) ((e) >> 10)
+#define NODE(e) ((int)((e) & 1023))
 
-static void pqdownheap(kz_t *z, const kz_tree_t *t, int k)
+static void pqdownheap(uint32_t *q, int len, int k)
 {
-    int v = z->heap[k];
+    uint32_t v = q[k];
     int j = k << 1;
-    while (j <= z->heap_len) {
-        if (j < z->heap_len && SMALLER(t, z->heap[j + 1], z->heap[j], z->depth))
+    while (j <= len) {
+        if (j < len && KEY(q[j + 1]) <= KEY(q[j]))
             j++;
-        if (SMALLER(t, v, z->heap[j], z->depth))
+        if (KEY(v) <= KEY(q[j]))
             break;
-        z->heap[k] = z->heap[j];
+        q[k] = q[j];
         k = j;
         j <<= 1;
     }
-    z->heap[k] = v;
+    q[k] = v;
 }
 
 /* Code lengths from the finished tree, at most max_length bits (opt_len, static_len too). */
@@ -332,43 +344,44 @@ static void gen_bitlen(kz_t *z, kz_tree_t *t, const uint16_t *slen, const uint8_
 static void build_tree(kz_t *z, kz_tree_t *t, int elems, const uint16_t *slen,
                        const uint8_t *extra, int base, int max_length)
 {
-    int n, m, max_code = -1, node;
-    z->heap_len = 0, z->heap_max = HEAP_SIZE;
+    uint32_t q[HEAP_SIZE];
+    int n, len = 0, max_code = -1, node;
     for (n = 0; n < elems; n++) {
-        if (t->freq[n]) {
-            z->heap[++z->heap_len] = max_code = n;
-            z->depth[n] = 0;
-        } else {
+        if (t->freq[n])
+            q[++len] = (uint32_t)t->freq[n] << 18 | (uint32_t)(max_code = n);
+        else
             t->len[n] = 0;
-        }
     }
     /* Deflate wants two codes at least: zlib adds codes 0 or 1 with a frequency of 1. */
-    while (z->heap_len < 2) {
-        node = z->heap[++z->heap_len] = max_code < 2 ? ++max_code : 0;
+    while (len < 2) {
+        node = max_code < 2 ? ++max_code : 0;
+        q[++len] = 1u << 18 | (uint32_t)node;
         t->freq[node] = 1;
-        z->depth[node] = 0;
         z->opt_len--;
         if (slen)
             z->static_len -= slen[node];
     }
     t->max_code = max_code;
-    for (n = z->heap_len / 2; n >= 1; n--)
-        pqdownheap(z, t, n);
+    for (n = len / 2; n >= 1; n--)
+        pqdownheap(q, len, n);
+    /* Merge the two smallest until one is left; z->heap[heap_max..] gets the nodes, the
+     * root first, each before its children (zlib keeps them at the end of its heap). */
+    z->heap_max = HEAP_SIZE;
     node = elems;
     do {
-        n = z->heap[1];
-        z->heap[1] = z->heap[z->heap_len--];
-        pqdownheap(z, t, 1);
-        m = z->heap[1];
-        z->heap[--z->heap_max] = n;
-        z->heap[--z->heap_max] = m;
-        t->freq[node] = (uint16_t)(t->freq[n] + t->freq[m]);
-        z->depth[node] = (uint8_t)((z->depth[n] >= z->depth[m] ? z->depth[n] : z->depth[m]) + 1);
-        t->dad[n] = t->dad[m] = (uint16_t)node;
-        z->heap[1] = node++;
-        pqdownheap(z, t, 1);
-    } while (z->heap_len >= 2);
-    z->heap[--z->heap_max] = z->heap[1];
+        uint32_t a = q[1];
+        q[1] = q[len--];
+        pqdownheap(q, len, 1);
+        uint32_t b = q[1];
+        z->heap[--z->heap_max] = NODE(a);
+        z->heap[--z->heap_max] = NODE(b);
+        uint32_t da = a >> 10 & 255, db = b >> 10 & 255;
+        uint32_t depth = (da >= db ? da : db) + 1;
+        t->dad[NODE(a)] = t->dad[NODE(b)] = (uint16_t)node;
+        q[1] = ((a >> 18) + (b >> 18)) << 18 | depth << 10 | (uint32_t)node++;
+        pqdownheap(q, len, 1);
+    } while (len >= 2);
+    z->heap[--z->heap_max] = NODE(q[1]);
     gen_bitlen(z, t, slen, extra, base, max_length);
     gen_codes(t->code, t->len, max_code, z->bl_count);
 }
@@ -496,6 +509,36 @@ static void compress_block(const kz_t *z, bits_t *b, const uint16_t *lcode, cons
     put(b, lcode[END_BLOCK], llen[END_BLOCK]);
 }
 
+/* The Adler-32 of a page (RFC 1950), as zlib's adler32(1, pg, PAGE) gives it. */
+static uint32_t adler_page(const uint8_t *pg)
+{
+#ifdef __SSE2__
+    /* 16 bytes a step: s1 gains their sum, s2 gains 16 * s1 before them plus the bytes
+     * weighted 16..1. No lane can overflow within one page (s2 < 2^31 for 4096 bytes). */
+    const __m128i zero = _mm_setzero_si128();
+    const __m128i w_lo = _mm_setr_epi16(16, 15, 14, 13, 12, 11, 10, 9);
+    const __m128i w_hi = _mm_setr_epi16(8, 7, 6, 5, 4, 3, 2, 1);
+    __m128i vs1 = zero, vprev = zero, vs2 = zero;
+    for (int i = 0; i < PAGE; i += 16) {
+        __m128i x = _mm_loadu_si128((const __m128i *)(pg + i));
+        vprev = _mm_add_epi64(vprev, vs1);
+        vs1 = _mm_add_epi64(vs1, _mm_sad_epu8(x, zero));
+        vs2 = _mm_add_epi32(vs2, _mm_madd_epi16(_mm_unpacklo_epi8(x, zero), w_lo));
+        vs2 = _mm_add_epi32(vs2, _mm_madd_epi16(_mm_unpackhi_epi8(x, zero), w_hi));
+    }
+    uint64_t l1[2], lp[2];
+    uint32_t l2[4];
+    _mm_storeu_si128((__m128i *)l1, vs1);
+    _mm_storeu_si128((__m128i *)lp, vprev);
+    _mm_storeu_si128((__m128i *)l2, vs2);
+    uint64_t s1 = 1 + l1[0] + l1[1];
+    uint64_t s2 = PAGE + 16 * (lp[0] + lp[1]) + l2[0] + l2[1] + l2[2] + l2[3];
+    return (uint32_t)((s2 % 65521) << 16 | (s1 % 65521));
+#else
+    return (uint32_t)adler32(adler32(0L, Z_NULL, 0), pg, PAGE);
+#endif
+}
+
 /*
  * The zlib stream of the page pg into dst (room for PAGE bytes): its size, or PAGE when it
  * would take PAGE bytes or more (the caller stores the page raw then, as zlib's caller
@@ -562,7 +605,7 @@ size_t kz_page(kz_t *z, const uint8_t *pg, uint8_t *dst)
     }
     if (b.full)
         return PAGE;
-    uLong a = adler32(adler32(0L, Z_NULL, 0), pg, PAGE);
+    uint32_t a = adler_page(pg);
     b.o[0] = (uint8_t)(a >> 24), b.o[1] = (uint8_t)(a >> 16), b.o[2] = (uint8_t)(a >> 8),
     b.o[3] = (uint8_t)a;
     size_t size = (size_t)(b.o + 4 - dst);
