@@ -15,7 +15,9 @@ per page as the formats require, by the C libraries with no Python between pages
 - zstd, what our zstd format writes at level 1, and a sweep of faster and tuned settings
   (zstd_settings): python-zstandard's ``multi_compress_to_buffer``, one call for all pages.
 - zlib level 1, what makedumpfile ``-c`` (and our compressed format) writes: page by page
-  through the zlib module (one call per page costs well under 1% of zlib's time).
+  through the zlib module (one call per page costs well under 1% of zlib's time), and the
+  same bytes from our own deflate in the accelerator's loop (``zlib_pages``), which our
+  compressed format runs when the accelerator is built.
 
 Prints one JSON object: pages, input bytes, and per codec the best CPU seconds of ``--runs``
 and the bytes stored (a page is stored raw when compression does not shrink it:
@@ -88,12 +90,13 @@ def tap_pages(vmcore: str, level: int, scratch: str) -> int:
 
 
 LZO = "LZO1X-1"
+OWN_DEFLATE = "zlib level 1, our deflate"
 BATCH = 4096  # pages per lzo_pages call: 16 MiB of output, one call per 4096 pages
 
 
-def lzo_accelerated(accel, data, n: int):
-    """All pages through the accelerator's lzo_pages (liblzo2's lzo1x_1, our lzo format's
-    loop), in batches: the page loop in C, no Python between pages."""
+def batched(pages, data, n: int):
+    """All pages through an accelerator loop ``pages(src, offsets, zero_dedup, flag, out)``
+    (lzo_pages, zlib_pages), in batches: the page loop in C, no Python between pages."""
     offsets = array.array("Q", range(0, BATCH * PAGE, PAGE))
     out = bytearray(BATCH * PAGE)
     view = memoryview(data)
@@ -103,11 +106,20 @@ def lzo_accelerated(accel, data, n: int):
         for first in range(0, n, BATCH):
             k = min(BATCH, n - first)
             src = view[first * PAGE : (first + k) * PAGE]
-            size, _ = accel.lzo_pages(src, offsets[:k], False, 0, out)
+            size, _ = pages(src, offsets[:k], False, 1, out)
             stored += size
         return stored
 
     return run
+
+
+def own_deflate_runner(data, n: int, accel) -> tuple:
+    """(run, note) for our level-1 deflate (zlib_pages, engine 1), or (None, why not)."""
+    if accel is None or getattr(accel, "ZLIB_DEFLATE", "") != "own":
+        return None, "not measured: the accelerator does not use its own deflate here"
+    return batched(lambda *a: accel.zlib_pages(*a, 1), data, n), (
+        f"our deflate, checked against zlib {accel.ZLIB_VERSION} (_speedups.zlib_pages)"
+    )
 
 
 def lzo_python(compress, data, n: int):
@@ -126,7 +138,7 @@ def lzo_python(compress, data, n: int):
 def lzo_runner(data, n: int, accel) -> tuple:
     """(run, note) for LZO1X-1 on these pages, or (None, why not)."""
     if accel is not None and hasattr(accel, "lzo_pages"):
-        return lzo_accelerated(accel, data, n), (
+        return batched(accel.lzo_pages, data, n), (
             f"liblzo2 {accel.LZO_VERSION}, per-page loop in C (_speedups.lzo_pages)"
         )
     try:
@@ -212,6 +224,12 @@ def measure(data, runs: int, accel=None) -> dict:
     ]:
         cpu, size = best_cpu(fn, runs)
         codecs[name] = {"cpu_s": cpu, "bytes": size, "note": note}
+    fn, note = own_deflate_runner(data, n, accel)
+    if fn is None:
+        codecs[OWN_DEFLATE] = {"error": note}
+    else:
+        cpu, size = best_cpu(fn, runs)
+        codecs[OWN_DEFLATE] = {"cpu_s": cpu, "bytes": size, "note": note}
     return out
 
 

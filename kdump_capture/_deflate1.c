@@ -184,10 +184,12 @@ static inline unsigned insert(kz_t *z, unsigned s, unsigned tag)
     return older;
 }
 
+/* How far a and b agree from index from on, at most to. */
 static inline unsigned common(const uint8_t *a, const uint8_t *b, unsigned from, unsigned to)
 {
     unsigned n = from;
-    while (n + 8 <= to) {
+#if defined(__GNUC__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    while (n + 8 <= to) { /* 8 bytes a step: the lowest differing byte is the first */
         uint64_t x, y;
         memcpy(&x, a + n, 8);
         memcpy(&y, b + n, 8);
@@ -195,6 +197,7 @@ static inline unsigned common(const uint8_t *a, const uint8_t *b, unsigned from,
             return n + (unsigned)(__builtin_ctzll(x ^ y) >> 3);
         n += 8;
     }
+#endif
     while (n < to && a[n] == b[n])
         n++;
     return n;

@@ -52,7 +52,7 @@ def test_measure_stores_what_each_codec_gives_per_page():
     assert out["pages"] == 4 and out["input_bytes"] == 4 * PAGE
     c = out["codecs"]
     names = [n for n, _ in codec_floor.zstd_settings()]
-    assert list(c) == ["LZO1X-1", *names, "zlib level 1"]
+    assert list(c) == ["LZO1X-1", *names, "zlib level 1", "zlib level 1, our deflate"]
     assert len(names) == 7
     assert c["LZO1X-1"]["bytes"] == python_lzo_bytes(pages)
     assert "(_speedups.lzo_pages)" in c["LZO1X-1"]["note"]
@@ -60,6 +60,8 @@ def test_measure_stores_what_each_codec_gives_per_page():
         cctx = zstandard.ZstdCompressor(**kw)
         assert c[name]["bytes"] == sum(min(len(cctx.compress(p)), PAGE) for p in pages), name
     assert c["zlib level 1"]["bytes"] == sum(min(len(zlib.compress(p, 1)), PAGE) for p in pages)
+    assert c["zlib level 1, our deflate"]["bytes"] == c["zlib level 1"]["bytes"]
+    assert "(_speedups.zlib_pages)" in c["zlib level 1, our deflate"]["note"]
     assert all(c[n]["cpu_s"] >= 0 for n in c)
     # the noise page is stored raw by every codec
     assert all(c[n]["bytes"] >= PAGE for n in c)
@@ -90,6 +92,7 @@ def test_missing_liblzo2_is_a_row_not_a_failure(monkeypatch):
     monkeypatch.setitem(sys.modules, "lzo", None)  # no python-lzo, no accelerator
     out = codec_floor.measure(some_pages(), 1, None)
     assert out["codecs"]["LZO1X-1"]["error"].startswith("not measured: ")
+    assert out["codecs"]["zlib level 1, our deflate"]["error"].startswith("not measured: ")
     assert out["codecs"]["zstd level 1"]["bytes"] > 0
     floors = {"31": out}
     text = "\n".join(
