@@ -190,12 +190,16 @@ def measure(data, runs: int, accel=None) -> dict:
     n = len(data) // PAGE
     out: dict = {"pages": n, "input_bytes": n * PAGE, "codecs": {}}
     codecs = out["codecs"]
-    fn, note = lzo_runner(data, n, accel)
-    if fn is None:
-        codecs[LZO] = {"error": note}
-    else:
-        cpu, size = best_cpu(fn, runs)
-        codecs[LZO] = {"cpu_s": cpu, "bytes": size, "note": note}
+
+    def record(name: str, fn, note: str) -> None:
+        """The codec's best CPU time and bytes, or why it was not measured (fn None)."""
+        if fn is None:
+            codecs[name] = {"error": note}
+        else:
+            cpu, size = best_cpu(fn, runs)
+            codecs[name] = {"cpu_s": cpu, "bytes": size, "note": note}
+
+    record(LZO, *lzo_runner(data, n, accel))
     view = memoryview(data)[: n * PAGE]
     segs = zstandard.BufferWithSegments(
         view, array.array("Q", [v for o in range(0, n * PAGE, PAGE) for v in (o, PAGE)]).tobytes()
@@ -222,14 +226,8 @@ def measure(data, runs: int, accel=None) -> dict:
         *((name, zstd_with(kw), f"zstd {zver} (python-zstandard)") for name, kw in zstd_settings()),
         ("zlib level 1", zlib_1, f"zlib {zlib.ZLIB_RUNTIME_VERSION}"),
     ]:
-        cpu, size = best_cpu(fn, runs)
-        codecs[name] = {"cpu_s": cpu, "bytes": size, "note": note}
-    fn, note = own_deflate_runner(data, n, accel)
-    if fn is None:
-        codecs[OWN_DEFLATE] = {"error": note}
-    else:
-        cpu, size = best_cpu(fn, runs)
-        codecs[OWN_DEFLATE] = {"cpu_s": cpu, "bytes": size, "note": note}
+        record(name, fn, note)
+    record(OWN_DEFLATE, *own_deflate_runner(data, n, accel))
     return out
 
 

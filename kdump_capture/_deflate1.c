@@ -76,7 +76,7 @@ static uint16_t fixed_dlen[D_CODES], fixed_dcode[D_CODES];
 /* A Huffman tree under construction: zlib's ct_data with its unions taken apart. */
 typedef struct {
     uint16_t freq[HEAP_SIZE];
-    uint16_t len[HEAP_SIZE + 1]; /* + the guard scan_tree sets past max_code */
+    uint16_t len[HEAP_SIZE + 1]; /* + the guard walk_tree sets past max_code */
     uint16_t dad[HEAP_SIZE];
     uint16_t code[HEAP_SIZE];
     int max_code;
@@ -268,7 +268,7 @@ static void find_matches(kz_t *z)
     }
 }
 
-/* ---- Huffman trees (zlib's build_tree, gen_bitlen, scan_tree) ---- */
+/* ---- Huffman trees (zlib's build_tree, gen_bitlen) ---- */
 
 /*
  * zlib's priority queue orders nodes by frequency, then depth (the smaller first, the one
@@ -389,40 +389,6 @@ static void build_tree(kz_t *z, kz_tree_t *t, int elems, const uint16_t *slen,
     gen_codes(t->code, t->len, max_code, z->bl_count);
 }
 
-/* Counts the code-length codes that send tree t (lengths as runs). */
-static void scan_tree(kz_t *z, kz_tree_t *t)
-{
-    int prevlen = -1, curlen, nextlen = t->len[0], count = 0, max_count = 7, min_count = 4;
-    int max_code = t->max_code;
-    if (nextlen == 0)
-        max_count = 138, min_count = 3;
-    t->len[max_code + 1] = 0xffff; /* guard */
-    for (int n = 0; n <= max_code; n++) {
-        curlen = nextlen;
-        nextlen = t->len[n + 1];
-        if (++count < max_count && curlen == nextlen)
-            continue;
-        else if (count < min_count)
-            z->bt.freq[curlen] += (uint16_t)count;
-        else if (curlen != 0) {
-            if (curlen != prevlen)
-                z->bt.freq[curlen]++;
-            z->bt.freq[REP_3_6]++;
-        } else if (count <= 10)
-            z->bt.freq[REPZ_3_10]++;
-        else
-            z->bt.freq[REPZ_11_138]++;
-        count = 0;
-        prevlen = curlen;
-        if (nextlen == 0)
-            max_count = 138, min_count = 3;
-        else if (curlen == nextlen)
-            max_count = 6, min_count = 3;
-        else
-            max_count = 7, min_count = 4;
-    }
-}
-
 /* ---- output ---- */
 
 typedef struct {
@@ -450,12 +416,25 @@ static inline void put(bits_t *b, unsigned value, unsigned len)
     }
 }
 
-static void send_tree(kz_t *z, bits_t *b, const kz_tree_t *t)
+/* One code-length code: counted in the code-length tree (b NULL) or sent. */
+static inline void bl_code(kz_t *z, bits_t *b, int sym)
+{
+    if (b)
+        put(b, z->bt.code[sym], z->bt.len[sym]);
+    else
+        z->bt.freq[sym]++;
+}
+
+/*
+ * The code lengths of tree t as runs of code-length codes (zlib's scan_tree and
+ * send_tree): with b NULL they are counted, to build the code-length tree; else sent.
+ */
+static void walk_tree(kz_t *z, kz_tree_t *t, bits_t *b)
 {
     int prevlen = -1, curlen, nextlen = t->len[0], count = 0, max_count = 7, min_count = 4;
-    const kz_tree_t *bt = &z->bt;
     if (nextlen == 0)
         max_count = 138, min_count = 3;
+    t->len[t->max_code + 1] = 0xffff; /* guard */
     for (int n = 0; n <= t->max_code; n++) {
         curlen = nextlen;
         nextlen = t->len[n + 1];
@@ -463,21 +442,24 @@ static void send_tree(kz_t *z, bits_t *b, const kz_tree_t *t)
             continue;
         else if (count < min_count) {
             do
-                put(b, bt->code[curlen], bt->len[curlen]);
+                bl_code(z, b, curlen);
             while (--count != 0);
         } else if (curlen != 0) {
             if (curlen != prevlen) {
-                put(b, bt->code[curlen], bt->len[curlen]);
+                bl_code(z, b, curlen);
                 count--;
             }
-            put(b, bt->code[REP_3_6], bt->len[REP_3_6]);
-            put(b, (unsigned)count - 3, 2);
+            bl_code(z, b, REP_3_6);
+            if (b)
+                put(b, (unsigned)count - 3, 2);
         } else if (count <= 10) {
-            put(b, bt->code[REPZ_3_10], bt->len[REPZ_3_10]);
-            put(b, (unsigned)count - 3, 3);
+            bl_code(z, b, REPZ_3_10);
+            if (b)
+                put(b, (unsigned)count - 3, 3);
         } else {
-            put(b, bt->code[REPZ_11_138], bt->len[REPZ_11_138]);
-            put(b, (unsigned)count - 11, 7);
+            bl_code(z, b, REPZ_11_138);
+            if (b)
+                put(b, (unsigned)count - 11, 7);
         }
         count = 0;
         prevlen = curlen;
@@ -564,8 +546,8 @@ size_t kz_page(kz_t *z, const uint8_t *pg, uint8_t *dst)
 
     build_tree(z, &z->lt, L_CODES, fixed_llen, extra_lbits, LITERALS + 1, MAX_BITS);
     build_tree(z, &z->dt, D_CODES, fixed_dlen, extra_dbits, 0, MAX_BITS);
-    scan_tree(z, &z->lt);
-    scan_tree(z, &z->dt);
+    walk_tree(z, &z->lt, NULL);
+    walk_tree(z, &z->dt, NULL);
     build_tree(z, &z->bt, BL_CODES, NULL, extra_blbits, 0, MAX_BL_BITS);
     int max_blindex;
     for (max_blindex = BL_CODES - 1; max_blindex >= 3; max_blindex--)
@@ -592,8 +574,8 @@ size_t kz_page(kz_t *z, const uint8_t *pg, uint8_t *dst)
         put(&b, (unsigned)(max_blindex + 1 - 4), 4);
         for (int rank = 0; rank <= max_blindex; rank++)
             put(&b, z->bt.len[bl_order[rank]], 3);
-        send_tree(z, &b, &z->lt);
-        send_tree(z, &b, &z->dt);
+        walk_tree(z, &z->lt, &b);
+        walk_tree(z, &z->dt, &b);
         compress_block(z, &b, z->lt.code, z->lt.len, z->dt.code, z->dt.len);
     }
     /* the bits left, to a byte boundary */
