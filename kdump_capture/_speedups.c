@@ -228,6 +228,25 @@ static void scan(int fd, uint64_t base, const extent_t *ext, Py_ssize_t n_ext,
     }
 }
 
+/* Each struct page field the walk reads lies inside SIZE(page): filter.PageRules checks the
+ * offsets read from VMCOREINFO, and this checks them again where they are used. */
+static int fields_fit(const uint64_t *p)
+{
+    static const struct { int at, width, optional; } fields[] = {
+        {P_FLAGS, 8, 0}, {P_MAPPING, 8, 0}, {P_MAPCOUNT, 4, 1}, {P_PRIVATE, 8, 1},
+        {P_CHEAD, 8, 1}, {P_ORDER, 1, 0}, {P_DTOR, 1, 0},
+    };
+    for (size_t i = 0; i < sizeof fields / sizeof fields[0]; i++) {
+        uint64_t off = p[fields[i].at];
+        if (fields[i].optional && off == NO_OFFSET)
+            continue;
+        if (off > p[P_SIZE] || p[P_SIZE] - off < (uint64_t)fields[i].width)
+            return 0;
+    }
+    /* a free page's order is read from page.private, which must then be known */
+    return !p[P_EX_FREE] || (p[P_PRIVATE] != NO_OFFSET && p[P_MAPCOUNT] != NO_OFFSET);
+}
+
 static PyObject *py_scan_window(PyObject *self, PyObject *args)
 {
     int fd;
@@ -250,7 +269,7 @@ static PyObject *py_scan_window(PyObject *self, PyObject *args)
         if (PyErr_Occurred())
             goto out;
     }
-    if (p[P_SIZE] == 0 || p[P_SIZE] > 256 || ext_b.len % sizeof(extent_t) ||
+    if (p[P_SIZE] == 0 || p[P_SIZE] > 256 || !fields_fit(p) || ext_b.len % sizeof(extent_t) ||
         sec_b.len % sizeof(section_t) || we <= ws || (we - ws) % 8 ||
         (uint64_t)in_b.len < (we - ws) / 8 || (uint64_t)bm_b.len < (we - ws) / 8) {
         PyErr_SetString(PyExc_ValueError, "scan_window: inconsistent arguments");

@@ -289,6 +289,23 @@ def test_accelerator_rejects_inconsistent_arguments():
                          bytearray(PAGE))  # fmt: skip
         with pytest.raises(ValueError):  # not a context
             C.zstd_pages(object(), bytes(PAGE), array.array("Q", [0]), True, 1, bytearray(PAGE))
+    # The struct-page walk: a field that would be read past SIZE(page) (here flags 4 bytes
+    # before its end), whatever the caller checked before.
+    params = [0] * F.P_COUNT
+    params[F.P_SIZE], params[F.P_FLAGS], params[F.P_MAPPING] = 64, 8, 16
+    for i in (F.P_MAPCOUNT, F.P_PRIVATE, F.P_CHEAD):
+        params[i] = (1 << 64) - 1  # not in this kernel
+    args = (-1, 0, b"", b"", tuple(params), 0, 8, bytes(1), bytearray(1), (-1, 0, 0))
+    assert C.scan_window(*args)[3:] == (0,) * 8  # consistent: nothing to scan, nothing counted
+    for field, offset in ((F.P_FLAGS, 60), (F.P_ORDER, 64), (F.P_MAPCOUNT, 61)):
+        bad = list(params)
+        bad[field] = offset
+        with pytest.raises(ValueError, match="inconsistent"):
+            C.scan_window(*args[:4], tuple(bad), *args[5:])
+    bad = list(params)
+    bad[F.P_EX_FREE] = 1  # free pages need page.private and page._mapcount
+    with pytest.raises(ValueError, match="inconsistent"):
+        C.scan_window(*args[:4], tuple(bad), *args[5:])
     if hasattr(C, "lzo_pages"):
         with pytest.raises(ValueError):
             C.lzo_pages(bytes(PAGE), array.array("Q", [1]), True, 2, bytearray(PAGE))
