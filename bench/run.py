@@ -21,6 +21,7 @@ or --quick).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -51,6 +52,34 @@ def log(msg: str) -> None:
 
 # -- machine -------------------------------------------------------------------------------
 OWN_OUTPUTS = (":(exclude)bench/results", ":(exclude)bench/RESULTS.md")
+
+
+def fresh_memory_probe(rounds: int = 5, mib: int = 1024) -> dict:
+    """How this machine's memory behaves when written fresh: free page reporting settings
+    (virtio-balloon hands memory the guest frees back to the host, whose page faults then
+    cost the next writer) and the wall and system seconds of writing ``mib`` MiB into a new
+    tmpfs file, ``rounds`` times. The transport servers write every upload into new page
+    cache, so this spread bounds how steady their figures can be."""
+    params = "/sys/module/page_reporting/parameters"
+    reporting = {}
+    for name in ("page_reporting_order", "min_free_ms"):
+        with contextlib.suppress(OSError):
+            with open(os.path.join(params, name)) as f:
+                reporting[name] = f.read().strip()
+    block = bytes(8 << 20)
+    walls, systems = [], []
+    for _ in range(rounds):
+        fd, path = tempfile.mkstemp(prefix="bench-fresh-", dir="/dev/shm")
+        try:
+            t0, c0 = time.monotonic(), os.times().system
+            for _ in range(mib // 8):
+                os.write(fd, block)
+            walls.append(round(time.monotonic() - t0, 2))
+            systems.append(round(os.times().system - c0, 2))
+        finally:
+            os.close(fd)
+            os.unlink(path)
+    return {"reporting": reporting, "mib": mib, "wall": walls, "system": systems}
 
 
 def machine() -> dict:
@@ -344,6 +373,25 @@ def ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}x" if b else "-"
 
 
+def _fresh_memory_cell(probe: dict | None) -> str:
+    if not probe:
+        return "not measured"
+    rep = probe["reporting"]
+    how = (
+        "free page reporting "
+        + ", ".join(f"{k} {v}" for k, v in rep.items())
+        + " (virtio-balloon: freed memory goes back to the host)"
+        if rep
+        else "no free page reporting"
+    )
+    return (
+        f"{how}; writing {probe['mib']} MiB into a new tmpfs file took "
+        f"{min(probe['wall'])}-{max(probe['wall'])} s ({min(probe['system'])}-"
+        f"{max(probe['system'])} s of system time) over {len(probe['wall'])} rounds: the "
+        "servers of the transport rows write every upload into new memory like this"
+    )
+
+
 def report(args, res: dict) -> str:
     m = res["machine"]
     L = [
@@ -363,6 +411,7 @@ def report(args, res: dict) -> str:
         f"| pinning | first {args.cpus} CPU(s) (`{' '.join(measure.pin(args.cpus))}`); medians "
         f"of {args.runs} interleaved runs; peak RSS from GNU time (max over runs) |",
         f"| load average | {res['load'][0]} at start, {res['load'][1]} at end (1, 5, 15 min) |",
+        f"| fresh memory | {_fresh_memory_cell(m.get('fresh_memory'))} |",
         f"| sections reused from an earlier run | {', '.join(res.get('reused', [])) or 'none'} |",
         "",
         "Our Python runs as `python3 -S` with PYTHONPATH set, as in the capture kernel "
@@ -917,6 +966,7 @@ def main() -> int:
     args.memory_sizes = [int(x) for x in args.memory_sizes.split(",") if x]
     args.e2e_samples = [int(x) for x in args.e2e_samples.split(",") if x]
     res: dict = {"machine": machine(), "load": [load()], "formats": [], "scale": []}
+    res["machine"]["fresh_memory"] = fresh_memory_probe()
     if res["machine"]["accelerator"].startswith("pure Python"):
         log(
             f"warning: {res['machine']['accelerator']}: build it with "
