@@ -204,7 +204,7 @@ def extract_from_ext4(image: Path, src: str, dest: Path) -> Path:
 
 
 # -- the targets of the VM matrix (shared by tests/test_e2e_vm.py and bench) ---------------
-TARGET_KINDS = ("file", "sftp", "ftp", "nfs", "cifs")
+TARGET_KINDS = ("file", "sftp", "ftp", "nfs", "cifs", "s3")
 # KDUMP_DUMPFORMAT and KDUMP_DUMPLEVEL of the matrix's formats (issue 12: the ones admins use)
 FORMATS = {"compressed": ("compressed", 31), "zstd": ("zstd", 31), "elf": ("ELF", 0)}
 DISK_LABEL = "kdumpdisk"
@@ -276,6 +276,32 @@ def serve_target(kind: str, work: Path) -> Iterator[TargetSetup]:
                 f'KDUMP_SAVEDIR="cifs://{s.user}:{s.password}@10.0.2.2:{s.port}/{s.share}/dumps"\n',
                 net,
                 fetch,
+            )
+    elif kind == "s3":
+        from tests.servers.s3 import seaweed
+
+        with seaweed(str(work / "weed")) as s:
+
+            def fetch_objects() -> list[Path]:
+                """Each dump's objects, downloaded into a directory of its own (the empty
+                object that stands for the directory itself is skipped)."""
+                names = set()
+                for key in s.keys("vm/"):
+                    parts = key.split("/", 2)
+                    if key.endswith("/") or len(parts) < 3:
+                        continue
+                    name, rel = parts[1], parts[2]
+                    path = dumps / name / rel
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    s.client().download_file(s.bucket, key, str(path))
+                    names.add(name)
+                return [dumps / n for n in sorted(names)]
+
+            yield TargetSetup(
+                f'KDUMP_SAVEDIR="s3+http://10.0.2.2:{s.port}/{s.bucket}/vm"\n'
+                f'KDUMP_S3_ACCESS_KEY="{s.access_key}"\nKDUMP_S3_SECRET_KEY="{s.secret_key}"\n',
+                net,
+                fetch_objects,
             )
     elif kind == "nfs":
         from tests import nfs_ganesha
