@@ -40,6 +40,31 @@ SMALL_BATCH_PAGES = 64
 BIG_BATCHES_FROM = 64 * MIB
 # Compression threads: one per CPU, at most two (measured: a third does not pay).
 WORKERS_MAX = 2
+# S3's limits: every part but the last at least 5 MiB, at most 10,000 parts per upload.
+S3_MIN_PART = 5 * MIB
+S3_MAX_PARTS = 10_000
+
+
+def s3_part_plan(budget: int, expected: int) -> tuple[int, int]:
+    """(part size, buffers) of an S3 upload for a memory ``budget`` and an ``expected``
+    largest file size (pure; transports.s3 uploads with it, the estimate counts it).
+
+    Two buffers (one uploading while the next fills) when the budget holds two parts of at
+    least 5 MiB, else one. The part grows, whatever the budget, when ``expected`` bytes
+    would otherwise need more than 10,000 parts. Sizes are whole MiB.
+    """
+    buffers = 2 if budget >= 2 * S3_MIN_PART else 1
+    part = max(S3_MIN_PART, budget // buffers // MIB * MIB)
+    needed = -(-expected // S3_MAX_PARTS) if expected > 0 else 0
+    if needed > part:
+        part, buffers = -(-needed // MIB) * MIB, 1
+    return part, buffers
+
+
+def expected_file_size(source: int) -> int:
+    """The most a dump of a ``source``-byte vmcore may take: the source plus format overhead
+    (page descriptors and bitmaps below 1 %, flattened headers); 0 when unknown."""
+    return source + source // 64 + (16 << 20) if source else 0
 
 
 class BufferPlan(Record):
@@ -111,6 +136,10 @@ FTP_SOCKET = 4 * MIB
 #: available dirty, plus those under writeback until the server commits them (the VM
 #: matrix: NFS needs 128M where the rest of the estimate said 112M)
 NFS_WRITEBACK = 10 * MIB
+#: a PUT of an S3 part fills its socket's send buffer, which TCP autotuning lets grow to
+#: tcp_wmem's default maximum: kernel memory the save's own figures do not show (with only
+#: the part buffers counted the estimate said 112M, where S3 saves were OOM-killed)
+S3_SOCKET = 4 * MIB
 #: the ELF writer's chunk (formats.CHUNK)
 CHUNK = MIB
 KDUMP_FORMATS = ("compressed", "zstd", "lzo", "snappy")
@@ -118,8 +147,11 @@ KDUMP_FORMATS = ("compressed", "zstd", "lzo", "snappy")
 ROUND = 16 * MIB
 
 
-def save_buffers(scheme: str, fmt: str, level: int, plan: BufferPlan) -> dict[str, int]:
-    """What a save with ``plan`` allocates for its work, by part, in bytes (pure)."""
+def save_buffers(
+    scheme: str, fmt: str, level: int, plan: BufferPlan, source: int = 0
+) -> dict[str, int]:
+    """What a save with ``plan`` of a ``source``-byte vmcore allocates for its work, by part,
+    in bytes (pure)."""
     parts: dict[str, int] = {}
     if fmt in KDUMP_FORMATS:
         batch = plan.batch_pages * 4096
@@ -142,6 +174,10 @@ def save_buffers(scheme: str, fmt: str, level: int, plan: BufferPlan) -> dict[st
         parts["read-back"] = READ_BACK
     if scheme == "nfs":
         parts["NFS page cache under writeback (kernel)"] = NFS_WRITEBACK
+    if scheme == "s3":
+        part, buffers = s3_part_plan(plan.replay, expected_file_size(source))
+        parts["upload parts"] = part * buffers
+        parts["socket send buffer (kernel)"] = S3_SOCKET
     return parts
 
 

@@ -25,7 +25,7 @@ from .errors import (
     VmcoreError,
 )
 from .formats import FORMAT_NAMES, FormatWriter, WriteResult, make_writer
-from .memory import BufferPlan, MemoryLog
+from .memory import BufferPlan, MemoryLog, expected_file_size
 from .progress import NoProgress
 from .record import Record
 from .report import AGE_SUFFIX, DMESG, MANIFEST, PLACEHOLDER, README, SUMMARY, VMCORE, DumpRecord
@@ -374,9 +374,8 @@ def save_to_target(
     progress = progress or NoProgress()
     memlog = memlog or MemoryLog()
     started = time.time() if now is None else now
-    # The largest file is at most the source plus format overhead (page descriptors and
-    # bitmaps below 1%, flattened headers); S3 sizes its upload parts by it.
-    expected = vm.size + vm.size // 64 + (16 << 20) if vm.size else 0
+    # The largest file this save may write: S3 sizes its upload parts by it.
+    expected = expected_file_size(vm.size)
     transport = open_transport(target, plan.settings.replace(expected_size=expected))
     # Everything that can fail without touching the target comes first, because rotation
     # below may delete older dumps: the crash time and so the dump's name, the writer (a

@@ -56,6 +56,14 @@ def test_what_changes_the_estimate():
     assert nfs - local == memory.NFS_WRITEBACK
     cifs = total("KDUMP_SAVEDIR=cifs://u:p@h/s/d", "KDUMP_DUMPFORMAT=compressed")
     assert cifs - local == 2 * memory.FLOOR.replay + 2 * MIB - MIB // 4
+    # S3: one upload part of S3's 5 MiB minimum at the floor (the replay budget is less),
+    # and the send buffer TCP grows for the PUT of a part
+    s3 = total("KDUMP_SAVEDIR=s3+http://h/bucket/d", "KDUMP_DUMPFORMAT=compressed")
+    assert s3 - local == memory.S3_MIN_PART + memory.S3_SOCKET + MIB - MIB // 4
+    # ...but 10,000 parts must hold the largest file: for a 1 TiB machine (plus 1/64 of
+    # format overhead) that takes parts of 107 MiB
+    s3_big = est.estimate(_cfg("KDUMP_SAVEDIR=s3://h/bucket/d"), FACTS, 1 << 28)
+    assert _parts(s3_big)["save: upload parts"] == 107 * MIB
     # ELF at level 0 has no bitmaps; a 1 TiB machine's are two 256 KiB windows (cyclic)
     elf0 = est.estimate(_cfg("KDUMP_SAVEDIR=/c"), FACTS, 1 << 28)
     assert not [p for p in _parts(elf0) if "bitmaps" in p]

@@ -21,6 +21,7 @@ from botocore.auth import S3SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
+from kdump_capture import memory
 from kdump_capture.errors import AuthError, ConnectionLost, TransportError
 from kdump_capture.urls import parse_target
 from tests.helpers import cli
@@ -575,6 +576,20 @@ def test_small_files_do_not_cost_a_part_of_memory(request):
             sink.commit()
     assert grown < 4 * MiB, f"{grown / MiB:.1f} MiB for four 4 KiB files"
     assert target.files() == ["f0", "f1", "f2", "f3"]
+
+
+def test_part_buffers_are_the_saves_own_anonymous_memory(request):
+    """The memory log and the OOM killer count a save's anonymous memory: the part buffers
+    must be part of it (a shared anonymous map would be RssShmem instead, unseen)."""
+    target = make_target("s3", request)
+    with target.transport() as tr:
+        sink = tr.create("big")
+        before = memory.rollup().get("Anonymous", 0)
+        sink.write(b"\xa5" * (4 * MiB))  # part of the first part: held, not sent yet
+        grown = memory.rollup().get("Anonymous", 0) - before
+        sink.commit()
+    assert grown >= 4 * MiB, f"{grown / MiB:.1f} MiB of anonymous memory for 4 MiB held"
+    assert target.files() == ["big"]
 
 
 def test_a_stalled_store_fails_within_the_timeout(request):

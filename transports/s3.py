@@ -51,6 +51,7 @@ from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
 from kdump_capture.errors import AuthError, ConnectionLost, TargetFull, TransportError
+from kdump_capture.memory import S3_MAX_PARTS, S3_MIN_PART, s3_part_plan
 from kdump_capture.urls import Target
 
 from .base import Entry, FileInfo, Sink, TransportSettings, bounded, check_size
@@ -62,9 +63,11 @@ T = TypeVar("T")
 
 DEFAULT_REGION = "us-east-1"
 MiB = 1 << 20
-# S3's limits: every part but the last at least 5 MiB, at most 10,000 parts per upload.
-MIN_PART = 5 * MiB
-MAX_PARTS = 10_000
+# S3's limits (every part but the last at least 5 MiB, at most 10,000 parts per upload) and
+# the part plan live in kdump_capture.memory, which the estimate shares.
+MIN_PART = S3_MIN_PART
+MAX_PARTS = S3_MAX_PARTS
+part_plan = s3_part_plan
 READ_CHUNK = 1 << 20
 # ListObjectsV2 and DeleteObjects handle at most 1,000 keys per request.
 BATCH = 1000
@@ -88,21 +91,6 @@ _AUTH_CODES = frozenset(
 # Codes that a retry on a new connection may get past (throttling, a busy or restarting
 # server), as AWS's own SDKs treat them.
 _TRANSIENT_CODES = frozenset({"InternalError", "SlowDown", "ServiceUnavailable", "RequestTimeout"})
-
-
-def part_plan(budget: int, expected: int) -> tuple[int, int]:
-    """(part size, buffers) for a memory ``budget`` and an ``expected`` largest file size.
-
-    Two buffers (one uploading while the next fills) when the budget holds two parts of at
-    least 5 MiB, else one. The part grows, whatever the budget, when ``expected`` bytes
-    would otherwise need more than 10,000 parts. Sizes are whole MiB.
-    """
-    buffers = 2 if budget >= 2 * MIN_PART else 1
-    part = max(MIN_PART, budget // buffers // MiB * MiB)
-    needed = -(-expected // MAX_PARTS) if expected > 0 else 0
-    if needed > part:
-        part, buffers = -(-needed // MiB) * MiB, 1
-    return part, buffers
 
 
 def parse_xml(body: bytes, what: str) -> ET.Element:
@@ -316,7 +304,9 @@ class S3Sink(Sink):
         self._part, nbuf = t.parts
         # Anonymous maps, not bytearrays: bytearray(n) writes n zeros at once, while a map's
         # pages cost memory only once data lands in them (a 2 KiB README costs one page).
-        self._bufs = [mmap.mmap(-1, self._part) for _ in range(nbuf)]
+        # Private: a shared anonymous map is shared memory (RssShmem), which the save's
+        # memory log, counting its anonymous memory, did not see (transports.retry).
+        self._bufs = [mmap.mmap(-1, self._part, flags=mmap.MAP_PRIVATE) for _ in range(nbuf)]
         self._cur = 0  # the buffer being filled
         self._fill = 0  # bytes in it
         self._conn = Connection(t)

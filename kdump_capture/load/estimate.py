@@ -87,7 +87,7 @@ def estimate(
         targets, _ = parse_savedir(cfg["KDUMP_SAVEDIR"])
         # a fallback list: the target that needs the most
         schemes = [t.scheme for t in targets]
-        scheme = max(schemes, key=lambda s: sum(_buffers(cfg, s).values()))
+        scheme = max(schemes, key=lambda s: sum(_buffers(cfg, s, max_pfn * PAGE).values()))
     fmt = cfg["KDUMP_DUMPFORMAT"].strip().lower()
     level = _level(cfg)
     e = Estimate()
@@ -100,7 +100,7 @@ def estimate(
     e.parts.append(("kernel modules (loaded)", modules))
     e.parts.append(("save: interpreter and imports (measured)", facts["save_imports"]))
     e.parts.append((f"save: {scheme} session", memory.SESSION.get(scheme, MIB)))
-    for name, n in _buffers(cfg, scheme).items():
+    for name, n in _buffers(cfg, scheme, max_pfn * PAGE).items():
         e.parts.append((f"save: {name}", n))
     if fmt in memory.KDUMP_FORMATS or (fmt == "elf" and level):
         bitmaps = bitmap_memory(max_pfn)
@@ -122,9 +122,10 @@ def _level(cfg: Mapping[str, str]) -> int:
         return 0
 
 
-def _buffers(cfg: Mapping[str, str], scheme: str) -> dict[str, int]:
+def _buffers(cfg: Mapping[str, str], scheme: str, ram: int) -> dict[str, int]:
+    """The save's buffers at their floor, for a vmcore about as large as ``ram``."""
     fmt = cfg["KDUMP_DUMPFORMAT"].strip().lower()
-    return memory.save_buffers(scheme, fmt, _level(cfg), memory.FLOOR)
+    return memory.save_buffers(scheme, fmt, _level(cfg), memory.FLOOR, ram)
 
 
 def below_estimate(reserved: int, need: int) -> str | None:
