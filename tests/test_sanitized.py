@@ -30,6 +30,7 @@ SUITES = [
     "tests/test_untrusted_dump.py",
     "tests/test_fuzz.py",
     "tests/test_filter.py",
+    "tests/test_formats_kdump.py",
 ]
 
 
