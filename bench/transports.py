@@ -114,7 +114,7 @@ with open("/proc/self/status") as f:
     peak = [int(x.split()[1]) * 1024 for x in f if x.startswith("VmHWM:")][0]
 print(elapsed, peak)
 """
-S3_PART = 8 << 20  # what the default 16 MiB replay budget gives (transports/s3.part_plan)
+S3_PART = 8 << 20  # what the default 16 MiB replay budget gives (memory.s3_part_plan)
 
 
 def s3_child(which: str, src: str, s3, peaks: list[int], algorithm: str) -> Callable[[str], None]:

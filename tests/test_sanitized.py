@@ -112,7 +112,7 @@ def _reports(logs: str) -> str:
 
 
 def test_the_sanitizer_catches_an_overflow(sanitized):
-    """The harness can fail: one byte read past a heap block aborts with ASan's report."""
+    """The harness can fail: 64 bytes read past a heap block abort with ASan's report."""
     copy, logs, env = sanitized
     probe = (
         "import ctypes, kdump_capture._speedups as s\n"

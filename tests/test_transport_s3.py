@@ -29,7 +29,7 @@ from tests.servers.proxy import DropProxy
 from tests.servers.s3 import seaweed
 from tests.servers.targets import SETTINGS, make_target
 from transports import open_transport
-from transports.s3 import MAX_PARTS, MIN_PART, _Signer, part_plan
+from transports.s3 import _Signer
 
 MiB = 1 << 20
 FAKETIME = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"
@@ -57,15 +57,15 @@ def _via(target, port: int):
         (16 * MiB, 80 * 10**9, (8 * MiB, 2)),  # 80 GB still fits 10,000 parts of 8 MiB
         (10 * MiB, 0, (5 * MiB, 2)),
         (7 * MiB, 0, (7 * MiB, 1)),  # a small capture kernel: one buffer
-        (4 * MiB, 0, (MIN_PART, 1)),  # never below S3's 5 MiB minimum
+        (4 * MiB, 0, (memory.S3_MIN_PART, 1)),  # never below S3's 5 MiB minimum
         (16 * MiB, 200 * 2**30, (21 * MiB, 1)),  # 200 GiB: parts grow to stay <= 10,000
         (4 * MiB, 2**40, (105 * MiB, 1)),
     ],
 )
 def test_part_plan(budget, expected, plan):
-    assert part_plan(budget, expected) == plan
+    assert memory.s3_part_plan(budget, expected) == plan
     part, _ = plan
-    assert expected <= part * MAX_PARTS
+    assert expected <= part * memory.S3_MAX_PARTS
 
 
 def test_signer_signs_as_botocore_does():

@@ -5,9 +5,10 @@ signer (``botocore.auth``; bench/results/s3_clients.md says why that and not a w
 over ``http.client``. Credentials: the URL's user info, else ``KDUMP_S3_ACCESS_KEY`` and
 ``KDUMP_S3_SECRET_KEY`` (``settings.extra``); region ``KDUMP_S3_REGION`` (us-east-1).
 
-Files stream up by multipart upload in parts of one fixed size (``part_plan``), taken from
-the replay budget the engine sizes from MemAvailable and raised when the expected size
-needs it to stay under S3's 10,000 parts. A part is sent from our own copy, so a dropped
+Files stream up by multipart upload in parts of one fixed size
+(``kdump_capture.memory.s3_part_plan``, which the estimate shares), taken from the replay
+budget the engine sizes from MemAvailable and raised when the expected size needs it to
+stay under S3's 10,000 parts. A part is sent from our own copy, so a dropped
 connection costs that part and no more: it is sent again on a new connection. While one
 part uploads on a helper thread the next one fills (when the budget holds two). Nothing
 is visible until CompleteMultipartUpload publishes the object under its final key, so no
@@ -63,11 +64,6 @@ T = TypeVar("T")
 
 DEFAULT_REGION = "us-east-1"
 MiB = 1 << 20
-# S3's limits (every part but the last at least 5 MiB, at most 10,000 parts per upload) and
-# the part plan live in kdump_capture.memory, which the estimate shares.
-MIN_PART = S3_MIN_PART
-MAX_PARTS = S3_MAX_PARTS
-part_plan = s3_part_plan
 READ_CHUNK = 1 << 20
 # ListObjectsV2 and DeleteObjects handle at most 1,000 keys per request.
 BATCH = 1000
@@ -347,9 +343,9 @@ class S3Sink(Sink):
         if self._upload_id is None:
             self._upload_id = self._call(self._create, f"starting upload of {self._key}")
         number = len(self._etags) + 1
-        if number > MAX_PARTS:
+        if number > S3_MAX_PARTS:
             raise TransportError(
-                f"{self._key}: more than {MAX_PARTS} parts of {self._part >> 20} MiB; "
+                f"{self._key}: more than {S3_MAX_PARTS} parts of {self._part >> 20} MiB; "
                 "the dump is larger than the size it was planned for"
             )
         self._etags.append("")
@@ -493,15 +489,15 @@ class S3Transport(RetryingTransport):
                 "KDUMP_S3_SECRET_KEY (or put them into the URL)"
             )
         self.region = extra.get("s3_region") or DEFAULT_REGION
-        self.parts = part_plan(settings.replay_bytes, settings.expected_size)
-        if self.parts[0] * self.parts[1] > max(settings.replay_bytes, MIN_PART):
+        self.parts = s3_part_plan(settings.replay_bytes, settings.expected_size)
+        if self.parts[0] * self.parts[1] > max(settings.replay_bytes, S3_MIN_PART):
             log.warning(
                 "%s: a file of up to %d MiB needs upload parts of %d MiB (S3 takes at most "
                 "%d parts), more than the %d MiB the memory budget gives",
                 self.describe(),
                 settings.expected_size >> 20,
                 self.parts[0] >> 20,
-                MAX_PARTS,
+                S3_MAX_PARTS,
                 settings.replay_bytes >> 20,
             )
         self.signer = _Signer(Credentials(access, secret), self.region)
