@@ -157,3 +157,39 @@ def test_parser_never_crashes_on_garbage(tmp_path_factory, data):
 def test_vmcoreinfo_parse(d):
     text = "".join(f"{k}={v}\n" for k, v in d.items())
     assert parse_vmcoreinfo(text) == d
+
+
+def test_views_map_whole_2_mib_blocks(sample, monkeypatch):
+    """Windows start and end at 2 MiB file offsets (a regular file's large page-cache
+    folios then map with one PMD each); a scan in 1 MiB batches from an odd page maps each
+    block at most twice, and every view holds the file's bytes."""
+    import mmap as mmap_mod
+
+    from kdump_capture import vmcore as vmcore_mod
+
+    maps = []
+    real = mmap_mod.mmap
+
+    def counting(fd, length, *a, offset=0, **kw):
+        maps.append((offset, length))
+        return real(fd, length, *a, offset=offset, **kw)
+
+    monkeypatch.setattr(vmcore_mod.mmap, "mmap", counting)
+    win = vmcore_mod.MAP_WINDOW
+    with open_vmcore(sample) as vm, open(sample, "rb") as f:
+        size = os.path.getsize(sample)
+        pos = 5 * 4096
+        while pos + (1 << 20) <= size:
+            v = vm.view(pos, 1 << 20)
+            assert v is not None
+            f.seek(pos)
+            assert bytes(v[:4096]) == f.read(4096)
+            f.seek(pos + (1 << 20) - 4096)
+            assert bytes(v[-4096:]) == f.read(4096)
+            pos += 1 << 20
+    assert maps
+    for off, length in maps:
+        assert off % win == 0
+        assert (off + length) % win == 0 or off + length == size
+    blocks = -(-size // win)
+    assert sum(length for _, length in maps) <= 2 * blocks * win
