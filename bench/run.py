@@ -202,11 +202,12 @@ def run_formats(args, samples: list[tuple[str, str]], res: dict) -> None:
     for label, src in samples:
         log(f"formats: {label} ({src}), load {load()}")
         work = tempfile.mkdtemp(prefix="bench-formats-", dir=args.scratch)
-        subprocess.run(["cat", src], stdout=subprocess.DEVNULL, check=True)  # warm the cache
         cases = format_cases(src, work)
         start_load = load()
         try:
-            interleave(cases, args.runs, args.cpus, log)
+            interleave(
+                cases, args.runs, args.cpus, log, before=functools.partial(measure.warm, src)
+            )
             same = identical_to_makedumpfile(src, work)
             same_codec = {o: identical_to_makedumpfile(src, work, *a) for o, _, a in SAME_CODEC}
             floors = {str(lv): codec_floor(src, lv, work, args.cpus) for lv in (31, 1)}
@@ -217,6 +218,7 @@ def run_formats(args, samples: list[tuple[str, str]], res: dict) -> None:
                 lim = limit_all or limit
                 if by[ours].wall > lim * by[ref].wall:
                     argv = by[ours].argv[len(python_cmd()) :]
+                    measure.warm(src)
                     profiles[ours] = measure.profile(argv, args.cpus)
                     measure.clean(by[ours].output)
         finally:
@@ -419,7 +421,10 @@ def report(args, res: dict) -> str:
         "cost ~50 ms of CPU per start). `zstd`/`compressed`/`ELF` rows time our format "
         "writer alone (bench/writer.py), like makedumpfile writing the file; `save` rows "
         "time the whole `kdump-capture save` (dmesg, checksum, fsync, README, manifest): "
-        "SHA-256 by default, XXH3-128 with `KDUMP_CHECKSUM=xxh3`.",
+        "SHA-256 by default, XXH3-128 with `KDUMP_CHECKSUM=xxh3`. Before every run of the "
+        "formats tables, ours and the reference's alike, the sample is read once (`cat`) so "
+        "that all of it is in the page cache: the ELF -d 0 and `cp` rows write as much as "
+        "they read and would push part of it out for the next run.",
         "",
     ]
     goals: list[tuple[str, str, str, bool]] = []
