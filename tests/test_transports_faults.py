@@ -484,3 +484,76 @@ def test_cifs_resume_when_a_later_write_landed_but_an_earlier_did_not(request):
     with open(os.path.join(target.server_dir, "vmcore"), "rb") as f:
         assert hashlib.sha256(f.read()).digest() == hashlib.sha256(data).digest()
     assert _names(target.server_dir) == ["vmcore"]
+
+
+@pytest.mark.parametrize("kind", ("sftp", "cifs"))
+def test_a_free_space_check_after_a_drop_reconnects_and_the_file_goes_on(kind, request):
+    """The save checks free space between writes: when that check is the first request
+    after the connection broke, it reconnects, and the open file resumes on the new
+    connection (the fault matrix's drop-1 row caught an SFTP save failing here)."""
+    target = make_target(kind, request)
+    data = os.urandom(6 * MiB)
+    with DropProxy(_port(target)) as proxy:
+        with target.via_port(proxy.port).transport() as tr:
+            with tr.create("vmcore") as sink:
+                sink.write(data[: 3 * MiB])
+                proxy.drop_now()
+                free = tr.free_space()
+                assert free is not None and free > 0
+                sink.write(data[3 * MiB :])
+                info = sink.commit()
+        assert proxy.dropped == 1
+        assert proxy.connections >= 2
+    assert info.digest == hashlib.sha256(data).hexdigest()
+    with open(os.path.join(target.server_dir, "vmcore"), "rb") as f:
+        assert hashlib.sha256(f.read()).digest() == hashlib.sha256(data).digest()
+    assert _names(target.server_dir) == ["vmcore"]
+
+
+@pytest.mark.parametrize("kind", ("sftp", "cifs"))
+def test_the_read_back_of_a_seeked_file_resumes_after_a_drop(kind, request):
+    """A seeked file's checksum is read back at commit; a drop in the middle of that
+    read reconnects and reads on from where it broke, not from the start."""
+    target = make_target(kind, request)
+    head, body = os.urandom(MiB), os.urandom(8 * MiB)
+    # Uploads bring back little (replies to writes): the first 3 MiB from the server to
+    # us on a connection are well inside the read-back.
+    with DropProxy(_port(target), drop_down_after=3 * MiB) as proxy:
+        with target.via_port(proxy.port).transport() as tr:
+            with tr.create("vmcore") as sink:
+                sink.write(head)
+                sink.seek(0)
+                view = memoryview(body)
+                for i in range(0, len(body), MiB):
+                    sink.write(view[i : i + MiB])
+                info = sink.commit()
+        assert proxy.dropped == 1
+        # read on from the break: far less than the whole file came down twice
+        assert proxy.downstream < 3 * MiB + len(body)
+    assert info.digest == hashlib.sha256(body).hexdigest()
+    with open(os.path.join(target.server_dir, "vmcore"), "rb") as f:
+        assert hashlib.sha256(f.read()).digest() == hashlib.sha256(body).digest()
+    assert _names(target.server_dir) == ["vmcore"]
+
+
+@pytest.mark.parametrize("kind", ("sftp", "cifs"))
+def test_a_drop_after_the_last_write_was_answered_still_commits(kind, request):
+    """Every write answered, then the connection goes before the file is closed: the
+    server has the whole file, so commit reconnects, checks its size, reads it back and
+    publishes it instead of failing the dump at its very end."""
+    target = make_target(kind, request)
+    data = os.urandom(5 * MiB)
+    with DropProxy(_port(target)) as proxy:
+        with target.via_port(proxy.port).transport() as tr:
+            with tr.create("vmcore") as sink:
+                sink.write(data)
+                sink.seek(sink.tell())  # waits for every reply
+                proxy.drop_now()
+                info = sink.commit()
+        assert proxy.dropped == 1
+        assert proxy.connections >= 2
+    assert info.size == len(data)
+    assert info.digest == hashlib.sha256(data).hexdigest()
+    with open(os.path.join(target.server_dir, "vmcore"), "rb") as f:
+        assert hashlib.sha256(f.read()).digest() == hashlib.sha256(data).digest()
+    assert _names(target.server_dir) == ["vmcore"]

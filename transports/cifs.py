@@ -332,18 +332,30 @@ class CifsSink(Sink):
         self._positional = True
         self._pos = offset
 
-    def _read_back(self) -> Iterator[bytes]:
-        return self._t.read_unc(self._tmp)
+    def _read_back(self, offset: int = 0) -> Iterator[bytes]:
+        return self._t.read_unc(self._tmp, offset)
+
+    def _retrying(self, op: Callable[[], None], what: str) -> None:
+        # Every read waits with the timeout already.
+        self._t.call(op, what, whole_timeout=False)
 
     def commit(self) -> FileInfo:
         self._sync()
         self._replay.release()  # confirmed: the read-back below needs the memory
+        what = f"closing {self._tmp}"
         try:
-            with self._t.deadline(f"closing {self._tmp}"):
+            with self._t.deadline(what):
                 self._raw.close()
                 size = smbclient.stat(self._tmp, **self._t.kw).st_size
         except Exception as e:
-            raise convert(e, f"closing {self._tmp}") from e
+            err = convert(e, what)
+            if not is_connection_lost(err):
+                raise err from e
+            # Every WRITE was answered (the sync above): the server has the whole file and
+            # closes our handle with the session.
+            size = self._t.call(
+                lambda: smbclient.stat(self._tmp, **self._t.kw).st_size, what, first_error=err
+            )
         if size != self.size:
             raise TransportError(f"{self._tmp}: wrote {self.size} bytes but the server has {size}")
         digest = self._digest()
@@ -627,12 +639,14 @@ class CifsTransport(RetryingTransport):
         entries = self.call(ls, f"listing {path}")
         return sorted((e for e in entries if not is_temp_name(e.name)), key=lambda e: e.name)
 
-    def read_unc(self, path: str) -> Iterator[bytes]:
-        """Stream one of our own temporary files back (a seeked sink's checksum)."""
+    def read_unc(self, path: str, offset: int = 0) -> Iterator[bytes]:
+        """Stream one of our own temporary files back from ``offset`` (a seeked sink's
+        checksum)."""
         what = f"reading {path}"
         try:
             with self.deadline(what):
                 f = smbclient.open_file(path, mode="rb", **self.kw)
+                f.seek(offset)
             try:
                 while True:
                     with self.deadline(what):

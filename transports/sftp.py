@@ -18,7 +18,7 @@ import stat
 import struct
 import threading
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import paramiko
 from paramiko.sftp import (
@@ -167,14 +167,18 @@ class _Replies:
 
 
 def read_pipelined(
-    sftp: paramiko.SFTPClient, handle: bytes, size: int, request: int = READ_REQUEST
+    sftp: paramiko.SFTPClient,
+    handle: bytes,
+    size: int,
+    request: int = READ_REQUEST,
+    start: int = 0,
 ) -> Iterator[bytes]:
-    """The first ``size`` bytes of an open file, in order, in READs of ``request`` bytes with
-    at most READ_AHEAD requested and not yet consumed. Short replies (a server may send
+    """Bytes ``start`` to ``size`` of an open file, in order, in READs of ``request`` bytes
+    with at most READ_AHEAD requested and not yet consumed. Short replies (a server may send
     less) are completed in place; a reply longer than its request is a TransportError."""
     replies = _Replies()
     pending: deque[tuple[int, int, int]] = deque()  # (request id, offset, length)
-    asked = 0
+    asked = start
     out = bytearray()
 
     def ask(offset: int, n: int) -> int:
@@ -326,11 +330,22 @@ class SftpSink(Sink):
                 self._send(off, view)
         self._drain()
 
+    def _stale(self) -> bool:
+        """Whether the transport reconnected since our file was opened (an operation of its
+        own, a listing or a free-space check, found the connection broken): our handle
+        belonged to the old connection."""
+        return self._sftp is not self._t._sftp
+
     def _guarded(self, op, what: str) -> None:
         try:
             op()
         except Exception as e:
             err = self._t.convert(e, what)
+            if self._stale() and self._t._sftp is not None:
+                # The transport is connected again already: reopen and replay on it.
+                log.info("%s: the connection was renewed under it; resuming", self._tmp)
+                self._t.call(self._resume, f"resuming {self._tmp}")
+                return
             if not is_connection_lost(err):
                 raise self._space_check(err) from e
             self._t.call(self._resume, f"resuming {self._tmp}", first_error=err)
@@ -378,18 +393,27 @@ class SftpSink(Sink):
             self._positional = True
         self._pos = offset
 
-    def _read_back(self) -> Iterator[bytes]:
-        return self._t.read_path(self._tmp)
+    def _read_back(self, offset: int = 0) -> Iterator[bytes]:
+        return self._t.read_path(self._tmp, offset=offset)
+
+    def _retrying(self, op: Callable[[], None], what: str) -> None:
+        self._t.call(op, what)
 
     def commit(self) -> FileInfo:
         self._sync()
         self._replay.release()  # confirmed: the read-back below needs the memory
+        what = f"closing {self._tmp}"
         try:
             f, self._file = self._file, None
             f.close()
             size = self._sftp.stat(self._tmp).st_size
         except Exception as e:
-            raise self._t.convert(e, f"closing {self._tmp}") from e
+            err = self._t.convert(e, what)
+            if not (is_connection_lost(err) or self._stale()):
+                raise err from e
+            # Every WRITE was acknowledged (the sync above): the server has the whole file,
+            # and its sftp-server closed our handle when the connection went.
+            size = self._t.call(lambda: self._t.sftp.stat(self._tmp).st_size, what, err)
         if size != self.size:
             raise TransportError(f"{self._tmp}: wrote {self.size} bytes but the server has {size}")
         digest = self._digest()
@@ -673,14 +697,16 @@ class SftpTransport(RetryingTransport):
 
         return self.call(ls, f"listing {path}")
 
-    def read_path(self, path: str, limit: int | None = None) -> Iterator[bytes]:
-        """Stream a file; its own temporary files, and names ``read`` checked, only."""
+    def read_path(self, path: str, limit: int | None = None, offset: int = 0) -> Iterator[bytes]:
+        """Stream a file from ``offset``; its own temporary files, and names ``read``
+        checked, only."""
         try:
             with self.sftp.open(path, "rb") as f:
                 st = f.stat()  # FSTAT: what was opened, whatever the name pointed to
                 require_regular(st.st_mode or 0, path)
                 check_size(st.st_size or 0, limit, path)
-                chunks = read_pipelined(self.sftp, f.handle, st.st_size or 0, self.read_size)
+                size = st.st_size or 0
+                chunks = read_pipelined(self.sftp, f.handle, size, self.read_size, offset)
                 yield from bounded(chunks, limit, path)
         except Exception as e:
             raise self.convert(e, f"reading {path}") from e
@@ -745,21 +771,28 @@ class SftpTransport(RetryingTransport):
         if not self._statvfs:
             return None
         path = self._p(relpath)
-        try:
-            t, msg = self.sftp._request(CMD_EXTENDED, "statvfs@openssh.com", path)
-        except OSError as e:
-            # An SFTP status reply (no errno) means the server lacks the extension; a
-            # timeout (no errno either) means it did not answer.
-            if e.errno is None and not isinstance(e, TimeoutError) and not self._ssh_lost():
-                self._statvfs = False
-                log.info("%s: server cannot report free space (%s)", self.describe(), e)
-                return None
-            err = self.convert(e, f"statvfs {path}")
-            if isinstance(err, FileNotFoundError):  # removed on the server meanwhile
-                err = TransportError(f"statvfs {path}: no such file or directory")
-            raise err from e
-        except Exception as e:
-            raise self.convert(e, f"statvfs {path}") from e
+
+        def ask() -> tuple[int, paramiko.Message] | None:
+            try:
+                return self.sftp._request(CMD_EXTENDED, "statvfs@openssh.com", path)
+            except OSError as e:
+                # An SFTP status reply (no errno) means the server lacks the extension; a
+                # timeout (no errno either) means it did not answer.
+                if e.errno is None and not isinstance(e, TimeoutError) and not self._ssh_lost():
+                    self._statvfs = False
+                    log.info("%s: server cannot report free space (%s)", self.describe(), e)
+                    return None
+                err = self.convert(e, f"statvfs {path}")
+                if isinstance(err, FileNotFoundError):  # removed on the server meanwhile
+                    err = TransportError(f"statvfs {path}: no such file or directory")
+                raise err from e
+
+        # A check mid-save may be the first request after the connection broke: it
+        # reconnects, and the open file resumes on the new connection when it next writes.
+        reply = self.call(ask, f"statvfs {path}")
+        if reply is None:
+            return None
+        t, msg = reply
         if t != CMD_EXTENDED_REPLY:
             return None
         fields = struct.unpack(">11Q", msg.get_remainder()[: 11 * 8])
