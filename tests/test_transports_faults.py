@@ -486,6 +486,13 @@ def test_cifs_resume_when_a_later_write_landed_but_an_earlier_did_not(request):
     assert _names(target.server_dir) == ["vmcore"]
 
 
+def _only_vmcore(target, data: bytes) -> None:
+    """The server holds ``data`` as ``vmcore``, and nothing besides it."""
+    with open(os.path.join(target.server_dir, "vmcore"), "rb") as f:
+        assert hashlib.sha256(f.read()).digest() == hashlib.sha256(data).digest()
+    assert _names(target.server_dir) == ["vmcore"]
+
+
 @pytest.mark.parametrize("kind", ("sftp", "cifs"))
 def test_a_free_space_check_after_a_drop_reconnects_and_the_file_goes_on(kind, request):
     """The save checks free space between writes: when that check is the first request
@@ -505,9 +512,7 @@ def test_a_free_space_check_after_a_drop_reconnects_and_the_file_goes_on(kind, r
         assert proxy.dropped == 1
         assert proxy.connections >= 2
     assert info.digest == hashlib.sha256(data).hexdigest()
-    with open(os.path.join(target.server_dir, "vmcore"), "rb") as f:
-        assert hashlib.sha256(f.read()).digest() == hashlib.sha256(data).digest()
-    assert _names(target.server_dir) == ["vmcore"]
+    _only_vmcore(target, data)
 
 
 @pytest.mark.parametrize("kind", ("sftp", "cifs"))
@@ -531,9 +536,7 @@ def test_the_read_back_of_a_seeked_file_resumes_after_a_drop(kind, request):
         # read on from the break: far less than the whole file came down twice
         assert proxy.downstream < 3 * MiB + len(body)
     assert info.digest == hashlib.sha256(body).hexdigest()
-    with open(os.path.join(target.server_dir, "vmcore"), "rb") as f:
-        assert hashlib.sha256(f.read()).digest() == hashlib.sha256(body).digest()
-    assert _names(target.server_dir) == ["vmcore"]
+    _only_vmcore(target, body)
 
 
 @pytest.mark.parametrize("kind", ("sftp", "cifs"))
@@ -554,6 +557,4 @@ def test_a_drop_after_the_last_write_was_answered_still_commits(kind, request):
         assert proxy.connections >= 2
     assert info.size == len(data)
     assert info.digest == hashlib.sha256(data).hexdigest()
-    with open(os.path.join(target.server_dir, "vmcore"), "rb") as f:
-        assert hashlib.sha256(f.read()).digest() == hashlib.sha256(data).digest()
-    assert _names(target.server_dir) == ["vmcore"]
+    _only_vmcore(target, data)
