@@ -558,3 +558,37 @@ def test_a_drop_after_the_last_write_was_answered_still_commits(kind, request):
     assert info.size == len(data)
     assert info.digest == hashlib.sha256(data).hexdigest()
     _only_vmcore(target, data)
+
+
+@pytest.mark.parametrize("kind", ("sftp", "cifs"))
+def test_a_read_that_a_drop_breaks_goes_on_where_it_broke(kind, request):
+    """Reads (a dump's manifest at rotation, verify and fetch) reconnect and read on
+    from the byte reached, as uploads resume; the save does not fail before it began."""
+    target = make_target(kind, request)
+    data = os.urandom(6 * MiB)
+    with target.transport() as tr:
+        _upload(tr, "f", data)
+    with DropProxy(_port(target), drop_down_after=2 * MiB) as proxy:
+        with target.via_port(proxy.port).transport() as tr:
+            got = b"".join(tr.read("f"))
+        assert proxy.dropped == 1
+        assert proxy.downstream < 2 * MiB + len(data)  # not from the start again
+    assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
+
+
+@pytest.mark.parametrize("kind", ("sftp", "cifs"))
+def test_a_read_never_splices_a_file_that_changed_across_a_drop(kind, request):
+    target = make_target(kind, request)
+    with target.transport() as tr:
+        _upload(tr, "f", os.urandom(6 * MiB))
+    path = os.path.join(target.server_dir, "f")
+    with DropProxy(_port(target)) as proxy:
+        with target.via_port(proxy.port).transport() as tr:
+            chunks = tr.read("f")
+            next(chunks)
+            with open(path, "ab") as f:  # another writer, while our connection breaks
+                f.write(b"more")
+            proxy.drop_now()
+            with pytest.raises(TransportError, match="changed on the server"):
+                for _ in chunks:
+                    pass

@@ -674,9 +674,12 @@ class CifsTransport(RetryingTransport):
             check_size(item.size, limit, path)
 
         self.call(check, f"reading {path}")
-        return self._read_file(path, limit)
+        seen: list = []
+        return self.resumable(lambda at: self._read_file(path, limit, at, seen), f"reading {path}")
 
-    def _read_file(self, path: str, limit: int | None) -> Iterator[bytes]:
+    def _read_file(self, path: str, limit: int | None, offset: int, seen: list) -> Iterator[bytes]:
+        """``path`` from ``offset``; ``seen``: (size, last write) of an earlier open of the
+        same read, which this one must find again (none yet: it is recorded there)."""
         what = f"reading {path}"
         opts = CreateOptions.FILE_OPEN_REPARSE_POINT  # a link swapped in is opened as itself
         want = READ_CHUNK if limit is None else min(READ_CHUNK, limit + 1)
@@ -688,6 +691,11 @@ class CifsTransport(RetryingTransport):
                 if f.fd.file_attributes & (_REPARSE | _DIRECTORY | _DEVICE):
                     raise UnsafeFile(f"{path}: a link or device; only files are read")
                 check_size(f.fd.end_of_file, limit, path)
+                now = (f.fd.end_of_file, f.fd.last_write_time)
+                if seen and seen[0] != now:
+                    raise TransportError(f"{path}: changed on the server while it was read")
+                seen[:] = [now]
+                f.seek(offset)
 
                 def chunks() -> Iterator[bytes]:
                     while True:

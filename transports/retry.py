@@ -23,7 +23,7 @@ import socket
 import sys
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 from kdump_capture.errors import AuthError, ConnectionLost, TransportError
@@ -323,3 +323,28 @@ class RetryingTransport(Transport):
                 raise self.convert(e, what) from e
 
         return retry_call(guarded, self._open, self.settings, what, first_error=first_error)
+
+    def resumable(self, read_from: Callable[[int], Iterator[bytes]], what: str) -> Iterator[bytes]:
+        """The chunks of ``read_from(offset)`` from offset 0 on. When the connection breaks
+        in the middle, reconnect and go on from the byte reached (``read_from`` must refuse
+        a file that changed meanwhile: nothing is spliced). Drops that brought nothing new
+        count against ``settings.retries``; any progress starts the count again."""
+        done = stalls = 0
+        while True:
+            try:
+                for chunk in read_from(done):
+                    if chunk:
+                        stalls = 0
+                    done += len(chunk)
+                    yield chunk
+                return
+            except Exception as e:
+                if not is_connection_lost(e):
+                    raise
+                stalls += 1
+                if stalls > self.settings.retries:
+                    raise ConnectionLost(
+                        f"{what}: connection lost and {self.settings.retries} retries failed: {e}"
+                    ) from e
+                log.info("%s: connection lost at byte %d (%s); reading on", what, done, e)
+                self.call(lambda: None, what, first_error=e)  # reconnect, waiting as usual

@@ -697,15 +697,22 @@ class SftpTransport(RetryingTransport):
 
         return self.call(ls, f"listing {path}")
 
-    def read_path(self, path: str, limit: int | None = None, offset: int = 0) -> Iterator[bytes]:
+    def read_path(
+        self, path: str, limit: int | None = None, offset: int = 0, seen: list | None = None
+    ) -> Iterator[bytes]:
         """Stream a file from ``offset``; its own temporary files, and names ``read``
-        checked, only."""
+        checked, only. ``seen``: the (size, mtime) of an earlier open of the same read,
+        which this one must find again (none yet: it is recorded there)."""
         try:
             with self.sftp.open(path, "rb") as f:
                 st = f.stat()  # FSTAT: what was opened, whatever the name pointed to
                 require_regular(st.st_mode or 0, path)
                 check_size(st.st_size or 0, limit, path)
                 size = st.st_size or 0
+                if seen is not None:
+                    if seen and seen[0] != (size, st.st_mtime):
+                        raise TransportError(f"{path}: changed on the server while it was read")
+                    seen[:] = [(size, st.st_mtime)]
                 chunks = read_pipelined(self.sftp, f.handle, size, self.read_size, offset)
                 yield from bounded(chunks, limit, path)
         except Exception as e:
@@ -723,7 +730,8 @@ class SftpTransport(RetryingTransport):
             check_size(attrs.st_size or 0, limit, path)
 
         self.call(check, f"reading {path}")
-        return self.read_path(path, limit)
+        seen: list = []
+        return self.resumable(lambda at: self.read_path(path, limit, at, seen), f"reading {path}")
 
     def remove_tree(self, relpath: str) -> None:
         if not relpath.strip("/"):
