@@ -560,7 +560,7 @@ def test_a_drop_after_the_last_write_was_answered_still_commits(kind, request):
     _only_vmcore(target, data)
 
 
-@pytest.mark.parametrize("kind", ("sftp", "cifs"))
+@pytest.mark.parametrize("kind", NET)
 def test_a_read_that_a_drop_breaks_goes_on_where_it_broke(kind, request):
     """Reads (a dump's manifest at rotation, verify and fetch) reconnect and read on
     from the byte reached, as uploads resume; the save does not fail before it began."""
@@ -568,7 +568,7 @@ def test_a_read_that_a_drop_breaks_goes_on_where_it_broke(kind, request):
     data = os.urandom(6 * MiB)
     with target.transport() as tr:
         _upload(tr, "f", data)
-    with DropProxy(_port(target), drop_down_after=2 * MiB) as proxy:
+    with DropProxy(_port(target), drop_down_after=2 * MiB, ftp=kind == "ftp") as proxy:
         with target.via_port(proxy.port).transport() as tr:
             got = b"".join(tr.read("f"))
         assert proxy.dropped == 1
@@ -576,13 +576,13 @@ def test_a_read_that_a_drop_breaks_goes_on_where_it_broke(kind, request):
     assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
 
 
-@pytest.mark.parametrize("kind", ("sftp", "cifs"))
+@pytest.mark.parametrize("kind", NET)
 def test_a_read_never_splices_a_file_that_changed_across_a_drop(kind, request):
     target = make_target(kind, request)
     with target.transport() as tr:
         _upload(tr, "f", os.urandom(6 * MiB))
     path = os.path.join(target.server_dir, "f")
-    with DropProxy(_port(target)) as proxy:
+    with DropProxy(_port(target), ftp=kind == "ftp") as proxy:
         with target.via_port(proxy.port).transport() as tr:
             chunks = tr.read("f")
             next(chunks)

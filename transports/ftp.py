@@ -538,12 +538,19 @@ class FtpTransport(RetryingTransport):
             check_size(entry.size, limit, path)
 
         self.call(check, f"reading {path}")
-        return self._retr(path, limit)
+        seen: list = []
+        return self.resumable(lambda at: self._retr(path, limit, at, seen), f"reading {path}")
 
-    def _retr(self, path: str, limit: int | None) -> Iterator[bytes]:
+    def _retr(self, path: str, limit: int | None, offset: int, seen: list) -> Iterator[bytes]:
+        """``path`` from ``offset`` (REST); ``seen``: the SIZE and MDTM of an earlier RETR of
+        the same read, which this one must find again (none yet: they are recorded there)."""
         try:
             self.ftp.voidcmd("TYPE I")  # listings (retrlines) switch the session to ASCII
-            conn = self.ftp.transfercmd(f"RETR {path}")
+            now = (size_of(self.ftp, path), self._mdtm(path))
+            if seen and seen[0] != now:
+                raise TransportError(f"{path}: changed on the server while it was read")
+            seen[:] = [now]
+            conn = self.ftp.transfercmd(f"RETR {path}", rest=offset or None)
             try:
                 with conn:
                     yield from bounded(iter(lambda: conn.recv(READ_CHUNK), b""), limit, path)
@@ -554,6 +561,13 @@ class FtpTransport(RetryingTransport):
             self.ftp.voidresp()
         except Exception as e:
             raise convert(e, f"reading {path}") from e
+
+    def _mdtm(self, path: str) -> str | None:
+        """The server's modification time of ``path`` (MDTM, RFC 3659), None without it."""
+        try:
+            return self.ftp.voidcmd(f"MDTM {path}")
+        except ftplib.error_perm:
+            return None
 
     def remove_tree(self, relpath: str) -> None:
         if not relpath.strip("/"):
