@@ -27,7 +27,7 @@ import os
 import stat
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 from kdump_capture import checksum
 from kdump_capture.errors import TransportError, UnsafeFile
@@ -349,26 +349,14 @@ class Sink(ABC):
         if self._hash_valid:
             return self._hash.hexdigest()
         h = checksum.new(self.algorithm)
-        done = 0
-
-        def rest() -> None:
-            nonlocal done
-            for chunk in self._read_back(done):
-                h.update(chunk)
-                done += len(chunk)
-
-        self._retrying(rest, f"reading back {self.name}")
+        for chunk in self._read_back():
+            h.update(chunk)
         return h.hexdigest()
 
-    def _read_back(self, offset: int = 0) -> Iterator[bytes]:
-        """Yield the temporary file's content from ``offset`` (needed only by seekable
-        sinks)."""
+    def _read_back(self) -> Iterator[bytes]:
+        """Yield the temporary file's content (needed only by seekable sinks; on a network
+        target it goes on where a dropped connection broke it)."""
         raise TransportError(f"{self.name}: cannot read back a file on this target")
-
-    def _retrying(self, op: Callable[[], None], what: str) -> None:
-        """Run ``op``; sinks on a network target reconnect and run it again when the
-        connection broke (``op`` goes on from where it was)."""
-        op()
 
     # -- the contract ----------------------------------------------------------------
     def tell(self) -> int:

@@ -332,12 +332,8 @@ class CifsSink(Sink):
         self._positional = True
         self._pos = offset
 
-    def _read_back(self, offset: int = 0) -> Iterator[bytes]:
-        return self._t.read_unc(self._tmp, offset)
-
-    def _retrying(self, op: Callable[[], None], what: str) -> None:
-        # Every read waits with the timeout already.
-        self._t.call(op, what, whole_timeout=False)
+    def _read_back(self) -> Iterator[bytes]:
+        return self._t.resumable(lambda at: self._t.read_unc(self._tmp, at), f"reading {self._tmp}")
 
     def commit(self) -> FileInfo:
         self._sync()

@@ -111,9 +111,8 @@ class FileSink(Sink):
         os.lseek(self._fd, offset, os.SEEK_SET)
         self._pos = offset
 
-    def _read_back(self, offset: int = 0) -> Iterator[bytes]:
+    def _read_back(self) -> Iterator[bytes]:
         with open(self._tmp, "rb") as f:
-            f.seek(offset)
             while chunk := f.read(READ_CHUNK):
                 yield chunk
 

@@ -18,7 +18,7 @@ import stat
 import struct
 import threading
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import paramiko
 from paramiko.sftp import (
@@ -330,18 +330,18 @@ class SftpSink(Sink):
                 self._send(off, view)
         self._drain()
 
-    def _stale(self) -> bool:
-        """Whether the transport reconnected since our file was opened (an operation of its
-        own, a listing or a free-space check, found the connection broken): our handle
-        belonged to the old connection."""
-        return self._sftp is not self._t._sftp
+    def _renewed(self) -> bool:
+        """Whether the transport is connected again on a new connection since our file was
+        opened (an operation of its own, a listing or a free-space check, found the old one
+        broken): our handle belonged to the old connection."""
+        return self._t._sftp is not None and self._sftp is not self._t._sftp
 
     def _guarded(self, op, what: str) -> None:
         try:
             op()
         except Exception as e:
             err = self._t.convert(e, what)
-            if self._stale() and self._t._sftp is not None:
+            if self._renewed():
                 # The transport is connected again already: reopen and replay on it.
                 log.info("%s: the connection was renewed under it; resuming", self._tmp)
                 self._t.call(self._resume, f"resuming {self._tmp}")
@@ -393,11 +393,11 @@ class SftpSink(Sink):
             self._positional = True
         self._pos = offset
 
-    def _read_back(self, offset: int = 0) -> Iterator[bytes]:
-        return self._t.read_path(self._tmp, offset=offset)
-
-    def _retrying(self, op: Callable[[], None], what: str) -> None:
-        self._t.call(op, what)
+    def _read_back(self) -> Iterator[bytes]:
+        seen: list = []
+        return self._t.resumable(
+            lambda at: self._t.read_path(self._tmp, offset=at, seen=seen), f"reading {self._tmp}"
+        )
 
     def commit(self) -> FileInfo:
         self._sync()
@@ -409,11 +409,14 @@ class SftpSink(Sink):
             size = self._sftp.stat(self._tmp).st_size
         except Exception as e:
             err = self._t.convert(e, what)
-            if not (is_connection_lost(err) or self._stale()):
+            renewed = self._renewed()
+            if not (renewed or is_connection_lost(err)):
                 raise err from e
             # Every WRITE was acknowledged (the sync above): the server has the whole file,
-            # and its sftp-server closed our handle when the connection went.
-            size = self._t.call(lambda: self._t.sftp.stat(self._tmp).st_size, what, err)
+            # and its sftp-server closed our handle when the connection went. A connection
+            # the transport renewed already is used as it is.
+            first = None if renewed else err
+            size = self._t.call(lambda: self._t.sftp.stat(self._tmp).st_size, what, first)
         if size != self.size:
             raise TransportError(f"{self._tmp}: wrote {self.size} bytes but the server has {size}")
         digest = self._digest()
