@@ -422,17 +422,20 @@ def test_ftp_never_lets_more_go_unconfirmed_than_it_can_replay(request):
 
 
 def _no_delay(tr) -> list[int]:
-    """TCP_NODELAY of each socket of a CIFS transport's connections."""
-    return [
-        c.transport._sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
-        for c in tr._cache.values()
-    ]
+    """TCP_NODELAY of each socket a CIFS or SFTP transport has open."""
+    if tr.scheme == "sftp":
+        socks = [tr._ssh.sock] if tr._ssh is not None else []
+    else:
+        socks = [c.transport._sock for c in tr._cache.values()]
+    return [s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) for s in socks]
 
 
-def test_cifs_sockets_send_without_delay(request):
-    """TCP_NODELAY on the SMB connection, and again on the one made after a drop: without
-    it Nagle holds back the tail of each WRITE until the server acknowledged the rest."""
-    target = make_target("cifs", request)
+@pytest.mark.parametrize("kind", ["cifs", "sftp"])
+def test_sockets_send_without_delay(request, kind):
+    """TCP_NODELAY on the connection, and again on the one made after a drop. Without it
+    Nagle holds back the tail of each WRITE, and each small READ request of a pipelined
+    read, until the server acknowledged what went before."""
+    target = make_target(kind, request)
     data = os.urandom(12 * MiB)
     with DropProxy(_port(target), drop_after=5 * MiB, drops=1) as proxy:
         with target.via_port(proxy.port).transport() as tr:

@@ -476,6 +476,12 @@ class SftpTransport(RetryingTransport):
             sock = socket.create_connection((self.target.host, self.port), timeout=timeout)
         except OSError as e:
             raise ConnectionLost(f"cannot connect to {where}: {e.strerror or e}") from e
+        # Nagle's algorithm would hold each small READ request of a pipelined read (and the
+        # tail of each WRITE) until the server acknowledges what went before, and a server
+        # that delays its ACKs answers 40 ms later: a read-back of 32 MiB on loopback took
+        # 0.13-0.43 s with it, 0.03-0.08 s without (paramiko leaves it on; sshd turns it off
+        # on its side only for interactive sessions).
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         ssh = paramiko.Transport(
             sock, default_window_size=WINDOW_SIZE, default_max_packet_size=MAX_PACKET
         )
