@@ -47,6 +47,7 @@ PASSWORD = "kdump-Bench-pw1"
 SMBCLIENT = "smbclient put"
 SMBCLIENT_SIGNED = "smbclient put --client-protection=sign"
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "transports.md")
+PREVIOUS = "\n## Previous full run\n"
 
 
 class Row(NamedTuple):
@@ -637,10 +638,14 @@ def _write(
             json.dump(doc, f)
     os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
     old = open(RESULTS).read() if args.only and os.path.exists(RESULTS) else ""
+    if PREVIOUS in old:  # the file holds a partial run above the last full one
+        old = old.split(PREVIOUS, 1)[1]
+    elif old:
+        old = old.split("\n", 1)[1]  # a full run: all of it but its title
     with open(RESULTS, "w") as f:
         f.write("\n".join(lines) + "\n")
-        if old:  # a partial run keeps the previous full table below
-            f.write("\n## Previous full run\n" + old.split("\n", 1)[1])
+        if old:  # a partial run keeps the last full table below (only that one)
+            f.write(PREVIOUS + old)
     print(f"wrote {RESULTS}")
 
 
