@@ -295,6 +295,30 @@ static void pqdownheap(uint32_t *q, int len, int k)
     q[k] = v;
 }
 
+/*
+ * pqdownheap(q, len, 1) for a root that sinks far, as the last entry moved to the root
+ * does: the hole goes down to a leaf along the smaller children, one comparison a level,
+ * and the entry climbs back while it is no larger than what is above the hole. The path
+ * is the one pqdownheap takes and its keys only grow along it, so the entry lands where
+ * pqdownheap would put it (Floyd's bottom-up sift).
+ */
+static void pqsift_root(uint32_t *q, int len)
+{
+    uint32_t v = q[1];
+    int k = 1, j = 2;
+    while (j <= len) {
+        j += j < len && KEY(q[j + 1]) <= KEY(q[j]);
+        q[k] = q[j];
+        k = j;
+        j <<= 1;
+    }
+    while (k > 1 && KEY(v) <= KEY(q[k >> 1])) {
+        q[k] = q[k >> 1];
+        k >>= 1;
+    }
+    q[k] = v;
+}
+
 /* Code lengths from the finished tree, at most max_length bits (opt_len, static_len too). */
 static void gen_bitlen(kz_t *z, kz_tree_t *t, const uint16_t *slen, const uint8_t *extra, int base,
                        int max_length)
@@ -374,7 +398,7 @@ static void build_tree(kz_t *z, kz_tree_t *t, int elems, const uint16_t *slen,
     do {
         uint32_t a = q[1];
         q[1] = q[len--];
-        pqdownheap(q, len, 1);
+        pqsift_root(q, len);
         uint32_t b = q[1];
         z->heap[--z->heap_max] = NODE(a);
         z->heap[--z->heap_max] = NODE(b);
@@ -382,7 +406,7 @@ static void build_tree(kz_t *z, kz_tree_t *t, int elems, const uint16_t *slen,
         uint32_t depth = (da >= db ? da : db) + 1;
         t->dad[NODE(a)] = t->dad[NODE(b)] = (uint16_t)node;
         q[1] = ((a >> 18) + (b >> 18)) << 18 | depth << 10 | (uint32_t)node++;
-        pqdownheap(q, len, 1);
+        pqsift_root(q, len);
     } while (len >= 2);
     z->heap[--z->heap_max] = NODE(q[1]);
     gen_bitlen(z, t, slen, extra, base, max_length);
