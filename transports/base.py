@@ -113,6 +113,16 @@ def check_size(size: int, limit: int | None, what: str) -> None:
         raise UnsafeFile(f"{what}: {size} bytes, more than the {limit} allowed")
 
 
+def same_file(seen: list, now: tuple, what: str) -> None:
+    """For a read that goes on after a drop: ``now`` is what the server tells of the file
+    just opened (size, modification time); ``seen`` holds what the first open of the same
+    read saw, or nothing yet (then ``now`` is recorded there). Refuses a file that changed
+    in between, so that nothing is spliced."""
+    if seen and seen[0] != now:
+        raise TransportError(f"{what}: changed on the server while it was read")
+    seen[:] = [now]
+
+
 class TransportSettings(Record):
     """What transports may need from the configuration, as plain data (no globals).
 

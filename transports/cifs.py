@@ -47,6 +47,7 @@ from .base import (
     bounded,
     check_size,
     is_temp_name,
+    same_file,
     temp_name,
 )
 from .retry import REPLAY_STEP, ReplayBuffer, RetryingTransport, is_connection_lost
@@ -687,10 +688,7 @@ class CifsTransport(RetryingTransport):
                 if f.fd.file_attributes & (_REPARSE | _DIRECTORY | _DEVICE):
                     raise UnsafeFile(f"{path}: a link or device; only files are read")
                 check_size(f.fd.end_of_file, limit, path)
-                now = (f.fd.end_of_file, f.fd.last_write_time)
-                if seen and seen[0] != now:
-                    raise TransportError(f"{path}: changed on the server while it was read")
-                seen[:] = [now]
+                same_file(seen, (f.fd.end_of_file, f.fd.last_write_time), path)
                 f.seek(offset)
 
                 def chunks() -> Iterator[bytes]:

@@ -30,6 +30,7 @@ from .base import (
     bounded,
     check_size,
     is_temp_name,
+    same_file,
     temp_name,
 )
 from .retry import (
@@ -546,10 +547,7 @@ class FtpTransport(RetryingTransport):
         the same read, which this one must find again (none yet: they are recorded there)."""
         try:
             self.ftp.voidcmd("TYPE I")  # listings (retrlines) switch the session to ASCII
-            now = (size_of(self.ftp, path), self._mdtm(path))
-            if seen and seen[0] != now:
-                raise TransportError(f"{path}: changed on the server while it was read")
-            seen[:] = [now]
+            same_file(seen, (size_of(self.ftp, path), self._mdtm(path)), path)
             conn = self.ftp.transfercmd(f"RETR {path}", rest=offset or None)
             try:
                 with conn:

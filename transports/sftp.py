@@ -46,6 +46,7 @@ from .base import (
     is_temp_name,
     mode_kind,
     require_regular,
+    same_file,
     temp_name,
 )
 from .retry import REPLAY_STEP, ReplayBuffer, RetryingTransport, is_connection_lost
@@ -719,9 +720,7 @@ class SftpTransport(RetryingTransport):
                 check_size(st.st_size or 0, limit, path)
                 size = st.st_size or 0
                 if seen is not None:
-                    if seen and seen[0] != (size, st.st_mtime):
-                        raise TransportError(f"{path}: changed on the server while it was read")
-                    seen[:] = [(size, st.st_mtime)]
+                    same_file(seen, (size, st.st_mtime), path)
                 chunks = read_pipelined(self.sftp, f.handle, size, self.read_size, offset)
                 yield from bounded(chunks, limit, path)
         except Exception as e:
