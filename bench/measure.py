@@ -192,37 +192,6 @@ def warm(path: str) -> None:
     subprocess.run(["cat", path], stdout=subprocess.DEVNULL, check=True)
 
 
-def refresh(path: str) -> dict:
-    """Drop ``path`` from the page cache and read it again: once per sample, before its table.
-
-    ``warm`` fills in what is missing but keeps what is there, in whatever shape it is. A
-    fresh read gives a regular file's page cache large folios (2 MiB ones here), which a
-    2 MiB mmap window maps with one PMD each; after hours of other work the same cached
-    sample was in small folios, and mapping it page by page cost more: touching every page
-    of the 2 GiB sample through 2 MiB windows took 0.33 s of CPU instead of 0.03 s, our zstd
-    -d 1 run about 0.85 s instead of 0.65 s and makedumpfile -l -d 1 about 0.65 s instead of
-    0.45 s.
-    Both sides then start from the same state, one a rerun reproduces. Returns the read's
-    time and the machine's FileHugePages (/proc/meminfo) after it, which shows the shape.
-    """
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-    t = time.monotonic()
-    warm(path)
-    out = {"read_s": round(time.monotonic() - t, 2)}
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("FileHugePages:"):
-                    out["file_huge_mib"] = int(line.split()[1]) >> 10
-    except OSError:
-        pass
-    return out
-
-
 def sparse_extents(fd: int) -> Iterator[tuple[bool, int, int]]:
     """(is_data, start, end) of every extent of a file, from SEEK_DATA / SEEK_HOLE."""
     off, size = 0, os.fstat(fd).st_size

@@ -203,8 +203,6 @@ def run_formats(args, samples: list[tuple[str, str]], res: dict) -> None:
         log(f"formats: {label} ({src}), load {load()}")
         work = tempfile.mkdtemp(prefix="bench-formats-", dir=args.scratch)
         cases = format_cases(src, work)
-        fresh = measure.refresh(src)
-        log(f"formats: {label} read fresh into the page cache: {fresh}")
         start_load = load()
         try:
             interleave(
@@ -232,7 +230,6 @@ def run_formats(args, samples: list[tuple[str, str]], res: dict) -> None:
                 "size": os.path.getsize(src),
                 "runs": args.runs,
                 "load": [start_load, load()],
-                "fresh": fresh,
                 "identical": same,
                 "identical_same_codec": same_codec,
                 "codec_floor": floors,
@@ -378,20 +375,6 @@ def ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}x" if b else "-"
 
 
-def _fresh_cell(f: dict) -> str:
-    """How the sample went into the page cache before its table (measure.refresh)."""
-    fresh = f.get("fresh")
-    if not fresh:  # results from before the refresh existed (--reuse)
-        return ""
-    huge = fresh.get("file_huge_mib")
-    shape = f", after which the machine's FileHugePages was {huge} MiB" if huge is not None else ""
-    return (
-        f" Before the table the sample was dropped from the page cache and read once "
-        f"({fresh['read_s']:.1f} s){shape}: every run starts from a fresh read's large folios "
-        "(`bench/measure.py` `refresh`)."
-    )
-
-
 def _fresh_memory_cell(probe: dict | None) -> str:
     if not probe:
         return "not measured"
@@ -455,7 +438,7 @@ def report(args, res: dict) -> str:
         L += [
             f"## Formats: {f['label']} ({f['size'] / 1e6:.0f} MB, `{f['src']}`)",
             "",
-            f"Load average {f['load'][0]} before, {f['load'][1]} after.{_fresh_cell(f)}",
+            f"Load average {f['load'][0]} before, {f['load'][1]} after.",
             "",
             "| case | wall s (median) | CPU s (median) | all runs (wall s) | output MB "
             "| peak RSS MiB | command |",
