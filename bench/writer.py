@@ -12,17 +12,21 @@ import sys
 
 
 class FileSink:
-    """A plain seekable local file (the save command's FileSink also hashes and fsyncs)."""
+    """A plain seekable local file (the save command's FileSink also hashes and fsyncs),
+    written in the same pieces as that one (kdump_capture.memory.file_write_piece)."""
 
     seekable = True
 
     def __init__(self, path: str) -> None:
+        from kdump_capture.memory import file_write_piece
+
         self.f = open(path, "wb", buffering=0)  # noqa: SIM115 - closed in main
+        self.piece = file_write_piece() or 1 << 62
 
     def write(self, data) -> None:
         view = memoryview(data)
         while view:
-            view = view[self.f.write(view) :]
+            view = view[self.f.write(view[: self.piece]) :]
 
     def seek(self, offset: int) -> None:
         self.f.seek(offset)

@@ -276,3 +276,40 @@ class MemoryLog:
 
 def _hwm() -> int:
     return read_meminfo("/proc/self/status").get("VmHWM", 0)
+
+
+# Free page reporting: a virtio balloon with VIRTIO_BALLOON_F_REPORTING hands every free
+# block of page_reporting_order or more back to the host, which backs it again only when it
+# is touched. A buffered write of 1 MiB to ext4 takes a page-cache folio of that size, from
+# exactly those blocks; writes smaller than a reported block take folios from the lower
+# free lists, which are never reported. Measured on such a VM (Firecracker, order 5), 6
+# interleaved rounds on one CPU: an ELF -d 31 dump of the 2 GiB sample (147 MB written)
+# took a median of 0.55 s in 1 MiB writes, 0.32 s in 256 KiB ones and 0.19 s in 64 KiB
+# ones, makedumpfile -E (64 KiB writes) 0.17 s. Overwriting 1 GiB already in the page
+# cache costs 0.06 s more in 64 KiB writes than in 1 MiB ones, so the pieces are small
+# only where reporting is on.
+BALLOON_F_REPORTING = 5  # virtio_balloon.h
+
+
+def file_write_piece(sys_root: str = "/sys") -> int | None:
+    """The largest write(2) to a local file that keeps to unreported memory, or None (any).
+
+    None unless a virtio balloon reports free pages: the largest folio below the
+    reporting order, at least one page and only when that is less than 1 MiB.
+    """
+    try:
+        with open(f"{sys_root}/module/page_reporting/parameters/page_reporting_order") as f:
+            order = int(f.read().strip())
+        drv = f"{sys_root}/bus/virtio/drivers/virtio_balloon"
+        reporting = False
+        for name in os.listdir(drv):
+            if name.startswith("virtio"):
+                with open(f"{drv}/{name}/features") as f:
+                    bits = f.read().strip()
+                reporting |= len(bits) > BALLOON_F_REPORTING and bits[BALLOON_F_REPORTING] == "1"
+    except (OSError, ValueError):
+        return None
+    if not reporting:
+        return None
+    piece = PAGE << max(order - 1, 0)
+    return piece if piece < MIB else None
