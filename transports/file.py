@@ -81,7 +81,10 @@ def makedirs_private(path: str) -> None:
 @functools.cache
 def _piece() -> int:
     """Bytes per write(2): small only under free page reporting (memory.file_write_piece)."""
-    return file_write_piece() or 1 << 62
+    piece = file_write_piece()
+    if piece:
+        log.debug("free page reporting is on: files are written %d KiB at a time", piece >> 10)
+    return piece or 1 << 62
 
 
 class FileSink(Sink):
