@@ -13,15 +13,15 @@ import sys
 
 class FileSink:
     """A plain seekable local file (the save command's FileSink also hashes and fsyncs),
-    written in the same pieces as that one (kdump_capture.memory.file_write_piece)."""
+    written in the same pieces as that one (kdump_capture.memory.write_piece)."""
 
     seekable = True
 
     def __init__(self, path: str) -> None:
-        from kdump_capture.memory import file_write_piece
+        from kdump_capture.memory import write_piece
 
         self.f = open(path, "wb", buffering=0)  # noqa: SIM115 - closed in main
-        self.piece = file_write_piece() or 1 << 62
+        self.piece = write_piece()
 
     def write(self, data) -> None:
         view = memoryview(data)

@@ -40,7 +40,7 @@ from transports.base import FileInfo, Sink, WriteBehind
 from . import checksum
 from .errors import ConfigError, DumpDeviceError, IncompleteDump, VmcoreError
 from .formats import CHUNK, FORMAT_NAMES, make_writer
-from .memory import BufferPlan
+from .memory import BufferPlan, write_piece
 from .progress import NoProgress
 from .vmcore import Vmcore, open_vmcore
 
@@ -311,7 +311,8 @@ class DeviceSink(Sink):
         done = 0
         try:
             while done < len(view):
-                done += os.pwrite(self.fd, view[done:], DATA_OFFSET + self._pos + done)
+                piece = view[done : done + write_piece()]
+                done += os.pwrite(self.fd, piece, DATA_OFFSET + self._pos + done)
         except OSError as e:
             raise DumpDeviceError(
                 f"KDUMP_DUMPDEV {self.path}: write error at offset "

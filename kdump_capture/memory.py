@@ -15,9 +15,13 @@ smaps_rollup) after each phase, and its peak while the dump streams (sampled fro
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 
 from .record import Record
+
+log = logging.getLogger(__name__)
 
 MIB = 1 << 20
 
@@ -313,3 +317,13 @@ def file_write_piece(sys_root: str = "/sys") -> int | None:
         return None
     piece = PAGE << max(order - 1, 0)
     return piece if piece < MIB else None
+
+
+@functools.cache
+def write_piece() -> int:
+    """Bytes per write(2) to a local file or dump device on this machine (file_write_piece,
+    read once): small only under free page reporting."""
+    piece = file_write_piece()
+    if piece:
+        log.debug("free page reporting is on: files are written %d KiB at a time", piece >> 10)
+    return piece or 1 << 62

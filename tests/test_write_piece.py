@@ -7,7 +7,8 @@ import os
 import pytest
 
 import transports.file as tfile
-from kdump_capture.memory import MIB, PAGE, file_write_piece
+from kdump_capture import dumpdev
+from kdump_capture.memory import MIB, PAGE, file_write_piece, write_piece
 from kdump_capture.urls import parse_target
 from transports import open_transport
 from transports.base import TransportSettings
@@ -65,7 +66,7 @@ def test_file_sink_writes_in_pieces(tmp_path, monkeypatch):
         lengths.append(len(data))
         return real_write(fd, data)
 
-    monkeypatch.setattr(tfile, "_piece", lambda: 64 << 10)
+    monkeypatch.setattr(tfile, "write_piece", lambda: 64 << 10)
     target, _ = parse_target(f"file://{tmp_path}/dumps")
     data = os.urandom(3 * MIB + 5)
     with open_transport(target, TransportSettings()) as tr:
@@ -78,6 +79,33 @@ def test_file_sink_writes_in_pieces(tmp_path, monkeypatch):
     assert (tmp_path / "dumps/vmcore").read_bytes() == data
 
 
-def test_file_sink_piece_follows_this_machine():
-    tfile._piece.cache_clear()
-    assert tfile._piece() == (file_write_piece() or 1 << 62)
+def test_the_piece_follows_this_machine():
+    write_piece.cache_clear()
+    assert write_piece() == (file_write_piece() or 1 << 62)
+
+
+def test_dump_device_writes_in_pieces(tmp_path, monkeypatch):
+    """The dump device sink (KDUMP_DUMPDEV) writes its data area in the same pieces."""
+    lengths = []
+    real_pwrite = os.pwrite
+
+    def pwrite(fd, data, offset):
+        lengths.append(len(data))
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(dumpdev, "write_piece", lambda: 16 << 10)
+    dev = tmp_path / "device"
+    dev.write_bytes(bytes(dumpdev.DATA_OFFSET + 2 * MIB))
+    data = os.urandom(MIB + 3)
+    fd = os.open(dev, os.O_RDWR)
+    try:
+        sink = dumpdev.DeviceSink(fd, str(dev), 2 * MIB)
+        monkeypatch.setattr(os, "pwrite", pwrite)
+        sink.write(data)
+        monkeypatch.setattr(os, "pwrite", real_pwrite)
+    finally:
+        os.close(fd)
+    assert max(lengths) == 16 << 10 and sum(lengths) == len(data)
+    with open(dev, "rb") as f:
+        f.seek(dumpdev.DATA_OFFSET)
+        assert f.read(len(data)) == data

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import functools
 import logging
 import os
 import shutil
@@ -12,7 +11,7 @@ import stat
 from collections.abc import Iterator
 
 from kdump_capture.errors import TargetFull, TransportError, UnsafeFile
-from kdump_capture.memory import file_write_piece
+from kdump_capture.memory import write_piece
 
 from .base import (
     DIR_MODE,
@@ -78,15 +77,6 @@ def makedirs_private(path: str) -> None:
     os.chmod(path, DIR_MODE)  # the umask may have taken bits away (0o200 would give 0500)
 
 
-@functools.cache
-def _piece() -> int:
-    """Bytes per write(2): small only under free page reporting (memory.file_write_piece)."""
-    piece = file_write_piece()
-    if piece:
-        log.debug("free page reporting is on: files are written %d KiB at a time", piece >> 10)
-    return piece or 1 << 62
-
-
 class FileSink(Sink):
     """A file written with os.write under a temporary name, published with os.replace."""
 
@@ -113,7 +103,7 @@ class FileSink(Sink):
         with self._accounting(view):
             try:
                 while done < len(view):
-                    done += os.write(self._fd, view[done : done + _piece()])
+                    done += os.write(self._fd, view[done : done + write_piece()])
             except OSError as e:
                 raise _io_error(f"writing {self._tmp}", e) from e
         self._behind.wrote_to(self._pos)
