@@ -8,7 +8,7 @@ import pytest
 
 import transports.file as tfile
 from kdump_capture import dumpdev
-from kdump_capture.memory import MIB, PAGE, file_write_piece, write_piece
+from kdump_capture.memory import MIB, file_write_piece, write_piece
 from kdump_capture.urls import parse_target
 from transports import open_transport
 from transports.base import TransportSettings
@@ -39,9 +39,12 @@ NO_REPORTING = "0110000000000000000000000000000010000000"
     "order, features, piece",
     [
         ("5", [REPORTING], 64 << 10),  # reported blocks start at 128 KiB: 64 KiB folios
-        ("3", [NO_REPORTING, REPORTING], 16 << 10),  # any balloon that reports
-        ("0", [REPORTING], PAGE),  # every free page is reported: one page at a time
+        ("4", [NO_REPORTING, REPORTING], 32 << 10),  # any balloon that reports
+        ("8", [REPORTING], 512 << 10),
         ("9", [REPORTING], None),  # reported blocks from 2 MiB: 1 MiB writes stay below
+        ("-1", [REPORTING], None),  # not set by a device yet: the kernel's default
+        ("3", [REPORTING], None),  # pieces of a few pages: more system calls than gain
+        ("0", [REPORTING], None),
         ("5", [NO_REPORTING], None),  # a balloon that does not report
         ("5", [], None),  # no balloon
         (None, [REPORTING], None),  # a kernel without page reporting
