@@ -638,15 +638,19 @@ def _write(
             json.dump(doc, f)
     os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
     old = open(RESULTS).read() if args.only and os.path.exists(RESULTS) else ""
+    with open(RESULTS, "w") as f:
+        f.write(with_last_full_run("\n".join(lines) + "\n", old))
+    print(f"wrote {RESULTS}")
+
+
+def with_last_full_run(new: str, old: str) -> str:
+    """The results file after a run: ``new``, and when ``old`` is the file a partial run
+    (``--only``) found, the last full run's table below it (only that one)."""
     if PREVIOUS in old:  # the file holds a partial run above the last full one
         old = old.split(PREVIOUS, 1)[1]
     elif old:
         old = old.split("\n", 1)[1]  # a full run: all of it but its title
-    with open(RESULTS, "w") as f:
-        f.write("\n".join(lines) + "\n")
-        if old:  # a partial run keeps the last full table below (only that one)
-            f.write(PREVIOUS + old)
-    print(f"wrote {RESULTS}")
+    return new + PREVIOUS + old if old else new
 
 
 if __name__ == "__main__":

@@ -308,11 +308,11 @@ class DeviceSink(Sink):
                 f"KDUMP_DUMPDEV {self.path}: the dump does not fit on the device "
                 f"({self.capacity} bytes for data)"
             )
-        done = 0
+        done, piece = 0, write_piece()
         try:
             while done < len(view):
-                piece = view[done : done + write_piece()]
-                done += os.pwrite(self.fd, piece, DATA_OFFSET + self._pos + done)
+                part = view[done : done + piece]
+                done += os.pwrite(self.fd, part, DATA_OFFSET + self._pos + done)
         except OSError as e:
             raise DumpDeviceError(
                 f"KDUMP_DUMPDEV {self.path}: write error at offset "

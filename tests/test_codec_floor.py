@@ -221,3 +221,16 @@ def test_startup_is_measured_as_the_cases_are():
     a real run of the interpreter, pinned, which loads the accelerator."""
     cpu = run.startup_cpu(3, 1)
     assert cpu is not None and 0 < cpu < 5
+
+
+def test_a_partial_transport_run_keeps_only_the_last_full_table():
+    """bench/transports.py --only writes its rows above the last full run's table; a
+    second partial run must not file the first one as the full run."""
+    from bench import transports as bt
+
+    full = "# Transport throughput on loopback\n\n| full table |\n"
+    first = bt.with_last_full_run("# T\n\n| sftp only |\n", full)
+    assert first == "# T\n\n| sftp only |\n" + bt.PREVIOUS + "\n| full table |\n"
+    second = bt.with_last_full_run("# T\n\n| ftp only |\n", first)
+    assert second == "# T\n\n| ftp only |\n" + bt.PREVIOUS + "\n| full table |\n"
+    assert bt.with_last_full_run("# T\n\n| all |\n", "") == "# T\n\n| all |\n"

@@ -98,12 +98,12 @@ class FileSink(Sink):
 
     def write(self, data: bytes | memoryview) -> None:
         view = memoryview(data).cast("B")
-        done = 0
+        done, piece = 0, write_piece()
         # os.write releases the GIL: the SHA-256 runs on the other core meanwhile.
         with self._accounting(view):
             try:
                 while done < len(view):
-                    done += os.write(self._fd, view[done : done + write_piece()])
+                    done += os.write(self._fd, view[done : done + piece])
             except OSError as e:
                 raise _io_error(f"writing {self._tmp}", e) from e
         self._behind.wrote_to(self._pos)
