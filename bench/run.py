@@ -1,6 +1,6 @@
 """Every benchmark of issue 9 in one command; writes bench/RESULTS.md and bench/results/*.png.
 
-    python3 bench/run.py [--quick] [--cpus 1|2] [--runs 5] [--scratch DIR]
+    python3 bench/run.py [--quick] [--cpus 1|2] [--runs 5] [--scratch DIR] [--fresh-memory]
                          [--samples 512,2048,8192] [--scale 1,64,256,1024] [--skip SECTION,...]
 
 Sections (each can be skipped): ``formats`` (real vmcores of TCG guests: our format writers
@@ -12,7 +12,10 @@ against OpenSSH sftp, curl and smbclient), ``e2e`` (the whole save over SFTP on 
 samples against ``makedumpfile -F -l -d 31 | ssh``, bench/sftp_e2e.py). Commands are pinned
 to the first ``--cpus`` CPUs (default one, as a capture kernel with nr_cpus=1), ours and the
 reference interleaved, medians of ``--runs``. When a goal is missed, a cProfile summary of
-our command says what limits it. ``--quick`` runs a subset in under three minutes. Nothing
+our command says what limits it. ``--quick`` runs a subset in under three minutes. Free page
+reporting (a virtio balloon handing freed memory to the host, whose page faults then land on
+whoever touches it next) is off while the bench runs, after the free memory is written once
+(bench/measure.py settled_memory); ``--fresh-memory`` leaves it as it is. Nothing
 under bench/results is edited by hand: this command writes every file there
 (capture_fitness.md comes from bench/capture_fitness.py, which this runs too unless skipped
 or --quick).
@@ -410,8 +413,39 @@ def _fresh_memory_cell(probe: dict | None) -> str:
     return (
         f"{how}; writing {probe['mib']} MiB into a new tmpfs file took "
         f"{min(probe['wall'])}-{max(probe['wall'])} s ({min(probe['system'])}-"
-        f"{max(probe['system'])} s of system time) over {len(probe['wall'])} rounds: the "
-        "servers of the transport rows write every upload into new memory like this"
+        f"{max(probe['system'])} s of system time) over {len(probe['wall'])} rounds at the "
+        "start (the transport servers and every output file write into new memory)"
+    )
+
+
+def _settled_cell(m: dict) -> str:
+    """What measure.settled_memory did for this run, and what new memory cost then."""
+    info = m.get("settled")
+    if info is None:
+        return "left as it was (`--fresh-memory`)"
+    if not info:
+        return "no free page reporting: nothing to settle"
+    if info.get("already_off"):
+        return f"free page reporting already off (order {info['order_before']})"
+    if "error" in info:
+        return f"{info['error']}: figures may carry the host's page faults"
+    probe = m.get("settled_probe")
+    after = (
+        f"; then writing {probe['mib']} MiB into a new tmpfs file took "
+        f"{min(probe['wall'])}-{max(probe['wall'])} s"
+        if probe
+        else ""
+    )
+    backed = (
+        f"after writing {info['backed_mib']} MiB of free memory once ({info['backed_s']} s) so "
+        "that the host backs it"
+        if info["backed_mib"]
+        else "free memory not written first (`--quick`)"
+    )
+    return (
+        f"free page reporting off while the bench ran (page_reporting_order "
+        f"{info['order_before']} -> {info['order_during']}, back after), {backed}{after} "
+        "(bench/measure.py settled_memory; `--fresh-memory` leaves it on)"
     )
 
 
@@ -435,6 +469,7 @@ def report(args, res: dict) -> str:
         f"of {args.runs} interleaved runs; peak RSS from GNU time (max over runs) |",
         f"| load average | {res['load'][0]} at start, {res['load'][1]} at end (1, 5, 15 min) |",
         f"| fresh memory | {_fresh_memory_cell(m.get('fresh_memory'))} |",
+        f"| memory during the run | {_settled_cell(m)} |",
         f"| sections reused from an earlier run | {', '.join(res.get('reused', [])) or 'none'} |",
         "",
         "Our Python runs as `python3 -S` with PYTHONPATH set, as in the capture kernel "
@@ -987,55 +1022,8 @@ def _save_raw(path: str, res: dict) -> None:
         json.dump(res, f, indent=1, default=str)
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="a subset in under three minutes")
-    ap.add_argument("--cpus", type=int, default=1, help="pin to the first N CPUs (default 1)")
-    ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--scratch", default=None, help="directory for outputs and bigcores")
-    ap.add_argument("--samples", default="512,2048,8192", help="real samples (MiB of guest RAM)")
-    ap.add_argument("--scale", default="1,64,256,1024", help="bigcore sizes in GiB")
-    ap.add_argument(
-        "--scale-l1-full",
-        type=int,
-        default=64,
-        help="level 1 gets --runs runs up to this size, one run above",
-    )
-    ap.add_argument(
-        "--scale-l1-max", type=int, default=1 << 20, help="no level 1 above this size (GiB)"
-    )
-    ap.add_argument("--scale-runs", type=int, default=None, help="runs per scale case")
-    ap.add_argument(
-        "--scale-one-run", type=int, default=1 << 20, help="one run per case from this size (GiB)"
-    )
-    ap.add_argument(
-        "--reuse",
-        default="",
-        help="sections to take from bench/results/raw.json of an earlier run instead of running",
-    )
-    ap.add_argument("--memory-sizes", default="1,16", help="bigcore sizes (GiB) for memory")
-    ap.add_argument("--transport-mb", type=int, default=1024)
-    ap.add_argument(
-        "--e2e-samples", default="512,2048", help="real samples (MiB) for the SFTP end to end"
-    )
-    ap.add_argument(
-        "--skip", default="", help="sections to skip: formats,scale,memory,transports,e2e,fitness"
-    )
-    ap.add_argument("--keep-bigcores", action="store_true")
-    ap.add_argument("--keep-below", type=int, default=256, help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    measure.precompile()
-    skip = set(filter(None, args.skip.split(",")))
-    if args.quick:
-        args.samples, args.scale, args.memory_sizes = "512", "1,4", "1,4"
-        args.scale_l1_full = 1
-        skip |= {"transports", "e2e", "fitness"}
-    args.scale = [int(x) for x in args.scale.split(",") if x]
-    args.scale_runs = args.scale_runs or args.runs
-    args.memory_sizes = [int(x) for x in args.memory_sizes.split(",") if x]
-    args.e2e_samples = [int(x) for x in args.e2e_samples.split(",") if x]
-    res: dict = {"machine": machine(), "load": [load()], "formats": [], "scale": []}
-    res["machine"]["fresh_memory"] = fresh_memory_probe()
+def run_sections(args, res: dict, skip: set[str]) -> None:
+    """Every section not skipped or reused, in order; raw.json after each."""
     if res["machine"]["accelerator"].startswith("pure Python"):
         log(
             f"warning: {res['machine']['accelerator']}: build it with "
@@ -1077,6 +1065,73 @@ def main() -> int:
             env=dict(os.environ, PYTHONPATH=ROOT),
             check=False,
         )
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="a subset in under three minutes")
+    ap.add_argument("--cpus", type=int, default=1, help="pin to the first N CPUs (default 1)")
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--scratch", default=None, help="directory for outputs and bigcores")
+    ap.add_argument("--samples", default="512,2048,8192", help="real samples (MiB of guest RAM)")
+    ap.add_argument("--scale", default="1,64,256,1024", help="bigcore sizes in GiB")
+    ap.add_argument(
+        "--scale-l1-full",
+        type=int,
+        default=64,
+        help="level 1 gets --runs runs up to this size, one run above",
+    )
+    ap.add_argument(
+        "--scale-l1-max", type=int, default=1 << 20, help="no level 1 above this size (GiB)"
+    )
+    ap.add_argument("--scale-runs", type=int, default=None, help="runs per scale case")
+    ap.add_argument(
+        "--scale-one-run", type=int, default=1 << 20, help="one run per case from this size (GiB)"
+    )
+    ap.add_argument(
+        "--reuse",
+        default="",
+        help="sections to take from bench/results/raw.json of an earlier run instead of running",
+    )
+    ap.add_argument("--memory-sizes", default="1,16", help="bigcore sizes (GiB) for memory")
+    ap.add_argument("--transport-mb", type=int, default=1024)
+    ap.add_argument(
+        "--e2e-samples", default="512,2048", help="real samples (MiB) for the SFTP end to end"
+    )
+    ap.add_argument(
+        "--skip", default="", help="sections to skip: formats,scale,memory,transports,e2e,fitness"
+    )
+    ap.add_argument("--keep-bigcores", action="store_true")
+    ap.add_argument(
+        "--fresh-memory",
+        action="store_true",
+        help="leave free page reporting as it is (by default the bench turns it off while it "
+        "runs and writes the free memory once first: see measure.settled_memory)",
+    )
+    ap.add_argument("--keep-below", type=int, default=256, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.scratch:
+        os.makedirs(args.scratch, exist_ok=True)
+    measure.precompile()
+    skip = set(filter(None, args.skip.split(",")))
+    if args.quick:
+        args.samples, args.scale, args.memory_sizes = "512", "1,4", "1,4"
+        args.scale_l1_full = 1
+        skip |= {"transports", "e2e", "fitness"}
+    args.scale = [int(x) for x in args.scale.split(",") if x]
+    args.scale_runs = args.scale_runs or args.runs
+    args.memory_sizes = [int(x) for x in args.memory_sizes.split(",") if x]
+    args.e2e_samples = [int(x) for x in args.e2e_samples.split(",") if x]
+    res: dict = {"machine": machine(), "load": [load()], "formats": [], "scale": []}
+    res["machine"]["fresh_memory"] = fresh_memory_probe()
+    with contextlib.ExitStack() as stack:
+        if not args.fresh_memory:
+            # --quick keeps to its three minutes: writing all free memory can take a minute
+            settled = stack.enter_context(measure.settled_memory(log=log, touch=not args.quick))
+            res["machine"]["settled"] = settled
+            if "backed_mib" in settled:  # what new memory costs now
+                res["machine"]["settled_probe"] = fresh_memory_probe()
+        run_sections(args, res, skip)
     res["load"].append(load())
     res["plots"] = plots(res)
     os.makedirs(RESULTS_DIR, exist_ok=True)

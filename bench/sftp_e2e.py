@@ -1,6 +1,7 @@
 """End to end over SFTP on loopback: our save against the Red Hat pipeline, on real samples.
 
     python3 bench/sftp_e2e.py [--samples 512,2048] [--runs 5] [--cpus 1] [--scratch DIR]
+        [--fresh-memory]
 
 Ours: the whole `kdump-capture save` with KDUMP_SAVEDIR=sftp://... (the kdump-compressed
 file written in place with seeks, dmesg.txt, the SHA-256 of the file read back, README,
@@ -196,14 +197,24 @@ def main() -> int:
     ap.add_argument("--samples", default="512,2048", help="real samples (MiB of guest RAM)")
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--cpus", type=int, default=1)
-    ap.add_argument("--scratch", default=None)
+    ap.add_argument("--scratch", default=None, help="directory for outputs (made if missing)")
+    ap.add_argument(
+        "--fresh-memory",
+        action="store_true",
+        help="leave free page reporting on (see bench.measure.settled_memory)",
+    )
     a = ap.parse_args()
     from tests.vmkit import get_sample
 
+    if a.scratch:
+        os.makedirs(a.scratch, exist_ok=True)
     samples = [
         (f"{mib} MiB guest", str(get_sample(int(mib)).path)) for mib in a.samples.split(",") if mib
     ]
-    data = measure_all(samples, a.runs, a.cpus, a.scratch)
+    with contextlib.ExitStack() as stack:
+        if not a.fresh_memory:
+            stack.enter_context(measure.settled_memory())
+        data = measure_all(samples, a.runs, a.cpus, a.scratch)
     print("\n".join(report_lines(data)))
     return 0
 

@@ -11,8 +11,14 @@ and the CIFS rows give smbd's CPU per upload, to tell a client-bound upload from
 server-bound one. The S3 uploads run in child processes that also report their
 peak RSS (VmHWM), both ours and boto3's.
 
+Our sinks hash every byte they send (the manifest's checksum), which the reference clients
+do not. With the default ``--checksum sha256`` ours uploads a second time in each round with
+XXH3-128 (``KDUMP_CHECKSUM=xxh3``): the goal rows are the default's, the XXH3 rows are
+context that shows the transport with a cheap hash. Free page reporting is off while it
+runs (``bench.measure.settled_memory``; ``--fresh-memory`` leaves it on).
+
     python3 bench/transports.py [--size-mb 1024] [--runs 3] [--only s3] [--server-cpus 1]
-        [--checksum xxh3]
+        [--checksum xxh3] [--fresh-memory]
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from typing import NamedTuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.measure import settled_memory  # noqa: E402
 from kdump_capture import checksum  # noqa: E402
 from kdump_capture.urls import Target, parse_target  # noqa: E402
 from tests.servers.common import unix_user  # noqa: E402
@@ -325,6 +332,11 @@ def main() -> None:
         "bench's own CPUs, as in a capture kernel whose server is another machine; default: "
         "the servers share the clients' CPUs",
     )
+    ap.add_argument(
+        "--fresh-memory",
+        action="store_true",
+        help="leave free page reporting on (see bench.measure.settled_memory)",
+    )
     args = ap.parse_args()
     size = args.size_mb * 1_000_000
     work = tempfile.mkdtemp(prefix="kdump-bench-")
@@ -341,9 +353,15 @@ def main() -> None:
     s3_peaks: dict[str, list[int]] = {"ours": [], "boto3": []}
     load_before = os.getloadavg()[0]
     algorithm = checksum.BY_CONFIG[args.checksum]
+    # Each round uploads once per algorithm: the one asked for, and XXH3 beside SHA-256.
+    algorithms = [algorithm]
+    if algorithm == checksum.SHA256 and xxh3_available():
+        algorithms.append(checksum.XXH3)
     settings = TransportSettings(timeout=60.0, checksum=algorithm)
     try:
         with contextlib.ExitStack() as stack:
+            if not args.fresh_memory:
+                notes["memory"] = stack.enter_context(settled_memory())
             ssh = stack.enter_context(sshd(os.path.join(work, "sshd")))
             ssh_dir = os.path.join(work, "sftp-out")
             os.makedirs(ssh_dir, mode=0o700)
@@ -397,7 +415,14 @@ def main() -> None:
             cases = [
                 (
                     "sftp",
-                    ours(_t(f"sftp://root@127.0.0.1:{ssh.port}{ssh_dir}"), ssh_settings, src),
+                    {
+                        a: ours(
+                            _t(f"sftp://root@127.0.0.1:{ssh.port}{ssh_dir}"),
+                            ssh_settings.replace(checksum=a),
+                            src,
+                        )
+                        for a in algorithms
+                    },
                     [
                         (
                             "OpenSSH sftp -b",
@@ -410,13 +435,16 @@ def main() -> None:
                 (
                     "ftp (vsftpd)",
                     # The password goes into the Target, not a URL or argv (curl: netrc).
-                    ours(
-                        _t(f"ftp://{user}@127.0.0.1:{ftp.port}{ftp_root}").replace(
-                            password=PASSWORD
-                        ),
-                        settings,
-                        src,
-                    ),
+                    {
+                        a: ours(
+                            _t(f"ftp://{user}@127.0.0.1:{ftp.port}{ftp_root}").replace(
+                                password=PASSWORD
+                            ),
+                            settings.replace(checksum=a),
+                            src,
+                        )
+                        for a in algorithms
+                    },
                     [
                         (
                             "curl -T",
@@ -438,7 +466,12 @@ def main() -> None:
                 ),
                 (
                     "cifs (smbd)",
-                    on_smbd("ours", ours(cifs_target, settings, src)),
+                    {
+                        a: on_smbd(
+                            f"ours {a}", ours(cifs_target, settings.replace(checksum=a), src)
+                        )
+                        for a in algorithms
+                    },
                     [
                         (
                             SMBCLIENT,
@@ -460,7 +493,7 @@ def main() -> None:
                 ),
                 (
                     "s3 (SeaweedFS)",
-                    s3_child("ours", src, s3, s3_peaks["ours"], algorithm),
+                    {a: s3_child("ours", src, s3, s3_peaks["ours"], a) for a in algorithms},
                     [
                         (
                             "boto3 upload_file",
@@ -475,40 +508,45 @@ def main() -> None:
                 cases = [c for c in cases if c[0].split()[0] in args.only.split(",")]
             for label, mine, refs, cleanup in cases:
                 # Alternate ours and the references, so all see the same background load.
-                t_mine: list[tuple[float, float]] = []
+                t_mine: dict[str, list[tuple[float, float]]] = {a: [] for a in mine}
                 t_refs: list[list[tuple[float, float]]] = [[] for _ in refs]
                 for i in range(args.runs):
-                    t_mine.append(timed(mine, f"ours-{i}", cleanup))
+                    for a, fn in mine.items():
+                        t_mine[a].append(timed(fn, f"ours-{i}", cleanup))
                     for j, (_, ref, _) in enumerate(refs):
                         t_refs[j].append(timed(ref, f"ref{j}-{i}", cleanup))
-                m_mine = statistics.median(t for t, _ in t_mine)
-                c_mine = statistics.median(c for _, c in t_mine)
-                for (ref_label, _, goal), t_ref in zip(refs, t_refs, strict=True):
-                    m_ref = statistics.median(t for t, _ in t_ref)
-                    c_ref = statistics.median(c for _, c in t_ref)
-                    server = (
-                        (
-                            statistics.median(smbd_cpu["ours"]),
-                            statistics.median(smbd_cpu[ref_label]),
+                for a, times in t_mine.items():
+                    m_mine = statistics.median(t for t, _ in times)
+                    c_mine = statistics.median(c for _, c in times)
+                    mine_label = label if a == algorithm else f"{label}, {ALGORITHM_SHORT[a]}"
+                    for (ref_label, _, goal), t_ref in zip(refs, t_refs, strict=True):
+                        m_ref = statistics.median(t for t, _ in t_ref)
+                        c_ref = statistics.median(c for _, c in t_ref)
+                        server = (
+                            (
+                                statistics.median(smbd_cpu[f"ours {a}"]),
+                                statistics.median(smbd_cpu[ref_label]),
+                            )
+                            if ref_label in smbd_cpu
+                            else None
                         )
-                        if ref_label in smbd_cpu
-                        else None
-                    )
-                    rows.append(
-                        Row(label, ref_label, m_mine, m_ref, size, c_mine, c_ref, goal, server)
-                    )
-                    print(
-                        f"{label:14} ours {size / m_mine / 1e6:7.1f} MB/s  "
-                        f"{ref_label} {size / m_ref / 1e6:7.1f} MB/s  "
-                        f"ratio {m_ref / m_mine:.2f}  "
-                        f"client CPU s ours {c_mine:.2f} reference {c_ref:.2f}"
-                        + (
-                            f"  server CPU s ours {server[0]:.2f} reference {server[1]:.2f}"
-                            if server
-                            else ""
-                        ),
-                        flush=True,
-                    )
+                        row = Row(
+                            mine_label, ref_label, m_mine, m_ref, size, c_mine, c_ref,
+                            goal and a == algorithm, server,
+                        )  # fmt: skip
+                        rows.append(row)
+                        print(
+                            f"{mine_label:14} ours {size / m_mine / 1e6:7.1f} MB/s  "
+                            f"{ref_label} {size / m_ref / 1e6:7.1f} MB/s  "
+                            f"ratio {m_ref / m_mine:.2f}  "
+                            f"client CPU s ours {c_mine:.2f} reference {c_ref:.2f}"
+                            + (
+                                f"  server CPU s ours {server[0]:.2f} reference {server[1]:.2f}"
+                                if server
+                                else ""
+                            ),
+                            flush=True,
+                        )
                 if label.startswith("cifs"):
                     notes["cifs"] = (
                         f"{cifs_signing(cifs_target, settings, smb.conf)}; smbstatus, "
@@ -516,8 +554,12 @@ def main() -> None:
                         f"{SMBCLIENT_SIGNED}: signing {smbclient_signing(smb_sign, smb.conf)} "
                         '("full": every message signed; "partial": the session setup only)'
                     )
-            notes["hash_s"] = statistics.median(hash_seconds(src, algorithm) for _ in range(3))
-            notes["algorithm"] = checksum.ALGORITHMS[algorithm].what
+            notes["hash_s"] = {
+                checksum.ALGORITHMS[a].what: statistics.median(
+                    hash_seconds(src, a) for _ in range(3)
+                )
+                for a in algorithms
+            }
             notes["read_s"] = statistics.median(read_seconds(src) for _ in range(3))
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -537,21 +579,49 @@ def _args(args) -> str:
 
 
 def checksum_note(notes: dict) -> str:
-    """The share of our time that is the SHA-256 the reference clients do not compute."""
+    """What the checksum our sinks compute costs alone, on the bench's CPUs."""
     if "hash_s" not in notes:
         return ""
+    each = ", ".join(f"{what} {s:.2f} s" for what, s in notes["hash_s"].items())
     return (
-        f"Ours computes the file's {notes['algorithm']} while it uploads (the manifest's "
-        f"checksum); the reference clients do not. Reading and hashing the source alone takes "
-        f"{notes['hash_s']:.2f} s here (reading alone {notes['read_s']:.2f} s), on the "
-        "CPUs the bench runs on."
+        "Ours computes the file's checksum while it uploads (the manifest's); the reference "
+        f"clients do not. Reading and hashing the source alone takes: {each} (reading alone "
+        f"{notes['read_s']:.2f} s), on the CPUs the bench runs on."
+    )
+
+
+def memory_note(info: dict | None) -> str:
+    """How the run treated memory that the host takes back (bench.measure.settled_memory)."""
+    if info is None:
+        return "Memory: free page reporting left as it was (`--fresh-memory`)."
+    if not info:
+        return "Memory: no free page reporting here."
+    if info.get("already_off"):
+        return f"Memory: free page reporting was off (order {info['order_before']})."
+    if "error" in info:
+        return f"Memory: {info['error']}; figures may carry the host's page faults."
+    return (
+        f"Memory: free page reporting off while this ran (order {info['order_before']} -> "
+        f"{info['order_during']}), after writing {info['backed_mib']} MiB of free memory once "
+        f"({info['backed_s']} s): the servers write every upload into new page cache."
     )
 
 
 CONTEXT_NOTE = (
-    "\\* context, not a goal: the 0.9x goal is against the reference's default settings; "
-    "server CPU s: the server's processes (smbd and its per-connection child) per upload."
+    "\\* context, not a goal: the 0.9x goal is ours with the checksum asked for (SHA-256, "
+    "the default) against the reference's default settings; server CPU s: the server's "
+    "processes (smbd and its per-connection child) per upload."
 )
+# How a row names the checksum it was uploaded with, when it is not the one asked for.
+ALGORITHM_SHORT = {checksum.SHA256: "SHA-256", checksum.XXH3: "XXH3"}
+
+
+def xxh3_available() -> bool:
+    try:
+        import xxhash  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _sftp_argv(ssh, work: str, src: str, out: str, name: str) -> list[str]:
@@ -593,7 +663,7 @@ def _write(
         )
     if not all(r.goal for r in rows):
         lines += ["", CONTEXT_NOTE]
-    lines += ["", checksum_note(notes)]
+    lines += ["", checksum_note(notes), "", memory_note(notes.get("memory"))]
     if "cifs" in notes:
         lines += ["", f"CIFS: {notes['cifs']}."]
     if s3_peaks["ours"]:
