@@ -684,10 +684,13 @@ def _convert(d: Directive, value: str, location: str, warnings: list[str]) -> ob
     try:
         return d.kind.convert(value)
     except _Invalid as err:
-        problem = str(err)
+        # A URL with a password given to the wrong directive is echoed here. The kinds quote
+        # the value with repr(), which writes a tab between two URLs as the two characters
+        # "\t" and so glues them into one word that redact() cannot take apart: redact the
+        # value before it is quoted, then the message as a whole.
+        problem = str(err).replace(repr(value), repr(redact(value)))
         if d.name == "KDUMP_DUMPLEVEL" and value.strip().lower() in _DUMPFORMATS:
             problem += " (a dump format belongs in KDUMP_DUMPFORMAT)"
-        # redact: a URL with a password given to the wrong directive is echoed here.
         raise ConfigError(
             f"{_where(location, d.name)}: {redact(problem)}; allowed: {d.kind.allowed}"
         ) from None
