@@ -5,8 +5,8 @@
  * Why our own: zlib prepares each stream by clearing its 64 KiB hash table
  * (deflateReset), 16 times the page it then compresses, and moves every bit of the output
  * through a 16-bit buffer. Here the table is kept across pages and its entries carry the
- * page's generation (stale ones read as empty), the input is hashed in place and bits go
- * out 32 at a time. What decides the output is zlib's level-1 algorithm, followed step by
+ * page's generation (stale ones read as empty), the input is hashed in place, candidates
+ * are compared 8 bytes at a time and each symbol's bits go out in one 8-byte store. What decides the output is zlib's level-1 algorithm, followed step by
  * step:
  *  - matching (deflate_fast): at each position the 3-byte hash chain is searched, newest
  *    first, for at most 4 candidates, stopping at a match of 8 bytes (nice length); a
@@ -86,6 +86,7 @@ struct kz {
     uint16_t head[KZ_HSIZE]; /* newest position of each hash | generation << 12 */
     uint16_t prev[PAGE];     /* the chain: the position inserted before, same hash */
     unsigned gen;
+    uint8_t out[PAGE + 64]; /* the stream as it is written: room for whole 8-byte stores */
     uint8_t win[PAGE + MAX_MATCH + 8]; /* the page, then zeros */
     uint16_t sym_dist[PAGE];           /* 0 for a literal */
     uint16_t sym_lc[PAGE];             /* the literal, or match length - 3 */
@@ -134,9 +135,10 @@ void kz_init(void)
         for (n = 0; n < (1 << extra_lbits[code]); n++)
             length_code[length++] = (uint8_t)code;
     }
-    /* Length 258 has two codes (284 with 5 extra bits, or 285): zlib sends 285. */
+    /* Length 258 has two codes (284 with 5 extra bits, or 285): zlib sends 285, which has
+     * no extra bits (its base is 258, so the extra value compress_block adds is 0). */
     length_code[length - 1] = (uint8_t)code;
-    base_length[LENGTH_CODES - 1] = 0;
+    base_length[LENGTH_CODES - 1] = MAX_MATCH - MIN_MATCH;
     int dist = 0;
     for (code = 0; code < D_CODES; code++) {
         base_dist[code] = (uint16_t)dist;
@@ -203,7 +205,28 @@ static inline unsigned common(const uint8_t *a, const uint8_t *b, unsigned from,
     return n;
 }
 
-/* The longest match for position s among its chain from cur (match start in *start). */
+/* Which of the 8 bytes loaded into x and y first differs (x != y): the lowest in memory. */
+static inline unsigned first_difference(uint64_t x, uint64_t y)
+{
+#if defined(__GNUC__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    return (unsigned)__builtin_ctzll(x ^ y) >> 3;
+#elif defined(__GNUC__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+    return (unsigned)__builtin_clzll(x ^ y) >> 3;
+#else
+    unsigned n = 0;
+    uint8_t a[8], b[8];
+    memcpy(a, &x, 8);
+    memcpy(b, &y, 8);
+    while (a[n] == b[n])
+        n++;
+    return n;
+#endif
+}
+
+/* The longest match for position s among its chain from cur (match start in *start).
+ * zlib skips a candidate whose bytes 0, 1, best - 1 or best differ from the scan's, which
+ * is to say whose match is no longer than the best so far; here the first 8 bytes of both
+ * are compared at once, and a candidate is taken when its match is longer, as in zlib. */
 static unsigned longest_match(const kz_t *z, unsigned s, unsigned cur, unsigned lookahead,
                               unsigned *start)
 {
@@ -211,13 +234,17 @@ static unsigned longest_match(const kz_t *z, unsigned s, unsigned cur, unsigned 
     unsigned chain = MAX_CHAIN;
     unsigned best = MIN_MATCH - 1;
     unsigned nice = NICE_MATCH < lookahead ? NICE_MATCH : lookahead;
+    uint64_t head;
+    memcpy(&head, scan, 8);
     do {
         const uint8_t *m = z->win + cur;
-        if (m[best] != scan[best] || m[best - 1] != scan[best - 1] || m[0] != scan[0] ||
-            m[1] != scan[1])
-            continue;
-        /* Byte 2 agrees too (same hash, first two bytes equal), as zlib assumes. */
-        unsigned len = common(scan, m, 3, MAX_MATCH);
+        uint64_t x;
+        memcpy(&x, m, 8);
+        unsigned len;
+        if (x != head)
+            len = first_difference(x, head);
+        else
+            len = common(scan, m, 8, MAX_MATCH);
         if (len > best) {
             *start = cur;
             best = len;
@@ -306,13 +333,13 @@ static void pqsift_root(uint32_t *q, int len)
 {
     uint32_t v = q[1];
     int k = 1, j = 2;
-    while (j <= len) {
-        j += j < len && KEY(q[j + 1]) <= KEY(q[j]);
+    while (j <= len) { /* q[len + 1] is the largest key: a missing right child never wins */
+        j += KEY(q[j + 1]) <= KEY(q[j]);
         q[k] = q[j];
         k = j;
         j <<= 1;
     }
-    while (k > 1 && KEY(v) <= KEY(q[k >> 1])) {
+    while (KEY(v) <= KEY(q[k >> 1])) { /* q[0] is 0, below every entry: stops at the root */
         q[k] = q[k >> 1];
         k >>= 1;
     }
@@ -371,8 +398,9 @@ static void gen_bitlen(kz_t *z, kz_tree_t *t, const uint16_t *slen, const uint8_
 static void build_tree(kz_t *z, kz_tree_t *t, int elems, const uint16_t *slen,
                        const uint8_t *extra, int base, int max_length)
 {
-    uint32_t q[HEAP_SIZE];
+    uint32_t q[HEAP_SIZE + 1];
     int n, len = 0, max_code = -1, node;
+    q[0] = 0;
     for (n = 0; n < elems; n++) {
         if (t->freq[n])
             q[++len] = (uint32_t)t->freq[n] << 18 | (uint32_t)(max_code = n);
@@ -389,6 +417,7 @@ static void build_tree(kz_t *z, kz_tree_t *t, int elems, const uint16_t *slen,
             z->static_len -= slen[node];
     }
     t->max_code = max_code;
+    q[len + 1] = UINT32_MAX;
     for (n = len / 2; n >= 1; n--)
         pqdownheap(q, len, n);
     /* Merge the two smallest until one is left; z->heap[heap_max..] gets the nodes, the
@@ -397,7 +426,8 @@ static void build_tree(kz_t *z, kz_tree_t *t, int elems, const uint16_t *slen,
     node = elems;
     do {
         uint32_t a = q[1];
-        q[1] = q[len--];
+        q[1] = q[len];
+        q[len--] = UINT32_MAX;
         pqsift_root(q, len);
         uint32_t b = q[1];
         z->heap[--z->heap_max] = NODE(a);
@@ -416,35 +446,46 @@ static void build_tree(kz_t *z, kz_tree_t *t, int elems, const uint16_t *slen,
 /* ---- output ---- */
 
 typedef struct {
-    uint8_t *o, *end;
-    uint64_t acc;
-    unsigned n;
-    int full;
+    uint8_t *o, *limit; /* limit: past it the stream no longer fits a page */
+    uint64_t acc;       /* bits not yet stored, the first in the lowest bit */
+    unsigned n;         /* how many: at most 7 between symbols */
 } bits_t;
 
+/* Adds bits to the accumulator; a symbol's codes (at most 48 bits) then one store. */
 static inline void put(bits_t *b, unsigned value, unsigned len)
 {
     b->acc |= (uint64_t)value << b->n;
     b->n += len;
-    if (b->n >= 32) {
-        uint32_t w = (uint32_t)b->acc;
-        if (b->end - b->o >= 4) {
-            b->o[0] = (uint8_t)w, b->o[1] = (uint8_t)(w >> 8), b->o[2] = (uint8_t)(w >> 16),
-            b->o[3] = (uint8_t)(w >> 24);
-            b->o += 4;
-        } else {
-            b->full = 1; /* the stream does not fit: the page is stored raw */
-        }
-        b->acc >>= 32;
-        b->n -= 32;
-    }
+}
+
+/* Stores the whole bytes of the accumulator: 8 bytes written, the whole ones kept. */
+static inline void store(bits_t *b)
+{
+    uint64_t a = b->acc;
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    memcpy(b->o, &a, 8);
+#else
+    for (int i = 0; i < 8; i++)
+        b->o[i] = (uint8_t)(a >> 8 * i);
+#endif
+    unsigned whole = b->n >> 3;
+    b->o += whole;
+    b->acc = a >> 8 * whole;
+    b->n &= 7;
+}
+
+/* put then store: for the header and the code lengths, a few bits at a time. */
+static inline void put_store(bits_t *b, unsigned value, unsigned len)
+{
+    put(b, value, len);
+    store(b);
 }
 
 /* One code-length code: counted in the code-length tree (b NULL) or sent. */
 static inline void bl_code(kz_t *z, bits_t *b, int sym)
 {
     if (b)
-        put(b, z->bt.code[sym], z->bt.len[sym]);
+        put_store(b, z->bt.code[sym], z->bt.len[sym]);
     else
         z->bt.freq[sym]++;
 }
@@ -475,15 +516,15 @@ static void walk_tree(kz_t *z, kz_tree_t *t, bits_t *b)
             }
             bl_code(z, b, REP_3_6);
             if (b)
-                put(b, (unsigned)count - 3, 2);
+                put_store(b, (unsigned)count - 3, 2);
         } else if (count <= 10) {
             bl_code(z, b, REPZ_3_10);
             if (b)
-                put(b, (unsigned)count - 3, 3);
+                put_store(b, (unsigned)count - 3, 3);
         } else {
             bl_code(z, b, REPZ_11_138);
             if (b)
-                put(b, (unsigned)count - 11, 7);
+                put_store(b, (unsigned)count - 11, 7);
         }
         count = 0;
         prevlen = curlen;
@@ -496,26 +537,29 @@ static void walk_tree(kz_t *z, kz_tree_t *t, bits_t *b)
     }
 }
 
-static void compress_block(const kz_t *z, bits_t *b, const uint16_t *lcode, const uint16_t *llen,
-                           const uint16_t *dcode, const uint16_t *dlen)
+/* The symbols of the page in codes; 0, or 1 when the stream passed b->limit. */
+static int compress_block(const kz_t *z, bits_t *b, const uint16_t *lcode, const uint16_t *llen,
+                          const uint16_t *dcode, const uint16_t *dlen)
 {
     for (int i = 0; i < z->nsym; i++) {
         unsigned dist = z->sym_dist[i], lc = z->sym_lc[i];
         if (dist == 0) {
             put(b, lcode[lc], llen[lc]);
-            continue;
-        }
-        unsigned code = length_code[lc];
-        put(b, lcode[code + LITERALS + 1], llen[code + LITERALS + 1]);
-        if (extra_lbits[code])
+        } else {
+            unsigned code = length_code[lc];
+            put(b, lcode[code + LITERALS + 1], llen[code + LITERALS + 1]);
             put(b, lc - base_length[code], extra_lbits[code]);
-        dist--;
-        code = dist_code[dist];
-        put(b, dcode[code], dlen[code]);
-        if (extra_dbits[code])
+            dist--;
+            code = dist_code[dist];
+            put(b, dcode[code], dlen[code]);
             put(b, dist - base_dist[code], extra_dbits[code]);
+        }
+        store(b);
+        if (b->o > b->limit)
+            return 1;
     }
-    put(b, lcode[END_BLOCK], llen[END_BLOCK]);
+    put_store(b, lcode[END_BLOCK], llen[END_BLOCK]);
+    return 0;
 }
 
 /* The Adler-32 of a page (RFC 1950), as zlib's adler32(1, pg, PAGE) gives it. */
@@ -586,39 +630,38 @@ size_t kz_page(kz_t *z, const uint8_t *pg, uint8_t *dst)
     if (PAGE + 4 <= opt_lenb || 2 + opt_lenb + 4 >= PAGE)
         return PAGE;
 
-    bits_t b = {dst + 2, dst + PAGE - 4, 0, 0, 0};
-    dst[0] = 0x78, dst[1] = 0x01; /* deflate, 32 KiB window, level flag 0 (fastest) */
+    /* Past PAGE - 5 bytes of header and codes, the stream with its Adler-32 (4) takes a
+     * page or more: the page is stored raw. Below that the size decides, exactly. A store
+     * writes 8 bytes from at most there, plus a symbol's 6: z->out has the room. */
+    bits_t b = {z->out + 2, z->out + PAGE - 5, 0, 0};
+    int full;
     if (static_lenb == opt_lenb) {
-        put(&b, (1 << 1) + 1, 3); /* fixed codes, last block */
-        compress_block(z, &b, fixed_lcode, fixed_llen, fixed_dcode, fixed_dlen);
+        put_store(&b, (1 << 1) + 1, 3); /* fixed codes, last block */
+        full = compress_block(z, &b, fixed_lcode, fixed_llen, fixed_dcode, fixed_dlen);
     } else {
-        put(&b, (2 << 1) + 1, 3); /* dynamic codes, last block */
-        put(&b, (unsigned)(z->lt.max_code + 1 - 257), 5);
-        put(&b, (unsigned)(z->dt.max_code + 1 - 1), 5);
-        put(&b, (unsigned)(max_blindex + 1 - 4), 4);
+        put_store(&b, (2 << 1) + 1, 3); /* dynamic codes, last block */
+        put_store(&b, (unsigned)(z->lt.max_code + 1 - 257), 5);
+        put_store(&b, (unsigned)(z->dt.max_code + 1 - 1), 5);
+        put_store(&b, (unsigned)(max_blindex + 1 - 4), 4);
         for (int rank = 0; rank <= max_blindex; rank++)
-            put(&b, z->bt.len[bl_order[rank]], 3);
+            put_store(&b, z->bt.len[bl_order[rank]], 3);
         walk_tree(z, &z->lt, &b);
         walk_tree(z, &z->dt, &b);
-        compress_block(z, &b, z->lt.code, z->lt.len, z->dt.code, z->dt.len);
+        full = compress_block(z, &b, z->lt.code, z->lt.len, z->dt.code, z->dt.len);
     }
-    /* the bits left, to a byte boundary */
-    while (b.n > 0 && !b.full) {
-        if (b.o >= b.end) {
-            b.full = 1;
-            break;
-        }
-        *b.o++ = (uint8_t)b.acc;
-        b.acc >>= 8;
-        b.n = b.n > 8 ? b.n - 8 : 0;
-    }
-    if (b.full)
+    if (full)
+        return PAGE;
+    if (b.n > 0) /* the bits left, to a byte boundary (store wrote them already) */
+        b.o++;
+    size_t size = (size_t)(b.o - z->out) + 4;
+    if (size >= PAGE)
         return PAGE;
     uint32_t a = adler_page(pg);
+    z->out[0] = 0x78, z->out[1] = 0x01; /* deflate, 32 KiB window, level flag 0 (fastest) */
     b.o[0] = (uint8_t)(a >> 24), b.o[1] = (uint8_t)(a >> 16), b.o[2] = (uint8_t)(a >> 8),
     b.o[3] = (uint8_t)a;
-    size_t size = (size_t)(b.o + 4 - dst);
-    return size < PAGE ? size : PAGE;
+    memcpy(dst, z->out, size);
+    return size;
 }
 
 /* ---- the check against the linked zlib ---- */

@@ -9,6 +9,7 @@ import random
 import shutil
 import subprocess
 import sys
+import zlib
 
 import pytest
 import zstandard
@@ -151,6 +152,35 @@ def test_own_deflate_gives_zlibs_bytes(seed):
     # and Python's zlib module, page by page, for a part
     part = offsets[: n // 5]
     assert ZlibCodec(accelerated=False).pack_py(src, part, False) == _both_deflates(src, part)
+
+
+def _near_a_page(rng: random.Random) -> list[bytes]:
+    """Pages whose zlib stream (level 1) takes from a few bytes under a page to a few over:
+    noise for the first k bytes and text after it, k found by bisection, then k around it."""
+    text = b"".join(b"cpu %d: task %d\n" % (i % 7, i) for i in range(PAGE))[:PAGE]
+    noise = rng.randbytes(PAGE)
+    lo, hi = 0, PAGE
+    while hi - lo > 1:
+        k = (lo + hi) // 2
+        if len(zlib.compress(noise[:k] + text[k:], 1)) < PAGE:
+            lo = k
+        else:
+            hi = k
+    return [noise[:k] + text[k:] for k in range(max(0, lo - 24), min(PAGE, lo + 24))]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_own_deflate_at_the_edge_of_a_page(seed):
+    # A stream of PAGE - 1 bytes is stored compressed, one of PAGE bytes raw (makedumpfile
+    # -c's rule): ours must draw that line where zlib's size puts it, not near it.
+    pages = _near_a_page(random.Random(seed))
+    sizes = {len(zlib.compress(p, 1)) for p in pages}
+    assert {PAGE - 2, PAGE - 1} & sizes and max(sizes) >= PAGE  # both sides of the line
+    src = b"".join(pages)
+    offsets = array.array("Q", range(0, len(src), PAGE))
+    data, words = _both_deflates(src, offsets)
+    stored = [w & 0xFFFFFFFF for w in array.array("Q", words)]
+    assert stored == [min(len(zlib.compress(p, 1)), PAGE) for p in pages]
 
 
 def test_own_deflate_gives_zlibs_bytes_on_every_page_of_a_real_vmcore(real_sample):
