@@ -386,3 +386,25 @@ def settled_memory(
     finally:
         with open(path, "w") as f:
             f.write(old)
+
+
+def settled_text(info: dict | None) -> str:
+    """What settled_memory did, in words for a report; None: it was not asked to."""
+    if info is None:
+        return "free page reporting left as it was (`--fresh-memory`)"
+    if not info:
+        return "no free page reporting here: nothing to settle"
+    if info.get("already_off"):
+        return f"free page reporting already off (order {info['order_before']})"
+    if "error" in info:
+        return f"{info['error']}: figures may carry the host's page faults"
+    backed = (
+        f"after writing {info['backed_mib']} MiB of free memory once ({info['backed_s']} s) so "
+        "that the host backs it"
+        if info["backed_mib"]
+        else "free memory not written first (`--quick`)"
+    )
+    return (
+        f"free page reporting off while the bench ran (page_reporting_order "
+        f"{info['order_before']} -> {info['order_during']}, back after), {backed}"
+    )

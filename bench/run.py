@@ -421,32 +421,16 @@ def _fresh_memory_cell(probe: dict | None) -> str:
 def _settled_cell(m: dict) -> str:
     """What measure.settled_memory did for this run, and what new memory cost then."""
     info = m.get("settled")
-    if info is None:
-        return "left as it was (`--fresh-memory`)"
-    if not info:
-        return "no free page reporting: nothing to settle"
-    if info.get("already_off"):
-        return f"free page reporting already off (order {info['order_before']})"
-    if "error" in info:
-        return f"{info['error']}: figures may carry the host's page faults"
+    text = measure.settled_text(info)
+    if not info or "order_during" not in info:
+        return text
     probe = m.get("settled_probe")
-    after = (
-        f"; then writing {probe['mib']} MiB into a new tmpfs file took "
-        f"{min(probe['wall'])}-{max(probe['wall'])} s"
-        if probe
-        else ""
-    )
-    backed = (
-        f"after writing {info['backed_mib']} MiB of free memory once ({info['backed_s']} s) so "
-        "that the host backs it"
-        if info["backed_mib"]
-        else "free memory not written first (`--quick`)"
-    )
-    return (
-        f"free page reporting off while the bench ran (page_reporting_order "
-        f"{info['order_before']} -> {info['order_during']}, back after), {backed}{after} "
-        "(bench/measure.py settled_memory; `--fresh-memory` leaves it on)"
-    )
+    if probe:
+        text += (
+            f"; then writing {probe['mib']} MiB into a new tmpfs file took "
+            f"{min(probe['wall'])}-{max(probe['wall'])} s"
+        )
+    return text + " (bench/measure.py settled_memory; `--fresh-memory` leaves it on)"
 
 
 def report(args, res: dict) -> str:

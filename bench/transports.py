@@ -38,7 +38,7 @@ from typing import NamedTuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.measure import settled_memory  # noqa: E402
+from bench.measure import settled_memory, settled_text  # noqa: E402
 from kdump_capture import checksum  # noqa: E402
 from kdump_capture.urls import Target, parse_target  # noqa: E402
 from tests.servers.common import unix_user  # noqa: E402
@@ -591,20 +591,9 @@ def checksum_note(notes: dict) -> str:
 
 
 def memory_note(info: dict | None) -> str:
-    """How the run treated memory that the host takes back (bench.measure.settled_memory)."""
-    if info is None:
-        return "Memory: free page reporting left as it was (`--fresh-memory`)."
-    if not info:
-        return "Memory: no free page reporting here."
-    if info.get("already_off"):
-        return f"Memory: free page reporting was off (order {info['order_before']})."
-    if "error" in info:
-        return f"Memory: {info['error']}; figures may carry the host's page faults."
-    return (
-        f"Memory: free page reporting off while this ran (order {info['order_before']} -> "
-        f"{info['order_during']}), after writing {info['backed_mib']} MiB of free memory once "
-        f"({info['backed_s']} s): the servers write every upload into new page cache."
-    )
+    """How the run treated memory that the host takes back: the servers write every upload
+    into new page cache (bench.measure.settled_memory)."""
+    return f"Memory: {settled_text(info)}."
 
 
 CONTEXT_NOTE = (
