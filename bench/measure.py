@@ -314,10 +314,47 @@ def page_orders(buddyinfo: str = "/proc/buddyinfo") -> int:
         return len(f.readline().split()) - 4
 
 
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def cgroup_room(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> int | None:
+    """Bytes this process's memory cgroup lets it add before its limit (its page cache
+    counts as used), or None when no limit is set or none can be read (v2, then v1)."""
+    text = _read(proc_cgroup)
+    for line in (text or "").splitlines():
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        hid, controllers, path = parts
+        if hid == "0" and not controllers:  # the unified (v2) hierarchy
+            dirs = [f"{root}{path}", f"{root}/unified{path}"]
+            names = ("memory.max", "memory.current")
+        elif "memory" in controllers.split(","):
+            dirs = [f"{root}/memory{path}"]
+            names = ("memory.limit_in_bytes", "memory.usage_in_bytes")
+        else:
+            continue
+        for d in dirs:
+            limit, used = (_read(f"{d}/{n}") for n in names)
+            if limit and used and limit.isdigit() and used.isdigit() and int(limit) < 1 << 60:
+                return max(0, int(limit) - int(used))
+    return None
+
+
 def touch_free_memory(margin_mib: int) -> tuple[int, float]:
-    """Write all free memory but ``margin_mib`` once (anonymous, then freed): MiB, seconds."""
+    """Write all free memory but ``margin_mib`` once (anonymous, then freed): MiB, seconds.
+    Within a memory cgroup's limit too, so that a container running the bench is not the
+    one killed for it."""
     with open("/proc/meminfo") as f:
         free_mib = next(int(line.split()[1]) for line in f if line.startswith("MemFree:")) >> 10
+    room = cgroup_room()
+    if room is not None:
+        free_mib = min(free_mib, room >> 20)
     size = max(0, free_mib - margin_mib) << 20
     if not size:
         return 0, 0.0

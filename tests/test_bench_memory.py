@@ -144,3 +144,58 @@ def test_the_reports_say_what_was_done(settled, words):
     assert words in cell
     assert ("settled_memory" in cell) == (settled is not None and "order_during" in settled)
     assert words in transports.memory_note(settled)
+
+
+def _cgroup(tmp_path, lines: str, files: dict[str, str]) -> tuple[str, str]:
+    proc = tmp_path / "cgroup"
+    proc.write_text(lines)
+    root = tmp_path / "fs"
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text + "\n")
+    return str(proc), str(root)
+
+
+def test_cgroup_room_v2(tmp_path):
+    proc, root = _cgroup(
+        tmp_path, "0::/bench\n", {"bench/memory.max": "1073741824", "bench/memory.current": "1024"}
+    )
+    assert measure.cgroup_room(proc, root) == (1 << 30) - 1024
+
+
+def test_cgroup_room_v1(tmp_path):
+    proc, root = _cgroup(
+        tmp_path,
+        "5:devices:/\n4:memory:/ci/job\n0::/\n",
+        {
+            "memory/ci/job/memory.limit_in_bytes": "4096",
+            "memory/ci/job/memory.usage_in_bytes": "5000",
+        },
+    )
+    assert measure.cgroup_room(proc, root) == 0  # over its limit already: nothing to write
+
+
+@pytest.mark.parametrize(
+    ("lines", "files"),
+    [
+        ("0::/\n", {"memory.max": "max", "memory.current": "5"}),  # v2, no limit
+        ("4:memory:/\n", {"memory/memory.limit_in_bytes": "9223372036854771712",
+                          "memory/memory.usage_in_bytes": "5"}),  # v1, no limit
+        ("0::/gone\n", {}),  # nothing readable
+    ],
+)  # fmt: skip
+def test_cgroup_room_without_a_limit(tmp_path, lines, files):
+    proc, root = _cgroup(tmp_path, lines, files)
+    assert measure.cgroup_room(proc, root) is None
+
+
+def test_touch_free_memory_keeps_within_the_cgroup(monkeypatch, tmp_path):
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemFree: 20971520 kB\n")  # 20 GiB free on the host
+    real_open = open
+    monkeypatch.setattr(
+        "builtins.open",
+        lambda f, *a, **k: real_open(meminfo if f == "/proc/meminfo" else f, *a, **k),
+    )
+    monkeypatch.setattr(measure, "cgroup_room", lambda: 300 << 20)
+    assert measure.touch_free_memory(margin_mib=100)[0] == 200
