@@ -425,6 +425,12 @@ def settled_memory(
             f.write(old)
 
 
+def settled_unless(fresh: bool, **kw):
+    """settled_memory(**kw), or, when ``--fresh-memory`` asked to leave memory alone, a
+    block that yields None (which settled_text reports as such)."""
+    return contextlib.nullcontext() if fresh else settled_memory(**kw)
+
+
 def settled_text(info: dict | None) -> str:
     """What settled_memory did, in words for a report; None: it was not asked to."""
     if info is None:

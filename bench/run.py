@@ -1108,13 +1108,11 @@ def main() -> int:
     args.e2e_samples = [int(x) for x in args.e2e_samples.split(",") if x]
     res: dict = {"machine": machine(), "load": [load()], "formats": [], "scale": []}
     res["machine"]["fresh_memory"] = fresh_memory_probe()
-    with contextlib.ExitStack() as stack:
-        if not args.fresh_memory:
-            # --quick keeps to its three minutes: writing all free memory can take a minute
-            settled = stack.enter_context(measure.settled_memory(log=log, touch=not args.quick))
-            res["machine"]["settled"] = settled
-            if "backed_mib" in settled:  # what new memory costs now
-                res["machine"]["settled_probe"] = fresh_memory_probe()
+    # --quick keeps to its three minutes: writing all free memory can take a minute
+    with measure.settled_unless(args.fresh_memory, log=log, touch=not args.quick) as settled:
+        res["machine"]["settled"] = settled
+        if settled and "order_during" in settled:  # what new memory costs now
+            res["machine"]["settled_probe"] = fresh_memory_probe()
         run_sections(args, res, skip)
     res["load"].append(load())
     res["plots"] = plots(res)

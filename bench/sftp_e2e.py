@@ -211,9 +211,7 @@ def main() -> int:
     samples = [
         (f"{mib} MiB guest", str(get_sample(int(mib)).path)) for mib in a.samples.split(",") if mib
     ]
-    with contextlib.ExitStack() as stack:
-        if not a.fresh_memory:
-            stack.enter_context(measure.settled_memory())
+    with measure.settled_unless(a.fresh_memory):
         data = measure_all(samples, a.runs, a.cpus, a.scratch)
     print("\n".join(report_lines(data)))
     return 0

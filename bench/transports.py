@@ -38,8 +38,9 @@ from typing import NamedTuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.measure import settled_memory, settled_text  # noqa: E402
+from bench.measure import settled_text, settled_unless  # noqa: E402
 from kdump_capture import checksum  # noqa: E402
+from kdump_capture.errors import NotSupported  # noqa: E402
 from kdump_capture.urls import Target, parse_target  # noqa: E402
 from tests.servers.common import unix_user  # noqa: E402
 from tests.servers.ftp import vsftpd  # noqa: E402
@@ -360,8 +361,7 @@ def main() -> None:
     settings = TransportSettings(timeout=60.0, checksum=algorithm)
     try:
         with contextlib.ExitStack() as stack:
-            if not args.fresh_memory:
-                notes["memory"] = stack.enter_context(settled_memory())
+            notes["memory"] = stack.enter_context(settled_unless(args.fresh_memory))
             ssh = stack.enter_context(sshd(os.path.join(work, "sshd")))
             ssh_dir = os.path.join(work, "sftp-out")
             os.makedirs(ssh_dir, mode=0o700)
@@ -518,7 +518,8 @@ def main() -> None:
                 for a, times in t_mine.items():
                     m_mine = statistics.median(t for t, _ in times)
                     c_mine = statistics.median(c for _, c in times)
-                    mine_label = label if a == algorithm else f"{label}, {ALGORITHM_SHORT[a]}"
+                    name = checksum.ALGORITHMS[a].config.upper()  # a row's own checksum
+                    mine_label = label if a == algorithm else f"{label}, {name}"
                     for (ref_label, _, goal), t_ref in zip(refs, t_refs, strict=True):
                         m_ref = statistics.median(t for t, _ in t_ref)
                         c_ref = statistics.median(c for _, c in t_ref)
@@ -601,14 +602,13 @@ CONTEXT_NOTE = (
     "the default) against the reference's default settings; server CPU s: the server's "
     "processes (smbd and its per-connection child) per upload."
 )
-# How a row names the checksum it was uploaded with, when it is not the one asked for.
-ALGORITHM_SHORT = {checksum.SHA256: "SHA-256", checksum.XXH3: "XXH3"}
 
 
 def xxh3_available() -> bool:
+    """Whether this Python can hash with XXH3 (the xxhash package), as our sinks would."""
     try:
-        import xxhash  # noqa: F401
-    except ImportError:
+        checksum.new(checksum.XXH3)
+    except NotSupported:
         return False
     return True
 

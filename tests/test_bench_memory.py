@@ -199,3 +199,14 @@ def test_touch_free_memory_keeps_within_the_cgroup(monkeypatch, tmp_path):
     )
     monkeypatch.setattr(measure, "cgroup_room", lambda: 300 << 20)
     assert measure.touch_free_memory(margin_mib=100)[0] == 200
+
+
+def test_fresh_memory_leaves_reporting_alone(param):
+    param, touched = param
+    with measure.settled_unless(True, path=str(param)) as info:
+        assert param.read_text() == "9\n"
+    assert info is None and touched == []
+    assert "`--fresh-memory`" in run._settled_cell({"settled": info})
+    with measure.settled_unless(False, log=lambda _: None, path=str(param)) as info:
+        assert param.read_text() == "11"
+    assert info["order_during"] == "11"
