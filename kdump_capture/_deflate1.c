@@ -6,8 +6,8 @@
  * (deflateReset), 16 times the page it then compresses, and moves every bit of the output
  * through a 16-bit buffer. Here the table is kept across pages and its entries carry the
  * page's generation (stale ones read as empty), the input is hashed in place, candidates
- * are compared 8 bytes at a time and each symbol's bits go out in one 8-byte store. What decides the output is zlib's level-1 algorithm, followed step by
- * step:
+ * are compared 8 bytes at a time and each symbol's bits go out in one 8-byte store. What
+ * decides the output is zlib's level-1 algorithm, followed step by step:
  *  - matching (deflate_fast): at each position the 3-byte hash chain is searched, newest
  *    first, for at most 4 candidates, stopping at a match of 8 bytes (nice length); a
  *    match of at most 4 bytes has each of its positions inserted into the hash chains, a
@@ -462,7 +462,7 @@ static inline void put(bits_t *b, unsigned value, unsigned len)
 static inline void store(bits_t *b)
 {
     uint64_t a = b->acc;
-#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+#if defined(__GNUC__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
     memcpy(b->o, &a, 8);
 #else
     for (int i = 0; i < 8; i++)
