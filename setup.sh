@@ -21,8 +21,7 @@ if ! python3 -m pip --version >/dev/null 2>&1 && command -v apt-get >/dev/null; 
     apt-get install -y -qq --no-install-recommends python3-pip >/dev/null
 fi
 # Debian's own python3 refuses system-wide pip installs (PEP 668); this tool runs as root in
-# the capture kernel and on the host, so install it system-wide there as well. The test
-# extra brings xxhash (KDUMP_CHECKSUM=xxh3); production hosts that want it: '.[xxh3]'.
+# the capture kernel and on the host, so install it system-wide there as well.
 if ! python3 -m pip install -q -e '.[test,bench]' 2>/tmp/kdump-capture-pip.err; then
     if grep -q externally-managed /tmp/kdump-capture-pip.err; then
         python3 -m pip install -q --break-system-packages -e '.[test,bench]'

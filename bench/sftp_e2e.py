@@ -4,16 +4,16 @@
         [--fresh-memory]
 
 Ours: the whole `kdump-capture save` with KDUMP_SAVEDIR=sftp://... (the kdump-compressed
-file written in place with seeks, dmesg.txt, the SHA-256 of the file read back, README,
-manifest). The reference: what RHEL's kdump runs for an ssh target,
-``makedumpfile -F -l -d 31 VMCORE | ssh host 'cat > vmcore.flat'`` (a flattened stream to
-rebuild later with ``makedumpfile -R``; lzo, no checksum). Both are pinned to the same
-CPUs (the capture kernel's one CPU); the OpenSSH server is not pinned: it stands for
-another machine. Runs are interleaved, figures are medians; the ssh client uses the key
-and known_hosts the test fixture made (host key checked, as ours). The goal (issue 9) is
-on ``compressed -d 31``; ``zstd -d 31`` is shown beside it, and ``lzo -d 31``: the
-reference's own codec and pages, so the gap left is our save around the codec.
-bench/run.py puts the table into bench/RESULTS.md; run alone, this prints it.
+file written in place with seeks, dmesg.txt, the checksum of the file read back (XXH3-128,
+the default KDUMP_CHECKSUM), README, manifest). The reference: what RHEL's kdump runs for an
+ssh target, ``makedumpfile -F -l -d 31 VMCORE | ssh host 'cat > vmcore.flat'`` (a flattened
+stream to rebuild later with ``makedumpfile -R``; lzo, no checksum). Both are pinned to the
+same CPUs (the capture kernel's one CPU); the OpenSSH server is not pinned: it stands for
+another machine. Runs are interleaved, figures are medians; the ssh client uses the key and
+known_hosts the test fixture made (host key checked, as ours). The goal (issue 9) is on
+``compressed -d 31``; ``zstd -d 31`` is shown beside it, and ``lzo -d 31``: the reference's
+own codec and pages, so the gap left is our save around the codec. bench/run.py puts the
+table into bench/RESULTS.md; run alone, this prints it.
 """
 
 from __future__ import annotations
@@ -135,7 +135,7 @@ def report_lines(data: dict, goals: list | None = None) -> list[str]:
         "## End to end over SFTP on loopback (real samples)",
         "",
         "Ours: the whole `kdump-capture save` to `sftp://` (kdump-compressed file written in "
-        "place, dmesg, SHA-256 read back, README, manifest). Reference: RHEL's "
+        "place, dmesg, its XXH3-128 read back, README, manifest). Reference: RHEL's "
         "`makedumpfile -F -l -d 31 VMCORE | ssh host 'cat > vmcore.flat'` (flattened, lzo, no "
         "checksum). Both pinned to the same CPUs, the sshd server not; interleaved runs; CPU "
         "is user + system time of the pinned side (ours: our process; reference: makedumpfile "

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kdump_capture import heartbeat, private
+from kdump_capture import config, heartbeat, private
 from kdump_capture.errors import ConfigError, NotSupported
 from kdump_capture.identity import local_identity
 from kdump_capture.load import rebuild
@@ -340,11 +340,12 @@ def add_payload(arc: cpio.Archive, payload: runtime.Payload) -> None:
 def image_features(cfg: Mapping[str, str]) -> tuple[str, ...]:
     """The configured features whose libraries the image must carry (keys of
     runtime.FEATURE_MODULES): `cryptography` for KDUMP_ENCRYPT_TO (only public keys travel),
-    `xxhash` for KDUMP_CHECKSUM=xxh3."""
+    `xxhash` for KDUMP_CHECKSUM=xxh3 (the default, also where the mapping has no value)."""
     features = []
     if cfg.get("KDUMP_ENCRYPT_TO", "").strip():
         features.append("encrypt")
-    if cfg.get("KDUMP_CHECKSUM", "").strip().lower() == "xxh3":
+    default = config.BY_NAME["KDUMP_CHECKSUM"].default
+    if (cfg.get("KDUMP_CHECKSUM", "").strip() or default).lower() == "xxh3":
         features.append("xxh3")
     return tuple(features)
 

@@ -98,8 +98,8 @@ DIST_FILES = ("METADATA", "entry_points.txt", "top_level.txt")
 # carry otherwise.
 # decrypt runs on an admin's machine, never in a capture kernel, but its lazy import of age
 # would pull cryptography (11 MiB) into every image: it belongs to the feature too.
-# xxh3sum (KDUMP_CHECKSUM=xxh3) is the only importer of `xxhash` (0.1 MiB): an image with
-# the default SHA-256 has no use for it.
+# xxh3sum (KDUMP_CHECKSUM=xxh3, the default) is the only importer of `xxhash` (0.1 MiB): an
+# image with KDUMP_CHECKSUM=sha256 has no use for it.
 FEATURE_MODULES = {
     "encrypt": ("kdump_capture.age", "kdump_capture.decrypt"),
     "xxh3": ("kdump_capture.xxh3sum",),

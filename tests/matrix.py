@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+from kdump_capture import checksum
 from kdump_capture.elf import EHDR, NHDR, PHDR, PT_NOTE, Ehdr, Phdr
 from kdump_capture.errors import EXIT_CODES
 from kdump_capture.policy import parse_dump_name
@@ -307,6 +308,15 @@ def snapshot(path: str) -> dict[str, tuple[str, int]]:
     return out
 
 
+def recorded_digest_of(path: str, info: dict) -> str:
+    """The file's digest by the algorithm its manifest entry names (SHA-256 if none)."""
+    h = checksum.new(info.get("algorithm", checksum.SHA256))
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
 def sha256_of(path: str) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
@@ -361,7 +371,10 @@ def inspect(root: str, older: str, source: str) -> list[DirState]:
                 p = os.path.join(path, fname)
                 if not os.path.isfile(p):
                     st.verified.append(f"{fname}: missing")
-                elif (os.path.getsize(p), sha256_of(p)) != (info.get("size"), info.get("sha256")):
+                elif (os.path.getsize(p), recorded_digest_of(p, info)) != (
+                    info.get("size"),
+                    info.get(info.get("algorithm", checksum.SHA256)),
+                ):
                     st.verified.append(f"{fname}: does not match the manifest")
         if "vmcore" in st.files:
             st.vmcore_sha = sha256_of(os.path.join(path, "vmcore"))

@@ -22,6 +22,7 @@ from tests.test_save_network import run_save, write_config
 from .helpers import cli, save_args
 
 XXH3 = ("KDUMP_CHECKSUM=xxh3",)
+SHA256 = ("KDUMP_CHECKSUM=sha256",)
 
 
 @pytest.fixture(scope="module")
@@ -88,19 +89,34 @@ def test_xxh3_flipped_byte_fails_verify(xd):
     assert "vmcore" in r.err and "xxh3-128" in r.err and "README.txt" not in r.err
 
 
-def test_default_is_sha256_and_named(sample, tmp_path):
+def test_default_is_xxh3(sample, tmp_path):
     d = _save(sample, tmp_path / "dumps")
+    files = _manifest(d)["files"]
+    assert {n: i["algorithm"] for n, i in files.items()} == {
+        "vmcore": "xxh3-128",
+        "README.txt": "xxh3-128",
+    }
+    h = checksum.new(checksum.XXH3)
+    h.update(sample.read_bytes())
+    assert files["vmcore"]["xxh3-128"] == h.hexdigest()
+
+
+def test_sha256_is_named_and_sha256sum_agrees(sample, tmp_path):
+    d = _save(sample, tmp_path / "dumps", *SHA256)
     info = _manifest(d)["files"]["vmcore"]
     # "sha256" keeps its key: readers written before KDUMP_CHECKSUM still find it
     assert info["algorithm"] == "sha256"
     assert info["sha256"] == hashlib.sha256(sample.read_bytes()).hexdigest()
+    ref = subprocess.run(["sha256sum", str(d / "vmcore")], capture_output=True, text=True)
+    assert ref.stdout.split()[0] == info["sha256"]
+    assert f"sha256 {info['sha256']}" in (d / "README.txt").read_text()
     r = cli("verify", str(d), timeout=60)
     assert r.rc == 0 and "sha256" in r.out, r.err
 
 
 def test_old_sha256_only_manifest_still_verifies(sample, tmp_path):
     """A manifest as written before KDUMP_CHECKSUM: {size, sha256}, no algorithm."""
-    d = _save(sample, tmp_path / "dumps")
+    d = _save(sample, tmp_path / "dumps", *SHA256)
     _rewrite(d, lambda doc: [info.pop("algorithm") for info in doc["files"].values()])
     assert all(set(i) == {"size", "sha256"} for i in _manifest(d)["files"].values())
     r = cli("verify", str(d), timeout=60)
@@ -179,14 +195,14 @@ def test_xxh3_matches_the_reference_vectors():
 
 def test_config_values(tmp_path):
     r = cli("show-config", "--config", "/nonexistent/kdump")
-    assert r.rc == 0 and 'KDUMP_CHECKSUM="sha256"' in r.out, r.err
-    r = cli("show-config", "--config", "/nonexistent/kdump", "--set", "KDUMP_CHECKSUM=XXH3")
-    assert r.rc == 0 and 'KDUMP_CHECKSUM="XXH3"' in r.out, r.err
+    assert r.rc == 0 and 'KDUMP_CHECKSUM="xxh3"' in r.out, r.err
+    r = cli("show-config", "--config", "/nonexistent/kdump", "--set", "KDUMP_CHECKSUM=SHA256")
+    assert r.rc == 0 and 'KDUMP_CHECKSUM="SHA256"' in r.out, r.err
     conf = tmp_path / "kdump"
     conf.write_text('KDUMP_SAVEDIR="file:///tmp"\nKDUMP_CHECKSUM="md5"\n')
     r = cli("show-config", "--config", str(conf))
     assert r.rc == 2, (r.rc, r.err)
-    assert f"{conf}:2: KDUMP_CHECKSUM" in r.err and "allowed: sha256, xxh3" in r.err
+    assert f"{conf}:2: KDUMP_CHECKSUM" in r.err and "allowed: xxh3, sha256" in r.err
 
 
 @pytest.fixture
@@ -206,8 +222,12 @@ def test_xxh3_without_the_module_fails_before_writing(sample, tmp_path, no_xxhas
     assert "--set KDUMP_CHECKSUM" in r.err and "pip install xxhash" in r.err
     assert "python3-xxhash" in r.err and "Traceback" not in r.err
     assert not savedir.exists() or not os.listdir(savedir)
-    # the default needs nothing new
-    assert cli(*save_args(str(sample), str(savedir)), env=no_xxhash).rc == 0
+    # the default is XXH3 too, and fails alike before writing
+    r = cli(*save_args(str(sample), str(savedir)), env=no_xxhash)
+    assert r.rc == 9 and "pip install xxhash" in r.err, (r.rc, r.err)
+    assert not savedir.exists() or not os.listdir(savedir)
+    # SHA-256 needs nothing beyond the standard library
+    assert cli(*save_args(str(sample), str(savedir), *SHA256), env=no_xxhash).rc == 0
     # verify of an XXH3 dump says what is missing, with exit 9, before reading any file
     r = cli("verify", str(xxh3_dump), env=no_xxhash, timeout=60)
     assert r.rc == 9 and "xxhash" in r.err and "OK " not in r.out, (r.rc, r.err)
@@ -262,8 +282,11 @@ def test_xxh3_with_encryption(sample, tmp_path, keys):  # noqa: F811
 
 
 def test_xxhash_only_when_xxh3_is_on(tmp_path):
-    """xxh3sum is the only importer of xxhash: a default image must not carry it."""
+    """xxh3sum is the only importer of xxhash: an image with KDUMP_CHECKSUM=sha256 must not
+    carry it, and a default one must."""
     assert builder.image_features({"KDUMP_CHECKSUM": "sha256"}) == ()
+    assert builder.image_features({}) == ("xxh3",)
+    assert builder.image_features({"KDUMP_CHECKSUM": ""}) == ("xxh3",)
     assert builder.image_features({"KDUMP_CHECKSUM": "XXH3"}) == ("xxh3",)
     assert builder.image_features({"KDUMP_CHECKSUM": "xxh3", "KDUMP_ENCRYPT_TO": "age1x"}) == (
         "encrypt",

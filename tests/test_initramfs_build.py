@@ -278,8 +278,9 @@ def test_cli_builds_with_config_and_set(tmp_path, capsys):
 
 
 def test_xxhash_is_packed_and_works_only_with_xxh3(built, tmp_path):
-    """KDUMP_CHECKSUM=xxh3: the packed interpreter hashes with XXH3-128 (the xxhash package
-    travels); the default image has no xxhash and says so as NotSupported, not a traceback."""
+    """KDUMP_CHECKSUM=xxh3 (the default): the packed interpreter hashes with XXH3-128 (the
+    xxhash package travels); an image with KDUMP_CHECKSUM=sha256 has no xxhash and says so as
+    NotSupported, not a traceback."""
     code = (
         "from kdump_capture import checksum\n"
         "try:\n"
@@ -301,11 +302,11 @@ def test_xxhash_is_packed_and_works_only_with_xxh3(built, tmp_path):
         return r.stdout.strip()
 
     _report, _out, tree, names, _raw = built
-    assert not [n for n in names if "/xxhash/" in n]
-    assert run(tree).startswith("NotSupported checksum xxh3-128 needs the xxhash package")
-    out = tmp_path / "xxh3.img"
+    assert [n for n in names if "/xxhash/" in n and "_xxhash" in n]
+    assert run(tree) == "06b05ab6733a618578af5f94892f3950"  # xxh128sum of "abc"
+    out = tmp_path / "sha256.img"
     builder.build(
-        load_config(None, [*SETTINGS, "KDUMP_CHECKSUM=xxh3"]),
+        load_config(None, [*SETTINGS, "KDUMP_CHECKSUM=sha256"]),
         str(out),
         kernel_version=KVER,
         modules_root=str(fake_modules_root(tmp_path)),
@@ -316,4 +317,6 @@ def test_xxhash_is_packed_and_works_only_with_xxh3(built, tmp_path):
     tree.mkdir()
     raw = zstandard.ZstdDecompressor().stream_reader(out.read_bytes()).read()
     subprocess.run(["cpio", "-idm", "--quiet"], input=raw, cwd=tree, check=True)
-    assert run(tree) == "06b05ab6733a618578af5f94892f3950"  # xxh128sum of "abc"
+    listing = subprocess.run(["cpio", "-it", "--quiet"], input=raw, capture_output=True)
+    assert not [n for n in listing.stdout.decode().split() if "/xxhash/" in n]
+    assert run(tree).startswith("NotSupported checksum xxh3-128 needs the xxhash package")
