@@ -15,7 +15,6 @@ run into the table in docs/RELIABILITY.md.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import re
@@ -33,7 +32,7 @@ from dataclasses import dataclass, field
 
 from kdump_capture import checksum
 from kdump_capture.elf import EHDR, NHDR, PHDR, PT_NOTE, Ehdr, Phdr
-from kdump_capture.errors import EXIT_CODES
+from kdump_capture.errors import EXIT_CODES, ManifestError
 from kdump_capture.policy import parse_dump_name
 from kdump_capture.sample import DEMO_LOG, KernelImage, SampleSpec, write_sample
 from kdump_capture.vmcore import open_vmcore
@@ -304,22 +303,17 @@ def snapshot(path: str) -> dict[str, tuple[str, int]]:
         out[os.path.relpath(dirpath, path) + "/"] = ("", os.stat(dirpath).st_mode)
         for f in files:
             p = os.path.join(dirpath, f)
-            out[os.path.relpath(p, path)] = (sha256_of(p), os.stat(p).st_mode)
+            out[os.path.relpath(p, path)] = (digest_of(p), os.stat(p).st_mode)
     return out
 
 
-def recorded_digest_of(path: str, info: dict) -> str:
-    """The file's digest by the algorithm its manifest entry names (SHA-256 if none)."""
-    h = checksum.new(info.get("algorithm", checksum.SHA256))
+def digest_of(path: str, algorithm: str = checksum.SHA256) -> str:
+    """The file's hex digest by ``algorithm`` (a key of kdump_capture.checksum.ALGORITHMS)."""
+    h = checksum.new(algorithm)
     with open(path, "rb") as f:
         while block := f.read(1 << 20):
             h.update(block)
     return h.hexdigest()
-
-
-def sha256_of(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def diff_ranges(a: str, b: str) -> list[tuple[int, int]] | None:
@@ -371,13 +365,16 @@ def inspect(root: str, older: str, source: str) -> list[DirState]:
                 p = os.path.join(path, fname)
                 if not os.path.isfile(p):
                     st.verified.append(f"{fname}: missing")
-                elif (os.path.getsize(p), recorded_digest_of(p, info)) != (
-                    info.get("size"),
-                    info.get(info.get("algorithm", checksum.SHA256)),
-                ):
+                    continue
+                try:  # the manifest's own checks: a malformed entry is a finding, not a crash
+                    algorithm, want = checksum.recorded(info, fname)
+                except ManifestError as e:
+                    st.verified.append(str(e))
+                    continue
+                if (os.path.getsize(p), digest_of(p, algorithm)) != (info.get("size"), want):
                     st.verified.append(f"{fname}: does not match the manifest")
         if "vmcore" in st.files:
-            st.vmcore_sha = sha256_of(os.path.join(path, "vmcore"))
+            st.vmcore_sha = digest_of(os.path.join(path, "vmcore"))
             st.vmcore_diff = diff_ranges(os.path.join(path, "vmcore"), source)
     return entries
 
@@ -717,7 +714,7 @@ def run_row(
         after = snapshot(older_path) if os.path.isdir(older_path) else None
         entries = inspect(root, older, sources[r.source])
     return Outcome(
-        row_id, kind, runs, older, before, after, entries, sha256_of(sources[r.source]), notes
+        row_id, kind, runs, older, before, after, entries, digest_of(sources[r.source]), notes
     )
 
 
