@@ -822,16 +822,21 @@ def scale_report(rows: list[dict], goals: list) -> list[str]:
             rss0 = base["levels"][key]["cases"][ci]["rss"]
             have = [
                 r
-                for r in rows
+                for r in rows[1:]
                 if key in r["levels"] and r["levels"][key]["cases"][ci]["samples_ok"]
             ]
+            goal = f"-d {level}: peak RSS within 4 MiB of the {base['gib']} GiB case"
+            if not have:  # the base against itself proves nothing
+                goals.append(
+                    ("scale", f"{name} {goal}", f"not measured above {base['gib']} GiB", False)
+                )
+                continue
             spread = max(r["levels"][key]["cases"][ci]["rss"] for r in have) - rss0
-            name += f" (up to {have[-1]['gib']} GiB)"
             goals.append(
                 (
                     "scale",
-                    f"{name} -d {level}: peak RSS within 4 MiB of the {base['gib']} GiB case",
-                    f"+{spread:.1f} MiB",
+                    f"{name} (up to {have[-1]['gib']} GiB) {goal}",
+                    f"{spread:+.1f} MiB",
                     spread <= 4.0,
                 )
             )
@@ -854,19 +859,23 @@ def scale_report(rows: list[dict], goals: list) -> list[str]:
                     wb <= 1.5 * wa,
                 )
             )
-    L += [
-        "",
-        "Seconds per GiB of RAM, wall / CPU (level 31; linear means the same figure at "
-        "every size):",
-        "",
-        "| RAM | " + " | ".join(c["name"] for c in base["levels"][31]["cases"]) + " |",
-        "|---:|" + "---:|" * len(base["levels"][31]["cases"]),
-    ]
-    for r in rows:
-        if 31 in r["levels"] and r["gib"] >= 64:
+    for level in (31, 1):
+        big = [r for r in rows if r["gib"] >= 64 and level in r["levels"]]
+        if not big:
+            continue
+        cases = big[0]["levels"][level]["cases"]
+        L += [
+            "",
+            f"Seconds per GiB of RAM, wall / CPU (level {level}; linear means the same figure "
+            "at every size):",
+            "",
+            "| RAM | " + " | ".join(c["name"] for c in cases) + " |",
+            "|---:|" + "---:|" * len(cases),
+        ]
+        for r in big:
             cells = [
                 f"{c['wall'] / r['gib']:.3f} / {_cpu(c) / r['gib']:.3f}"
-                for c in r["levels"][31]["cases"]
+                for c in r["levels"][level]["cases"]
             ]
             L.append(f"| {r['gib']} GiB | " + " | ".join(cells) + " |")
     L.append("")
