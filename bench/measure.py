@@ -112,9 +112,11 @@ def env() -> dict[str, str]:
 class Sample:
     wall: float
     rss_mib: float
-    cpu: float
+    cpu: float  # user + system
     size: int = 0
     stderr: str = ""
+    user: float = 0.0  # the two parts of cpu, as GNU time gives them
+    system: float = 0.0
 
 
 @dataclass
@@ -163,7 +165,7 @@ def run(argv: list[str], cpus: int, output: str | None = None, environ=None) -> 
             raise RuntimeError(f"failed ({p.returncode}): {shlex.join(argv)}\n{text[-2000:]}")
         fields = tf.read().split()[-3:]
     rss_kib, user, sys_ = int(fields[0]), float(fields[1]), float(fields[2])
-    return Sample(wall, rss_kib / 1024, user + sys_, _size(output), text[-4000:])
+    return Sample(wall, rss_kib / 1024, user + sys_, _size(output), text[-4000:], user, sys_)
 
 
 def _size(path: str | None) -> int:

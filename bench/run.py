@@ -338,6 +338,8 @@ def run_scale(args, res: dict) -> None:
                             "size": c.size,
                             "walls": [s.wall for s in c.samples],
                             "cpu_s": [s.cpu for s in c.samples],
+                            "user_s": [s.user for s in c.samples],
+                            "sys_s": [s.system for s in c.samples],
                             "samples_ok": bool(c.samples),
                         }
                         for c in cases
@@ -850,12 +852,19 @@ def scale_report(rows: list[dict], goals: list) -> list[str]:
             wa = a["levels"][key]["cases"][0]["wall"] / a["gib"]
             wb = b["levels"][key]["cases"][0]["wall"] / b["gib"]
             ca, cb = (_cpu(r["levels"][key]["cases"][0]) / r["gib"] for r in (a, b))
+            figure = f"{wb:.4f} vs {wa:.4f} s/GiB (CPU {cb:.4f} vs {ca:.4f}"
+            ua, ub = (r["levels"][key]["cases"][0].get("user_s") for r in (a, b))
+            if ua and ub:
+                ua, ub = (statistics.median(u) / r["gib"] for u, r in ((ua, a), (ub, b)))
+                figure += f"; user {ub:.4f} vs {ua:.4f}"
+            ref = [r["levels"][key]["cases"][1]["wall"] / r["gib"] for r in (a, b)]
+            figure += f"; makedumpfile {ref[1] / ref[0]:.2f}x)"
             goals.append(
                 (
                     "scale",
                     f"save compressed -d {level}: time linear in RAM "
                     f"(s per GiB at {b['gib']} vs {a['gib']} GiB, within 1.5x)",
-                    f"{wb:.4f} vs {wa:.4f} s/GiB (CPU {cb:.4f} vs {ca:.4f})",
+                    f"{wb / wa:.2f}x: {figure}",
                     wb <= 1.5 * wa,
                 )
             )
@@ -864,19 +873,24 @@ def scale_report(rows: list[dict], goals: list) -> list[str]:
         if not big:
             continue
         cases = big[0]["levels"][level]["cases"]
+        split = all(c.get("user_s") for r in big for c in r["levels"][level]["cases"])
         L += [
             "",
-            f"Seconds per GiB of RAM, wall / CPU (level {level}; linear means the same figure "
-            "at every size):",
+            f"Seconds per GiB of RAM, wall / CPU{' (user + system)' if split else ''} "
+            f"(level {level}; linear means the same figure at every size):",
             "",
             "| RAM | " + " | ".join(c["name"] for c in cases) + " |",
             "|---:|" + "---:|" * len(cases),
         ]
         for r in big:
-            cells = [
-                f"{c['wall'] / r['gib']:.3f} / {_cpu(c) / r['gib']:.3f}"
-                for c in r["levels"][level]["cases"]
-            ]
+            cells = []
+            for c in r["levels"][level]["cases"]:
+                g = r["gib"]
+                cell = f"{c['wall'] / g:.3f} / {_cpu(c) / g:.3f}"
+                if split:
+                    user, system = (statistics.median(c[k]) / g for k in ("user_s", "sys_s"))
+                    cell += f" ({user:.3f} + {system:.3f})"
+                cells.append(cell)
             L.append(f"| {r['gib']} GiB | " + " | ".join(cells) + " |")
     L.append("")
     return L

@@ -103,13 +103,17 @@ def test_bit(bm: bytes | bytearray, pfn: int) -> bool:
     return bool(bm[pfn >> 3] >> (pfn & 7) & 1)
 
 
-_POPCOUNT = bytes(bin(i).count("1") for i in range(256))
+_POPCOUNT = bytes(bin(i).count("1") for i in range(256))  # byte -> its set bits (translate)
+_COUNT_PIECE = 1 << 16  # bytes per int.bit_count(): its copy stays this small
 
 
-def count_bits(bm: bytes | bytearray) -> int:
-    """Number of set bits (``bytes.translate`` maps each byte to its popcount, in C)."""
-    table = bm.translate(_POPCOUNT) if isinstance(bm, bytes) else bytes(bm).translate(_POPCOUNT)
-    return sum(table)
+def count_bits(bm: bytes | bytearray | memoryview) -> int:
+    """Number of set bits (``int.bit_count`` over pieces of the bitmap, in C)."""
+    view = memoryview(bm).cast("B")
+    return sum(
+        int.from_bytes(view[i : i + _COUNT_PIECE], "little").bit_count()
+        for i in range(0, len(view), _COUNT_PIECE)
+    )
 
 
 def _byte_runs() -> list[tuple[tuple[int, int], ...]]:
@@ -506,12 +510,20 @@ class PageFilter:
         The consumer may change a window's bitmaps; the next window is made afresh.
         """
         cache = self._cache
-        keep: list[bytes] | None = [] if cache is None and self.cache_bytes > 0 else None
-        kept = 0
+        spans = self.window_spans()
+        # The 2nd bitmap's windows are kept only when all of them fit: known before the
+        # first one is made, so a larger machine never holds part of a cache it drops.
+        whole = sum(
+            (min((hi * self.window_pfns), self.half_len * 8) - lo * self.window_pfns) >> 3
+            for lo, hi in spans
+        )
+        keep: list[bytes] | None = None
+        if cache is None and 0 < whole <= self.cache_bytes:
+            keep = []
         state = ScanState()
         total = dumpable = 0
         i = 0
-        for lo, hi in self.window_spans():
+        for lo, hi in spans:
             for idx in range(lo, hi):
                 ws = idx * self.window_pfns
                 we = min(ws + self.window_pfns, self.half_len * 8)
@@ -523,11 +535,7 @@ class PageFilter:
                     if self.rules is not None:
                         self._exclude(ws, we, first, second, state)
                     if keep is not None:
-                        kept += len(second)
-                        if kept <= self.cache_bytes:
-                            keep.append(bytes(second))
-                        else:
-                            keep = None
+                        keep.append(bytes(second))
                 i += 1
                 if self._summary is None:
                     total += count_bits(first)
@@ -586,7 +594,8 @@ class PageFilter:
         spans = []
         for s, e, mem_map in self.mem_maps.sections(ws, we):
             lo, hi = max(s, ws), min(e, we)
-            if not any(first[(lo - ws) >> 3 : (hi - ws + 7) >> 3]):
+            a, b = (lo - ws) >> 3, (hi - ws + 7) >> 3
+            if first.count(0, a, b) == b - a:  # no RAM in this section (no slice copied)
                 continue
             sections.append((s, e, mem_map))
             spans.append((mem_map + (lo - s) * size, mem_map + (hi - s) * size))
