@@ -191,3 +191,32 @@ def test_mem_section_roots_bounded_by_vmcoreinfo(tmp_path):
         mm = kern.mem_maps(1 << 38)
         assert mm.ranges == [(0, 1 << 15, 0xFFFFEA0000000000)]  # one present section
         assert max(reads) <= 2048 * 8  # LENGTH(mem_section) roots, not 2^38 / 2^15 / 256
+
+
+def test_second_pass_cache_all_or_nothing(tmp_path):
+    # The first pass keeps the 2nd bitmap's windows for the second only when all of them
+    # fit cache_bytes; otherwise the second pass computes them again, the same.
+    k = KernelImage(2048)
+    k.pages = {FIRST + 1: PageState(flags=1 << PG_SLAB)}
+    k.build([(0, b"x")])
+    path = str(tmp_path / "c.elf")
+    k.write(path)
+    with open_vmcore(path) as vm:
+        whole = F.build_bitmaps(vm, 31, accelerated=False)
+        fits = F.PageFilter(vm, 31, window_pfns=512, cache_bytes=4096, accelerated=False)
+        n = sum(1 for _ in fits.windows())
+        assert n > 1 and fits._cache is not None and len(fits._cache) == n
+        tight = F.PageFilter(vm, 31, window_pfns=512, cache_bytes=(n - 1) * 64, accelerated=False)
+        seen = [bytes(w.second) for w in tight.windows()]
+        assert tight._cache is None
+        again = [bytes(w.second) for w in tight.windows()]
+        assert seen == again
+        assert F.build_bitmaps(vm, 31, window_pfns=512, cache_bytes=64, accelerated=False) == whole
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 8, 65535, 65536, 65537, 200_000])
+def test_count_bits(n):
+    data = bytes((i * 37 + n) & 0xFF for i in range(n))
+    want = sum(bin(b).count("1") for b in data)
+    assert F.count_bits(data) == F.count_bits(bytearray(data)) == want
+    assert F.count_bits(memoryview(data)) == want
