@@ -174,3 +174,28 @@ def test_elf_segment_planner_keeps_16_bytes_per_gap():
     assert segs == list(planner)  # a second pass (the data after the headers) is the same
     assert all(s.filesz == 4096 and s.memsz == period * 4096 for s in segs)
     assert held < 24 * n, f"{held} bytes held for {n} gaps"
+
+
+def test_first_pass_holds_no_cache_it_will_drop(big1g):
+    """A machine whose 2nd-bitmap windows do not all fit the cache keeps none of them.
+
+    The first pass used to keep windows until the next one overflowed the cache and then
+    drop them all: above 32 GiB of RAM that held up to 1 MiB for nothing. Here 512 windows
+    of 64 bytes against a cache one window too small: the pass peaks no higher than with no
+    cache at all (the old way added the kept copies, about 50 KiB).
+    """
+    import tracemalloc
+
+    def peak(cache_bytes: int) -> int:
+        with open_vmcore(big1g) as vm:
+            pf = F.PageFilter(vm, 31, window_pfns=512, cache_bytes=cache_bytes)
+            tracemalloc.start()
+            try:
+                n = sum(1 for _ in pf.windows())
+                high = tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+            assert n == 512 and pf._cache is None
+            return high
+
+    assert peak(511 * 64) < peak(0) + 16 * 1024

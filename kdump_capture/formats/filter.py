@@ -514,7 +514,7 @@ class PageFilter:
         # The 2nd bitmap's windows are kept only when all of them fit: known before the
         # first one is made, so a larger machine never holds part of a cache it drops.
         whole = sum(
-            (min((hi * self.window_pfns), self.half_len * 8) - lo * self.window_pfns) >> 3
+            (min(hi * self.window_pfns, self.half_len * 8) - lo * self.window_pfns) >> 3
             for lo, hi in spans
         )
         keep: list[bytes] | None = None
