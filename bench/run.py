@@ -359,7 +359,9 @@ def run_scale(args, res: dict) -> None:
 def run_memory(args, res: dict) -> None:
     from bench.memory import measure_all
 
-    res["memory"] = measure_all(args.memory_sizes, args.cpus, args.scratch, log)
+    # three runs per case, mapped and read (one each with --quick, to keep its 3 minutes)
+    runs = 1 if args.quick else 3
+    res["memory"] = measure_all(args.memory_sizes, args.cpus, args.scratch, log, runs)
 
 
 # -- transports ---------------------------------------------------------------------------------
