@@ -13,7 +13,7 @@ Each case runs twice over: as the save runs (the source mapped in windows), and 
 source read (``KDUMP_CAPTURE_NO_MMAP=1``). A mapped regular file adds to RSS the page cache
 of the windows that batches in flight still hold, whole 2 MiB folios where the kernel made
 them: how much depends on timing and on the folios the file got, not on the machine's size
-(a test once measured +4.6 MiB between 1 and 8 GiB from it alone). /proc/vmcore's mappings
+(CI once measured +4.6 MiB between 1 and 8 GiB, the save's own part +1.0). /proc/vmcore's mappings
 are PFN maps outside RSS, so in a capture kernel the save's memory is the second figure.
 The goal is judged on the first, the stricter one.
 """

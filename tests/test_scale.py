@@ -132,8 +132,8 @@ def test_peak_rss_flat_from_1_to_8_gib(tmp_path_factory, tmp_path, fmt, level):
     # file adds to RSS the page cache of the windows that batches in flight still hold
     # (up to BATCHES_MAX of them), whole 2 MiB folios where the kernel made them. How much
     # of that is touched depends on timing and on the folios the file happened to get:
-    # 6-9 MiB here, and CI once measured +4.6 MiB between the sizes from it alone (the
-    # save's own part: +1.0 MiB). /proc/vmcore's mappings are PFN maps, outside RSS.
+    # 6-9 MiB here. CI once measured +4.6 MiB between the sizes, of which the save's own
+    # part is +1.0 MiB. /proc/vmcore's mappings are PFN maps, outside RSS.
     big = str(tmp_path_factory.getbasetemp() / "bigcores")
     rss = []
     for gib in (1, 8):
