@@ -24,6 +24,38 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIME = shutil.which("time") or "/usr/bin/time"
 
 
+# Debian's makedumpfile (1.7.2) is built without zstd: it ignores -z. The same release built
+# from its source with USEZSTD=on (bench/makedumpfile_zstd.py) is looked for here, to time
+# our zstd format against makedumpfile writing the same codec.
+MAKEDUMPFILE_ZSTD = os.path.expanduser("~/.cache/kdump-capture/makedumpfile-zstd/makedumpfile")
+
+
+def makedumpfile_version(binary: str) -> str:
+    """``binary -v``'s first line, and whether it writes zstd ("" when it does not run)."""
+    try:
+        p = subprocess.run([binary, "-v"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return p.stdout
+
+
+def has_zstd(binary: str) -> bool:
+    """Whether this makedumpfile writes zstd pages (``-v`` lists "zstd<TAB>enabled")."""
+    return any(
+        line.split() == ["zstd", "enabled"] for line in makedumpfile_version(binary).splitlines()
+    )
+
+
+def zstd_makedumpfile(explicit: str | None = None) -> str | None:
+    """A makedumpfile that writes zstd: ``explicit``, else the one on PATH, else the one
+    bench/makedumpfile_zstd.py builds; None when none does."""
+    for cand in [explicit] if explicit else ["makedumpfile", MAKEDUMPFILE_ZSTD]:
+        path = shutil.which(cand)
+        if path and has_zstd(path):
+            return os.path.abspath(path)
+    return None
+
+
 def site_packages() -> str:
     import zstandard
 

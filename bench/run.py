@@ -149,11 +149,14 @@ FORMAT_GOALS = [
 # (the save with SHA-256, its reference, the same save with the default checksum)
 CHECKSUM_CONTEXT = [("save ELF -d 0 (with SHA-256)", "cp + sync", "save ELF -d 0 (with XXH3)")]
 SHA256 = ("--set", "KDUMP_CHECKSUM=sha256")
-# Not goals of the issue: our lzo format against makedumpfile -l, the same codec (lzo1x_1)
-# and the same bytes, so the ratio is what our writer costs around it.
+# Not goals of the issue: our lzo and zstd formats against makedumpfile writing the same
+# codec (lzo1x_1; zstd level 1) and the same bytes, so the ratio is what our writer costs
+# around it. The -z rows need a makedumpfile built with zstd (measure.zstd_makedumpfile).
 SAME_CODEC = [
     ("lzo -d 31", "makedumpfile -l -d 31", ("lzo", "-l", "31")),
     ("lzo -d 1", "makedumpfile -l -d 1", ("lzo", "-l", "1")),
+    ("zstd -d 31", "makedumpfile -z -d 31", ("zstd", "-z", "31")),
+    ("zstd -d 1", "makedumpfile -z -d 1", ("zstd", "-z", "1")),
 ]
 
 
@@ -161,10 +164,16 @@ def save_argv(src: str, dest: str, fmt: str, level: int, extra: tuple[str, ...] 
     return [*python_cmd(), *measure.save_args(src, f"file://{dest}", fmt, level, extra=extra)]
 
 
-def format_cases(src: str, work: str) -> list[Case]:
+def format_cases(src: str, work: str, mdz: str | None = None) -> list[Case]:
+    """Ours and the references; ``mdz``: a makedumpfile that writes zstd (-z), if any."""
     out = os.path.join(work, "out")
     py = [*python_cmd(), WRITER, src]
     save_dir = os.path.join(work, "dumps")
+    zstd_refs = [
+        Case(f"makedumpfile -z -d {lv}", [mdz, "-z", "-d", lv, src, out], out, "ref")
+        for lv in ("31", "1")
+        if mdz
+    ]
     return [
         Case("zstd -d 31", py + ["zstd", "31", out], out),
         Case("makedumpfile -l -d 31", ["makedumpfile", "-l", "-d", "31", src, out], out, "ref"),
@@ -176,6 +185,7 @@ def format_cases(src: str, work: str) -> list[Case]:
         Case("makedumpfile -l -d 1", ["makedumpfile", "-l", "-d", "1", src, out], out, "ref"),
         Case("lzo -d 31", py + ["lzo", "31", out], out),
         Case("lzo -d 1", py + ["lzo", "1", out], out),
+        *zstd_refs,
         Case("save ELF -d 0 (with XXH3)", save_argv(src, save_dir, "ELF", 0), save_dir),
         Case("save ELF -d 0 (with SHA-256)", save_argv(src, save_dir, "ELF", 0, SHA256), save_dir),
         Case("cp + sync", ["sh", "-c", f'cp "{src}" "{out}" && sync "{out}"'], out, "ref"),
@@ -183,11 +193,16 @@ def format_cases(src: str, work: str) -> list[Case]:
 
 
 def identical_to_makedumpfile(
-    src: str, work: str, fmt: str = "compressed", flag: str = "-c", level: str = "31"
+    src: str,
+    work: str,
+    fmt: str = "compressed",
+    flag: str = "-c",
+    level: str = "31",
+    binary: str = "makedumpfile",
 ) -> bool:
     a, b = os.path.join(work, "id-ours"), os.path.join(work, "id-mdf")
     subprocess.run([*python_cmd(), WRITER, src, fmt, level, a], env=measure.env(), check=True)
-    subprocess.run(["makedumpfile", flag, "-d", level, src, b], check=True, capture_output=True)
+    subprocess.run([binary, flag, "-d", level, src, b], check=True, capture_output=True)
     same = subprocess.run(["cmp", "-s", a, b]).returncode == 0
     os.unlink(a)
     os.unlink(b)
@@ -227,14 +242,19 @@ def run_formats(args, samples: list[tuple[str, str]], res: dict) -> None:
     for label, src in samples:
         log(f"formats: {label} ({src}), load {load()}")
         work = tempfile.mkdtemp(prefix="bench-formats-", dir=args.scratch)
-        cases = format_cases(src, work)
+        mdz = args.makedumpfile_zstd
+        cases = format_cases(src, work, mdz)
         start_load = load()
         try:
             interleave(
                 cases, args.runs, args.cpus, log, before=functools.partial(measure.warm, src)
             )
             same = identical_to_makedumpfile(src, work)
-            same_codec = {o: identical_to_makedumpfile(src, work, *a) for o, _, a in SAME_CODEC}
+            same_codec = {}
+            for o, _, a in SAME_CODEC:
+                binary = mdz if a[1] == "-z" else "makedumpfile"
+                if binary:
+                    same_codec[o] = identical_to_makedumpfile(src, work, *a, binary=binary)
             floors = {str(lv): codec_floor(src, lv, work, args.cpus) for lv in (31, 1)}
             startup = startup_cpu(args.runs, args.cpus)
             profiles = {}
@@ -258,6 +278,7 @@ def run_formats(args, samples: list[tuple[str, str]], res: dict) -> None:
                 "load": [start_load, load()],
                 "identical": same,
                 "identical_same_codec": same_codec,
+                "makedumpfile_zstd": mdz,
                 "codec_floor": floors,
                 "startup_cpu": startup,
                 "profiles": profiles,
@@ -454,6 +475,7 @@ def report(args, res: dict) -> str:
         f"{m['kernel']} |",
         f"| software | Python {m['python']}, {m['makedumpfile']}, zstd {m['zstd']}, zlib "
         f"{m['zlib']} |",
+        f"| makedumpfile with zstd (`-z`) | {_zstd_cell(m)} |",
         f"| commit | {m['commit']} |",
         f"| page loops | {m['accelerator']} |",
         f"| pinning | first {args.cpus} CPU(s) (`{' '.join(measure.pin(args.cpus))}`); medians "
@@ -567,17 +589,40 @@ def checksum_context_lines(cases: dict, med) -> list[str]:
     return L
 
 
+def _zstd_cell(m: dict) -> str:
+    if "makedumpfile_zstd" not in m:  # results from before the bench looked for one
+        return "not looked for"
+    if not m["makedumpfile_zstd"]:
+        return (
+            "none found (Debian's is built without zstd; bench/makedumpfile_zstd.py builds one "
+            "from makedumpfile's source): the `-z` rows are left out"
+        )
+    return (
+        f"{m['makedumpfile_zstd']}: built from the source of the same release with "
+        "USEZSTD=on (bench/makedumpfile_zstd.py), as Debian's is built without zstd"
+    )
+
+
 def same_codec_lines(f: dict, cases: dict, med) -> list[str]:
-    """Our lzo format beside makedumpfile -l: the same codec, so not bound by it."""
+    """Our lzo and zstd formats beside makedumpfile writing the same codec (-l, -z): what
+    our writer costs around the codec, apart from the codec."""
     rows = [(o, r) for o, r, _ in SAME_CODEC if o in cases and r in cases]
     if not rows:
         return []
     same = f.get("identical_same_codec", {})
+    with_z = any(r.startswith("makedumpfile -z") for _, r in rows)
     L = [
         "",
         "Not an issue goal: our `lzo` format against makedumpfile `-l`, the same codec "
-        "(lzo1x_1) and, when `identical`, the same bytes; what is left is our writer around "
-        "the codec.",
+        "(lzo1x_1)"
+        + (
+            ", and our `zstd` format against makedumpfile `-z` (zstd level 1, a frame per "
+            "page, what makedumpfile writes with zstd). The zstd goals above compare our zstd "
+            "with `-l`; these rows show what makedumpfile's own zstd takes on the same pages"
+            if with_z
+            else ""
+        )
+        + ". When `identical`, the same bytes; what is left is our writer around the codec.",
         "",
         "| case | ratio | output | byte-identical |",
         "|---|---|---:|---|",
@@ -590,7 +635,22 @@ def same_codec_lines(f: dict, cases: dict, med) -> list[str]:
             f"| {ours} vs `{ref}` | {r:.2f}x ({med(ours):.3f} / {med(ref):.3f} s) | "
             f"{size:.3f}x | {ident} |"
         )
-    return L
+    notes = []
+    for level in ("31", "1"):
+        z, lz = f"makedumpfile -z -d {level}", f"makedumpfile -l -d {level}"
+        if z in cases and lz in cases:
+            r = med(z) / med(lz)
+            notes.append(
+                f"- Level {level}: makedumpfile's own zstd takes {r:.2f}x its lzo (`-z` / `-l`: "
+                f"{med(z):.3f} / {med(lz):.3f} s)"
+                + (
+                    ": the zstd goal's limit (no slower than `-l`) is one makedumpfile misses "
+                    "too, with the same codec and the same bytes."
+                    if r > 1.0
+                    else "."
+                )
+            )
+    return L + ([""] + notes if notes else [])
 
 
 def codec_floor_lines(floors: dict, med, startup: float | None = None) -> list[str]:
@@ -1133,6 +1193,14 @@ def main() -> int:
     )
     ap.add_argument("--keep-bigcores", action="store_true")
     ap.add_argument(
+        "--makedumpfile-zstd",
+        default=None,
+        metavar="PATH",
+        help="a makedumpfile built with zstd, the reference of our zstd format's same-codec "
+        "rows (default: makedumpfile on PATH if it writes zstd, else the one "
+        "bench/makedumpfile_zstd.py builds; without one those rows are left out)",
+    )
+    ap.add_argument(
         "--fresh-memory",
         action="store_true",
         help="leave free page reporting as it is (by default the bench turns it off while it "
@@ -1140,6 +1208,10 @@ def main() -> int:
     )
     ap.add_argument("--keep-below", type=int, default=256, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    asked = args.makedumpfile_zstd
+    args.makedumpfile_zstd = measure.zstd_makedumpfile(asked)
+    if asked and not args.makedumpfile_zstd:
+        ap.error(f"--makedumpfile-zstd {asked}: not a makedumpfile that writes zstd (-v)")
     if args.scratch:
         os.makedirs(args.scratch, exist_ok=True)
     measure.precompile()
@@ -1153,6 +1225,10 @@ def main() -> int:
     args.memory_sizes = [int(x) for x in args.memory_sizes.split(",") if x]
     args.e2e_samples = [int(x) for x in args.e2e_samples.split(",") if x]
     res: dict = {"machine": machine(), "load": [load()], "formats": [], "scale": []}
+    mdz = args.makedumpfile_zstd
+    res["machine"]["makedumpfile_zstd"] = (
+        f"{mdz} ({measure.makedumpfile_version(mdz).splitlines()[0].strip()})" if mdz else None
+    )
     res["machine"]["fresh_memory"] = fresh_memory_probe()
     # --quick keeps to its three minutes: writing all free memory can take a minute
     with measure.settled_unless(args.fresh_memory, log=log, touch=not args.quick) as settled:
