@@ -1023,6 +1023,27 @@ def transport_report(t: dict, goals: list) -> list[str]:
 
 
 # -- plots ----------------------------------------------------------------------------------------
+# A colour per codec in the formats plots, so that each of our rows and its references
+# (the same codec: lzo with -l, zstd with -z; the goal's: zstd with -l) read as a family.
+CODEC_COLOURS = (
+    (("zstd", "-z "), "tab:blue"),
+    (("lzo", "-l "), "tab:orange"),
+    (("compressed", "-c "), "tab:green"),
+    (("ELF -d 31", "-E "), "tab:red"),
+    (("-d 0", "cp "), "tab:purple"),
+)
+
+
+def format_style(name: str) -> tuple[str, str]:
+    """(colour, marker) of a formats case: its codec's colour; o at -d 31, s at -d 1, ^ for
+    the SHA-256 save (beside the default one)."""
+    colour = next(
+        (c for keys, c in CODEC_COLOURS if any(k in name + " " for k in keys)), "tab:gray"
+    )
+    marker = "^" if "SHA-256" in name else "s" if name.endswith("-d 1") else "o"
+    return colour, marker
+
+
 def plots(res: dict) -> list[str]:
     try:
         import matplotlib
@@ -1039,26 +1060,31 @@ def plots(res: dict) -> list[str]:
             ("wall", "wall time (s)", "formats_time.png"),
             ("rss_mib", "peak RSS (MiB)", "formats_rss.png"),
         ):
-            fig, ax = plt.subplots(figsize=(8, 5))
+            fig, ax = plt.subplots(figsize=(10, 5.5))
             names = [c["name"] for c in res["formats"][0]["cases"]]
             for name in names:
                 xs, ys = [], []
                 for f in res["formats"]:
-                    c = next(c for c in f["cases"] if c["name"] == name)
+                    c = next((c for c in f["cases"] if c["name"] == name), None)
+                    if c is None:
+                        continue
                     vals = sorted(s[key] for s in c["samples"])
                     xs.append(f["size"] / 1e9)
                     ys.append(vals[len(vals) // 2] if key == "wall" else vals[-1])
-                ref = (
-                    next(c for c in res["formats"][0]["cases"] if c["name"] == name)["side"]
-                    == "ref"
+                side = next(c for c in res["formats"][0]["cases"] if c["name"] == name)["side"]
+                color, marker = format_style(name)
+                ax.plot(
+                    xs, ys, "--" if side == "ref" else "-", color=color, marker=marker, label=name
                 )
-                ax.plot(xs, ys, ("--" if ref else "-") + "o", label=name)
             ax.set_xlabel("vmcore size (GB)")
             ax.set_ylabel(ylabel)
             ax.set_xscale("log")
             ax.set_yscale("log")
-            ax.set_title("real vmcores, one CPU: ours (solid) vs makedumpfile/cp (dashed)")
-            ax.legend(fontsize=7)
+            ax.set_title(
+                "real vmcores, one CPU: ours (solid) vs makedumpfile/cp (dashed); "
+                "a colour per codec, o: -d 31, s: -d 1"
+            )
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
             fig.tight_layout()
             fig.savefig(os.path.join(RESULTS_DIR, fname), dpi=110)
             plt.close(fig)
