@@ -32,10 +32,6 @@ from bench.measure import MAKEDUMPFILE_ZSTD, has_zstd, makedumpfile_version  # n
 BUILD_DEPS = "libelf-dev libdw-dev libbz2-dev liblzo2-dev libzstd-dev zlib1g-dev"
 
 
-def first_line(text: str) -> str:
-    return (text.splitlines() or [""])[0].strip()
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("source", help="a makedumpfile source tree (its Makefile and makedumpfile.c)")
@@ -62,7 +58,7 @@ def main() -> int:
         built = os.path.join(tree, "makedumpfile")
         if not has_zstd(built):
             sys.exit(f"{built}: built, but -v does not list zstd as enabled")
-        ours, installed = (first_line(makedumpfile_version(b)) for b in (built, "makedumpfile"))
+        ours, installed = makedumpfile_version(built), makedumpfile_version()
         if ours != installed and not args.any_version:
             sys.exit(
                 f"the source is {ours!r}, the installed makedumpfile {installed!r}: the bench "

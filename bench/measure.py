@@ -30,20 +30,24 @@ TIME = shutil.which("time") or "/usr/bin/time"
 MAKEDUMPFILE_ZSTD = os.path.expanduser("~/.cache/kdump-capture/makedumpfile-zstd/makedumpfile")
 
 
-def makedumpfile_version(binary: str) -> str:
-    """``binary -v``'s first line, and whether it writes zstd ("" when it does not run)."""
+def makedumpfile_v(binary: str = "makedumpfile") -> list[str]:
+    """The lines of ``binary -v``: its version, then which codecs it was built with ([] when
+    it does not run)."""
     try:
         p = subprocess.run([binary, "-v"], capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
-        return ""
-    return p.stdout
+        return []
+    return p.stdout.splitlines()
+
+
+def makedumpfile_version(binary: str = "makedumpfile") -> str:
+    """``binary -v``'s first line ("makedumpfile: version 1.7.2 (...)"), "" if none."""
+    return next(iter(makedumpfile_v(binary)), "").strip()
 
 
 def has_zstd(binary: str) -> bool:
     """Whether this makedumpfile writes zstd pages (``-v`` lists "zstd<TAB>enabled")."""
-    return any(
-        line.split() == ["zstd", "enabled"] for line in makedumpfile_version(binary).splitlines()
-    )
+    return any(line.split() == ["zstd", "enabled"] for line in makedumpfile_v(binary))
 
 
 def zstd_makedumpfile(explicit: str | None = None) -> str | None:

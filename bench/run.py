@@ -94,9 +94,7 @@ def machine() -> dict:
                 break
     with open("/proc/meminfo") as f:
         mem = int(f.readline().split()[1]) // 1024
-    mdf = subprocess.run(["makedumpfile", "-v"], capture_output=True, text=True).stdout.split("\n")[
-        0
-    ]
+    mdf = measure.makedumpfile_version()
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
     ).stdout.strip()
@@ -121,7 +119,7 @@ def machine() -> dict:
         "mem_mib": mem,
         "kernel": platform.release(),
         "python": sys.version.split()[0],
-        "makedumpfile": mdf.strip(),
+        "makedumpfile": mdf,
         "zstd": ".".join(map(str, zstandard.ZSTD_VERSION)),
         "zlib": zlib.ZLIB_RUNTIME_VERSION,
         "commit": commit + (" (with uncommitted changes)" if dirty else ""),
@@ -1253,7 +1251,7 @@ def main() -> int:
     res: dict = {"machine": machine(), "load": [load()], "formats": [], "scale": []}
     mdz = args.makedumpfile_zstd
     res["machine"]["makedumpfile_zstd"] = (
-        f"{mdz} ({measure.makedumpfile_version(mdz).splitlines()[0].strip()})" if mdz else None
+        f"{mdz} ({measure.makedumpfile_version(mdz)})" if mdz else None
     )
     res["machine"]["fresh_memory"] = fresh_memory_probe()
     # --quick keeps to its three minutes: writing all free memory can take a minute
