@@ -327,18 +327,75 @@ def profile(argv_after_python: list[str], cpus: int, top: int = 12) -> str:
             stderr=subprocess.DEVNULL,
             check=False,
         )
-        import io
-        import pstats
-
-        out = io.StringIO()
         try:
-            st = pstats.Stats(pf.name, stream=out)
+            return _summary(pf.name, top)
         except (OSError, TypeError, EOFError):
             return "(no profile)"
-        st.sort_stats("tottime").print_stats(top)
+
+
+def _summary(stats, top: int) -> str:
+    """The call count line and the ``top`` functions by own time of a profile (a file or a
+    ``cProfile.Profile``), paths shown relative to the repository."""
+    import io
+    import pstats
+
+    out = io.StringIO()
+    pstats.Stats(stats, stream=out).sort_stats("tottime").print_stats(top)
     lines = [ln for ln in out.getvalue().splitlines() if ln.strip()]
     keep = [ln for ln in lines if "function calls" in ln or ln.lstrip()[:1].isdigit()]
     return "\n".join(ln.replace(ROOT + "/", "") for ln in keep)
+
+
+def profile_threads(fn: Callable[[], None], top: int = 12, share: float = 0.1) -> str:
+    """A cProfile summary of ``fn()`` run in this process: the calling thread, then every
+    thread started meanwhile (a transport's receive thread, the hashing helper), each with
+    its own top functions by own (wall) time; threads that took under ``share`` of the
+    calling thread's time are only counted. Threads that start after ``fn`` returns and
+    threads that were running before it are not seen."""
+    import cProfile
+    import pstats
+    import re
+    import threading
+
+    profiles: list[tuple[str, cProfile.Profile]] = []
+    lock = threading.Lock()
+
+    def begin(frame, event, arg) -> None:
+        # threading calls this on the new thread's first event; from then on cProfile's own
+        # hook replaces it there.
+        sys.setprofile(None)
+        prof = cProfile.Profile()
+        with lock:
+            profiles.append((threading.current_thread().name, prof))
+        prof.enable()
+
+    main = cProfile.Profile()
+    threading.setprofile(begin)
+    main.enable()
+    try:
+        fn()
+    finally:
+        main.disable()
+        threading.setprofile(None)
+    parts = [f"thread {threading.current_thread().name}:", _summary(main, top)]
+    with lock:
+        started = list(profiles)
+    brief = 0
+    for name, prof in started:
+        prof.disable()  # only stops it if that thread is this one; the others have ended
+        try:
+            stats = pstats.Stats(prof)
+        except TypeError:  # a thread that recorded nothing
+            continue
+        if stats.total_tt < share * pstats.Stats(main).total_tt:
+            brief += 1
+            continue
+        # names such as msg_worker-127.0.0.1:PORT: the port differs on every run
+        name = re.sub(r":\d+$", "", name)
+        parts += ["", f"thread {name}:", _summary(prof, top // 2)]
+    if brief:
+        parts += ["", f"({brief} more threads, each under {share:.0%} of the first one's time)"]
+    return "\n".join(parts)
 
 
 # -- memory the host takes back ----------------------------------------------------------------

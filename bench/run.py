@@ -1016,6 +1016,7 @@ def transport_report(t: dict, goals: list) -> list[str]:
         L += ["", notes["checksum"]]
     if notes.get("cifs"):
         L += ["", f"CIFS: {notes['cifs']}."]
+    L += measure.profile_lines(t.get("profiles", {}))
     L.append("")
     return L
 

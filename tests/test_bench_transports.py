@@ -30,3 +30,58 @@ def test_the_wait_for_the_server_is_not_timed():
     assert total >= 0.45, "settle() returned before the server's process exited"
     assert cleaned == ["x"]
     assert len(counted.spent) == 1 and counted.spent[0] >= 0
+
+
+def test_a_profile_shows_every_thread_that_did_the_work():
+    """The upload's work is split across threads (smbprotocol's receive thread, S3's part
+    uploader): a missed goal's profile shows each busy thread, and only counts idle ones."""
+    from bench.measure import profile_threads
+
+    def busy(seconds: float) -> None:
+        end = time.thread_time() + seconds
+        while time.thread_time() < end:
+            sum(range(100))
+
+    def upload() -> None:
+        worker = threading.Thread(target=busy, args=(0.2,), name="msg_worker-127.0.0.1:4455")
+        idle = threading.Thread(target=time.sleep, args=(0.001,), name="timer")
+        worker.start()
+        idle.start()
+        busy(0.1)
+        worker.join()
+        idle.join()
+
+    text = profile_threads(upload)
+    assert text.startswith("thread MainThread:\n")
+    assert "\nthread msg_worker-127.0.0.1:\n" in text  # the port left out: it differs per run
+    assert "test_bench_transports.py" in text and "(busy)" in text
+    assert "(1 more threads, each under 10% of the first one's time)" in text
+    assert "thread timer" not in text
+
+
+def test_the_report_carries_a_missed_goals_profile():
+    from bench.run import transport_report
+
+    t = {
+        "command": "python3 bench/transports.py",
+        "load": [0.1, 0.2],
+        "rows": [
+            {
+                "label": "cifs (smbd)",
+                "ref_label": "smbclient put",
+                "ours_s": 1.0,
+                "ref_s": 0.5,
+                "size": 10**9,
+                "goal": True,
+            },
+        ],  # fmt: skip
+        "profiles": {"cifs (smbd) upload, ours": "thread MainThread:\n  1 0.3 sendmsg"},
+    }
+    goals: list = []
+    text = "\n".join(transport_report(t, goals))
+    assert goals == [("transports", "cifs (smbd): >= 0.9x smbclient put", "0.50x", False)]
+    assert "cProfile of `cifs (smbd) upload, ours` (goal missed" in text
+    assert "  1 0.3 sendmsg" in text
+    # results from before profiles were kept still render
+    del t["profiles"]
+    assert "cProfile" not in "\n".join(transport_report(t, []))
