@@ -137,6 +137,23 @@ def profile_lines(profiles: dict[str, str]) -> list[str]:
     return L
 
 
+def run_lines(rows: list[dict]) -> list[str]:
+    """Every run's wall time under the table: the servers' own speed varies from run to run
+    (smbd's CPU per upload by up to 40%), which a median alone hides. Each client once."""
+    seen: dict[str, list[float]] = {}
+    for row in rows:
+        for key, runs in ((f"ours, {row['label']}", "ours_runs"), (row["ref_label"], "ref_runs")):
+            if row.get(runs) and key not in seen:
+                seen[key] = row[runs]
+    if not seen:
+        return []  # results from before the runs were kept
+    return [
+        "Wall time of every run, in the order they ran (s): "
+        + "; ".join(f"{k}: {', '.join(f'{t:.2f}' for t in v)}" for k, v in seen.items())
+        + "."
+    ]
+
+
 def env() -> dict[str, str]:
     e = dict(os.environ)
     e["PYTHONPATH"] = os.pathsep.join([ROOT, site_packages()])

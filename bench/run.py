@@ -1011,6 +1011,8 @@ def transport_report(t: dict, goals: list) -> list[str]:
             )
     if not all(row.get("goal", True) for row in t["rows"]):
         L += ["", t.get("context_note", "\\* context, not a goal")]
+    if runs := measure.run_lines(t["rows"]):
+        L += ["", *runs]
     notes = t.get("notes", {})
     if notes.get("checksum"):
         L += ["", notes["checksum"]]

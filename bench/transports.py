@@ -42,6 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.measure import (  # noqa: E402
     profile_lines,
     profile_threads,
+    run_lines,
     settled_text,
     settled_unless,
 )
@@ -77,6 +78,8 @@ class Row(NamedTuple):
     ref_cpu_s: float
     goal: bool  # False: a row for context, not held to the 0.9x goal
     server_cpu_s: tuple[float, float] | None  # the server's CPU per upload: ours, reference
+    ours_runs: tuple[float, ...] = ()  # wall seconds of every run, in the order they ran
+    ref_runs: tuple[float, ...] = ()
 
 
 def ours(target: Target, settings: TransportSettings, src: str) -> Callable[[str], None]:
@@ -593,6 +596,7 @@ def main() -> None:
                         row = Row(
                             mine_label, ref_label, m_mine, m_ref, size, c_mine, c_ref,
                             goal and a == algorithm, server,
+                            tuple(t for t, _ in times), tuple(t for t, _ in t_ref),
                         )  # fmt: skip
                         rows.append(row)
                         print(
@@ -718,6 +722,7 @@ def _write(
         )
     if not all(r.goal for r in rows):
         lines += ["", CONTEXT_NOTE]
+    lines += ["", *run_lines([r._asdict() for r in rows])]
     lines += ["", checksum_note(notes), "", memory_note(notes.get("memory"))]
     if "cifs" in notes:
         lines += ["", f"CIFS: {notes['cifs']}."]
@@ -746,6 +751,8 @@ def _write(
                     "ours_cpu_s": r.ours_cpu_s,
                     "ref_cpu_s": r.ref_cpu_s,
                     "goal": r.goal,
+                    "ours_runs": list(r.ours_runs),
+                    "ref_runs": list(r.ref_runs),
                     **(
                         {
                             "ours_server_cpu_s": r.server_cpu_s[0],
