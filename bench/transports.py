@@ -150,13 +150,18 @@ def s3_child(which: str, src: str, s3, peaks: list[int], algorithm: str) -> Call
     def run(name: str, **extra: str) -> str:
         argv = [sys.executable, "-c", code, which, src, name, str(S3_PART), str(s3.port)]
         env = {**os.environ, "BENCH_S3_KEY": s3.access_key, "BENCH_S3_SECRET": s3.secret_key}
-        return subprocess.run(
+        p = subprocess.run(
             [*argv, s3.bucket, algorithm],
-            check=True,
             capture_output=True,
             text=True,
             env={**env, **extra},
-        ).stdout
+        )
+        if p.returncode:  # the child's own words, not only its exit status
+            raise RuntimeError(
+                f"S3 upload by {which} ({name}, {algorithm}) exited with {p.returncode}:\n"
+                + p.stderr[-3000:]
+            )
+        return p.stdout
 
     def upload(name: str) -> None:
         peaks.append(int(run(name).split()[1]))
