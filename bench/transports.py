@@ -225,7 +225,7 @@ def timed(
 ) -> tuple[float, float]:
     """Wall and client CPU seconds of one upload.
 
-    An upload that counts the server's CPU (``server_cpu``) waits for the server afterwards,
+    An upload that counts the server's CPU (``ServerCpu``) waits for the server afterwards,
     outside the time measured: the client is done when ``fn`` returns.
     """
     cpu = cpu_seconds()
