@@ -25,6 +25,7 @@ from kdump_capture import memory
 from kdump_capture.errors import AuthError, ConnectionLost, TransportError
 from kdump_capture.urls import parse_target
 from tests.helpers import cli
+from tests.servers.http_fault import ErrorProxy
 from tests.servers.proxy import DropProxy
 from tests.servers.s3 import seaweed
 from tests.servers.targets import SETTINGS, make_target
@@ -149,6 +150,65 @@ def test_drops_beyond_retries_raise(request, caplog):
                 _upload(tr, "vmcore", os.urandom(32 * MiB))
     assert target.files() == []
     assert "could not abort the upload" in caplog.text
+
+
+def _part(request_target: str) -> int | None:
+    """The part number of an UploadPart request (None for other requests)."""
+    m = re.search(r"[?&]partNumber=(\d+)", request_target)
+    return int(m.group(1)) if m else None
+
+
+@pytest.mark.parametrize(("status", "code"), [(500, "InternalError"), (503, "SlowDown")])
+def test_store_errors_are_retried_and_the_upload_completes(status, code, request, caplog):
+    """The store answers the second part's first two attempts with 500 InternalError or
+    503 SlowDown, which S3 asks clients to retry: the part goes again after the retry delay,
+    the object is exact, and no upload is left behind."""
+    target = make_target("s3", request)
+    target = replace(target, settings=target.settings.replace(retries=3, retry_delay=0.01))
+    data = os.urandom(20 * MiB)  # three parts of 8 MiB at most
+    tries = {"n": 0}
+
+    def fail(method: str, request_target: str) -> bool:
+        if method == "PUT" and _part(request_target) == 2:
+            tries["n"] += 1
+            return tries["n"] <= 2
+        return False
+
+    port = int(target.url.split("127.0.0.1:")[1].split("/")[0])
+    with ErrorProxy(port, fail, status, code) as proxy, caplog.at_level(logging.WARNING):
+        with _via(target, proxy.port).transport() as tr:
+            info = _upload(tr, "vmcore", data)
+    assert [_part(t) for _, t in proxy.answered] == [2, 2]
+    assert tries["n"] == 3  # the third attempt reached the store
+    assert info.digest == hashlib.sha256(data).hexdigest()
+    assert target.read_back("vmcore") == data
+    assert target.s3.uploads(target.server_dir + "/") == []
+    assert f"the store failed ({code}: injected by the test proxy)" in caplog.text
+    assert "retry 2 of 3" in caplog.text and "retry 3 of 3" not in caplog.text
+
+
+def test_a_store_that_keeps_failing_is_a_clear_error(request):
+    """Every part fails with 500 InternalError (as SeaweedFS answered with its disk full):
+    after the retries, ConnectionLost naming the part and the store's error, and not
+    claiming to retry any more; nothing published, the multipart upload aborted."""
+    target = make_target("s3", request)
+    target = replace(target, settings=target.settings.replace(retries=2, retry_delay=0.01))
+    port = int(target.url.split("127.0.0.1:")[1].split("/")[0])
+
+    def fail(method: str, request_target: str) -> bool:
+        return method == "PUT" and _part(request_target) is not None
+
+    with ErrorProxy(port, fail) as proxy:
+        with _via(target, proxy.port).transport() as tr:
+            with pytest.raises(ConnectionLost) as caught:
+                _upload(tr, "vmcore", os.urandom(12 * MiB))
+    message = str(caught.value)
+    assert "uploading part 1 of" in message and "2 retries failed" in message, message
+    assert "the store failed (InternalError: injected by the test proxy)" in message, message
+    assert "retrying" not in message, message
+    assert len(proxy.answered) == 3  # the first attempt and two retries
+    assert target.files() == []
+    assert target.s3.uploads(target.server_dir + "/") == []
 
 
 # -- reading back (verify) --------------------------------------------------------------------

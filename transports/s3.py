@@ -569,7 +569,8 @@ class S3Transport(RetryingTransport):
         if code in ("EntityTooLarge", "QuotaExceeded") or status == 507:
             return TargetFull(f"{where}: the store is full ({text})")
         if status >= 500 or code in _TRANSIENT_CODES:
-            return ConnectionLost(f"{where}: the store failed ({text}); retrying")
+            # worth retrying (retry_call says when, and when it gives up)
+            return ConnectionLost(f"{where}: the store failed ({text})")
         return S3Error(f"{where}: {text}", code, status)
 
     def learn_clock(self, e: Skewed) -> None:
