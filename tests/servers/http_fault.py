@@ -50,15 +50,12 @@ class ErrorProxy:
         self.close()
 
     def close(self) -> None:
-        self._lst.close()
+        # shutdown first: it wakes the thread blocked in accept(), which close() alone
+        # would leave listening until accept() returned
         with self._lock:
-            socks, self._socks = self._socks, []
+            socks, self._socks = [self._lst, *self._socks], []
         for s in socks:
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            s.close()
+            _close(s)
 
     def _accept(self) -> None:
         while True:
