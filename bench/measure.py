@@ -139,7 +139,8 @@ def profile_lines(profiles: dict[str, str]) -> list[str]:
 
 def run_lines(rows: list[dict]) -> list[str]:
     """Every run's wall time under the table: the servers' own speed varies from run to run
-    (smbd's CPU per upload by up to 40%), which a median alone hides. Each client once."""
+    (smbd's CPU for the same upload: 0.38 s in some sets, 0.56 s in others), which a median
+    alone hides. Each client once."""
     seen: dict[str, list[float]] = {}
     for row in rows:
         for key, runs in ((f"ours, {row['label']}", "ours_runs"), (row["ref_label"], "ref_runs")):

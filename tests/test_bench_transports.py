@@ -88,7 +88,7 @@ def test_the_report_carries_a_missed_goals_profile():
 
 
 def test_every_run_is_listed_under_the_table():
-    """The servers' speed varies between runs (smbd's CPU per upload by up to 40%): the
+    """The servers' speed varies between runs (smbd's CPU for the same upload: 0.38-0.56 s): the
     report lists each client's runs once, in order, beside the medians."""
     from bench.run import transport_report
 
