@@ -16,9 +16,9 @@ def test_the_wait_for_the_server_is_not_timed():
     before it (it once added up to a 20 ms poll to every CIFS run, ours and smbclient's)."""
 
     def upload(name: str) -> None:
-        # A "connection process" of this process that outlives the upload by 0.5 s, reaped
+        # A "connection process" of this process that outlives the upload by 1 s, reaped
         # by a thread as smbd reaps its children.
-        child = subprocess.Popen(["sleep", "0.5"])
+        child = subprocess.Popen(["sleep", "1"])
         threading.Thread(target=child.wait, daemon=True).start()
 
     counted = bt.ServerCpu(os.getpid(), upload)
@@ -26,8 +26,8 @@ def test_the_wait_for_the_server_is_not_timed():
     start = time.monotonic()
     elapsed, _ = bt.timed(counted, "x", cleaned.append)
     total = time.monotonic() - start
-    assert elapsed < 0.25, elapsed
-    assert total >= 0.45, "settle() returned before the server's process exited"
+    assert elapsed < 0.6, elapsed  # the fork and exec of sleep, on a loaded machine too
+    assert total >= 0.95, "settle() returned before the server's process exited"
     assert cleaned == ["x"]
     assert len(counted.spent) == 1 and counted.spent[0] >= 0
 
