@@ -92,14 +92,10 @@ def measure_all(
                 dumps, flat = os.path.join(work, "dumps"), os.path.join(work, "vmcore.flat")
                 url = f"sftp://root@{srv.host}:{srv.port}{dumps}"
                 cases = [
-                    Case(
-                        "save compressed -d 31 to sftp",
-                        _save(src, url, "compressed", 31, conf),
-                        dumps,
-                    ),
+                    Case(GOAL_CASE, _save(src, url, "compressed", 31, conf), dumps),
                     Case(REFERENCE, _pipeline(src, srv, flat), flat, "ref"),
                     Case("save zstd -d 31 to sftp", _save(src, url, "zstd", 31, conf), dumps),
-                    Case("save lzo -d 31 to sftp", _save(src, url, "lzo", 31, conf), dumps),
+                    Case(SAME_CODEC, _save(src, url, "lzo", 31, conf), dumps),
                     Case(REFERENCE_ZLIB, _pipeline(src, srv, flat, "-c"), flat, "ref"),
                 ]
                 start = measure_load()
