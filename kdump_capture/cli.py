@@ -6,6 +6,7 @@ import argparse
 import errno
 import logging
 import os
+import re
 import signal
 import sys
 
@@ -37,6 +38,20 @@ class RedactingFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         return redact(super().format(record))
 
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        # One record, one console line: names from a shared target or the crashed kernel may
+        # hold newlines or escape sequences that would forge lines (a fake "Dump saved") or
+        # drive the terminal. The traceback, added after this, keeps its lines.
+        return escape_controls(super().formatMessage(record))
+
+
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def escape_controls(text: str) -> str:
+    """``text`` with every control character written as ``\\xNN``."""
+    return _CONTROLS.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
 
 def _setup_logging(debug: bool) -> None:
     root = logging.getLogger()
@@ -50,9 +65,10 @@ def _setup_logging(debug: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.DEBUG if debug else logging.WARNING)
 
 
-def transport_settings(cfg, replay_bytes: int | None = None):
+def transport_settings(cfg, replay_bytes: int | None = None, read_only: bool = False):
     """What the transports take from the configuration (save, recover and verify); the
-    replay ring from MemAvailable unless given (memory.plan_buffers)."""
+    replay ring from MemAvailable unless given (memory.plan_buffers). ``read_only`` (list,
+    verify): connecting creates no directory and wants no write access."""
     from transports.base import TransportSettings
 
     from . import memory
@@ -72,6 +88,7 @@ def transport_settings(cfg, replay_bytes: int | None = None):
         debug=bool(cfg.verbose & 8),
         replay_bytes=replay_bytes,
         checksum=cfg.checksum,
+        read_only=read_only,
         extra={k: v for k, v in s3.items() if v},
     )
 
@@ -288,7 +305,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
         )
     cfg = load(args)
     _setup_logging(bool(cfg.verbose & 8))
-    with open_transport(target.replace(path=parent or "/"), transport_settings(cfg)) as tr:
+    settings = transport_settings(cfg, read_only=True)
+    with open_transport(target.replace(path=parent or "/"), settings) as tr:
         return _verify(target.redacted(), tr, name)
 
 
@@ -354,7 +372,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     if target.scheme == "file" and not os.path.isdir(target.path):
         # connect() would create it: a listing changes nothing
         raise NoDumpError(f"{target.redacted()}: no such directory")
-    with open_transport(target, transport_settings(cfg)) as tr:
+    with open_transport(target, transport_settings(cfg, read_only=True)) as tr:
         items = list_dumps(tr)
     if args.json:
         print(as_json(items))
@@ -596,7 +614,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except KdumpError as e:
         log.debug("traceback", exc_info=True)
-        print(f"kdump-capture: error: {redact(str(e))}", file=sys.stderr)
+        print(f"kdump-capture: error: {escape_controls(redact(str(e)))}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("kdump-capture: interrupted", file=sys.stderr)

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from transports.base import Transport
 
 from . import manifest, policy
-from .errors import KdumpError
+from .errors import ConnectionLost, KdumpError, TransportError
 from .report import AGE_SUFFIX, MANIFEST
 from .summary import CrashSummary, clean
 
@@ -125,7 +125,13 @@ def list_dumps(transport: Transport) -> list[Listed]:
         if parsed is None:
             continue
         host, stamp, _seq = parsed
-        files = transport.listdir(entry.name)
+        try:
+            files, unreadable = transport.listdir(entry.name), ""
+        except ConnectionLost:
+            raise
+        except TransportError as e:
+            # one directory we may not enter (another host's 0700 dump) costs its line only
+            files, unreadable = [], str(e).rpartition(f"{entry.name}: ")[2] or str(e)
         item = Listed(
             directory=clean(entry.name, 255),
             host=clean(host, 60) if host else "-",
@@ -137,7 +143,10 @@ def list_dumps(transport: Transport) -> list[Listed]:
             size=sum(e.size for e in files if not e.is_dir),
             panic="-",
         )
-        if any(e.name == MANIFEST and not e.is_dir for e in files):
+        if unreadable:
+            item.status = policy.FAILED
+            item.note = f"cannot list: {clean(unreadable, 120)}"
+        elif any(e.name == MANIFEST and not e.is_dir for e in files):
             relpath = f"{entry.name}/{MANIFEST}"
             try:
                 _fill(item, read_manifest(transport, relpath), host)

@@ -224,7 +224,8 @@ def scan_dumps(transport: Transport, host: str | None) -> list[policy.DumpDir]:
     Names are filtered before anything is read: another host's dumps (or whatever it left
     under a dump-like name) are never opened. A link named like one of our dumps is
     "incomplete", so that rotation deletes the link itself; a manifest that cannot be read
-    makes its dump "failed", with a warning naming it.
+    makes its dump "failed", with a warning naming it. A directory that cannot be listed is
+    left out, with a warning: rotation never deletes what it could not read.
     """
     out: list[policy.DumpDir] = []
     for entry in transport.listdir(""):
@@ -234,11 +235,14 @@ def scan_dumps(transport: Transport, host: str | None) -> list[policy.DumpDir]:
         if parsed is None or parsed[0] != host:
             continue
         _, stamp, seq = parsed
-        out.append(policy.DumpDir(stamp, seq, entry.name, host, _state(transport, entry)))
+        state = _state(transport, entry)
+        if state is not None:
+            out.append(policy.DumpDir(stamp, seq, entry.name, host, state))
     return out
 
 
-def _state(transport: Transport, entry: Entry) -> str:
+def _state(transport: Transport, entry: Entry) -> str | None:
+    """The dump's state, or None for a directory that cannot be listed."""
     where = f"{transport.describe()}/{entry.name}"
     try:
         if entry.is_link:
@@ -247,6 +251,13 @@ def _state(transport: Transport, entry: Entry) -> str:
     except UnsafeFile as e:
         log.warning("%s; never followed, only the link is deleted", e)
         return policy.INCOMPLETE
+    except ConnectionLost:
+        raise
+    except TransportError as e:
+        # One directory we may not enter (root_squash, another account) must not cost the
+        # new dump; what we cannot read we do not judge: rotation leaves it alone.
+        log.warning("%s; left alone", e)
+        return None
     if MANIFEST not in names:
         return policy.INCOMPLETE
     try:

@@ -10,8 +10,11 @@ from .record import Record
 # A dump directory name: [<host>-]YYYY-MM-DD-HH-MM-SS[.N]. Sorting by the time stamp sorts
 # by crash time; ".N" makes names unique when two dumps fall into the same second. No ":"
 # (CIFS cannot store it).
+# Matched whole (fullmatch: "$" would also take a name ending in a newline) and in ASCII
+# ("\d" would take any script's digits).
 _NAME_RE = re.compile(
-    r"^(?:(?P<host>.+)-)?(?P<stamp>\d{4}-\d{2}-\d{2}-\d{2}-\d{2}-\d{2})(?:\.(?P<seq>\d+))?$"
+    r"(?:(?P<host>.+)-)?(?P<stamp>\d{4}-\d{2}-\d{2}-\d{2}-\d{2}-\d{2})(?:\.(?P<seq>\d+))?",
+    re.ASCII,
 )
 
 COMPLETE = "complete"
@@ -65,7 +68,7 @@ class DumpDir(Record):
 
 def parse_dump_name(name: str) -> tuple[str | None, str, int] | None:
     """(host, stamp, seq) for a name this tool creates, else None."""
-    m = _NAME_RE.match(name)
+    m = _NAME_RE.fullmatch(name)
     if not m:
         return None
     return m.group("host"), m.group("stamp"), int(m.group("seq") or 0)

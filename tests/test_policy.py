@@ -84,3 +84,16 @@ def test_hosts_are_separate_on_shared_targets():
 )
 def test_budget(free, needed, margin, short):
     assert policy.budget_shortfall(free, needed, margin) == short
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "2000-01-01-00-00-10\n",  # "$" matched before a final newline
+        "host-2000-01-01-00-00-10.1\n",
+        "٢٠٠٠-01-01-00-00-10",  # "\d" took any script's digits
+        "2000-01-01-00-00-10.١",
+    ],
+)
+def test_names_that_only_look_like_ours(name):
+    assert policy.parse_dump_name(name) is None

@@ -253,3 +253,21 @@ def test_a_second_target_after_the_last_at_is_redacted_too():
     # Found by hypothesis: two targets joined by a tab, shown through repr() in a config
     # error, read as one word whose last "@" came before the second target's password.
     assert "α" not in redact(repr("file://:α@host/\tfile://:α"))
+
+
+def test_a_log_line_cannot_forge_another():
+    """Names from a shared target or the crashed kernel end up in log messages: a newline
+    in one printed a line of its own (a fake "Dump saved"), an escape sequence drove the
+    console. Each control character is shown as \\xNN; a traceback keeps its lines."""
+    fmt = cli.RedactingFormatter("kdump: %(levelname)s: %(message)s")
+    rec = logging.LogRecord(
+        "t", logging.WARNING, __file__, 1, "deleting %s", ("x\nDump saved: \x1b[2Jy\x85",), None
+    )
+    assert fmt.format(rec) == "kdump: WARNING: deleting x\\x0aDump saved: \\x1b[2Jy\\x85"
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        import sys
+
+        rec.exc_info = sys.exc_info()
+    assert "\nTraceback (most recent call last):\n" in fmt.format(rec)

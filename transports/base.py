@@ -141,6 +141,7 @@ class TransportSettings(Record):
         "replay_bytes",
         "expected_size",
         "checksum",
+        "read_only",
         "extra",
     )
     _unshown = ("extra",)
@@ -162,6 +163,8 @@ class TransportSettings(Record):
         expected_size: int = 0,
         # what ``Sink.commit`` hashes each file with (a key of kdump_capture.checksum.ALGORITHMS)
         checksum: str = checksum.SHA256,
+        # list and verify: connecting creates nothing and needs no write access
+        read_only: bool = False,
         # scheme-specific settings (S3 keys, region, CA bundle): may hold secrets, so not in repr
         extra: dict[str, str] | None = None,
     ) -> None:
@@ -175,6 +178,7 @@ class TransportSettings(Record):
         self.replay_bytes = replay_bytes
         self.expected_size = expected_size
         self.checksum = checksum
+        self.read_only = read_only
         self.extra = {} if extra is None else extra
 
 

@@ -6,7 +6,6 @@ import contextlib
 import errno
 import logging
 import os
-import shutil
 import stat
 from collections.abc import Iterator
 
@@ -52,14 +51,6 @@ def _parts(relpath: str) -> list[str]:
     return parts
 
 
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def makedirs_private(path: str) -> None:
     """Create ``path`` and its missing parents, each 0700 whatever the umask.
 
@@ -77,24 +68,65 @@ def makedirs_private(path: str) -> None:
     os.chmod(path, DIR_MODE)  # the umask may have taken bits away (0o200 would give 0500)
 
 
+# Our dumps hold files only: a tree deeper than this under a dump-like name is someone
+# else's, and is left in place (shutil.rmtree recursed once per level: RecursionError).
+MAX_TREE_DEPTH = 8
+
+
+def _remove_dir_at(parent: int, name: str, path: str, depth: int) -> None:
+    """Remove directory ``name`` in ``parent`` and what it holds, by descriptors only: a link
+    inside is removed itself, never followed."""
+    if depth >= MAX_TREE_DEPTH:
+        raise TransportError(f"{path}: nested more than {MAX_TREE_DEPTH} levels deep, not a dump")
+    fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
+    try:
+        with os.scandir(fd) as it:
+            for de in it:
+                if de.is_dir(follow_symlinks=False):
+                    _remove_dir_at(fd, de.name, f"{path}/{de.name}", depth + 1)
+                else:
+                    os.unlink(de.name, dir_fd=fd)
+    finally:
+        os.close(fd)
+    os.rmdir(name, dir_fd=parent)
+
+
 class FileSink(Sink):
-    """A file written with os.write under a temporary name, published with os.replace."""
+    """A file written with os.write under a temporary name, published with os.replace.
+
+    Every step goes through ``dir_fd``, the dump directory opened without following a link:
+    a directory swapped for a link after it was opened (another host of a shared target can
+    rename entries there) never receives a byte. The sink owns ``dir_fd`` and closes it.
+    """
 
     seekable = True
 
-    def __init__(self, directory: str, name: str, algorithm: str) -> None:
+    def __init__(self, dir_fd: int, directory: str, name: str, algorithm: str) -> None:
         super().__init__(name, algorithm)
-        self._dir = directory
+        self._dfd = dir_fd
+        self._tmpname = temp_name(name)
         self._final = os.path.join(directory, name)
-        self._tmp = os.path.join(directory, temp_name(name))
+        self._tmp = os.path.join(directory, self._tmpname)
+        self._fd = -1
         try:
             self._fd = os.open(
-                self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE
+                self._tmpname,
+                os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                FILE_MODE,
+                dir_fd=dir_fd,
             )
             os.fchmod(self._fd, FILE_MODE)  # umask must not widen or narrow it
         except OSError as e:
+            self._close_all()
             raise _io_error(f"cannot create {self._tmp}", e) from e
         self._behind = WriteBehind(self._fd)
+
+    def _close_all(self) -> None:
+        for fd in (self._fd, self._dfd):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._fd = self._dfd = -1
 
     def write(self, data: bytes | memoryview) -> None:
         view = memoryview(data).cast("B")
@@ -113,9 +145,15 @@ class FileSink(Sink):
         self._pos = offset
 
     def _read_back(self) -> Iterator[bytes]:
-        with open(self._tmp, "rb") as f:
-            while chunk := f.read(READ_CHUNK):
-                yield chunk
+        # From our own descriptor: no name is looked up again, so nothing swapped in is read.
+        pos = 0
+        while chunk := os.pread(self._fd, READ_CHUNK, pos):
+            pos += len(chunk)
+            yield chunk
+
+    def _ident(self) -> tuple[int, int]:
+        st = os.fstat(self._fd)
+        return st.st_ino, st.st_dev
 
     def commit(self) -> FileInfo:
         try:
@@ -127,28 +165,33 @@ class FileSink(Sink):
             raise TransportError(f"{self._tmp}: wrote {self.size} bytes but the file has {size}")
         digest = self._digest()
         self._behind.drop_all()  # on disk now: none of it needs the cache
+        ident = self._ident()
         os.close(self._fd)
         self._fd = -1
         try:
-            os.replace(self._tmp, self._final)
-            fsync_dir(self._dir)
+            st = os.stat(self._tmpname, dir_fd=self._dfd, follow_symlinks=False)
+            if (st.st_ino, st.st_dev) != ident:
+                raise UnsafeFile(f"{self._tmp}: replaced while it was being written")
+            os.replace(self._tmpname, self.name, src_dir_fd=self._dfd, dst_dir_fd=self._dfd)
+            os.fsync(self._dfd)
         except OSError as e:
             raise _io_error(f"publishing {self._final}", e) from e
+        finally:
+            self._close_all()
         self.committed = True
         return FileInfo(self.name, size, digest, self.algorithm)
 
     def abort(self) -> None:
         self._stop_hashing()
+        dfd = self._dfd
         if self._fd >= 0:
-            try:
+            with contextlib.suppress(OSError):
                 os.close(self._fd)
-            except OSError:
-                pass
             self._fd = -1
-        try:
-            os.unlink(self._tmp)
-        except OSError:
-            pass
+        if dfd >= 0:
+            with contextlib.suppress(OSError):
+                os.unlink(self._tmpname, dir_fd=dfd)
+        self._close_all()
 
 
 class FileTransport(Transport):
@@ -165,6 +208,8 @@ class FileTransport(Transport):
         return os.path.join(self.root, relpath.strip("/")) if relpath else self.root
 
     def connect(self) -> None:
+        if self.settings.read_only:
+            return  # nothing to create; what cannot be read fails where it is read
         try:
             makedirs_private(self.root)
         except OSError as e:
@@ -177,17 +222,33 @@ class FileTransport(Transport):
 
     def makedir(self, relpath: str) -> None:
         path = self._p(relpath)
+        *dirs, name = _parts(relpath) or [""]
         try:
-            os.mkdir(path, DIR_MODE)
-            os.chmod(path, DIR_MODE)
+            with self._dir_fd(dirs) as dfd:
+                os.mkdir(name, DIR_MODE, dir_fd=dfd)
+                # By descriptor, not by name: a link swapped in for the new directory
+                # meanwhile fails to open here and is never chmod-ed through.
+                fd = os.open(name, _DIR_FLAGS, dir_fd=dfd)
+                try:
+                    os.fchmod(fd, DIR_MODE)
+                finally:
+                    os.close(fd)
         except FileExistsError:
             raise
         except OSError as e:
+            if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise UnsafeFile(f"{path}: replaced by a link after it was created") from None
             raise _io_error(f"cannot create {path}", e) from e
 
     def create(self, relpath: str) -> Sink:
-        path = self._p(relpath)
-        return FileSink(os.path.dirname(path), os.path.basename(path), self.settings.checksum)
+        *dirs, name = _parts(relpath) or [""]
+        directory = os.path.dirname(self._p(relpath))
+        try:
+            with self._dir_fd(dirs) as dfd:
+                keep = os.dup(dfd)  # the sink's own, closed when it commits or aborts
+        except OSError as e:
+            raise _io_error(f"cannot open {directory}", e) from e
+        return FileSink(keep, directory, name, self.settings.checksum)
 
     @contextlib.contextmanager
     def _dir_fd(self, parts: list[str]) -> Iterator[int]:
@@ -273,8 +334,7 @@ class FileTransport(Transport):
             with self._dir_fd(dirs) as dfd:
                 mode = os.stat(name, dir_fd=dfd, follow_symlinks=False).st_mode
                 if stat.S_ISDIR(mode):
-                    # With dir_fd, rmtree works on descriptors and never follows a link.
-                    shutil.rmtree(name, dir_fd=dfd)
+                    _remove_dir_at(dfd, name, path, 0)
                 else:
                     os.unlink(name, dir_fd=dfd)  # a link goes, not what it points to
         except FileNotFoundError:

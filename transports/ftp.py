@@ -103,6 +103,7 @@ _LETTER_KIND = {
     "c": "a device",
     "b": "a device",
     "s": "a socket",
+    "?": "listed twice by the server (a forged line)",
 }
 
 
@@ -407,9 +408,17 @@ class FtpTransport(RetryingTransport):
         path = self._p(relpath)
 
         def mk() -> None:
-            if self._is_dir(path) or self.size_of(path) >= 0:
+            if self._is_dir(path) or self.binary_size(path) >= 0:
                 raise FileExistsError(errno.EEXIST, f"{path} exists")
-            self._mkd(path)
+            try:
+                self._mkd(path)
+            except ftplib.error_perm:
+                # Taken by what neither CWD nor SIZE sees (a FIFO, a device, a dangling
+                # link): the next name will do.
+                parent, name = posixpath.split(path)
+                if any(e.name == name for e in self._list(parent)):
+                    raise FileExistsError(errno.EEXIST, f"{path} exists") from None
+                raise
 
         self.call(mk, f"creating {path}")
 
@@ -435,15 +444,25 @@ class FtpTransport(RetryingTransport):
                 return {} if str(e)[:3] == "550" else None
             self._list_a = False
         out: dict[str, tuple[str, int]] = {}
+        unparsed = 0
         for line in lines:
             if line.startswith("total"):
                 continue
             parsed = parse_list_line(line)
             if parsed is None:
-                return None
+                # A name with a newline in it splits its line in two: the server's format
+                # is still Unix-style, and the lines it does parse still tell links apart.
+                unparsed += 1
+                continue
             name, kind, size = parsed
-            if name not in (".", ".."):
-                out[name] = (kind, size)
+            if name in (".", ".."):
+                continue
+            if out.get(name, (kind, size)) != (kind, size):
+                # Two lines for one name: one was forged inside another entry's name.
+                kind, size = "?", 0
+            out[name] = (kind, size)
+        if unparsed and not out:
+            return None  # not a Unix-style LIST at all
         return out
 
     def _list(self, path: str) -> list[Entry]:
@@ -459,7 +478,7 @@ class FtpTransport(RetryingTransport):
         if facts is None:
             if unix is not None:
                 return [
-                    Entry(n, k == "d", 0 if k == "d" else size, k == "l")
+                    Entry(n, k == "d", 0 if k == "d" else size, k in ("l", "?"))
                     for n, (k, size) in unix.items()
                 ]
             return self._list_nlst(path)
@@ -468,8 +487,9 @@ class FtpTransport(RetryingTransport):
             kind = f.get("type", "").lower()
             if kind in ("cdir", "pdir") or name in (".", ".."):
                 continue
-            # A name LIST does not show (or shows as a link) is never descended into.
-            link = "slink" in kind or (unix is not None and unix.get(name, ("l",))[0] == "l")
+            # A name LIST does not show, shows as a link, or shows twice ("?") is never
+            # descended into.
+            link = "slink" in kind or (unix is not None and unix.get(name, ("l",))[0] in ("l", "?"))
             is_dir = kind == "dir" and not link
             out.append(Entry(name, is_dir, 0 if is_dir else _int(f.get("size", "0")), link))
         return out
@@ -530,8 +550,10 @@ class FtpTransport(RetryingTransport):
             entry = self._lookup(relpath)
             if entry is None:
                 raise FileNotFoundError(errno.ENOENT, f"{path}: no such file")
-            unix = self._unix_list(posixpath.dirname(path)) or {}
-            kind = unix.get(entry.name, ("-",))[0]
+            unix = self._unix_list(posixpath.dirname(path))
+            # Without a Unix LIST (MLSD only) the server cannot tell; with one, a name it
+            # does not show as a regular file is refused.
+            kind = "-" if unix is None else unix.get(entry.name, ("?",))[0]
             if entry.is_dir or entry.is_link or kind != "-":
                 what = _LETTER_KIND.get(kind, "a directory or a link")
                 # Checked before RETR: a server opening a FIFO would block.

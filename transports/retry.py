@@ -311,7 +311,8 @@ class RetryingTransport(Transport):
 
     def connect(self) -> None:
         self._open()
-        self.call(self._ensure_root, f"creating {self.root}")
+        if not self.settings.read_only:
+            self.call(self._ensure_root, f"creating {self.root}")
 
     def call(self, op: Callable[[], T], what: str, first_error: Exception | None = None) -> T:
         """Run ``op`` against the server; reconnect and retry if the connection broke."""
