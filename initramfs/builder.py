@@ -24,7 +24,7 @@ from kdump_capture import config, heartbeat, private
 from kdump_capture.errors import ConfigError, NotSupported
 from kdump_capture.identity import local_identity
 from kdump_capture.load import rebuild
-from kdump_capture.urls import Target, parse_savedir
+from kdump_capture.urls import Target, parse_savedir, quote
 
 from . import cpio, kmods, runtime
 
@@ -148,6 +148,11 @@ class FileMount:
     target: str
     subdir: str  # the dump directory below the mount, relative
 
+    @property
+    def path(self) -> str:
+        """The dump directory as the capture kernel sees it."""
+        return f"{self.target}/{self.subdir}".rstrip("/")
+
 
 def find_mount(path: str, mountinfo: str) -> tuple[str, str, str]:
     """(mount point, source, fstype) of the filesystem holding ``path`` (pure)."""
@@ -267,6 +272,30 @@ def capture_config(cfg: Mapping[str, str], rewrite: Mapping[str, str]) -> str:
     lines = ["# Effective kdump configuration, written by 'kdump-capture initramfs build'."]
     lines += [f"{k}={sh_quote(rewrite.get(k, cfg[k]))}" for k in cfg]
     return "\n".join(lines) + "\n"
+
+
+def check_packed_config(text: str, local_paths: list[str]) -> None:
+    """ConfigError unless ``text`` loads as the capture kernel will load it, with its local
+    targets at ``local_paths``: a value the builder rewrote (a path, the host name) must not
+    first fail, or mean another directory, in the capture kernel at the crash."""
+    with tempfile.TemporaryDirectory(prefix="kdump-config-") as tmp:
+        path = os.path.join(tmp, "kdump")
+        with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+            f.write(text)
+        try:
+            packed = config.load_config(path)
+        except ConfigError as e:
+            where = f"/{CONFIG_PATH} of the image"
+            raise ConfigError(
+                f"the configuration packed for the capture kernel would not load there: "
+                f"{str(e).replace(path, where)}"
+            ) from None
+    got = [t.path for t in packed.savedir if t.scheme == "file"]
+    if got != local_paths:
+        raise ConfigError(
+            f"the configuration packed for the capture kernel names {got} instead of "
+            f"{local_paths} (a bug in 'initramfs build'; please report it)"
+        )
 
 
 @dataclass
@@ -474,7 +503,8 @@ def build(
             continue
         m = file_mount(t, target_device, target_fstype, len(mounts))
         mounts.append(m)
-        savedirs.append(f"file://{m.target}/{m.subdir}".rstrip("/"))
+        # Encoded as the URL it is: a space would split it in two, '%' '?' '#' change it.
+        savedirs.append("file://" + quote(m.path, safe="/"))
     if mounts:
         rewrite["KDUMP_SAVEDIR"] = " ".join(savedirs)
     # A capture kernel has no host name of its own: carry this machine's (SUSE writes
@@ -556,7 +586,9 @@ def build(
 
     plan = init_plan(cfg, targets, module_files, net, mounts, shell)
     arc.add_file(PLAN_PATH, json.dumps(plan, indent=1).encode())
-    arc.add_file(CONFIG_PATH, capture_config(cfg, rewrite).encode(), 0o600)
+    packed_config = capture_config(cfg, rewrite)
+    check_packed_config(packed_config, [m.path for m in mounts])
+    arc.add_file(CONFIG_PATH, packed_config.encode(), 0o600)
     arc.add_file("init", INIT_SOURCE.read_bytes(), 0o755)
     extras.append(f"config (/{CONFIG_PATH})")
 

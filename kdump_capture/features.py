@@ -32,7 +32,7 @@ def check_unsupported(cfg) -> None:
         new(cfg.checksum)  # KDUMP_CHECKSUM=xxh3 without the xxhash package
     except NotSupported as e:
         raise cfg.not_available("KDUMP_CHECKSUM", str(e)) from None
-    for name, what in UNSUPPORTED.items():
+    for name, (_off, what) in UNSUPPORTED.items():
         if cfg.value(name):  # "" or a false boolean means the feature is off
             raise cfg.not_supported(name, what)
     flags = set(cfg["KDUMPTOOL_FLAGS"].upper().replace(",", " ").split())

@@ -53,9 +53,8 @@ def host_identity(target: Target, configured: str = "", root: str = "/") -> str:
         lambda: _route_address(target),
     )
     for source in sources:
-        name = source()
-        if name:
-            return safe_name(name)
+        if name := safe_name(source()):
+            return name
     name = f"unnamed-{secrets.token_hex(6)}"
     log.warning(
         "this host has no name, machine-id or network address to name its dumps by; "
@@ -69,14 +68,17 @@ def local_identity(root: str = "/") -> str:
     """The name this machine gives itself without the network: what ``initramfs build``
     writes into the capture kernel's KDUMP_HOSTNAME ("" if it has none)."""
     for name in (_read(root, "etc/hostname.kdump"), _kernel_hostname(root), _machine_id(root)):
-        if name:
-            return safe_name(name)
+        if name := safe_name(name):
+            return name
     return ""
 
 
 def safe_name(name: str) -> str:
-    """``name`` with anything but letters, digits, '.', '_' and '-' replaced, capped."""
-    return "".join(c if c.isalnum() or c in "._-" else "_" for c in name.strip())[:MAX_NAME]
+    """``name`` with anything but ASCII letters, digits, '.', '_' and '-' replaced, without
+    leading punctuation, capped: what KDUMP_HOSTNAME accepts, so that the name the builder
+    packs is one the capture kernel's configuration takes ("" if nothing is left)."""
+    kept = "".join(c if (c.isascii() and c.isalnum()) or c in "._-" else "_" for c in name.strip())
+    return kept.lstrip("._-")[:MAX_NAME]
 
 
 def _read(root: str, relpath: str, limit: int = 4096) -> str:

@@ -8,6 +8,7 @@ import os
 import pytest
 
 from kdump_capture import identity, policy
+from kdump_capture.config import load_config
 from kdump_capture.identity import host_identity, local_identity, route_interface
 from kdump_capture.pipeline import SavePlan, save_to_target
 from kdump_capture.sample import SampleSpec, write_sample
@@ -166,3 +167,21 @@ def test_two_identities_never_rotate_each_other(tmp_path, request):
     for n in names:
         mine = [d for d in left if policy.parse_dump_name(d)[0] == n]
         assert mine == made[n][-2:]
+
+
+@pytest.mark.parametrize(
+    "raw, safe",
+    [("wéb01", "w_b01"), ("_web01", "web01"), ("-web01", "web01"), (".web01", "web01"),
+     ("web01²", "web01_"), ("٣host", "host")],
+)  # fmt: skip
+def test_safe_names_are_names_the_configuration_takes(raw, safe):
+    """The builder packs local_identity() as KDUMP_HOSTNAME; a name with a non-ASCII letter
+    or a leading '_', '-' or '.' passed safe_name but not the capture kernel's
+    configuration, which then failed with exit 2 at the crash."""
+    assert identity.safe_name(raw) == safe
+    assert load_config(None, [f"KDUMP_HOSTNAME={safe}"])["KDUMP_HOSTNAME"] == safe
+
+
+def test_a_name_with_nothing_safe_left_falls_through(tmp_path):
+    root = fake_root(tmp_path, {"etc/hostname.kdump": "___", "etc/machine-id": MID_A})
+    assert local_identity(root).startswith("machine-")

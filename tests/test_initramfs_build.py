@@ -3,6 +3,7 @@ Python runs (chroot into the unpacked tree) with only .pyc files."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import shutil
@@ -16,6 +17,7 @@ import zstandard
 from initramfs import builder
 from kdump_capture.cli import main as cli_main
 from kdump_capture.config import load_config
+from kdump_capture.errors import ConfigError
 
 # Scripts and KDUMP_CONTINUE_ON_ERROR=no need /bin/sh: busybox gets packed.
 SETTINGS = [
@@ -320,3 +322,41 @@ def test_xxhash_is_packed_and_works_only_with_xxh3(built, tmp_path):
     listing = subprocess.run(["cpio", "-it", "--quiet"], input=raw, capture_output=True)
     assert not [n for n in listing.stdout.decode().split() if "/xxhash/" in n]
     assert run(tree).startswith("NotSupported checksum xxh3-128 needs the xxhash package")
+
+
+def test_local_paths_are_packed_as_the_urls_they_are(tmp_path):
+    """The builder wrote the decoded path into the packed KDUMP_SAVEDIR: "/var/crash dumps"
+    split into two targets and failed the capture kernel's configuration (exit 2 at the
+    crash), "%2541" came back as "%41" and saved elsewhere, "?" and "#" were refused."""
+    savedirs = ["file:///var/crash%20dumps/%2541", "file:///var/cr%3Fash%23"]
+    cfg = load_config(None, [f"KDUMP_SAVEDIR={' '.join(savedirs)}", "KDUMP_CHECKSUM=sha256"])
+    out = tmp_path / "initrd.img"
+    builder.build(
+        cfg,
+        str(out),
+        kernel_version=KVER,
+        modules_root=str(fake_modules_root(tmp_path)),
+        compress="gzip",
+        target_device="LABEL=crash",
+        target_fstype="ext4",
+    )
+    raw = gzip.decompress(out.read_bytes())
+    subprocess.run(["cpio", "-idm", "--quiet", "etc/sysconfig/kdump"], input=raw, cwd=tmp_path)
+    packed = load_config(str(tmp_path / "etc/sysconfig/kdump"))
+    assert [t.path for t in packed.savedir] == [
+        "/kdump/mnt0/var/crash dumps/%41",
+        "/kdump/mnt1/var/cr?ash#",
+    ]
+
+
+def test_a_packed_config_that_would_not_load_fails_the_build():
+    text = builder.capture_config(CFG, {"KDUMP_HOSTNAME": "-web01"})
+    with pytest.raises(
+        ConfigError, match=r"would not load there: /etc/sysconfig/kdump of the image:"
+    ):
+        builder.check_packed_config(text, ["/kdump/mnt0/var/crash"])
+    # what the builder wrote for the host's "/var/crash%41": the capture kernel reads "crashA"
+    text = builder.capture_config(CFG, {"KDUMP_SAVEDIR": "file:///kdump/mnt0/var/crash%41"})
+    with pytest.raises(ConfigError, match="names .* instead of"):
+        builder.check_packed_config(text, ["/kdump/mnt0/var/crash%41"])
+    builder.check_packed_config(text, ["/kdump/mnt0/var/crashA"])
