@@ -93,6 +93,20 @@ def transport_settings(cfg, replay_bytes: int | None = None, read_only: bool = F
     )
 
 
+def with_config_password(target, cfg):
+    """``target`` with the password of the KDUMP_SAVEDIR entry for the same server and user,
+    when the URL has none: list and verify take credentials from the configuration, so that
+    a password never has to go on the command line (argv is readable by every user)."""
+    if target.password is not None or target.scheme in ("file", "s3"):
+        return target
+    server = (target.scheme, target.host.lower(), target.port)
+    for t in cfg.savedir:
+        same = (t.scheme, t.host.lower(), t.port) == server
+        if same and t.password is not None and target.user in (None, t.user):
+            return target.replace(user=t.user, password=t.password)
+    return target
+
+
 def make_plan(cfg):
     """Resolve the configuration into a SavePlan; unsupported settings fail here, early.
     Buffers are sized from MemAvailable now (memory.plan_buffers)."""
@@ -306,6 +320,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     cfg = load(args)
     _setup_logging(bool(cfg.verbose & 8))
     settings = transport_settings(cfg, read_only=True)
+    target = with_config_password(target, cfg)
     with open_transport(target.replace(path=parent or "/"), settings) as tr:
         return _verify(target.redacted(), tr, name)
 
@@ -372,6 +387,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     if target.scheme == "file" and not os.path.isdir(target.path):
         # connect() would create it: a listing changes nothing
         raise NoDumpError(f"{target.redacted()}: no such directory")
+    target = with_config_password(target, cfg)
     with open_transport(target, transport_settings(cfg, read_only=True)) as tr:
         items = list_dumps(tr)
     if args.json:

@@ -136,3 +136,28 @@ def test_list_missing_target_changes_nothing(tmp_path):
     r = cli("list", "--config", "/dev/null", f"file://{tmp_path}/none")
     assert r.rc == 3 and "no such directory" in r.err
     assert not (tmp_path / "none").exists()
+
+
+@pytest.mark.parametrize("kind", ["ftp", "cifs"])
+def test_list_and_verify_take_the_password_from_the_config(kind, request, tmp_path):
+    """Both said "credentials from --config" but used only the URL given: a password had to
+    go on the command line, where every user can read it (/proc/PID/cmdline)."""
+    from kdump_capture.urls import parse_target
+
+    target = make_target(kind, request)
+    sample = tmp_path / "vmcore"
+    _marker_sample(sample, "credentials test")
+    conf = write_config(tmp_path / "kdump", target)
+    assert run_save(conf, str(sample)).rc == 0
+    full = parse_target(target.url)[0]
+    assert full.password
+    bare = full.replace(password=None)._unredacted_text()
+    assert full.password not in bare
+    r = cli("list", "--config", conf, bare, "--json")
+    assert r.rc == 0, r.err
+    [dump] = json.loads(r.out)
+    assert dump["status"] == "complete"
+    r = cli("verify", "--config", conf, f"{bare}/{dump['directory']}")
+    assert r.rc == 0, r.err
+    assert "all files match" in r.out
+    assert cli("list", "--config", "/dev/null", bare).rc == 7  # the config is what held it
