@@ -383,6 +383,11 @@ class MemMaps(Record):
 
 
 def max_mapnr_of(loads: Iterable[Phdr]) -> int:
-    """Page frames covered by the PT_LOADs: ``ceil(max(p_paddr + p_memsz) / PAGE)``."""
-    top = max((p.paddr + p.memsz for p in loads if p.type == PT_LOAD), default=0)
+    """Page frames covered by the PT_LOADs' data: ``ceil(max(p_paddr + p_filesz) / PAGE)``.
+
+    makedumpfile counts p_memsz. In /proc/vmcore the two are equal; a tail with no data in
+    the file (memsz > filesz: an ELF dump's excluded pages) holds nothing to dump, and a
+    corrupt header could claim petabytes there: hours of empty bitmap windows.
+    """
+    top = max((p.paddr + p.filesz for p in loads if p.type == PT_LOAD), default=0)
     return (top + PAGE - 1) >> PAGE_SHIFT

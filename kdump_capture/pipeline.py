@@ -135,6 +135,19 @@ class SpaceMaker(Record):
         self.candidates = candidates
         self.deleted = [] if deleted is None else deleted
 
+    def could_free(self) -> int:
+        """Bytes that deleting every candidate would give back (the sizes of their files;
+        a directory that cannot be listed counts nothing)."""
+        total = 0
+        for d in self.candidates:
+            try:
+                total += sum(e.size for e in self.transport.listdir(d.name) if not e.is_dir)
+            except ConnectionLost:
+                raise
+            except TransportError:
+                continue
+        return total
+
     def __call__(self, short: int) -> bool:
         """Delete the oldest candidate; False when there is none left."""
         if not self.candidates:
@@ -611,13 +624,23 @@ def _ensure_room(transport, room: SpaceMaker, plan: SavePlan, needed: int) -> in
 
     ``needed``: bytes the dump will certainly take. Returns the free space.
     """
+    hopeless = False
     while True:
         free = transport.free_space("")
         short = policy.budget_shortfall(free, needed, plan.free_disk_size)
         if not short:
             return free
+        if not room.deleted and room.candidates and short > room.could_free():
+            # Deleting would not make room (a corrupt vmcore can claim any size): keep them.
+            hopeless = True
+            break
         if not room(short):
             break
+    if hopeless:
+        log.warning(
+            "not deleting older dumps: all %d that rotation allows would not make room",
+            len(room.candidates),
+        )
     raise FreeSpaceError(
         f"{transport.describe()}: {free >> 20} MiB free, but the dump needs at least "
         f"{-(-needed >> 20)} MiB and KDUMP_FREE_DISK_SIZE keeps {plan.free_disk_size >> 20} MiB "

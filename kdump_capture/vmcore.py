@@ -44,6 +44,9 @@ MAP_WINDOW = 2 << 20
 # over a large stretch of the file would map much for little.
 MAP_SPAN = 16 << 20
 MAX_PHNUM = 65535
+# x86_64's MAX_PHYSMEM_BITS with 5-level paging (and arm64's largest): no PT_LOAD of a real
+# vmcore reaches past it, and the sum of a corrupt p_paddr and p_memsz may wrap past 2^64.
+MAX_PHYS_ADDR = 1 << 52
 PAGE = 4096
 IOMEM = "/proc/iomem"
 
@@ -492,6 +495,12 @@ def _parse(
             raise VmcoreError(
                 f"{path}: offset {where:#x}: PT_LOAD #{i} has p_filesz {p.filesz:#x} "
                 f"> p_memsz {p.memsz:#x}"
+            )
+        if p.type == PT_LOAD and p.paddr + p.memsz > MAX_PHYS_ADDR:
+            raise VmcoreError(
+                f"{path}: offset {where:#x}: PT_LOAD #{i} claims physical memory "
+                f"{p.paddr:#x}-{p.paddr + p.memsz:#x}, beyond the 52-bit physical address "
+                "space of any machine this tool reads"
             )
         if base + seg_end > MAX_OFFSET:
             raise VmcoreError(

@@ -195,3 +195,26 @@ def test_real_vmcore_compressed_fits_a_small_disk(real_sample, small_disk, tmp_p
     )
     assert d.returncode == 0, d.stdout + d.stderr
     assert real_sample.marker in out.read_text(errors="replace")
+
+
+def test_older_dumps_stay_when_deleting_them_could_not_make_room(big8g, small_disk):
+    """The pre-check deleted older dumps one by one while short, even when deleting all of
+    them could never cover the shortfall (a corrupt vmcore claimed petabytes): they were lost
+    and the save failed anyway. Now nothing is deleted unless it can make the room."""
+    lower, _ = _bounds(big8g, "compressed", 31)
+    disk = small_disk(16)
+    savedir = disk / "dumps"
+    for i, t in enumerate((1764000000, 1764050000)):
+        old = _sample(disk.parent, f"old{i}", ram_mib=4, crash_time=t)
+        assert cli(*save_args(old, str(savedir), "KDUMP_FREE_DISK_SIZE=0")).rc == 0
+    oldest, newer = _dumps(savedir)
+    before = {n: _files(savedir, n) for n in (oldest, newer)}
+    freeable = sum(len(b) for b in before[oldest].values())
+    free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+    margin = (free + freeable - lower) // MiB + 2  # short even after deleting the oldest
+    sets = ("KDUMP_DUMPFORMAT=compressed", "KDUMP_DUMPLEVEL=31", f"KDUMP_FREE_DISK_SIZE={margin}")
+    r = cli(*save_args(big8g, str(savedir), *sets, "KDUMP_KEEP_OLD_DUMPS=1"))
+    assert r.rc == 5, r.err
+    assert "not deleting older dumps: all 1 that rotation allows would not make room" in r.err
+    assert "to make room" not in r.err.replace("would not make room", "")
+    assert {n: _files(savedir, n) for n in _dumps(savedir)} == before

@@ -119,3 +119,19 @@ def test_cifs_free_space_check_while_a_write_is_in_flight(margin, request, tmp_p
     [name] = server_dumps(target)
     with open(os.path.join(target.server_dir, name, "vmcore"), "rb") as f:
         assert f.read() == small.read_bytes()
+
+
+def test_a_cifs_share_the_server_does_not_have_is_a_target_error(request, sample, tmp_path):
+    """A URL naming a missing share ended in "internal error: FileNotFoundError" (exit 1)."""
+
+    target = make_target("cifs", request)
+    share = parse_target(target.url)[0].share
+    missing = target.url.replace(f"/{share}/", "/nosuch-share/", 1)
+    assert missing != target.url
+    conf = tmp_path / "kdump"
+    conf.write_text(f'KDUMP_SAVEDIR="{missing}"\nKDUMP_NET_TIMEOUT=10\n')
+    os.chmod(conf, 0o600)
+    r = run_save(str(conf), sample)
+    assert r.rc == 6, r.err
+    assert "not found (a share or a directory above it is missing)" in r.err
+    assert "internal error" not in r.err

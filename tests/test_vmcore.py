@@ -78,6 +78,43 @@ def test_load_past_end(sample, tmp_path):
         open_vmcore(str(p))
 
 
+def _with_load(sample, tmp_path, paddr, filesz, memsz, name="bad"):
+    """The sample with its last PT_LOAD (#3) changed."""
+    data = bytearray(open(sample, "rb").read())
+    at = EHDR.size + 3 * PHDR.size
+    ph = Phdr.unpack_from(data, at)
+    assert ph.type == PT_LOAD
+    data[at : at + PHDR.size] = Phdr(
+        ph.type, ph.flags, ph.offset, ph.vaddr, paddr, filesz, memsz, 0
+    ).pack()
+    p = tmp_path / name
+    p.write_bytes(bytes(data))
+    return str(p), ph
+
+
+@pytest.mark.parametrize("paddr, memsz", [(1 << 32, 1 << 60), ((1 << 64) - 4096, 8192)])
+def test_a_load_past_any_physical_address_space(sample, tmp_path, paddr, memsz):
+    """p_paddr + p_memsz went unchecked: 2^60 bytes of memory claimed by a 4 MiB file made
+    the save walk empty bitmap windows for hours, and a sum past 2^64 was taken as is."""
+    p, _ = _with_load(sample, tmp_path, paddr, 4096, memsz)
+    with pytest.raises(VmcoreError, match=r"offset 0xe8: PT_LOAD #3 claims physical memory "):
+        open_vmcore(p)
+
+
+def test_memory_with_no_data_in_the_file_is_not_dumped(sample, tmp_path):
+    """A PT_LOAD may claim more memory than the file holds (p_memsz > p_filesz: an ELF
+    dump's excluded pages; a corrupt header's petabytes). Only the pages with data count:
+    1 PiB claimed beyond 4 MiB of data took 80-100 s of empty windows, then asked for
+    6 TiB of free space."""
+    from kdump_capture.formats import make_writer
+
+    p, ph = _with_load(sample, tmp_path, 1 << 32, 4096, 1 << 50)
+    with open_vmcore(p) as vm:
+        w = make_writer(vm, "compressed", 0, True)
+        assert w.lower_bound() < 64 << 20
+        assert max(q.paddr + q.filesz for q in vm.loads) == (1 << 32) + 4096
+
+
 def test_empty_and_missing(tmp_path):
     p = tmp_path / "empty"
     p.write_bytes(b"")

@@ -312,7 +312,16 @@ class RetryingTransport(Transport):
     def connect(self) -> None:
         self._open()
         if not self.settings.read_only:
-            self.call(self._ensure_root, f"creating {self.root}")
+            what = f"creating {self.root}"
+            try:
+                self.call(self._ensure_root, what)
+            except FileNotFoundError:
+                # Not a directory we can make: a CIFS share the server does not have, or
+                # a parent the protocol will not create. A target error, not a bug (exit 1).
+                raise TransportError(
+                    f"{self.describe()}: {what}: not found (a share or a directory above it "
+                    "is missing)"
+                ) from None
 
     def call(self, op: Callable[[], T], what: str, first_error: Exception | None = None) -> T:
         """Run ``op`` against the server; reconnect and retry if the connection broke."""

@@ -483,10 +483,11 @@ class PageFilter:
         self.notes = notes
         self.half_len = bitmap_half_len(max_mapnr)
         self._mem = ElfPhysMemory(loads, vm.pread, vm.path)
+        # RAM is what the file holds data for (see max_mapnr_of)
         self._ram = _merge(
-            (p.paddr >> PAGE_SHIFT, min((p.paddr + p.memsz + PAGE - 1) >> PAGE_SHIFT, max_mapnr))
+            (p.paddr >> PAGE_SHIFT, min((p.paddr + p.filesz + PAGE - 1) >> PAGE_SHIFT, max_mapnr))
             for p in loads
-            if p.type == PT_LOAD and p.memsz
+            if p.type == PT_LOAD and p.filesz
         )
         self._params = _rule_params(self.rules, level) if self.rules else None
         self._cache: list[bytes] | None = None
