@@ -49,6 +49,9 @@ SECTION_MAP_MASK = ~((1 << 5) - 1) & 0xFFFFFFFFFFFFFFFF
 SECTION_MARKED_PRESENT = 1
 # x86_64 physical addresses have at most 52 bits (5-level paging): bounds section numbers
 # when VMCOREINFO does not say MAX_PHYSMEM_BITS.
+# Separate mem_map ranges kept (section by section without vmemmap: a 1 TiB machine
+# with 128 MiB sections has 8192); past this the struct pages are not read (a fallback).
+MAX_MEM_MAP_RANGES = 1 << 16
 MAX_PHYS_BITS = 52
 U64_MASK = 0xFFFFFFFFFFFFFFFF
 
@@ -283,14 +286,18 @@ class Kernel:
         base = self.info.need_symbol("init_uts_ns")
         return self.read(base + (self.info.offset("uts_namespace.name") or 0), 390)
 
-    def mem_maps(self, max_mapnr: int) -> MemMaps:
+    def mem_maps(self, max_mapnr: int, ram: list[tuple[int, int]] | None = None) -> MemMaps:
         """Where the struct pages of every present section below ``max_mapnr`` live.
 
         SPARSEMEM_EXTREME decoding as makedumpfile's get_mm_sparsemem(): SYMBOL(mem_section)
         is the root array; each root holds PAGE/SIZE(mem_section) sections. The number of
-        sections looked at is bounded by the kernel's own limits (LENGTH(mem_section) roots,
+        sections is bounded by the kernel's own limits (LENGTH(mem_section) roots,
         MAX_PHYSMEM_BITS), not by the PT_LOADs, which a corrupt vmcore may place anywhere.
-        Each root's sections are read in one piece.
+        Only the sections holding ``ram`` (pfn ranges ``(start, end)``; all below
+        ``max_mapnr`` if None) are read, a root's sections in one piece: what is read grows
+        with the dump, not with what the crashed kernel's tables claim. At most
+        MAX_MEM_MAP_RANGES ranges are kept (one per section where the mem_maps do not
+        follow each other: 2 GB from 64 pages of hostile roots before the bound).
         """
         info = self.info
         root = info.need_symbol("mem_section")
@@ -309,25 +316,30 @@ class Kernel:
         if phys_bits is None or not sec_bits <= phys_bits <= MAX_PHYS_BITS:
             phys_bits = MAX_PHYS_BITS
         num_sections = min(-(-max_mapnr // per_section), 1 << (phys_bits - sec_bits))
-        n_roots = -(-num_sections // per_root)
         nr_roots = info.length("mem_section")
-        if nr_roots is not None and 0 < nr_roots < n_roots:
-            n_roots = nr_roots
-            num_sections = min(num_sections, n_roots * per_root)
-        roots = self.read(root, 8 * n_roots)
+        if nr_roots is not None and 0 < nr_roots < -(-num_sections // per_root):
+            num_sections = min(num_sections, nr_roots * per_root)
+        wanted = _merge_spans(
+            (s >> pfn_shift, min(((e - 1) >> pfn_shift) + 1, num_sections))
+            for s, e in (ram if ram is not None else [(0, max_mapnr)])
+            if s < e
+        )
         ranges: list[tuple[int, int, int]] = []
-        for ri in range(n_roots):
-            r = U64.unpack_from(roots, 8 * ri)[0]
-            if r == 0:
-                continue
-            first = ri * per_root
-            count = min(per_root, num_sections - first)
-            table = self.read(r, count * ms_size)
-            for i in range(count):
+        table_root, table = -1, b""
+        for lo, hi in wanted:
+            for nr in range(lo, hi):
+                ri, i = divmod(nr, per_root)
+                if ri != table_root:
+                    table_root, table = ri, b""
+                    r = self.u64(root + 8 * ri)
+                    if r:
+                        first = ri * per_root
+                        table = self.read(r, min(per_root, num_sections - first) * ms_size)
+                if not table:
+                    continue
                 coded = U64.unpack_from(table, i * ms_size + map_off)[0]
                 if not coded & SECTION_MARKED_PRESENT:
                     continue
-                nr = first + i
                 start = nr << pfn_shift
                 mem_map = ((coded & SECTION_MAP_MASK) + start * page_size) & U64_MASK
                 if mem_map >> 63 == 0:
@@ -342,8 +354,23 @@ class Kernel:
                     if p_end == start and p_map + (start - p_start) * page_size == mem_map:
                         ranges[-1] = (p_start, end, p_map)  # vmemmap: one range for all
                         continue
+                if len(ranges) >= MAX_MEM_MAP_RANGES:
+                    raise KernelInfoError(
+                        f"mem_section: more than {MAX_MEM_MAP_RANGES} separate mem_map ranges"
+                    )
                 ranges.append((start, end, mem_map))
         return MemMaps(per_section, page_size, ranges)
+
+
+def _merge_spans(spans: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted, disjoint ``(start, end)`` spans covering the non-empty input spans."""
+    out: list[tuple[int, int]] = []
+    for s, e in sorted(x for x in spans if x[0] < x[1]):
+        if out and s <= out[-1][1]:
+            out[-1] = (out[-1][0], max(e, out[-1][1]))
+        else:
+            out.append((s, e))
+    return out
 
 
 class MemMaps(Record):

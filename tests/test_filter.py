@@ -193,6 +193,30 @@ def test_mem_section_roots_bounded_by_vmcoreinfo(tmp_path):
         assert max(reads) <= 2048 * 8  # LENGTH(mem_section) roots, not 2^38 / 2^15 / 256
 
 
+def test_mem_sections_are_read_only_where_the_dump_has_data(tmp_path, monkeypatch):
+    """The walk looked at every section below max_mapnr and kept a range for each one whose
+    mem_map did not follow the last: 64 pages of hostile roots took a save to 2.1 GB. Only
+    the sections holding the dump's data are read now, and the ranges are capped."""
+    from kdump_capture import kernel as K
+
+    k = KernelImage(1024)
+    k.build([(0, b"x")])
+    path = str(tmp_path / "v.elf")
+    k.write(path)
+    with open_vmcore(path) as vm:
+        kern = Kernel(VmcoreInfo(vm.vmcoreinfo), ElfPhysMemory(vm.loads, vm.pread, vm.path))
+        reads = []
+        real_read = kern.read
+        kern.read = lambda va, n: reads.append(n) or real_read(va, n)
+        mm = kern.mem_maps(1 << 38, [(0, 1024)])
+        assert mm.ranges == [(0, 1 << 15, 0xFFFFEA0000000000)]
+        assert len(reads) == 2  # one root pointer, one table: not 2048 roots
+        assert kern.mem_maps(1 << 38, [(1 << 20, 1 << 21)]).ranges == []  # no section there
+        monkeypatch.setattr(K, "MAX_MEM_MAP_RANGES", 0)
+        with pytest.raises(K.KernelInfoError, match="more than 0 separate mem_map ranges"):
+            kern.mem_maps(1 << 38, [(0, 1024)])
+
+
 def test_second_pass_cache_all_or_nothing(tmp_path):
     # The first pass keeps the 2nd bitmap's windows for the second only when all of them
     # fit cache_bytes; otherwise the second pass computes them again, the same.

@@ -441,6 +441,12 @@ class PageFilter:
             raise RuntimeError("the compiled accelerator is not available")
         loads = vm.loads
         max_mapnr = max_mapnr_of(loads)
+        # RAM is what the file holds data for (see max_mapnr_of)
+        ram = _merge(
+            (p.paddr >> PAGE_SHIFT, (p.paddr + p.filesz + PAGE - 1) >> PAGE_SHIFT)
+            for p in loads
+            if p.type == PT_LOAD and p.filesz
+        )
         notes: list[str] = []
         applied = level
         self.kernel: Kernel | None = None
@@ -456,7 +462,7 @@ class PageFilter:
         if want_pages:
             try:
                 kernel = Kernel(info, ElfPhysMemory(loads, vm.pread, vm.path))
-                self.mem_maps = kernel.mem_maps(max_mapnr)
+                self.mem_maps = kernel.mem_maps(max_mapnr, ram)
                 if self.mem_maps.ranges:
                     max_mapnr = min(max_mapnr, self.mem_maps.end)
             except VmcoreError as e:
@@ -483,12 +489,7 @@ class PageFilter:
         self.notes = notes
         self.half_len = bitmap_half_len(max_mapnr)
         self._mem = ElfPhysMemory(loads, vm.pread, vm.path)
-        # RAM is what the file holds data for (see max_mapnr_of)
-        self._ram = _merge(
-            (p.paddr >> PAGE_SHIFT, min((p.paddr + p.filesz + PAGE - 1) >> PAGE_SHIFT, max_mapnr))
-            for p in loads
-            if p.type == PT_LOAD and p.filesz
-        )
+        self._ram = [(s, min(e, max_mapnr)) for s, e in ram if s < max_mapnr]
         self._params = _rule_params(self.rules, level) if self.rules else None
         self._cache: list[bytes] | None = None
         self._summary: Summary | None = None
