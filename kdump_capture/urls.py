@@ -282,7 +282,14 @@ def redact(text: str) -> str:
 
 # "scheme://host:port" where the port is not a number: in "ftp://user:password" (the
 # "@host" forgotten) the password reads as a port.
-_BAD_PORT_RE = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^/@\[\]:]*:)([^/@]*?)(['\")>,;:.]*(?:/|$))")
+# The scheme starts a run of scheme characters (the lookbehind): tried at every position of
+# a long run of letters, the search took time quadratic in the word's length.
+_BAD_PORT_RE = re.compile(
+    r"(?<![A-Za-z0-9+.-])([A-Za-z][A-Za-z0-9+.-]*://[^/@\[\]:]*:)([^/@]*?)(['\")>,;:.]*(?:/|$))"
+)
+# A word longer than this that may hold a target is not shown at all: nothing in a URL is
+# this long, and a server's megabytes of text (an S3 Message) took redaction hours.
+MAX_WORD = 2048
 
 
 def _mask_port(m: re.Match[str]) -> str:
@@ -293,6 +300,8 @@ def _mask_port(m: re.Match[str]) -> str:
 
 
 def _redact_word(word: str) -> str:
+    if len(word) > MAX_WORD and ("@" in word or "://" in word):
+        return f"[{len(word)} characters not shown]"
     at = word.rfind("@")
     if at < 0:
         return _BAD_PORT_RE.sub(_mask_port, word)

@@ -30,7 +30,7 @@ from collections import deque
 from collections.abc import Iterator
 
 from kdump_capture import checksum
-from kdump_capture.errors import TransportError, UnsafeFile
+from kdump_capture.errors import KdumpError, TransportError, UnsafeFile
 from kdump_capture.record import Record
 from kdump_capture.urls import Target
 
@@ -121,6 +121,13 @@ def same_file(seen: list, now: tuple, what: str) -> None:
     if seen and seen[0] != now:
         raise TransportError(f"{what}: changed on the server while it was read")
     seen[:] = [now]
+
+
+def not_the_servers(e: BaseException) -> bool:
+    """An error of ours raised inside a transport call (Interrupted: the watchdog's or a
+    user's signal), which a transport's ``convert`` must pass on as it is: wrapped as a
+    target error it changed the exit code from 130 to 6."""
+    return isinstance(e, KdumpError) and not isinstance(e, TransportError)
 
 
 class TransportSettings(Record):

@@ -47,6 +47,7 @@ from .base import (
     bounded,
     check_size,
     is_temp_name,
+    not_the_servers,
     same_file,
     temp_name,
 )
@@ -90,7 +91,7 @@ _DEVICE = 0x40
 
 def convert(e: BaseException, what: str) -> Exception:
     """Map an smbprotocol/socket exception to our error tree (the module boundary)."""
-    if isinstance(e, (TransportError, FileNotFoundError, FileExistsError)):
+    if isinstance(e, (TransportError, FileNotFoundError, FileExistsError)) or not_the_servers(e):
         return e
     if isinstance(e, ValueError) and isinstance(e.__cause__, OSError):
         e = e.__cause__  # smbprotocol wraps socket errors of connect() in ValueError

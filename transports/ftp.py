@@ -30,6 +30,7 @@ from .base import (
     bounded,
     check_size,
     is_temp_name,
+    not_the_servers,
     same_file,
     temp_name,
 )
@@ -74,7 +75,7 @@ _FULL_TEXT = re.compile(r"no space|disk full|quota|exceed", re.I)
 
 def convert(e: BaseException, what: str) -> Exception:
     """Map an ftplib/socket exception to our error tree (the module boundary)."""
-    if isinstance(e, (TransportError, FileExistsError)):
+    if isinstance(e, (TransportError, FileExistsError)) or not_the_servers(e):
         return e
     text = str(e)
     code = text[:3]

@@ -45,6 +45,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 from urllib.parse import quote
+from xml.parsers import expat
 from xml.sax.saxutils import escape
 
 from botocore.auth import SIGV4_TIMESTAMP, S3SigV4Auth
@@ -55,7 +56,7 @@ from kdump_capture.errors import AuthError, ConnectionLost, TargetFull, Transpor
 from kdump_capture.memory import S3_MAX_PARTS, S3_MIN_PART, s3_part_plan
 from kdump_capture.urls import Target
 
-from .base import Entry, FileInfo, Sink, TransportSettings, bounded, check_size
+from .base import Entry, FileInfo, Sink, TransportSettings, bounded, check_size, not_the_servers
 from .retry import RetryingTransport, is_connection_lost, retry_call
 
 log = logging.getLogger(__name__)
@@ -89,8 +90,34 @@ _AUTH_CODES = frozenset(
 _TRANSIENT_CODES = frozenset({"InternalError", "SlowDown", "ServiceUnavailable", "RequestTimeout"})
 
 
+class _HasDtd(Exception):
+    pass
+
+
+def _refuse_dtd(*_args) -> None:
+    raise _HasDtd
+
+
+def has_dtd(body: bytes) -> bool:
+    """Whether ``body`` declares a DTD. S3 never sends one, and its internal entities would
+    be expanded by ElementTree: a 15 MiB reply grew a save to 5 GB (and 100% CPU for good).
+    Expat stops at the declaration, before any entity is defined."""
+    p = expat.ParserCreate()
+    p.StartDoctypeDeclHandler = _refuse_dtd
+    p.EntityDeclHandler = _refuse_dtd
+    try:
+        p.Parse(body, True)
+    except _HasDtd:
+        return True
+    except (expat.ExpatError, ValueError, LookupError):
+        pass  # not XML at all: the parse that follows says so
+    return False
+
+
 def parse_xml(body: bytes, what: str) -> ET.Element:
     """A reply's XML document; TransportError when the store sent something else."""
+    if has_dtd(body):
+        raise TransportError(f"{what}: the store's reply declares a DTD; not parsed")
     try:
         return ET.fromstring(body)
     except (ET.ParseError, ValueError, LookupError) as e:  # expat: bad or unknown encoding
@@ -112,12 +139,24 @@ def parse_listing(body: bytes) -> tuple[list[tuple[str, str, int]], str]:
 
 
 def error_code(body: bytes) -> tuple[str, str]:
-    """(Code, Message) of an S3 error document; ("", "") when it is not one."""
+    """(Code, Message) of an S3 error document, each cut to MAX_ERROR_TEXT printable
+    characters (they go into messages and logs); ("", "") when it is not one."""
+    if has_dtd(body):
+        return "", ""
     try:
         root = ET.fromstring(body)
     except (ET.ParseError, ValueError, LookupError):
         return "", ""
-    return _text(root, "Code"), _text(root, "Message")
+    return _short(_text(root, "Code")), _short(_text(root, "Message"))
+
+
+# What a message keeps of text the store sent (a Message of megabytes went into the log).
+MAX_ERROR_TEXT = 200
+
+
+def _short(text: str) -> str:
+    kept = "".join(c if c.isprintable() else "?" for c in text[: MAX_ERROR_TEXT + 1])
+    return kept if len(kept) <= MAX_ERROR_TEXT else kept[:MAX_ERROR_TEXT] + "..."
 
 
 def _strip_ns(tag: str) -> str:
@@ -536,6 +575,8 @@ class S3Transport(RetryingTransport):
             self._conn = None
 
     def convert(self, e: BaseException, what: str) -> Exception:
+        if not_the_servers(e):
+            return e
         if isinstance(e, (TransportError, FileExistsError)):
             if isinstance(e, S3Error) and not isinstance(e, AuthError):
                 return type(e)(f"{what}: {e}", e.code, e.status)

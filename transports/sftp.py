@@ -45,6 +45,7 @@ from .base import (
     check_size,
     is_temp_name,
     mode_kind,
+    not_the_servers,
     require_regular,
     same_file,
     temp_name,
@@ -632,7 +633,9 @@ class SftpTransport(RetryingTransport):
 
     def convert(self, e: BaseException, what: str) -> Exception:
         """Map a paramiko/socket exception to our error tree (the module boundary)."""
-        if isinstance(e, (TransportError, FileExistsError, FileNotFoundError)):
+        if isinstance(e, (TransportError, FileExistsError, FileNotFoundError)) or not_the_servers(
+            e
+        ):
             return e
         if isinstance(e, (paramiko.BadHostKeyException, paramiko.AuthenticationException)):
             return AuthError(f"{what}: {e}")
