@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import re
 import struct
+from collections import deque
 
-from .bounds import MAX_KERNEL_READ
 from .errors import NotSupported, VmcoreError
 from .kernel import ElfPhysMemory, Kernel, KernelInfoError, VmcoreInfo
 from .vmcore import Vmcore
@@ -37,7 +37,12 @@ MAX_STRUCT = 4096
 # Descriptors and infos are read in windows of this size, not as whole arrays.
 WINDOW = 64 << 10
 # The formatted log: at most about 1.3x the text area for a real ring (prefixes, indents).
-MAX_OUTPUT = MAX_KERNEL_READ
+# Escapes ("\\xffffffe2" for one byte) can make it ten times the text: a 128 KiB ring made
+# 65 MB, held three times over (lines, joined, encoded) in a capture kernel's tens of MiB.
+# Past twice the text area plus OUTPUT_SLACK (and MAX_OUTPUT), the oldest records go: the
+# crash is at the end of the log.
+MAX_OUTPUT = 16 << 20
+OUTPUT_SLACK = 1 << 20
 
 # Bytes makedumpfile copies as they are: isprint() or isspace() in the C locale.
 _PLAIN = re.compile(rb"[^\x09-\x0d\x20-\x7e]")
@@ -160,8 +165,9 @@ def _lockless(kernel: Kernel, info: VmcoreInfo) -> str:
     ts_off = _offset(info, "printk_info.ts_nsec")
     len_off = _offset(info, "printk_info.text_len")
 
-    lines: list[str] = []
-    out_len = 0
+    limit = min(MAX_OUTPUT, 2 * dsize + OUTPUT_SLACK)
+    lines: deque[str] = deque()
+    out_len = dropped = 0
     rid = tail
     for _ in range(count + 1):  # at most every descriptor once, plus the head
         dbuf, d = descs.get(rid % count)
@@ -183,15 +189,18 @@ def _lockless(kernel: Kernel, info: VmcoreInfo) -> str:
                 msg = text[begin : begin + tlen]
                 line = prefix + _escape(msg, " " * len(prefix)) + "\n"
                 out_len += len(line)
-                if out_len > MAX_OUTPUT:
-                    raise VmcoreError(
-                        f"printk ring buffer looks corrupt: the log would exceed "
-                        f"{MAX_OUTPUT >> 20} MiB"
-                    )
                 lines.append(line)
+                while out_len > limit and len(lines) > 1:
+                    out_len -= len(lines.popleft())
+                    dropped += 1
         if rid == head:
             break
         rid = (rid + 1) & DESC_ID_MASK
+    if dropped:
+        lines.appendleft(
+            f"[kdump-capture: the {dropped} oldest records are left out: the formatted log "
+            f"would be larger than {limit} characters, twice the ring's text area]\n"
+        )
     return "".join(lines)
 
 

@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from kdump_capture import dmesg
+from kdump_capture import dmesg, sample
 from kdump_capture.dumpfile import open_dump
 from kdump_capture.errors import KdumpError, NotSupported, VmcoreError
 from kdump_capture.sample import KernelImage
@@ -81,3 +81,22 @@ def test_real_sample_matches_makedumpfile(real_sample, tmp_path):
     assert real_sample.marker in ours
     with open_dump(str(real_sample.path)) as d:
         assert d.dmesg() == ours
+
+
+def test_a_log_of_escapes_keeps_its_newest_records_within_bounds(tmp_path, monkeypatch):
+    """Each non-printable byte is written as "\\xffffffe2", ten characters: a 128 KiB ring of
+    them made a 65 MB dmesg.txt and took a save from 24 to 146 MB (held three times over),
+    past what a capture kernel has. The formatted log is kept within twice the ring's text
+    area (plus a slack, 0 here): the oldest records go, the newest (the crash) stay."""
+    monkeypatch.setattr(dmesg, "OUTPUT_SLACK", 0)
+    msgs = [(i * 1000, b"%03d " % i + b"\xe2" * 100) for i in range(24)]
+    text = dmesg.extract(open_vmcore(_vmcore(tmp_path, msgs)))
+    lines = text.splitlines()
+    limit = 2 * (1 << sample.PRB_DATA_BITS)
+    assert lines[0].startswith("[kdump-capture: the ") and "oldest records are left out" in lines[0]
+    dropped = int(lines[0].split()[2])
+    assert 0 < dropped < 24 and len(lines) == 1 + 24 - dropped
+    assert lines[-1].startswith("[    0.000023] 023 \\xffffffe2")
+    assert len(text) - len(lines[0]) - 1 <= limit
+    monkeypatch.setattr(dmesg, "OUTPUT_SLACK", 1 << 20)
+    assert "left out" not in dmesg.extract(open_vmcore(_vmcore(tmp_path, msgs)))
