@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kdump_capture import config, heartbeat, private
+from kdump_capture.bounds import read_small_file
 from kdump_capture.errors import ConfigError, NotSupported
 from kdump_capture.identity import local_identity
 from kdump_capture.load import rebuild
@@ -272,6 +273,21 @@ def capture_config(cfg: Mapping[str, str], rewrite: Mapping[str, str]) -> str:
     lines = ["# Effective kdump configuration, written by 'kdump-capture initramfs build'."]
     lines += [f"{k}={sh_quote(rewrite.get(k, cfg[k]))}" for k in cfg]
     return "\n".join(lines) + "\n"
+
+
+# What a key, known_hosts or CA bundle may hold (the system bundle is about 200 KiB).
+MAX_CONFIG_FILE = 16 << 20
+
+
+def _config_file(path: str, what: str) -> bytes:
+    """A file the configuration names, read as the packer's input: a regular file of sane
+    size (a FIFO waited for good, /dev/zero filled memory)."""
+    try:
+        return read_small_file(path, MAX_CONFIG_FILE)
+    except OSError as e:
+        raise ConfigError(f"{what}: {path}: {e.strerror or e}") from None
+    except ValueError as e:
+        raise ConfigError(f"{what}: {e}") from None
 
 
 def check_packed_config(text: str, local_paths: list[str]) -> None:
@@ -550,14 +566,14 @@ def build(
     if "sftp" in schemes:
         files, ssh_rewrite = ssh_files(cfg, home)
         for dest, src in files.items():
-            arc.add_file(dest, Path(src).read_bytes(), 0o600)
+            arc.add_file(dest, _config_file(src, "KDUMP_SSH_IDENTITY or known_hosts"), 0o600)
         rewrite.update(ssh_rewrite)
         extras.append(f"ssh files ({len(files)})")
 
     if "s3" in schemes:
         files = s3_files(cfg, targets)
         for dest, src in files.items():
-            arc.add_file(dest, Path(src).read_bytes(), 0o644)
+            arc.add_file(dest, _config_file(src, "CA certificates"), 0o644)
         if files:
             extras.append(f"CA certificates ({len(files)} files)")
 

@@ -11,6 +11,8 @@ offset it was read from, never a MemoryError, a multi-GiB read or an endless loo
 
 from __future__ import annotations
 
+import os
+import stat
 from collections.abc import Callable
 
 from .errors import VmcoreError
@@ -81,4 +83,30 @@ def read_span(
             f"{path}: offset {offset + len(data):#x}: file ends inside {what} "
             f"({size:#x} bytes at {offset:#x})"
         )
+    return data
+
+
+def read_small_file(path: str, limit: int) -> bytes:
+    """The content of ``path``, a regular file of at most ``limit`` bytes.
+
+    For files a configuration names (the config itself, SSH keys, CA bundles): a FIFO is
+    opened without blocking and refused (``--config FIFO`` and ``KDUMP_SSH_IDENTITY=FIFO``
+    waited for a writer for good), and no more than ``limit`` + 1 bytes are ever read
+    (``KDUMP_SSH_IDENTITY=/dev/zero`` grew the save to 19 GB). OSError from opening or
+    reading; ValueError, naming the file, for anything but a small regular file.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"{path}: not a regular file")
+        parts, left = [], limit + 1
+        while left > 0 and (chunk := os.read(fd, min(left, 1 << 20))):
+            parts.append(chunk)
+            left -= len(chunk)
+    finally:
+        os.close(fd)
+    data = b"".join(parts)
+    if len(data) > limit:
+        raise ValueError(f"{path}: larger than {limit} bytes")
     return data

@@ -651,16 +651,21 @@ def load_config(path: str | None = DEFAULT_PATH, overrides: Iterable[str] = ()) 
 
 
 def _read(path: str, warnings: list[str]) -> str | None:
+    from .bounds import read_small_file
+
     try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_FILE + 1)
+        data = read_small_file(path, MAX_FILE)
     except FileNotFoundError:
         warnings.append(f"{path}: not found; using built-in defaults")
         return None
     except OSError as err:
         raise ConfigError(f"{path}: cannot read: {err.strerror or err}") from None
-    if len(data) > MAX_FILE:
-        raise ConfigError(f"{path}: larger than {MAX_FILE >> 10} KiB: not a kdump configuration")
+    except ValueError as err:
+        if "larger than" in str(err):
+            raise ConfigError(
+                f"{path}: larger than {MAX_FILE >> 10} KiB: not a kdump configuration"
+            ) from None
+        raise ConfigError(f"{err}: not a kdump configuration") from None
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as err:

@@ -69,11 +69,15 @@ def test_all_values_together_are_capped():
         parse_sysconfig(text, "f")
 
 
-def test_huge_or_endless_config_file():
+def test_huge_or_endless_config_file(tmp_path):
     t0 = time.monotonic()
     r = cli("show-config", "--config", "/dev/zero")
-    assert r.rc == 2 and "/dev/zero: larger than 1024 KiB" in r.err
+    assert r.rc == 2 and "/dev/zero: not a regular file" in r.err
     assert time.monotonic() - t0 < 30
+    huge = tmp_path / "kdump"
+    huge.write_bytes(b"#" * (1 << 20) + b"\n")
+    r = cli("show-config", "--config", str(huge))
+    assert r.rc == 2 and f"{huge}: larger than 1024 KiB" in r.err
 
 
 def test_set_value_is_capped():
@@ -213,3 +217,26 @@ def test_failing_postscript_after_the_device_write(loopdev, tmp_path):
     assert r.rc == 12 and "KDUMP_POSTSCRIPT failed (exit status 4)" in r.err
     r = _dev_save(sample, loopdev, "KDUMP_POSTSCRIPT=exit 4")
     assert r.rc == 0 and "continuing" in r.err
+
+
+def test_a_config_that_is_a_fifo_or_a_device_is_refused(tmp_path):
+    """open() of a FIFO waited for a writer for good (`--config FIFO`)."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for path in (str(fifo), "/dev/zero"):
+        with pytest.raises(ConfigError, match="not a regular file: not a kdump configuration"):
+            load_config(path)
+
+
+@pytest.mark.parametrize("bad", ["fifo", "/dev/zero"])
+def test_an_ssh_identity_that_is_not_a_small_file_is_skipped(tmp_path, caplog, bad):
+    """paramiko read KDUMP_SSH_IDENTITY whole: /dev/zero grew the save to 19 GB (an OOM
+    kill in a capture kernel), a FIFO waited for good."""
+    from transports.base import TransportSettings
+    from transports.sftp import load_identities
+
+    path = str(tmp_path / "fifo") if bad == "fifo" else bad
+    if bad == "fifo":
+        os.mkfifo(path)
+    assert load_identities(TransportSettings(ssh_identity=(path,))) == []
+    assert f"cannot load ssh key {path}: {path}: not a regular file" in caplog.text

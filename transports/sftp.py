@@ -31,6 +31,7 @@ from paramiko.sftp import (
     int64,
 )
 
+from kdump_capture.bounds import read_small_file
 from kdump_capture.errors import AuthError, ConnectionLost, TargetFull, TransportError, UnsafeFile
 from kdump_capture.urls import Target
 
@@ -172,6 +173,10 @@ def expected_keys(target: Target, settings: TransportSettings) -> dict[str, str]
     return {ktype: entry[ktype].get_base64() for ktype in entry.keys()}
 
 
+# An OpenSSH private key is a few KiB (RSA 16384 bits: about 12 KiB).
+MAX_KEY_FILE = 64 << 10
+
+
 def load_identities(settings: TransportSettings) -> list[paramiko.PKey]:
     """Private keys from ``ssh_identity``, or the usual ~/.ssh defaults that exist."""
     paths = settings.ssh_identity or tuple(
@@ -183,6 +188,7 @@ def load_identities(settings: TransportSettings) -> list[paramiko.PKey]:
     for path in paths:
         path = path if os.path.isabs(path) else os.path.expanduser(f"~/.ssh/{path}")
         try:
+            read_small_file(path, MAX_KEY_FILE)  # no FIFO, no /dev/zero: paramiko reads it all
             keys.append(paramiko.PKey.from_path(path))
         except paramiko.PasswordRequiredException:
             log.warning("ssh key %s is passphrase-protected; skipping it", path)
