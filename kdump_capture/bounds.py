@@ -86,8 +86,13 @@ def read_span(
     return data
 
 
+def _is_dev_null(st: os.stat_result) -> bool:
+    """/dev/null (``--config /dev/null``: the built-in defaults), by its device number."""
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == os.makedev(1, 3)
+
+
 def read_small_file(path: str, limit: int) -> bytes:
-    """The content of ``path``, a regular file of at most ``limit`` bytes.
+    """The content of ``path``, a regular file of at most ``limit`` bytes (or /dev/null).
 
     For files a configuration names (the config itself, SSH keys, CA bundles): a FIFO is
     opened without blocking and refused (``--config FIFO`` and ``KDUMP_SSH_IDENTITY=FIFO``
@@ -98,7 +103,7 @@ def read_small_file(path: str, limit: int) -> bytes:
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
+        if not (stat.S_ISREG(st.st_mode) or _is_dev_null(st)):
             raise ValueError(f"{path}: not a regular file")
         parts, left = [], limit + 1
         while left > 0 and (chunk := os.read(fd, min(left, 1 << 20))):

@@ -661,3 +661,62 @@ def test_a_read_never_splices_a_file_that_changed_across_a_drop(kind, request):
             with pytest.raises(TransportError, match="changed on the server"):
                 for _ in chunks:
                     pass
+
+
+def _flooding_ftp_server(stop: threading.Event) -> int:
+    """A loopback server whose greeting is "220-" lines without end."""
+    srv = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        conn, _ = srv.accept()
+        with conn, srv:
+            line = b"220-" + b"x" * 1000 + b"\r\n"
+            try:
+                while not stop.is_set():
+                    conn.sendall(line * 64)
+            except OSError:
+                pass
+
+    threading.Thread(target=serve, daemon=True).start()
+    return srv.getsockname()[1]
+
+
+def test_an_ftp_greeting_without_end_is_refused_within_a_bound(request):
+    """ftplib joins a multi-line reply without limit: endless "220-" lines grew the save
+    past 5 GB while it was still connecting."""
+    import tracemalloc
+
+    from kdump_capture.urls import parse_target
+    from transports import open_transport
+
+    stop = threading.Event()
+    port = _flooding_ftp_server(stop)
+    tr = open_transport(
+        parse_target(f"ftp://u:pw@127.0.0.1:{port}/d")[0],
+        TransportSettings(timeout=5.0, retries=0),
+    )
+    tracemalloc.start()
+    try:
+        with pytest.raises(TransportError, match="reply longer than 64 KiB; hung up"):
+            tr.connect()
+        assert tracemalloc.get_traced_memory()[1] < 4 * MiB
+    finally:
+        tracemalloc.stop()
+        stop.set()
+
+
+def test_an_ftp_listing_past_its_bound_fails_and_hangs_up(request, monkeypatch):
+    """Listings were collected whole (LIST, MLSD, NLST): one that never ends grew a save
+    past 5 GB. Here the bound is lowered to 4 KiB over a real server's directory."""
+    from transports import ftp
+
+    target = make_target("ftp", request)
+    with target.transport() as tr:
+        tr.makedir("many")
+    for i in range(100):
+        open(os.path.join(target.server_dir, "many", f"file-{i:03d}-" + "n" * 40), "wb").close()
+    monkeypatch.setattr(ftp, "MAX_LISTING", 4096)
+    with target.transport() as tr:
+        with pytest.raises(TransportError, match="sent more than 0 MiB; hung up"):
+            tr.listdir("many")
+        assert tr.listdir("") == [e for e in tr.listdir("") if e.name == "many"]  # reconnects

@@ -125,6 +125,59 @@ def _int(text: str) -> int:
     return int(text) if text.isdigit() and len(text) < 20 else 0
 
 
+# A server may send anything: what a reply and a listing may hold before we hang up. A
+# greeting of endless "220-" lines, or a listing that never ends, grew a save past 5 GB.
+MAX_CONTROL_REPLY = 64 << 10
+MAX_LISTING = 8 << 20
+
+
+class _TooLong(Exception):
+    pass
+
+
+class BoundedFTP(ftplib.FTP):
+    """ftplib.FTP with every multi-line reply and every listing bounded (ftplib bounds one
+    line, 8 KiB, not how many); past a bound the connection is closed and the operation
+    fails with a TransportError."""
+
+    def getmultiline(self) -> str:
+        line = self.getline()
+        if line[3:4] != "-":
+            return line
+        code, parts, size = line[:3], [line], len(line)
+        while True:
+            nextline = self.getline()
+            parts.append(nextline)
+            size += len(nextline) + 1
+            if size > MAX_CONTROL_REPLY:
+                self.close()
+                raise TransportError(
+                    f"{self.host}: the FTP server sent a reply longer than "
+                    f"{MAX_CONTROL_REPLY >> 10} KiB; hung up"
+                )
+            if nextline[:3] == code and nextline[3:4] != "-":
+                return "\n".join(parts)
+
+    def retrlines(self, cmd, callback=None):
+        total = 0
+        take = callback or ftplib.print_line
+
+        def counted(line: str) -> None:
+            nonlocal total
+            total += len(line) + 1
+            if total > MAX_LISTING:
+                raise _TooLong
+            take(line)
+
+        try:
+            return super().retrlines(cmd, counted)
+        except _TooLong:
+            self.close()
+            raise TransportError(
+                f"{self.host}: {cmd.split()[0]} sent more than {MAX_LISTING >> 20} MiB; hung up"
+            ) from None
+
+
 def size_of(ftp: ftplib.FTP, path: str) -> int:
     """SIZE of a file, -1 if it does not exist (or is a directory)."""
     try:
@@ -323,7 +376,7 @@ class FtpTransport(RetryingTransport):
 
     @property
     def ftp(self) -> ftplib.FTP:
-        if self._ftp is None:
+        if self._ftp is None or self._ftp.sock is None:  # never opened, or hung up on
             raise ConnectionLost(f"{self.describe()}: not connected")
         return self._ftp
 
@@ -336,7 +389,7 @@ class FtpTransport(RetryingTransport):
 
     def login(self) -> ftplib.FTP:
         """A new logged-in control connection (passive, binary)."""
-        ftp = ftplib.FTP(timeout=self.settings.timeout)
+        ftp = BoundedFTP(timeout=self.settings.timeout)
         try:
             ftp.connect(self.target.host, self.port)
             # ftplib sends "anonymous@" as the password of an anonymous login.
