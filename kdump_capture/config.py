@@ -209,6 +209,14 @@ HOSTNAME = _pattern_kind(
     empty_is_default=True,
 )
 
+# Goes into the signature's credential scope and a header: a newline there split a header.
+S3_REGION = _pattern_kind(
+    "region",
+    re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}"),
+    "a region name such as us-east-1 (letters, digits, '_', '.' and '-')",
+    empty_is_default=True,
+)
+
 # --- the directive table -----------------------------------------------------------------------
 
 
@@ -268,7 +276,8 @@ DIRECTIVES: tuple[Directive, ...] = (
     _d("KDUMP_CPUS", "1", _int_kind(0, None, "0 (all) or a number of CPUs"),
        "CPUs for the capture kernel and dump writer"),
     _d("KDUMP_NETCONFIG", "auto", NETCONFIG, "Network setup in the capture kernel"),
-    _d("KDUMP_NET_TIMEOUT", "30", _int_kind(0, None), "Seconds to wait for the network"),
+    # at most a day: a larger value overflowed time_t in the socket layer (a target error)
+    _d("KDUMP_NET_TIMEOUT", "30", _int_kind(0, 86400), "Seconds to wait for the network"),
     _d("KDUMP_SAVE_TIMEOUT", "0", _int_kind(0, None, "0 (automatic: 8 x KDUMP_NET_TIMEOUT "
        "+ 60) or seconds"), "Seconds without progress before /init stops the save"),
     _d("KDUMP_SMTP_SERVER", "", STR, "SMTP server for notification mail"),
@@ -282,7 +291,7 @@ DIRECTIVES: tuple[Directive, ...] = (
     _d("KDUMP_SSH_IDENTITY", "", WORDS, "SSH private keys (space-separated)"),
     _d("KDUMP_S3_ACCESS_KEY", "", STR, "S3 access key id (when the URL names none)"),
     _d("KDUMP_S3_SECRET_KEY", "", STR, "S3 secret access key", secret=True),
-    _d("KDUMP_S3_REGION", "us-east-1", STR, "S3 region used in signatures"),
+    _d("KDUMP_S3_REGION", "us-east-1", S3_REGION, "S3 region used in signatures"),
     _d("KDUMP_S3_CA_BUNDLE", "", STR, "PEM file of extra CAs trusted for s3:// (https)"),
     _d("KDUMP_ENCRYPT_TO", "", RECIPIENTS, "Encrypt vmcore and dmesg.txt (age) to these "
        "public keys"),

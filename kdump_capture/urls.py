@@ -166,6 +166,12 @@ def parse_target(text: str) -> tuple[Target, list[str]]:
         password = unquote(p) if sep else None
     host, port = _split_host_port(authority, text)
     host = unquote(host)
+    if any(c.isspace() or not c.isprintable() or c in "/\\@" for c in host):
+        # "h%0Ax" passed as a host: the error it met later printed the raw newline
+        raise UrlError(
+            f"target {redact(text)!r}: the host may not hold blanks, control characters, "
+            "'/', '\\' or '@'"
+        )
 
     if scheme == "file":
         if host and host != "localhost":

@@ -216,7 +216,7 @@ def test_other_directives(tmp_path: Path, name: str, value: str, expected: objec
         ),
         ("KDUMP_VERBOSE=32", "KDUMP_VERBOSE: 32 is out of range; allowed: 0-31"),
         ("KDUMP_RUNLEVEL=4", "KDUMP_RUNLEVEL: '4' is not a known value; allowed: 1, 2, 3, 5, s, S"),
-        ("KDUMP_NET_TIMEOUT=-5", "KDUMP_NET_TIMEOUT: -5 is out of range; allowed: 0 or more"),
+        ("KDUMP_NET_TIMEOUT=-5", "KDUMP_NET_TIMEOUT: -5 is out of range; allowed: 0-86400"),
         (
             "KDUMP_FREE_DISK_SIZE=lots",
             "KDUMP_FREE_DISK_SIZE: 'lots' is not a size; "

@@ -4,6 +4,7 @@ load-side features this build refuses, and KDUMP_POSTSCRIPT after a dump-device 
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import time
@@ -240,3 +241,22 @@ def test_an_ssh_identity_that_is_not_a_small_file_is_skipped(tmp_path, caplog, b
         os.mkfifo(path)
     assert load_identities(TransportSettings(ssh_identity=(path,))) == []
     assert f"cannot load ssh key {path}: {path}: not a regular file" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ("KDUMP_SAVEDIR=ftp://h%0Ax/x", "the host may not hold blanks, control characters"),
+        ("KDUMP_SAVEDIR=ftp://h%00x/x", "the host may not hold blanks, control characters"),
+        ("KDUMP_SAVEDIR=s3://h%20x/bkt", "the host may not hold blanks, control characters"),
+        ("KDUMP_NET_TIMEOUT=9999999999", "9999999999 is out of range; allowed: 0-86400"),
+        ("KDUMP_S3_REGION=a\nb", "'a\\nb' is not valid; allowed: a region name"),
+    ],
+)
+def test_values_that_failed_later_as_target_errors_are_config_errors(setting, message):
+    """Each passed the configuration and failed at the target instead (exit 6): a host with
+    a newline printed it raw into the error line, a timeout past time_t overflowed in the
+    socket layer, a region with a newline split a signed header."""
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, [setting])
+    assert load_config(None, ["KDUMP_SAVEDIR=sftp://[fe80::1%25eth0]/x"]).savedir[0].host
