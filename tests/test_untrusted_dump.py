@@ -338,6 +338,19 @@ def kdump_file(tmp_path_factory):
     return d
 
 
+def test_a_bitmap_larger_than_max_mapnr_needs_is_refused(kdump_file, tmp_path):
+    """The 2nd bitmap is read whole, and a sparse file may claim any size: bitmap_blocks
+    2^20 in a file of 48 KiB on disk read 2 GiB into memory for `dmesg` (MemoryError, exit
+    1, under a limit). It must be what max_mapnr needs (and at most 512 MiB)."""
+    p = _patched(kdump_file / "kdump", tmp_path / "bad", 436, "<I", 1 << 20)
+    with open(p, "r+b") as f:
+        f.truncate(5 << 30)  # sparse: the blocks the header claims are "there"
+    with pytest.raises(VmcoreError, match=r"offset 0x1b4: bitmap_blocks 1048576 is more than"):
+        open_dump(p)
+    r = cli("dmesg", p)
+    assert r.rc == 4 and "bitmap_blocks 1048576" in r.err
+
+
 def _patched(src, dst, offset: int, fmt: str, value: int) -> str:
     data = bytearray(open(src, "rb").read())
     struct.pack_into(fmt, data, offset, value)
