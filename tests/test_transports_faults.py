@@ -720,3 +720,114 @@ def test_an_ftp_listing_past_its_bound_fails_and_hangs_up(request, monkeypatch):
         with pytest.raises(TransportError, match="sent more than 0 MiB; hung up"):
             tr.listdir("many")
         assert tr.listdir("") == [e for e in tr.listdir("") if e.name == "many"]  # reconnects
+
+
+def _trickling_server(stop: threading.Event, reply: bytes) -> int:
+    """A loopback server that answers every connection with ``reply`` one byte at a time,
+    0.2 s apart: every wait for a byte is short, the answer never ends."""
+    srv = socket.create_server(("127.0.0.1", 0))
+    srv.settimeout(0.5)
+
+    def one(conn: socket.socket) -> None:
+        with conn:
+            try:
+                for i in range(len(reply) * 1000):
+                    if stop.is_set():
+                        return
+                    conn.sendall(reply[i % len(reply) : i % len(reply) + 1])
+                    time.sleep(0.2)
+            except OSError:
+                pass
+
+    def serve() -> None:
+        with srv:
+            while not stop.is_set():
+                try:
+                    conn, _ = srv.accept()
+                except OSError:
+                    continue
+                threading.Thread(target=one, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return srv.getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    "scheme, reply",
+    [
+        ("ftp", b"220-" + b"w" * 70 + b"\r\n"),  # a greeting that never ends
+        ("s3+http", b"HTTP/1.1 200 OK\r\nX-Pad: " + b"p" * 200),  # headers that never end
+    ],
+)
+def test_a_server_that_trickles_fails_within_the_operations_deadline(scheme, reply):
+    """Each wait for a byte is bounded by the timeout; a server sending one byte every
+    0.2 s reset that wait for good: an FTP greeting, an S3 reply (or an SFTP reply) held a
+    save for as long as the server liked. Each operation as a whole now has a deadline of
+    OP_TIMEOUTS timeouts (4 s here), retries included in the bound."""
+    from kdump_capture.urls import parse_target
+    from transports import open_transport
+    from transports.retry import OP_TIMEOUTS
+
+    stop = threading.Event()
+    port = _trickling_server(stop, reply)
+    url = f"{scheme}://u:pw@127.0.0.1:{port}/bkt/d"
+    settings = TransportSettings(timeout=1.0, retries=1, retry_delay=0.1)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(ConnectionLost, match="not done within 4 s"):
+            tr = open_transport(parse_target(url)[0], settings)
+            tr.connect()
+            tr.listdir("")  # S3 connects lazily: its first request is here
+        elapsed = time.monotonic() - t0
+    finally:
+        stop.set()
+    assert elapsed < 2 * (OP_TIMEOUTS * 1.0) + 6, f"{elapsed:.1f} s"
+
+
+def test_a_small_file_trickled_by_the_store_is_bounded_as_a_whole():
+    """A manifest read (limit 1 MiB) from a store that sends its reply's body one byte at a
+    time: every recv came in time, and each drop that brought a byte started the retries
+    afresh, so rotation's manifest reads held the save for good. A read with a limit is
+    bounded as a whole by read_deadline (the operation's deadline plus the limit at 64 KiB/s)."""
+    from kdump_capture.urls import parse_target
+    from transports import open_transport
+
+    head = b'HTTP/1.1 200 OK\r\nContent-Length: 900\r\nETag: "e"\r\n\r\n'
+    stop = threading.Event()
+    srv = socket.create_server(("127.0.0.1", 0))
+    srv.settimeout(0.5)
+
+    def serve() -> None:
+        with srv:
+            while not stop.is_set():
+                try:
+                    conn, _ = srv.accept()
+                except OSError:
+                    continue
+
+                def one(conn=conn) -> None:
+                    with conn:
+                        try:
+                            conn.recv(65536)
+                            conn.sendall(head)
+                            while not stop.is_set():
+                                conn.sendall(b"{")
+                                time.sleep(0.2)
+                        except OSError:
+                            pass
+
+                threading.Thread(target=one, daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    url = f"s3+http://k:s@127.0.0.1:{srv.getsockname()[1]}/bkt/d"
+    tr = open_transport(
+        parse_target(url)[0], TransportSettings(timeout=1.0, retries=2, retry_delay=0.1)
+    )
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(ConnectionLost, match="not done within 4 s"):
+            b"".join(tr.read("manifest.json", limit=1000))
+        elapsed = time.monotonic() - t0
+    finally:
+        stop.set()
+    assert elapsed < 10, f"{elapsed:.1f} s"

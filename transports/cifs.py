@@ -384,6 +384,7 @@ class CifsTransport(RetryingTransport):
 
     scheme = "cifs"
     can_seek = True
+    bounded_ops = False  # each call and the connection run under ``deadline`` (below)
 
     def __init__(self, target: Target, settings: TransportSettings) -> None:
         super().__init__(target, settings)
@@ -673,7 +674,11 @@ class CifsTransport(RetryingTransport):
 
         self.call(check, f"reading {path}")
         seen: list = []
-        return self.resumable(lambda at: self._read_file(path, limit, at, seen), f"reading {path}")
+        return self.resumable(
+            lambda at: self._read_file(path, limit, at, seen),
+            f"reading {path}",
+            within=self.read_deadline(limit),
+        )
 
     def _read_file(self, path: str, limit: int | None, offset: int, seen: list) -> Iterator[bytes]:
         """``path`` from ``offset``; ``seen``: (size, last write) of an earlier open of the

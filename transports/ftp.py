@@ -39,8 +39,10 @@ from .retry import (
     CannotResume,
     ReplayBuffer,
     RetryingTransport,
+    deadline,
     is_connection_lost,
     retry_call,
+    shut_down,
 )
 
 log = logging.getLogger(__name__)
@@ -388,18 +390,27 @@ class FtpTransport(RetryingTransport):
         self._ftp = self.login()
 
     def login(self) -> ftplib.FTP:
-        """A new logged-in control connection (passive, binary)."""
+        """A new logged-in control connection (passive, binary), within ``op_deadline``
+        (a greeting trickled a byte a second held a save for good)."""
         ftp = BoundedFTP(timeout=self.settings.timeout)
+        what = f"connecting to {self.describe()}"
         try:
-            ftp.connect(self.target.host, self.port)
-            # ftplib sends "anonymous@" as the password of an anonymous login.
-            ftp.login(self.target.user or "anonymous", self.target.password or "")
-            ftp.set_pasv(True)
-            ftp.voidcmd("TYPE I")
+            with deadline(self.op_deadline, what, lambda: shut_down(ftp.sock)):
+                ftp.connect(self.target.host, self.port)
+                # ftplib sends "anonymous@" as the password of an anonymous login.
+                ftp.login(self.target.user or "anonymous", self.target.password or "")
+                ftp.set_pasv(True)
+                ftp.voidcmd("TYPE I")
         except Exception as e:
             ftp.close()
-            raise convert(e, f"connecting to {self.describe()}") from e
+            raise convert(e, what) from e
         return ftp
+
+    def _drop_connection(self) -> None:
+        shut_down(self._ftp.sock if self._ftp is not None else None)
+
+    def _open_bounded(self) -> None:
+        self._open()  # login() bounds itself (the sinks' own connections log in too)
 
     def close(self) -> None:
         if self._ftp is not None:
@@ -616,7 +627,11 @@ class FtpTransport(RetryingTransport):
 
         self.call(check, f"reading {path}")
         seen: list = []
-        return self.resumable(lambda at: self._retr(path, limit, at, seen), f"reading {path}")
+        return self.resumable(
+            lambda at: self._retr(path, limit, at, seen),
+            f"reading {path}",
+            within=self.read_deadline(limit),
+        )
 
     def _retr(self, path: str, limit: int | None, offset: int, seen: list) -> Iterator[bytes]:
         """``path`` from ``offset`` (REST); ``seen``: the SIZE and MDTM of an earlier RETR of

@@ -15,12 +15,14 @@ Three pieces, all free of library imports so any transport can use them:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import mmap
 import posixpath
 import socket
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -64,6 +66,56 @@ CONNECTION_LOST_ERRNOS = frozenset(
 # FTP replies meaning the control or data connection went away (RFC 959): 421 service
 # closing, 425 cannot open data connection, 426 connection closed; transfer aborted.
 FTP_CONNECTION_REPLIES = ("421", "425", "426")
+
+
+# Each wait for a server is bounded by the timeout, but a server that trickles a byte at a
+# time resets every such wait: an FTP greeting, an SFTP reply or an S3 reply one byte a
+# second held a save for good. An operation as a whole (a listing, a mkdir with its checks,
+# a login, one S3 request) is bounded too, by this many timeouts.
+OP_TIMEOUTS = 4
+# A read of a file of known largest size (a manifest) may take the operation's deadline plus
+# its size at this rate: a server trickling a manifest held rotation for good.
+MIN_READ_RATE = 64 << 10
+
+
+@contextlib.contextmanager
+def deadline(seconds: float, what: str, drop: Callable[[], None]) -> Iterator[None]:
+    """Bound the body by ``seconds``: past them ``drop`` shuts the connection down, the
+    waiting call fails, and so does the body, with ConnectionLost (retried as any drop)."""
+    fired = threading.Event()
+
+    def expire() -> None:
+        fired.set()
+        log.warning("%s: not done within %.0f s; dropping the connection", what, seconds)
+        try:
+            drop()
+        except Exception as e:  # closing on its own meanwhile
+            log.debug("dropping the connection: %s", e)
+
+    timer = threading.Timer(seconds, expire)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    except Exception as e:
+        if fired.is_set():
+            raise ConnectionLost(f"{what}: not done within {seconds:.0f} s") from e
+        raise
+    else:
+        # A socket shut down may also read as a clean end: a reply cut short, never taken.
+        if fired.is_set():
+            raise ConnectionLost(f"{what}: not done within {seconds:.0f} s")
+    finally:
+        timer.cancel()
+
+
+def shut_down(sock) -> None:
+    """Shut a socket down both ways (a waiting recv returns at once); None is fine."""
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
 
 class CannotResume(ConnectionLost):
@@ -303,6 +355,28 @@ class RetryingTransport(Transport):
     def _open(self) -> None:
         raise NotImplementedError
 
+    # Whether ``call`` bounds each attempt by OP_TIMEOUTS timeouts (``deadline``): S3
+    # bounds each request instead, CIFS has its own.
+    bounded_ops = True
+
+    def _drop_connection(self) -> None:
+        """Shut the connection's socket down (from another thread: ``deadline``)."""
+
+    @property
+    def op_deadline(self) -> float:
+        return OP_TIMEOUTS * max(self.settings.timeout, 1.0)
+
+    def read_deadline(self, limit: int | None) -> float | None:
+        """Seconds a whole read of at most ``limit`` bytes may take, reconnects included
+        (None: no limit given, as for a dump's own files, which move on as they go)."""
+        return None if limit is None else self.op_deadline + limit / MIN_READ_RATE
+
+    def _open_bounded(self) -> None:
+        if not self.bounded_ops:
+            return self._open()
+        with deadline(self.op_deadline, f"connecting to {self.describe()}", self._drop_connection):
+            self._open()
+
     def _ensure_root(self) -> None:
         raise NotImplementedError
 
@@ -310,7 +384,7 @@ class RetryingTransport(Transport):
         raise NotImplementedError
 
     def connect(self) -> None:
-        self._open()
+        self._open_bounded()
         if not self.settings.read_only:
             what = f"creating {self.root}"
             try:
@@ -323,38 +397,79 @@ class RetryingTransport(Transport):
                     "is missing)"
                 ) from None
 
-    def call(self, op: Callable[[], T], what: str, first_error: Exception | None = None) -> T:
-        """Run ``op`` against the server; reconnect and retry if the connection broke."""
+    def call(
+        self,
+        op: Callable[[], T],
+        what: str,
+        first_error: Exception | None = None,
+        bounded: bool = True,
+    ) -> T:
+        """Run ``op`` against the server; reconnect and retry if the connection broke.
 
-        def guarded() -> T:
+        Each attempt is bounded by ``op_deadline`` unless ``bounded`` is False (an
+        operation whose length grows with the data it moves, such as a replay).
+        """
+
+        def attempt() -> T:
             try:
                 return op()
             except Exception as e:
                 raise self.convert(e, what) from e
 
-        return retry_call(guarded, self._open, self.settings, what, first_error=first_error)
+        def guarded() -> T:
+            if not (bounded and self.bounded_ops):
+                return attempt()
+            with deadline(self.op_deadline, what, self._drop_connection):
+                return attempt()
 
-    def resumable(self, read_from: Callable[[int], Iterator[bytes]], what: str) -> Iterator[bytes]:
+        return retry_call(guarded, self._open_bounded, self.settings, what, first_error=first_error)
+
+    def resumable(
+        self,
+        read_from: Callable[[int], Iterator[bytes]],
+        what: str,
+        within: float | None = None,
+    ) -> Iterator[bytes]:
         """The chunks of ``read_from(offset)`` from offset 0 on. When the connection breaks
         in the middle, reconnect and go on from the byte reached (``read_from`` must refuse
         a file that changed meanwhile: nothing is spliced). Drops that brought nothing new
-        count against ``settings.retries``; any progress starts the count again."""
+        count against ``settings.retries``; any progress starts the count again, so a
+        server trickling bytes between drops is bounded by ``within`` seconds for the whole
+        read (``read_deadline``)."""
         done = stalls = 0
-        while True:
-            try:
-                for chunk in read_from(done):
-                    if chunk:
-                        stalls = 0
-                    done += len(chunk)
-                    yield chunk
-                return
-            except Exception as e:
-                if not is_connection_lost(e):
-                    raise
-                stalls += 1
-                if stalls > self.settings.retries:
-                    raise ConnectionLost(
-                        f"{what}: connection lost and {self.settings.retries} retries failed: {e}"
-                    ) from e
-                log.info("%s: connection lost at byte %d (%s); reading on", what, done, e)
-                self.call(lambda: None, what, first_error=e)  # reconnect, waiting as usual
+        end = None if within is None else time.monotonic() + within
+
+        def late() -> ConnectionLost | None:
+            if end is not None and time.monotonic() > end:
+                return ConnectionLost(f"{what}: not done within {within:.0f} s")
+            return None
+
+        # The timer breaks a wait inside one chunk (a reply trickled a byte at a time, which
+        # each recv's timeout never sees); ``late`` stops the resumes that would follow.
+        guard = (
+            deadline(within, what, self._drop_connection)
+            if within is not None
+            else contextlib.nullcontext()
+        )
+        with guard:
+            while True:
+                try:
+                    for chunk in read_from(done):
+                        if chunk:
+                            stalls = 0
+                        done += len(chunk)
+                        if err := late():
+                            raise err
+                        yield chunk
+                    return
+                except Exception as e:
+                    if not is_connection_lost(e) or late() is not None:
+                        raise
+                    stalls += 1
+                    if stalls > self.settings.retries:
+                        n = self.settings.retries
+                        raise ConnectionLost(
+                            f"{what}: connection lost and {n} retries failed: {e}"
+                        ) from e
+                    log.info("%s: connection lost at byte %d (%s); reading on", what, done, e)
+                    self.call(lambda: None, what, first_error=e)  # reconnect, waiting as usual

@@ -29,6 +29,7 @@ header) and retried once, and later requests keep that correction.
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime
 import email.utils
 import hashlib
@@ -57,13 +58,15 @@ from kdump_capture.memory import S3_MAX_PARTS, S3_MIN_PART, s3_part_plan
 from kdump_capture.urls import Target
 
 from .base import Entry, FileInfo, Sink, TransportSettings, bounded, check_size, not_the_servers
-from .retry import RetryingTransport, is_connection_lost, retry_call
+from .retry import RetryingTransport, deadline, is_connection_lost, retry_call, shut_down
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 DEFAULT_REGION = "us-east-1"
+# How long CompleteMultipartUpload may take to answer in full (AWS: "several minutes").
+COMPLETE_PATIENCE = 15 * 60.0
 MiB = 1 << 20
 READ_CHUNK = 1 << 20
 # ListObjectsV2 and DeleteObjects handle at most 1,000 keys per request.
@@ -248,6 +251,11 @@ class Connection:
             self._conn.close()
             self._conn = None
 
+    def drop(self) -> None:
+        """Shut the socket down from another thread (``deadline``): a blocked read ends."""
+        if self._conn is not None:
+            shut_down(self._conn.sock)
+
     def _connect(self) -> http.client.HTTPConnection:
         if self._conn is None:
             t = self._t
@@ -270,22 +278,28 @@ class Connection:
         headers: dict[str, str] | None = None,
         ok: tuple[int, ...] = (200,),
         stream: bool = False,
+        patience: float = 0.0,
     ) -> Reply | http.client.HTTPResponse:
         """Sign and send one request; raise our error classes for anything but ``ok``.
+
+        The reply (its headers with ``stream``) must be in within ``patience`` seconds,
+        ``op_deadline`` if 0.
 
         ``key`` None addresses the bucket. With ``stream`` the open response is returned
         for the caller to read (GetObject). A clock skew is corrected once, here.
         """
         for attempt in (0, 1):
             try:
-                return self._send(method, key, query or {}, body, headers or {}, ok, stream)
+                return self._send(
+                    method, key, query or {}, body, headers or {}, ok, stream, patience
+                )
             except Skewed as e:
                 if attempt:
                     raise
                 self._t.learn_clock(e)
         raise AssertionError("unreachable")
 
-    def _send(self, method, key, query, body, headers, ok, stream):
+    def _send(self, method, key, query, body, headers, ok, stream, patience=0.0):
         t = self._t
         path = "/" + quote(t.bucket, safe="")
         if key is not None:
@@ -303,10 +317,15 @@ class Connection:
         try:
             payload = body if len(body) else None
             conn.request(method, target, body=payload, headers=dict(req.headers))
-            resp = conn.getresponse()
-            if stream and resp.status in ok:
-                return resp
-            data = resp.read(MAX_REPLY + 1)
+            # The reply, as a whole, within its deadline: each recv waits at most the
+            # timeout, but a store that trickles a byte at a time resets that wait.
+            with deadline(
+                patience or t.op_deadline, f"{method} {target}", lambda: shut_down(conn.sock)
+            ):
+                resp = conn.getresponse()
+                if stream and resp.status in ok:
+                    return resp
+                data = resp.read(MAX_REPLY + 1)
             if resp.will_close or len(data) > MAX_REPLY:
                 self.close()
         except ssl.SSLCertVerificationError as e:
@@ -315,6 +334,9 @@ class Connection:
                 f"{t.endpoint}: TLS certificate not trusted ({e.verify_message}); "
                 "KDUMP_S3_CA_BUNDLE names extra CAs"
             ) from None
+        except ConnectionLost:  # the deadline's
+            self.close()
+            raise
         except (OSError, http.client.HTTPException) as e:
             self.close()
             raise ConnectionLost(f"connection to {t.endpoint} lost: {e or type(e).__name__}") from e
@@ -452,7 +474,10 @@ class S3Sink(Sink):
         )
         body = f"<CompleteMultipartUpload>{parts}</CompleteMultipartUpload>".encode()
         try:
-            reply = self._conn.request("POST", self._key, {"uploadId": self._upload_id}, body)
+            # AWS may take minutes to assemble a large object, sending blanks meanwhile.
+            reply = self._conn.request(
+                "POST", self._key, {"uploadId": self._upload_id}, body, patience=COMPLETE_PATIENCE
+            )
         except S3Error as e:
             # A retry after a lost reply: the first request may have completed it.
             if e.code == "NoSuchUpload" and self._size() == self.size:
@@ -506,6 +531,7 @@ class S3Transport(RetryingTransport):
     """Dumps below a key prefix in a bucket of an S3-compatible store."""
 
     scheme = "s3"
+    bounded_ops = False  # each request is bounded instead (Connection._send)
 
     def __init__(self, target: Target, settings: TransportSettings) -> None:
         super().__init__(target, settings)
@@ -695,8 +721,15 @@ class S3Transport(RetryingTransport):
         """
         key = self._key(relpath)
         conn = Connection(self)
+        within = self.read_deadline(limit)
+        guard = (
+            deadline(within, f"reading {key}", conn.drop)
+            if within is not None
+            else contextlib.nullcontext()
+        )
         try:
-            yield from bounded(self._get(conn, key, limit), limit, key)
+            with guard:  # the timer breaks a read blocked inside one chunk (see _get)
+                yield from bounded(self._get(conn, key, limit), limit, key)
         finally:
             conn.close()
 
@@ -710,12 +743,17 @@ class S3Transport(RetryingTransport):
         etag = resp.getheader("ETag")
         got = 0
         stalls = 0  # drops in a row with nothing read since the last one
+        within = self.read_deadline(limit)  # a store trickling a manifest: bounded as a whole
+        end = None if within is None else time.monotonic() + within
         while True:
             try:
                 chunk = resp.read(READ_CHUNK)
                 lost = None if chunk or total is None or got >= total else "closed early"
             except (OSError, http.client.HTTPException) as e:
                 chunk, lost = b"", str(e) or type(e).__name__
+            if end is not None and time.monotonic() > end:
+                conn.close()
+                raise ConnectionLost(f"{what}: not done within {within:.0f} s")
             if chunk:
                 got += len(chunk)
                 stalls = 0

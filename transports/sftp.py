@@ -51,7 +51,7 @@ from .base import (
     same_file,
     temp_name,
 )
-from .retry import REPLAY_STEP, ReplayBuffer, RetryingTransport, is_connection_lost
+from .retry import REPLAY_STEP, ReplayBuffer, RetryingTransport, is_connection_lost, shut_down
 
 log = logging.getLogger(__name__)
 
@@ -386,11 +386,11 @@ class SftpSink(Sink):
             if self._renewed():
                 # The transport is connected again already: reopen and replay on it.
                 log.info("%s: the connection was renewed under it; resuming", self._tmp)
-                self._t.call(self._resume, f"resuming {self._tmp}")
+                self._t.call(self._resume, f"resuming {self._tmp}", bounded=False)
                 return
             if not is_connection_lost(err):
                 raise self._space_check(err) from e
-            self._t.call(self._resume, f"resuming {self._tmp}", first_error=err)
+            self._t.call(self._resume, f"resuming {self._tmp}", first_error=err, bounded=False)
 
     def _space_check(self, err: Exception) -> Exception:
         """SFTP v3 reports ENOSPC as a generic failure: ask statvfs whether we are full."""
@@ -508,6 +508,9 @@ class SftpTransport(RetryingTransport):
     # -- connection --------------------------------------------------------------------
     def _ensure_root(self) -> None:
         self._makedirs(self.root)
+
+    def _drop_connection(self) -> None:
+        shut_down(self._ssh.sock if self._ssh is not None else None)
 
     def _open(self) -> None:
         self.close()
@@ -783,7 +786,11 @@ class SftpTransport(RetryingTransport):
 
         self.call(check, f"reading {path}")
         seen: list = []
-        return self.resumable(lambda at: self.read_path(path, limit, at, seen), f"reading {path}")
+        return self.resumable(
+            lambda at: self.read_path(path, limit, at, seen),
+            f"reading {path}",
+            within=self.read_deadline(limit),
+        )
 
     def remove_tree(self, relpath: str) -> None:
         if not relpath.strip("/"):
