@@ -63,6 +63,9 @@ def _setup_logging(debug: bool) -> None:
     root.setLevel(logging.DEBUG if debug else logging.INFO)
     for noisy in ("paramiko", "smbprotocol", "spnego", "botocore"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if debug else logging.WARNING)
+    # paramiko logs every failure of its reader thread as ERROR lines, a traceback each
+    # (about 20 for a server that never sends its banner); our own error says what failed.
+    logging.getLogger("paramiko.transport").setLevel(logging.DEBUG if debug else logging.CRITICAL)
 
 
 def transport_settings(cfg, replay_bytes: int | None = None, read_only: bool = False):
