@@ -25,6 +25,9 @@ _BOOLS = {"yes": True, "true": True, "1": True, "no": False, "false": False, "0"
 _NETCONFIG_RE = re.compile(r"(?:auto|[^:\s/]+:(?:static|dhcp|dhcp4|dhcp6|auto6|auto))(?::force)?")
 _HOST_KEY_RE = re.compile(r"\*|[A-Za-z0-9@.-]+\s+[A-Za-z0-9+/]+={0,2}(?:\s+.*)?", re.S)
 # A name for dump directories: what a host name may hold, and no more (it becomes a path).
+# What follows an unquoted "~" up to a "/" or ":" (bash's tilde-prefix), and a login name.
+_TILDE_PREFIX = re.compile(r"[^/:\s;'\"$`\\]*")
+_LOGIN_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*\$?")
 _HOSTNAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _DUMPFORMATS = ("none", "elf", "compressed", "lzo", "snappy", "zstd", "raw")
 _KDUMPTOOL_FLAGS = ("NOSPARSE", "SPLIT", "SINGLE", "NOSPLIT", "XENALLDOMAINS")
@@ -483,12 +486,16 @@ class _Lexer:
 
     def read_word(self) -> str:
         out: list[str] = []
+        tilde_here = True  # bash expands an unquoted "~" at the start and after each ":"
         while True:
             ch = self.peek()
             if ch == "" or ch in _WORD_END or ch == ";":
                 return "".join(out)
             if ch in _OPERATORS:
                 self.fail(f"unquoted {ch!r} is not supported; quote the value")
+            if ch == "~" and tilde_here:
+                self.check_tilde()
+            tilde_here = ch == ":"
             if ch == "\\":
                 self.pos += 1
                 nxt = self.peek()
@@ -508,6 +515,17 @@ class _Lexer:
                 self.fail_command_substitution("`...`")
             else:
                 out.append(self.advance())
+
+    def check_tilde(self) -> None:
+        """Fail where bash would expand an unquoted tilde (``~``, ``~/x``, ``~user/x``) to
+        a home directory: we do not, so the value would silently mean another path."""
+        m = _TILDE_PREFIX.match(self.text, self.pos + 1)
+        prefix = m.group() if m else ""
+        if prefix in ("", "+", "-") or _LOGIN_RE.fullmatch(prefix):
+            self.fail(
+                f"unquoted '~{prefix}' would be a home directory in the shell; write the "
+                "path out, or quote the '~' to mean it"
+            )
 
     def read_single(self) -> str:
         start = self.line

@@ -716,3 +716,35 @@ def test_s3_secret_not_in_transport_settings_repr(tmp_path: Path) -> None:
     settings = transport_settings(cfg)
     assert settings.extra["s3_secret_key"] == "wJalr/K7MDENG+bPxRfiCY"
     assert "wJalr" not in repr(settings)
+
+
+@pytest.mark.parametrize(
+    "line, prefix",
+    [
+        ("KDUMP_SSH_IDENTITY=~/.ssh/id_ed25519", "~"),
+        ("KDUMP_SSH_IDENTITY=~root/.ssh/id_rsa", "~root"),
+        ("KDUMP_SSH_IDENTITY=/etc/key:~/key", "~"),
+        ("export KDUMP_SSH_IDENTITY=~", "~"),
+    ],
+)
+def test_a_tilde_the_shell_would_expand_is_an_error(tmp_path: Path, line: str, prefix: str):
+    """bash expands an unquoted "~" at the start of a value and after each ":"; we kept it
+    literal, so KDUMP_SSH_IDENTITY=~/.ssh/id_rsa became /root/.ssh/~/.ssh/id_rsa at the
+    crash (exit 7). Where the shell would expand it, it is now a clear error."""
+    msg = error(tmp_path, line + "\n")
+    assert msg.startswith("FILE:1: KDUMP_SSH_IDENTITY: ")
+    assert f"unquoted '{prefix}' would be a home directory in the shell" in msg
+
+
+@pytest.mark.parametrize(
+    "line, value",
+    [
+        ('KDUMP_SSH_IDENTITY="~/.ssh/id"', "~/.ssh/id"),  # quoted: the shell keeps it too
+        ("KDUMP_SSH_IDENTITY=\\~/x", "~/x"),
+        ("KDUMP_SSH_IDENTITY=a~b", "a~b"),
+        ("KDUMP_SAVEDIR=ftp://u:~pw@host/x", "ftp://u:~pw@host/x"),  # "~pw@host" is no login
+    ],
+)
+def test_a_tilde_the_shell_keeps_is_kept(tmp_path: Path, line: str, value: str):
+    cfg = load(tmp_path, line + "\n")
+    assert value in (cfg["KDUMP_SSH_IDENTITY"], cfg["KDUMP_SAVEDIR"])
