@@ -39,9 +39,8 @@ WINDOW = 64 << 10
 # The formatted log: at most about 1.3x the text area for a real ring (prefixes, indents).
 # Escapes ("\\xffffffe2" for one byte) can make it ten times the text: a 128 KiB ring made
 # 65 MB, held three times over (lines, joined, encoded) in a capture kernel's tens of MiB.
-# Past twice the text area plus OUTPUT_SLACK (and MAX_OUTPUT), the oldest records go: the
-# crash is at the end of the log.
-MAX_OUTPUT = 16 << 20
+# Past twice the text area plus OUTPUT_SLACK, the oldest records go: the crash is at the
+# end of the log. (A real ring of the largest size, 32 MiB, stays whole.)
 OUTPUT_SLACK = 1 << 20
 
 # Bytes makedumpfile copies as they are: isprint() or isspace() in the C locale.
@@ -165,7 +164,7 @@ def _lockless(kernel: Kernel, info: VmcoreInfo) -> str:
     ts_off = _offset(info, "printk_info.ts_nsec")
     len_off = _offset(info, "printk_info.text_len")
 
-    limit = min(MAX_OUTPUT, 2 * dsize + OUTPUT_SLACK)
+    limit = 2 * dsize + OUTPUT_SLACK
     lines: deque[str] = deque()
     out_len = dropped = 0
     rid = tail

@@ -32,8 +32,6 @@ from .vmcore import Vmcore, open_vmcore, parse_vmcoreinfo
 # Bits per entry of the rank index (pfn -> descriptor number): 4096 bits = 512 bitmap bytes,
 # so a lookup counts at most 512 bytes in C.
 RANK_BLOCK_BITS = 4096
-# The 2nd bitmap is read whole: 512 MiB covers a machine of 16 TiB.
-MAX_BITMAP = 512 << 20
 
 
 @dataclass
@@ -165,12 +163,15 @@ class KdumpReader:
         bm_off = bs * (1 + dh.sub_hdr_size)
         half = dh.bitmap_blocks * bs // 2
         needed = (self.max_mapnr + 7) // 8  # bytes of one bitmap
-        if half > MAX_BITMAP or half > (needed + bs - 1) // bs * bs:
+        # Before version 6, max_mapnr is 32 bits: saturated, it says nothing of the bitmap.
+        saturated = dh.header_version < 6 and self.max_mapnr == 0xFFFFFFFF
+        if not saturated and half > (needed + bs - 1) // bs * bs:
             # Held whole: a sparse file may claim any size (2^20 blocks: 2 GiB read into
-            # memory for `dmesg`), so it must be what max_mapnr needs, and sane.
+            # memory for `dmesg`), so it must be what max_mapnr needs (makedumpfile and
+            # QEMU write exactly that, rounded up to a block).
             raise VmcoreError(
                 f"{path}: offset 0x1b4: bitmap_blocks {dh.bitmap_blocks} is more than "
-                f"max_mapnr {self.max_mapnr} needs, or than {MAX_BITMAP >> 20} MiB"
+                f"max_mapnr {self.max_mapnr} needs"
             )
         self.bitmap = read_span(
             pread, path, "the 2nd bitmap", bm_off + half, half, size, holds, where=0x1B4

@@ -53,8 +53,9 @@ def host_identity(target: Target, configured: str = "", root: str = "/") -> str:
         lambda: _route_address(target),
     )
     for source in sources:
-        if name := safe_name(source()):
-            return name
+        name = source()
+        if name:
+            return safe_name(name)
     name = f"unnamed-{secrets.token_hex(6)}"
     log.warning(
         "this host has no name, machine-id or network address to name its dumps by; "
@@ -68,15 +69,24 @@ def local_identity(root: str = "/") -> str:
     """The name this machine gives itself without the network: what ``initramfs build``
     writes into the capture kernel's KDUMP_HOSTNAME ("" if it has none)."""
     for name in (_read(root, "etc/hostname.kdump"), _kernel_hostname(root), _machine_id(root)):
-        if name := safe_name(name):
+        if name := config_name(name):
             return name
     return ""
 
 
 def safe_name(name: str) -> str:
-    """``name`` with anything but ASCII letters, digits, '.', '_' and '-' replaced, without
-    leading punctuation, capped: what KDUMP_HOSTNAME accepts, so that the name the builder
-    packs is one the capture kernel's configuration takes ("" if nothing is left)."""
+    """``name`` with anything but letters, digits, '.', '_' and '-' replaced, capped.
+
+    What a save names its dumps by: it must not change between versions, or rotation stops
+    finding a host's older dumps (``config_name`` is the stricter form the builder packs).
+    """
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in name.strip())[:MAX_NAME]
+
+
+def config_name(name: str) -> str:
+    """``name`` as KDUMP_HOSTNAME takes it: ASCII letters, digits, '.', '_' and '-', no
+    leading punctuation ("" if nothing is left). ``initramfs build`` packs it: a name with
+    a non-ASCII letter or a leading '_' made the capture kernel's configuration fail."""
     kept = "".join(c if (c.isascii() and c.isalnum()) or c in "._-" else "_" for c in name.strip())
     return kept.lstrip("._-")[:MAX_NAME]
 

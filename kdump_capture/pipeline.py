@@ -619,6 +619,11 @@ def _publish_record(transport: Transport, name: str, record: DumpRecord) -> None
     _put(transport, f"{name}/{MANIFEST}", record.manifest_json())
 
 
+# How far past what the older dumps' listed files hold a shortfall must be (plus 1 GiB)
+# before none of them is deleted for it.
+HOPELESS = 4
+
+
 def _ensure_room(transport, room: SpaceMaker, plan: SavePlan, needed: int) -> int | None:
     """Check the budget before writing; let ``room`` delete what rotation drops anyway.
 
@@ -630,8 +635,14 @@ def _ensure_room(transport, room: SpaceMaker, plan: SavePlan, needed: int) -> in
         short = policy.budget_shortfall(free, needed, plan.free_disk_size)
         if not short:
             return free
-        if not room.deleted and room.candidates and short > room.could_free():
-            # Deleting would not make room (a corrupt vmcore can claim any size): keep them.
+        if (
+            not room.deleted
+            and room.candidates
+            and short > HOPELESS * room.could_free() + (1 << 30)
+        ):
+            # Deleting could never make the room (a corrupt vmcore can claim any size):
+            # keep them. Only far past what they hold: a listing does not show everything
+            # a deletion frees (temporary files, blocks), and near the edge we try.
             hopeless = True
             break
         if not room(short):

@@ -288,10 +288,11 @@ def redact(text: str) -> str:
 
 # "scheme://host:port" where the port is not a number: in "ftp://user:password" (the
 # "@host" forgotten) the password reads as a port.
-# The scheme starts a run of scheme characters (the lookbehind): tried at every position of
-# a long run of letters, the search took time quadratic in the word's length.
+# The scheme is a whole run of scheme characters (the lookbehind), whatever it starts
+# with ("1.ftp://u:pw/x" is masked too): tried at every position of a long run of letters,
+# the search took time quadratic in the word's length.
 _BAD_PORT_RE = re.compile(
-    r"(?<![A-Za-z0-9+.-])([A-Za-z][A-Za-z0-9+.-]*://[^/@\[\]:]*:)([^/@]*?)(['\")>,;:.]*(?:/|$))"
+    r"(?<![A-Za-z0-9+.-])([A-Za-z0-9+.-]*://[^/@\[\]:]*:)([^/@]*?)(['\")>,;:.]*(?:/|$))"
 )
 # A word longer than this that may hold a target is not shown at all: nothing in a URL is
 # this long, and a server's megabytes of text (an S3 Message) took redaction hours.

@@ -177,8 +177,10 @@ def test_two_identities_never_rotate_each_other(tmp_path, request):
 def test_safe_names_are_names_the_configuration_takes(raw, safe):
     """The builder packs local_identity() as KDUMP_HOSTNAME; a name with a non-ASCII letter
     or a leading '_', '-' or '.' passed safe_name but not the capture kernel's
-    configuration, which then failed with exit 2 at the crash."""
-    assert identity.safe_name(raw) == safe
+    configuration, which then failed with exit 2 at the crash. A save itself keeps naming
+    its dumps as before (safe_name): rotation must find the older ones."""
+    assert identity.config_name(raw) == safe
+    assert identity.safe_name("wéb01") == "wéb01" and identity.safe_name("_x") == "_x"
     assert load_config(None, [f"KDUMP_HOSTNAME={safe}"])["KDUMP_HOSTNAME"] == safe
 
 

@@ -287,3 +287,11 @@ def test_redaction_is_linear_and_hides_what_it_cannot_read(word):
     assert time.process_time() - start < 0.5
     assert out == f"error: [{len(word)} characters not shown] (end)"
     assert redact("x" * 65536) == "x" * 65536  # nothing to hide: left as it is
+
+
+@pytest.mark.parametrize(
+    "word", ["1.ftp://user:hunter2/x", "-sftp://root:hunter2", "2ftp://u:hunter2/"]
+)
+def test_a_scheme_after_a_digit_or_a_dash_is_still_redacted(word):
+    """The lookbehind that made redaction linear first let these through."""
+    assert "hunter2" not in redact(word) and "***" in redact(word)

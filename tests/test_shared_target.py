@@ -16,7 +16,7 @@ import time
 import pytest
 
 from kdump_capture import policy
-from kdump_capture.errors import UnsafeFile
+from kdump_capture.errors import TransportError, UnsafeFile
 from kdump_capture.pipeline import scan_dumps
 from kdump_capture.report import DumpRecord
 from kdump_capture.sample import SampleSpec, write_sample
@@ -405,3 +405,17 @@ def test_a_new_directory_swapped_for_a_link_is_not_chmod_through_it(tmp_path, mo
         with pytest.raises(UnsafeFile, match="replaced by a link"):
             tr.makedir(STAMP)
     assert os.stat(victim_dir).st_mode & 0o777 == 0o755
+
+
+def test_a_publish_that_fails_leaves_no_temporary_file(tmp_path):
+    """The sink closed its directory before abort() could remove the temporary file: a
+    rename failing (ENOSPC, EIO, an NFS timeout) left a vmcore-sized file behind."""
+    root = tmp_path / "dumps"
+    with _file_transport(root) as tr:
+        tr.makedir(STAMP)
+        os.makedirs(root / STAMP / "vmcore" / "x")  # the final name: a non-empty directory
+        with pytest.raises(TransportError, match="publishing"):
+            with tr.create(f"{STAMP}/vmcore") as sink:
+                sink.write(b"memory" * 1000)
+                sink.commit()
+    assert sorted(os.listdir(root / STAMP)) == ["vmcore"]

@@ -788,7 +788,7 @@ def test_a_small_file_trickled_by_the_store_is_bounded_as_a_whole():
     """A manifest read (limit 1 MiB) from a store that sends its reply's body one byte at a
     time: every recv came in time, and each drop that brought a byte started the retries
     afresh, so rotation's manifest reads held the save for good. A read with a limit is
-    bounded as a whole by read_deadline (the operation's deadline plus the limit at 64 KiB/s)."""
+    bounded as a whole by read_deadline (the operation's deadline plus the limit at 8 KiB/s)."""
     from kdump_capture.urls import parse_target
     from transports import open_transport
 
@@ -831,3 +831,21 @@ def test_a_small_file_trickled_by_the_store_is_bounded_as_a_whole():
     finally:
         stop.set()
     assert elapsed < 10, f"{elapsed:.1f} s"
+
+
+@pytest.mark.parametrize(
+    "line, parsed",
+    [
+        (
+            "drwx------ 2 jdoe domain users 4096 Dec 05 08:00 hostB-2020-01-01-00-00-00",
+            ("hostB-2020-01-01-00-00-00", "d", 4096),
+        ),  # a group with a blank (AD-backed servers): a directory, not a link
+        ("lrwxrwxrwx 1 root root 10 Jan 01 00:00 a -> b", ("a", "l", 10)),
+        ("-rw-r--r-- 1 0 0 5 Jan 01 2000 name with  spaces", ("name with  spaces", "-", 5)),
+        ("name", None),  # the second half of a name with a newline
+    ],
+)
+def test_ftp_list_lines(line, parsed):
+    from transports.ftp import parse_list_line
+
+    assert parse_list_line(line) == parsed

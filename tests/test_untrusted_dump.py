@@ -341,7 +341,7 @@ def kdump_file(tmp_path_factory):
 def test_a_bitmap_larger_than_max_mapnr_needs_is_refused(kdump_file, tmp_path):
     """The 2nd bitmap is read whole, and a sparse file may claim any size: bitmap_blocks
     2^20 in a file of 48 KiB on disk read 2 GiB into memory for `dmesg` (MemoryError, exit
-    1, under a limit). It must be what max_mapnr needs (and at most 512 MiB)."""
+    1, under a limit). It must be what max_mapnr needs."""
     p = _patched(kdump_file / "kdump", tmp_path / "bad", 436, "<I", 1 << 20)
     with open(p, "r+b") as f:
         f.truncate(5 << 30)  # sparse: the blocks the header claims are "there"

@@ -171,13 +171,14 @@ class FileSink(Sink):
         try:
             st = os.stat(self._tmpname, dir_fd=self._dfd, follow_symlinks=False)
             if (st.st_ino, st.st_dev) != ident:
+                self._close_all()  # the name is someone else's file now: abort leaves it
                 raise UnsafeFile(f"{self._tmp}: replaced while it was being written")
             os.replace(self._tmpname, self.name, src_dir_fd=self._dfd, dst_dir_fd=self._dfd)
             os.fsync(self._dfd)
         except OSError as e:
+            # the directory stays open: abort() removes the temporary file through it
             raise _io_error(f"publishing {self._final}", e) from e
-        finally:
-            self._close_all()
+        self._close_all()
         self.committed = True
         return FileInfo(self.name, size, digest, self.algorithm)
 

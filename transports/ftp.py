@@ -94,8 +94,10 @@ def convert(e: BaseException, what: str) -> Exception:
     return TransportError(f"{what}: {text or type(e).__name__}")
 
 
+# Owner and group may hold blanks ("domain users" on AD-backed servers): they are whatever
+# lies between the link count and the first size-and-date.
 _LS_LINE = re.compile(
-    r"^([-dlbcps])[-rwxsStTl+.@]{9}\S*\s+\d+\s+\S+\s+\S+\s+(\d+)\s+"
+    r"^([-dlbcps])[-rwxsStTl+.@]{9}\S*\s+\d+\s+\S.*?\s+(\d+)\s+"
     r"\w{3}\s+\d{1,2}\s+(?:\d{1,2}:\d{2}|\d{4})\s(.+)$"
 )
 # What the type letter of a Unix LIST line means, for messages about refused names.
@@ -107,6 +109,7 @@ _LETTER_KIND = {
     "b": "a device",
     "s": "a socket",
     "?": "listed twice by the server (a forged line)",
+    "": "not shown as a regular file by the server's LIST",
 }
 
 
@@ -180,6 +183,16 @@ class BoundedFTP(ftplib.FTP):
             ) from None
 
 
+def quit_within(ftp: ftplib.FTP, seconds: float) -> None:
+    """QUIT, waiting at most ``seconds`` for the goodbye (trickled, it held the save);
+    the connection is closed either way."""
+    try:
+        with deadline(seconds, "closing the FTP session", lambda: shut_down(ftp.sock)):
+            ftp.quit()
+    except Exception:
+        ftp.close()
+
+
 def size_of(ftp: ftplib.FTP, path: str) -> int:
     """SIZE of a file, -1 if it does not exist (or is a directory)."""
     try:
@@ -215,12 +228,28 @@ class FtpSink(Sink):
             self._ftp = None
         self._ftp = self._t.login()
 
-    def _call(self, op: Callable[[], T], what: str, first_error: Exception | None) -> T:
-        def guarded() -> T:
+    def _call(
+        self,
+        op: Callable[[], T],
+        what: str,
+        first_error: Exception | None,
+        bounded: bool = True,
+    ) -> T:
+        """``op`` on this sink's control connection, retried on a new one if it breaks;
+        each attempt within the transport's ``op_deadline`` unless it replays data."""
+
+        def attempt() -> T:
             try:
                 return op()
             except Exception as e:
                 raise convert(e, what) from e
+
+        def guarded() -> T:
+            if not bounded:
+                return attempt()
+            ftp = self._ftp
+            with deadline(self._t.op_deadline, what, lambda: shut_down(ftp and ftp.sock)):
+                return attempt()
 
         if self._ftp is None:
             self._reconnect()
@@ -278,7 +307,7 @@ class FtpSink(Sink):
             err = self._failed(e, what)
             if not is_connection_lost(err):
                 raise err from e
-            self._call(self._resume, f"resuming {self._tmp}", first_error=err)
+            self._call(self._resume, f"resuming {self._tmp}", first_error=err, bounded=False)
 
     def write(self, data: bytes | memoryview) -> None:
         view = memoryview(data).cast("B")
@@ -318,7 +347,10 @@ class FtpSink(Sink):
         data, self._data = self._data, None
         data.shutdown(socket.SHUT_WR)
         data.close()
-        reply = self._ftp.voidresp()
+        ftp = self._ftp
+        what = f"finishing {self._tmp}"
+        with deadline(self._t.op_deadline, what, lambda: shut_down(ftp.sock)):
+            reply = ftp.voidresp()  # trickled, it held the save
         if not reply.startswith(("226", "250")):
             raise TransportError(f"{self._tmp}: unexpected end-of-transfer reply {reply!r}")
 
@@ -342,10 +374,7 @@ class FtpSink(Sink):
 
     def _quit(self) -> None:
         if self._ftp is not None:
-            try:
-                self._ftp.quit()
-            except Exception:
-                self._ftp.close()
+            quit_within(self._ftp, self._t.op_deadline)
             self._ftp = None
 
     def abort(self) -> None:
@@ -414,10 +443,7 @@ class FtpTransport(RetryingTransport):
 
     def close(self) -> None:
         if self._ftp is not None:
-            try:
-                self._ftp.quit()
-            except Exception:
-                self._ftp.close()
+            quit_within(self._ftp, self.op_deadline)
             self._ftp = None
 
     def convert(self, e: BaseException, what: str) -> Exception:
@@ -618,7 +644,7 @@ class FtpTransport(RetryingTransport):
             unix = self._unix_list(posixpath.dirname(path))
             # Without a Unix LIST (MLSD only) the server cannot tell; with one, a name it
             # does not show as a regular file is refused.
-            kind = "-" if unix is None else unix.get(entry.name, ("?",))[0]
+            kind = "-" if unix is None else unix.get(entry.name, ("",))[0]
             if entry.is_dir or entry.is_link or kind != "-":
                 what = _LETTER_KIND.get(kind, "a directory or a link")
                 # Checked before RETR: a server opening a FIFO would block.

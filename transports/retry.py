@@ -74,8 +74,9 @@ FTP_CONNECTION_REPLIES = ("421", "425", "426")
 # a login, one S3 request) is bounded too, by this many timeouts.
 OP_TIMEOUTS = 4
 # A read of a file of known largest size (a manifest) may take the operation's deadline plus
-# its size at this rate: a server trickling a manifest held rotation for good.
-MIN_READ_RATE = 64 << 10
+# its size at this rate (a slow link's, 64 kbit/s): a server trickling a manifest held
+# rotation for good.
+MIN_READ_RATE = 8 << 10
 
 
 @contextlib.contextmanager

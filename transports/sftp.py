@@ -856,7 +856,9 @@ class SftpTransport(RetryingTransport):
 
         # A check mid-save may be the first request after the connection broke: it
         # reconnects, and the open file resumes on the new connection when it next writes.
-        reply = self.call(ask, f"statvfs {path}")
+        # Not bounded as a whole: its reply comes behind the open file's WRITEs (up to 8 MiB
+        # in flight on this channel), which a slow link takes longer than the deadline.
+        reply = self.call(ask, f"statvfs {path}", bounded=False)
         if reply is None:
             return None
         t, msg = reply
