@@ -177,17 +177,27 @@ def test_windows_give_the_same_bitmaps(tmp_path, pages, level):
         assert a == b and len(a) > 1
 
 
-def test_mem_section_roots_bounded_by_vmcoreinfo(tmp_path):
-    # A PT_LOAD far above RAM must not make the walk read 2^23 sections' worth of roots.
+def _counting_kernel(tmp_path, vm) -> tuple[Kernel, list[int]]:
+    """The synthetic kernel of ``vm``, with the sizes of its memory reads recorded."""
+    kern = Kernel(VmcoreInfo(vm.vmcoreinfo), ElfPhysMemory(vm.loads, vm.pread, vm.path))
+    reads: list[int] = []
+    real_read = kern.read
+    kern.read = lambda va, n: reads.append(n) or real_read(va, n)
+    return kern, reads
+
+
+def _one_section_vmcore(tmp_path) -> str:
     k = KernelImage(1024)
     k.build([(0, b"x")])
     path = str(tmp_path / "v.elf")
     k.write(path)
-    with open_vmcore(path) as vm:
-        kern = Kernel(VmcoreInfo(vm.vmcoreinfo), ElfPhysMemory(vm.loads, vm.pread, vm.path))
-        reads = []
-        real_read = kern.read
-        kern.read = lambda va, n: reads.append(n) or real_read(va, n)
+    return path
+
+
+def test_mem_section_roots_bounded_by_vmcoreinfo(tmp_path):
+    # A PT_LOAD far above RAM must not make the walk read 2^23 sections' worth of roots.
+    with open_vmcore(_one_section_vmcore(tmp_path)) as vm:
+        kern, reads = _counting_kernel(tmp_path, vm)
         mm = kern.mem_maps(1 << 38)
         assert mm.ranges == [(0, 1 << 15, 0xFFFFEA0000000000)]  # one present section
         assert max(reads) <= 2048 * 8  # LENGTH(mem_section) roots, not 2^38 / 2^15 / 256
@@ -199,15 +209,8 @@ def test_mem_sections_are_read_only_where_the_dump_has_data(tmp_path, monkeypatc
     the sections holding the dump's data are read now, and the ranges are capped."""
     from kdump_capture import kernel as K
 
-    k = KernelImage(1024)
-    k.build([(0, b"x")])
-    path = str(tmp_path / "v.elf")
-    k.write(path)
-    with open_vmcore(path) as vm:
-        kern = Kernel(VmcoreInfo(vm.vmcoreinfo), ElfPhysMemory(vm.loads, vm.pread, vm.path))
-        reads = []
-        real_read = kern.read
-        kern.read = lambda va, n: reads.append(n) or real_read(va, n)
+    with open_vmcore(_one_section_vmcore(tmp_path)) as vm:
+        kern, reads = _counting_kernel(tmp_path, vm)
         mm = kern.mem_maps(1 << 38, [(0, 1024)])
         assert mm.ranges == [(0, 1 << 15, 0xFFFFEA0000000000)]
         assert len(reads) == 2  # one root pointer, one table: not 2048 roots

@@ -722,15 +722,19 @@ def test_an_ftp_listing_past_its_bound_fails_and_hangs_up(request, monkeypatch):
         assert tr.listdir("") == [e for e in tr.listdir("") if e.name == "many"]  # reconnects
 
 
-def _trickling_server(stop: threading.Event, reply: bytes) -> int:
+def _trickling_server(stop: threading.Event, reply: bytes, head: bytes | None = None) -> int:
     """A loopback server that answers every connection with ``reply`` one byte at a time,
-    0.2 s apart: every wait for a byte is short, the answer never ends."""
+    0.2 s apart, over and over: every wait for a byte is short, the answer never ends. With
+    ``head``, it first reads the request and sends ``head`` at once."""
     srv = socket.create_server(("127.0.0.1", 0))
     srv.settimeout(0.5)
 
     def one(conn: socket.socket) -> None:
         with conn:
             try:
+                if head is not None:
+                    conn.recv(65536)
+                    conn.sendall(head)
                 for i in range(len(reply) * 1000):
                     if stop.is_set():
                         return
@@ -794,32 +798,8 @@ def test_a_small_file_trickled_by_the_store_is_bounded_as_a_whole():
 
     head = b'HTTP/1.1 200 OK\r\nContent-Length: 900\r\nETag: "e"\r\n\r\n'
     stop = threading.Event()
-    srv = socket.create_server(("127.0.0.1", 0))
-    srv.settimeout(0.5)
-
-    def serve() -> None:
-        with srv:
-            while not stop.is_set():
-                try:
-                    conn, _ = srv.accept()
-                except OSError:
-                    continue
-
-                def one(conn=conn) -> None:
-                    with conn:
-                        try:
-                            conn.recv(65536)
-                            conn.sendall(head)
-                            while not stop.is_set():
-                                conn.sendall(b"{")
-                                time.sleep(0.2)
-                        except OSError:
-                            pass
-
-                threading.Thread(target=one, daemon=True).start()
-
-    threading.Thread(target=serve, daemon=True).start()
-    url = f"s3+http://k:s@127.0.0.1:{srv.getsockname()[1]}/bkt/d"
+    port = _trickling_server(stop, b"{", head)
+    url = f"s3+http://k:s@127.0.0.1:{port}/bkt/d"
     tr = open_transport(
         parse_target(url)[0], TransportSettings(timeout=1.0, retries=2, retry_delay=0.1)
     )

@@ -21,7 +21,6 @@ import contextlib
 import errno
 import logging
 import socket
-import threading
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -51,7 +50,7 @@ from .base import (
     same_file,
     temp_name,
 )
-from .retry import REPLAY_STEP, ReplayBuffer, RetryingTransport, is_connection_lost
+from .retry import REPLAY_STEP, ReplayBuffer, RetryingTransport, deadline, is_connection_lost
 from .smb2write import post_write
 
 log = logging.getLogger(__name__)
@@ -447,36 +446,20 @@ class CifsTransport(RetryingTransport):
                 "by other users of the server"
             )
 
-    @contextlib.contextmanager
-    def deadline(self, what: str) -> Iterator[None]:
+    def deadline(self, what: str) -> contextlib.AbstractContextManager[None]:
         """Bound the body's network waits by the timeout: past it, shut the sockets down.
 
-        The waiting call then fails, and so does the body, with ConnectionLost.
+        The waiting call then fails, and so does the body, with ConnectionLost
+        (retry.deadline).
         """
-        fired = threading.Event()
+        return deadline(self._wait, what, self._shut_sockets)
 
-        def expire() -> None:
-            fired.set()
-            log.warning("%s: no answer within %.0f s; dropping the connection", what, self._wait)
-            for conn in list(self._cache.values()):
-                try:
-                    conn.transport.close()
-                except Exception as e:  # already closed, or closing on its own
-                    log.debug("shutting down the SMB socket: %s", e)
-
-        timer = threading.Timer(self._wait, expire)
-        timer.daemon = True
-        timer.start()
-        try:
-            yield
-        except Exception as e:
-            if fired.is_set():
-                raise ConnectionLost(
-                    f"{what}: no answer from the server within {self._wait:.0f} s"
-                ) from e
-            raise
-        finally:
-            timer.cancel()
+    def _shut_sockets(self) -> None:
+        for conn in list(self._cache.values()):
+            try:
+                conn.transport.close()
+            except Exception as e:  # already closed, or closing on its own
+                log.debug("shutting down the SMB socket: %s", e)
 
     def call(
         self,
