@@ -198,9 +198,8 @@ def test_tampered_and_wrong_key(keys, tmp_path):
 def test_initramfs_has_only_public_keys(keys, tmp_path):
     import zstandard
 
-    from initramfs import builder
     from kdump_capture.config import load_config
-    from tests.test_initramfs_build import CHROOT, KVER, fake_modules_root
+    from tests.test_initramfs_build import CHROOT, build_image
 
     cfg = load_config(
         None,
@@ -210,14 +209,7 @@ def test_initramfs_has_only_public_keys(keys, tmp_path):
         ],
     )
     out = tmp_path / "initrd.img"
-    builder.build(
-        cfg,
-        str(out),
-        kernel_version=KVER,
-        modules_root=str(fake_modules_root(tmp_path)),
-        target_device="LABEL=crash",
-        target_fstype="ext4",
-    )
+    build_image(cfg, out, tmp_path)
     raw = zstandard.ZstdDecompressor().stream_reader(out.read_bytes()).read()
     for secret in keys["secrets"]:
         for line in secret.splitlines():

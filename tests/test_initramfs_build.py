@@ -49,20 +49,27 @@ def fake_modules_root(base: Path) -> Path:
     return root
 
 
+def build_image(cfg, out, base: Path, **kw) -> builder.BuildReport:
+    """``initramfs build`` for the test kernel version, its fake modules made under ``base``,
+    and a local target on an ext4 file system labelled "crash"."""
+    return builder.build(
+        cfg,
+        str(out),
+        kernel_version=KVER,
+        modules_root=str(fake_modules_root(base)),
+        target_device="LABEL=crash",
+        target_fstype="ext4",
+        **kw,
+    )
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     base = tmp_path_factory.mktemp("build")
     out = base / "images" / "initrd.img"  # the builder makes the directory
     old_umask = os.umask(0o022)  # as on a default system: files 644, directories 755
     try:
-        report = builder.build(
-            CFG,
-            str(out),
-            kernel_version=KVER,
-            modules_root=str(fake_modules_root(base)),
-            target_device="LABEL=crash",
-            target_fstype="ext4",
-        )
+        report = build_image(CFG, out, base)
     finally:
         os.umask(old_umask)
     tree = base / "tree"
@@ -331,15 +338,7 @@ def test_local_paths_are_packed_as_the_urls_they_are(tmp_path):
     savedirs = ["file:///var/crash%20dumps/%2541", "file:///var/cr%3Fash%23"]
     cfg = load_config(None, [f"KDUMP_SAVEDIR={' '.join(savedirs)}", "KDUMP_CHECKSUM=sha256"])
     out = tmp_path / "initrd.img"
-    builder.build(
-        cfg,
-        str(out),
-        kernel_version=KVER,
-        modules_root=str(fake_modules_root(tmp_path)),
-        compress="gzip",
-        target_device="LABEL=crash",
-        target_fstype="ext4",
-    )
+    build_image(cfg, out, tmp_path, compress="gzip")
     raw = gzip.decompress(out.read_bytes())
     subprocess.run(["cpio", "-idm", "--quiet", "etc/sysconfig/kdump"], input=raw, cwd=tmp_path)
     packed = load_config(str(tmp_path / "etc/sysconfig/kdump"))
