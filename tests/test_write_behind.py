@@ -62,10 +62,16 @@ def temp_file(directory) -> str:
     return os.path.join(directory, name)
 
 
+def _sink(dump_dir) -> filetr.FileSink:
+    """A file sink in ``dump_dir``, which it holds open by descriptor (and closes)."""
+    fd = os.open(dump_dir, os.O_RDONLY | os.O_DIRECTORY)
+    return filetr.FileSink(fd, str(dump_dir), "vmcore", checksum.SHA256)
+
+
 def test_written_data_leaves_the_cache_once_on_disk(dump_dir):
     block = os.urandom(MiB)
     first = 48 * MiB
-    with filetr.FileSink(str(dump_dir), "vmcore", checksum.SHA256) as sink:
+    with _sink(dump_dir) as sink:
         for _ in range(first // MiB):
             sink.write(block)
         # Put the first 48 MiB on disk (clean pages): what the writeback started above
@@ -93,7 +99,7 @@ def test_written_data_leaves_the_cache_once_on_disk(dump_dir):
 
 def test_seek_back_into_dropped_data_is_written(dump_dir):
     """A header rewritten after its pages left the cache still lands (kdump formats do this)."""
-    sink = filetr.FileSink(str(dump_dir), "vmcore", checksum.SHA256)
+    sink = _sink(dump_dir)
     for i in range(40):
         sink.write(bytes([i]) * MiB)
     sink.seek(PAGE // 2)
