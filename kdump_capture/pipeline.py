@@ -619,9 +619,10 @@ def _publish_record(transport: Transport, name: str, record: DumpRecord) -> None
     _put(transport, f"{name}/{MANIFEST}", record.manifest_json())
 
 
-# How far past what the older dumps' listed files hold a shortfall must be (plus 1 GiB)
-# before none of them is deleted for it.
+# How far past what the older dumps' listed files hold a shortfall must be (times HOPELESS,
+# plus HOPELESS_SLACK) before none of them is deleted for it.
 HOPELESS = 4
+HOPELESS_SLACK = 1 << 30
 
 
 def _ensure_room(transport, room: SpaceMaker, plan: SavePlan, needed: int) -> int | None:
@@ -629,29 +630,25 @@ def _ensure_room(transport, room: SpaceMaker, plan: SavePlan, needed: int) -> in
 
     ``needed``: bytes the dump will certainly take. Returns the free space.
     """
-    hopeless = False
+    first = True
     while True:
         free = transport.free_space("")
         short = policy.budget_shortfall(free, needed, plan.free_disk_size)
         if not short:
             return free
-        if (
-            not room.deleted
-            and room.candidates
-            and short > HOPELESS * room.could_free() + (1 << 30)
-        ):
+        if first and room.candidates and short > HOPELESS * room.could_free() + HOPELESS_SLACK:
             # Deleting could never make the room (a corrupt vmcore can claim any size):
             # keep them. Only far past what they hold: a listing does not show everything
-            # a deletion frees (temporary files, blocks), and near the edge we try.
-            hopeless = True
+            # a deletion frees (temporary files, blocks), and near the edge we try. Asked
+            # once: it lists every candidate.
+            log.warning(
+                "not deleting older dumps: all %d that rotation allows would not make room",
+                len(room.candidates),
+            )
             break
+        first = False
         if not room(short):
             break
-    if hopeless:
-        log.warning(
-            "not deleting older dumps: all %d that rotation allows would not make room",
-            len(room.candidates),
-        )
     raise FreeSpaceError(
         f"{transport.describe()}: {free >> 20} MiB free, but the dump needs at least "
         f"{-(-needed >> 20)} MiB and KDUMP_FREE_DISK_SIZE keeps {plan.free_disk_size >> 20} MiB "

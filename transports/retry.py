@@ -80,9 +80,10 @@ MIN_READ_RATE = 8 << 10
 
 
 @contextlib.contextmanager
-def deadline(seconds: float, what: str, drop: Callable[[], None]) -> Iterator[None]:
+def deadline(seconds: float, what: str, drop: Callable[[], None]) -> Iterator[threading.Event]:
     """Bound the body by ``seconds``: past them ``drop`` shuts the connection down, the
-    waiting call fails, and so does the body, with ConnectionLost (retried as any drop)."""
+    waiting call fails, and so does the body, with ConnectionLost (retried as any drop).
+    Yields the event set when the time is up (a body that reconnects must stop there)."""
     fired = threading.Event()
 
     def expire() -> None:
@@ -97,7 +98,7 @@ def deadline(seconds: float, what: str, drop: Callable[[], None]) -> Iterator[No
     timer.daemon = True
     timer.start()
     try:
-        yield
+        yield fired
     except Exception as e:
         if fired.is_set():
             raise ConnectionLost(f"{what}: not done within {seconds:.0f} s") from e
@@ -438,33 +439,26 @@ class RetryingTransport(Transport):
         server trickling bytes between drops is bounded by ``within`` seconds for the whole
         read (``read_deadline``)."""
         done = stalls = 0
-        end = None if within is None else time.monotonic() + within
-
-        def late() -> ConnectionLost | None:
-            if end is not None and time.monotonic() > end:
-                return ConnectionLost(f"{what}: not done within {within:.0f} s")
-            return None
-
         # The timer breaks a wait inside one chunk (a reply trickled a byte at a time, which
-        # each recv's timeout never sees); ``late`` stops the resumes that would follow.
+        # each recv's timeout never sees); once it has fired, no resume follows.
         guard = (
             deadline(within, what, self._drop_connection)
             if within is not None
-            else contextlib.nullcontext()
+            else contextlib.nullcontext(threading.Event())
         )
-        with guard:
+        with guard as late:
             while True:
                 try:
                     for chunk in read_from(done):
                         if chunk:
                             stalls = 0
                         done += len(chunk)
-                        if err := late():
-                            raise err
+                        if late.is_set():
+                            raise ConnectionLost(f"{what}: past its deadline")
                         yield chunk
                     return
                 except Exception as e:
-                    if not is_connection_lost(e) or late() is not None:
+                    if not is_connection_lost(e) or late.is_set():
                         raise
                     stalls += 1
                     if stalls > self.settings.retries:
