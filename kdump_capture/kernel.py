@@ -319,7 +319,7 @@ class Kernel:
         nr_roots = info.length("mem_section")
         if nr_roots is not None and 0 < nr_roots < -(-num_sections // per_root):
             num_sections = min(num_sections, nr_roots * per_root)
-        wanted = _merge_spans(
+        wanted = merge_spans(
             (s >> pfn_shift, min(((e - 1) >> pfn_shift) + 1, num_sections))
             for s, e in (ram if ram is not None else [(0, max_mapnr)])
             if s < e
@@ -362,7 +362,7 @@ class Kernel:
         return MemMaps(per_section, page_size, ranges)
 
 
-def _merge_spans(spans: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+def merge_spans(spans: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
     """Sorted, disjoint ``(start, end)`` spans covering the non-empty input spans."""
     out: list[tuple[int, int]] = []
     for s, e in sorted(x for x in spans if x[0] < x[1]):

@@ -17,7 +17,7 @@ import os
 import re
 import struct
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 
 from .. import speedups
 from ..elf import PT_LOAD
@@ -33,6 +33,7 @@ from ..kernel import (
     MemMaps,
     VmcoreInfo,
     max_mapnr_of,
+    merge_spans,
 )
 from ..record import Record
 from ..vmcore import Vmcore
@@ -442,7 +443,7 @@ class PageFilter:
         loads = vm.loads
         max_mapnr = max_mapnr_of(loads)
         # RAM is what the file holds data for (see max_mapnr_of)
-        ram = _merge(
+        ram = merge_spans(
             (p.paddr >> PAGE_SHIFT, (p.paddr + p.filesz + PAGE - 1) >> PAGE_SHIFT)
             for p in loads
             if p.type == PT_LOAD and p.filesz
@@ -504,7 +505,7 @@ class PageFilter:
         spans = [(s // w, (e - 1) // w + 1) for s, e in self._ram]
         last = max(0, (self.half_len * 8 - 1) // w)
         spans.append((last, last + 1))
-        return _merge(spans)
+        return merge_spans(spans)
 
     def windows(self) -> Iterator[Window]:
         """Every window with RAM in it (and the last), in ascending order.
@@ -666,18 +667,6 @@ class PageFilter:
                     pa += k
                     n -= k
         return out
-
-
-def _merge(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Sorted, disjoint ``(start, end)`` ranges covering the non-empty input ranges."""
-    out: list[tuple[int, int]] = []
-    for s, e in sorted(r for r in ranges if r[0] < r[1]):
-        if out and s <= out[-1][1]:
-            if e > out[-1][1]:
-                out[-1] = (out[-1][0], e)
-        else:
-            out.append((s, e))
-    return out
 
 
 def _pack(rows: list[tuple[int, int, int]]) -> bytes:
