@@ -715,7 +715,8 @@ def test_the_stores_error_text_is_cut_short():
 
     body = b"<Error><Code>InternalError</Code><Message>" + b"m" * (8 << 20) + b"</Message></Error>"
     code, message = s3.error_code(body)
-    assert code == "InternalError" and message == "m" * s3.MAX_ERROR_TEXT + "..."
+    assert code == "InternalError" and message == "m" * (s3.MAX_ERROR_TEXT - 3) + "..."
+    assert len(message) == s3.MAX_ERROR_TEXT
     code, message = s3.error_code(b"<Error><Code>A\tB</Code><Message>x\ny</Message></Error>")
     assert (code, message) == ("A?B", "x?y")
 

@@ -55,6 +55,7 @@ from botocore.credentials import Credentials
 
 from kdump_capture.errors import AuthError, ConnectionLost, TargetFull, TransportError
 from kdump_capture.memory import S3_MAX_PARTS, S3_MIN_PART, s3_part_plan
+from kdump_capture.summary import clean
 from kdump_capture.urls import Target
 
 from .base import Entry, FileInfo, Sink, TransportSettings, bounded, check_size, not_the_servers
@@ -150,16 +151,11 @@ def error_code(body: bytes) -> tuple[str, str]:
         root = ET.fromstring(body)
     except (ET.ParseError, ValueError, LookupError):
         return "", ""
-    return _short(_text(root, "Code")), _short(_text(root, "Message"))
+    return clean(_text(root, "Code"), MAX_ERROR_TEXT), clean(_text(root, "Message"), MAX_ERROR_TEXT)
 
 
 # What a message keeps of text the store sent (a Message of megabytes went into the log).
 MAX_ERROR_TEXT = 200
-
-
-def _short(text: str) -> str:
-    kept = "".join(c if c.isprintable() else "?" for c in text[: MAX_ERROR_TEXT + 1])
-    return kept if len(kept) <= MAX_ERROR_TEXT else kept[:MAX_ERROR_TEXT] + "..."
 
 
 def _strip_ns(tag: str) -> str:
