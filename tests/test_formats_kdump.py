@@ -221,6 +221,39 @@ def test_rearrange_out_of_order_and_overlapping(tmp_path):
     assert (tmp_path / "m").read_bytes() == expect
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_random_access_reads_what_rearrange_writes(tmp_path, seed):
+    # Interleaved sequences, as a dump writer makes them (header, bitmaps, descriptors, data),
+    # then rewrites and overlaps: FlatFile.pread must give the rearranged file's bytes.
+    rnd = random.Random(seed)
+    size = 1 << 16
+    head = _kdump_head(max_mapnr=64)
+    records = [(0, head)]
+    cursors = [len(head) + 100, 20000, 40000]
+    for _ in range(300):
+        lane = rnd.randrange(len(cursors))
+        n = rnd.randrange(1, 300)
+        if cursors[lane] + n < size:
+            records.append((cursors[lane], rnd.randbytes(n)))
+            cursors[lane] += n + rnd.choice((0, 0, 7))
+        if rnd.random() < 0.05:  # a rewrite somewhere earlier
+            at = rnd.randrange(len(head), size - 600)
+            records.append((at, rnd.randbytes(rnd.randrange(1, 600))))
+    src = tmp_path / "s"
+    src.write_bytes(_stream(records))
+    n = flat.rearrange(str(src), str(tmp_path / "d"))
+    expect = (tmp_path / "d").read_bytes()
+    ff = flat.FlatFile(str(src))
+    try:
+        assert ff.size == n and ff.pread(n, 0) == expect
+        for _ in range(200):
+            at = rnd.randrange(n)
+            k = rnd.randrange(1, 700)
+            assert ff.pread(k, at) == expect[at : at + k]
+    finally:
+        ff.close()
+
+
 @pytest.mark.parametrize(
     "data",
     [

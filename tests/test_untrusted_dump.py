@@ -19,6 +19,7 @@ import sys
 import time
 import tracemalloc
 import zlib
+from collections.abc import Iterator
 
 import pytest
 import zstandard
@@ -416,6 +417,48 @@ def test_flattened_record_far_past_the_header_is_refused(kdump_file, tmp_path):
     assert os.listdir(out.parent) == []
     with pytest.raises(VmcoreError, match="header allows"):
         flat.FlatFile(str(src))
+
+
+def _flat_with(head: bytes, records: Iterator[bytes], path) -> None:
+    with open(path, "wb") as f:
+        f.write(flat.flat_header() + flat.RECORD.pack(0, len(head)) + head)
+        for rec in records:
+            f.write(rec)
+        f.write(flat.END_MARKER)
+
+
+def test_a_flattened_stream_that_keeps_overwriting_is_refused_at_once(kdump_file, tmp_path):
+    # 3M one-byte records over the same byte: indexed as Python tuples, 680 MB before any
+    # error. Records that go back more often than a dump writer's need more lanes than allowed.
+    head = open(kdump_file / "kdump", "rb").read(8192)
+    one = flat.RECORD.pack(8192, 1) + b"\0"
+    _flat_with(head, (one * 65536 for _ in range(48)), tmp_path / "s")
+    peak, msg = _peak(lambda: flat.FlatFile(str(tmp_path / "s")))
+    assert "rearrange" in msg and peak < 1 << 20
+
+
+def test_a_flattened_stream_of_tiny_records_is_indexed_compactly(kdump_file, tmp_path):
+    # 2^16 one-byte records in offset order (one lane): 24 bytes of index each, and a read
+    # over all of them collects nothing (it used to build a tuple per record).
+    head = open(kdump_file / "kdump", "rb").read(8192)
+    n = 1 << 16
+
+    def records():
+        for j in range(n >> 16):
+            base = 8192 + (j << 16)
+            yield b"".join(flat.RECORD.pack(base + i, 1) + b"\x01" for i in range(1 << 16))
+
+    _flat_with(head, records(), tmp_path / "s")
+    tracemalloc.start()
+    try:
+        ff = flat.FlatFile(str(tmp_path / "s"))
+        got = ff.pread(n, 8192)
+        peak = tracemalloc.get_traced_memory()[1]
+        ff.close()
+    finally:
+        tracemalloc.stop()
+    assert got == b"\x01" * n
+    assert peak < 32 * n + (2 << 20)
 
 
 # -- item 13: rearrange writes a new file and renames it at the end -------------------------

@@ -8,7 +8,9 @@ Records may come in any order and overlap; later ones win, uncovered bytes read 
 
 from __future__ import annotations
 
+import array
 import bisect
+import heapq
 import os
 import stat
 import struct
@@ -20,6 +22,7 @@ from .structs import DISK_DUMP_HEADER, KDUMP_SIGNATURE, PAGE_DESC, DiskDumpHeade
 # typing.TYPE_CHECKING without importing typing, which costs the capture's start-up ~3 ms
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Iterator
     from typing import Protocol
 
     class PlacedOutput(Protocol):
@@ -318,6 +321,24 @@ def _unlink_quietly(path: str) -> None:
         pass
 
 
+# A flattened stream is indexed in lanes: runs of records in stream order whose offsets only
+# grow and do not overlap (a dump writer's header, bitmaps, descriptors and page data make a
+# handful). Each record costs 24 bytes in three arrays, whatever the stream; a stream that
+# needs more lanes, or more records than the index may hold, is refused with the advice to
+# rearrange it (``rearrange`` streams with bounded memory).
+MAX_LANES = 64
+MAX_RECORDS = 8 << 20  # 192 MiB of index; a 1 TiB dump at level 0 writes about 4M
+
+
+class _Lane:
+    __slots__ = ("offs", "ends", "poss")
+
+    def __init__(self) -> None:
+        self.offs = array.array("q")
+        self.ends = array.array("q")
+        self.poss = array.array("q")  # where the record's bytes start in the stream
+
+
 class FlatFile:
     """Random access to the file a flattened stream describes (without rearranging it)."""
 
@@ -333,31 +354,57 @@ class FlatFile:
     def _index(self) -> None:
         f = self.f
         check_flat_header(_read_exact(f, FLAT_HEADER_SIZE, self.path, "the header"), self.path)
-        recs: list[tuple[int, int, int, int]] = []  # (offset, size, stream position, order)
         st = os.fstat(f.fileno())
         if not stat.S_ISREG(st.st_mode):
             raise VmcoreError(f"{self.path}: a flattened dump must be a regular file")
         total = st.st_size
+        lanes: list[_Lane] = []
+        tails: list[int] = []  # each lane's last end
+        size = data_bytes = count = 0
         pos = FLAT_HEADER_SIZE
         while True:
             f.seek(pos)
-            offset, size = RECORD.unpack(_read_exact(f, RECORD.size, self.path, "a record"))
-            if offset == -1 and size == -1:
+            offset, rsize = RECORD.unpack(_read_exact(f, RECORD.size, self.path, "a record"))
+            if offset == -1 and rsize == -1:
                 break
-            if offset < 0 or size <= 0 or pos + RECORD.size + size > total:
+            if offset < 0 or rsize <= 0 or pos + RECORD.size + rsize > total:
                 raise VmcoreError(
                     f"{self.path}: offset {pos:#x}: bad or truncated record "
-                    f"(offset {offset}, size {size})"
+                    f"(offset {offset}, size {rsize})"
                 )
-            recs.append((offset, size, pos + RECORD.size, len(recs)))
-            pos += RECORD.size + size
-        recs.sort()
-        self._recs = recs
-        self._starts = [r[0] for r in recs]
-        self._maxlen = max((r[1] for r in recs), default=0)
-        self.size = max((r[0] + r[1] for r in recs), default=0)
+            count += 1
+            if count > MAX_RECORDS:
+                raise VmcoreError(
+                    f"{self.path}: offset {pos:#x}: more than {MAX_RECORDS} records; "
+                    "rearrange the stream first (kdump-capture rearrange)"
+                )
+            best = -1  # the lane this record continues: the one ending closest before it
+            for i, tail in enumerate(tails):
+                if tail <= offset and (best < 0 or tail > tails[best]):
+                    best = i
+            if best < 0:
+                if len(lanes) == MAX_LANES:
+                    raise VmcoreError(
+                        f"{self.path}: offset {pos:#x}: records overlap or go back more "
+                        "often than a dump writer's do; rearrange the stream first "
+                        "(kdump-capture rearrange)"
+                    )
+                lanes.append(_Lane())
+                tails.append(0)
+                best = len(lanes) - 1
+            lane = lanes[best]
+            end = offset + rsize
+            lane.offs.append(offset)
+            lane.ends.append(end)
+            lane.poss.append(pos + RECORD.size)
+            tails[best] = end
+            size = max(size, end)
+            data_bytes += rsize
+            pos += RECORD.size + rsize
+        self._lanes = lanes
+        self.size = size
         #: bytes of record data: no structure of the file can be larger
-        self.data_bytes = sum(r[1] for r in recs)
+        self.data_bytes = data_bytes
         if self.size:
             limit = implied_size(self.pread(min(self.size, HEAD_MAX), 0), self.path, total)
             if limit is not None and self.size > limit:
@@ -373,15 +420,28 @@ class FlatFile:
         if not size:
             return bytes(out)
         end = offset + size
-        lo = bisect.bisect_left(self._starts, offset - self._maxlen)
-        hi = bisect.bisect_left(self._starts, end)
-        hits = [r for r in self._recs[lo:hi] if r[0] + r[1] > offset]
-        for r_off, r_size, r_pos, _ in sorted(hits, key=lambda r: r[3]):  # later wins
-            s = max(offset, r_off)
-            e = min(end, r_off + r_size)
-            self.f.seek(r_pos + (s - r_off))
-            out[s - offset : e - offset] = self.f.read(e - s)
+        # Each lane's pieces come in stream order; merged, later records win. Nothing is
+        # collected: a range may be covered by millions of records.
+        pieces = heapq.merge(*(self._pieces(lane, offset, end) for lane in self._lanes))
+        f = self.f
+        for r_pos, s, e in pieces:
+            f.seek(r_pos)
+            out[s - offset : e - offset] = f.read(e - s)
         return bytes(out)
+
+    @staticmethod
+    def _pieces(lane: _Lane, offset: int, end: int) -> Iterator[tuple[int, int, int]]:
+        """(stream position, start, end) of the lane's bytes in ``offset..end``."""
+        offs, ends, poss = lane.offs, lane.ends, lane.poss
+        # in offset order, not overlapping: the first that may reach ``offset`` is the last
+        # one starting at or before it
+        i = max(0, bisect.bisect_right(offs, offset) - 1)
+        n = len(offs)
+        while i < n and offs[i] < end:
+            if ends[i] > offset:
+                s = max(offset, offs[i])
+                yield poss[i] + (s - offs[i]), s, min(end, ends[i])
+            i += 1
 
     def close(self) -> None:
         self.f.close()
