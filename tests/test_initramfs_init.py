@@ -313,3 +313,71 @@ def test_init_reaches_its_final_action_after_a_hanging_save(tmp_path):
     assert any(f"save finished with exit code -{signal.SIGUSR1}" in x for x in lines), r.stdout
     assert lines[-2].endswith("powering off")
     assert lines[-1] == f"FINAL ACTION {init.RB['poweroff']:#x}"
+
+
+def _run_init(tmp_path: Path, plan: dict) -> subprocess.CompletedProcess:
+    """/init with ``plan`` in new PID, mount and network namespaces (a network set-up, if
+    the plan asks for one, finds no interface there and touches none of the host's)."""
+    (tmp_path / "init.json").write_text(json.dumps(plan))
+    return subprocess.run(
+        ["unshare", "--mount", "--pid", "--net", "--fork", "--kill-child", sys.executable]
+        + ["-c", SANDBOX, str(INIT), str(tmp_path / "init.json")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def _a_disk() -> str:
+    """A block device of this machine, as the kernel names it (/init only looks at it)."""
+    names = sorted(os.listdir("/sys/class/block"))
+    if not names:
+        pytest.skip("no block device here")
+    return f"/dev/{names[0]}"
+
+
+def _real_save(savedir: str) -> list[str]:
+    """The real CLI on a small built-in sample, as /init runs it."""
+    argv = [sys.executable, "-m", "kdump_capture", "save", "--config", "/nonexistent"]
+    argv += ["--sample", "--sample-mib", "4", "--no-reboot", "--progress", "lines"]
+    return argv + ["--set", f"KDUMP_SAVEDIR={savedir}"]
+
+
+@pytest.mark.parametrize("failing", ["network", "mount"])
+def test_a_failed_network_or_mount_costs_only_its_targets(tmp_path, failing):
+    """The network does not come up (no interface), or a local target's filesystem does not
+    mount: /init says so and runs the save all the same, which saves to the target that
+    works. The mount point that failed holds a file, so the save cannot write that target's
+    dump into the capture kernel's RAM instead: that target fails, by name."""
+    ok, mnt = tmp_path / "ok", tmp_path / "mnt0"
+    plan = {
+        "version": 1,
+        "target": "file:///var/crash",
+        "modules": [],
+        "network": {"mode": "dhcp", "timeout": 1} if failing == "network" else {"mode": "none"},
+        # a disk that is there, with a filesystem type that is not: mount(2) fails at once
+        "mounts": (
+            [{"source": _a_disk(), "fstype": "kdump-test-nofs", "target": str(mnt)}]
+            if failing == "mount"
+            else []
+        ),
+        "save": _real_save(
+            (f"file://{mnt}/var/crash " if failing == "mount" else "") + f"file://{ok}"
+        ),
+        "on_success": "poweroff",
+        "on_failure": "halt",
+        "shell": "",
+        "env": {"PATH": "/usr/bin", "PYTHONPATH": str(INIT.parent.parent)},
+    }
+    r = _run_init(tmp_path, plan)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = r.stdout + r.stderr
+    if failing == "network":
+        assert "ERROR: network: no network interface found" in out
+    else:
+        assert f"ERROR: mount {_a_disk()} on {mnt} (kdump-test-nofs): No such device" in out
+        assert f"{mnt}/var/crash" in r.stderr and "trying the next target" in r.stderr
+        assert mnt.is_file() and not (mnt / "var").exists()
+    assert "save finished with exit code 0" in out
+    assert r.stdout.splitlines()[-1] == f"FINAL ACTION {init.RB['poweroff']:#x}"
+    assert len(list(ok.glob("*/vmcore*"))) == 1
