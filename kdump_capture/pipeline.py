@@ -303,8 +303,14 @@ def _delete(transport: Transport, d: policy.DumpDir) -> bool:
     return True
 
 
-def _make_dump_dir(transport: Transport, stamp: str, host: str | None) -> str:
-    for seq in range(1000):
+def _make_dump_dir(
+    transport: Transport, stamp: str, host: str | None, known: list[policy.DumpDir]
+) -> str:
+    # After the highest sequence number already used for this time stamp: a free lower one
+    # (its dump rotated away) would sort the new dump before an older one. (Not after a
+    # number no save of ours reaches: any host may create names on a shared target.)
+    first = 1 + max((d.seq for d in known if d.stamp == stamp and d.seq < 1000), default=-1)
+    for seq in range(first, first + 1000):
         name = policy.dump_name(stamp, host, seq)
         try:
             transport.makedir(name)
@@ -427,7 +433,9 @@ def save_to_target(
 
             host = host_identity(target, plan.hostname)
         existing = policy.ours(scan_dumps(transport, host), host)
-        _remove(transport, policy.select_stale(existing), "left incomplete by an earlier run")
+        # Dumps an earlier run left without a manifest go once this one is saved (or first,
+        # when room is needed for it): until then, one may hold the only copy of a crash.
+        stale = policy.select_stale(existing)
         existing = [d for d in existing if d.state != policy.INCOMPLETE]
         before = policy.select_before_write(existing, plan.keep_old_dumps)
         gone = _remove(transport, before, f"KDUMP_KEEP_OLD_DUMPS={plan.keep_old_dumps}")
@@ -435,10 +443,12 @@ def save_to_target(
 
         # The pre-check may refuse only a dump that cannot fit: it asks for what the writer
         # will certainly write; the BudgetMonitor guards the rest while it streams.
-        room = SpaceMaker(transport, policy.prunable_for_space(existing, plan.keep_old_dumps))
+        room = SpaceMaker(
+            transport, stale + policy.prunable_for_space(existing, plan.keep_old_dumps)
+        )
         free = _ensure_room(transport, room, plan, lower_bound)
 
-        name = _make_dump_dir(transport, stamp, host)
+        name = _make_dump_dir(transport, stamp, host, [*stale, *existing])
         log.info("saving dump to %s/%s", transport.describe(), name)
         record = DumpRecord(
             status="failed",
@@ -507,10 +517,15 @@ def save_to_target(
             _, _, seq = policy.parse_dump_name(name)
             new = policy.DumpDir(stamp, seq, name, host, policy.COMPLETE)
             existing = [d for d in existing if d not in room.deleted]
+            stale = [d for d in stale if d not in room.deleted]
+            _remove(transport, stale, "left incomplete by an earlier run")
             expired = policy.select_expired([*existing, new], plan.keep_old_dumps, new=name)
             _remove(transport, expired, f"KDUMP_KEEP_OLD_DUMPS={plan.keep_old_dumps}")
         except TransportError as e:
             log.warning("rotation after the dump failed: %s", e)
+        except Interrupted as e:
+            # The dump is saved and complete: a signal now stops only the clean-up.
+            log.warning("rotation after the dump stopped: %s; the dump is complete", e)
     return SaveResult(target=transport.describe(), directory=name, record=record)
 
 
@@ -611,12 +626,23 @@ def _save_vmcore(
 
 
 def _publish_record(transport: Transport, name: str, record: DumpRecord) -> None:
-    """README.txt (replacing the placeholder), then manifest.json: the completeness mark."""
+    """manifest.json, the completeness mark, then README.txt in place of the placeholder.
+
+    In this order a save stopped in between (killed, the target full) leaves a README that
+    says the dump is incomplete, never one that says complete beside no manifest. The
+    manifest lists README.txt as it is about to be written (its size and checksum, by the
+    transport's algorithm); the README written is checked against that.
+    """
     record.notes.extend(n for n in transport.notes if n not in record.notes)
     readme = record.readme_text().encode()
-    transport.remove_file(f"{name}/{README}")
-    record.files[README] = _put(transport, f"{name}/{README}", readme)
+    algorithm = transport.settings.checksum
+    h = checksum.new(algorithm)
+    h.update(readme)
+    record.files[README] = {"size": len(readme), **checksum.entry(algorithm, h.hexdigest())}
     _put(transport, f"{name}/{MANIFEST}", record.manifest_json())
+    transport.remove_file(f"{name}/{README}")
+    if _put(transport, f"{name}/{README}", readme) != record.files[README]:
+        raise TransportError(f"{transport.describe()}/{name}/{README}: stored other bytes")
 
 
 # How far past what the older dumps' listed files hold a shortfall must be (times HOPELESS,

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -13,12 +14,15 @@ import pytest
 from kdump_capture import speedups
 from kdump_capture.dumpfile import KdumpReader
 from kdump_capture.elf import PT_LOAD
-from kdump_capture.errors import FreeSpaceError
+from kdump_capture.errors import FreeSpaceError, TransportError
 from kdump_capture.formats.structs import DUMP_DH_COMPRESSED_LZO
 from kdump_capture.pipeline import BudgetMonitor
 from kdump_capture.progress import NoProgress
 from kdump_capture.sample import DEMO_LOG, PAGE, SampleSpec, write_demo, write_sample
+from kdump_capture.urls import parse_target
 from kdump_capture.vmcore import open_vmcore
+from transports import open_transport
+from transports.base import TransportSettings
 
 from . import matrix
 from .faults import fill
@@ -166,11 +170,88 @@ def test_kill_mid_dump_leaves_nothing_complete_and_next_run_cleans(tmp_path):
     write_sample(str(small), SampleSpec(ram_mib=4))
     r = cli(*save_args(str(small), str(savedir)))
     assert r.rc == 0, r.err
-    # the stale dump was removed (its name is free again: same crash time) and replaced
+    # the stale dump was removed once the new one (the next name: same crash time) was saved
     [again] = dumps_in(savedir)
+    assert again == f"{name}.1"
     assert manifest(savedir / again)["status"] == "complete"
     assert not [f for f in os.listdir(savedir / again) if f.startswith(".kdump-tmp")]
     assert os.path.getsize(savedir / again / "vmcore") == os.path.getsize(small)
+
+
+def test_an_incomplete_dump_stays_until_the_next_one_is_saved(sample, tmp_path):
+    # A run killed after the vmcore but before the manifest leaves a whole vmcore. It used to
+    # be deleted at the start of the next run, before that run had saved anything.
+    savedir = tmp_path / "dumps"
+    assert cli(*save_args(sample, str(savedir))).rc == 0
+    [name] = dumps_in(savedir)
+    os.unlink(savedir / name / "manifest.json")
+    whole = (savedir / name / "vmcore").read_bytes()
+    # the next save fails before writing (it can never have the room it asks for)
+    r = cli(*save_args(sample, str(savedir), "KDUMP_FREE_DISK_SIZE=100T"))
+    assert r.rc == 5, r.err
+    assert dumps_in(savedir) == [name]
+    assert (savedir / name / "vmcore").read_bytes() == whole
+    r = cli(*save_args(sample, str(savedir), "KDUMP_FREE_DISK_SIZE=0"))
+    assert r.rc == 0, r.err
+    assert dumps_in(savedir) == [f"{name}.1"]
+    assert "left incomplete by an earlier run" in r.err
+
+
+def test_a_rotated_sequence_number_is_not_taken_again(sample, tmp_path):
+    # Dumps of the same second: .1 rotated away while .2 stays. A new dump named .1 would
+    # sort before .2, and the next rotation would delete the newer dump.
+    savedir = tmp_path / "dumps"
+    for _ in range(3):
+        assert cli(*save_args(sample, str(savedir), "KDUMP_KEEP_OLD_DUMPS=0")).rc == 0
+    base, one, two = dumps_in(savedir)
+    shutil.rmtree(savedir / one)
+    assert cli(*save_args(sample, str(savedir), "KDUMP_KEEP_OLD_DUMPS=0")).rc == 0
+    assert dumps_in(savedir) == [base, two, f"{base}.3"]
+
+
+def test_a_target_full_at_the_manifest_leaves_a_readme_saying_incomplete(sample, tmp_path, tmpfs):
+    # The manifest is the completeness mark; README.txt used to be replaced by its final
+    # text ("Status: complete") before it, so a target full at the manifest (or a kill in
+    # between) left a README saying complete beside no manifest.
+    probe = tmp_path / "probe"
+    assert cli(*save_args(sample, str(probe), "KDUMP_FREE_DISK_SIZE=0")).rc == 0
+    [p] = dumps_in(probe)
+    files = set(os.listdir(probe / p)) - {"README.txt", "manifest.json"}
+    pages = sum(-(-os.path.getsize(probe / p / f) // 4096) * 4096 for f in files)
+    savedir = tmpfs / "dumps"
+    savedir.mkdir()
+    # room for the placeholder README and the other files (the vmcore), not one page more
+    fill(str(tmpfs), leave=4096 + pages)
+    r = cli(*save_args(sample, str(savedir), "KDUMP_FREE_DISK_SIZE=0"))
+    assert r.rc == 5, r.err
+    [name] = dumps_in(savedir)
+    assert not (savedir / name / "manifest.json").exists()
+    assert "INCOMPLETE" in (savedir / name / "README.txt").read_text()
+    assert "complete" not in cli("list", f"file://{savedir}").out.replace("incomplete", "")
+
+
+def test_a_dump_deleted_half_way_no_longer_reads_complete(sample, tmp_path):
+    # Deletion used to go in listing order (creation order on btrfs and XFS: the vmcore
+    # first): stopped half way, it left manifest.json, so the dump still listed complete.
+    # Here it stops at a tree no dump has (deeper than 8 levels), listed around the marks.
+    savedir = tmp_path / "dumps"
+    assert cli(*save_args(sample, str(savedir))).rc == 0
+    [name] = dumps_in(savedir)
+    d = savedir / name
+    for f in ("vmcore", "README.txt", "manifest.json"):
+        os.rename(d / f, d / f"{f}.x")
+    for i in range(20):  # created around the marks, which are renamed back in between
+        os.makedirs(d / f"deep{i:02}" / ("x/" * 9))
+        if i == 10:
+            for f in ("vmcore", "README.txt", "manifest.json"):
+                os.rename(d / f"{f}.x", d / f)
+    t = open_transport(parse_target(f"file://{savedir}")[0], TransportSettings())
+    with t, pytest.raises(TransportError, match="nested"):
+        t.remove_tree(name)
+    assert not (d / "manifest.json").exists()
+    assert not (d / "README.txt").exists()
+    r = cli("list", f"file://{savedir}")
+    assert "incomplete" in r.out and " complete" not in r.out
 
 
 @pytest.fixture

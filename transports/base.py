@@ -62,6 +62,18 @@ FLUSH_STEP = 4 << 20
 CACHE_LAG = 16 << 20
 
 
+# A dump's completeness mark goes first when its directory is deleted, its README next: a
+# deletion stopped half way (a signal, a dropped connection) must leave a dump that reads
+# as incomplete, never a manifest beside a vmcore that is gone. Listings come in any order
+# (creation order on btrfs and XFS).
+MARKS_FIRST = ("manifest.json", "README.txt")
+
+
+def removal_order(name: str) -> int:
+    """Sort key for deleting a directory's entries: MARKS_FIRST, then the rest."""
+    return MARKS_FIRST.index(name) if name in MARKS_FIRST else len(MARKS_FIRST)
+
+
 def temp_name(name: str) -> str:
     """A temporary name for ``name`` in the same directory; hidden from listings."""
     return f"{TMP_PREFIX}{name}.{os.urandom(4).hex()}"  # secrets.token_hex(4), without hmac

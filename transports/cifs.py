@@ -47,6 +47,7 @@ from .base import (
     check_size,
     is_temp_name,
     not_the_servers,
+    removal_order,
     same_file,
     temp_name,
 )
@@ -722,7 +723,7 @@ class CifsTransport(RetryingTransport):
 
     def _rmtree(self, listing: _Listing, path: str) -> None:
         """Delete what ``listing`` (of ``path``) shows, then ``path``."""
-        for item in listing.items.values():
+        for item in sorted(listing.items.values(), key=lambda i: removal_order(i.name)):
             child = f"{path}\\{item.name}"
             if item.link:
                 self._remove_link(child, item)

@@ -15,6 +15,7 @@ from kdump_capture.memory import write_piece
 from .base import (
     DIR_MODE,
     FILE_MODE,
+    MARKS_FIRST,
     Entry,
     FileInfo,
     Sink,
@@ -80,6 +81,11 @@ def _remove_dir_at(parent: int, name: str, path: str, depth: int) -> None:
         raise TransportError(f"{path}: nested more than {MAX_TREE_DEPTH} levels deep, not a dump")
     fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
     try:
+        for mark in MARKS_FIRST:  # then the rest, in any order (see MARKS_FIRST)
+            try:
+                os.unlink(mark, dir_fd=fd)
+            except (FileNotFoundError, IsADirectoryError):
+                pass
         with os.scandir(fd) as it:
             for de in it:
                 if de.is_dir(follow_symlinks=False):

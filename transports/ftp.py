@@ -31,6 +31,7 @@ from .base import (
     check_size,
     is_temp_name,
     not_the_servers,
+    removal_order,
     same_file,
     temp_name,
 )
@@ -701,7 +702,7 @@ class FtpTransport(RetryingTransport):
         self.call(rm, f"removing {path}")
 
     def _rmtree(self, path: str) -> None:
-        for e in self._list(path):
+        for e in sorted(self._list(path), key=lambda e: removal_order(e.name)):
             child = posixpath.join(path, e.name)
             if e.is_dir:
                 self._rmtree(child)

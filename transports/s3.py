@@ -58,7 +58,16 @@ from kdump_capture.memory import S3_MAX_PARTS, S3_MIN_PART, s3_part_plan
 from kdump_capture.summary import clean
 from kdump_capture.urls import Target
 
-from .base import Entry, FileInfo, Sink, TransportSettings, bounded, check_size, not_the_servers
+from .base import (
+    MARKS_FIRST,
+    Entry,
+    FileInfo,
+    Sink,
+    TransportSettings,
+    bounded,
+    check_size,
+    not_the_servers,
+)
 from .retry import RetryingTransport, deadline, is_connection_lost, retry_call, shut_down
 
 log = logging.getLogger(__name__)
@@ -810,6 +819,11 @@ class S3Transport(RetryingTransport):
             (key for _, key, _ in self._list(prefix, "")),
             key=lambda k: (k.endswith("/"), -k.count("/")),
         )
+        # The marks first, each on its own: a batch is deleted in no promised order.
+        for mark in (prefix + m for m in MARKS_FIRST):
+            if mark in keys:
+                keys.remove(mark)
+                self._delete_objects([mark])
         for i in range(0, len(keys), BATCH):
             self._delete_objects(keys[i : i + BATCH])
         self._abort_uploads(prefix)

@@ -47,6 +47,7 @@ from .base import (
     is_temp_name,
     mode_kind,
     not_the_servers,
+    removal_order,
     require_regular,
     same_file,
     temp_name,
@@ -814,7 +815,7 @@ class SftpTransport(RetryingTransport):
             attrs = self.sftp.listdir_attr(path)
         except FileNotFoundError:
             return
-        for a in attrs:
+        for a in sorted(attrs, key=lambda a: removal_order(a.filename)):
             child = posixpath.join(path, a.filename)
             if stat.S_ISDIR(a.st_mode or 0):
                 self._rmtree(child)
