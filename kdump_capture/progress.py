@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -139,6 +140,19 @@ class TqdmProgress:
 PROGRESS_STYLES = ("auto", "lines", "bar")
 
 
+def _draws_a_bar(stream: TextIO) -> bool:
+    """A terminal that can show a redrawn bar: a serial console (``/dev/ttyS0``, the console
+    of `recover` in runlevel 1) reports a window of 0x0, on which tqdm draws nothing at all,
+    and ``TERM=dumb`` (or none) cannot move the cursor back."""
+    if not stream.isatty() or os.environ.get("TERM", "dumb") == "dumb":
+        return False
+    try:
+        size = os.get_terminal_size(stream.fileno())
+    except (OSError, ValueError):
+        return False
+    return size.columns > 0 and size.lines > 0
+
+
 def make_progress(verbose: int, stream: TextIO | None = None, style: str = "auto") -> Progress:
     """KDUMP_VERBOSE bit 2 asks for progress: ``bar`` (tqdm), ``lines``, or ``auto``: a bar
     on a terminal, lines otherwise. The capture kernel asks for lines: its console is a
@@ -146,7 +160,7 @@ def make_progress(verbose: int, stream: TextIO | None = None, style: str = "auto
     if not verbose & 2:
         return NoProgress()
     stream = stream or sys.stdout
-    if style == "bar" or (style == "auto" and stream.isatty()):
+    if style == "bar" or (style == "auto" and _draws_a_bar(stream)):
         try:
             import tqdm  # noqa: F401  capture images leave it out: lines there
         except ImportError:

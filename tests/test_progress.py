@@ -3,8 +3,13 @@ with the percentage, the rate and the time left."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import io
+import os
 import re
+import struct
+import termios
 
 from kdump_capture.progress import LineProgress, NoProgress, TqdmProgress, eta, make_progress
 
@@ -77,18 +82,43 @@ def test_eta_format():
     ]
 
 
-class Tty(io.StringIO):
-    def isatty(self) -> bool:
-        return True
+@contextlib.contextmanager
+def terminal(rows: int, cols: int):
+    """The writing end of a pseudo-terminal whose window is ``rows`` x ``cols``."""
+    master, slave = os.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+    stream = open(slave, "w", closefd=True)  # noqa: SIM115 - closed below
+    try:
+        yield stream
+    finally:
+        stream.close()
+        os.close(master)
 
 
-def test_styles():
-    assert isinstance(make_progress(1, Tty()), NoProgress)  # bit 2 off: nothing
-    assert isinstance(make_progress(3, Tty()), TqdmProgress)
+def test_styles(monkeypatch):
+    monkeypatch.setenv("TERM", "xterm")
+    with terminal(24, 80) as tty:
+        assert isinstance(make_progress(1, tty), NoProgress)  # bit 2 off: nothing
+        assert isinstance(make_progress(3, tty), TqdmProgress)
+        # the capture kernel's console is a terminal, yet it asks for lines
+        assert isinstance(make_progress(3, tty, style="lines"), LineProgress)
     assert isinstance(make_progress(3, io.StringIO()), LineProgress)
-    # the capture kernel's console is a terminal, yet it asks for lines
-    assert isinstance(make_progress(3, Tty(), style="lines"), LineProgress)
     assert isinstance(make_progress(3, io.StringIO(), style="bar"), TqdmProgress)
+
+
+def test_a_serial_console_gets_lines(monkeypatch):
+    # /dev/ttyS0 reports a window of 0x0: tqdm, chosen because it is a terminal, drew
+    # nothing at all there (recover from the runlevel-1 console, a save by hand).
+    monkeypatch.setenv("TERM", "vt220")
+    with terminal(0, 0) as tty:
+        assert isinstance(make_progress(3, tty), LineProgress)
+    for term in ("dumb", None):
+        if term is None:
+            monkeypatch.delenv("TERM")
+        else:
+            monkeypatch.setenv("TERM", term)
+        with terminal(24, 80) as tty:
+            assert isinstance(make_progress(3, tty), LineProgress)
 
 
 def test_lines_where_tqdm_is_not_packed():
@@ -97,10 +127,16 @@ def test_lines_where_tqdm_is_not_packed():
     import sys
 
     code = (
-        "import sys, io; sys.modules['tqdm'] = None\n"
-        "class Tty(io.StringIO):\n    def isatty(self): return True\n"
+        "import sys; sys.modules['tqdm'] = None\n"
         "from kdump_capture.progress import make_progress\n"
-        "print(type(make_progress(3, Tty())).__name__)\n"
+        "print(type(make_progress(3, sys.stdin)).__name__, file=sys.stderr)\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert r.stdout.strip() == "LineProgress", r.stderr
+    with terminal(24, 80) as tty:
+        r = subprocess.run(
+            [sys.executable, "-c", code],
+            stdin=tty,
+            capture_output=True,
+            text=True,
+            env=dict(os.environ, TERM="xterm"),
+        )
+    assert r.stderr.strip() == "LineProgress", r.stderr
