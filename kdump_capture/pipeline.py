@@ -404,7 +404,8 @@ def save_to_target(
     progress = progress or NoProgress()
     memlog = memlog or MemoryLog()
     started = time.time() if now is None else now
-    # The largest file this save may write: S3 sizes its upload parts by it.
+    # The largest file this save may write: S3 sizes its upload parts by it (by the
+    # writer's own bound below, once it has one).
     expected = expected_file_size(vm.size)
     transport = open_transport(target, plan.settings.replace(expected_size=expected))
     # Everything that can fail without touching the target comes first, because rotation
@@ -419,6 +420,10 @@ def save_to_target(
         seekable = transport.can_seek and not enc
         writer = make_writer(vm, plan.dump_format, plan.dump_level, seekable, plan.buffers)
     lower_bound = writer.lower_bound() if writer else 0
+    if writer is not None:
+        estimate = writer.estimate()  # the filter's walk, which lower_bound has just done
+        if estimate is not None:
+            transport.expect(expected_file_size(estimate))
     memlog.mark("bitmaps")
     dmesg, dmesg_error = extract_log(vm)
     memlog.mark("dmesg")

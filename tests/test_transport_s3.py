@@ -739,3 +739,29 @@ def test_a_signal_inside_a_transport_call_keeps_its_exit_code(kind):
         url = {"sftp": "sftp://u@127.0.0.1/x", "s3": "s3+http://k:s@127.0.0.1/bkt/p"}[kind]
         t = open_transport(parse_target(url)[0], TransportSettings())
         assert t.convert(e, "listing") is e
+
+
+@pytest.mark.parametrize("level,warned", [(31, False), (0, True)])
+def test_upload_parts_follow_what_the_dump_can_take(
+    request, tmp_path_factory, monkeypatch, caplog, level, warned
+):
+    # Parts were sized by the source, not by what the dump can take: a 1 TiB machine at
+    # level 31 took parts of 107 MiB (and 149 MB of RSS) for an object of 1.7 GB. Here S3
+    # takes 100 parts: the 1 GiB bigcore's source needs parts of 11 MiB, more than the
+    # 8 MiB budget gives; its dumpable pages at level 31 fit parts of the budget.
+    from kdump_capture.pipeline import SavePlan, save_to_target
+    from kdump_capture.urls import parse_savedir
+    from kdump_capture.vmcore import open_vmcore
+    from transports.base import TransportSettings
+
+    from .bigcore import get_bigcore
+
+    s3 = request.getfixturevalue("s3_server")
+    src = get_bigcore(str(tmp_path_factory.getbasetemp() / "bigcores"), 1024)
+    monkeypatch.setattr(memory, "S3_MAX_PARTS", 100)
+    targets, _ = parse_savedir(s3.url(f"parts{level}"))
+    plan = SavePlan(targets, "compressed", level, 0, 0, TransportSettings(replay_bytes=8 * MiB))
+    with caplog.at_level(logging.WARNING), open_vmcore(src) as vm:
+        res = save_to_target(vm, plan, targets[0])
+    assert res.record.status == "complete"
+    assert any("needs upload parts" in r.getMessage() for r in caplog.records) is warned

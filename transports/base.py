@@ -433,6 +433,11 @@ class Transport(ABC):
         #: what the dump's README must say about this target (e.g. modes it could not set)
         self.notes: list[str] = []
 
+    def expect(self, size: int) -> None:
+        """The largest file this save will write, once its writer can tell (an upper bound,
+        before ``connect``): at first it is only what the source's size implies."""
+        self.settings = self.settings.replace(expected_size=size)
+
     def note_once(self, note: str) -> None:
         """Warn once per transport, so once per dump (not per file), and keep it for the
         dump's README: for what the target would not do, like setting a file's mode."""
