@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 PLAN_PATH = "etc/kdump-capture/init.json"
 CONFIG_PATH = "etc/sysconfig/kdump"
 MOUNT_BASE = "/kdump/mnt"
+# Seconds /init waits for the dump device's node (a target's disk: the same, in /init).
+DEVICE_TIMEOUT = 30
 INIT_SOURCE = Path(__file__).with_name("init")
 # Python's boolean spellings in sysconfig files: SUSE 2.x accepts exactly these.
 TRUE = {"yes", "true", "1", "on"}
@@ -131,9 +133,20 @@ def host_static_address(ifname: str) -> NetConfig:
     )
 
 
+def dump_device(cfg: Mapping[str, str]) -> str:
+    """KDUMP_DUMPDEV, or "" (pure)."""
+    return cfg.get("KDUMP_DUMPDEV", "").strip()
+
+
 def finish_actions(cfg: Mapping[str, str]) -> tuple[str, str]:
-    """(after success, after failure): reboot, poweroff or shell (pure)."""
-    success = "reboot" if is_true(cfg["KDUMP_IMMEDIATE_REBOOT"]) else "shell"
+    """(after success, after failure): reboot, poweroff or shell (pure).
+
+    A dump written to KDUMP_DUMPDEV is copied from the console (``kdump-capture recover``)
+    after the administrator has checked the system: no reboot after it, whatever
+    KDUMP_IMMEDIATE_REBOOT says (as ``save`` itself does).
+    """
+    reboot = is_true(cfg["KDUMP_IMMEDIATE_REBOOT"]) and not dump_device(cfg)
+    success = "reboot" if reboot else "shell"
     failure = "reboot" if is_true(cfg["KDUMP_CONTINUE_ON_ERROR"]) else "shell"
     return success, failure
 
@@ -189,6 +202,22 @@ def file_mount(target: Target, device: str, fstype: str, n: int = 0) -> FileMoun
     return FileMount(f"UUID={uuid}" if uuid else source, fstype or fs, f"{MOUNT_BASE}{n}", rel)
 
 
+def dump_device_warning(path: str) -> str:
+    """Why the capture kernel may not find KDUMP_DUMPDEV's node, or "" (pure but for the
+    link test). Our image has no udev: only the kernel's own names (/dev/sdb, /dev/nvme0n1p3)
+    come up there, never a link such as /dev/disk/by-id/... (a dracut-built image runs udev
+    and has them: a warning, not an error)."""
+    link = os.path.islink(path)
+    if path.startswith("/dev/") and "/disk/" not in path and not link:
+        return ""
+    target = f" (here a link to {os.path.realpath(path)})" if link else ""
+    return (
+        f"KDUMP_DUMPDEV={path}{target}: the capture kernel of this image has no udev links "
+        "and will wait for it in vain; name the device as the kernel does, e.g. /dev/sdb "
+        "(a dracut-built image, which runs udev, has the links)"
+    )
+
+
 def init_plan(
     cfg: Mapping[str, str],
     targets: list[Target],
@@ -197,14 +226,25 @@ def init_plan(
     mounts: list[FileMount],
     shell: str,
 ) -> dict:
-    """What /init does, as plain data (pure)."""
+    """What /init does, as plain data (pure).
+
+    With KDUMP_DUMPDEV the save writes the device and nothing else: no target is mounted
+    and no network brought up (the dump device is there for when KDUMP_SAVEDIR's filesystem
+    or network is broken, and waiting for it would only delay the dump); /init waits for
+    the device instead.
+    """
     success, failure = finish_actions(cfg)
+    device = dump_device(cfg)
+    if device:
+        net, mounts = NetConfig(timeout=net.timeout), []
     return {
         "version": 1,
-        "target": " ".join(t.redacted() for t in targets),
+        "target": device or " ".join(t.redacted() for t in targets),
         "modules": module_files,
         "network": net.as_dict(),
         "mounts": [{"source": m.source, "fstype": m.fstype, "target": m.target} for m in mounts],
+        # The kernel creates the node when it has found the disk, as it does for a target's.
+        "dump_device": {"path": device, "timeout": DEVICE_TIMEOUT} if device else {},
         # /init finishes (unmount, then reboot/poweroff/shell) itself, so save must not.
         "save": [
             "/usr/bin/python3",
@@ -485,7 +525,12 @@ def build(
         home=home,
     )
     targets, _warnings = parse_savedir(cfg["KDUMP_SAVEDIR"])
-    schemes = list(dict.fromkeys(t.scheme for t in targets))
+    # With a dump device the save writes the device and nothing else (init_plan): no
+    # transport, no target's disk, filesystem or network; KDUMP_SAVEDIR is for ``recover``.
+    device = dump_device(cfg)
+    if device and (warning := dump_device_warning(device)):
+        log.warning("%s", warning)
+    schemes = [] if device else list(dict.fromkeys(t.scheme for t in targets))
     kver = kernel_version or os.uname().release
     mroot = modules_root or f"/lib/modules/{kver}"
     if compress not in ("zstd", "gzip"):
@@ -513,7 +558,8 @@ def build(
     rewrite: dict[str, str] = {}
     mounts: list[FileMount] = []
     savedirs: list[str] = []
-    for text, t in zip(cfg["KDUMP_SAVEDIR"].split(), targets, strict=True):
+    pairs = zip(cfg["KDUMP_SAVEDIR"].split(), targets, strict=True)
+    for text, t in [] if device else pairs:
         if t.scheme != "file":
             savedirs.append(text)  # as written: the redacted form would lose a password
             continue
@@ -537,7 +583,8 @@ def build(
         host_storage, host_nics = kmods.host_drivers()
         storage = host_storage or storage
         nics = host_nics or nics
-    wanted: list[str] = []
+    # A dump device needs its disk's driver only.
+    wanted: list[str] = [*storage, *extra_modules] if device else []
     for s in schemes:
         fstypes = [m.fstype for m in mounts] if s == "file" else [""]
         for fs in fstypes:
@@ -560,6 +607,9 @@ def build(
             f"KDUMP_NET_TIMEOUT={cfg['KDUMP_NET_TIMEOUT']!r} is not a number"
         ) from None
     net = parse_netconfig(cfg["KDUMP_NETCONFIG"], needed, timeout)
+    if device:
+        net = NetConfig(timeout=timeout)  # not even for KDUMP_NETCONFIG's :force (init_plan)
+        extras.append(f"dump device {device}")
     if net.mode == "static" and not net.address:
         net = NetConfig(**{**host_static_address(net.ifname).as_dict(), "timeout": timeout})
 
@@ -603,7 +653,9 @@ def build(
     plan = init_plan(cfg, targets, module_files, net, mounts, shell)
     arc.add_file(PLAN_PATH, json.dumps(plan, indent=1).encode())
     packed_config = capture_config(cfg, rewrite)
-    check_packed_config(packed_config, [m.path for m in mounts])
+    # With a dump device KDUMP_SAVEDIR stays as written: only ``recover`` on the host uses it.
+    local = [t.path for t in targets if t.scheme == "file"] if device else [m.path for m in mounts]
+    check_packed_config(packed_config, local)
     arc.add_file(CONFIG_PATH, packed_config.encode(), 0o600)
     arc.add_file("init", INIT_SOURCE.read_bytes(), 0o755)
     extras.append(f"config (/{CONFIG_PATH})")

@@ -359,3 +359,42 @@ def test_a_packed_config_that_would_not_load_fails_the_build():
     with pytest.raises(ConfigError, match="names .* instead of"):
         builder.check_packed_config(text, ["/kdump/mnt0/var/crash%41"])
     builder.check_packed_config(text, ["/kdump/mnt0/var/crashA"])
+
+
+def test_a_dump_device_image_packs_what_the_device_needs(tmp_path):
+    """KDUMP_DUMPDEV: the save writes the device only. The image has the disk drivers and
+    busybox for the console it stays on (KDUMP_IMMEDIATE_REBOOT=yes notwithstanding), no
+    transport, filesystem or network driver for KDUMP_SAVEDIR (which only ``recover``
+    uses, on the host), and the save's device code imports in the packed runtime."""
+    cfg = load_config(
+        None, ["KDUMP_SAVEDIR=file:///var/crash sftp://u@h/d", "KDUMP_DUMPDEV=/dev/vdb"]
+    )
+    out = tmp_path / "initrd.img"
+    report = builder.build(
+        cfg, str(out), kernel_version=KVER, modules_root=str(fake_modules_root(tmp_path))
+    )
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    raw = zstandard.ZstdDecompressor().stream_reader(out.read_bytes()).read()
+    subprocess.run(["cpio", "-idm", "--quiet"], input=raw, cwd=tree, check=True)
+    names = subprocess.run(["cpio", "-it", "--quiet"], input=raw, capture_output=True)
+    names = names.stdout.decode().split()
+    plan = json.loads((tree / "etc/kdump-capture/init.json").read_text())
+    assert plan["dump_device"]["path"] == "/dev/vdb"
+    assert plan["mounts"] == [] and plan["network"]["mode"] == "none"
+    assert plan["on_success"] == "shell" and plan["shell"] == "/usr/bin/sh"
+    assert "usr/bin/busybox" in names
+    mods = [os.path.basename(n) for n in names if n.endswith(".ko")]
+    assert "virtio_blk.ko" in mods and "virtio_net.ko" not in mods and "xfs.ko" not in mods
+    assert not [n for n in names if "paramiko" in n or n.startswith("root/.ssh")]
+    conf = (tree / "etc/sysconfig/kdump").read_text()
+    assert "KDUMP_DUMPDEV='/dev/vdb'\n" in conf
+    r = subprocess.run(
+        [CHROOT, str(tree), "/usr/bin/python3", "-I", "-c"]
+        + ["import kdump_capture.cli, kdump_capture.dumpdev; print('ok')"],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin"},
+    )
+    assert r.stdout.strip() == "ok", r.stderr
+    assert "dump device /dev/vdb" in report.extras

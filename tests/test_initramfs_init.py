@@ -381,3 +381,43 @@ def test_a_failed_network_or_mount_costs_only_its_targets(tmp_path, failing):
     assert "save finished with exit code 0" in out
     assert r.stdout.splitlines()[-1] == f"FINAL ACTION {init.RB['poweroff']:#x}"
     assert len(list(ok.glob("*/vmcore*"))) == 1
+
+
+@pytest.mark.parametrize("present", [True, False], ids=["device-there", "device-missing"])
+def test_init_with_a_dump_device_saves_to_it_and_stays_on_the_console(tmp_path, present):
+    """The plan the builder writes for KDUMP_DUMPDEV (with KDUMP_IMMEDIATE_REBOOT=yes, the
+    default), when KDUMP_SAVEDIR's filesystem is not there, which is what a dump device is
+    for: /init neither waits for that filesystem nor brings up a network; it waits for the
+    device (and says so when it does not come), runs the save, and opens the console for
+    ``recover`` instead of rebooting."""
+    from initramfs import builder
+    from kdump_capture.config import load_config
+    from kdump_capture.urls import parse_savedir
+
+    device = _a_disk() if present else "/dev/kdump-test-absent"
+    cfg = load_config(None, ["KDUMP_SAVEDIR=file:///var/crash", f"KDUMP_DUMPDEV={device}"])
+    targets, _ = parse_savedir(cfg["KDUMP_SAVEDIR"])
+    missing = builder.FileMount("LABEL=kdump-test-missing", "ext4", str(tmp_path / "m"), "crash")
+    shell = tmp_path / "shell"
+    shell.write_text("#!/bin/sh\necho CONSOLE SHELL\n")
+    shell.chmod(0o755)
+    net = builder.NetConfig("dhcp", timeout=1)
+    plan = builder.init_plan(cfg, targets, [], net, [missing], str(shell))
+    plan["save"] = [sys.executable, "-c", "print('SAVE RAN')"]  # the disk is not written
+    if plan.get("dump_device"):
+        plan["dump_device"]["timeout"] = 1
+    t0 = time.monotonic()
+    r = _run_init(tmp_path, plan)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert time.monotonic() - t0 < 20  # no 30 s wait for the missing filesystem
+    assert "no block device matches" not in r.stdout and "network" not in r.stdout
+    if present:
+        assert f"dump device {device} is there" in r.stdout
+    else:
+        assert (
+            f"ERROR: dump device {device} (KDUMP_DUMPDEV) did not appear within 1 s "
+            "(block devices here: "
+        ) in r.stdout
+    lines = r.stdout.splitlines()
+    assert lines.index("SAVE RAN") < lines.index("CONSOLE SHELL") < len(lines) - 1
+    assert lines[-1] == f"FINAL ACTION {init.RB['reboot']:#x}"  # when the shell is left

@@ -146,3 +146,46 @@ def test_init_plan_runs_save_without_reboot(tmp_path):
 )
 def test_needs_shell(settings, needed):
     assert builder.needs_shell(load_config(None, settings)) is needed
+
+
+def dumpdev_plan(shell: str = "/usr/bin/sh", device: str = "/dev/vdb") -> dict:
+    """The plan of an image for KDUMP_DUMPDEV with a local target (given a disk to mount)
+    and a network one, everything else at its default."""
+    from kdump_capture.urls import parse_savedir
+
+    cfg = load_config(
+        None, ["KDUMP_SAVEDIR=file:///var/crash ftp://h/d", f"KDUMP_DUMPDEV={device}"]
+    )
+    targets, _ = parse_savedir(cfg["KDUMP_SAVEDIR"])
+    mounts = [builder.FileMount("LABEL=crashroot", "ext4", "/kdump/mnt0", "var/crash")]
+    return builder.init_plan(cfg, targets, ["/m.ko"], N("dhcp", timeout=30), mounts, shell)
+
+
+def test_a_dump_device_image_writes_only_the_device_and_stays_on_the_console():
+    """The dump device is for when KDUMP_SAVEDIR's filesystem or network is broken: its
+    image mounts nothing and brings up no network (a failure there, or 30 s of waiting for a
+    missing disk, stood between the crash and the device), waits for the device instead, and
+    after the dump opens the console for ``recover``: KDUMP_IMMEDIATE_REBOOT=yes (the
+    default) rebooted with the dump still only on the device."""
+    plan = dumpdev_plan()
+    assert plan["mounts"] == [] and plan["network"]["mode"] == "none"
+    assert plan["dump_device"] == {"path": "/dev/vdb", "timeout": builder.DEVICE_TIMEOUT}
+    assert plan["target"] == "/dev/vdb"
+    assert (plan["on_success"], plan["on_failure"]) == ("shell", "reboot")
+    cfg = load_config(None, ["KDUMP_DUMPDEV=/dev/vdb"])
+    assert builder.finish_actions(cfg) == ("shell", "reboot")
+    assert builder.needs_shell(cfg)  # busybox is packed for that shell
+    assert builder.init_plan(cfg, [], [], N(), [], "")["dump_device"]["path"] == "/dev/vdb"
+    # without a dump device, nothing changes
+    cfg = load_config(None, [])
+    assert builder.init_plan(cfg, [], [], N(), [], "")["dump_device"] == {}
+
+
+@pytest.mark.parametrize("device", ["/dev/disk/by-id/wwn-0x5000c500a1b2c3d4", "vdb", "/dev/fd"])
+def test_a_dump_device_our_capture_kernel_cannot_have_is_warned_of(device):
+    """Our image has no udev: /dev/disk/by-* and other links never come up there."""
+    assert "the capture kernel of this image has no udev links" in (
+        builder.dump_device_warning(device)
+    )
+    assert builder.dump_device_warning("/dev/vdb") == ""
+    assert builder.dump_device_warning("/dev/nvme0n1p3") == ""
