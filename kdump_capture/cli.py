@@ -246,7 +246,7 @@ def cmd_save(args: argparse.Namespace) -> int:
 
 def cmd_recover(args: argparse.Namespace) -> int:
     from . import dumpdev
-    from .errors import DumpDeviceError
+    from .errors import DumpDeviceError, IncompleteDump
     from .pipeline import save
     from .progress import make_progress
 
@@ -267,10 +267,18 @@ def cmd_recover(args: argparse.Namespace) -> int:
         raise DumpDeviceError(
             f"{device}: the dump on the device is incomplete: writing it was interrupted"
         )
-    if header.state == dumpdev.RECOVERED and not args.force:
+    recovered = (dumpdev.RECOVERED, dumpdev.RECOVERED_INCOMPLETE)
+    if header.state in recovered and not args.force:
         print(f"{device}: the dump was already recovered (use --force to copy it again)")
         return 0
-    dumpdev.check_data(device, header)
+    incomplete = header.state in dumpdev.INCOMPLETE_STATES
+    if incomplete:
+        log.warning(
+            "%s: the dump on the device is incomplete (its source ended early when it was "
+            "written): its %d bytes are saved as an incomplete dump",
+            device,
+            header.data_size,
+        )
     plan = make_plan(cfg).replace(
         dump_format="raw",
         dump_level=0,
@@ -278,10 +286,33 @@ def cmd_recover(args: argparse.Namespace) -> int:
         source_level=header.level,
     )
     with dumpdev.open_device_dump(device, header) as vm:
-        result = save(vm, plan, make_progress(cfg.verbose, style=args.progress))
-    dumpdev.mark_recovered(device, header)
-    print(f"Dump recovered from {device}: {result.target}/{result.directory}")
+        try:
+            result = save(vm, plan, make_progress(cfg.verbose, style=args.progress))
+        except IncompleteDump as e:
+            # Only all of an incomplete device dump, checked, counts as recovered; a copy
+            # cut short for another reason leaves the device as it is.
+            if not (incomplete and vm.verified):
+                raise
+            _mark_recovered(device, header, str(e).partition(": ")[0])
+            raise IncompleteDump(f"{device}: {e}") from None
+    where = f"{result.target}/{result.directory}"
+    _mark_recovered(device, header, where)
+    print(f"Dump recovered from {device}: {where}")
     return 0
+
+
+def _mark_recovered(device: str, header, where: str) -> None:
+    """Mark the device's dump recovered; the copy at ``where`` is made already."""
+    from . import dumpdev
+    from .errors import DumpDeviceError
+
+    try:
+        dumpdev.mark_recovered(device, header)
+    except DumpDeviceError as e:
+        raise DumpDeviceError(
+            f"dump copied to {where}; could not mark the device recovered: {e} (recover will "
+            "copy it again next time unless the device becomes writable)"
+        ) from None
 
 
 def cmd_show_config(args: argparse.Namespace) -> int:

@@ -10,7 +10,8 @@ Device layout: one 4 KiB header block, then the dump data (the configured format
     off  size  field
       0     8  magic "KDCAPDEV"
       8     4  version (1)
-     12     4  state: 1 writing, 2 complete, 3 recovered
+     12     4  state: 1 writing, 2 complete, 3 recovered, 4 incomplete,
+                 5 incomplete and recovered
      16     8  data offset (4096)
      24     8  data size in bytes
      32     8  crash time (seconds since the epoch, 0 if unknown)
@@ -20,12 +21,16 @@ Device layout: one 4 KiB header block, then the dump data (the configured format
     145    31  format key (e.g. "elf"), NUL-padded
     176     4  dump level
 The header says "writing" until the data is complete and flushed, so an interrupted dump
-is never taken for a complete one. A header read back is untrusted (the device may hold
-anything): every field is checked (``DeviceHeader.unpack``) before it is used.
+is never taken for a complete one. A source that ended early leaves "incomplete": the size
+and SHA-256 of what was written, which ``recover`` saves as an incomplete dump. (States 4
+and 5 came later; older readers refuse them as unknown, never misread them.) A header
+read back is untrusted (the device may hold anything): every field is checked
+(``DeviceHeader.unpack``) before it is used.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -33,12 +38,12 @@ import re
 import stat
 import struct
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from transports.base import FileInfo, Sink, WriteBehind
 
 from . import checksum
-from .errors import ConfigError, DumpDeviceError, IncompleteDump, VmcoreError
+from .errors import ConfigError, DumpDeviceError, IncompleteDump, NoDumpError, VmcoreError
 from .formats import CHUNK, FORMAT_NAMES, make_writer
 from .memory import BufferPlan, write_piece
 from .progress import NoProgress
@@ -55,7 +60,7 @@ VERSION = 1
 HEADER = struct.Struct("<8sIIQQqq32s65s31sI")
 assert HEADER.size == 180
 DATA_OFFSET = 4096
-WRITING, COMPLETE, RECOVERED = 1, 2, 3
+WRITING, COMPLETE, RECOVERED, INCOMPLETE, RECOVERED_INCOMPLETE = 1, 2, 3, 4, 5
 # Formats a device dump can be in ("none" writes no data, so it never goes to a device).
 DEVICE_FORMATS = tuple(k for k in FORMAT_NAMES if k != "none")
 # Times in the header: seconds since the epoch up to the end of year 9999, the range every
@@ -65,7 +70,36 @@ STATE_NAMES = {
     WRITING: "incomplete (writing was interrupted)",
     COMPLETE: "complete",
     RECOVERED: "already recovered",
+    INCOMPLETE: "incomplete (the source ended early; what was read is on the device)",
+    RECOVERED_INCOMPLETE: "incomplete, already recovered",
 }
+# The state after ``recover``: an incomplete dump stays one when it is copied again.
+RECOVERED_STATE = {COMPLETE: RECOVERED, INCOMPLETE: RECOVERED_INCOMPLETE}
+INCOMPLETE_STATES = (INCOMPLETE, RECOVERED_INCOMPLETE)
+# What a dump would destroy, by the signatures blkid looks for: (offset, bytes, what). Swap
+# ends its first page, whose size was the creating system's; LVM2 labels any of sectors 0-3.
+SIGNATURES = (
+    (1080, b"\x53\xef", "an ext2/ext3/ext4 filesystem"),
+    (0, b"XFSB", "an XFS filesystem"),
+    (65600, b"_BHRfS_M", "a btrfs filesystem"),
+    (0, b"LUKS\xba\xbe", "a LUKS encrypted volume"),
+    (0, b"\xfc\x4e\x2b\xa9", "an md RAID member (superblock 1.1)"),
+    (4096, b"\xfc\x4e\x2b\xa9", "an md RAID member (superblock 1.2)"),
+    (3, b"NTFS    ", "an NTFS filesystem"),
+    (82, b"FAT32   ", "a FAT32 (vfat) filesystem"),
+    (54, b"FAT16   ", "a FAT16 (vfat) filesystem"),
+    (54, b"FAT12   ", "a FAT12 (vfat) filesystem"),
+    (32769, b"CD001", "an ISO 9660 filesystem"),
+    (512, b"EFI PART", "a GPT partition table"),
+    *(
+        (page - 10, magic, "a swap area")
+        for page in (4096, 16384, 65536)
+        for magic in (b"SWAPSPACE2", b"SWAP-SPACE")
+    ),
+    *((sector * 512, b"LABELONE", "an LVM2 physical volume") for sector in range(4)),
+)
+# Bytes read to look for them: the btrfs superblock is at 64 KiB.
+SIGNATURE_SPAN = 128 << 10
 
 
 @dataclass(frozen=True)
@@ -116,14 +150,20 @@ class DeviceHeader:
         if version != VERSION:
             raise bad(0x8, "version", version, f"not supported (expected {VERSION})")
         if state not in STATE_NAMES:
-            raise bad(0xC, "state", state, "not 1 (writing), 2 (complete) or 3 (recovered)")
+            raise bad(
+                0xC,
+                "state",
+                state,
+                "not 1 (writing), 2 (complete), 3 (recovered), 4 (incomplete) or 5 (incomplete, "
+                "recovered)",
+            )
         if off != DATA_OFFSET:
             raise bad(0x10, "data offset", off, f"the data always starts at {DATA_OFFSET}")
         room = max(device_size - DATA_OFFSET, 0)
         if size > room:
             raise bad(0x18, "data size", size, f"larger than the device's {room} data bytes")
         if size == 0 and state != WRITING:
-            raise bad(0x18, "data size", size, "a complete dump holds at least one byte")
+            raise bad(0x18, "data size", size, "a written dump holds at least one byte")
         for offset, name, value in ((0x20, "crash time", crash), (0x28, "written at", written)):
             if not 0 <= value <= MAX_TIME:
                 raise bad(offset, name, value, f"not a time between 0 and {MAX_TIME}")
@@ -154,8 +194,109 @@ def _text_field(raw: bytes, offset: int, name: str, bad) -> str:
     return value.decode("ascii")
 
 
-def _device_size(fd: int) -> int:
-    return os.lseek(fd, 0, os.SEEK_END)
+def _device_size(fd: int, where: str) -> int:
+    try:
+        return os.lseek(fd, 0, os.SEEK_END)
+    except OSError as e:
+        raise DumpDeviceError(f"{where}: cannot tell its size: {e.strerror}") from e
+
+
+def _pread(fd: int, size: int, offset: int, where: str) -> bytes:
+    try:
+        return os.pread(fd, size, offset)
+    except OSError as e:
+        raise DumpDeviceError(f"{where}: read error at offset {offset:#x}: {e.strerror}") from e
+
+
+def _kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return name
+    return "not a device"
+
+
+def open_device(path: str, where: str, write: bool = False, exclusive: bool = False) -> int:
+    """A descriptor of ``path``, a block device or a regular file (an image of one).
+
+    Anything else is refused before it is opened, and again after (it may have been
+    replaced in between): opening a FIFO or a terminal would wait forever, and O_NONBLOCK
+    keeps the open itself from waiting. ``exclusive`` (always when writing) opens a block
+    device with O_EXCL: the kernel refuses it (EBUSY) while a filesystem on it is mounted,
+    in whatever mount namespace, or another program holds it exclusively.
+    """
+
+    def check(st: os.stat_result) -> None:
+        if not (stat.S_ISBLK(st.st_mode) or stat.S_ISREG(st.st_mode)):
+            raise DumpDeviceError(
+                f"{where}: {_kind(st.st_mode)}, not a block device or a device image"
+            )
+
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise DumpDeviceError(f"{where}: {e.strerror}") from None
+    check(st)
+    flags = (os.O_RDWR if write else os.O_RDONLY) | os.O_CLOEXEC | os.O_NONBLOCK
+    if (write or exclusive) and stat.S_ISBLK(st.st_mode):
+        flags |= os.O_EXCL
+    try:
+        fd = os.open(path, flags)
+    except OSError as e:
+        if e.errno == errno.EBUSY:
+            raise DumpDeviceError(
+                f"{where}: the device is in use: the kernel refuses to open it exclusively "
+                "(mounted, perhaps in another mount namespace, or held by another program); "
+                "refusing to overwrite it"
+            ) from None
+        how = "writing" if write else "reading"
+        raise DumpDeviceError(f"{where}: cannot open for {how}: {e.strerror}") from None
+    try:
+        check(os.fstat(fd))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def foreign_contents(start: bytes) -> str:
+    """What ``start`` (a device's first bytes) holds that a dump would destroy, or "".
+
+    A device holding our own header, or none of the signatures, may be written.
+    """
+    if start[:8] == MAGIC:
+        return ""
+    for offset, magic, what in SIGNATURES:
+        if start[offset : offset + len(magic)] == magic:
+            shown = magic.decode() if magic.isascii() and magic.isalnum() else magic.hex(" ")
+            return f"{what} ({shown} at offset {offset})"
+    if start[510:512] == b"\x55\xaa" and any(start[446 + 16 * i + 4] for i in range(4)):
+        return "an MBR partition table (0x55AA at offset 510, partition entries at 446)"
+    return ""
+
+
+def _refuse_foreign(start: bytes, path: str) -> None:
+    found = foreign_contents(start)
+    if found:
+        raise DumpDeviceError(
+            f"KDUMP_DUMPDEV {path}: holds {found}; refusing to overwrite it. If it really is "
+            f"meant as the dump device, erase its signatures first: wipefs -a {path}"
+        )
+
+
+def inspect_device(path: str) -> None:
+    """What ``write_dump`` would refuse, found before a crash (``kdump-capture check``)."""
+    check_device(path)
+    where = f"KDUMP_DUMPDEV {path}"
+    fd = open_device(path, where, exclusive=True)
+    try:
+        _refuse_foreign(_pread(fd, SIGNATURE_SPAN, 0, where), path)
+    finally:
+        os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -327,7 +468,7 @@ class DeviceSink(Sink):
     def _read_back(self):
         left, off = self.size, DATA_OFFSET
         while left:
-            chunk = os.pread(self.fd, min(CHUNK, left), off)
+            chunk = _pread(self.fd, min(CHUNK, left), off, f"KDUMP_DUMPDEV {self.path}")
             if not chunk:
                 raise DumpDeviceError(f"KDUMP_DUMPDEV {self.path}: short read at {off:#x}")
             yield chunk
@@ -364,12 +505,13 @@ def write_dump(
             "choose a dump format"
         )
     check_device(path)
+    where = f"KDUMP_DUMPDEV {path}"
+    fd = open_device(path, where, write=True)
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-    except OSError as e:
-        raise DumpDeviceError(f"KDUMP_DUMPDEV {path}: cannot open: {e.strerror}") from e
-    try:
-        capacity = _device_size(fd) - DATA_OFFSET
+        device_size = _device_size(fd, where)
+        capacity = device_size - DATA_OFFSET
+        start = _pread(fd, SIGNATURE_SPAN, 0, where)
+        _refuse_foreign(start, path)
         writer = make_writer(vm, fmt, level, seekable=True, buffers=buffers)
         # The crashed kernel's VMCOREINFO says when it crashed; the header keeps only what
         # recover will accept (an implausible time becomes "unknown").
@@ -402,22 +544,22 @@ def write_dump(
             info = sink.commit()
         finally:
             progress.finish()
+        header = replace(
+            header,
+            state=INCOMPLETE if result.incomplete else COMPLETE,
+            data_size=info.size,
+            sha256=bytes.fromhex(info.digest),
+            level=result.dump_level,
+        )
         if result.incomplete:
-            # The header keeps saying WRITING: recover refuses it rather than present a
-            # partial dump as complete.
+            # What was read is on the device with its size and SHA-256: recover saves it as
+            # an incomplete dump, as a file target keeps it. Nothing read: still WRITING.
+            if info.size:
+                _write_header(fd, path, header)
             raise IncompleteDump(
                 f"KDUMP_DUMPDEV {path}: the dump is INCOMPLETE: {result.incomplete}"
+                + ("; `kdump-capture recover` saves what was read" if info.size else "")
             )
-        header = DeviceHeader(
-            COMPLETE,
-            info.size,
-            crash_time,
-            header.written_at,
-            bytes.fromhex(info.digest),
-            vm.release or "",
-            fmt,
-            result.dump_level,
-        )
         _write_header(fd, path, header)
         log.info("dump written to %s: %d bytes, %s", path, info.size, result.format)
         return header
@@ -438,68 +580,122 @@ def _write_header(fd: int, path: str, header: DeviceHeader) -> None:
         os.pwrite(fd, header.pack(), 0)
         os.fsync(fd)
     except OSError as e:
-        raise DumpDeviceError(f"KDUMP_DUMPDEV {path}: cannot write the header: {e.strerror}") from e
+        raise DumpDeviceError(
+            f"KDUMP_DUMPDEV {path}: cannot write the header at offset 0x0: {e.strerror}"
+        ) from e
 
 
 def read_header(path: str) -> DeviceHeader | None:
     """The dump header on ``path``, or None if the device holds no dump of ours."""
+    fd = open_device(path, path)
     try:
-        with open(path, "rb") as f:
-            raw = f.read(DATA_OFFSET)
-            size = f.seek(0, os.SEEK_END)
-    except OSError as e:
-        raise DumpDeviceError(f"KDUMP_DUMPDEV {path}: cannot read: {e.strerror}") from e
+        raw = _pread(fd, DATA_OFFSET, 0, path)
+        size = _device_size(fd, path)
+    finally:
+        os.close(fd)
     return DeviceHeader.unpack(raw, path, size)
 
 
-def check_data(path: str, header: DeviceHeader) -> None:
-    """Re-read the data area and compare it with the SHA-256 recorded in the header."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        f.seek(header.data_offset)
-        left = header.data_size
-        while left:
-            chunk = f.read(min(CHUNK, left))
-            if not chunk:
-                raise DumpDeviceError(f"{path}: the device ends inside the dump data")
-            h.update(chunk)
-            left -= len(chunk)
-    if h.digest() != header.sha256:
-        raise DumpDeviceError(f"{path}: the dump data does not match its recorded SHA-256")
+class CheckedDump(Vmcore):
+    """A device dump whose copy is checked against the header's SHA-256 as it is read.
+
+    The writer copies every byte through ``read_data``, in order and once (no mmap views):
+    the check covers exactly the bytes that are saved, so data that reads back differently
+    a second time (a failing disk, a device written meanwhile) cannot pass one read's check
+    and be saved from another. The last read of a mismatch raises DumpDeviceError, before
+    anything can call the dump complete.
+    """
+
+    def __init__(self, vm: Vmcore, header: DeviceHeader) -> None:
+        # An incomplete dump is copied as a source one byte longer than its data: the copy
+        # ends early there, as its source did when it was written, and is saved incomplete.
+        short = header.state in INCOMPLETE_STATES
+        super().__init__(
+            vm.path,
+            vm.kind,
+            vm.fd,
+            header.data_size + short,
+            vm.ehdr,
+            vm.phdrs,
+            vm.notes_offset,
+            vm.notes_blob,
+            vm.notes,
+            vm.vmcoreinfo,
+            vm.vmcoreinfo_note,
+            vm.base,
+            vm.ram,
+        )
+        vm.fd = -1  # the descriptor is this object's now
+        self.data_size = header.data_size
+        self.sha256 = header.sha256
+        self.verified = False
+        self._hash = hashlib.sha256()
+        self._hashed = 0
+
+    def view(self, offset: int, length: int) -> memoryview | None:
+        return None  # every byte through read_data, where it is hashed
+
+    def read_data(self, buf: bytearray | memoryview, offset: int) -> int:
+        view = memoryview(buf).cast("B")
+        view = view[: max(0, min(len(view), self.data_size - offset))]
+        n = super().read_data(view, offset) if len(view) else 0
+        if offset == 0:  # a copy starts (again, for the next target)
+            self._hash, self._hashed, self.verified = hashlib.sha256(), 0, False
+        if offset != self._hashed:
+            raise DumpDeviceError(
+                f"{self.path}: the dump data was read out of order (at {offset:#x} after "
+                f"{self._hashed:#x}): its SHA-256 cannot be checked"
+            )
+        self._hash.update(view[:n])
+        self._hashed += n
+        if self._hashed == self.data_size:
+            if self._hash.digest() != self.sha256:
+                lost = f" ({self.unreadable_bytes} bytes could not be read)"
+                raise DumpDeviceError(
+                    f"{self.path}: the dump data (offsets {self.base:#x}-"
+                    f"{self.base + self.data_size:#x}) does not match its recorded SHA-256"
+                    f"{lost if self.unreadable_bytes else ''}; it is not saved as a dump"
+                )
+            self.verified = True
+        return n
 
 
-def open_device_dump(path: str, header: DeviceHeader) -> Vmcore:
+def open_device_dump(path: str, header: DeviceHeader) -> CheckedDump:
     """The device's data area as a dump source: parsed when ELF, else copied verbatim.
 
     "elf" and "raw" data is an ELF core unless the source was raw memory (/dev/oldmem),
-    so the data's own first bytes decide.
+    so the data's own first bytes decide. An incomplete dump is copied verbatim: its ELF
+    program headers point past its end.
     """
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    elf = header.format in ("elf", "raw") and os.pread(fd, 4, header.data_offset) == b"\x7fELF"
-    if elf:
-        os.close(fd)
-        try:
-            return open_vmcore(path, base=header.data_offset, limit=header.data_size)
-        except VmcoreError as e:
-            raise DumpDeviceError(f"{path}: the dump on the device is damaged: {e}") from e
-    return Vmcore(path=path, kind="raw", fd=fd, size=header.data_size, base=header.data_offset)
+    fd = open_device(path, path)
+    try:
+        elf = (
+            header.format in ("elf", "raw")
+            and header.state not in INCOMPLETE_STATES
+            and _pread(fd, 4, header.data_offset, path) == b"\x7fELF"
+        )
+        if elf:
+            try:
+                vm = open_vmcore(path, base=header.data_offset, limit=header.data_size)
+            except (VmcoreError, NoDumpError) as e:
+                raise DumpDeviceError(f"{path}: the dump on the device is damaged: {e}") from e
+        else:
+            vm = Vmcore(
+                path=path, kind="raw", fd=fd, size=header.data_size, base=header.data_offset
+            )
+            fd = -1
+    finally:
+        if fd >= 0:
+            os.close(fd)
+    return CheckedDump(vm, header)
 
 
 def mark_recovered(path: str, header: DeviceHeader) -> None:
-    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    """Record in the header that ``recover`` copied the dump (it skips it from then on)."""
+    fd = open_device(path, path, write=True)
     try:
-        done = DeviceHeader(
-            RECOVERED,
-            header.data_size,
-            header.crash_time,
-            header.written_at,
-            header.sha256,
-            header.release,
-            header.format,
-            header.level,
-            header.data_offset,
-        )
-        _write_header(fd, path, done)
+        state = RECOVERED_STATE.get(header.state, header.state)
+        _write_header(fd, path, replace(header, state=state))
     finally:
         os.close(fd)
 

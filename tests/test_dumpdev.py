@@ -10,9 +10,12 @@ import subprocess
 import pytest
 
 from kdump_capture import dumpdev
+from kdump_capture.errors import DumpDeviceError, IncompleteDump
 from kdump_capture.finish import should_reboot
 from kdump_capture.sample import SampleSpec, write_sample
+from kdump_capture.vmcore import open_vmcore
 
+from .faulty import ShortVmcore, adopt
 from .helpers import cli
 
 
@@ -127,13 +130,20 @@ def test_interrupted_and_corrupt_dumps_are_not_recovered(sample, loopdev, tmp_pa
         f.seek(dumpdev.DATA_OFFSET + 5000)
         f.write(bytes([b[0] ^ 0xFF]))
     r = _recover(dev, tmp_path / "d")
-    assert r.rc == 10 and "SHA-256" in r.err
+    assert r.rc == 10 and "does not match its recorded SHA-256" in r.err
+    # checked as it was copied: the copy is recorded as failed, never as complete
+    [name] = os.listdir(tmp_path / "d")
+    assert _status(tmp_path / "d" / name) == "failed"
+    assert dumpdev.read_header(dev) == h  # not marked recovered
     with open(dev, "r+b") as f:  # a header still saying "writing": the dump was cut short
         f.write(dumpdev.DeviceHeader(dumpdev.WRITING, 0, 0, 0, bytes(32), "", "elf", 0).pack())
-    r = _recover(dev, tmp_path / "d")
-    assert r.rc == 10 and "incomplete" in r.err
-    assert not (tmp_path / "d").exists() or not os.listdir(tmp_path / "d")
-    del h
+    r = _recover(dev, tmp_path / "e")
+    assert r.rc == 10 and "incomplete: writing it was interrupted" in r.err
+    assert not (tmp_path / "e").exists() or not os.listdir(tmp_path / "e")
+
+
+def _status(dumpdir):
+    return json.loads((dumpdir / "manifest.json").read_text())["status"]
 
 
 def test_blank_device(loopdev, tmp_path):
@@ -428,3 +438,181 @@ def test_header_text_from_the_crashed_kernel_is_stored_as_recover_accepts_it():
     ).pack()
     back = dumpdev.DeviceHeader.unpack(head, "dev", 1 << 20)
     assert back.release == "6.1___vil_" + "x" * 54 and back.format == "elf"
+
+
+def test_incomplete_device_dump_is_recovered_as_incomplete(sample, loopdev, tmp_path):
+    """A source that ends early: what was read is kept on the device, checksummed, and
+    recover saves it as an incomplete dump (exit 13), as a file target would."""
+    dev = loopdev(32)
+    end = 5 << 20
+    with open_vmcore(sample) as vm:
+        short = adopt(vm, ShortVmcore, end=end)
+        with pytest.raises(IncompleteDump, match="recover` saves what was read"):
+            dumpdev.write_dump(short, dev, "elf", 0)
+    h = dumpdev.read_header(dev)
+    data = open(sample, "rb").read()[:end]
+    assert (h.state, h.data_size, h.sha256) == (
+        dumpdev.INCOMPLETE,
+        end,
+        hashlib.sha256(data).digest(),
+    )
+    r = _recover(dev, tmp_path / "d")
+    assert r.rc == 13, r.err
+    assert "INCOMPLETE" in r.err and "interrupted" not in r.err
+    [name] = os.listdir(tmp_path / "d")
+    assert (tmp_path / "d" / name / "vmcore").read_bytes() == data
+    assert _status(tmp_path / "d" / name) == "incomplete"
+    assert dumpdev.read_header(dev).state == dumpdev.RECOVERED_INCOMPLETE
+    r = _recover(dev, tmp_path / "d")
+    assert r.rc == 0 and "already recovered" in r.out
+    r = _recover(dev, tmp_path / "d", "--force")  # still incomplete, never complete
+    assert r.rc == 13, r.err
+    assert sorted(_status(tmp_path / "d" / n) for n in os.listdir(tmp_path / "d")) == [
+        "incomplete",
+        "incomplete",
+    ]
+
+
+@pytest.fixture
+def read_only_loopdev(tmp_path):
+    made = []
+
+    def attach(img):
+        r = subprocess.run(["losetup", "-r", "-f", "--show", img], capture_output=True, text=True)
+        assert r.returncode == 0, f"cannot attach a loop device: {r.stderr}"
+        made.append(r.stdout.strip())
+        return made[-1]
+
+    yield attach
+    for dev in made:
+        subprocess.run(["losetup", "-d", dev], check=False)
+
+
+def test_recover_says_the_dump_was_copied_when_marking_fails(tmp_path, read_only_loopdev):
+    img = _header_file(tmp_path)
+    dev = read_only_loopdev(img)
+    r = _recover(dev, tmp_path / "d")
+    assert r.rc == 10, r.err
+    [name] = os.listdir(tmp_path / "d")
+    assert f"dump copied to file://{tmp_path}/d/{name}; could not mark the device recovered" in (
+        r.err
+    )
+    assert dev in r.err and "offset 0x0" in r.err
+    assert _status(tmp_path / "d" / name) == "complete"
+
+
+def test_recover_checks_the_bytes_it_copies(tmp_path):
+    """Data that reads back differently once the copy runs is never saved as complete."""
+    data = os.urandom(1 << 20)
+    img = _header_file(tmp_path, data=data)
+    h = dumpdev.read_header(img)
+    vm = dumpdev.open_device_dump(img, h)
+    with open(img, "r+b") as f:  # changed after any check before the copy
+        f.seek(dumpdev.DATA_OFFSET + len(data) - 10)
+        f.write(bytes([data[-10] ^ 1]))
+    buf = bytearray(256 << 10)
+    with vm, pytest.raises(DumpDeviceError, match="does not match its recorded SHA-256"):
+        off = 0
+        while n := vm.read_data(buf, off):  # as the writer copies it
+            off += n
+
+
+def test_recover_refuses_what_is_not_a_device_or_image(tmp_path):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for path, kind in ((fifo, "a FIFO"), ("/dev/zero", "a character device")):
+        r = _recover(str(path), tmp_path / "d")  # a FIFO: open(2) used to wait forever
+        assert r.rc == 10 and f"{path}: {kind}, not a block device" in r.err, r.err
+    r = cli(
+        "recover",
+        "--config",
+        "/nonexistent",
+        "--if-present",
+        "--set",
+        f"KDUMP_DUMPDEV={fifo}",
+        timeout=30,
+    )
+    assert r.rc == 10 and "a FIFO" in r.err
+
+
+def test_filesystem_on_the_device_is_refused(sample, loopdev):
+    """Nothing mounted (a capture kernel mounts nothing): the signature says what is there."""
+    dev = loopdev(32)
+    subprocess.run(["mkfs.ext2", "-q", dev], check=True)
+    r = _save_to_dev(sample, dev)
+    assert r.rc == 10, r.err
+    assert f"{dev}: holds an ext2/ext3/ext4 filesystem (53 ef at offset 1080)" in r.err
+    assert f"wipefs -a {dev}" in r.err
+    blkid = subprocess.run(["blkid", "-o", "value", "-s", "TYPE", dev], capture_output=True)
+    assert blkid.stdout.strip() == b"ext2"
+    r = cli("check", "--config", "/nonexistent", "--set", f"KDUMP_DUMPDEV={dev}")
+    assert f"problem: KDUMP_DUMPDEV {dev}: holds an ext2/ext3/ext4 filesystem" in r.out, r.out
+    subprocess.run(["wipefs", "-q", "-a", dev], check=True)
+    assert _save_to_dev(sample, dev).rc == 0
+
+
+def test_device_the_kernel_holds_is_refused(sample, loopdev):
+    """Mounted in another mount namespace: not in our mountinfo, but the kernel refuses
+    O_EXCL (here another program holds the device exclusively, which looks the same)."""
+    dev = loopdev(32)
+    held = os.open(dev, os.O_RDONLY | os.O_EXCL)
+    try:
+        r = _save_to_dev(sample, dev)
+        assert r.rc == 10 and f"KDUMP_DUMPDEV {dev}: the device is in use" in r.err, r.err
+        assert dumpdev.read_header(dev) is None
+    finally:
+        os.close(held)
+    assert _save_to_dev(sample, dev).rc == 0
+
+
+def _with(offset, magic, size=128 << 10):  # dumpdev.SIGNATURE_SPAN
+    raw = bytearray(size)
+    raw[offset : offset + len(magic)] = magic
+    return bytes(raw)
+
+
+def _mbr():
+    raw = bytearray(_with(510, b"\x55\xaa"))
+    raw[446 + 4] = 0x83  # one Linux partition
+    return bytes(raw)
+
+
+@pytest.mark.parametrize(
+    "start, found",
+    [
+        (_with(1080, b"\x53\xef"), "ext2/ext3/ext4"),
+        (_with(0, b"XFSB"), "XFS"),
+        (_with(65600, b"_BHRfS_M"), "btrfs"),
+        (_with(4086, b"SWAPSPACE2"), "swap"),
+        (_with(65526, b"SWAP-SPACE"), "swap"),
+        (_with(1536, b"LABELONE"), "LVM2"),
+        (_with(512, b"EFI PART"), "GPT"),
+        (_mbr(), "MBR partition table"),
+        (_with(82, b"FAT32   "), "vfat"),
+        (_with(3, b"NTFS    "), "NTFS"),
+        (_with(0, b"LUKS\xba\xbe"), "LUKS"),
+        (_with(510, b"\x55\xaa"), ""),  # a boot signature with no partition: nothing
+        (_with(0, b""), ""),
+        (dumpdev.MAGIC + _with(1080, b"\x53\xef")[8:], ""),  # our own dump
+    ],
+    ids=[
+        "ext4",
+        "xfs",
+        "btrfs",
+        "swap-4k",
+        "swap-64k",
+        "lvm2",
+        "gpt",
+        "mbr",
+        "vfat",
+        "ntfs",
+        "luks",
+        "boot-signature-only",
+        "blank",
+        "our-header",
+    ],
+)
+def test_foreign_contents(start, found):
+    assert (found in dumpdev.foreign_contents(start)) and bool(found) == bool(
+        dumpdev.foreign_contents(start)
+    )

@@ -130,6 +130,14 @@ def cmd_check(args: argparse.Namespace) -> int:
     check_supported(cfg)
     r = readiness(cfg, System())
     r.image_state = image_decision(cfg, r.version, None).line()
+    if cfg["KDUMP_DUMPDEV"]:
+        from ..dumpdev import inspect_device
+        from ..errors import DumpDeviceError
+
+        try:
+            inspect_device(cfg["KDUMP_DUMPDEV"])  # what the capture kernel would refuse
+        except DumpDeviceError as e:
+            r.problems.append(str(e))
     facts, _ = image_facts(cfg, r.version, None)
     if facts:
         r.estimate = estimate(cfg, facts, machine_max_pfn()).crashkernel
