@@ -257,6 +257,9 @@ def cmd_recover(args: argparse.Namespace) -> int:
         if args.if_present:
             return 0  # nothing configured: the boot-time unit has nothing to do
         raise ConfigError("no dump device: set KDUMP_DUMPDEV or pass --device DEV")
+    # systemd stopping the boot-time unit, or a shutdown: the partial copy is recorded as
+    # failed on the target like any failure, and the exit is 130 with a message.
+    signal.signal(signal.SIGTERM, _on_term)
     header = dumpdev.read_header(device)
     if header is None:
         if args.if_present:
@@ -336,6 +339,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from . import policy
     from .urls import Target, parse_target
 
+    signal.signal(signal.SIGTERM, _on_term)  # exit 130 with a message, as save and recover
     where = args.dumpdir
     if "://" not in where:
         dumpdir = os.path.abspath(where)
@@ -415,6 +419,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     from .fleet import as_json, list_dumps
     from .urls import parse_target
 
+    signal.signal(signal.SIGTERM, _on_term)  # exit 130 with a message, as save and recover
     target, _ = parse_target(args.target)
     cfg = load(args)
     _setup_logging(bool(cfg.verbose & 8))

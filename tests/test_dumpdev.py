@@ -4,8 +4,11 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import stat
 import subprocess
+import sys
+import time
 
 import pytest
 
@@ -16,7 +19,7 @@ from kdump_capture.sample import SampleSpec, write_sample
 from kdump_capture.vmcore import open_vmcore
 
 from .faulty import ShortVmcore, adopt
-from .helpers import cli
+from .helpers import ROOT, cli
 
 
 @pytest.fixture
@@ -533,6 +536,48 @@ def test_recover_refuses_what_is_not_a_device_or_image(tmp_path):
         timeout=30,
     )
     assert r.rc == 10 and "a FIFO" in r.err
+
+
+def test_sigterm_during_recover_is_exit_130(tmp_path):
+    size = 256 << 20
+    img = tmp_path / "dev.img"
+    h = hashlib.sha256()
+    zeros = bytes(1 << 20)
+    for _ in range(size >> 20):
+        h.update(zeros)
+    head = dumpdev.DeviceHeader(dumpdev.COMPLETE, size, 0, 0, h.digest(), "6.1", "raw", 0)
+    img.write_bytes(head.pack())
+    os.truncate(img, dumpdev.DATA_OFFSET + size)
+    savedir = tmp_path / "d"
+    p = subprocess.Popen(
+        [sys.executable, "-m", "kdump_capture", "recover", "--config", "/nonexistent"]
+        + ["--device", str(img), "--set", f"KDUMP_SAVEDIR=file://{savedir}"],
+        env=dict(os.environ, PYTHONPATH=ROOT),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while p.poll() is None and time.monotonic() < deadline and _copied(savedir) < 1 << 20:
+        time.sleep(0.01)
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 130, err
+    assert "interrupted by signal 15" in err
+    [name] = os.listdir(savedir)
+    assert _status(savedir / name) == "failed"
+    assert not [f for f in os.listdir(savedir / name) if "vmcore" in f]
+    assert dumpdev.read_header(str(img)).state == dumpdev.COMPLETE
+
+
+def _copied(savedir):
+    """Bytes of vmcore files (their temporary names too) under ``savedir`` so far."""
+    return sum(
+        os.path.getsize(os.path.join(d, f))
+        for d, _, files in os.walk(savedir)
+        for f in files
+        if "vmcore" in f
+    )
 
 
 def test_filesystem_on_the_device_is_refused(sample, loopdev):
