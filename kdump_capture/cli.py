@@ -215,7 +215,10 @@ def cmd_save(args: argparse.Namespace) -> int:
 
                 buffers = plan_buffers(mem_available(), usable_cpus())
                 progress = heartbeat.around(make_progress(cfg.verbose, style=args.progress))
-                header = write_dump(vm, dumpdev, cfg.dumpformat, cfg.dumplevel, progress, buffers)
+                overwrite = bool(cfg.value("KDUMP_DUMPDEV_OVERWRITE"))
+                header = write_dump(
+                    vm, dumpdev, cfg.dumpformat, cfg.dumplevel, progress, buffers, overwrite
+                )
             else:
                 progress = heartbeat.around(make_progress(cfg.verbose, style=args.progress))
                 result = save(vm, plan, progress, memlog)

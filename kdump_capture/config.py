@@ -268,6 +268,8 @@ DIRECTIVES: tuple[Directive, ...] = (
     _d("KDUMP_RUNLEVEL", "1", _enum_kind("1", "2", "3", "5", "s", "S"),
        "Run level of the capture kernel (historical)"),
     _d("KDUMP_DUMPDEV", "", STR, "Raw dump device; copied to KDUMP_SAVEDIR later (historical)"),
+    _d("KDUMP_DUMPDEV_OVERWRITE", "no", BOOL, "Let a new crash overwrite a complete dump on "
+       "KDUMP_DUMPDEV that was not recovered yet (default: keep it, refuse the new one)"),
     _d("KDUMP_TRANSFER", "", STR, "Custom command replacing the built-in save"),
     _d("KDUMP_PRESCRIPT", "", STR, "Command run before saving"),
     _d("KDUMP_POSTSCRIPT", "", STR, "Command run after saving"),

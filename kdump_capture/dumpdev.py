@@ -129,6 +129,13 @@ class DeviceHeader:
             self.level,
         ).ljust(DATA_OFFSET, b"\0")
 
+    def summary(self) -> str:
+        """The dump's crash time, kernel and size, for messages."""
+        crash = "unknown"
+        if self.crash_time:
+            crash = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.crash_time))
+        return f"crashed {crash}, kernel {self.release or 'unknown'}, {self.data_size} bytes"
+
     @classmethod
     def unpack(cls, raw: bytes, where: str, device_size: int) -> DeviceHeader | None:
         """The header in ``raw`` (the device's first block), or None if it holds no dump of ours.
@@ -496,8 +503,14 @@ def write_dump(
     level: int,
     progress: Progress | None = None,
     buffers: BufferPlan | None = None,
+    overwrite: bool = False,
 ) -> DeviceHeader:
-    """Write ``vm`` onto the dump device ``path``; returns the committed header."""
+    """Write ``vm`` onto the dump device ``path``; returns the committed header.
+
+    A complete dump on the device that was not recovered yet is kept unless ``overwrite``
+    (KDUMP_DUMPDEV_OVERWRITE): nobody has seen that crash yet, and a failed save of this
+    one must not cost it.
+    """
     progress = progress or NoProgress()
     if fmt not in DEVICE_FORMATS:
         raise ConfigError(
@@ -512,6 +525,8 @@ def write_dump(
         capacity = device_size - DATA_OFFSET
         start = _pread(fd, SIGNATURE_SPAN, 0, where)
         _refuse_foreign(start, path)
+        if not overwrite:
+            _keep_unrecovered(start, path, device_size)
         writer = make_writer(vm, fmt, level, seekable=True, buffers=buffers)
         # The crashed kernel's VMCOREINFO says when it crashed; the header keeps only what
         # recover will accept (an implausible time becomes "unknown").
@@ -565,6 +580,22 @@ def write_dump(
         return header
     finally:
         os.close(fd)
+
+
+def _keep_unrecovered(start: bytes, path: str, device_size: int) -> None:
+    """Refuse to write over a complete dump that ``recover`` has not copied yet."""
+    try:
+        old = DeviceHeader.unpack(start, path, device_size)
+    except DumpDeviceError:
+        return  # a damaged header: recover would refuse that dump anyway
+    if old is None or old.state != COMPLETE:
+        return
+    raise DumpDeviceError(
+        f"KDUMP_DUMPDEV {path} holds a complete dump that was not recovered yet "
+        f"({old.summary()}); refusing to overwrite it. Copy it to KDUMP_SAVEDIR with "
+        "`kdump-capture recover`, or set KDUMP_DUMPDEV_OVERWRITE=yes to let a new crash "
+        "replace an unrecovered dump"
+    )
 
 
 class _ProgressOnly:

@@ -443,6 +443,31 @@ def test_header_text_from_the_crashed_kernel_is_stored_as_recover_accepts_it():
     assert back.release == "6.1___vil_" + "x" * 54 and back.format == "elf"
 
 
+def test_unrecovered_dump_is_kept_by_a_new_save(sample, loopdev, tmp_path):
+    """The first crash is the one nobody has seen yet: a second save must not cost it."""
+    dev = loopdev(32)
+    assert _save_to_dev(sample, dev).rc == 0
+    with open(dev, "rb") as f:
+        before = f.read()
+    r = _save_to_dev(sample, dev, "KDUMP_DUMPFORMAT=compressed")
+    assert r.rc == 10, r.err
+    assert "holds a complete dump that was not recovered yet" in r.err
+    assert "kernel 6.1.0-sample-amd64" in r.err and "crashed 2025-11-24 16:00:00 UTC" in r.err
+    assert "kdump-capture recover" in r.err and "KDUMP_DUMPDEV_OVERWRITE=yes" in r.err
+    with open(dev, "rb") as f:
+        assert f.read() == before  # nothing written, not even the header
+    r = _save_to_dev(sample, dev, "KDUMP_DUMPFORMAT=compressed", "KDUMP_DUMPDEV_OVERWRITE=yes")
+    assert r.rc == 0, r.err
+    assert dumpdev.read_header(dev).format == "compressed"
+    # recovered, interrupted or incomplete dumps are overwritten as before
+    assert _recover(dev, tmp_path / "d").rc == 0
+    assert _save_to_dev(sample, dev).rc == 0
+    with open(dev, "r+b") as f:
+        f.write(dumpdev.DeviceHeader(dumpdev.WRITING, 0, 0, 0, bytes(32), "", "elf", 0).pack())
+    assert _save_to_dev(sample, dev).rc == 0
+    assert dumpdev.read_header(dev).state == dumpdev.COMPLETE
+
+
 def test_incomplete_device_dump_is_recovered_as_incomplete(sample, loopdev, tmp_path):
     """A source that ends early: what was read is kept on the device, checksummed, and
     recover saves it as an incomplete dump (exit 13), as a file target would."""
