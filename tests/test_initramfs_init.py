@@ -343,6 +343,17 @@ def _real_save(savedir: str) -> list[str]:
     return argv + ["--set", f"KDUMP_SAVEDIR={savedir}"]
 
 
+def test_a_mount_point_left_unmounted_takes_no_directories(tmp_path):
+    """Where no disk was found, mount() made no mount point, nor perhaps its parent: both
+    are made, and the point is a file, under which the file target cannot create the
+    directories that would put its dump in RAM."""
+    mnt = tmp_path / "kdump" / "mnt0"
+    init.block_mount_point(str(mnt), "no block device matches LABEL=x after 30 s")
+    assert mnt.read_text() == "not mounted: no block device matches LABEL=x after 30 s\n"
+    with pytest.raises(NotADirectoryError):
+        os.makedirs(mnt / "var" / "crash")
+
+
 @pytest.mark.parametrize("failing", ["network", "mount"])
 def test_a_failed_network_or_mount_costs_only_its_targets(tmp_path, failing):
     """The network does not come up (no interface), or a local target's filesystem does not
