@@ -97,7 +97,9 @@ class ElfWriter(RawWriter):
         if not self.level:
             return self.vm.size
         data = sum(p.filesz for p in self.vm.loads)
-        return 2 * data if self.level & 1 else data  # scan pass + copy pass (upper bound)
+        # The scan pass, then the copy pass: each reports the whole source as it moves
+        # through it (what a level leaves out counts as done), so the total is exact.
+        return 2 * data if self.level & 1 else data
 
     def __init__(self, vm: Vmcore, level: int, accelerated: bool | None = None) -> None:
         super().__init__(vm, level)
@@ -116,14 +118,23 @@ class ElfWriter(RawWriter):
         pf = PageFilter(self.vm, self.level, accelerated=self.accelerated)
         planner = SegmentPlanner(self.vm)
         accel = None if self.accelerated is False else speedups.module()
+        data = sum(p.filesz for p in self.vm.loads)
+        scanned = 0
         for win in pf.windows():
             if self.level & 1:
-                clear_zero_pages(self.vm, win, pf.max_mapnr, monitor, accel)
+                read = clear_zero_pages(self.vm, win, pf.max_mapnr, monitor, accel)
+                # the rest of the window's share of the source: the pages the struct-page
+                # walk left out are done too
+                n = max(0, min(_window_bytes(self.vm, win), data - scanned) - read)
+                scanned += read + n
+                monitor.advance(n, 0)
             planner.add(win)
+        if self.level & 1:
+            monitor.advance(max(0, data - scanned), 0)
         summ = pf.summary()
         log.info("%s", pf.walk_report())
         planner.finish()
-        result = write_elf_segments(self.vm, planner, sink, monitor, summ.level)
+        result = write_elf_segments(self.vm, planner, sink, monitor, summ.level, data)
         result.notes.extend(summ.notes)
         return result
 
@@ -149,8 +160,23 @@ def _aligned(p: Phdr) -> bool:
     return bool(p.filesz) and not p.paddr % PAGE and not p.offset % PAGE
 
 
-def clear_zero_pages(vm: Vmcore, win: Window, max_mapnr: int, monitor: Monitor, accel=None) -> None:
-    """Clear the window's 2nd-bitmap bits of all-zero pages (reads each kept page once)."""
+def _window_bytes(vm: Vmcore, win: Window) -> int:
+    """Bytes of the segments' data in the window's page frames."""
+    total = 0
+    for p in vm.loads:
+        first = p.paddr // PAGE
+        lo = max(first, win.start)
+        hi = min(first + -(-p.filesz // PAGE), win.end)
+        if hi > lo:
+            total += (hi - lo) * PAGE
+    return total
+
+
+def clear_zero_pages(vm: Vmcore, win: Window, max_mapnr: int, monitor: Monitor, accel=None) -> int:
+    """Clear the window's 2nd-bitmap bits of all-zero pages (reads each kept page once).
+
+    Returns the bytes read (and reported to ``monitor``)."""
+    read = 0
     buf = bytearray(CHUNK)
     per = CHUNK // PAGE
     keep = win.second
@@ -178,7 +204,7 @@ def clear_zero_pages(vm: Vmcore, win: Window, max_mapnr: int, monitor: Monitor, 
                     except VmcoreError:
                         got = -1
                     if got != nbytes:
-                        return  # the source ended or failed: the copy pass finds out and says so
+                        return read  # the source ended or failed: the copy pass says so
                 offsets = SEQ_OFFSETS[:n]
                 if accel is not None:
                     mask = accel.zero_pages(data, offsets)
@@ -193,7 +219,9 @@ def clear_zero_pages(vm: Vmcore, win: Window, max_mapnr: int, monitor: Monitor, 
                         clear_range(keep, pfn - ws + i, pfn - ws + i + 1)
                 del data
                 pfn += n
+                read += nbytes
                 monitor.advance(nbytes, 0)
+    return read
 
 
 def _set_bits(mask: bytes, n: int) -> Iterator[int]:
@@ -305,11 +333,18 @@ def _seg(p: Phdr, start: int, data_pages: int, mem_pages: int) -> OutSeg:
 
 
 def write_elf_segments(
-    vm: Vmcore, segs: Iterable[OutSeg], sink, monitor: Monitor, level: int
+    vm: Vmcore,
+    segs: Iterable[OutSeg],
+    sink,
+    monitor: Monitor,
+    level: int,
+    source: int | None = None,
 ) -> WriteResult:
     """Write ELF header, PT_NOTE + ``segs`` program headers, the notes and segment data.
 
     ``segs`` is iterated twice (headers, then data): a list, or a finished SegmentPlanner.
+    With ``source`` (bytes of the segments' data in ``vm``), progress counts what lies
+    between the output's segments as done when passing it, and reaches ``source`` in all.
     """
     phnum = 1 + sum(1 for _ in segs)
     if phnum > 0xFFFF:
@@ -334,7 +369,14 @@ def write_elf_segments(
     buf = bytearray(CHUNK)
     written_pages = 0
     incomplete = None
+    passed = 0  # source bytes progress has counted
+    at = min((p.offset for p in vm.loads), default=0)  # where the last segment ended
     for s in segs:
+        if source is not None and s.src > at:
+            skip = min(s.src - at, source - passed)
+            passed += skip
+            monitor.advance(skip, 0)
+        at = s.src + s.filesz
         done = 0
         while done < s.filesz:
             want = min(CHUNK, s.filesz - done)
@@ -351,6 +393,7 @@ def write_elf_segments(
             if n:
                 sink.write(data)
                 done += n
+                passed += n
                 monitor.advance(n, n)
             del data
             if n < want:
@@ -363,6 +406,8 @@ def write_elf_segments(
         if pad:
             sink.write(bytes(pad))
             monitor.advance(0, pad)
+    if source is not None and not incomplete and passed < source:
+        monitor.advance(source - passed, 0)
     total_pages = sum(_page_up(p.filesz) // PAGE for p in vm.loads)
     return WriteResult(
         format="ELF",
