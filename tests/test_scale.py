@@ -192,6 +192,39 @@ def test_elf_segment_planner_keeps_16_bytes_per_gap():
     assert held < 24 * n, f"{held} bytes held for {n} gaps"
 
 
+def test_elf_segments_past_the_program_header_limit_copy_short_runs():
+    """More excluded runs than an ELF file has program headers for: the save failed whole
+    (exit 4, no vmcore) on a 66 GiB machine with a kept page every 257. Now the shortest
+    runs are copied until the segments fit (here 1000 gaps allowed, doubled to 512 pages).
+    """
+    from types import SimpleNamespace
+
+    from kdump_capture.formats.elf import SegmentPlanner
+
+    short, long_ = 300, 4096  # two kinds of excluded runs, each after one kept page
+    pattern = [short] * 4 + [long_]
+    n = 2500
+    runs = [pattern[i % len(pattern)] for i in range(n)]
+    pages = sum(1 + r for r in runs)
+    load = Phdr(PT_LOAD, 7, 0x10000, 0xFFFF888000000000, 0, pages * 4096, pages * 4096, 0)
+    second = bytearray((pages + 7) // 8)
+    pfn = 0
+    for r in runs:
+        second[pfn >> 3] |= 1 << (pfn & 7)
+        pfn += 1 + r
+    win = F.Window(0, pages, bytearray(len(second)), second)
+    planner = SegmentPlanner(SimpleNamespace(loads=[load], path="synthetic"), max_gaps=1000)
+    planner.add(win)
+    planner.finish()
+    segs = list(planner)
+    assert len(segs) == n // len(pattern) == 500
+    # each segment: the kept pages and the short runs between them copied, then a long gap
+    period = sum(1 + r for r in pattern)
+    assert all(s.memsz == period * 4096 for s in segs)
+    assert all(s.filesz == (period - long_) * 4096 for s in segs)
+    assert "shorter than 512 pages" in planner.note
+
+
 def test_first_pass_holds_no_cache_it_will_drop(big1g):
     """A machine whose 2nd-bitmap windows do not all fit the cache keeps none of them.
 

@@ -136,6 +136,8 @@ class ElfWriter(RawWriter):
         planner.finish()
         result = write_elf_segments(self.vm, planner, sink, monitor, summ.level, data)
         result.notes.extend(summ.notes)
+        if planner.note:
+            result.notes.append(planner.note)
         return result
 
 
@@ -244,11 +246,21 @@ class SegmentPlanner:
     are kept, as two u64 each (at most as many as an ELF file can have program headers:
     1 MiB), and the segments are made from them each time the planner is iterated: a list
     of segment objects grew the save by 9 MiB at level 1 on a 64 GiB machine.
+
+    A machine whose kept pages are scattered can need more gaps than an ELF file has
+    program headers for. Then the shortest excluded runs are copied after all (the run
+    length needed doubles until the gaps fit): the dump is larger, but it is saved.
     """
 
-    def __init__(self, vm: Vmcore) -> None:
+    def __init__(self, vm: Vmcore, max_gaps: int | None = None) -> None:
         self.vm = vm
         self.loads = vm.loads
+        # one program header for the notes and one for each segment: a PT_LOAD's gaps plus
+        # its tail (at most 0xFFFF in all: e_phnum is 16 bits)
+        self.max_gaps = 0xFFFE - len(vm.loads) if max_gaps is None else max_gaps
+        if self.max_gaps < 1:
+            raise VmcoreError(f"{vm.path}: {len(vm.loads)} PT_LOADs leave no program headers")
+        self.min_run = MIN_EXCLUDED_RUN
         # per aligned PT_LOAD: [first pfn, end pfn, end of the last kept run, gaps]
         self.state: list[list] = []
         for p in self.loads:
@@ -273,7 +285,7 @@ class SegmentPlanner:
                 if end <= first:
                     continue
                 start = max(start, first)
-                if start - prev >= MIN_EXCLUDED_RUN:
+                if start - prev >= self.min_run:
                     self._gap(gaps, prev - first, start - prev)
                 prev = end
             st[2] = prev
@@ -282,17 +294,46 @@ class SegmentPlanner:
         gaps.append(start)
         gaps.append(n)
         self.ngaps += 1
-        if self.ngaps >= 0xFFFF:  # each gap ends a segment: this many can never fit
-            raise VmcoreError(
-                f"{self.vm.path}: the kept pages need more than {0xFFFF} program headers"
-            )
+        while self.ngaps > self.max_gaps:
+            self._coarsen()
+
+    def _coarsen(self) -> None:
+        """Copy the excluded runs shorter than twice the current length, from now on too."""
+        self.min_run *= 2
+        self.ngaps = 0
+        for st in self.state:
+            if st:
+                gaps = st[3]
+                kept = array.array("Q")
+                for i in range(0, len(gaps), 2):
+                    if gaps[i + 1] >= self.min_run:
+                        kept.append(gaps[i])
+                        kept.append(gaps[i + 1])
+                gaps[:] = kept  # in place: add() holds this array while it runs
+                self.ngaps += len(gaps) // 2
+        log.info(
+            "more excluded runs than ELF program headers can describe: runs shorter than "
+            "%d pages are copied",
+            self.min_run,
+        )
+
+    @property
+    def note(self) -> str | None:
+        """What the README says when short excluded runs were copied."""
+        if self.min_run == MIN_EXCLUDED_RUN:
+            return None
+        return (
+            f"the kept pages are scattered: excluded runs shorter than {self.min_run} pages "
+            f"(not {MIN_EXCLUDED_RUN}) are copied, so that the segments fit the ELF "
+            "program headers"
+        )
 
     def finish(self) -> None:
         """After the last window: the excluded run that ends each PT_LOAD (once)."""
         for st in self.state:
             if st:
                 first, stop, prev, gaps = st
-                if stop - prev >= MIN_EXCLUDED_RUN:
+                if stop - prev >= self.min_run:
                     self._gap(gaps, prev - first, stop - prev)
                 st[2] = stop
 
