@@ -299,7 +299,7 @@ def cmd_recover(args: argparse.Namespace) -> int:
             # cut short for another reason leaves the device as it is.
             if not (incomplete and vm.verified):
                 raise
-            _mark_recovered(device, header, str(e).partition(": ")[0])
+            _mark_recovered(device, header, e.where or "the target")
             raise IncompleteDump(f"{device}: {e}") from None
     where = f"{result.target}/{result.directory}"
     _mark_recovered(device, header, where)

@@ -639,7 +639,8 @@ class CheckedDump(Vmcore):
 
     def __init__(self, vm: Vmcore, header: DeviceHeader) -> None:
         # An incomplete dump is copied as a source one byte longer than its data: the copy
-        # ends early there, as its source did when it was written, and is saved incomplete.
+        # ends there, as its source did when it was written (read_data says why), and is
+        # saved incomplete.
         short = header.state in INCOMPLETE_STATES
         super().__init__(
             vm.path,
@@ -658,6 +659,7 @@ class CheckedDump(Vmcore):
         )
         vm.fd = -1  # the descriptor is this object's now
         self.data_size = header.data_size
+        self.short = short
         self.sha256 = header.sha256
         self.verified = False
         self._hash = hashlib.sha256()
@@ -667,6 +669,11 @@ class CheckedDump(Vmcore):
         return None  # every byte through read_data, where it is hashed
 
     def read_data(self, buf: bytearray | memoryview, offset: int) -> int:
+        if self.short and offset >= self.data_size and self.verified:
+            raise VmcoreError(
+                f"{self.path}: the dump on the device is incomplete: its source ended after "
+                f"{self.data_size} bytes when the capture kernel wrote it"
+            )
         view = memoryview(buf).cast("B")
         view = view[: max(0, min(len(view), self.data_size - offset))]
         n = super().read_data(view, offset) if len(view) else 0

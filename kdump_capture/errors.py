@@ -134,6 +134,8 @@ class IncompleteDump(KdumpError):
     stopped being readable. The manifest says ``"status": "incomplete"`` and why."""
 
     exit_code = 13
+    #: where the incomplete dump was saved (the target and directory), when known
+    where: str | None = None
 
 
 class TransferError(ScriptError):

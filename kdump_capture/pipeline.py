@@ -510,9 +510,11 @@ def save_to_target(
             record.status = "incomplete"
             record.error = result.incomplete
             _publish_record(transport, name, record)
-            raise IncompleteDump(
+            err = IncompleteDump(
                 f"{transport.describe()}/{name}: the dump is INCOMPLETE: {result.incomplete}"
             )
+            err.where = f"{transport.describe()}/{name}"
+            raise err
         record.status = "complete"
         _publish_record(transport, name, record)
         log.info("dump complete: %s/%s", transport.describe(), name)

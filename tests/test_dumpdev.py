@@ -490,6 +490,8 @@ def test_incomplete_device_dump_is_recovered_as_incomplete(sample, loopdev, tmp_
     [name] = os.listdir(tmp_path / "d")
     assert (tmp_path / "d" / name / "vmcore").read_bytes() == data
     assert _status(tmp_path / "d" / name) == "incomplete"
+    why = json.loads((tmp_path / "d" / name / "manifest.json").read_text())["error"]
+    assert f"its source ended after {len(data)} bytes when the capture kernel wrote it" in why
     assert dumpdev.read_header(dev).state == dumpdev.RECOVERED_INCOMPLETE
     r = _recover(dev, tmp_path / "d")
     assert r.rc == 0 and "already recovered" in r.out
