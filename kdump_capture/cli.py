@@ -237,8 +237,9 @@ def cmd_save(args: argparse.Namespace) -> int:
         check_script("KDUMP_POSTSCRIPT", status, cfg.continue_on_error)
     if dumpdev:
         print(
-            "Not rebooting (KDUMP_DUMPDEV is set): check the system from this console, then "
-            "copy the dump to KDUMP_SAVEDIR with: kdump-capture recover"
+            "Not rebooting (KDUMP_DUMPDEV is set): check the system from this console (fsck "
+            "the filesystems, say), then leave it to reboot; in the system, `kdump-capture "
+            "recover` (or kdump-capture-recover.service at boot) copies the dump to KDUMP_SAVEDIR"
         )
         return 0
     if finish.should_reboot(cfg.immediate_reboot, args.no_reboot, cfg["KDUMP_DUMPDEV"]):
