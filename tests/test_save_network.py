@@ -135,3 +135,14 @@ def test_a_cifs_share_the_server_does_not_have_is_a_target_error(request, sample
     assert r.rc == 6, r.err
     assert "not found (a share or a directory above it is missing)" in r.err
     assert "internal error" not in r.err
+
+
+def test_debug_output_over_cifs_does_not_grow_with_the_dump(request, sample, tmp_path):
+    """KDUMP_VERBOSE bit 8 printed smbprotocol's line per message received: about 100 KB
+    per GB dumped, 9 s per GB on a 115200-baud serial console."""
+    target = make_target("cifs", request)
+    conf = write_config(tmp_path / "kdump", target)
+    r = run_save(conf, sample, "KDUMP_VERBOSE=15")
+    assert r.rc == 0, r.err
+    assert "DEBUG" in r.err  # debug output is on
+    assert "Socket recv" not in r.err
