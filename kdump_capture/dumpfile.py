@@ -27,7 +27,7 @@ from .formats.structs import (
     PageDesc,
 )
 from .kernel import AddressError, ElfPhysMemory, VmcoreInfo
-from .vmcore import Vmcore, open_vmcore, parse_vmcoreinfo
+from .vmcore import Vmcore, open_vmcore, parse_vmcoreinfo, vmcoreinfo_text
 
 # Bits per entry of the rank index (pfn -> descriptor number): 4096 bits = 512 bitmap bytes,
 # so a lookup counts at most 512 bytes in C.
@@ -217,7 +217,7 @@ class KdumpReader:
                 raise VmcoreError(f"{path}: ELF notes at {kh.offset_note:#x}: {e}") from None
             for n in notes:
                 if n.name == b"VMCOREINFO":
-                    self.vmcoreinfo = parse_vmcoreinfo(n.desc.decode("ascii", "replace"))
+                    self.vmcoreinfo = parse_vmcoreinfo(vmcoreinfo_text(n.desc, path))
 
     @property
     def incomplete(self) -> bool:

@@ -167,7 +167,7 @@ class Note(Record):
 
     __slots__ = ("name", "type", "desc", "offset")
 
-    def __init__(self, name: bytes, type: int, desc: bytes, offset: int) -> None:
+    def __init__(self, name: bytes, type: int, desc: bytes | memoryview, offset: int) -> None:
         self.name = name
         self.type = type
         self.desc = desc
@@ -178,11 +178,24 @@ def _pad4(n: int) -> int:
     return (n + 3) & ~3
 
 
+# Notes parsed from one blob at most: a crashed kernel writes one per CPU (NR_CPUS is at
+# most 8192), VMCOREINFO and a few more (device dumps, Xen). 64 MiB of empty notes made
+# 5.2 million objects: 2.2 GB.
+MAX_NOTE_COUNT = 1 << 16
+# A description larger than this is a view into the blob, not a copy of it (a view costs
+# about 200 bytes, more than a small copy).
+NOTE_VIEW = 4096
+
+
 def iter_notes(blob: bytes) -> list[Note]:
-    """Parse a PT_NOTE blob; stops at a zero header or the blob's end (as the kernel does)."""
+    """Parse a PT_NOTE blob; stops at a zero header or the blob's end (as the kernel does).
+
+    Raises ValueError past MAX_NOTE_COUNT notes."""
     notes: list[Note] = []
     off = 0
     while off + NHDR.size <= len(blob):
+        if len(notes) == MAX_NOTE_COUNT:
+            raise ValueError(f"more than {MAX_NOTE_COUNT} notes (a kernel writes one per CPU)")
         namesz, descsz, ntype = NHDR.unpack_from(blob, off)
         if namesz == 0 and descsz == 0 and ntype == 0:
             break
@@ -192,7 +205,11 @@ def iter_notes(blob: bytes) -> list[Note]:
         if desc_off + descsz > len(blob):
             raise ValueError(f"note at blob offset {off} runs past the end of the note segment")
         name = blob[name_off : name_off + namesz].rstrip(b"\0")
-        notes.append(Note(name, ntype, blob[desc_off : desc_off + descsz], desc_off))
+        if descsz > NOTE_VIEW:  # a device-dump note can be tens of MiB: not copied
+            desc: bytes | memoryview = memoryview(blob)[desc_off : desc_off + descsz]
+        else:
+            desc = blob[desc_off : desc_off + descsz]
+        notes.append(Note(name, ntype, desc, desc_off))
         off = end
     return notes
 

@@ -9,7 +9,7 @@ import os
 import stat
 import time
 
-from .bounds import MAX_NOTES, MAX_OFFSET, check_span, read_span
+from .bounds import MAX_NOTES, MAX_OFFSET, MAX_VMCOREINFO, check_span, read_span
 from .elf import (
     EHDR,
     ELFCLASS64,
@@ -129,6 +129,19 @@ def parse_vmcoreinfo(text: str) -> dict[str, str]:
         if sep and key:
             info[key.strip()] = value.strip()
     return info
+
+
+def vmcoreinfo_text(desc: bytes | memoryview, path: str) -> str:
+    """A VMCOREINFO note's text, at most MAX_VMCOREINFO bytes of it (the kernel's is one
+    page; a larger note is the crashed kernel's memory at its worst, and is cut)."""
+    if len(desc) > MAX_VMCOREINFO:
+        log.warning(
+            "%s: the VMCOREINFO note holds %d bytes; only the first %d are read",
+            path,
+            len(desc),
+            MAX_VMCOREINFO,
+        )
+    return bytes(desc[:MAX_VMCOREINFO]).decode("ascii", "replace")
 
 
 class Vmcore:
@@ -567,7 +580,7 @@ def _parse(
         for n in vm.notes:
             if n.name == VMCOREINFO_NOTE_NAME:
                 vm.vmcoreinfo_note = n
-                vm.vmcoreinfo = parse_vmcoreinfo(n.desc.decode("ascii", "replace"))
+                vm.vmcoreinfo = parse_vmcoreinfo(vmcoreinfo_text(n.desc, path))
     if not vm.vmcoreinfo:
         log.warning("%s: no VMCOREINFO note; crash time and kernel release unknown", path)
     return vm

@@ -323,6 +323,56 @@ class _FileSink:
         self.f.close()
 
 
+def _vmcore_with_notes(path, notes: bytes, ram_pages: int = 256) -> None:
+    """A vmcore of ``ram_pages`` pages of RAM behind one PT_NOTE holding ``notes``."""
+    notes_off = PAGE
+    data_off = notes_off + -(-len(notes) // PAGE) * PAGE
+    ram = ram_pages * PAGE
+    head = Ehdr.core(2).pack() + Phdr(PT_NOTE, 0, notes_off, 0, 0, len(notes), len(notes), 0).pack()
+    head += Phdr(PT_LOAD, 7, data_off, PAGE_OFFSET + RAM_START, RAM_START, ram, ram, 0).pack()
+    with open(path, "wb") as f:
+        f.write(head.ljust(notes_off, b"\0") + notes.ljust(data_off - notes_off, b"\0"))
+        f.write(bytes(range(256)) * (ram // 256))
+
+
+def test_a_note_segment_of_empty_notes_is_refused_within_bounds(tmp_path):
+    # 48 MiB of 12-byte empty notes: 4 million objects, 2.2 GB for 60 MiB of them.
+    p = tmp_path / "vmcore"
+    _vmcore_with_notes(p, struct.pack("<III", 0, 0, 1) * (4 << 20))
+    peak, msg = _peak(lambda: open_vmcore(str(p)))
+    assert "more than 65536 notes" in msg and "PT_NOTE" in msg
+    assert peak < 64 << 20  # the segment itself: 48 MiB
+
+
+@pytest.mark.parametrize("fmt", ["elf", "compressed"])
+def test_a_large_note_is_held_once(tmp_path, fmt):
+    # A device-dump note (NT_VMCOREDD) of 24 MiB was held by the notes, copied into the
+    # header (ELF) or behind the sub header (kdump-compressed), and sliced into its
+    # description: about three times its size at the peak.
+    big = 24 << 20
+
+    def peak(extra: int) -> int:
+        notes = pack_note(b"CORE", NT_PRSTATUS, bytes(336))
+        notes += pack_note(b"VMCOREDD", 0x700, bytes(extra))
+        p = tmp_path / f"vmcore-{extra}"
+        _vmcore_with_notes(p, notes)
+        tracemalloc.start()
+        try:
+            with open_vmcore(str(p)) as vm:
+                sink = _FileSink(tmp_path / "out")
+                try:
+                    make_writer(vm, fmt, 0, True).write(sink, NullMonitor())
+                finally:
+                    sink.f.close()
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    peak(0)  # imports and module constants, once
+    more = peak(big) - peak(0)
+    assert more < big + (2 << 20), f"{more >> 20} MiB more at the peak"
+
+
 @pytest.fixture(scope="module")
 def kdump_file(tmp_path_factory):
     """A small kdump-compressed (zlib) dump of a synthetic kernel."""

@@ -402,10 +402,13 @@ def write_elf_segments(
         head += Phdr(PT_LOAD, s.flags, off, s.vaddr, s.paddr, s.filesz, s.memsz, 0).pack()
         off += _page_up(s.filesz)
     head += bytes(notes_off - len(head))
-    head += vm.notes_blob
-    head += bytes(data_off - len(head))
+    # The notes straight from where they are held: a device-dump note can be tens of MiB,
+    # and each copy of it counted against the capture kernel's memory.
     sink.write(head)
-    monitor.advance(0, len(head))
+    sink.write(vm.notes_blob)
+    pad = data_off - notes_off - nlen
+    sink.write(bytes(pad))
+    monitor.advance(0, data_off)
 
     buf = bytearray(CHUNK)
     written_pages = 0

@@ -496,7 +496,11 @@ class KdumpWriter(FormatWriter):
         uts = read_utsname(vm, notes)
         header = self._header(lay, summ, uts, incomplete=False)
         written = out.put(0, header)
-        written += out.put(PAGE, self._sub_header(lay, summ))
+        sub = self._sub_header(lay, summ)
+        written += out.put(PAGE, sub)
+        # the notes from where they are held, not copied behind the sub header (a device-dump
+        # note can be tens of MiB)
+        written += out.put(PAGE + len(sub), vm.notes_blob)
         monitor.advance(0, written)
 
         stats, error = self._pages(out, lay, pf, monitor, zero_dedup)
@@ -556,7 +560,7 @@ class KdumpWriter(FormatWriter):
             size_note=len(vm.notes_blob),
             max_mapnr_64=bm.max_mapnr,
         )
-        return kh.pack() + vm.notes_blob
+        return kh.pack()
 
     # -- pages --
     def _runs(self, out, lay, pf: PageFilter, monitor, zero_dedup) -> Iterator[tuple[int, int]]:
