@@ -14,7 +14,7 @@ import pytest
 from kdump_capture import speedups
 from kdump_capture.dumpfile import KdumpReader
 from kdump_capture.elf import PT_LOAD
-from kdump_capture.errors import FreeSpaceError, TransportError
+from kdump_capture.errors import FreeSpaceError, Interrupted, TransportError
 from kdump_capture.formats.structs import DUMP_DH_COMPRESSED_LZO
 from kdump_capture.pipeline import BudgetMonitor
 from kdump_capture.progress import NoProgress
@@ -195,6 +195,30 @@ def test_an_incomplete_dump_stays_until_the_next_one_is_saved(sample, tmp_path):
     assert r.rc == 0, r.err
     assert dumps_in(savedir) == [f"{name}.1"]
     assert "left incomplete by an earlier run" in r.err
+
+
+def test_a_signal_during_rotation_after_the_dump_leaves_it_complete(sample, tmp_path, monkeypatch):
+    # SIGTERM while rotation deleted an older dump, after the new one was complete, ended
+    # the save "interrupted" (exit 130), as if the dump were lost.
+    from kdump_capture.pipeline import SavePlan, save_to_target
+    from kdump_capture.urls import parse_savedir
+    from transports.file import FileTransport
+
+    savedir = tmp_path / "dumps"
+    for _ in range(2):
+        assert cli(*save_args(sample, str(savedir), "KDUMP_KEEP_OLD_DUMPS=1")).rc == 0
+
+    def stopped(self, relpath):
+        raise Interrupted("interrupted by signal 15")
+
+    monkeypatch.setattr(FileTransport, "remove_tree", stopped)
+    targets, _ = parse_savedir(f"file://{savedir}")
+    plan = SavePlan(targets, "elf", 0, 1, 0, TransportSettings())
+    with open_vmcore(sample) as vm:
+        res = save_to_target(vm, plan, targets[0])
+    assert res.record.status == "complete"
+    assert manifest(savedir / res.directory)["status"] == "complete"
+    assert len(dumps_in(savedir)) == 3  # the older two stay: rotation stopped
 
 
 def test_a_rotated_sequence_number_is_not_taken_again(sample, tmp_path):
