@@ -829,3 +829,38 @@ def test_ftp_list_lines(line, parsed):
     from transports.ftp import parse_list_line
 
     assert parse_list_line(line) == parsed
+
+
+def test_an_sftp_close_reply_trickled_is_bounded(tmp_path):
+    """Every WRITE acknowledged, then the server sends its CLOSE reply a byte at a time (an
+    sftp-server behind a pipe that trickles, tests/servers/sftp_trickle.py): each wait for
+    data was short, so the commit waited as long as the server liked. The CLOSE and the
+    stat after it now have an operation's deadline (4 s here); past it the connection is
+    dropped, and the commit goes on with a new one (or fails), within a bound."""
+    from kdump_capture.urls import parse_target
+    from tests.servers import sftp_trickle
+    from tests.servers.sshd import sshd
+    from transports import open_transport
+
+    subsystem = f"{sys.executable} {sftp_trickle.__file__}"
+    with sshd(str(tmp_path / "sshd"), subsystem=subsystem) as s:
+        d = os.path.join(s.workdir, "data")
+        settings = TransportSettings(
+            timeout=1.0,
+            retries=1,
+            retry_delay=0.1,
+            ssh_identity=(s.client_key,),
+            host_key=s.host_key,
+        )
+        tr = open_transport(parse_target(f"sftp://root@{s.host}:{s.port}{d}")[0], settings)
+        with tr:
+            sink = tr.create("vmcore")
+            sink.write(b"x" * MiB)
+            t0 = time.monotonic()
+            info = sink.commit()
+            elapsed = time.monotonic() - t0
+        assert info.size == MiB
+        assert os.path.getsize(os.path.join(d, "vmcore")) == MiB
+    # 4 s for the CLOSE, then the stat on a new connection (whose replies come at once): the
+    # server has every byte. Waiting for the trickled replies took 24 s.
+    assert elapsed < 15, f"{elapsed:.1f} s"

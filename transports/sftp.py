@@ -52,7 +52,14 @@ from .base import (
     same_file,
     temp_name,
 )
-from .retry import REPLAY_STEP, ReplayBuffer, RetryingTransport, is_connection_lost, shut_down
+from .retry import (
+    REPLAY_STEP,
+    ReplayBuffer,
+    RetryingTransport,
+    deadline,
+    is_connection_lost,
+    shut_down,
+)
 
 log = logging.getLogger(__name__)
 
@@ -448,8 +455,11 @@ class SftpSink(Sink):
         what = f"closing {self._tmp}"
         try:
             f, self._file = self._file, None
-            f.close()
-            size = self._sftp.stat(self._tmp).st_size
+            # Every WRITE is acknowledged: the CLOSE reply owes nothing to the data, and a
+            # server that trickles it is dropped like any operation past its deadline.
+            with deadline(self._t.op_deadline, what, self._t._drop_connection):
+                f.close()
+                size = self._sftp.stat(self._tmp).st_size
         except Exception as e:
             err = self._t.convert(e, what)
             renewed = self._renewed()

@@ -24,7 +24,9 @@ class SshServer:
 
 
 @contextlib.contextmanager
-def sshd(workdir: str) -> Iterator[SshServer]:
+def sshd(workdir: str, subsystem: str = SFTP_SERVER) -> Iterator[SshServer]:
+    """``subsystem``: the command sshd runs for SFTP (OpenSSH's sftp-server, or a wrapper
+    around it that misbehaves)."""
     os.makedirs(workdir, exist_ok=True)
     os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # privilege separation dir
     hostkey = os.path.join(workdir, "ssh_host_ed25519_key")
@@ -51,7 +53,7 @@ def sshd(workdir: str) -> Iterator[SshServer]:
             f"PidFile {workdir}/sshd.pid\nAuthorizedKeysFile {authorized}\n"
             "PermitRootLogin yes\nPasswordAuthentication yes\nKbdInteractiveAuthentication no\n"
             "UsePAM no\nStrictModes no\nMaxStartups 50\nMaxSessions 50\n"
-            f"Subsystem sftp {SFTP_SERVER}\n"
+            f"Subsystem sftp {subsystem}\n"
         )
     log = os.path.join(workdir, "sshd.log")
     argv = [SSHD, "-D", "-e", "-f", conf]
