@@ -76,6 +76,10 @@ STATE_NAMES = {
 # The state after ``recover``: an incomplete dump stays one when it is copied again.
 RECOVERED_STATE = {COMPLETE: RECOVERED, INCOMPLETE: RECOVERED_INCOMPLETE}
 INCOMPLETE_STATES = (INCOMPLETE, RECOVERED_INCOMPLETE)
+# A swap area that is not in use is the traditional dump device (the kdump tutorial's
+# "non-used swap partition"; LKCD dumped to swap): written, with a warning. One in use is
+# refused by check_device (/proc/swaps).
+SWAP_AREA = "a swap area"
 # What a dump would destroy, by the signatures blkid looks for: (offset, bytes, what). Swap
 # ends its first page, whose size was the creating system's; LVM2 labels any of sectors 0-3.
 SIGNATURES = (
@@ -92,7 +96,7 @@ SIGNATURES = (
     (32769, b"CD001", "an ISO 9660 filesystem"),
     (512, b"EFI PART", "a GPT partition table"),
     *(
-        (page - 10, magic, "a swap area")
+        (page - 10, magic, SWAP_AREA)
         for page in (4096, 16384, 65536)
         for magic in (b"SWAPSPACE2", b"SWAP-SPACE")
     ),
@@ -288,6 +292,16 @@ def foreign_contents(start: bytes) -> str:
 
 def _refuse_foreign(start: bytes, path: str) -> None:
     found = foreign_contents(start)
+    if found.startswith(SWAP_AREA):
+        log.warning(
+            "KDUMP_DUMPDEV %s holds %s, not in use: the dump overwrites it; after recovering "
+            "the dump, run mkswap %s to use it as swap again (and do not let the system turn "
+            "it on before the dump is recovered)",
+            path,
+            found,
+            path,
+        )
+        return
     if found:
         raise DumpDeviceError(
             f"KDUMP_DUMPDEV {path}: holds {found}; refusing to overwrite it. If it really is "

@@ -623,6 +623,18 @@ def test_filesystem_on_the_device_is_refused(sample, loopdev):
     assert _save_to_dev(sample, dev).rc == 0
 
 
+def test_a_swap_area_not_in_use_is_written_with_a_warning(sample, loopdev):
+    """The kdump tutorial's dump device is "a non-used swap partition": refusing its
+    signature would have lost the crash of every system set up that way. (One in use is
+    refused: it is in /proc/swaps, test_fake_sysfs_in_use_is_refused.)"""
+    dev = loopdev(32)
+    subprocess.run(["mkswap", "-q", dev], check=True, capture_output=True)
+    r = _save_to_dev(sample, dev)
+    assert r.rc == 0, r.err
+    assert "holds a swap area" in r.err and f"mkswap {dev}" in r.err
+    assert dumpdev.read_header(dev).state == dumpdev.COMPLETE
+
+
 def test_device_the_kernel_holds_is_refused(sample, loopdev):
     """Mounted in another mount namespace: not in our mountinfo, but the kernel refuses
     O_EXCL (here another program holds the device exclusively, which looks the same)."""

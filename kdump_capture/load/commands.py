@@ -121,6 +121,21 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dump_device_problems(cfg: Mapping[str, str]) -> list[str]:
+    """What the capture kernel would refuse about KDUMP_DUMPDEV: found by `check`, and
+    refused by `load`, on the running system rather than after a crash."""
+    if not cfg["KDUMP_DUMPDEV"]:
+        return []
+    from ..dumpdev import inspect_device
+    from ..errors import DumpDeviceError
+
+    try:
+        inspect_device(cfg["KDUMP_DUMPDEV"])
+    except DumpDeviceError as e:
+        return [str(e)]
+    return []
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     from ..features import check_supported
     from .estimate import below_estimate, estimate, machine_max_pfn
@@ -130,14 +145,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     check_supported(cfg)
     r = readiness(cfg, System())
     r.image_state = image_decision(cfg, r.version, None).line()
-    if cfg["KDUMP_DUMPDEV"]:
-        from ..dumpdev import inspect_device
-        from ..errors import DumpDeviceError
-
-        try:
-            inspect_device(cfg["KDUMP_DUMPDEV"])  # what the capture kernel would refuse
-        except DumpDeviceError as e:
-            r.problems.append(str(e))
+    r.problems += _dump_device_problems(cfg)
     facts, _ = image_facts(cfg, r.version, None)
     if facts:
         r.estimate = estimate(cfg, facts, machine_max_pfn()).crashkernel
@@ -185,6 +193,7 @@ def cmd_load(args: argparse.Namespace) -> int:
     if not r.reserved:
         raise LoadError(NOT_RESERVED)
     problems = [p for p in r.problems if not (args.kernel and "capture kernel image" in p)]
+    problems += _dump_device_problems(cfg)
     if problems:
         raise LoadError("; ".join(problems))
     prepare_image(cfg, image_decision(cfg, r.version, args.initrd), r.version)
