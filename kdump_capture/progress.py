@@ -110,9 +110,16 @@ class TqdmProgress:
     def __init__(self, stream: TextIO | None = None) -> None:
         self.stream = stream or sys.stdout
         self.bar = None
+        self._logs = None
 
     def start(self, label: str, total: int | None) -> None:
         from tqdm import tqdm
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        # Log lines while the bar is shown go through tqdm, which takes the bar away and
+        # draws it again below them: written beside it, they were glued onto its end.
+        self._logs = logging_redirect_tqdm()
+        self._logs.__enter__()
 
         self.bar = tqdm(
             total=total,
@@ -135,6 +142,9 @@ class TqdmProgress:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+        if self._logs is not None:
+            self._logs.__exit__(None, None, None)
+            self._logs = None
 
 
 PROGRESS_STYLES = ("auto", "lines", "bar")

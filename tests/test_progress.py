@@ -140,3 +140,35 @@ def test_lines_where_tqdm_is_not_packed():
             env=dict(os.environ, TERM="xterm"),
         )
     assert r.stderr.strip() == "LineProgress", r.stderr
+
+
+def test_log_lines_are_not_glued_onto_the_bar(tmp_path):
+    # On a terminal that draws the bar, a log line written while it was shown went on its
+    # end: "... [00:00<?, ?B/s]kdump: INFO: ...".
+    import pty
+    import sys
+
+    args = [sys.executable, "-m", "kdump_capture", "save", "--sample", "--config", "/dev/null"]
+    args += ["--no-reboot", "--set", f"KDUMP_SAVEDIR=file://{tmp_path}/d"]
+    args += ["--set", "KDUMP_DUMPFORMAT=compressed", "--set", "KDUMP_DUMPLEVEL=31"]
+    env = dict(os.environ, TERM="xterm", PYTHONPATH=os.getcwd())
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: a terminal of 24 x 80 as its stdout and stderr
+        fcntl.ioctl(1, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+        os.execve(sys.executable, args, env)
+    out = bytearray()
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        out += chunk
+    _, status = os.waitpid(pid, 0)
+    os.close(fd)
+    assert os.waitstatus_to_exitcode(status) == 0, out.decode(errors="replace")
+    assert b"vmcore:" in out and b"%|" in out  # the bar was drawn
+    lines = re.split(rb"[\r\n]", bytes(out))
+    glued = [line for line in lines if b"kdump: " in line and not line.startswith(b"kdump: ")]
+    assert not glued, glued
