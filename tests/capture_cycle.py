@@ -143,9 +143,12 @@ def run_cycle(
     target_fstype: str = "",
     timeout: float = 420.0,
     loaded: Path | None = None,
+    stop_at: str | None = None,
 ) -> CycleResult:
     """One cycle; ``loaded`` is a capture image built elsewhere (dracut) to load instead of
-    ours (ours is still built: the first kernel's load side runs from it)."""
+    ours (ours is still built: the first kernel's load side runs from it). ``stop_at``: a
+    console pattern after the save (a shell waiting on the console, which nobody types
+    into here) at which the guest is stopped."""
     work.mkdir(parents=True, exist_ok=True)
     marker = f"KDUMP-CAPTURE-E2E-{uuid.uuid4().hex}"
     capture, report = build_capture(
@@ -166,6 +169,9 @@ def run_cycle(
             m = guest.wait_for(SAVED, timeout=timeout)
             saved_at = time.monotonic()
             save_rc = int(m.group(1))
+            if stop_at is not None:
+                guest.wait_for(stop_at, timeout=60)
+                guest.kill()
         except vmkit.VmError:
             pass  # reported below from the console
         result = guest.wait(timeout=60)

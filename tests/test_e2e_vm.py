@@ -112,6 +112,60 @@ def test_local_file_target_on_virtio_disk(cloud_kernel: vmkit.Kernel, tmp_path: 
     check_console(res)
 
 
+DUMPDEV_CONFIG = """\
+KDUMP_SAVEDIR="file:///var/crash"
+KDUMP_DUMPDEV="/dev/vda"
+KDUMP_DUMPFORMAT="compressed"
+KDUMP_DUMPLEVEL="31"
+KDUMP_IMMEDIATE_REBOOT="yes"
+KDUMP_VERBOSE="7"
+"""
+
+
+@pytest.mark.slow
+def test_dump_device_then_recover(cloud_kernel: vmkit.Kernel, tmp_path: Path):
+    """KDUMP_DUMPDEV in a real capture kernel: the image waits for the disk, writes the dump
+    raw onto it and stays on the console (whatever KDUMP_IMMEDIATE_REBOOT says); back in
+    the system, `kdump-capture recover` copies it from the device (here its image file, as
+    kdump-capture-recover.service would from the disk) into KDUMP_SAVEDIR."""
+    dev = tmp_path / "dumpdev.img"
+    with open(dev, "wb") as f:
+        f.truncate(256 << 20)
+    res = capture_cycle.run_cycle(
+        cloud_kernel,
+        DUMPDEV_CONFIG,
+        tmp_path / "cycle",
+        drives=(vmkit.Drive(dev),),
+        stop_at=r"starting a shell on the console",
+    )
+    assert res.save_rc == 0, _explain(res)
+    assert "Dump written to /dev/vda" in res.console, _explain(res)
+    assert "starting a shell on the console" in res.console and res.finish is None, _explain(res)
+    out = tmp_path / "recovered"
+    r = subprocess.run(
+        [sys.executable, "-m", "kdump_capture", "recover", "--config", "/nonexistent"]
+        + ["--device", str(dev), "--set", f"KDUMP_SAVEDIR=file://{out}"],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    [dumpdir] = [d for d in out.iterdir() if d.is_dir()]
+    r = subprocess.run(
+        [sys.executable, "-m", "kdump_capture", "verify", str(dumpdir)],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    dmesg = tmp_path / "makedumpfile-dmesg.txt"
+    r = subprocess.run(
+        ["makedumpfile", "--dump-dmesg", str(dumpdir / "vmcore"), str(dmesg)],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert res.marker in dmesg.read_text(errors="replace")
+
+
 def sftp_config(server, dumps: Path) -> str:
     """Dump over SFTP to the test sshd; the guest reaches the host's loopback at 10.0.2.2."""
     return (
