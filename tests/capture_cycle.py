@@ -36,6 +36,7 @@ fail() { echo "E2E-FAIL: $*"; /usr/bin/busybox poweroff -f; sleep 5; }
 echo "E2E-STAGE first"
 echo "{marker}" >/dev/kmsg
 K="--config /etc/sysconfig/kdump"
+{setup}
 if [ -e /boot/capture.img.inputs.json ]; then  # our image (dracut's has no record)
     python3 -I -m kdump_capture estimate $K --initrd /boot/capture.img \\
         || fail "kdump-capture estimate"
@@ -108,13 +109,32 @@ def build_capture(
     return out, report
 
 
+# For the first stage: load the capture image's kernel modules (its disk drivers), as a
+# real system has its disks when kdump is loaded (`load` checks a KDUMP_DUMPDEV device).
+LOAD_DISK_DRIVERS = """\
+python3 -I -c 'import importlib.machinery as m, importlib.util as u, json
+s = u.spec_from_loader("i", m.SourceFileLoader("i", "/init"))
+i = u.module_from_spec(s)
+s.loader.exec_module(i)
+i.load_modules(json.load(open("/etc/kdump-capture/init.json"))["modules"])' \\
+    || fail "loading the disk drivers"
+"""
+
+
 def first_stage_image(
-    kernel: vmkit.Kernel, capture: Path, marker: str, work: Path, loaded: Path | None = None
+    kernel: vmkit.Kernel,
+    capture: Path,
+    marker: str,
+    work: Path,
+    loaded: Path | None = None,
+    setup: str = "",
 ) -> Path:
     """The first kernel's image: our runtime (``capture``) plus an overlay with the loader
-    script, busybox, the kernel and the image to load (``loaded``, default ``capture``)."""
+    script, busybox, the kernel and the image to load (``loaded``, default ``capture``).
+    ``setup``: shell lines the first stage runs before loading (LOAD_DISK_DRIVERS)."""
     arc = cpio.Archive()
-    arc.add_file("init-first", FIRST_INIT.replace("{marker}", marker).encode(), 0o755)
+    script = FIRST_INIT.replace("{marker}", marker).replace("{setup}", setup)
+    arc.add_file("init-first", script.encode(), 0o755)
     # the capture image has busybox only when its config may open a shell
     arc.add_file("usr/bin/busybox", vmkit.find_busybox().read_bytes(), 0o755)
     arc.add_file("boot/vmlinuz", kernel.vmlinuz.read_bytes())
@@ -144,6 +164,7 @@ def run_cycle(
     timeout: float = 420.0,
     loaded: Path | None = None,
     stop_at: str | None = None,
+    setup: str = "",
 ) -> CycleResult:
     """One cycle; ``loaded`` is a capture image built elsewhere (dracut) to load instead of
     ours (ours is still built: the first kernel's load side runs from it). ``stop_at``: a
@@ -154,7 +175,7 @@ def run_cycle(
     capture, report = build_capture(
         kernel, config_text, work, target_device=target_device, target_fstype=target_fstype
     )
-    first = first_stage_image(kernel, capture, marker, work, loaded)
+    first = first_stage_image(kernel, capture, marker, work, loaded, setup)
     append = f"console=ttyS0 quiet crashkernel={crashkernel_mib}M rdinit=/init-first panic=-1"
     log_path = work / "console.log"
     started = time.monotonic()

@@ -137,6 +137,7 @@ def test_dump_device_then_recover(cloud_kernel: vmkit.Kernel, tmp_path: Path):
         tmp_path / "cycle",
         drives=(vmkit.Drive(dev),),
         stop_at=r"starting a shell on the console",
+        setup=capture_cycle.LOAD_DISK_DRIVERS,
     )
     assert res.save_rc == 0, _explain(res)
     assert "Dump written to /dev/vda" in res.console, _explain(res)
