@@ -638,7 +638,9 @@ def _publish_record(transport: Transport, name: str, record: DumpRecord) -> None
     In this order a save stopped in between (killed, the target full) leaves a README that
     says the dump is incomplete, never one that says complete beside no manifest. The
     manifest lists README.txt as it is about to be written (its size and checksum, by the
-    transport's algorithm); the README written is checked against that.
+    transport's algorithm); the README written is checked against that. Once the manifest
+    is there it is the record: a README that cannot be written then is a warning (``verify``
+    says it is missing), never the save's error.
     """
     record.notes.extend(n for n in transport.notes if n not in record.notes)
     readme = record.readme_text().encode()
@@ -647,9 +649,22 @@ def _publish_record(transport: Transport, name: str, record: DumpRecord) -> None
     h.update(readme)
     record.files[README] = {"size": len(readme), **checksum.entry(algorithm, h.hexdigest())}
     _put(transport, f"{name}/{MANIFEST}", record.manifest_json())
-    transport.remove_file(f"{name}/{README}")
-    if _put(transport, f"{name}/{README}", readme) != record.files[README]:
-        raise TransportError(f"{transport.describe()}/{name}/{README}: stored other bytes")
+    try:
+        transport.remove_file(f"{name}/{README}")
+        if _put(transport, f"{name}/{README}", readme) != record.files[README]:
+            raise TransportError(f"{transport.describe()}/{name}/{README}: stored other bytes")
+    except Interrupted:
+        raise
+    except KdumpError as e:
+        log.warning(
+            "%s/%s: %s is written (status %s), but %s is not: %s",
+            transport.describe(),
+            name,
+            MANIFEST,
+            record.status,
+            README,
+            e,
+        )
 
 
 # How far past what the older dumps' listed files hold a shortfall must be (times HOPELESS,

@@ -254,6 +254,37 @@ def test_a_target_full_at_the_manifest_leaves_a_readme_saying_incomplete(sample,
     assert "complete" not in cli("list", f"file://{savedir}").out.replace("incomplete", "")
 
 
+def test_a_readme_that_cannot_be_written_after_the_manifest_is_a_warning(
+    sample, tmp_path, monkeypatch
+):
+    # The final README comes after the manifest: when it could not be written (the target
+    # full, a dropped connection), the save failed for a dump the manifest says is complete
+    # (and skipped rotation), and verify failed on the README the manifest lists.
+    from kdump_capture import pipeline
+    from kdump_capture.errors import TargetFull
+    from kdump_capture.urls import parse_savedir
+
+    put = pipeline._put
+
+    def full_at_the_readme(transport, relpath, data, encrypt_to=()):
+        if relpath.endswith("/README.txt") and data != pipeline.PLACEHOLDER.encode():
+            raise TargetFull("no space left on device")
+        return put(transport, relpath, data, encrypt_to)
+
+    monkeypatch.setattr(pipeline, "_put", full_at_the_readme)
+    savedir = tmp_path / "dumps"
+    targets, _ = parse_savedir(f"file://{savedir}")
+    plan = pipeline.SavePlan(targets, "elf", 0, 0, 0, TransportSettings())
+    with open_vmcore(sample) as vm:
+        res = pipeline.save_to_target(vm, plan, targets[0])
+    d = savedir / res.directory
+    assert manifest(d)["status"] == "complete"
+    assert sorted(os.listdir(d)) == ["manifest.json", "vmcore"]
+    r = cli("verify", str(d))
+    assert r.rc == 0, r.err
+    assert "MISSING  README.txt" in r.out
+
+
 def test_a_dump_deleted_half_way_no_longer_reads_complete(sample, tmp_path):
     # Deletion used to go in listing order (creation order on btrfs and XFS: the vmcore
     # first): stopped half way, it left manifest.json, so the dump still listed complete.
