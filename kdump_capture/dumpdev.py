@@ -40,7 +40,7 @@ import struct
 import time
 from dataclasses import dataclass, replace
 
-from transports.base import FileInfo, Sink, WriteBehind
+from transports.base import FileInfo, Sink, WriteBehind, mode_kind
 
 from . import checksum
 from .errors import ConfigError, DumpDeviceError, IncompleteDump, NoDumpError, VmcoreError
@@ -219,18 +219,6 @@ def _pread(fd: int, size: int, offset: int, where: str) -> bytes:
         raise DumpDeviceError(f"{where}: read error at offset {offset:#x}: {e.strerror}") from e
 
 
-def _kind(mode: int) -> str:
-    for test, name in (
-        (stat.S_ISDIR, "a directory"),
-        (stat.S_ISFIFO, "a FIFO"),
-        (stat.S_ISCHR, "a character device"),
-        (stat.S_ISSOCK, "a socket"),
-    ):
-        if test(mode):
-            return name
-    return "not a device"
-
-
 def open_device(path: str, where: str, write: bool = False, exclusive: bool = False) -> int:
     """A descriptor of ``path``, a block device or a regular file (an image of one).
 
@@ -244,7 +232,7 @@ def open_device(path: str, where: str, write: bool = False, exclusive: bool = Fa
     def check(st: os.stat_result) -> None:
         if not (stat.S_ISBLK(st.st_mode) or stat.S_ISREG(st.st_mode)):
             raise DumpDeviceError(
-                f"{where}: {_kind(st.st_mode)}, not a block device or a device image"
+                f"{where}: {mode_kind(st.st_mode)}, not a block device or a device image"
             )
 
     try:

@@ -197,11 +197,20 @@ def test_an_incomplete_dump_stays_until_the_next_one_is_saved(sample, tmp_path):
     assert "left incomplete by an earlier run" in r.err
 
 
+def _save_in_process(sample, savedir, keep: int = 0):
+    """An ELF level-0 save to ``savedir`` in this process (for faults patched into it)."""
+    from kdump_capture.pipeline import SavePlan, save_to_target
+    from kdump_capture.urls import parse_savedir
+
+    targets, _ = parse_savedir(f"file://{savedir}")
+    plan = SavePlan(targets, "elf", 0, keep, 0, TransportSettings())
+    with open_vmcore(sample) as vm:
+        return save_to_target(vm, plan, targets[0])
+
+
 def test_a_signal_during_rotation_after_the_dump_leaves_it_complete(sample, tmp_path, monkeypatch):
     # SIGTERM while rotation deleted an older dump, after the new one was complete, ended
     # the save "interrupted" (exit 130), as if the dump were lost.
-    from kdump_capture.pipeline import SavePlan, save_to_target
-    from kdump_capture.urls import parse_savedir
     from transports.file import FileTransport
 
     savedir = tmp_path / "dumps"
@@ -212,10 +221,7 @@ def test_a_signal_during_rotation_after_the_dump_leaves_it_complete(sample, tmp_
         raise Interrupted("interrupted by signal 15")
 
     monkeypatch.setattr(FileTransport, "remove_tree", stopped)
-    targets, _ = parse_savedir(f"file://{savedir}")
-    plan = SavePlan(targets, "elf", 0, 1, 0, TransportSettings())
-    with open_vmcore(sample) as vm:
-        res = save_to_target(vm, plan, targets[0])
+    res = _save_in_process(sample, savedir, keep=1)
     assert res.record.status == "complete"
     assert manifest(savedir / res.directory)["status"] == "complete"
     assert len(dumps_in(savedir)) == 3  # the older two stay: rotation stopped
@@ -262,7 +268,6 @@ def test_a_readme_that_cannot_be_written_after_the_manifest_is_a_warning(
     # (and skipped rotation), and verify failed on the README the manifest lists.
     from kdump_capture import pipeline
     from kdump_capture.errors import TargetFull
-    from kdump_capture.urls import parse_savedir
 
     put = pipeline._put
 
@@ -273,10 +278,7 @@ def test_a_readme_that_cannot_be_written_after_the_manifest_is_a_warning(
 
     monkeypatch.setattr(pipeline, "_put", full_at_the_readme)
     savedir = tmp_path / "dumps"
-    targets, _ = parse_savedir(f"file://{savedir}")
-    plan = pipeline.SavePlan(targets, "elf", 0, 0, 0, TransportSettings())
-    with open_vmcore(sample) as vm:
-        res = pipeline.save_to_target(vm, plan, targets[0])
+    res = _save_in_process(sample, savedir)
     d = savedir / res.directory
     assert manifest(d)["status"] == "complete"
     assert sorted(os.listdir(d)) == ["manifest.json", "vmcore"]

@@ -103,15 +103,17 @@ def bounded(chunks: Iterator[bytes], limit: int | None, what: str) -> Iterator[b
 
 
 def mode_kind(mode: int) -> str:
-    """What a file mode is, for messages about files we refuse to read."""
-    if stat.S_ISLNK(mode):
-        return "a symbolic link"
-    if stat.S_ISDIR(mode):
-        return "a directory"
-    if stat.S_ISFIFO(mode):
-        return "a FIFO"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "a device"
+    """What a file mode is, for messages about files we refuse to open."""
+    for test, name in (
+        (stat.S_ISLNK, "a symbolic link"),
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return name
     return "not a regular file"
 
 
