@@ -205,7 +205,7 @@ def cmd_save(args: argparse.Namespace) -> int:
             source = tmp
         else:
             source = find_source(args.vmcore)
-        with open_vmcore(source) as vm:
+        with open_vmcore(source, map_notes=True) as vm:
             log.info(
                 "vmcore %s: %s bytes, kernel %s, %d CPUs",
                 source,

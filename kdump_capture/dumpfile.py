@@ -41,7 +41,7 @@ class Dump:
     path: str
     kind: str  # "elf", "kdump" or "kdump (flattened)"
     vmcoreinfo: dict[str, str]
-    notes_blob: bytes
+    notes_blob: bytes | memoryview
     read_phys: Callable[[int, int], bytes]
     phys_base: int | None
     close: Callable[[], None]

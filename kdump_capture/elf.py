@@ -187,8 +187,9 @@ MAX_NOTE_COUNT = 1 << 16
 NOTE_VIEW = 4096
 
 
-def iter_notes(blob: bytes) -> list[Note]:
-    """Parse a PT_NOTE blob; stops at a zero header or the blob's end (as the kernel does).
+def iter_notes(blob: bytes | memoryview) -> list[Note]:
+    """Parse a PT_NOTE blob, or a view of a mapped one; stops at a zero header or the blob's
+    end (as the kernel does).
 
     Raises ValueError past MAX_NOTE_COUNT notes."""
     notes: list[Note] = []
@@ -204,11 +205,11 @@ def iter_notes(blob: bytes) -> list[Note]:
         end = desc_off + _pad4(descsz)
         if desc_off + descsz > len(blob):
             raise ValueError(f"note at blob offset {off} runs past the end of the note segment")
-        name = blob[name_off : name_off + namesz].rstrip(b"\0")
+        name = bytes(blob[name_off : name_off + namesz]).rstrip(b"\0")
         if descsz > NOTE_VIEW:  # a device-dump note can be tens of MiB: not copied
             desc: bytes | memoryview = memoryview(blob)[desc_off : desc_off + descsz]
         else:
-            desc = blob[desc_off : desc_off + descsz]
+            desc = bytes(blob[desc_off : desc_off + descsz])
         notes.append(Note(name, ntype, desc, desc_off))
         off = end
     return notes

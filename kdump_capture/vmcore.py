@@ -161,7 +161,7 @@ class Vmcore:
         ehdr: Ehdr | None = None,
         phdrs: list[Phdr] | None = None,
         notes_offset: int = 0,
-        notes_blob: bytes = b"",
+        notes_blob: bytes | memoryview = b"",
         notes: list[Note] | None = None,
         vmcoreinfo: dict[str, str] | None = None,
         vmcoreinfo_note: Note | None = None,
@@ -412,6 +412,28 @@ class Vmcore:
         self.close()
 
 
+def _mapped_notes(path: str, fd: int, pos: int, size: int) -> memoryview | None:
+    """The note segment at ``pos`` mapped read-only, or None: read it instead.
+
+    /proc/vmcore keeps the crashed kernel's notes in the capture kernel's own memory
+    (vmalloc) and maps those very pages, so a mapping costs no memory and a read holds the
+    notes twice. A device dump (NT_VMCOREDD: an adapter's firmware state) can make them tens
+    of MiB (MAX_NOTES) in a capture kernel with tens of MiB free. The same rules as ``view``:
+    regular files only, not with KDUMP_CAPTURE_NO_MMAP, never past the end of the file.
+    """
+    if size <= 0 or not _mappable(fd):
+        return None
+    start = pos - pos % mmap.ALLOCATIONGRANULARITY
+    try:
+        if pos + size > os.fstat(fd).st_size:
+            return None  # read_span names where the file ends
+        mm = mmap.mmap(fd, pos + size - start, mmap.MAP_SHARED, mmap.PROT_READ, offset=start)
+    except (OSError, ValueError) as e:
+        log.debug("%s: mmap of the notes failed (%s); reading them", path, e)
+        return None
+    return memoryview(mm)[pos - start : pos - start + size]
+
+
 def _mappable(fd: int) -> bool:
     if os.environ.get("KDUMP_CAPTURE_NO_MMAP", "") not in ("", "0"):
         return False
@@ -436,12 +458,20 @@ def find_source(explicit: str | None) -> str:
     )
 
 
-def open_vmcore(path: str, base: int = 0, limit: int | None = None, iomem: str = IOMEM) -> Vmcore:
+def open_vmcore(
+    path: str,
+    base: int = 0,
+    limit: int | None = None,
+    iomem: str = IOMEM,
+    map_notes: bool = False,
+) -> Vmcore:
     """Open and validate a crash dump source; errors name the file and offset.
 
     ``base`` and ``limit`` select a region of ``path`` (the data area of a dump device).
     A source that is not ELF is raw physical memory (/dev/oldmem); how much of it there is
-    comes from the System RAM ranges of ``iomem``.
+    comes from the System RAM ranges of ``iomem``. ``map_notes``: the source being saved
+    (/proc/vmcore) has its notes mapped, not read (``_mapped_notes``); a dump read back
+    from a target is read, where another host could truncate it under a mapping (SIGBUS).
     """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -450,14 +480,19 @@ def open_vmcore(path: str, base: int = 0, limit: int | None = None, iomem: str =
     try:
         if stat.S_ISDIR(os.fstat(fd).st_mode):  # open(2) lets O_RDONLY through; read fails
             raise NoDumpError(f"{path}: cannot open: {os.strerror(errno.EISDIR)}")
-        return _parse(path, fd, base, limit, iomem)
+        return _parse(path, fd, base, limit, iomem, map_notes)
     except BaseException:
         os.close(fd)
         raise
 
 
 def _parse(
-    path: str, fd: int, base: int = 0, limit: int | None = None, iomem: str = IOMEM
+    path: str,
+    fd: int,
+    base: int = 0,
+    limit: int | None = None,
+    iomem: str = IOMEM,
+    map_notes: bool = False,
 ) -> Vmcore:
     st = os.fstat(fd)
     head = os.pread(fd, EHDR.size, base)
@@ -558,19 +593,24 @@ def _parse(
         def pread(size: int, offset: int) -> bytes:
             return os.pread(fd, size, base + offset)
 
-        blob = b"".join(
-            read_span(
-                pread,
-                path,
-                f"PT_NOTE #{i}",
-                p.offset,
-                p.filesz,
-                file_size,
-                where=ehdr.phoff + i * PHDR.size,
-            )
-            for i, p in notes
-        )
         first = notes[0][1]
+        blob: bytes | memoryview | None = None
+        if map_notes and len(notes) == 1:
+            check_span(path, "PT_NOTE #0", first.offset, first.filesz, file_size, where=ehdr.phoff)
+            blob = _mapped_notes(path, fd, base + first.offset, first.filesz)
+        if blob is None:
+            blob = b"".join(
+                read_span(
+                    pread,
+                    path,
+                    f"PT_NOTE #{i}",
+                    p.offset,
+                    p.filesz,
+                    file_size,
+                    where=ehdr.phoff + i * PHDR.size,
+                )
+                for i, p in notes
+            )
         vm.notes_offset = first.offset
         vm.notes_blob = blob
         try:
