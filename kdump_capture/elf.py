@@ -26,7 +26,18 @@ EHDR = struct.Struct("<16sHHIQQQIHHHHHH")
 PHDR = struct.Struct("<IIQQQQQQ")
 # Elf64_Nhdr: n_namesz, n_descsz, n_type
 NHDR = struct.Struct("<III")
-assert EHDR.size == 64 and PHDR.size == 56 and NHDR.size == 12  # sizeof() in <elf.h>
+# Elf64_Shdr: sh_name, sh_type, sh_flags, sh_addr, sh_offset, sh_size, sh_link, sh_info,
+# sh_addralign, sh_entsize (a core file has one: section 0, for extended numbering)
+SHDR = struct.Struct("<IIQQQQIIQQ")
+assert EHDR.size == 64 and PHDR.size == 56 and NHDR.size == 12 and SHDR.size == 64
+
+# Extended numbering (elf(5)): with 0xFFFF program headers or more, e_phnum is PN_XNUM and
+# the count is section 0's sh_info. makedumpfile -E writes it for large machines, and
+# crash (7.2.8 and later) and makedumpfile read it. A count this large is read or written
+# at most (the headers cost 56 bytes each in the file, and a Phdr each when read back).
+PN_XNUM = 0xFFFF
+MAX_XNUM_PHNUM = 1 << 18
+SH_INFO_OFFSET = 44  # of sh_info in Elf64_Shdr
 
 
 class Ehdr(Record):
@@ -103,7 +114,10 @@ class Ehdr(Record):
 
     @classmethod
     def core(cls, phnum: int, machine: int = EM_X86_64) -> Ehdr:
+        """A core file's header, its ``phnum`` program headers right behind it; from
+        PN_XNUM on, with extended numbering: section 0 (``xnum_section``) follows them."""
         ident = ELFMAG + bytes([ELFCLASS64, ELFDATA2LSB, EV_CURRENT]) + bytes(9)
+        xnum = phnum >= PN_XNUM
         return cls(
             ident,
             ET_CORE,
@@ -111,15 +125,20 @@ class Ehdr(Record):
             EV_CURRENT,
             0,
             EHDR.size,
-            0,
+            EHDR.size + PHDR.size * phnum if xnum else 0,
             0,
             EHDR.size,
             PHDR.size,
-            phnum,
-            0,
-            0,
+            PN_XNUM if xnum else phnum,
+            SHDR.size if xnum else 0,
+            1 if xnum else 0,
             0,
         )
+
+
+def xnum_section(phnum: int) -> bytes:
+    """Section 0 of an extended-numbered core file: SHT_NULL, sh_info the real phnum."""
+    return SHDR.pack(0, 0, 0, 0, 0, 0, 0, phnum, 0, 0)
 
 
 class Phdr(Record):

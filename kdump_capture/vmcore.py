@@ -16,10 +16,14 @@ from .elf import (
     ELFDATA2LSB,
     ELFMAG,
     ET_CORE,
+    MAX_XNUM_PHNUM,
     NT_PRSTATUS,
     PHDR,
+    PN_XNUM,
     PT_LOAD,
     PT_NOTE,
+    SH_INFO_OFFSET,
+    SHDR,
     VMCOREINFO_NOTE_NAME,
     Ehdr,
     Note,
@@ -412,6 +416,30 @@ class Vmcore:
         self.close()
 
 
+def _xnum_phnum(path: str, fd: int, base: int, ehdr: Ehdr) -> int:
+    """The program header count of an extended-numbered file: section 0's sh_info."""
+    if ehdr.shentsize < SHDR.size:
+        raise VmcoreError(
+            f"{path}: offset 0x3a: e_phnum is PN_XNUM but e_shentsize {ehdr.shentsize} is "
+            f"less than {SHDR.size}"
+        )
+    if base + ehdr.shoff + SHDR.size > MAX_OFFSET:
+        raise VmcoreError(f"{path}: offset 0x28: e_shoff {ehdr.shoff:#x} is out of range")
+    raw = os.pread(fd, SHDR.size, base + ehdr.shoff)
+    if len(raw) < SHDR.size:
+        raise VmcoreError(
+            f"{path}: offset {ehdr.shoff + len(raw):#x}: file ends inside section 0 "
+            "(e_phnum is PN_XNUM: the program header count is its sh_info)"
+        )
+    phnum = SHDR.unpack(raw)[7]
+    if not 0 < phnum <= MAX_XNUM_PHNUM:
+        raise VmcoreError(
+            f"{path}: offset {ehdr.shoff + SH_INFO_OFFSET:#x}: section 0 gives {phnum} "
+            f"program headers (extended numbering); at most {MAX_XNUM_PHNUM} are read"
+        )
+    return phnum
+
+
 def _mapped_notes(path: str, fd: int, pos: int, size: int) -> memoryview | None:
     """The note segment at ``pos`` mapped read-only, or None: read it instead.
 
@@ -513,7 +541,10 @@ def _parse(
         raise VmcoreError(f"{path}: offset 0x10: ELF type {ehdr.type} is not ET_CORE (4)")
     if ehdr.phentsize != PHDR.size:
         raise VmcoreError(f"{path}: offset 0x36: e_phentsize {ehdr.phentsize} is not 56")
-    if not 0 < ehdr.phnum <= MAX_PHNUM:
+    phnum = ehdr.phnum
+    if phnum == PN_XNUM and ehdr.shoff:
+        phnum = _xnum_phnum(path, fd, base, ehdr)
+    if not 0 < phnum <= MAX_XNUM_PHNUM or not 0 < ehdr.phnum <= MAX_PHNUM:
         raise VmcoreError(f"{path}: offset 0x38: e_phnum {ehdr.phnum} is out of range")
 
     file_size = st.st_size if stat.S_ISREG(st.st_mode) else None
@@ -523,16 +554,16 @@ def _parse(
         file_size -= base
     if limit is not None:
         file_size = limit if file_size is None else min(file_size, limit)
-    table = PHDR.size * ehdr.phnum
+    table = PHDR.size * phnum
     if base + ehdr.phoff + table > MAX_OFFSET:
         raise VmcoreError(f"{path}: offset 0x20: e_phoff {ehdr.phoff:#x} is out of range")
     ph_bytes = os.pread(fd, table, base + ehdr.phoff)
     if len(ph_bytes) < table:
         raise VmcoreError(
             f"{path}: offset {ehdr.phoff + len(ph_bytes):#x}: file ends inside the program "
-            f"headers ({ehdr.phnum} expected at {ehdr.phoff:#x})"
+            f"headers ({phnum} expected at {ehdr.phoff:#x})"
         )
-    phdrs = [Phdr.unpack_from(ph_bytes, i * PHDR.size) for i in range(ehdr.phnum)]
+    phdrs = [Phdr.unpack_from(ph_bytes, i * PHDR.size) for i in range(phnum)]
     end = ehdr.phoff + len(ph_bytes)
     for i, p in enumerate(phdrs):
         if p.type not in (PT_LOAD, PT_NOTE):

@@ -129,6 +129,67 @@ def test_elf_level_31_close_to_makedumpfile(real_sample, tmp_path):
     assert real_sample.marker in mdf_dmesg(tmp_path / "e31", tmp_path)
 
 
+def _split_into_pages(vm, count: int) -> list:
+    """The sample's PT_LOADs as output segments, the first ``count`` pages one segment each."""
+    from kdump_capture.formats.elf import OutSeg
+
+    segs = []
+    for p in vm.loads:
+        done = 0
+        while done < p.filesz and len(segs) < count:
+            at = (p.vaddr + done, p.paddr + done, p.offset + done)
+            segs.append(OutSeg(*at, PAGE, PAGE, p.flags))
+            done += PAGE
+        if done < p.memsz:
+            rest = max(p.filesz - done, 0)
+            segs.append(OutSeg(p.vaddr + done, p.paddr + done, p.offset + done, rest,
+                               p.memsz - done, p.flags))  # fmt: skip
+    return segs
+
+
+@pytest.fixture(scope="module")
+def xnum_elf(real_sample, tmp_path_factory):
+    """The real sample as an ELF file with 70,000+ program headers: extended numbering."""
+    from kdump_capture.formats.elf import write_elf_segments
+
+    out = tmp_path_factory.mktemp("xnum") / "vmcore"
+    with open_vmcore(real_sample.path) as vm:
+        segs = _split_into_pages(vm, 70_000)
+        sink = FileSink(out, True)
+        try:
+            write_elf_segments(vm, segs, sink, NullMonitor(), 0)
+        finally:
+            sink.f.close()
+    return out, len(segs)
+
+
+def test_extended_numbering_is_read_by_makedumpfile_and_by_us(xnum_elf, real_sample, tmp_path):
+    # makedumpfile -E writes PN_XNUM past 0xFFFE segments; we wrote e_phnum 0xFFFF as a
+    # count (which readers take for PN_XNUM), and past it copied excluded runs instead.
+    path, nsegs = xnum_elf
+    head = subprocess.run(["readelf", "-h", str(path)], capture_output=True, text=True).stdout
+    assert f"Number of program headers:         65535 ({nsegs + 1})" in head, head
+    assert real_sample.marker in mdf_dmesg(path, tmp_path)
+    with open_vmcore(str(path)) as vm:
+        assert len(vm.loads) == nsegs
+    with open_vmcore(real_sample.path) as src, open_dump(str(path)) as ours:
+        p = src.loads[-1]
+        assert ours.read_phys(p.paddr, PAGE) == src.pread(PAGE, p.offset)
+        assert real_sample.marker in ours.dmesg()
+
+
+@pytest.mark.slow
+def test_crash_opens_an_extended_numbered_elf(xnum_elf, real_sample, debug_vmlinux, tmp_path):
+    cmds = tmp_path / "cmds"
+    cmds.write_text("sys\nlog\nquit\n")
+    p = subprocess.run(["crash", "-s", str(debug_vmlinux), str(xnum_elf[0]), "-i", str(cmds)],
+                       capture_output=True, text=True, timeout=600,
+                       stdin=subprocess.DEVNULL)  # fmt: skip
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, out
+    assert real_sample.marker in out
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["z31", "c31"])
 def test_crash_opens_level_31_dumps(dumps, real_sample, debug_vmlinux, name):

@@ -225,6 +225,30 @@ def test_elf_segments_past_the_program_header_limit_copy_short_runs():
     assert "shorter than 512 pages" in planner.note
 
 
+def test_elf_segments_past_0xfffe_use_extended_numbering_not_copies():
+    """70,000 excluded runs of 256 pages (a kept page between each): past 0xFFFE segments
+    the runs were copied until they fit, and the 66 GiB reproducer grew to the size of
+    level 0 and filled the disk. makedumpfile -E uses extended numbering (PN_XNUM) there,
+    and so do we now: every run stays out, and the planner holds 16 bytes a gap."""
+    from types import SimpleNamespace
+
+    from kdump_capture.formats.elf import SegmentPlanner
+
+    n, run = 70_000, 256
+    pages = n * (1 + run)
+    load = Phdr(PT_LOAD, 7, 0x10000, 0xFFFF888000000000, 0, pages * 4096, pages * 4096, 0)
+    second = bytearray((pages + 7) // 8)
+    for i in range(n):
+        pfn = i * (1 + run)
+        second[pfn >> 3] |= 1 << (pfn & 7)
+    win = F.Window(0, pages, bytearray(len(second)), second)
+    planner = SegmentPlanner(SimpleNamespace(loads=[load], path="synthetic"))
+    planner.add(win)
+    planner.finish()
+    assert planner.note is None and planner.ngaps == n
+    assert sum(s.filesz for s in planner) == n * 4096
+
+
 def test_first_pass_holds_no_cache_it_will_drop(big1g):
     """A machine whose 2nd-bitmap windows do not all fit the cache keeps none of them.
 

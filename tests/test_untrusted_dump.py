@@ -25,7 +25,7 @@ import pytest
 import zstandard
 
 from kdump_capture.dumpfile import open_dump
-from kdump_capture.elf import NT_PRSTATUS, PT_LOAD, PT_NOTE, Ehdr, Phdr, pack_note
+from kdump_capture.elf import NT_PRSTATUS, PT_LOAD, PT_NOTE, Ehdr, Phdr, pack_note, xnum_section
 from kdump_capture.errors import VmcoreError
 from kdump_capture.formats import NullMonitor, flat, make_writer
 from kdump_capture.formats.structs import (
@@ -291,17 +291,53 @@ def _peak(fn) -> int:
 def test_many_pt_notes_are_bounded_together(tmp_path):
     # 65535 PT_NOTEs, each 2 KiB of zeros (an empty note segment): 128 MiB together. Only the
     # first used to be bounded, and all of them were read into one blob.
-    phnum = 65535
-    hdr = 64 + phnum * 56
+    phnum = 65535  # extended numbering from here on: section 0 behind them holds the count
+    hdr = 64 + phnum * 56 + 64
     notes_off = -(-hdr // PAGE) * PAGE
     ph = Phdr(PT_NOTE, 0, notes_off, 0, 0, 2048, 2048, 0).pack()
     p = tmp_path / "notes"
     with open(p, "wb") as f:
-        f.write(Ehdr.core(phnum).pack() + ph * phnum)
+        f.write(Ehdr.core(phnum).pack() + ph * phnum + xnum_section(phnum))
         f.write(bytes(notes_off - hdr + 2048))
     peak, msg = _peak(lambda: open_vmcore(str(p)))
     assert "implausibly large" in msg and "65535 PT_NOTE" in msg
     assert peak < 64 << 20  # the 65535 program headers themselves take about 25 MiB
+
+
+def _xnum_file(path, sh_info: int, shentsize: int = 64, shoff: int | None = None) -> None:
+    """A core file whose e_phnum is PN_XNUM: section 0 behind 2 program headers."""
+    import struct as st
+
+    ehdr = bytearray(Ehdr.core(2).pack())
+    shoff = 64 + 2 * 56 if shoff is None else shoff
+    st.pack_into("<Q", ehdr, 0x28, shoff)
+    st.pack_into("<HHHH", ehdr, 0x38, 0xFFFF, shentsize, 1, 0)
+    ph = Phdr(PT_LOAD, 7, PAGE, PAGE_OFFSET, 0, PAGE, PAGE, 0).pack() * 2
+    path.write_bytes((bytes(ehdr) + ph + xnum_section(sh_info)).ljust(PAGE, b"\0") + bytes(PAGE))
+
+
+@pytest.mark.parametrize(
+    ("sh_info", "shentsize", "shoff", "message"),
+    [
+        (1 << 31, 64, None, "offset 0xdc: section 0 gives 2147483648 program headers"),
+        (0, 64, None, "offset 0xdc: section 0 gives 0 program headers"),
+        (2, 32, None, "offset 0x3a: e_phnum is PN_XNUM but e_shentsize 32"),
+        (2, 64, (1 << 64) - 8, "offset 0x28: e_shoff 0xfffffffffffffff8 is out of range"),
+        (2, 64, 5 * PAGE, "file ends inside section 0"),
+    ],
+)
+def test_extended_numbering_from_an_untrusted_header(tmp_path, sh_info, shentsize, shoff, message):
+    p = tmp_path / "xnum"
+    _xnum_file(p, sh_info, shentsize, shoff)
+    with pytest.raises(VmcoreError, match=message):
+        open_vmcore(str(p))
+
+
+def test_extended_numbering_gives_the_count(tmp_path):
+    p = tmp_path / "xnum"
+    _xnum_file(p, 2)
+    with open_vmcore(str(p)) as vm:
+        assert len(vm.loads) == 2
 
 
 class _FileSink:

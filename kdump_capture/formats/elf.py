@@ -7,7 +7,18 @@ import logging
 from collections.abc import Iterable, Iterator
 
 from .. import speedups
-from ..elf import PT_LOAD, PT_NOTE, Ehdr, Phdr
+from ..elf import (
+    EHDR,
+    MAX_XNUM_PHNUM,
+    PHDR,
+    PN_XNUM,
+    PT_LOAD,
+    PT_NOTE,
+    SHDR,
+    Ehdr,
+    Phdr,
+    xnum_section,
+)
 from ..errors import VmcoreError
 from ..record import Record
 from ..vmcore import Vmcore
@@ -28,6 +39,8 @@ MIN_EXCLUDED_RUN = 256
 ZERO_CHUNK = bytes(CHUNK)
 SEQ_OFFSETS = array.array("Q", range(0, CHUNK, PAGE))
 FULL_MASK = b"\xff" * (CHUNK // PAGE // 8)
+# Program headers are written in pieces of this size (extended numbering: up to 14 MiB).
+HEAD_CHUNK = 1 << 16
 
 
 class RawWriter(FormatWriter):
@@ -243,21 +256,22 @@ class SegmentPlanner:
     output segment holds a stretch of data followed by the excluded run it precedes
     (memsz > filesz), so readers still find those addresses and read them as zeros.
     Shorter excluded runs are copied, as makedumpfile does (PFN_EXCLUDED). Only the gaps
-    are kept, as two u64 each (at most as many as an ELF file can have program headers:
-    1 MiB), and the segments are made from them each time the planner is iterated: a list
-    of segment objects grew the save by 9 MiB at level 1 on a 64 GiB machine.
+    are kept, as two u64 each (at most MAX_XNUM_PHNUM of them: 4 MiB), and the segments
+    are made from them each time the planner is iterated: a list of segment objects grew
+    the save by 9 MiB at level 1 on a 64 GiB machine.
 
-    A machine whose kept pages are scattered can need more gaps than an ELF file has
-    program headers for. Then the shortest excluded runs are copied after all (the run
-    length needed doubles until the gaps fit): the dump is larger, but it is saved.
+    Past 0xFFFE segments the file uses extended numbering (PN_XNUM), as makedumpfile -E
+    does. A machine whose kept pages are so scattered that even that is not enough gets
+    its shortest excluded runs copied after all (the run length needed doubles until the
+    gaps fit): the dump is larger, but it is saved.
     """
 
     def __init__(self, vm: Vmcore, max_gaps: int | None = None) -> None:
         self.vm = vm
         self.loads = vm.loads
         # one program header for the notes and one for each segment: a PT_LOAD's gaps plus
-        # its tail (at most 0xFFFF in all: e_phnum is 16 bits)
-        self.max_gaps = 0xFFFE - len(vm.loads) if max_gaps is None else max_gaps
+        # its tail (at most MAX_XNUM_PHNUM in all)
+        self.max_gaps = MAX_XNUM_PHNUM - 1 - len(vm.loads) if max_gaps is None else max_gaps
         if self.max_gaps < 1:
             raise VmcoreError(f"{vm.path}: {len(vm.loads)} PT_LOADs leave no program headers")
         self.min_run = MIN_EXCLUDED_RUN
@@ -388,9 +402,10 @@ def write_elf_segments(
     between the output's segments as done when passing it, and reaches ``source`` in all.
     """
     phnum = 1 + sum(1 for _ in segs)
-    if phnum > 0xFFFF:
+    if phnum > MAX_XNUM_PHNUM:
         raise VmcoreError(f"{vm.path}: {phnum} output segments exceed the ELF limit")
-    hdr_len = 64 + 56 * phnum
+    xnum = phnum >= PN_XNUM  # extended numbering: section 0 follows the program headers
+    hdr_len = EHDR.size + PHDR.size * phnum + (SHDR.size if xnum else 0)
     notes_off = _page_up(hdr_len)
     data_off = notes_off + _page_up(len(vm.notes_blob))
     machine = vm.ehdr.machine if vm.ehdr else 62
@@ -401,10 +416,16 @@ def write_elf_segments(
     for s in segs:
         head += Phdr(PT_LOAD, s.flags, off, s.vaddr, s.paddr, s.filesz, s.memsz, 0).pack()
         off += _page_up(s.filesz)
-    head += bytes(notes_off - len(head))
+        if len(head) >= HEAD_CHUNK:  # up to 14 MiB of headers: written as they are made
+            sink.write(head)
+            head = bytearray()
+    if xnum:
+        head += xnum_section(phnum)
+    head += bytes(notes_off - hdr_len)
     # The notes straight from where they are held: a device-dump note can be tens of MiB,
     # and each copy of it counted against the capture kernel's memory.
     sink.write(head)
+    del head
     sink.write(vm.notes_blob)
     pad = data_off - notes_off - nlen
     sink.write(bytes(pad))
