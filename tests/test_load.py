@@ -4,6 +4,7 @@ that on a machine without a crashkernel reservation nothing is changed."""
 from __future__ import annotations
 
 import argparse
+import errno
 import gzip
 import os
 
@@ -399,3 +400,61 @@ def test_load_repairs_and_reports_loose_modes(tmp_path):
     assert (tmp_path / "images").stat().st_mode & 0o777 == 0o700
     again = commands.image_decision(cfg, "9.9.9-test", None, str(tmp_path / "images"))
     assert again.loose_modes == [] and again.line() == "up to date"
+
+
+def _bzimage(path, init_size: int) -> None:
+    """A file with the x86 boot header of a bzImage (protocol 2.15) asking ``init_size``."""
+    head = bytearray(0x1000)
+    head[0x202:0x208] = b"HdrS" + (0x20F).to_bytes(2, "little")
+    head[0x260:0x264] = init_size.to_bytes(4, "little")
+    path.write_bytes(bytes(head))
+
+
+def _load_on(tmp_path, monkeypatch, image_mib: int):
+    """``load --initrd`` of an image of ``image_mib`` MiB on a pretend kernel with a 64 MiB
+    reservation and a capture kernel loaded; the kernel calls it would make are recorded."""
+    system = _system(tmp_path, reserved=64 << 20, loaded=1)
+    _bzimage(tmp_path / "boot/vmlinuz-6.1.0-test", 40 << 20)
+    initrd = tmp_path / "initrd.img"
+    with open(initrd, "wb") as f:
+        f.truncate(image_mib << 20)
+    calls = []
+    monkeypatch.setattr(loadsys, "System", lambda: system)
+    monkeypatch.setattr(kexec, "kexec_file_unload", lambda: calls.append("unload"))
+
+    def kernel_load(kernel, image, cmdline, flags):
+        calls.append("load")
+        if image_mib + 40 > 64:  # what the kernel answers when nothing fits (after freeing)
+            raise OSError(errno.EADDRNOTAVAIL, os.strerror(errno.EADDRNOTAVAIL))
+
+    monkeypatch.setattr(kexec, "kexec_file_load", kernel_load)
+    args = _parser().parse_args(["load", "--config", "/nonexistent", "--initrd", str(initrd)])
+    return args, calls
+
+
+def test_load_that_cannot_fit_the_reservation_keeps_the_loaded_kernel(tmp_path, monkeypatch):
+    """The kernel frees the loaded capture kernel before it tries a new one: an image too
+    large for the reservation used to unload it and then fail with 'Cannot assign requested
+    address', leaving the machine without kdump. Now load refuses first, saying why."""
+    args, calls = _load_on(tmp_path, monkeypatch, image_mib=30)
+    with pytest.raises(LoadError) as e:
+        args.func(args)
+    assert calls == []  # nothing unloaded, nothing tried
+    assert "70.0 MiB" in str(e.value) and "reservation (64 MiB)" in str(e.value)
+    assert "estimate" in str(e.value) and "left as it is" in str(e.value)
+    assert e.value.exit_code == 11
+
+
+def test_load_that_fits_goes_ahead(tmp_path, monkeypatch, capsys):
+    args, calls = _load_on(tmp_path, monkeypatch, image_mib=20)
+    assert args.func(args) == 0
+    assert calls == ["unload", "load"]
+    assert "loaded capture kernel" in capsys.readouterr().out
+
+
+def test_kernel_footprint_reads_init_size(tmp_path):
+    _bzimage(tmp_path / "bz", 51 << 20)
+    assert kexec.kernel_footprint(str(tmp_path / "bz")) == 51 << 20
+    (tmp_path / "raw").write_bytes(b"\0" * 5000)  # not a bzImage: its size
+    assert kexec.kernel_footprint(str(tmp_path / "raw")) == 5000
+    assert kexec.kernel_footprint(str(tmp_path / "none")) == 0

@@ -139,13 +139,17 @@ def _dump_device_problems(cfg: Mapping[str, str]) -> list[str]:
 def cmd_check(args: argparse.Namespace) -> int:
     from ..features import check_supported
     from .estimate import below_estimate, estimate, machine_max_pfn
+    from .kexec import fit_problem
     from .system import System, readiness
 
     cfg = load_config(args)
     check_supported(cfg)
     r = readiness(cfg, System())
-    r.image_state = image_decision(cfg, r.version, None).line()
+    decision = image_decision(cfg, r.version, None)
+    r.image_state = decision.line()
     r.problems += _dump_device_problems(cfg)
+    if r.reserved and (too_large := fit_problem(r.kernel, decision.path, r.reserved)):
+        r.problems.append(too_large)
     facts, _ = image_facts(cfg, r.version, None)
     if facts:
         r.estimate = estimate(cfg, facts, machine_max_pfn()).crashkernel
@@ -182,7 +186,13 @@ def prepare_image(cfg: Mapping[str, str], decision: ImageDecision, version: str)
 
 def cmd_load(args: argparse.Namespace) -> int:
     from ..features import check_supported
-    from .kexec import announce_load, kexec_file_unload, load_command, load_image
+    from .kexec import (
+        announce_load,
+        fit_problem,
+        kexec_file_unload,
+        load_command,
+        load_image,
+    )
     from .system import NOT_RESERVED, System, readiness
 
     cfg = load_config(args)
@@ -197,6 +207,11 @@ def cmd_load(args: argparse.Namespace) -> int:
     if problems:
         raise LoadError("; ".join(problems))
     prepare_image(cfg, image_decision(cfg, r.version, args.initrd), r.version)
+    # Before anything is unloaded: the kernel frees the loaded capture kernel before it
+    # tries a new one, so a load that cannot fit would leave the machine without kdump.
+    too_large = fit_problem(kernel, r.initrd, r.reserved)
+    if too_large:
+        raise LoadError(f"{too_large}; the loaded capture kernel was left as it is")
     if system.crash_loaded():
         try:
             kexec_file_unload()

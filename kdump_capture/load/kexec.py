@@ -10,6 +10,7 @@ import errno
 import logging
 import os
 import shlex
+import struct
 
 from ..errors import LoadError
 
@@ -207,6 +208,54 @@ def kexec_binary_argv(
 # not exist or is refused for this image format/kernel, as opposed to a problem the binary
 # would hit too (no reservation, image too large for it).
 FALLBACK_ERRNOS = {errno.ENOSYS, errno.ENOEXEC, errno.EKEYREJECTED, errno.EPERM}
+
+# The x86 boot protocol header of a bzImage (Documentation/arch/x86/boot.rst): the magic
+# "HdrS" at 0x202 and the protocol version after it; init_size at 0x260 (protocol 2.10+).
+BZ_MAGIC_AT = 0x202
+BZ_MAGIC = struct.Struct("<4sH")
+BZ_INIT_SIZE_AT = 0x260
+BZ_INIT_SIZE = struct.Struct("<I")
+
+
+def kernel_footprint(path: str) -> int:
+    """Bytes of the reservation the kernel takes once loaded: a bzImage's init_size (what
+    kexec_file_load places for it to decompress and run in place: 51 MiB for a 13.5 MiB
+    Debian kernel), otherwise its file size. 0 when it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(BZ_INIT_SIZE_AT + BZ_INIT_SIZE.size)
+            size = os.fstat(f.fileno()).st_size
+    except OSError:
+        return 0
+    if len(head) == BZ_INIT_SIZE_AT + BZ_INIT_SIZE.size:
+        magic, version = BZ_MAGIC.unpack_from(head, BZ_MAGIC_AT)
+        if magic == b"HdrS" and version >= 0x20A:
+            return max(size, BZ_INIT_SIZE.unpack_from(head, BZ_INIT_SIZE_AT)[0])
+    return size
+
+
+def fit_problem(kernel: str, initrd: str, reserved: int) -> str | None:
+    """Why ``kernel`` and ``initrd`` cannot fit a reservation of ``reserved`` bytes, or None.
+
+    A lower bound (the kernel also places its purgatory, boot parameters and the ELF
+    headers there): past it the load can only fail, and the kernel frees the loaded capture
+    kernel before it tries, so ``load`` checks it first.
+    """
+    try:
+        image = os.path.getsize(initrd)
+    except OSError:
+        return None  # the load names the missing file
+    loaded = kernel_footprint(kernel)
+    need = loaded + image
+    if need <= reserved:
+        return None
+    mib = 1 << 20
+    return (
+        f"the capture kernel {kernel} ({loaded / mib:.1f} MiB once loaded) "
+        f"and the initramfs {initrd} ({image / mib:.1f} MiB) need at least "
+        f"{need / mib:.1f} MiB, more than the crashkernel reservation "
+        f"({reserved / mib:.0f} MiB): raise crashkernel= (see 'kdump-capture estimate')"
+    )
 
 
 def load_image(kernel: str, initrd: str, cmdline: str, kexec_options: str) -> str:
