@@ -458,3 +458,31 @@ def test_kernel_footprint_reads_init_size(tmp_path):
     (tmp_path / "raw").write_bytes(b"\0" * 5000)  # not a bzImage: its size
     assert kexec.kernel_footprint(str(tmp_path / "raw")) == 5000
     assert kexec.kernel_footprint(str(tmp_path / "none")) == 0
+
+
+@pytest.mark.parametrize(
+    ("err", "words"),
+    [
+        (errno.EPERM, "Secure Boot"),
+        (errno.EKEYREJECTED, "signed by a key it trusts"),
+        (errno.ENOEXEC, "not an image this kernel can load"),
+        (errno.EBUSY, "in progress"),
+        (errno.EADDRNOTAVAIL, "do not fit the crashkernel reservation"),
+        (errno.ENOMEM, "do not fit the crashkernel reservation"),
+        (errno.EINVAL, "command line"),
+    ],
+)
+def test_kexec_file_load_errors_say_what_they_mean(err, words, monkeypatch):
+    """A failed load said only the errno's text ('Cannot assign requested address' for an
+    image too large, 'Operation not permitted' under lockdown): now what it means too."""
+    import shutil
+
+    def refused(kernel, initrd, cmdline, flags):
+        raise OSError(err, os.strerror(err))
+
+    monkeypatch.setattr(kexec, "kexec_file_load", refused)
+    monkeypatch.setattr(shutil, "which", lambda name: None)  # no kexec binary to fall back on
+    with pytest.raises(LoadError) as e:
+        kexec.load_image("/boot/k", "/i.img", "console=ttyS0", "")
+    assert str(e.value).startswith(f"kexec_file_load failed: {os.strerror(err)}: ")
+    assert words in str(e.value) and e.value.exit_code == 11

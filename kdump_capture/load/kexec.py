@@ -209,6 +209,46 @@ def kexec_binary_argv(
 # would hit too (no reservation, image too large for it).
 FALLBACK_ERRNOS = {errno.ENOSYS, errno.ENOEXEC, errno.EKEYREJECTED, errno.EPERM}
 
+_TOO_LARGE = (
+    "the capture kernel and initramfs do not fit the crashkernel reservation "
+    "(see 'kdump-capture estimate')"
+)
+_SIGNATURE = (
+    "the kernel does not trust the capture kernel's signature (with Secure Boot or "
+    "CONFIG_KEXEC_SIG_FORCE it loads only kernels signed by a key it trusts)"
+)
+# What each errno of kexec_file_load(2) means for a crash load, said in words: the bare
+# strerror ("Cannot assign requested address") tells an administrator nothing.
+LOAD_ERRORS = {
+    errno.EPERM: (
+        "not permitted: loading a kernel needs CAP_SYS_BOOT, and a kernel locked down "
+        "(Secure Boot) loads only a capture kernel signed by a key it trusts"
+    ),
+    errno.EKEYREJECTED: _SIGNATURE,
+    errno.EBADMSG: _SIGNATURE,
+    errno.ENOKEY: _SIGNATURE,
+    errno.ENODATA: _SIGNATURE,  # no signature at all (KEXEC_SIG_FORCE)
+    errno.ENOEXEC: (
+        "the capture kernel is not an image this kernel can load (another architecture, "
+        "or not a bzImage; KDUMP_KERNELVER names it)"
+    ),
+    errno.EBUSY: "another kexec load or unload is in progress: try again",
+    errno.EADDRNOTAVAIL: _TOO_LARGE,
+    errno.ENOMEM: _TOO_LARGE,
+    errno.EINVAL: (
+        "the kernel refused the arguments (a capture command line longer than the "
+        "capture kernel takes?)"
+    ),
+    errno.ENOSYS: "this kernel has no kexec_file_load",
+}
+
+
+def load_error(e: OSError) -> str:
+    """``strerror: what it means`` for an error of kexec_file_load (pure)."""
+    meaning = LOAD_ERRORS.get(e.errno or 0)
+    return f"{e.strerror}: {meaning}" if meaning else str(e.strerror)
+
+
 # The x86 boot protocol header of a bzImage (Documentation/arch/x86/boot.rst): the magic
 # "HdrS" at 0x202 and the protocol version after it; init_size at 0x260 (protocol 2.10+).
 BZ_MAGIC_AT = 0x202
@@ -270,13 +310,13 @@ def load_image(kernel: str, initrd: str, cmdline: str, kexec_options: str) -> st
 
     kexec = shutil.which("kexec")
     if first.errno not in FALLBACK_ERRNOS or kexec is None:
-        raise LoadError(f"kexec_file_load failed: {first.strerror}") from None
+        raise LoadError(f"kexec_file_load failed: {load_error(first)}") from None
     argv = kexec_binary_argv(kexec, kernel, initrd, cmdline, kexec_options)
     log.info("kexec_file_load failed (%s); trying %s", first.strerror, shlex.join(argv))
     r = subprocess.run(argv, capture_output=True, text=True)
     if r.returncode != 0:
         raise LoadError(
-            f"kexec_file_load failed ({first.strerror}) and {kexec} failed: {r.stderr.strip()}"
+            f"kexec_file_load failed ({load_error(first)}) and {kexec} failed: {r.stderr.strip()}"
         )
     return shlex.join(argv)
 
