@@ -486,3 +486,29 @@ def test_kexec_file_load_errors_say_what_they_mean(err, words, monkeypatch):
         kexec.load_image("/boot/k", "/i.img", "console=ttyS0", "")
     assert str(e.value).startswith(f"kexec_file_load failed: {os.strerror(err)}: ")
     assert words in str(e.value) and e.value.exit_code == 11
+
+
+def test_what_the_builder_takes_from_the_host_makes_the_image_stale(tmp_path, monkeypatch):
+    """The image packs an s3:// target's CA bundle and this host's name (KDUMP_HOSTNAME
+    empty), neither of which the record covered: a renewed CA kept the old one (TLS fails
+    at the crash), and a renamed or cloned machine went on naming its dumps after the old
+    name (rotating another host's dumps on a shared target)."""
+    from kdump_capture import identity
+    from kdump_capture.config import load_config
+
+    ca = tmp_path / "ca.pem"
+    ca.write_text("CA one\n")
+    s3 = "KDUMP_SAVEDIR=s3://s3.example.com/dumps/d"
+    cfg = load_config(None, [s3, f"KDUMP_S3_CA_BUNDLE={ca}"])
+    monkeypatch.setattr(identity, "local_identity", lambda root="/": "web01")
+    before = _inputs(cfg)
+    ca.write_text("CA two (renewed)\n")
+    assert {k for k, v in _inputs(cfg).items() if v != before[k]} == {"CA certificates"}
+    before = _inputs(cfg)
+    monkeypatch.setattr(identity, "local_identity", lambda root="/": "web02")
+    assert {k for k, v in _inputs(cfg).items() if v != before[k]} == {"host name"}
+    # a name in the configuration is packed as it is: the host's own does not count then
+    named = load_config(None, ["KDUMP_SAVEDIR=file:///var/crash", "KDUMP_HOSTNAME=db1"])
+    before = _inputs(named)
+    monkeypatch.setattr(identity, "local_identity", lambda root="/": "web03")
+    assert _inputs(named) == before

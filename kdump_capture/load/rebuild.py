@@ -1,7 +1,8 @@
 """When the capture initramfs must be rebuilt: a record of everything it was built from.
 
 The image holds the effective configuration (``--set`` overrides included), our engine, the
-Python runtime, kernel modules, SSH keys and known_hosts. A file's mtime cannot say whether
+Python runtime, kernel modules, SSH keys and known_hosts, an s3:// target's CA files and this
+host's name. A file's mtime cannot say whether
 any of these changed (``--set`` has no file, a missing config has no mtime), so the builder
 writes a digest of each input beside the image (``IMAGE.inputs.json``, mode 0600) and
 ``load`` rebuilds whenever one differs from what it computes now. Only digests are stored,
@@ -113,6 +114,8 @@ def image_inputs(
     import shutil
 
     from initramfs import builder, kmods
+    from kdump_capture.errors import ConfigError
+    from kdump_capture.identity import local_identity
     from kdump_capture.urls import parse_savedir
 
     mroot = modules_root or f"/lib/modules/{kernel_version}"
@@ -122,9 +125,10 @@ def image_inputs(
         storage, nics = kmods.host_drivers()  # the builder packs this machine's drivers
         modules += [m.encode() for m in (*storage, "|", *nics)]
     try:
-        schemes = {t.scheme for t in parse_savedir(cfg["KDUMP_SAVEDIR"])[0]}
+        targets = parse_savedir(cfg["KDUMP_SAVEDIR"])[0]
     except Exception:  # the build itself reports a bad target; the digest only differs
-        schemes = set()
+        targets = []
+    schemes = {t.scheme for t in targets}
     keys: list[bytes] = []
     if "sftp" in schemes:
         names = cfg["KDUMP_SSH_IDENTITY"].split() or list(builder.DEFAULT_IDENTITIES)
@@ -132,6 +136,18 @@ def image_inputs(
             src = name if os.path.isabs(name) else os.path.join(home, ".ssh", name)
             for suffix in ("", ".pub", "-cert.pub"):
                 keys += _file_parts(src + suffix)
+    # What the builder takes from this host rather than from the configuration: the CA
+    # files an s3:// target packs, and the host name it writes into KDUMP_HOSTNAME (a
+    # renamed or cloned machine would otherwise name its dumps after the old name, and
+    # rotate another host's dumps on a shared target).
+    cas: list[bytes] = []
+    if "s3" in schemes:
+        try:
+            for dest, src in sorted(builder.s3_files(cfg, targets).items()):
+                cas += [dest.encode(), *_file_parts(src)]
+        except ConfigError:  # the build reports it
+            cas = [b"unusable"]
+    host = "" if cfg["KDUMP_HOSTNAME"] else local_identity()
     programs: list[bytes] = []
     for prog in ["busybox", *cfg["KDUMP_REQUIRED_PROGRAMS"].split()]:
         path = prog if os.path.isabs(prog) else shutil.which(prog)
@@ -144,6 +160,8 @@ def image_inputs(
         "kernel modules": _sha(modules),
         "ssh keys": _sha(keys),
         "known_hosts": _sha(_file_parts(os.path.join(home, ".ssh", "known_hosts"))),
+        "CA certificates": _sha(cas),
+        "host name": _sha([host.encode()]),
         "programs": _sha(programs),
         "build options": _sha(x.encode() for x in (compress, target_device, target_fstype)),
     }
