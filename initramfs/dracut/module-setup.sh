@@ -32,28 +32,38 @@ depends() {
     return 0
 }
 
-install() {
-    local tmp tree
-    tmp=$(mktemp -d) || return 1
-    tree="$tmp/tree"
-    mkdir -p "$tree"
-    _engine || return 1
+# The payload holds the target's password and SSH key: its temporary copies go on every
+# path out, failures included (a full $TMPDIR must not leave them behind).
+_payload() {
+    local tmp=$1 tree=$1/tree
+    mkdir -p "$tree" || return 1
     if ! "$KDUMP_CAPTURE_PYTHON" -m kdump_capture initramfs build --output "$tmp/payload.img" \
         --compress gzip --kernel-version "$kernel" --modules-root "$srcmods" \
         --config "${KDUMP_CONFIG:-/etc/sysconfig/kdump}"; then
         derror "kdump-capture: building the capture payload failed"
-        rm -rf "$tmp"
         return 1
     fi
-    (cd "$tree" && gzip -dc "$tmp/payload.img" | cpio -idm --quiet) || return 1
+    if ! (set -o pipefail && cd "$tree" && gzip -dc "$tmp/payload.img" | cpio -idm --quiet); then
+        derror "kdump-capture: unpacking the capture payload failed"
+        return 1
+    fi
     # dracut owns /init, /dev and the merged-/usr symlinks; ours go to their own place.
-    mkdir -p "$initdir/usr/lib/kdump-capture"
-    cp "$tree/init" "$initdir/usr/lib/kdump-capture/init"
-    chmod 0755 "$initdir/usr/lib/kdump-capture/init"
-    rm -rf "$tree/init" "$tree/dev" "$tree/bin" "$tree/sbin" "$tree/lib" "$tree/lib64" \
-        "$tree/usr/sbin"
-    cp -a "$tree/." "$initdir/"
+    mkdir -p "$initdir/usr/lib/kdump-capture" &&
+        cp "$tree/init" "$initdir/usr/lib/kdump-capture/init" &&
+        chmod 0755 "$initdir/usr/lib/kdump-capture/init" &&
+        rm -rf "$tree/init" "$tree/dev" "$tree/bin" "$tree/sbin" "$tree/lib" "$tree/lib64" \
+            "$tree/usr/sbin" &&
+        cp -a "$tree/." "$initdir/"
+}
+
+install() {
+    local tmp rc
+    _engine || return 1
+    tmp=$(mktemp -d) || return 1
+    _payload "$tmp"
+    rc=$?
     rm -rf "$tmp"
+    [ "$rc" -eq 0 ] || return 1
 
     if dracut_module_included "systemd"; then
         inst_simple "$moddir/kdump-capture-save.service" \
