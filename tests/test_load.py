@@ -512,3 +512,22 @@ def test_what_the_builder_takes_from_the_host_makes_the_image_stale(tmp_path, mo
     before = _inputs(named)
     monkeypatch.setattr(identity, "local_identity", lambda root="/": "web03")
     assert _inputs(named) == before
+
+
+def test_modules_installed_again_make_the_image_stale(tmp_path):
+    """Modules rebuilt under the same kernel version: depmod writes modules.dep again with
+    the same text, and the image kept the old modules (which the new kernel may refuse)."""
+    from kdump_capture.config import load_config
+    from tests.test_initramfs_build import KVER, fake_modules_root
+
+    root = fake_modules_root(tmp_path)
+    cfg = load_config(None, ["KDUMP_SAVEDIR=ftp://10.0.0.9/d"])
+    before = _inputs(cfg, kernel_version=KVER, modules_root=str(root))
+    assert _inputs(cfg, kernel_version=KVER, modules_root=str(root)) == before
+    (root / "kernel/drivers/net/virtio_net.ko").write_bytes(b"\x7fELF rebuilt")
+    dep = root / "modules.dep"
+    st = dep.stat()
+    dep.write_text(dep.read_text())  # depmod -a
+    os.utime(dep, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    after = _inputs(cfg, kernel_version=KVER, modules_root=str(root))
+    assert {k for k in before if before[k] != after[k]} == {"kernel modules"}

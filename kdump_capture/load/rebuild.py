@@ -120,6 +120,9 @@ def image_inputs(
 
     mroot = modules_root or f"/lib/modules/{kernel_version}"
     modules = _file_parts(f"{mroot}/modules.dep") + _file_parts(f"{mroot}/modules.builtin")
+    # depmod rewrites modules.dep whenever modules are installed: modules rebuilt under the
+    # same version (make modules_install, a same-ABI update) leave its text as it was.
+    modules += _stat_parts(f"{mroot}/modules.dep")
     modules += [m.encode() for m in extra_modules]
     if modules_root is None and kernel_version == os.uname().release:
         storage, nics = kmods.host_drivers()  # the builder packs this machine's drivers
