@@ -71,6 +71,15 @@ REST = (
         ),
         # empty everything still gives a working capture command line
         ("", "", "", 1, f"nr_cpus=1 {REST} panic=10"),
+        # a whole word in double quotes is the same parameter to the kernel: still dropped
+        (
+            '"crashkernel=1G-4G:192M,4G-:256M" "rdinit=/sbin/x" "rd.break" "hugepages=9" q',
+            "",
+            "",
+            1,
+            f"q nr_cpus=1 {REST} panic=10",
+        ),
+        ('"panic=1" x', "", "", 1, f'"panic=1" x nr_cpus=1 {REST}'),
     ],
 )
 def test_capture_cmdline(proc, commandline, append, cpus, expected):

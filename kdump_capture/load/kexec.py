@@ -72,7 +72,9 @@ CAPTURE_OPTIONS = (
 
 
 def _key(option: str) -> str:
-    return option.split("=", 1)[0]
+    """The parameter's name; a word in double quotes as a whole ("rdinit=/x") is the same
+    parameter to the kernel, which drops the opening quote (lib/cmdline.c next_arg)."""
+    return option.removeprefix('"').split("=", 1)[0]
 
 
 def kernel_words(text: str, strict: bool = True) -> list[str]:
@@ -126,7 +128,11 @@ def capture_cmdline(proc_cmdline: str, commandline: str, append: str, cpus: int 
         words = kernel_words(proc_cmdline, strict=False)
         if "--" in words:  # arguments for the production system's init: not ours
             words = words[: words.index("--")]
-        base = [o for o in words if _key(o) not in DROP_OPTIONS and not o.startswith(DROP_PREFIXES)]
+        base = [
+            o
+            for o in words
+            if _key(o) not in DROP_OPTIONS and not _key(o).startswith(DROP_PREFIXES)
+        ]
     tail = kernel_words(append)
     given = {_key(o) for o in base + tail}
     extra = [f"nr_cpus={cpus}"] if cpus > 0 else []
