@@ -10,7 +10,7 @@ if command -v apt-get >/dev/null; then
         gcc libc6-dev zlib1g-dev libzstd-dev binutils make file time cpio zstd kmod busybox-static e2fsprogs util-linux \
         btrfs-progs liblzo2-dev \
         qemu-system-x86 qemu-utils \
-        makedumpfile crash kexec-tools dracut-core \
+        makedumpfile crash kexec-tools dracut-core systemd \
         openssh-server openssh-client \
         samba smbclient vsftpd curl faketime \
         age xxhash \
