@@ -11,7 +11,7 @@ import subprocess
 import pytest
 
 from kdump_capture.dumpfile import KdumpReader, open_dump
-from kdump_capture.elf import PT_LOAD, Ehdr, Phdr
+from kdump_capture.elf import PT_LOAD, PT_NOTE, Ehdr, Phdr, pack_note
 from kdump_capture.errors import NotSupported, VmcoreError
 from kdump_capture.formats import NullMonitor, flat, make_writer
 from kdump_capture.formats import filter as F
@@ -400,3 +400,81 @@ def test_small_buffer_plan_writes_the_same_dump(tmp_path, fmt):
         make_writer(vm, fmt, 31, True, plan).write(sink, NullMonitor())
         outs.append(sink.f.getvalue())
     assert FLOOR.batch_pages < 256 and outs[0] == outs[1] == outs[2]
+
+
+def _unaligned_image(tmp_path) -> tuple[str, int, int, bytes]:
+    """The kernel of ``_image`` under two PT_LOADs that start and end inside pages: the
+    first ends 100 bytes into page ``end_pfn``, the second starts 17 bytes into page
+    ``start_pfn`` (a page cache page full of text). Returns the path, both pfns and the
+    page ``start_pfn`` as memory holds it (its first 17 bytes are in no PT_LOAD: zeros)."""
+    k = KernelImage(1024)
+    rng = random.Random(9)
+    for i in range(300, 1024):
+        if i % 3:
+            k.put(RAM_START + i * PAGE, rng.randbytes(PAGE))
+    end_pfn, start_pfn = FIRST + 600, FIRST + 700
+    k.put(start_pfn * PAGE, (b"page cache text " * (PAGE // 16)))
+    k.pages[start_pfn] = PageState(flags=1 << 4, mapping=0xFFFF888000600000)  # PG_lru
+    k.build([(0, b"synthetic log")])
+    notes = pack_note(b"VMCOREINFO", 0, k.vmcoreinfo().encode())
+    segs = [(RAM_START, end_pfn * PAGE + 100), (start_pfn * PAGE + 17, RAM_START + 1024 * PAGE)]
+    data_off = 2 * PAGE
+    phdrs = [Phdr(PT_NOTE, 0, PAGE, 0, 0, len(notes), len(notes), 0)]
+    off = data_off
+    for lo, hi in segs:
+        phdrs.append(Phdr(PT_LOAD, 7, off, k.va(lo), lo, hi - lo, hi - lo, 0))
+        off += hi - lo
+    path = tmp_path / "unaligned.elf"
+    with open(path, "wb") as f:
+        f.write(Ehdr.core(len(phdrs)).pack() + b"".join(p.pack() for p in phdrs))
+        f.seek(PAGE)
+        f.write(notes)
+        f.seek(data_off)
+        for lo, hi in segs:
+            f.write(k.mem[lo - RAM_START : hi - RAM_START])
+    page = bytes(17) + bytes(
+        k.mem[(start_pfn - FIRST) * PAGE + 17 : (start_pfn - FIRST + 1) * PAGE]
+    )
+    return str(path), end_pfn, start_pfn, page
+
+
+def _read_ours(tmp_path, src: str, level: int) -> tuple[str, KdumpReader, int]:
+    sink = SeekSink()
+    _write(open_vmcore(src), "compressed", level, sink)
+    ours = sink.save(tmp_path / "ours")
+    fd = os.open(ours, os.O_RDONLY)
+    reader = KdumpReader(ours, lambda n, o: os.pread(fd, n, o), lambda: None, os.fstat(fd).st_size)
+    return ours, reader, fd
+
+
+def _same_as_makedumpfile(tmp_path, src: str, ours: str, level: int) -> None:
+    ref = tmp_path / "mdf"
+    subprocess.run(["makedumpfile", "-c", "-d", str(level), src, str(ref)], check=True,
+                   capture_output=True)  # fmt: skip
+    with open(ours, "rb") as f:
+        assert f.read() == ref.read_bytes()
+
+
+@pytest.mark.parametrize("level", [0, 31])
+def test_a_page_whose_pt_load_ends_inside_it_is_left_out(tmp_path, level):
+    """The page a PT_LOAD's data ends inside (p_filesz not a page multiple) was dumped as
+    zeros, though it holds data; makedumpfile's exclude_nodata_pages() leaves it out."""
+    src, end_pfn, _, _ = _unaligned_image(tmp_path)
+    _, reader, fd = _read_ours(tmp_path, src, level)
+    try:
+        assert reader.is_dumped(end_pfn - 1)
+        with pytest.raises(AddressError):
+            reader.page(end_pfn)
+    finally:
+        os.close(fd)
+    ref = str(tmp_path / "mdf")
+    subprocess.run(["makedumpfile", "-c", "-d", str(level), src, ref], check=True,
+                   capture_output=True)  # fmt: skip
+    fd = os.open(ref, os.O_RDONLY)
+    try:
+        theirs = KdumpReader(
+            ref, lambda n, o: os.pread(fd, n, o), lambda: None, os.fstat(fd).st_size
+        )
+        assert theirs.is_dumped(end_pfn - 1) and not theirs.is_dumped(end_pfn)
+    finally:
+        os.close(fd)

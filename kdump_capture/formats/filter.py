@@ -491,6 +491,15 @@ class PageFilter:
         self.half_len = bitmap_half_len(max_mapnr)
         self._mem = ElfPhysMemory(loads, vm.pread, vm.path)
         self._ram = [(s, min(e, max_mapnr)) for s, e in ram if s < max_mapnr]
+        # Pages a PT_LOAD's file data does not fill, from the one its data ends in (p_filesz
+        # mid-page or short of p_memsz) to its end: never dumped, as makedumpfile's
+        # exclude_nodata_pages() has it, even where another PT_LOAD covers them. Dumped,
+        # they held zeros for bytes the vmcore has (or lacks): not what memory held.
+        self._nodata = merge_spans(
+            ((p.paddr + p.filesz) >> PAGE_SHIFT, min(max_mapnr, -(-(p.paddr + p.memsz) // PAGE)))
+            for p in loads
+            if p.type == PT_LOAD
+        )
         self._params = _rule_params(self.rules, level) if self.rules else None
         self._cache: list[bytes] | None = None
         self._summary: Summary | None = None
@@ -535,6 +544,7 @@ class PageFilter:
                     second = bytearray(cache[i])
                 else:
                     second = bytearray(first)
+                    self._clear_nodata(ws, we, second)
                     if self.rules is not None:
                         self._exclude(ws, we, first, second, state)
                     if keep is not None:
@@ -589,6 +599,15 @@ class PageFilter:
             if e > ws:
                 set_range(bm, max(s, ws) - ws, min(e, we) - ws)
         return bm
+
+    def _clear_nodata(self, ws: int, we: int, second: bytearray) -> None:
+        nodata = self._nodata
+        i = bisect.bisect_right(nodata, (ws, U64_MASK)) - 1
+        for s, e in nodata[max(i, 0) :]:
+            if s >= we:
+                break
+            if e > ws:
+                clear_range(second, max(s, ws) - ws, min(e, we) - ws)
 
     def _exclude(self, ws: int, we: int, first: bytearray, second: bytearray, st: ScanState):
         assert self.mem_maps is not None and self._params is not None
