@@ -478,3 +478,17 @@ def test_a_page_whose_pt_load_ends_inside_it_is_left_out(tmp_path, level):
         assert theirs.is_dumped(end_pfn - 1) and not theirs.is_dumped(end_pfn)
     finally:
         os.close(fd)
+
+
+@pytest.mark.parametrize("level", [0, 2, 31])
+def test_a_page_a_pt_load_starts_inside_holds_its_data(tmp_path, level):
+    """A page a PT_LOAD starts inside was dumped as zeros (at level 2 left out by its struct
+    page); makedumpfile reads its data behind zeros and does not look at the struct page of
+    a page whose first byte is in no PT_LOAD (is_in_segs())."""
+    src, _, start_pfn, page = _unaligned_image(tmp_path)
+    ours, reader, fd = _read_ours(tmp_path, src, level)
+    try:
+        assert reader.page(start_pfn) == page
+    finally:
+        os.close(fd)
+    _same_as_makedumpfile(tmp_path, src, ours, level)

@@ -495,6 +495,15 @@ class PageFilter:
         # mid-page or short of p_memsz) to its end: never dumped, as makedumpfile's
         # exclude_nodata_pages() has it, even where another PT_LOAD covers them. Dumped,
         # they held zeros for bytes the vmcore has (or lacks): not what memory held.
+        # Page frames whose first byte has file data (is_in_segs()): the struct-page walk
+        # looks at no others. Where a PT_LOAD starts mid-page, that page is in the 1st
+        # bitmap but not here, and makedumpfile keeps it whatever its struct page says.
+        in_segs = merge_spans(
+            (-(-p.paddr // PAGE), min(max_mapnr, -(-(p.paddr + p.filesz) // PAGE)))
+            for p in loads
+            if p.type == PT_LOAD
+        )
+        self._in_segs = None if in_segs == self._ram else in_segs
         self._nodata = merge_spans(
             ((p.paddr + p.filesz) >> PAGE_SHIFT, min(max_mapnr, -(-(p.paddr + p.memsz) // PAGE)))
             for p in loads
@@ -588,10 +597,10 @@ class PageFilter:
             self.notes.append(f"{st.bad_order} free pages had an invalid buddy order and were kept")
         return Summary(self.max_mapnr, self.applied, total, dumpable, excluded, list(self.notes))
 
-    def _first_window(self, ws: int, we: int) -> bytearray:
+    def _first_window(self, ws: int, we: int, spans: list[tuple[int, int]] | None = None):
         """1 = the pfn lies in a PT_LOAD (``create_1st_bitmap()``): end rounded up, clipped."""
         bm = bytearray((we - ws) >> 3)
-        ram = self._ram
+        ram = self._ram if spans is None else spans
         i = bisect.bisect_right(ram, (ws, U64_MASK)) - 1
         for s, e in ram[max(i, 0) :]:
             if s >= we:
@@ -625,6 +634,8 @@ class PageFilter:
             clear_range(second, 0, min(st.carry_end, we) - ws)
         if not sections:
             return
+        if self._in_segs is not None:
+            first = self._first_window(ws, we, self._in_segs)
         t0 = time.perf_counter()
         extents = self._extents(spans)
         fd, base = self.vm.fd, self.vm.base

@@ -384,13 +384,18 @@ def read_utsname(vm: Vmcore, notes: list[str]) -> bytes:
 
 # -- page sources -------------------------------------------------------------------------------
 class Piece(Record):
-    """``npages`` pages at file ``offset`` (None: not backed by the file, read as zeros)."""
+    """``npages`` pages at file ``offset`` (None: not backed by the file, read as zeros).
 
-    __slots__ = ("npages", "offset")
+    ``head`` > 0: one page whose PT_LOAD starts ``head`` bytes into it; its first ``head``
+    bytes are zeros and the rest is at ``offset`` (makedumpfile's readpage_elf()).
+    """
 
-    def __init__(self, npages: int, offset: int | None) -> None:
+    __slots__ = ("npages", "offset", "head")
+
+    def __init__(self, npages: int, offset: int | None, head: int = 0) -> None:
         self.npages = npages
         self.offset = offset
+        self.head = head
 
 
 def iter_batches(
@@ -408,9 +413,16 @@ def iter_batches(
         while pfn < end:
             pa = pfn * PAGE
             seg = mem.find(pa)
+            head = 0
             if seg is None:
                 n = 1
                 off = None
+                start = mem.next_start(pa)
+                if start < pa + PAGE:  # a PT_LOAD starts inside this page
+                    seg = mem.find(start)
+                    if seg is not None and seg.file_end >= pa + PAGE:
+                        head = start - pa
+                        off = seg.offset + (start - seg.paddr)
             else:
                 n = min(end, (seg.end + PAGE - 1) // PAGE) - pfn
                 off = seg.offset + (pa - seg.paddr)
@@ -421,7 +433,7 @@ def iter_batches(
                 else:
                     n = min(n, file_pages)
             n = min(n, batch - count)
-            pieces.append(Piece(n, off))
+            pieces.append(Piece(n, off, head))
             count += n
             pfn += n
             if count == batch:
@@ -668,7 +680,7 @@ class KdumpWriter(FormatWriter):
     def _gather(self, pieces: list[Piece], n: int, buf: bytearray):
         """The batch's pages as (buffer, u64 offsets): a view of the mapped source when
         every page is in the file and near the others, else read into ``buf``."""
-        if all(p.offset is not None for p in pieces):
+        if all(p.offset is not None and not p.head for p in pieces):
             lo = min(p.offset for p in pieces)  # type: ignore[type-var]
             hi = max(p.offset + p.npages * PAGE for p in pieces)  # type: ignore[operator]
             view = self.vm.view(lo, hi - lo)
@@ -686,8 +698,9 @@ class KdumpWriter(FormatWriter):
             if p.offset is None:
                 view[pos : pos + nbytes] = bytes(nbytes)
             else:
-                got = vm.read_data(view[pos : pos + nbytes], p.offset)
-                if got != nbytes:
+                view[pos : pos + p.head] = bytes(p.head)
+                got = vm.read_data(view[pos + p.head : pos + nbytes], p.offset)
+                if got != nbytes - p.head:
                     raise VmcoreError(
                         f"{vm.path}: the source ended at offset {p.offset + got:#x}"
                         " (truncated vmcore)"
