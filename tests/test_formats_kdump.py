@@ -492,3 +492,28 @@ def test_a_page_a_pt_load_starts_inside_holds_its_data(tmp_path, level):
     finally:
         os.close(fd)
     _same_as_makedumpfile(tmp_path, src, ours, level)
+
+
+@pytest.mark.parametrize("level", [8, 31])
+def test_elf_leaves_out_a_short_excluded_run_that_ends_a_pt_load(tmp_path, level):
+    """Excluded runs shorter than 256 pages are copied only when kept pages follow them, as
+    makedumpfile -E does: the user pages that ended RAM were written, data and all."""
+    k = KernelImage(1024)
+    k.max_pfn += 512  # struct pages past the end of RAM, which makedumpfile reads in blocks
+    for i in range(300, 1024):
+        k.put(RAM_START + i * PAGE, (b"text page %5d " % i) * (PAGE // 16))
+    for pfn in range(FIRST + 1020, FIRST + 1024):  # the last 4 pages: anonymous
+        k.pages[pfn] = PageState(flags=1 << 4, mapping=0xFFFF888000003001, mapcount=0)
+    k.build([(0, b"synthetic log")])
+    src = str(tmp_path / "v.elf")
+    k.write(src)
+    sink = SeekSink()
+    _write(open_vmcore(src), "elf", level, sink)
+    ours = open_vmcore(sink.save(tmp_path / "ours"))
+    ref = tmp_path / "mdf"
+    subprocess.run(["makedumpfile", "-E", "-d", str(level), src, str(ref)], check=True,
+                   capture_output=True)  # fmt: skip
+    theirs = open_vmcore(str(ref))
+    segs = [(p.paddr, p.filesz, p.memsz) for p in ours.loads]
+    assert segs == [(p.paddr, p.filesz, p.memsz) for p in theirs.loads]
+    assert segs[-1][0] + segs[-1][1] == RAM_START + 1020 * PAGE

@@ -343,11 +343,12 @@ class SegmentPlanner:
         )
 
     def finish(self) -> None:
-        """After the last window: the excluded run that ends each PT_LOAD (once)."""
+        """After the last window: the excluded run that ends each PT_LOAD (once), however
+        short: makedumpfile copies only the short runs that kept pages follow."""
         for st in self.state:
             if st:
                 first, stop, prev, gaps = st
-                if stop - prev >= self.min_run:
+                if stop > prev:
                     self._gap(gaps, prev - first, stop - prev)
                 st[2] = stop
 
