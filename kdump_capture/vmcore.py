@@ -652,6 +652,14 @@ def _parse(
             if n.name == VMCOREINFO_NOTE_NAME:
                 vm.vmcoreinfo_note = n
                 vm.vmcoreinfo = parse_vmcoreinfo(vmcoreinfo_text(n.desc, path))
+    if not any(p.type == PT_LOAD for p in phdrs):
+        # /proc/vmcore has a PT_LOAD for each System RAM range: without one the ELF header
+        # was corrupt, and a "complete" dump of it would hold no memory (makedumpfile
+        # refuses it too)
+        raise VmcoreError(
+            f"{path}: offset 0x38: none of the {phnum} program headers is a PT_LOAD: "
+            "the vmcore holds no memory"
+        )
     if not vm.vmcoreinfo:
         log.warning("%s: no VMCOREINFO note; crash time and kernel release unknown", path)
     return vm

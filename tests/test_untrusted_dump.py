@@ -333,6 +333,21 @@ def test_extended_numbering_from_an_untrusted_header(tmp_path, sh_info, shentsiz
         open_vmcore(str(p))
 
 
+def test_a_vmcore_without_memory_is_not_saved_as_complete(tmp_path):
+    # Notes and no PT_LOAD (a corrupt ELF header): saved as a "complete" dump of 8 KiB,
+    # exit 0, in every format. makedumpfile refuses it; so do we (exit 4, no dump).
+    notes = pack_note(b"CORE", NT_PRSTATUS, bytes(336))
+    src = tmp_path / "vmcore"
+    head = Ehdr.core(1).pack() + Phdr(PT_NOTE, 0, PAGE, 0, 0, len(notes), len(notes), 0).pack()
+    src.write_bytes(head.ljust(PAGE, b"\0") + notes)
+    savedir = tmp_path / "dumps"
+    for fmt in ("ELF", "compressed"):
+        r = cli(*save_args(str(src), str(savedir), f"KDUMP_DUMPFORMAT={fmt}"))
+        assert r.rc == 4, r.err
+        assert "offset 0x38: none of the 1 program headers is a PT_LOAD" in r.err
+        assert not savedir.exists() or not any(savedir.iterdir())
+
+
 def test_extended_numbering_gives_the_count(tmp_path):
     p = tmp_path / "xnum"
     _xnum_file(p, 2)
