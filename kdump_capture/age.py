@@ -58,6 +58,8 @@ X25519_LABEL = b"age-encryption.org/v1/X25519"
 ED25519_LABEL = b"age-encryption.org/v1/ssh-ed25519"
 RSA_LABEL = b"age-encryption.org/v1/ssh-rsa"
 RSA_MIN_BITS = 2048  # age refuses smaller RSA keys
+# An RSA-16384 OpenSSH key is about 12 KiB; an identity file of many keys a few hundred.
+MAX_IDENTITY_FILE = 1 << 20
 
 _ARG = re.compile(rb"[\x21-\x7e]+")
 
@@ -502,11 +504,15 @@ def _identity_from_x25519(secret: bytes) -> Identity:
 def load_identities(path: str) -> list[Identity]:
     """Identities from an age identity file (``AGE-SECRET-KEY-1...`` lines, ``#`` comments)
     or an unencrypted OpenSSH/PEM ed25519 or rsa private key. Raises ConfigError."""
+    from .bounds import read_small_file
+
     try:
-        with open(path, "rb") as f:
-            data = f.read(1 << 20)
+        # A regular file only, opened without blocking: a FIFO would wait for a writer.
+        data = read_small_file(path, MAX_IDENTITY_FILE)
     except OSError as e:
         raise ConfigError(f"--identity {path}: cannot read: {e.strerror or e}") from None
+    except ValueError as e:
+        raise ConfigError(f"--identity {e}") from None
     if b"-----BEGIN" in data:
         return [_ssh_identity(path, data)]
     out = []

@@ -172,3 +172,38 @@ def test_passphrase_key_and_bad_identity_files(tmp_path):
         age.load_identities(str(tmp_path / "bad"))
     with pytest.raises(ConfigError, match="cannot read"):
         age.load_identities(str(tmp_path / "missing"))
+
+
+def _unblock_later(fifo, after: float = 3.0) -> None:
+    """Open the FIFO's write end once a reader waits on it (after ``after`` s): a reader
+    that blocks then fails its test instead of hanging it."""
+    import threading
+    import time
+
+    def run() -> None:
+        end = time.monotonic() + after + 10
+        time.sleep(after)
+        while time.monotonic() < end:
+            try:
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+                return
+            except OSError:  # ENXIO: nobody reads it (the code under test did not open it)
+                time.sleep(0.1)
+
+    threading.Thread(target=run, daemon=True).start()
+
+
+def test_identity_files_that_are_not_small_regular_files(tmp_path):
+    """--identity FIFO waited for a writer for good; /dev/zero and a file past 1 MiB were
+    read cut short, and the error then blamed their first line."""
+    with pytest.raises(ConfigError, match="not a regular file"):
+        age.load_identities("/dev/zero")
+    big = tmp_path / "big"
+    big.write_bytes(b"#" * (2 << 20))
+    with pytest.raises(ConfigError, match="larger than"):
+        age.load_identities(str(big))
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    _unblock_later(fifo)
+    with pytest.raises(ConfigError, match="fifo: not a regular file"):
+        age.load_identities(str(fifo))
