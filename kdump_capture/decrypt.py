@@ -8,17 +8,25 @@ only when complete and checked (temporary name, O_EXCL|O_NOFOLLOW, mode 0600, re
 
 from __future__ import annotations
 
-import json
+import errno
 import os
 import secrets
+import stat
 from dataclasses import dataclass
 
-from . import checksum
-from .errors import ConfigError, NoDumpError, TransportError, VerifyError
+from transports.base import mode_kind
+
+from . import checksum, manifest
+from .errors import (
+    ConfigError,
+    KdumpError,
+    ManifestError,
+    NoDumpError,
+    TransportError,
+    VerifyError,
+)
 from .report import AGE_SUFFIX, MANIFEST, VMCORE
 
-# A manifest is a few KiB; more than this is not one of ours.
-MAX_MANIFEST = 16 << 20
 COPY = 1 << 20
 
 
@@ -53,34 +61,39 @@ class _HashingReader:
         return n or 0
 
 
-def _open_nofollow(path: str) -> int:
+def _open_regular(path: str, error: type[KdumpError]) -> int:
+    """A descriptor of the regular file ``path``, opened through no link and without
+    blocking (a FIFO would wait for a writer for good); ``error`` for anything else."""
     try:
-        return os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as e:
-        raise NoDumpError(f"{path}: cannot open: {e.strerror or e}") from None
+        if e.errno == errno.ENOENT:
+            raise NoDumpError(f"{path}: cannot open: {e.strerror}") from None
+        if e.errno == errno.ELOOP:
+            raise error(f"{path}: a symbolic link; only regular files are read") from None
+        raise error(f"{path}: cannot open: {e.strerror or e}") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise error(f"{path}: {mode_kind(mode)}; only regular files are read")
+    return fd
 
 
 def read_manifest(dumpdir: str) -> dict:
-    """manifest.json of a local dump directory, bounded and never through a link."""
+    """manifest.json of a local dump directory as a JSON object, bounded as every manifest
+    is (``manifest.document``: 1 MiB, nesting and values limited before json builds
+    anything), read only from a regular file, never through a link. ManifestError (exit 4)."""
     path = os.path.join(dumpdir, MANIFEST)
-    fd = _open_nofollow(path)
+    fd = _open_regular(path, ManifestError)
     with os.fdopen(fd, "rb") as f:
-        raw = f.read(MAX_MANIFEST + 1)
-    if len(raw) > MAX_MANIFEST:
-        raise VerifyError(f"{path}: larger than {MAX_MANIFEST >> 20} MiB: not a manifest")
-    try:
-        doc = json.loads(raw)
-    except ValueError as e:
-        raise VerifyError(f"{path}: unreadable manifest: {e}") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("files"), dict):
-        raise VerifyError(f"{path}: unreadable manifest: no 'files' object")
-    return doc
+        raw = f.read(manifest.MAX_BYTES + 1)
+    return manifest.document(raw, path)
 
 
 def encrypted_files(doc: dict, label: str) -> list[tuple[str, dict, dict]]:
     """(stored name, stored entry, plaintext entry) of each encrypted file, vmcore last."""
     out = []
-    for name, info in doc["files"].items():
+    for name, info in doc.get("files", {}).items():
         if not isinstance(name, str) or not name.endswith(AGE_SUFFIX):
             continue
         if "/" in name or "\0" in name or name in (AGE_SUFFIX, "." + AGE_SUFFIX):
@@ -98,6 +111,7 @@ def decrypt_dir(dumpdir: str, identities: list, output: str | None = None) -> li
     directory). Raises DecryptError (no identity fits: exit 15), VerifyError (altered,
     truncated or not matching the manifest: exit 8), NoDumpError, ConfigError."""
     doc = read_manifest(dumpdir)
+    manifest.of_document(doc, os.path.join(dumpdir, MANIFEST))  # the fields verify checks
     files = encrypted_files(doc, dumpdir)
     if not files:
         raise ConfigError(f"{dumpdir}: the dump is not encrypted (no .age file in {MANIFEST})")
@@ -119,7 +133,7 @@ def _decrypt_one(dumpdir, name, stored, plain, identities, out_dir) -> Decrypted
     stored_algo, stored_digest = checksum.recorded(stored, where)
     plain_algo, plain_digest = checksum.recorded(plain, f"{where} (plaintext)")
     stored_hash, h = checksum.new(stored_algo), checksum.new(plain_algo)
-    fd = _open_nofollow(src)
+    fd = _open_regular(src, VerifyError)
     tmp, out_fd = _create_temp(out_dir, target)
     try:
         with os.fdopen(fd, "rb", buffering=COPY) as f, os.fdopen(out_fd, "wb") as out:

@@ -163,7 +163,11 @@ def read_document(transport: Transport, relpath: str) -> dict:
 
 def parse(data: bytes, where: str) -> Manifest:
     """The manifest in ``data``; ``ManifestError`` naming ``where`` if it is not one of ours."""
-    doc = document(data, where)
+    return of_document(document(data, where), where)
+
+
+def of_document(doc: dict, where: str) -> Manifest:
+    """The manifest a ``document`` holds, every field it acts on checked."""
     status = _text(doc, "status", where)
     if status not in STATUSES:
         raise ManifestError(f"{where}: unknown status {status[:40]!r}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 
 from kdump_capture import checksum
 from tests.servers.targets import make_target
+from tests.test_age import _unblock_later
 from tests.test_save_network import run_save, write_config
 from tests.test_summary import _marker_sample
 
@@ -236,3 +238,55 @@ def test_encryption_stays_out_of_plain_images():
     plain = set(runtime.entry_modules(["file"]))
     assert "kdump_capture.age" not in plain and not any(m.startswith("cryptography") for m in plain)
     assert "kdump_capture.age" in runtime.entry_modules(["file"], features=("encrypt",))
+
+
+@pytest.fixture(scope="module")
+def encrypted_dump(keys, tmp_path_factory):
+    """One small encrypted dump directory (tests copy it before altering it)."""
+    tmp = tmp_path_factory.mktemp("enc")
+    sample = tmp / "vmcore"
+    _marker_sample(sample, "M")
+    r = cli(*save_args(str(sample), str(tmp / "d"), f"KDUMP_ENCRYPT_TO={keys['age_pub']}"))
+    assert r.rc == 0, r.err
+    [d] = list((tmp / "d").iterdir())
+    return d
+
+
+def _copy(d: Path, dest: Path) -> Path:
+    shutil.copytree(d, dest)
+    return dest
+
+
+def test_decrypt_reads_the_manifest_and_stored_files_as_verify_does(keys, encrypted_dump, tmp_path):
+    """decrypt had a manifest reader of its own: 16 MiB, no nesting bound (100,000 '[' was
+    a RecursionError, exit 1), and it opened manifest.json and NAME.age blocking (a FIFO
+    waited for a writer for good) and a linked NAME.age was 'no crash dump' (exit 3)."""
+    deep = _copy(encrypted_dump, tmp_path / "deep")
+    (deep / "manifest.json").write_text('{"files": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    r = cli("decrypt", "-i", keys["age_key"], str(deep))
+    assert r.rc == 4 and "values" in r.err and "internal error" not in r.err, r.err
+    big = _copy(encrypted_dump, tmp_path / "big")
+    doc = json.loads((big / "manifest.json").read_text())
+    doc["notes"] = ["x" * 1000] * 2000
+    (big / "manifest.json").write_text(json.dumps(doc))
+    r = cli("decrypt", "-i", keys["age_key"], str(big))
+    assert r.rc == 4 and "larger than" in r.err, r.err
+    untyped = _copy(encrypted_dump, tmp_path / "untyped")
+    doc = json.loads((untyped / "manifest.json").read_text())
+    doc["status"] = ["complete"]
+    (untyped / "manifest.json").write_text(json.dumps(doc))
+    r = cli("decrypt", "-i", keys["age_key"], str(untyped))
+    assert r.rc == 4 and "'status'" in r.err, r.err
+    linked = _copy(encrypted_dump, tmp_path / "linked")
+    os.rename(linked / "dmesg.txt.age", tmp_path / "elsewhere.age")
+    os.symlink(tmp_path / "elsewhere.age", linked / "dmesg.txt.age")
+    r = cli("decrypt", "-i", keys["age_key"], str(linked))
+    assert r.rc == 8 and "a symbolic link" in r.err, r.err
+    for name, rc in (("manifest.json", 4), ("vmcore.age", 8)):
+        d = _copy(encrypted_dump, tmp_path / f"fifo-{name}")
+        os.unlink(d / name)
+        os.mkfifo(d / name)
+        _unblock_later(d / name)  # without the fix: read as empty instead of hanging
+        r = cli("decrypt", "-i", keys["age_key"], str(d), timeout=60)
+        assert r.rc == rc and "a FIFO; only regular files are read" in r.err, r.err
+        assert not (d / "vmcore").exists()
