@@ -464,6 +464,8 @@ def cmd_decrypt(args: argparse.Namespace) -> int:
     from .age import load_identities
     from .decrypt import decrypt_dir
 
+    # exit 130 with a message, as save: the partial plaintext under its temporary name goes
+    signal.signal(signal.SIGTERM, _on_term)
     identities = [i for path in args.identity for i in load_identities(path)]
     for d in decrypt_dir(args.dumpdir, identities, args.output):
         how = ", rearranged from the flattened format" if d.rearranged else ""

@@ -8,6 +8,7 @@ import os
 import secrets
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -290,3 +291,64 @@ def test_decrypt_reads_the_manifest_and_stored_files_as_verify_does(keys, encryp
         r = cli("decrypt", "-i", keys["age_key"], str(d), timeout=60)
         assert r.rc == rc and "a FIFO; only regular files are read" in r.err, r.err
         assert not (d / "vmcore").exists()
+
+
+def _encrypted_dir(d: Path, keys, files: dict[str, bytes | int], status: str = "complete") -> Path:
+    """A dump directory holding ``files`` (name: plaintext, or a size of zeros) encrypted to
+    the age key, with the manifest a save writes for them."""
+    from kdump_capture.age import Encryptor, parse_recipients
+
+    d.mkdir()
+    entries = {}
+    for name, plain in files.items():
+        stored, plain_hash = checksum.new(checksum.XXH3), checksum.new(checksum.XXH3)
+        size = [0]
+        with open(d / f"{name}.age", "wb") as f:
+
+            def out(view, f=f, stored=stored, size=size):
+                stored.update(view)
+                size[0] += f.write(view)
+
+            enc = Encryptor(parse_recipients(keys["age_pub"]), out, plain_hash)
+            if isinstance(plain, int):
+                zeros = bytes(1 << 20)
+                for _ in range(plain >> 20):
+                    enc.write(zeros)
+            else:
+                enc.write(plain)
+            enc.finish()
+        entries[f"{name}.age"] = {
+            "size": size[0],
+            **checksum.entry(checksum.XXH3, stored.hexdigest()),
+            "plaintext": {
+                "name": name,
+                "size": enc.plain_size,
+                **checksum.entry(checksum.XXH3, plain_hash.hexdigest()),
+            },
+        }
+    doc = {"status": status, "error": None if status == "complete" else "cut", "files": entries}
+    (d / "manifest.json").write_text(json.dumps(doc))
+    return d
+
+
+def test_sigterm_during_decrypt_leaves_no_plaintext(keys, tmp_path):
+    """SIGTERM killed decrypt silently (exit 143) and left the partial plaintext behind under
+    its temporary name (134 MB of a 376 MB vmcore in the review)."""
+    import time
+
+    d = _encrypted_dir(tmp_path / "dump", keys, {"vmcore": 768 << 20})
+    out = tmp_path / "out"
+    out.mkdir()
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    argv = ["decrypt", "-i", keys["age_key"], "-o", str(out), str(d)]
+    p = subprocess.Popen(
+        [sys.executable, "-m", "kdump_capture", *argv], env=env, stderr=subprocess.PIPE, text=True
+    )
+    end = time.monotonic() + 60
+    while not os.listdir(out) and time.monotonic() < end and p.poll() is None:
+        time.sleep(0.01)
+    assert p.poll() is None, "decrypt ended before it could be stopped"
+    p.terminate()
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and "interrupted" in err, err
+    assert os.listdir(out) == []
