@@ -12,6 +12,7 @@ import errno
 import os
 import secrets
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from transports.base import mode_kind
@@ -19,6 +20,7 @@ from transports.base import mode_kind
 from . import checksum, manifest
 from .errors import (
     ConfigError,
+    IncompleteDump,
     KdumpError,
     ManifestError,
     NoDumpError,
@@ -106,22 +108,33 @@ def encrypted_files(doc: dict, label: str) -> list[tuple[str, dict, dict]]:
     return out
 
 
-def decrypt_dir(dumpdir: str, identities: list, output: str | None = None) -> list[Decrypted]:
+def decrypt_dir(dumpdir: str, identities: list, output: str | None = None) -> Iterator[Decrypted]:
     """Decrypt every encrypted file of a dump directory into ``output`` (default: the same
-    directory). Raises DecryptError (no identity fits: exit 15), VerifyError (altered,
-    truncated or not matching the manifest: exit 8), NoDumpError, ConfigError."""
+    directory), yielding each once it is in place. Raises DecryptError (no identity fits:
+    exit 15), VerifyError (altered, truncated or not matching the manifest: exit 8),
+    NoDumpError, ConfigError; and IncompleteDump (exit 13) after decrypting a dump whose
+    manifest does not say complete: its vmcore holds only what was saved, if anything."""
     doc = read_manifest(dumpdir)
-    manifest.of_document(doc, os.path.join(dumpdir, MANIFEST))  # the fields verify checks
+    record = manifest.of_document(doc, os.path.join(dumpdir, MANIFEST))  # as verify checks
     files = encrypted_files(doc, dumpdir)
     if not files:
         raise ConfigError(f"{dumpdir}: the dump is not encrypted (no .age file in {MANIFEST})")
     out_dir = output or dumpdir
     if not os.path.isdir(out_dir):
         raise ConfigError(f"--output {out_dir}: not a directory")
-    done = []
     for name, stored, plain in files:
-        done.append(_decrypt_one(dumpdir, name, stored, plain, identities, out_dir))
-    return done
+        yield _decrypt_one(dumpdir, name, stored, plain, identities, out_dir)
+    if not record.complete:
+        has_vmcore = any(name == VMCORE + AGE_SUFFIX for name, _, _ in files)
+        raise IncompleteDump(
+            f"{dumpdir}: the dump is {record.status.upper()} ({MANIFEST}: "
+            f"{ascii(record.error or 'no reason recorded')[1:-1][:300]}): "
+            + (
+                f"the decrypted {VMCORE} holds only what was saved"
+                if has_vmcore
+                else f"there is no {VMCORE}"
+            )
+        )
 
 
 def _decrypt_one(dumpdir, name, stored, plain, identities, out_dir) -> Decrypted:

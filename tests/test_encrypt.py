@@ -352,3 +352,20 @@ def test_sigterm_during_decrypt_leaves_no_plaintext(keys, tmp_path):
     _, err = p.communicate(timeout=60)
     assert p.returncode == 130 and "interrupted" in err, err
     assert os.listdir(out) == []
+
+
+@pytest.mark.parametrize("status", ["incomplete", "failed"])
+def test_decrypting_a_dump_that_is_not_complete_says_so(status, keys, tmp_path):
+    """decrypt of an INCOMPLETE dump (the source ended half way) printed 'vmcore: ... OK' and
+    exited 0: with --output the half vmcore stood alone, nothing saying it was cut short."""
+    files = {"dmesg.txt": b"log\n", "vmcore": b"ELF half"} if status == "incomplete" else {}
+    d = _encrypted_dir(tmp_path / "dump", keys, {**files, "summary.txt": b"x"}, status)
+    out = tmp_path / "out"
+    out.mkdir()
+    r = cli("decrypt", "-i", keys["age_key"], "-o", str(out), str(d))
+    assert r.rc == 13, r.err
+    assert f"the dump is {status.upper()} (manifest.json: cut)" in r.err
+    assert ("holds only what was saved" if files else "there is no vmcore") in r.err
+    assert sorted(os.listdir(out)) == sorted(
+        n.removesuffix(".age") for n in os.listdir(d) if n.endswith(".age")
+    )
