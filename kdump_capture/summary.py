@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 
 from .errors import NoDumpError, VmcoreError
 from .record import Record
@@ -274,6 +275,8 @@ def _read_tail(path: str) -> bytes:
 def summary_of(path: str) -> CrashSummary:
     """The crash summary of a dump file (ELF, kdump-compressed, flattened), a dmesg.txt,
     or a dump directory (its dmesg.txt, else its vmcore, else its manifest's summary)."""
+    from transports.base import mode_kind
+
     from .dumpfile import open_dump
     from .report import DMESG, MANIFEST, VMCORE
 
@@ -281,6 +284,12 @@ def summary_of(path: str) -> CrashSummary:
         for name in (DMESG, VMCORE):
             p = os.path.join(path, name)
             if os.path.lexists(p):
+                # A dump directory's files, never a link or a FIFO in their place (another
+                # host may write a shared target; a FIFO would wait for a writer for good).
+                # A path given by itself may be one: `... | kdump-capture summary /dev/stdin`.
+                mode = os.lstat(p).st_mode
+                if not stat.S_ISREG(mode):
+                    raise VmcoreError(f"{p}: {mode_kind(mode)}; only regular files are read")
                 return summary_of(p)
         from .decrypt import read_manifest
 

@@ -230,3 +230,21 @@ def test_summary_command_errors(tmp_path):
     (tmp_path / "x.age").write_bytes(b"age-encryption.org/v1\n-> X25519 abc\n")
     r = cli("summary", str(tmp_path / "x.age"))
     assert r.rc == 4 and "decrypt it first" in r.err
+
+
+def test_summary_of_a_directory_reads_only_its_regular_files(tmp_path):
+    """`summary DIR` with a FIFO as DIR/dmesg.txt waited for a writer for good."""
+    from tests.test_age import _unblock_later
+
+    for name in ("dmesg.txt", "vmcore"):
+        d = tmp_path / name
+        d.mkdir()
+        os.mkfifo(d / name)
+        _unblock_later(d / name)  # without the fix: an empty log instead of a hang
+        r = cli("summary", str(d), timeout=20)
+        assert r.rc == 4 and f"{name}: a FIFO; only regular files are read" in r.err, r.err
+    (tmp_path / "elsewhere").write_text("Kernel panic - not syncing: X\n")
+    (tmp_path / "link").mkdir()
+    os.symlink(tmp_path / "elsewhere", tmp_path / "link" / "dmesg.txt")
+    r = cli("summary", str(tmp_path / "link"))
+    assert r.rc == 4 and "a symbolic link" in r.err, r.err
