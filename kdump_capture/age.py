@@ -315,6 +315,21 @@ def parse_recipient(text: str) -> Recipient:
     raise ValueError("expected an age1... key or an ssh-ed25519/ssh-rsa public key")
 
 
+# An SSH key's type word ("ssh-ed25519", "ecdsa-sha2-nistp256", "sk-ssh-ed25519@openssh.com").
+_SSH_TYPE = re.compile(r"[a-z][a-z0-9@.-]*")
+
+
+def _starts_key(words: list[str], i: int) -> bool:
+    """Whether ``words[i]`` starts a key, not a comment: an age key (public or private), or
+    an SSH key of any type: its type word, then its base64 blob, which always begins "AAAA"
+    (the length of the type name). A key of a type age cannot use is then refused by name,
+    never taken for a comment and dropped."""
+    w = words[i]
+    if w.startswith("age1") or w.upper().startswith("AGE-SECRET-KEY-"):
+        return True
+    return i + 1 < len(words) and words[i + 1].startswith("AAAA") and bool(_SSH_TYPE.fullmatch(w))
+
+
 def parse_recipients(value: str) -> tuple[Recipient, ...]:
     """KDUMP_ENCRYPT_TO: recipients separated by blanks (or commas), as ``age -r`` takes
     them; an SSH key is ``TYPE BASE64`` and may keep its comment (the words after it that
@@ -333,12 +348,17 @@ def parse_recipients(value: str) -> tuple[Recipient, ...]:
                 raise ValueError(f"{w} without its key")
             out.append(parse_recipient(f"{w} {words[i + 1]}"))
             i += 2
-            # the key's comment ("root@host"): anything that does not look like a key
-            while i < len(words) and not words[i].lower().startswith(("age", "ssh-")):
+            # the key's comment ("root@host", "agent-key"): the words up to the next key
+            while i < len(words) and not _starts_key(words, i):
                 i += 1
         elif w.startswith("age1"):
             out.append(parse_recipient(w))
             i += 1
+        elif _starts_key(words, i):
+            raise ValueError(
+                f"word {i + 1} is an SSH key of type {w[:40]!r}: age takes only ssh-ed25519 "
+                "and ssh-rsa keys"
+            )
         else:
             raise ValueError(f"word {i + 1} is not an age1... or ssh-ed25519/ssh-rsa key")
     return tuple(out)

@@ -207,3 +207,20 @@ def test_identity_files_that_are_not_small_regular_files(tmp_path):
     _unblock_later(fifo)
     with pytest.raises(ConfigError, match="fifo: not a regular file"):
         age.load_identities(str(fifo))
+
+
+def test_ssh_comments_are_told_from_keys(keys, tmp_path):
+    """A comment starting "age" or "ssh-" ("agent-key") was refused as a key, and a key
+    of a type age cannot use after a commented key was taken for more comment and dropped
+    without a word: the dump went to one recipient fewer than configured."""
+    bare = " ".join(keys["ssh-ed25519"][0].split()[:2])  # without its comment
+    assert [r.kind for r in age.parse_recipients(f"{bare} agent-key ssh-backup")] == ["ssh-ed25519"]
+    assert (
+        _run("ssh-keygen", "-q", "-t", "ecdsa", "-N", "", "-f", str(tmp_path / "ec")).returncode
+        == 0
+    )
+    ecdsa = (tmp_path / "ec.pub").read_text()
+    with pytest.raises(ValueError, match="word 4 is an SSH key of type 'ecdsa-sha2-nistp256'"):
+        age.parse_recipients(f"{bare} root@host {ecdsa}")
+    with pytest.raises(ValueError, match="word 4 is a private key"):
+        age.parse_recipients(f"{bare} me AGE-SECRET-KEY-1QQQ")
