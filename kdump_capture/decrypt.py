@@ -24,6 +24,7 @@ from .errors import (
     KdumpError,
     ManifestError,
     NoDumpError,
+    TargetFull,
     TransportError,
     VerifyError,
 )
@@ -191,7 +192,11 @@ def _decrypt_one(dumpdir, name, stored, plain, identities, out_dir) -> Decrypted
             os.close(out_fd)
         _unlink(tmp)
         if isinstance(e, OSError):
-            raise TransportError(f"{src}: {e.strerror or e}") from e
+            # Almost always the output (full, or its name taken by a directory): name both.
+            what = f"{src}: decrypting to {os.path.join(out_dir, target)}: {e.strerror or e}"
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise TargetFull(what) from e
+            raise TransportError(what) from e
         raise
 
 

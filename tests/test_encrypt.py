@@ -369,3 +369,19 @@ def test_decrypting_a_dump_that_is_not_complete_says_so(status, keys, tmp_path):
     assert sorted(os.listdir(out)) == sorted(
         n.removesuffix(".age") for n in os.listdir(d) if n.endswith(".age")
     )
+
+
+def test_an_output_that_cannot_be_written_is_named(keys, tmp_path):
+    """A full --output directory, or a directory where an output goes, failed naming the
+    stored file ("vmcore.age: No space left on device", exit 6), not the output."""
+    from tests.servers.common import tmpfs
+
+    d = _encrypted_dir(tmp_path / "dump", keys, {"dmesg.txt": b"log\n", "vmcore": 4 << 20})
+    taken = tmp_path / "taken"
+    (taken / "dmesg.txt").mkdir(parents=True)
+    r = cli("decrypt", "-i", keys["age_key"], "-o", str(taken), str(d))
+    assert r.rc == 6 and f"decrypting to {taken}/dmesg.txt: Is a directory" in r.err, r.err
+    with tmpfs(str(tmp_path / "small"), "2m") as small:
+        r = cli("decrypt", "-i", keys["age_key"], "-o", small, str(d))
+        assert r.rc == 5 and f"decrypting to {small}/vmcore: No space left" in r.err, r.err
+        assert os.listdir(small) == ["dmesg.txt"]  # no partial vmcore left
