@@ -641,11 +641,12 @@ def parse_header(read: Callable[[int], bytes], label: str) -> tuple[list[Stanza]
         body = b""
         while True:
             b = line()
+            at = size - len(b) - 1
             if len(b) > COLUMNS or b.startswith(b"-"):
-                raise VerifyError(f"{label}: malformed stanza body")
+                raise VerifyError(f"{label}: offset {at:#x}: malformed stanza body")
             body += b
             if len(body) > MAX_BODY * 4 // 3 + 4:
-                raise VerifyError(f"{label}: a stanza body is implausibly large")
+                raise VerifyError(f"{label}: offset {at:#x}: a stanza body is implausibly large")
             if len(b) < COLUMNS:
                 break
         stanzas.append(
@@ -689,6 +690,9 @@ class Decryptor:
         if len(nonce) != NONCE_SIZE:
             raise VerifyError(f"{label}: truncated after the age header")
         self.aead = ChaCha20Poly1305(_hkdf(self.file_key, nonce, b"payload"))
+        # The payload's first byte in the file: the header (its MAC line is "--- " and 43
+        # characters of base64, as parse_header demands) and the nonce.
+        self.payload_at = len(text) + 1 + 43 + 1 + NONCE_SIZE
 
     def chunks(self):
         buf = bytearray(SEALED + 1)
@@ -699,16 +703,18 @@ class Decryptor:
         while True:
             last = have <= SEALED
             n = have if last else SEALED
+            at = self.payload_at + counter * SEALED
             if n < TAG or (last and n == TAG and counter):
                 raise VerifyError(
-                    f"{self.label}: chunk {counter}: truncated or damaged (the file ends early)"
+                    f"{self.label}: offset {at:#x}: chunk {counter}: truncated or damaged "
+                    "(the file ends early)"
                 )
             try:
                 self.aead.decrypt_into(_nonce(counter, last), view[:n], None, out[: n - TAG])
             except InvalidTag:
                 raise VerifyError(
-                    f"{self.label}: chunk {counter} (payload offset {counter * SEALED:#x}) was "
-                    "altered or truncated: its authentication tag does not match"
+                    f"{self.label}: offset {at:#x}: chunk {counter} was altered or truncated: "
+                    "its authentication tag does not match"
                 ) from None
             yield out[: n - TAG]
             if last:

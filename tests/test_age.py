@@ -224,3 +224,17 @@ def test_ssh_comments_are_told_from_keys(keys, tmp_path):
         age.parse_recipients(f"{bare} root@host {ecdsa}")
     with pytest.raises(ValueError, match="word 4 is a private key"):
         age.parse_recipients(f"{bare} me AGE-SECRET-KEY-1QQQ")
+
+
+def test_a_damaged_chunk_is_named_by_its_offset_in_the_file(keys):
+    """The message gave the offset inside the payload (after the header and nonce), which
+    no tool showing the file (xxd, cmp) reaches; now the file's own offset."""
+    recipient, identity = keys["X25519"]
+    ct = bytearray(age.encrypt_bytes(os.urandom(3 * age.CHUNK), age.parse_recipients(recipient)))
+    chunk2 = ct.index(b"\n", ct.index(b"\n---") + 1) + 1 + age.NONCE_SIZE + 2 * age.SEALED
+    ct[chunk2 + 100] ^= 1
+    with pytest.raises(VerifyError, match=f"offset {chunk2:#x}: chunk 2 was altered"):
+        _decrypt(bytes(ct), identity)
+    cut = bytes(ct[: chunk2 - age.SEALED + age.TAG - 1])  # chunk 1 shorter than its tag
+    with pytest.raises(VerifyError, match=f"offset {chunk2 - age.SEALED:#x}: chunk 1: truncated"):
+        _decrypt(cut, identity)
