@@ -28,7 +28,7 @@ from .errors import (
     TransportError,
     VerifyError,
 )
-from .report import AGE_SUFFIX, MANIFEST, VMCORE
+from .report import AGE_SUFFIX, DMESG, MANIFEST, SUMMARY, VMCORE
 
 COPY = 1 << 20
 
@@ -93,14 +93,22 @@ def read_manifest(dumpdir: str) -> dict:
     return manifest.document(raw, path)
 
 
+# What a save encrypts: decrypt writes these names and no other (a manifest on a shared
+# target may list ".bashrc.age", encrypted to a public key it read from any other manifest).
+ENCRYPTED = (DMESG, SUMMARY, VMCORE)
+
+
 def encrypted_files(doc: dict, label: str) -> list[tuple[str, dict, dict]]:
     """(stored name, stored entry, plaintext entry) of each encrypted file, vmcore last."""
     out = []
     for name, info in doc.get("files", {}).items():
         if not isinstance(name, str) or not name.endswith(AGE_SUFFIX):
             continue
-        if "/" in name or "\0" in name or name in (AGE_SUFFIX, "." + AGE_SUFFIX):
-            raise VerifyError(f"{label}/{MANIFEST}: {name!r} is not a file name of a dump")
+        if name.removesuffix(AGE_SUFFIX) not in ENCRYPTED:
+            raise ManifestError(
+                f"{label}/{MANIFEST}: {ascii(name)[:80]} is not a file a dump encrypts "
+                f"({', '.join(n + AGE_SUFFIX for n in ENCRYPTED)}); nothing was decrypted"
+            )
         plain = info.get("plaintext") if isinstance(info, dict) else None
         if not isinstance(plain, dict):
             raise VerifyError(f"{label}/{MANIFEST}: {name}: no plaintext checksum recorded")

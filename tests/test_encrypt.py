@@ -385,3 +385,16 @@ def test_an_output_that_cannot_be_written_is_named(keys, tmp_path):
         r = cli("decrypt", "-i", keys["age_key"], "-o", small, str(d))
         assert r.rc == 5 and f"decrypting to {small}/vmcore: No space left" in r.err, r.err
         assert os.listdir(small) == ["dmesg.txt"]  # no partial vmcore left
+
+
+@pytest.mark.parametrize("name", [".bashrc", "README.txt", "manifest.json"])
+def test_decrypt_writes_only_the_names_a_dump_encrypts(name, keys, tmp_path):
+    """A manifest (on a shared target, another host's) listing '.bashrc.age', encrypted to
+    a public key read from any other manifest, made `decrypt -o ~` replace ~/.bashrc."""
+    d = _encrypted_dir(tmp_path / "dump", keys, {name: b"echo pwned\n"})
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / name).write_text("mine\n")
+    r = cli("decrypt", "-i", keys["age_key"], "-o", str(home), str(d))
+    assert r.rc == 4 and "is not a file a dump encrypts" in r.err, r.err
+    assert os.listdir(home) == [name] and (home / name).read_text() == "mine\n"
