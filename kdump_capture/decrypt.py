@@ -111,7 +111,12 @@ def encrypted_files(doc: dict, label: str) -> list[tuple[str, dict, dict]]:
             )
         plain = info.get("plaintext") if isinstance(info, dict) else None
         if not isinstance(plain, dict):
-            raise VerifyError(f"{label}/{MANIFEST}: {name}: no plaintext checksum recorded")
+            raise ManifestError(f"{label}/{MANIFEST}: {name}: no plaintext checksum recorded")
+        size = plain.get("size")
+        if type(size) is not int or size < 0:  # as manifest._files checks the stored size
+            raise ManifestError(
+                f"{label}/{MANIFEST}: {name} (plaintext): 'size' is missing or not a byte count"
+            )
         out.append((name, info, plain))
     out.sort(key=lambda t: t[0] == VMCORE + AGE_SUFFIX)
     return out

@@ -398,3 +398,23 @@ def test_decrypt_writes_only_the_names_a_dump_encrypts(name, keys, tmp_path):
     r = cli("decrypt", "-i", keys["age_key"], "-o", str(home), str(d))
     assert r.rc == 4 and "is not a file a dump encrypts" in r.err, r.err
     assert os.listdir(home) == [name] and (home / name).read_text() == "mine\n"
+
+
+@pytest.mark.parametrize("plaintext", [None, [1], {"size": "6"}, {"size": -1}, {"size": 1.5}])
+def test_a_plaintext_record_of_the_wrong_shape_is_a_malformed_manifest(plaintext, keys, tmp_path):
+    """A missing or wrong-typed plaintext record was exit 8 ("verification failed"), a
+    wrong-typed size only after decrypting the whole file, and a size of "6" then read
+    "size 6 ...; recorded 6 ...": a manifest not of ours is exit 4, before anything."""
+    d = _encrypted_dir(tmp_path / "dump", keys, {"dmesg.txt": b"a log\n"})
+    doc = json.loads((d / "manifest.json").read_text())
+    entry = doc["files"]["dmesg.txt.age"]
+    if plaintext is None:
+        del entry["plaintext"]
+    elif isinstance(plaintext, dict):
+        entry["plaintext"].update(plaintext)
+    else:
+        entry["plaintext"] = plaintext
+    (d / "manifest.json").write_text(json.dumps(doc))
+    r = cli("decrypt", "-i", keys["age_key"], str(d))
+    assert r.rc == 4 and "dmesg.txt.age" in r.err, r.err
+    assert not (d / "dmesg.txt").exists()
