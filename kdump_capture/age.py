@@ -361,6 +361,14 @@ def parse_recipients(value: str) -> tuple[Recipient, ...]:
             )
         else:
             raise ValueError(f"word {i + 1} is not an age1... or ssh-ed25519/ssh-rsa key")
+    # Every file's header holds a stanza per recipient; a reader takes at most MAX_HEADER
+    # (ours, as parse_header: past it, a dump saved to these keys could not be decrypted).
+    size = len(header(out, bytes(FILE_KEY_SIZE)))
+    if size > MAX_HEADER:
+        raise ValueError(
+            f"{len(out)} recipients make an age header of {size} bytes, more than the "
+            f"{MAX_HEADER} that decrypt reads: give fewer keys"
+        )
     return tuple(out)
 
 

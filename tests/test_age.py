@@ -238,3 +238,15 @@ def test_a_damaged_chunk_is_named_by_its_offset_in_the_file(keys):
     cut = bytes(ct[: chunk2 - age.SEALED + age.TAG - 1])  # chunk 1 shorter than its tag
     with pytest.raises(VerifyError, match=f"offset {chunk2 - age.SEALED:#x}: chunk 1: truncated"):
         _decrypt(cut, identity)
+
+
+def test_recipients_whose_header_no_reader_takes_are_refused():
+    """700 age keys were accepted: every dump saved to them had a 68 KB header, which our
+    own decrypt refuses (past MAX_HEADER, 64 KiB): saved, but never to be decrypted here."""
+    keys = [age.bech32_encode("age", age._x25519_base(os.urandom(32))) for _ in range(700)]
+    with pytest.raises(ConfigError, match="700 recipients make an age header of"):
+        load_config(None, ["KDUMP_ENCRYPT_TO=" + " ".join(keys)])
+    few = age.parse_recipients(" ".join(keys[:600]))  # what fits still decrypts
+    ct = age.encrypt_bytes(b"x", few)
+    with pytest.raises(DecryptError):
+        age.Decryptor(io.BufferedReader(io.BytesIO(ct)), [], "few")
