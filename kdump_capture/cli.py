@@ -374,7 +374,7 @@ def _verify(label: str, tr, dumpdir: str) -> int:
     """Hash every file the manifest of ``dumpdir`` on ``tr`` lists, as it streams."""
     from . import checksum, manifest
     from .errors import ManifestError, TransportError
-    from .report import MANIFEST, README
+    from .report import AGE_SUFFIX, MANIFEST, README, VMCORE
 
     def rel(name: str) -> str:
         return f"{dumpdir}/{name}" if dumpdir else name
@@ -388,7 +388,9 @@ def _verify(label: str, tr, dumpdir: str) -> int:
         data = b"".join(tr.read(rel(MANIFEST), limit=manifest.MAX_BYTES))
     except TransportError as e:
         raise ManifestError(f"{label}/{MANIFEST}: unreadable manifest: {e}") from None
-    doc = manifest.parse(data, f"{label}/{MANIFEST}")
+    where = f"{label}/{MANIFEST}"
+    raw = manifest.document(data, where)
+    doc = manifest.of_document(raw, where)
     # Every algorithm the manifest names must be usable before any file is read: xxh3-128
     # without the xxhash package is exit 9 with the install hint, not a half-done verify.
     hashers = {a: checksum.new(a) for a in sorted({r.algorithm for r in doc.files.values()})}
@@ -418,6 +420,12 @@ def _verify(label: str, tr, dumpdir: str) -> int:
             print(f"OK  {name}  {size} bytes  {record.algorithm}")
     if not doc.complete:
         bad.append(f"dump status is {doc.status!r}: {doc.error}")
+    elif not {VMCORE, VMCORE + AGE_SUFFIX} & doc.files.keys():
+        # A complete save lists its vmcore, unless its format writes none ("none (dmesg
+        # only)"): a manifest that says complete without one does not vouch for a dump.
+        fmt = raw.get("dump_format")
+        if not (isinstance(fmt, str) and fmt.startswith("none")):
+            bad.append(f"{VMCORE}: not listed in {MANIFEST}, which says the dump is complete")
     if bad:
         raise VerifyError(f"{label}: " + "; ".join(bad))
     print(f"{label}: all files match {MANIFEST}")

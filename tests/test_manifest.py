@@ -158,6 +158,26 @@ def test_verify_good_dump(d):
     assert "OK  vmcore" in r.out
 
 
+@pytest.mark.parametrize("files", ["none", "dmesg only"])
+def test_verify_wants_the_vmcore_a_complete_manifest_vouches_for(d, files):
+    # A manifest saying complete with no vmcore listed (an empty files object, or one left
+    # by another host on a shared target) verified as "all files match".
+    def drop(doc):
+        if files == "none":
+            doc["files"] = {}
+        else:
+            doc["files"] = {k: v for k, v in doc["files"].items() if k == "dmesg.txt"}
+
+    _rewrite(d, drop)
+    r = cli("verify", str(d), timeout=60)
+    assert r.rc == 8, (r.rc, r.err)
+    assert "vmcore: not listed in manifest.json, which says the dump is complete" in r.err
+    # a save in format none lists no vmcore, and verifies
+    _rewrite(d, lambda doc: doc.__setitem__("dump_format", "none (dmesg only)"))
+    r = cli("verify", str(d), timeout=60)
+    assert r.rc == 0, r.err
+
+
 @pytest.mark.parametrize("name", ["/etc/hostname", "../etc/os-release", "/dev/zero"])
 def test_verify_reads_only_names_inside(d, name):
     """Recorded with the right size and checksum: reading them would make verify pass."""
