@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from kdump_capture import checksum
-from kdump_capture.elf import EHDR, NHDR, PHDR, PT_NOTE, Ehdr, Phdr
+from kdump_capture.elf import EHDR, NHDR, PHDR, PN_XNUM, PT_NOTE, SHDR, Ehdr, Phdr, xnum_section
 from kdump_capture.errors import EXIT_CODES, ManifestError
 from kdump_capture.policy import parse_dump_name
 from kdump_capture.sample import DEMO_LOG, KernelImage, SampleSpec, write_sample
@@ -206,12 +206,16 @@ def _bad_note(path: str, data: bytes) -> bytes:
 
 
 def _many_notes(path: str, count: int = 65535, size: int = 16 * MiB) -> str:
-    """65535 PT_NOTEs, each a plausible 16 MiB, all over the same bytes (item 9)."""
-    data_off = (EHDR.size + PHDR.size * count + PAGE - 1) // PAGE * PAGE
+    """65535 PT_NOTEs, each a plausible 16 MiB, all over the same bytes (item 9); from
+    65535 on, the count is in section 0 behind them (extended numbering)."""
+    xnum = SHDR.size if count >= PN_XNUM else 0
+    data_off = (EHDR.size + PHDR.size * count + xnum + PAGE - 1) // PAGE * PAGE
     ph = Phdr(PT_NOTE, 0, data_off, 0, 0, size, size, 0).pack()
     with open(path, "wb") as f:
         f.write(Ehdr.core(count).pack())
         f.write(ph * count)
+        if xnum:
+            f.write(xnum_section(count))
         f.truncate(data_off + size)
     return path
 
