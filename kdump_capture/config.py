@@ -617,12 +617,16 @@ def parse_sysconfig(
 
     Supports comments, ``export``, single/double quotes, backslash escapes, line
     continuations, concatenation and ``$NAME``/``${NAME}`` of names assigned earlier
-    (or found in ``scope``). Anything else a shell would run raises ConfigError
-    ``FILE:LINE: ...``. Values are never echoed in errors (they may be passwords).
+    (or found in ``scope``); a leading UTF-8 byte-order mark is skipped. Anything else a
+    shell would run raises ConfigError ``FILE:LINE: ...``. Values are never echoed in
+    errors (they may be passwords).
     """
     if "\0" in text:
         line = text.count("\n", 0, text.index("\0")) + 1
         raise ConfigError(f"{filename}:{line}: NUL byte in the file")
+    # A byte-order mark, as Windows editors save UTF-8 (like their \r\n, which the lexer
+    # takes as blanks): not part of the first name.
+    text = text.removeprefix("\ufeff")
     return list(_Lexer(text, filename, scope or {}).statements())
 
 

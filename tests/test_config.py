@@ -114,6 +114,20 @@ def test_invalid_utf8_names_the_line(tmp_path: Path) -> None:
         load_config(str(path))
 
 
+def test_a_file_saved_with_a_byte_order_mark_parses(tmp_path: Path) -> None:
+    """Notepad saves UTF-8 with a BOM (and \\r\\n): the first line was refused as 'expected
+    NAME=value', a line that reads as exactly that."""
+    path = tmp_path / "kdump"
+    path.write_bytes(b'\xef\xbb\xbfKDUMP_DUMPLEVEL="7"\r\nKDUMP_DUMPFORMAT=lzo\r\n')
+    cfg = load_config(str(path))
+    assert (cfg.dumplevel, cfg.dumpformat, cfg.location("KDUMP_DUMPFORMAT")) == (
+        7,
+        "lzo",
+        f"{path}:2",
+    )
+    assert cfg.warnings == []
+
+
 # --- kinds: valid and invalid values ------------------------------------------------------------
 
 
