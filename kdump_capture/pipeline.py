@@ -451,7 +451,16 @@ def save_to_target(
         room = SpaceMaker(
             transport, stale + policy.prunable_for_space(existing, plan.keep_old_dumps)
         )
-        free = _ensure_room(transport, room, plan, lower_bound)
+        no_room: FreeSpaceError | None = None
+        try:
+            free = _ensure_room(transport, room, plan, lower_bound)
+        except FreeSpaceError as e:
+            # The vmcore cannot fit, but the kernel log says why the machine crashed: it is
+            # kept with a failed record (as SUSE's kdump keeps dmesg and README.txt) when it
+            # fits inside the margin too.
+            if dmesg is None or not _log_fits(transport, plan, len(dmesg)):
+                raise FreeSpaceError(f"{e}; nothing was written") from None
+            no_room, free = FreeSpaceError(f"{e}; the vmcore was not written"), None
 
         name = _make_dump_dir(transport, stamp, host, [*stale, *existing])
         log.info("saving dump to %s/%s", transport.describe(), name)
@@ -491,12 +500,13 @@ def save_to_target(
             if enc:
                 text = summary.text().encode()
                 record.files[SUMMARY + AGE_SUFFIX] = _put(transport, f"{name}/{SUMMARY}", text, enc)
+            if no_room is not None:
+                raise no_room
             result = _save_vmcore(
                 vm, plan, transport, name, writer, record, progress, free, room, memlog
             )
-        except FreeSpaceError:
-            log.error("not enough space: removing the partial dump %s", name)
-            _try(lambda: transport.remove_tree(name))
+        except FreeSpaceError as e:
+            _keep_log_or_remove(transport, name, record, e)
             raise
         except KdumpError as e:
             record.error = str(e)
@@ -700,8 +710,43 @@ def _ensure_room(transport, room: SpaceMaker, plan: SavePlan, needed: int) -> in
     raise FreeSpaceError(
         f"{transport.describe()}: {free >> 20} MiB free, but the dump needs at least "
         f"{-(-needed >> 20)} MiB and KDUMP_FREE_DISK_SIZE keeps {plan.free_disk_size >> 20} MiB "
-        "free; nothing was written"
+        "free"
     )
+
+
+# What a failed record adds to the kernel log: the placeholder, manifest and final README.
+RECORD_ROOM = 64 << 10
+
+
+def _log_fits(transport: Transport, plan: SavePlan, size: int) -> bool:
+    """Whether the kernel log and a failed record still leave KDUMP_FREE_DISK_SIZE free."""
+    free = transport.free_space("")
+    return not policy.budget_shortfall(free, size + RECORD_ROOM, plan.free_disk_size)
+
+
+def _keep_log_or_remove(
+    transport: Transport, name: str, record: DumpRecord, err: FreeSpaceError
+) -> None:
+    """After the vmcore did not fit: keep the dump's kernel log with a failed record, or
+    (no log, or no room left even for the record) remove the dump's directory."""
+    if any(f.startswith(DMESG) for f in record.files):
+        record.error = str(err)
+        record.finished = time.time()
+        try:
+            _publish_record(transport, name, record)
+            log.error(
+                "not enough space for the vmcore: %s/%s keeps %s",
+                transport.describe(),
+                name,
+                ", ".join(sorted(record.files)),
+            )
+            return
+        except Interrupted:
+            raise
+        except KdumpError as e:
+            log.warning("cannot record the failed dump %s: %s", name, e)
+    log.error("not enough space: removing the partial dump %s", name)
+    _try(lambda: transport.remove_tree(name))
 
 
 def _try(fn) -> None:

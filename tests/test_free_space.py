@@ -10,7 +10,7 @@ import subprocess
 import pytest
 
 from kdump_capture.formats import make_writer
-from kdump_capture.sample import SampleSpec, write_sample
+from kdump_capture.sample import DEMO_LOG, KernelImage, SampleSpec, write_sample
 from kdump_capture.vmcore import open_vmcore
 
 from .bigcore import get_bigcore
@@ -115,6 +115,63 @@ def test_monitor_deletes_what_rotation_would_delete_to_make_room(tmp_path, small
     assert all(_status(savedir, n) == "complete" for n in names)
 
 
+def _logged_sample(tmp_path, name, ram_mib, random=False):
+    """A synthetic kernel with a readable log (dmesg.txt); ``random``: incompressible RAM."""
+    k = KernelImage(ram_mib * 256)
+    k.build(DEMO_LOG)
+    if random:
+        start = k.next_free * 4096
+        k.mem[start:] = os.urandom(len(k.mem) - start)
+    path = tmp_path / name
+    k.write(str(path), cpus=2)
+    return str(path)
+
+
+def _kept_log(savedir, name, err):
+    """The failed dump the vmcore did not fit in: its log, a README and manifest saying why."""
+    assert sorted(os.listdir(savedir / name)) == ["README.txt", "dmesg.txt", "manifest.json"]
+    with open(savedir / name / "manifest.json") as f:
+        m = json.load(f)
+    assert m["status"] == "failed" and "KDUMP_FREE_DISK_SIZE" in m["error"]
+    assert "Kernel panic - not syncing: sysrq triggered crash" in m["crash_summary"]["panic"]
+    assert "sysrq triggered crash" in (savedir / name / "dmesg.txt").read_text()
+    assert "the vmcore was not written" in err or "dump stopped" in err
+
+
+def test_the_kernel_log_is_kept_when_the_vmcore_cannot_fit(tmp_path, small_disk):
+    """An ELF dump larger than the disk was refused with 'nothing was written': the kernel
+    log, which says why the machine crashed and fits easily, was lost with it (SUSE's kdump
+    keeps dmesg and README.txt). Now it is saved with a failed record; older dumps stay."""
+    disk = small_disk(24)
+    savedir = disk / "dumps"
+    old = _sample(tmp_path, "old", ram_mib=4, crash_time=1764000000)
+    assert cli(*save_args(old, str(savedir), "KDUMP_FREE_DISK_SIZE=4")).rc == 0
+    [kept] = _dumps(savedir)
+    before = _files(savedir, kept)
+    new = _logged_sample(tmp_path, "new", ram_mib=32)
+    r = cli(*save_args(new, str(savedir), "KDUMP_FREE_DISK_SIZE=4", "KDUMP_KEEP_OLD_DUMPS=1"))
+    assert r.rc == 5, r.err
+    assert "the vmcore was not written" in r.err and "Traceback" not in r.err
+    [failed] = [n for n in _dumps(savedir) if n != kept]
+    _kept_log(savedir, failed, r.err)
+    assert _files(savedir, kept) == before
+    assert not [n for n in os.listdir(savedir) if n.startswith(".")]
+
+
+def test_the_kernel_log_is_kept_when_the_monitor_stops_the_vmcore(tmp_path, small_disk):
+    """The same when the vmcore outgrows the room while it streams (compressed, random RAM):
+    the partial vmcore goes, dmesg.txt stays with a failed record."""
+    savedir = small_disk(24) / "dumps"
+    new = _logged_sample(tmp_path, "new", ram_mib=40, random=True)
+    sets = ("KDUMP_DUMPFORMAT=compressed", "KDUMP_FREE_DISK_SIZE=4")
+    r = cli(*save_args(new, str(savedir), *sets))
+    assert r.rc == 5, r.err
+    assert "dump stopped" in r.err and "Traceback" not in r.err
+    [failed] = _dumps(savedir)
+    _kept_log(savedir, failed, r.err)
+    assert not [n for n in os.listdir(savedir) if n.startswith(".")]
+
+
 @pytest.fixture(scope="module")
 def big8g(tmp_path_factory):
     """A synthetic 8 GiB machine (tests/bigcore.py): 8 GiB as ELF, about 13 MB at -d 31.
@@ -151,7 +208,8 @@ def test_filtered_big_machine_fits_a_small_disk(big8g, small_disk, fmt):
 def test_filtered_big_machine_is_refused_when_even_its_minimum_cannot_fit(big8g, small_disk):
     """The other half of a sound pre-check: headers, bitmaps and one descriptor per dumpable
     page are written whatever the pages compress to; when they and the margin exceed the free
-    space, the save is refused before anything is written (exit 5, older dumps untouched)."""
+    space, the save is refused before any of the vmcore is written (exit 5, older dumps
+    untouched; the kernel log is kept with a failed record)."""
     lower, _ = _bounds(big8g, "compressed", 31)
     disk = small_disk(16)
     savedir = disk / "dumps"
@@ -165,9 +223,11 @@ def test_filtered_big_machine_is_refused_when_even_its_minimum_cannot_fit(big8g,
     sets = ("KDUMP_DUMPFORMAT=compressed", "KDUMP_DUMPLEVEL=31", f"KDUMP_FREE_DISK_SIZE={margin}")
     r = cli(*save_args(big8g, str(savedir), *sets, "KDUMP_KEEP_OLD_DUMPS=0"))
     assert r.rc == 5, r.err
-    assert f"needs at least {-(-lower // MiB)} MiB" in r.err and "nothing was written" in r.err
-    assert "Traceback" not in r.err
-    assert _dumps(savedir) == [kept]
+    assert f"needs at least {-(-lower // MiB)} MiB" in r.err
+    assert "the vmcore was not written" in r.err and "Traceback" not in r.err
+    [failed] = [n for n in _dumps(savedir) if n != kept]
+    assert _status(savedir, failed) == "failed"
+    assert sorted(_files(savedir, failed)) == ["README.txt", "dmesg.txt", "manifest.json"]
     assert _files(savedir, kept) == before
 
 
