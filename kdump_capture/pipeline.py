@@ -236,9 +236,10 @@ def scan_dumps(transport: Transport, host: str | None) -> list[policy.DumpDir]:
 
     Names are filtered before anything is read: another host's dumps (or whatever it left
     under a dump-like name) are never opened. A link named like one of our dumps is
-    "incomplete", so that rotation deletes the link itself; a manifest that cannot be read
-    makes its dump "failed", with a warning naming it. A directory that cannot be listed is
-    left out, with a warning: rotation never deletes what it could not read.
+    "incomplete", so that rotation deletes the link itself; a manifest that is not one of ours
+    (not a regular file, too large, malformed) makes its dump "failed", with a warning naming
+    it. A directory that cannot be listed, or whose manifest the server will not hand over,
+    is left out, with a warning: rotation never deletes what it could not read.
     """
     out: list[policy.DumpDir] = []
     for entry in transport.listdir(""):
@@ -277,6 +278,15 @@ def _state(transport: Transport, entry: Entry) -> str | None:
         doc = manifest.read(transport, entry.name)
     except ConnectionLost:
         raise
+    except UnsafeFile as e:  # a link, a FIFO, too large: not one of ours
+        log.warning("cannot read %s/%s, counting the dump as failed: %s", where, MANIFEST, e)
+        return policy.FAILED
+    except TransportError as e:
+        # The server would not hand it over (an upload-only FTP account answers RETR with
+        # 550, a root-squashed NFS client gets EACCES): it may be a good dump, and what we
+        # cannot read we do not judge: rotation leaves it alone.
+        log.warning("cannot read %s/%s; left alone: %s", where, MANIFEST, e)
+        return None
     except (KdumpError, FileNotFoundError) as e:
         log.warning("cannot read %s/%s, counting the dump as failed: %s", where, MANIFEST, e)
         return policy.FAILED

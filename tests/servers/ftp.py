@@ -71,8 +71,12 @@ def pyftpd(
 
 
 @contextlib.contextmanager
-def vsftpd(workdir: str, root: str, user: str, password: str) -> Iterator[FtpServer]:
-    """vsftpd with a local user (PAM password), writable, passive ports on loopback."""
+def vsftpd(
+    workdir: str, root: str, user: str, password: str, extra: str = ""
+) -> Iterator[FtpServer]:
+    """vsftpd with a local user (PAM password), writable, passive ports on loopback.
+    ``extra``: more vsftpd.conf lines (a configuration admins run: an upload-only account,
+    a permissive umask), which win over the ones here."""
     os.makedirs(root, exist_ok=True)
     os.makedirs("/var/run/vsftpd/empty", exist_ok=True)  # its secure_chroot_dir
     port = free_port()
@@ -90,6 +94,7 @@ def vsftpd(workdir: str, root: str, user: str, password: str) -> Iterator[FtpSer
             f"xferlog_enable=YES\nvsftpd_log_file={workdir}/vsftpd.xfer.log\n"
             "secure_chroot_dir=/var/run/vsftpd/empty\n"
         )
+        f.write(extra)
     log = os.path.join(workdir, "vsftpd.log")
     with process([VSFTPD, conf], log, "vsftpd", banner_check(port, b"220")):
         yield FtpServer(LOOPBACK, port, user, password, root, root)
