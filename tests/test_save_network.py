@@ -4,6 +4,7 @@ import json
 import os
 import socket
 import stat
+import subprocess
 
 import pytest
 
@@ -102,6 +103,21 @@ def test_wrong_host_key_is_refused(request, sample, tmp_path):
     r = run_save(conf, sample, f"KDUMP_HOST_KEY={other}")
     assert r.rc == 7, r.err
     assert "host key" in r.err.lower()
+    assert server_dumps(target) == []
+
+
+def test_a_host_key_of_another_type_is_refused(request, sample, tmp_path):
+    """The key recorded for the server is RSA, the server now has only ed25519 (it was
+    reinstalled): no key type in common. That was 'connection lost (Incompatible ssh
+    peer (no acceptable host key))', exit 6, retried; it is an unknown host key."""
+    target = make_target("sftp", request)
+    key = tmp_path / "other_rsa"
+    subprocess.run(["ssh-keygen", "-q", "-t", "rsa", "-N", "", "-f", str(key)], check=True)
+    recorded = " ".join(key.with_suffix(".pub").read_text().split()[:2])
+    conf = write_config(tmp_path / "kdump", target)
+    r = run_save(conf, sample, f"KDUMP_HOST_KEY={recorded}")
+    assert r.rc == 7, r.err
+    assert "host key unknown" in r.err and "ssh-rsa" in r.err and "lost" not in r.err
     assert server_dumps(target) == []
 
 

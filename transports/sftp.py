@@ -30,6 +30,7 @@ from paramiko.sftp import (
     CMD_WRITE,
     int64,
 )
+from paramiko.ssh_exception import IncompatiblePeer
 
 from kdump_capture.bounds import read_small_file
 from kdump_capture.errors import AuthError, ConnectionLost, TargetFull, TransportError, UnsafeFile
@@ -562,6 +563,13 @@ class SftpTransport(RetryingTransport):
             self.read_size, self.write_size = self._limits()
         except Exception as e:
             self.close()
+            if isinstance(e, IncompatiblePeer) and expected is not None and "host key" in str(e):
+                # The server has no key of a type known for it (reinstalled with other
+                # keys, or only RSA where an ed25519 key was recorded): an unknown key.
+                raise AuthError(
+                    f"{where}: host key unknown: the server offers no key of the type(s) "
+                    f"configured for it ({', '.join(expected)}); refused"
+                ) from e
             raise self.convert(e, f"connecting to {where}") from e
         log.debug("%s: connected, cipher %s", where, ssh.remote_cipher)
 
@@ -659,6 +667,9 @@ class SftpTransport(RetryingTransport):
             return e
         if isinstance(e, (paramiko.BadHostKeyException, paramiko.AuthenticationException)):
             return AuthError(f"{what}: {e}")
+        if isinstance(e, IncompatiblePeer):
+            # No algorithm in common: the same on every attempt, not a lost connection.
+            return TransportError(f"{what}: {e}")
         lost = self._ssh is None or not self._ssh.is_active()
         if (
             lost
