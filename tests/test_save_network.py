@@ -137,12 +137,19 @@ def test_cifs_free_space_check_while_a_write_is_in_flight(margin, request, tmp_p
         assert f.read() == small.read_bytes()
 
 
-def test_a_cifs_share_the_server_does_not_have_is_a_target_error(request, sample, tmp_path):
-    """A URL naming a missing share ended in "internal error: FileNotFoundError" (exit 1)."""
+@pytest.mark.parametrize("whole_share", [False, True], ids=["directory", "share-root"])
+def test_a_cifs_share_the_server_does_not_have_is_a_target_error(
+    whole_share, request, sample, tmp_path
+):
+    """A URL naming a missing share ended in "internal error: FileNotFoundError" (exit 1);
+    one naming only the share (no directory in it) in "statfs SHARE: no such file or
+    directory", which did not say that the share was missing."""
 
     target = make_target("cifs", request)
     share = parse_target(target.url)[0].share
     missing = target.url.replace(f"/{share}/", "/nosuch-share/", 1)
+    if whole_share:
+        missing = missing.rsplit("/", 1)[0]
     assert missing != target.url
     conf = tmp_path / "kdump"
     conf.write_text(f'KDUMP_SAVEDIR="{missing}"\nKDUMP_NET_TIMEOUT=10\n')

@@ -419,6 +419,10 @@ class CifsTransport(RetryingTransport):
         except smbexc.SMBOSError as e:
             if e.errno != errno.ENOENT:
                 raise
+            if not self.target.share_path.strip("/"):
+                # The share itself (or the server could not open it: a VFS module it lacks):
+                # nothing here for us to create.
+                raise FileNotFoundError(errno.ENOENT, f"{self.root}: no such share") from e
         # Each missing directory below the share, made owner-only like the dump directories.
         cur = f"\\\\{self.target.host}\\{self.target.share}"
         for part in self.target.share_path.split("/"):
