@@ -1,16 +1,18 @@
-"""`kdump-capture save`, `list` and `verify` against server configurations admins run
-(an upload-only FTP account, ...), each a real server of its own on loopback."""
+"""`kdump-capture save` against server configurations admins run (an upload-only FTP
+account, an SMB share without ACLs), each a real server of its own on loopback."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import stat
 import tempfile
 
 import pytest
 
 from kdump_capture.sample import SampleSpec, write_sample
 from tests.servers.ftp import vsftpd
+from tests.servers.samba import smbd
 
 from .test_save_network import run_save
 
@@ -55,3 +57,22 @@ def test_an_upload_only_ftp_account_keeps_the_earlier_dumps(test_user, world_dir
     names = sorted(os.listdir(f"{world_dir}/dumps"))
     assert earlier in names and len(names) == 2, (names, second.err)
     assert "left alone" in second.err and "deleting" not in second.err
+
+
+def test_an_smb_share_without_acls_is_noted_once(sample, tmp_path):
+    """Samba with "nt acl support = no" answers success to an owner-only ACL and applies
+    nothing: the vmcore stayed 0744, readable by every user of the server, with no warning
+    and no note in the README. Now the ACL is read back: one warning, one note."""
+    root = tmp_path / "share"
+    with smbd(str(tmp_path), str(root), masks=False, extra="nt acl support = no\n") as s:
+        url = f"cifs://{s.user}:{s.password}@{s.host}:{s.port}/{s.share}/dumps"
+        conf = tmp_path / "kdump"
+        conf.write_text(f'KDUMP_SAVEDIR="{url}"\nKDUMP_NET_TIMEOUT=10\n')
+        os.chmod(conf, 0o600)
+        r = run_save(str(conf), sample)
+    assert r.rc == 0, r.err
+    [name] = os.listdir(root / "dumps")
+    assert stat.S_IMODE(os.stat(root / "dumps" / name / "vmcore").st_mode) & 0o044  # the server's
+    assert r.err.count("would not make") == 1, r.err
+    readme = (root / "dumps" / name / "README.txt").read_text()
+    assert readme.count("would not make") == 1 and "did not apply it" in readme

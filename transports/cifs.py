@@ -390,6 +390,7 @@ class CifsTransport(RetryingTransport):
         super().__init__(target, settings)
         self.port = target.port or DEFAULT_PORT
         self._cache: dict = {}
+        self._acl_ok = True  # false once the server would not make something owner-only
         self.kw = {
             "port": self.port,
             "username": target.user,
@@ -439,12 +440,16 @@ class CifsTransport(RetryingTransport):
 
     def restrict(self, path: str, is_dir: bool) -> None:
         """Owner-only access to what we just created (smbacl); a server that refuses gets
-        one warning per dump and a note in its README, and the dump goes on."""
+        one warning per dump and a note in its README (it is not asked again), and the dump
+        goes on."""
+        if not self._acl_ok:
+            return
         try:
             self.call(lambda: smbacl.restrict(path, is_dir, **self.kw), f"securing {path}")
         except TransportError as e:  # the server refused, or sent a descriptor we cannot read
             if isinstance(e, ConnectionLost):
                 raise
+            self._acl_ok = False
             self.note_once(
                 f"the SMB server would not make {path} owner-only ({e}): the dump's files "
                 "and directories have the share's default permissions and may be readable "

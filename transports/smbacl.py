@@ -53,6 +53,10 @@ class BadDescriptor(TransportError):
     """The server sent a security descriptor we cannot read."""
 
 
+class NotApplied(TransportError):
+    """The server took a new security descriptor without applying it."""
+
+
 def _sid(buf: bytes, off: int) -> bytes:
     if off < SD_HEADER.size or off + 8 > len(buf):
         raise BadDescriptor(f"SID at {off} outside the {len(buf)}-byte descriptor")
@@ -147,13 +151,21 @@ def restrict(path: str, is_dir: bool, **kw) -> bool:
     converts them) and BadDescriptor.
     """
     cls = SMBDirectoryIO if is_dir else SMBFileIO
-    with SMBFileTransaction(cls(path, mode="r", desired_access=READ_CONTROL, **kw)) as tx:
-        _query(tx)
-    owner, dacl = parse(tx.results[0])
+
+    def query() -> tuple[bytes | None, list | None]:
+        with SMBFileTransaction(cls(path, mode="r", desired_access=READ_CONTROL, **kw)) as tx:
+            _query(tx)
+        return parse(tx.results[0])
+
+    owner, dacl = query()
     if not others_allowed(owner, dacl):
         return False
     if owner is None:
         raise BadDescriptor("the server reports no owner")
     with SMBFileTransaction(cls(path, mode="r", desired_access=WRITE_DAC, **kw)) as tx:
         _set(tx, owner_only(owner))
+    # Samba with "nt acl support = no" (and other servers without ACLs) answers success and
+    # changes nothing: the vmcore stayed 0744. Only what the server shows afterwards counts.
+    if others_allowed(*query()):
+        raise NotApplied("the server accepted an owner-only ACL but did not apply it")
     return True

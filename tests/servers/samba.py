@@ -27,10 +27,11 @@ class SmbServer:
 
 @contextlib.contextmanager
 def smbd(
-    workdir: str, root: str, password: str = "smb-s3cret", masks: bool = True
+    workdir: str, root: str, password: str = "smb-s3cret", masks: bool = True, extra: str = ""
 ) -> Iterator[SmbServer]:
     """``masks=False``: Samba's default create and directory masks (0744, 0755), so the
-    modes of what a client creates are up to the client (tests of our own modes)."""
+    modes of what a client creates are up to the client (tests of our own modes).
+    ``extra``: more lines for the share (a configuration admins run)."""
     os.makedirs(root, exist_ok=True)
     dirs = {k: os.path.join(workdir, k) for k in ("private", "lock", "state", "cache", "pid")}
     for d in dirs.values():
@@ -58,6 +59,7 @@ def smbd(
                 "create mask = 0600\nforce create mode = 0600\n"
                 "directory mask = 0700\nforce directory mode = 0700\n"
             )
+        f.write(extra)
     run(["smbpasswd", "-c", conf, "-a", "-s", SMB_USER], input=f"{password}\n{password}\n")
     log = os.path.join(workdir, "smbd.log")
     argv = [SMBD, "--foreground", "--no-process-group", "-s", conf, "--debug-stdout"]
