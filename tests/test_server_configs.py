@@ -42,6 +42,13 @@ def _ftp_config(path, s, sub: str, **extra) -> str:
     return str(path)
 
 
+def _cifs_config(path, s, sub: str) -> str:
+    url = f"cifs://{s.user}:{s.password}@{s.host}:{s.port}/{s.share}/{sub}"
+    path.write_text(f'KDUMP_SAVEDIR="{url}"\nKDUMP_NET_TIMEOUT=10\n')
+    os.chmod(path, 0o600)
+    return str(path)
+
+
 def test_an_upload_only_ftp_account_keeps_the_earlier_dumps(test_user, world_dir, sample, tmp_path):
     """vsftpd's download_enable=NO (a drop box: RETR answers 550) let rotation read no
     manifest: every earlier complete dump counted as failed and was deleted by the next
@@ -65,14 +72,20 @@ def test_an_smb_share_without_acls_is_noted_once(sample, tmp_path):
     and no note in the README. Now the ACL is read back: one warning, one note."""
     root = tmp_path / "share"
     with smbd(str(tmp_path), str(root), masks=False, extra="nt acl support = no\n") as s:
-        url = f"cifs://{s.user}:{s.password}@{s.host}:{s.port}/{s.share}/dumps"
-        conf = tmp_path / "kdump"
-        conf.write_text(f'KDUMP_SAVEDIR="{url}"\nKDUMP_NET_TIMEOUT=10\n')
-        os.chmod(conf, 0o600)
-        r = run_save(str(conf), sample)
+        r = run_save(_cifs_config(tmp_path / "kdump", s, "dumps"), sample)
     assert r.rc == 0, r.err
     [name] = os.listdir(root / "dumps")
     assert stat.S_IMODE(os.stat(root / "dumps" / name / "vmcore").st_mode) & 0o044  # the server's
     assert r.err.count("would not make") == 1, r.err
     readme = (root / "dumps" / name / "README.txt").read_text()
     assert readme.count("would not make") == 1 and "did not apply it" in readme
+
+
+def test_an_smb_share_that_vetoes_dot_files_is_a_clear_target_error(sample, tmp_path):
+    """Samba's "veto files = /.*/" refuses our temporary names (.kdump-tmp.*) as names
+    that do not exist: 'internal error: FileNotFoundError', exit 1. Now exit 6 saying why."""
+    root = tmp_path / "share"
+    with smbd(str(tmp_path), str(root), extra="veto files = /.*/\n") as s:
+        r = run_save(_cifs_config(tmp_path / "kdump", s, "dumps"), sample)
+    assert r.rc == 6, r.err
+    assert "veto files" in r.err and "internal error" not in r.err

@@ -183,7 +183,16 @@ class CifsSink(Sink):
         self._unsent = 0  # append-only: first offset not sent yet (the rest is buffered)
         self._acked = 0  # append-only: every byte below it has its WRITE acknowledged
         self._raw = None
-        self._t.call(lambda: self._open("xb"), f"creating {self._tmp}")
+        try:
+            self._t.call(lambda: self._open("xb"), f"creating {self._tmp}")
+        except FileNotFoundError as e:
+            # In the directory we just made: Samba answers so for a name its "veto files"
+            # matches (admins veto dot files: /.*/), or the directory is gone.
+            raise TransportError(
+                f"creating {self._tmp}: the server says there is no such name (does the "
+                "share veto names like '.kdump-tmp.*', such as 'veto files = /.*/'? or was "
+                "the directory removed?)"
+            ) from e
         self._t.restrict(self._tmp, is_dir=False)  # before any byte of memory goes in
 
     def _open(self, mode: str) -> None:
