@@ -1,5 +1,6 @@
 """`kdump-capture save` against server configurations admins run (an upload-only FTP
-account, an SMB share without ACLs), each a real server of its own on loopback."""
+account, an SMB share without ACLs, an SFTP server that refuses chmod), each a real server
+of its own on loopback."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 from kdump_capture.sample import SampleSpec, write_sample
 from tests.servers.ftp import vsftpd
 from tests.servers.samba import smbd
+from tests.servers.sshd import sshd
 
 from .test_save_network import run_save
 
@@ -89,3 +91,32 @@ def test_an_smb_share_that_vetoes_dot_files_is_a_clear_target_error(sample, tmp_
         r = run_save(_cifs_config(tmp_path / "kdump", s, "dumps"), sample)
     assert r.rc == 6, r.err
     assert "veto files" in r.err and "internal error" not in r.err
+
+
+@pytest.mark.parametrize("umask", ["077", "022"])
+def test_an_sftp_server_that_refuses_chmod(umask, sample, tmp_path):
+    """OpenSSH's ``internal-sftp -P setstat,fsetstat`` refuses chmod: every save failed,
+    'creating DIR: Permission denied' (exit 6), even with -u 077, where the server's umask
+    gives the modes we want. Now the dump is saved; only modes that are not ours are warned
+    about (once) and noted in the README, as with FTP servers without SITE CHMOD."""
+    subsystem = f"internal-sftp -u {umask} -P setstat,fsetstat"
+    with sshd(str(tmp_path / "sshd"), subsystem=subsystem) as s:
+        root = tmp_path / "data"
+        conf = tmp_path / "kdump"
+        conf.write_text(
+            f'KDUMP_SAVEDIR="sftp://root@{s.host}:{s.port}{root}"\nKDUMP_NET_TIMEOUT=10\n'
+            f'KDUMP_HOST_KEY="{s.host_key}"\nKDUMP_SSH_IDENTITY="{s.client_key}"\n'
+        )
+        r = run_save(str(conf), sample)
+    assert r.rc == 0, r.err
+    [name] = os.listdir(root)
+    modes = {n: stat.S_IMODE(os.stat(root / name / n).st_mode) for n in os.listdir(root / name)}
+    readme = (root / name / "README.txt").read_text()
+    if umask == "077":
+        assert stat.S_IMODE(os.stat(root / name).st_mode) == 0o700
+        assert set(modes.values()) == {0o600}, modes
+        assert "refused to set modes" not in r.err + readme
+    else:
+        assert set(modes.values()) == {0o644}, modes  # the server's
+        assert r.err.count("refused to set modes") == 1, r.err
+        assert "refused to set modes" in readme and "(0644)" in readme

@@ -308,7 +308,7 @@ class SftpSink(Sink):
         self._sftp = sftp = self._t.sftp
         f = sftp.open(self._tmp, "wbx" if create else "r+b")
         if create:
-            f.chmod(FILE_MODE)
+            self._t.set_mode(self._tmp, FILE_MODE, f)
         self._file = f
         self._handle = f.handle
         self._inflight.clear()
@@ -721,7 +721,7 @@ class SftpTransport(RetryingTransport):
                 raise TransportError(f"{cur} exists and is not a directory")
             except FileNotFoundError:
                 self.sftp.mkdir(cur, DIR_MODE)
-                self.sftp.chmod(cur, DIR_MODE)
+                self.set_mode(cur, DIR_MODE)
 
     def makedir(self, relpath: str) -> None:
         path = self._p(relpath)
@@ -730,9 +730,32 @@ class SftpTransport(RetryingTransport):
             if self.size_of(path) >= 0:
                 raise FileExistsError(errno.EEXIST, f"{path} exists")
             self.sftp.mkdir(path, DIR_MODE)
-            self.sftp.chmod(path, DIR_MODE)
+            self.set_mode(path, DIR_MODE)
 
         self.call(mk, f"creating {path}")
+
+    def set_mode(self, path: str, mode: int, f: paramiko.SFTPFile | None = None) -> None:
+        """chmod ``path`` (through its open handle ``f`` if given). A server that refuses
+        (OpenSSH's ``internal-sftp -P setstat,fsetstat``) costs nothing when its umask gave
+        the mode already (``-u 077``); otherwise it is warned about once per dump and noted
+        in its README: the modes are the server's umask's, as with FTP without SITE CHMOD."""
+        try:
+            if f is not None:
+                f.chmod(mode)
+            else:
+                self.sftp.chmod(path, mode)
+            return
+        except PermissionError as e:
+            refused = e
+        st = f.stat() if f is not None else self.sftp.stat(path)
+        got = stat.S_IMODE(st.st_mode or 0)
+        if got & ~mode & 0o777:
+            what = "files" if f is not None else "directories"
+            self.note_once(
+                f"the SFTP server refused to set modes ({refused.strerror or refused}): the "
+                f"dump's {what} have the mode its umask gives them ({got:04o}) and may be "
+                "readable by other users of the server"
+            )
 
     def create(self, relpath: str) -> Sink:
         path = self._p(relpath)
