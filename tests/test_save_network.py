@@ -121,6 +121,39 @@ def test_a_host_key_of_another_type_is_refused(request, sample, tmp_path):
     assert server_dumps(target) == []
 
 
+@pytest.mark.parametrize("revoked", [False, True], ids=["ca-lines", "revoked"])
+def test_known_hosts_with_markers(revoked, request, sample, tmp_path):
+    """A known_hosts with an SSH CA (@cert-authority) line before the server's own line:
+    'internal error: InvalidHostKey' (exit 1), no dump; paramiko's loader took the marker
+    for a host name. Marker lines are now read as ssh reads them: the CA line is skipped,
+    and a key marked @revoked is refused (exit 7)."""
+    target = make_target("sftp", request)
+    s = request.getfixturevalue("ssh_server")
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    ca = tmp_path / "ca"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(ca)], check=True)
+    ca_key = " ".join(ca.with_suffix(".pub").read_text().split()[:2])
+    lines = [f"@cert-authority *.example.com {ca_key}"]
+    if revoked:
+        lines.append(f"@revoked * {s.host_key}")
+    with open(s.known_hosts) as f:
+        lines.append(f.read().strip())
+    (home / ".ssh" / "known_hosts").write_text("\n".join(lines) + "\n")
+    conf = tmp_path / "kdump"
+    conf.write_text(
+        f'KDUMP_SAVEDIR="{target.url}"\nKDUMP_NET_TIMEOUT=10\nKDUMP_SSH_IDENTITY="{s.client_key}"\n'
+    )
+    args = ["save", "--config", str(conf), "--vmcore", sample, "--no-reboot"]
+    r = cli(*args, env={"HOME": str(home)})
+    if revoked:
+        assert r.rc == 7, r.err
+        assert "@revoked" in r.err and server_dumps(target) == []
+    else:
+        assert r.rc == 0, r.err
+        assert len(server_dumps(target)) == 1
+
+
 @pytest.mark.parametrize("margin", ["1", "64"])
 def test_cifs_free_space_check_while_a_write_is_in_flight(margin, request, tmp_path):
     """The free-space monitor stats the share while a 4 MiB WRITE still awaits its reply.
