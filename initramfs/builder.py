@@ -66,39 +66,26 @@ def parse_netconfig(value: str, needed: bool, timeout: int) -> NetConfig:
 
     ``auto`` (or empty) = DHCP on the first interface that gets a link; ``DEV:MODE[:force]``
     with MODE dhcp/dhcp4/auto/static; ``:force`` brings the network up even for a local
-    target. Our extension ``DEV:static:ADDR/PREFIX[:GATEWAY]`` gives the address here;
-    plain ``DEV:static`` takes it from DEV on the building host (filled in by the caller).
+    target. ``DEV:static`` takes the address DEV has on the building host (filled in by
+    the caller), as SUSE's kdump does. The configuration admits nothing else
+    (``config.NETCONFIG``).
     """
     value = value.strip()
     if value in ("", "auto"):
         return NetConfig("dhcp", timeout=timeout) if needed else NetConfig(timeout=timeout)
-    if value == "none":
-        return NetConfig(timeout=timeout)
-    parts = value.split(":")
-    dev, mode, rest = parts[0], (parts[1] if len(parts) > 1 else "auto"), parts[2:]
-    force = "force" in rest
-    rest = [r for r in rest if r != "force"]
-    if not (needed or force):
+    dev, _, rest = value.partition(":")
+    mode, _, flag = rest.partition(":")
+    if not (needed or flag == "force"):
         return NetConfig(timeout=timeout)
     if dev == "auto":
         dev = ""
-    if mode in ("dhcp", "dhcp4", "auto"):
+    if mode in ("dhcp", "dhcp4", "auto", ""):
         return NetConfig("dhcp", ifname=dev, timeout=timeout)
     if mode in ("dhcp6", "auto6"):
         raise NotSupported(f"KDUMP_NETCONFIG={value!r}: IPv6 set-up is not supported yet")
-    if mode != "static":
-        raise ConfigError(f"KDUMP_NETCONFIG={value!r}: unknown mode {mode!r}")
-    if not rest:
-        return NetConfig("static", ifname=dev, timeout=timeout)
-    addr, _, prefix = rest[0].partition("/")
-    try:
-        pfx = int(prefix or "24")
-    except ValueError:
-        raise ConfigError(f"KDUMP_NETCONFIG={value!r}: bad prefix length") from None
-    gateway = rest[1] if len(rest) > 1 else ""
-    return NetConfig(
-        "static", ifname=dev, address=addr, prefix=pfx, gateway=gateway, timeout=timeout
-    )
+    if mode != "static" or flag not in ("", "force"):
+        raise ConfigError(f"KDUMP_NETCONFIG={value!r}: unknown mode {rest!r}")
+    return NetConfig("static", ifname=dev, timeout=timeout)
 
 
 def host_static_address(ifname: str) -> NetConfig:
@@ -610,7 +597,7 @@ def build(
     if device:
         net = NetConfig(timeout=timeout)  # not even for KDUMP_NETCONFIG's :force (init_plan)
         extras.append(f"dump device {device}")
-    if net.mode == "static" and not net.address:
+    if net.mode == "static":  # the address DEV has on this host
         net = NetConfig(**{**host_static_address(net.ifname).as_dict(), "timeout": timeout})
 
     if "sftp" in schemes:
