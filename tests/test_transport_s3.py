@@ -27,7 +27,7 @@ from kdump_capture.urls import parse_target
 from tests.helpers import cli
 from tests.servers.http_fault import ErrorProxy
 from tests.servers.proxy import DropProxy
-from tests.servers.s3 import seaweed
+from tests.servers.s3 import identity, seaweed
 from tests.servers.targets import SETTINGS, make_target
 from transports import open_transport
 from transports.s3 import _Signer
@@ -537,6 +537,57 @@ def test_rotation_leaves_other_hosts_alone(request, tmp_path):
     assert mine == sorted(names[1:])  # the newest and one older one
     for key, body in planted.items():
         assert s3.get(key) == body
+
+
+DROP_KEY, DROP_SECRET = "kdumpDropKey0001", "kdump-drop-Secret/0001"
+
+
+@pytest.fixture(scope="module")
+def drop_box(tmp_path_factory):
+    """A SeaweedFS with a second key that may only upload below ``drop/``: no listing, no
+    GetObject, no HEAD (the "drop box" fleets give hosts, so that a compromised host cannot
+    read the others' dumps)."""
+    writer = identity("drop", DROP_KEY, DROP_SECRET, "Write:dumps/drop/*")
+    with seaweed(str(tmp_path_factory.mktemp("dropbox")), (writer,)) as s:
+        yield s
+
+
+def test_a_write_only_key_saves_and_judges_nothing(drop_box, tmp_path):
+    """It exited 7 at once ("refused our credentials") before writing anything. Now each
+    save succeeds with a note, rotates nothing it could not see, and never overwrites an
+    earlier dump of the same crash (a conditional write instead of a listing)."""
+    s3 = drop_box
+    planted = {
+        "drop/wo/other-2020-01-01-00-00-00/": b"",
+        "drop/wo/other-2020-01-01-00-00-00/manifest.json": b'{"status": "complete"}',
+        "drop/wo/unrelated.txt": b"not a dump",
+    }
+    for key, body in planted.items():
+        s3.client().put_object(Bucket=s3.bucket, Key=key, Body=body)
+    dropper = replace(s3, access_key=DROP_KEY, secret_key=DROP_SECRET)
+    conf = _config(tmp_path, dropper, "drop/wo", 'KDUMP_KEEP_OLD_DUMPS="1"')
+    names = []
+    for _ in range(3):
+        r = _save(conf, mib=8)
+        assert r.rc == 0, r.err
+        assert "refuses to list to our key" in r.err and "refuses HEAD" in r.err
+        assert DROP_SECRET not in r.err + r.out
+        names.append(_saved_url(r.out).rsplit("/", 1)[1])
+    # the same crash three times: three dumps, none rotated, none overwritten
+    assert len(set(names)) == 3 and names[1] == names[0] + ".1"
+    (tmp_path / "admin").mkdir()
+    admin = _config(tmp_path / "admin", s3, "drop/wo")
+    for name in names:
+        v = cli("verify", "--config", admin, s3.url(f"drop/wo/{name}", creds=False))
+        assert v.rc == 0, v.err
+        readme = s3.get(f"drop/wo/{name}/README.txt").decode()
+        assert "NOTE: the store refuses to list to our key" in readme
+        assert json.loads(s3.get(f"drop/wo/{name}/manifest.json"))["status"] == "complete"
+    for key, body in planted.items():
+        assert s3.get(key) == body
+    # list and verify need the listing: refused, clearly
+    r = cli("list", "--config", conf, dropper.url("drop/wo", creds=False))
+    assert r.rc == 7 and "AccessDenied" in r.err, r.err
 
 
 def test_eight_hosts_dump_to_one_bucket_at_once(request, tmp_path):

@@ -191,6 +191,11 @@ class S3Error(TransportError):
         self.status = status
 
 
+class Denied(AuthError):
+    """AccessDenied: the store knows our key and signature but its policy refuses this
+    request (a write-only account may not list or read)."""
+
+
 class Skewed(S3Error):
     """RequestTimeTooSkewed: our clock is too far from the server's for SigV4.
 
@@ -466,6 +471,14 @@ class S3Sink(Sink):
             self._wait()
             self._call(self._complete, f"completing upload of {self._key}")
         size = self._call(self._size, f"checking {self._key}")
+        if size is None:
+            # A write-only account: the object's size cannot be read back, only the store's
+            # answers be taken (each part's Content-Length, signed over http, and TLS).
+            self._t.note_once(
+                "the store refuses HEAD to our key (a write-only account): each file's size "
+                "was taken from the store's acknowledgement of the upload, not read back"
+            )
+            size = self.size
         if size != self.size:
             raise TransportError(f"{self._key}: wrote {self.size} bytes but the store has {size}")
         self.committed = True
@@ -494,10 +507,14 @@ class S3Sink(Sink):
             status = 500 if code in _TRANSIENT_CODES else 400
             raise self._t.error(status, {}, reply.body, self._key)
 
-    def _size(self) -> int:
-        reply = self._conn.request("HEAD", self._key, ok=(200, 404))
+    def _size(self) -> int | None:
+        """The stored object's size; -1 if missing; None if the store refuses to say (403:
+        after our uploads were taken, the key is good, and the policy is write-only)."""
+        reply = self._conn.request("HEAD", self._key, ok=(200, 403, 404))
         if reply.status == 404:
             return -1
+        if reply.status == 403:
+            return None
         return int(reply.headers.get("Content-Length", "-1"))
 
     def _release(self) -> None:
@@ -566,6 +583,8 @@ class S3Transport(RetryingTransport):
         self._conn: Connection | None = None
         self._lock = threading.Lock()
         self._told_free = False
+        # False once the store refused a listing (AccessDenied): a write-only account.
+        self.listable = True
 
     def expect(self, size: int) -> None:
         # Parts sized by what the dump can take (its dumpable pages), not by the source: a
@@ -608,8 +627,23 @@ class S3Transport(RetryingTransport):
         self._conn = Connection(self)
 
     def _ensure_root(self) -> None:
-        # One listing proves that the bucket exists and that the store takes our signature.
-        self.conn.request("GET", None, self._list_query(self._dir_key(""), "", 1))
+        # One listing proves that the bucket exists and that the store takes our signature
+        # (a write-only account's AccessDenied proves the signature; a PUT the bucket).
+        try:
+            self.conn.request("GET", None, self._list_query(self._dir_key(""), "", 1))
+        except Denied as e:
+            self._unlisted(e)
+
+    def _unlisted(self, e: Denied) -> None:
+        """The store will not list to our key (a write-only "drop box" account, so that
+        one host cannot read the others' dumps): what we cannot see we never judge."""
+        log.debug("%s", e)
+        self.listable = False
+        self.note_once(
+            "the store refuses to list to our key (AccessDenied: a write-only account): "
+            "the dumps already there were not looked at, so none were rotated "
+            "(KDUMP_KEEP_OLD_DUMPS did not apply) and no leftovers of failed saves removed"
+        )
 
     def close(self) -> None:
         if self._conn is not None:
@@ -640,6 +674,8 @@ class S3Transport(RetryingTransport):
         text = f"{code or status}: {message}" if message else (code or f"HTTP {status}")
         if code == "RequestTimeTooSkewed":
             return Skewed(f"{where}: {text}", server_time(headers))
+        if code == "AccessDenied":
+            return Denied(f"{where}: the store refused this request to our key ({text})")
         if code in _AUTH_CODES or (status in (401, 403) and not code):
             return AuthError(f"{where}: the store refused our credentials ({text})")
         if code == "NoSuchBucket":
@@ -705,12 +741,26 @@ class S3Transport(RetryingTransport):
     def makedir(self, relpath: str) -> None:
         key = self._dir_key(relpath)
         what = f"creating {key}"
-        found = self.call(
-            lambda: self.conn.request("GET", None, self._list_query(key, "", 1)), what
-        )
-        if _children(parse_xml(found.body, what), "Contents"):
-            raise FileExistsError(f"{key} exists")
-        self.call(lambda: self.conn.request("PUT", key), what)
+        if self.listable:
+            try:
+                found = self.call(
+                    lambda: self.conn.request("GET", None, self._list_query(key, "", 1)), what
+                )
+            except Denied as e:
+                self._unlisted(e)
+            else:
+                if _children(parse_xml(found.body, what), "Contents"):
+                    raise FileExistsError(f"{key} exists")
+        # Without a listing the store itself must refuse to replace an existing mark (a
+        # conditional write: AWS, MinIO, Ceph and SeaweedFS answer 412), or a second save
+        # of the same crash would overwrite the first one's files.
+        headers = {} if self.listable else {"If-None-Match": "*"}
+        try:
+            self.call(lambda: self.conn.request("PUT", key, headers=headers), what)
+        except S3Error as e:
+            if e.status == 412:
+                raise FileExistsError(f"{key} exists") from None
+            raise
 
     def create(self, relpath: str) -> Sink:
         key = self._key(relpath)
@@ -719,11 +769,17 @@ class S3Transport(RetryingTransport):
     def listdir(self, relpath: str = "") -> list[Entry]:
         prefix = self._dir_key(relpath)
         out = []
-        for kind, key, size in self._list(prefix, "/"):
-            name = key[len(prefix) :].rstrip("/") if key.startswith(prefix) else ""
-            if not name or "/" in name:  # the directory's own marker, or not below it
-                continue
-            out.append(Entry(name, kind == "dir", size))
+        try:
+            for kind, key, size in self._list(prefix, "/"):
+                name = key[len(prefix) :].rstrip("/") if key.startswith(prefix) else ""
+                if not name or "/" in name:  # the directory's own marker, or not below it
+                    continue
+                out.append(Entry(name, kind == "dir", size))
+        except Denied as e:
+            if self.settings.read_only:  # list, verify: they need the listing
+                raise
+            self._unlisted(e)  # a save: nothing it may judge (as FTP's upload-only 550)
+            return []
         return sorted(out, key=lambda e: e.name)
 
     def read(self, relpath: str, limit: int | None = None) -> Iterator[bytes]:

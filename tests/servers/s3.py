@@ -234,9 +234,22 @@ class S3Server:
                     os.unlink(f"/tmp/seaweedfs-{kind}-{port}.sock")
 
 
+def identity(name: str, access: str, secret: str, *actions: str) -> dict:
+    """One more identity for ``seaweed``: e.g. ``Write:dumps/drop/*`` may upload (and
+    delete) below ``drop/`` and nothing else: no listing, no GetObject, no HEAD."""
+    return {
+        "name": name,
+        "credentials": [{"accessKey": access, "secretKey": secret}],
+        "actions": list(actions),
+    }
+
+
 @contextlib.contextmanager
-def seaweed(workdir: str) -> Iterator[S3Server]:
-    """Start SeaweedFS with one identity and the bucket ``dumps``; stop it afterwards."""
+def seaweed(workdir: str, more: tuple[dict, ...] = ()) -> Iterator[S3Server]:
+    """Start SeaweedFS with one identity and the bucket ``dumps``; stop it afterwards.
+
+    ``more``: further identities, as SeaweedFS's s3.json spells them (``identity``).
+    """
     os.makedirs(os.path.join(workdir, "data"), exist_ok=True)
     ca, _, _ = make_tls(workdir)
     identities = {
@@ -245,7 +258,8 @@ def seaweed(workdir: str) -> Iterator[S3Server]:
                 "name": "kdump",
                 "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
                 "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-            }
+            },
+            *more,
         ]
     }
     with open(os.path.join(workdir, "s3.json"), "w") as f:
