@@ -590,6 +590,36 @@ def test_a_write_only_key_saves_and_judges_nothing(drop_box, tmp_path):
     assert r.rc == 7 and "AccessDenied" in r.err, r.err
 
 
+def test_a_key_that_may_not_delete_still_replaces_the_readme(drop_box, tmp_path):
+    """AWS's drop box grants s3:PutObject alone. DeleteObject refused, README.txt's
+    placeholder ("INCOMPLETE") stayed beside the complete dump, and verify failed (exit 8):
+    the PUT that replaces it was never sent."""
+    s3 = drop_box
+    deny = {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Effect": "Deny",
+                "Principal": "*",
+                "Action": ["s3:DeleteObject"],
+                "Resource": [f"arn:aws:s3:::{s3.bucket}/drop/nodel/*"],
+            }
+        ],
+    }
+    s3.client().put_bucket_policy(Bucket=s3.bucket, Policy=json.dumps(deny))
+    dropper = replace(s3, access_key=DROP_KEY, secret_key=DROP_SECRET)
+    r = _save(_config(tmp_path, dropper, "drop/nodel"), mib=8)
+    assert r.rc == 0, r.err
+    assert "README.txt is not" not in r.err, r.err
+    name = _saved_url(r.out).rsplit("/", 1)[1]
+    readme = s3.get(f"drop/nodel/{name}/README.txt").decode()
+    assert "INCOMPLETE" not in readme and "Checksums are in manifest.json" in readme
+    (tmp_path / "admin").mkdir()
+    admin = _config(tmp_path / "admin", s3, "drop/nodel")
+    v = cli("verify", "--config", admin, s3.url(f"drop/nodel/{name}", creds=False))
+    assert v.rc == 0, v.err
+
+
 def test_eight_hosts_dump_to_one_bucket_at_once(request, tmp_path):
     """Eight capture kernels (own UTS namespaces: own host names) save and rotate at once."""
     if shutil.which("unshare") is None:
