@@ -620,6 +620,27 @@ def test_a_key_that_may_not_delete_still_replaces_the_readme(drop_box, tmp_path)
     assert v.rc == 0, v.err
 
 
+def test_rotation_in_a_versioned_bucket_says_the_data_stays(request, tmp_path):
+    """With versioning on, rotation's deletions leave every object of the dump (all of the
+    crashed machine's memory) as a noncurrent version; the log said only 'deleting'."""
+    s3 = request.getfixturevalue("s3_server")
+    c = s3.client()
+    c.create_bucket(Bucket="versioned")
+    c.put_bucket_versioning(Bucket="versioned", VersioningConfiguration={"Status": "Enabled"})
+    conf = _config(
+        tmp_path, s3, "x", 'KDUMP_KEEP_OLD_DUMPS="1"', url=s3.url("v", "versioned", False)
+    )
+    runs = [_save(conf, mib=8) for _ in range(3)]
+    assert [r.rc for r in runs] == [0, 0, 0], runs[-1].err
+    gone = _saved_url(runs[0].out).rsplit("/", 1)[1]
+    assert f"deleting complete dump {gone}" in runs[2].err
+    assert runs[2].err.count("keeps object versions") == 1, runs[2].err
+    assert "keeps object versions" not in runs[0].err + runs[1].err  # nothing deleted
+    # what the warning says: the deleted dump's vmcore is still there
+    versions = c.list_object_versions(Bucket="versioned", Prefix=f"v/{gone}/")
+    assert [v["Key"] for v in versions["Versions"] if not v["IsLatest"]].count(f"v/{gone}/vmcore")
+
+
 def test_eight_hosts_dump_to_one_bucket_at_once(request, tmp_path):
     """Eight capture kernels (own UTS namespaces: own host names) save and rotate at once."""
     if shutil.which("unshare") is None:

@@ -585,6 +585,7 @@ class S3Transport(RetryingTransport):
         self._told_free = False
         # False once the store refused a listing (AccessDenied): a write-only account.
         self.listable = True
+        self._asked_versioning = False
 
     def expect(self, size: int) -> None:
         # Parts sized by what the dump can take (its dumpable pages), not by the source: a
@@ -888,6 +889,7 @@ class S3Transport(RetryingTransport):
         if not relpath.strip("/"):
             raise TransportError("refusing to remove the target root")
         prefix = self._dir_key(relpath)
+        self._tell_versions()
         # Files first, then directory marks deepest first: stores that keep real folders
         # (SeaweedFS) leave an empty folder listed when its mark goes before its contents.
         keys = sorted(
@@ -902,6 +904,32 @@ class S3Transport(RetryingTransport):
         for i in range(0, len(keys), BATCH):
             self._delete_objects(keys[i : i + BATCH])
         self._abort_uploads(prefix)
+
+    def _tell_versions(self) -> None:
+        """Warn (once) when the bucket keeps versions: a deletion then only hides a dump,
+        all of its memory stays readable (GetObjectVersion) until a lifecycle rule expires
+        it. Deleting versions is the bucket owner's choice, not rotation's."""
+        if self._asked_versioning:
+            return
+        self._asked_versioning = True
+        what = f"asking whether bucket {self.bucket!r} keeps versions"
+        try:
+            reply = self.call(lambda: self.conn.request("GET", None, {"versioning": ""}), what)
+            status = _text(parse_xml(reply.body, what), "Status")
+        except ConnectionLost:
+            raise
+        except TransportError as e:  # not allowed to ask (GetBucketVersioning): say nothing
+            log.debug("%s", e)
+            return
+        if status in ("Enabled", "Suspended"):
+            log.warning(
+                "%s: bucket %r keeps object versions (versioning %s): a deleted dump only "
+                "gets delete markers, its objects stay (noncurrent versions) until a "
+                "lifecycle rule expires them",
+                self.describe(),
+                self.bucket,
+                clean(status, MAX_ERROR_TEXT),
+            )
 
     def _delete_objects(self, keys: list[str]) -> None:
         objects = "".join(f"<Object><Key>{escape(k)}</Key></Object>" for k in keys)
