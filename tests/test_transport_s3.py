@@ -590,6 +590,27 @@ def test_a_write_only_key_saves_and_judges_nothing(drop_box, tmp_path):
     assert r.rc == 7 and "AccessDenied" in r.err, r.err
 
 
+def test_a_write_only_upload_that_cannot_be_aborted_says_who_removes_its_parts(drop_box, caplog):
+    """The warning promised that the next dump removes the parts; a key that may not list
+    never finds them again."""
+    dropper = replace(drop_box, access_key=DROP_KEY, secret_key=DROP_SECRET)
+    settings = SETTINGS.replace(retries=1, retry_delay=0.1)
+    caplog.set_level(logging.WARNING)
+    with DropProxy(drop_box.port, drop_after=12 * MiB, dead_after_drop=True) as proxy:
+        url = dropper.url("drop/gone").replace(f":{drop_box.port}/", f":{proxy.port}/", 1)
+        with open_transport(parse_target(url)[0], settings) as tr:
+            assert not tr.listable
+            with pytest.raises(ConnectionLost):
+                with tr.create("vmcore") as sink:
+                    for _ in range(4):
+                        sink.write(os.urandom(8 * MiB))
+                    sink.commit()
+    assert "could not abort the upload" in caplog.text
+    assert "a lifecycle rule (AbortIncompleteMultipartUpload) removes them" in caplog.text
+    assert "the next dump to this target removes" not in caplog.text
+    assert drop_box.uploads("drop/gone/") == ["drop/gone/vmcore"]
+
+
 def test_a_key_that_may_not_delete_still_replaces_the_readme(drop_box, tmp_path):
     """AWS's drop box grants s3:PutObject alone. DeleteObject refused, README.txt's
     placeholder ("INCOMPLETE") stayed beside the complete dump, and verify failed (exit 8):

@@ -540,12 +540,14 @@ class S3Sink(Sink):
                 self._call(drop, f"aborting upload of {self._key}")
                 self._upload_id = None
             except Exception as e:
-                log.warning(
-                    "%s: could not abort the upload (%s); the next dump to this target "
-                    "removes its parts",
-                    self._key,
-                    e,
+                later = (
+                    "the next dump to this target removes its parts"
+                    if self._t.listable
+                    # a key that may not list cannot find them again (ListMultipartUploads)
+                    else "its parts stay until a lifecycle rule (AbortIncompleteMultipartUpload) "
+                    "removes them"
                 )
+                log.warning("%s: could not abort the upload (%s); %s", self._key, e, later)
         self._release()
 
 
