@@ -662,6 +662,36 @@ def test_rotation_in_a_versioned_bucket_says_the_data_stays(request, tmp_path):
     assert [v["Key"] for v in versions["Versions"] if not v["IsLatest"]].count(f"v/{gone}/vmcore")
 
 
+def test_dump_directories_the_key_may_not_list_are_left_alone(drop_box, tmp_path):
+    """ListBucket granted on the prefix only (an s3:prefix condition), not inside it. The
+    save failed, 'refused our credentials' (exit 7): its new directory's check listed it.
+    A directory that cannot be listed is neither judged nor deleted, and the new one is
+    made by a conditional write."""
+    s3 = drop_box
+    deny = {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Effect": "Deny",
+                "Principal": "*",
+                "Action": ["s3:ListBucket"],
+                "Resource": [f"arn:aws:s3:::{s3.bucket}"],
+                "Condition": {"StringLike": {"s3:prefix": "deep/*/"}},
+            }
+        ],
+    }
+    s3.client().put_bucket_policy(Bucket=s3.bucket, Policy=json.dumps(deny))
+    conf = _config(tmp_path, s3, "deep", 'KDUMP_KEEP_OLD_DUMPS="1"')
+    runs = [_save(conf, mib=8) for _ in range(3)]
+    assert [r.rc for r in runs] == [0, 0, 0], runs[-1].err
+    names = [_saved_url(r.out).rsplit("/", 1)[1] for r in runs]
+    assert len(set(names)) == 3
+    assert "deleting" not in runs[2].err, runs[2].err
+    assert f"(listing deep/{names[0]}/); left alone" in runs[2].err
+    for name in names:
+        assert json.loads(s3.get(f"deep/{name}/manifest.json"))["status"] == "complete"
+
+
 def test_eight_hosts_dump_to_one_bucket_at_once(request, tmp_path):
     """Eight capture kernels (own UTS namespaces: own host names) save and rotate at once."""
     if shutil.which("unshare") is None:

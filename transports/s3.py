@@ -744,20 +744,22 @@ class S3Transport(RetryingTransport):
     def makedir(self, relpath: str) -> None:
         key = self._dir_key(relpath)
         what = f"creating {key}"
+        conditional = not self.listable
         if self.listable:
             try:
                 found = self.call(
                     lambda: self.conn.request("GET", None, self._list_query(key, "", 1)), what
                 )
             except Denied as e:
-                self._unlisted(e)
+                log.debug("%s; a conditional write instead", e)
+                conditional = True
             else:
                 if _children(parse_xml(found.body, what), "Contents"):
                     raise FileExistsError(f"{key} exists")
         # Without a listing the store itself must refuse to replace an existing mark (a
         # conditional write: AWS, MinIO, Ceph and SeaweedFS answer 412), or a second save
         # of the same crash would overwrite the first one's files.
-        headers = {} if self.listable else {"If-None-Match": "*"}
+        headers = {"If-None-Match": "*"} if conditional else {}
         try:
             self.call(lambda: self.conn.request("PUT", key, headers=headers), what)
         except S3Error as e:
@@ -779,8 +781,10 @@ class S3Transport(RetryingTransport):
                     continue
                 out.append(Entry(name, kind == "dir", size))
         except Denied as e:
-            if self.settings.read_only:  # list, verify: they need the listing
-                raise
+            # list and verify need the listing; a dump directory that may not be listed is
+            # left alone by the save (pipeline._state); only the root means a write-only key
+            if self.settings.read_only or prefix != self._dir_key(""):
+                raise Denied(f"{e} (listing {prefix})") from None
             self._unlisted(e)  # a save: nothing it may judge (as FTP's upload-only 550)
             return []
         return sorted(out, key=lambda e: e.name)
