@@ -418,6 +418,10 @@ def _verify(label: str, tr, dumpdir: str) -> int:
             )
         else:
             print(f"OK  {name}  {size} bytes  {record.algorithm}")
+    # Files the manifest does not list are not checked, and said so: the plaintext that
+    # `decrypt` leaves beside the .age files, a save's temporary file, or anything else.
+    for name in sorted(names - doc.files.keys() - {MANIFEST}):
+        print(f"NOT LISTED  {escape_controls(name)} (not in {MANIFEST}: not checked)")
     if not doc.complete:
         bad.append(f"dump status is {doc.status!r}: {doc.error}")
     elif not {VMCORE, VMCORE + AGE_SUFFIX} & doc.files.keys():

@@ -178,6 +178,17 @@ def test_verify_wants_the_vmcore_a_complete_manifest_vouches_for(d, files):
     assert r.rc == 0, r.err
 
 
+def test_verify_names_the_files_it_does_not_check(d):
+    # Files beside the listed ones (decrypt's plaintext, a save's temporary file) were
+    # passed over without a word, as if "all files match" covered them.
+    (d / "vmcore.copy").write_bytes(b"x")
+    (d / "evil\x1b[2J").write_bytes(b"x")
+    r = cli("verify", str(d), timeout=60)
+    assert r.rc == 0, r.err
+    assert "NOT LISTED  vmcore.copy (not in manifest.json: not checked)" in r.out
+    assert "NOT LISTED  evil\\x1b[2J" in r.out and "\x1b" not in r.out
+
+
 @pytest.mark.parametrize("name", ["/etc/hostname", "../etc/os-release", "/dev/zero"])
 def test_verify_reads_only_names_inside(d, name):
     """Recorded with the right size and checksum: reading them would make verify pass."""
