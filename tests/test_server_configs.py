@@ -68,6 +68,17 @@ def test_an_upload_only_ftp_account_keeps_the_earlier_dumps(test_user, world_dir
     assert "left alone" in second.err and "deleting" not in second.err
 
 
+def test_an_ftp_server_that_allows_one_connection_says_a_save_needs_two(
+    test_user, world_dir, sample, tmp_path
+):
+    """vsftpd's max_per_ip=1: the upload's second connection is refused with 421, and
+    the save ended in "connection lost (421 There are too many connections ...)"."""
+    with vsftpd(str(tmp_path), world_dir, *test_user, extra="max_per_ip=1\n") as s:
+        r = run_save(_ftp_config(tmp_path / "kdump", s, "dumps"), sample)
+    assert r.rc == 6, r.err
+    assert "the server must allow two from this host" in r.err
+
+
 def test_an_smb_share_without_acls_is_noted_once(sample, tmp_path):
     """Samba with "nt acl support = no" answers success to an owner-only ACL and applies
     nothing: the vmcore stayed 0744, readable by every user of the server, with no warning

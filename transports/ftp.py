@@ -433,6 +433,13 @@ class FtpTransport(RetryingTransport):
                 ftp.voidcmd("TYPE I")
         except Exception as e:
             ftp.close()
+            text = str(e)
+            if text.startswith("421") and "connections" in text.lower():
+                # vsftpd's max_per_ip=1 and the like: an upload holds a second connection
+                what += (
+                    " (a save keeps two connections to the server open: one for the upload, "
+                    "one for its other commands; the server must allow two from this host)"
+                )
             raise convert(e, what) from e
         return ftp
 
