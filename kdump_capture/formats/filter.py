@@ -414,6 +414,17 @@ def needs_struct_pages(level: int, info: VmcoreInfo) -> bool:
     return bool(level & DL_EXCLUDE_FREE)
 
 
+def _in_window(spans: list[tuple[int, int]], ws: int, we: int) -> Iterator[tuple[int, int]]:
+    """The parts of sorted, disjoint pfn ``spans`` inside the window ``ws..we``, as bit
+    ranges of the window."""
+    i = bisect.bisect_right(spans, (ws, U64_MASK)) - 1
+    for s, e in spans[max(i, 0) :]:
+        if s >= we:
+            break
+        if e > ws:
+            yield max(s, ws) - ws, min(e, we) - ws
+
+
 class PageFilter:
     """The bitmaps of one vmcore at one dump level, produced window by window.
 
@@ -600,23 +611,13 @@ class PageFilter:
     def _first_window(self, ws: int, we: int, spans: list[tuple[int, int]] | None = None):
         """1 = the pfn lies in a PT_LOAD (``create_1st_bitmap()``): end rounded up, clipped."""
         bm = bytearray((we - ws) >> 3)
-        ram = self._ram if spans is None else spans
-        i = bisect.bisect_right(ram, (ws, U64_MASK)) - 1
-        for s, e in ram[max(i, 0) :]:
-            if s >= we:
-                break
-            if e > ws:
-                set_range(bm, max(s, ws) - ws, min(e, we) - ws)
+        for s, e in _in_window(self._ram if spans is None else spans, ws, we):
+            set_range(bm, s, e)
         return bm
 
     def _clear_nodata(self, ws: int, we: int, second: bytearray) -> None:
-        nodata = self._nodata
-        i = bisect.bisect_right(nodata, (ws, U64_MASK)) - 1
-        for s, e in nodata[max(i, 0) :]:
-            if s >= we:
-                break
-            if e > ws:
-                clear_range(second, max(s, ws) - ws, min(e, we) - ws)
+        for s, e in _in_window(self._nodata, ws, we):
+            clear_range(second, s, e)
 
     def _exclude(self, ws: int, we: int, first: bytearray, second: bytearray, st: ScanState):
         assert self.mem_maps is not None and self._params is not None
