@@ -611,23 +611,21 @@ def test_a_write_only_upload_that_cannot_be_aborted_says_who_removes_its_parts(d
     assert drop_box.uploads("drop/gone/") == ["drop/gone/vmcore"]
 
 
+def _deny(s3, action: str, resource: str, condition: dict | None = None) -> None:
+    """A bucket policy that refuses ``action`` on ``resource`` to everyone."""
+    rule = {"Effect": "Deny", "Principal": "*", "Action": [action], "Resource": [resource]}
+    if condition:
+        rule["Condition"] = condition
+    policy = {"Version": "2012-10-17", "Statement": [rule]}
+    s3.client().put_bucket_policy(Bucket=s3.bucket, Policy=json.dumps(policy))
+
+
 def test_a_key_that_may_not_delete_still_replaces_the_readme(drop_box, tmp_path):
     """AWS's drop box grants s3:PutObject alone. DeleteObject refused, README.txt's
     placeholder ("INCOMPLETE") stayed beside the complete dump, and verify failed (exit 8):
     the PUT that replaces it was never sent."""
     s3 = drop_box
-    deny = {
-        "Version": "2012-10-17",
-        "Statement": [
-            {
-                "Effect": "Deny",
-                "Principal": "*",
-                "Action": ["s3:DeleteObject"],
-                "Resource": [f"arn:aws:s3:::{s3.bucket}/drop/nodel/*"],
-            }
-        ],
-    }
-    s3.client().put_bucket_policy(Bucket=s3.bucket, Policy=json.dumps(deny))
+    _deny(s3, "s3:DeleteObject", f"arn:aws:s3:::{s3.bucket}/drop/nodel/*")
     dropper = replace(s3, access_key=DROP_KEY, secret_key=DROP_SECRET)
     r = _save(_config(tmp_path, dropper, "drop/nodel"), mib=8)
     assert r.rc == 0, r.err
@@ -668,19 +666,8 @@ def test_dump_directories_the_key_may_not_list_are_left_alone(drop_box, tmp_path
     A directory that cannot be listed is neither judged nor deleted, and the new one is
     made by a conditional write."""
     s3 = drop_box
-    deny = {
-        "Version": "2012-10-17",
-        "Statement": [
-            {
-                "Effect": "Deny",
-                "Principal": "*",
-                "Action": ["s3:ListBucket"],
-                "Resource": [f"arn:aws:s3:::{s3.bucket}"],
-                "Condition": {"StringLike": {"s3:prefix": "deep/*/"}},
-            }
-        ],
-    }
-    s3.client().put_bucket_policy(Bucket=s3.bucket, Policy=json.dumps(deny))
+    inside = {"StringLike": {"s3:prefix": "deep/*/"}}
+    _deny(s3, "s3:ListBucket", f"arn:aws:s3:::{s3.bucket}", inside)
     conf = _config(tmp_path, s3, "deep", 'KDUMP_KEEP_OLD_DUMPS="1"')
     runs = [_save(conf, mib=8) for _ in range(3)]
     assert [r.rc for r in runs] == [0, 0, 0], runs[-1].err
