@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import errno
 import gzip
+import logging
 import os
 
 import pytest
@@ -459,6 +460,18 @@ def test_load_that_fits_goes_ahead(tmp_path, monkeypatch, capsys):
     assert args.func(args) == 0
     assert calls == ["unload", "load"]
     assert "loaded capture kernel" in capsys.readouterr().out
+
+
+def test_load_below_the_estimate_says_so(tmp_path, monkeypatch, caplog):
+    """check warned when the reservation was below the estimate, load did not: at boot
+    the unit's journal had no word of it before a crash ran out of memory."""
+    args, calls = _load_on(tmp_path, monkeypatch, image_mib=20)
+    facts = {"unpacked": 160 << 20, "save_imports": 40 << 20}
+    rebuild.write_record(args.initrd, {}, facts)
+    with caplog.at_level(logging.WARNING):
+        assert args.func(args) == 0
+    assert calls == ["unload", "load"]
+    assert "the reservation (64 MiB) is below the estimate" in caplog.text
 
 
 def test_kernel_footprint_reads_init_size(tmp_path):

@@ -136,9 +136,22 @@ def _dump_device_problems(cfg: Mapping[str, str]) -> list[str]:
     return []
 
 
+def reservation_check(
+    cfg: Mapping[str, str], version: str, initrd: str | None, reserved: int
+) -> tuple[int | None, str | None]:
+    """The reservation this configuration's image needs (None when its record does not
+    say), and the warning when ``reserved`` is below it: ``check`` and ``load`` say it."""
+    from .estimate import below_estimate, estimate, machine_max_pfn
+
+    facts, _ = image_facts(cfg, version, initrd)
+    if not facts:
+        return None, None
+    need = estimate(cfg, facts, machine_max_pfn()).crashkernel
+    return need, below_estimate(reserved, need)
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     from ..features import check_supported
-    from .estimate import below_estimate, estimate, machine_max_pfn
     from .kexec import fit_problem
     from .system import System, readiness
 
@@ -150,12 +163,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     r.problems += _dump_device_problems(cfg)
     if r.reserved and (too_large := fit_problem(r.kernel, decision.path, r.reserved)):
         r.problems.append(too_large)
-    facts, _ = image_facts(cfg, r.version, None)
-    if facts:
-        r.estimate = estimate(cfg, facts, machine_max_pfn()).crashkernel
-        warning = below_estimate(r.reserved, r.estimate)
-        if warning:
-            r.warnings.append(warning)
+    need, warning = reservation_check(cfg, r.version, None, r.reserved)
+    r.estimate = need or 0
+    if warning:
+        r.warnings.append(warning)
     for line in r.lines():
         print(line)
     if r.problems:
@@ -222,6 +233,10 @@ def cmd_load(args: argparse.Namespace) -> int:
         raise LoadError(f"{how} returned success but {system.sys}/kernel/kexec_crash_loaded is 0")
     print(f"loaded capture kernel {kernel} with {r.initrd} ({how})")
     print(f"command line: {r.cmdline}")
+    # at boot, the unit's journal is where an administrator sees it before a crash does
+    warning = reservation_check(cfg, r.version, args.initrd, r.reserved)[1]
+    if warning:
+        log.warning("%s", warning)
     announce_load(load_command(how, kernel, r.initrd, r.cmdline), cfg.verbose)
     return 0
 
