@@ -544,7 +544,7 @@ def _parse(
     phnum = ehdr.phnum
     if phnum == PN_XNUM and ehdr.shoff:
         phnum = _xnum_phnum(path, fd, base, ehdr)
-    if not 0 < phnum <= MAX_XNUM_PHNUM or not 0 < ehdr.phnum <= MAX_PHNUM:
+    if not 0 < ehdr.phnum <= MAX_PHNUM:  # an extended count was checked by _xnum_phnum
         raise VmcoreError(f"{path}: offset 0x38: e_phnum {ehdr.phnum} is out of range")
 
     file_size = st.st_size if stat.S_ISREG(st.st_mode) else None
@@ -624,10 +624,13 @@ def _parse(
         def pread(size: int, offset: int) -> bytes:
             return os.pread(fd, size, base + offset)
 
-        first = notes[0][1]
+        index, first = notes[0]
         blob: bytes | memoryview | None = None
         if map_notes and len(notes) == 1:
-            check_span(path, "PT_NOTE #0", first.offset, first.filesz, file_size, where=ehdr.phoff)
+            where = ehdr.phoff + index * PHDR.size
+            check_span(
+                path, f"PT_NOTE #{index}", first.offset, first.filesz, file_size, where=where
+            )
             blob = _mapped_notes(path, fd, base + first.offset, first.filesz)
         if blob is None:
             blob = b"".join(

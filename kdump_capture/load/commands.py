@@ -84,11 +84,17 @@ def image_decision(
     return ImageDecision(path, stale_reasons(path, inputs), False, loose)
 
 
-def image_facts(cfg: Mapping[str, str], version: str, initrd: str | None) -> tuple[dict, str]:
-    """What ``estimate`` needs to know about the image ({} if unknown), and a note."""
+def image_facts(
+    cfg: Mapping[str, str],
+    version: str,
+    initrd: str | None,
+    decision: ImageDecision | None = None,
+) -> tuple[dict, str]:
+    """What ``estimate`` needs to know about the image ({} if unknown), and a note.
+    ``decision``: the image's, when the caller has it (it digests every input)."""
     from .rebuild import read_facts
 
-    decision = image_decision(cfg, version, initrd)
+    decision = decision or image_decision(cfg, version, initrd)
     if decision.given or not decision.rebuild:
         facts = read_facts(decision.path)
         if facts:
@@ -137,13 +143,12 @@ def _dump_device_problems(cfg: Mapping[str, str]) -> list[str]:
 
 
 def reservation_check(
-    cfg: Mapping[str, str], version: str, initrd: str | None, reserved: int
+    cfg: Mapping[str, str], facts: Mapping[str, int], reserved: int
 ) -> tuple[int | None, str | None]:
-    """The reservation this configuration's image needs (None when its record does not
-    say), and the warning when ``reserved`` is below it: ``check`` and ``load`` say it."""
+    """The reservation this configuration's image (``facts``, its record) needs, None when
+    unknown, and the warning when ``reserved`` is below it: ``check`` and ``load`` say it."""
     from .estimate import below_estimate, estimate, machine_max_pfn
 
-    facts, _ = image_facts(cfg, version, initrd)
     if not facts:
         return None, None
     need = estimate(cfg, facts, machine_max_pfn()).crashkernel
@@ -163,7 +168,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     r.problems += _dump_device_problems(cfg)
     if r.reserved and (too_large := fit_problem(r.kernel, decision.path, r.reserved)):
         r.problems.append(too_large)
-    need, warning = reservation_check(cfg, r.version, None, r.reserved)
+    need, warning = reservation_check(
+        cfg, image_facts(cfg, r.version, None, decision)[0], r.reserved
+    )
     r.estimate = need or 0
     if warning:
         r.warnings.append(warning)
@@ -204,6 +211,7 @@ def cmd_load(args: argparse.Namespace) -> int:
         load_command,
         load_image,
     )
+    from .rebuild import read_facts
     from .system import NOT_RESERVED, System, readiness
 
     cfg = load_config(args)
@@ -217,7 +225,8 @@ def cmd_load(args: argparse.Namespace) -> int:
     problems += _dump_device_problems(cfg)
     if problems:
         raise LoadError("; ".join(problems))
-    prepare_image(cfg, image_decision(cfg, r.version, args.initrd), r.version)
+    decision = image_decision(cfg, r.version, args.initrd)
+    prepare_image(cfg, decision, r.version)
     # Before anything is unloaded: the kernel frees the loaded capture kernel before it
     # tries a new one, so a load that cannot fit would leave the machine without kdump.
     too_large = fit_problem(kernel, r.initrd, r.reserved)
@@ -234,7 +243,7 @@ def cmd_load(args: argparse.Namespace) -> int:
     print(f"loaded capture kernel {kernel} with {r.initrd} ({how})")
     print(f"command line: {r.cmdline}")
     # at boot, the unit's journal is where an administrator sees it before a crash does
-    warning = reservation_check(cfg, r.version, args.initrd, r.reserved)[1]
+    warning = reservation_check(cfg, read_facts(decision.path), r.reserved)[1]
     if warning:
         log.warning("%s", warning)
     announce_load(load_command(how, kernel, r.initrd, r.cmdline), cfg.verbose)
