@@ -1,0 +1,128 @@
+"""/init's network set-up against a real DHCP server: the capture side runs in a network
+namespace of its own, the server (a small DHCP responder) in another, joined by a veth
+pair, as a capture kernel and its LAN's DHCP server are."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+INIT = Path(__file__).resolve().parent.parent / "initramfs" / "init"
+
+# The LAN: a DHCP server on s0 (10.9.0.1), leasing ``lease`` with ``mask`` and ``router``;
+# ``chatter``: it also broadcasts replies meant for other clients, every 0.3 s.
+SERVER = r"""
+import json, os, socket, struct, subprocess, sys, threading, time
+cfg = json.loads(sys.argv[1])
+# gone with the client (its end of our stdin closes), even when the client is killed
+threading.Thread(target=lambda: (sys.stdin.read(), os._exit(0)), daemon=True).start()
+print("ready", flush=True)
+while subprocess.run(["ip", "link", "show", "s0"], capture_output=True).returncode:
+    time.sleep(0.05)
+subprocess.run("ip link set lo up; ip link set s0 up; ip addr add 10.9.0.1/24 dev s0",
+               shell=True, check=True)
+BOOTP = struct.Struct("!BBBBIHH4s4s4s4s16s64s128sI")
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.setsockopt(socket.SOL_SOCKET, 25, b"s0")  # SO_BINDTODEVICE: broadcasts leave by s0
+s.bind(("0.0.0.0", 67))
+def reply(kind, xid, chaddr):
+    head = BOOTP.pack(2, 1, 6, 0, xid, 0, 0x8000, bytes(4), socket.inet_aton(cfg["lease"]),
+                      bytes(4), bytes(4), chaddr, bytes(64), bytes(128), 0x63825363)
+    opts = bytes([53, 1, kind, 54, 4]) + socket.inet_aton("10.9.0.1")
+    opts += bytes([1, 4]) + socket.inet_aton(cfg["mask"])
+    if cfg.get("router"):
+        opts += bytes([3, 4]) + socket.inet_aton(cfg["router"])
+    return head + opts + bytes([255])
+def chatter():
+    other = BOOTP.pack(2, 1, 6, 0, 12345, 0, 0x8000, bytes(4), socket.inet_aton("10.9.0.77"),
+                       bytes(4), bytes(4), bytes(16), bytes(64), bytes(128), 0x63825363)
+    while True:
+        s.sendto(other + bytes([53, 1, 2, 255]), ("255.255.255.255", 68))
+        time.sleep(0.3)
+if cfg.get("chatter"):
+    threading.Thread(target=chatter, daemon=True).start()
+while True:
+    pkt = s.recv(4096)
+    if len(pkt) < BOOTP.size or pkt[0] != 1:
+        continue
+    f = BOOTP.unpack_from(pkt)
+    kind = pkt[BOOTP.size + 2]
+    if cfg.get("silent"):
+        continue
+    if kind in (1, 3):  # DISCOVER -> OFFER, REQUEST -> ACK
+        s.sendto(reply(2 if kind == 1 else 5, f[4], f[11]), ("255.255.255.255", 68))
+"""
+
+# The capture side: makes the veth pair, gives s0 to the server's namespace, runs /init's
+# ``network_up`` with the plan's network part, and prints the outcome as JSON.
+CLIENT = r"""
+import importlib.machinery, importlib.util, json, subprocess, sys, time
+loader = importlib.machinery.SourceFileLoader("kdump_capture_init", sys.argv[1])
+spec = importlib.util.spec_from_loader(loader.name, loader)
+init = importlib.util.module_from_spec(spec)
+loader.exec_module(init)
+net, server_cfg, server_code = json.loads(sys.argv[2]), sys.argv[3], sys.argv[4]
+# this namespace's interfaces in /sys/class/net, as in a capture kernel
+subprocess.run(["mount", "-t", "sysfs", "sysfs", "/sys"], check=True)
+server = subprocess.Popen(["unshare", "--net", sys.executable, "-c", server_code, server_cfg],
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+try:
+    assert server.stdout.readline() == "ready\n"
+    subprocess.run(f"ip link add eth0 type veth peer name s0 netns {server.pid}",
+                   shell=True, check=True)
+    started = time.monotonic()
+    try:
+        init.network_up(net)
+        error = ""
+    except OSError as e:
+        error = init.why(e)
+    out = {"seconds": time.monotonic() - started, "error": error}
+    out["addr"] = subprocess.run(["ip", "-4", "-o", "addr", "show", "eth0"],
+                                 capture_output=True, text=True).stdout
+    out["routes"] = subprocess.run(["ip", "-4", "route"], capture_output=True, text=True).stdout
+    print("RESULT " + json.dumps(out), flush=True)
+finally:
+    server.kill()
+"""
+
+
+def _network_up(net: dict, server: dict) -> dict:
+    """/init's network_up in a namespace of its own, against SERVER configured by ``server``."""
+    r = subprocess.run(
+        ["unshare", "--net", "--mount", sys.executable, "-c", textwrap.dedent(CLIENT), str(INIT)]
+        + [json.dumps(net), json.dumps(server), SERVER],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    line = next(x for x in r.stdout.splitlines() if x.startswith("RESULT "))
+    return json.loads(line[len("RESULT ") :]) | {"log": r.stdout + r.stderr}
+
+
+def test_dhcp_lease_from_a_real_server():
+    got = _network_up(
+        {"mode": "dhcp", "ifname": "eth0", "timeout": 20},
+        {"lease": "10.9.0.5", "mask": "255.255.255.0", "router": "10.9.0.1"},
+    )
+    assert got["error"] == "", got["log"]
+    assert "10.9.0.5/24" in got["addr"]
+    assert "default via 10.9.0.1 dev eth0" in got["routes"]
+
+
+def test_dhcp_ends_at_its_deadline_on_a_busy_network():
+    """A server that does not answer us, on a LAN where replies to other clients are
+    broadcast to port 68 more often than our resend interval: each one restarted the
+    socket's timeout, so the wait never ended (still waiting after 20 s of a 3 s
+    KDUMP_NET_TIMEOUT; the save never ran). It ends at the deadline."""
+    got = _network_up(
+        {"mode": "dhcp", "ifname": "eth0", "timeout": 3},
+        {"lease": "10.9.0.5", "mask": "255.255.255.0", "silent": True, "chatter": True},
+    )
+    assert got["error"] == "no DHCP answer on eth0", got["log"]
+    assert got["seconds"] < 6, got
