@@ -126,3 +126,17 @@ def test_dhcp_ends_at_its_deadline_on_a_busy_network():
     )
     assert got["error"] == "no DHCP answer on eth0", got["log"]
     assert got["seconds"] < 6, got
+
+
+def test_a_lease_whose_router_is_outside_its_subnet():
+    """A /32 lease with a router outside it, as Google Cloud's DHCP hands out: the default
+    route was refused (ENETUNREACH) and the network failed. The router is reached through
+    a host route on the link, as dhclient-script does."""
+    got = _network_up(
+        {"mode": "dhcp", "ifname": "eth0", "timeout": 20},
+        {"lease": "10.9.0.5", "mask": "255.255.255.255", "router": "10.9.0.1"},
+    )
+    assert got["error"] == "", got["log"]
+    assert "10.9.0.5/32" in got["addr"]
+    assert "default via 10.9.0.1 dev eth0" in got["routes"]
+    assert "10.9.0.1 dev eth0 scope link" in got["routes"]
