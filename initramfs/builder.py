@@ -120,6 +120,26 @@ def host_static_address(ifname: str) -> NetConfig:
     )
 
 
+def host_interface(net: NetConfig) -> NetConfig:
+    """``net`` with what the building host knows of its interface: for ``DEV:static`` the
+    address DEV has here (host_static_address); for ``DEV:dhcp`` DEV's MAC address.
+
+    A capture kernel has no udev to rename interfaces: the NIC that is ens3 here is eth0
+    there. /init finds it by its MAC (``pick_interface``), by name only when DEV is not an
+    interface of this host (an image built for another machine).
+    """
+    if net.mode == "static":
+        return NetConfig(**{**host_static_address(net.ifname).as_dict(), "timeout": net.timeout})
+    if net.mode == "dhcp" and net.ifname:
+        try:
+            with open(f"/sys/class/net/{net.ifname}/address", encoding="ascii") as f:
+                mac = f.read().strip()
+        except (OSError, ValueError):
+            return net
+        return NetConfig(**{**net.as_dict(), "mac": mac})
+    return net
+
+
 def dump_device(cfg: Mapping[str, str]) -> str:
     """KDUMP_DUMPDEV, or "" (pure)."""
     return cfg.get("KDUMP_DUMPDEV", "").strip()
@@ -597,8 +617,7 @@ def build(
     if device:
         net = NetConfig(timeout=timeout)  # not even for KDUMP_NETCONFIG's :force (init_plan)
         extras.append(f"dump device {device}")
-    if net.mode == "static":  # the address DEV has on this host
-        net = NetConfig(**{**host_static_address(net.ifname).as_dict(), "timeout": timeout})
+    net = host_interface(net)  # DEV's address (static) or MAC (dhcp) on this host
 
     if "sftp" in schemes:
         files, ssh_rewrite = ssh_files(cfg, home)

@@ -140,3 +140,40 @@ def test_a_lease_whose_router_is_outside_its_subnet():
     assert "10.9.0.5/32" in got["addr"]
     assert "default via 10.9.0.1 dev eth0" in got["routes"]
     assert "10.9.0.1 dev eth0 scope link" in got["routes"]
+
+
+# The building host has the NIC as ens3 (udev's name); the capture kernel, without udev,
+# names it eth0. The builder's plan for KDUMP_NETCONFIG=ens3:dhcp, then /init's choice.
+RENAMED = r"""
+import importlib.machinery, importlib.util, json, subprocess, sys, time
+from initramfs import builder
+loader = importlib.machinery.SourceFileLoader("kdump_capture_init", sys.argv[1])
+spec = importlib.util.spec_from_loader(loader.name, loader)
+init = importlib.util.module_from_spec(spec)
+loader.exec_module(init)
+subprocess.run(["mount", "-t", "sysfs", "sysfs", "/sys"], check=True)
+sh = lambda c: subprocess.run(c, shell=True, check=True)
+sh("ip link add ens3 address 52:54:00:12:34:56 type veth peer name peer0")
+sh("ip link add eth9 type veth peer name peer9")  # another NIC
+net = builder.host_interface(builder.parse_netconfig(sys.argv[2], True, 2))
+sh("ip link set ens3 name eth0")  # the capture kernel's name for it
+try:
+    print("PICKED", init.pick_interface(net.as_dict(), time.monotonic() + 2))
+except OSError as e:
+    print("FAILED", init.why(e))
+"""
+
+
+def test_an_interface_named_by_udev_is_found_by_its_mac_in_the_capture_kernel():
+    """KDUMP_NETCONFIG=ens3:dhcp: the capture kernel has no interface named ens3 (no udev
+    renames it there), and /init failed with "no network interface found (have: ['eth0',
+    ...])": only DEV:static packed DEV's MAC. DEV:dhcp packs it too, and /init finds the
+    NIC by it."""
+    r = subprocess.run(
+        ["unshare", "--net", "--mount", sys.executable, "-c", RENAMED, str(INIT), "ens3:dhcp"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=INIT.parent.parent,
+    )
+    assert "PICKED eth0" in r.stdout, r.stdout + r.stderr
