@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import ipaddress
 import json
 import logging
 import os
@@ -138,6 +139,56 @@ def host_interface(net: NetConfig) -> NetConfig:
             return net
         return NetConfig(**{**net.as_dict(), "mac": mac})
     return net
+
+
+# Where this host's resolver configuration is read from: systemd-resolved's own file first
+# (/etc/resolv.conf then names only its stub, 127.0.0.53, which no capture kernel runs).
+RESOLV_SOURCES = ("/run/systemd/resolve/resolv.conf", "/etc/resolv.conf")
+HOSTS_SOURCE = "/etc/hosts"
+# A resolver configuration is a few lines; a larger file is not one to carry into RAM.
+RESOLVER_FILE_LIMIT = 1 << 20
+
+
+def resolver_files(
+    hosts: str = HOSTS_SOURCE, resolv: tuple[str, ...] = RESOLV_SOURCES
+) -> dict[str, bytes]:
+    """/etc files for name resolution in the capture kernel (archive path -> content).
+
+    A target named by a host name must resolve there as it does here: this host's
+    /etc/hosts; its name servers, search domains and options (loopback servers left out:
+    no local resolver runs there; a DHCP lease's servers replace these); and an
+    nsswitch.conf that reads the hosts file before DNS (glibc's default without one asks
+    DNS first and never reads the file when the server answers "no such name").
+    """
+    files = {"etc/nsswitch.conf": b"hosts: files dns\n"}
+    try:
+        files["etc/hosts"] = read_small_file(hosts, RESOLVER_FILE_LIMIT)
+    except (OSError, ValueError):
+        pass  # the build says so
+    for path in resolv:
+        try:
+            text = read_small_file(path, RESOLVER_FILE_LIMIT).decode("utf-8", "replace")
+        except (OSError, ValueError):
+            continue
+        kept = []
+        for line in text.splitlines():
+            words = line.split()
+            if not words or words[0] not in ("nameserver", "search", "domain", "options"):
+                continue
+            if words[0] == "nameserver" and (len(words) < 2 or _loopback(words[1])):
+                continue
+            kept.append(" ".join(words) + "\n")
+        if kept:
+            files["etc/resolv.conf"] = "".join(kept).encode()
+        break
+    return files
+
+
+def _loopback(addr: str) -> bool:
+    try:
+        return ipaddress.ip_address(addr.partition("%")[0]).is_loopback
+    except ValueError:
+        return False
 
 
 def dump_device(cfg: Mapping[str, str]) -> str:
@@ -618,6 +669,14 @@ def build(
         net = NetConfig(timeout=timeout)  # not even for KDUMP_NETCONFIG's :force (init_plan)
         extras.append(f"dump device {device}")
     net = host_interface(net)  # DEV's address (static) or MAC (dhcp) on this host
+
+    if net.mode != "none":
+        files = resolver_files()
+        for dest, data in files.items():
+            arc.add_file(dest, data, 0o644)
+        if "etc/hosts" not in files:
+            log.warning("%s is not packed: target host names resolve by DNS only", HOSTS_SOURCE)
+        extras.append("name resolution (/etc/hosts, resolv.conf)")
 
     if "sftp" in schemes:
         files, ssh_rewrite = ssh_files(cfg, home)

@@ -10,6 +10,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+from initramfs import builder
+
 INIT = Path(__file__).resolve().parent.parent / "initramfs" / "init"
 
 # The LAN: a DHCP server on s0 (10.9.0.1), leasing ``lease`` with ``mask`` and ``router``;
@@ -37,6 +39,8 @@ def reply(kind, xid, chaddr):
     opts += bytes([1, 4]) + socket.inet_aton(cfg["mask"])
     if cfg.get("router"):
         opts += bytes([3, 4]) + socket.inet_aton(cfg["router"])
+    if cfg.get("dns"):
+        opts += bytes([6, 4]) + socket.inet_aton(cfg["dns"])
     return head + opts + bytes([255])
 def chatter():
     other = BOOTP.pack(2, 1, 6, 0, 12345, 0, 0x8000, bytes(4), socket.inet_aton("10.9.0.77"),
@@ -67,6 +71,11 @@ spec = importlib.util.spec_from_loader(loader.name, loader)
 init = importlib.util.module_from_spec(spec)
 loader.exec_module(init)
 net, server_cfg, server_code = json.loads(sys.argv[2]), sys.argv[3], sys.argv[4]
+packed = json.loads(server_cfg).get("packed_resolv")
+if packed is not None:  # the image's /etc, with the resolv.conf the builder packed
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", "/etc"], check=True)
+    with open("/etc/resolv.conf", "w") as f:
+        f.write(packed)
 # this namespace's interfaces in /sys/class/net, as in a capture kernel
 subprocess.run(["mount", "-t", "sysfs", "sysfs", "/sys"], check=True)
 server = subprocess.Popen(["unshare", "--net", sys.executable, "-c", server_code, server_cfg],
@@ -85,6 +94,8 @@ try:
     out["addr"] = subprocess.run(["ip", "-4", "-o", "addr", "show", "eth0"],
                                  capture_output=True, text=True).stdout
     out["routes"] = subprocess.run(["ip", "-4", "route"], capture_output=True, text=True).stdout
+    if packed is not None:
+        out["resolv"] = open("/etc/resolv.conf").read()
     print("RESULT " + json.dumps(out), flush=True)
 finally:
     server.kill()
@@ -113,6 +124,18 @@ def test_dhcp_lease_from_a_real_server():
     assert got["error"] == "", got["log"]
     assert "10.9.0.5/24" in got["addr"]
     assert "default via 10.9.0.1 dev eth0" in got["routes"]
+
+
+def test_a_lease_s_name_server_keeps_the_packed_search_domains():
+    """The lease's name server replaces the packed ones; the host's search domains and
+    options, which DHCP did not give, stay (a target named by its short name)."""
+    packed = "nameserver 192.0.2.53\nsearch lan\noptions timeout:2\n"
+    got = _network_up(
+        {"mode": "dhcp", "ifname": "eth0", "timeout": 20},
+        {"lease": "10.9.0.5", "mask": "255.255.255.0", "dns": "10.9.0.53", "packed_resolv": packed},
+    )
+    assert got["error"] == "", got["log"]
+    assert got["resolv"] == "nameserver 10.9.0.53\nsearch lan\noptions timeout:2\n"
 
 
 def test_dhcp_ends_at_its_deadline_on_a_busy_network():
@@ -177,3 +200,42 @@ def test_an_interface_named_by_udev_is_found_by_its_mac_in_the_capture_kernel():
         cwd=INIT.parent.parent,
     )
     assert "PICKED eth0" in r.stdout, r.stdout + r.stderr
+
+
+# The capture kernel's /etc is the image's: an empty tmpfs here, filled with what the
+# builder packs for name resolution, then a look-up as a transport makes it.
+RESOLVE = r"""
+import json, os, socket, subprocess, sys
+files = json.loads(sys.argv[1])
+subprocess.run(["mount", "-t", "tmpfs", "tmpfs", "/etc"], check=True)
+for dest, text in files.items():
+    with open("/" + dest, "w") as f:
+        f.write(text)
+try:
+    print("RESOLVED", socket.getaddrinfo(sys.argv[2], 22, type=socket.SOCK_STREAM)[0][4][0])
+except OSError as e:
+    print("FAILED", e)
+"""
+
+
+def test_a_target_named_in_etc_hosts_resolves_in_the_capture_kernel(tmp_path):
+    """The dump server is known to this host by /etc/hosts (no DNS has it): the image
+    packed no /etc/hosts, nor a resolv.conf for a static address, and a save to
+    sftp://dumpserver.lan/... failed with "Temporary failure in name resolution". The
+    image now carries the hosts file, the host's name servers (not a loopback stub) and
+    search domains, and an nsswitch.conf that reads the file first."""
+    hosts = tmp_path / "hosts"
+    hosts.write_text("127.0.0.1 localhost\n10.9.0.1 dumpserver.lan dumpserver\n")
+    resolv = tmp_path / "resolv.conf"
+    resolv.write_text("# stub\nnameserver 127.0.0.53\nnameserver 10.9.0.53\nsearch lan\n")
+    files = builder.resolver_files(str(hosts), (str(tmp_path / "absent"), str(resolv)))
+    assert files["etc/resolv.conf"] == b"nameserver 10.9.0.53\nsearch lan\n"
+    text = json.dumps({k: v.decode() for k, v in files.items()})
+    for name in ("dumpserver.lan", "dumpserver"):
+        r = subprocess.run(
+            ["unshare", "--mount", "--net", sys.executable, "-c", RESOLVE, text, name],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert r.stdout.strip() == "RESOLVED 10.9.0.1", r.stdout + r.stderr

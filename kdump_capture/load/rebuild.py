@@ -150,6 +150,11 @@ def image_inputs(
                 cas += [dest.encode(), *_file_parts(src)]
         except ConfigError:  # the build reports it
             cas = [b"unusable"]
+    # The resolver files an image that brings up the network carries (/etc/hosts, ...);
+    # digested for every image: whether it brings up the network is the configuration's.
+    resolver = [
+        x for d, data in sorted(builder.resolver_files().items()) for x in (d.encode(), data)
+    ]
     host = "" if cfg["KDUMP_HOSTNAME"] else local_identity()
     programs: list[bytes] = []
     for prog in ["busybox", *cfg["KDUMP_REQUIRED_PROGRAMS"].split()]:
@@ -165,6 +170,7 @@ def image_inputs(
         "known_hosts": _sha(_file_parts(os.path.join(home, ".ssh", "known_hosts"))),
         "CA certificates": _sha(cas),
         "host name": _sha([host.encode()]),
+        "name resolution": _sha(resolver),
         "programs": _sha(programs),
         "build options": _sha(x.encode() for x in (compress, target_device, target_fstype)),
     }
