@@ -239,3 +239,33 @@ def test_a_target_named_in_etc_hosts_resolves_in_the_capture_kernel(tmp_path):
             timeout=60,
         )
         assert r.stdout.strip() == "RESOLVED 10.9.0.1", r.stdout + r.stderr
+
+
+# Two NICs, a cable in the second only (the first's peer stays down: no carrier). veth
+# pairs stand for the NICs: is_hardware takes them for PCI devices.
+TWO_NICS = r"""
+import importlib.machinery, importlib.util, subprocess, sys, time
+loader = importlib.machinery.SourceFileLoader("kdump_capture_init", sys.argv[1])
+spec = importlib.util.spec_from_loader(loader.name, loader)
+init = importlib.util.module_from_spec(spec)
+loader.exec_module(init)
+subprocess.run(["mount", "-t", "sysfs", "sysfs", "/sys"], check=True)
+sh = lambda c: subprocess.run(c, shell=True, check=True)
+sh("ip link add eth0 type veth peer name p0")
+sh("ip link add eth1 type veth peer name p1; ip link set p1 up")
+init.is_hardware = lambda name: name.startswith("eth")
+print("PICKED", init.pick_interface({"mode": "dhcp", "timeout": 5}, time.monotonic() + 5))
+"""
+
+
+def test_auto_takes_the_nic_that_has_a_link():
+    """KDUMP_NETCONFIG=auto on a machine with two NICs and a cable in the second: /init
+    took the first NIC, waited for its carrier until KDUMP_NET_TIMEOUT and failed DHCP on
+    it. It brings each NIC up and takes the first that gets a link."""
+    r = subprocess.run(
+        ["unshare", "--net", "--mount", sys.executable, "-c", TWO_NICS, str(INIT)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "PICKED eth1" in r.stdout, r.stdout + r.stderr
