@@ -114,7 +114,7 @@ def host_static_address(ifname: str) -> NetConfig:
     return NetConfig(
         "static",
         ifname=ifname,
-        mac=addrs[0].get("address", ""),
+        mac=host_mac(ifname),  # `ip -4 addr` leaves the link's address out
         address=info["local"],
         prefix=int(info["prefixlen"]),
         gateway=routes[0].get("gateway", "") if routes else "",
@@ -132,13 +132,17 @@ def host_interface(net: NetConfig) -> NetConfig:
     if net.mode == "static":
         return NetConfig(**{**host_static_address(net.ifname).as_dict(), "timeout": net.timeout})
     if net.mode == "dhcp" and net.ifname:
-        try:
-            with open(f"/sys/class/net/{net.ifname}/address", encoding="ascii") as f:
-                mac = f.read().strip()
-        except (OSError, ValueError):
-            return net
-        return NetConfig(**{**net.as_dict(), "mac": mac})
+        return NetConfig(**{**net.as_dict(), "mac": host_mac(net.ifname)})
     return net
+
+
+def host_mac(ifname: str) -> str:
+    """``ifname``'s MAC address on this host, or "" when it has none here."""
+    try:
+        with open(f"/sys/class/net/{ifname}/address", encoding="ascii") as f:
+            return f.read().strip()
+    except (OSError, ValueError):
+        return ""
 
 
 # Where this host's resolver configuration is read from: systemd-resolved's own file first

@@ -10,6 +10,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 from initramfs import builder
 
 INIT = Path(__file__).resolve().parent.parent / "initramfs" / "init"
@@ -193,6 +195,8 @@ subprocess.run(["mount", "-t", "sysfs", "sysfs", "/sys"], check=True)
 sh = lambda c: subprocess.run(c, shell=True, check=True)
 sh("ip link add ens3 address 52:54:00:12:34:56 type veth peer name peer0")
 sh("ip link add eth9 type veth peer name peer9")  # another NIC
+sh("ip addr add 192.168.7.10/24 dev ens3; ip link set ens3 up; ip link set peer0 up")
+sh("ip route add default via 192.168.7.1 dev ens3")
 net = builder.host_interface(builder.parse_netconfig(sys.argv[2], True, 2))
 sh("ip link set ens3 name eth0")  # the capture kernel's name for it
 try:
@@ -202,13 +206,15 @@ except OSError as e:
 """
 
 
-def test_an_interface_named_by_udev_is_found_by_its_mac_in_the_capture_kernel():
-    """KDUMP_NETCONFIG=ens3:dhcp: the capture kernel has no interface named ens3 (no udev
-    renames it there), and /init failed with "no network interface found (have: ['eth0',
-    ...])": only DEV:static packed DEV's MAC. DEV:dhcp packs it too, and /init finds the
-    NIC by it."""
+@pytest.mark.parametrize("netconfig", ["ens3:dhcp", "ens3:static"])
+def test_an_interface_named_by_udev_is_found_by_its_mac_in_the_capture_kernel(netconfig):
+    """KDUMP_NETCONFIG=ens3:dhcp or ens3:static: the capture kernel has no interface named
+    ens3 (no udev renames it there), and /init failed with "no network interface found
+    (have: ['eth0', ...])": DEV:dhcp packed no MAC, and DEV:static an empty one (`ip -4
+    addr` does not show the link's address). Both pack DEV's MAC, and /init finds the NIC
+    by it."""
     r = subprocess.run(
-        ["unshare", "--net", "--mount", sys.executable, "-c", RENAMED, str(INIT), "ens3:dhcp"],
+        ["unshare", "--net", "--mount", sys.executable, "-c", RENAMED, str(INIT), netconfig],
         capture_output=True,
         text=True,
         timeout=60,
