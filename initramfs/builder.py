@@ -74,6 +74,8 @@ def parse_netconfig(value: str, needed: bool, timeout: int) -> NetConfig:
     value = value.strip()
     if value in ("", "auto"):
         return NetConfig("dhcp", timeout=timeout) if needed else NetConfig(timeout=timeout)
+    if value == "auto:force":  # the configuration admits :force after auto too
+        return NetConfig("dhcp", timeout=timeout)
     dev, _, rest = value.partition(":")
     mode, _, flag = rest.partition(":")
     if not (needed or flag == "force"):

@@ -17,6 +17,10 @@ N = builder.NetConfig
         ("auto", True, N("dhcp", timeout=30)),
         ("", True, N("dhcp", timeout=30)),
         ("auto", False, N(timeout=30)),  # local target: no network
+        # The configuration admits auto:force: it was "unknown mode 'force'" (exit 2) with
+        # a network target, and no network for a local one
+        ("auto:force", True, N("dhcp", timeout=30)),
+        ("auto:force", False, N("dhcp", timeout=30)),
         ("eth1:dhcp", True, N("dhcp", ifname="eth1", timeout=30)),
         ("eth1:dhcp4", True, N("dhcp", ifname="eth1", timeout=30)),
         ("eth1:auto", True, N("dhcp", ifname="eth1", timeout=30)),
