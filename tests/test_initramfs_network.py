@@ -1,6 +1,8 @@
-"""/init's network set-up against a real DHCP server: the capture side runs in a network
-namespace of its own, the server (a small DHCP responder) in another, joined by a veth
-pair, as a capture kernel and its LAN's DHCP server are."""
+"""/init's network set-up against a DHCP server on a LAN: the capture side runs in a network
+namespace of its own, the server in another, joined by a veth pair, as a capture kernel and
+its LAN's DHCP server are. The server is a small DHCP responder written here, so that it can
+misbehave as real LANs do (a /32 lease, a slow offer, replies to other clients); a full DHCP
+server (qemu's) leases the capture kernel's address in every VM cycle (tests/test_e2e_vm.py)."""
 
 from __future__ import annotations
 
@@ -120,7 +122,7 @@ def _network_up(net: dict, server: dict) -> dict:
     return json.loads(line[len("RESULT ") :]) | {"log": r.stdout + r.stderr}
 
 
-def test_dhcp_lease_from_a_real_server():
+def test_dhcp_lease_with_a_default_route():
     got = _network_up(
         {"mode": "dhcp", "ifname": "eth0", "timeout": 20},
         {"lease": "10.9.0.5", "mask": "255.255.255.0", "router": "10.9.0.1"},
