@@ -292,3 +292,38 @@ def test_auto_takes_the_nic_that_has_a_link():
         timeout=60,
     )
     assert "PICKED eth1" in r.stdout, r.stdout + r.stderr
+
+
+# A DEV:dhcp image records DEV's MAC; the NIC is replaced (a new MAC) and the machine boots.
+REPLACED = r"""
+import json, subprocess, sys
+from kdump_capture.config import load_config
+from kdump_capture.load import rebuild
+subprocess.run(["mount", "-t", "sysfs", "sysfs", "/sys"], check=True)
+sh = lambda c: subprocess.run(c, shell=True, check=True)
+sh("ip link add ens3 address 52:54:00:12:34:56 type veth peer name peer0")
+cfg = load_config(None, ["KDUMP_SAVEDIR=sftp://root@10.0.0.9/d", "KDUMP_NETCONFIG=ens3:dhcp"])
+args = dict(kernel_version="9.9.9-test", modules_root=None, compress="zstd",
+            target_device="", target_fstype="")
+before = rebuild.image_inputs(cfg, **args)
+same = rebuild.image_inputs(cfg, **args)
+sh("ip link set ens3 address 52:54:00:ab:cd:ef")
+after = rebuild.image_inputs(cfg, **args)
+print("CHANGED", json.dumps(sorted(k for k in before if before[k] != after[k])),
+      json.dumps(sorted(k for k in before if before[k] != same[k])))
+"""
+
+
+def test_a_replaced_nic_makes_the_image_stale():
+    """KDUMP_NETCONFIG=ens3:dhcp packs ens3's MAC (the capture kernel finds the NIC by
+    it). A NIC replaced after the image was built left the image as it was ("up to date"):
+    the capture kernel then looked for the old MAC, found no interface and reached no
+    target. The NIC the image looks for is one of its inputs."""
+    r = subprocess.run(
+        ["unshare", "--net", "--mount", sys.executable, "-c", REPLACED],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=INIT.parent.parent,
+    )
+    assert 'CHANGED ["network interface"] []' in r.stdout, r.stdout + r.stderr

@@ -155,6 +155,14 @@ def image_inputs(
     resolver = [
         x for d, data in sorted(builder.resolver_files().items()) for x in (d.encode(), data)
     ]
+    # The NIC a DEV:dhcp or DEV:static image looks for in the capture kernel, by the MAC
+    # (and address) DEV has here: a replaced NIC or a new address must rebuild the image,
+    # or the capture kernel looks for a NIC that is gone and no network target is reached.
+    try:
+        nic = builder.host_interface(builder.parse_netconfig(cfg["KDUMP_NETCONFIG"], True, 0))
+        network = json.dumps(nic.as_dict(), sort_keys=True).encode()
+    except Exception:  # the build itself reports it
+        network = b"unusable"
     host = "" if cfg["KDUMP_HOSTNAME"] else local_identity()
     programs: list[bytes] = []
     for prog in ["busybox", *cfg["KDUMP_REQUIRED_PROGRAMS"].split()]:
@@ -171,6 +179,7 @@ def image_inputs(
         "CA certificates": _sha(cas),
         "host name": _sha([host.encode()]),
         "name resolution": _sha(resolver),
+        "network interface": _sha([network]),
         "programs": _sha(programs),
         "build options": _sha(x.encode() for x in (compress, target_device, target_fstype)),
     }
