@@ -520,6 +520,13 @@ def _file_error(e: OSError, source: str | None, output: str) -> KdumpError:
 def cmd_rearrange(args: argparse.Namespace) -> int:
     from .formats.flat import rearrange
 
+    if os.path.islink(args.output):
+        # The result would replace the link, not write through it: /dev/stdout (as root)
+        # is a link, and the output must be seekable anyway.
+        raise ConfigError(
+            f"{args.output}: a link: rearrange would replace it with the dump (it needs a "
+            "seekable file, not standard output); name the file itself"
+        )
     try:
         size = rearrange(args.flat, args.output)
     except OSError as e:

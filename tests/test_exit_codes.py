@@ -43,6 +43,48 @@ def test_rearrange_directory_input(tmp_path):
     assert r.rc == 3 and "Is a directory" in one_error_line(r)
 
 
+@pytest.fixture
+def flat_sample(sample, tmp_path) -> str:
+    """The ELF sample as a flattened stream: the header, one record holding it all, the end."""
+    from kdump_capture.formats.flat import END_MARKER, RECORD, flat_header
+
+    data = open(sample, "rb").read()
+    path = tmp_path / "flat"
+    path.write_bytes(flat_header() + RECORD.pack(0, len(data)) + data + END_MARKER)
+    return str(path)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory", "link to a fifo", "link like /dev/stdout"])
+def test_rearrange_refuses_an_output_that_is_not_a_regular_file(flat_sample, tmp_path, kind):
+    """The result is renamed into place: over a device (`rearrange F /dev/null` as root), a
+    FIFO or /dev/stdout (a link) it would put the dump in place of the node or the link."""
+    out = tmp_path / "out"
+    if kind == "fifo":
+        os.mkfifo(out)
+    elif kind == "directory":
+        out.mkdir()
+    elif kind == "link to a fifo":
+        os.mkfifo(tmp_path / "fifo")
+        out.symlink_to(tmp_path / "fifo")
+    else:
+        out.symlink_to("/proc/self/fd/1")
+    before = os.lstat(out)
+    r = cli("rearrange", flat_sample, str(out))
+    assert r.rc == 2, r.err
+    assert f"{out}: " in one_error_line(r) and "rearrange" in r.err
+    after = os.lstat(out)
+    assert (after.st_mode, after.st_ino) == (before.st_mode, before.st_ino)
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]  # no temporary file
+
+
+def test_rearrange_replaces_an_existing_regular_file(sample, flat_sample, tmp_path):
+    out = tmp_path / "out"
+    out.write_bytes(b"an older rearranged dump")
+    r = cli("rearrange", flat_sample, str(out))
+    assert r.rc == 0, r.err
+    assert out.read_bytes() == open(sample, "rb").read()
+
+
 def test_make_sample_into_a_missing_directory(tmp_path):
     out = tmp_path / "missing" / "vmcore"
     r = cli("make-sample", str(out))

@@ -16,7 +16,7 @@ import stat
 import struct
 
 from ..elf import EHDR, ELFMAG, PHDR
-from ..errors import TargetFull, TransportError, VmcoreError
+from ..errors import ConfigError, TargetFull, TransportError, VmcoreError
 from .structs import DISK_DUMP_HEADER, KDUMP_SIGNATURE, PAGE_DESC, DiskDumpHeader
 
 # typing.TYPE_CHECKING without importing typing, which costs the capture's start-up ~3 ms
@@ -208,8 +208,10 @@ def rearrange(src_path: str, dst_path: str) -> int:
     stream was applied: on any error ``dst_path`` is left as it was. Records must begin with
     the dump's header, and none may reach past the size that header implies
     (``implied_size``). Returns the size of the result. Raises VmcoreError for a malformed,
-    truncated or out-of-bounds stream, TransportError when the output cannot be written.
+    truncated or out-of-bounds stream, TransportError when the output cannot be written,
+    ConfigError when ``dst_path`` exists and is not a regular file (``_check_output``).
     """
+    _check_output(dst_path)
     with open(src_path, "rb", buffering=COPY_CHUNK) as src:
         check_flat_header(_read_exact(src, FLAT_HEADER_SIZE, src_path, "the header"), src_path)
         tmp, fd = _create_temp(dst_path)
@@ -283,6 +285,27 @@ def _apply_records(src, src_path: str, fd: int, dst_path: str, stream_size: int 
         implied_size(head, src_path, stream_size)  # raises for a stream that is not a dump
         raise VmcoreError(f"{src_path}: the stream ends inside the dump's header")
     return end
+
+
+def _check_output(dst_path: str) -> None:
+    """Refuse an output that exists and is neither a regular file nor a link.
+
+    The result is renamed over ``dst_path``, which replaces whatever is there: a device
+    node (``/dev/null``, as root) or a FIFO would become a regular file, and neither can
+    take the positioned writes anyway. A link is replaced itself, never written through
+    (the command line refuses one: ``/dev/stdout`` is a link).
+    """
+    try:
+        mode = os.lstat(dst_path).st_mode
+    except OSError:
+        return  # nothing there: creating the file says what is wrong, if anything
+    if stat.S_ISREG(mode) or stat.S_ISLNK(mode):
+        return
+    kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+    raise ConfigError(
+        f"{dst_path}: {kind}: rearrange writes a regular file in its place (it needs to "
+        "seek: not a device or a pipe); name a file"
+    )
 
 
 def _create_temp(dst_path: str) -> tuple[str, int]:
