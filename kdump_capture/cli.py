@@ -690,6 +690,49 @@ def build_parser(load_side: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
+class OutputError(KdumpError):
+    """Standard output could not be written: exit 5 when its filesystem is full, else 6."""
+
+    def __init__(self, e: OSError) -> None:
+        super().__init__(f"writing standard output: {e.strerror or e}")
+        self.exit_code = 5 if e.errno in (errno.ENOSPC, errno.EDQUOT) else 6
+
+
+class GuardedOutput:
+    """``sys.stdout`` whose write errors are OutputError: what a command prints (a listing,
+    a log, verify's lines) going to a full filesystem or a closed pipe is an error with its
+    exit code, not an internal one."""
+
+    def __init__(self, stream) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self.stream.write(text)
+        except OSError as e:
+            raise OutputError(e) from None
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except OSError as e:
+            raise OutputError(e) from None
+
+    def __getattr__(self, name: str):
+        return getattr(self.stream, name)
+
+
+def _drop_output(stream) -> None:
+    """After a write error on ``stream``: point its descriptor at /dev/null, so that the
+    interpreter's last flush of what is still buffered fails no more (exit 120, a traceback)."""
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, stream.fileno())
+        os.close(null)
+    except (OSError, ValueError, AttributeError):
+        pass  # no descriptor (a test's capture): nothing is flushed at exit either
+
+
 def main(argv: list[str] | None = None) -> int:
     from . import idna
 
@@ -698,8 +741,18 @@ def main(argv: list[str] | None = None) -> int:
     words = sys.argv[1:] if argv is None else argv
     parser = build_parser(load_side=not (words and words[0] in CORE_COMMANDS))
     args = parser.parse_args(argv)
+    stdout = sys.stdout
+    if stdout is not None:
+        sys.stdout = GuardedOutput(stdout)
     try:
-        return args.func(args)
+        rc = args.func(args)
+        if sys.stdout is not None:
+            sys.stdout.flush()  # inside: the last lines of a listing fail here, if anywhere
+        return rc
+    except OutputError as e:
+        _drop_output(stdout)
+        print(f"kdump-capture: error: {e}", file=sys.stderr)
+        return e.exit_code
     except KdumpError as e:
         log.debug("traceback", exc_info=True)
         print(f"kdump-capture: error: {escape_controls(redact(str(e)))}", file=sys.stderr)
@@ -714,6 +767,9 @@ def main(argv: list[str] | None = None) -> int:
             f"kdump-capture: internal error: {type(e).__name__}: {redact(str(e))}", file=sys.stderr
         )
         return 1
+    finally:
+        if isinstance(sys.stdout, GuardedOutput):
+            sys.stdout = stdout
 
 
 if __name__ == "__main__":

@@ -196,3 +196,59 @@ def test_set_value_that_is_not_utf8(tmp_path):
         os.fsdecode(b"KDUMP_SAVEDIR=ftp://\xf7@h/x"),
     )
     assert r.rc == 2 and "--set KDUMP_SAVEDIR: the value is not valid UTF-8" in one_error_line(r)
+
+
+# --- standard output that cannot be written ------------------------------------------------------
+
+
+def _run_to(stdout, *args: str) -> tuple[int, str]:
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    p = subprocess.Popen(
+        [sys.executable, "-m", "kdump_capture", *args],
+        stdout=stdout,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        env=env,
+    )
+    err = p.stderr.read().decode()
+    return p.wait(timeout=60), err
+
+
+@pytest.mark.parametrize("command", ["dmesg", "summary", "verify", "list", "show-config"])
+@pytest.mark.parametrize("output", ["full", "closed pipe"])
+def test_output_that_cannot_be_written_is_an_error_not_a_bug(tmp_path, command, output):
+    """What a command prints going to a full filesystem (/dev/full) is exit 5, to a pipe
+    nobody reads exit 6, each with one line naming standard output: it was "internal error:
+    OSError" (exit 1), and verify's lines cut short must not read as a success either."""
+    r = cli("save", "--sample", "--sample-mib", "8", "--config", "/dev/null", "--no-reboot",
+            "--set", f"KDUMP_SAVEDIR=file://{tmp_path / 'd'}")  # fmt: skip
+    assert r.rc == 0, r.err
+    (dump,) = (tmp_path / "d").iterdir()
+    args = {
+        "dmesg": ["dmesg", str(dump / "vmcore")],
+        "summary": ["summary", str(dump / "vmcore")],
+        "verify": ["verify", str(dump)],
+        "list": ["list", "--config", "/dev/null", f"file://{tmp_path / 'd'}"],
+        "show-config": ["show-config", "--config", "/dev/null"],
+    }[command]
+    if output == "full":
+        with open("/dev/full", "w") as full:
+            rc, err = _run_to(full, *args)
+        assert rc == 5, err
+        reason = "No space left on device"
+    else:
+        read, write = os.pipe()
+        os.close(read)  # nobody reads: `kdump-capture list ... | head -0`, before it writes
+        try:
+            rc, err = _run_to(write, *args)
+        finally:
+            os.close(write)
+        assert rc == 6, err
+        reason = "Broken pipe"
+    assert err.strip().splitlines()[-1].endswith(f"error: writing standard output: {reason}")
+    assert "Traceback" not in err and "internal error" not in err and "Exception" not in err
