@@ -182,6 +182,22 @@ def test_flattened_rearranges_to_the_seekable_file(tmp_path):
         assert d.kind == "kdump (flattened)" and "synthetic log" in d.dmesg()
 
 
+@pytest.mark.parametrize("keep", [0.1, 0.3, 0.5, 0.7, 0.9, 0.999])
+def test_rearrange_says_a_stream_that_ends_early_is_truncated(tmp_path, keep):
+    """A flattened dump copied only in part (a transfer cut short) is named truncated,
+    wherever it ends: the header's bounds, shrunk to what the stream holds, used to refuse
+    a record first, "beyond the bytes the dump's header allows", as if it were forged."""
+    vm = open_vmcore(_image(tmp_path))
+    stream = StreamSink()
+    _write(vm, "compressed", 0, stream)
+    data = stream.f.getvalue()
+    src = tmp_path / "cut"
+    src.write_bytes(data[: int(len(data) * keep)])
+    with pytest.raises(VmcoreError, match=r"cut: the flattened stream is truncated \(\d+ bytes"):
+        flat.rearrange(str(src), str(tmp_path / "d"))
+    assert not (tmp_path / "d").exists()
+
+
 def _stream(records, end=True) -> bytes:
     out = flat.flat_header()
     for off, data in records:

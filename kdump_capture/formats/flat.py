@@ -218,7 +218,18 @@ def rearrange(src_path: str, dst_path: str) -> int:
         try:
             st = os.fstat(src.fileno())
             stream_size = st.st_size if stat.S_ISREG(st.st_mode) else None
-            end = _apply_records(src, src_path, fd, dst_path, stream_size)
+            try:
+                end = _apply_records(src, src_path, fd, dst_path, stream_size)
+            except VmcoreError as e:
+                if stream_size is None or _ends_with_marker(src, stream_size):
+                    raise
+                # A copy cut short: the header's bounds, shrunk to what the stream holds,
+                # refuse a record before the stream's end is reached. Say what it is.
+                raise VmcoreError(
+                    f"{src_path}: the flattened stream is truncated ({stream_size} bytes, no "
+                    f"end marker at its end: a copy cut short?): "
+                    + str(e).removeprefix(f"{src_path}: ")
+                ) from None
             if os.fstat(fd).st_size < end:
                 os.ftruncate(fd, end)
             os.fsync(fd)
@@ -234,6 +245,13 @@ def rearrange(src_path: str, dst_path: str) -> int:
                 raise _output_error(dst_path, e) from e
             raise
     return end
+
+
+def _ends_with_marker(src, stream_size: int) -> bool:
+    """Whether the stream's last bytes are the end marker, as a complete stream's are."""
+    if stream_size < FLAT_HEADER_SIZE + RECORD.size:
+        return False
+    return os.pread(src.fileno(), RECORD.size, stream_size - RECORD.size) == END_MARKER
 
 
 def _apply_records(src, src_path: str, fd: int, dst_path: str, stream_size: int | None) -> int:
