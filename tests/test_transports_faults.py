@@ -864,3 +864,35 @@ def test_an_sftp_close_reply_trickled_is_bounded(tmp_path):
     # 4 s for the CLOSE, then the stat on a new connection (whose replies come at once): the
     # server has every byte. Waiting for the trickled replies took 24 s.
     assert elapsed < 15, f"{elapsed:.1f} s"
+
+
+@pytest.mark.parametrize("kind", (*NET, "s3"))
+def test_closing_a_live_connection_to_a_server_that_stopped_answering_never_raises(kind, request):
+    """The network goes right after the last operation succeeded (the dump complete, its
+    README written): close waits at most its deadline and never raises, as the contract
+    says. CIFS raised ConnectionLost from close ("closing the SMB connection: not done
+    within 5 s"): after a complete dump the save counted the target failed, wrote the whole
+    dump again to the next target, or exited 6 when there was none."""
+    timeout = 3.0
+    target = make_target(kind, request)
+    target = replace(target, settings=target.settings.replace(timeout=timeout, retries=0))
+    outcome: dict = {}
+    with DropProxy(_port(target), ftp=kind == "ftp") as proxy:
+        tr = target.via_port(proxy.port).transport()
+
+        def run() -> None:
+            t0 = time.monotonic()
+            try:
+                with tr:
+                    tr.listdir("")  # the connection is up and answering
+                    proxy.stall()
+            except Exception as e:
+                outcome["error"] = e
+            outcome["closed"] = time.monotonic() - t0
+
+        worker = threading.Thread(target=run, daemon=True)
+        worker.start()
+        worker.join(timeout * 2 + 30)
+        assert not worker.is_alive(), f"{kind}: close still waiting after {timeout * 2 + 30:.0f} s"
+    assert "error" not in outcome, outcome
+    assert outcome["closed"] < 2 * timeout + 10, outcome
