@@ -67,8 +67,9 @@ def _setup_logging(debug: bool) -> None:
     # (about 20 for a server that never sends its banner); our own error says what failed.
     logging.getLogger("paramiko.transport").setLevel(logging.DEBUG if debug else logging.CRITICAL)
     # Even in debug mode, not a line per SMB message received: about 100 KB per GB dumped,
-    # 9 s per GB of a 115200-baud serial console.
-    logging.getLogger("smbprotocol.transport").setLevel(logging.INFO)
+    # 9 s per GB of a 115200-baud serial console. Its INFO lines (a connect, a disconnect)
+    # only in debug mode, as for the rest of smbprotocol.
+    logging.getLogger("smbprotocol.transport").setLevel(logging.INFO if debug else logging.WARNING)
 
 
 def transport_settings(cfg, replay_bytes: int | None = None, read_only: bool = False):

@@ -202,3 +202,16 @@ def test_debug_output_over_cifs_does_not_grow_with_the_dump(request, sample, tmp
     assert r.rc == 0, r.err
     assert "DEBUG" in r.err  # debug output is on
     assert "Socket recv" not in r.err
+
+
+def test_cifs_connections_are_not_logged_outside_debug_output(request, sample, tmp_path):
+    """Without KDUMP_VERBOSE bit 8, smbprotocol says nothing: its transport logger, set to
+    INFO for debug output, printed 'Connecting to DirectTcp socket' and 'Disconnecting ...'
+    for every connection of a save, a retry, `list` and `verify`."""
+    target = make_target("cifs", request)
+    conf = write_config(tmp_path / "kdump", target)
+    r = run_save(conf, sample)
+    assert r.rc == 0, r.err
+    assert "DirectTcp" not in r.err
+    r = cli("list", "--config", str(conf), target.url)
+    assert r.rc == 0 and "DirectTcp" not in r.err, r.err
