@@ -452,8 +452,11 @@ def cmd_list(args: argparse.Namespace) -> int:
         # connect() would create it: a listing changes nothing
         raise NoDumpError(f"{target.redacted()}: no such directory")
     target = with_config_password(target, cfg)
-    with open_transport(target, transport_settings(cfg, read_only=True)) as tr:
+    settings = transport_settings(cfg, read_only=True)
+    with open_transport(target, settings) as tr:
         items = list_dumps(tr)
+    if not items and _missing_directory(target, settings):
+        raise NoDumpError(f"{target.redacted()}: no such directory")
     if args.json:
         print(as_json(items))
         return 0
@@ -462,6 +465,31 @@ def cmd_list(args: argparse.Namespace) -> int:
     for item in items:
         print(item.line())
     return 0
+
+
+def _missing_directory(target, settings) -> bool:
+    """Whether a network target's directory is not there, as its parent's listing says.
+
+    A listing is [] for a missing directory and an empty one alike: a mistyped path read
+    "no dumps". Asked only when nothing was listed. S3 (a prefix is never missing) and NFS
+    (the parent may lie outside the export) are not asked, nor a share's root; a parent that
+    cannot be listed leaves the empty listing as it is.
+    """
+    from transports import open_transport
+
+    from .errors import TransportError
+
+    parent, _, name = target.path.rstrip("/").rpartition("/")
+    if target.scheme not in ("sftp", "ftp", "cifs") or not name:
+        return False
+    if target.scheme == "cifs" and not target.share_path:
+        return False
+    try:
+        with open_transport(target.replace(path=parent or "/"), settings) as tr:
+            entries = tr.listdir("")
+    except TransportError:
+        return False
+    return not any(e.name == name and (e.is_dir or e.is_link) for e in entries)
 
 
 def cmd_dmesg(args: argparse.Namespace) -> int:

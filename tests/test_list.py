@@ -138,6 +138,24 @@ def test_list_missing_target_changes_nothing(tmp_path):
     assert not (tmp_path / "none").exists()
 
 
+@pytest.mark.parametrize("kind", ["sftp", "ftp", "cifs"])
+def test_list_of_a_missing_network_directory_says_so(kind, request, tmp_path):
+    """A mistyped path listed "no dumps", exit 0, as an empty directory does: the admin
+    read that nothing had crashed. Now exit 3, "no such directory", as for a local target;
+    an empty directory still lists "no dumps", and nothing is created."""
+    target = make_target(kind, request)
+    conf = write_config(tmp_path / "kdump", target)
+    with target.transport() as tr:  # connecting creates the target's own directory
+        tr.makedir("empty")
+    r = cli("list", "--config", conf, f"{target.url}/empty")
+    assert r.rc == 0 and r.out.strip().endswith("/empty: no dumps"), r.err
+    for missing in ("missing", "missing/deeper"):
+        r = cli("list", "--config", conf, f"{target.url}/{missing}")
+        assert r.rc == 3, (r.out, r.err)
+        assert r.err.strip().endswith(f"/{missing}: no such directory"), r.err
+    assert sorted(os.listdir(target.server_dir)) == ["empty"]
+
+
 @pytest.mark.parametrize("kind", ["ftp", "cifs"])
 def test_list_and_verify_take_the_password_from_the_config(kind, request, tmp_path):
     """Both said "credentials from --config" but used only the URL given: a password had to
