@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -75,9 +76,16 @@ def open_dump(path: str) -> Dump:
     """
     try:
         with open(path, "rb") as f:
+            mode = os.fstat(f.fileno()).st_mode
             head = f.read(4096)
     except OSError as e:
         raise NoDumpError(f"{path}: cannot open: {e.strerror}") from e
+    if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+        # A pipe (`... | kdump-capture dmesg /dev/stdin`): what was read is gone, and the
+        # log lies at offsets only the headers give. "Illegal seek" was an internal error.
+        raise VmcoreError(
+            f"{path}: not a regular file: a dump is read at random offsets; save it to a file first"
+        )
     if head[:4] == b"\x7fELF":
         vm = open_vmcore(path)
         return _elf_dump(vm)

@@ -260,21 +260,35 @@ def _looks_like_frame(msg: str) -> bool:
     return "+0x" in word and "/0x" in word
 
 
-def _read_tail(path: str) -> bytes:
-    """The last MAX_TEXT bytes of a file, never through a link."""
+def _read_text(path: str, follow: bool) -> tuple[bytes, bytes, bool]:
+    """The first 64 bytes of a file, its last MAX_TEXT bytes, and whether it can be read at
+    any offset (a regular file or a block device). ``follow``: a path named on the command
+    line may be a link (``/dev/stdin``); a dump directory's files are never read through
+    one. A pipe is read once, to its end."""
+    flags = os.O_RDONLY | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(path, flags)
     except OSError as e:
         raise NoDumpError(f"{path}: cannot open: {e.strerror or e}") from None
     with os.fdopen(fd, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        f.seek(max(0, size - MAX_TEXT))
-        return f.read(MAX_TEXT)
+        st = os.fstat(f.fileno())
+        head = f.read(64)
+        if stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode):
+            f.seek(max(0, st.st_size - MAX_TEXT))
+            return head, f.read(MAX_TEXT), True
+        tail = bytearray(head)
+        while chunk := f.read(1 << 20):
+            tail += chunk
+            del tail[: max(0, len(tail) - MAX_TEXT)]
+        return head, bytes(tail), False
 
 
-def summary_of(path: str) -> CrashSummary:
+def summary_of(path: str, follow: bool = True) -> CrashSummary:
     """The crash summary of a dump file (ELF, kdump-compressed, flattened), a dmesg.txt,
-    or a dump directory (its dmesg.txt, else its vmcore, else its manifest's summary)."""
+    or a dump directory (its dmesg.txt, else its vmcore, else its manifest's summary).
+
+    A file that is neither a dump nor text (empty, or holding NUL bytes, which a dmesg.txt
+    never does: its writer escapes them) is a VmcoreError, never "no panic found"."""
     from transports.base import mode_kind
 
     from .dumpfile import open_dump
@@ -290,7 +304,7 @@ def summary_of(path: str) -> CrashSummary:
                 mode = os.lstat(p).st_mode
                 if not stat.S_ISREG(mode):
                     raise VmcoreError(f"{p}: {mode_kind(mode)}; only regular files are read")
-                return summary_of(p)
+                return summary_of(p, follow=False)
         from .decrypt import read_manifest
 
         if os.path.lexists(os.path.join(path, MANIFEST)):
@@ -306,21 +320,24 @@ def summary_of(path: str) -> CrashSummary:
                     "(kdump-capture decrypt --identity KEY DIR)"
                 )
         raise NoDumpError(f"{path}: no {DMESG}, {VMCORE} or summary in {MANIFEST}")
-    head = _read_head(path)
+    head, text, regular = _read_text(path, follow)
     if head.startswith(b"age-encryption.org/"):
         raise VmcoreError(
             f"{path}: encrypted (age); decrypt it first (kdump-capture decrypt, or age -d)"
         )
     if head[:4] == b"\x7fELF" or head[:8] == b"KDUMP   " or head[:12] == b"makedumpfile":
+        if not regular:
+            raise VmcoreError(
+                f"{path}: a dump read from a pipe: its log is read at random offsets; save "
+                "it to a file first"
+            )
         with open_dump(path) as dump:
             return summarize(dump.dmesg())
-    return summarize(_read_tail(path))
-
-
-def _read_head(path: str) -> bytes:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError as e:
-        raise NoDumpError(f"{path}: cannot open: {e.strerror or e}") from None
-    with os.fdopen(fd, "rb") as f:
-        return f.read(64)
+    if not text:
+        raise VmcoreError(f"{path}: empty: neither a dump nor a kernel log (dmesg.txt)")
+    if b"\0" in text:
+        raise VmcoreError(
+            f"{path}: binary data: neither an ELF, kdump-compressed or flattened dump nor a "
+            "kernel log (dmesg.txt)"
+        )
+    return summarize(text)

@@ -248,3 +248,61 @@ def test_summary_of_a_directory_reads_only_its_regular_files(tmp_path):
     os.symlink(tmp_path / "elsewhere", tmp_path / "link" / "dmesg.txt")
     r = cli("summary", str(tmp_path / "link"))
     assert r.rc == 4 and "a symbolic link" in r.err, r.err
+
+
+def _cli_stdin(data: bytes, *args: str):
+    """The CLI with ``data`` on its standard input (a pipe)."""
+    import subprocess
+    import sys
+
+    from .helpers import ROOT
+
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    p = subprocess.run(
+        [sys.executable, "-m", "kdump_capture", *args],
+        input=data,
+        capture_output=True,
+        env=env,
+        timeout=120,
+    )
+    return p.returncode, p.stdout.decode(), p.stderr.decode()
+
+
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [
+        (b"", "empty: neither a dump nor a kernel log"),
+        (bytes(4096) + b"\x01\x02garbage", "binary data: neither an ELF, kdump-compressed"),
+    ],
+    ids=["empty", "binary"],
+)
+def test_summary_of_a_file_that_is_neither_a_dump_nor_a_log(tmp_path, content, says):
+    """A vmcore copied as nothing (0 bytes) or a damaged one (no dump header) read as a
+    kernel log: "no panic, oops or BUG found in the crashed kernel's log", exit 0."""
+    path = tmp_path / "vmcore"
+    path.write_bytes(content)
+    r = cli("summary", str(path))
+    assert r.rc == 4, (r.out, r.err)
+    assert f"{path}: {says}" in r.err and not r.out
+
+
+def test_summary_and_dmesg_read_from_a_pipe(tmp_path):
+    """`... | kdump-capture summary /dev/stdin` (a link, to a pipe) was refused, "Too many
+    levels of symbolic links", though meant to work; a dump piped to `dmesg` or `summary`
+    was "internal error: OSError: Illegal seek" (exit 1). A log from a pipe is summarized;
+    a dump from a pipe is exit 4 with what to do."""
+    src = tmp_path / "vmcore"
+    _marker_sample(src, "P-77")
+    want = "Crash          : Kernel panic - not syncing: P-77\n"
+    r = cli("dmesg", str(src))
+    assert r.rc == 0, r.err
+    rc, out, err = _cli_stdin(r.out.encode(), "summary", "/dev/stdin")
+    assert rc == 0 and out.startswith(want), err
+    for command in ("summary", "dmesg"):
+        rc, out, err = _cli_stdin(src.read_bytes(), command, "/dev/stdin")
+        assert rc == 4, err
+        assert "/dev/stdin: " in err and "save it to a file first" in err and not out
+        assert "internal error" not in err
+    (tmp_path / "link").symlink_to(src)  # a link named on the command line is followed
+    r = cli("summary", str(tmp_path / "link"))
+    assert r.rc == 0 and r.out.startswith(want), r.err
