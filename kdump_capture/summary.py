@@ -301,9 +301,11 @@ def summary_of(path: str, follow: bool = True) -> CrashSummary:
                 # A dump directory's files, never a link or a FIFO in their place (another
                 # host may write a shared target; a FIFO would wait for a writer for good).
                 # A path given by itself may be one: `... | kdump-capture summary /dev/stdin`.
-                mode = os.lstat(p).st_mode
-                if not stat.S_ISREG(mode):
-                    raise VmcoreError(f"{p}: {mode_kind(mode)}; only regular files are read")
+                st = os.lstat(p)
+                if not stat.S_ISREG(st.st_mode):
+                    raise VmcoreError(f"{p}: {mode_kind(st.st_mode)}; only regular files are read")
+                if name == DMESG and not st.st_size:
+                    continue  # an empty ring saved as it was: the vmcore says the same
                 return summary_of(p, follow=False)
         from .decrypt import read_manifest
 
