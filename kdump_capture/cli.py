@@ -771,7 +771,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser(load_side=not (words and words[0] in CORE_COMMANDS))
     args = parser.parse_args(argv)
     stdout = sys.stdout
-    if stdout is not None:
+    if stdout is not None and getattr(args, "func", None) in (cmd_save, cmd_recover):
+        from .progress import TolerantOutput
+
+        # What a save or a recover prints reports on the dump; it never decides its outcome.
+        sys.stdout = TolerantOutput(stdout)
+    elif stdout is not None:
         sys.stdout = GuardedOutput(stdout)
     try:
         rc = args.func(args)
@@ -797,7 +802,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1
     finally:
-        if isinstance(sys.stdout, GuardedOutput):
+        if sys.stdout is not stdout:
             sys.stdout = stdout
 
 

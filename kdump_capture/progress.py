@@ -7,6 +7,8 @@ import sys
 import time
 from collections.abc import Callable
 
+from .errors import KdumpError
+
 # typing.TYPE_CHECKING without importing typing, which costs the capture's start-up ~3 ms
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -147,6 +149,42 @@ class TqdmProgress:
             self._logs = None
 
 
+class TolerantOutput:
+    """Standard output of a save or a recover: progress, the "Dump saved" line. A write that
+    fails (a console gone, a closed pipe, a full file) must not fail the dump it reports on:
+    it is dropped, said once on standard error, and nothing more is written."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.broken = False
+
+    def _failed(self, e: Exception) -> None:
+        if not self.broken:
+            self.broken = True
+            try:
+                sys.stderr.write(f"kdump-capture: warning: output stopped: {e}\n")
+            except (OSError, ValueError):
+                pass
+
+    def write(self, text: str) -> int:
+        if not self.broken:
+            try:
+                return self.stream.write(text)
+            except (OSError, ValueError, KdumpError) as e:
+                self._failed(e)
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.broken:
+            try:
+                self.stream.flush()
+            except (OSError, ValueError, KdumpError) as e:
+                self._failed(e)
+
+    def __getattr__(self, name: str):
+        return getattr(self.stream, name)
+
+
 PROGRESS_STYLES = ("auto", "lines", "bar")
 
 
@@ -170,6 +208,8 @@ def make_progress(verbose: int, stream: TextIO | None = None, style: str = "auto
     if not verbose & 2:
         return NoProgress()
     stream = stream or sys.stdout
+    if not isinstance(stream, TolerantOutput):
+        stream = TolerantOutput(stream)
     if style == "bar" or (style == "auto" and _draws_a_bar(stream)):
         try:
             import tqdm  # noqa: F401  capture images leave it out: lines there

@@ -252,3 +252,28 @@ def test_output_that_cannot_be_written_is_an_error_not_a_bug(tmp_path, command, 
         reason = "Broken pipe"
     assert err.strip().splitlines()[-1].endswith(f"error: writing standard output: {reason}")
     assert "Traceback" not in err and "internal error" not in err and "Exception" not in err
+
+
+@pytest.mark.parametrize("output", ["full", "closed pipe"])
+def test_a_save_whose_output_cannot_be_written_still_saves(tmp_path, output):
+    """`save` prints its progress and "Dump saved" to standard output, which may fail (a
+    console gone, `| head`, a full file). That failed the save (exit 1 before, 5 or 6 with
+    the output guard): what a save prints reports on the dump, it never decides its outcome.
+    One warning on standard error, exit 0, the dump complete."""
+    args = ["save", "--sample", "--sample-mib", "8", "--config", "/dev/null", "--no-reboot",
+            "--progress", "lines", "--set", f"KDUMP_SAVEDIR=file://{tmp_path / 'd'}"]  # fmt: skip
+    if output == "full":
+        with open("/dev/full", "w") as full:
+            rc, err = _run_to(full, *args)
+    else:
+        read, write = os.pipe()
+        os.close(read)
+        try:
+            rc, err = _run_to(write, *args)
+        finally:
+            os.close(write)
+    assert rc == 0, err
+    assert err.count("warning: output stopped") == 1, err
+    assert "Traceback" not in err
+    (dump,) = (tmp_path / "d").iterdir()
+    assert cli("verify", str(dump)).rc == 0
