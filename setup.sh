@@ -14,7 +14,7 @@ if command -v apt-get >/dev/null; then
         openssh-server openssh-client \
         samba smbclient vsftpd curl faketime \
         age xxhash \
-        nfs-ganesha nfs-ganesha-vfs \
+        nfs-ganesha nfs-ganesha-vfs rpcbind iproute2 \
         >/dev/null
 fi
 if ! python3 -m pip --version >/dev/null 2>&1 && command -v apt-get >/dev/null; then

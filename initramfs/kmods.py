@@ -40,7 +40,7 @@ NETWORK = (
     "hv_netvsc",
     "gve",
 )
-NFS = ("nfs", "nfsv4")
+NFS = ("nfs", "nfsv4", "nfsv3")  # NFSv3 for servers without NFSv4 (transports/nfs.py)
 
 
 def modname(path_or_name: str) -> str:

@@ -10,6 +10,7 @@ level 31 and ELF at level 0, in a 1 GiB guest at crashkernel=160M; file and SFTP
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -265,6 +266,33 @@ def test_nfs_server_that_stops_answering_mid_dump(cloud_kernel: vmkit.Kernel, tm
     assert took < 600, took
     for d in (d for d in export.iterdir() if d.is_dir()):  # nothing incomplete looks complete
         assert not (d / "vmcore").exists(), list(d.iterdir())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("served", ["4.0", "3"])
+def test_an_nfs_server_without_nfsv4_1(served: str, cloud_kernel: vmkit.Kernel, tmp_path: Path):
+    """A server that speaks only NFSv4.0 (an older one), or only NFSv3 (a NAS with its
+    defaults): the save negotiates down as mount.nfs does, and the dump is complete. It runs
+    in a network and mount namespace of its own (tests/nfs_isolated.py): NFSv3 needs rpcbind
+    on port 111."""
+    config = (
+        'KDUMP_SAVEDIR="nfs://10.0.2.2/dumps"\nKDUMP_IMMEDIATE_REBOOT="yes"\n'
+        'KDUMP_FREE_DISK_SIZE="0"\nKDUMP_DUMPFORMAT="compressed"\nKDUMP_DUMPLEVEL="31"\n'
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    argv = ["unshare", "--net", "--mount", "--propagation", "private", "--"]
+    argv += [sys.executable, "-m", "tests.nfs_isolated", str(tmp_path), served, config]
+    r = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    console = Path(result["log_path"]).read_text(errors="replace")
+    tail = "\n".join(console.splitlines()[-40:])
+    assert result["save_rc"] == 0, tail
+    assert result["finish"] == "rebooting" and result["returncode"] == 0, tail
+    assert f"(vers={served}," in console, tail  # the version it mounted with
+    dumps = [d for d in (tmp_path / "export").iterdir() if d.is_dir()]
+    assert len(dumps) == 1, dumps
+    check_dump(dumps[0], result["marker"])
 
 
 def test_s3_compressed_to_seaweedfs_at_160m(cloud_kernel: vmkit.Kernel, tmp_path: Path):

@@ -77,7 +77,7 @@ def test_missing_modules_dep_is_a_config_error(tmp_path):
         ("file", False, "", {"virtio_blk", "xfs", "vfat"}, {"virtio_net"}),
         ("file", True, "ext4", {"virtio_blk", "virtio_net"}, {"nfs"}),
         ("sftp", True, "", {"virtio_net"}, {"virtio_blk", "nfs", "cifs"}),
-        ("nfs", True, "", {"virtio_net", "nfs", "nfsv4"}, {"cifs"}),
+        ("nfs", True, "", {"virtio_net", "nfs", "nfsv4", "nfsv3"}, {"cifs"}),
         # CIFS is smbprotocol in user space: the kernel client (3.3 MB with deps) is not packed
         ("cifs", True, "", {"virtio_net"}, {"nfs", "cifs"}),
     ],

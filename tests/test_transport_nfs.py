@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from kdump_capture.errors import TransportError
+from kdump_capture.errors import AuthError, ConnectionLost, TransportError
 from kdump_capture.urls import parse_target
 from transports import open_transport
 from transports.base import TransportSettings
@@ -112,3 +112,110 @@ def test_mount_child_reports_the_errno(tmp_path):
     req = MountRequest("10.0.2.2:/nothing", "no-such-fs-type", "", "/nothing", "")
     code = _Libc().mount_within(req, str(tmp_path), 5.0)
     assert code == errno.ENODEV
+
+
+def test_mount_requests_for_nfsv3():
+    reqs = mount_requests("10.0.2.2", "10.0.2.15", "/vol/dumps", version="3")
+    assert [(r.source, r.fstype, r.subdir) for r in reqs] == [
+        ("10.0.2.2:/vol/dumps", "nfs", ""),
+        ("10.0.2.2:/vol", "nfs", "dumps"),
+    ]
+    # nolock: the capture kernel runs no lock or status daemon; no clientaddr (NFSv4 only)
+    assert reqs[0].data == (
+        "vers=3,proto=tcp,mountproto=tcp,nolock,addr=10.0.2.2,soft,timeo=50,retrans=2"
+    )
+    [req] = mount_requests("fd00::2", "fd00::15", "/", port=2049, version="3")
+    assert req.data.startswith("vers=3,proto=tcp6,mountproto=tcp6,nolock,addr=fd00::2,")
+    assert req.data.endswith(",port=2049")
+    assert [r.data.split(",")[0] for r in mount_requests("h", "c", "/", version="4.0")] == [
+        "vers=4.0"
+    ]
+
+
+class _ScriptedServer(_Libc):
+    """Test-only: mount(2) answers as a server speaking only some versions would (the real
+    mounts run in the VM tests); the mount point stays a plain directory."""
+
+    def __init__(self, answers):
+        super().__init__()
+        self.answers = answers  # (version, source) -> errno; missing: 0 (mounted)
+        self.tried: list[tuple[str, str]] = []
+
+    def mount_within(self, req, target, timeout):
+        key = (req.data.split(",")[0].removeprefix("vers="), req.source)
+        self.tried.append(key)
+        return self.answers.get(key, 0)
+
+    def umount(self, target, flags=0):
+        return 0
+
+
+def _connect(answers, path="/vol/dumps"):
+    target, _ = parse_target(f"nfs://127.0.0.1{path}")
+    t = open_transport(target, TransportSettings(timeout=3))
+    server = t._libc = _ScriptedServer(answers)
+    try:
+        t.connect()
+        return t, server, None
+    except TransportError as e:
+        return t, server, e
+
+
+NOT_SPOKEN = errno.EPROTONOSUPPORT
+
+
+def test_a_server_with_only_nfsv3_is_mounted_with_nfsv3():
+    src = "127.0.0.1:/vol/dumps"
+    t, server, err = _connect({("4.1", src): NOT_SPOKEN, ("4.0", src): NOT_SPOKEN})
+    assert err is None
+    assert server.tried == [("4.1", src), ("4.0", src), ("3", src)]
+    t.makedir("d")  # the file transport runs on the mount point
+    t.close()
+
+
+def test_a_server_with_only_nfsv4_0_is_mounted_with_4_0():
+    src = "127.0.0.1:/vol/dumps"
+    t, server, err = _connect({("4.1", src): NOT_SPOKEN})
+    assert err is None and server.tried == [("4.1", src), ("4.0", src)]
+    t.close()
+
+
+def test_no_nfsv4_pseudo_root_goes_straight_to_nfsv3():
+    """ENOENT for the path and its parent (a server exporting no NFSv4 pseudo root):
+    mount.nfs goes to NFSv3 without trying another NFSv4 minor version."""
+    answers = {
+        ("4.1", "127.0.0.1:/vol/dumps"): errno.ENOENT,
+        ("4.1", "127.0.0.1:/vol"): errno.ENOENT,
+    }
+    t, server, err = _connect(answers)
+    assert err is None
+    assert server.tried == [
+        ("4.1", "127.0.0.1:/vol/dumps"),
+        ("4.1", "127.0.0.1:/vol"),
+        ("3", "127.0.0.1:/vol/dumps"),
+    ]
+    t.close()
+
+
+@pytest.mark.parametrize("code", [errno.EACCES, errno.ETIMEDOUT, errno.EHOSTUNREACH])
+def test_a_refusal_or_a_silent_server_is_not_asked_again(code):
+    """Access denied, or no answer within the timeout: another version would not help,
+    and a silent server must not cost the timeout once per version."""
+    t, server, err = _connect({("4.1", "127.0.0.1:/vol/dumps"): code})
+    assert server.tried == [("4.1", "127.0.0.1:/vol/dumps")]
+    assert err is not None and "versions tried" not in str(err)
+    assert isinstance(err, AuthError if code == errno.EACCES else ConnectionLost)
+    assert not t._mountpoint  # removed
+
+
+def test_every_version_refused_names_each_answer():
+    """A server without NFSv4 that refuses us NFSv3 is a refusal (AuthError, exit 7), and
+    the message names what each version answered."""
+    src = "127.0.0.1:/vol/dumps"
+    answers = {("4.1", src): NOT_SPOKEN, ("4.0", src): NOT_SPOKEN, ("3", src): errno.EACCES}
+    _, server, err = _connect(answers)
+    assert isinstance(err, AuthError), err
+    assert str(err).startswith(f"cannot mount {src}: the server refused access")
+    assert "NFSv4.1: Protocol not supported; NFSv4.0: Protocol not supported; " in str(err)
+    assert "NFSv3: Permission denied" in str(err)
+    assert len(server.tried) == 3

@@ -1,10 +1,15 @@
-"""NFS transport (nfs:// targets): the kernel's NFSv4 client via mount(2), then local files.
+"""NFS transport (nfs:// targets): the kernel's NFS client via mount(2), then local files.
 
 The capture kernel has no mount.nfs helper (busybox cannot do NFSv4), so we call
 mount(2) directly with the options mount.nfs would compute (server address and our
 client address). Everything after the mount is the file transport, rooted at the mount
 point. If the target directory does not exist yet on the server, its parent is mounted
 and the directory created below it (as SUSE's kdump did).
+
+The version is negotiated as mount.nfs does when none is given (SUSE's and Debian's kdump
+mount that way): NFSv4.1, then 4.0, then NFSv3 (``nolock``: the capture kernel runs no
+lock or status daemon). Many servers speak less than 4.1: a NAS with only NFSv3 enabled
+(NetApp ONTAP's default, for one) or an older NFSv4.0 server.
 
 A server that stops answering must not hang the capture kernel: the mount is soft, with
 ``timeo``/``retrans`` chosen so that a call fails after about the configured timeout
@@ -38,8 +43,18 @@ log = logging.getLogger(__name__)
 
 NFS_PORT = 2049
 MNT_DETACH = 2
-# Mount NFSv4.1: no rpcbind, no lockd, one TCP connection; what every current server does.
-NFS_VERSION = "4.1"
+# The versions tried, in order. NFSv4.1 first: no rpcbind, no lockd, one TCP connection.
+# NFSv3 asks the server's rpcbind (port 111) where its mountd and (without a port in the
+# URL) its NFS service are.
+NFS_VERSIONS = ("4.1", "4.0", "3")
+# Answers meaning "not this version": the next one is tried (mount.nfs does the same).
+# EPROTONOSUPPORT is the server's RPC version mismatch (or NFS4ERR_MINOR_VERS_MISMATCH),
+# EINVAL a minor version this kernel's client lacks.
+NEXT_MINOR = frozenset({errno.EPROTONOSUPPORT, errno.EINVAL})
+# Answers to NFSv4 after which NFSv3 is still worth a try, as mount.nfs falls back: a server
+# without NFSv4 (no pseudo root: ENOENT; old Linux servers: EPERM; nothing on port 2049:
+# ECONNREFUSED, where NFSv3 may live on a port rpcbind names).
+V3_AFTER_V4 = NEXT_MINOR | {errno.ENOENT, errno.EPERM, errno.ECONNREFUSED}
 # Retransmissions of a call before a soft mount gives up. Over TCP the client waits timeo,
 # then 2*timeo, then 3*timeo (linear backoff, nfs(5)): 6*timeo in all with 2 retransmissions.
 NFS_RETRANS = 2
@@ -90,19 +105,31 @@ def soft_options(timeout: float) -> list[str]:
 
 
 def mount_requests(
-    server_ip: str, client_ip: str, path: str, port: int | None = None, timeout: float = 30.0
+    server_ip: str,
+    client_ip: str,
+    path: str,
+    port: int | None = None,
+    timeout: float = 30.0,
+    version: str = NFS_VERSIONS[0],
 ) -> list[MountRequest]:
-    """The mounts to try for ``path``, in order: the path itself, then its parent."""
-    opts = [f"vers={NFS_VERSION}", f"addr={server_ip}", f"clientaddr={client_ip}"]
+    """The mounts to try for ``path`` with one NFS version, in order: the path itself,
+    then its parent."""
+    if version == "3":
+        proto = "tcp6" if ":" in server_ip else "tcp"  # the kernel checks they agree
+        fstype = "nfs"
+        opts = ["vers=3", f"proto={proto}", f"mountproto={proto}", "nolock", f"addr={server_ip}"]
+    else:
+        fstype = "nfs4"
+        opts = [f"vers={version}", f"addr={server_ip}", f"clientaddr={client_ip}"]
     opts += soft_options(timeout)
     if port is not None:
         opts.append(f"port={port}")
     data = ",".join(opts)
     host = f"[{server_ip}]" if ":" in server_ip else server_ip
-    out = [MountRequest(f"{host}:{path}", "nfs4", data, path, "")]
+    out = [MountRequest(f"{host}:{path}", fstype, data, path, "")]
     if path != "/":
         parent, name = posixpath.split(path.rstrip("/"))
-        out.append(MountRequest(f"{host}:{parent or '/'}", "nfs4", data, parent or "/", name))
+        out.append(MountRequest(f"{host}:{parent or '/'}", fstype, data, parent or "/", name))
     return out
 
 
@@ -119,6 +146,24 @@ def mount_error(req: MountRequest, err: int) -> TransportError:
     if err in (errno.ETIMEDOUT, errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
         return ConnectionLost(f"cannot mount {req.source}: {text}")
     return TransportError(f"cannot mount {req.source}: {text}")
+
+
+def version_of(req: MountRequest) -> str:
+    """The NFS version a request mounts (its first option)."""
+    return req.data.split(",", 1)[0].removeprefix("vers=")
+
+
+def negotiation_error(failed: list[tuple[MountRequest, int]]) -> TransportError:
+    """The error of a negotiation in which every version failed (one request per version,
+    the last tried). The first answer that is not "not this version" decides its kind (a
+    server without NFSv4 that refuses us NFSv3 is a refusal); every version's answer is
+    named."""
+    req, code = next(((r, c) for r, c in failed if c not in NEXT_MINOR), failed[-1])
+    err = mount_error(req, code)
+    if len(failed) == 1:
+        return err
+    tried = "; ".join(f"NFSv{version_of(r)}: {os.strerror(c)}" for r, c in failed)
+    return type(err)(f"{err} (versions tried: {tried})")
 
 
 class _Libc:
@@ -192,24 +237,38 @@ class NfsTransport(Transport):
         client_ip = client_address(server_ip, port or NFS_PORT)
         base = "/run" if os.access("/run", os.W_OK) else None
         self._mountpoint = tempfile.mkdtemp(prefix="kdump-nfs-", dir=base)
-        err: TransportError | None = None
         timeout = self.settings.timeout
         deadline = time.monotonic() + timeout
-        for req in mount_requests(server_ip, client_ip, self.target.path, port, timeout):
-            left = max(deadline - time.monotonic(), 1.0)
-            code = self._libc.mount_within(req, self._mountpoint, left)
-            if code == 0:
-                log.info("mounted %s on %s (%s)", req.source, self._mountpoint, req.data)
-                root = os.path.join(self._mountpoint, req.subdir)
-                self._fs = FileTransport(self.target, self.settings, root=root)
-                self._fs.connect()
-                return
-            err = mount_error(req, code)
-            if code != errno.ENOENT:
-                break
+        failed: list[tuple[MountRequest, int]] = []
+        for version in NFS_VERSIONS:
+            if failed:
+                code = failed[-1][1]
+                if code not in V3_AFTER_V4:
+                    break
+                if version != "3" and code not in NEXT_MINOR:
+                    continue  # no NFSv4 here at all: straight to NFSv3, as mount.nfs goes
+                log.info(
+                    "NFS server %s: NFSv%s: %s; trying NFSv%s",
+                    self.target.host,
+                    version_of(failed[-1][0]),
+                    os.strerror(failed[-1][1]),
+                    version,
+                )
+            reqs = mount_requests(server_ip, client_ip, self.target.path, port, timeout, version)
+            for req in reqs:
+                left = max(deadline - time.monotonic(), 1.0)
+                code = self._libc.mount_within(req, self._mountpoint, left)
+                if code == 0:
+                    log.info("mounted %s on %s (%s)", req.source, self._mountpoint, req.data)
+                    root = os.path.join(self._mountpoint, req.subdir)
+                    self._fs = FileTransport(self.target, self.settings, root=root)
+                    self._fs.connect()
+                    return
+                if code != errno.ENOENT or req is reqs[-1]:
+                    failed.append((req, code))
+                    break
         self.close()
-        assert err is not None
-        raise err
+        raise negotiation_error(failed)
 
     def close(self) -> None:
         self._fs = None
