@@ -13,7 +13,7 @@ import pytest
 
 from kdump_capture.errors import AuthError, ConnectionLost, TransportError
 from kdump_capture.urls import parse_target
-from transports import open_transport
+from transports import nfs, open_transport
 from transports.base import TransportSettings
 from transports.nfs import (
     MountRequest,
@@ -219,3 +219,27 @@ def test_every_version_refused_names_each_answer():
     assert "NFSv4.1: Protocol not supported; NFSv4.0: Protocol not supported; " in str(err)
     assert "NFSv3: Permission denied" in str(err)
     assert len(server.tried) == 3
+
+
+def test_a_server_name_with_a_dead_address_is_mounted_from_the_next(monkeypatch):
+    """A name with two addresses (one per network, say), the first refusing connections:
+    NFS mounted from the first only, while the other transports try every address."""
+    monkeypatch.setattr(nfs, "resolve", lambda host, port: ["127.0.0.2", "127.0.0.1"])
+    dead = "127.0.0.2:/vol/dumps"
+    answers = {(v, dead): errno.ECONNREFUSED for v in ("4.1", "3")}
+    t, server, err = _connect(answers)
+    assert err is None, err
+    assert server.tried == [("4.1", dead), ("3", dead), ("4.1", "127.0.0.1:/vol/dumps")]
+    t.close()
+    # every address refusing: one error naming each address's answers
+    answers.update({(v, "127.0.0.1:/vol/dumps"): errno.ECONNREFUSED for v in ("4.1", "3")})
+    _, server, err = _connect(answers)
+    assert isinstance(err, ConnectionLost), err
+    assert "NFSv4.1 at 127.0.0.2: Connection refused" in str(err)
+    assert "NFSv3 at 127.0.0.1: Connection refused" in str(err)
+    assert len(server.tried) == 4
+
+
+def test_resolve_gives_each_address_once():
+    assert nfs.resolve("127.0.0.1", 2049) == ["127.0.0.1"]
+    assert set(nfs.resolve("localhost", 2049)) <= {"127.0.0.1", "::1"}

@@ -73,13 +73,21 @@ class MountRequest:
     subdir: str
 
 
-def resolve(host: str, port: int) -> str:
-    """The server's IP address (the kernel's NFS client cannot resolve names)."""
+# The addresses of a server name tried in turn, at most (a name may have one per network).
+MAX_ADDRESSES = 8
+# Answers after which the server's next address is tried (nothing there answered at once);
+# a server that does not answer in time has used the time for all of them.
+NEXT_ADDRESS = frozenset({errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH})
+
+
+def resolve(host: str, port: int) -> list[str]:
+    """The server's IP addresses, in the resolver's order (the kernel's NFS client cannot
+    resolve names)."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as e:
         raise TransportError(f"cannot resolve NFS server {host!r}: {e.strerror}") from e
-    return infos[0][4][0]
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))[:MAX_ADDRESSES]
 
 
 def client_address(server_ip: str, port: int) -> str:
@@ -153,6 +161,11 @@ def version_of(req: MountRequest) -> str:
     return req.data.split(",", 1)[0].removeprefix("vers=")
 
 
+def server_of(req: MountRequest) -> str:
+    """The server address a request mounts from (its source before ``:/path``)."""
+    return req.source.split(":/", 1)[0]
+
+
 def negotiation_error(failed: list[tuple[MountRequest, int]]) -> TransportError:
     """The error of a negotiation in which every version failed (one request per version,
     the last tried). The first answer that is not "not this version" decides its kind (a
@@ -162,7 +175,11 @@ def negotiation_error(failed: list[tuple[MountRequest, int]]) -> TransportError:
     err = mount_error(req, code)
     if len(failed) == 1:
         return err
-    tried = "; ".join(f"NFSv{version_of(r)}: {os.strerror(c)}" for r, c in failed)
+    several = len({server_of(r) for r, _ in failed}) > 1  # addresses
+    tried = "; ".join(
+        f"NFSv{version_of(r)}{' at ' + server_of(r) if several else ''}: {os.strerror(c)}"
+        for r, c in failed
+    )
     return type(err)(f"{err} (versions tried: {tried})")
 
 
@@ -233,12 +250,40 @@ class NfsTransport(Transport):
 
     def connect(self) -> None:
         port = self.target.port
-        server_ip = resolve(self.target.host, port or NFS_PORT)
-        client_ip = client_address(server_ip, port or NFS_PORT)
+        addresses = resolve(self.target.host, port or NFS_PORT)
         base = "/run" if os.access("/run", os.W_OK) else None
         self._mountpoint = tempfile.mkdtemp(prefix="kdump-nfs-", dir=base)
-        timeout = self.settings.timeout
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + self.settings.timeout
+        failed: list[tuple[MountRequest, int]] = []
+        for n, server_ip in enumerate(addresses, 1):
+            try:
+                client_ip = client_address(server_ip, port or NFS_PORT)
+            except ConnectionLost:
+                if n < len(addresses):
+                    continue
+                self.close()
+                raise
+            failed += self._negotiate(server_ip, client_ip, deadline)
+            if self._fs is not None:
+                return
+            code = failed[-1][1]
+            if code not in NEXT_ADDRESS or n == len(addresses) or time.monotonic() >= deadline:
+                break
+            log.warning(
+                "NFS server %s at %s: %s; trying its next address",
+                self.target.host,
+                server_ip,
+                os.strerror(code),
+            )
+        self.close()
+        raise negotiation_error(failed)
+
+    def _negotiate(
+        self, server_ip: str, client_ip: str, deadline: float
+    ) -> list[tuple[MountRequest, int]]:
+        """Mount from one address of the server, each version in turn (NFS_VERSIONS); on
+        success self._fs is set. Returns the failed requests (the last of each version)."""
+        port, timeout = self.target.port, self.settings.timeout
         failed: list[tuple[MountRequest, int]] = []
         for version in NFS_VERSIONS:
             if failed:
@@ -251,7 +296,7 @@ class NfsTransport(Transport):
                     "NFS server %s: NFSv%s: %s; trying NFSv%s",
                     self.target.host,
                     version_of(failed[-1][0]),
-                    os.strerror(failed[-1][1]),
+                    os.strerror(code),
                     version,
                 )
             reqs = mount_requests(server_ip, client_ip, self.target.path, port, timeout, version)
@@ -263,12 +308,11 @@ class NfsTransport(Transport):
                     root = os.path.join(self._mountpoint, req.subdir)
                     self._fs = FileTransport(self.target, self.settings, root=root)
                     self._fs.connect()
-                    return
+                    return []
                 if code != errno.ENOENT or req is reqs[-1]:
                     failed.append((req, code))
                     break
-        self.close()
-        raise negotiation_error(failed)
+        return failed
 
     def close(self) -> None:
         self._fs = None
