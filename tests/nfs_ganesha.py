@@ -29,8 +29,8 @@ NFS_CORE_PARAM {{ Protocols = {protocols}; NFS_Port = {port}; Bind_addr = 127.0.
                  MNT_Port = 20048; Mount_Path_Pseudo = true;
                  Enable_NLM = false; Enable_RQUOTA = false; }}
 NFSV4 {{ Grace_Period = 1; Lease_Lifetime = 10; {minors} }}
-EXPORT {{ Export_Id = 1; Path = {path}; Pseudo = /dumps; Access_Type = RW;
-         Squash = No_Root_Squash; Protocols = {protocols}; Transports = TCP; SecType = sys;
+EXPORT {{ Export_Id = 1; Path = {path}; Pseudo = /dumps; Access_Type = {access};
+         Squash = {squash}; Protocols = {protocols}; Transports = TCP; SecType = sys;
          FSAL {{ Name = VFS; }} }}
 """
 
@@ -76,10 +76,16 @@ def rpcbind() -> Iterator[None]:
 
 @contextlib.contextmanager
 def ganesha(
-    workdir: str, export: str, startup_timeout: float = 30.0, served: str = "4"
+    workdir: str,
+    export: str,
+    startup_timeout: float = 30.0,
+    served: str = "4",
+    root_squash: bool = False,
+    read_only: bool = False,
 ) -> Iterator[str]:
     """Run ganesha.nfsd in the foreground; yields the exported directory. ``served``: the
-    NFS versions it speaks (SERVED)."""
+    NFS versions it speaks (SERVED); ``root_squash``: root's requests run as nobody, as
+    most exports are set up by default; ``read_only``: an export nobody may write."""
     binary = shutil.which("ganesha.nfsd")
     if binary is None:
         raise RuntimeError("ganesha.nfsd not found (apt-get install nfs-ganesha nfs-ganesha-vfs)")
@@ -87,7 +93,17 @@ def ganesha(
     conf = os.path.join(workdir, "ganesha.conf")
     protocols, minors = SERVED[served]
     with open(conf, "w") as f:
-        f.write(CONF.format(port=NFS_PORT, path=export, protocols=protocols, minors=minors))
+        squash = "Root_Squash" if root_squash else "No_Root_Squash"
+        f.write(
+            CONF.format(
+                port=NFS_PORT,
+                path=export,
+                protocols=protocols,
+                minors=minors,
+                squash=squash,
+                access="RO" if read_only else "RW",
+            )
+        )
     log = os.path.join(workdir, "ganesha.log")
     argv = [binary, "-F", "-f", conf, "-L", log, "-p", os.path.join(workdir, "ganesha.pid")]
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

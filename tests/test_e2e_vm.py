@@ -295,6 +295,47 @@ def test_an_nfs_server_without_nfsv4_1(served: str, cloud_kernel: vmkit.Kernel, 
     check_dump(dumps[0], result["marker"])
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("export_mode", "squash", "read_only"),
+    [(0o1777, True, False), (0o755, True, False), (0o755, False, True)],
+    ids=["root_squash, writable", "root_squash, root's directory", "read-only export"],
+)
+def test_nfs_exports_as_admins_set_them_up(
+    export_mode: int, squash: bool, read_only: bool, cloud_kernel: vmkit.Kernel, tmp_path: Path
+):
+    """root_squash (most servers' default: the capture kernel's root writes as the
+    anonymous user) with a directory it may write: the dump is saved, private (0700, 0600)
+    as everywhere. With root's own directory, or a read-only export: the save fails (exit
+    6), saying why in terms of the export, not of a private mount point; the machine
+    reboots."""
+    export = tmp_path / "export"
+    export.mkdir()
+    export.chmod(export_mode)
+    config = (
+        'KDUMP_SAVEDIR="nfs://10.0.2.2/dumps"\nKDUMP_IMMEDIATE_REBOOT="yes"\n'
+        'KDUMP_FREE_DISK_SIZE="0"\nKDUMP_DUMPFORMAT="compressed"\nKDUMP_DUMPLEVEL="31"\n'
+    )
+    with nfs_ganesha.ganesha(str(tmp_path), str(export), root_squash=squash, read_only=read_only):
+        res = capture_cycle.run_cycle(cloud_kernel, config, tmp_path / "cycle", net=True)
+    assert res.finish == "rebooting" and res.returncode == 0, _explain(res)
+    dumps = [d for d in export.iterdir() if d.is_dir()]
+    if export_mode == 0o1777:
+        assert res.save_rc == 0, _explain(res)
+        assert len(dumps) == 1
+        assert dumps[0].stat().st_mode & 0o777 == 0o700
+        assert {f.stat().st_mode & 0o777 for f in dumps[0].iterdir()} == {0o600}
+        check_dump(dumps[0], res.marker)
+        return
+    assert res.save_rc == 6 and not dumps, _explain(res)
+    why = "the export is read-only" if read_only else "root_squash"
+    assert "target directory 10.0.2.2:/dumps is not writable (" in res.console, _explain(res)
+    assert why in res.console, _explain(res)
+    assert (
+        "kdump-nfs-" not in res.console.split("mounted 10.0.2.2:/dumps on", 1)[1].split("\n", 1)[1]
+    ), _explain(res)
+
+
 def test_s3_compressed_to_seaweedfs_at_160m(cloud_kernel: vmkit.Kernel, tmp_path: Path):
     """The capture kernel dumps (compressed, level 31: flattened) through qemu's user network
     to SeaweedFS on the host; checked in place with ``verify URL`` and with makedumpfile on

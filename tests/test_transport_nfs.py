@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import os
+import subprocess
 import time
 
 import pytest
@@ -243,3 +244,32 @@ def test_a_server_name_with_a_dead_address_is_mounted_from_the_next(monkeypatch)
 def test_resolve_gives_each_address_once():
     assert nfs.resolve("127.0.0.1", 2049) == ["127.0.0.1"]
     assert set(nfs.resolve("localhost", 2049)) <= {"127.0.0.1", "::1"}
+
+
+class _ReadOnlyExport(_ScriptedServer):
+    """Test-only: the "export" is a read-only tmpfs really mounted on the mount point."""
+
+    def mount_within(self, req, target, timeout):
+        super().mount_within(req, target, timeout)
+        return subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "ro", target]).returncode
+
+    def umount(self, target, flags=0):
+        return _Libc.umount(self, target, flags)
+
+
+def test_an_export_that_takes_no_writes_is_named_with_the_reason():
+    """A mounted export whose directory takes no writes was "target directory
+    /run/kdump-nfs-XXXX/ is not writable": a private mount point nobody knows, no reason.
+    The export is named, with why (read-only here; root_squash gets its own hint, in the VM
+    test), and it is unmounted."""
+    target, _ = parse_target("nfs://127.0.0.1/vol/dumps")
+    t = open_transport(target, TransportSettings(timeout=3))
+    t._libc = _ReadOnlyExport({})
+    with pytest.raises(TransportError) as e:
+        t.connect()
+    assert str(e.value) == (
+        "target directory 127.0.0.1:/vol/dumps is not writable (the export is read-only)"
+    )
+    assert not t._mountpoint
+    with open("/proc/self/mounts") as f:
+        assert "kdump-nfs-" not in f.read()

@@ -230,6 +230,26 @@ class _Libc:
         return errno.ETIMEDOUT
 
 
+def _why_not_writable(directory: str) -> str:
+    """Why the export's ``directory`` takes no writes, found by trying one (a directory
+    that is removed at once); "" when it does take one after all."""
+    probe = os.path.join(directory, f".kdump-capture-probe-{os.getpid()}")
+    try:
+        os.mkdir(probe, 0o700)
+    except OSError as e:
+        if e.errno == errno.EROFS:
+            return " (the export is read-only)"
+        if e.errno in (errno.EACCES, errno.EPERM):
+            return (
+                " (the capture kernel writes as root: an export with root_squash, most"
+                " servers' default, maps it to the anonymous user; export with no_root_squash"
+                " for this host, or let the anonymous user write the directory)"
+            )
+        return f" ({e.strerror})"
+    os.rmdir(probe)
+    return ""
+
+
 class NfsTransport(Transport):
     """Mounts the export on a private directory and writes there like ``file``."""
 
@@ -305,14 +325,31 @@ class NfsTransport(Transport):
                 code = self._libc.mount_within(req, self._mountpoint, left)
                 if code == 0:
                     log.info("mounted %s on %s (%s)", req.source, self._mountpoint, req.data)
-                    root = os.path.join(self._mountpoint, req.subdir)
-                    self._fs = FileTransport(self.target, self.settings, root=root)
-                    self._fs.connect()
+                    self._use_mount(req)
                     return []
                 if code != errno.ENOENT or req is reqs[-1]:
                     failed.append((req, code))
                     break
         return failed
+
+    def _use_mount(self, req: MountRequest) -> None:
+        """The file transport on the mounted export. A directory root may not write (an
+        export with root_squash, the default of most servers, makes the capture kernel's
+        root the anonymous user): unmounted, and said in terms of the export."""
+        root = os.path.join(self._mountpoint, req.subdir)
+        fs = FileTransport(self.target, self.settings, root=root)
+        try:
+            fs.connect()
+        except TransportError as e:
+            where = req.source.rstrip("/") + ("/" + req.subdir if req.subdir else "")
+            text = str(e)
+            for local, remote in ((root, where), (root.rstrip("/"), where)):
+                text = text.replace(local, remote)
+            text = text.replace(self._mountpoint, req.source)
+            text += _why_not_writable(root if os.path.isdir(root) else self._mountpoint)
+            self.close()
+            raise type(e)(text) from None
+        self._fs = fs
 
     def close(self) -> None:
         self._fs = None
