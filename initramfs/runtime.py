@@ -88,6 +88,11 @@ BLOCKED = {
 # exits (zstandard, paramiko and our pipeline run threads; without it glibc aborts with
 # "libgcc_s.so.1 must be installed for pthread_exit to work").
 DLOPENED_LIBS = ("libgcc_s.so.1",)
+# The name service modules the image's nsswitch.conf names (hosts: files dns), packed when
+# this host has them: glibc before 2.34 (SLES 15: 2.31) loads them with dlopen, and without
+# them resolves no name at all, not even from /etc/hosts; later glibc has them built in
+# (the files are small stubs).
+NSS_LIBS = ("libnss_files.so.2", "libnss_dns.so.2")
 
 # What importlib.metadata reads of a distribution (version, entry points, names).
 DIST_FILES = ("METADATA", "entry_points.txt", "top_level.txt")
@@ -699,6 +704,10 @@ def collect(
         if path is None:
             raise NotSupported(f"{name} not found on this host (ldconfig -p)")
         libs.setdefault(name, path)
+    for name in NSS_LIBS:
+        path = find_system_lib(name)
+        if path is not None:
+            libs.setdefault(name, path)
     for name, lib in libs.items():
         if name.startswith("/"):
             # the dynamic linker: keep its absolute path (PT_INTERP), under /usr

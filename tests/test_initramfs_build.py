@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from initramfs import builder
+from initramfs import builder, runtime
 from kdump_capture.cli import main as cli_main
 from kdump_capture.config import load_config
 from kdump_capture.errors import ConfigError
@@ -123,6 +123,10 @@ def test_layout(built):
     ):
         assert must in names
     assert os.access(tree / "init", os.X_OK)
+    # glibc before 2.34 resolves no name without its NSS modules (dlopen: ldd misses them)
+    for nss in ("libnss_files.so.2", "libnss_dns.so.2"):
+        if runtime.find_system_lib(nss):
+            assert f"{runtime.DEST_LIBDIR}/{nss}" in names
     sources = [n for n in names if n.endswith(".py")]
     assert sources == [], "only compiled .pyc files are packed"
     # modules for a local ext4 target: storage, no network, no unneeded filesystems
