@@ -120,10 +120,12 @@ class SpaceMaker(Record):
     """Deletes, oldest first, dumps that rotation would delete anyway once this dump succeeds.
 
     Used before writing and, when the output grows beyond what the pre-check could know,
-    while writing: a failed new dump never costs a dump that rotation would have kept.
+    while writing: a failed new dump never costs a dump that rotation would have kept. And
+    none is deleted for a shortfall that deleting all of them could not cover, by the sizes
+    the target lists for their files: then the save fails with every older dump in place.
     """
 
-    __slots__ = ("transport", "candidates", "deleted")
+    __slots__ = ("transport", "candidates", "deleted", "sizes")
 
     def __init__(
         self,
@@ -134,23 +136,38 @@ class SpaceMaker(Record):
         self.transport = transport
         self.candidates = candidates
         self.deleted = [] if deleted is None else deleted
+        self.sizes: dict[str, int] = {}  # listed once per candidate
 
-    def could_free(self) -> int:
-        """Bytes that deleting every candidate would give back (the sizes of their files;
-        a directory that cannot be listed counts nothing)."""
-        total = 0
-        for d in self.candidates:
+    def _size(self, d: policy.DumpDir) -> int:
+        if d.name not in self.sizes:
             try:
-                total += sum(e.size for e in self.transport.listdir(d.name) if not e.is_dir)
+                entries = self.transport.listdir(d.name)
+                self.sizes[d.name] = sum(e.size for e in entries if not e.is_dir)
             except ConnectionLost:
                 raise
             except TransportError:
-                continue
-        return total
+                self.sizes[d.name] = 0
+        return self.sizes[d.name]
+
+    def could_free(self) -> int:
+        """Bytes that deleting every candidate left would give back (the sizes of their
+        files; a directory that cannot be listed counts nothing)."""
+        return sum(self._size(d) for d in self.candidates)
 
     def __call__(self, short: int) -> bool:
-        """Delete the oldest candidate; False when there is none left."""
+        """Delete the oldest candidate; False when there is none left, or when all of them
+        together could not cover ``short`` (bytes missing)."""
         if not self.candidates:
+            return False
+        could = self.could_free()
+        if could < short:
+            log.warning(
+                "not deleting older dumps: all %d that rotation allows would not make room "
+                "(their files hold %d MiB, %d MiB are missing)",
+                len(self.candidates),
+                could >> 20,
+                -(-short >> 20),
+            )
             return False
         d = self.candidates.pop(0)
         log.info("deleting old dump %s to make room (%d MiB short)", d.name, -(-short >> 20))
@@ -178,8 +195,10 @@ class BudgetMonitor:
         free_at_start: int | None,
         make_room: Callable[[int], bool] | None = None,
         memlog: MemoryLog | None = None,
+        certain: int = 0,
     ) -> None:
         self.transport = transport
+        self.certain = certain  # bytes the whole output will certainly hold (lower_bound)
         self.memlog = memlog
         self.chunks = 0
         self.relpath = relpath
@@ -223,6 +242,9 @@ class BudgetMonitor:
                 self.next_check = self.written + min(BUDGET_INTERVAL, (room - WRITE_STEP) // 2)
                 return
             short = (0 if final else WRITE_STEP) - room
+            # What the rest of the dump will certainly take (all of an ELF copy) must fit
+            # after deleting, or deleting would cost older dumps and the dump stop anyway.
+            short = max(short, self.certain - self.written - room)
             if self.make_room is None or not self.make_room(short):
                 raise FreeSpaceError(
                     f"{self.transport.describe()}: only {max(free, 0) >> 20} MiB free, and "
@@ -617,7 +639,15 @@ def _save_vmcore(
         # counts plaintext bytes: 1/4096 less than what lands, far inside WRITE_STEP.)
         estimate += estimate // 4096 + (64 << 10)
     monitor = BudgetMonitor(
-        transport, name, plan.free_disk_size, estimate, progress, free, room, memlog
+        transport,
+        name,
+        plan.free_disk_size,
+        estimate,
+        progress,
+        free,
+        room,
+        memlog,
+        certain=writer.lower_bound(),
     )
     filename = VMCORE + (AGE_SUFFIX if enc else "")
     progress.start(filename, writer.input_size())
@@ -687,36 +717,19 @@ def _publish_record(transport: Transport, name: str, record: DumpRecord) -> None
         )
 
 
-# How far past what the older dumps' listed files hold a shortfall must be (times HOPELESS,
-# plus HOPELESS_SLACK) before none of them is deleted for it.
-HOPELESS = 4
-HOPELESS_SLACK = 1 << 30
-
-
 def _ensure_room(transport, room: SpaceMaker, plan: SavePlan, needed: int) -> int | None:
-    """Check the budget before writing; let ``room`` delete what rotation drops anyway.
+    """Check the budget before writing; let ``room`` delete what rotation drops anyway, and
+    only when deleting it can make the room (``SpaceMaker``).
 
     ``needed``: bytes the dump will certainly take. Returns the free space.
     """
-    first = True
     while True:
         free = transport.free_space("")
         short = policy.budget_shortfall(free, needed, plan.free_disk_size)
-        if not short:
-            return free
-        if first and room.candidates and short > HOPELESS * room.could_free() + HOPELESS_SLACK:
-            # Deleting could never make the room (a corrupt vmcore can claim any size):
-            # keep them. Only far past what they hold: a listing does not show everything
-            # a deletion frees (temporary files, blocks), and near the edge we try. Asked
-            # once: it lists every candidate.
-            log.warning(
-                "not deleting older dumps: all %d that rotation allows would not make room",
-                len(room.candidates),
-            )
+        if not short or not room(short):
             break
-        first = False
-        if not room(short):
-            break
+    if not short:
+        return free
     raise FreeSpaceError(
         f"{transport.describe()}: {free >> 20} MiB free, but the dump needs at least "
         f"{-(-needed >> 20)} MiB and KDUMP_FREE_DISK_SIZE keeps {plan.free_disk_size >> 20} MiB "

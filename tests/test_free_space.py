@@ -279,3 +279,29 @@ def test_older_dumps_stay_when_deleting_them_could_not_make_room(big8g, small_di
     assert "not deleting older dumps: all 1 that rotation allows would not make room" in r.err
     assert "to make room" not in r.err.replace("would not make room", "")
     assert {n: _files(savedir, n) for n in _dumps(savedir)} == before
+
+
+def test_no_older_dump_is_deleted_for_room_it_cannot_make(tmp_path, small_disk):
+    """KEEP_OLD_DUMPS=1 with two older 8 MiB dumps: the oldest is one rotation drops after
+    success. An ELF copy of 48 MiB on a 40 MiB disk was 29 MiB short: the pre-check deleted
+    the oldest dump (8 MiB) "to make room", was still short, and failed: the failed save
+    cost an older dump (the rule then spared them only past 4 times what they hold plus
+    1 GiB). Now none is deleted unless their listed sizes cover the shortfall."""
+    savedir = small_disk(40) / "dumps"
+    sets = ("KDUMP_FREE_DISK_SIZE=4", "KDUMP_KEEP_OLD_DUMPS=1")
+    for i, t in enumerate((1764000000, 1764050000)):
+        old = _sample(tmp_path, f"old{i}", ram_mib=8, crash_time=t)
+        assert cli(*save_args(old, str(savedir), *sets)).rc == 0
+    before = {n: _files(savedir, n) for n in _dumps(savedir)}
+    new = _sample(tmp_path, "new", ram_mib=48, crash_time=1764100000)
+    r = cli(*save_args(new, str(savedir), *sets))
+    assert r.rc == 5, r.err
+    assert "not deleting older dumps: all 1 that rotation allows would not make room" in r.err
+    assert "to make room" not in r.err.replace("would not make room", "")
+    assert {n: _files(savedir, n) for n in _dumps(savedir)} == before
+    # when the listed sizes do cover the shortfall, the oldest goes and the dump is saved
+    oldest = min(before)
+    r = cli(*save_args(_sample(tmp_path, "fits", ram_mib=24), str(savedir), *sets))
+    assert r.rc == 0, r.err
+    assert f"deleting old dump {oldest} to make room" in r.err
+    assert oldest not in _dumps(savedir) and len(_dumps(savedir)) == 2

@@ -454,6 +454,38 @@ def test_disk_filling_during_the_write_stops_the_dump_and_keeps_older(tmp_path):
         assert matrix.snapshot(str(mnt / old)) == before
 
 
+def test_disk_filling_during_an_elf_copy_costs_no_older_dump(tmp_path):
+    """KEEP_OLD_DUMPS=1 with two older dumps: the oldest is one rotation drops after success.
+    Another writer fills the disk during an ELF copy, whose rest is known to the byte: the
+    monitor deleted the oldest dump for the next write's 2 MiB, though the 60 MiB still to
+    come could never fit, then stopped the dump anyway: a failed save cost an older dump.
+    Now nothing is deleted when the room it frees cannot hold what the dump certainly needs."""
+    src = tmp_path / "big"
+    write_sample(str(src), SampleSpec(ram_mib=100, sparse=True, crash_time=1764100000))
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    with matrix.tmpfs(str(mnt), 128 << 20):
+        sets = ("KDUMP_FREE_DISK_SIZE=8", "KDUMP_KEEP_OLD_DUMPS=1")
+        for i, t in enumerate((1764000000, 1764050000)):
+            older = tmp_path / f"older{i}"
+            write_sample(str(older), SampleSpec(ram_mib=4, crash_time=t))
+            assert cli(*save_args(str(older), str(mnt), *sets)).rc == 0
+        before = {n: matrix.snapshot(str(mnt / n)) for n in dumps_in(mnt)}
+        conf = tmp_path / "kdump"
+        matrix.write_config(
+            str(conf), f"file://{mnt}", "KDUMP_FREE_DISK_SIZE=8\nKDUMP_KEEP_OLD_DUMPS=1\n"
+        )
+        run = matrix.Engine(str(conf)).run(
+            str(src), at=[(0.4, lambda: fill(str(mnt), "other-writer", leave=30 << 20))]
+        )
+        assert run.fired, "the fault was never injected"
+        assert run.rc == 5, run.err
+        assert "dump stopped" in run.last_line and "Traceback" not in run.err
+        assert "to make room" not in run.err.replace("would not make room", "")
+        assert dumps_in(mnt) == [*before, "other-writer"]
+        assert {n: matrix.snapshot(str(mnt / n)) for n in before} == before
+
+
 @pytest.mark.parametrize(
     "args, rc, fragment",
     [
