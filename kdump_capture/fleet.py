@@ -36,7 +36,7 @@ class Listed:
     host: str
     crash_time: int | None
     kernel: str
-    status: str  # complete, failed or incomplete
+    status: str  # complete, failed, incomplete or damaged (files unlike the manifest's)
     format: str
     level: int | None
     size: int  # bytes of the files in the directory, as listed
@@ -149,7 +149,15 @@ def list_dumps(transport: Transport) -> list[Listed]:
         elif any(e.name == MANIFEST and not e.is_dir for e in files):
             relpath = f"{entry.name}/{MANIFEST}"
             try:
-                _fill(item, read_manifest(transport, relpath), host)
+                doc = read_manifest(transport, relpath)
+                _fill(item, doc, host)
+                if item.status == policy.COMPLETE:
+                    where = f"{transport.describe()}/{relpath}"
+                    listed = {e.name: e.size for e in files if not (e.is_dir or e.is_link)}
+                    damage = manifest.files_differ(manifest.of_document(doc, where), listed)
+                    if damage is not None:  # as rotation counts it
+                        item.status = policy.DAMAGED
+                        item.note = clean(damage, 120)
             except KdumpError as e:
                 item.status = policy.FAILED
                 # the reason, without the path that leads every transport's message

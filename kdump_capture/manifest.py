@@ -16,7 +16,7 @@ from transports.base import Transport
 from . import checksum
 from .errors import ManifestError
 from .record import Record
-from .report import MANIFEST
+from .report import MANIFEST, README
 
 # Ours are 1-2 KiB (four files, a few notes); 1 MiB leaves room for long notes and still
 # bounds what a hostile manifest costs a capture kernel with tens of MiB free.
@@ -172,6 +172,23 @@ def of_document(doc: dict, where: str) -> Manifest:
     if status not in STATUSES:
         raise ManifestError(f"{where}: unknown status {status[:40]!r}")
     return Manifest(status, _files(doc, where), _text(doc, "error", where, optional=True))
+
+
+def files_differ(m: Manifest, listed: dict[str, int]) -> str | None:
+    """Why the files in the dump's directory are not the ones ``m`` records (``listed``:
+    name to size of each regular file, as the target lists them), else None: one is
+    missing (a vmcore removed to save space) or of another size (cut short when the target
+    lost data, rewritten). README.txt is not compared: one that cannot be written after the
+    manifest is only a warning (``pipeline._publish_record``)."""
+    for name, rec in sorted(m.files.items()):
+        if name == README:
+            continue
+        size = listed.get(name)
+        if size is None:
+            return f"{name}, which the manifest lists, is missing"
+        if size != rec.size:
+            return f"{name} holds {size} bytes, the manifest says {rec.size}"
+    return None
 
 
 def read(transport: Transport, dumpdir: str) -> Manifest:

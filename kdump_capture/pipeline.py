@@ -283,7 +283,7 @@ def _state(transport: Transport, entry: Entry) -> str | None:
     try:
         if entry.is_link:
             raise UnsafeFile(f"{where}: a link, not a directory")
-        names = {e.name for e in transport.listdir(entry.name)}
+        entries = transport.listdir(entry.name)
     except UnsafeFile as e:
         log.warning("%s; never followed, only the link is deleted", e)
         return policy.INCOMPLETE
@@ -294,7 +294,7 @@ def _state(transport: Transport, entry: Entry) -> str | None:
         # new dump; what we cannot read we do not judge: rotation leaves it alone.
         log.warning("%s; left alone", e)
         return None
-    if MANIFEST not in names:
+    if MANIFEST not in {e.name for e in entries}:
         return policy.INCOMPLETE
     try:
         doc = manifest.read(transport, entry.name)
@@ -312,7 +312,16 @@ def _state(transport: Transport, entry: Entry) -> str | None:
     except (KdumpError, FileNotFoundError) as e:
         log.warning("cannot read %s/%s, counting the dump as failed: %s", where, MANIFEST, e)
         return policy.FAILED
-    return policy.COMPLETE if doc.complete else policy.FAILED
+    if not doc.complete:
+        return policy.FAILED
+    files = {e.name: e.size for e in entries if not (e.is_dir or e.is_link)}
+    damage = manifest.files_differ(doc, files)
+    if damage is not None:
+        # Counted as complete, a dump whose vmcore is gone would keep rotation from
+        # keeping a whole older one.
+        log.warning("%s: %s; not counted as a complete dump", where, damage)
+        return policy.DAMAGED
+    return policy.COMPLETE
 
 
 def _remove(transport: Transport, dumps: list[policy.DumpDir], why: str) -> list[policy.DumpDir]:

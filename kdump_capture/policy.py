@@ -20,6 +20,8 @@ _NAME_RE = re.compile(
 COMPLETE = "complete"
 FAILED = "failed"
 INCOMPLETE = "incomplete"
+# Saved complete, but its files no longer match its manifest (a vmcore removed or cut short).
+DAMAGED = "damaged"
 
 
 def stamp_for(epoch: float) -> str:
@@ -33,7 +35,8 @@ def dump_name(stamp: str, host: str | None = None, seq: int = 0) -> str:
 
 
 class DumpDir(Record):
-    """One dump directory found on a target. ``state``: complete, failed or incomplete."""
+    """One dump directory found on a target. ``state``: complete, failed, incomplete or
+    damaged."""
 
     __slots__ = ("stamp", "seq", "name", "host", "state")
 
@@ -94,7 +97,9 @@ def select_before_write(dumps: list[DumpDir], keep: int) -> list[DumpDir]:
 def select_expired(dumps: list[DumpDir], keep: int, new: str | None = None) -> list[DumpDir]:
     """Dumps to delete after ``new`` was committed so that at most ``keep`` older complete
     dumps remain besides it. Failed dumps older than the newest kept one go too: a later
-    success makes their leftovers (dmesg, README) obsolete. ``keep`` 0 keeps everything.
+    success makes their leftovers (dmesg, README) obsolete. Damaged dumps (files that no
+    longer match their manifest) are not counted among the complete ones, and stay while
+    they are among the ``keep`` newest of both. ``keep`` 0 keeps everything.
     """
     if keep == 0:
         return []
@@ -103,6 +108,10 @@ def select_expired(dumps: list[DumpDir], keep: int, new: str | None = None) -> l
         return older
     complete = [d for d in older if d.state == COMPLETE]
     kept = complete[-keep:] if keep else []
+    # A damaged dump never takes the place of a whole one, and goes only when a complete
+    # one in its place would: once it is not among the ``keep`` newest.
+    saved = [d for d in older if d.state in (COMPLETE, DAMAGED)]
+    kept += [d for d in saved[-keep:] if d.state == DAMAGED]
     kept_names = {d.name for d in kept}
     return [d for d in older if d.name not in kept_names]
 

@@ -3,7 +3,7 @@
 import pytest
 
 from kdump_capture import policy
-from kdump_capture.policy import COMPLETE, FAILED, INCOMPLETE, DumpDir
+from kdump_capture.policy import COMPLETE, DAMAGED, FAILED, INCOMPLETE, DumpDir
 
 
 def d(stamp_day: int, state=COMPLETE, host=None, seq=0):
@@ -97,3 +97,17 @@ def test_budget(free, needed, margin, short):
 )
 def test_names_that_only_look_like_ours(name):
     assert policy.parse_dump_name(name) is None
+
+
+def test_a_damaged_dump_never_takes_a_whole_ones_place():
+    """A dump whose files no longer match its manifest (a vmcore cut short or removed)
+    counted as complete: with keep 1 it was the one older dump kept, and the whole one
+    before it was deleted. Now both stay; the damaged one goes when a complete one in its
+    place would (no longer among the `keep` newest)."""
+    dumps = [d(1), d(2), d(3, DAMAGED), d(4)]
+    assert names(policy.select_expired(dumps, 1, dumps[-1].name)) == ["01"]
+    assert names(policy.prunable_for_space(dumps[:-1], 1)) == ["01"]
+    dumps = [d(1), d(2, DAMAGED), d(3), d(4)]
+    assert names(policy.select_expired(dumps, 1, dumps[-1].name)) == ["01", "02"]
+    assert names(policy.select_expired(dumps, 2, dumps[-1].name)) == []
+    assert names(policy.select_expired(dumps, -1, dumps[-1].name)) == ["01", "02", "03"]

@@ -215,3 +215,40 @@ def test_cifs_connections_are_not_logged_outside_debug_output(request, sample, t
     assert "DirectTcp" not in r.err
     r = cli("list", "--config", str(conf), target.url)
     assert r.rc == 0 and "DirectTcp" not in r.err, r.err
+
+
+@pytest.mark.parametrize("kind", ("file", "sftp", "ftp", "cifs", "s3"))
+def test_a_dump_cut_short_never_takes_a_whole_ones_place(kind, request, tmp_path):
+    """KEEP_OLD_DUMPS=1, two older dumps, the newer one's vmcore cut to 4 KiB (the target
+    lost data, or someone trimmed it): its manifest still says complete, so rotation kept
+    it as the one older dump and deleted the whole one, and `list` said `complete`. Now a
+    dump whose files differ from its manifest (by the sizes the target lists) is `damaged`:
+    never counted among the complete ones, kept while among the newest as one would be."""
+    target = make_target(kind, request)
+    conf = write_config(tmp_path / "kdump", target, KDUMP_KEEP_OLD_DUMPS="1")
+    samples = []
+    for i, t in enumerate((1764000000, 1764050000, 1764100000)):
+        samples.append(str(tmp_path / f"vmcore{i}"))
+        write_sample(samples[-1], SampleSpec(ram_mib=4, crash_time=t))
+    for s in samples[:2]:
+        assert run_save(conf, s).rc == 0
+    with target.transport() as tr:
+        whole, cut = sorted(e.name for e in tr.listdir("") if e.is_dir)
+        tr.remove_file(f"{cut}/vmcore")
+        with tr.create(f"{cut}/vmcore") as sink:
+            sink.write(b"\0" * 4096)
+            sink.commit()
+    before = {f: target.read_back(f) for f in target.files() if f.startswith(whole + "/")}
+    r = cli("list", "--config", conf, target.url, "--json")
+    assert r.rc == 0, r.err
+    listed = {d["directory"]: d for d in json.loads(r.out)}
+    assert listed[whole]["status"] == "complete"
+    assert listed[cut]["status"] == "damaged"
+    assert "vmcore holds 4096 bytes, the manifest says" in listed[cut]["note"]
+    r = run_save(conf, samples[2])
+    assert r.rc == 0, r.err
+    assert f"{cut}: vmcore holds 4096 bytes" in r.err and "not counted as a complete" in r.err
+    with target.transport() as tr:
+        names = sorted(e.name for e in tr.listdir("") if e.is_dir)
+    assert len(names) == 3 and names[:2] == [whole, cut]  # the new one, and both kept
+    assert {f: target.read_back(f) for f in target.files() if f.startswith(whole + "/")} == before
