@@ -116,6 +116,12 @@ class SaveResult(Record):
         self.record = record
 
 
+# How long a deletion for room may take to show in the target's free space (btrfs commits
+# every 30 s by default), and how often to look.
+SETTLE_WAIT = 40
+SETTLE_POLL = 0.5
+
+
 class SpaceMaker(Record):
     """Deletes, oldest first, dumps that rotation would delete anyway once this dump succeeds.
 
@@ -125,7 +131,7 @@ class SpaceMaker(Record):
     the target lists for their files: then the save fails with every older dump in place.
     """
 
-    __slots__ = ("transport", "candidates", "deleted", "sizes")
+    __slots__ = ("transport", "candidates", "deleted", "sizes", "settled")
 
     def __init__(
         self,
@@ -137,6 +143,7 @@ class SpaceMaker(Record):
         self.candidates = candidates
         self.deleted = [] if deleted is None else deleted
         self.sizes: dict[str, int] = {}  # listed once per candidate
+        self.settled = False  # free_space counts the last deletion (``Transport.settle``)
 
     def _size(self, d: policy.DumpDir) -> int:
         if d.name not in self.sizes:
@@ -173,7 +180,27 @@ class SpaceMaker(Record):
         log.info("deleting old dump %s to make room (%d MiB short)", d.name, -(-short >> 20))
         if _delete(self.transport, d):
             self.deleted.append(d)
+            try:
+                self.settled = self.transport.settle()  # btrfs: count the freed blocks now
+            except TransportError as e:
+                log.warning("%s", e)
+                self.settled = False
         return True  # deleted or not (a warning then), look at the free space again
+
+    def shows_freed(self, before: int) -> bool:
+        """Whether the target's free space has grown past ``before`` (read before the last
+        deletion), waiting up to SETTLE_WAIT: a server's btrfs counts freed blocks only once
+        its transaction commits (every 30 s by default; ``settle`` commits a local one, and
+        then there is nothing to wait for). Without this the next look would still be
+        short and delete the next dump too."""
+        deadline = time.monotonic() + (0 if self.settled else SETTLE_WAIT)
+        while True:
+            free = self.transport.free_space("")
+            if free is None or free > before:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(SETTLE_POLL)
 
 
 class BudgetMonitor:
@@ -735,8 +762,19 @@ def _ensure_room(transport, room: SpaceMaker, plan: SavePlan, needed: int) -> in
     while True:
         free = transport.free_space("")
         short = policy.budget_shortfall(free, needed, plan.free_disk_size)
+        deleted = len(room.deleted)
         if not short or not room(short):
             break
+        if free is not None and len(room.deleted) > deleted and not room.shows_freed(free):
+            # Snapshots or a recycle bin keep what is deleted: deleting more would cost
+            # more older dumps for nothing.
+            log.warning(
+                "%s: deleting %s gave back no space (snapshots, a recycle bin?); no more "
+                "older dumps are deleted",
+                transport.describe(),
+                room.deleted[-1].name,
+            )
+            room.candidates = []
     if not short:
         return free
     raise FreeSpaceError(

@@ -3,8 +3,10 @@ and the monitor stops (or makes room for) one that outgrows the disk while it st
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import subprocess
 
 import pytest
@@ -15,6 +17,8 @@ from kdump_capture.vmcore import open_vmcore
 
 from .bigcore import get_bigcore
 from .helpers import cli, save_args
+from .servers.targets import make_target
+from .test_save_network import run_save, write_config
 
 MiB = 1 << 20
 
@@ -305,3 +309,94 @@ def test_no_older_dump_is_deleted_for_room_it_cannot_make(tmp_path, small_disk):
     assert r.rc == 0, r.err
     assert f"deleting old dump {oldest} to make room" in r.err
     assert oldest not in _dumps(savedir) and len(_dumps(savedir)) == 2
+
+
+@contextlib.contextmanager
+def _btrfs(mnt, commit: int | None = None):
+    """A 300 MiB btrfs (a loop image beside ``mnt``) mounted on ``mnt``: it counts deleted
+    files as free only when its transaction commits (``commit`` seconds; 30 by default)."""
+    if shutil.which("mkfs.btrfs") is None:
+        pytest.fail("mkfs.btrfs is not installed (setup.sh installs btrfs-progs)")
+    img = f"{mnt}.img"
+    os.makedirs(mnt, exist_ok=True)
+    with open(img, "wb") as f:
+        f.truncate(300 * MiB)
+    subprocess.run(["mkfs.btrfs", "-q", "-f", img], check=True, capture_output=True)
+    opts = "loop" + (f",commit={commit}" if commit else "")
+    subprocess.run(["mount", "-o", opts, img, str(mnt)], check=True, capture_output=True)
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False, capture_output=True)
+        os.unlink(img)
+
+
+def _older_dumps_and_one_short(tmp_path, mnt, save):
+    """Three older 40 MiB dumps through ``save(vmcore, *sets)``; the settings under which a
+    new 80 MiB ELF dump is 30 MiB short: deleting the oldest alone makes the room."""
+    for i, t in enumerate((1764000000, 1764050000, 1764080000)):
+        old = _sample(tmp_path, f"old{i}", ram_mib=40, crash_time=t)
+        assert save(old, "KDUMP_KEEP_OLD_DUMPS=0").rc == 0
+    new = _sample(tmp_path, "new", ram_mib=80, crash_time=1764100000)
+    subprocess.run(["sync", "-f", str(mnt)], check=True)
+    st = os.statvfs(mnt)
+    margin = -(-(st.f_bavail * st.f_frsize + 30 * MiB - os.path.getsize(new)) // MiB)
+    return new, (f"KDUMP_FREE_DISK_SIZE={margin}", "KDUMP_KEEP_OLD_DUMPS=1")
+
+
+def test_deleting_for_room_on_btrfs_deletes_only_what_is_needed(tmp_path):
+    """btrfs (SUSE's default) showed a deleted dump's space only at its next commit: the
+    pre-check deleted the oldest dump, still saw the disk short, deleted the next one too,
+    then failed (exit 5): two older dumps and the new one lost, where deleting one was
+    enough. Now the target's filesystem is synced (syncfs) after a deletion for room."""
+    mnt = tmp_path / "btrfs"
+    with _btrfs(mnt):
+        savedir = mnt / "dumps"
+        new, sets = _older_dumps_and_one_short(
+            tmp_path, mnt, lambda src, *s: cli(*save_args(src, str(savedir), *s))
+        )
+        oldest, older, newest = _dumps(savedir)
+        r = cli(*save_args(new, str(savedir), *sets))
+        assert r.rc == 0, r.err
+        assert r.err.count("to make room") == 1 and f"old dump {oldest} to make room" in r.err
+        [saved] = [n for n in _dumps(savedir) if n not in (oldest, older, newest)]
+        assert _dumps(savedir) == [newest, saved]  # rotation, after success, took `older`
+        assert _status(savedir, saved) == "complete"
+
+
+def test_a_deletion_that_frees_nothing_stops_the_deleting(tmp_path):
+    """The dumps in a btrfs subvolume with a snapshot of it (snapper's, on SUSE): deleting
+    a dump frees nothing. The pre-check deleted one older dump after the other, all it
+    could, and failed: now it stops after the first, which gave back no space."""
+    mnt = tmp_path / "btrfs"
+    with _btrfs(mnt):
+        subprocess.run(["btrfs", "subvolume", "create", str(mnt / "sv")], check=True)
+        savedir = mnt / "sv" / "dumps"
+        new, sets = _older_dumps_and_one_short(
+            tmp_path, mnt, lambda src, *s: cli(*save_args(src, str(savedir), *s))
+        )
+        snap = ["btrfs", "subvolume", "snapshot", "-r", str(mnt / "sv"), str(mnt / "snap")]
+        subprocess.run(snap, check=True, capture_output=True)
+        oldest, *rest = _dumps(savedir)
+        before = {n: _files(savedir, n) for n in rest}
+        r = cli(*save_args(new, str(savedir), *sets))
+        assert r.rc == 5, r.err
+        assert f"deleting {oldest} gave back no space" in r.err
+        assert r.err.count("to make room") == 1
+        assert {n: _files(savedir, n) for n in _dumps(savedir)} == before
+
+
+def test_deleting_for_room_on_a_servers_btrfs_waits_for_the_space(tmp_path, request):
+    """The same over SFTP, to a server whose directory is on btrfs (committing every 5 s):
+    the client cannot sync the server's filesystem, so the pre-check waits until the free
+    space it reports shows the deletion before it looks at the shortfall again."""
+    target = make_target("sftp", request)
+    with _btrfs(target.server_dir, commit=5):
+        conf = write_config(tmp_path / "kdump", target)
+        new, sets = _older_dumps_and_one_short(
+            tmp_path, target.server_dir, lambda src, *s: run_save(conf, src, *s)
+        )
+        r = run_save(conf, new, *sets)
+        assert r.rc == 0, r.err
+        assert r.err.count("to make room") == 1
+        assert len(_dumps(target.server_dir)) == 2

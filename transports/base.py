@@ -496,6 +496,12 @@ class Transport(ABC):
     def free_space(self, relpath: str = "") -> int | None:
         """Bytes available to us below ``relpath``, or None if the protocol cannot tell."""
 
+    def settle(self) -> bool:
+        """Have ``free_space`` count what was deleted, where the protocol can: a btrfs
+        filesystem gives freed blocks back only when its transaction commits (30 s by
+        default). False when it cannot (the default: the engine then waits a while)."""
+        return False
+
     def remove_file(self, relpath: str) -> None:
         """Delete one file; default: not needed by the engine except for re-publishing."""
         raise TransportError(f"{self.describe()}: cannot remove {relpath}")

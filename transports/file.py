@@ -359,6 +359,23 @@ class FileTransport(Transport):
         except OSError as e:
             raise _io_error(f"cannot remove {self._p(relpath)}", e) from e
 
+    def settle(self) -> bool:
+        """syncfs(2) on the target's filesystem: btrfs counts deleted files as free only
+        once its transaction commits, and this commits it."""
+        import ctypes  # only here: deleting for room is rare
+
+        try:
+            fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as e:
+            raise _io_error(f"cannot open {self.root}", e) from e
+        try:
+            if ctypes.CDLL(None, use_errno=True).syncfs(fd) != 0:
+                err = ctypes.get_errno()
+                raise _io_error(f"cannot sync {self.root}", OSError(err, os.strerror(err)))
+        finally:
+            os.close(fd)
+        return True
+
     def free_space(self, relpath: str = "") -> int | None:
         try:
             st = os.statvfs(self._p(relpath))
