@@ -508,7 +508,9 @@ def save_to_target(
         existing = policy.ours(scan_dumps(transport, host), host)
         # Dumps an earlier run left without a manifest go once this one is saved (or first,
         # when room is needed for it): until then, one may hold the only copy of a crash.
-        stale = policy.select_stale(existing)
+        # KEEP_OLD_DUMPS=0 keeps all: them too.
+        left = policy.select_stale(existing)
+        stale = left if plan.keep_old_dumps else []
         existing = [d for d in existing if d.state != policy.INCOMPLETE]
         before = policy.select_before_write(existing, plan.keep_old_dumps)
         gone = _remove(transport, before, f"KDUMP_KEEP_OLD_DUMPS={plan.keep_old_dumps}")
@@ -530,7 +532,7 @@ def save_to_target(
                 raise FreeSpaceError(f"{e}; nothing was written") from None
             no_room, free = FreeSpaceError(f"{e}; the vmcore was not written"), None
 
-        name = _make_dump_dir(transport, stamp, host, [*stale, *existing])
+        name = _make_dump_dir(transport, stamp, host, [*left, *existing])
         log.info("saving dump to %s/%s", transport.describe(), name)
         record = DumpRecord(
             status="failed",

@@ -197,6 +197,29 @@ def test_an_incomplete_dump_stays_until_the_next_one_is_saved(sample, tmp_path):
     assert "left incomplete by an earlier run" in r.err
 
 
+def test_keep_old_dumps_0_keeps_an_incomplete_dump_too(sample, tmpfs):
+    """KEEP_OLD_DUMPS=0 keeps all, the README says; but a dump a killed run left without a
+    manifest (its vmcore whole, the only copy of that crash) was deleted once the next
+    dump was saved, and first of all when that one needed room. Now it stays."""
+    savedir = tmpfs / "dumps"
+    keep0 = "KDUMP_KEEP_OLD_DUMPS=0"
+    assert cli(*save_args(sample, str(savedir), keep0, "KDUMP_FREE_DISK_SIZE=0")).rc == 0
+    [name] = dumps_in(savedir)
+    os.unlink(savedir / name / "manifest.json")
+    before = {f: (savedir / name / f).read_bytes() for f in os.listdir(savedir / name)}
+    r = cli(*save_args(sample, str(savedir), keep0, "KDUMP_FREE_DISK_SIZE=0"))
+    assert r.rc == 0, r.err
+    assert "left incomplete" not in r.err
+    assert dumps_in(savedir) == [name, f"{name}.1"]
+    st = os.statvfs(savedir)
+    # short by a little: deleting the incomplete dump would make the room
+    margin = (st.f_bavail * st.f_frsize - os.path.getsize(sample)) // (1 << 20) + 1
+    r = cli(*save_args(sample, str(savedir), keep0, f"KDUMP_FREE_DISK_SIZE={margin}"))
+    assert r.rc == 5, r.err
+    assert "to make room" not in r.err
+    assert {f: (savedir / name / f).read_bytes() for f in os.listdir(savedir / name)} == before
+
+
 def _save_in_process(sample, savedir, keep: int = 0):
     """An ELF level-0 save to ``savedir`` in this process (for faults patched into it)."""
     from kdump_capture.pipeline import SavePlan, save_to_target
