@@ -96,10 +96,12 @@ def select_before_write(dumps: list[DumpDir], keep: int) -> list[DumpDir]:
 
 def select_expired(dumps: list[DumpDir], keep: int, new: str | None = None) -> list[DumpDir]:
     """Dumps to delete after ``new`` was committed so that at most ``keep`` older complete
-    dumps remain besides it. Failed dumps older than the newest kept one go too: a later
-    success makes their leftovers (dmesg, README) obsolete. Damaged dumps (files that no
-    longer match their manifest) are not counted among the complete ones, and stay while
-    they are among the ``keep`` newest of both. ``keep`` 0 keeps everything.
+    dumps remain besides it. Failed dumps (what a failed save leaves: dmesg.txt, README, a
+    manifest saying why; the only record of that crash) take no complete dump's place, and
+    stay while they are among the ``keep`` newest older dumps: a later success is another
+    crash, and does not make theirs obsolete. Damaged dumps (files that no longer match
+    their manifest) are not counted among the complete ones, and stay while they are among
+    the ``keep`` newest of both. ``keep`` 0 keeps everything.
     """
     if keep == 0:
         return []
@@ -112,6 +114,7 @@ def select_expired(dumps: list[DumpDir], keep: int, new: str | None = None) -> l
     # one in its place would: once it is not among the ``keep`` newest.
     saved = [d for d in older if d.state in (COMPLETE, DAMAGED)]
     kept += [d for d in saved[-keep:] if d.state == DAMAGED]
+    kept += [d for d in older[-keep:] if d.state == FAILED]
     kept_names = {d.name for d in kept}
     return [d for d in older if d.name not in kept_names]
 

@@ -46,10 +46,18 @@ def test_select_expired(keep, expired):
     assert names(policy.select_expired(dumps, keep, new)) == expired
 
 
-def test_failed_dumps_do_not_count_and_go_when_older_than_kept():
+def test_failed_dumps_do_not_count_and_stay_while_among_the_newest():
+    """A failed dump's dmesg.txt is the only record of its crash: a later success (another
+    crash) deleted it whatever KDUMP_KEEP_OLD_DUMPS said. It takes no complete dump's place
+    and stays while among the N newest older dumps."""
     dumps = [d(1), d(2, FAILED), d(3), d(4, FAILED), d(5)]
-    # keep 1: the new one (5) plus one older complete (3); failed 2 and 4 are not kept
-    assert names(policy.select_expired(dumps, 1, dumps[-1].name)) == ["01", "02", "04"]
+    # keep 1: the new one (5) plus one older complete (3), and failed 4, the newest older
+    assert names(policy.select_expired(dumps, 1, dumps[-1].name)) == ["01", "02"]
+    # keep 2: complete 1 and 3, failed 4 (2 is not among the 2 newest older dumps)
+    assert names(policy.select_expired(dumps, 2, dumps[-1].name)) == ["02"]
+    # a run of failures keeps at most N of them
+    fails = [d(i, FAILED) for i in range(1, 6)] + [d(6)]
+    assert names(policy.select_expired(fails, 2, fails[-1].name)) == ["01", "02", "03"]
 
 
 def test_incomplete_is_stale_not_rotated():
