@@ -171,6 +171,11 @@ def cmd_save(args: argparse.Namespace) -> int:
     cfg = load(args)
     _setup_logging(bool(cfg.verbose & 8))
     dumpdev = cfg["KDUMP_DUMPDEV"]
+    # Before any command of the administrator's runs: the watchdog's SIGUSR1 or a SIGTERM
+    # while KDUMP_TRANSFER or KDUMP_PRESCRIPT hangs is a failure with its message and exit
+    # 130, the command stopped (scripts.run_script), not a death by signal.
+    signal.signal(signal.SIGTERM, _on_term)
+    signal.signal(signal.SIGUSR1, _on_watchdog)  # /init's watchdog (heartbeat.py)
     if cfg["KDUMP_TRANSFER"]:
         # The administrator's command replaces the whole built-in flow (SUSE semantics).
         source = args.vmcore or find_source(None)
@@ -188,8 +193,6 @@ def cmd_save(args: argparse.Namespace) -> int:
     if cfg["KDUMP_PRESCRIPT"]:
         status = run_script("KDUMP_PRESCRIPT", cfg["KDUMP_PRESCRIPT"], {})
         check_script("KDUMP_PRESCRIPT", status, cfg.continue_on_error)
-    signal.signal(signal.SIGTERM, _on_term)
-    signal.signal(signal.SIGUSR1, _on_watchdog)  # /init's watchdog (heartbeat.py)
     heartbeat = Heartbeat.from_env(os.environ)
     heartbeat.beat(0, force=True)
     tmp = None

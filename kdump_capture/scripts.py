@@ -2,9 +2,10 @@
 
 They are shell command lines from the configuration, run with ``/bin/sh -c`` as the SUSE
 tool does (the config itself is never executed). The environment tells them what is
-going on: KDUMP_VMCORE (the source), and after a dump KDUMP_DUMP_URL (target, password
-redacted) and KDUMP_DUMP_DIR (the dump directory's name), or, after a dump written to
-KDUMP_DUMPDEV, KDUMP_DUMP_DEVICE (the device; the other two are empty).
+going on: KDUMP_TRANSFER gets KDUMP_VMCORE (the source); KDUMP_POSTSCRIPT gets
+KDUMP_DUMP_URL (target, password redacted) and KDUMP_DUMP_DIR (the dump directory's
+name), or, after a dump written to KDUMP_DUMPDEV, KDUMP_DUMP_DEVICE (the device; the
+other two are empty).
 """
 
 from __future__ import annotations
@@ -26,10 +27,65 @@ def run_script(directive: str, command: str, env: dict[str, str]) -> int:
     import subprocess  # only when a script is configured
 
     try:
-        p = subprocess.run(["/bin/sh", "-c", command], env=full, stdin=subprocess.DEVNULL)
+        p = subprocess.Popen(["/bin/sh", "-c", command], env=full, stdin=subprocess.DEVNULL)
     except OSError as e:
         raise ScriptError(f"{directive}: cannot run /bin/sh: {e.strerror}") from e
-    return p.returncode
+    try:
+        return p.wait()
+    except BaseException:
+        # The save is being stopped (the watchdog's SIGUSR1, SIGTERM, Ctrl-C) while the
+        # command runs: the command and what it started go too, instead of running on,
+        # orphaned, while the capture kernel finishes or reboots.
+        log.error("%s: stopping it (and what it started)", directive)
+        kill_tree(p.pid)
+        p.wait()
+        raise
+
+
+def _descendants(pid: int) -> list[int]:
+    """The processes below ``pid``, from each one's parent in /proc/PID/stat."""
+    children: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat", "rb") as f:
+                    after_comm = f.read().rpartition(b")")[2].split()
+            except OSError:
+                continue  # ended meanwhile
+            if len(after_comm) > 1 and after_comm[1].isdigit():  # state, then ppid
+                children.setdefault(int(after_comm[1]), []).append(int(name))
+    found, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL ``pid`` and every process below it. Each is stopped first, so that none
+    forks meanwhile, or leaves children that SIGKILL would orphan out of reach.
+
+    Not a process group of its own for the command: a command outside the terminal's
+    foreground group is stopped (SIGTTOU) by anything that sets the terminal up (``stty``
+    on the console), and would hang there.
+    """
+    seen: set[int] = set()
+    for _ in range(4):
+        new = [p for p in [pid, *_descendants(pid)] if p not in seen]
+        if not new:
+            break
+        for p in new:
+            try:
+                os.kill(p, signal.SIGSTOP)
+            except ProcessLookupError:
+                pass
+        seen.update(new)
+    for p in seen:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def describe_status(status: int) -> str:

@@ -255,6 +255,44 @@ def test_real_save_blocked_on_its_source_is_stopped_and_says_why(tmp_path, capfd
     assert "watchdog: the save made no progress" in out
 
 
+def _gone(pid: int, within: float = 5.0) -> bool:
+    """Whether process ``pid`` ended (a zombie not yet reaped counts as ended)."""
+    end = time.monotonic() + within
+    while time.monotonic() < end:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rpartition(")")[2].split()[0] == "Z":
+                    return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.parametrize("directive", ["KDUMP_PRESCRIPT", "KDUMP_TRANSFER"])
+def test_real_save_with_a_hanging_command_is_stopped_and_says_why(tmp_path, capfd, directive):
+    """An administrator's command that hangs: the watchdog's SIGUSR1 ended the save by the
+    signal (no handler was set yet: rc -10, no message) and left the command running on
+    while the capture kernel rebooted. Now: exit 130 with the watchdog's message, and the
+    command and what it started are gone."""
+    pids = tmp_path / "pids"
+    command = f"sleep 1000 & echo $! > {pids}; echo $$ >> {pids}; wait"
+    argv = [sys.executable, "-m", "kdump_capture", "save", "--config", "/nonexistent"]
+    vmcore = tmp_path / "vmcore"
+    vmcore.write_bytes(b"\0" * 4096)  # never read: the command hangs first
+    argv += ["--vmcore", str(vmcore), "--no-reboot", "--set", f"KDUMP_SAVEDIR=file://{tmp_path}/d"]
+    argv += ["--set", f"{directive}={command}"]
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(INIT.parent.parent)}
+    rc, _ = init.run_watched(argv, env, {"timeout": 3, "grace": 10})
+    out, err = capfd.readouterr()
+    assert rc == 130, out + err
+    assert "stopped by the capture kernel's watchdog" in err
+    assert f"{directive}: stopping it" in err
+    for pid in pids.read_text().split():
+        assert _gone(int(pid)), f"{directive}: process {pid} still runs"
+    assert not (tmp_path / "d").exists()
+
+
 SANDBOX = """
 import importlib.machinery, importlib.util, os, sys
 loader = importlib.machinery.SourceFileLoader("kdump_capture_init", sys.argv[1])

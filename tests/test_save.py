@@ -614,6 +614,38 @@ def test_pre_and_post_scripts(sample, tmp_path):
     assert lines[1] == f"post {name} file://{tmp_path}/d"
 
 
+def test_a_script_may_set_up_the_terminal(sample, tmp_path):
+    """A script that sets up the console (``stty`` on /dev/tty: tcsetattr) on a terminal
+    whose foreground group is the save's: run in a process group of its own it was stopped
+    by SIGTTOU, and the save hung. Scripts stay in the save's group."""
+    import pty
+    import select
+
+    argv = [sys.executable, "-m", "kdump_capture"]
+    argv += save_args(sample, str(tmp_path / "d"), "KDUMP_PRESCRIPT=stty sane < /dev/tty")
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.environ["PYTHONPATH"] = ROOT
+        os.execv(sys.executable, argv)
+    end, out, status = time.monotonic() + 30, b"", None
+    try:
+        while status is None and time.monotonic() < end:
+            if select.select([fd], [], [], 0.2)[0]:
+                try:
+                    out += os.read(fd, 65536)
+                except OSError:  # EIO: the save closed its end
+                    pass
+            wpid, st = os.waitpid(pid, os.WNOHANG)
+            status = os.waitstatus_to_exitcode(st) if wpid else None
+    finally:
+        if status is None:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        os.close(fd)
+    assert status == 0, out.decode(errors="replace")
+    assert len(dumps_in(tmp_path / "d")) == 1
+
+
 def test_failing_prescript(sample, tmp_path):
     r = cli(
         *save_args(
