@@ -155,6 +155,23 @@ def _on_watchdog(signum, frame):
     )
 
 
+def _sample_file(mib: int) -> str:
+    """A temporary file holding the built-in synthetic sample vmcore (``save --sample``)."""
+    import tempfile
+
+    from .sample import write_demo
+
+    fd, tmp = tempfile.mkstemp(prefix="kdump-sample-", suffix=".vmcore")
+    os.close(fd)
+    try:
+        write_demo(tmp, mib)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    log.info("using a built-in synthetic %d MiB sample vmcore", mib)
+    return tmp
+
+
 def cmd_save(args: argparse.Namespace) -> int:
     from .memory import MemoryLog, mem_available, plan_buffers, usable_cpus
 
@@ -177,9 +194,17 @@ def cmd_save(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _on_term)
     signal.signal(signal.SIGUSR1, _on_watchdog)  # /init's watchdog (heartbeat.py)
     if cfg["KDUMP_TRANSFER"]:
-        # The administrator's command replaces the whole built-in flow (SUSE semantics).
-        source = args.vmcore or find_source(None)
-        status = run_script("KDUMP_TRANSFER", cfg["KDUMP_TRANSFER"], {"KDUMP_VMCORE": source})
+        # The administrator's command replaces the whole built-in flow (SUSE semantics). Its
+        # source as for the built-in save: --sample's, or --vmcore's checked (exit 3 when it
+        # is missing, not a KDUMP_TRANSFER failure), or /proc/vmcore.
+        tmp = _sample_file(args.sample_mib) if args.sample else None
+        try:
+            source = tmp or find_source(args.vmcore)
+            env = {"KDUMP_VMCORE": source}
+            status = run_script("KDUMP_TRANSFER", cfg["KDUMP_TRANSFER"], env)
+        finally:
+            if tmp:
+                os.unlink(tmp)
         check_transfer(status)
         print("KDUMP_TRANSFER finished (exit status 0)")
         if finish.should_reboot(cfg.immediate_reboot, args.no_reboot, dumpdev):
@@ -198,15 +223,7 @@ def cmd_save(args: argparse.Namespace) -> int:
     tmp = None
     try:
         if args.sample:
-            import tempfile
-
-            from .sample import write_demo
-
-            fd, tmp = tempfile.mkstemp(prefix="kdump-sample-", suffix=".vmcore")
-            os.close(fd)
-            write_demo(tmp, args.sample_mib)
-            log.info("using a built-in synthetic %d MiB sample vmcore", args.sample_mib)
-            source = tmp
+            source = tmp = _sample_file(args.sample_mib)
         else:
             source = find_source(args.vmcore)
         with open_vmcore(source, map_notes=True) as vm:

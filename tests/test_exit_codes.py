@@ -185,6 +185,31 @@ def test_transfer_success_exits_0(sample, tmp_path):
     assert os.path.getsize(dest) == os.path.getsize(sample)
 
 
+def test_transfer_with_a_missing_vmcore_is_no_dump(tmp_path):
+    """A --vmcore that does not exist: the command ran all the same, with the missing path
+    in $KDUMP_VMCORE, and its failure was blamed on it (exit 14). Now exit 3, as without
+    KDUMP_TRANSFER, and the command is not run."""
+    ran = tmp_path / "ran"
+    missing = str(tmp_path / "nonexistent")
+    r = cli(*save_args(missing, str(tmp_path / "d"), f"KDUMP_TRANSFER=touch {ran}; exit 1"))
+    assert r.rc == 3, r.err
+    assert f"{missing}: no such file" in one_error_line(r)
+    assert not ran.exists()
+
+
+def test_transfer_gets_the_sample(tmp_path):
+    """save --sample (how a KDUMP_TRANSFER command is tried out): the sample was never made
+    and the command never ran, "no crash dump present" (exit 3) on any host not crashed."""
+    dest = tmp_path / "copy"
+    args = save_args("unused", str(tmp_path / "d"), f'KDUMP_TRANSFER=cp "$KDUMP_VMCORE" {dest}')
+    i = args.index("--vmcore")
+    del args[i : i + 2]
+    r = cli(*args, "--sample")
+    assert r.rc == 0, r.err
+    assert dest.read_bytes()[:4] == b"\x7fELF"
+    assert "KDUMP_TRANSFER finished" in r.out
+
+
 def test_set_value_that_is_not_utf8(tmp_path):
     """argv bytes that are not UTF-8 reach us as surrogate escapes: a config error, not a
     UnicodeEncodeError when the target is shown (found by the url_redact fuzz target)."""
