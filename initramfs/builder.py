@@ -349,17 +349,53 @@ def needs_shell(cfg: Mapping[str, str]) -> bool:
     return scripts or "shell" in finish_actions(cfg)
 
 
+def _required_program(prog: str) -> str:
+    """Host path of a KDUMP_REQUIRED_PROGRAMS entry: a name found in PATH, or absolute."""
+    if "/" in prog and not os.path.isabs(prog):
+        raise ConfigError(
+            f"KDUMP_REQUIRED_PROGRAMS: {prog}: a relative path (it would depend on the "
+            "directory the image is built from); give a name found in PATH or an absolute path"
+        )
+    path = prog if os.path.isabs(prog) else shutil.which(prog)
+    if not path or not os.path.exists(path):
+        raise ConfigError(f"KDUMP_REQUIRED_PROGRAMS: {prog} not found")
+    if not os.path.isfile(path) or not os.access(path, os.X_OK):
+        raise ConfigError(f"KDUMP_REQUIRED_PROGRAMS: {prog}: {path} is not an executable file")
+    return path
+
+
 def add_programs(arc: cpio.Archive, programs: list[str]) -> int:
-    """Copy programs (found in PATH or absolute) to /usr/bin with their shared libraries."""
-    paths = []
+    """Copy programs (found in PATH or absolute) to /usr/bin with their shared libraries.
+
+    A program may replace a busybox applet (``ip``, ``mount``: the full program instead),
+    never a file the capture itself runs: /usr/bin/python3 is /init's interpreter and the
+    save's, so another one there (a /usr/local/bin/python3 found first in PATH, say) would
+    leave the capture kernel without a working /init, at the crash.
+    """
+    applets = {f"usr/bin/{a}" for a in BUSYBOX_APPLETS}
+    packed: dict[str, str] = {}  # image path -> the host file packed there
     for prog in programs:
-        path = prog if os.path.isabs(prog) else shutil.which(prog)
-        if not path or not os.path.exists(path):
-            raise ConfigError(f"KDUMP_REQUIRED_PROGRAMS: {prog} not found")
-        paths.append(os.path.realpath(path))
-        arc.add_file(f"usr/bin/{os.path.basename(prog)}", Path(path).read_bytes(), 0o755)
-    n = len(paths)
-    for name, lib in runtime.shared_libs(paths).items():
+        path = _required_program(prog)
+        real = os.path.realpath(path)
+        dest = f"usr/bin/{os.path.basename(prog)}"
+        data = Path(path).read_bytes()
+        if dest in packed:
+            if packed[dest] != real:
+                raise ConfigError(
+                    f"KDUMP_REQUIRED_PROGRAMS: two programs would be /{dest} in the capture "
+                    f"kernel: {packed[dest]} and {real}"
+                )
+            continue
+        own = arc.get(dest)
+        if own is not None and dest not in applets and own.data != data:
+            raise ConfigError(
+                f"KDUMP_REQUIRED_PROGRAMS: {prog}: the capture image has its own /{dest}, "
+                f"which the capture itself needs; {path} cannot replace it (leave {prog} out)"
+            )
+        packed[dest] = real
+        arc.add_file(dest, data, 0o755)
+    n = len(packed)
+    for name, lib in runtime.shared_libs(sorted(set(packed.values()))).items():
         dest = "usr" + name if name.startswith("/") else f"{runtime.DEST_LIBDIR}/{name}"
         if dest not in arc:
             arc.add_file(dest, Path(lib).read_bytes(), 0o755)

@@ -145,6 +145,9 @@ class Archive:
     def add_chardev(self, name: str, major: int, minor: int, mode: int = 0o600) -> None:
         self.add(chardev(name, major, minor, mode))
 
+    def get(self, name: str) -> Member | None:
+        return self._members.get(name.strip("/"))
+
     def members(self) -> list[Member]:
         """Members sorted by path, so every directory precedes its contents."""
         return [self._members[k] for k in sorted(self._members)]

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from initramfs import builder, runtime
+from initramfs import builder, cpio, runtime
 from kdump_capture.cli import main as cli_main
 from kdump_capture.config import load_config
 from kdump_capture.errors import ConfigError
@@ -243,6 +243,62 @@ def test_shell_and_required_programs_are_packed(built):
         text=True,
     )
     assert r.stdout.strip() == "ok", r.stderr
+
+
+def _image_with_python() -> cpio.Archive:
+    """What the builder has packed before KDUMP_REQUIRED_PROGRAMS: the interpreter of /init
+    and of the save, and busybox with its applets."""
+    arc = cpio.Archive()
+    builder.base_layout(arc)
+    arc.add_file("usr/bin/python3.11", b"\x7fELF the packed interpreter", 0o755)
+    arc.add_symlink("usr/bin/python3", "python3.11")
+    arc.add_file("usr/bin/busybox", Path(shutil.which("busybox")).read_bytes(), 0o755)
+    for applet in builder.BUSYBOX_APPLETS:
+        arc.add_symlink(f"usr/bin/{applet}", "busybox")
+    return arc
+
+
+def test_a_required_program_never_replaces_the_captures_own_interpreter(tmp_path, monkeypatch):
+    """A python3 found first in PATH (a /usr/local/bin/python3 wrapper, say) silently
+    replaced /usr/bin/python3, /init's interpreter: the image was built, and the capture
+    kernel could not start /init at the crash. Now the build refuses it, naming both."""
+    local = tmp_path / "bin"
+    local.mkdir()
+    (local / "python3").write_text('#!/bin/sh\nexec /usr/bin/python3.11 "$@"\n')
+    (local / "python3").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{local}:{os.environ['PATH']}")
+    arc = _image_with_python()
+    with pytest.raises(ConfigError, match=r"python3: the capture image has its own /usr/bin/py"):
+        builder.add_programs(arc, ["python3"])
+    assert arc.get("usr/bin/python3").data == b"python3.11"
+    # The same file as the image's own is no conflict; a busybox applet may be replaced by
+    # the full program, and the same program named twice is packed once.
+    assert builder.add_programs(arc, ["busybox"]) >= 1
+    true = shutil.which("true")
+    builder.add_programs(arc, ["mkdir", "true", true])
+    assert arc.get("usr/bin/mkdir").data == Path(shutil.which("mkdir")).read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("../bin/true", "a relative path"),
+        ("/", "/ is not an executable file"),  # was IsADirectoryError: exit 1, "a bug"
+        ("/etc/passwd", "/etc/passwd is not an executable file"),
+    ],
+)
+def test_a_required_program_that_is_no_program_is_a_config_error(name, message):
+    with pytest.raises(ConfigError, match=f"KDUMP_REQUIRED_PROGRAMS: {name}: .*{message}"):
+        builder.add_programs(cpio.Archive(), [name])
+
+
+def test_two_required_programs_of_one_name_are_refused(tmp_path):
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "tool").write_text(f"#!/bin/sh\necho {d}\n")
+        (tmp_path / d / "tool").chmod(0o755)
+    with pytest.raises(ConfigError, match="two programs would be /usr/bin/tool"):
+        builder.add_programs(cpio.Archive(), [str(tmp_path / "a/tool"), str(tmp_path / "b/tool")])
 
 
 def test_cli_builds_with_config_and_set(tmp_path, capsys):
