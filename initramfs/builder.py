@@ -349,23 +349,55 @@ def needs_shell(cfg: Mapping[str, str]) -> bool:
     return scripts or "shell" in finish_actions(cfg)
 
 
-def _required_program(prog: str) -> str:
-    """Host path of a KDUMP_REQUIRED_PROGRAMS entry: a name found in PATH, or absolute."""
+def _required_program(prog: str, what: str) -> str:
+    """Host path of a KDUMP_REQUIRED_PROGRAMS entry (``what`` in messages): a name found in
+    PATH, or absolute."""
     if "/" in prog and not os.path.isabs(prog):
         raise ConfigError(
-            f"KDUMP_REQUIRED_PROGRAMS: {prog}: a relative path (it would depend on the "
+            f"KDUMP_REQUIRED_PROGRAMS: {what}: a relative path (it would depend on the "
             "directory the image is built from); give a name found in PATH or an absolute path"
         )
     path = prog if os.path.isabs(prog) else shutil.which(prog)
     if not path or not os.path.exists(path):
-        raise ConfigError(f"KDUMP_REQUIRED_PROGRAMS: {prog} not found")
+        raise ConfigError(f"KDUMP_REQUIRED_PROGRAMS: {what} not found")
     if not os.path.isfile(path) or not os.access(path, os.X_OK):
-        raise ConfigError(f"KDUMP_REQUIRED_PROGRAMS: {prog}: {path} is not an executable file")
+        raise ConfigError(f"KDUMP_REQUIRED_PROGRAMS: {what}: {path} is not an executable file")
     return path
 
 
+def image_path(path: str) -> str:
+    """Where an absolute path of this host is in the image, whose /bin, /sbin, /usr/sbin,
+    /lib and /lib64 are symlinks into /usr (base_layout); no leading slash."""
+    name = os.path.normpath(path).lstrip("/")
+    for link, target in (
+        ("bin/", "usr/bin/"),
+        ("sbin/", "usr/bin/"),
+        ("usr/sbin/", "usr/bin/"),
+        ("lib/", "usr/lib/"),
+        ("lib64/", "usr/lib64/"),
+    ):
+        if name.startswith(link):
+            return target + name[len(link) :]
+    return name
+
+
+def script_interpreter(data: bytes) -> tuple[str, str]:
+    """(interpreter, program it runs) of a script's ``#!`` line: ("/bin/bash", ""), or for
+    ``#!/usr/bin/env [-S] perl -w``: ("/usr/bin/env", "perl"); ("", "") for no script."""
+    if not data.startswith(b"#!"):
+        return "", ""
+    words = data[2:].split(b"\n", 1)[0].decode(errors="replace").split()
+    if not words:
+        return "", ""
+    if os.path.basename(words[0]) != "env":
+        return words[0], ""
+    name = next((w for w in words[1:] if not w.startswith("-") and "=" not in w), "")
+    return words[0], name
+
+
 def add_programs(arc: cpio.Archive, programs: list[str]) -> int:
-    """Copy programs (found in PATH or absolute) to /usr/bin with their shared libraries.
+    """Copy programs (found in PATH or absolute) to /usr/bin with their shared libraries,
+    and a script's interpreter (its ``#!`` line's, at that path) when the image has none.
 
     A program may replace a busybox applet (``ip``, ``mount``: the full program instead),
     never a file the capture itself runs: /usr/bin/python3 is /init's interpreter and the
@@ -374,10 +406,15 @@ def add_programs(arc: cpio.Archive, programs: list[str]) -> int:
     """
     applets = {f"usr/bin/{a}" for a in BUSYBOX_APPLETS}
     packed: dict[str, str] = {}  # image path -> the host file packed there
-    for prog in programs:
-        path = _required_program(prog)
+    # (the host program or name, where it goes in the image, what it is for messages,
+    # whether a script needs it: any file already there will do)
+    todo = [(prog, f"usr/bin/{os.path.basename(prog)}", prog, False) for prog in programs]
+    while todo:
+        prog, dest, what, interpreter = todo.pop(0)
+        if interpreter and (dest in packed or dest in arc):
+            continue  # the image has it: busybox's sh, its own python3, a program packed
+        path = _required_program(prog, what)
         real = os.path.realpath(path)
-        dest = f"usr/bin/{os.path.basename(prog)}"
         data = Path(path).read_bytes()
         if dest in packed:
             if packed[dest] != real:
@@ -394,6 +431,19 @@ def add_programs(arc: cpio.Archive, programs: list[str]) -> int:
             )
         packed[dest] = real
         arc.add_file(dest, data, 0o755)
+        # A script runs only when its interpreter is in the image at the path its #! line
+        # names: else "not found" in the capture kernel, at the crash.
+        shebang, name = script_interpreter(data)
+        if shebang:
+            if not os.path.isabs(shebang):
+                raise ConfigError(
+                    f"KDUMP_REQUIRED_PROGRAMS: {what}: its #! interpreter {shebang} is not "
+                    "an absolute path"
+                )
+            todo.append((shebang, image_path(shebang), f"{what}: its interpreter {shebang}", True))
+        if name:
+            runs = f"{what}: {name}, which its {shebang} runs"
+            todo.append((name, f"usr/bin/{name}", runs, True))
     n = len(packed)
     for name, lib in runtime.shared_libs(sorted(set(packed.values()))).items():
         dest = "usr" + name if name.startswith("/") else f"{runtime.DEST_LIBDIR}/{name}"

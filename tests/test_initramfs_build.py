@@ -4,6 +4,7 @@ Python runs (chroot into the unpacked tree) with only .pyc files."""
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import os
 import shutil
@@ -299,6 +300,52 @@ def test_two_required_programs_of_one_name_are_refused(tmp_path):
         (tmp_path / d / "tool").chmod(0o755)
     with pytest.raises(ConfigError, match="two programs would be /usr/bin/tool"):
         builder.add_programs(cpio.Archive(), [str(tmp_path / "a/tool"), str(tmp_path / "b/tool")])
+
+
+def _script(path: Path, text: str) -> str:
+    path.write_text(text)
+    path.chmod(0o755)
+    return str(path)
+
+
+def test_a_required_script_gets_its_interpreter(tmp_path):
+    """A script of KDUMP_REQUIRED_PROGRAMS was packed without the interpreter its #! line
+    names: in the capture kernel "sh: tool: not found" (exit 127), at the crash. Now the
+    interpreter is packed at that path with its libraries (through /usr/bin/env too), and
+    the scripts run in the image (chroot into its unpacked tree)."""
+    bash = _script(
+        tmp_path / "bashtool", '#!/bin/bash\necho "bash tool ran: ${BASH_VERSINFO[0]}"\n'
+    )
+    env = _script(tmp_path / "envtool", "#!/usr/bin/env -S bash -e\necho env tool ran\n")
+    sh = _script(tmp_path / "shtool", "#!/bin/sh\necho sh tool ran\n")
+    arc = _image_with_python()
+    builder.add_programs(arc, [bash, env, sh])
+    assert arc.get("usr/bin/bash") is not None and arc.get("usr/bin/env") is not None
+    assert arc.get("usr/bin/sh").data == b"busybox"  # the image's own sh does
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    raw = io.BytesIO()
+    arc.write(raw)
+    subprocess.run(["cpio", "-idm", "--quiet"], input=raw.getvalue(), cwd=tree, check=True)
+    r = subprocess.run(
+        [CHROOT, str(tree), "/usr/bin/sh", "-c", "bashtool && envtool && shtool"],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin"},
+    )
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("bash tool ran: ") and lines[0][-1].isdigit(), r.stdout
+    assert lines[1:] == ["env tool ran", "sh tool ran"], r.stdout
+
+
+def test_a_required_script_whose_interpreter_is_missing_fails_the_build(tmp_path):
+    tool = _script(tmp_path / "tool", "#!/opt/nowhere/bin/tclsh\nputs hi\n")
+    with pytest.raises(ConfigError, match="tool: its interpreter /opt/nowhere/bin/tclsh not"):
+        builder.add_programs(cpio.Archive(), [tool])
+    tool = _script(tmp_path / "tool2", "#!/usr/bin/env no-such-interpreter-here\n")
+    with pytest.raises(ConfigError, match="tool2: no-such-interpreter-here, which its /usr/bi"):
+        builder.add_programs(cpio.Archive(), [tool])
 
 
 def test_cli_builds_with_config_and_set(tmp_path, capsys):
