@@ -397,7 +397,8 @@ def script_interpreter(data: bytes) -> tuple[str, str]:
 
 def add_programs(arc: cpio.Archive, programs: list[str]) -> int:
     """Copy programs (found in PATH or absolute) to /usr/bin with their shared libraries,
-    and a script's interpreter (its ``#!`` line's, at that path) when the image has none.
+    one named by its absolute path at that path too (a symlink), and a script's
+    interpreter (its ``#!`` line's, at that path) when the image has none.
 
     A program may replace a busybox applet (``ip``, ``mount``: the full program instead),
     never a file the capture itself runs: /usr/bin/python3 is /init's interpreter and the
@@ -431,6 +432,15 @@ def add_programs(arc: cpio.Archive, programs: list[str]) -> int:
             )
         packed[dest] = real
         arc.add_file(dest, data, 0o755)
+        there = image_path(prog) if os.path.isabs(prog) else dest
+        if there != dest:
+            # Named by its path, as a script command names it (KDUMP_POSTSCRIPT=/usr/local/
+            # sbin/notify): there too, or that command is "not found" in the capture kernel.
+            if there in arc:
+                raise ConfigError(
+                    f"KDUMP_REQUIRED_PROGRAMS: {what}: the capture image has its own /{there}"
+                )
+            arc.add_symlink(there, f"/{dest}")
         # A script runs only when its interpreter is in the image at the path its #! line
         # names: else "not found" in the capture kernel, at the crash.
         shebang, name = script_interpreter(data)

@@ -339,6 +339,28 @@ def test_a_required_script_gets_its_interpreter(tmp_path):
     assert lines[1:] == ["env tool ran", "sh tool ran"], r.stdout
 
 
+def test_a_required_program_named_by_its_path_is_there_in_the_image(tmp_path):
+    """KDUMP_REQUIRED_PROGRAMS=/usr/local/sbin/notify packed it at /usr/bin/notify only: a
+    KDUMP_POSTSCRIPT (or KDUMP_TRANSFER) naming it by the same path was "not found"
+    (exit 127) in the capture kernel. Now it is at its path too."""
+    tool = _script(tmp_path / "notify", "#!/bin/sh\necho notified\n")
+    arc = _image_with_python()
+    builder.add_programs(arc, [tool])
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    raw = io.BytesIO()
+    arc.write(raw)
+    subprocess.run(["cpio", "-idm", "--quiet"], input=raw.getvalue(), cwd=tree, check=True)
+    r = subprocess.run(
+        [CHROOT, str(tree), "/usr/bin/sh", "-c", f"{tool} && notify"],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin"},
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["notified", "notified"]
+
+
 def test_a_required_script_whose_interpreter_is_missing_fails_the_build(tmp_path):
     tool = _script(tmp_path / "tool", "#!/opt/nowhere/bin/tclsh\nputs hi\n")
     with pytest.raises(ConfigError, match="tool: its interpreter /opt/nowhere/bin/tclsh not"):
