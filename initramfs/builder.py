@@ -463,6 +463,53 @@ def add_programs(arc: cpio.Archive, programs: list[str]) -> int:
     return n
 
 
+# What busybox's sh runs without a program: a command starting with one is not checked.
+SH_OWN = frozenset(
+    ". : [ [[ alias bg break cd chdir command continue echo eval exec exit export false fg "
+    "getopts hash help history jobs kill let local printf pwd read readonly return set shift "
+    "source test times trap true type ulimit umask unalias unset wait if then else elif fi "
+    "case esac for while until do done function select time ! { }".split()
+)
+
+
+def command_program(command: str) -> str:
+    """The program a KDUMP_PRESCRIPT/POSTSCRIPT/TRANSFER command line starts with, or ""
+    when that cannot be told without running a shell (a builtin, an expansion, a keyword)
+    (pure)."""
+    import shlex
+
+    try:
+        words = shlex.split(command, comments=True)
+    except ValueError:
+        return ""
+    while words and "=" in words[0] and words[0].split("=", 1)[0].isidentifier():
+        words.pop(0)  # NAME=value before the command
+    if not words or words[0] in SH_OWN or any(c in words[0] for c in "$`*?[]{}()<>|&;~\\"):
+        return ""
+    return words[0]
+
+
+def check_commands(cfg: Mapping[str, str], arc: cpio.Archive) -> None:
+    """A command whose program is not in the image fails in the capture kernel ("not found",
+    exit 127), at the crash: a KDUMP_TRANSFER one fails the build (it would save nothing),
+    a KDUMP_PRESCRIPT/POSTSCRIPT one is a warning (the save goes on without it, unless
+    KDUMP_CONTINUE_ON_ERROR=false)."""
+    for directive in ("KDUMP_TRANSFER", "KDUMP_PRESCRIPT", "KDUMP_POSTSCRIPT"):
+        prog = command_program(cfg[directive])
+        if not prog or ("/" in prog and not os.path.isabs(prog)):
+            continue
+        there = image_path(prog) if "/" in prog else f"usr/bin/{prog}"
+        if there in arc:
+            continue
+        msg = (
+            f"{directive}: {prog} is not in the capture image, where the command would fail "
+            f"(not found); add it to KDUMP_REQUIRED_PROGRAMS"
+        )
+        if directive == "KDUMP_TRANSFER":
+            raise ConfigError(f"{msg}: with KDUMP_TRANSFER no dump would be saved")
+        log.warning("%s", msg)
+
+
 def sh_quote(value: str) -> str:
     return "'" + value.replace("'", "'\\''") + "'"
 
@@ -816,6 +863,7 @@ def build(
     if programs:
         n = add_programs(arc, programs)
         extras.append(f"programs: {' '.join(programs)} ({n} files)")
+    check_commands(cfg, arc)
 
     plan = init_plan(cfg, targets, module_files, net, mounts, shell)
     arc.add_file(PLAN_PATH, json.dumps(plan, indent=1).encode())

@@ -370,6 +370,39 @@ def test_a_required_script_whose_interpreter_is_missing_fails_the_build(tmp_path
         builder.add_programs(cpio.Archive(), [tool])
 
 
+def test_a_transfer_whose_program_is_not_in_the_image_fails_the_build(tmp_path, caplog):
+    """KDUMP_TRANSFER=/usr/local/sbin/upload without it in KDUMP_REQUIRED_PROGRAMS built an
+    image in which the command was "not found" (exit 127): no dump at the crash, and
+    nothing said so before. Now the build fails naming it (a pre/post script: a warning)."""
+    tool = _script(tmp_path / "upload", '#!/bin/sh\ncp "$KDUMP_VMCORE" /x\n')
+    transfer = f'KDUMP_TRANSFER={tool} "$KDUMP_VMCORE"'
+    cfg = load_config(None, ["KDUMP_SAVEDIR=file:///var/crash", transfer])
+    with pytest.raises(ConfigError, match=f"KDUMP_TRANSFER: {tool} is not in the capture image"):
+        build_image(cfg, tmp_path / "img", tmp_path)
+    assert not (tmp_path / "img").exists()
+
+    def check(*settings: str, programs: tuple[str, ...] = ()) -> None:
+        arc = _image_with_python()
+        builder.add_programs(arc, list(programs))
+        builder.check_commands(load_config(None, list(settings)), arc)
+
+    check(transfer, programs=(tool,))
+    check('KDUMP_TRANSFER=A=1 cp "$KDUMP_VMCORE" /x')  # busybox's cp
+    check('KDUMP_TRANSFER=cd /x && ./upload "$KDUMP_VMCORE"')  # not told without a shell
+    check("KDUMP_PRESCRIPT=echo hi", "KDUMP_POSTSCRIPT=sleep 1; exit 0")
+    with pytest.raises(ConfigError, match="KDUMP_TRANSFER: curl is not in the capture image"):
+        check('KDUMP_TRANSFER=curl -T "$KDUMP_VMCORE" ftp://backup/')
+    caplog.clear()
+    check("KDUMP_POSTSCRIPT=/usr/local/bin/notify-crash --now", "KDUMP_PRESCRIPT=logger hi")
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warned == [
+        "KDUMP_PRESCRIPT: logger is not in the capture image, where the command would fail "
+        "(not found); add it to KDUMP_REQUIRED_PROGRAMS",
+        "KDUMP_POSTSCRIPT: /usr/local/bin/notify-crash is not in the capture image, where the "
+        "command would fail (not found); add it to KDUMP_REQUIRED_PROGRAMS",
+    ]
+
+
 def test_cli_builds_with_config_and_set(tmp_path, capsys):
     conf = tmp_path / "kdump"
     conf.write_text('KDUMP_SAVEDIR="ftp://user:pw@10.0.2.2/dumps"\n')
