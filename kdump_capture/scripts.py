@@ -19,8 +19,10 @@ from .errors import ScriptError, TransferError
 log = logging.getLogger(__name__)
 
 
-def run_script(directive: str, command: str, env: dict[str, str]) -> int:
-    """Run one configured command line; returns its exit status (output goes to ours)."""
+def run_script(directive: str, command: str, env: dict[str, str]) -> int | None:
+    """Run one configured command line; returns its exit status (output goes to ours), or
+    None when /bin/sh could not be started (said on the log). A failure like any other:
+    check_script and check_transfer decide what it costs."""
     log.info("running %s", directive)
     full = dict(os.environ)
     full.update(env)
@@ -29,7 +31,8 @@ def run_script(directive: str, command: str, env: dict[str, str]) -> int:
     try:
         p = subprocess.Popen(["/bin/sh", "-c", command], env=full, stdin=subprocess.DEVNULL)
     except OSError as e:
-        raise ScriptError(f"{directive}: cannot run /bin/sh: {e.strerror}") from e
+        log.error("%s: cannot run /bin/sh: %s", directive, e.strerror)
+        return None
     try:
         return p.wait()
     except BaseException:
@@ -88,8 +91,11 @@ def kill_tree(pid: int) -> None:
             pass
 
 
-def describe_status(status: int) -> str:
-    """``exit status N`` or ``killed by SIGNAME (signal N)`` for a subprocess returncode."""
+def describe_status(status: int | None) -> str:
+    """``exit status N`` or ``killed by SIGNAME (signal N)`` for a subprocess returncode;
+    None: it could not be started."""
+    if status is None:
+        return "could not be started"
     if status >= 0:
         return f"exit status {status}"
     try:
@@ -98,7 +104,7 @@ def describe_status(status: int) -> str:
         return f"killed by signal {-status}"
 
 
-def check_transfer(status: int) -> None:
+def check_transfer(status: int | None) -> None:
     """A failing KDUMP_TRANSFER is TransferError (exit 14): its status is never passed on
     as ours, where 7 would mean "authentication refused" and a signal a negative code."""
     if status != 0:
@@ -107,7 +113,7 @@ def check_transfer(status: int) -> None:
         )
 
 
-def check_script(directive: str, status: int, continue_on_error: bool) -> None:
+def check_script(directive: str, status: int | None, continue_on_error: bool) -> None:
     """A failed pre/post script is fatal only with KDUMP_CONTINUE_ON_ERROR=false."""
     if status == 0:
         return

@@ -658,6 +658,44 @@ def test_failing_prescript(sample, tmp_path):
     assert r.rc == 0 and "continuing" in r.err
 
 
+NO_SH = """
+import os, subprocess, sys
+subprocess.run(["mount", "--bind", "/dev/null", "/bin/sh"], check=True)
+os.execv(sys.executable, [sys.executable, "-m", "kdump_capture", *sys.argv[1:]])
+"""
+
+
+def _cli_without_sh(*args: str) -> subprocess.CompletedProcess:
+    """The CLI in a mount namespace of its own where /bin/sh cannot be run (/dev/null)."""
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.skip("needs root and unshare (a mount namespace)")
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    argv = ["unshare", "--mount", "--propagation", "private", sys.executable, "-c", NO_SH]
+    return subprocess.run(argv + list(args), capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_a_script_that_cannot_start_is_a_script_failure(sample, tmp_path):
+    """/bin/sh that cannot be run (exec refused, fork failing for memory): a pre-script
+    stopped the dump (exit 12, nothing saved) though KDUMP_CONTINUE_ON_ERROR=true says go
+    on, and KDUMP_TRANSFER was exit 12 instead of its 14. Now it is a failure like any
+    other of the command."""
+    sets = ("KDUMP_PRESCRIPT=echo pre", "KDUMP_POSTSCRIPT=echo post")
+    r = _cli_without_sh(*save_args(sample, str(tmp_path / "d"), *sets))
+    assert r.returncode == 0, r.stderr
+    assert len(dumps_in(tmp_path / "d")) == 1
+    for directive in ("KDUMP_PRESCRIPT", "KDUMP_POSTSCRIPT"):
+        assert f"{directive}: cannot run /bin/sh: Permission denied" in r.stderr
+        assert f"{directive} failed (could not be started); continuing" in r.stderr
+    r = _cli_without_sh(
+        *save_args(sample, str(tmp_path / "e"), *sets, "KDUMP_CONTINUE_ON_ERROR=false")
+    )
+    assert r.returncode == 12 and not (tmp_path / "e").exists(), r.stderr
+    assert "KDUMP_PRESCRIPT failed (could not be started)" in r.stderr
+    r = _cli_without_sh(*save_args(sample, str(tmp_path / "f"), "KDUMP_TRANSFER=echo t"))
+    assert r.returncode == 14, r.stderr
+    assert "KDUMP_TRANSFER failed (could not be started)" in r.stderr
+
+
 def test_transfer_replaces_the_flow(sample, tmp_path):
     dest = tmp_path / "copied"
     r = cli(*save_args(sample, str(tmp_path / "d"), f'KDUMP_TRANSFER=cp "$KDUMP_VMCORE" {dest}'))
