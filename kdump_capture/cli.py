@@ -21,6 +21,7 @@ from .errors import (
     NoDumpError,
     NotSupported,
     VerifyError,
+    WatchdogStop,
 )
 from .features import check_unsupported
 from .urls import redact
@@ -150,7 +151,7 @@ def _on_term(signum, frame):
 
 
 def _on_watchdog(signum, frame):
-    raise Interrupted(
+    raise WatchdogStop(
         "stopped by the capture kernel's watchdog: no progress for KDUMP_SAVE_TIMEOUT seconds"
     )
 
@@ -172,6 +173,24 @@ def _sample_file(mib: int) -> str:
     return tmp
 
 
+def _pre_or_post_script(cfg, directive: str, env: dict[str, str], heartbeat) -> None:
+    """Run KDUMP_PRESCRIPT or KDUMP_POSTSCRIPT; a failure stops the save only with
+    KDUMP_CONTINUE_ON_ERROR=false. That includes hanging: when /init's watchdog stops the
+    save while the script runs (no progress for KDUMP_SAVE_TIMEOUT seconds), the script
+    is killed (scripts.run_script) and the save goes on, /init told so (heartbeat)."""
+    from .scripts import check_script, run_script
+
+    try:
+        status = run_script(directive, cfg[directive], env)
+    except WatchdogStop as e:
+        if not cfg.continue_on_error:
+            raise
+        log.error("%s failed (%s); continuing (KDUMP_CONTINUE_ON_ERROR)", directive, e)
+        heartbeat.resumed()
+        return
+    check_script(directive, status, cfg.continue_on_error)
+
+
 def cmd_save(args: argparse.Namespace) -> int:
     from .memory import MemoryLog, mem_available, plan_buffers, usable_cpus
 
@@ -181,7 +200,7 @@ def cmd_save(args: argparse.Namespace) -> int:
     from .heartbeat import Heartbeat
     from .pipeline import save
     from .progress import make_progress
-    from .scripts import check_script, check_transfer, run_script
+    from .scripts import check_transfer, run_script
     from .vmcore import find_source, open_vmcore
 
     memlog.mark("engine")
@@ -193,6 +212,7 @@ def cmd_save(args: argparse.Namespace) -> int:
     # 130, the command stopped (scripts.run_script), not a death by signal.
     signal.signal(signal.SIGTERM, _on_term)
     signal.signal(signal.SIGUSR1, _on_watchdog)  # /init's watchdog (heartbeat.py)
+    heartbeat = Heartbeat.from_env(os.environ)
     if cfg["KDUMP_TRANSFER"]:
         # The administrator's command replaces the whole built-in flow (SUSE semantics). Its
         # source as for the built-in save: --sample's, or --vmcore's checked (exit 3 when it
@@ -216,9 +236,7 @@ def cmd_save(args: argparse.Namespace) -> int:
         memlog.plan = plan.buffers
         memlog.mark("transport libraries")
     if cfg["KDUMP_PRESCRIPT"]:
-        status = run_script("KDUMP_PRESCRIPT", cfg["KDUMP_PRESCRIPT"], {})
-        check_script("KDUMP_PRESCRIPT", status, cfg.continue_on_error)
-    heartbeat = Heartbeat.from_env(os.environ)
+        _pre_or_post_script(cfg, "KDUMP_PRESCRIPT", {}, heartbeat)
     heartbeat.beat(0, force=True)
     tmp = None
     try:
@@ -257,8 +275,7 @@ def cmd_save(args: argparse.Namespace) -> int:
         print(f"Dump saved: {result.target}/{result.directory}")
         env = {"KDUMP_DUMP_URL": result.target, "KDUMP_DUMP_DIR": result.directory}
     if cfg["KDUMP_POSTSCRIPT"]:
-        status = run_script("KDUMP_POSTSCRIPT", cfg["KDUMP_POSTSCRIPT"], env)
-        check_script("KDUMP_POSTSCRIPT", status, cfg.continue_on_error)
+        _pre_or_post_script(cfg, "KDUMP_POSTSCRIPT", env, heartbeat)
     if dumpdev:
         print(
             "Not rebooting (KDUMP_DUMPDEV is set): check the system from this console (fsck "

@@ -157,6 +157,10 @@ class Interrupted(KdumpError):
     exit_code = 130
 
 
+class WatchdogStop(Interrupted):
+    """The capture kernel's /init saw no progress for KDUMP_SAVE_TIMEOUT seconds (SIGUSR1)."""
+
+
 EXIT_CODES: dict[int, str] = {
     0: "success",
     1: "unexpected internal error",

@@ -6,7 +6,10 @@ made (at most once a second). /init also counts the save's own reads and writes 
 ``rchar``/``wchar`` of /proc/PID/io, over the save and its children), so work that moves
 no dump bytes (page filtering, a KDUMP_TRANSFER command) counts as progress too. When
 neither moves for the watchdog's timeout (KDUMP_SAVE_TIMEOUT), /init sends SIGUSR1, which
-the save turns into a recorded failure; after a grace period it sends SIGKILL.
+the save turns into a recorded failure; after a grace period it sends SIGKILL. When the
+SIGUSR1 came while a KDUMP_PRESCRIPT or KDUMP_POSTSCRIPT hung, the save may instead stop
+that script and go on (KDUMP_CONTINUE_ON_ERROR): it writes the line ``resumed``, and /init
+takes back the SIGKILL and watches it afresh.
 docs/ARCHITECTURE.md ("Watchdog") describes the protocol.
 """
 
@@ -30,6 +33,8 @@ INTERVAL = 1.0
 # After SIGUSR1, how long /init waits before SIGKILL: enough to write the failure record
 # (README and manifest, a few KiB) to a target that still answers.
 GRACE = 15
+# The line that cancels the SIGKILL after a SIGUSR1 (Heartbeat.resumed; /init's _watch).
+RESUMED = b"resumed"
 
 
 def watchdog_timeout(save_timeout: int, net_timeout: int) -> int:
@@ -84,6 +89,17 @@ class Heartbeat:
         except OSError as e:  # /init is gone (EPIPE): nobody to tell
             log.debug("heartbeat: %s", e)
             self.fd = None
+
+    def resumed(self) -> None:
+        """Tell /init that the save, stopped by its SIGUSR1 while one of the
+        administrator's commands made no progress, stopped that command and goes on
+        (KDUMP_CONTINUE_ON_ERROR): /init then does not kill it, and watches it afresh."""
+        if self.fd is None:
+            return
+        try:
+            os.write(self.fd, RESUMED + b"\n")
+        except OSError as e:  # a full pipe: /init kills the save after GRACE, as before
+            log.warning("heartbeat: could not tell /init the save goes on: %s", e)
 
     def around(self, progress: Progress) -> Progress:
         """``progress`` with a beat at every update."""

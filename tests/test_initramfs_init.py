@@ -274,14 +274,15 @@ def test_real_save_with_a_hanging_command_is_stopped_and_says_why(tmp_path, capf
     """An administrator's command that hangs: the watchdog's SIGUSR1 ended the save by the
     signal (no handler was set yet: rc -10, no message) and left the command running on
     while the capture kernel rebooted. Now: exit 130 with the watchdog's message, and the
-    command and what it started are gone."""
+    command and what it started are gone (a pre-script: with KDUMP_CONTINUE_ON_ERROR=false;
+    with true the save goes on, test_a_hanging_script_costs_itself_not_the_dump)."""
     pids = tmp_path / "pids"
     command = f"sleep 1000 & echo $! > {pids}; echo $$ >> {pids}; wait"
     argv = [sys.executable, "-m", "kdump_capture", "save", "--config", "/nonexistent"]
     vmcore = tmp_path / "vmcore"
     vmcore.write_bytes(b"\0" * 4096)  # never read: the command hangs first
     argv += ["--vmcore", str(vmcore), "--no-reboot", "--set", f"KDUMP_SAVEDIR=file://{tmp_path}/d"]
-    argv += ["--set", f"{directive}={command}"]
+    argv += ["--set", f"{directive}={command}", "--set", "KDUMP_CONTINUE_ON_ERROR=false"]
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(INIT.parent.parent)}
     rc, _ = init.run_watched(argv, env, {"timeout": 3, "grace": 10})
     out, err = capfd.readouterr()
@@ -291,6 +292,49 @@ def test_real_save_with_a_hanging_command_is_stopped_and_says_why(tmp_path, capf
     for pid in pids.read_text().split():
         assert _gone(int(pid)), f"{directive}: process {pid} still runs"
     assert not (tmp_path / "d").exists()
+
+
+def test_a_hanging_script_costs_itself_not_the_dump(tmp_path, capfd):
+    """A pre- or post-script that hangs: the watchdog stopped the whole save, exit 130 and
+    no dump, though KDUMP_CONTINUE_ON_ERROR=true (the default) says a failed script does
+    not stop it. Now the save kills the script and goes on, telling /init (the line
+    "resumed" on the heartbeat pipe), which takes back its SIGKILL: the dump is saved."""
+    pids = tmp_path / "pids"
+    command = f"sleep 1000 & echo $! >> {pids}; echo $$ >> {pids}; wait"
+    argv = [sys.executable, "-m", "kdump_capture", "save", "--config", "/nonexistent"]
+    argv += ["--sample", "--no-reboot", "--set", f"KDUMP_SAVEDIR=file://{tmp_path}/d"]
+    argv += ["--set", f"KDUMP_PRESCRIPT={command}", "--set", f"KDUMP_POSTSCRIPT={command}"]
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(INIT.parent.parent)}
+    rc, _ = init.run_watched(argv, env, {"timeout": 3, "grace": 2})
+    out, err = capfd.readouterr()
+    assert rc == 0, out + err
+    assert out.count("watchdog: the save stopped what made no progress and goes on") == 2
+    for directive in ("KDUMP_PRESCRIPT", "KDUMP_POSTSCRIPT"):
+        assert f"{directive} failed (stopped by the capture kernel's watchdog" in err
+    assert len(os.listdir(tmp_path / "d")) == 1  # the dump
+    assert "Dump saved: " in out
+    for pid in pids.read_text().split():
+        assert _gone(int(pid)), f"process {pid} still runs"
+
+
+ALWAYS_RESUMES = """
+import os, signal, time
+fd = int(os.environ["KDUMP_HEARTBEAT_FD"])
+signal.signal(signal.SIGUSR1, lambda *_: os.write(fd, b"resumed\\n"))
+time.sleep(1000)
+"""
+
+
+def test_watchdog_after_resumed_watches_afresh(capsys):
+    """A save that said "resumed" is not killed after the grace period; stuck again, it
+    gets a new SIGUSR1 a whole timeout later. Twice at most (a pre- and a post-script):
+    the third SIGUSR1 is followed by SIGKILL whatever the save says."""
+    rc, took = _watched(ALWAYS_RESUMES, timeout=1.5, grace=1.0)
+    out = capsys.readouterr().out
+    assert rc == -signal.SIGKILL
+    assert out.count("stopping it") == 3 and out.count("goes on") == 2, out
+    assert "killing it" in out
+    assert 5.0 <= took < 15.0, took
 
 
 SANDBOX = """
