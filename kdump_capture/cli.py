@@ -239,6 +239,7 @@ def cmd_save(args: argparse.Namespace) -> int:
         _pre_or_post_script(cfg, "KDUMP_PRESCRIPT", {}, heartbeat)
     heartbeat.beat(0, force=True)
     tmp = None
+    failure: KdumpError | None = None
     try:
         if args.sample:
             source = tmp = _sample_file(args.sample_mib)
@@ -264,16 +265,29 @@ def cmd_save(args: argparse.Namespace) -> int:
             else:
                 progress = heartbeat.around(make_progress(cfg.verbose, style=args.progress))
                 result = save(vm, plan, progress, memlog)
+    except Interrupted:
+        raise  # stopped (a signal, the watchdog): the capture kernel is about to end it
+    except KdumpError as e:
+        if not (cfg["KDUMP_POSTSCRIPT"] and cfg.continue_on_error):
+            raise
+        failure = e  # SUSE runs the post-script after a failed save too
     finally:
         if tmp:
             os.unlink(tmp)
         log.info("%s", memlog.report())
+    if failure is not None:
+        log.error("the dump was not saved: %s; running KDUMP_POSTSCRIPT", failure)
+        env = {"KDUMP_DUMP_STATUS": "failed", "KDUMP_DUMP_URL": "", "KDUMP_DUMP_DIR": ""}
+        env["KDUMP_DUMP_DEVICE"] = ""
+        _pre_or_post_script(cfg, "KDUMP_POSTSCRIPT", env, heartbeat)
+        raise failure
     if dumpdev:
         print(f"Dump written to {dumpdev} ({header.data_size} bytes).")
         env = {"KDUMP_DUMP_DEVICE": dumpdev, "KDUMP_DUMP_URL": "", "KDUMP_DUMP_DIR": ""}
     else:
         print(f"Dump saved: {result.target}/{result.directory}")
         env = {"KDUMP_DUMP_URL": result.target, "KDUMP_DUMP_DIR": result.directory}
+    env["KDUMP_DUMP_STATUS"] = "saved"
     if cfg["KDUMP_POSTSCRIPT"]:
         _pre_or_post_script(cfg, "KDUMP_POSTSCRIPT", env, heartbeat)
     if dumpdev:

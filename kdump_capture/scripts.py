@@ -5,7 +5,8 @@ tool does (the config itself is never executed). The environment tells them what
 going on: KDUMP_TRANSFER gets KDUMP_VMCORE (the source); KDUMP_POSTSCRIPT gets
 KDUMP_DUMP_URL (target, password redacted) and KDUMP_DUMP_DIR (the dump directory's
 name), or, after a dump written to KDUMP_DUMPDEV, KDUMP_DUMP_DEVICE (the device; the
-other two are empty).
+other two are empty), and KDUMP_DUMP_STATUS: "saved", or "failed" when it runs after a
+failed save (KDUMP_CONTINUE_ON_ERROR, as SUSE does; the three others are empty then).
 """
 
 from __future__ import annotations

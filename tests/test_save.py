@@ -614,6 +614,29 @@ def test_pre_and_post_scripts(sample, tmp_path):
     assert lines[1] == f"post {name} file://{tmp_path}/d"
 
 
+@pytest.mark.parametrize("continue_on_error", ["true", "false"])
+def test_the_post_script_runs_after_a_failed_save_too(sample, tmp_path, continue_on_error):
+    """SUSE runs KDUMP_POSTSCRIPT after a failed save as well (KDUMP_CONTINUE_ON_ERROR):
+    a script that tells the admin, or turns a machine off, never ran when the dump failed.
+    It runs, with KDUMP_DUMP_STATUS=failed (saved after a dump), and the save's exit code
+    stays its failure's; with KDUMP_CONTINUE_ON_ERROR=false the failure stops it first."""
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the target directory should be\n")
+    log = tmp_path / "log"
+    post = f'echo "post [$KDUMP_DUMP_STATUS] [$KDUMP_DUMP_DIR]" >> {log}'
+    args = save_args(sample, str(blocker / "d"), f"KDUMP_POSTSCRIPT={post}")
+    r = cli(*args, "--set", f"KDUMP_CONTINUE_ON_ERROR={continue_on_error}")
+    assert r.rc == 6, r.err
+    assert "kdump-capture: error:" in r.err.strip().splitlines()[-1]
+    if continue_on_error == "true":
+        assert log.read_text() == "post [failed] []\n"
+    else:
+        assert not log.exists()
+    r = cli(*save_args(sample, str(tmp_path / "d"), f"KDUMP_POSTSCRIPT={post}"))
+    assert r.rc == 0, r.err
+    assert log.read_text().splitlines()[-1] == f"post [saved] [{dumps_in(tmp_path / 'd')[0]}]"
+
+
 def test_a_script_may_set_up_the_terminal(sample, tmp_path):
     """A script that sets up the console (``stty`` on /dev/tty: tcsetattr) on a terminal
     whose foreground group is the save's: run in a process group of its own it was stopped
