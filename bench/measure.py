@@ -403,7 +403,8 @@ def profile_threads(fn: Callable[[], None], top: int = 12, share: float = 0.1) -
         prof.disable()  # only stops it if that thread is this one; the others have ended
         try:
             stats = pstats.Stats(prof)
-        except TypeError:  # a thread that recorded nothing
+        except TypeError:  # a thread that recorded nothing: idle, counted as such
+            brief += 1
             continue
         if stats.total_tt < share * pstats.Stats(main).total_tt:
             brief += 1
