@@ -308,6 +308,15 @@ def _script(path: Path, text: str) -> str:
     return str(path)
 
 
+def _unpack(arc, tree: Path) -> Path:
+    """``arc`` unpacked into the new directory ``tree``, as the kernel unpacks an image."""
+    tree.mkdir()
+    raw = io.BytesIO()
+    arc.write(raw)
+    subprocess.run(["cpio", "-idm", "--quiet"], input=raw.getvalue(), cwd=tree, check=True)
+    return tree
+
+
 def test_a_required_script_gets_its_interpreter(tmp_path):
     """A script of KDUMP_REQUIRED_PROGRAMS was packed without the interpreter its #! line
     names: in the capture kernel "sh: tool: not found" (exit 127), at the crash. Now the
@@ -322,11 +331,7 @@ def test_a_required_script_gets_its_interpreter(tmp_path):
     builder.add_programs(arc, [bash, env, sh])
     assert arc.get("usr/bin/bash") is not None and arc.get("usr/bin/env") is not None
     assert arc.get("usr/bin/sh").data == b"busybox"  # the image's own sh does
-    tree = tmp_path / "tree"
-    tree.mkdir()
-    raw = io.BytesIO()
-    arc.write(raw)
-    subprocess.run(["cpio", "-idm", "--quiet"], input=raw.getvalue(), cwd=tree, check=True)
+    tree = _unpack(arc, tmp_path / "tree")
     r = subprocess.run(
         [CHROOT, str(tree), "/usr/bin/sh", "-c", "bashtool && envtool && shtool"],
         capture_output=True,
@@ -346,11 +351,7 @@ def test_a_required_program_named_by_its_path_is_there_in_the_image(tmp_path):
     tool = _script(tmp_path / "notify", "#!/bin/sh\necho notified\n")
     arc = _image_with_python()
     builder.add_programs(arc, [tool])
-    tree = tmp_path / "tree"
-    tree.mkdir()
-    raw = io.BytesIO()
-    arc.write(raw)
-    subprocess.run(["cpio", "-idm", "--quiet"], input=raw.getvalue(), cwd=tree, check=True)
+    tree = _unpack(arc, tmp_path / "tree")
     r = subprocess.run(
         [CHROOT, str(tree), "/usr/bin/sh", "-c", f"{tool} && notify"],
         capture_output=True,

@@ -184,17 +184,26 @@ def test_a_lease_whose_router_is_outside_its_subnet():
     assert "10.9.0.1 dev eth0 scope link" in got["routes"]
 
 
-# The building host has the NIC as ens3 (udev's name); the capture kernel, without udev,
-# names it eth0. The builder's plan for KDUMP_NETCONFIG=ens3:dhcp, then /init's choice.
-RENAMED = r"""
+# /init loaded as a module (argv[1]) in a network and mount namespace of a test's own, with
+# this namespace's interfaces in /sys/class/net, as in a capture kernel; ``sh`` runs a
+# command line there.
+INIT_IN_NAMESPACE = r"""
 import importlib.machinery, importlib.util, json, subprocess, sys, time
-from initramfs import builder
 loader = importlib.machinery.SourceFileLoader("kdump_capture_init", sys.argv[1])
 spec = importlib.util.spec_from_loader(loader.name, loader)
 init = importlib.util.module_from_spec(spec)
 loader.exec_module(init)
 subprocess.run(["mount", "-t", "sysfs", "sysfs", "/sys"], check=True)
 sh = lambda c: subprocess.run(c, shell=True, check=True)
+"""
+
+
+# The building host has the NIC as ens3 (udev's name); the capture kernel, without udev,
+# names it eth0. The builder's plan for KDUMP_NETCONFIG=ens3:dhcp, then /init's choice.
+RENAMED = (
+    INIT_IN_NAMESPACE
+    + r"""
+from initramfs import builder
 sh("ip link add ens3 address 52:54:00:12:34:56 type veth peer name peer0")
 sh("ip link add eth9 type veth peer name peer9")  # another NIC
 sh("ip addr add 192.168.7.10/24 dev ens3; ip link set ens3 up; ip link set peer0 up")
@@ -206,6 +215,7 @@ try:
 except OSError as e:
     print("FAILED", init.why(e))
 """
+)
 
 
 @pytest.mark.parametrize("netconfig", ["ens3:dhcp", "ens3:static"])
@@ -266,19 +276,15 @@ def test_a_target_named_in_etc_hosts_resolves_in_the_capture_kernel(tmp_path):
 
 # Two NICs, a cable in the second only (the first's peer stays down: no carrier). veth
 # pairs stand for the NICs: is_hardware takes them for PCI devices.
-TWO_NICS = r"""
-import importlib.machinery, importlib.util, subprocess, sys, time
-loader = importlib.machinery.SourceFileLoader("kdump_capture_init", sys.argv[1])
-spec = importlib.util.spec_from_loader(loader.name, loader)
-init = importlib.util.module_from_spec(spec)
-loader.exec_module(init)
-subprocess.run(["mount", "-t", "sysfs", "sysfs", "/sys"], check=True)
-sh = lambda c: subprocess.run(c, shell=True, check=True)
+TWO_NICS = (
+    INIT_IN_NAMESPACE
+    + r"""
 sh("ip link add eth0 type veth peer name p0")
 sh("ip link add eth1 type veth peer name p1; ip link set p1 up")
 init.is_hardware = lambda name: name.startswith("eth")
 print("PICKED", init.pick_interface({"mode": "dhcp", "timeout": 5}, time.monotonic() + 5))
 """
+)
 
 
 def test_auto_takes_the_nic_that_has_a_link():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -405,6 +406,24 @@ METADATA_OPS = {
 }
 
 
+@contextlib.contextmanager
+def _stallable(kind: str, request, timeout: float):
+    """A transport to ``kind``'s server (no retries) through a DropProxy, whose ``stall()``
+    keeps the connections open and stops every reply."""
+    target = make_target(kind, request)
+    target = replace(target, settings=target.settings.replace(timeout=timeout, retries=0))
+    with DropProxy(_port(target), ftp=kind == "ftp") as proxy:
+        yield target.via_port(proxy.port).transport(), proxy
+
+
+def _in_bounded_thread(run, seconds: float, what: str) -> None:
+    """``run()`` in a thread: a hang fails the test after ``seconds``, not the suite."""
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(seconds)
+    assert not worker.is_alive(), f"{what}: still waiting after {seconds:.0f} s"
+
+
 @pytest.mark.parametrize(
     ("kind", "op"),
     # FTP cannot tell free space: free_space asks the server nothing there
@@ -415,11 +434,8 @@ def test_a_server_that_stops_answering_fails_metadata_within_the_timeout(kind, o
     statfs or read: the call fails as a lost connection within the timeout plus slack, and
     closing the transport does not hang either. Run in a thread so a hang fails the test."""
     timeout = 3.0
-    target = make_target(kind, request)
-    target = replace(target, settings=target.settings.replace(timeout=timeout, retries=0))
     outcome: dict = {}
-    with DropProxy(_port(target), ftp=kind == "ftp") as proxy:
-        tr = target.via_port(proxy.port).transport()
+    with _stallable(kind, request, timeout) as (tr, proxy):
         tr.connect()
         tr.makedir("d")
         _upload(tr, "d/f", b"manifest" * 100)
@@ -435,10 +451,7 @@ def test_a_server_that_stops_answering_fails_metadata_within_the_timeout(kind, o
             tr.close()
             outcome["closed"] = time.monotonic() - t0
 
-        worker = threading.Thread(target=run, daemon=True)
-        worker.start()
-        worker.join(timeout * 2 + 30)
-        assert not worker.is_alive(), f"{kind} {op}: still waiting after {timeout * 2 + 30:.0f} s"
+        _in_bounded_thread(run, timeout * 2 + 30, f"{kind} {op}")
     assert isinstance(outcome.get("error"), ConnectionLost), outcome
     # one wait for the reply (the timeout), plus slack for a busy machine
     assert outcome["elapsed"] < timeout + 5, outcome
@@ -874,11 +887,8 @@ def test_closing_a_live_connection_to_a_server_that_stopped_answering_never_rais
     within 5 s"): after a complete dump the save counted the target failed, wrote the whole
     dump again to the next target, or exited 6 when there was none."""
     timeout = 3.0
-    target = make_target(kind, request)
-    target = replace(target, settings=target.settings.replace(timeout=timeout, retries=0))
     outcome: dict = {}
-    with DropProxy(_port(target), ftp=kind == "ftp") as proxy:
-        tr = target.via_port(proxy.port).transport()
+    with _stallable(kind, request, timeout) as (tr, proxy):
 
         def run() -> None:
             t0 = time.monotonic()
@@ -890,9 +900,6 @@ def test_closing_a_live_connection_to_a_server_that_stopped_answering_never_rais
                 outcome["error"] = e
             outcome["closed"] = time.monotonic() - t0
 
-        worker = threading.Thread(target=run, daemon=True)
-        worker.start()
-        worker.join(timeout * 2 + 30)
-        assert not worker.is_alive(), f"{kind}: close still waiting after {timeout * 2 + 30:.0f} s"
+        _in_bounded_thread(run, timeout * 2 + 30, f"{kind}: close")
     assert "error" not in outcome, outcome
     assert outcome["closed"] < 2 * timeout + 10, outcome
