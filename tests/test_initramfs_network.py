@@ -122,14 +122,23 @@ def _network_up(net: dict, server: dict) -> dict:
     return json.loads(line[len("RESULT ") :]) | {"log": r.stdout + r.stderr}
 
 
-def test_dhcp_lease_with_a_default_route():
+@pytest.mark.parametrize(
+    ("mask", "prefix", "host_route"),
+    [("255.255.255.0", 24, False), ("255.255.255.255", 32, True)],
+    ids=["/24", "/32"],
+)
+def test_dhcp_lease_with_a_default_route(mask, prefix, host_route):
+    """A lease and its router. A /32 lease with a router outside it, as Google Cloud's DHCP
+    hands out: the default route was refused (ENETUNREACH) and the network failed. The
+    router is reached through a host route on the link, as dhclient-script does."""
     got = _network_up(
         {"mode": "dhcp", "ifname": "eth0", "timeout": 20},
-        {"lease": "10.9.0.5", "mask": "255.255.255.0", "router": "10.9.0.1"},
+        {"lease": "10.9.0.5", "mask": mask, "router": "10.9.0.1"},
     )
     assert got["error"] == "", got["log"]
-    assert "10.9.0.5/24" in got["addr"]
+    assert f"10.9.0.5/{prefix}" in got["addr"]
     assert "default via 10.9.0.1 dev eth0" in got["routes"]
+    assert ("10.9.0.1 dev eth0 scope link" in got["routes"]) == host_route
 
 
 def test_a_lease_s_name_server_keeps_the_packed_search_domains():
@@ -168,20 +177,6 @@ def test_dhcp_ends_at_its_deadline_on_a_busy_network():
     )
     assert got["error"] == "no DHCP answer on eth0", got["log"]
     assert got["seconds"] < 8, got
-
-
-def test_a_lease_whose_router_is_outside_its_subnet():
-    """A /32 lease with a router outside it, as Google Cloud's DHCP hands out: the default
-    route was refused (ENETUNREACH) and the network failed. The router is reached through
-    a host route on the link, as dhclient-script does."""
-    got = _network_up(
-        {"mode": "dhcp", "ifname": "eth0", "timeout": 20},
-        {"lease": "10.9.0.5", "mask": "255.255.255.255", "router": "10.9.0.1"},
-    )
-    assert got["error"] == "", got["log"]
-    assert "10.9.0.5/32" in got["addr"]
-    assert "default via 10.9.0.1 dev eth0" in got["routes"]
-    assert "10.9.0.1 dev eth0 scope link" in got["routes"]
 
 
 # /init loaded as a module (argv[1]) in a network and mount namespace of a test's own, with
