@@ -153,8 +153,7 @@ def list_dumps(transport: Transport) -> list[Listed]:
                 _fill(item, doc, host)
                 if item.status == policy.COMPLETE:
                     where = f"{transport.describe()}/{relpath}"
-                    listed = {e.name: e.size for e in files if not (e.is_dir or e.is_link)}
-                    damage = manifest.files_differ(manifest.of_document(doc, where), listed)
+                    damage = manifest.files_differ(manifest.of_document(doc, where), files)
                     if damage is not None:  # as rotation counts it
                         item.status = policy.DAMAGED
                         item.note = clean(damage, 120)

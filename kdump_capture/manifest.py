@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 
-from transports.base import Transport
+from transports.base import Entry, Transport
 
 from . import checksum
 from .errors import ManifestError
@@ -174,12 +175,13 @@ def of_document(doc: dict, where: str) -> Manifest:
     return Manifest(status, _files(doc, where), _text(doc, "error", where, optional=True))
 
 
-def files_differ(m: Manifest, listed: dict[str, int]) -> str | None:
-    """Why the files in the dump's directory are not the ones ``m`` records (``listed``:
-    name to size of each regular file, as the target lists them), else None: one is
-    missing (a vmcore removed to save space) or of another size (cut short when the target
-    lost data, rewritten). README.txt is not compared: one that cannot be written after the
-    manifest is only a warning (``pipeline._publish_record``)."""
+def files_differ(m: Manifest, entries: Iterable[Entry]) -> str | None:
+    """Why the files in the dump's directory are not the ones ``m`` records (``entries``:
+    its listing on the target), else None: one is missing (a vmcore removed to save space)
+    or of another size (cut short when the target lost data, rewritten). Only regular
+    files count, never a link. README.txt is not compared: one that cannot be written
+    after the manifest is only a warning (``pipeline._publish_record``)."""
+    listed = {e.name: e.size for e in entries if not (e.is_dir or e.is_link)}
     for name, rec in sorted(m.files.items()):
         if name == README:
             continue

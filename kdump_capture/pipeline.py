@@ -341,8 +341,7 @@ def _state(transport: Transport, entry: Entry) -> str | None:
         return policy.FAILED
     if not doc.complete:
         return policy.FAILED
-    files = {e.name: e.size for e in entries if not (e.is_dir or e.is_link)}
-    damage = manifest.files_differ(doc, files)
+    damage = manifest.files_differ(doc, entries)
     if damage is not None:
         # Counted as complete, a dump whose vmcore is gone would keep rotation from
         # keeping a whole older one.
