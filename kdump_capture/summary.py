@@ -276,6 +276,12 @@ def _read_text(path: str, follow: bool) -> tuple[bytes, bytes, bool]:
         if stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode):
             f.seek(max(0, st.st_size - MAX_TEXT))
             return head, f.read(MAX_TEXT), True
+        if stat.S_ISCHR(st.st_mode):  # /dev/zero, a tty: endless, or no log
+            raise VmcoreError(f"{path}: a character device, neither a dump file nor a log")
+        if b"\0" in head:
+            # A dump or binary data in a pipe: the caller refuses both from what it has;
+            # reading on could take for ever (an endless stream).
+            return head, head, False
         tail = bytearray(head)
         while chunk := f.read(1 << 20):
             tail += chunk

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -306,3 +308,20 @@ def test_summary_and_dmesg_read_from_a_pipe(tmp_path):
     (tmp_path / "link").symlink_to(src)  # a link named on the command line is followed
     r = cli("summary", str(tmp_path / "link"))
     assert r.rc == 0 and r.out.startswith(want), r.err
+
+
+def test_summary_of_an_endless_source_ends():
+    """Reading a pipe to its end (for a log's last lines) never ended on /dev/zero or an
+    endless binary stream (`cat /dev/zero | kdump-capture summary /dev/stdin`): a hang. A
+    character device is refused; a stream that starts with binary data is refused from its
+    first bytes."""
+    r = subprocess.run(
+        [sys.executable, "-m", "kdump_capture", "summary", "/dev/zero"],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert r.returncode == 4 and "character device" in r.stderr, r.stderr
+    r = subprocess.run(
+        f"cat /dev/zero | {sys.executable} -m kdump_capture summary /dev/stdin",
+        shell=True, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert r.returncode == 4 and "binary data" in r.stderr, r.stderr
