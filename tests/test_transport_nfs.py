@@ -63,6 +63,10 @@ def test_client_address_on_loopback():
 def test_mount_error_messages():
     req = mount_requests("10.0.2.2", "10.0.2.15", "/d")[0]
     assert "not supported by this kernel" in str(mount_error(req, 19))
+    assert "the nfs and nfsv4 modules" in str(mount_error(req, 19))
+    [v3, _] = mount_requests("10.0.2.2", "10.0.2.15", "/d", version="3")
+    assert "nfs is not supported" in str(mount_error(v3, 19))  # not "nfs4"
+    assert "the nfs and nfsv3 modules" in str(mount_error(v3, 19))
 
 
 def test_connect_without_kernel_nfs_is_a_clear_transport_error():

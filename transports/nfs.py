@@ -146,8 +146,8 @@ def mount_error(req: MountRequest, err: int) -> TransportError:
     text = os.strerror(err)
     if err == errno.ENODEV:
         return TransportError(
-            f"cannot mount {req.source}: nfs4 is not supported by this kernel (ENODEV); "
-            "the nfs and nfsv4 modules must be loaded"
+            f"cannot mount {req.source}: {req.fstype} is not supported by this kernel "
+            f"(ENODEV); the nfs and nfsv{version_of(req)[0]} modules must be loaded"
         )
     if err in (errno.EACCES, errno.EPERM):
         return AuthError(f"cannot mount {req.source}: the server refused access ({text})")
