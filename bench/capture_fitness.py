@@ -2,7 +2,7 @@
 crashkernel= at which a whole cycle (load, crash, capture, save, reboot) completes in a
 1 GiB TCG guest, next to what ``kdump-capture estimate`` recommends there.
 
-    python3 bench/capture_fitness.py [--cases all | file:elf,sftp:compressed,...]
+    python3 bench/capture_fitness.py [--cases all | file:elf,sftp:compressed+encrypt,...]
                                      [--sizes 96,112,128,144,160] [--images]
 
 Each case tries the sizes from the largest down and stops at the first that fails (the
@@ -130,7 +130,9 @@ def report(data: dict) -> str:
         "cloud kernel: the first kernel runs `kdump-capture estimate` and `load` "
         "(kexec_file_load) with the image from `initramfs build`, then crashes; the "
         "capture kernel's /init saves /proc/vmcore and reboots. Formats: `compressed` and "
-        "`zstd` at level 31, `ELF` at level 0. Commands that produced the runs below:",
+        "`zstd` at level 31, `ELF` at level 0; a format's `+encrypt` adds `KDUMP_ENCRYPT_TO` "
+        "(an age key), `+sha256` adds `KDUMP_CHECKSUM=sha256` (configurations admins add, "
+        "each with what it imports). Commands that produced the runs below:",
         "",
         *[f"    {c}" for c in data.get("commands", [])],
         "",
@@ -211,7 +213,11 @@ def save(data: dict) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cases", default="", help="all, or kind:format,... (e.g. sftp:compressed)")
+    ap.add_argument(
+        "--cases",
+        default="",
+        help="all, or kind:format[+variant...],... (e.g. sftp:compressed, file:zstd+encrypt)",
+    )
     ap.add_argument("--sizes", default="112,128,144,160")
     ap.add_argument("--images", action="store_true", help="measure the image of each target")
     ap.add_argument("--report-only", action="store_true", help="rewrite the .md from the .json")

@@ -339,9 +339,36 @@ def serve_target(kind: str, work: Path) -> Iterator[TargetSetup]:
         raise ValueError(f"unknown target kind {kind!r}")
 
 
-def format_config(fmt: str) -> str:
-    name, level = FORMATS[fmt]
-    return f'KDUMP_DUMPFORMAT="{name}"\nKDUMP_DUMPLEVEL="{level}"\n'
+# Settings admins add to a format (a case "compressed+encrypt+sha256"): what they cost the
+# capture kernel is what bench/capture_fitness.py measures with them.
+VARIANTS = ("encrypt", "sha256")
+
+
+def age_recipient(work: Path) -> str:
+    """A new age key pair in ``work`` (Debian's age-keygen); its public key."""
+    key = work / "age.key"
+    if not key.exists():
+        work.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["age-keygen", "-o", str(key)], check=True, capture_output=True)
+    return next(
+        ln.split(": ")[1].strip() for ln in key.read_text().splitlines() if "public key" in ln
+    )
+
+
+def format_config(fmt: str, work: Path | None = None) -> str:
+    """The config lines of a matrix format, with its variants (``encrypt`` needs ``work``
+    for its key)."""
+    base, *variants = fmt.split("+")
+    name, level = FORMATS[base]
+    out = f'KDUMP_DUMPFORMAT="{name}"\nKDUMP_DUMPLEVEL="{level}"\n'
+    for v in variants:
+        if v == "sha256":
+            out += 'KDUMP_CHECKSUM="sha256"\n'
+        elif v == "encrypt" and work is not None:
+            out += f'KDUMP_ENCRYPT_TO="{age_recipient(work)}"\n'
+        else:
+            raise ValueError(f"unknown format variant {v!r} (known: {', '.join(VARIANTS)})")
+    return out
 
 
 def matrix_cycle(
@@ -352,7 +379,7 @@ def matrix_cycle(
     with serve_target(kind, work / "target") as t:
         res = run_cycle(
             kernel,
-            t.config + format_config(fmt) + COMMON,
+            t.config + format_config(fmt, work) + COMMON,
             work / "cycle",
             crashkernel_mib=crashkernel_mib,
             # ELF at level 0 over SFTP is 947 MB at 2-10 MB/s under TCG (emulated crypto)
