@@ -757,7 +757,9 @@ def build(
         runtime.zip_pure_modules(payload)
         add_payload(arc, payload)
         fmt = cfg["KDUMP_DUMPFORMAT"].strip().lower()
-        interpreter, imports = runtime.measure_save_imports(payload, schemes, fmt, tmp)
+        interpreter, imports = runtime.measure_save_imports(
+            payload, schemes, fmt, tmp, features=features
+        )
     ext = sum(1 for f in payload.files if f.endswith(".so") and "/python3" in f)
     libs = sum(1 for f in payload.files if f.startswith(("usr/lib/x86_64", "usr/lib64")))
 

@@ -493,12 +493,15 @@ def measure_save_imports(
     fmt: str,
     tmpdir: str,
     python: str = sys.executable,
+    features: Iterable[str] = (),
 ) -> tuple[int, int]:
     """(interpreter, interpreter + the save's imports): resident anonymous bytes of this
     interpreter importing what a save imports, from the image's own modules.
 
     The packed interpreter is this one, so the figure is what the capture kernel's save
     takes before it allocates anything for the dump (``kdump-capture estimate``).
+    ``features`` (keys of FEATURE_MODULES) that are configured: their modules are imported
+    too (``encrypt`` brings `cryptography`, about 5 MiB in a save).
     """
     root = tempfile.mkdtemp(prefix="measure-", dir=tmpdir)
     for dest, src in payload.files.items():
@@ -512,6 +515,7 @@ def measure_save_imports(
         else:
             os.symlink(os.path.realpath(src), path)
     names = list(SAVE_MODULES) + (["zstandard"] if fmt == "zstd" else [])
+    names += [m for f in features for m in FEATURE_MODULES[f]]
     code = (
         MEASURE.replace("ROOT", repr(root))
         .replace("PYZIP", PYZIP)

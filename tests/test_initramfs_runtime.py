@@ -107,3 +107,17 @@ def test_cryptography_only_when_encryption_is_on(tmp_path):
     assert not [d for d in plain.files if "/cryptography/" in d or "/age.pyc" in d]
     enc = runtime.collect(["file"], str(tmp_path / "b"), features=("encrypt",))
     assert [d for d in enc.files if "/cryptography/" in d]
+
+
+def test_the_save_imports_measured_include_the_configured_features(tmp_path):
+    """`estimate` adds what the builder measured the save's imports to take: with
+    KDUMP_ENCRYPT_TO the save imports `cryptography` too (about 3 MiB more here), and the
+    figure left it out: a file target with encryption was estimated at 112M, where the
+    capture kernel did not boot (bench/capture_fitness.py, file:compressed+encrypt)."""
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    payload = runtime.collect(["file"], str(tmp_path / "a"), features=("encrypt",))
+    plain = runtime.measure_save_imports(payload, ["file"], "compressed", str(tmp_path / "a"))
+    enc = runtime.measure_save_imports(
+        payload, ["file"], "compressed", str(tmp_path / "b"), features=("encrypt",)
+    )
+    assert enc[1] - plain[1] > 1 << 20, (plain, enc)
