@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
 from collections.abc import Callable
 
 from transports import open_transport
-from transports.base import Entry, Transport, TransportSettings
+from transports.base import Claim, Entry, Transport, TransportSettings
 
 from . import checksum, manifest, policy
 from .dmesg import extract as extract_dmesg
@@ -361,18 +362,37 @@ def _remove(transport: Transport, dumps: list[policy.DumpDir], why: str) -> list
 
 
 def _delete(transport: Transport, d: policy.DumpDir) -> bool:
-    """A failed deletion is a warning: cleaning up must never cost the new dump."""
+    """A failed deletion is a warning: cleaning up must never cost the new dump.
+
+    A dump without a manifest may be one that another of our processes is writing right
+    now (an admin's ``save`` beside the boot-time ``recover``), or has completed since it
+    was listed: it goes only when nobody holds it and it is still without a manifest.
+    """
+    held = None
     try:
+        if d.state == policy.INCOMPLETE:
+            held = transport.claim(d.name)
+            if held is None:
+                log.info("%s is being written by another process on this host; left alone", d.name)
+                return False
+            if _state(transport, Entry(d.name, True)) != policy.INCOMPLETE:
+                log.info("%s was completed since it was listed; left alone", d.name)
+                return False
         transport.remove_tree(d.name)
     except TransportError as e:
         log.warning("could not delete %s (%s); going on with the new dump", d.name, e)
         return False
+    finally:
+        if held is not None:
+            held.release()
     return True
 
 
 def _make_dump_dir(
     transport: Transport, stamp: str, host: str | None, known: list[policy.DumpDir]
-) -> str:
+) -> tuple[str, Claim]:
+    """A new dump directory's name, and this process's claim on it: held while the dump is
+    written, so that no other save of ours takes it for one left by a killed run."""
     # After the highest sequence number already used for this time stamp: a free lower one
     # (its dump rotated away) would sort the new dump before an older one. (Not after a
     # number no save of ours reaches: any host may create names on a shared target.)
@@ -381,9 +401,12 @@ def _make_dump_dir(
         name = policy.dump_name(stamp, host, seq)
         try:
             transport.makedir(name)
-            return name
         except FileExistsError:
             continue
+        held = transport.claim(name)
+        if held is not None:
+            return name, held
+        # Another save of ours, cleaning up, holds it to delete it: it looked incomplete.
     raise TransportError(f"{transport.describe()}: cannot find a free dump directory name")
 
 
@@ -497,7 +520,7 @@ def save_to_target(
     if writer is None and dmesg_error is not None:
         raise dmesg_error  # format "none" saves only dmesg.txt: there is nothing to save
     summary = summarize_log(dmesg)
-    with transport:
+    with transport, contextlib.ExitStack() as claims:
         memlog.mark("transport session")
         host = None
         if target.scheme != "file":
@@ -531,7 +554,8 @@ def save_to_target(
                 raise FreeSpaceError(f"{e}; nothing was written") from None
             no_room, free = FreeSpaceError(f"{e}; the vmcore was not written"), None
 
-        name = _make_dump_dir(transport, stamp, host, [*left, *existing])
+        name, held = _make_dump_dir(transport, stamp, host, [*left, *existing])
+        claims.callback(held.release)
         log.info("saving dump to %s/%s", transport.describe(), name)
         record = DumpRecord(
             status="failed",

@@ -22,12 +22,13 @@ root directory itself (configured by the administrator) may be a link.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import stat
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from kdump_capture import checksum
 from kdump_capture.errors import KdumpError, TransportError, UnsafeFile
@@ -421,6 +422,26 @@ class Sink(ABC):
             self.abort()
 
 
+class Claim:
+    """This process's hold on one dump directory (``Transport.claim``); ``release`` ends it,
+    and so does the end of the process, a SIGKILL included: nothing is left to block the
+    next run."""
+
+    def __init__(self, release: Callable[[], None]) -> None:
+        self._release: Callable[[], None] | None = release
+
+    def release(self) -> None:
+        """Never raises; a second call does nothing."""
+        done, self._release = self._release, None
+        if done is not None:
+            with contextlib.suppress(OSError):
+                done()
+
+
+# Abstract Unix socket names (no file to leave behind) of the default claims.
+CLAIM_PREFIX = b"\0kdump-capture/claim/"
+
+
 class Transport(ABC):
     """One connection to one dump target. About ten methods; see the module docstring."""
 
@@ -505,6 +526,31 @@ class Transport(ABC):
     def remove_file(self, relpath: str) -> None:
         """Delete one file; default: not needed by the engine except for re-publishing."""
         raise TransportError(f"{self.describe()}: cannot remove {relpath}")
+
+    def claim(self, relpath: str) -> Claim | None:
+        """Hold the dump directory ``relpath`` against our other processes on this host, or
+        None when one of them holds it: it is writing that dump (an admin's ``save`` beside
+        the boot-time ``recover``), or deleting it. A directory without a manifest is a dump
+        in the making while it is claimed, and left by a killed run once it is not.
+
+        Default: an abstract Unix socket named after the target and ``relpath``, which the
+        kernel frees when the process ends; a system that cannot make one claims nothing
+        (each run then goes ahead, as before claims existed).
+        """
+        import hashlib
+        import socket  # only here: a save to a file target does without it (FileTransport)
+
+        key = hashlib.sha256(f"{self.describe()}/{relpath}".encode()).hexdigest()[:48]
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            s.bind(CLAIM_PREFIX + key.encode())
+        except OSError as e:
+            s.close()
+            if e.errno == errno.EADDRINUSE:
+                return None
+            log.debug("cannot claim %s/%s: %s", self.describe(), relpath, e)
+            return Claim(lambda: None)
+        return Claim(s.close)
 
     def __enter__(self) -> Transport:
         self.connect()

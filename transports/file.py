@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import logging
 import os
 import stat
@@ -16,6 +17,7 @@ from .base import (
     DIR_MODE,
     FILE_MODE,
     MARKS_FIRST,
+    Claim,
     Entry,
     FileInfo,
     Sink,
@@ -246,6 +248,33 @@ class FileTransport(Transport):
             if e.errno in (errno.ELOOP, errno.ENOTDIR):
                 raise UnsafeFile(f"{path}: replaced by a link after it was created") from None
             raise _io_error(f"cannot create {path}", e) from e
+
+    def claim(self, relpath: str) -> Claim | None:
+        """flock(2) on the directory itself: held while the descriptor is open, freed by
+        the kernel when the process ends. None too when the directory is gone (deleted by
+        the process that held it before us)."""
+        *dirs, name = _parts(relpath) or [""]
+        try:
+            with self._dir_fd(dirs) as dfd:
+                fd = os.open(name, _DIR_FLAGS, dir_fd=dfd)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                return Claim(lambda: None)  # a link: nobody writes a dump into it
+            raise _io_error(f"cannot open {self._p(relpath)}", e) from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.fstat(fd).st_nlink == 0:  # removed while we waited for it
+                os.close(fd)
+                return None
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        except OSError as e:
+            os.close(fd)
+            raise _io_error(f"cannot lock {self._p(relpath)}", e) from e
+        return Claim(lambda: os.close(fd))
 
     def create(self, relpath: str) -> Sink:
         *dirs, name = _parts(relpath) or [""]
