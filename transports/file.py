@@ -272,8 +272,11 @@ class FileTransport(Transport):
             os.close(fd)
             return None
         except OSError as e:
-            os.close(fd)
-            raise _io_error(f"cannot lock {self._p(relpath)}", e) from e
+            # A filesystem without flock on directories (NFSv4 turns it into a write lock,
+            # which a directory opened to read cannot take: EBADF): claim nothing, as
+            # before claims existed, rather than fail the dump.
+            log.debug("cannot lock %s: %s", self._p(relpath), e.strerror)
+            return Claim(lambda: os.close(fd))
         return Claim(lambda: os.close(fd))
 
     def create(self, relpath: str) -> Sink:
