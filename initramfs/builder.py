@@ -8,6 +8,7 @@ itself reads one small JSON file and needs no config parser.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import ipaddress
 import json
@@ -23,7 +24,7 @@ from pathlib import Path
 
 from kdump_capture import config, heartbeat, private
 from kdump_capture.bounds import read_small_file
-from kdump_capture.errors import ConfigError, NotSupported
+from kdump_capture.errors import ConfigError, LoadError, NotSupported
 from kdump_capture.identity import local_identity
 from kdump_capture.load import rebuild
 from kdump_capture.urls import Target, parse_savedir, quote
@@ -884,13 +885,14 @@ def build(
     # directory (when we create it) from the first byte. The old record of its inputs goes
     # before the image is replaced and the new one after, so an interrupted build leaves
     # an image that ``load`` rebuilds.
+    # Two builds of the same image at once (a package hook's `load` beside an admin's)
+    # publish one after the other, each its image and then its record; the record carries
+    # the image's SHA-256 besides. What a killed build left (IMAGE.tmp.*: the secrets
+    # too) goes.
     out_dir = os.path.dirname(os.path.abspath(output))
     if not os.path.isdir(out_dir):
         private.make_dir(out_dir)
     record = rebuild.record_path(output)
-    if os.path.lexists(record):
-        os.unlink(record)
-    private.write_file(output, packed)
     facts = {
         "compressed": len(packed),
         "unpacked": unpacked,
@@ -899,7 +901,16 @@ def build(
         "interpreter": interpreter,
         "save_imports": imports,
     }
-    rebuild.write_record(output, inputs, facts)
+    try:
+        with private.dir_lock(out_dir, what=f"building {output}"):
+            for path in private.remove_leftovers(output) + private.remove_leftovers(record):
+                log.info("removed %s, left by a build that was killed", path)
+            if os.path.lexists(record):
+                os.unlink(record)
+            private.write_file(output, packed)
+            rebuild.write_record(output, inputs, facts, hashlib.sha256(packed).hexdigest())
+    except TimeoutError as e:
+        raise LoadError(f"cannot write the image: {e}") from None
     return BuildReport(
         output=output,
         compress=compress,

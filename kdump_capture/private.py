@@ -8,9 +8,13 @@ it readable or half-written. Directories are created 0700.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import secrets
 import stat
+import time
+from collections.abc import Iterator
 
 FILE_MODE = 0o600
 DIR_MODE = 0o700
@@ -72,6 +76,70 @@ def write_file(path: str, data: bytes) -> None:
         os.fsync(dfd)
     finally:
         os.close(dfd)
+
+
+# Directories this process holds (dir_lock is reentrant: ``load`` holds the image's
+# directory while the builder it calls publishes into it).
+_HELD: dict[str, int] = {}
+
+
+@contextlib.contextmanager
+def dir_lock(path: str, timeout: float = 600.0, what: str = "") -> Iterator[None]:
+    """Hold ``path`` (a directory) against our other processes: flock(2) on the directory,
+    which the kernel frees when the process ends (a SIGKILL leaves nothing to block the
+    next run). Reentrant within this process. Waits up to ``timeout`` seconds for another
+    holder, then raises TimeoutError naming ``what`` it waited for."""
+    key = os.path.realpath(path)
+    if key in _HELD:
+        yield
+        return
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"{path} is held by another process of ours ({what or 'a build'}) "
+                        f"for more than {timeout:.0f} s"
+                    ) from None
+                time.sleep(0.1)
+        _HELD[key] = fd
+        try:
+            yield
+        finally:
+            del _HELD[key]
+    finally:
+        os.close(fd)
+
+
+def remove_leftovers(path: str) -> list[str]:
+    """Delete the temporary files that ``write_file(path)`` leaves when its process is
+    killed (``path.tmp.PID.RAND``: they may hold what ``path`` holds, a password or a key).
+    Only regular files of ours are removed, never through a link; call it while holding
+    the directory (``dir_lock``), when no writer of ours can be at work there."""
+    directory, base = os.path.split(os.path.abspath(path))
+    prefix = f"{base}.tmp."
+    removed = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    for name in names:
+        if not name.startswith(prefix):
+            continue
+        full = os.path.join(directory, name)
+        try:
+            st = os.lstat(full)
+            if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid():
+                os.unlink(full)
+                removed.append(full)
+        except OSError:
+            continue
+    return removed
 
 
 def repair_file(path: str) -> bool:

@@ -112,6 +112,28 @@ def test_image_is_private_and_records_its_inputs(built):
     ]
 
 
+def test_what_a_killed_build_left_goes_with_the_next_build(tmp_path):
+    """A build killed while it wrote left IMAGE.tmp.PID.RAND (0600, but holding the
+    target's password or SSH key) for good. The next build of that image removes such
+    files of ours (never through a link), while it holds the image's directory."""
+    out = tmp_path / "images" / "initrd.img"
+    out.parent.mkdir(mode=0o700)
+    left = out.parent / "initrd.img.tmp.4242.0badc0de"
+    left.write_bytes(b"password")
+    left_record = out.parent / "initrd.img.inputs.json.tmp.4242.0badc0de"
+    left_record.write_bytes(b"{}")
+    other = tmp_path / "other"
+    other.write_bytes(b"not ours to delete")
+    link = out.parent / "initrd.img.tmp.1.link"
+    link.symlink_to(other)
+    build_image(CFG, out, tmp_path)
+    assert not left.exists() and not left_record.exists()
+    assert other.read_bytes() == b"not ours to delete" and link.is_symlink()
+    assert sorted(p.name for p in out.parent.iterdir()) == sorted(
+        [out.name, "initrd.img.inputs.json", link.name]
+    )
+
+
 def test_layout(built):
     _report, _out, tree, names, _raw = built
     for must in (

@@ -8,6 +8,8 @@ import errno
 import gzip
 import logging
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -553,3 +555,79 @@ def test_modules_installed_again_make_the_image_stale(tmp_path):
     os.utime(dep, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
     after = _inputs(cfg, kernel_version=KVER, modules_root=str(root))
     assert {k for k in before if before[k] != after[k]} == {"kernel modules"}
+
+
+def test_an_image_replaced_after_its_record_is_stale(tmp_path):
+    """Two builds of one image at once could leave one build's image beside the other's
+    record: `load` then called an image with the old target and credentials "up to date".
+    The record holds the image's SHA-256 now."""
+    from kdump_capture.config import load_config
+
+    cfg = load_config("/nonexistent/kdump", ["KDUMP_SAVEDIR=file:///var/crash"])
+    img = _fake_image(tmp_path / "images", cfg)
+    assert commands.image_decision(cfg, "9.9.9-test", None, str(tmp_path / "images")).rebuild == []
+    with open(img, "wb") as f:
+        f.write(b"another build's image")
+    decision = commands.image_decision(cfg, "9.9.9-test", None, str(tmp_path / "images"))
+    assert decision.rebuild == [
+        "the image is not the one its record describes (replaced after its build)"
+    ]
+
+
+def _hold(directory) -> subprocess.Popen:
+    """Another process of ours holding ``directory`` (dir_lock) until it is killed."""
+    code = (
+        "import sys, time; from kdump_capture import private\n"
+        "with private.dir_lock(sys.argv[1]):\n"
+        "    print('held', flush=True); time.sleep(60)\n"
+    )
+    p = subprocess.Popen(
+        [sys.executable, "-c", code, str(directory)], stdout=subprocess.PIPE, text=True
+    )
+    assert p.stdout.readline() == "held\n"
+    return p
+
+
+def test_a_load_waits_for_another_and_a_killed_holder_blocks_nothing(tmp_path, monkeypatch):
+    """Two loads at once each decided, built and loaded on their own: the one that loaded
+    last could load the other's image. One load at a time now holds the image directory;
+    a holder that is killed frees it at once (no lock file is left to block the next)."""
+    from kdump_capture import private
+
+    images = tmp_path / "images"
+    images.mkdir()
+    holder = _hold(images)
+    try:
+        with pytest.raises(TimeoutError) as e, private.dir_lock(str(images), timeout=0.5):
+            pass
+        assert str(images) in str(e.value)
+    finally:
+        holder.kill()
+        holder.wait()
+    with private.dir_lock(str(images), timeout=5), private.dir_lock(str(images), timeout=0):
+        pass  # free again, and reentrant within a process
+
+    # `load` itself: it waits for the directory before it looks at the image
+    system = _system(tmp_path, reserved=256 << 20, loaded=0)
+    _bzimage(tmp_path / "boot/vmlinuz-6.1.0-test", 40 << 20)
+    monkeypatch.setattr(loadsys, "System", lambda: system)
+    monkeypatch.setattr(loadsys, "INITRD_DIR", str(images))
+    monkeypatch.setattr(private, "dir_lock", _short_lock(private.dir_lock))
+    holder = _hold(images)
+    try:
+        args = _parser().parse_args(["load", "--config", "/nonexistent"])
+        with pytest.raises(LoadError) as e:
+            args.func(args)
+        assert "another load" in str(e.value) and "nothing was changed" in str(e.value)
+        assert e.value.exit_code == 11
+        assert os.listdir(images) == []  # nothing built meanwhile
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def _short_lock(real):
+    def lock(path, timeout=600.0, what=""):
+        return real(path, timeout=min(timeout, 0.5), what=what)
+
+    return lock

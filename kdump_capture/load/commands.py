@@ -11,6 +11,7 @@ imports only what argparse needs; each command imports its machinery when it run
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 from collections.abc import Mapping
@@ -204,14 +205,6 @@ def prepare_image(cfg: Mapping[str, str], decision: ImageDecision, version: str)
 
 def cmd_load(args: argparse.Namespace) -> int:
     from ..features import check_supported
-    from .kexec import (
-        announce_load,
-        fit_problem,
-        kexec_file_unload,
-        load_command,
-        load_image,
-    )
-    from .rebuild import read_facts
     from .system import NOT_RESERVED, System, readiness
 
     cfg = load_config(args)
@@ -225,6 +218,25 @@ def cmd_load(args: argparse.Namespace) -> int:
     problems += _dump_device_problems(cfg)
     if problems:
         raise LoadError("; ".join(problems))
+    with contextlib.ExitStack() as held:
+        if not args.initrd:
+            # One load at a time decides, builds and loads: of two at once (a package
+            # hook's beside an admin's), the one that loads last loads its own image.
+            from .. import private
+            from .system import INITRD_DIR
+
+            private.make_dir(INITRD_DIR, repair=True)
+            try:
+                held.enter_context(private.dir_lock(INITRD_DIR, what="another load"))
+            except TimeoutError as e:
+                raise LoadError(f"{e}; nothing was changed") from None
+        return _load_locked(args, cfg, system, r, kernel)
+
+
+def _load_locked(args, cfg, system, r, kernel) -> int:
+    from .kexec import announce_load, fit_problem, kexec_file_unload, load_command, load_image
+    from .rebuild import read_facts
+
     decision = image_decision(cfg, r.version, args.initrd)
     prepare_image(cfg, decision, r.version)
     # Before anything is unloaded: the kernel frees the loaded capture kernel before it

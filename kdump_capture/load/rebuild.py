@@ -6,7 +6,9 @@ host's name. A file's mtime cannot say whether
 any of these changed (``--set`` has no file, a missing config has no mtime), so the builder
 writes a digest of each input beside the image (``IMAGE.inputs.json``, mode 0600) and
 ``load`` rebuilds whenever one differs from what it computes now. Only digests are stored,
-never values: the configuration may hold a password.
+never values: the configuration may hold a password. The record also holds the image's
+own SHA-256: an image replaced after its record was written (two builds at once, a copy by
+hand) is not taken for the one the record describes.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ if TYPE_CHECKING:
 # with a capture image's runtime, which packs only what the save needs.)
 
 RECORD_SUFFIX = ".inputs.json"
-RECORD_VERSION = 1
+RECORD_VERSION = 2  # 2: the image's SHA-256
 # Sources the image is made of or built by (their digest covers our own code).
 ENGINE_DIRS = ("kdump_capture", "transports", "initramfs")
 ENGINE_SUFFIXES = (".py",)
@@ -189,14 +191,35 @@ def record_path(image: str) -> str:
     return image + RECORD_SUFFIX
 
 
+def image_digest(image: str) -> str | None:
+    """The SHA-256 of the image file, None when it cannot be read."""
+    h = hashlib.sha256()
+    try:
+        with open(image, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+    except OSError:
+        return None
+    return h.hexdigest()
+
+
 def write_record(
-    image: str, inputs: Mapping[str, str], facts: Mapping[str, int] | None = None
+    image: str,
+    inputs: Mapping[str, str],
+    facts: Mapping[str, int] | None = None,
+    digest: str | None = None,
 ) -> None:
-    """Write the record beside ``image`` (0600, atomically): the digests of its inputs, and
-    facts about the image that ``estimate`` uses (sizes, measured import memory)."""
+    """Write the record beside ``image`` (0600, atomically): the digests of its inputs,
+    the image's own SHA-256 (``digest``, or read from the file), and facts about the image
+    that ``estimate`` uses (sizes, measured import memory)."""
     from .. import private
 
-    doc = {"version": RECORD_VERSION, "inputs": dict(inputs), "image": dict(facts or {})}
+    doc = {
+        "version": RECORD_VERSION,
+        "inputs": dict(inputs),
+        "image": dict(facts or {}),
+        "sha256": digest or image_digest(image),
+    }
     private.write_file(record_path(image), json.dumps(doc, indent=1, sort_keys=True).encode())
 
 
@@ -236,4 +259,7 @@ def stale_reasons(image: str, inputs: Mapping[str, str]) -> list[str]:
     recorded = read_record(image)
     if recorded is None:
         return [f"nothing records what it was built from ({record_path(image)})"]
+    doc = _read(image) or {}
+    if doc.get("sha256") != image_digest(image):
+        return ["the image is not the one its record describes (replaced after its build)"]
     return [f"{name} changed" for name in inputs if recorded.get(name) != inputs[name]]
