@@ -32,7 +32,10 @@ from tests import capture_cycle, vmkit  # noqa: E402
 MIB = 1024 * 1024
 RESULTS = ROOT / "bench/results/capture_fitness.json"
 REPORT = ROOT / "bench/results/capture_fitness.md"
-UP = re.compile(r"capture kernel up \(MemTotal (\d+) kB, MemAvailable (\d+) kB, Shmem (\d+) kB\)")
+UP = re.compile(
+    r"capture kernel up \(MemTotal (\d+) kB, MemAvailable (\d+) kB, Shmem (\d+) kB"
+    r"(?:, rootfs size (\d+) kB)?\)"
+)
 PEAK = re.compile(r"peak RSS (\d+) MiB; MemTotal \d+ kB, MemAvailable (\d+) kB")
 MEMORY = re.compile(r"memory \(anonymous, MiB\): (.*)")
 INIT_ANON = re.compile(r"/init anon (\d+) kB")
@@ -66,6 +69,7 @@ def one_run(kernel: vmkit.Kernel, kind: str, fmt: str, size: int, work: Path) ->
         "memtotal": int(up.group(1)) // 1024 if up else None,
         "available": int(up.group(2)) // 1024 if up else None,
         "shmem": int(up.group(3)) // 1024 if up else None,
+        "rootfs_size": int(up.group(4)) // 1024 if up and up.group(4) else None,
         "save_peak_rss": int(peak.group(1)) if peak else None,
         "init_anon": int(init.group(1)) // 1024 if init else None,
         "memory": mem.group(1).strip() if mem else "",
