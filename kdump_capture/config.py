@@ -680,6 +680,15 @@ def load_config(path: str | None = DEFAULT_PATH, overrides: Iterable[str] = ()) 
         if d.kind.empty_is_default and not raw[d.name].strip():
             raw[d.name] = d.default
         typed[d.name] = _convert(d, raw[d.name], where[d.name], warnings)
+    if typed["KDUMP_TRANSFER"] and typed["KDUMP_ENCRYPT_TO"]:
+        # The command replaces the built-in save, and with it the encryption: it gets the
+        # plain /proc/vmcore. Refused here, so that `load` refuses it, not the crash.
+        raise ConfigError(
+            f"{_where(where['KDUMP_TRANSFER'], 'KDUMP_TRANSFER')}: replaces the built-in save, "
+            f"which is what encrypts: with KDUMP_ENCRYPT_TO ({where['KDUMP_ENCRYPT_TO']}) the "
+            "command would get the dump in plain text; encrypt in the command (age -R FILE) "
+            "and leave KDUMP_ENCRYPT_TO empty, or drop KDUMP_TRANSFER"
+        )
     return Config(raw, where, typed, warnings)
 
 

@@ -170,6 +170,26 @@ def test_plain_summary_only_when_allowed(keys, tmp_path):
     assert "summary.txt.age" in os.listdir(d)
 
 
+def test_a_transfer_command_is_refused_with_encryption(keys, tmp_path):
+    """KDUMP_TRANSFER replaces the built-in save, which is what encrypts: the command got
+    the plain vmcore (exit 0, the marker on the "target"). A config error, before it runs."""
+    sample = tmp_path / "vmcore"
+    _marker_sample(sample, "KDUMP-SECRET-TRANSFER")
+    copy = tmp_path / "copied"
+    conf = tmp_path / "kdump"
+    conf.write_text(
+        f'KDUMP_ENCRYPT_TO="{keys["age_pub"]}"\nKDUMP_TRANSFER=\'cp "$KDUMP_VMCORE" {copy}\'\n'
+    )
+    args = ["--config", str(conf), "--set", f"KDUMP_SAVEDIR=file://{tmp_path / 'd'}"]
+    r = cli("save", *args, "--vmcore", str(sample), "--no-reboot")
+    assert r.rc == 2, r.err
+    assert f"{conf}:2: KDUMP_TRANSFER" in r.err and f"KDUMP_ENCRYPT_TO ({conf}:1)" in r.err
+    assert "plain text" in r.err
+    assert not copy.exists() and not (tmp_path / "d").exists()
+    # the side that builds and loads the image refuses it too (the same configuration)
+    assert cli("show-config", *args).rc == 2
+
+
 def test_tampered_and_wrong_key(keys, tmp_path):
     sample = tmp_path / "vmcore"
     _marker_sample(sample, "M")
