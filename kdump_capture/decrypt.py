@@ -9,7 +9,10 @@ only when complete and checked (temporary name, O_EXCL|O_NOFOLLOW, mode 0600, re
 from __future__ import annotations
 
 import errno
+import fcntl
+import logging
 import os
+import re
 import secrets
 import stat
 from collections.abc import Iterator
@@ -28,9 +31,12 @@ from .errors import (
     TransportError,
     VerifyError,
 )
+from .private import lock_new
 from .report import AGE_SUFFIX, DMESG, MANIFEST, SUMMARY, VMCORE
 
 COPY = 1 << 20
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -136,6 +142,7 @@ def decrypt_dir(dumpdir: str, identities: list, output: str | None = None) -> It
     out_dir = output or dumpdir
     if not os.path.isdir(out_dir):
         raise ConfigError(f"--output {out_dir}: not a directory")
+    remove_leftovers(out_dir)
     for name, stored, plain in files:
         yield _decrypt_one(dumpdir, name, stored, plain, identities, out_dir)
     if not record.complete:
@@ -162,7 +169,11 @@ def _decrypt_one(dumpdir, name, stored, plain, identities, out_dir) -> Decrypted
     stored_hash, h = checksum.new(stored_algo), checksum.new(plain_algo)
     fd = _open_regular(src, VerifyError)
     tmp, out_fd = _create_temp(out_dir, target)
+    # The lock on the temporary file lives until it is renamed or removed (a dup shares it):
+    # the next decrypt then knows it is no leftover of a killed one (remove_leftovers).
+    hold = -1
     try:
+        hold = os.dup(out_fd)
         with os.fdopen(fd, "rb", buffering=COPY) as f, os.fdopen(out_fd, "wb") as out:
             out_fd = -1
             reader = _HashingReader(f, stored_hash)
@@ -211,15 +222,83 @@ def _decrypt_one(dumpdir, name, stored, plain, identities, out_dir) -> Decrypted
                 raise TargetFull(what) from e
             raise TransportError(what) from e
         raise
+    finally:
+        if hold >= 0:
+            os.close(hold)
+
+
+# The temporary names of decrypt's outputs (and of the rearranged vmcore, flat.rearrange):
+# a decrypt killed by SIGKILL leaves its partial plaintext under one of them.
+_NAMES = "|".join(re.escape(n) for n in ENCRYPTED)
+LEFTOVER = re.compile(rf"\.(?:{_NAMES})\.(?:decrypt|rearrange)-[0-9a-f]{{12}}")
+
+
+def remove_leftovers(folder: str) -> list[str]:
+    """Remove the partial plaintexts an interrupted decrypt (killed: SIGKILL, a power cut)
+    left in ``folder``; returns their names.
+
+    Only our temporary names, only regular files of this user, never through a link, and
+    only files no process holds: every decrypt (and rearrange) holds an exclusive flock on
+    its temporary file from its creation until it is renamed or removed, and the kernel
+    drops the lock of a killed process. A concurrent decrypt's file is locked and stays.
+    """
+    try:
+        dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return []
+    removed = []
+    try:
+        for name in os.listdir(dfd):
+            if not LEFTOVER.fullmatch(name):
+                continue
+            try:
+                fd = os.open(
+                    name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dfd
+                )
+            except OSError:
+                continue  # a link (ELOOP), gone, or not ours to read: left alone
+            try:
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+                    continue
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    continue  # in use: another decrypt is writing it
+                now = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+                if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+                    continue
+                os.unlink(name, dir_fd=dfd)
+                removed.append(name)
+                log.warning(
+                    "%s: removed %s (%d bytes), the partial plaintext of a decrypt that was killed",
+                    folder,
+                    name,
+                    st.st_size,
+                )
+            except OSError:
+                continue
+            finally:
+                os.close(fd)
+    finally:
+        os.close(dfd)
+    return removed
 
 
 def _create_temp(folder: str, name: str) -> tuple[str, int]:
-    tmp = os.path.join(folder, f".{name}.decrypt-{secrets.token_hex(6)}")
+    """A new 0600 file for ``name``'s plaintext, created O_EXCL|O_NOFOLLOW and locked (see
+    ``remove_leftovers``): the lock lives as long as the returned descriptor (and its dups)."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    try:
-        return tmp, os.open(tmp, flags, 0o600)
-    except OSError as e:
-        raise ConfigError(f"{folder}: cannot create {name}: {e.strerror or e}") from None
+    for _ in range(8):
+        tmp = os.path.join(folder, f".{name}.decrypt-{secrets.token_hex(6)}")
+        try:
+            fd = os.open(tmp, flags, 0o600)
+        except OSError as e:
+            raise ConfigError(f"{folder}: cannot create {name}: {e.strerror or e}") from None
+        if lock_new(fd, tmp):
+            return tmp, fd
+        os.close(fd)  # removed before we held it, by a decrypt cleaning up: another name
+    raise ConfigError(f"{folder}: cannot create {name}: its temporary files keep vanishing")
 
 
 def _unlink(path: str) -> None:

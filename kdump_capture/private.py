@@ -149,3 +149,15 @@ def repair_file(path: str) -> bool:
         return False
     os.chmod(path, FILE_MODE)
     return True
+
+
+def lock_new(fd: int, path: str) -> bool:
+    """Take the lock that marks the new temporary file ``path`` (open as ``fd``) as in use
+    (``decrypt.remove_leftovers``: a file no process locks is a killed decrypt's). False
+    when a decrypt cleaning up removed it before we held the lock: then create another."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        st, now = os.fstat(fd), os.stat(path, follow_symlinks=False)
+    except OSError:
+        return False
+    return (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino)

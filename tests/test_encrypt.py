@@ -374,6 +374,79 @@ def test_sigterm_during_decrypt_leaves_no_plaintext(keys, tmp_path):
     assert os.listdir(out) == []
 
 
+def test_a_killed_decrypts_plaintext_is_removed_by_the_next(keys, tmp_path):
+    """SIGKILL (or a power cut) left a decrypt's partial plaintext under its temporary name
+    for good (0600, hidden, hundreds of MB of memory). The next decrypt into that directory
+    removes it, and only it: not a file another decrypt is writing (it holds a lock on it
+    while it exists), not a link, a FIFO or another user's file under such a name."""
+    import fcntl
+    import time
+
+    d = _encrypted_dir(tmp_path / "dump", keys, {"vmcore": 768 << 20})
+    out = tmp_path / "out"
+    out.mkdir()
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+
+    def start(dumpdir: Path) -> subprocess.Popen:
+        argv = ["decrypt", "-i", keys["age_key"], "-o", str(out), str(dumpdir)]
+        return subprocess.Popen(
+            [sys.executable, "-m", "kdump_capture", *argv],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    def temporary() -> list[str]:
+        return [n for n in os.listdir(out) if n.startswith(".vmcore.decrypt-")]
+
+    def written() -> int:
+        return sum(os.stat(out / n).st_size for n in temporary())
+
+    p = start(d)
+    end = time.monotonic() + 60
+    while not written() and time.monotonic() < end and p.poll() is None:
+        time.sleep(0.01)
+    assert p.poll() is None, "decrypt ended before it could be killed"
+    p.kill()
+    p.communicate(timeout=60)
+    [left] = temporary()
+    # What the next decrypt must leave alone under names like its own:
+    busy = out / ".vmcore.decrypt-0123456789ab"  # another decrypt's, still being written
+    busy_fd = os.open(busy, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    fcntl.flock(busy_fd, fcntl.LOCK_EX)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.write_bytes(b"keep")
+    os.symlink(elsewhere, out / ".dmesg.txt.decrypt-0123456789ab")
+    os.mkfifo(out / ".summary.txt.decrypt-0123456789ab")
+    theirs = out / ".vmcore.rearrange-0123456789ab"
+    theirs.write_bytes(b"another user's")
+    os.chown(theirs, 65534, 65534)
+    # a small dump decrypted into the same directory meanwhile
+    small = _encrypted_dir(tmp_path / "small", keys, {"dmesg.txt": b"log\n"})
+    r = cli("decrypt", "-i", keys["age_key"], "-o", str(out), str(small))
+    assert r.rc == 0, r.err
+    assert f"removed {left} (" in r.err and "a decrypt that was killed" in r.err, r.err
+    assert not (out / left).exists()
+    assert busy.exists() and theirs.exists() and elsewhere.read_bytes() == b"keep"
+    assert (out / ".dmesg.txt.decrypt-0123456789ab").is_symlink()
+    assert (out / ".summary.txt.decrypt-0123456789ab").exists()
+    assert r.err.count("removed") == 1
+    os.close(busy_fd)
+    os.unlink(busy)
+    # A decrypt running while another starts in the same directory keeps its file.
+    p = start(d)
+    while not temporary() and time.monotonic() < end and p.poll() is None:
+        time.sleep(0.01)
+    assert p.poll() is None, "decrypt ended before another could start"
+    r = cli("decrypt", "-i", keys["age_key"], "-o", str(out), str(small))
+    assert r.rc == 0 and "removed" not in r.err, r.err
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err
+    assert os.path.getsize(out / "vmcore") == 768 << 20
+    assert temporary() == []
+
+
 @pytest.mark.parametrize("status", ["incomplete", "failed"])
 def test_decrypting_a_dump_that_is_not_complete_says_so(status, keys, tmp_path):
     """decrypt of an INCOMPLETE dump (the source ended half way) printed 'vmcore: ... OK' and

@@ -233,9 +233,9 @@ def rearrange(src_path: str, dst_path: str) -> int:
             if os.fstat(fd).st_size < end:
                 os.ftruncate(fd, end)
             os.fsync(fd)
-            os.close(fd)
-            fd = -1
             os.replace(tmp, dst_path)  # replaces a link at dst_path itself, never its target
+            os.close(fd)  # only now: its lock marks the temporary file as in use until then
+            fd = -1
             _fsync_dir(dst_path)
         except BaseException as e:
             if fd >= 0:
@@ -327,14 +327,25 @@ def _check_output(dst_path: str) -> None:
 
 
 def _create_temp(dst_path: str) -> tuple[str, int]:
-    """A new file next to ``dst_path``: O_EXCL and O_NOFOLLOW, so no link is ever followed."""
+    """A new file next to ``dst_path``: O_EXCL and O_NOFOLLOW, so no link is ever followed;
+    locked while the descriptor is open (``private.lock_new``: `decrypt` removes a killed
+    run's temporary file, never one in use)."""
+    from ..private import lock_new
+
     folder, name = os.path.split(dst_path)
-    tmp = os.path.join(folder, f".{name}.rearrange-{os.urandom(6).hex()}")
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    try:
-        return tmp, os.open(tmp, flags, 0o600)
-    except OSError as e:
-        raise _output_error(dst_path, e) from e
+    for _ in range(8):
+        tmp = os.path.join(folder, f".{name}.rearrange-{os.urandom(6).hex()}")
+        try:
+            fd = os.open(tmp, flags, 0o600)
+        except OSError as e:
+            raise _output_error(dst_path, e) from e
+        if lock_new(fd, tmp):
+            return tmp, fd
+        os.close(fd)  # removed as a leftover before we held it: another name
+    raise TransportError(
+        f"{dst_path}: cannot write the rearranged dump: its temporary files vanish"
+    )
 
 
 def _output_error(dst_path: str, e: OSError) -> TransportError:
