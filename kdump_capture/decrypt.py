@@ -142,6 +142,8 @@ def decrypt_dir(dumpdir: str, identities: list, output: str | None = None) -> It
     out_dir = output or dumpdir
     if not os.path.isdir(out_dir):
         raise ConfigError(f"--output {out_dir}: not a directory")
+    for name, _, _ in files:
+        _check_output(os.path.join(out_dir, name.removesuffix(AGE_SUFFIX)))
     remove_leftovers(out_dir)
     for name, stored, plain in files:
         yield _decrypt_one(dumpdir, name, stored, plain, identities, out_dir)
@@ -155,6 +157,21 @@ def decrypt_dir(dumpdir: str, identities: list, output: str | None = None) -> It
                 if has_vmcore
                 else f"there is no {VMCORE}"
             )
+        )
+
+
+def _check_output(path: str) -> None:
+    """ConfigError (exit 2) before anything is decrypted when ``path`` is taken by what a
+    decrypted file must not replace (a directory, a FIFO, a device): found only after the
+    whole vmcore was decrypted, it was exit 6, or exit 2 with rearrange's advice."""
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return  # nothing there: creating the file says what is wrong, if anything
+    if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):  # a link is replaced, not followed
+        raise ConfigError(
+            f"{path}: {mode_kind(mode)}: decrypt writes a regular file under this name; "
+            "move it away or give --output DIR; nothing was decrypted"
         )
 
 

@@ -447,6 +447,24 @@ def test_a_killed_decrypts_plaintext_is_removed_by_the_next(keys, tmp_path):
     assert temporary() == []
 
 
+@pytest.mark.parametrize("kind", ["directory", "FIFO"])
+@pytest.mark.parametrize("name", ["vmcore", "dmesg.txt"])
+def test_an_output_name_taken_by_a_directory_or_fifo_is_refused_first(
+    name, kind, keys, encrypted_dump, tmp_path
+):
+    """A directory or FIFO named like an output was found only once that file was decrypted
+    (the whole vmcore first): exit 6, or exit 2 with rearrange's "name a file", the other
+    files decrypted beside it; a FIFO named dmesg.txt was replaced. Now exit 2 first."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / name).mkdir() if kind == "directory" else os.mkfifo(out / name)
+    r = cli("decrypt", "-i", keys["age_key"], "-o", str(out), str(encrypted_dump))
+    assert r.rc == 2, r.err
+    assert f"{out / name}: a {kind}: decrypt writes a regular file" in r.err
+    assert "nothing was decrypted" in r.err
+    assert os.listdir(out) == [name]
+
+
 @pytest.mark.parametrize("status", ["incomplete", "failed"])
 def test_decrypting_a_dump_that_is_not_complete_says_so(status, keys, tmp_path):
     """decrypt of an INCOMPLETE dump (the source ended half way) printed 'vmcore: ... OK' and
@@ -473,7 +491,9 @@ def test_an_output_that_cannot_be_written_is_named(keys, tmp_path):
     taken = tmp_path / "taken"
     (taken / "dmesg.txt").mkdir(parents=True)
     r = cli("decrypt", "-i", keys["age_key"], "-o", str(taken), str(d))
-    assert r.rc == 6 and f"decrypting to {taken}/dmesg.txt: Is a directory" in r.err, r.err
+    # since stop 34 refused before anything is decrypted (exit 2), as an output argument is
+    assert r.rc == 2 and f"{taken}/dmesg.txt: a directory: decrypt writes" in r.err, r.err
+    assert os.listdir(taken) == ["dmesg.txt"]
     with tmpfs(str(tmp_path / "small"), "2m") as small:
         r = cli("decrypt", "-i", keys["age_key"], "-o", small, str(d))
         assert r.rc == 5 and f"decrypting to {small}/vmcore: No space left" in r.err, r.err
