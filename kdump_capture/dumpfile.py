@@ -115,6 +115,10 @@ def open_dump(path: str) -> Dump:
         except BaseException:
             flat.close()
             raise
+    from .report import AGE_MAGIC, ENCRYPTED_HINT
+
+    if head.startswith(AGE_MAGIC):
+        raise VmcoreError(f"{path}: {ENCRYPTED_HINT}")
     raise VmcoreError(f"{path}: offset 0x0: not an ELF, kdump-compressed or flattened dump")
 
 

@@ -15,6 +15,11 @@ VMCORE = "vmcore"
 DMESG = "dmesg.txt"
 SUMMARY = "summary.txt"  # written only encrypted (summary.txt.age): the plain one is README's
 AGE_SUFFIX = ".age"
+# How an age file begins (its version line): commands that read dumps name it, not "malformed".
+AGE_MAGIC = b"age-encryption.org/"
+ENCRYPTED_HINT = (
+    "encrypted (age); decrypt it first (kdump-capture decrypt --identity KEY DIR, or age -d)"
+)
 
 PLACEHOLDER = (
     "Kernel crashdump (INCOMPLETE)\n"

@@ -298,7 +298,7 @@ def summary_of(path: str, follow: bool = True) -> CrashSummary:
     from transports.base import mode_kind
 
     from .dumpfile import open_dump
-    from .report import DMESG, MANIFEST, VMCORE
+    from .report import AGE_MAGIC, DMESG, ENCRYPTED_HINT, MANIFEST, VMCORE
 
     if os.path.isdir(path):
         for name in (DMESG, VMCORE):
@@ -329,10 +329,8 @@ def summary_of(path: str, follow: bool = True) -> CrashSummary:
                 )
         raise NoDumpError(f"{path}: no {DMESG}, {VMCORE} or summary in {MANIFEST}")
     head, text, regular = _read_text(path, follow)
-    if head.startswith(b"age-encryption.org/"):
-        raise VmcoreError(
-            f"{path}: encrypted (age); decrypt it first (kdump-capture decrypt, or age -d)"
-        )
+    if head.startswith(AGE_MAGIC):
+        raise VmcoreError(f"{path}: {ENCRYPTED_HINT}")
     if head[:4] == b"\x7fELF" or head[:8] == b"KDUMP   " or head[:12] == b"makedumpfile":
         if not regular:
             raise VmcoreError(

@@ -465,6 +465,20 @@ def test_an_output_name_taken_by_a_directory_or_fifo_is_refused_first(
     assert os.listdir(out) == [name]
 
 
+@pytest.mark.parametrize(
+    "command", [("dmesg", "vmcore.age"), ("dmesg", "dmesg.txt.age"), ("rearrange", "vmcore.age")]
+)
+def test_commands_that_read_a_dump_say_an_age_file_is_encrypted(command, encrypted_dump, tmp_path):
+    """`dmesg vmcore.age` said "not an ELF, kdump-compressed or flattened dump", `rearrange`
+    "not a flattened dump (signature b'age-encrypti')", where `summary` said to decrypt it."""
+    verb, name = command
+    out = [str(tmp_path / "out")] if verb == "rearrange" else []
+    r = cli(verb, str(encrypted_dump / name), *out)
+    assert r.rc == 4, r.err
+    assert f"{name}: encrypted (age); decrypt it first (kdump-capture decrypt" in r.err
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("status", ["incomplete", "failed"])
 def test_decrypting_a_dump_that_is_not_complete_says_so(status, keys, tmp_path):
     """decrypt of an INCOMPLETE dump (the source ended half way) printed 'vmcore: ... OK' and

@@ -121,6 +121,10 @@ def check_flat_header(head: bytes, path: str) -> None:
         raise VmcoreError(f"{path}: too short for a flattened dump header")
     sig, ftype, version = FLAT_HEADER.unpack_from(head)
     if sig.rstrip(b"\0") != FLAT_SIGNATURE:
+        from ..report import AGE_MAGIC, ENCRYPTED_HINT
+
+        if head.startswith(AGE_MAGIC):
+            raise VmcoreError(f"{path}: {ENCRYPTED_HINT}")
         raise VmcoreError(f"{path}: offset 0x0: not a flattened dump (signature {sig[:12]!r})")
     if ftype != FLAT_TYPE_DUMPFILE:
         raise VmcoreError(f"{path}: offset 0x10: flattened type {ftype} is not 1 (dump file)")
