@@ -541,6 +541,12 @@ def load_identities(path: str) -> list[Identity]:
         raise ConfigError(f"--identity {path}: cannot read: {e.strerror or e}") from None
     except ValueError as e:
         raise ConfigError(f"--identity {e}") from None
+    if data.startswith(VERSION_LINE) or b"-----BEGIN AGE ENCRYPTED FILE-----" in data:
+        # age -d takes an identity file encrypted with a passphrase (age -p), and asks for it
+        raise ConfigError(
+            f"--identity {path}: the identity file is itself encrypted with age (as age -p "
+            "writes it); decrypt the dump with 'age -d -i FILE' (it asks for the passphrase)"
+        )
     if b"-----BEGIN" in data:
         return [_ssh_identity(path, data)]
     out = []

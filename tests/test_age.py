@@ -174,6 +174,21 @@ def test_passphrase_key_and_bad_identity_files(tmp_path):
         age.load_identities(str(tmp_path / "missing"))
 
 
+@pytest.mark.parametrize("armor", [False, True])
+def test_an_identity_file_encrypted_with_age_says_so(armor, keys, tmp_path):
+    """An identity file encrypted with age (age -p writes one; age -d asks for its
+    passphrase) was "FILE:1: not an age identity", or, armored, cryptography's "Valid PEM
+    but no BEGIN/END delimiters for a private key"."""
+    out = tmp_path / "key.age"
+    pub, key = keys["X25519"]
+    with open(key, "rb") as f:
+        plain = f.read()
+    r = _run("age", *(["-a"] if armor else []), "-r", pub, "-o", str(out), data=plain)
+    assert r.returncode == 0, r.stderr
+    with pytest.raises(ConfigError, match=r"key.age: the identity file is itself encrypted with"):
+        age.load_identities(str(out))
+
+
 def _unblock_later(fifo, after: float = 3.0) -> None:
     """Open the FIFO's write end once a reader waits on it (after ``after`` s): a reader
     that blocks then fails its test instead of hanging it."""
