@@ -803,8 +803,8 @@ def build(
     module_files = []
     module_bytes = 0
     for name in names:
-        rel = f"usr/lib/modules/{kver}/{index.paths[name]}"
-        data = Path(index.file(name)).read_bytes()
+        rel, data = kmods.module_image(index.paths[name], index.file(name))
+        rel = f"usr/lib/modules/{kver}/{rel}"
         arc.add_file(rel, data)
         module_files.append("/" + rel)
         module_bytes += len(data)

@@ -7,8 +7,12 @@ and needs no file. Names are normalised the way modprobe does: ``-`` and ``_`` a
 
 from __future__ import annotations
 
+import gzip
+import io
 import logging
+import lzma
 import os
+import zlib
 from dataclasses import dataclass, field
 
 from kdump_capture.errors import ConfigError
@@ -49,6 +53,53 @@ def modname(path_or_name: str) -> str:
     for ext in (".xz", ".zst", ".gz"):
         base = base.removesuffix(ext)
     return base.removesuffix(".ko").replace("-", "_")
+
+
+ELF_MAGIC = b"\x7fELF"
+
+
+def _unzstd(data: bytes) -> bytes:
+    import zstandard  # a dependency already (the image's own compression)
+
+    reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data), read_across_frames=True)
+    try:
+        return reader.read()
+    except zstandard.ZstdError as e:
+        raise ValueError(str(e)) from None
+
+
+# How depmod's module files are compressed (kmod's own suffixes): RHEL, SUSE and Debian 13
+# ship .ko.xz, Ubuntu 24.04 and Arch .ko.zst. The capture image holds them unpacked: /init
+# loads with finit_module(2) without MODULE_INIT_COMPRESSED_FILE, which kernels before 5.17
+# (RHEL 9: 5.14) do not know and later ones honour only with CONFIG_MODULE_DECOMPRESS; a
+# compressed file is refused there ("Exec format error") and its driver never comes up.
+DECOMPRESS = {".xz": lzma.decompress, ".zst": _unzstd, ".gz": gzip.decompress}
+
+
+def module_image(rel: str, path: str) -> tuple[str, bytes]:
+    """(path relative to the modules root, ELF bytes) of a module file as the capture image
+    holds it: ``kernel/fs/xfs/xfs.ko.xz`` -> ``kernel/fs/xfs/xfs.ko`` and its unpacked bytes.
+
+    A module that cannot be read or unpacked, or is no ELF file then, is a ConfigError
+    naming the file: an image without it would find out only at the crash.
+    """
+    with open(path, "rb") as f:
+        data = f.read()
+    ext = os.path.splitext(rel)[1]
+    if ext in DECOMPRESS:
+        try:
+            data = DECOMPRESS[ext](data)
+        except (lzma.LZMAError, OSError, EOFError, zlib.error, ValueError) as e:
+            raise ConfigError(
+                f"kernel module {path}: cannot unpack it ({e}); reinstall the kernel's modules"
+            ) from None
+        rel = rel.removesuffix(ext)
+    if not data.startswith(ELF_MAGIC):
+        raise ConfigError(
+            f"kernel module {path} is not an ELF file (unknown compression?); the capture "
+            "kernel could not load it"
+        )
+    return rel, data
 
 
 @dataclass

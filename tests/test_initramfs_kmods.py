@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+import gzip
+import lzma
 from pathlib import Path
 
 import pytest
+import zstandard
 
 from initramfs import kmods
 from kdump_capture.errors import ConfigError
@@ -119,3 +122,29 @@ def test_host_drivers_follow_devices_and_their_parents(tmp_path):
         ("virtio_blk", "virtio_pci"),
         ("virtio_net", "virtio_pci"),
     )
+
+
+def test_a_module_is_packed_unpacked_as_elf(tmp_path):
+    elf = b"\x7fELF module"
+    (tmp_path / "a.ko.xz").write_bytes(lzma.compress(elf))
+    (tmp_path / "b.ko.zst").write_bytes(zstandard.ZstdCompressor().compress(elf))
+    (tmp_path / "c.ko.gz").write_bytes(gzip.compress(elf))
+    (tmp_path / "d.ko").write_bytes(elf)
+    for name in ("a.ko.xz", "b.ko.zst", "c.ko.gz", "d.ko"):
+        rel, data = kmods.module_image(f"kernel/{name}", str(tmp_path / name))
+        assert rel == f"kernel/{name.split('.')[0]}.ko" and data == elf
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "message"),
+    [
+        ("bad.ko.xz", b"\xfd7zXZ\0 truncated", "bad.ko.xz: cannot unpack it"),
+        ("bad.ko.zst", b"\x28\xb5\x2f\xfd broken", "bad.ko.zst: cannot unpack it"),
+        ("bad.ko.gz", b"\x1f\x8b broken", "bad.ko.gz: cannot unpack it"),
+        ("bad.ko.lz4", b"\x04\x22\x4d\x18", "bad.ko.lz4 is not an ELF file"),
+    ],
+)
+def test_a_module_that_cannot_be_unpacked_fails_the_build_naming_it(tmp_path, name, data, message):
+    (tmp_path / name).write_bytes(data)
+    with pytest.raises(ConfigError, match=message):
+        kmods.module_image(f"kernel/{name}", str(tmp_path / name))
