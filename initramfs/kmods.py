@@ -83,8 +83,14 @@ def module_image(rel: str, path: str) -> tuple[str, bytes]:
     A module that cannot be read or unpacked, or is no ELF file then, is a ConfigError
     naming the file: an image without it would find out only at the crash.
     """
-    with open(path, "rb") as f:
-        data = f.read()
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:  # modules.dep names a file that is gone (modules removed by hand)
+        raise ConfigError(
+            f"kernel module {path}: {e.strerror}; reinstall the kernel's modules, or run "
+            "'depmod' for this kernel version if the file was removed on purpose"
+        ) from None
     ext = os.path.splitext(rel)[1]
     if ext in DECOMPRESS:
         try:

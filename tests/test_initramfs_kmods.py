@@ -148,3 +148,10 @@ def test_a_module_that_cannot_be_unpacked_fails_the_build_naming_it(tmp_path, na
     (tmp_path / name).write_bytes(data)
     with pytest.raises(ConfigError, match=message):
         kmods.module_image(f"kernel/{name}", str(tmp_path / name))
+
+
+def test_a_module_named_in_modules_dep_but_missing_is_a_config_error(tmp_path):
+    """A stale modules.dep (a module deleted by hand): exit 2 naming the file, not an
+    internal error."""
+    with pytest.raises(ConfigError, match=r"virtio_blk\.ko: No such file.*depmod"):
+        kmods.module_image("kernel/virtio_blk.ko", str(tmp_path / "kernel/virtio_blk.ko"))
