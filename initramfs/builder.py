@@ -798,7 +798,8 @@ def build(
     for s in schemes:
         fstypes = [m.fstype for m in mounts] if s == "file" else [""]
         for fs in fstypes:
-            wanted += kmods.wanted_modules(s, needed, fs, extra_modules, storage, nics)
+            fs_modules = index.filesystem_modules(fs) if fs else []
+            wanted += kmods.wanted_modules(s, needed, fs, extra_modules, storage, nics, fs_modules)
     names = index.resolve(list(dict.fromkeys(wanted)))
     module_files = []
     module_bytes = 0

@@ -116,9 +116,14 @@ class ModuleIndex:
     paths: dict[str, str] = field(default_factory=dict)  # name -> relative .ko path
     deps: dict[str, list[str]] = field(default_factory=dict)  # name -> dependency names
     builtin: set[str] = field(default_factory=set)
+    # "fs-TYPE" -> modules that provide that filesystem type (modules.alias, and
+    # modules.builtin.modinfo for built-in ones): ext4 serves ext3 and ext2 mounts.
+    fs_aliases: dict[str, list[str]] = field(default_factory=dict)
 
     @classmethod
-    def parse(cls, root: str, dep_text: str, builtin_text: str = "") -> ModuleIndex:
+    def parse(
+        cls, root: str, dep_text: str, builtin_text: str = "", alias_text: str = ""
+    ) -> ModuleIndex:
         idx = cls(root)
         for line in dep_text.splitlines():
             if ":" not in line:
@@ -128,7 +133,17 @@ class ModuleIndex:
             idx.paths[name] = mod.strip()
             idx.deps[name] = [modname(d) for d in rest.split()]
         idx.builtin = {modname(x) for x in builtin_text.split()}
+        for line in alias_text.splitlines():
+            words = line.split()
+            # only the filesystem aliases: the file has thousands of device aliases
+            if len(words) == 3 and words[0] == "alias" and words[1].startswith("fs-"):
+                idx.fs_aliases.setdefault(words[1], []).append(modname(words[2]))
         return idx
+
+    def filesystem_modules(self, fstype: str) -> list[str]:
+        """Names of the modules that may provide filesystem ``fstype``: those whose alias
+        is ``fs-TYPE`` (``MODULE_ALIAS_FS``; ext4 for ext3), then the type's own name."""
+        return list(dict.fromkeys([*self.fs_aliases.get(f"fs-{fstype}", []), modname(fstype)]))
 
     @classmethod
     def load(cls, root: str) -> ModuleIndex:
@@ -145,7 +160,24 @@ class ModuleIndex:
                 builtin_text = f.read()
         except OSError:
             builtin_text = ""
-        return cls.parse(root, dep_text, builtin_text)
+        try:
+            with open(os.path.join(root, "modules.alias"), encoding="utf-8") as f:
+                alias_text = f.read()
+        except OSError:
+            alias_text = ""
+        idx = cls.parse(root, dep_text, builtin_text, alias_text)
+        # Built-in modules' aliases: NUL-separated "module.alias=fs-ext3" records written
+        # by the kernel's modules_install (5.2 and later).
+        try:
+            with open(os.path.join(root, "modules.builtin.modinfo"), "rb") as f:
+                modinfo = f.read()
+        except OSError:
+            modinfo = b""
+        for rec in modinfo.split(b"\0"):
+            mod, _, value = rec.decode("utf-8", "replace").partition(".alias=")
+            if value.startswith("fs-"):
+                idx.fs_aliases.setdefault(value, []).append(modname(mod))
+        return idx
 
     def has(self, name: str) -> bool:
         return modname(name) in self.paths
@@ -190,10 +222,12 @@ def wanted_modules(
     extra: tuple[str, ...] = (),
     storage: tuple[str, ...] = STORAGE,
     nics: tuple[str, ...] = NETWORK,
+    fs_modules: list[str] | tuple[str, ...] = (),
 ) -> list[str]:
     """Which modules to pack for a target scheme (pure: no I/O).
 
     ``fstype`` narrows the filesystems to the one the local target uses (xfs alone is 4 MB);
+    ``fs_modules`` are the modules that may provide it (ModuleIndex.filesystem_modules);
     ``storage`` and ``nics`` default to drivers for common hardware (see host_drivers).
     """
     wanted: list[str] = []
@@ -202,7 +236,7 @@ def wanted_modules(
         if fstype == "vfat":
             wanted += ("vfat", "nls_cp437", "nls_ascii", "nls_iso8859_1")
         elif fstype:
-            wanted.append(fstype)
+            wanted += fs_modules or [fstype]
         else:
             wanted += FILESYSTEMS
     if network:

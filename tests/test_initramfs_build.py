@@ -229,6 +229,28 @@ def test_compressed_modules_are_packed_as_the_elf_files_the_kernel_loads(tmp_pat
     assert not [n for n in tree.rglob("*") if n.suffix in (".xz", ".zst", ".gz")]
 
 
+def test_an_ext3_target_gets_the_ext4_module_that_mounts_it(tmp_path):
+    """mountinfo says ext3 for an ext3 file system, which the ext4 module mounts (``alias
+    fs-ext3 ext4`` in modules.alias): the image had no file system module at all."""
+    root = fake_modules_root(tmp_path)
+    (root / "kernel/fs/ext4").mkdir(parents=True)
+    (root / "kernel/fs/ext4/ext4.ko").write_bytes(fake_elf("kernel/fs/ext4/ext4.ko"))
+    with open(root / "modules.dep", "a") as f:
+        f.write("kernel/fs/ext4/ext4.ko:\n")
+    (root / "modules.builtin").write_text("kernel/fs/vfat/vfat.ko\n")
+    (root / "modules.alias").write_text("alias fs-ext4 ext4\nalias fs-ext3 ext4\n")
+    out = tmp_path / "initrd.img"
+    report = builder.build(
+        CFG,
+        str(out),
+        kernel_version=KVER,
+        modules_root=str(root),
+        target_device="LABEL=crash",
+        target_fstype="ext3",
+    )
+    assert "ext4" in report.kernel_modules
+
+
 def test_packed_python_runs_from_pyc_only(built):
     """The runtime is complete: the packed interpreter starts, finds its stdlib and imports
     the capture modules, with no compiler work (no sources present)."""

@@ -155,3 +155,22 @@ def test_a_module_named_in_modules_dep_but_missing_is_a_config_error(tmp_path):
     internal error."""
     with pytest.raises(ConfigError, match=r"virtio_blk\.ko: No such file.*depmod"):
         kmods.module_image("kernel/virtio_blk.ko", str(tmp_path / "kernel/virtio_blk.ko"))
+
+
+def test_a_filesystem_type_is_found_by_its_module_alias(tmp_path):
+    """ext3 and ext2 are mounted by ext4 (``alias fs-ext3 ext4``): there is no ext3.ko."""
+    (tmp_path / "modules.dep").write_text(
+        "kernel/fs/jbd2/jbd2.ko:\nkernel/fs/ext4/ext4.ko.xz: kernel/fs/jbd2/jbd2.ko\n"
+    )
+    (tmp_path / "modules.alias").write_text(
+        "alias pci:v00001AF4d00001001sv*sd*bc*sc*i* virtio_blk\nalias fs-ext3 ext4\n"
+    )
+    (tmp_path / "modules.builtin.modinfo").write_bytes(
+        b"vfat.alias=fs-vfat\0vfat.license=GPL\0fat.alias=fs-msdos\0"
+    )
+    index = kmods.ModuleIndex.load(str(tmp_path))
+    assert index.filesystem_modules("ext3") == ["ext4", "ext3"]
+    assert index.filesystem_modules("msdos") == ["fat", "msdos"]
+    assert index.filesystem_modules("xfs") == ["xfs"]
+    wanted = kmods.wanted_modules("file", False, "ext3", fs_modules=["ext4", "ext3"])
+    assert index.resolve(wanted) == ["jbd2", "ext4"]
