@@ -800,6 +800,22 @@ def build(
         for fs in fstypes:
             fs_modules = index.filesystem_modules(fs) if fs else []
             wanted += kmods.wanted_modules(s, needed, fs, extra_modules, storage, nics, fs_modules)
+    missing, unknown = kmods.missing_drivers(index, [m.fstype for m in mounts], "nfs" in schemes)
+    if missing:
+        raise ConfigError(
+            f"kernel {kver} has no driver for {'; '.join(missing)}: neither a module in "
+            f"{mroot}/modules.dep nor built in ({mroot}/modules.builtin), so the capture "
+            "kernel could not write the target; install that kernel's extra modules package "
+            "(e.g. kernel-modules-extra, linux-modules-extra-VER) or choose another target"
+        )
+    if unknown:
+        log.warning(
+            "%s/modules.builtin is missing: cannot tell whether kernel %s has %s built in; "
+            "the capture kernel cannot write the target without it",
+            mroot,
+            kver,
+            "; ".join(unknown),
+        )
     names = index.resolve(list(dict.fromkeys(wanted)))
     module_files = []
     module_bytes = 0

@@ -119,6 +119,9 @@ class ModuleIndex:
     # "fs-TYPE" -> modules that provide that filesystem type (modules.alias, and
     # modules.builtin.modinfo for built-in ones): ext4 serves ext3 and ext2 mounts.
     fs_aliases: dict[str, list[str]] = field(default_factory=dict)
+    # Whether modules.builtin was there: without it a name missing from modules.dep may be
+    # built in or absent, and nobody can tell which.
+    builtin_known: bool = False
 
     @classmethod
     def parse(
@@ -133,12 +136,20 @@ class ModuleIndex:
             idx.paths[name] = mod.strip()
             idx.deps[name] = [modname(d) for d in rest.split()]
         idx.builtin = {modname(x) for x in builtin_text.split()}
+        idx.builtin_known = bool(builtin_text.strip())
         for line in alias_text.splitlines():
             words = line.split()
             # only the filesystem aliases: the file has thousands of device aliases
             if len(words) == 3 and words[0] == "alias" and words[1].startswith("fs-"):
                 idx.fs_aliases.setdefault(words[1], []).append(modname(words[2]))
         return idx
+
+    def provides(self, names: list[str] | tuple[str, ...]) -> bool | None:
+        """Whether one of ``names`` is a module file or built in; None when that cannot be
+        told (no modules.builtin) and none is a module."""
+        if any(modname(n) in self.paths or modname(n) in self.builtin for n in names):
+            return True
+        return False if self.builtin_known else None
 
     def filesystem_modules(self, fstype: str) -> list[str]:
         """Names of the modules that may provide filesystem ``fstype``: those whose alias
@@ -245,6 +256,31 @@ def wanted_modules(
         wanted += NFS
     wanted += extra
     return list(dict.fromkeys(wanted))
+
+
+def missing_drivers(
+    index: ModuleIndex, fstypes: list[str], nfs: bool
+) -> tuple[list[str], list[str]]:
+    """(missing, unknown): the drivers a target needs that this kernel has neither as a
+    module nor built in, and those it may lack (no modules.builtin to tell), each as
+    "WHAT (module names)".
+
+    A local target's filesystem type (from mountinfo or --target-fstype) and the NFS client
+    for an nfs:// target (nfs, and nfsv4 or nfsv3) are checked: without them the capture
+    kernel cannot write the target, and would find out only at the crash.
+    """
+    needs: list[tuple[str, list[str]]] = []
+    for fs in dict.fromkeys(f for f in fstypes if f):
+        needs.append((f"the {fs} filesystem", index.filesystem_modules(fs)))
+    if nfs:
+        needs += [("the NFS client", ["nfs"]), ("NFSv4 or NFSv3", ["nfsv4", "nfsv3"])]
+    missing: list[str] = []
+    unknown: list[str] = []
+    for what, names in needs:
+        found = index.provides(names)
+        if not found:
+            (unknown if found is None else missing).append(f"{what} ({', '.join(names)})")
+    return missing, unknown
 
 
 def _driver_modules(device: str, sysfs: str) -> list[str]:

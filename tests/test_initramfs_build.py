@@ -251,6 +251,31 @@ def test_an_ext3_target_gets_the_ext4_module_that_mounts_it(tmp_path):
     assert "ext4" in report.kernel_modules
 
 
+@pytest.mark.parametrize(
+    ("savedir", "fstype", "message"),
+    [
+        ("file:///var/crash", "btrfs", "no driver for the btrfs filesystem"),
+        ("nfs://server/dumps", "", "no driver for the NFS client .*; NFSv4 or NFSv3"),
+    ],
+)
+def test_a_target_whose_driver_the_kernel_lacks_fails_the_build(tmp_path, savedir, fstype, message):
+    """A filesystem or NFS client that is neither a module nor built in: the image could
+    not write the target at the crash. The build fails (exit 2) naming what is missing."""
+    cfg = load_config(None, [f"KDUMP_SAVEDIR={savedir}"])
+    out = tmp_path / "initrd.img"
+    root = fake_modules_root(tmp_path)
+    with pytest.raises(ConfigError, match=message):
+        builder.build(
+            cfg,
+            str(out),
+            kernel_version=KVER,
+            modules_root=str(root),
+            target_device="LABEL=crash" if fstype else "",
+            target_fstype=fstype,
+        )
+    assert not out.exists()
+
+
 def test_packed_python_runs_from_pyc_only(built):
     """The runtime is complete: the packed interpreter starts, finds its stdlib and imports
     the capture modules, with no compiler work (no sources present)."""

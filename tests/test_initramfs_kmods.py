@@ -174,3 +174,21 @@ def test_a_filesystem_type_is_found_by_its_module_alias(tmp_path):
     assert index.filesystem_modules("xfs") == ["xfs"]
     wanted = kmods.wanted_modules("file", False, "ext3", fs_modules=["ext4", "ext3"])
     assert index.resolve(wanted) == ["jbd2", "ext4"]
+
+
+def test_a_driver_the_target_needs_is_missing_built_in_or_unknown(index):
+    """Built in (ext4 in modules.builtin) or a module (nfs, nfsv4): nothing missing; in
+    neither: missing; without modules.builtin nobody can tell: unknown."""
+    assert kmods.missing_drivers(index, ["ext4"], nfs=True) == ([], [])
+    missing, unknown = kmods.missing_drivers(index, ["btrfs", "ext4"], nfs=False)
+    assert missing == ["the btrfs filesystem (btrfs)"] and unknown == []
+    no_nfs = kmods.ModuleIndex.parse("/lib/modules/x", "kernel/fs/xfs/xfs.ko:\n", "kernel/a.ko\n")
+    assert kmods.missing_drivers(no_nfs, ["xfs"], nfs=True)[0] == [
+        "the NFS client (nfs)",
+        "NFSv4 or NFSv3 (nfsv4, nfsv3)",
+    ]
+    unknown_builtins = kmods.ModuleIndex.parse("/lib/modules/x", DEP)
+    assert kmods.missing_drivers(unknown_builtins, ["ext4"], nfs=True) == (
+        [],
+        ["the ext4 filesystem (ext4)"],
+    )
