@@ -155,6 +155,36 @@ def test_pick_kernel(tmp_path):
     assert loadsys.pick_kernel("/opt/vmlinuz-5.1", system) == ("5.1", "/opt/vmlinuz-5.1")
 
 
+def fake_bzimage(release: str) -> bytes:
+    """A bzImage's setup header as the boot protocol lays it out: "HdrS" at 0x202 and at
+    0x20E the offset (less 0x200) of the version string that ``uname -r`` starts with."""
+    head = bytearray(0x400)
+    head[0x202:0x208] = b"HdrS" + (0x20F).to_bytes(2, "little")
+    head[0x20E:0x210] = (0x300 - 0x200).to_bytes(2, "little")
+    head[0x300 : 0x300 + len(release) + 30] = f"{release} (geeko@build) #1 SMP\0".encode()
+    return bytes(head)
+
+
+def test_an_image_path_gives_the_version_of_that_image(tmp_path):
+    """KDUMP_KERNELVER=/boot/vmlinuz (SUSE: a link to the newest kernel installed) or
+    /usr/lib/modules/VER/vmlinuz (Fedora, RHEL 9): the version was the running kernel's,
+    and the image packed modules that the capture kernel refuses (another version)."""
+    system = _system(tmp_path)
+    boot = tmp_path / "boot"
+    (boot / "vmlinuz-6.4.0-2-default").write_bytes(b"not a bzImage")
+    (boot / "vmlinuz").symlink_to("vmlinuz-6.4.0-2-default")
+    assert loadsys.pick_kernel(f"{boot}/vmlinuz", system) == ("6.4.0-2-default", f"{boot}/vmlinuz")
+    modules = tmp_path / "usr/lib/modules/6.5.0-1.fc39.x86_64"
+    modules.mkdir(parents=True)
+    (modules / "vmlinuz").write_bytes(b"not a bzImage")
+    assert loadsys.pick_kernel(f"{modules}/vmlinuz", system)[0] == "6.5.0-1.fc39.x86_64"
+    (boot / "kernel").write_bytes(fake_bzimage("6.6.7-custom"))
+    assert loadsys.pick_kernel(f"{boot}/kernel", system)[0] == "6.6.7-custom"
+    # an image that says nothing: the running kernel's version, as before
+    (boot / "kernel").write_bytes(b"kernel")
+    assert loadsys.pick_kernel(f"{boot}/kernel", system)[0] == "6.1.0-test"
+
+
 def test_readiness_without_reservation_gives_the_seed_message(tmp_path):
     r = loadsys.readiness(CFG, _system(tmp_path, reserved=0))
     assert r.problems == [loadsys.NOT_RESERVED]

@@ -280,6 +280,42 @@ def kernel_footprint(path: str) -> int:
     return size
 
 
+# The setup header's kernel_version (protocol 2.00+): a pointer, less 0x200, to the NUL-ended
+# string that ``uname -r`` prints first ("6.1.0-18-amd64 (debian-kernel@...) #1 SMP ...").
+BZ_VERSION_PTR_AT = 0x20E
+BZ_VERSION_PTR = struct.Struct("<H")
+BZ_VERSION_MAX = 256  # the string is one line; the kernel's own buffer is this size too
+
+
+def image_release(path: str) -> str:
+    """The release (``uname -r``) of a kernel image file, or "" when it does not say: read
+    from a bzImage's header, else from the name of the file its links lead to
+    (``vmlinuz-VER``, ``Image-VER``, ``vmlinux-VER``) or of its directory
+    (``/usr/lib/modules/VER/vmlinuz``, Fedora's and RHEL 9's layout)."""
+    real = os.path.realpath(path)
+    try:
+        with open(real, "rb") as f:
+            head = f.read(BZ_VERSION_PTR_AT + BZ_VERSION_PTR.size)
+            if len(head) == BZ_VERSION_PTR_AT + BZ_VERSION_PTR.size:
+                magic, _version = BZ_MAGIC.unpack_from(head, BZ_MAGIC_AT)
+                (ptr,) = BZ_VERSION_PTR.unpack_from(head, BZ_VERSION_PTR_AT)
+                if magic == b"HdrS" and ptr:
+                    f.seek(ptr + 0x200)
+                    words = f.read(BZ_VERSION_MAX).partition(b"\0")[0].split()
+                    if words and words[0].isascii():
+                        return words[0].decode("ascii")
+    except OSError:
+        pass
+    name = os.path.basename(real)
+    for prefix in ("vmlinuz-", "Image-", "vmlinux-"):
+        if name.startswith(prefix) and len(name) > len(prefix):
+            return name[len(prefix) :]
+    parent = os.path.dirname(real)
+    if os.path.basename(os.path.dirname(parent)) == "modules":
+        return os.path.basename(parent)
+    return ""
+
+
 def fit_problem(kernel: str, initrd: str, reserved: int) -> str | None:
     """Why ``kernel`` and ``initrd`` cannot fit a reservation of ``reserved`` bytes, or None.
 

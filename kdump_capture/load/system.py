@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from .. import speedups
-from .kexec import capture_cmdline, kernel_words, kexec_words
+from .kexec import capture_cmdline, image_release, kernel_words, kexec_words
 
 INITRD_DIR = "/var/lib/kdump-capture"
 
@@ -88,13 +88,14 @@ def pick_kernel(kernelver: str, system: System) -> tuple[str, str]:
     """(version, image path) of the capture kernel for KDUMP_KERNELVER.
 
     Empty: the newest ``-kdump`` kernel in /boot if there is one, else the running kernel.
-    An absolute path names the image itself; anything else is a version.
+    An absolute path names the image itself; anything else is a version. The version of an
+    image (whose modules the capture image packs) is what the image says
+    (``kexec.image_release``): SUSE's ``/boot/vmlinuz`` is a link to the newest kernel
+    installed, which need not be the running one.
     """
     kv = kernelver.strip()
     if kv.startswith("/"):
-        name = os.path.basename(kv)
-        version = name.split("-", 1)[1] if name.startswith("vmlinuz-") else system.release
-        return version, kv
+        return image_release(kv) or system.release, kv
     if not kv:
         try:
             kdumps = sorted(
