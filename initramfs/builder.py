@@ -708,6 +708,21 @@ def s3_files(cfg: Mapping[str, str], targets: list[Target]) -> dict[str, str]:
     return files
 
 
+# /init loads modules and sets routes with x86_64's system call numbers and structures
+# (finit_module is 313 there, another call on arm64), and the runtime is packed from
+# x86_64's library directory: an image built elsewhere would fail only at the crash.
+ARCHITECTURES = ("x86_64",)
+
+
+def check_architecture(machine: str | None = None) -> None:
+    machine = machine or os.uname().machine
+    if machine not in ARCHITECTURES:
+        raise NotSupported(
+            f"the capture image is built for {', '.join(ARCHITECTURES)} only (its /init "
+            f"uses that architecture's system calls); this machine is {machine}"
+        )
+
+
 def build(
     cfg: Mapping[str, str],
     output: str,
@@ -722,6 +737,7 @@ def build(
 ) -> BuildReport:
     """Build the capture initramfs for ``cfg`` into ``output`` (written atomically)."""
     started = time.monotonic()
+    check_architecture()
     inputs = rebuild.image_inputs(
         cfg,
         kernel_version=kernel_version or os.uname().release,

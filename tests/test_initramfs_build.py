@@ -684,3 +684,21 @@ def test_a_dump_device_image_packs_what_the_device_needs(tmp_path):
     )
     assert r.stdout.strip() == "ok", r.stderr
     assert "dump device /dev/vdb" in report.extras
+
+
+def test_an_image_for_another_architecture_is_refused(tmp_path, monkeypatch):
+    """/init uses x86_64's system call numbers (finit_module is 313 there, another call on
+    arm64): an image built on arm64 loaded no module at the crash. The build refuses it
+    (exit 9) before anything is written."""
+    from kdump_capture.errors import NotSupported
+
+    builder.check_architecture("x86_64")
+    with pytest.raises(NotSupported) as e:
+        builder.check_architecture("aarch64")
+    assert "x86_64 only" in str(e.value) and "aarch64" in str(e.value)
+    assert e.value.exit_code == 9
+    real = os.uname()
+    monkeypatch.setattr(builder.os, "uname", lambda: os.uname_result((*real[:4], "aarch64")))
+    with pytest.raises(NotSupported):
+        build_image(CFG, tmp_path / "img", tmp_path)
+    assert not (tmp_path / "img").exists()
