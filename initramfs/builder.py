@@ -929,6 +929,8 @@ def build(
     facts = {
         "compressed": len(packed),
         "unpacked": unpacked,
+        # in rootfs (tmpfs, whole pages per file), which is half of the memory at boot
+        "rootfs": arc.page_bytes(),
         # /init deletes them once loaded: not in RAM while the save runs
         "kernel_modules": module_bytes,
         "interpreter": interpreter,

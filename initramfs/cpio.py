@@ -155,5 +155,10 @@ class Archive:
     def file_bytes(self) -> int:
         return sum(len(m.data) for m in self._members.values())
 
+    def page_bytes(self, page: int = 4096) -> int:
+        """What the files take once unpacked into tmpfs, which holds each in whole pages."""
+        files = (m for m in self._members.values() if stat.S_ISREG(m.mode))
+        return sum(-(-len(m.data) // page) * page for m in files)
+
     def write(self, out: BinaryIO) -> int:
         return write(self.members(), out)

@@ -123,6 +123,12 @@ KERNEL_RESERVED = 40 * MIB
 #: MemTotal - MemAvailable - Shmem when /init starts: the kernel's own allocations and
 #: /init itself (24.1 MiB at 128M, 24.7 MiB at 160M; /init holds about 6 MiB)
 KERNEL_AND_INIT = 25 * MIB
+#: rootfs is tmpfs, which the kernel sizes at boot to half of the memory it has then: the
+#: reservation less the compressed image (still in memory) less this; the unpacked image must
+#: fit in the half ("Initramfs unpacking failed: write error", then "No working init found").
+#: crashkernel= minus twice the rootfs size, minus the compressed image: 47.7 MiB at 112M,
+#: 128M and 160M (the size /init logs at start)
+ROOTFS_BOOT = 48 * MIB
 #: what the kernel takes while the save runs: socket buffers, dirty page cache, slab
 SAVE_SLACK = 4 * MIB
 #: a transport's connection state once connected (SSH or SMB session, helper threads)

@@ -120,3 +120,20 @@ def test_check_warns_below_the_estimate():
     assert est.below_estimate(128 * MIB, 128 * MIB) is None
     text = est.below_estimate(112 * MIB, 128 * MIB)
     assert "reservation (112 MiB) is below the estimate" in text and "crashkernel=128M" in text
+
+
+def test_an_image_larger_than_half_the_memory_at_boot_raises_the_estimate():
+    """rootfs is tmpfs, which the kernel sizes at boot to half of its memory: a file target
+    with encryption (31.5 MiB unpacked) was estimated at 112M, where the kernel said
+    "Initramfs unpacking failed: write error" and found no init (bench/capture_fitness.py).
+    Twice the image in whole pages, the compressed image and ROOTFS_BOOT now bound it."""
+    cfg = _cfg("KDUMP_SAVEDIR=/var/crash", "KDUMP_DUMPFORMAT=compressed", "KDUMP_DUMPLEVEL=31")
+    big = {**FACTS, "compressed": 10 * MIB, "unpacked": 31 * MIB, "rootfs": 31 * MIB + MIB // 2}
+    big["save_imports"] = 11 * MIB
+    e = est.estimate(cfg, big, max_pfn=(1 << 30) // 4096)
+    assert e.total == memory.ROOTFS_BOOT + 10 * MIB + 63 * MIB
+    assert "more to unpack the image (rootfs: half of the memory at boot)" in _parts(e)
+    assert e.crashkernel == 128 * MIB
+    # a small image is bounded by the save, not by unpacking it
+    small = {**FACTS, "compressed": 7 * MIB, "unpacked": 20 * MIB, "rootfs": 20 * MIB}
+    assert not [p for p in _parts(est.estimate(cfg, small, (1 << 30) // 4096)) if "more" in p]

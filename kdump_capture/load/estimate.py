@@ -11,7 +11,10 @@ Like ``kdumpctl estimate``, but added up from what was measured rather than gues
   (``memory.FLOOR``: the save sizes them from MemAvailable and never goes below it);
 - the bitmaps for this machine's RAM (``formats.filter.bitmap_memory``);
 - the capture kernel itself and /init (``memory.KERNEL_RESERVED``, ``KERNEL_AND_INIT``,
-  ``SAVE_SLACK``: measured in the capture kernel by bench/capture_fitness.py).
+  ``SAVE_SLACK``: measured in the capture kernel by bench/capture_fitness.py);
+- and at least what unpacking the image takes: rootfs is tmpfs, which the kernel sizes at
+  boot to half of its memory, so twice the unpacked image in whole pages, plus the
+  compressed image and ``memory.ROOTFS_BOOT``.
 
 The sum is rounded up to a multiple of 16 MiB.
 """
@@ -108,10 +111,19 @@ def estimate(
             bitmaps += bitmaps // 2  # the ELF writer keeps a copy of the second bitmap
         e.parts.append((f"save: bitmaps for {max_pfn * PAGE / (1 << 30):.1f} GiB", bitmaps))
     e.parts.append(("kernel growth during the save (sockets, cache)", memory.SAVE_SLACK))
-    # While the kernel unpacks the image, the compressed one is still in memory too.
-    unpack = memory.KERNEL_RESERVED + facts.get("compressed", 0) + facts["unpacked"]
-    if unpack > e.total:
-        e.parts.append(("more to unpack the image (compressed + unpacked)", unpack - e.total))
+    # While the kernel unpacks the image, the compressed one is still in memory too; and
+    # rootfs (tmpfs) takes at most half of what the kernel has then: the unpacked image,
+    # each file in whole pages, must fit in that half.
+    compressed = facts.get("compressed", 0)
+    unpack = memory.KERNEL_RESERVED + compressed + facts["unpacked"]
+    rootfs = memory.ROOTFS_BOOT + compressed + 2 * facts.get("rootfs", facts["unpacked"])
+    if max(unpack, rootfs) > e.total:
+        e.parts.append(
+            (
+                "more to unpack the image (rootfs: half of the memory at boot)",
+                max(unpack, rootfs) - e.total,
+            )
+        )
     return e
 
 
