@@ -191,18 +191,22 @@ def report(data: dict) -> str:
         "## Every run",
         "",
         "MemTotal, MemAvailable and Shmem (the unpacked image) as /init sees them at its "
-        "start; the save's peak RSS (wait4, with mapped files) and its own breakdown of "
-        "anonymous memory (phases, then the peak); progress = progress lines on the console.",
+        "start, and the size the kernel gave rootfs (tmpfs, half of its memory at boot: the "
+        "unpacked image must fit; `-` for runs before /init logged it); the save's peak RSS "
+        "(wait4, with mapped files) and its own breakdown of anonymous memory (phases, then "
+        "the peak); progress = progress lines on the console.",
         "",
-        "| target | format | crashkernel | result | MemTotal | MemAvailable | Shmem | /init "
-        "| save peak RSS | save seconds | progress | panic to saved | save memory (MiB) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| target | format | crashkernel | result | MemTotal | MemAvailable | Shmem | rootfs "
+        "| /init | save peak RSS | save seconds | progress | panic to saved "
+        "| save memory (MiB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(data["runs"], key=lambda r: (r["kind"], r["format"], -r["size"])):
         result = "ok" if r["ok"] else f"FAILED: {r['reason']}"
         out.append(
             f"| {r['kind']} | {r['format']} | {r['size']}M | {result} | {fmt_mib(r['memtotal'])} "
-            f"| {fmt_mib(r['available'])} | {fmt_mib(r['shmem'])} | {fmt_mib(r['init_anon'])} "
+            f"| {fmt_mib(r['available'])} | {fmt_mib(r['shmem'])} "
+            f"| {fmt_mib(r.get('rootfs_size'))} | {fmt_mib(r['init_anon'])} "
             f"| {fmt_mib(r['save_peak_rss'])} | {fmt_mib(r['save_seconds'])} "
             f"| {r['progress_lines']} | {fmt_mib(r['panic_to_saved'])} | {r['memory'] or '-'} |"
         )
