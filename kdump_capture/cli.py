@@ -305,9 +305,6 @@ def cmd_save(args: argparse.Namespace) -> int:
 
 def cmd_recover(args: argparse.Namespace) -> int:
     from . import dumpdev
-    from .errors import DumpDeviceError, IncompleteDump
-    from .pipeline import save
-    from .progress import make_progress
 
     cfg = load(args)
     _setup_logging(bool(cfg.verbose & 8))
@@ -319,6 +316,20 @@ def cmd_recover(args: argparse.Namespace) -> int:
     # systemd stopping the boot-time unit, or a shutdown: the partial copy is recorded as
     # failed on the target like any failure, and the exit is 130 with a message.
     signal.signal(signal.SIGTERM, _on_term)
+    # Held until the end: the header is read (and marked recovered) by one recover at a time.
+    held = dumpdev.hold_device(device)
+    try:
+        return _recover_held(args, cfg, device)
+    finally:
+        os.close(held)
+
+
+def _recover_held(args: argparse.Namespace, cfg, device: str) -> int:
+    from . import dumpdev
+    from .errors import DumpDeviceError, IncompleteDump
+    from .pipeline import save
+    from .progress import make_progress
+
     header = dumpdev.read_header(device)
     if header is None:
         if args.if_present:

@@ -565,6 +565,36 @@ def test_recover_refuses_what_is_not_a_device_or_image(tmp_path):
     assert r.rc == 10 and "a FIFO" in r.err
 
 
+def test_one_recover_at_a_time(tmp_path):
+    """Two recovers of one device at once (the boot-time unit and an admin) each copied the
+    dump and marked it recovered: two dumps of one crash. The one that finds the device
+    held now says so (exit 10) and changes nothing; once the holder is gone (the kernel
+    drops its lock with the process), a recover finds the dump already recovered."""
+    dev = _header_file(tmp_path)
+    code = (
+        "import fcntl, os, sys, time\n"
+        "fd = os.open(sys.argv[1], os.O_RDONLY)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+        "print('held', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code, dev], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        r = _recover(dev, tmp_path / "d")
+        assert r.rc == 10, r.err
+        assert "another 'kdump-capture recover' is copying" in r.err and "nothing was done" in r.err
+        assert not (tmp_path / "d").exists()
+        assert dumpdev.read_header(dev).state == dumpdev.COMPLETE
+    finally:
+        holder.kill()
+        holder.wait()
+    assert _recover(dev, tmp_path / "d").rc == 0
+    r = _recover(dev, tmp_path / "d")
+    assert r.rc == 0 and "already recovered" in r.out
+    assert len(os.listdir(tmp_path / "d")) == 1
+
+
 def test_sigterm_during_recover_is_exit_130(tmp_path):
     size = 256 << 20
     img = tmp_path / "dev.img"
