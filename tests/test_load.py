@@ -151,6 +151,10 @@ def test_pick_kernel(tmp_path):
     (tmp_path / "boot/vmlinuz-6.1.0-1-kdump").write_bytes(b"k")
     (tmp_path / "boot/vmlinuz-6.1.0-2-kdump").write_bytes(b"k")
     assert loadsys.pick_kernel("", system)[0] == "6.1.0-2-kdump"
+    # the newest as a version, not as text: 6.1.0-10 after 6.1.0-9 ("1" sorts before "9")
+    (tmp_path / "boot/vmlinuz-6.1.0-9-kdump").write_bytes(b"k")
+    (tmp_path / "boot/vmlinuz-6.1.0-10-kdump").write_bytes(b"k")
+    assert loadsys.pick_kernel("", system)[0] == "6.1.0-10-kdump"
     assert loadsys.pick_kernel("5.10.0-9-amd64", system)[0] == "5.10.0-9-amd64"
     assert loadsys.pick_kernel("/opt/vmlinuz-5.1", system) == ("5.1", "/opt/vmlinuz-5.1")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -84,6 +85,12 @@ class System:
         return (path, parse_kernel_config(text)) if text is not None else ("", {})
 
 
+def version_key(name: str) -> list:
+    """Sort key that orders kernel versions as numbers: 5.10 after 5.9 (not before, as
+    text)."""
+    return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"(\d+)", name)]
+
+
 def pick_kernel(kernelver: str, system: System) -> tuple[str, str]:
     """(version, image path) of the capture kernel for KDUMP_KERNELVER.
 
@@ -99,9 +106,12 @@ def pick_kernel(kernelver: str, system: System) -> tuple[str, str]:
     if not kv:
         try:
             kdumps = sorted(
-                n
-                for n in os.listdir(system.boot)
-                if n.startswith("vmlinuz-") and n.endswith("-kdump")
+                (
+                    n
+                    for n in os.listdir(system.boot)
+                    if n.startswith("vmlinuz-") and n.endswith("-kdump")
+                ),
+                key=version_key,
             )
         except OSError:
             kdumps = []
