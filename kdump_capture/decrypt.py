@@ -220,13 +220,14 @@ def _decrypt_one(dumpdir, name, stored, plain, identities, out_dir) -> Decrypted
                 f"{plain.get('size')} {plain_digest})"
             )
         dest = os.path.join(out_dir, target)
-        from .formats.flat import is_flattened, rearrange
+        from .formats.flat import fsync_dir, is_flattened, rearrange
 
         if target == VMCORE and is_flattened(head):
             rearranged_size = rearrange(tmp, dest)
             _unlink(tmp)
             return Decrypted(target, rearranged_size, h.hexdigest(), plain_algo, rearranged=True)
         os.replace(tmp, dest)
+        fsync_dir(dest)  # the new name survives a power cut, as rearrange's does
         return Decrypted(target, size, h.hexdigest(), plain_algo)
     except BaseException as e:
         if out_fd >= 0:

@@ -240,7 +240,7 @@ def rearrange(src_path: str, dst_path: str) -> int:
             os.replace(tmp, dst_path)  # replaces a link at dst_path itself, never its target
             os.close(fd)  # only now: its lock marks the temporary file as in use until then
             fd = -1
-            _fsync_dir(dst_path)
+            fsync_dir(dst_path)
         except BaseException as e:
             if fd >= 0:
                 os.close(fd)
@@ -357,7 +357,8 @@ def _output_error(dst_path: str, e: OSError) -> TransportError:
     return cls(f"{dst_path}: cannot write the rearranged dump: {e.strerror}")
 
 
-def _fsync_dir(path: str) -> None:
+def fsync_dir(path: str) -> None:
+    """fsync the directory holding ``path`` (a rename in it lasts); errors are ignored."""
     try:
         dfd = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError:
