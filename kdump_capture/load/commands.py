@@ -175,6 +175,19 @@ def cmd_check(args: argparse.Namespace) -> int:
     r.estimate = need or 0
     if warning:
         r.warnings.append(warning)
+    if not args.no_targets:
+        from .targets import probe_targets
+
+        reports = probe_targets(cfg, args.write_test)
+        r.targets = [t.line() for t in reports]
+        failed = [t for t in reports if t.problem]
+        if failed and len(failed) == len(reports):
+            r.problems.append("no target in KDUMP_SAVEDIR works from here (see 'target:')")
+        elif failed:
+            r.warnings.append(
+                f"{len(failed)} of the {len(reports)} targets in KDUMP_SAVEDIR failed here: "
+                "a dump goes to the next one that works"
+            )
     for line in r.lines():
         print(line)
     if r.problems:
@@ -384,8 +397,14 @@ def cmd_initramfs_dracut_module(args: argparse.Namespace) -> int:
 
 def add_subcommands(sub) -> None:
     """Register check, load, unload, status, test-crash and initramfs on the CLI."""
-    p = sub.add_parser("check", help="report whether this kernel can do kdump (changes nothing)")
+    p = sub.add_parser("check", help="report whether this kernel can do kdump and the targets work")
     config_args(p)
+    p.add_argument(
+        "--write-test",
+        action="store_true",
+        help="also write, read back and delete a small file on each target",
+    )
+    p.add_argument("--no-targets", action="store_true", help="do not connect to the targets")
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("load", help="load the capture kernel (kexec_file_load, crash flag)")

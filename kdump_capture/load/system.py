@@ -138,6 +138,8 @@ class Readiness:
     image_state: str = ""
     #: the crashkernel= estimate in bytes, when the image is known (set by ``check``)
     estimate: int = 0
+    #: a line per KDUMP_SAVEDIR target, as ``check`` tried it (load.targets)
+    targets: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
@@ -159,6 +161,7 @@ class Readiness:
         if self.estimate:
             need = self.estimate >> 20
             out.append(f"estimate:       crashkernel={need}M (see kdump-capture estimate)")
+        out += self.targets
         out += [f"warning: {w}" for w in self.warnings]
         out += [f"problem: {p}" for p in self.problems]
         return out
