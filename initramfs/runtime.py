@@ -105,9 +105,12 @@ DIST_FILES = ("METADATA", "entry_points.txt", "top_level.txt")
 # would pull cryptography (11 MiB) into every image: it belongs to the feature too.
 # xxh3sum (KDUMP_CHECKSUM=xxh3, the default) is the only importer of `xxhash` (0.1 MiB): an
 # image with KDUMP_CHECKSUM=sha256 has no use for it.
+# notify (mail at the next boot) runs on the running system only, never in a capture kernel:
+# no image turns it on, so smtplib, email and ssl stay out of every image.
 FEATURE_MODULES = {
     "encrypt": ("kdump_capture.age", "kdump_capture.decrypt"),
     "xxh3": ("kdump_capture.xxh3sum",),
+    "notify": ("kdump_capture.notify",),
 }
 
 # Our own top-level packages shipped into site-packages.

@@ -395,6 +395,22 @@ def cmd_show_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_notify(args: argparse.Namespace) -> int:
+    """Mail about this host's new dumps (notify.py)."""
+    from . import notify
+    from .load.system import INITRD_DIR
+
+    signal.signal(signal.SIGTERM, _on_term)
+    cfg = load(args)
+    _setup_logging(bool(cfg.verbose & 8))
+    if not cfg["KDUMP_NOTIFICATION_TO"].strip():
+        if args.if_configured:
+            return 0
+        raise ConfigError("KDUMP_NOTIFICATION_TO is empty: nobody to mail")
+    notify.run(cfg, args.state or os.path.join(INITRD_DIR, notify.STATE_NAME))
+    return 0
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     """Check a dump against its manifest: a local directory, or a dump's URL (streamed).
 
@@ -732,6 +748,25 @@ def build_parser(load_side: bool = True) -> argparse.ArgumentParser:
     p.add_argument("target", metavar="TARGET_URL")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser(
+        "notify",
+        help="mail KDUMP_NOTIFICATION_TO about this host's dumps saved since the last mail "
+        "(run at boot by kdump-capture-notify.service)",
+    )
+    config_args(p)
+    p.add_argument(
+        "--state",
+        metavar="FILE",
+        default="",
+        help="what was mailed already (default /var/lib/kdump-capture/notified.json)",
+    )
+    p.add_argument(
+        "--if-configured",
+        action="store_true",
+        help="exit 0 quietly when KDUMP_NOTIFICATION_TO is empty (for boot-time units)",
+    )
+    p.set_defaults(func=cmd_notify)
 
     p = sub.add_parser("dmesg", help="print the kernel log of a dump (ELF, compressed, flattened)")
     p.add_argument("dump", metavar="DUMP")

@@ -15,8 +15,6 @@ UNSUPPORTED = {
         "makedumpfile options (this engine is not makedumpfile; "
         "use KDUMP_DUMPLEVEL and KDUMP_DUMPFORMAT)",
     ),
-    "KDUMP_SMTP_SERVER": ("", "e-mail notification"),
-    "KDUMP_NOTIFICATION_TO": ("", "e-mail notification"),
     "KDUMP_FADUMP": ("no", "firmware-assisted dump (ppc64 only)"),
     "KDUMP_AUTO_RESIZE": ("no", "automatic resizing of the reservation (ppc64 only)"),
 }

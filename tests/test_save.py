@@ -735,7 +735,7 @@ def test_transfer_replaces_the_flow(sample, tmp_path):
         ("MAKEDUMPFILE_OPTIONS=-d 31", "makedumpfile options (this engine is not makedumpfile;"),
         ("KDUMP_COPY_KERNEL=yes", "copying the kernel image next to the dump is"),
         ("KDUMPTOOL_FLAGS=SPLIT", "SPLIT is"),
-        ("KDUMP_SMTP_SERVER=mail.example", "e-mail notification is"),
+        ("KDUMP_FADUMP=yes", "firmware-assisted dump (ppc64 only) is"),
     ],
 )
 def test_unimplemented_directives_fail_clearly(sample, tmp_path, setting, what):

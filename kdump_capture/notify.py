@@ -1,0 +1,271 @@
+"""`kdump-capture notify`: mail at the next boot about the dumps saved since the last mail.
+
+SUSE kdump 2.x sends this mail from the running system after the crash, not from the
+capture kernel (``kdump-notify.service``): the capture kernel has one chance and no mail
+server of its own, and a mail is no use before the machine is back. So does this command,
+run at boot by ``kdump-capture-notify.service`` after the dump device is recovered.
+
+For every ``KDUMP_SAVEDIR`` target it lists this host's dumps (``fleet.list_dumps``: every
+manifest read bounded and cleaned, as ``list`` does) and mails ``KDUMP_NOTIFICATION_TO``
+(and ``KDUMP_NOTIFICATION_CC``) one message per dump not mailed before: its status, crash
+time, kernel, panic line and where it lies (the URL without its password). What was mailed
+is recorded in a state file (0600), so each dump is mailed once; a dump the mail server did
+not take is mailed at the next run. The first run (no state file) mails only the dumps of
+the last ``FIRST_RUN_DAYS`` days, so that enabling notification does not mail a target's
+whole history; later runs mail what is newer than ``WINDOW_DAYS``.
+
+SMTP: ``KDUMP_SMTP_SERVER`` is ``host`` or ``host:port`` (default localhost, port 25; 465 is
+TLS from the start). STARTTLS is used whenever the server offers it, with the system's CAs;
+with ``KDUMP_SMTP_USER`` the login needs TLS (STARTTLS or port 465): the password is never
+sent in clear, never logged and never printed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from email.message import EmailMessage
+
+from .errors import ConfigError, KdumpError, TransportError
+from .fleet import Listed
+
+log = logging.getLogger(__name__)
+
+STATE_NAME = "notified.json"
+FIRST_RUN_DAYS = 7
+WINDOW_DAYS = 30
+KEEP_SENT = 1000  # names remembered (oldest go first)
+STATE_LIMIT = 1 << 20
+
+
+@dataclass
+class Pending:
+    target: str  # redacted URL of the target
+    item: Listed
+
+    @property
+    def key(self) -> str:
+        return f"{self.target}|{self.item.directory}"
+
+
+def read_state(path: str) -> list[str] | None:
+    """The keys already mailed, or None when there is no state yet (the first run)."""
+    from .bounds import read_small_file
+
+    try:
+        data = read_small_file(path, STATE_LIMIT)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the notification state: {e.strerror}") from None
+    try:
+        doc = json.loads(data)
+        sent = doc["sent"]
+        if not isinstance(sent, list) or not all(isinstance(k, str) for k in sent):
+            raise ValueError
+    except (ValueError, KeyError, TypeError):
+        log.warning("%s: not a notification state of ours; starting afresh", path)
+        return None
+    return sent
+
+
+def write_state(path: str, sent: list[str]) -> None:
+    from . import private
+
+    private.make_dir(os.path.dirname(path) or ".")
+    doc = {"version": 1, "sent": sent[-KEEP_SENT:]}
+    private.write_file(path, json.dumps(doc, indent=1).encode())
+
+
+def pending(found: Iterable[Pending], sent: list[str] | None, now: float) -> list[Pending]:
+    """The dumps to mail, oldest first: not mailed yet, and not older than the window."""
+    days = FIRST_RUN_DAYS if sent is None else WINDOW_DAYS
+    since = now - days * 86400
+    done = set(sent or ())
+    out = [
+        p
+        for p in found
+        if p.key not in done and p.item.crash_time is not None and p.item.crash_time >= since
+    ]
+    return sorted(out, key=lambda p: (p.item.crash_time or 0, p.item.directory))
+
+
+def compose(host: str, p: Pending, sender: str, to: str, cc: list[str]) -> EmailMessage:
+    item = p.item
+    when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(item.crash_time or 0))
+    saved = item.status == "complete"
+    head = (
+        f"A kernel crash dump of {host} was saved."
+        if saved
+        else f"{host} crashed, and its dump was NOT saved completely (status {item.status}:"
+        " the dump directory's README.txt and dmesg.txt say why)."
+    )
+    level = "" if item.level is None else f" -d {item.level}"
+    lines = [
+        head,
+        "",
+        f"status:      {item.status}" + (f" ({item.note})" if item.note else ""),
+        f"crash time:  {when}",
+        f"kernel:      {item.kernel}",
+        f"panic:       {item.panic}",
+        f"dump:        {p.target.rstrip('/')}/{item.directory}",
+        f"format:      {item.format}{level}",
+        f"size:        {item.size / (1 << 20):.1f} MiB",
+        "",
+        f"kdump-capture list {p.target} shows it beside the others; kdump-capture summary",
+        "and kdump-capture verify read it where it is copied to.",
+        "",
+        "-- ",
+        "kdump-capture notify (KDUMP_NOTIFICATION_TO)",
+    ]
+    msg = EmailMessage()
+    msg["Subject"] = f"kdump: {host} crashed" + ("" if saved else f" ({item.status})")
+    msg["From"] = sender
+    msg["To"] = to
+    if cc:
+        msg["Cc"] = ", ".join(cc)
+    msg.set_content("\n".join(lines) + "\n")
+    return msg
+
+
+def smtp_server(value: str) -> tuple[str, int]:
+    """(host, port) of KDUMP_SMTP_SERVER: ``host``, ``host:port`` or ``[v6]:port``."""
+    value = value.strip() or "localhost"
+    host, port = value, "25"
+    if value.startswith("["):
+        host, _, rest = value[1:].partition("]")
+        port = rest.removeprefix(":") or "25"
+    elif value.count(":") == 1:
+        host, port = value.split(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"KDUMP_SMTP_SERVER {value!r}: not host or host:port")
+    return host, int(port)
+
+
+def send(messages: list[EmailMessage], cfg, timeout: float, went: list[int]) -> None:
+    """Send ``messages`` through one SMTP session, appending the index of each the server
+    took to ``went``; a failure raises TransportError (exit 6) naming the server and what it
+    said."""
+    import smtplib
+    import ssl
+
+    host, port = smtp_server(cfg["KDUMP_SMTP_SERVER"])
+    user, password = cfg["KDUMP_SMTP_USER"], cfg["KDUMP_SMTP_PASSWORD"]
+    where = f"SMTP server {host}:{port}"
+    context = ssl.create_default_context()
+    try:
+        if port == 465:
+            smtp = smtplib.SMTP_SSL(host, port, timeout=timeout, context=context)
+        else:
+            smtp = smtplib.SMTP(host, port, timeout=timeout)
+        with smtp:
+            smtp.ehlo()
+            if port != 465 and smtp.has_extn("starttls"):
+                smtp.starttls(context=context)
+                smtp.ehlo()
+            elif port != 465 and user:
+                raise TransportError(
+                    f"{where} does not offer STARTTLS: KDUMP_SMTP_USER's password is not "
+                    "sent in clear (use a server with STARTTLS, or port 465)"
+                )
+            if user:
+                try:
+                    smtp.login(user, password)
+                except smtplib.SMTPServerDisconnected:
+                    raise TransportError(
+                        f"{where} closed the connection at the login of {user!r} "
+                        "(a wrong user name or password?)"
+                    ) from None
+            for i, msg in enumerate(messages):
+                smtp.send_message(msg)
+                went.append(i)
+    except TransportError:
+        raise
+    except smtplib.SMTPAuthenticationError as e:
+        raise TransportError(f"{where} refused the login of {user!r}: {_reply(e)}") from None
+    except smtplib.SMTPException as e:
+        raise TransportError(
+            f"{where}: {_reply(e)} ({len(went)} of {len(messages)} sent)"
+        ) from None
+    except ssl.SSLError as e:
+        raise TransportError(f"{where}: TLS failed: {e.reason or e}") from None
+    except OSError as e:
+        raise TransportError(f"{where}: {e.strerror or e}") from None
+
+
+def _reply(e: Exception) -> str:
+    refused = getattr(e, "recipients", None)  # SMTPRecipientsRefused: {address: (code, text)}
+    if isinstance(refused, dict) and refused:
+        parts = []
+        for address, answer in list(refused.items())[:4]:
+            code, text = answer if isinstance(answer, tuple) and len(answer) == 2 else ("", b"")
+            text = text.decode("utf-8", "replace") if isinstance(text, bytes) else str(text)
+            parts.append(f"{address}: {code} {' '.join(text.split())[:120]}")
+        return "recipients refused: " + "; ".join(parts)
+    code = getattr(e, "smtp_code", None)
+    text = getattr(e, "smtp_error", b"")
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    shown = " ".join(str(text).split())[:200]
+    return f"{code} {shown}" if code else (shown or type(e).__name__)
+
+
+def find(cfg) -> tuple[str, list[Pending]]:
+    """This host's name and its dumps on every target (a target that fails is a warning:
+    the others are still looked at)."""
+    from transports import open_transport
+
+    from .cli import transport_settings
+    from .fleet import list_dumps
+    from .identity import host_identity, local_identity
+
+    configured = cfg["KDUMP_HOSTNAME"] or local_identity()
+    settings = transport_settings(cfg, replay_bytes=4 << 20, read_only=True)
+    found: list[Pending] = []
+    shown_host = configured or "this host"
+    for target in cfg.savedir:
+        shown = target.redacted()
+        try:
+            host = None if target.scheme == "file" else host_identity(target, configured)
+            with open_transport(target, settings) as tr:
+                items = list_dumps(tr)
+        except KdumpError as e:
+            log.warning("%s: cannot look for dumps: %s", shown, e)
+            continue
+        if host:
+            shown_host = host
+        found += [Pending(shown, i) for i in items if host is None or i.host == host]
+    return shown_host, found
+
+
+def run(cfg, state_path: str, now: float | None = None) -> int:
+    """Mail what is pending; returns how many were mailed."""
+    now = time.time() if now is None else now
+    sent = read_state(state_path)
+    host, found = find(cfg)
+    todo = pending(found, sent, now)
+    done = list(sent or ())
+    if not todo:
+        if sent is None:
+            write_state(state_path, done)  # later runs use the longer window
+        print("no new dumps to mail about")
+        return 0
+    to = cfg["KDUMP_NOTIFICATION_TO"].strip()
+    cc = cfg["KDUMP_NOTIFICATION_CC"].split()
+    sender = f"root@{host}"
+    messages = [compose(host, p, sender, to, cc) for p in todo]
+    went: list[int] = []
+    try:
+        send(messages, cfg, float(max(cfg.net_timeout, 5)), went)
+    finally:
+        # What the server took is recorded even when a later message failed.
+        done += [todo[i].key for i in went]
+        write_state(state_path, done)
+        for i in went:
+            p = todo[i]
+            print(f"mailed {to}: {p.target.rstrip('/')}/{p.item.directory} ({p.item.status})")
+    return len(went)

@@ -1,0 +1,165 @@
+"""`kdump-capture notify`: mail at the next boot about the dumps saved since the last mail,
+against a real SMTP server on loopback (aiosmtpd: STARTTLS, AUTH) and real dumps."""
+
+from __future__ import annotations
+
+import os
+import stat
+import time
+
+import pytest
+
+from kdump_capture import notify
+from kdump_capture.config import load_config
+from kdump_capture.errors import TransportError
+from kdump_capture.sample import SampleSpec, write_sample
+from tests.servers.smtp import smtpd
+
+from .helpers import cli, save_args
+
+PASSWORD = "smtp-Secret-pw9"
+LOGIN = {"KDUMP_SMTP_USER": "kdump", "KDUMP_SMTP_PASSWORD": PASSWORD}
+
+
+@pytest.fixture(scope="module")
+def dumps(tmp_path_factory):
+    """A target with two complete dumps of this host: crashed an hour and a day ago."""
+    base = tmp_path_factory.mktemp("notify")
+    now = int(time.time())
+    for ago in (86400, 3600):
+        src = base / f"vmcore-{ago}"
+        write_sample(str(src), SampleSpec(ram_mib=8, crash_time=now - ago))
+        r = cli(*save_args(str(src), str(base / "dumps")))
+        assert r.rc == 0, r.err
+    return base / "dumps"
+
+
+def _config(tmp_path, dumps, server, **extra):
+    lines = {
+        "KDUMP_SAVEDIR": f"file://{dumps}",
+        "KDUMP_SMTP_SERVER": server.address,
+        "KDUMP_NOTIFICATION_TO": "admin@example.org",
+        "KDUMP_NOTIFICATION_CC": "oncall@example.org",
+        "KDUMP_NET_TIMEOUT": "5",
+        **extra,
+    }
+    conf = tmp_path / "kdump"
+    conf.write_text("".join(f'{k}="{v}"\n' for k, v in lines.items()))
+    os.chmod(conf, 0o600)
+    return str(conf)
+
+
+def test_each_new_dump_is_mailed_once(tmp_path, dumps):
+    with smtpd(str(tmp_path)) as server:
+        conf = _config(tmp_path, dumps, server)
+        state = tmp_path / "state" / "notified.json"
+        r = cli("notify", "--config", conf, "--state", str(state))
+        assert r.rc == 0, r.err
+        assert len(server.received) == 2, r.out + r.err
+        first, second = server.received  # oldest crash first
+        assert first["Subject"].startswith("kdump: ") and first["Subject"].endswith(" crashed")
+        assert first["To"] == "admin@example.org" and first["Cc"] == "oncall@example.org"
+        assert server.envelopes[0][1] == ["admin@example.org", "oncall@example.org"]
+        body = second.get_content()
+        assert "status:      complete" in body
+        assert "kernel:      6.1.0-sample-amd64" in body and "\npanic:" in body
+        assert f"dump:        file://{dumps}/" in body
+        assert r.out.count("mailed admin@example.org") == 2
+        assert stat.S_IMODE(state.stat().st_mode) == 0o600
+        assert stat.S_IMODE(state.parent.stat().st_mode) == 0o700
+        # the next boot: nothing new, nothing mailed
+        r = cli("notify", "--config", conf, "--state", str(state))
+        assert r.rc == 0 and "no new dumps" in r.out
+        assert len(server.received) == 2
+
+
+def test_the_first_run_mails_only_recent_dumps(tmp_path, dumps):
+    """Enabling notification must not mail a target's whole history: the first run (no
+    state) mails the last FIRST_RUN_DAYS days; later runs everything newer than
+    WINDOW_DAYS not mailed before."""
+    with smtpd(str(tmp_path)) as server:
+        cfg = load_config(_config(tmp_path, dumps, server))
+        state = str(tmp_path / "notified.json")
+        later = time.time() + (notify.FIRST_RUN_DAYS - 0.5) * 86400
+        assert notify.run(cfg, state, now=later) == 1  # the dump a day old is too old now
+        assert notify.run(cfg, state, now=later) == 1  # later runs: the longer window
+        assert notify.run(cfg, state, now=later) == 0
+    assert len(server.received) == 2
+
+
+def test_a_login_goes_only_over_tls(tmp_path, dumps):
+    """With KDUMP_SMTP_USER the password is never sent in clear: a server without STARTTLS
+    is refused before the login (exit 6), nothing is recorded as mailed, and the next run
+    tries again. With STARTTLS (the test CA trusted through SSL_CERT_FILE) it goes."""
+    state = tmp_path / "notified.json"
+    with smtpd(str(tmp_path / "plain")) as plain:
+        conf = _config(
+            tmp_path, dumps, plain, KDUMP_SMTP_USER="kdump", KDUMP_SMTP_PASSWORD=PASSWORD
+        )
+        os.makedirs(tmp_path / "plain", exist_ok=True)
+        r = cli("notify", "--config", conf, "--state", str(state))
+        assert r.rc == 6, r.out + r.err
+        assert "does not offer STARTTLS" in r.err and "not sent in clear" in r.err
+        assert plain.received == []
+    (tmp_path / "tls").mkdir()
+    with smtpd(str(tmp_path / "tls"), tls=True, user="kdump", password=PASSWORD) as server:
+        conf = _config(
+            tmp_path, dumps, server, KDUMP_SMTP_USER="kdump", KDUMP_SMTP_PASSWORD=PASSWORD
+        )
+        env = {"SSL_CERT_FILE": server.ca_file}
+        r = cli("notify", "--config", conf, "--state", str(state), env=env)
+        assert r.rc == 0, r.out + r.err
+        assert server.logins == ["kdump"] and len(server.received) == 2
+        bad = _config(tmp_path, dumps, server, KDUMP_SMTP_USER="kdump", KDUMP_SMTP_PASSWORD="nope")
+        r = cli("notify", "--config", bad, "--state", str(tmp_path / "other.json"), env=env)
+        assert r.rc == 6 and "login of 'kdump'" in r.err, r.err
+        # an untrusted certificate is a TLS failure, not a silent downgrade
+        r = cli("notify", "--config", conf, "--state", str(tmp_path / "third.json"))
+        assert r.rc == 6 and "TLS failed" in r.err, r.err
+    for text in (r.out, r.err, state.read_text()):
+        assert PASSWORD not in text
+
+
+def test_a_refused_recipient_is_retried_at_the_next_run(tmp_path, dumps):
+    state = tmp_path / "notified.json"
+    with smtpd(str(tmp_path), refuse=True) as server:
+        r = cli("notify", "--config", _config(tmp_path, dumps, server), "--state", str(state))
+        assert r.rc == 6, r.err
+        assert f"SMTP server {server.address}" in r.err and "550" in r.err
+    with smtpd(str(tmp_path)) as server:
+        r = cli("notify", "--config", _config(tmp_path, dumps, server), "--state", str(state))
+        assert r.rc == 0 and len(server.received) == 2, r.err
+
+
+def test_without_a_recipient(tmp_path):
+    r = cli("notify", "--config", "/dev/null", "--state", str(tmp_path / "s"))
+    assert r.rc == 2 and "KDUMP_NOTIFICATION_TO is empty" in r.err
+    r = cli("notify", "--config", "/dev/null", "--if-configured", "--state", str(tmp_path / "s"))
+    assert r.rc == 0 and not (tmp_path / "s").exists()
+
+
+def test_a_failed_dump_says_it_was_not_saved():
+    from kdump_capture.fleet import Listed
+
+    item = Listed(
+        "web01-2026-12-05-10-00-00", "web01", 1764928800, "6.1.0", "failed", "-", None, 4096, "-"
+    )
+    msg = notify.compose("web01", notify.Pending("sftp://u@h/d", item), "root@web01", "a@b", [])
+    assert msg["Subject"] == "kdump: web01 crashed (failed)"
+    assert "NOT saved completely" in msg.get_content()
+
+
+@pytest.mark.parametrize(
+    "value, parsed",
+    [("", ("localhost", 25)), ("mail:587", ("mail", 587)), ("[::1]:2525", ("::1", 2525))],
+)
+def test_smtp_server_values(value, parsed):
+    assert notify.smtp_server(value) == parsed
+
+
+def test_a_bad_smtp_server_value_is_a_config_error():
+    from kdump_capture.errors import ConfigError
+
+    with pytest.raises(ConfigError):
+        notify.smtp_server("mail:notaport")
+    assert TransportError.exit_code == 6
