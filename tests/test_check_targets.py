@@ -103,3 +103,22 @@ def test_a_local_directory_not_there_yet_is_not_made_by_check(tmp_path):
     [line] = _target_lines(r.out)
     assert f"ok (does not exist yet: the save creates it in {tmp_path}" in line, r.out
     assert not (tmp_path / "a").exists()
+
+
+def test_status_shows_this_hosts_newest_dump_on_a_network_target(request, tmp_path):
+    """`status` said "not checked (sftp target)" for every network target; it reads the
+    target as `list` does now, and shows this host's newest dump."""
+    from kdump_capture.sample import SampleSpec, write_sample
+
+    target = make_target("sftp", request)
+    conf = write_config(tmp_path / "kdump", target)
+    r = cli("status", "--config", conf)
+    assert "last dump:   none" in r.out or "last dump:   sftp://" in r.out, r.out + r.err
+    src = tmp_path / "vmcore"
+    write_sample(str(src), SampleSpec(ram_mib=8, crash_time=1764990000))
+    r = cli("save", "--config", conf, "--vmcore", str(src), "--no-reboot")
+    assert r.rc == 0, r.err
+    r = cli("status", "--config", conf)
+    [line] = [ln for ln in r.out.splitlines() if ln.startswith("last dump:")]
+    assert "2025-12-06 03:00:00 UTC" in line and "(complete" in line, line
+    assert line.startswith(f"last dump:   {target.url.split('@')[0]}"), line

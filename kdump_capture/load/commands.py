@@ -291,21 +291,23 @@ def cmd_unload(args: argparse.Namespace) -> int:
     return 0
 
 
-def last_dump(cfg: Mapping[str, str]) -> str:
-    from ..urls import parse_savedir
+def last_dump(cfg) -> str:
+    """This host's newest dump on any KDUMP_SAVEDIR target (as ``list`` reads it: bounded,
+    read-only, within KDUMP_NET_TIMEOUT per operation), or why there is none."""
+    import time
+
+    from ..notify import find
 
     try:
-        targets, _ = parse_savedir(cfg["KDUMP_SAVEDIR"])
+        _host, found = find(cfg)
     except ConfigError as e:
         return f"unknown ({e})"
-    t = targets[0]
-    if t.scheme != "file":
-        return f"not checked ({t.scheme} target)"
-    try:
-        dirs = sorted(d for d in os.listdir(t.path) if os.path.isdir(os.path.join(t.path, d)))
-    except OSError:
+    dated = [p for p in found if p.item.crash_time is not None]
+    if not dated:
         return "none"
-    return os.path.join(t.path, dirs[-1]) if dirs else "none"
+    p = max(dated, key=lambda p: (p.item.crash_time, p.item.directory))
+    when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(p.item.crash_time))
+    return f"{p.target.rstrip('/')}/{p.item.directory} ({p.item.status}, {when}, {p.item.panic})"
 
 
 def cmd_status(args: argparse.Namespace) -> int:
