@@ -195,6 +195,15 @@ def implied_size(head: bytes | bytearray, path: str, stream_size: int | None = N
     )
 
 
+def _placeholder_phdrs(head: bytes | bytearray) -> bool:
+    """Whether ``head`` is an ELF header whose program headers are all still zero."""
+    if head[:4] != ELFMAG or len(head) < EHDR.size:
+        return False
+    phoff, _, phnum = _ELF_FIELDS.unpack_from(head, 32)
+    table = head[phoff : phoff + phnum * PHDR.size]
+    return bool(phnum) and not any(table)
+
+
 def _align(n: int) -> int:
     """``n`` rounded up to the largest block size (segments may be aligned to a page)."""
     return -(-n // MAX_BLOCK) * MAX_BLOCK
@@ -260,8 +269,18 @@ def _ends_with_marker(src, stream_size: int) -> bool:
 
 def _apply_records(src, src_path: str, fd: int, dst_path: str, stream_size: int | None) -> int:
     end = 0
-    head = bytearray()  # the file's first bytes, until its header bounds the file
+    # The file's first bytes (at most HEAD_MAX), until its header bounds the file, and which
+    # of them a record has written: makedumpfile -F -E writes the program headers (at 0x40)
+    # before the ELF header (at 0), so the header is whole once the run from 0 is covered.
+    head = bytearray()
+    covered = bytearray()
+    known = 0  # bytes from 0 that records have written
     limit: int | None = None
+    # makedumpfile -F -E writes zeroed program headers first and the real ones last: until
+    # then the header bounds nothing, and the file is bounded as a dense writer lays it out,
+    # by the header area plus the record data the stream has carried so far.
+    placeholder = False
+    seen = 0
     while True:
         at = src.tell()
         offset, size = RECORD.unpack(_read_exact(src, RECORD.size, src_path, "a record"))
@@ -271,10 +290,17 @@ def _apply_records(src, src_path: str, fd: int, dst_path: str, stream_size: int 
             raise VmcoreError(
                 f"{src_path}: offset {at:#x}: bad record header (offset {offset}, size {size})"
             )
-        if limit is None and offset != len(head):
+        if limit is None and not placeholder and offset >= HEAD_MAX:
             raise VmcoreError(
                 f"{src_path}: offset {at:#x}: record for {offset:#x} before the dump's header "
                 "is complete (the stream must start with it)"
+            )
+        seen += size
+        if placeholder and offset + size > HEAD_MAX + seen:
+            raise VmcoreError(
+                f"{src_path}: offset {at:#x}: record for {offset:#x}-{offset + size:#x} lies "
+                f"beyond the {seen:#x} bytes of data the stream has carried so far (the "
+                "ELF program headers are not written yet)"
             )
         if limit is not None and offset + size > limit:
             raise VmcoreError(
@@ -285,8 +311,14 @@ def _apply_records(src, src_path: str, fd: int, dst_path: str, stream_size: int 
         left = size
         while left:
             piece = _read_exact(src, min(left, COPY_CHUNK), src_path, "record data")
-            if limit is None:
-                head += piece[: HEAD_MAX - len(head)]
+            if limit is None and not placeholder and pos < HEAD_MAX:
+                part = piece[: HEAD_MAX - pos]
+                if len(head) < pos + len(part):
+                    grow = pos + len(part) - len(head)
+                    head += bytes(grow)
+                    covered += bytes(grow)
+                head[pos : pos + len(part)] = part
+                covered[pos : pos + len(part)] = b"\1" * len(part)
             try:
                 os.pwrite(fd, piece, pos)
             except OSError as e:
@@ -294,17 +326,23 @@ def _apply_records(src, src_path: str, fd: int, dst_path: str, stream_size: int 
             pos += len(piece)
             left -= len(piece)
         end = max(end, offset + size)
-        if limit is None:
-            limit = implied_size(head, src_path, stream_size)
-            if limit is None and len(head) >= HEAD_MAX:
+        if limit is None and not placeholder:
+            known = covered.find(0, known)
+            if known < 0:
+                known = len(covered)
+            limit = implied_size(head[:known], src_path, stream_size)
+            if limit is not None and _placeholder_phdrs(head[:known]):
+                placeholder, limit, head, covered = True, None, bytearray(), bytearray()
+                known = HEAD_MAX  # nothing more to learn from the header's first version
+            if limit is None and not placeholder and known >= HEAD_MAX:
                 raise VmcoreError(f"{src_path}: the dump's header is implausibly large")
             if limit is not None and end > limit:
                 raise VmcoreError(
                     f"{src_path}: offset {at:#x}: the first record ({end:#x} bytes) is larger "
                     f"than the {limit:#x} bytes the dump's header allows"
                 )
-    if limit is None and end:
-        implied_size(head, src_path, stream_size)  # raises for a stream that is not a dump
+    if limit is None and end and not placeholder:
+        implied_size(head[:known], src_path, stream_size)  # raises for a stream not a dump
         raise VmcoreError(f"{src_path}: the stream ends inside the dump's header")
     return end
 
