@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import cli
+from tests.helpers import ROOT, cli
 
 pytestmark = pytest.mark.vm  # the real sample (generated once in a guest, then cached)
 
@@ -38,4 +40,24 @@ def test_rearrange_of_makedumpfile_flattened_elf(mdf):
     out = mdf["tmp"] / "rearranged-elf"
     r = cli("rearrange", str(mdf["elf31.flat"]), str(out))
     assert r.rc == 0, r.err
+    assert out.read_bytes() == mdf["elf31"].read_bytes()
+
+
+def test_rearrange_reads_the_stream_from_a_pipe(mdf):
+    # makedumpfile -R reads standard input (`ssh host cat vmcore.flat | ...`); ours failed on
+    # a pipe with "OUT: cannot write the rearranged dump: Illegal seek" (exit 6): it asked
+    # the input for its position.
+    out = mdf["tmp"] / "from-a-pipe"
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    with subprocess.Popen(["cat", str(mdf["elf31.flat"])], stdout=subprocess.PIPE) as cat:
+        p = subprocess.run(
+            [sys.executable, "-m", "kdump_capture", "rearrange", "/dev/stdin", str(out)],
+            stdin=cat.stdout,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+        )
+        cat.stdout.close()
+    assert p.returncode == 0, p.stderr
     assert out.read_bytes() == mdf["elf31"].read_bytes()

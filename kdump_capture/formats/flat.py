@@ -225,7 +225,8 @@ def rearrange(src_path: str, dst_path: str) -> int:
     ConfigError when ``dst_path`` exists and is not a regular file (``_check_output``).
     """
     _check_output(dst_path)
-    with open(src_path, "rb", buffering=COPY_CHUNK) as src:
+    with open(src_path, "rb", buffering=COPY_CHUNK) as raw:
+        src = _Counted(raw)  # a pipe (`... | rearrange /dev/stdin OUT`) cannot tell()
         check_flat_header(_read_exact(src, FLAT_HEADER_SIZE, src_path, "the header"), src_path)
         tmp, fd = _create_temp(dst_path)
         try:
@@ -258,6 +259,25 @@ def rearrange(src_path: str, dst_path: str) -> int:
                 raise _output_error(dst_path, e) from e
             raise
     return end
+
+
+class _Counted:
+    """A stream read front to back that knows its position without seeking (a pipe)."""
+
+    def __init__(self, f) -> None:
+        self.f = f
+        self.pos = 0
+
+    def read(self, n: int) -> bytes:
+        data = self.f.read(n)
+        self.pos += len(data)
+        return data
+
+    def tell(self) -> int:
+        return self.pos
+
+    def fileno(self) -> int:
+        return self.f.fileno()
 
 
 def _ends_with_marker(src, stream_size: int) -> bool:
