@@ -49,6 +49,8 @@ class Dump:
     capacity: int  # bytes of memory the dump holds (the bound of any one read)
     header: DiskDumpHeader | None = None
     sub_header: KdumpSubHeader | None = None
+    #: why the file holds less than its headers promise (None: as far as can be told, whole)
+    incomplete: str | None = None
 
     @property
     def info(self) -> VmcoreInfo:
@@ -193,8 +195,25 @@ class KdumpReader:
         for i in range(0, len(self.bitmap), step):
             ranks.append(ranks[-1] + sum(self.bitmap[i : i + step].translate(_POPCOUNT)))
         self._ranks = ranks
+        # One part of a split dump (makedumpfile --split) holds the page frames
+        # start_pfn..end_pfn of the whole bitmap; its descriptors are numbered from start_pfn.
+        self.first, self.stop = 0, self.max_mapnr
+        if kh.split:
+            v6 = dh.header_version >= 6
+            start = kh.start_pfn_64 if v6 else kh.start_pfn
+            end = kh.end_pfn_64 if v6 else kh.end_pfn
+            self.first, self.stop = min(start, self.max_mapnr), min(end, self.max_mapnr)
+            self.stop = max(self.first, self.stop)
+        self._base = self._rank(self.first)
+        self.pages = self._rank(self.stop) - self._base
+        if kh.split and not self.pages:
+            raise NotSupported(
+                f"{path}: offset {bs + 12:#x}: a part of a split dump that holds no page "
+                f"(page frames {self.first:#x}-{self.stop:#x}); join the parts first: "
+                "makedumpfile --reassemble PART... OUT"
+            )
         #: no more pages than descriptors fit in the file
-        self.capacity = min(ranks[-1], max(0, size - self.desc_off) // PAGE_DESC.size) * bs
+        self.capacity = min(self.pages, max(0, size - self.desc_off) // PAGE_DESC.size) * bs
         self.notes_blob = b""
         self.vmcoreinfo: dict[str, str] = {}
         where = bs + 48  # kdump_sub_header.offset_note
@@ -232,8 +251,32 @@ class KdumpReader:
                     self.vmcoreinfo = parse_vmcoreinfo(vmcoreinfo_text(n.desc, path))
 
     @property
-    def incomplete(self) -> bool:
-        return bool(self.dh.status & DUMP_DH_COMPRESSED_INCOMPLETE)
+    def incomplete(self) -> str | None:
+        """Why the file holds less than its headers promise, or None.
+
+        makedumpfile marks a dump it could not finish writing (the disk full) with
+        DUMP_DH_COMPRESSED_INCOMPLETE; one killed while writing carries no mark, but its last
+        page descriptor (written last: descriptors go out with their data) is still empty.
+        """
+        if self.dh.status & DUMP_DH_COMPRESSED_INCOMPLETE:
+            return (
+                "its writer marked it incomplete (DUMP_DH_COMPRESSED_INCOMPLETE: it stopped "
+                "early, as makedumpfile does when the disk is full)"
+            )
+        if not self.pages:
+            return None
+        off = self.desc_off + (self.pages - 1) * PAGE_DESC.size
+        raw = self.pread(PAGE_DESC.size, off)
+        if len(raw) != PAGE_DESC.size:
+            return f"the file ends at offset {off:#x}, inside its page descriptors"
+        pd = PageDesc.unpack_from(raw)
+        if pd.offset == 0 or pd.size == 0 or pd.offset + pd.size > self.size:
+            return (
+                f"the descriptor of its last page (offset {off:#x}) is "
+                f"{'empty' if pd.offset == 0 or pd.size == 0 else 'past the end of the file'}"
+                ": writing it stopped before the end (the writer killed, or the copy cut short)"
+            )
+        return None
 
     def dump(self, kind: str) -> Dump:
         return Dump(
@@ -247,7 +290,18 @@ class KdumpReader:
             self.capacity,
             self.dh,
             self.kh,
+            self.incomplete,
         )
+
+    def _rank(self, pfn: int) -> int:
+        """The number of dumped pages before ``pfn`` in the bitmap."""
+        pfn = min(pfn, len(self.bitmap) * 8)
+        blk = pfn // RANK_BLOCK_BITS
+        lo = blk * RANK_BLOCK_BITS // 8
+        rank = self._ranks[blk] + sum(self.bitmap[lo : pfn >> 3].translate(_POPCOUNT))
+        if pfn & 7:
+            rank += bin(self.bitmap[pfn >> 3] & ((1 << (pfn & 7)) - 1)).count("1")
+        return rank
 
     def is_dumped(self, pfn: int) -> bool:
         return 0 <= pfn < min(self.max_mapnr, len(self.bitmap) * 8) and test_bit(self.bitmap, pfn)
@@ -255,11 +309,13 @@ class KdumpReader:
     def desc(self, pfn: int) -> PageDesc:
         if not self.is_dumped(pfn):
             raise AddressError(f"{self.path}: page frame {pfn:#x} is not in the dump (excluded)")
-        blk = pfn // RANK_BLOCK_BITS
-        lo = blk * RANK_BLOCK_BITS // 8
-        rank = self._ranks[blk] + sum(self.bitmap[lo : pfn >> 3].translate(_POPCOUNT))
-        rank += bin(self.bitmap[pfn >> 3] & ((1 << (pfn & 7)) - 1)).count("1")
-        off = self.desc_off + rank * PAGE_DESC.size
+        if not self.first <= pfn < self.stop:
+            raise NotSupported(
+                f"{self.path}: page frame {pfn:#x} is in another part of a split dump (this "
+                f"part holds page frames {self.first:#x}-{self.stop:#x}); join the parts "
+                "first: makedumpfile --reassemble PART... OUT"
+            )
+        off = self.desc_off + (self._rank(pfn) - self._base) * PAGE_DESC.size
         raw = self.pread(PAGE_DESC.size, off)
         if len(raw) != PAGE_DESC.size:
             raise VmcoreError(
