@@ -16,6 +16,7 @@ from .cliargs import load_config as load
 from .errors import (
     EXIT_CODES,
     ConfigError,
+    IncompleteDump,
     Interrupted,
     KdumpError,
     NoDumpError,
@@ -326,7 +327,7 @@ def cmd_recover(args: argparse.Namespace) -> int:
 
 def _recover_held(args: argparse.Namespace, cfg, device: str) -> int:
     from . import dumpdev
-    from .errors import DumpDeviceError, IncompleteDump
+    from .errors import DumpDeviceError
     from .pipeline import save
     from .progress import make_progress
 
@@ -576,6 +577,11 @@ def cmd_dmesg(args: argparse.Namespace) -> int:
     with open_dump(args.dump) as dump:
         text = dump.dmesg()
     sys.stdout.write(text)
+    if dump.incomplete:
+        raise IncompleteDump(
+            f"{args.dump}: the dump is incomplete: {dump.incomplete}; the log above is what "
+            "it holds"
+        )
     return 0
 
 
@@ -595,13 +601,19 @@ def cmd_decrypt(args: argparse.Namespace) -> int:
 def cmd_summary(args: argparse.Namespace) -> int:
     from .summary import summary_of
 
-    summary = summary_of(args.dump)
+    incomplete: list[str] = []
+    summary = summary_of(args.dump, incomplete=incomplete)
     if args.json:
         import json
 
         print(json.dumps(summary.as_dict(), indent=2))
     else:
         sys.stdout.write(summary.text())
+    if incomplete:
+        raise IncompleteDump(
+            f"{incomplete[0]}: the dump is incomplete: {incomplete[1]}; the summary above is "
+            "from what it holds"
+        )
     return 0
 
 

@@ -131,7 +131,8 @@ class ScriptError(KdumpError):
 
 class IncompleteDump(KdumpError):
     """The dump was saved, but only part of it: the source ended before its expected size or
-    stopped being readable. The manifest says ``"status": "incomplete"`` and why."""
+    stopped being readable. The manifest says ``"status": "incomplete"`` and why. Also a dump
+    file read back (``dmesg``, ``summary``) that holds less than its headers promise."""
 
     exit_code = 13
     #: where the incomplete dump was saved (the target and directory), when known

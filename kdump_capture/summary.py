@@ -289,9 +289,11 @@ def _read_text(path: str, follow: bool) -> tuple[bytes, bytes, bool]:
         return head, bytes(tail), False
 
 
-def summary_of(path: str, follow: bool = True) -> CrashSummary:
+def summary_of(path: str, follow: bool = True, incomplete: list[str] | None = None) -> CrashSummary:
     """The crash summary of a dump file (ELF, kdump-compressed, flattened), a dmesg.txt,
     or a dump directory (its dmesg.txt, else its vmcore, else its manifest's summary).
+    A dump file that holds less than its headers promise puts its path and why into
+    ``incomplete``.
 
     A file that is neither a dump nor text (empty, or holding NUL bytes, which a dmesg.txt
     never does: its writer escapes them) is a VmcoreError, never "no panic found"."""
@@ -312,7 +314,7 @@ def summary_of(path: str, follow: bool = True) -> CrashSummary:
                     raise VmcoreError(f"{p}: {mode_kind(st.st_mode)}; only regular files are read")
                 if name == DMESG and not st.st_size:
                     continue  # an empty ring saved as it was: the vmcore says the same
-                return summary_of(p, follow=False)
+                return summary_of(p, follow=False, incomplete=incomplete)
         from .decrypt import read_manifest
 
         if os.path.lexists(os.path.join(path, MANIFEST)):
@@ -338,7 +340,10 @@ def summary_of(path: str, follow: bool = True) -> CrashSummary:
                 "it to a file first"
             )
         with open_dump(path) as dump:
-            return summarize(dump.dmesg())
+            summary = summarize(dump.dmesg())
+        if dump.incomplete and incomplete is not None:
+            incomplete[:] = [path, dump.incomplete]
+        return summary
     if not text:
         raise VmcoreError(f"{path}: empty: neither a dump nor a kernel log (dmesg.txt)")
     if b"\0" in text:

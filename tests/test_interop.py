@@ -96,3 +96,53 @@ def test_a_split_part_says_it_is_one_part_not_an_incomplete_dump(split, real_sam
         assert r.rc == 9, r.err
         assert r.err.count("\n") == 1 and str(part) in r.err, r.err
         assert "split dump" in r.err and "incomplete" not in r.err and "corrupt" not in r.err
+
+
+@pytest.fixture(scope="module")
+def unfinished(real_sample, tmp_path_factory) -> dict[str, Path]:
+    """makedumpfile -c -d 0 of the 512 MiB sample: whole, stopped by a full disk (it marks
+    the file DUMP_DH_COMPRESSED_INCOMPLETE), and a whole one cut short (a copy, or a writer
+    killed: nothing marks those)."""
+    tmp = tmp_path_factory.mktemp("unfinished")
+    whole = tmp / "whole"
+    makedumpfile("-c", "-d", "0", real_sample.path, str(whole))
+    # A disk 1 MiB short of the dump: the pages holding the log are written before it fills.
+    mib = whole.stat().st_size // (1 << 20) - 1
+    mnt, full = tmp / "mnt", tmp / "disk-full"
+    mnt.mkdir()
+    script = (
+        f"mount -t tmpfs -o size={mib}m tmpfs {mnt} && "
+        f"{{ makedumpfile -c -d 0 {real_sample.path} {mnt}/vmcore >/dev/null 2>&1; "
+        f"cp {mnt}/vmcore {full}; }}"
+    )
+    subprocess.run(["unshare", "-m", "sh", "-c", script], check=True)
+    status = int.from_bytes(full.read_bytes()[424:428], "little")
+    assert status & 0x8, "makedumpfile did not mark the dump incomplete"
+    cut = tmp / "cut-short"
+    with open(whole, "rb") as src, open(cut, "wb") as dst:
+        dst.write(src.read(whole.stat().st_size * 95 // 100))
+    ref = tmp / "dmesg.txt"
+    makedumpfile("--dump-dmesg", real_sample.path, str(ref))
+    return {"whole": whole, "disk-full": full, "cut-short": cut, "dmesg": ref}
+
+
+@pytest.mark.parametrize("name", ["disk-full", "cut-short"])
+def test_dmesg_and_summary_of_an_unfinished_makedumpfile_dump_say_so(unfinished, name):
+    # Both printed the log or the summary and exited 0, not a word of the missing pages
+    # (makedumpfile --dump-dmesg refuses the first; crash warns that it is incomplete).
+    path = str(unfinished[name])
+    r = cli("dmesg", path)
+    assert r.out == unfinished["dmesg"].read_text("ascii")  # what it holds is printed
+    assert r.rc == 13, r.err
+    assert r.err.count("\n") == 1 and f"{path}: the dump is incomplete" in r.err, r.err
+    s = cli("summary", path)
+    assert "Kernel panic - not syncing" in s.out
+    assert s.rc == 13 and "incomplete" in s.err, s.err
+    assert cli("summary", "--json", path).rc == 13
+
+
+def test_dmesg_and_summary_of_a_whole_makedumpfile_dump_are_exit_0(unfinished):
+    r = cli("dmesg", str(unfinished["whole"]))
+    assert (r.rc, r.err) == (0, "")
+    assert r.out == unfinished["dmesg"].read_text("ascii")
+    assert cli("summary", str(unfinished["whole"])).rc == 0
