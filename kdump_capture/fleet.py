@@ -27,6 +27,28 @@ from .summary import CrashSummary, clean
 # Crash times shown: 2000-01-01 to 2100-01-01 (anything else is not a time we wrote).
 TIME_RANGE = (946684800, 4102444800)
 
+# Another kdump's dump directory on the same target (admins migrating to us point `list`
+# at their /var/crash): listed with status "unchecked" (no manifest to check it against) or
+# "incomplete" (its own mark says so), never rotated (policy only ever takes our names).
+# Red Hat kdump-utils: <ip>-YYYY-MM-DD-HH:MM:SS, its raw-device recovery YYYY-MM-DD-HH:MM;
+# SUSE kdump 1.x: [<ip>-]YYYY-MM-DD-HH:MM, 2.x: [<host>-]YYYY-MM-DD-HH-MM; Debian
+# kdump-tools: [<ip or host>-]YYYYMMDDHHMM. All in the crashed machine's local time.
+_OTHER_NAME = re.compile(
+    r"(?:(?P<host>.+)-)?(?P<stamp>\d{4}-\d{2}-\d{2}-\d{2}[-:]\d{2}(?::\d{2})?|\d{12})",
+    re.ASCII,
+)
+_STAMP_FORMATS = ("%Y-%m-%d-%H:%M:%S", "%Y-%m-%d-%H:%M", "%Y-%m-%d-%H-%M", "%Y%m%d%H%M")
+# The files that make a directory another kdump's, and what each tool leaves unfinished:
+# Red Hat renames vmcore-incomplete (and vmcore-dmesg-incomplete.txt) once it is whole,
+# Debian dump-incomplete and vmcore-incomplete; SUSE 2.x writes a README.txt saying
+# "the crash dump is likely incomplete" first and replaces it at the end (1.x marks nothing).
+_REDHAT = ("vmcore-dmesg.txt", "vmcore-dmesg-incomplete.txt", "kexec-dmesg.log", "vmcore.flat")
+_DEBIAN = re.compile(
+    r"(?:dump|dmesg|vmcore)\.\d{12}(?:\.\w{1,5})?|dump-incomplete(?:\.\w{1,5})?", re.ASCII
+)
+_SUSE_PLACEHOLDER = b"the crash dump is likely incomplete"
+_VMCORE = re.compile(r"vmcore(?:\.flat|\d+|\.\d{12})?|dump\.\d{12}(?:\.\w{1,5})?", re.ASCII)
+
 
 @dataclass
 class Listed:
@@ -36,7 +58,9 @@ class Listed:
     host: str
     crash_time: int | None
     kernel: str
-    status: str  # complete, failed, incomplete or damaged (files unlike the manifest's)
+    # complete, failed, incomplete or damaged (files unlike the manifest's); unchecked:
+    # another kdump's dump (no manifest: nothing says whether it is whole)
+    status: str
     format: str
     level: int | None
     size: int  # bytes of the files in the directory, as listed
@@ -123,6 +147,9 @@ def list_dumps(transport: Transport) -> list[Listed]:
             continue  # files, and links (never listed as directories)
         parsed = policy.parse_dump_name(entry.name)
         if parsed is None:
+            other = _other_kdump(transport, entry.name)
+            if other is not None:
+                out.append(other)
             continue
         host, stamp, _seq = parsed
         try:
@@ -167,6 +194,68 @@ def list_dumps(transport: Transport) -> list[Listed]:
         out.append(item)
     out.sort(key=lambda i: (i.crash_time or 0, i.directory), reverse=True)
     return out
+
+
+def _other_kdump(transport: Transport, name: str) -> Listed | None:
+    """The line of another kdump tool's dump directory ``name``, or None if it is not one."""
+    m = _OTHER_NAME.fullmatch(name)
+    if m is None:
+        return None
+    try:
+        files = [e for e in transport.listdir(name) if not (e.is_dir or e.is_link)]
+    except ConnectionLost:
+        raise
+    except TransportError:
+        return None  # not ours and not listable: nothing to say of it
+    names = {e.name for e in files}
+    if any(n in names for n in _REDHAT):
+        tool = "Red Hat kdump"
+    elif any(_DEBIAN.fullmatch(n) for n in names):
+        tool = "Debian kdump-tools"
+    elif names & {"README.txt", "dmesg.txt", "dmesg", "vmcore"}:
+        tool = "SUSE kdump"
+    else:
+        return None
+    if any("-incomplete" in n for n in names):
+        status, why = policy.INCOMPLETE, "its -incomplete file is still there"
+    elif tool == "SUSE kdump" and _suse_placeholder(transport, f"{name}/README.txt", names):
+        status, why = policy.INCOMPLETE, "its README.txt is still the placeholder"
+    elif any(_VMCORE.fullmatch(n) for n in names):
+        status, why = "unchecked", "no manifest to check it against"
+    else:
+        status, why = policy.FAILED, "no vmcore"
+    host, stamp = m.group("host"), m.group("stamp")
+    when = None
+    for fmt in _STAMP_FORMATS:
+        try:
+            when = calendar.timegm(time.strptime(stamp, fmt))
+            break
+        except ValueError:
+            continue
+    return Listed(
+        directory=clean(name, 255),
+        host=clean(host, 60) if host else "-",
+        crash_time=when,
+        kernel="-",
+        status=status,
+        format="+flat" if "vmcore.flat" in names else "-",
+        level=None,
+        size=sum(e.size for e in files),
+        panic="-",
+        note=f"made by {tool}, local time: {why}; never rotated",
+    )
+
+
+def _suse_placeholder(transport: Transport, relpath: str, names: set[str]) -> bool:
+    if "README.txt" not in names:
+        return False
+    try:
+        head = b"".join(transport.read(relpath, limit=4096))
+    except ConnectionLost:
+        raise
+    except KdumpError:
+        return False  # unreadable, or larger than the placeholder: the vmcore decides
+    return _SUSE_PLACEHOLDER in head
 
 
 def _fill(item: Listed, doc: dict, host: str | None) -> None:

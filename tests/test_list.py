@@ -179,3 +179,52 @@ def test_list_and_verify_take_the_password_from_the_config(kind, request, tmp_pa
     assert r.rc == 0, r.err
     assert "all files match" in r.out
     assert cli("list", "--config", "/dev/null", bare).rc == 7  # the config is what held it
+
+
+def test_list_shows_other_kdumps_dumps_and_rotation_never_takes_them(tmp_path):
+    # An admin migrating to us runs `list` on the /var/crash other kdumps wrote: it said
+    # "no dumps" (exit 0, read as "nothing crashed") beside five of them, one incomplete.
+    root = tmp_path / "crash"
+    other = {
+        # Red Hat kdump-utils: a whole dump, and one whose collector did not finish
+        "127.0.0.1-2024-01-17-10:30:00": {"vmcore-incomplete": b"K", "vmcore-dmesg.txt": b"L"},
+        "127.0.0.1-2024-01-18-10:30:00": {"vmcore": b"KD", "vmcore-dmesg.txt": b"L"},
+        # SUSE kdump 1.x (no marks), and 2.x with its placeholder README still there
+        "2024-01-15-10:30": {"vmcore": b"KD", "dmesg.txt": b"L", "README.txt": b"Kernel"},
+        "2024-01-16-10-30": {
+            "vmcore": b"K",
+            "README.txt": b"If you see this text the crash dump is likely incomplete.\n",
+        },
+        # Debian kdump-tools: a whole dump, and one cut off in its pipe
+        "202401191030": {"dump.202401191030": b"KD", "dmesg.202401191030": b"L"},
+        "202401201030": {"dump-incomplete": b"K", "dmesg.202401201030": b"L"},
+    }
+    for name, files in other.items():
+        (root / name).mkdir(parents=True)
+        for fname, data in files.items():
+            (root / name / fname).write_bytes(data)
+    (root / "2024-02-02-02-02").mkdir()  # a date-named directory of something else
+    (root / "2024-02-02-02-02" / "notes").write_text("x")
+    r = cli("list", "--config", "/dev/null", f"file://{root}", "--json")
+    assert r.rc == 0, r.err
+    got = {d["directory"]: (d["status"], d["note"].split(",")[0]) for d in json.loads(r.out)}
+    assert got == {
+        "127.0.0.1-2024-01-17-10:30:00": ("incomplete", "made by Red Hat kdump"),
+        "127.0.0.1-2024-01-18-10:30:00": ("unchecked", "made by Red Hat kdump"),
+        "2024-01-15-10:30": ("unchecked", "made by SUSE kdump"),
+        "2024-01-16-10-30": ("incomplete", "made by SUSE kdump"),
+        "202401191030": ("unchecked", "made by Debian kdump-tools"),
+        "202401201030": ("incomplete", "made by Debian kdump-tools"),
+    }
+    r = cli("list", "--config", "/dev/null", f"file://{root}")
+    assert "no dumps" not in r.out and "complete " not in r.out.replace("incomplete ", "")
+    before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    sample = tmp_path / "sample.elf"
+    assert cli("make-sample", str(sample), "--mib", "16").rc == 0
+    for keep in ("-1", "1"):
+        s = cli(
+            "save", "--config", "/dev/null", "--vmcore", str(sample), "--no-reboot",
+            "--set", f"KDUMP_SAVEDIR=file://{root}", "--set", f"KDUMP_KEEP_OLD_DUMPS={keep}",
+        )  # fmt: skip
+        assert s.rc == 0, s.err
+    assert {p: p.read_bytes() for p in before} == before
