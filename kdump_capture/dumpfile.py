@@ -9,7 +9,20 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .bounds import MAX_NOTES, MAX_VMCOREINFO, check_span, read_span
-from .elf import iter_notes
+from .elf import (
+    EHDR,
+    ELFCLASS64,
+    ELFDATA2LSB,
+    ELFMAG,
+    ET_CORE,
+    PHDR,
+    PN_XNUM,
+    PT_LOAD,
+    PT_NOTE,
+    Ehdr,
+    Phdr,
+    iter_notes,
+)
 from .errors import NoDumpError, NotSupported, VmcoreError
 from .formats.filter import _POPCOUNT, test_bit
 from .formats.flat import MAX_BLOCK, MIN_BLOCK, FlatFile, is_flattened
@@ -28,7 +41,7 @@ from .formats.structs import (
     PageDesc,
 )
 from .kernel import AddressError, ElfPhysMemory, VmcoreInfo
-from .vmcore import Vmcore, open_vmcore, parse_vmcoreinfo, vmcoreinfo_text
+from .vmcore import MAX_PHYS_ADDR, Vmcore, open_vmcore, parse_vmcoreinfo, vmcoreinfo_text
 
 # Bits per entry of the rank index (pfn -> descriptor number): 4096 bits = 512 bitmap bytes,
 # so a lookup counts at most 512 bytes in C.
@@ -107,6 +120,8 @@ def open_dump(path: str) -> Dump:
         flat = FlatFile(path)
         try:
             head2 = flat.pread(8, 0)
+            if head2[:4] == ELFMAG:
+                return _flat_elf_dump(path, flat)
             if head2 != KDUMP_SIGNATURE:
                 raise NotSupported(
                     f"{path}: flattened stream of a non-kdump file; rearrange it first "
@@ -128,6 +143,66 @@ def _elf_dump(vm: Vmcore) -> Dump:
     mem = ElfPhysMemory(vm.loads, vm.pread, vm.path)
     return Dump(
         vm.path, "elf", vm.vmcoreinfo, vm.notes_blob, mem.read_phys, None, vm.close, mem.capacity
+    )
+
+
+def _flat_elf_dump(path: str, flat: FlatFile) -> Dump:
+    """A flattened ELF dump (makedumpfile -F -E; SUSE kdump 2.x writes its ELF dumps so),
+    read through the stream's index. Every header is checked against the size the records
+    make, as ``open_vmcore`` checks a file's."""
+    size = flat.size
+    ehdr = Ehdr.unpack_from(read_span(flat.pread, path, "the ELF header", 0, EHDR.size, size))
+    if ehdr.ident[4] != ELFCLASS64 or ehdr.ident[5] != ELFDATA2LSB or ehdr.type != ET_CORE:
+        raise VmcoreError(f"{path}: offset 0x4: not a 64-bit little-endian ELF core file")
+    if ehdr.phentsize != PHDR.size:
+        raise VmcoreError(f"{path}: offset 0x36: e_phentsize {ehdr.phentsize} is not 56")
+    if ehdr.phnum in (0, PN_XNUM):
+        raise NotSupported(
+            f"{path}: offset 0x38: e_phnum {ehdr.phnum} in a flattened ELF; rearrange it "
+            "first (kdump-capture rearrange)"
+        )
+    table = read_span(
+        flat.pread,
+        path,
+        "the program headers",
+        ehdr.phoff,
+        ehdr.phnum * PHDR.size,
+        size,
+        where=0x20,
+    )
+    phdrs = [Phdr.unpack_from(table, i * PHDR.size) for i in range(ehdr.phnum)]
+    notes = []
+    for i, p in enumerate(phdrs):
+        where = ehdr.phoff + i * PHDR.size
+        if p.type not in (PT_LOAD, PT_NOTE):
+            continue
+        check_span(path, f"program header #{i}", p.offset, p.filesz, size, where=where)
+        if p.type == PT_NOTE:
+            notes.append((i, p, where))
+        elif p.filesz > p.memsz or p.paddr + p.memsz > MAX_PHYS_ADDR:
+            raise VmcoreError(
+                f"{path}: offset {where:#x}: PT_LOAD #{i} has p_filesz {p.filesz:#x}, p_memsz "
+                f"{p.memsz:#x} at {p.paddr:#x}"
+            )
+    loads = [p for p in phdrs if p.type == PT_LOAD]
+    if not loads:
+        raise VmcoreError(f"{path}: offset 0x38: no PT_LOAD: the dump holds no memory")
+    check_span(path, "the note segments", 0, sum(p.filesz for _, p, _ in notes), None, MAX_NOTES)
+    blob = b"".join(
+        read_span(flat.pread, path, f"PT_NOTE #{i}", p.offset, p.filesz, size, where=where)
+        for i, p, where in notes
+    )
+    vmcoreinfo: dict[str, str] = {}
+    try:
+        found = iter_notes(blob)
+    except ValueError as e:
+        raise VmcoreError(f"{path}: PT_NOTE: {e}") from None
+    for n in found:
+        if n.name == b"VMCOREINFO":
+            vmcoreinfo = parse_vmcoreinfo(vmcoreinfo_text(n.desc, path))
+    mem = ElfPhysMemory(loads, flat.pread, path)
+    return Dump(
+        path, "elf (flattened)", vmcoreinfo, blob, mem.read_phys, None, flat.close, mem.capacity
     )
 
 

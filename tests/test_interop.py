@@ -44,6 +44,16 @@ def test_rearrange_of_makedumpfile_flattened_elf(mdf):
     assert out.read_bytes() == mdf["elf31"].read_bytes()
 
 
+def test_dmesg_and_summary_of_a_flattened_elf(mdf):
+    # SUSE kdump 2.x writes every dump flattened, ELF ones with makedumpfile -F -E: both
+    # were exit 9, "flattened stream of a non-kdump file; rearrange it first".
+    r = cli("dmesg", str(mdf["elf31.flat"]))
+    assert (r.rc, r.err) == (0, "")
+    assert r.out == mdf["dmesg.txt"].read_text("ascii")
+    s = cli("summary", str(mdf["elf31.flat"]))
+    assert s.rc == 0 and "Kernel panic - not syncing" in s.out, s.err
+
+
 def test_rearrange_reads_the_stream_from_a_pipe(mdf):
     # makedumpfile -R reads standard input (`ssh host cat vmcore.flat | ...`); ours failed on
     # a pipe with "OUT: cannot write the rearranged dump: Illegal seek" (exit 6): it asked
