@@ -297,39 +297,17 @@ def summary_of(path: str, follow: bool = True, incomplete: list[str] | None = No
 
     A file that is neither a dump nor text (empty, or holding NUL bytes, which a dmesg.txt
     never does: its writer escapes them) is a VmcoreError, never "no panic found"."""
-    from transports.base import mode_kind
-
     from .dumpfile import open_dump
-    from .report import AGE_MAGIC, DMESG, ENCRYPTED_HINT, MANIFEST, VMCORE
+    from .report import AGE_MAGIC, ENCRYPTED_HINT
 
     if os.path.isdir(path):
-        for name in (DMESG, VMCORE):
-            p = os.path.join(path, name)
-            if os.path.lexists(p):
-                # A dump directory's files, never a link or a FIFO in their place (another
-                # host may write a shared target; a FIFO would wait for a writer for good).
-                # A path given by itself may be one: `... | kdump-capture summary /dev/stdin`.
-                st = os.lstat(p)
-                if not stat.S_ISREG(st.st_mode):
-                    raise VmcoreError(f"{p}: {mode_kind(st.st_mode)}; only regular files are read")
-                if name == DMESG and not st.st_size:
-                    continue  # an empty ring saved as it was: the vmcore says the same
-                return summary_of(p, follow=False, incomplete=incomplete)
-        from .decrypt import read_manifest
-
-        if os.path.lexists(os.path.join(path, MANIFEST)):
-            doc = read_manifest(path)
-            found = doc.get("crash_summary")
-            if isinstance(found, dict) and not found.get("encrypted"):
-                summary = CrashSummary.from_dict(found)
-                if summary is not None:
-                    return summary
-            if doc.get("encryption"):
-                raise VmcoreError(
-                    f"{path}: the dump is encrypted and its summary with it; decrypt it first "
-                    "(kdump-capture decrypt --identity KEY DIR)"
-                )
-        raise NoDumpError(f"{path}: no {DMESG}, {VMCORE} or summary in {MANIFEST}")
+        names = os.listdir(path)
+        summary = _summary_of_dir(path, names, incomplete)
+        if incomplete is not None and not incomplete:
+            why = _dir_incomplete(path, set(names))
+            if why:
+                incomplete[:] = [path, why]
+        return summary
     head, text, regular = _read_text(path, follow)
     if head.startswith(AGE_MAGIC):
         raise VmcoreError(f"{path}: {ENCRYPTED_HINT}")
@@ -352,3 +330,87 @@ def summary_of(path: str, follow: bool = True, incomplete: list[str] | None = No
             "kernel log (dmesg.txt)"
         )
     return summarize(text)
+
+
+# Other kdumps' logs and dumps in their directories (after ours): Red Hat kdump-utils
+# vmcore-dmesg.txt and vmcore or vmcore.flat; SUSE kdump 2.x dmesg; Debian kdump-tools
+# dmesg.YYYYMMDDHHMM and dump.YYYYMMDDHHMM. Never an unfinished one (vmcore-incomplete).
+_OTHER_LOGS = ("vmcore-dmesg.txt", "dmesg")
+_OTHER_DUMPS = ("vmcore.flat",)
+_DEBIAN_LOG = re.compile(r"dmesg\.\d{12}", re.ASCII)
+_DEBIAN_DUMP = re.compile(r"dump\.\d{12}", re.ASCII)
+# What a save that did not finish leaves in README.txt: ours, and SUSE kdump 2.x's.
+_PLACEHOLDERS = (b"saving the dump was interrupted", b"the crash dump is likely incomplete")
+
+
+def _summary_of_dir(path: str, names: list[str], incomplete: list[str] | None) -> CrashSummary:
+    from transports.base import mode_kind
+
+    from .decrypt import read_manifest
+    from .report import DMESG, MANIFEST, VMCORE
+
+    logs = [DMESG, *_OTHER_LOGS, *sorted(n for n in names if _DEBIAN_LOG.fullmatch(n))]
+    dumps = [VMCORE, *_OTHER_DUMPS, *sorted(n for n in names if _DEBIAN_DUMP.fullmatch(n))]
+    for name in (*logs, *dumps):
+        p = os.path.join(path, name)
+        if not os.path.lexists(p):
+            continue
+        # A dump directory's files, never a link or a FIFO in their place (another host may
+        # write a shared target; a FIFO would wait for a writer for good). A path given by
+        # itself may be one: `... | kdump-capture summary /dev/stdin`.
+        st = os.lstat(p)
+        if not stat.S_ISREG(st.st_mode):
+            raise VmcoreError(f"{p}: {mode_kind(st.st_mode)}; only regular files are read")
+        if name in logs and not st.st_size:
+            continue  # an empty ring saved as it was: the vmcore says the same
+        return summary_of(p, follow=False, incomplete=incomplete)
+    if os.path.lexists(os.path.join(path, MANIFEST)):
+        doc = read_manifest(path)
+        found = doc.get("crash_summary")
+        if isinstance(found, dict) and not found.get("encrypted"):
+            summary = CrashSummary.from_dict(found)
+            if summary is not None:
+                return summary
+        if doc.get("encryption"):
+            raise VmcoreError(
+                f"{path}: the dump is encrypted and its summary with it; decrypt it first "
+                "(kdump-capture decrypt --identity KEY DIR)"
+            )
+    raise NoDumpError(f"{path}: no {DMESG}, {VMCORE} or summary in {MANIFEST}")
+
+
+def _dir_incomplete(path: str, names: set[str]) -> str | None:
+    """Why the dump in directory ``path`` did not finish, as far as it tells, else None."""
+    from . import policy
+    from .decrypt import read_manifest
+    from .errors import KdumpError
+    from .report import MANIFEST, README
+
+    if MANIFEST in names:
+        try:
+            doc = read_manifest(path)
+        except KdumpError as e:
+            return f"its {MANIFEST} is unreadable ({e})"
+        status = doc.get("status")
+        if status != "complete":
+            error = doc.get("error")
+            why = f": {clean(error, 200)}" if isinstance(error, str) and error else ""
+            return f"its {MANIFEST} says {clean(str(status), 40)!r}{why}"
+        return None
+    unfinished = sorted(n for n in names if "-incomplete" in n)
+    if unfinished:
+        return f"{clean(unfinished[0], 60)} is there: its save did not finish"
+    if README in names:
+        try:  # never through a link, never waiting on a FIFO
+            fd = os.open(os.path.join(path, README), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            fd = -1
+        if fd >= 0:
+            with os.fdopen(fd, "rb") as f:
+                regular = stat.S_ISREG(os.fstat(fd).st_mode)
+                head = f.read(4096) if regular else b""
+        if fd >= 0 and any(mark in head for mark in _PLACEHOLDERS):
+            return f"its {README} is still the placeholder: its save did not finish"
+    if policy.parse_dump_name(os.path.basename(os.path.normpath(path))) is not None:
+        return f"no {MANIFEST}: its save did not finish"
+    return None

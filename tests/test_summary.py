@@ -325,3 +325,40 @@ def test_summary_of_an_endless_source_ends():
         shell=True, capture_output=True, text=True, timeout=30,
     )  # fmt: skip
     assert r.returncode == 4 and "binary data" in r.stderr, r.stderr
+
+
+def test_summary_of_other_kdumps_directories_and_unfinished_ones(tmp_path):
+    # Red Hat's and Debian's dump directories had "no dmesg.txt, vmcore or summary" (exit 3)
+    # beside their logs; a directory whose dump did not finish (their -incomplete files,
+    # SUSE's or our placeholder README, ours without a manifest) was summarised with exit 0.
+    log = b"[    5.9] Kernel panic - not syncing: X-42\n"
+    suse_placeholder = b"If you see this text the crash dump is likely incomplete.\n"
+    dirs = {
+        "127.0.0.1-2024-01-18-10:30:00": ({"vmcore-dmesg.txt": log, "vmcore": b"K"}, 0),
+        "127.0.0.1-2024-01-17-10:30:00": (
+            {"vmcore-dmesg.txt": log, "vmcore-incomplete": b"K"},
+            "vmcore-incomplete is there",
+        ),
+        "202401191030": ({"dmesg.202401191030": log, "dump.202401191030": b"K"}, 0),
+        "202401201030": ({"dmesg.202401201030": log, "dump-incomplete": b"K"}, "dump-incomplete"),
+        "2024-01-16-10-30": (
+            {
+                "dmesg": log,
+                "README.txt": suse_placeholder,
+            },
+            "placeholder",
+        ),
+        "2024-01-15-10:30": ({"dmesg.txt": log, "vmcore": b"K", "README.txt": b"Kernel"}, 0),
+        "2026-01-01-00-00-00": ({"dmesg.txt": log, "vmcore": b"K"}, "no manifest.json"),
+    }
+    for name, (files, want) in dirs.items():
+        d = tmp_path / name
+        d.mkdir()
+        for fname, data in files.items():
+            (d / fname).write_bytes(data)
+        r = cli("summary", str(d))
+        assert r.out.startswith("Crash          : Kernel panic - not syncing: X-42\n"), name
+        if want == 0:
+            assert (r.rc, r.err) == (0, ""), name
+        else:
+            assert r.rc == 13 and "the dump is incomplete" in r.err and want in r.err, r.err
