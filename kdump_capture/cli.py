@@ -463,6 +463,16 @@ def _verify(label: str, tr, dumpdir: str) -> int:
     if not names:
         raise VerifyError(f"{label}: no such dump (nothing there)")
     if MANIFEST not in names:
+        from . import policy
+
+        name = dumpdir or os.path.basename(os.path.normpath(label))
+        if policy.parse_dump_name(name) is None:
+            # Another kdump's directory (Red Hat, SUSE, Debian): not "incomplete", just not
+            # one with a manifest to check it against.
+            raise VerifyError(
+                f"{label}/{MANIFEST}: no manifest: not a dump this tool saved (or one whose "
+                "save did not finish): nothing to verify it against"
+            )
         raise VerifyError(f"{label}/{MANIFEST}: no manifest: the dump is incomplete")
     try:
         data = b"".join(tr.read(rel(MANIFEST), limit=manifest.MAX_BYTES))

@@ -228,3 +228,19 @@ def test_list_shows_other_kdumps_dumps_and_rotation_never_takes_them(tmp_path):
         )  # fmt: skip
         assert s.rc == 0, s.err
     assert {p: p.read_bytes() for p in before} == before
+
+
+def test_verify_of_another_kdumps_dump_does_not_call_it_incomplete(tmp_path):
+    # A whole Red Hat dump was "no manifest: the dump is incomplete" (exit 8).
+    d = tmp_path / "127.0.0.1-2024-01-18-10:30:00"
+    d.mkdir()
+    (d / "vmcore").write_bytes(b"KDUMP   ")
+    (d / "vmcore-dmesg.txt").write_text("log\n")
+    r = cli("verify", str(d))
+    assert r.rc == 8 and "not a dump this tool saved" in r.err, r.err
+    assert "the dump is incomplete" not in r.err
+    ours = tmp_path / "2026-01-01-00-00-00"  # ours, its save stopped before the manifest
+    ours.mkdir()
+    (ours / "dmesg.txt").write_text("log\n")
+    r = cli("verify", str(ours))
+    assert r.rc == 8 and "no manifest: the dump is incomplete" in r.err, r.err
