@@ -156,3 +156,16 @@ def test_dmesg_and_summary_of_a_whole_makedumpfile_dump_are_exit_0(unfinished):
     assert (r.rc, r.err) == (0, "")
     assert r.out == unfinished["dmesg"].read_text("ascii")
     assert cli("summary", str(unfinished["whole"])).rc == 0
+
+
+def test_a_flattened_dump_cut_short_says_truncated(real_sample, tmp_path):
+    # A Red Hat vmcore-incomplete over SSH, or Debian's dump-incomplete: a makedumpfile -F
+    # stream cut off. It read "bad or truncated record", as if forged.
+    flat = tmp_path / "vmcore-incomplete"
+    with open(flat, "wb") as f:
+        makedumpfile("-F", "-c", "-d", "31", real_sample.path, stdout=f)
+    os.truncate(flat, flat.stat().st_size * 9 // 10)
+    for cmd in ("dmesg", "summary"):
+        r = cli(cmd, str(flat))
+        assert r.rc == 4 and r.err.count("\n") == 1, r.err
+        assert f"{flat}: offset " in r.err and "the flattened stream is truncated" in r.err

@@ -482,10 +482,15 @@ class FlatFile:
             offset, rsize = RECORD.unpack(_read_exact(f, RECORD.size, self.path, "a record"))
             if offset == -1 and rsize == -1:
                 break
-            if offset < 0 or rsize <= 0 or pos + RECORD.size + rsize > total:
+            if offset < 0 or rsize <= 0:
                 raise VmcoreError(
-                    f"{self.path}: offset {pos:#x}: bad or truncated record "
-                    f"(offset {offset}, size {rsize})"
+                    f"{self.path}: offset {pos:#x}: bad record (offset {offset}, size {rsize})"
+                )
+            if pos + RECORD.size + rsize > total:
+                raise VmcoreError(
+                    f"{self.path}: offset {pos:#x}: the flattened stream is truncated ({total} "
+                    f"bytes, a record of {rsize} bytes runs past its end, no end marker: a "
+                    "copy cut short, or its writer stopped)"
                 )
             count += 1
             if count > MAX_RECORDS:
