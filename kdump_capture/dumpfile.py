@@ -75,7 +75,14 @@ class Dump:
 
         if not self.vmcoreinfo:
             raise VmcoreError(f"{self.path}: the dump has no VMCOREINFO; cannot find the log")
-        return extract_from(self.info, self, self.phys_base)
+        try:
+            return extract_from(self.info, self, self.phys_base)
+        except (VmcoreError, NotSupported) as e:
+            # The log's walk through kernel memory speaks of addresses and VMCOREINFO
+            # entries, not of the file: a message on its own must say which dump it is.
+            if str(e).startswith(f"{self.path}: "):
+                raise
+            raise type(e)(f"{self.path}: {e}") from None
 
     def __enter__(self) -> Dump:
         return self

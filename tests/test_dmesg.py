@@ -101,3 +101,21 @@ def test_a_log_of_escapes_keeps_its_newest_records_within_bounds(tmp_path, monke
     monkeypatch.setattr(dmesg, "OUTPUT_SLACK", 1 << 20)
     assert "left out" not in dmesg.extract(open_vmcore(_vmcore(tmp_path, msgs)))
     assert not hasattr(dmesg, "MAX_OUTPUT")  # no absolute cap: a real 32 MiB ring stays whole
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"SYMBOL(prb)": "ffffffff81000000"},  # not mapped
+        {"OFFSET(prb_desc.state_var)": "x"},
+        {"SYMBOL(prb)": None},
+    ],
+)
+def test_dmesg_and_summary_errors_name_the_dump(tmp_path, extra):
+    # "kdump-capture: error: kernel address 0x... is not mapped (level 39)": which file?
+    from tests.helpers import cli
+
+    path = _vmcore(tmp_path, extra=extra)
+    for cmd in ("dmesg", "summary"):
+        r = cli(cmd, path)
+        assert r.rc in (4, 9) and r.err.startswith(f"kdump-capture: error: {path}: "), r.err
