@@ -244,3 +244,31 @@ def test_verify_of_another_kdumps_dump_does_not_call_it_incomplete(tmp_path):
     (ours / "dmesg.txt").write_text("log\n")
     r = cli("verify", str(ours))
     assert r.rc == 8 and "no manifest: the dump is incomplete" in r.err, r.err
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_other_kdumps_dumps_on_every_target(kind, request, tmp_path):
+    # Their network names: SUSE 2.x <host>-YYYY-MM-DD-HH-MM, Debian <ip>-YYYYMMDDHHMM.
+    target = make_target(kind, request)
+    placeholder = b"This file will be overwritten when the dump is finished.\n"
+    placeholder += b"If you see this text the crash dump is likely incomplete.\n"
+    with target.transport() as tr:
+        _plant(tr, "web05-2024-01-16-10-30", {"vmcore": b"K", "README.txt": placeholder})
+        _plant(tr, "web05-2024-01-15-10-30", {"vmcore": b"KD", "README.txt": b"Kernel"})
+        _plant(tr, "10.0.0.7-202401191030", {"dump.202401191030": b"KD"})
+    sample = tmp_path / "vmcore"
+    _marker_sample(sample, "other kdumps")
+    conf = write_config(tmp_path / "kdump", target, KDUMP_KEEP_OLD_DUMPS="-1")
+    before = _snapshot(target)
+    for _ in range(2):  # the second save deletes all older dumps: only ours
+        r = run_save(conf, str(sample))
+        assert r.rc == 0, r.err
+    after = _snapshot(target)
+    assert {f: after.get(f) for f in before} == before
+    r = cli("list", "--config", conf, target.url, "--json")
+    assert r.rc == 0, r.err
+    got = {d["directory"]: (d["host"], d["status"]) for d in json.loads(r.out)}
+    assert got.pop("web05-2024-01-16-10-30") == ("web05", "incomplete")
+    assert got.pop("web05-2024-01-15-10-30") == ("web05", "unchecked")
+    assert got.pop("10.0.0.7-202401191030") == ("10.0.0.7", "unchecked")
+    assert [s for _, s in got.values()] == ["complete"]  # ours, the newest save
