@@ -169,3 +169,34 @@ def test_a_flattened_dump_cut_short_says_truncated(real_sample, tmp_path):
         r = cli(cmd, str(flat))
         assert r.rc == 4 and r.err.count("\n") == 1, r.err
         assert f"{flat}: offset " in r.err and "the flattened stream is truncated" in r.err
+
+
+def test_rearrange_waits_for_program_headers_that_hold_memory(mdf, tmp_path):
+    # A writer may fill the PT_NOTE header first and the PT_LOADs last: until a PT_LOAD is
+    # written the header bounds nothing (it bounded the file at its note, and refused).
+    from kdump_capture.formats.flat import FlatOutput
+
+    elf = mdf["elf31"].read_bytes()
+    phoff, phnum = int.from_bytes(elf[32:40], "little"), int.from_bytes(elf[56:58], "little")
+    table = bytearray(elf[phoff : phoff + phnum * 56])
+    for i in range(phnum):
+        if table[i * 56] == 1:  # PT_LOAD: not written yet
+            table[i * 56 : i * 56 + 56] = bytes(56)
+
+    class Sink:
+        def __init__(self, f):
+            self.write = f.write
+
+    stream = tmp_path / "notes-first.flat"
+    with open(stream, "wb") as f:
+        out = FlatOutput(Sink(f))
+        out.put(phoff, table)
+        out.put(0, elf[:64])
+        end = phoff + len(table)
+        for off in range(end, len(elf), 1 << 20):
+            out.put(off, elf[off : off + (1 << 20)])
+        out.put(phoff, elf[phoff:end])
+        out.finish()
+    r = cli("rearrange", str(stream), str(tmp_path / "out"))
+    assert r.rc == 0, r.err
+    assert (tmp_path / "out").read_bytes() == elf

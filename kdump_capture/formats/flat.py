@@ -15,7 +15,7 @@ import os
 import stat
 import struct
 
-from ..elf import EHDR, ELFMAG, PHDR
+from ..elf import EHDR, ELFMAG, PHDR, PT_LOAD
 from ..errors import ConfigError, TargetFull, TransportError, VmcoreError
 from .structs import DISK_DUMP_HEADER, KDUMP_SIGNATURE, PAGE_DESC, DiskDumpHeader
 
@@ -196,12 +196,16 @@ def implied_size(head: bytes | bytearray, path: str, stream_size: int | None = N
 
 
 def _placeholder_phdrs(head: bytes | bytearray) -> bool:
-    """Whether ``head`` is an ELF header whose program headers are all still zero."""
+    """Whether ``head`` is an ELF header whose program headers are not written yet: none is
+    a PT_LOAD (makedumpfile -F -E first writes them all zero; a dump's real ones always
+    hold its memory)."""
     if head[:4] != ELFMAG or len(head) < EHDR.size:
         return False
     phoff, _, phnum = _ELF_FIELDS.unpack_from(head, 32)
-    table = head[phoff : phoff + phnum * PHDR.size]
-    return bool(phnum) and not any(table)
+    if len(head) < phoff + phnum * PHDR.size:
+        return False
+    types = (PHDR.unpack_from(head, phoff + i * PHDR.size)[0] for i in range(phnum))
+    return all(t != PT_LOAD for t in types)
 
 
 def _align(n: int) -> int:
