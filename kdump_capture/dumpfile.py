@@ -143,7 +143,29 @@ def open_dump(path: str) -> Dump:
 
     if head.startswith(AGE_MAGIC):
         raise VmcoreError(f"{path}: {ENCRYPTED_HINT}")
-    raise VmcoreError(f"{path}: offset 0x0: not an ELF, kdump-compressed or flattened dump")
+    raise VmcoreError(
+        f"{path}: offset 0x0: not an ELF, kdump-compressed or flattened dump"
+        + (
+            f" (it is {packed}-compressed as a whole: decompress it first)"
+            if (packed := packed_with(head))
+            else ""
+        )
+    )
+
+
+# Debian's kdump-tools pipes its flattened dumps through KDUMP_COMPRESSION (dump.STAMP.gz).
+_PACKERS = (
+    (b"\x1f\x8b", "gzip"),
+    (b"\xfd7zXZ\x00", "xz"),
+    (b"BZh", "bzip2"),
+    (b"\x04\x22\x4d\x18", "lz4"),
+    (b"\x28\xb5\x2f\xfd", "zstd"),
+)
+
+
+def packed_with(head: bytes) -> str | None:
+    """The whole-file compressor whose magic ``head`` starts with, if any."""
+    return next((name for magic, name in _PACKERS if head.startswith(magic)), None)
 
 
 def _elf_dump(vm: Vmcore) -> Dump:

@@ -325,9 +325,13 @@ def summary_of(path: str, follow: bool = True, incomplete: list[str] | None = No
     if not text:
         raise VmcoreError(f"{path}: empty: neither a dump nor a kernel log (dmesg.txt)")
     if b"\0" in text:
+        from .dumpfile import packed_with
+
+        packed = packed_with(head)
         raise VmcoreError(
             f"{path}: binary data: neither an ELF, kdump-compressed or flattened dump nor a "
             "kernel log (dmesg.txt)"
+            + (f"; it is {packed}-compressed as a whole: decompress it first" if packed else "")
         )
     return summarize(text)
 

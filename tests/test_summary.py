@@ -362,3 +362,20 @@ def test_summary_of_other_kdumps_directories_and_unfinished_ones(tmp_path):
             assert (r.rc, r.err) == (0, ""), name
         else:
             assert r.rc == 13 and "the dump is incomplete" in r.err and want in r.err, r.err
+
+
+@pytest.mark.parametrize("packer", ["gzip", "xz", "bzip2"])
+def test_a_dump_compressed_as_a_whole_says_so(tmp_path, packer):
+    # Debian's kdump-tools with KDUMP_COMPRESSION saves dump.STAMP.gz (.xz, .bz2): it was
+    # "not an ELF, kdump-compressed or flattened dump" / "binary data", nothing more.
+    import bz2
+    import gzip
+    import lzma
+
+    pack = {"gzip": gzip.compress, "xz": lzma.compress, "bzip2": bz2.compress}[packer]
+    path = tmp_path / "dump.202401191030.packed"
+    path.write_bytes(pack(b"makedumpfile\0\0\0\0" + bytes(5000)))
+    for cmd in ("dmesg", "summary"):
+        r = cli(cmd, str(path))
+        assert r.rc == 4 and str(path) in r.err, r.err
+        assert f"{packer}-compressed as a whole: decompress it first" in r.err, r.err
