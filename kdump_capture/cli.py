@@ -465,7 +465,7 @@ def _verify(label: str, tr, dumpdir: str) -> int:
     if MANIFEST not in names:
         from . import policy
 
-        name = dumpdir or os.path.basename(os.path.normpath(label))
+        name = dumpdir or os.path.basename(os.path.abspath(label))
         if policy.parse_dump_name(name) is None:
             # Another kdump's directory (Red Hat, SUSE, Debian): not "incomplete", just not
             # one with a manifest to check it against.

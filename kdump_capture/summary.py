@@ -415,6 +415,6 @@ def _dir_incomplete(path: str, names: set[str]) -> str | None:
                 head = f.read(4096) if regular else b""
         if fd >= 0 and any(mark in head for mark in _PLACEHOLDERS):
             return f"its {README} is still the placeholder: its save did not finish"
-    if policy.parse_dump_name(os.path.basename(os.path.normpath(path))) is not None:
+    if policy.parse_dump_name(os.path.basename(os.path.abspath(path))) is not None:
         return f"no {MANIFEST}: its save did not finish"
     return None

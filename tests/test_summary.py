@@ -379,3 +379,17 @@ def test_a_dump_compressed_as_a_whole_says_so(tmp_path, packer):
         r = cli(cmd, str(path))
         assert r.rc == 4 and str(path) in r.err, r.err
         assert f"{packer}-compressed as a whole: decompress it first" in r.err, r.err
+
+
+def test_an_unfinished_dump_of_ours_named_as_the_current_directory(tmp_path):
+    d = tmp_path / "2026-01-01-00-00-00"
+    d.mkdir()
+    (d / "dmesg.txt").write_text("Kernel panic - not syncing: Y\n")
+    r = subprocess.run(
+        [sys.executable, "-m", "kdump_capture", "summary", "."],
+        cwd=d,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(__file__))),
+    )
+    assert r.returncode == 13 and "no manifest.json" in r.stderr, r.stderr
