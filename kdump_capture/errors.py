@@ -15,7 +15,8 @@ The exit codes are part of the interface (README, "Exit codes") and never change
    10  the dump device (KDUMP_DUMPDEV) is unusable
    11  the kernel cannot do kdump, or loading the capture kernel failed
    12  a configured script (KDUMP_PRESCRIPT, KDUMP_POSTSCRIPT) failed
-   13  the dump was saved INCOMPLETE: the source ended early or stopped being readable
+   13  the dump was saved INCOMPLETE: the source ended early or stopped being readable;
+       also `dmesg`/`summary` of a dump that did not finish (after what it holds)
    14  KDUMP_TRANSFER failed (exited non-zero or was killed): the dump may not be saved.
        Its own status is in the message, not in our exit code: raw, 7 would read as
        "authentication refused" and a signal as a negative number
@@ -176,7 +177,7 @@ EXIT_CODES: dict[int, str] = {
     DumpDeviceError.exit_code: "dump device unusable",
     LoadError.exit_code: "kernel cannot do kdump or loading failed",
     ScriptError.exit_code: "a configured pre/post script failed",
-    IncompleteDump.exit_code: "dump saved INCOMPLETE (the source ended early)",
+    IncompleteDump.exit_code: "dump INCOMPLETE (saved so, or a dump file read back is)",
     TransferError.exit_code: "KDUMP_TRANSFER failed",
     DecryptError.exit_code: "cannot decrypt: no identity matches (wrong key)",
     Interrupted.exit_code: "interrupted",
