@@ -656,6 +656,14 @@ def _parse(
                 vm.vmcoreinfo_note = n
                 vm.vmcoreinfo = parse_vmcoreinfo(vmcoreinfo_text(n.desc, path))
     if not any(p.type == PT_LOAD for p in phdrs):
+        if not any(ph_bytes):
+            # makedumpfile -E writes its program headers last: a run stopped before the end
+            # (killed; Red Hat's vmcore-incomplete) leaves them all zero
+            raise VmcoreError(
+                f"{path}: offset {ehdr.phoff:#x}: the {phnum} program headers are all zero, "
+                "not written yet: an ELF dump whose writer stopped before the end (makedumpfile "
+                "-E writes them last); the dump is incomplete"
+            )
         # /proc/vmcore has a PT_LOAD for each System RAM range: without one the ELF header
         # was corrupt, and a "complete" dump of it would hold no memory (makedumpfile
         # refuses it too)

@@ -200,3 +200,18 @@ def test_rearrange_waits_for_program_headers_that_hold_memory(mdf, tmp_path):
     r = cli("rearrange", str(stream), str(tmp_path / "out"))
     assert r.rc == 0, r.err
     assert (tmp_path / "out").read_bytes() == elf
+
+
+def test_an_elf_dump_stopped_before_its_program_headers_says_incomplete(mdf, tmp_path):
+    # makedumpfile -E killed (Red Hat's vmcore-incomplete with an -E collector) leaves its
+    # program headers zero: it read "none of the program headers is a PT_LOAD: the vmcore
+    # holds no memory", as if corrupt.
+    elf = bytearray(mdf["elf31"].read_bytes())
+    phoff, phnum = int.from_bytes(elf[32:40], "little"), int.from_bytes(elf[56:58], "little")
+    elf[phoff : phoff + phnum * 56] = bytes(phnum * 56)
+    path = tmp_path / "vmcore-incomplete"
+    path.write_bytes(elf)
+    for cmd in ("dmesg", "summary"):
+        r = cli(cmd, str(path))
+        assert r.rc == 4 and r.err.count("\n") == 1, r.err
+        assert f"{path}: offset {phoff:#x}: " in r.err and "the dump is incomplete" in r.err
