@@ -30,6 +30,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from email.message import EmailMessage
 
+from . import policy
 from .errors import ConfigError, KdumpError, TransportError
 from .fleet import Listed
 
@@ -238,7 +239,12 @@ def find(cfg) -> tuple[str, list[Pending]]:
             continue
         if host:
             shown_host = host
-        found += [Pending(shown, i) for i in items if host is None or i.host == host]
+        # Only our own dumps of this host: `list` also shows other kdumps' directories.
+        found += [
+            Pending(shown, i)
+            for i in items
+            if policy.parse_dump_name(i.directory) is not None and (host is None or i.host == host)
+        ]
     return shown_host, found
 
 

@@ -163,3 +163,21 @@ def test_a_bad_smtp_server_value_is_a_config_error():
     with pytest.raises(ConfigError):
         notify.smtp_server("mail:notaport")
     assert TransportError.exit_code == 6
+
+
+def test_other_kdumps_dumps_are_not_mailed(tmp_path, dumps):
+    """`list` shows Red Hat's, SUSE's and Debian's dumps on a target too; notify mails only
+    this host's dumps of ours."""
+    import shutil
+
+    target = tmp_path / "mixed"
+    shutil.copytree(dumps, target)
+    stamp = time.strftime("%Y-%m-%d-%H:%M:%S", time.gmtime(time.time() - 60))
+    other = target / f"10.0.0.5-{stamp}"
+    other.mkdir()
+    (other / "vmcore").write_bytes(b"x" * 4096)
+    (other / "vmcore-dmesg.txt").write_text("Kernel panic - not syncing: test\n")
+    with smtpd(str(tmp_path)) as server:
+        cfg = load_config(_config(tmp_path, target, server))
+        assert notify.run(cfg, str(tmp_path / "s.json")) == 2
+        assert all("10.0.0.5" not in m.get_content() for m in server.received)
