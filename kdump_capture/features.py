@@ -19,6 +19,9 @@ UNSUPPORTED = {
     "KDUMP_AUTO_RESIZE": ("no", "automatic resizing of the reservation (ppc64 only)"),
 }
 UNSUPPORTED_FLAGS = {"SPLIT", "XENALLDOMAINS"}
+# The kdump-compressed formats: each needs a page codec (formats.KDUMP_CODECS, not imported
+# here: the save path imports this module before it knows the format).
+KDUMP_CODECS = ("compressed", "zstd", "lzo", "snappy")
 
 
 def check_unsupported(cfg) -> None:
@@ -33,6 +36,15 @@ def check_unsupported(cfg) -> None:
     for name, (_off, what) in UNSUPPORTED.items():
         if cfg.value(name):  # "" or a false boolean means the feature is off
             raise cfg.not_supported(name, what)
+    if cfg.dumpformat in KDUMP_CODECS:
+        # snappy (never written), or lzo/zstd without their library: the writer refused it
+        # only in the capture kernel, after check and load had passed, and the dump was lost.
+        from .formats.kdump import get_codec
+
+        try:
+            get_codec(cfg.dumpformat)
+        except NotSupported as e:
+            raise cfg.not_available("KDUMP_DUMPFORMAT", str(e)) from None
     flags = set(cfg["KDUMPTOOL_FLAGS"].upper().replace(",", " ").split())
     if flags & UNSUPPORTED_FLAGS:
         raise cfg.not_supported("KDUMPTOOL_FLAGS", " and ".join(sorted(flags & UNSUPPORTED_FLAGS)))

@@ -172,6 +172,27 @@ def test_a_capture_kernel_never_refuses_a_dump_over_them(tmp_path):
     assert r.rc == 0, r.err
 
 
+@pytest.mark.parametrize("command", [["check"], ["initramfs", "build", "--output"]])
+def test_a_dump_format_this_build_cannot_write_is_refused_before_the_crash(tmp_path, command):
+    """KDUMP_DUMPFORMAT=snappy (accepted by the configuration, as SUSE lists it) passed
+    `check` and `load` and was refused only by the writer in the capture kernel, exit 9 with
+    no dump saved. It is refused where the other features this build lacks are."""
+    conf = tmp_path / "kdump"
+    conf.write_text(f"KDUMP_SAVEDIR=file://{tmp_path}/d\nKDUMP_DUMPFORMAT=snappy\n")
+    image = tmp_path / "initrd.img"
+    if command[-1] == "--output":
+        command = [*command, str(image)]
+    r = cli(*command, "--config", str(conf))
+    assert r.rc == 9, r.err
+    assert f"kdump-capture: error: {conf}:2: KDUMP_DUMPFORMAT: " in r.err and "snappy" in r.err
+    assert not image.exists()
+
+
+def test_the_formats_this_build_writes_pass_the_check():
+    for fmt in ("none", "ELF", "compressed", "lzo", "zstd", "raw"):
+        features.check_unsupported(load_config(None, [f"KDUMP_DUMPFORMAT={fmt}"]))
+
+
 # --- KDUMP_POSTSCRIPT with KDUMP_DUMPDEV --------------------------------------------------------
 
 
