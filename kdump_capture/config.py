@@ -524,9 +524,11 @@ class _Lexer:
         m = _TILDE_PREFIX.match(self.text, self.pos + 1)
         prefix = m.group() if m else ""
         if prefix in ("", "+", "-") or _LOGIN_RE.fullmatch(prefix):
+            # A login name is not shown: an unquoted password may start with "~".
+            shown = prefix if prefix in ("", "+", "-") else "NAME"
             self.fail(
-                f"unquoted '~{prefix}' would be a home directory in the shell; write the "
-                "path out, or quote the '~' to mean it"
+                f"unquoted '~{shown}' at column {self.column()} would be a home directory in "
+                "the shell; write the path out, or quote the '~' to mean it"
             )
 
     def read_single(self) -> str:
@@ -583,26 +585,41 @@ class _Lexer:
                 self.fail("unterminated ${...}")
             if not _NAME_RE.fullmatch(inner):
                 self.fail("only $NAME and ${NAME} expansions are supported")
+            column = self.column()
             self.pos = end + 1
-            return self.expand(inner)
+            return self.expand(inner, column)
         m = _NAME_RE.match(self.text, self.pos + 1)
         if m:
+            column = self.column()
             self.pos = m.end()
-            return self.expand(m.group())
+            return self.expand(m.group(), column)
         if nxt and (nxt.isdigit() or nxt in "@*#?-$!"):
-            self.fail(f"special parameter ${nxt} is not supported")
+            # The character is not shown: it may be part of a password ("pa$1word").
+            self.fail(
+                f"'$' at column {self.column()} starts a special parameter ($1, $$, ...), "
+                "which is not supported; write '\\$' for a literal '$'"
+            )
         if not quoted and nxt in ("'", '"'):
             self.fail(f"bash ${nxt}...{nxt} quoting is not supported")
         self.pos += 1
         return "$"
 
-    def expand(self, name: str) -> str:
+    def column(self) -> int:
+        """The column (from 1) of the current position in its line."""
+        return self.pos - self.text.rfind("\n", 0, self.pos)
+
+    def expand(self, name: str, column: int) -> str:
         if name in self.assigned:
             value = self.assigned[name]
         elif name in self.scope:
             value = self.scope[name]
         else:
-            self.fail(f"${name} is not set earlier in this file")
+            # The name is not shown: in "Sup3r$ecret" or "ftp://u:pa$word@host/x" it is part
+            # of a password (which the shell would have cut short).
+            self.fail(
+                f"'$' at column {column} expands a name not set earlier in this file; "
+                "write '\\$' (or single quotes) for a literal '$'"
+            )
         self.grow(len(value))  # before the caller copies it into the value
         return value
 

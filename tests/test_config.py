@@ -453,11 +453,23 @@ def test_expansion_in_a_real_file(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("A=$UNSET", "f:1: A: $UNSET is not set earlier in this file"),
+        (
+            "A=$UNSET",
+            "f:1: A: '$' at column 3 expands a name not set earlier in this file; "
+            "write '\\$' (or single quotes) for a literal '$'",
+        ),
         ("A=${X:-d}", "f:1: A: only $NAME and ${NAME} expansions are supported"),
         ("A=${X", "f:1: A: unterminated ${...}"),
-        ("A=$1", "f:1: A: special parameter $1 is not supported"),
-        ("A=$$", "f:1: A: special parameter $$ is not supported"),
+        (
+            "A=$1",
+            "f:1: A: '$' at column 3 starts a special parameter ($1, $$, ...), "
+            "which is not supported; write '\\$' for a literal '$'",
+        ),
+        (
+            "A=x$$",
+            "f:1: A: '$' at column 4 starts a special parameter ($1, $$, ...), "
+            "which is not supported; write '\\$' for a literal '$'",
+        ),
         ("A=$'x'", "f:1: A: bash $'...' quoting is not supported"),
         ("A='open", "f:1: A: unterminated single quote (opened on line 1)"),
         ('A="open\n\n', "f:1: A: unterminated double quote (opened on line 1)"),
@@ -483,6 +495,25 @@ def test_syntax_errors(text: str, message: str) -> None:
     with pytest.raises(ConfigError) as info:
         parse_sysconfig(text + "\n", "f")
     assert str(info.value) == message
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        'KDUMP_SMTP_PASSWORD="Sup3r$ecretPw"',  # bash would have cut it to "Sup3r"
+        'KDUMP_SMTP_PASSWORD="Sup3r${ecretPw}"',
+        'KDUMP_SAVEDIR="ftp://dump:Tr0ub4dor$ecretPw@ftp.example.com/crash"',
+        'KDUMP_S3_SECRET_KEY="wJalr$1ecretPw"',
+        "KDUMP_SMTP_PASSWORD=~ecretPw",
+        'KDUMP_TRANSFER="curl -u u:x$ecretPw ftp://h/"',
+    ],
+)
+def test_syntax_errors_never_show_a_piece_of_the_value(tmp_path: Path, line: str) -> None:
+    """A '$' or '~' inside a password is refused (the shell would expand it), but the error
+    printed the name after it, most of the password, into the console and the journal."""
+    msg = error(tmp_path, line + "\n")
+    assert msg.startswith("FILE:1: ") and "column" in msg
+    assert "ecret" not in msg
 
 
 def test_multiline_values_keep_line_numbers(tmp_path: Path) -> None:
@@ -736,7 +767,7 @@ def test_s3_secret_not_in_transport_settings_repr(tmp_path: Path) -> None:
     "line, prefix",
     [
         ("KDUMP_SSH_IDENTITY=~/.ssh/id_ed25519", "~"),
-        ("KDUMP_SSH_IDENTITY=~root/.ssh/id_rsa", "~root"),
+        ("KDUMP_SSH_IDENTITY=~root/.ssh/id_rsa", "~NAME"),
         ("KDUMP_SSH_IDENTITY=/etc/key:~/key", "~"),
         ("export KDUMP_SSH_IDENTITY=~", "~"),
     ],
@@ -747,7 +778,7 @@ def test_a_tilde_the_shell_would_expand_is_an_error(tmp_path: Path, line: str, p
     crash (exit 7). Where the shell would expand it, it is now a clear error."""
     msg = error(tmp_path, line + "\n")
     assert msg.startswith("FILE:1: KDUMP_SSH_IDENTITY: ")
-    assert f"unquoted '{prefix}' would be a home directory in the shell" in msg
+    assert f"unquoted '{prefix}' at column " in msg and "would be a home directory" in msg
 
 
 @pytest.mark.parametrize(
