@@ -219,6 +219,15 @@ def parse_savedir(text: str) -> tuple[list[Target], list[str]]:
     items = text.split()
     if not items:
         raise UrlError("KDUMP_SAVEDIR is empty")
+    for n, item in enumerate(items[1:], 2):
+        if "@" in item and "://" not in item and not item.startswith("/"):
+            # "ftp://u:open sesame@host/x": a blank in a user name or password splits the
+            # URL in two, and either half's error showed the other piece of the password.
+            # Neither is shown (an scp-style second target is refused as before, unshown).
+            raise UrlError(
+                f"target {n} of {len(items)} (not shown) has an '@' but no scheme:// of its "
+                "own: is there a blank in a user name or password? Percent-encode it as %20"
+            )
     targets: list[Target] = []
     warnings: list[str] = []
     for item in items:
