@@ -397,11 +397,23 @@ class _Lexer:
             ch = self.peek()
             if ch and ch in _BLANKS:
                 self.pos += 1
-            elif ch == "\\" and self.peek(1) == "\n":
-                self.advance()
+            elif ch == "\\" and (n := self.line_end(1)):
+                self.pos += n
                 self.advance()
             else:
                 return
+
+    def line_end(self, offset: int) -> int:
+        """Characters of the line end at ``offset``: 1 for \\n, 2 for \\r\\n, else 0.
+
+        A backslash before \\r\\n continues the line as before \\n: a file saved on
+        Windows takes \\r as a blank everywhere else, and bash there would keep the
+        backslash and \\r in the value and run the next line as a command.
+        """
+        i = self.pos + offset
+        if self.text.startswith("\n", i):
+            return 1
+        return 2 if self.text.startswith("\r\n", i) else 0
 
     def skip_comment(self) -> None:
         while self.peek() not in ("", "\n"):
@@ -501,7 +513,8 @@ class _Lexer:
             if ch == "\\":
                 self.pos += 1
                 nxt = self.peek()
-                if nxt == "\n":
+                if n := self.line_end(0):
+                    self.pos += n - 1
                     self.advance()  # line continuation
                 elif nxt == "":
                     out.append("\\")
@@ -558,8 +571,8 @@ class _Lexer:
                 return "".join(out)
             if ch == "\\":
                 nxt = self.peek(1)
-                if nxt == "\n":
-                    self.pos += 1
+                if n := self.line_end(1):
+                    self.pos += n
                     self.advance()
                 elif nxt in ('"', "\\", "$", "`"):
                     self.pos += 2

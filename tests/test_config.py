@@ -128,6 +128,33 @@ def test_a_file_saved_with_a_byte_order_mark_parses(tmp_path: Path) -> None:
     assert cfg.warnings == []
 
 
+def test_line_continuations_in_a_file_saved_with_windows_line_ends(tmp_path: Path) -> None:
+    """A backslash before \\r\\n was not a continuation: unquoted, the value kept a \\r
+    and the next line was refused as "'crash' is not an assignment" (a piece of the value
+    in the message); in double quotes the value kept the backslash and the \\r (a stray
+    '\\' word on the capture kernel's command line). The same file with \\n reads whole."""
+    lines = [
+        'KDUMP_COMMANDLINE_APPEND="console=ttyS0 \\',
+        'irqpoll"',
+        "KDUMP_SAVEDIR=file:///var/\\",
+        "crash",
+        "KDUMP_DUMPLEVEL=31 \\",
+        "  # a comment after a continued blank",
+        "KDUMP_DUMPFORMAT=99",
+    ]
+    unix = load(tmp_path, "\n".join(lines[:6]) + "\n")
+    path = tmp_path / "windows"
+    path.write_bytes(("\r\n".join(lines[:6]) + "\r\n").encode())
+    windows = load_config(str(path))
+    for cfg in (unix, windows):
+        assert cfg["KDUMP_COMMANDLINE_APPEND"] == "console=ttyS0 irqpoll"
+        assert cfg["KDUMP_SAVEDIR"] == "file:///var/crash" and cfg.dumplevel == 31
+    assert windows.location("KDUMP_DUMPLEVEL") == f"{path}:5"
+    path.write_bytes(("\r\n".join(lines) + "\r\n").encode())
+    with pytest.raises(ConfigError, match=r":7: KDUMP_DUMPFORMAT: '99' is not"):
+        load_config(str(path))
+
+
 # --- kinds: valid and invalid values ------------------------------------------------------------
 
 
