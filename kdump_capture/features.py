@@ -73,4 +73,37 @@ def check_supported(cfg) -> None:
     for name, what in LOAD_UNSUPPORTED.items():
         if cfg.value(name):  # "" or a false boolean means the feature is off
             raise cfg.not_supported(name, what)
+    check_network_options(cfg)
     check_unsupported(cfg)
+
+
+def check_network_options(cfg) -> None:
+    """NotSupported for an ``ip=DEV:...`` or ``ip=ADDR::GW:MASK:...`` in KDUMP_COMMANDLINE or
+    KDUMP_COMMANDLINE_APPEND where the capture image brings up the network.
+
+    SUSE's template says to put a static set-up there, and its dracut then configures the
+    capture kernel's network from it instead of from KDUMP_NETCONFIG. Our /init reads only
+    KDUMP_NETCONFIG: it asked for DHCP on a network without a DHCP server, and a network
+    target lost the dump. ``ip=dhcp`` (or ``on``, ``any``, ``off``, ``none``, with no ``:``)
+    asks for nothing our DHCP does not do, or for no network.
+    """
+    from initramfs.builder import network_needed
+
+    from .load.kexec import _key, kernel_words
+
+    if cfg["KDUMP_DUMPDEV"].strip():
+        return  # a dump-device image brings up no network
+    force = cfg["KDUMP_NETCONFIG"].strip().endswith(":force")
+    if not force and not any(network_needed(t.scheme, cfg["KDUMP_RUNLEVEL"]) for t in cfg.savedir):
+        return
+    for name in ("KDUMP_COMMANDLINE", "KDUMP_COMMANDLINE_APPEND"):
+        for word in kernel_words(cfg[name]):
+            if _key(word) == "ip" and ":" in word:
+                raise cfg.not_available(
+                    name,
+                    "ip= with an interface or an address is not supported (SUSE's dracut "
+                    "sets up the capture kernel's network from it; the capture image sets "
+                    "it up from KDUMP_NETCONFIG only, and would use DHCP): remove it and set "
+                    "KDUMP_NETCONFIG=DEV:static (the address DEV has when the image is "
+                    "built) or DEV:dhcp",
+                )

@@ -14,7 +14,7 @@ import pytest
 
 from kdump_capture import features
 from kdump_capture.config import MAX_VALUE, load_config, parse_sysconfig
-from kdump_capture.errors import ConfigError
+from kdump_capture.errors import ConfigError, NotSupported
 from kdump_capture.load import kexec
 from kdump_capture.sample import SampleSpec, write_sample
 from tests.helpers import cli, save_args
@@ -191,6 +191,64 @@ def test_a_dump_format_this_build_cannot_write_is_refused_before_the_crash(tmp_p
 def test_the_formats_this_build_writes_pass_the_check():
     for fmt in ("none", "ELF", "compressed", "lzo", "zstd", "raw"):
         features.check_unsupported(load_config(None, [f"KDUMP_DUMPFORMAT={fmt}"]))
+
+
+STATIC_IP = "ip=10.0.0.5::10.0.0.1:255.255.255.0:web01:eth0:none"
+
+
+@pytest.mark.parametrize("command", [["check"], ["initramfs", "build", "--output"]])
+@pytest.mark.parametrize("name", ["KDUMP_COMMANDLINE_APPEND", "KDUMP_COMMANDLINE"])
+def test_a_static_ip_option_for_the_capture_network_is_refused(tmp_path, command, name):
+    """SUSE's template says to put a static set-up in KDUMP_COMMANDLINE_APPEND, and its dracut
+    takes the capture network from that ip=. Ours passed it on and brought up DHCP instead,
+    without a word: on a network without a DHCP server the SFTP target, and the dump, were
+    lost."""
+    conf = tmp_path / "kdump"
+    conf.write_text(
+        "## Type: string\n"
+        'KDUMP_SAVEDIR="sftp://dump@10.0.0.2/var/crash"\n'
+        'KDUMP_NETCONFIG="auto"\n'
+        f'{name}="console=ttyS0 {STATIC_IP}"\n'
+    )
+    image = tmp_path / "initrd.img"
+    if command[-1] == "--output":
+        command = [*command, str(image)]
+    r = cli(*command, "--config", str(conf))
+    assert r.rc == 9, r.err
+    assert f"kdump-capture: error: {conf}:4: {name}: ip= " in r.err
+    assert "KDUMP_NETCONFIG=DEV:static" in r.err
+    assert not image.exists()
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        ("KDUMP_SAVEDIR=ftp://h/x", "KDUMP_COMMANDLINE_APPEND=ip=dhcp"),  # what we do anyway
+        ("KDUMP_SAVEDIR=ftp://h/x", "KDUMP_COMMANDLINE_APPEND=ip=off"),
+        ("KDUMP_SAVEDIR=file:///var/crash", f"KDUMP_COMMANDLINE_APPEND={STATIC_IP}"),  # no net
+        ("KDUMP_SAVEDIR=ftp://h/x", "KDUMP_DUMPDEV=/dev/sdb1", f"KDUMP_COMMANDLINE={STATIC_IP}"),
+        ("KDUMP_SAVEDIR=ftp://h/x", "KDUMP_COMMANDLINE_APPEND=noip=1:2 vip=a:b"),
+    ],
+)
+def test_ip_options_that_change_nothing_for_the_capture_network_pass(settings):
+    features.check_supported(load_config(None, settings))
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        ("KDUMP_SAVEDIR=ftp://h/x", "KDUMP_COMMANDLINE_APPEND=ip=eth1:dhcp"),
+        (
+            "KDUMP_SAVEDIR=file:///d",
+            "KDUMP_NETCONFIG=auto:force",
+            f"KDUMP_COMMANDLINE_APPEND={STATIC_IP}",
+        ),
+        ("KDUMP_SAVEDIR=ftp://h/x", f'KDUMP_COMMANDLINE_APPEND="{STATIC_IP}"'),  # quoted whole
+    ],
+)
+def test_ip_options_that_set_up_another_network_are_refused(settings):
+    with pytest.raises(NotSupported, match="ip= with an interface or an address"):
+        features.check_supported(load_config(None, settings))
 
 
 # --- KDUMP_POSTSCRIPT with KDUMP_DUMPDEV --------------------------------------------------------
