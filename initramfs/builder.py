@@ -24,7 +24,7 @@ from pathlib import Path
 
 from kdump_capture import config, heartbeat, private
 from kdump_capture.bounds import read_small_file
-from kdump_capture.errors import ConfigError, LoadError, NotSupported
+from kdump_capture.errors import ConfigError, LoadError, NotSupported, TargetSettingError
 from kdump_capture.identity import local_identity
 from kdump_capture.load import rebuild
 from kdump_capture.urls import Target, parse_savedir, quote
@@ -702,8 +702,12 @@ def s3_files(cfg: Mapping[str, str], targets: list[Target]) -> dict[str, str]:
         files[paths.openssl_cafile.lstrip("/")] = os.path.realpath(system)
     bundle = cfg["KDUMP_S3_CA_BUNDLE"].strip()
     if bundle:
-        if not os.path.isabs(bundle) or not os.path.isfile(bundle):
-            raise ConfigError(f"KDUMP_S3_CA_BUNDLE: {bundle} is not an absolute path to a file")
+        from transports.base import load_ca_bundle
+
+        try:  # as the capture kernel will load it: a file of no certificates fails there
+            load_ca_bundle(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT), bundle)
+        except TargetSettingError as e:
+            raise ConfigError(str(e)) from None
         files[bundle.lstrip("/")] = bundle
     return files
 

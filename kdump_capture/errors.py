@@ -75,6 +75,14 @@ class TransportError(KdumpError):
     exit_code = 6
 
 
+class TargetSettingError(TransportError):
+    """A setting that only this target uses cannot be used (KDUMP_S3_CA_BUNDLE names no file
+    of certificates): bad configuration, exit 2 as at ``load``. A target's failure all the
+    same, so that the next target in KDUMP_SAVEDIR still gets the dump."""
+
+    exit_code = 2
+
+
 class UnsafeFile(TransportError):
     """A name on the target is a link, not a regular file (a FIFO, a device), or too large.
 

@@ -551,16 +551,19 @@ def test_what_the_builder_takes_from_the_host_makes_the_image_stale(tmp_path, mo
     empty), neither of which the record covered: a renewed CA kept the old one (TLS fails
     at the crash), and a renamed or cloned machine went on naming its dumps after the old
     name (rotating another host's dumps on a shared target)."""
+    import shutil
+
     from kdump_capture import identity
     from kdump_capture.config import load_config
+    from tests.servers.s3 import make_tls
 
-    ca = tmp_path / "ca.pem"
-    ca.write_text("CA one\n")
+    ca, _, _ = make_tls(str(tmp_path))
     s3 = "KDUMP_SAVEDIR=s3://s3.example.com/dumps/d"
     cfg = load_config(None, [s3, f"KDUMP_S3_CA_BUNDLE={ca}"])
     monkeypatch.setattr(identity, "local_identity", lambda root="/": "web01")
     before = _inputs(cfg)
-    ca.write_text("CA two (renewed)\n")
+    (tmp_path / "renewed").mkdir()
+    shutil.copy(make_tls(str(tmp_path / "renewed"))[0], ca)  # a renewed CA
     assert {k for k, v in _inputs(cfg).items() if v != before[k]} == {"CA certificates"}
     before = _inputs(cfg)
     monkeypatch.setattr(identity, "local_identity", lambda root="/": "web02")

@@ -27,7 +27,7 @@ from kdump_capture.urls import parse_target
 from tests.helpers import cli
 from tests.servers.http_fault import ErrorProxy
 from tests.servers.proxy import DropProxy
-from tests.servers.s3 import identity, seaweed
+from tests.servers.s3 import identity, make_tls, seaweed
 from tests.servers.targets import SETTINGS, make_target
 from transports import open_transport
 from transports.s3 import _Signer
@@ -817,16 +817,42 @@ def test_initramfs_packs_ca_files_for_https(tmp_path):
     from kdump_capture.errors import ConfigError
     from kdump_capture.urls import parse_savedir
 
-    ca = tmp_path / "ca.pem"
-    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    ca, _, _ = make_tls(str(tmp_path))
     https, _ = parse_savedir("s3://store/dumps")
     plain, _ = parse_savedir("s3+http://store/dumps")
-    files = s3_files({"KDUMP_S3_CA_BUNDLE": str(ca)}, https)
+    files = s3_files({"KDUMP_S3_CA_BUNDLE": ca}, https)
     system = ssl.get_default_verify_paths().openssl_cafile.lstrip("/")
-    assert files == {system: os.path.realpath("/" + system), str(ca).lstrip("/"): str(ca)}
-    assert s3_files({"KDUMP_S3_CA_BUNDLE": str(ca)}, plain) == {}
+    assert files == {system: os.path.realpath("/" + system), ca.lstrip("/"): ca}
+    assert s3_files({"KDUMP_S3_CA_BUNDLE": ca}, plain) == {}
     with pytest.raises(ConfigError, match="KDUMP_S3_CA_BUNDLE"):
         s3_files({"KDUMP_S3_CA_BUNDLE": "relative.pem"}, https)
+
+
+def test_an_unusable_ca_bundle_is_a_config_error_at_load_and_at_save(request, tmp_path):
+    """KDUMP_S3_CA_BUNDLE naming a missing file was exit 2 at load but exit 6 from a save;
+    a file of no certificates passed load and failed every save at the crash. Now both are
+    exit 2 wherever they are found, and a save still falls back to the next target."""
+    from initramfs.builder import s3_files
+    from kdump_capture.errors import ConfigError
+    from kdump_capture.urls import parse_savedir
+
+    s3 = request.getfixturevalue("s3_server")
+    https, _ = parse_savedir(s3.https_url("badca", creds=False))
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("-----BEGIN CERTIFICATE-----\nnot one\n")
+    for bundle, why in [(tmp_path / "missing.pem", "no such file"), (garbage, "no PEM")]:
+        setting = f'KDUMP_S3_CA_BUNDLE="{bundle}"'
+        with pytest.raises(ConfigError, match=f"KDUMP_S3_CA_BUNDLE={bundle}: {why}"):
+            s3_files({"KDUMP_S3_CA_BUNDLE": str(bundle)}, https)
+        r = _save(_config(tmp_path, s3, "badca", setting, url=s3.https_url("badca", creds=False)))
+        assert r.rc == 2, r.err
+        assert f"KDUMP_S3_CA_BUNDLE={bundle}: {why}" in r.err
+        local = tmp_path / f"local-{bundle.name}"
+        both = f"{s3.https_url('badca', creds=False)} file://{local}"
+        r = _save(_config(tmp_path, s3, "badca", setting, url=both))
+        assert r.rc == 0, r.err
+        assert "trying the next target" in r.err and _saved_url(r.out).startswith("file://")
+    assert s3.keys("badca/") == []
 
 
 BOMB = (

@@ -31,7 +31,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 
 from kdump_capture import checksum
-from kdump_capture.errors import KdumpError, TransportError, UnsafeFile
+from kdump_capture.errors import KdumpError, TargetSettingError, TransportError, UnsafeFile
 from kdump_capture.record import Record
 from kdump_capture.urls import Target
 
@@ -136,6 +136,28 @@ def same_file(seen: list, now: tuple, what: str) -> None:
     if seen and seen[0] != now:
         raise TransportError(f"{what}: changed on the server while it was read")
     seen[:] = [now]
+
+
+def load_ca_bundle(context, path: str) -> None:
+    """Add the CAs in ``path`` (KDUMP_S3_CA_BUNDLE) to the ``ssl.SSLContext`` ``context``.
+
+    TargetSettingError (exit 2) unless it is an absolute path to a regular file that holds
+    PEM certificates. The builder checks the same at ``load``: an image never packs a bundle
+    the capture kernel cannot use, and a hand-run save says what ``load`` would have said.
+    """
+    import ssl
+
+    if not os.path.isabs(path):
+        problem = "not an absolute path"
+    elif not os.path.isfile(path):  # missing, a directory, a FIFO (OpenSSL would wait on it)
+        problem = "not a file" if os.path.exists(path) else "no such file"
+    else:
+        try:
+            context.load_verify_locations(cafile=path)
+            return
+        except (OSError, ssl.SSLError) as e:
+            problem = f"no PEM certificates in it ({e})"
+    raise TargetSettingError(f"KDUMP_S3_CA_BUNDLE={path}: {problem}")
 
 
 def not_the_servers(e: BaseException) -> bool:

@@ -66,6 +66,7 @@ from .base import (
     TransportSettings,
     bounded,
     check_size,
+    load_ca_bundle,
     not_the_servers,
 )
 from .retry import RetryingTransport, deadline, is_connection_lost, retry_call, shut_down
@@ -619,12 +620,10 @@ class S3Transport(RetryingTransport):
 
     def _open(self) -> None:
         if self.https and self.tls is None:
-            try:
-                self.tls = ssl.create_default_context()
-                if self.ca_bundle:
-                    self.tls.load_verify_locations(cafile=self.ca_bundle)
-            except (OSError, ssl.SSLError) as e:
-                raise TransportError(f"KDUMP_S3_CA_BUNDLE {self.ca_bundle}: {e}") from None
+            tls = ssl.create_default_context()
+            if self.ca_bundle:
+                load_ca_bundle(tls, self.ca_bundle)  # exit 2, as the builder says at load
+            self.tls = tls
         if self._conn is not None:
             self._conn.close()
         self._conn = Connection(self)
