@@ -211,6 +211,48 @@ def test_a_store_that_keeps_failing_is_a_clear_error(request):
     assert target.s3.uploads(target.server_dir + "/") == []
 
 
+def _page(*more: str) -> bytes:
+    """A ListObjectsV2 page with nothing on it that says more follow (``more``: its token)."""
+    token = "".join(f"<NextContinuationToken>{t}</NextContinuationToken>" for t in more)
+    return (
+        '<?xml version="1.0" encoding="UTF-8"?><ListBucketResult><Name>dumps</Name>'
+        f"<IsTruncated>true</IsTruncated>{token}</ListBucketResult>"
+    ).encode()
+
+
+@pytest.mark.parametrize(
+    "page, says",
+    [
+        (_page("again"), "sent a continuation token it had sent before, after 2 pages"),
+        (_page(), "says the listing goes on but sent no continuation token"),
+    ],
+    ids=["token-again", "no-token"],
+)
+def test_a_listing_whose_pages_never_end_is_an_error(page, says, request):
+    """A store that hands out the same continuation token again: `list` sent 36,000 listing
+    requests in 30 s and never ended, a save never got past rotation. One that says more
+    follow but gives no token: the listing ended there, a part of it taken for the whole."""
+    target = make_target("s3", request)
+    port = int(target.url.split("127.0.0.1:")[1].split("/")[0])
+    with target.transport() as tr:
+        tr.makedir("host-2026-01-01-00-00-00")
+
+    answered = []
+
+    def listing(method: str, request_target: str) -> bool:  # not connect's max-keys=1
+        # the first 50 pages only: the listing then ends, not the test, if nothing stops it
+        picked = "list-type=2&max-keys=1000&" in request_target and len(answered) < 50
+        if picked:
+            answered.append(request_target)
+        return picked
+
+    with ErrorProxy(port, listing, status=200, document=page) as proxy:
+        with _via(target, proxy.port).transport() as tr:
+            with pytest.raises(TransportError, match=says):
+                tr.listdir("")
+    assert len(answered) <= 2
+
+
 # -- reading back (verify) --------------------------------------------------------------------
 
 

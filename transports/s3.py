@@ -138,9 +138,10 @@ def parse_xml(body: bytes, what: str) -> ET.Element:
         raise TransportError(f"{what}: the store's reply is not XML ({e})") from None
 
 
-def parse_listing(body: bytes) -> tuple[list[tuple[str, str, int]], str]:
+def parse_listing(body: bytes) -> tuple[list[tuple[str, str, int]], str | None]:
     """A ListObjectsV2 page: [("dir"|"file", key, size)] and the continuation token
-    ("" on the last page). Untrusted: any other host with write access shapes it."""
+    ("" on the last page, None if the page says more follow but gives no token).
+    Untrusted: any other host with write access shapes it."""
     root = parse_xml(body, "listing")
     out = [("dir", _text(c, "Prefix"), 0) for c in _children(root, "CommonPrefixes")]
     for c in _children(root, "Contents"):
@@ -148,8 +149,9 @@ def parse_listing(body: bytes) -> tuple[list[tuple[str, str, int]], str]:
         if not (size.isascii() and size.isdigit()) or len(size) > 20:
             raise TransportError(f"listing: object {_text(c, 'Key')!r} has a bad size {size!r}")
         out.append(("file", _text(c, "Key"), int(size)))
-    token = _text(root, "NextContinuationToken")
-    return out, token if _text(root, "IsTruncated") == "true" else ""
+    if _text(root, "IsTruncated") != "true":
+        return out, ""
+    return out, _text(root, "NextContinuationToken") or None
 
 
 def error_code(body: bytes) -> tuple[str, str]:
@@ -729,15 +731,34 @@ class S3Transport(RetryingTransport):
         return q
 
     def _list(self, prefix: str, delimiter: str) -> Iterator[tuple[str, str, int]]:
-        """("dir"|"file", key, size) below ``prefix``, page by page (ListObjectsV2)."""
+        """("dir"|"file", key, size) below ``prefix``, page by page (ListObjectsV2).
+
+        A page's continuation token must be new: a store that hands one out again would
+        list forever (a `list` sent 36,000 requests in 30 s, a save never got past
+        rotation), each request in time. botocore's paginators refuse a repeated token too.
+        """
         token = ""
+        seen: set[bytes] = set()  # digests: a store may send long tokens
         while True:
             q = self._list_query(prefix, delimiter, BATCH, token)
-            reply = self.call(lambda q=q: self.conn.request("GET", None, q), f"listing {prefix}")
+            what = f"listing {prefix}"
+            reply = self.call(lambda q=q: self.conn.request("GET", None, q), what)
             entries, token = parse_listing(reply.body)
             yield from entries
+            if token is None:
+                raise TransportError(
+                    f"{self.describe()}: {what}: the store says the listing goes on but "
+                    "sent no continuation token (does it speak ListObjectsV2?)"
+                )
             if not token:
                 return
+            digest = hashlib.sha256(token.encode()).digest()
+            if digest in seen:
+                raise TransportError(
+                    f"{self.describe()}: {what}: the store sent a continuation token it had "
+                    f"sent before, after {len(seen) + 1} pages (a listing that never ends)"
+                )
+            seen.add(digest)
 
     # -- the contract --------------------------------------------------------------------
     def makedir(self, relpath: str) -> None:

@@ -5,6 +5,8 @@ with an error, as an object store in trouble does (S3: 500 InternalError, 503 Sl
 request it picks never reaches the server: the proxy reads its body and answers with
 ``status`` and an S3 error document for ``code``, on the same kept-alive connection.
 Everything else passes both ways unchanged. ``answered`` lists what the proxy answered.
+``document``: the body to answer with instead of the error document (with ``status`` 200:
+a reply a store in trouble sends that is well formed but wrong, such as a listing page).
 
 It needs what our S3 client does: one request at a time per connection, each body with a
 Content-Length (no chunked uploads, no ``Expect: 100-continue``).
@@ -18,7 +20,7 @@ from collections.abc import Callable
 
 from .common import LOOPBACK
 
-_REASONS = {500: "Internal Server Error", 503: "Service Unavailable"}
+_REASONS = {200: "OK", 500: "Internal Server Error", 503: "Service Unavailable"}
 _MAX_HEAD = 64 << 10
 
 
@@ -29,10 +31,12 @@ class ErrorProxy:
         fail: Callable[[str, str], bool],
         status: int = 500,
         code: str = "InternalError",
+        document: bytes | None = None,
     ) -> None:
         self.target_port = target_port
         self.fail = fail
         self.status, self.code = status, code
+        self.document = document
         self.answered: list[tuple[str, str]] = []
         self._lock = threading.Lock()
         self._socks: list[socket.socket] = []
@@ -117,10 +121,12 @@ class ErrorProxy:
             _close(server)
 
     def _error(self, method: str) -> bytes:
-        doc = (
-            '<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>'
-            f"{self.code}</Code><Message>injected by the test proxy</Message></Error>"
-        ).encode()
+        doc = self.document
+        if doc is None:
+            doc = (
+                '<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>'
+                f"{self.code}</Code><Message>injected by the test proxy</Message></Error>"
+            ).encode()
         head = (
             f"HTTP/1.1 {self.status} {_REASONS.get(self.status, 'Error')}\r\n"
             "Content-Type: application/xml\r\n"
