@@ -121,6 +121,48 @@ def test_abort_removes_the_multipart_upload(request):
     assert target.files() == []
 
 
+def test_rotation_never_strands_the_parts_of_an_unfinished_upload(request, caplog):
+    """A save killed mid-vmcore leaves a multipart upload in its dump directory. Rotation
+    aborted it after deleting the directory's objects: when that failed (the store busy, the
+    run killed), the directory was gone from listings and its parts (up to the whole vmcore)
+    stayed on the store for good, paid for, found by no later run. Now the uploads go first.
+    A key that may not list uploads still deletes the objects, and says who removes parts."""
+    target = make_target("s3", request)
+    port = int(target.url.split("127.0.0.1:")[1].split("/")[0])
+    top = target.server_dir + "/"
+
+    def killed_save(name: str):
+        with target.transport() as tr:
+            tr.makedir(name)
+            sink = tr.create(f"{name}/vmcore")
+            sink.write(os.urandom(20 * MiB))  # parts went up; the run dies here
+        return sink
+
+    def uploads_listing(method: str, request_target: str) -> bool:
+        return method == "GET" and "uploads=" in request_target
+
+    name = "host-2026-01-01-00-00-00"
+    sink = killed_save(name)
+    assert target.s3.uploads(top)
+    with ErrorProxy(port, uploads_listing) as proxy:
+        with _via(target, proxy.port).transport(retry_delay=0.01) as tr:
+            with pytest.raises(ConnectionLost):
+                tr.remove_tree(name)
+    with target.transport() as tr:
+        assert [e.name for e in tr.listdir("")] == [name]  # the next run finds it again
+        tr.remove_tree(name)
+    assert target.s3.uploads(top) == [] and target.s3.keys(top) == []
+    sink.abort()
+
+    sink = killed_save(name)
+    with ErrorProxy(port, uploads_listing, 403, "AccessDenied") as proxy:
+        with _via(target, proxy.port).transport() as tr:
+            tr.remove_tree(name)
+    assert target.s3.keys(top) == [] and target.s3.uploads(top)
+    assert "AbortIncompleteMultipartUpload" in caplog.text
+    sink.abort()
+
+
 @pytest.mark.parametrize("percent", [1, 50, 99])
 def test_drop_costs_at_most_one_part(percent, request):
     """A connection dropped at 1/50/99% of the upload: only the part in flight is resent."""

@@ -591,6 +591,7 @@ class S3Transport(RetryingTransport):
         # False once the store refused a listing (AccessDenied): a write-only account.
         self.listable = True
         self._asked_versioning = False
+        self._told_uploads = False  # that the store will not list unfinished uploads
 
     def expect(self, size: int) -> None:
         # Parts sized by what the dump can take (its dumpable pages), not by the source: a
@@ -916,6 +917,10 @@ class S3Transport(RetryingTransport):
             raise TransportError("refusing to remove the target root")
         prefix = self._dir_key(relpath)
         self._tell_versions()
+        # Unfinished uploads first: while the directory still has objects it is listed, and
+        # a later run finds it again. Aborted last, an abort that failed (the store gone,
+        # a run killed) left parts no run would ever see again, paid for as stored data.
+        self._abort_uploads(prefix)
         # Files first, then directory marks deepest first: stores that keep real folders
         # (SeaweedFS) leave an empty folder listed when its mark goes before its contents.
         keys = sorted(
@@ -929,7 +934,6 @@ class S3Transport(RetryingTransport):
                 self._delete_objects([mark])
         for i in range(0, len(keys), BATCH):
             self._delete_objects(keys[i : i + BATCH])
-        self._abort_uploads(prefix)
 
     def _tell_versions(self) -> None:
         """Warn (once) when the bucket keeps versions: a deletion then only hides a dump,
@@ -978,7 +982,19 @@ class S3Transport(RetryingTransport):
     def _abort_uploads(self, prefix: str) -> None:
         """Abort multipart uploads below ``prefix`` (a run killed mid-upload leaves them)."""
         q = {"uploads": "", "prefix": prefix}
-        reply = self.call(lambda: self.conn.request("GET", None, q), f"listing uploads {prefix}")
+        try:
+            reply = self.call(
+                lambda: self.conn.request("GET", None, q), f"listing uploads {prefix}"
+            )
+        except Denied as e:  # a key without ListBucketMultipartUploads: delete what it can
+            if not self._told_uploads:
+                self._told_uploads = True
+                log.warning(
+                    "%s; parts of uploads an interrupted save left are not removed, a "
+                    "lifecycle rule (AbortIncompleteMultipartUpload) must remove them",
+                    e,
+                )
+            return
         for u in _children(parse_xml(reply.body, f"listing uploads {prefix}"), "Upload"):
             key, upload_id = _text(u, "Key"), _text(u, "UploadId")
             if not key.startswith(prefix) or not upload_id:
