@@ -37,6 +37,7 @@ import http.client
 import logging
 import mmap
 import posixpath
+import re
 import ssl
 import threading
 import time
@@ -45,7 +46,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
-from urllib.parse import quote
+from urllib.parse import quote, unquote_plus
 from xml.parsers import expat
 from xml.sax.saxutils import escape
 
@@ -143,12 +144,19 @@ def parse_listing(body: bytes) -> tuple[list[tuple[str, str, int]], str | None]:
     ("" on the last page, None if the page says more follow but gives no token).
     Untrusted: any other host with write access shapes it."""
     root = parse_xml(body, "listing")
-    out = [("dir", _text(c, "Prefix"), 0) for c in _children(root, "CommonPrefixes")]
+    # Asked for with encoding-type=url (_list_query): keys are %-encoded, "+" a space, as
+    # botocore decodes them. A store that ignores the parameter says no EncodingType.
+    url = _text(root, "EncodingType") == "url"
+
+    def key(text: str) -> str:
+        return unquote_plus(text) if url else text
+
+    out = [("dir", key(_text(c, "Prefix")), 0) for c in _children(root, "CommonPrefixes")]
     for c in _children(root, "Contents"):
         size = _text(c, "Size").strip()
         if not (size.isascii() and size.isdigit()) or len(size) > 20:
             raise TransportError(f"listing: object {_text(c, 'Key')!r} has a bad size {size!r}")
-        out.append(("file", _text(c, "Key"), int(size)))
+        out.append(("file", key(_text(c, "Key")), int(size)))
     if _text(root, "IsTruncated") != "true":
         return out, ""
     return out, _text(root, "NextContinuationToken") or None
@@ -359,6 +367,10 @@ class Connection:
             return Reply(resp.status, resp.headers, data)
         raise t.error(resp.status, resp.headers, data, key)
 
+
+# Characters XML 1.0 has no place for, not even as a reference.
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+_CR = {"\r": "&#13;"}
 
 # botocore signs the payload over https too unless the client config says otherwise.
 _UNSIGNED_PAYLOAD = types.SimpleNamespace(s3={"payload_signing_enabled": False})
@@ -724,7 +736,11 @@ class S3Transport(RetryingTransport):
 
     @staticmethod
     def _list_query(prefix: str, delimiter: str, max_keys: int = BATCH, token: str = "") -> dict:
-        q = {"list-type": "2", "prefix": prefix, "max-keys": str(max_keys)}
+        # encoding-type=url: S3 keys may hold control characters, which XML 1.0 cannot;
+        # AWS documents that its listing of them does not parse (ours refuses "&#x1;"), so
+        # one such object below a shared prefix would fail every host's save there, and
+        # SeaweedFS lists U+FFFD in their place (a name that deletes nothing).
+        q = {"list-type": "2", "prefix": prefix, "max-keys": str(max_keys), "encoding-type": "url"}
         if delimiter:
             q["delimiter"] = delimiter
         if token:
@@ -962,7 +978,16 @@ class S3Transport(RetryingTransport):
             )
 
     def _delete_objects(self, keys: list[str]) -> None:
-        objects = "".join(f"<Object><Key>{escape(k)}</Key></Object>" for k in keys)
+        # A key XML 1.0 cannot carry goes in a DeleteObject of its own, as AWS advises;
+        # a carriage return as a reference (a parser reads a bare one as a line feed).
+        for k in [k for k in keys if _NOT_XML.search(k)]:
+            self.call(
+                lambda k=k: self.conn.request("DELETE", k, ok=(200, 204, 404)), f"deleting {k!r}"
+            )
+        keys = [k for k in keys if not _NOT_XML.search(k)]
+        if not keys:
+            return
+        objects = "".join(f"<Object><Key>{escape(k, _CR)}</Key></Object>" for k in keys)
         body = f"<Delete><Quiet>true</Quiet>{objects}</Delete>".encode()
         # DeleteObjects requires an integrity header; MD5 is the one every store takes.
         md5 = base64.b64encode(hashlib.md5(body, usedforsecurity=False).digest()).decode()
