@@ -81,6 +81,10 @@ DEFAULT_REGION = "us-east-1"
 COMPLETE_PATIENCE = 15 * 60.0
 MiB = 1 << 20
 READ_CHUNK = 1 << 20
+# A request's body goes out in slices of this size, each send bounded by the timeout: at
+# 64 kbit/s, 256 KiB take 33 s, so the default KDUMP_NET_TIMEOUT of 30 s holds down to
+# about 70 kbit/s.
+SEND_SLICE = 256 << 10
 # ListObjectsV2 and DeleteObjects handle at most 1,000 keys per request.
 BATCH = 1000
 # An error or listing reply larger than this is not an S3 reply (listings of 1,000 keys
@@ -336,8 +340,14 @@ class Connection:
         t.signer.add_auth(req)
         conn = self._connect()
         try:
-            payload = body if len(body) else None
-            conn.request(method, target, body=payload, headers=dict(req.headers))
+            # In slices: one sendall of a whole part had the timeout for all of it (Python
+            # bounds a sendall, and an SSL write, as a whole), so on a link slower than a
+            # part per KDUMP_NET_TIMEOUT every part failed, again on every retry.
+            view = memoryview(body)
+            payload = (view[i : i + SEND_SLICE] for i in range(0, len(view), SEND_SLICE))
+            conn.request(
+                method, target, body=payload if len(view) else None, headers=dict(req.headers)
+            )
             # The reply, as a whole, within its deadline: each recv waits at most the
             # timeout, but a store that trickles a byte at a time resets that wait.
             with deadline(

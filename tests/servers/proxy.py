@@ -6,6 +6,7 @@ dropped, close every new one at once, so reconnects fail. With ``ftp=True`` the 
 rewrites PASV replies so data connections pass through it too; only data connections
 are then dropped. ``stall()``: from now on the server seems to hang: nothing more the
 client sends reaches it, on any connection (control ones included), old or new.
+``rate``: client-to-server bytes pass at most this many per second (a slow link).
 ``drop_down_after``: the same for server-to-client bytes (a download breaks): the bytes
 up to that count reach the client, then both sides are reset.
 ``swallow_after``: one (data) connection delivers that many bytes, then none: the rest
@@ -27,6 +28,7 @@ import re
 import socket
 import struct
 import threading
+import time
 
 from .common import LOOPBACK
 
@@ -59,10 +61,12 @@ class DropProxy:
         half_open: bool = False,
         lose_message_at: int | None = None,
         drop_down_after: int | None = None,
+        rate: int | None = None,
     ) -> None:
         self.target_port = target_port
         self.drop_after = drop_after
         self.drop_down_after = drop_down_after
+        self.rate = rate
         self.drops_left = drops
         self.dead_after_drop = dead_after_drop
         self.ftp = ftp
@@ -118,6 +122,8 @@ class DropProxy:
             except OSError:
                 _rst(client)
                 continue
+            if self.rate:  # the link's pace, not the proxy's buffer, is what the client sees
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
             with self._lock:
                 self._socks += [client, server]
             state = {"bytes": 0}
@@ -133,8 +139,12 @@ class DropProxy:
 
     def _pump(self, src, dst, data: bool, state: dict, upstream: bool) -> None:
         buf = b""
+        # a slow link reads in pieces of a tenth of a second, so the pace stays even
+        size = max(1, min(_CHUNK, self.rate // 10)) if upstream and self.rate else _CHUNK
         try:
-            while chunk := src.recv(_CHUNK):
+            while chunk := src.recv(size):
+                if upstream and self.rate:
+                    time.sleep(len(chunk) / self.rate)
                 if upstream and self._stall_all:
                     self._closed.wait()
                     return
