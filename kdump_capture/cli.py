@@ -105,8 +105,10 @@ def transport_settings(cfg, replay_bytes: int | None = None, read_only: bool = F
 def with_config_password(target, cfg):
     """``target`` with the password of the KDUMP_SAVEDIR entry for the same server and user,
     when the URL has none: list and verify take credentials from the configuration, so that
-    a password never has to go on the command line (argv is readable by every user)."""
-    if target.password is not None or target.scheme in ("file", "s3"):
+    a password never has to go on the command line (argv is readable by every user). S3
+    too: a KDUMP_SAVEDIR of ``s3://KEY:SECRET@host/...`` gives its key and secret (the
+    KDUMP_S3_* directives serve a URL without them)."""
+    if target.password is not None or target.scheme == "file":
         return target
     server = (target.scheme, target.host.lower(), target.port)
     for t in cfg.savedir:

@@ -562,6 +562,24 @@ def test_save_compressed_flattened_then_verify_in_place(request, tmp_path):
         assert s3.secret_key not in secret_free
 
 
+def test_list_and_verify_take_the_keys_from_the_configs_url(request, tmp_path):
+    """KDUMP_SAVEDIR="s3://KEY:SECRET@host/bucket" saves, but `list` and `verify` of that
+    target by its URL without the keys said "no S3 credentials" (exit 7): the secret had to
+    go on the command line, where every user sees it (argv). They take the config's, as for
+    the other schemes."""
+    s3 = request.getfixturevalue("s3_server")
+    conf = tmp_path / "kdump-urlkeys.conf"
+    conf.write_text(f'KDUMP_SAVEDIR="{s3.url("urlkeys")}"\nKDUMP_NET_TIMEOUT="10"\n')
+    r = _save(str(conf), mib=8)
+    assert r.rc == 0, r.err
+    bare = s3.url("urlkeys", creds=False)
+    listed = cli("list", "--config", str(conf), bare)
+    assert listed.rc == 0 and "complete" in listed.out, listed.err
+    checked = cli("verify", "--config", str(conf), f"{bare}/{_saved_url(r.out).rsplit('/', 1)[1]}")
+    assert checked.rc == 0, checked.err
+    assert s3.secret_key not in r.err + listed.err + checked.err + checked.out
+
+
 def test_verify_rejects_urls_without_a_dump(request, tmp_path):
     s3 = request.getfixturevalue("s3_server")
     conf = _config(tmp_path, s3, "none")
