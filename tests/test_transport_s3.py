@@ -22,7 +22,7 @@ from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
 from kdump_capture import memory
-from kdump_capture.errors import AuthError, ConnectionLost, TransportError
+from kdump_capture.errors import AuthError, ConnectionLost, TargetSettingError, TransportError
 from kdump_capture.urls import parse_target
 from tests.helpers import cli
 from tests.servers.http_fault import ErrorProxy
@@ -316,6 +316,30 @@ def test_a_listing_whose_pages_never_end_is_an_error(page, says, request):
             with pytest.raises(TransportError, match=says):
                 tr.listdir("")
     assert len(answered) <= 2
+
+
+def test_a_bucket_at_another_endpoint_is_named_and_not_followed(request):
+    """AWS answers 301 PermanentRedirect when the bucket lives in another region's endpoint:
+    the error said only "must be addressed using the specified endpoint", not which, and
+    was exit 6. It names the host to use (path-style: without the bucket) and the region,
+    is exit 2 (the target URL is wrong), and nothing is sent anywhere else."""
+    target = make_target("s3", request)
+    port = int(target.url.split("127.0.0.1:")[1].split("/")[0])
+    doc = (
+        '<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>PermanentRedirect</Code>'
+        "<Message>The bucket you are attempting to access must be addressed using the "
+        "specified endpoint. Please send all future requests to this endpoint.</Message>"
+        f"<Endpoint>{target.s3.bucket}.s3.eu-central-1.amazonaws.com</Endpoint></Error>"
+    ).encode()
+    region = {"x-amz-bucket-region": "eu-central-1"}
+    with ErrorProxy(port, lambda m, t: True, 301, document=doc, headers=region) as proxy:
+        with pytest.raises(TargetSettingError) as caught:
+            _via(target, proxy.port).transport().connect()
+    assert caught.value.exit_code == 2
+    where = "is at s3.eu-central-1.amazonaws.com (region eu-central-1), not at 127.0.0.1:"
+    assert where in str(caught.value), caught.value
+    assert "set KDUMP_S3_REGION" in str(caught.value)
+    assert len(proxy.answered) == 1  # not retried
 
 
 # -- reading back (verify) --------------------------------------------------------------------

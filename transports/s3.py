@@ -54,7 +54,13 @@ from botocore.auth import SIGV4_TIMESTAMP, S3SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
-from kdump_capture.errors import AuthError, ConnectionLost, TargetFull, TransportError
+from kdump_capture.errors import (
+    AuthError,
+    ConnectionLost,
+    TargetFull,
+    TargetSettingError,
+    TransportError,
+)
 from kdump_capture.memory import S3_MAX_PARTS, S3_MIN_PART, s3_part_plan
 from kdump_capture.summary import clean
 from kdump_capture.urls import Target
@@ -166,16 +172,18 @@ def parse_listing(body: bytes) -> tuple[list[tuple[str, str, int]], str | None]:
     return out, _text(root, "NextContinuationToken") or None
 
 
-def error_code(body: bytes) -> tuple[str, str]:
-    """(Code, Message) of an S3 error document, each cut to MAX_ERROR_TEXT printable
-    characters (they go into messages and logs); ("", "") when it is not one."""
+def error_code(body: bytes, *more: str) -> tuple[str, ...]:
+    """(Code, Message, and the fields named in ``more``) of an S3 error document, each cut
+    to MAX_ERROR_TEXT printable characters (they go into messages and logs); all "" when
+    it is not one."""
+    names = ("Code", "Message", *more)
     if has_dtd(body):
-        return "", ""
+        return ("",) * len(names)
     try:
         root = ET.fromstring(body)
     except (ET.ParseError, ValueError, LookupError):
-        return "", ""
-    return clean(_text(root, "Code"), MAX_ERROR_TEXT), clean(_text(root, "Message"), MAX_ERROR_TEXT)
+        return ("",) * len(names)
+    return tuple(clean(_text(root, n), MAX_ERROR_TEXT) for n in names)
 
 
 # What a message keeps of text the store sent (a Message of megabytes went into the log).
@@ -696,9 +704,23 @@ class S3Transport(RetryingTransport):
 
     def error(self, status: int, headers, body: bytes, key: str | None) -> Exception:
         """Our error for an S3 error reply (the module boundary for server refusals)."""
-        code, message = error_code(body)
+        code, message, endpoint = error_code(body, "Endpoint")
         where = f"{self.describe()}" + (f" {key}" if key else "")
         text = f"{code or status}: {message}" if message else (code or f"HTTP {status}")
+        if code == "PermanentRedirect" or status == 301:
+            # The bucket lives elsewhere (AWS: another region's endpoint). Not followed: a
+            # request goes to the configured host only. Name where, or the admin must guess.
+            region = clean((headers or {}).get("x-amz-bucket-region", ""), MAX_ERROR_TEXT)
+            # AWS names the virtual-hosted name (BUCKET.s3.REGION.amazonaws.com); path-style
+            # requests go to the host without the bucket
+            endpoint = endpoint.removeprefix(f"{self.bucket}.")
+            there = f"{endpoint or 'another endpoint'}" + (f" (region {region})" if region else "")
+            return TargetSettingError(
+                f"{where}: the store says bucket {self.bucket!r} is at {there}, not at "
+                f"{self.endpoint}: name that host in the target URL"
+                + (" and set KDUMP_S3_REGION" if region else "")
+                + f" ({text})"
+            )
         if code == "RequestTimeTooSkewed":
             return Skewed(f"{where}: {text}", server_time(headers))
         if code == "AccessDenied":

@@ -6,7 +6,8 @@ request it picks never reaches the server: the proxy reads its body and answers 
 ``status`` and an S3 error document for ``code``, on the same kept-alive connection.
 Everything else passes both ways unchanged. ``answered`` lists what the proxy answered.
 ``document``: the body to answer with instead of the error document (with ``status`` 200:
-a reply a store in trouble sends that is well formed but wrong, such as a listing page).
+a reply a store in trouble sends that is well formed but wrong, such as a listing page);
+``headers``: more header fields of that answer.
 
 It needs what our S3 client does: one request at a time per connection, each body with a
 Content-Length (no chunked uploads, no ``Expect: 100-continue``).
@@ -32,11 +33,13 @@ class ErrorProxy:
         status: int = 500,
         code: str = "InternalError",
         document: bytes | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         self.target_port = target_port
         self.fail = fail
         self.status, self.code = status, code
         self.document = document
+        self.headers = headers or {}
         self.answered: list[tuple[str, str]] = []
         self._lock = threading.Lock()
         self._socks: list[socket.socket] = []
@@ -130,7 +133,8 @@ class ErrorProxy:
         head = (
             f"HTTP/1.1 {self.status} {_REASONS.get(self.status, 'Error')}\r\n"
             "Content-Type: application/xml\r\n"
-            f"Content-Length: {len(doc)}\r\n\r\n"
+            + "".join(f"{k}: {v}\r\n" for k, v in self.headers.items())
+            + f"Content-Length: {len(doc)}\r\n\r\n"
         ).encode()
         return head if method == "HEAD" else head + doc
 
