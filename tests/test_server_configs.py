@@ -131,3 +131,33 @@ def test_an_sftp_server_that_refuses_chmod(umask, sample, tmp_path):
         assert set(modes.values()) == {0o644}, modes  # the server's
         assert r.err.count("refused to set modes") == 1, r.err
         assert "refused to set modes" in readme and "(0644)" in readme
+
+
+def _sftp_config(path, s, root, user: str = "root") -> str:
+    path.write_text(
+        f'KDUMP_SAVEDIR="sftp://{user}@{s.host}:{s.port}{root}"\nKDUMP_NET_TIMEOUT=10\n'
+        f'KDUMP_HOST_KEY="{s.host_key}"\nKDUMP_SSH_IDENTITY="{s.client_key}"\n'
+    )
+    os.chmod(path, 0o600)
+    return str(path)
+
+
+def _owner_only(root) -> None:
+    """Every dump directory below ``root`` 0700, every file in it 0600."""
+    for name in os.listdir(root):
+        assert stat.S_IMODE(os.stat(root / name).st_mode) == 0o700, name
+        for f in os.listdir(root / name):
+            assert stat.S_IMODE(os.stat(root / name / f).st_mode) == 0o600, (name, f)
+
+
+def test_an_sftp_server_that_denies_statvfs_saves_without_checking_free_space(sample, tmp_path):
+    """OpenSSH's sftp-server locked down (``-P statvfs``, or an allow-list ``-p`` without
+    it) answers statvfs@openssh.com with "Permission denied": every save failed, exit 6
+    "statvfs DIR: Permission denied", nothing written. A server without the extension was
+    already taken as one that cannot report free space; this one is too."""
+    with sshd(str(tmp_path / "sshd"), subsystem="internal-sftp -u 077 -P statvfs") as s:
+        root = tmp_path / "data"
+        r = run_save(_sftp_config(tmp_path / "kdump", s, root), sample)
+    assert r.rc == 0, r.err
+    assert "cannot report free space" in r.err, r.err
+    _owner_only(root)

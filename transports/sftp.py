@@ -928,9 +928,17 @@ class SftpTransport(RetryingTransport):
             except OSError as e:
                 # An SFTP status reply (no errno) means the server lacks the extension; a
                 # timeout (no errno either) means it did not answer.
-                if e.errno is None and not isinstance(e, TimeoutError) and not self._ssh_lost():
+                # EACCES: OpenSSH's sftp-server denying it (``-P statvfs``, or an allow-list
+                # ``-p`` without it, as drop-box accounts are locked down).
+                refused = e.errno is None or e.errno == errno.EACCES
+                if refused and not isinstance(e, TimeoutError) and not self._ssh_lost():
                     self._statvfs = False
-                    log.info("%s: server cannot report free space (%s)", self.describe(), e)
+                    log.info(
+                        "%s: server cannot report free space (statvfs@openssh.com: %s); "
+                        "not checking it",
+                        self.describe(),
+                        e.strerror or e,
+                    )
                     return None
                 err = self.convert(e, f"statvfs {path}")
                 if isinstance(err, FileNotFoundError):  # removed on the server meanwhile

@@ -24,9 +24,10 @@ class SshServer:
 
 
 @contextlib.contextmanager
-def sshd(workdir: str, subsystem: str = SFTP_SERVER) -> Iterator[SshServer]:
+def sshd(workdir: str, subsystem: str = SFTP_SERVER, extra: str = "") -> Iterator[SshServer]:
     """``subsystem``: the command sshd runs for SFTP (OpenSSH's sftp-server, or a wrapper
-    around it that misbehaves)."""
+    around it that misbehaves). ``extra``: more sshd_config lines, after ours (``Match``
+    blocks included: a configuration admins run)."""
     os.makedirs(workdir, exist_ok=True)
     os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # privilege separation dir
     hostkey = os.path.join(workdir, "ssh_host_ed25519_key")
@@ -55,6 +56,7 @@ def sshd(workdir: str, subsystem: str = SFTP_SERVER) -> Iterator[SshServer]:
             "UsePAM no\nStrictModes no\nMaxStartups 50\nMaxSessions 50\n"
             f"Subsystem sftp {subsystem}\n"
         )
+        f.write(extra)
     log = os.path.join(workdir, "sshd.log")
     argv = [SSHD, "-D", "-e", "-f", conf]
     with process(argv, log, "sshd", banner_check(port, b"SSH-")):
