@@ -12,6 +12,7 @@ import tempfile
 import pytest
 
 from kdump_capture.sample import SampleSpec, write_sample
+from tests.helpers import cli
 from tests.servers.ftp import vsftpd
 from tests.servers.samba import smbd
 from tests.servers.sshd import sshd
@@ -161,3 +162,24 @@ def test_an_sftp_server_that_denies_statvfs_saves_without_checking_free_space(sa
     assert r.rc == 0, r.err
     assert "cannot report free space" in r.err, r.err
     _owner_only(root)
+
+
+def test_an_sftp_server_without_posix_rename_saves_and_rotates(sample, tmp_path):
+    """OpenSSH's sftp-server denying posix-rename@openssh.com (``-P posix-rename``, an
+    allow-list without it; servers other than OpenSSH's may lack it) answered every publish
+    with "Permission denied": exit 6, no dump. Now SFTP v3's RENAME publishes (README.txt's
+    placeholder removed first): the dumps are whole, verify, and rotation works."""
+    with sshd(str(tmp_path / "sshd"), subsystem="internal-sftp -u 077 -P posix-rename") as s:
+        root = tmp_path / "data"
+        conf = _sftp_config(tmp_path / "kdump", s, root)
+        runs = [run_save(conf, sample, "KDUMP_KEEP_OLD_DUMPS=1") for _ in range(3)]
+    for r in runs:
+        assert r.rc == 0, r.err
+    assert runs[0].err.count("refuses posix-rename") == 1, runs[0].err
+    names = sorted(os.listdir(root))
+    assert len(names) == 2, names  # the oldest of three rotated away
+    _owner_only(root)
+    for name in names:
+        assert "INCOMPLETE" not in (root / name / "README.txt").read_text()
+        v = cli("verify", str(root / name))
+        assert v.rc == 0, v.out + v.err

@@ -518,7 +518,7 @@ class SftpSink(Sink):
 
     def _publish(self) -> None:
         try:
-            self._t.sftp.posix_rename(self._tmp, self._final)
+            self._t.rename_over(self._tmp, self._final)
         except OSError:
             # A retry after a lost reply: the rename may already have happened.
             if self._t.size_of(self._final) != self.size or self._t.size_of(self._tmp) >= 0:
@@ -548,6 +548,7 @@ class SftpTransport(RetryingTransport):
         self.write_size = MIN_WRITE
         self.read_size = READ_REQUEST
         self._statvfs = True
+        self._posix_rename = True
 
     @property
     def sftp(self) -> paramiko.SFTPClient:
@@ -747,6 +748,36 @@ class SftpTransport(RetryingTransport):
             if e.errno == errno.ENOENT:
                 return -1
             raise
+
+    def rename_over(self, src: str, dst: str) -> None:
+        """Rename ``src`` to ``dst``, replacing ``dst``: posix-rename@openssh.com; on a server
+        without it (not OpenSSH's: "unsupported", or OpenSSH's denying it: ``internal-sftp -P
+        posix-rename`` or an allow-list ``-p`` without it, "Permission denied") SFTP v3's
+        RENAME, which never replaces: ``dst`` is removed first. Only README.txt replaces a
+        file (its placeholder), so only it can be missing for a moment."""
+        if self._posix_rename:
+            try:
+                self.sftp.posix_rename(src, dst)
+                return
+            except OSError as e:
+                # A status reply without errno, or EACCES; anything else is the rename's own.
+                if e.errno not in (None, errno.EACCES) or self.size_of(src) < 0:
+                    raise
+                refused = e
+            if self.size_of(dst) >= 0:
+                self.sftp.remove(dst)
+            self.sftp.rename(src, dst)
+            self._posix_rename = False
+            log.info(
+                "%s: the server refuses posix-rename@openssh.com (%s); renaming with SFTP "
+                "RENAME instead (a file it replaces is removed first)",
+                self.describe(),
+                refused.strerror or refused,
+            )
+            return
+        if self.size_of(dst) >= 0:
+            self.sftp.remove(dst)
+        self.sftp.rename(src, dst)
 
     def _makedirs(self, path: str) -> None:
         parts = [p for p in path.split("/") if p]
