@@ -183,3 +183,24 @@ def test_an_sftp_server_without_posix_rename_saves_and_rotates(sample, tmp_path)
         assert "INCOMPLETE" not in (root / name / "README.txt").read_text()
         v = cli("verify", str(root / name))
         assert v.rc == 0, v.out + v.err
+
+
+@pytest.mark.parametrize("command", ["echo This account is currently not available.", "/bin/false"])
+def test_an_ssh_account_whose_shell_will_not_run_sftp_says_so(command, sample, tmp_path):
+    """sshd runs an external sftp-server (Debian's default Subsystem) through the account's
+    shell: a shell that prints a message (nologin, start-up files) or refuses (``/bin/false``,
+    a restricted shell) ended the save in "connection lost (Garbage packet received)" or
+    "(EOF during negotiation)", neither naming the account or what to change. (A forced
+    command goes through the shell the same way; it stands in for a login shell here.)"""
+    with sshd(str(tmp_path / "sshd"), extra=f"ForceCommand {command}\n") as s:
+        r = run_save(_sftp_config(tmp_path / "kdump", s, tmp_path / "data"), sample)
+        with open(os.path.join(s.workdir, "sshd.log")) as f:
+            logins = f.read().count("Accepted publickey")
+    assert r.rc == 6, r.err
+    assert "the server did not start SFTP for root" in r.err, r.err
+    assert "ForceCommand internal-sftp" in r.err and "connection lost" not in r.err
+    if command.startswith("echo"):
+        assert "currently not available" in r.err
+    else:
+        assert "exit status 1" in r.err
+    assert logins == 1  # the same on every attempt: not retried

@@ -17,6 +17,7 @@ import socket
 import stat
 import struct
 import threading
+import time
 from collections import deque
 from collections.abc import Iterator
 
@@ -671,7 +672,47 @@ class SftpTransport(RetryingTransport):
             chan.invoke_subsystem("sftp")
         finally:
             timer.cancel()
-        return paramiko.SFTPClient(chan)
+        try:
+            return paramiko.SFTPClient(chan)
+        except (paramiko.SFTPError, paramiko.SSHException) as e:
+            if not ssh.is_active():
+                raise  # the connection went: a drop, retried as any
+            raise self._no_sftp(chan, e) from e
+
+    def _no_sftp(self, chan: paramiko.Channel, e: Exception) -> TransportError:
+        """The session ended or sent text where the SFTP version belongs, the connection
+        still up: sshd ran the subsystem through the account's login shell (an external
+        ``Subsystem sftp /usr/lib/openssh/sftp-server``), and the shell refused it (nologin,
+        /bin/false, a restricted shell) or printed a message first (start-up files). The
+        same on every attempt: a TransportError, not a lost connection. OpenSSH's sftp says
+        "Received message too long" here."""
+        got = bytearray()
+        end = time.monotonic() + 1.0  # the rest of a shell's message follows at once
+        while len(got) < 200 and time.monotonic() < end:
+            if chan.recv_ready():
+                got += chan.recv(200)
+            elif chan.recv_stderr_ready():
+                got += chan.recv_stderr(200)
+            elif chan.exit_status_ready() or chan.closed:
+                break
+            else:
+                time.sleep(0.02)
+        text = " ".join(got.decode("utf-8", "replace").split())[:200]
+        status = chan.recv_exit_status() if chan.exit_status_ready() else None
+        if isinstance(e, paramiko.SFTPError):  # text: its first bytes went to the length
+            said = f"it sent text instead of SFTP: '...{text}'"
+        else:
+            said = "the session ended before SFTP started"
+            said += f" (exit status {status})" if status is not None else ""
+            said += f": '{text}'" if text else ""
+        return TransportError(
+            f"{self.user}@{known_hosts_name(self.target.host, self.port)}: the server did not "
+            f"start SFTP for {self.user}: {said}. sshd runs an external sftp-server through "
+            "the account's login shell, which must run it (not nologin, false or a restricted "
+            "shell) and print nothing for non-interactive logins: use 'Subsystem sftp "
+            "internal-sftp' or 'ForceCommand internal-sftp' for this account, or quiet its "
+            "shell"
+        )
 
     def _limits(self) -> tuple[int, int]:
         """The largest READ and WRITE the server takes (limits@openssh.com), else 32 KiB;
