@@ -5,6 +5,7 @@ of its own on loopback."""
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
 import stat
 import tempfile
@@ -204,3 +205,41 @@ def test_an_ssh_account_whose_shell_will_not_run_sftp_says_so(command, sample, t
     else:
         assert "exit status 1" in r.err
     assert logins == 1  # the same on every attempt: not retried
+
+
+def test_an_ftp_drop_box_that_will_not_list_says_so(sample, tmp_path):
+    """vsftpd's anonymous ``incoming`` directory of mode 0733 (write, no listing: each host
+    drops its dumps, none sees another's) answers LIST with "226 Transfer done (but failed
+    to open directory)": `list` said "no dumps" (exit 0) over two complete dumps, and every
+    save skipped rotation without a word, so the directory filled up unseen. Now `list`
+    exits 6 saying the server will not list, and a save warns once and notes it in the
+    dump's README (as S3 with a write-only key)."""
+    anon = tmp_path / "anon"
+    incoming = anon / "incoming"
+    incoming.mkdir(parents=True)
+    os.chmod(anon, 0o755)
+    ftp = pwd.getpwnam("ftp")
+    os.chown(incoming, ftp.pw_uid, ftp.pw_gid)
+    os.chmod(incoming, 0o733)
+    extra = (
+        f"anonymous_enable=YES\nanon_root={anon}\nno_anon_password=YES\nanon_umask=077\n"
+        "anon_upload_enable=YES\nanon_mkdir_write_enable=YES\nanon_other_write_enable=YES\n"
+    )
+    with vsftpd(str(tmp_path), str(anon), "anonymous", "", extra=extra) as s:
+        url = f"ftp://{s.host}:{s.port}/incoming"
+        conf = tmp_path / "kdump"
+        conf.write_text(f'KDUMP_SAVEDIR="{url}"\nKDUMP_NET_TIMEOUT=10\nKDUMP_KEEP_OLD_DUMPS=1\n')
+        runs = [run_save(str(conf), sample) for _ in range(2)]
+        listing = cli("list", "--config", str(conf), url)
+        [first] = sorted(os.listdir(incoming))[:1]
+        check = cli("verify", "--config", str(conf), f"{url}/{first}")
+    for r in runs:
+        assert r.rc == 0, r.err
+        assert r.err.count("will not list /incoming") == 1, r.err
+    names = sorted(os.listdir(incoming))
+    assert len(names) == 2, names
+    _owner_only(incoming)
+    assert "will not list" in (incoming / names[1] / "README.txt").read_text()
+    assert listing.rc == 6, listing.out + listing.err
+    assert "will not list it" in listing.err and "no dumps" not in listing.out
+    assert check.rc == 6 and "will not list it" in check.err, check.out + check.err

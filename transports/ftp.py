@@ -405,6 +405,9 @@ class FtpTransport(RetryingTransport):
         self._chmod_ok = True
         self._told_free = False
         self._list_a = True  # whether the server takes "LIST -a PATH"
+        # The server's refusal of the last listing, if it refused (else None)
+        self._refused: str | None = None
+        self._refused_at = ""
 
     @property
     def ftp(self) -> ftplib.FTP:
@@ -533,15 +536,21 @@ class FtpTransport(RetryingTransport):
         try:
             if not self._list_a:
                 raise ftplib.error_perm("550 LIST -a is not understood here")
-            self.ftp.retrlines(f"LIST -a {path}", lines.append)
+            reply = self.ftp.retrlines(f"LIST -a {path}", lines.append)
         except ftplib.error_perm:
             # pyftpdlib takes "-a DIR" for a path; vsftpd hides dot files without -a.
             lines = []
             try:
-                self.ftp.retrlines(f"LIST {path}", lines.append)
+                reply = self.ftp.retrlines(f"LIST {path}", lines.append)
             except ftplib.error_perm as e:
-                return {} if str(e)[:3] == "550" else None
+                if str(e)[:3] != "550":
+                    return None
+                self._refused = str(e).strip()  # or no such directory: the caller asks
+                return {}
             self._list_a = False
+        if not lines and "failed to open directory" in reply:
+            # vsftpd's 226 for a directory it cannot read (or that does not exist)
+            self._refused = reply.strip()
         out: dict[str, tuple[str, int]] = {}
         unparsed = 0
         for line in lines:
@@ -566,12 +575,15 @@ class FtpTransport(RetryingTransport):
 
     def _list(self, path: str) -> list[Entry]:
         """All entries, temporary ones included, links marked: MLSD for names and sizes,
-        checked against LIST for links; else LIST alone; else NLST plus SIZE."""
+        checked against LIST for links; else LIST alone; else NLST plus SIZE. A listing
+        the server refused is empty, with ``_refused`` set to its reply."""
+        self._refused, self._refused_at = None, path
         unix = self._unix_list(path)
         try:
             facts = list(self.ftp.mlsd(path, facts=["type", "size"]))
         except ftplib.error_perm as e:
             if str(e)[:3] == "550":
+                self._refused = self._refused or str(e).strip()
                 return []
             facts = None
         if facts is None:
@@ -634,13 +646,36 @@ class FtpTransport(RetryingTransport):
             if relpath.strip("/"):
                 entry = self._lookup(relpath)
                 if entry is None:
+                    refused, parent = self._refused, self._refused_at
+                    if refused and self.settings.read_only and self._is_dir(path):
+                        self._unlisted(parent, refused)  # the parent: no link check
                     return []
                 if not entry.is_dir:
                     raise UnsafeFile(f"{path}: a link or a file, not a directory")
-            return self._list(path)
+            entries = self._list(path)
+            if not entries and self._refused and self._is_dir(path):
+                self._unlisted(path, self._refused)
+            return entries
 
         entries = self.call(ls, f"listing {path}")
         return sorted((e for e in entries if not is_temp_name(e.name)), key=lambda e: e.name)
+
+    def _unlisted(self, path: str, reply: str) -> None:
+        """A directory that is there (CWD works) and that the server will not list: an
+        upload-only account (vsftpd's ``dirlist_enable=NO``, an anonymous ``incoming``
+        directory of mode 0733, a pyftpdlib user without the ``l`` permission). A save goes
+        on, judging nothing it cannot see (as S3 with a write-only key); a listing fails
+        rather than read as "no dumps"."""
+        if self.settings.read_only:
+            raise TransportError(
+                f"listing {path}: the FTP server will not list it ({reply}): an upload-only "
+                "account; list and verify with an account that may list"
+            )
+        self.note_once(
+            f"the FTP server will not list {path} ({reply}): an upload-only account: the "
+            "dumps already there were not looked at, so none were rotated "
+            "(KDUMP_KEEP_OLD_DUMPS did not apply) and no leftovers of failed saves removed"
+        )
 
     def read(self, relpath: str, limit: int | None = None) -> Iterator[bytes]:
         path = self._p(relpath)
