@@ -207,13 +207,9 @@ def test_an_ssh_account_whose_shell_will_not_run_sftp_says_so(command, sample, t
     assert logins == 1  # the same on every attempt: not retried
 
 
-def test_an_ftp_drop_box_that_will_not_list_says_so(sample, tmp_path):
-    """vsftpd's anonymous ``incoming`` directory of mode 0733 (write, no listing: each host
-    drops its dumps, none sees another's) answers LIST with "226 Transfer done (but failed
-    to open directory)": `list` said "no dumps" (exit 0) over two complete dumps, and every
-    save skipped rotation without a word, so the directory filled up unseen. Now `list`
-    exits 6 saying the server will not list, and a save warns once and notes it in the
-    dump's README (as S3 with a write-only key)."""
+def _anonymous_incoming(tmp_path):
+    """vsftpd's anonymous root and its ``incoming`` directory: the ftp user's, mode 0733
+    (anyone may drop files, nobody may list them)."""
     anon = tmp_path / "anon"
     incoming = anon / "incoming"
     incoming.mkdir(parents=True)
@@ -223,8 +219,37 @@ def test_an_ftp_drop_box_that_will_not_list_says_so(sample, tmp_path):
     os.chmod(incoming, 0o733)
     extra = (
         f"anonymous_enable=YES\nanon_root={anon}\nno_anon_password=YES\nanon_umask=077\n"
-        "anon_upload_enable=YES\nanon_mkdir_write_enable=YES\nanon_other_write_enable=YES\n"
+        "anon_upload_enable=YES\nanon_mkdir_write_enable=YES\n"
     )
+    return anon, incoming, extra
+
+
+@pytest.mark.parametrize("more", ["", "anon_other_write_enable=YES\nchown_uploads=YES\n"])
+def test_an_ftp_account_that_may_not_append_says_what_to_change(more, sample, tmp_path):
+    """vsftpd's anonymous uploads as installed (no anon_other_write_enable), or with
+    chown_uploads (the file is handed to another user once stored): STOR is taken, APPE
+    is not, and the save ended in "creating .kdump-tmp.README.txt...: 550 Permission
+    denied." (or 553), as if the file could not be created."""
+    anon, incoming, extra = _anonymous_incoming(tmp_path)
+    extra += more + ("chown_username=nobody\n" if more else "")
+    with vsftpd(str(tmp_path), str(anon), "anonymous", "", extra=extra) as s:
+        conf = tmp_path / "kdump"
+        conf.write_text(f'KDUMP_SAVEDIR="ftp://{s.host}:{s.port}/incoming"\nKDUMP_NET_TIMEOUT=10\n')
+        r = run_save(str(conf), sample)
+    assert r.rc == 6, r.err
+    assert "took the file but refuses to append to it" in r.err, r.err
+    assert "anon_other_write_enable=YES" in r.err and "internal error" not in r.err
+
+
+def test_an_ftp_drop_box_that_will_not_list_says_so(sample, tmp_path):
+    """vsftpd's anonymous ``incoming`` directory of mode 0733 (write, no listing: each host
+    drops its dumps, none sees another's) answers LIST with "226 Transfer done (but failed
+    to open directory)": `list` said "no dumps" (exit 0) over two complete dumps, and every
+    save skipped rotation without a word, so the directory filled up unseen. Now `list`
+    exits 6 saying the server will not list, and a save warns once and notes it in the
+    dump's README (as S3 with a write-only key)."""
+    anon, incoming, extra = _anonymous_incoming(tmp_path)
+    extra += "anon_other_write_enable=YES\n"
     with vsftpd(str(tmp_path), str(anon), "anonymous", "", extra=extra) as s:
         url = f"ftp://{s.host}:{s.port}/incoming"
         conf = tmp_path / "kdump"

@@ -259,7 +259,20 @@ class FtpSink(Sink):
     def _start(self) -> None:
         self._ftp.storbinary(f"STOR {self._tmp}", io.BytesIO(b""))
         self._t.chmod(self._ftp, self._tmp, "600")
-        self._open_data()
+        try:
+            self._open_data()
+        except ftplib.error_perm as e:
+            if str(e)[:3] not in ("550", "553"):  # 552: a quota, reported as it is
+                raise
+            # STOR was taken, APPE on the same file is not: an upload-only account
+            # (vsftpd's anonymous uploads without anon_other_write_enable, or with
+            # chown_uploads, which hands the file to another user at once).
+            raise TransportError(
+                f"{self._tmp}: the FTP server took the file but refuses to append to it "
+                f"({str(e).strip()}): a save appends to its files (APPE) and renames them "
+                "(RNFR/RNTO), which this account may not do; vsftpd: an anonymous upload "
+                "account needs anon_other_write_enable=YES and no chown_uploads"
+            ) from e
 
     def _open_data(self) -> None:
         self._ftp.voidcmd("TYPE I")  # listings (retrlines) switch a session to ASCII
