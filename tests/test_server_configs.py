@@ -106,6 +106,20 @@ def test_an_smb_share_that_vetoes_dot_files_is_a_clear_target_error(sample, tmp_
     assert "veto files" in r.err and "internal error" not in r.err
 
 
+def test_an_smb_share_that_denies_writing_says_so_plainly(sample, tmp_path):
+    """A share the user may read but not write ("read only = yes", a "write list" without
+    the user) answered STATUS_ACCESS_DENIED, shown as "SMBOSError: [Error 0] [NtStatus
+    0xc0000022] Unknown NtStatus error returned 'STATUS_ACCESS_DENIED'". Now exit 6 saying
+    access was denied and where the permission is set."""
+    root = tmp_path / "share"
+    (root / "dumps").mkdir(parents=True)
+    with smbd(str(tmp_path), str(root), extra="read only = yes\n") as s:
+        r = run_save(_cifs_config(tmp_path / "kdump", s, "dumps"), sample)
+    assert r.rc == 6, r.err
+    assert "access denied (STATUS_ACCESS_DENIED)" in r.err and "Unknown NtStatus" not in r.err
+    assert "'write list' or 'read only'" in r.err
+
+
 @pytest.mark.parametrize("umask", ["077", "022"])
 def test_an_sftp_server_that_refuses_chmod(umask, sample, tmp_path):
     """OpenSSH's ``internal-sftp -P setstat,fsetstat`` refuses chmod: every save failed,

@@ -32,6 +32,7 @@ from smbprotocol import MAX_PAYLOAD_SIZE
 from smbprotocol import exceptions as smbexc
 from smbprotocol.connection import Connection, Request
 from smbprotocol.file_info import FileAttributes, FileInformationClass
+from smbprotocol.header import NtStatus
 from smbprotocol.open import CreateOptions, SMB2WriteResponse
 
 from kdump_capture.errors import AuthError, ConnectionLost, TargetFull, TransportError, UnsafeFile
@@ -111,6 +112,12 @@ def convert(e: BaseException, what: str) -> Exception:
         return ConnectionLost(f"{what}: {e}")
     if isinstance(e, smbexc.SMBOSError) and e.ntstatus == STATUS_MEDIA_WRITE_PROTECTED:
         return TransportError(f"{what}: the share is read-only (STATUS_MEDIA_WRITE_PROTECTED)")
+    if isinstance(e, smbexc.SMBOSError) and e.ntstatus == NtStatus.STATUS_ACCESS_DENIED:
+        return TransportError(
+            f"{what}: access denied (STATUS_ACCESS_DENIED): the share's user lacks the "
+            "permission (the share's 'force user', 'write list' or 'read only', or the "
+            "directory's own permissions)"
+        )
     if isinstance(e, OSError) and e.errno == errno.ENOENT:
         return FileNotFoundError(errno.ENOENT, f"{what}: no such file")
     if isinstance(e, OSError) and e.errno == errno.EEXIST:
