@@ -400,6 +400,24 @@ def test_engine_digest_follows_the_sources(tmp_path):
     assert rebuild.engine_digest(root) != first
 
 
+def test_engine_digest_follows_the_compiled_accelerator(tmp_path):
+    """The image packs kdump_capture/_speedups*.so as it is. Only .py files were digested:
+    an upgrade that rebuilt the accelerator alone (a fix in its C source, or a build that
+    now finds libzstd's headers) left load calling the image with the old one up to date."""
+    root = tmp_path / "src"
+    for d in rebuild.ENGINE_DIRS:
+        (root / d).mkdir(parents=True)
+        (root / d / "a.py").write_text("x = 1\n")
+    (root / "initramfs/init").write_text("#!init\n")
+    so = root / "kdump_capture" / "_speedups.cpython-311-x86_64-linux-gnu.so"
+    so.write_bytes(b"\x7fELF built without the zstd loop")
+    first = rebuild.engine_digest(root)
+    so.write_bytes(b"\x7fELF built with the zstd loop")
+    assert rebuild.engine_digest(root) != first
+    so.unlink()  # the accelerator gone (a build without a compiler): stale too
+    assert rebuild.engine_digest(root) != first
+
+
 def test_private_files_under_umask_022(tmp_path):
     """The image holds the password and the SSH key: 0600 in a 0700 directory from the
     first byte, whatever the umask; an existing loose directory or image is repaired."""

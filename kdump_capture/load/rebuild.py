@@ -32,7 +32,10 @@ RECORD_SUFFIX = ".inputs.json"
 RECORD_VERSION = 2  # 2: the image's SHA-256
 # Sources the image is made of or built by (their digest covers our own code).
 ENGINE_DIRS = ("kdump_capture", "transports", "initramfs")
-ENGINE_SUFFIXES = (".py",)
+# The compiled accelerator (kdump_capture/_speedups*.so) is packed as it is: rebuilt alone
+# (an upgrade that changes only its C source, a rebuild once libzstd's headers are there)
+# it must make the image stale as a changed .py does.
+ENGINE_SUFFIXES = (".py", ".so")
 ENGINE_FILES = ("initramfs/init",)
 
 
@@ -70,7 +73,8 @@ def _stat_parts(path: str) -> list[bytes]:
 
 
 def engine_digest(root: Path | None = None) -> str:
-    """Our version and every source file the image is made of or built by."""
+    """Our version, every source file the image is made of or built by, and our compiled
+    extension."""
     root = root or project_root()
     files = [root / f for f in ENGINE_FILES]
     for d in ENGINE_DIRS:
