@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import errno
 import gzip
+import json
 import logging
 import os
 import subprocess
@@ -398,6 +399,24 @@ def test_engine_digest_follows_the_sources(tmp_path):
     first = rebuild.engine_digest(root)
     (root / "transports/a.py").write_text("x = 2\n")
     assert rebuild.engine_digest(root) != first
+
+
+def test_a_record_an_older_version_wrote_rebuilds_and_says_so(tmp_path):
+    """A record of version 1 (what kdump-capture wrote before records held the image's
+    SHA-256) must never let load take the image for up to date, and load used to say that
+    nothing recorded the inputs, with the record right there: now it names its version."""
+    img = tmp_path / "initrd-9.9.9-test.img"
+    img.write_bytes(b"image")
+    inputs = {"configuration": "c", "engine": "e"}
+    old = {"version": 1, "inputs": inputs, "image": {}}
+    (tmp_path / f"{img.name}{rebuild.RECORD_SUFFIX}").write_text(json.dumps(old))
+    assert rebuild.read_record(str(img)) is None
+    [why] = rebuild.stale_reasons(str(img), inputs)
+    assert "record version 1" in why and f"reads version {rebuild.RECORD_VERSION}" in why
+    (tmp_path / f"{img.name}{rebuild.RECORD_SUFFIX}").write_text("{not json")
+    assert rebuild.stale_reasons(str(img), inputs) == [
+        f"nothing records what it was built from ({img}{rebuild.RECORD_SUFFIX})"
+    ]
 
 
 def test_engine_digest_follows_the_compiled_accelerator(tmp_path):

@@ -256,13 +256,31 @@ def read_facts(image: str) -> dict[str, int]:
     return {str(k): v for k, v in facts.items() if isinstance(v, int) and v >= 0}
 
 
+def _no_record(image: str) -> str:
+    """Why there is no usable record beside ``image``: none at all, or one this version
+    does not read (another version of kdump-capture wrote it, e.g. before an upgrade)."""
+    path = record_path(image)
+    try:
+        with open(path, "rb") as f:
+            doc = json.loads(f.read(1 << 20))
+    except (OSError, ValueError):
+        doc = None
+    if isinstance(doc, dict) and doc.get("version") != RECORD_VERSION:
+        version = str(doc.get("version", "none"))[:20]
+        return (
+            f"its record ({path}) is of record version {version}, written by another "
+            f"version of kdump-capture; this one reads version {RECORD_VERSION}"
+        )
+    return f"nothing records what it was built from ({path})"
+
+
 def stale_reasons(image: str, inputs: Mapping[str, str]) -> list[str]:
     """Why ``image`` must be rebuilt for ``inputs``; empty when it is up to date."""
     if not os.path.exists(image):
         return ["there is no image yet"]
     recorded = read_record(image)
     if recorded is None:
-        return [f"nothing records what it was built from ({record_path(image)})"]
+        return [_no_record(image)]
     doc = _read(image) or {}
     if doc.get("sha256") != image_digest(image):
         return ["the image is not the one its record describes (replaced after its build)"]
