@@ -630,6 +630,10 @@ def add_payload(arc: cpio.Archive, payload: runtime.Payload) -> None:
         arc.add_symlink(link, tgt)
 
 
+# Where the image holds the system's shared libraries (libc, libssl, libz, ...).
+SYSTEM_LIBS = ("usr/lib/x86_64", "usr/lib64")
+
+
 def image_features(cfg: Mapping[str, str]) -> tuple[str, ...]:
     """The configured features whose libraries the image must carry (keys of
     runtime.FEATURE_MODULES): `cryptography` for KDUMP_ENCRYPT_TO (only public keys travel),
@@ -782,7 +786,9 @@ def build(
             payload, schemes, fmt, tmp, features=features
         )
     ext = sum(1 for f in payload.files if f.endswith(".so") and "/python3" in f)
-    libs = sum(1 for f in payload.files if f.startswith(("usr/lib/x86_64", "usr/lib64")))
+    libs = sum(1 for f in payload.files if f.startswith(SYSTEM_LIBS))
+    # The host files behind them: an update of one (libssl, libc) makes the image stale.
+    host_libs = sorted(payload.libraries.values())
 
     # Local targets: which filesystem /init mounts, and the path below it.
     rewrite: dict[str, str] = {}
@@ -947,7 +953,9 @@ def build(
             if os.path.lexists(record):
                 os.unlink(record)
             private.write_file(output, packed)
-            rebuild.write_record(output, inputs, facts, hashlib.sha256(packed).hexdigest())
+            rebuild.write_record(
+                output, inputs, facts, hashlib.sha256(packed).hexdigest(), host_libs
+            )
     except TimeoutError as e:
         raise LoadError(f"cannot write the image: {e}") from None
     return BuildReport(

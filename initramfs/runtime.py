@@ -125,6 +125,9 @@ class Payload:
     modes: dict[str, int] = field(default_factory=dict)
     symlinks: dict[str, str] = field(default_factory=dict)
     modules: list[str] = field(default_factory=list)
+    #: the host file a packed system library came from (its stripped copy is in ``files``):
+    #: the image record keeps their identities, so that an update of one rebuilds the image
+    libraries: dict[str, str] = field(default_factory=dict)
 
     def add(self, dest: str, src: bytes | str, mode: int = 0o644) -> None:
         self.files[dest] = src
@@ -722,4 +725,5 @@ def collect(
         else:
             dest = f"{DEST_LIBDIR}/{name}"
         payload.add(dest, strip_into(os.path.realpath(lib), tmpdir), 0o755)
+        payload.libraries[dest] = os.path.realpath(lib)
     return payload

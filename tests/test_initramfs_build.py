@@ -702,3 +702,15 @@ def test_an_image_for_another_architecture_is_refused(tmp_path, monkeypatch):
     with pytest.raises(NotSupported):
         build_image(CFG, tmp_path / "img", tmp_path)
     assert not (tmp_path / "img").exists()
+
+
+def test_the_record_names_the_system_libraries_the_image_packs(built):
+    import json
+
+    from kdump_capture.load import rebuild
+
+    _report, out, _tree, _names, _raw = built
+    doc = json.loads(Path(rebuild.record_path(str(out))).read_text())
+    names = {os.path.basename(p) for p in doc["libraries"]}
+    assert "libc.so.6" in names and any(n.startswith("libz.so.1") for n in names), names
+    assert all(v != "absent" for v in doc["libraries"].values())

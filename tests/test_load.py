@@ -705,3 +705,21 @@ def _short_lock(real):
         return real(path, timeout=min(timeout, 0.5), what=what)
 
     return lock
+
+
+def test_an_updated_system_library_makes_the_image_stale(tmp_path):
+    """The image packs the system's libc, libssl, libz...: a security update of one left
+    the image "up to date", the old library in it. The record holds each packed library's
+    size and mtime now."""
+    from kdump_capture.config import load_config
+
+    cfg = load_config("/nonexistent/kdump", ["KDUMP_SAVEDIR=file:///var/crash"])
+    lib = tmp_path / "libssl.so.3"
+    lib.write_bytes(b"old")
+    img = _fake_image(tmp_path / "images", cfg)
+    rebuild.write_record(img, _inputs(cfg), libraries=[str(lib)])
+    directory = str(tmp_path / "images")
+    assert commands.image_decision(cfg, "9.9.9-test", None, directory).rebuild == []
+    lib.write_bytes(b"new, patched")
+    decision = commands.image_decision(cfg, "9.9.9-test", None, directory)
+    assert decision.rebuild == ["system libraries changed (libssl.so.3)"]

@@ -62,6 +62,16 @@ def _file_parts(path: str) -> list[bytes]:
         return [path.encode(), b"absent"]
 
 
+def library_id(path: str) -> str:
+    """A packed system library's identity: size and mtime of the file its path leads to
+    (a security update of libssl or libc replaces it)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return "absent"
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
 def _stat_parts(path: str) -> list[bytes]:
     """A program's identity without reading it: real path, size and mtime."""
     real = os.path.realpath(path)
@@ -212,10 +222,13 @@ def write_record(
     inputs: Mapping[str, str],
     facts: Mapping[str, int] | None = None,
     digest: str | None = None,
+    libraries: Iterable[str] = (),
 ) -> None:
     """Write the record beside ``image`` (0600, atomically): the digests of its inputs,
-    the image's own SHA-256 (``digest``, or read from the file), and facts about the image
-    that ``estimate`` uses (sizes, measured import memory)."""
+    the image's own SHA-256 (``digest``, or read from the file), facts about the image
+    that ``estimate`` uses (sizes, measured import memory), and the identity (size and
+    mtime) of each system library the image packs (``libraries``: host paths), which only
+    the build itself finds."""
     from .. import private
 
     doc = {
@@ -223,6 +236,7 @@ def write_record(
         "inputs": dict(inputs),
         "image": dict(facts or {}),
         "sha256": digest or image_digest(image),
+        "libraries": {p: library_id(p) for p in sorted(set(libraries))},
     }
     private.write_file(record_path(image), json.dumps(doc, indent=1, sort_keys=True).encode())
 
@@ -284,4 +298,17 @@ def stale_reasons(image: str, inputs: Mapping[str, str]) -> list[str]:
     doc = _read(image) or {}
     if doc.get("sha256") != image_digest(image):
         return ["the image is not the one its record describes (replaced after its build)"]
-    return [f"{name} changed" for name in inputs if recorded.get(name) != inputs[name]]
+    reasons = [f"{name} changed" for name in inputs if recorded.get(name) != inputs[name]]
+    libraries = doc.get("libraries")
+    if isinstance(libraries, dict):
+        changed = [
+            os.path.basename(str(p))
+            for p, ident in libraries.items()
+            if library_id(str(p)) != ident
+        ]
+        if changed:
+            shown = ", ".join(changed[:4]) + (
+                f" and {len(changed) - 4} more" if len(changed) > 4 else ""
+            )
+            reasons.append(f"system libraries changed ({shown})")
+    return reasons
