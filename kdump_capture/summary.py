@@ -380,7 +380,9 @@ def _summary_of_dir(path: str, names: list[str], incomplete: list[str] | None) -
                 f"{path}: the dump is encrypted and its summary with it; decrypt it first "
                 "(kdump-capture decrypt --identity KEY DIR)"
             )
-    raise NoDumpError(f"{path}: no {DMESG}, {VMCORE} or summary in {MANIFEST}")
+    where = f"summary in {MANIFEST}" if MANIFEST in names else f"{MANIFEST}"
+    why = _dir_incomplete(path, set(names))
+    raise NoDumpError(f"{path}: no {DMESG}, {VMCORE} or {where}" + (f" ({why})" if why else ""))
 
 
 def _dir_incomplete(path: str, names: set[str]) -> str | None:

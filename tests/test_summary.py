@@ -393,3 +393,18 @@ def test_an_unfinished_dump_of_ours_named_as_the_current_directory(tmp_path):
         env=dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(__file__))),
     )
     assert r.returncode == 13 and "no manifest.json" in r.stderr, r.stderr
+
+
+def test_a_dump_directory_a_killed_save_left_says_so(tmp_path):
+    """A save killed before it wrote dmesg.txt leaves the placeholder README and a temporary
+    file: `summary DIR` said "no dmesg.txt, vmcore or summary in manifest.json", naming a
+    manifest that is not there. Now it names what is missing and why (exit 3)."""
+    from kdump_capture.report import PLACEHOLDER
+
+    d = tmp_path / "vm-2026-12-05-10-00-00"
+    d.mkdir()
+    (d / "README.txt").write_text(PLACEHOLDER)
+    (d / ".kdump-tmp.vmcore.abc").write_bytes(b"x")
+    r = cli("summary", str(d))
+    assert r.rc == 3, r.err
+    assert "no dmesg.txt, vmcore or manifest.json" in r.err and "did not finish" in r.err
