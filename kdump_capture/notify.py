@@ -41,6 +41,7 @@ FIRST_RUN_DAYS = 7
 WINDOW_DAYS = 30
 KEEP_SENT = 1000  # names remembered (oldest go first)
 STATE_LIMIT = 1 << 20
+REPLY_LIMIT = 64 << 10  # bytes of one SMTP reply (a real server's longest, EHLO, is < 1 KiB)
 
 
 @dataclass
@@ -147,6 +148,75 @@ def smtp_server(value: str) -> tuple[str, int]:
     return host, int(port)
 
 
+class _ReplyOverrun(OSError):
+    """A reply longer than REPLY_LIMIT, or not complete within the timeout: smtplib's
+    getreply turns it into SMTPServerDisconnected and closes the connection."""
+
+
+class _ReplyReader:
+    """What smtplib's getreply reads a reply from, in place of ``sock.makefile()``: lines
+    from the socket itself, each reply bounded in bytes and in time. smtplib alone reads a
+    reply's continuation lines (``250-...``) for as long as a server sends them (a hostile
+    one sent 24 GiB in 9 minutes, until the OOM killer came) and only bounds each recv, so
+    a server giving a byte a second held it for good, SIGTERM included (QUIT read again)."""
+
+    def __init__(self, smtp) -> None:
+        self.smtp = smtp
+        self.sock = smtp.sock
+        self.buf = b""
+
+    def readline(self, limit: int) -> bytes:
+        smtp = self.smtp
+        while True:
+            end = self.buf.find(b"\n", 0, limit)
+            if end >= 0 or len(self.buf) >= limit:
+                n = end + 1 if end >= 0 else limit
+                line, self.buf = self.buf[:n], self.buf[n:]
+                smtp.reply_bytes += len(line)
+                if smtp.reply_bytes > REPLY_LIMIT:
+                    raise _ReplyOverrun(f"a reply longer than {REPLY_LIMIT >> 10} KiB")
+                return line
+            left = smtp.reply_deadline - time.monotonic()
+            late = _ReplyOverrun(f"no whole reply within {smtp.timeout:.0f} s")
+            if left <= 0:
+                raise late
+            self.sock.settimeout(min(left, smtp.timeout))
+            try:
+                chunk = self.sock.recv(4096)
+            except TimeoutError:
+                raise late from None
+            finally:
+                self.sock.settimeout(smtp.timeout)
+            if not chunk:
+                line, self.buf = self.buf, b""
+                return line
+            self.buf += chunk
+
+    def close(self) -> None:
+        pass
+
+
+def _bounded(base):
+    """``base`` (smtplib.SMTP or SMTP_SSL) with each reply bounded (``_ReplyReader``)."""
+
+    class Bounded(base):
+        reply_deadline = 0.0
+        reply_bytes = 0
+
+        def getreply(self):
+            if self.sock is None:
+                import smtplib
+
+                raise smtplib.SMTPServerDisconnected("the connection is closed")
+            if self.file is None:  # new, or after STARTTLS: nothing read in clear is kept
+                self.file = _ReplyReader(self)
+            self.reply_deadline = time.monotonic() + self.timeout
+            self.reply_bytes = 0
+            return super().getreply()
+
+    return Bounded
+
+
 def send(messages: list[EmailMessage], cfg, timeout: float, went: list[int]) -> None:
     """Send ``messages`` through one SMTP session, appending the index of each the server
     took to ``went``; a failure raises TransportError (exit 6) naming the server and what it
@@ -160,9 +230,9 @@ def send(messages: list[EmailMessage], cfg, timeout: float, went: list[int]) -> 
     context = ssl.create_default_context()
     try:
         if port == 465:
-            smtp = smtplib.SMTP_SSL(host, port, timeout=timeout, context=context)
+            smtp = _bounded(smtplib.SMTP_SSL)(host, port, timeout=timeout, context=context)
         else:
-            smtp = smtplib.SMTP(host, port, timeout=timeout)
+            smtp = _bounded(smtplib.SMTP)(host, port, timeout=timeout)
         with smtp:
             smtp.ehlo()
             if port != 465 and smtp.has_extn("starttls"):
@@ -212,6 +282,8 @@ def _reply(e: Exception) -> str:
     if isinstance(text, bytes):
         text = text.decode("utf-8", "replace")
     shown = " ".join(str(text).split())[:200]
+    if not code and not shown:  # SMTPServerDisconnected and the like: no reply, a reason
+        shown = " ".join(str(e).split())[:200]
     return f"{code} {shown}" if code else (shown or type(e).__name__)
 
 

@@ -181,3 +181,64 @@ def test_other_kdumps_dumps_are_not_mailed(tmp_path, dumps):
         cfg = load_config(_config(tmp_path, target, server))
         assert notify.run(cfg, str(tmp_path / "s.json")) == 2
         assert all("10.0.0.5" not in m.get_content() for m in server.received)
+
+
+class _HostileSmtp:
+    """A raw SMTP 'server' on loopback (a thread): ``endless`` greets, then answers EHLO
+    with continuation lines (``250-...``) without end, up to ``cap`` bytes; ``drip`` sends
+    its greeting a byte every 0.2 s. Counts what it managed to send."""
+
+    def __init__(self, mode: str, cap: int = 48 << 20) -> None:
+        import socket
+        import threading
+
+        from tests.servers.common import LOOPBACK
+
+        self.mode, self.cap, self.sent = mode, cap, 0
+        self.sock = socket.create_server((LOOPBACK, 0))
+        self.address = f"{LOOPBACK}:{self.sock.getsockname()[1]}"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        conn, _ = self.sock.accept()
+        with conn:
+            try:
+                if self.mode == "endless":
+                    conn.sendall(b"220 hostile ESMTP\r\n")
+                    conn.recv(1000)
+                    line = b"250-" + b"x" * 1000 + b"\r\n"
+                    while self.sent < self.cap:
+                        conn.sendall(line)
+                        self.sent += len(line)
+                else:
+                    for ch in b"220 a greeting sent very slowly, a byte at a time\r\n" * 4:
+                        conn.sendall(bytes([ch]))
+                        self.sent += 1
+                        time.sleep(0.2)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.mark.parametrize("mode", ["endless", "drip"])
+def test_a_hostile_smtp_server_is_bounded(tmp_path, dumps, mode):
+    """Each SMTP reply is bounded in size (REPLY_LIMIT) and time (the timeout): smtplib
+    alone read an endless multi-line reply into memory until the OOM killer came (24 GiB
+    in 9 minutes), and a server sending a byte a second held it past SIGTERM."""
+    server = _HostileSmtp(mode)
+    try:
+        conf = _config(tmp_path, dumps, server)
+        start = time.monotonic()
+        r = cli("notify", "--config", conf, "--state", str(tmp_path / "s.json"), timeout=120)
+        took = time.monotonic() - start
+    finally:
+        server.close()
+    assert r.rc == 6, r.out + r.err
+    if mode == "endless":
+        assert "a reply longer than 64 KiB" in r.err, r.err
+        assert server.sent < 8 << 20  # it stopped reading soon after 64 KiB
+    else:
+        assert "no whole reply within 5 s" in r.err, r.err
+        assert took < 20, took  # the greeting alone would take 40 s
