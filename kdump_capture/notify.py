@@ -64,6 +64,9 @@ def read_state(path: str) -> list[str] | None:
         return None
     except OSError as e:
         raise ConfigError(f"{path}: cannot read the notification state: {e.strerror}") from None
+    except ValueError as e:  # larger than STATE_LIMIT, or not a regular file (a FIFO)
+        log.warning("%s; not a notification state of ours; starting afresh", e)
+        return None
     try:
         doc = json.loads(data)
         sent = doc["sent"]

@@ -242,3 +242,20 @@ def test_a_hostile_smtp_server_is_bounded(tmp_path, dumps, mode):
     else:
         assert "no whole reply within 5 s" in r.err, r.err
         assert took < 20, took  # the greeting alone would take 40 s
+
+
+@pytest.mark.parametrize("kind", ["huge", "fifo"])
+def test_a_state_file_not_ours_starts_afresh(tmp_path, dumps, kind):
+    """A state file larger than STATE_LIMIT, or a FIFO in its place, is taken as a corrupt
+    one is (a warning, the first run's window): it was an internal error (exit 1) at every
+    boot, and no mail ever went."""
+    state = tmp_path / "notified.json"
+    if kind == "huge":
+        state.write_bytes(b" " * (notify.STATE_LIMIT + 1))
+    else:
+        os.mkfifo(state)
+    with smtpd(str(tmp_path)) as server:
+        r = cli("notify", "--config", _config(tmp_path, dumps, server), "--state", str(state))
+        assert r.rc == 0, r.err
+        assert "starting afresh" in r.err and len(server.received) == 2
+    assert stat.S_ISREG(state.lstat().st_mode) and notify.read_state(str(state))
