@@ -323,8 +323,52 @@ def find(cfg) -> tuple[str, list[Pending]]:
     return shown_host, found
 
 
+LOCK_WAIT = 300.0  # seconds a run waits for another to end
+
+
+def _one_at_a_time(state_path: str) -> int:
+    """A descriptor holding an exclusive flock(2) on ``STATE.lock`` (0600, never through a
+    link), so that two runs at once (the boot-time unit and an admin's) do not both mail
+    the same dumps. The kernel frees it when the process ends. ConfigError when another run
+    holds it for more than LOCK_WAIT seconds."""
+    import fcntl
+
+    from . import private
+
+    private.make_dir(os.path.dirname(os.path.abspath(state_path)))
+    path = state_path + ".lock"
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot open the notification lock: {e.strerror}") from None
+    deadline = time.monotonic() + LOCK_WAIT
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                os.close(fd)
+                raise ConfigError(
+                    f"{path}: another 'kdump-capture notify' has been running for more than "
+                    f"{LOCK_WAIT:.0f} s; nothing was mailed"
+                ) from None
+            time.sleep(0.2)
+        except OSError:
+            return fd  # no flock here: go on as before
+
+
 def run(cfg, state_path: str, now: float | None = None) -> int:
-    """Mail what is pending; returns how many were mailed."""
+    """Mail what is pending; returns how many were mailed. One run at a time (a second
+    waits, then mails only what the first did not)."""
+    held = _one_at_a_time(state_path)
+    try:
+        return _run(cfg, state_path, now)
+    finally:
+        os.close(held)
+
+
+def _run(cfg, state_path: str, now: float | None) -> int:
     now = time.time() if now is None else now
     sent = read_state(state_path)
     host, found = find(cfg)

@@ -259,3 +259,28 @@ def test_a_state_file_not_ours_starts_afresh(tmp_path, dumps, kind):
         assert r.rc == 0, r.err
         assert "starting afresh" in r.err and len(server.received) == 2
     assert stat.S_ISREG(state.lstat().st_mode) and notify.read_state(str(state))
+
+
+def test_two_runs_at_once_mail_each_dump_once(tmp_path, dumps):
+    """The boot-time unit and an admin's run at once: both read the state before either
+    wrote it, and each dump was mailed twice. One run at a time now (a lock beside the
+    state): the second waits and finds nothing new."""
+    import subprocess
+    import sys
+
+    from .helpers import ROOT
+
+    state = tmp_path / "notified.json"
+    with smtpd(str(tmp_path), delay=1.0) as server:
+        conf = _config(tmp_path, dumps, server)
+        env = dict(os.environ, PYTHONPATH=ROOT)
+        cmd = [sys.executable, "-m", "kdump_capture", "notify", "--config", conf]
+        runs = [
+            subprocess.Popen([*cmd, "--state", str(state)], env=env, stdout=subprocess.PIPE)
+            for _ in range(2)
+        ]
+        outs = [p.communicate(timeout=120)[0].decode() for p in runs]
+        assert [p.returncode for p in runs] == [0, 0], outs
+    assert len(server.received) == 2, outs
+    assert sum(o.count("mailed admin@example.org") for o in outs) == 2, outs
+    assert len(notify.read_state(str(state))) == 2

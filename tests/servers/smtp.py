@@ -4,6 +4,7 @@ STARTTLS, AUTH PLAIN/LOGIN) that keeps what it receives, for `kdump-capture noti
 ``tls``: STARTTLS with a certificate for 127.0.0.1 signed by a CA made here (``ca_file``;
 clients trust it through SSL_CERT_FILE). ``user``/``password``: AUTH is required, and only
 after STARTTLS (aiosmtpd's auth_require_tls). ``refuse``: every RCPT is answered 550.
+``delay``: seconds each DATA waits before its answer (a slow server).
 """
 
 from __future__ import annotations
@@ -36,9 +37,10 @@ class SmtpServer:
 
 
 class _Handler:
-    def __init__(self, server: SmtpServer, refuse: bool) -> None:
+    def __init__(self, server: SmtpServer, refuse: bool, delay: float = 0.0) -> None:
         self.server = server
         self.refuse = refuse
+        self.delay = delay
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):  # noqa: N802
         if self.refuse:
@@ -47,6 +49,10 @@ class _Handler:
         return "250 OK"
 
     async def handle_DATA(self, server, session, envelope):  # noqa: N802
+        if self.delay:
+            import asyncio
+
+            await asyncio.sleep(self.delay)
         self.server.envelopes.append((envelope.mail_from, list(envelope.rcpt_tos)))
         self.server.received.append(message_from_bytes(envelope.content, policy=policy.default))
         return "250 Message accepted"
@@ -54,7 +60,12 @@ class _Handler:
 
 @contextlib.contextmanager
 def smtpd(
-    workdir: str, tls: bool = False, user: str = "", password: str = "", refuse: bool = False
+    workdir: str,
+    tls: bool = False,
+    user: str = "",
+    password: str = "",
+    refuse: bool = False,
+    delay: float = 0.0,
 ) -> Iterator[SmtpServer]:
     from aiosmtpd.controller import Controller
     from aiosmtpd.smtp import AuthResult, LoginPassword
@@ -81,7 +92,7 @@ def smtpd(
 
         kwargs.update(authenticator=authenticator, auth_required=True, auth_require_tls=True)
     controller = Controller(
-        _Handler(server, refuse), hostname=LOOPBACK, port=port, ready_timeout=10, **kwargs
+        _Handler(server, refuse, delay), hostname=LOOPBACK, port=port, ready_timeout=10, **kwargs
     )
     controller.start()
     try:
