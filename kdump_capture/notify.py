@@ -137,6 +137,29 @@ def compose(host: str, p: Pending, sender: str, to: str, cc: list[str]) -> Email
     return msg
 
 
+def addresses(name: str, value: str) -> list[str]:
+    """The mail addresses in KDUMP_NOTIFICATION_TO or _CC: separated by blanks, commas or
+    line ends (SUSE's mailx takes a blank-separated list), or ``Name <addr>, ...``. A blank
+    between two addresses put only the first in the envelope (the other never mailed, while
+    the output said it was), and a line end was an internal error; anything that is not
+    one address is a ConfigError naming it."""
+    from email.utils import getaddresses
+
+    flat = " ".join(value.split())
+    if "<" in flat:
+        found = [a for _, a in getaddresses([flat])]
+    else:
+        found = flat.replace(",", " ").split()
+    for a in found:
+        local, at, domain = a.rpartition("@")
+        bad = not a or any(c in a for c in '<>()[]",;:\\') or not a.isprintable()
+        if bad or " " in a or (at and not (local and domain)):
+            raise ConfigError(f"{name}: {a or flat!r} is not a mail address")
+    if "<" in flat and not found:
+        raise ConfigError(f"{name}: no mail address in {flat!r}")
+    return found
+
+
 def smtp_server(value: str) -> tuple[str, int]:
     """(host, port) of KDUMP_SMTP_SERVER: ``host``, ``host:port`` or ``[v6]:port``."""
     value = value.strip() or "localhost"
@@ -370,6 +393,9 @@ def run(cfg, state_path: str, now: float | None = None) -> int:
 
 def _run(cfg, state_path: str, now: float | None) -> int:
     now = time.time() if now is None else now
+    if not addresses("KDUMP_NOTIFICATION_TO", cfg["KDUMP_NOTIFICATION_TO"]):  # before targets
+        raise ConfigError("KDUMP_NOTIFICATION_TO holds no mail address")
+    addresses("KDUMP_NOTIFICATION_CC", cfg["KDUMP_NOTIFICATION_CC"])
     sent = read_state(state_path)
     host, found = find(cfg)
     todo = pending(found, sent, now)
@@ -379,8 +405,8 @@ def _run(cfg, state_path: str, now: float | None) -> int:
             write_state(state_path, done)  # later runs use the longer window
         print("no new dumps to mail about")
         return 0
-    to = cfg["KDUMP_NOTIFICATION_TO"].strip()
-    cc = cfg["KDUMP_NOTIFICATION_CC"].split()
+    to = ", ".join(addresses("KDUMP_NOTIFICATION_TO", cfg["KDUMP_NOTIFICATION_TO"]))
+    cc = addresses("KDUMP_NOTIFICATION_CC", cfg["KDUMP_NOTIFICATION_CC"])
     sender = f"root@{host}"
     messages = [compose(host, p, sender, to, cc) for p in todo]
     went: list[int] = []

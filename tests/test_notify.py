@@ -284,3 +284,30 @@ def test_two_runs_at_once_mail_each_dump_once(tmp_path, dumps):
     assert len(server.received) == 2, outs
     assert sum(o.count("mailed admin@example.org") for o in outs) == 2, outs
     assert len(notify.read_state(str(state))) == 2
+
+
+def test_several_addresses_all_get_the_mail(tmp_path, dumps):
+    """KDUMP_NOTIFICATION_TO with blank-separated addresses (SUSE's mailx takes them so)
+    mailed only the first, while the output named them all; commas in _CC; a line end
+    that would start a header of its own is a config error (it was an internal error)."""
+    state = str(tmp_path / "s.json")
+    with smtpd(str(tmp_path)) as server:
+        conf = _config(
+            tmp_path,
+            dumps,
+            server,
+            KDUMP_NOTIFICATION_TO="admin@example.org oncall@example.org",
+            KDUMP_NOTIFICATION_CC="a@example.org, b@example.org",
+        )
+        r = cli("notify", "--config", conf, "--state", state)
+        assert r.rc == 0, r.err
+        assert len(server.received) == 2
+        everyone = ["admin@example.org", "oncall@example.org", "a@example.org", "b@example.org"]
+        assert server.envelopes[0][1] == everyone
+        assert server.received[0]["To"] == "admin@example.org, oncall@example.org"
+        bad = _config(
+            tmp_path, dumps, server, KDUMP_NOTIFICATION_TO="admin@example.org\nBcc: x@example.org"
+        )
+        r = cli("notify", "--config", bad, "--state", str(tmp_path / "t.json"))
+        assert r.rc == 2 and "KDUMP_NOTIFICATION_TO: 'Bcc:' is not a mail address" in r.err
+        assert len(server.received) == 2
