@@ -122,3 +122,44 @@ def test_status_shows_this_hosts_newest_dump_on_a_network_target(request, tmp_pa
     [line] = [ln for ln in r.out.splitlines() if ln.startswith("last dump:")]
     assert "2025-12-06 03:00:00 UTC" in line and "(complete" in line, line
     assert line.startswith(f"last dump:   {target.url.split('@')[0]}"), line
+
+
+def test_a_check_stopped_by_sigterm_deletes_its_probe(tmp_path):
+    """`timeout 30 kdump-capture check --write-test` (or systemd) stops it with SIGTERM:
+    it died at once, without a word, and left its .kdump-capture-check-* directory on the
+    server for good. Now SIGTERM ends it as Ctrl-C does: exit 130, the probe deleted."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.servers.ftp import pyftpd
+    from tests.servers.proxy import DropProxy
+
+    from .helpers import ROOT
+
+    root = tmp_path / "root"
+    with pyftpd(str(tmp_path), str(root)) as server:
+        (root / "crash").mkdir()
+        proxy = DropProxy(server.port, ftp=True, rate=400)  # slow: the probe takes seconds
+        try:
+            url = f"ftp://{server.user}:{server.password}@127.0.0.1:{proxy.port}/crash"
+            p = subprocess.Popen(
+                [sys.executable, "-m", "kdump_capture", "check", "--config", "/nonexistent"]
+                + ["--set", f"KDUMP_SAVEDIR={url}", "--write-test"],
+                env=dict(os.environ, PYTHONPATH=ROOT),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            deadline = time.monotonic() + 60
+            while not os.listdir(root / "crash") and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert os.listdir(root / "crash"), "the probe never began"
+            p.send_signal(signal.SIGTERM)
+            out, err = p.communicate(timeout=120)
+        finally:
+            proxy.close()
+        assert p.returncode == 130, out + err
+        assert "interrupted by signal 15" in err
+        assert os.listdir(root / "crash") == []

@@ -176,7 +176,14 @@ def cmd_check(args: argparse.Namespace) -> int:
     if warning:
         r.warnings.append(warning)
     if not args.no_targets:
+        import signal
+
+        from ..cli import _on_term
         from .targets import probe_targets
+
+        # A SIGTERM (a timeout's, systemd's) ends a probe as Ctrl-C does: its test
+        # directory is deleted on the way out, not left on the target.
+        signal.signal(signal.SIGTERM, _on_term)
 
         reports = probe_targets(cfg, args.write_test)
         r.targets = [t.line() for t in reports]

@@ -13,12 +13,15 @@ What it cannot tell: the capture kernel reaches the target through its own netwo
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from ..errors import KdumpError
+from ..errors import Interrupted, KdumpError
+
+log = logging.getLogger(__name__)
 
 PROBE_PREFIX = ".kdump-capture-check-"
 PROBE_DATA = b"kdump-capture check: this file is deleted at once\n"
@@ -64,6 +67,8 @@ def probe_target(target, settings, write: bool) -> TargetReport:
             free = tr.free_space("")
             if write:
                 _write_test(tr)
+    except Interrupted:
+        raise  # SIGTERM: the probe's directory is gone (_write_test), the other targets wait
     except KdumpError as e:
         return TargetReport(shown, str(e))
     except OSError as e:  # a transport that let one through: still the target's answer
@@ -73,8 +78,10 @@ def probe_target(target, settings, write: bool) -> TargetReport:
 
 def _write_test(tr) -> None:
     name = f"{PROBE_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
-    tr.makedir(name)
     try:
+        # Inside the try: a signal while waiting for the reply to the mkdir leaves the
+        # directory made on the server all the same.
+        tr.makedir(name)
         sink = tr.create(f"{name}/probe")
         try:
             sink.write(PROBE_DATA)
@@ -87,8 +94,13 @@ def _write_test(tr) -> None:
             raise KdumpError(
                 f"{tr.describe()}: the test file read back differs from what was written"
             )
-    finally:
-        tr.remove_tree(name)
+    except BaseException:
+        try:
+            tr.remove_tree(name)
+        except (KdumpError, OSError) as e:  # the first error is the one to report
+            log.warning("%s/%s: the test directory may be left there: %s", tr.describe(), name, e)
+        raise
+    tr.remove_tree(name)
 
 
 def probe_targets(cfg: Mapping[str, str], write: bool) -> list[TargetReport]:
