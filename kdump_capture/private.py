@@ -121,15 +121,19 @@ def remove_leftovers(path: str) -> list[str]:
     killed (``path.tmp.PID.RAND``: they may hold what ``path`` holds, a password or a key).
     Only regular files of ours are removed, never through a link; call it while holding
     the directory (``dir_lock``), when no writer of ours can be at work there."""
+    import re
+
     directory, base = os.path.split(os.path.abspath(path))
-    prefix = f"{base}.tmp."
+    # Exactly write_file's names: an admin's "initrd.img.tmp.old" beside the image (in
+    # /boot with --output) is not ours to delete.
+    ours = re.compile(re.escape(base) + r"\.tmp\.[0-9]+\.[0-9a-f]{8}")
     removed = []
     try:
         names = os.listdir(directory)
     except OSError:
         return removed
     for name in names:
-        if not name.startswith(prefix):
+        if not ours.fullmatch(name):
             continue
         full = os.path.join(directory, name)
         try:

@@ -149,13 +149,17 @@ def test_what_a_killed_build_left_goes_with_the_next_build(tmp_path):
     left_record.write_bytes(b"{}")
     other = tmp_path / "other"
     other.write_bytes(b"not ours to delete")
-    link = out.parent / "initrd.img.tmp.1.link"
+    link = out.parent / "initrd.img.tmp.1.0000abcd"
     link.symlink_to(other)
+    # an admin's copy under a name that only begins like ours (with --output in /boot)
+    kept = out.parent / "initrd.img.tmp.before-upgrade"
+    kept.write_bytes(b"the admin's")
     build_image(CFG, out, tmp_path)
     assert not left.exists() and not left_record.exists()
     assert other.read_bytes() == b"not ours to delete" and link.is_symlink()
+    assert kept.read_bytes() == b"the admin's"
     assert sorted(p.name for p in out.parent.iterdir()) == sorted(
-        [out.name, "initrd.img.inputs.json", link.name]
+        [out.name, "initrd.img.inputs.json", link.name, kept.name]
     )
 
 
