@@ -25,6 +25,7 @@ from pathlib import Path
 from kdump_capture import config, heartbeat, private
 from kdump_capture.bounds import read_small_file
 from kdump_capture.errors import ConfigError, LoadError, NotSupported, TargetSettingError
+from kdump_capture.features import network_needed
 from kdump_capture.identity import local_identity
 from kdump_capture.load import rebuild
 from kdump_capture.urls import Target, parse_savedir, quote
@@ -214,10 +215,6 @@ def finish_actions(cfg: Mapping[str, str]) -> tuple[str, str]:
     success = "reboot" if reboot else "shell"
     failure = "reboot" if is_true(cfg["KDUMP_CONTINUE_ON_ERROR"]) else "shell"
     return success, failure
-
-
-def network_needed(scheme: str, runlevel: str) -> bool:
-    return scheme != "file" or runlevel.strip() in ("3", "5")
 
 
 @dataclass(frozen=True)

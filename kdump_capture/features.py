@@ -77,6 +77,13 @@ def check_supported(cfg) -> None:
     check_unsupported(cfg)
 
 
+def network_needed(scheme: str, runlevel: str) -> bool:
+    """Whether the capture image brings up the network for a target of ``scheme``
+    (KDUMP_RUNLEVEL 3 or 5 asks for it whatever the target). Here, not in the builder: the
+    load commands ask it in a first kernel that runs from a capture image's runtime."""
+    return scheme != "file" or runlevel.strip() in ("3", "5")
+
+
 def check_network_options(cfg) -> None:
     """NotSupported for an ``ip=DEV:...`` or ``ip=ADDR::GW:MASK:...`` in KDUMP_COMMANDLINE or
     KDUMP_COMMANDLINE_APPEND where the capture image brings up the network.
@@ -87,8 +94,6 @@ def check_network_options(cfg) -> None:
     target lost the dump. ``ip=dhcp`` (or ``on``, ``any``, ``off``, ``none``, with no ``:``)
     asks for nothing our DHCP does not do, or for no network.
     """
-    from initramfs.builder import network_needed
-
     from .load.kexec import _key, kernel_words
 
     if cfg["KDUMP_DUMPDEV"].strip():

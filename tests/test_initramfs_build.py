@@ -298,6 +298,28 @@ def test_packed_python_runs_from_pyc_only(built):
     assert r.stdout.split() == ["hello", "/usr", "e3b0c442"]
 
 
+def test_the_load_commands_run_from_the_packed_runtime(built):
+    """The VM tests' first kernel runs `kdump-capture load --initrd` from a capture image's
+    runtime, which has no builder: a check that imported initramfs.builder for one helper
+    made every VM cycle fail ("No module named 'initramfs.builder'")."""
+    _report, _out, tree, _names, _raw = built
+    code = (
+        "from kdump_capture import features\n"
+        "from kdump_capture.config import load_config\n"
+        "cfg = load_config(None, ['KDUMP_SAVEDIR=ftp://h/d', 'KDUMP_COMMANDLINE_APPEND=quiet'])\n"
+        "features.check_supported(cfg)\n"
+        "import kdump_capture.load.commands, kdump_capture.load.system\n"
+        "print('ok')\n"
+    )
+    r = subprocess.run(
+        [CHROOT, str(tree), "/usr/bin/python3", "-I", "-c", code],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin"},
+    )
+    assert (r.returncode, r.stdout.strip()) == (0, "ok"), r.stderr
+
+
 def test_pure_modules_come_deflated_from_the_zip(built):
     """.pyc files of the stdlib and of pure packages live in python311.zip (a third of their
     size in RAM), compiled without docstrings and column tables; no progress bar, no
