@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import calendar
 import json
+import logging
 import re
 import time
 from dataclasses import asdict, dataclass
@@ -23,6 +24,8 @@ from . import manifest, policy
 from .errors import ConnectionLost, KdumpError, TransportError
 from .report import AGE_SUFFIX, MANIFEST
 from .summary import CrashSummary, clean
+
+log = logging.getLogger(__name__)
 
 # Crash times shown: 2000-01-01 to 2100-01-01 (anything else is not a time we wrote).
 TIME_RANGE = (946684800, 4102444800)
@@ -278,3 +281,50 @@ def _fill(item: Listed, doc: dict, host: str | None) -> None:
 
 def as_json(items: list[Listed]) -> str:
     return json.dumps([asdict(i) for i in items], indent=2)
+
+
+@dataclass
+class OwnDump:
+    """One of this host's dumps on a target (``own_dumps``): the target's URL without its
+    password, and the dump's line."""
+
+    target: str
+    item: Listed
+
+    @property
+    def key(self) -> str:
+        return f"{self.target}|{self.item.directory}"
+
+
+def own_dumps(cfg) -> tuple[str, list[OwnDump]]:
+    """This host's name and its dumps of ours on every KDUMP_SAVEDIR target, read as
+    ``list`` reads them (``status`` and ``notify``; a target that fails is a warning: the
+    others are still looked at). Kept here, without mail: ``status`` runs in a first kernel
+    from a capture image's runtime, which has no smtplib or email."""
+    from transports import open_transport
+
+    from .cli import transport_settings
+    from .identity import host_identity, local_identity
+
+    configured = cfg["KDUMP_HOSTNAME"] or local_identity()
+    settings = transport_settings(cfg, replay_bytes=4 << 20, read_only=True)
+    found: list[OwnDump] = []
+    shown_host = configured or "this host"
+    for target in cfg.savedir:
+        shown = target.redacted()
+        try:
+            host = None if target.scheme == "file" else host_identity(target, configured)
+            with open_transport(target, settings) as tr:
+                items = list_dumps(tr)
+        except KdumpError as e:
+            log.warning("%s: cannot look for dumps: %s", shown, e)
+            continue
+        if host:
+            shown_host = host
+        # Only our own dumps of this host: `list` also shows other kdumps' directories.
+        found += [
+            OwnDump(shown, i)
+            for i in items
+            if policy.parse_dump_name(i.directory) is not None and (host is None or i.host == host)
+        ]
+    return shown_host, found

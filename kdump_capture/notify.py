@@ -27,12 +27,11 @@ import logging
 import os
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
 from email.message import EmailMessage
 
-from . import policy
-from .errors import ConfigError, KdumpError, TransportError
-from .fleet import Listed
+from .errors import ConfigError, TransportError
+from .fleet import OwnDump as Pending
+from .fleet import own_dumps as find
 
 log = logging.getLogger(__name__)
 
@@ -42,16 +41,6 @@ WINDOW_DAYS = 30
 KEEP_SENT = 1000  # names remembered (oldest go first)
 STATE_LIMIT = 1 << 20
 REPLY_LIMIT = 64 << 10  # bytes of one SMTP reply (a real server's longest, EHLO, is < 1 KiB)
-
-
-@dataclass
-class Pending:
-    target: str  # redacted URL of the target
-    item: Listed
-
-    @property
-    def key(self) -> str:
-        return f"{self.target}|{self.item.directory}"
 
 
 def read_state(path: str) -> list[str] | None:
@@ -311,39 +300,6 @@ def _reply(e: Exception) -> str:
     if not code and not shown:  # SMTPServerDisconnected and the like: no reply, a reason
         shown = " ".join(str(e).split())[:200]
     return f"{code} {shown}" if code else (shown or type(e).__name__)
-
-
-def find(cfg) -> tuple[str, list[Pending]]:
-    """This host's name and its dumps on every target (a target that fails is a warning:
-    the others are still looked at)."""
-    from transports import open_transport
-
-    from .cli import transport_settings
-    from .fleet import list_dumps
-    from .identity import host_identity, local_identity
-
-    configured = cfg["KDUMP_HOSTNAME"] or local_identity()
-    settings = transport_settings(cfg, replay_bytes=4 << 20, read_only=True)
-    found: list[Pending] = []
-    shown_host = configured or "this host"
-    for target in cfg.savedir:
-        shown = target.redacted()
-        try:
-            host = None if target.scheme == "file" else host_identity(target, configured)
-            with open_transport(target, settings) as tr:
-                items = list_dumps(tr)
-        except KdumpError as e:
-            log.warning("%s: cannot look for dumps: %s", shown, e)
-            continue
-        if host:
-            shown_host = host
-        # Only our own dumps of this host: `list` also shows other kdumps' directories.
-        found += [
-            Pending(shown, i)
-            for i in items
-            if policy.parse_dump_name(i.directory) is not None and (host is None or i.host == host)
-        ]
-    return shown_host, found
 
 
 LOCK_WAIT = 300.0  # seconds a run waits for another to end

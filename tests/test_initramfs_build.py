@@ -318,6 +318,16 @@ def test_the_load_commands_run_from_the_packed_runtime(built):
         env={"PATH": "/usr/bin"},
     )
     assert (r.returncode, r.stdout.strip()) == (0, "ok"), r.stderr
+    # `status` (the first kernel prints it): it reads the targets as `list` does, and once
+    # did so through notify, which imports email: "No module named 'email'"
+    r = subprocess.run(
+        [CHROOT, str(tree), "/usr/bin/python3", "-I", "-m", "kdump_capture", "status"]
+        + ["--config", "/dev/null", "--set", "KDUMP_SAVEDIR=file:///tmp/none"],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin"},
+    )
+    assert "last dump:   none" in r.stdout and "internal error" not in r.stderr, r.stderr
 
 
 def test_pure_modules_come_deflated_from_the_zip(built):

@@ -303,7 +303,7 @@ def last_dump(cfg) -> str:
     read-only, within KDUMP_NET_TIMEOUT per operation), or why there is none."""
     import time
 
-    from ..notify import find
+    from ..fleet import own_dumps as find
 
     try:
         _host, found = find(cfg)
