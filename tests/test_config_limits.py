@@ -136,16 +136,22 @@ def test_load_command_names_the_load():
 # --- load-side features this build does not implement ------------------------------------------
 
 
+def _load_side(tmp_path, command: list[str], config: str):
+    """A load-side command (check, load, initramfs build --output IMAGE) with ``config``:
+    (config file, image path, its run)."""
+    conf = tmp_path / "kdump"
+    conf.write_text(config)
+    image = tmp_path / "initrd.img"
+    if command[-1] == "--output":
+        command = [*command, str(image)]
+    return conf, image, cli(*command, "--config", str(conf))
+
+
 @pytest.mark.parametrize("setting", ["KDUMP_UPDATE_BOOTLOADER=yes", "KDUMP_CRASHKERNEL=256M,high"])
 @pytest.mark.parametrize("command", [["check"], ["load"], ["initramfs", "build", "--output"]])
 def test_bootloader_and_crashkernel_are_refused_on_the_load_side(tmp_path, setting, command):
     """Refused (exit 9) before anything happens; nothing is built or loaded."""
-    conf = tmp_path / "kdump"
-    conf.write_text(f"# ours\n{setting}\n")
-    image = tmp_path / "initrd.img"
-    if command[-1] == "--output":
-        command = [*command, str(image)]
-    r = cli(*command, "--config", str(conf))
+    conf, image, r = _load_side(tmp_path, command, f"# ours\n{setting}\n")
     assert r.rc == 9, r.err
     name = setting.split("=")[0]
     assert f"kdump-capture: error: {conf}:2: {name}: " in r.err and "not supported" in r.err
@@ -177,12 +183,8 @@ def test_a_dump_format_this_build_cannot_write_is_refused_before_the_crash(tmp_p
     """KDUMP_DUMPFORMAT=snappy (accepted by the configuration, as SUSE lists it) passed
     `check` and `load` and was refused only by the writer in the capture kernel, exit 9 with
     no dump saved. It is refused where the other features this build lacks are."""
-    conf = tmp_path / "kdump"
-    conf.write_text(f"KDUMP_SAVEDIR=file://{tmp_path}/d\nKDUMP_DUMPFORMAT=snappy\n")
-    image = tmp_path / "initrd.img"
-    if command[-1] == "--output":
-        command = [*command, str(image)]
-    r = cli(*command, "--config", str(conf))
+    text = f"KDUMP_SAVEDIR=file://{tmp_path}/d\nKDUMP_DUMPFORMAT=snappy\n"
+    conf, image, r = _load_side(tmp_path, command, text)
     assert r.rc == 9, r.err
     assert f"kdump-capture: error: {conf}:2: KDUMP_DUMPFORMAT: " in r.err and "snappy" in r.err
     assert not image.exists()

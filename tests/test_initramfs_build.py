@@ -75,17 +75,28 @@ def fake_modules_root(base: Path, suffixes: dict[str, str] | None = None) -> Pat
     return root
 
 
-def build_image(cfg, out, base: Path, **kw) -> builder.BuildReport:
-    """``initramfs build`` for the test kernel version, its fake modules made under ``base``,
-    and a local target on an ext4 file system labelled "crash"."""
+def build_image(cfg, out, base: Path, root: Path | None = None, **kw) -> builder.BuildReport:
+    """``initramfs build`` for the test kernel version, its fake modules made under ``base``
+    (or those in ``root``), and a local target on a file system labelled "crash" (ext4
+    unless ``target_fstype`` says)."""
+    kw.setdefault("target_fstype", "ext4")
     return builder.build(
         cfg,
         str(out),
         kernel_version=KVER,
-        modules_root=str(fake_modules_root(base)),
+        modules_root=str(root or fake_modules_root(base)),
         target_device="LABEL=crash",
-        target_fstype="ext4",
         **kw,
+    )
+
+
+def _packed_python(tree, *args: str) -> subprocess.CompletedProcess:
+    """The image's own interpreter, run in the unpacked image (chroot), isolated."""
+    return subprocess.run(
+        [CHROOT, str(tree), "/usr/bin/python3", "-I", *args],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin"},
     )
 
 
@@ -212,14 +223,7 @@ def test_compressed_modules_are_packed_as_the_elf_files_the_kernel_loads(tmp_pat
     suffixes = {"virtio_ring": ".zst", "virtio": ".gz", "virtio_blk": ".xz"}
     out = tmp_path / "initrd.img"
     root = fake_modules_root(tmp_path, suffixes)
-    builder.build(
-        CFG,
-        str(out),
-        kernel_version=KVER,
-        modules_root=str(root),
-        target_device="LABEL=crash",
-        target_fstype="ext4",
-    )
+    build_image(CFG, out, tmp_path, root)
     raw = zstandard.ZstdDecompressor().stream_reader(out.read_bytes()).read()
     tree = tmp_path / "tree"
     tree.mkdir()
@@ -244,14 +248,7 @@ def test_an_ext3_target_gets_the_ext4_module_that_mounts_it(tmp_path):
     (root / "modules.builtin").write_text("kernel/fs/vfat/vfat.ko\n")
     (root / "modules.alias").write_text("alias fs-ext4 ext4\nalias fs-ext3 ext4\n")
     out = tmp_path / "initrd.img"
-    report = builder.build(
-        CFG,
-        str(out),
-        kernel_version=KVER,
-        modules_root=str(root),
-        target_device="LABEL=crash",
-        target_fstype="ext3",
-    )
+    report = build_image(CFG, out, tmp_path, root, target_fstype="ext3")
     assert "ext4" in report.kernel_modules
 
 
@@ -288,12 +285,7 @@ def test_packed_python_runs_from_pyc_only(built):
         "import sys, hashlib, transports.file, kdump_capture.urls;"
         "print('hello', sys.prefix, hashlib.sha256(b'').hexdigest()[:8])"
     )
-    r = subprocess.run(
-        [CHROOT, str(tree), "/usr/bin/python3", "-I", "-c", code],
-        capture_output=True,
-        text=True,
-        env={"PATH": "/usr/bin"},
-    )
+    r = _packed_python(tree, "-c", code)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["hello", "/usr", "e3b0c442"]
 
@@ -311,21 +303,19 @@ def test_the_load_commands_run_from_the_packed_runtime(built):
         "import kdump_capture.load.commands, kdump_capture.load.system\n"
         "print('ok')\n"
     )
-    r = subprocess.run(
-        [CHROOT, str(tree), "/usr/bin/python3", "-I", "-c", code],
-        capture_output=True,
-        text=True,
-        env={"PATH": "/usr/bin"},
-    )
+    r = _packed_python(tree, "-c", code)
     assert (r.returncode, r.stdout.strip()) == (0, "ok"), r.stderr
     # `status` (the first kernel prints it): it reads the targets as `list` does, and once
     # did so through notify, which imports email: "No module named 'email'"
-    r = subprocess.run(
-        [CHROOT, str(tree), "/usr/bin/python3", "-I", "-m", "kdump_capture", "status"]
-        + ["--config", "/dev/null", "--set", "KDUMP_SAVEDIR=file:///tmp/none"],
-        capture_output=True,
-        text=True,
-        env={"PATH": "/usr/bin"},
+    r = _packed_python(
+        tree,
+        "-m",
+        "kdump_capture",
+        "status",
+        "--config",
+        "/dev/null",
+        "--set",
+        "KDUMP_SAVEDIR=file:///tmp/none",
     )
     assert "last dump:   none" in r.stdout and "internal error" not in r.stderr, r.stderr
 
@@ -357,12 +347,7 @@ def test_pure_modules_come_deflated_from_the_zip(built):
         "from kdump_capture import speedups\n"
         "print(speedups.describe().split(' (')[0], speedups.module().__file__)\n"
     )
-    r = subprocess.run(
-        [CHROOT, str(tree), "/usr/bin/python3", "-I", "-c", code],
-        capture_output=True,
-        text=True,
-        env={"PATH": "/usr/bin"},
-    )
+    r = _packed_python(tree, "-c", code)
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines() == [
         "/usr/lib/python311.zip/kdump_capture/urls.pyc None None",
@@ -378,17 +363,8 @@ def test_pure_modules_come_deflated_from_the_zip(built):
 
 def test_init_imports_resolve_in_the_packed_runtime(built):
     _report, _out, tree, _names, _raw = built
-    r = subprocess.run(
-        [
-            CHROOT,
-            str(tree),
-            "/usr/bin/python3",
-            "-I",
-            "-c",
-            "import ctypes, fcntl, json, random, socket, struct; print('ok')",
-        ],
-        capture_output=True,
-        text=True,
+    r = _packed_python(
+        tree, "-c", "import ctypes, fcntl, json, random, socket, struct; print('ok')"
     )
     assert r.stdout.strip() == "ok", r.stderr
 
@@ -623,12 +599,7 @@ def test_xxhash_is_packed_and_works_only_with_xxh3(built, tmp_path):
     )
 
     def run(tree: Path) -> str:
-        r = subprocess.run(
-            [CHROOT, str(tree), "/usr/bin/python3", "-I", "-c", code],
-            capture_output=True,
-            text=True,
-            env={"PATH": "/usr/bin"},
-        )
+        r = _packed_python(tree, "-c", code)
         assert r.returncode == 0, r.stderr
         return r.stdout.strip()
 
@@ -711,13 +682,7 @@ def test_a_dump_device_image_packs_what_the_device_needs(tmp_path):
     assert not [n for n in names if "paramiko" in n or n.startswith("root/.ssh")]
     conf = (tree / "etc/sysconfig/kdump").read_text()
     assert "KDUMP_DUMPDEV='/dev/vdb'\n" in conf
-    r = subprocess.run(
-        [CHROOT, str(tree), "/usr/bin/python3", "-I", "-c"]
-        + ["import kdump_capture.cli, kdump_capture.dumpdev; print('ok')"],
-        capture_output=True,
-        text=True,
-        env={"PATH": "/usr/bin"},
-    )
+    r = _packed_python(tree, "-c", "import kdump_capture.cli, kdump_capture.dumpdev; print('ok')")
     assert r.stdout.strip() == "ok", r.stderr
     assert "dump device /dev/vdb" in report.extras
 
