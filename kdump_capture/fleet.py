@@ -142,13 +142,25 @@ def _stamp_time(stamp: str) -> int | None:
         return None
 
 
-def list_dumps(transport: Transport) -> list[Listed]:
-    """Every dump directory on the target (all hosts), newest crash first."""
+# ``list_dumps``'s ``only`` when every host's dumps are wanted (``list``).
+ALL_HOSTS = object()
+
+
+def list_dumps(transport: Transport, only: str | None | object = ALL_HOSTS) -> list[Listed]:
+    """Every dump directory on the target (all hosts), newest crash first.
+
+    ``only``: only that host's dumps of ours (None: the unprefixed names of a local
+    target, as the save names them), filtered by name before anything else is listed or
+    read: ``status`` and ``notify`` need this host's few dumps, and on a target shared by
+    a fleet reading every other host's manifest took a request or more per dump
+    (minutes at a boot for thousands of dumps)."""
     out: list[Listed] = []
     for entry in transport.listdir(""):
         if not entry.is_dir:
             continue  # files, and links (never listed as directories)
         parsed = policy.parse_dump_name(entry.name)
+        if only is not ALL_HOSTS and (parsed is None or parsed[0] != only):
+            continue
         if parsed is None:
             other = _other_kdump(transport, entry.name)
             if other is not None:
@@ -315,16 +327,13 @@ def own_dumps(cfg) -> tuple[str, list[OwnDump]]:
         try:
             host = None if target.scheme == "file" else host_identity(target, configured)
             with open_transport(target, settings) as tr:
-                items = list_dumps(tr)
+                # Only this host's dumps of ours, chosen by name before anything is read:
+                # not other hosts' (a fleet's target), nor other kdumps' directories.
+                items = list_dumps(tr, host)
         except KdumpError as e:
             log.warning("%s: cannot look for dumps: %s", shown, e)
             continue
         if host:
             shown_host = host
-        # Only our own dumps of this host: `list` also shows other kdumps' directories.
-        found += [
-            OwnDump(shown, i)
-            for i in items
-            if policy.parse_dump_name(i.directory) is not None and (host is None or i.host == host)
-        ]
+        found += [OwnDump(shown, i) for i in items]
     return shown_host, found

@@ -5,8 +5,9 @@ capture kernel (``kdump-notify.service``): the capture kernel has one chance and
 server of its own, and a mail is no use before the machine is back. So does this command,
 run at boot by ``kdump-capture-notify.service`` after the dump device is recovered.
 
-For every ``KDUMP_SAVEDIR`` target it lists this host's dumps (``fleet.list_dumps``: every
-manifest read bounded and cleaned, as ``list`` does) and mails ``KDUMP_NOTIFICATION_TO``
+For every ``KDUMP_SAVEDIR`` target it lists this host's dumps (``fleet.list_dumps``: only
+the directories named as this host's are looked into, every manifest read bounded and
+cleaned, as ``list`` does) and mails ``KDUMP_NOTIFICATION_TO``
 (and ``KDUMP_NOTIFICATION_CC``) one message per dump not mailed before: its status, crash
 time, kernel, panic line and where it lies (the URL without its password). What was mailed
 is recorded in a state file (0600), so each dump is mailed once; a dump the mail server did

@@ -311,3 +311,60 @@ def test_several_addresses_all_get_the_mail(tmp_path, dumps):
         r = cli("notify", "--config", bad, "--state", str(tmp_path / "t.json"))
         assert r.rc == 2 and "KDUMP_NOTIFICATION_TO: 'Bcc:' is not a mail address" in r.err
         assert len(server.received) == 2
+
+
+@pytest.mark.parametrize("kind", ["file", "sftp", "ftp", "cifs", "s3"])
+def test_status_and_notify_read_only_this_hosts_dumps(kind, request, tmp_path, monkeypatch):
+    """On a target shared by a fleet, `status` and `notify` (at every boot) need this
+    host's dumps only: they read every host's manifest, a request or more per dump (5,000
+    other hosts' dumps over SFTP on loopback: 5,003 listings, 5,002 reads, 19 s; minutes
+    over a WAN). Only the root and this host's own directories are listed and read now;
+    `list` still shows every host's."""
+    from kdump_capture import fleet
+    from kdump_capture.load.commands import last_dump
+    from tests.servers.targets import make_target
+    from tests.test_list import _manifest, _plant
+    from tests.test_save_network import write_config
+
+    target = make_target(kind, request)
+    now = int(time.time())
+    # a file target's names carry no host (the save's own): other hosts' have a prefix
+    me = None if kind == "file" else "me"
+    mine = [f"{me + '-' if me else ''}2026-01-0{i}-00-00-00" for i in (1, 2)]
+    others = [f"h{i}-2026-02-01-00-00-{i:02d}" for i in range(12)]
+    with target.transport() as tr:
+        for i, name in enumerate(mine):
+            _plant(tr, name, {"manifest.json": _manifest(crash_time=now - 7200 + i * 3600)})
+        for name in others:  # newer crashes than ours
+            _plant(tr, name, {"manifest.json": _manifest(crash_time=now - 60)})
+        _plant(tr, "h1-2026-02-02-00-00-00", {"manifest.json": b"[" * 100000})
+        # another kdump's dump: `list` shows it, it is never ours
+        stamp = time.strftime("%Y%m%d%H%M")
+        _plant(tr, f"10.0.0.5-{stamp}", {f"dump.{stamp}": b"x"})
+        everyone = fleet.list_dumps(tr)
+        cls = type(tr)
+    assert len(everyone) == len(mine) + len(others) + 2
+    conf = write_config(
+        tmp_path / "kdump", target, KDUMP_HOSTNAME="me", KDUMP_NOTIFICATION_TO="a@example.org"
+    )
+    cfg = load_config(conf)
+    touched: list[tuple[str, str]] = []
+    listdir, read = cls.listdir, cls.read
+
+    def counted_listdir(self, relpath="", *a, **k):
+        touched.append(("listdir", relpath))
+        return listdir(self, relpath, *a, **k)
+
+    def counted_read(self, relpath, *a, **k):
+        touched.append(("read", relpath))
+        return read(self, relpath, *a, **k)
+
+    monkeypatch.setattr(cls, "listdir", counted_listdir)
+    monkeypatch.setattr(cls, "read", counted_read)
+    host, found = notify.find(cfg)
+    assert sorted(p.item.directory for p in found) == mine
+    assert {p for _, p in touched} == {"", *mine, *(f"{d}/manifest.json" for d in mine)}
+    touched.clear()
+    shown = last_dump(cfg)
+    assert f"/{mine[1]} (complete, " in shown, shown
+    assert {p.partition("/")[0] for _, p in touched} == {"", *mine}
