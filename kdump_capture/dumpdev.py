@@ -31,7 +31,6 @@ read back is untrusted (the device may hold anything): every field is checked
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
 import logging
 import os
@@ -623,18 +622,16 @@ def hold_device(path: str) -> int:
     """A descriptor of ``path`` holding an exclusive flock(2) on it while ``recover`` copies
     the dump: two at once (the boot-time unit and an admin) each copied it. The kernel
     drops the lock when the process ends. Close the descriptor to let go."""
+    from .private import flock_wait
+
     fd = open_device(path, path)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise DumpDeviceError(
-            f"{path}: another 'kdump-capture recover' is copying this device's dump right "
-            "now; nothing was done (run it again when that one has ended)"
-        ) from None
-    except OSError:
-        pass  # no flock here: go on as before
-    return fd
+    if flock_wait(fd, 0):
+        return fd
+    os.close(fd)
+    raise DumpDeviceError(
+        f"{path}: another 'kdump-capture recover' is copying this device's dump right "
+        "now; nothing was done (run it again when that one has ended)"
+    )
 
 
 def read_header(path: str) -> DeviceHeader | None:

@@ -311,8 +311,6 @@ def _one_at_a_time(state_path: str) -> int:
     link), so that two runs at once (the boot-time unit and an admin's) do not both mail
     the same dumps. The kernel frees it when the process ends. ConfigError when another run
     holds it for more than LOCK_WAIT seconds."""
-    import fcntl
-
     from . import private
 
     private.make_dir(os.path.dirname(os.path.abspath(state_path)))
@@ -321,21 +319,13 @@ def _one_at_a_time(state_path: str) -> int:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     except OSError as e:
         raise ConfigError(f"{path}: cannot open the notification lock: {e.strerror}") from None
-    deadline = time.monotonic() + LOCK_WAIT
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return fd
-        except BlockingIOError:
-            if time.monotonic() > deadline:
-                os.close(fd)
-                raise ConfigError(
-                    f"{path}: another 'kdump-capture notify' has been running for more than "
-                    f"{LOCK_WAIT:.0f} s; nothing was mailed"
-                ) from None
-            time.sleep(0.2)
-        except OSError:
-            return fd  # no flock here: go on as before
+    if private.flock_wait(fd, LOCK_WAIT):
+        return fd
+    os.close(fd)
+    raise ConfigError(
+        f"{path}: another 'kdump-capture notify' has been running for more than "
+        f"{LOCK_WAIT:.0f} s; nothing was mailed"
+    )
 
 
 def run(cfg, state_path: str, now: float | None = None) -> int:

@@ -78,6 +78,23 @@ def write_file(path: str, data: bytes) -> None:
         os.close(dfd)
 
 
+def flock_wait(fd: int, timeout: float) -> bool:
+    """Take an exclusive flock(2) on ``fd``, waiting up to ``timeout`` seconds for another
+    holder; False when it is still held then. Where flock is refused for another reason
+    (a filesystem without it), True: go on as if there were no lock."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.1)
+        except OSError:
+            return True
+
+
 # Directories this process holds (dir_lock is reentrant: ``load`` holds the image's
 # directory while the builder it calls publishes into it).
 _HELD: dict[str, int] = {}
@@ -95,18 +112,11 @@ def dir_lock(path: str, timeout: float = 600.0, what: str = "") -> Iterator[None
         return
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(
-                        f"{path} is held by another process of ours ({what or 'a build'}) "
-                        f"for more than {timeout:.0f} s"
-                    ) from None
-                time.sleep(0.1)
+        if not flock_wait(fd, timeout):
+            raise TimeoutError(
+                f"{path} is held by another process of ours ({what or 'a build'}) "
+                f"for more than {timeout:.0f} s"
+            )
         _HELD[key] = fd
         try:
             yield
